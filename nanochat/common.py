@@ -1,0 +1,294 @@
+"""
+Runtime policy shared by every module: compute dtype, base directory, distributed identity,
+rank-0 printing, peak FLOPs for MFU, and locked downloads.
+
+Importing this module does no work. The compute dtype is decided on first access of
+COMPUTE_DTYPE (a PEP 562 module __getattr__), logging is configured only by an explicit
+setup_default_logging() call, and the base directory is created only by get_base_dir().
+"""
+
+import logging
+import math
+import os
+import re
+import time
+import urllib.request
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# Compute dtype policy. There is no autocast anywhere: master weights stay fp32, the model's
+# Linear casts weights to the activation dtype, embeddings are stored in COMPUTE_DTYPE.
+
+_DTYPE_MAP = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _detect_compute_dtype():
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env is not None:
+        return _DTYPE_MAP[env], f"set via NANOCHAT_DTYPE={env}"  # unknown value: KeyError, as the reference
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) >= (8, 0):
+            return torch.bfloat16, f"auto-detected: CUDA SM {major}{minor} (bf16 supported)"
+        # fp16 is never auto-selected: it needs a GradScaler
+        return torch.float32, f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported, using fp32)"
+    return torch.float32, "auto-detected: no CUDA (CPU/MPS)"
+
+
+_compute_dtype_cache = None
+
+
+def __getattr__(name):
+    # COMPUTE_DTYPE is decided once, on first access, and never changes afterwards:
+    # set NANOCHAT_DTYPE before the first `from nanochat.common import COMPUTE_DTYPE`.
+    global _compute_dtype_cache
+    if name in ("COMPUTE_DTYPE", "COMPUTE_DTYPE_REASON"):
+        if _compute_dtype_cache is None:
+            _compute_dtype_cache = _detect_compute_dtype()
+        return _compute_dtype_cache[0] if name == "COMPUTE_DTYPE" else _compute_dtype_cache[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -----------------------------------------------------------------------------
+# Logging (explicit, never at import)
+
+class ColoredFormatter(logging.Formatter):
+    """Colours the level name; for INFO records, bolds sizes, percentages and shard numbers."""
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m",
+              "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+    RESET, BOLD = "\033[0m", "\033[1m"
+
+    def format(self, record):
+        record = logging.makeLogRecord(record.__dict__)  # don't leak colours into other handlers
+        color = self.COLORS.get(record.levelname, "")
+        if color:
+            record.levelname = f"{color}{self.BOLD}{record.levelname}{self.RESET}"
+        message = super().format(record)
+        if record.levelno == logging.INFO:
+            message = re.sub(r"(\d+(?:\.\d+)?\s*(?:GB|MB|%|docs))", rf"{self.BOLD}\1{self.RESET}", message)
+            message = re.sub(r"(Shard \d+)", rf"{self.COLORS['INFO']}{self.BOLD}\1{self.RESET}", message)
+        return message
+
+
+def setup_default_logging():
+    """Install one coloured stream handler on the root logger (a no-op if one is already there)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+# -----------------------------------------------------------------------------
+# Paths and downloads
+
+def get_base_dir():
+    """Root of every artifact: $NANOCHAT_BASE_DIR if non-empty, else ~/.cache/nanochat (created)."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeout=60):
+    """
+    Download url to <base_dir>/<filename> exactly once across concurrent ranks. The bytes go to a
+    temp file that is renamed into place, so a crash never leaves a half-written target; network
+    errors are retried with exponential backoff. postprocess_fn(path) runs once, under the lock.
+    """
+    from filelock import FileLock
+    target = os.path.join(get_base_dir(), filename)
+    if os.path.exists(target):
+        return target
+    with FileLock(target + ".lock"):
+        if os.path.exists(target):  # another rank finished while we waited
+            return target
+        print0(f"Downloading {url}...")
+        tmp = f"{target}.tmp.{os.getpid()}"
+        for attempt in range(retries):
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                break
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                if attempt == retries - 1:
+                    raise RuntimeError(f"Failed to download {url} after {retries} attempts: {e}") from e
+                wait = 2 ** attempt
+                print0(f"Download attempt {attempt + 1}/{retries} failed ({e}); retrying in {wait}s")
+                time.sleep(wait)
+        os.replace(tmp, target)
+        print0(f"Downloaded to {target}")
+        if postprocess_fn is not None:
+            postprocess_fn(target)
+    return target
+
+
+# -----------------------------------------------------------------------------
+# Rank-aware printing. The rank is read from the environment in exactly one place.
+
+def _env_rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(s="", **kwargs):
+    if _env_rank() == 0:
+        print(s, **kwargs)
+
+
+def print_banner():
+    # DOS Rebel font
+    banner = r"""
+                                                       █████                █████
+                                                      ░░███                ░░███
+ ████████    ██████   ████████    ██████   ██████  ░███████    ██████   ███████
+░░███░░███  ░░░░░███ ░░███░░███  ███░░███ ███░░███ ░███░░███  ░░░░░███ ░░░███░
+ ░███ ░███   ███████  ░███ ░███ ░███ ░███░███ ░░░  ░███ ░███   ███████   ░███
+ ░███ ░███  ███░░███  ░███ ░███ ░███ ░███░███  ███ ░███ ░███  ███░░███   ░███ ███
+ ████ █████░░████████ ████ █████░░██████ ░░██████  ████ █████░░████████  ░░█████
+░░░░ ░░░░░  ░░░░░░░░ ░░░░ ░░░░░  ░░░░░░   ░░░░░░  ░░░░ ░░░░░  ░░░░░░░░    ░░░░░
+"""
+    print0(banner)
+
+
+# -----------------------------------------------------------------------------
+# Distributed identity and process-group setup
+
+def is_ddp_requested():
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def is_ddp_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment variables."""
+    if is_ddp_requested():
+        return True, _env_rank(), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    print0(f"Autodetected device type: {device_type}")
+    return device_type
+
+
+def compute_init(device_type="cuda"):
+    """Seed, set matmul precision, and join the process group when launched by torchrun.
+    Returns (is_ddp, rank, local_rank, world_size, device)."""
+    assert device_type in ("cuda", "mps", "cpu"), f"Invalid device type: {device_type}"
+    if device_type == "cuda":
+        assert torch.cuda.is_available(), "Your PyTorch installation is not configured for CUDA but device_type is 'cuda'"
+    if device_type == "mps":
+        assert torch.backends.mps.is_available(), "Your PyTorch installation is not configured for MPS but device_type is 'mps'"
+
+    # The model's initial weights come from the global RNG seeded here.
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif is_ddp and device_type == "cpu":
+        # gloo lets multi-process CPU runs (torchrun --nproc_per_node=2 on a laptop) really
+        # average gradients, instead of the reference's silent non-DDP fallback.
+        device = torch.device("cpu")
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info(f"Distributed world size: {world_size}")
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Null object standing in for a wandb run (--run dummy, or non-master ranks)."""
+    def __init__(self):
+        pass
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+# -----------------------------------------------------------------------------
+# Peak dense BF16 FLOP/s for MFU. First row whose substrings all occur in the lower-cased
+# device name wins, so the more specific rows come first. Values are vendor datasheet numbers.
+
+_PEAK_FLOPS_TABLE = [
+    (("gb200",), 2.5e15), (("grace blackwell",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
+    (("h200", "nvl"), 836e12), (("h200", "pcie"), 836e12), (("h200",), 989e12),
+    (("h100", "nvl"), 835e12), (("h100", "pcie"), 756e12), (("h100",), 989e12),
+    (("h800", "nvl"), 989e12), (("h800",), 756e12),
+    (("a100",), 312e12), (("a800",), 312e12), (("a40",), 149.7e12), (("a30",), 165e12),
+    (("l40s",), 362e12), (("l40-s",), 362e12), (("l40 s",), 362e12), (("l4",), 121e12),
+    (("mi355",), 2.5e15), (("mi325",), 1.3074e15), (("mi300x",), 1.3074e15), (("mi300a",), 980.6e12),
+    (("mi250x",), 383e12), (("mi250",), 362.1e12),
+    (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
+]
+
+
+def get_peak_flops(device_name):
+    name = device_name.lower()
+    for substrings, flops in _PEAK_FLOPS_TABLE:
+        if all(s in name for s in substrings):
+            return flops
+    if "data center gpu max 1550" in name:  # Intel Ponte Vecchio: 512 flops/clock/unit at 1.3 GHz
+        return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
+    logger.warning(f"Peak flops undefined for: {device_name}, MFU will show as 0%")
+    return float("inf")
+
+
+def get_cpu_peak_flops(num_threads=None, flops_per_cycle=32, ghz=None):
+    """
+    A nominal fp32 peak for this CPU, so that MFU on a laptop prints a comparable number instead
+    of 0%. 32 fp32 FLOP/cycle/core = two 256-bit FMA units (AVX2, 8 lanes x 2 ops x 2 ports);
+    the clock comes from /proc/cpuinfo when present (else 3 GHz). A rough yardstick, not a spec sheet.
+    """
+    threads = num_threads or torch.get_num_threads()
+    if ghz is None:
+        ghz = 3.0
+        try:
+            with open("/proc/cpuinfo") as f:
+                mhz = [float(line.split(":")[1]) for line in f if line.lower().startswith("cpu mhz")]
+            if mhz:
+                ghz = max(mhz) / 1000
+        except OSError:
+            pass
+    return threads * flops_per_cycle * ghz * 1e9
+
+
+def get_device_peak_flops(device_type):
+    """Peak FLOP/s of the current device for MFU: the GPU table on CUDA, a nominal value on CPU."""
+    if device_type == "cuda":
+        return get_peak_flops(torch.cuda.get_device_name(0))
+    if device_type == "cpu":
+        return get_cpu_peak_flops()
+    return float("inf")
+
+
+def format_mfu(flops_per_sec, peak_flops):
+    return 0.0 if not math.isfinite(peak_flops) else 100 * flops_per_sec / peak_flops

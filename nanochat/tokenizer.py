@@ -1,0 +1,401 @@
+"""
+BPE tokenizer in the style of GPT-4, and the chat format built on top of it.
+
+Two implementations share one interface:
+- RustBPETokenizer (the default): trained with `rustbpe`, run with `tiktoken`. Saved as a pickle of the
+  `tiktoken.Encoding` (<dir>/tokenizer.pkl). The special tokens take the LAST len(SPECIAL_TOKENS) ids.
+- HuggingFaceTokenizer: a wrapper around a `tokenizers.Tokenizer` (<dir>/tokenizer.json). It is reached
+  explicitly, e.g. through `HuggingFaceTokenizer.from_pretrained` for `base_eval --hf-path`; nothing in the
+  default pipeline uses it. When trained here, its special tokens take the FIRST ids. It has no chat rendering.
+
+Conversations ({"messages": [{"role": ..., "content": ...}, ...]}) are turned into (ids, loss mask) pairs by
+RustBPETokenizer.render_conversation; see that method for the layout.
+
+Importing this module does no work: the base dir is touched only by get_tokenizer()/get_token_bytes(),
+and the optional packages (`rustbpe`, `tokenizers`) are imported only where they are used.
+"""
+
+import logging
+import os
+import pickle
+
+import tiktoken
+import torch
+
+from nanochat.common import get_base_dir
+
+logger = logging.getLogger(__name__)
+
+# Order is contractual: RustBPETokenizer assigns ids in this order after the BPE merges.
+SPECIAL_TOKENS = [
+    "<|bos|>",  # begins every document; also the document delimiter
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",  # the assistant calls the Python tool
+    "<|python_end|>",
+    "<|output_start|>",  # tool output handed back to the assistant
+    "<|output_end|>",
+]
+
+# The GPT-4 (cl100k_base) pre-tokenizer, except that digit runs split into groups of at most 2 (\p{N}{1,2}
+# instead of {1,3}). dev/LOG.md 2026-01-13 (d12, 32K vocab): val bpb 0.969 with {1,1}, 0.965 with {1,2},
+# 0.972 with {1,3}. Needs possessive quantifiers and Unicode classes (tiktoken, `regex`, Onig).
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+_TRAIN_HINT = "train one first with `python -m scripts.tok_train`"
+
+
+def _encode_rows(text, prepend_id, append_id, encode_one, encode_batch):
+    """Shared encode logic: a str gives list[int], a list of str gives list[list[int]]; optional ids wrap each row."""
+    if isinstance(text, str):
+        rows = [encode_one(text)]
+    elif isinstance(text, list):
+        bad = [type(t).__name__ for t in text if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"Invalid input type: list items must be str, got {bad[0]}")
+        rows = encode_batch(text)
+    else:
+        raise ValueError(f"Invalid input type: {type(text).__name__} (expected str or list[str])")
+    head = [] if prepend_id is None else [prepend_id]
+    tail = [] if append_id is None else [append_id]
+    rows = [head + list(row) + tail for row in rows]
+    return rows[0] if isinstance(text, str) else rows
+
+
+# -----------------------------------------------------------------------------
+# The default tokenizer: rustbpe for training, tiktoken for inference
+
+class RustBPETokenizer:
+    """A tiktoken.Encoding (`.enc`) whose special tokens are SPECIAL_TOKENS, plus the chat format."""
+
+    def __init__(self, enc, bos_token):
+        self.enc = enc
+        # Per-instance memo for encode_special (a functools.lru_cache on the method would keep every
+        # instance alive through the shared cache).
+        self._special_ids = {}
+        self.bos_token_id = self.encode_special(bos_token)
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        """Train on an iterable of str. vocab_size counts the 256 byte tokens, the merges and the specials."""
+        import rustbpe
+        vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
+        if vocab_size_no_special < 256:
+            raise ValueError(f"vocab_size must leave room for 256 byte tokens plus {len(SPECIAL_TOKENS)} specials, "
+                             f"got vocab_size={vocab_size} ({vocab_size_no_special} without specials)")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(text_iterator), vocab_size_no_special, pattern=SPLIT_PATTERN)
+        # rustbpe ranks: 0..255 are the single bytes (rank = byte value), then the merges in merge order.
+        mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        if len(mergeable_ranks) < vocab_size_no_special:
+            logger.warning(f"corpus ran out of merges: got {len(mergeable_ranks)} BPE tokens, "
+                           f"asked for {vocab_size_no_special}")
+        # Specials go after the merges, so with the default 32768 vocab <|bos|> is 32759.
+        offset = len(mergeable_ranks)
+        special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(),
+                                mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        """Load <tokenizer_dir>/tokenizer.pkl (a pickled tiktoken.Encoding; only load files you trust)."""
+        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
+            enc = pickle.load(f)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_pretrained(cls, tiktoken_name):
+        """A tiktoken encoding such as "gpt2" or "cl100k_base" (downloads on first use unless cached)."""
+        enc = tiktoken.get_encoding(tiktoken_name)
+        return cls(enc, "<|endoftext|>")  # tiktoken's name for the document delimiter
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_special_tokens(self):
+        return self.enc.special_tokens_set
+
+    def id_to_token(self, id):
+        return self.enc.decode([id])  # lossy: a token that is not whole UTF-8 becomes U+FFFD
+
+    def decode_single_token_bytes(self, token_id):
+        return self.enc.decode_single_token_bytes(token_id)
+
+    def encode_special(self, text):
+        """Id of one special token (exact match); KeyError for anything else."""
+        if text not in self._special_ids:
+            self._special_ids[text] = self.enc.encode_single_token(text)
+        return self._special_ids[text]
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def _special_or_id(self, token):
+        return token if token is None or isinstance(token, int) else self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """
+        Ordinary BPE ids: special-token strings inside text are NOT recognised (this is what keeps users
+        from injecting <|assistant_end|> and friends). prepend/append: a token id or a special-token string.
+        """
+        return _encode_rows(
+            text, self._special_or_id(prepend), self._special_or_id(append),
+            self.enc.encode_ordinary,
+            lambda texts: self.enc.encode_ordinary_batch(texts, num_threads=num_threads),
+        )
+
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)  # specials come out as their literal strings; bad UTF-8 as U+FFFD
+
+    def save(self, tokenizer_dir):
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        with open(path, "wb") as f:
+            pickle.dump(self.enc, f)
+        print(f"Saved tokenizer encoding to {path}")
+
+    # --- chat format ---------------------------------------------------------
+
+    # part type -> (opening special, closing special, mask). Tool output is written by the interpreter at
+    # test time, so the model is never trained to produce it.
+    _PARTS = {
+        "text": (None, None, 1),
+        "python": ("<|python_start|>", "<|python_end|>", 1),
+        "python_output": ("<|output_start|>", "<|output_end|>", 0),
+    }
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        Tokenize a chat conversation for training. Returns (ids, mask), both truncated to max_tokens; mask 1
+        marks the tokens the assistant is trained to produce. Layout:
+            <|bos|>                                                       mask 0
+            user:      <|user_start|> text <|user_end|>                   mask 0
+            assistant: <|assistant_start|>                                mask 0
+                       text | <|python_start|> code <|python_end|>        mask 1
+                            | <|output_start|> output <|output_end|>      mask 0
+                       <|assistant_end|>                                  mask 1
+        A leading system message is merged into the first user message as system + "\n\n" + user.
+        The input is never mutated. Malformed conversations raise ValueError.
+        """
+        messages, first = _merge_system_message(conversation["messages"])
+        ids, mask = [], []
+
+        def add(tokens, supervised):
+            ids.extend(tokens)
+            mask.extend([supervised] * len(tokens))
+
+        add([self.get_bos_token_id()], 0)
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            role, content = message["role"], message["content"]
+            if role != expected:
+                raise ValueError(f"Message {i + first} is from {role!r} but should be from {expected!r}: "
+                                 f"roles must alternate user, assistant, ... starting with user")
+            if role == "user":
+                if not isinstance(content, str):
+                    raise ValueError(f"User message {i + first} content must be a str, got {type(content).__name__}")
+                add([self.encode_special("<|user_start|>")] + self.encode(content)
+                    + [self.encode_special("<|user_end|>")], 0)
+            else:
+                add([self.encode_special("<|assistant_start|>")], 0)
+                for tokens, supervised in self._render_assistant_content(content):
+                    add(tokens, supervised)
+                add([self.encode_special("<|assistant_end|>")], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def _render_assistant_content(self, content):
+        """Yield (tokens, mask) pieces for an assistant message's content (a str or a list of parts)."""
+        if isinstance(content, str):
+            yield self.encode(content), 1
+            return
+        if not isinstance(content, list):
+            raise ValueError(f"Unknown content type: {type(content).__name__} (expected str or list of parts)")
+        for part in content:
+            if part["type"] not in self._PARTS:
+                raise ValueError(f"Unknown part type: {part['type']!r} (expected one of {list(self._PARTS)})")
+            if not isinstance(part["text"], str):
+                raise ValueError(f"Part text must be a str, got {type(part['text']).__name__}")
+            start, end, supervised = self._PARTS[part["type"]]
+            tokens = self.encode(part["text"])
+            if start is not None:
+                tokens = [self.encode_special(start)] + tokens + [self.encode_special(end)]
+            yield tokens, supervised
+
+    def render_for_completion(self, conversation):
+        """
+        Prompt ids for sampling (RL/eval): drop the final assistant message, render the rest
+        (default truncation), and end with <|assistant_start|> so the model answers next.
+        """
+        messages = conversation["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("Last message must be from the Assistant")
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]})
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+    def visualize_tokenization(self, ids, mask, with_token_id=False):
+        """Each token in green (mask 1) or red (mask 0), optionally followed by its gray (id), joined by '|'."""
+        if len(ids) != len(mask):
+            raise ValueError(f"ids and mask differ in length: {len(ids)} vs {len(mask)}")
+        GREEN, RED, GRAY, RESET = "\033[92m", "\033[91m", "\033[90m", "\033[0m"
+        pieces = []
+        for token_id, m in zip(ids, mask):
+            color = GREEN if m == 1 else RED
+            pieces.append(f"{color}{self.decode([token_id])}{RESET}")
+            if with_token_id:
+                pieces.append(f"{GRAY}({token_id}){RESET}")
+        return "|".join(pieces)
+
+
+def _merge_system_message(messages):
+    """
+    Returns (messages, offset): a new list with a leading system message folded into the user message
+    after it (offset 1, so error messages can name indices of the original list), or the input (offset 0).
+    """
+    if len(messages) == 0:
+        raise ValueError("Conversation has no messages")
+    if messages[0]["role"] != "system":
+        return messages, 0
+    if len(messages) < 2 or messages[1]["role"] != "user":
+        raise ValueError("System message must be followed by a user message")
+    system, user = messages[0]["content"], messages[1]["content"]
+    if not isinstance(system, str) or not isinstance(user, str):
+        raise ValueError("System message and the user message after it must have str content")
+    merged = {**messages[1], "content": system + "\n\n" + user}
+    return [merged] + list(messages[2:]), 1
+
+
+# -----------------------------------------------------------------------------
+# Alternative: a HuggingFace `tokenizers` BPE (not used by the default pipeline)
+
+class HuggingFaceTokenizer:
+    """Wrapper around a tokenizers.Tokenizer (`.tokenizer`). No chat rendering."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, hf_path):
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_pretrained(hf_path))  # network
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")))
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        """Byte-level BPE on SPLIT_PATTERN chunks; vocab_size includes the specials (which get ids 0..8)."""
+        from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+        from tokenizers.models import BPE
+        from tokenizers.trainers import BpeTrainer
+        tokenizer = Tokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))
+        tokenizer.normalizer = None
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = None
+        trainer = BpeTrainer(vocab_size=vocab_size, show_progress=True, min_frequency=0,
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIAL_TOKENS)
+        tokenizer.train_from_iterator(text_iterator, trainer)
+        return cls(tokenizer)
+
+    def get_vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    def get_special_tokens(self):
+        return [token.content for token in self.tokenizer.get_added_tokens_decoder().values()]
+
+    def id_to_token(self, id):
+        return self.tokenizer.id_to_token(id)  # the raw byte-level string
+
+    def encode_special(self, text):
+        return self.tokenizer.token_to_id(text)  # None when absent
+
+    def get_bos_token_id(self):
+        for name in ("<|bos|>", "<|endoftext|>"):
+            token_id = self.encode_special(name)
+            if token_id is not None:
+                return token_id
+        raise ValueError("Failed to find BOS token in tokenizer (neither <|bos|> nor <|endoftext|>)")
+
+    def _special_or_id(self, token):
+        if token is None or isinstance(token, int):
+            return token
+        token_id = self.encode_special(token)
+        if token_id is None:
+            raise ValueError(f"Unknown special token: {token!r}")
+        return token_id
+
+    def encode(self, text, prepend=None, append=None, num_threads=None):
+        """
+        Same call shape as RustBPETokenizer.encode; num_threads is accepted and ignored. Unlike the default
+        tokenizer, `tokenizers` still matches added special tokens inside text ("<|bos|>" encodes to the BOS id).
+        """
+        return _encode_rows(
+            text, self._special_or_id(prepend), self._special_or_id(append),
+            lambda t: self.tokenizer.encode(t, add_special_tokens=False).ids,
+            lambda ts: [e.ids for e in self.tokenizer.encode_batch(ts, add_special_tokens=False)],
+        )
+
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def save(self, tokenizer_dir):
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        self.tokenizer.save(path)
+        print(f"Saved tokenizer to {path}")
+
+
+# -----------------------------------------------------------------------------
+# token_bytes and convenience loaders
+
+def compute_token_bytes(tokenizer):
+    """
+    (vocab_size,) int32 CPU tensor: how many UTF-8 bytes each token stands for, 0 for special tokens (so
+    they drop out of bits per byte). Counted on the raw token bytes, not on a decoded string: a token that
+    is not a complete UTF-8 sequence (e.g. the single byte 0x80) would decode to U+FFFD and count 3 bytes.
+    Invariant: sum(token_bytes[encode(text)]) == len(text.encode("utf-8")).
+    """
+    special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    counts = []
+    for token_id in range(tokenizer.get_vocab_size()):
+        if token_id in special_ids:
+            counts.append(0)
+            continue
+        try:
+            counts.append(len(tokenizer.decode_single_token_bytes(token_id)))
+        except KeyError:  # an unused id inside the vocab range (pretrained encodings have gaps)
+            counts.append(0)
+    return torch.tensor(counts, dtype=torch.int32)
+
+
+def _tokenizer_path(filename, what):
+    path = os.path.join(get_base_dir(), "tokenizer", filename)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found at {path}; {_TRAIN_HINT}")
+    return path
+
+
+def get_tokenizer():
+    """The trained tokenizer in <base_dir>/tokenizer/."""
+    path = _tokenizer_path("tokenizer.pkl", "Tokenizer")
+    return RustBPETokenizer.from_directory(os.path.dirname(path))
+
+
+def get_token_bytes(device="cpu"):
+    """The (vocab_size,) int32 table written by tok_train (see compute_token_bytes), on `device`."""
+    path = _tokenizer_path("token_bytes.pt", "Token bytes")
+    return torch.load(path, map_location=device)

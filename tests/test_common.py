@@ -1,0 +1,139 @@
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import logging
+import math
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from nanochat import common
+
+
+def run_python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_DTYPE"}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_get_base_dir_honours_env_and_creates(tmp_path, monkeypatch):
+    target = tmp_path / "nested" / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(target))
+    assert common.get_base_dir() == str(target) and target.is_dir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert common.get_base_dir() == os.path.join(str(tmp_path), ".cache", "nanochat")
+
+
+def test_get_dist_info(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert common.get_dist_info() == (False, 0, 0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert common.get_dist_info() == (False, 0, 0, 1)  # all three are required
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert common.get_dist_info() == (True, 3, 1, 4)
+
+
+def test_print0_only_on_rank_zero(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    common.print0("hidden")
+    monkeypatch.setenv("RANK", "0")
+    common.print0("shown", end="!")
+    assert capsys.readouterr().out == "shown!"
+
+
+@pytest.mark.parametrize("name,flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA GB200", 2.5e15), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA H200 NVL", 836e12), ("NVIDIA GeForce RTX 4090", 165.2e12),
+])
+def test_peak_flops_table(name, flops):
+    assert common.get_peak_flops(name) == flops
+
+
+def test_peak_flops_unknown_is_inf():
+    assert common.get_peak_flops("Some Future Accelerator") == float("inf")
+
+
+def test_cpu_peak_flops_is_finite_and_positive():
+    peak = common.get_device_peak_flops("cpu")
+    assert math.isfinite(peak) and peak > 1e9
+    assert common.get_cpu_peak_flops(num_threads=2, ghz=2.0) == 2 * 32 * 2.0e9
+
+
+def test_dtype_detection(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
+    assert common._detect_compute_dtype() == (torch.float16, "set via NANOCHAT_DTYPE=float16")
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float8")
+    with pytest.raises(KeyError):
+        common._detect_compute_dtype()
+    monkeypatch.delenv("NANOCHAT_DTYPE")
+    if not torch.cuda.is_available():
+        assert common._detect_compute_dtype() == (torch.float32, "auto-detected: no CUDA (CPU/MPS)")
+
+
+def test_import_is_lazy_and_env_override_applies(tmp_path):
+    # importing must not configure logging, create the base dir, or decide the dtype;
+    # the first access decides it once from NANOCHAT_DTYPE
+    code = (
+        "import logging, os, nanochat.common as c\n"
+        "assert not logging.getLogger().handlers, 'root logger configured at import'\n"
+        "assert c._compute_dtype_cache is None, 'dtype decided at import'\n"
+        "from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON\n"
+        "os.environ['NANOCHAT_DTYPE'] = 'float32'\n"
+        "print(COMPUTE_DTYPE, '|', COMPUTE_DTYPE_REASON, '|', c.COMPUTE_DTYPE)\n"
+    )
+    base = tmp_path / "base"
+    out = run_python(code, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DTYPE="float16")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch.float16 | set via NANOCHAT_DTYPE=float16 | torch.float16"
+    assert not base.exists()
+
+
+def test_setup_default_logging_is_idempotent():
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    try:
+        root.handlers.clear()
+        common.setup_default_logging()
+        common.setup_default_logging()
+        assert len(root.handlers) == 1
+    finally:
+        root.handlers[:] = saved
+
+
+def test_download_file_with_lock_runs_once_and_is_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    src = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("hello.txt", "hi")
+    calls = []
+    path = common.download_file_with_lock(src.as_uri(), "bundle.zip", postprocess_fn=calls.append)
+    assert calls == [path] and open(path, "rb").read() == src.read_bytes()
+    again = common.download_file_with_lock(src.as_uri(), "bundle.zip", postprocess_fn=calls.append)
+    assert again == path and len(calls) == 1
+    assert not [f for f in os.listdir(tmp_path / "base") if ".tmp" in f]
+
+
+def test_download_failure_leaves_no_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    missing = (tmp_path / "nope.zip").as_uri()
+    with pytest.raises(RuntimeError, match="after 2 attempts"):
+        common.download_file_with_lock(missing, "nope.zip", retries=2)
+    assert not (tmp_path / "base" / "nope.zip").exists()
+    assert not [f for f in os.listdir(tmp_path / "base") if ".tmp" in f]
+
+
+def test_compute_init_cpu_single_process(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    ddp, rank, local_rank, world, device = common.compute_init("cpu")
+    assert (ddp, rank, local_rank, world, device.type) == (False, 0, 0, 1, "cpu")
+    with pytest.raises(AssertionError):
+        common.compute_init("tpu")

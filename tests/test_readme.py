@@ -1,0 +1,16 @@
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert len(ci_lines) == 1
+    assert f"\n{ci_lines[0]}\n" in (ROOT / "README.md").read_text()
+
+
+def test_readme_tree_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    modules = [p.name for p in (ROOT / "nanochat").glob("*.py") if p.name != "__init__.py"]
+    missing = [m for m in modules if f"  {m}" not in readme]
+    assert not missing, f"README layout is missing {missing}"
