@@ -7,6 +7,7 @@ COMPUTE_DTYPE (a PEP 562 module __getattr__), logging is configured only by an e
 setup_default_logging() call, and the base directory is created only by get_base_dir().
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -84,11 +85,35 @@ def setup_default_logging():
 # -----------------------------------------------------------------------------
 # Paths and downloads
 
+def base_dir_path():
+    """Root of every artifact: $NANOCHAT_BASE_DIR if non-empty, else ~/.cache/nanochat. Creates nothing."""
+    return os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+
+
 def get_base_dir():
-    """Root of every artifact: $NANOCHAT_BASE_DIR if non-empty, else ~/.cache/nanochat (created)."""
-    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    """base_dir_path(), created if missing."""
+    base_dir = base_dir_path()
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """
+    Open a temp file next to `path` for writing; on a clean exit it is fsynced and renamed over `path`,
+    on an exception it is deleted. Readers therefore see the old file or the new one, never a torn one.
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeout=60):

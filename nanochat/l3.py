@@ -73,85 +73,105 @@ def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
     returned with a warning. Raises ValueError for n_emb < vocab_size, k_max < 1, or ids outside
     [0, vocab_size). token_sequences is consumed once (a generator is fine).
     """
-    V = int(vocab_size)
-    n_emb = int(n_emb)
-    k_max = int(k_max)
+    V, n_emb, k_max = _check_allocation_sizes(vocab_size, n_emb, k_max)
+    trie = _PhraseTrie(V)
+    for seq in token_sequences:
+        trie.scan(_checked_ids(seq, V))
+    alloc = [1] * V
+    total = _walk_ranked_phrases(alloc, V, _rank_phrases(trie.counts), trie.last, n_emb, k_max)
+    total = _round_robin_fill(alloc, total, trie.unigram, n_emb, k_max)
+    if total < n_emb:
+        print0(f"Warning: L3 n_emb={n_emb} exceeds vocab_size * k_max = {V} * {k_max} = {V * k_max}; "
+               f"using the saturated allocation ({total} embeddings, {k_max} per token)")
+    return alloc
+
+
+def _check_allocation_sizes(vocab_size, n_emb, k_max):
+    """(V, n_emb, k_max) as ints, or ValueError when no valid allocation can exist."""
+    V, n_emb, k_max = int(vocab_size), int(n_emb), int(k_max)
     if V < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     if n_emb < V:
         raise ValueError(f"n_emb ({n_emb}) must be >= vocab_size ({V}): every token needs at least one embedding")
+    return V, n_emb, k_max
 
-    # trie over phrases; node id == insertion order; nodes 0..V-1 are the single tokens
-    children = [dict() for _ in range(V)]  # node -> {next token id: child node}
-    counts = [0] * V  # node -> phrase count
-    last = list(range(V))  # node -> last token of the phrase
-    unigram = [0] * V
 
-    for seq in token_sequences:
-        ids = _as_id_list(seq)
-        N = len(ids)
-        if N == 0:
-            continue
+def _checked_ids(seq, V):
+    """The sequence as a list of ints, each in [0, V) (ValueError otherwise)."""
+    ids = _as_id_list(seq)
+    if ids:
         lo, hi = min(ids), max(ids)
         if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} outside [0, {V})")
+            raise ValueError(f"token id {lo if lo < 0 else hi} outside [0, {V})")
+    return ids
+
+
+class _PhraseTrie:
+    """The LZ78 phrase dictionary as a trie. Node id == insertion order; nodes 0..V-1 are the single
+    tokens. Per node: children {next token id: node}, the phrase count and the phrase's last token."""
+
+    def __init__(self, V):
+        self.children = [dict() for _ in range(V)]
+        self.counts = [0] * V
+        self.last = list(range(V))
+        self.unigram = [0] * V  # token -> occurrences in the scanned data
+
+    def scan(self, ids):
+        """Greedy longest-match scan of one sequence, counting phrases and adding new ones."""
+        children, counts, last, unigram, N = self.children, self.counts, self.last, self.unigram, len(ids)
         for t in ids:
             unigram[t] += 1
         i = 0
         while i < N:
-            node = ids[i]
-            j = i + 1
-            # extend the match as long as the dictionary has the longer phrase
-            while j < N:
+            node, j = ids[i], i + 1
+            while j < N:  # extend the match as long as the dictionary has the longer phrase
                 nxt = children[node].get(ids[j])
                 if nxt is None:
                     break
-                node = nxt
-                j += 1
+                node, j = nxt, j + 1
             counts[node] += 1
-            if j < N:
-                # new phrase = matched phrase + the next token, which is consumed
-                new = len(counts)
-                children[node][ids[j]] = new
-                children.append(dict())
-                counts.append(1)
-                last.append(ids[j])
-                i = j + 1
-            else:
+            if j == N:
                 break
+            # new phrase = matched phrase + the next token, which is consumed
+            children[node][ids[j]] = len(counts)
+            children.append(dict())
+            counts.append(1)
+            last.append(ids[j])
+            i = j + 1
 
-    alloc = [1] * V
-    total = V
-    if total < n_emb:
-        # stable sort by descending count: ties keep insertion order
-        order = sorted(range(len(counts)), key=lambda k: -counts[k])
-        for k in order:
-            t = last[k]
-            if alloc[t] < k_max:
-                alloc[t] += 1
-                total += 1
-                if total == n_emb:
-                    break
-    if total < n_emb:
-        # phrases ran out: round-robin by descending unigram frequency, ties by id
-        by_freq = sorted(range(V), key=lambda t: -unigram[t])
-        progress = True
-        while total < n_emb and progress:
-            progress = False
-            for t in by_freq:
-                if alloc[t] < k_max:
-                    alloc[t] += 1
-                    total += 1
-                    progress = True
-                    if total == n_emb:
-                        break
-    if total < n_emb:
-        print0(f"Warning: L3 n_emb={n_emb} exceeds vocab_size * k_max = {V} * {k_max} = {V * k_max}; "
-               f"using the saturated allocation ({total} embeddings, {k_max} per token)")
-    return alloc
+
+def _rank_phrases(counts):
+    """Phrase ids by descending count; the sort is stable, so ties keep insertion order."""
+    return sorted(range(len(counts)), key=lambda k: -counts[k])
+
+
+def _walk_ranked_phrases(alloc, total, ranked, last, n_emb, k_max):
+    """One more embedding for the last token of each ranked phrase (tokens at k_max are skipped)
+    until the total reaches n_emb. Updates alloc in place; returns the new total."""
+    for k in ranked:
+        if total >= n_emb:
+            break
+        t = last[k]
+        if alloc[t] < k_max:
+            alloc[t] += 1
+            total += 1
+    return total
+
+
+def _round_robin_fill(alloc, total, unigram, n_emb, k_max):
+    """Hand out the remainder one at a time, round-robin over tokens by descending unigram count
+    (ties by id), skipping tokens at k_max, until the total reaches n_emb or every token is full."""
+    by_freq = sorted(range(len(alloc)), key=lambda t: -unigram[t])
+    while total < n_emb:
+        open_tokens = [t for t in by_freq if alloc[t] < k_max]  # one round; nobody fills up mid-round
+        if not open_tokens:
+            break
+        for t in open_tokens[:n_emb - total]:
+            alloc[t] += 1
+        total += min(len(open_tokens), n_emb - total)
+    return total
 
 
 def allocation_to_bounds(alloc):

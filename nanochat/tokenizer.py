@@ -22,7 +22,7 @@ import pickle
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_open, get_base_dir
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class RustBPETokenizer:
     def save(self, tokenizer_dir):
         os.makedirs(tokenizer_dir, exist_ok=True)
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        with open(path, "wb") as f:
+        with atomic_open(path, "wb") as f:
             pickle.dump(self.enc, f)
         print(f"Saved tokenizer encoding to {path}")
 

@@ -137,3 +137,16 @@ def test_compute_init_cpu_single_process(monkeypatch):
     assert (ddp, rank, local_rank, world, device.type) == (False, 0, 0, 1, "cpu")
     with pytest.raises(AssertionError):
         common.compute_init("tpu")
+
+
+def test_atomic_open_replaces_or_keeps(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with common.atomic_open(path) as f:
+            f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    with common.atomic_open(path) as f:
+        f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]

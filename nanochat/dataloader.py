@@ -1,0 +1,341 @@
+"""
+BOS-aligned best-fit packing of pretraining documents into (B, T) batches.
+
+Every row holds T + 1 tokens (inputs plus the shifted target) and starts with BOS. Rows are filled with
+whole documents, the largest that still fits first; when nothing fits, the shortest buffered document is
+cropped to fill the row (that wastes the fewest tokens) and its tail is dropped. No padding: 100% of the
+row is used, about 35% of tokenised tokens are cropped away at T = 2048 (dev/LOG.md of the reference).
+
+DDP: rank r reads row groups r, r + W, r + 2W, ... of every file of the split.
+
+Exact resume: the state dict names the next unread text batch (`cursor`) and every buffered document by
+(file, row group, row); restoring it re-reads and re-tokenises exactly those documents, so a resumed run
+yields the same batches as an uninterrupted one. A state dict with only the reference's fields
+(pq_idx, rg_idx, epoch) resumes approximately, as the reference does.
+
+Tokenisation runs on a background thread, a few text batches ahead of the packer.
+"""
+
+import bisect
+import queue
+import threading
+from collections import deque
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.common import get_dist_info, print0
+from nanochat.dataset import list_split_files
+
+_PREFETCH_BATCHES = 4  # tokenised text batches queued ahead of the packer
+
+
+# -----------------------------------------------------------------------------
+# The document stream of one rank
+
+class _RowGroupReader:
+    """Reads the `text` column of row groups, keeping the files' footers open."""
+
+    def __init__(self, files):
+        self.files = files
+        self._handles = {}
+
+    def _file(self, pq_idx):
+        if pq_idx not in self._handles:
+            path = self.files[pq_idx]
+            try:
+                self._handles[pq_idx] = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow's errors do not say which file
+                raise RuntimeError(f"Cannot read parquet shard {path}: {e}") from e
+        return self._handles[pq_idx]
+
+    def num_row_groups(self, pq_idx):
+        return self._file(pq_idx).num_row_groups
+
+    def texts(self, pq_idx, rg_idx):
+        try:
+            return self._file(pq_idx).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        except Exception as e:
+            raise RuntimeError(f"Cannot read row group {rg_idx} of {self.files[pq_idx]}: {e}") from e
+
+
+def _text_batches(reader, rank, world, cursor, batch_size):
+    """
+    Infinite stream of (texts, refs, position, next_cursor) for one rank. A cursor is
+    [epoch, pq_idx, rg_idx, offset]: the next text batch starts at row `offset` of that row group.
+    refs are the (pq_idx, rg_idx, row) of each text; position is the reference's (pq_idx, rg_idx, epoch).
+    """
+    epoch, pq_start, rg_start, offset = cursor
+    while True:
+        full_pass, produced = (pq_start, rg_start, offset) == (0, rank, 0), False
+        for pq_idx in range(pq_start, len(reader.files)):
+            first_rg = rg_start if pq_idx == pq_start else rank
+            for rg_idx in range(first_rg, reader.num_row_groups(pq_idx), world):
+                texts = reader.texts(pq_idx, rg_idx)
+                start = offset if (pq_idx, rg_idx) == (pq_start, rg_start) else 0
+                for a in range(start, len(texts), batch_size):
+                    b = min(a + batch_size, len(texts))
+                    next_cursor = [epoch, pq_idx, rg_idx, b] if b < len(texts) else [epoch, pq_idx, rg_idx + world, 0]
+                    produced = True
+                    yield texts[a:b], [(pq_idx, rg_idx, row) for row in range(a, b)], (pq_idx, rg_idx, epoch), next_cursor
+        if full_pass and not produced:
+            raise RuntimeError(f"Rank {rank} of {world} owns no row group of the split "
+                               f"({len(reader.files)} files): use fewer ranks or more data")
+        epoch, pq_start, rg_start, offset = epoch + 1, 0, rank, 0
+
+
+def _approximate_cursor(state, rank, world):
+    """The reference's resume rule: skip to this rank's lane of the next stride block."""
+    pq_idx, rg_idx, epoch = state.get("pq_idx", 0), state.get("rg_idx"), state.get("epoch", 1)
+    if rg_idx is None:
+        return [epoch, pq_idx, rank, 0]
+    return [epoch, pq_idx, (rg_idx // world + 1) * world + rank, 0]
+
+
+def _document_batches(split, resume_state_dict, tokenizer_batch_size):
+    """The reference's document stream: (texts, (pq_idx, rg_idx, epoch)) forever, for this rank."""
+    _, rank, _, world = get_dist_info()
+    reader = _RowGroupReader(list_split_files(split))
+    cursor = [1, 0, rank, 0] if resume_state_dict is None else _approximate_cursor(resume_state_dict, rank, world)
+    for texts, _, position, _ in _text_batches(reader, rank, world, cursor, tokenizer_batch_size):
+        yield texts, position
+
+
+# -----------------------------------------------------------------------------
+# Background tokenisation
+
+class _Tokenized:
+    """One tokenised text batch: documents as int64 arrays, their refs, and the stream position after it."""
+    __slots__ = ("docs", "refs", "position", "next_cursor")
+
+    def __init__(self, docs, refs, position, next_cursor):
+        self.docs, self.refs, self.position, self.next_cursor = docs, refs, position, next_cursor
+
+
+def _encode(tokenizer, texts, bos, threads):
+    return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode(texts, prepend=bos, num_threads=threads)]
+
+
+class _Prefetcher:
+    """Tokenises the text stream on a daemon thread into a bounded FIFO; errors re-raise in the consumer."""
+
+    def __init__(self, stream, tokenizer, bos, threads):
+        self._queue = queue.Queue(maxsize=_PREFETCH_BATCHES)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(stream, tokenizer, bos, threads), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream, tokenizer, bos, threads):
+        try:
+            for texts, refs, position, next_cursor in stream:
+                item = _Tokenized(_encode(tokenizer, texts, bos, threads), refs, position, next_cursor)
+                if not self._put(item):
+                    return
+        except BaseException as e:  # hand the failure to the consumer instead of dying silently
+            self._put(e)
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+
+
+# -----------------------------------------------------------------------------
+# Best-fit packing
+
+class _DocBuffer:
+    """
+    Documents bucketed by length. largest_fitting(n) and shortest() pick what a linear scan of the
+    buffer in insertion order would pick (first on ties), in O(log #lengths) instead of O(#docs).
+    """
+
+    def __init__(self):
+        self._lengths = []  # sorted distinct lengths present
+        self._by_length = {}  # length -> deque of (serial, tokens, ref), oldest first
+        self._serial = 0
+        self.count = 0
+
+    def add(self, tokens, ref):
+        n = len(tokens)
+        if n not in self._by_length:
+            bisect.insort(self._lengths, n)
+            self._by_length[n] = deque()
+        self._by_length[n].append((self._serial, tokens, ref))
+        self._serial += 1
+        self.count += 1
+
+    def _pop(self, n):
+        bucket = self._by_length[n]
+        _, tokens, _ = bucket.popleft()
+        if not bucket:
+            del self._by_length[n]
+            self._lengths.pop(bisect.bisect_left(self._lengths, n))
+        self.count -= 1
+        return tokens
+
+    def pop_largest_fitting(self, capacity):
+        i = bisect.bisect_right(self._lengths, capacity)
+        return self._pop(self._lengths[i - 1]) if i > 0 else None
+
+    def pop_shortest(self):
+        return self._pop(self._lengths[0])
+
+    def refs(self):
+        """Refs of the buffered documents in insertion order (what the state dict saves)."""
+        entries = [e for bucket in self._by_length.values() for e in bucket]
+        return [list(ref) for _, _, ref in sorted(entries, key=lambda e: e[0])]
+
+
+class _Packer:
+    """Fills (B, T + 1) rows from a _DocBuffer refilled from the tokenised stream."""
+
+    def __init__(self, source, buffer_size):
+        self.source = source
+        self.buffer_size = buffer_size
+        self.docs = _DocBuffer()
+        self.position = None  # reference (pq_idx, rg_idx, epoch) of the last refill
+        self.cursor = None  # next unread text batch
+        self.tokens_used = 0  # tokens placed into rows
+        self.tokens_cropped = 0  # tokens dropped from the tails of cropped documents
+
+    def add_batch(self, item):
+        for tokens, ref in zip(item.docs, item.refs):
+            self.docs.add(tokens, ref)
+        self.position, self.cursor = item.position, item.next_cursor
+
+    def fill_row(self, row):
+        capacity, pos = row.shape[0], 0
+        while pos < capacity:
+            while self.docs.count < self.buffer_size:
+                self.add_batch(self.source.get())
+            remaining = capacity - pos
+            doc = self.docs.pop_largest_fitting(remaining)
+            if doc is None:  # everything is longer: crop the shortest, which wastes the least
+                doc = self.docs.pop_shortest()
+                self.tokens_cropped += len(doc) - remaining
+                doc = doc[:remaining]
+            row[pos:pos + len(doc)] = doc
+            pos += len(doc)
+        self.tokens_used += capacity
+
+    def state_dict(self, rank, world):
+        pq_idx, rg_idx, epoch = self.position
+        return {"pq_idx": pq_idx, "rg_idx": rg_idx, "epoch": epoch,
+                "cursor": list(self.cursor), "buffer": self.docs.refs(), "rank": rank, "world_size": world,
+                "tokens_used": self.tokens_used, "tokens_cropped": self.tokens_cropped}
+
+
+def _restore_buffer(packer, reader, refs, tokenizer, bos, threads):
+    """Re-read and re-tokenise the documents named by refs, in order, into the packer's buffer."""
+    texts_by_group = {}
+    for pq_idx, rg_idx, _ in refs:
+        if (pq_idx, rg_idx) not in texts_by_group:
+            texts_by_group[(pq_idx, rg_idx)] = reader.texts(pq_idx, rg_idx)
+    texts = [texts_by_group[(p, g)][row] for p, g, row in refs]
+    for tokens, ref in zip(_encode(tokenizer, texts, bos, threads), refs):
+        packer.docs.add(tokens, tuple(ref))
+
+
+def _resume_point(state, rank, world):
+    """(cursor, buffered refs) to start from; exact when the state came from this rank's loader."""
+    if state is None:
+        return [1, 0, rank, 0], []
+    if "cursor" in state:
+        if (state.get("rank"), state.get("world_size")) != (rank, world):
+            raise ValueError(f"Dataloader state was saved by rank {state.get('rank')} of {state.get('world_size')}, "
+                             f"cannot resume it exactly as rank {rank} of {world}; pass a state with only "
+                             f"pq_idx/rg_idx/epoch for an approximate resume")
+        return list(state["cursor"]), [tuple(r) for r in state["buffer"]]
+    print0("Resuming the dataloader approximately (state has no cursor): skipping to the next row-group block")
+    return _approximate_cursor(state, rank, world), []
+
+
+# -----------------------------------------------------------------------------
+# Public loaders
+
+def tokenizing_distributed_data_loader_with_state_bos_bestfit(
+        tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128,
+        device="cuda", resume_state_dict=None, buffer_size=1000):
+    """
+    Infinite generator of (inputs, targets, state_dict): inputs and targets are (B, T) int64 on device.
+    The tensors are views into a buffer that the next batch overwrites: clone them to keep them.
+    Resuming from a yielded state_dict yields exactly the batches that followed it.
+    """
+    assert split in ("train", "val"), "split must be 'train' or 'val'"
+    _, rank, _, world = get_dist_info()
+    reader = _RowGroupReader(list_split_files(split))
+    bos = tokenizer.get_bos_token_id()
+    cursor, buffered = _resume_point(resume_state_dict, rank, world)
+
+    stream = _text_batches(reader, rank, world, cursor, tokenizer_batch_size)
+    prefetcher = _Prefetcher(stream, tokenizer, bos, tokenizer_threads)
+    packer = _Packer(prefetcher, buffer_size)
+    if resume_state_dict is not None and "cursor" in resume_state_dict:
+        _restore_buffer(packer, _RowGroupReader(reader.files), buffered, tokenizer, bos, tokenizer_threads)
+        packer.position = (resume_state_dict["pq_idx"], resume_state_dict["rg_idx"], resume_state_dict["epoch"])
+        packer.cursor = cursor
+        packer.tokens_used = resume_state_dict.get("tokens_used", 0)
+        packer.tokens_cropped = resume_state_dict.get("tokens_cropped", 0)
+
+    device = torch.device(device)
+    staging = _Staging(B, T, device)
+    try:
+        while True:
+            rows = staging.next_rows()
+            for row in rows:
+                packer.fill_row(row)
+            inputs, targets = staging.transfer()
+            yield inputs, targets, packer.state_dict(rank, world)
+    finally:
+        prefetcher.close()
+
+
+def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
+    """Same as the _with_state loader, yielding (inputs, targets)."""
+    for inputs, targets, _ in tokenizing_distributed_data_loader_with_state_bos_bestfit(*args, **kwargs):
+        yield inputs, targets
+
+
+class _Staging:
+    """
+    Host rows (B, T + 1) -> contiguous device inputs and targets (B, T). On CUDA the host side is pinned
+    and double-buffered: the copy is asynchronous, so the host buffer of batch k must not be rewritten
+    before its copy finished (an event per buffer guards it). The device buffer is reused by every batch.
+    """
+
+    def __init__(self, B, T, device):
+        self.use_cuda = device.type == "cuda"
+        n_host = 2 if self.use_cuda else 1
+        self.host = [torch.empty((B, T + 1), dtype=torch.long, pin_memory=self.use_cuda) for _ in range(n_host)]
+        self.copied = [None] * n_host
+        self.k = 0
+        self.device_buf = torch.empty((2, B, T), dtype=torch.long, device=device)
+
+    def next_rows(self):
+        self.k = (self.k + 1) % len(self.host)
+        if self.copied[self.k] is not None:
+            self.copied[self.k].synchronize()
+        return self.host[self.k].numpy()
+
+    def transfer(self):
+        rows = self.host[self.k]
+        self.device_buf[0].copy_(rows[:, :-1], non_blocking=self.use_cuda)
+        self.device_buf[1].copy_(rows[:, 1:], non_blocking=self.use_cuda)
+        if self.use_cuda:
+            self.copied[self.k] = torch.cuda.Event()
+            self.copied[self.k].record()
+        return self.device_buf[0], self.device_buf[1]

@@ -1,0 +1,410 @@
+"""
+Pretraining data: ClimbMix shard identity, the download CLI, an offline sample, and parquet iteration.
+
+Shards are parquet files with one string column `text` (one document per row). Shard i is named
+index_to_filename(i); shard MAX_SHARD (`shard_06542.parquet`) is the validation shard.
+
+    python -m nanochat.dataset -n 8        # train shards 0..7 plus the val shard
+    python -m nanochat.dataset --sample    # install the committed offline sample (data/pretrain_sample/)
+
+Importing this module does no work: DATA_DIR is computed on access (PEP 562 module __getattr__) and
+no directory is created until something is written into it.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+import requests
+
+from nanochat.common import base_dir_path, print0
+
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# Identity
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+MAX_SHARD = 6542  # shards 0..6542 exist (6543 files); the last one is the validation shard
+DATA_DIRNAME = "base_data_climbmix"
+LEGACY_DIRNAME = "base_data"  # FineWeb-Edu-100B shards from before the March 4, 2026 switch
+
+# The committed offline sample (see data/pretrain_sample/README.md). Its files carry this key in the
+# parquet key-value metadata, so a sample shard can never be mistaken for a real one.
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "pretrain_sample")
+SAMPLE_TAG = b"nanochat_sample"
+
+CHUNK_SIZE = 1 << 20  # bytes per streamed download chunk
+DOWNLOAD_ATTEMPTS = 5
+DOWNLOAD_TIMEOUT = 30  # seconds, per connect/read (requests semantics), not for the whole file
+
+NO_DATA_HINT = ("Download shards with `python -m nanochat.dataset -n 8` (8 train shards plus the val shard), "
+                "or install the small offline sample with `python -m nanochat.dataset --sample`.")
+
+
+def index_to_filename(index):
+    return f"shard_{index:05d}.parquet"
+
+
+VAL_FILENAME = index_to_filename(MAX_SHARD)
+
+
+def get_data_dir():
+    """<base_dir>/base_data_climbmix. Creates nothing."""
+    return os.path.join(base_dir_path(), DATA_DIRNAME)
+
+
+def __getattr__(name):
+    # DATA_DIR follows NANOCHAT_BASE_DIR at access time. Inside this module call get_data_dir():
+    # a bare global name lookup never reaches this hook.
+    if name == "DATA_DIR":
+        return get_data_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -----------------------------------------------------------------------------
+# Reading shards
+
+class CorruptShardError(RuntimeError):
+    """A parquet file that cannot be read, or that has no string `text` column. The message names the file."""
+
+
+def inspect_shard(path):
+    """Read and check a shard's footer; return its pyarrow FileMetaData. Raises CorruptShardError."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            schema = pf.schema_arrow
+            metadata = pf.metadata
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage
+        raise CorruptShardError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}). "
+                                f"Delete it and download it again.") from e
+    idx = schema.get_field_index("text")
+    if idx < 0 or str(schema.field(idx).type) not in ("string", "large_string"):
+        raise CorruptShardError(f"{path} has no string column 'text' (schema: {schema}).")
+    return metadata
+
+
+def is_sample_file(path):
+    """True if `path` is a shard of the committed offline sample (tagged in its parquet metadata)."""
+    kv = inspect_shard(path).metadata or {}
+    return SAMPLE_TAG in kv
+
+
+def num_row_groups(path):
+    return inspect_shard(path).num_row_groups
+
+
+def read_row_group(path, rg_idx):
+    """The `text` column of row group `rg_idx` of the shard at `path`, as a list of str."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise CorruptShardError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}). "
+                                f"Delete it and download it again.") from e
+    with pf:
+        if not 0 <= rg_idx < pf.num_row_groups:
+            raise IndexError(f"row group {rg_idx} out of range: {path} has {pf.num_row_groups} row groups")
+        try:
+            return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        except Exception as e:
+            raise CorruptShardError(f"Cannot read row group {rg_idx} of {path} ({type(e).__name__}: {e}). "
+                                    f"Delete the file and download it again.") from e
+
+
+def _print_legacy_banner(legacy_dir):
+    print0("=" * 80)
+    print0("WARNING: DATASET UPGRADE REQUIRED")
+    print0("=" * 80)
+    print0(f"Falling back to the legacy FinewebEdu-100B shards in {legacy_dir}.")
+    print0("On March 4, 2026 nanochat switched its pretraining data from FinewebEdu-100B to ClimbMix-400B.")
+    print0("To upgrade, download the new shards and retrain the tokenizer:")
+    print0("    python -m nanochat.dataset -n 170")
+    print0("    python -m scripts.tok_train")
+    print0("=" * 80)
+
+
+def _resolve_data_dir(data_dir, warn_on_legacy):
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):  # never substitute the legacy dir for an explicit one
+            raise FileNotFoundError(f"Data directory {data_dir} does not exist. {NO_DATA_HINT}")
+        return data_dir
+    data_dir = get_data_dir()
+    if os.path.isdir(data_dir):
+        return data_dir
+    legacy_dir = os.path.join(base_dir_path(), LEGACY_DIRNAME)
+    if not os.path.isdir(legacy_dir):
+        raise FileNotFoundError(f"No pretraining data: {data_dir} does not exist. {NO_DATA_HINT}")
+    if warn_on_legacy:
+        _print_legacy_banner(legacy_dir)
+    return legacy_dir
+
+
+def _list_dir(data_dir):
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet") and not n.startswith("."))
+    return [os.path.join(data_dir, n) for n in names]
+
+
+def list_parquet_files(data_dir=None, warn_on_legacy=False):
+    """
+    Full paths of the `*.parquet` files in data_dir (default DATA_DIR), sorted by name; `.tmp`
+    partials and hidden files are ignored. Only the default dir falls back to the legacy
+    `<base_dir>/base_data` when missing (with an upgrade banner if warn_on_legacy); an explicit
+    data_dir that does not exist raises FileNotFoundError, as does a missing default with no legacy dir.
+    """
+    return _list_dir(_resolve_data_dir(data_dir, warn_on_legacy))
+
+
+def split_files(files):
+    """
+    (train_files, val_files) from a sorted file list. The val split is pinned to the file named
+    shard_06542.parquet; if it is absent the last file is used, with a warning, as the reference does.
+    """
+    val = [f for f in files if os.path.basename(f) == VAL_FILENAME]
+    if val:
+        return [f for f in files if f not in val], val
+    if files:
+        logger.warning(f"{VAL_FILENAME} not found in {os.path.dirname(files[-1])}: using the last file, "
+                       f"{os.path.basename(files[-1])}, as the validation split (it is not used for training)")
+    return files[:-1], files[-1:]
+
+
+def list_split_files(split, data_dir=None, warn_on_legacy=False):
+    """
+    The shard paths of one split ('train' or 'val'), in file order; index i of this list is the
+    `pq_idx` used by iter_row_groups and by the dataloader's resume state. Raises FileNotFoundError
+    when the split has no file (e.g. only the val shard was downloaded).
+    """
+    assert split in ("train", "val"), "split must be 'train' or 'val'"
+    data_dir = _resolve_data_dir(data_dir, warn_on_legacy)
+    files = _list_dir(data_dir)
+    train, val = split_files(files)
+    chosen = train if split == "train" else val
+    if not chosen:
+        found = ", ".join(os.path.basename(f) for f in files) or "no parquet files"
+        raise FileNotFoundError(f"No {split} shard in {data_dir} (found: {found}). {NO_DATA_HINT}")
+    return chosen
+
+
+def iter_row_groups(split, start=0, step=1, data_dir=None):
+    """
+    One pass over a split: for each file, row groups range(start, num_row_groups, step), yielded as
+    (texts, (pq_idx, rg_idx)). Files are checked before the first yield, so a missing train split or a
+    corrupt shard fails at the call, not mid-way.
+    """
+    files = list_split_files(split, data_dir)
+    counts = [num_row_groups(f) for f in files]
+
+    def generate():
+        for pq_idx, (path, n) in enumerate(zip(files, counts)):
+            for rg_idx in range(start, n, step):
+                yield read_row_group(path, rg_idx), (pq_idx, rg_idx)
+    return generate()
+
+
+def parquets_iter_batched(split, start=0, step=1):
+    """One finite pass over a split, yielding each selected row group's `text` column as a list.
+    start/step stride the row groups of every file (DDP: start=rank, step=world_size)."""
+    assert split in ("train", "val"), "split must be 'train' or 'val'"
+    return (texts for texts, _ in iter_row_groups(split, start, step))
+
+
+# -----------------------------------------------------------------------------
+# Downloading
+
+class _CorruptDownload(Exception):
+    pass
+
+
+def _expected_size(response, offset):
+    """Total file size announced by the server, or None. offset > 0 means a 206 partial response."""
+    if offset:
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]  # "bytes a-b/total"
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def _fetch(url, tmp, timeout):
+    """Stream url into tmp, resuming an existing partial tmp with a Range request when the server allows."""
+    offset = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+    headers = {"Accept-Encoding": "identity"}  # byte offsets and Content-Length must refer to the file itself
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    response = requests.get(url, stream=True, timeout=timeout, headers=headers)
+    try:
+        if offset and response.status_code == 416:
+            return  # nothing left to fetch: the partial is already complete, let the check decide
+        response.raise_for_status()
+        if offset and (response.status_code != 206
+                       or not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")):
+            print0(f"Server ignored the Range request for {os.path.basename(url)}; restarting from byte 0")
+            offset = 0
+        expected = _expected_size(response, offset)
+        with open(tmp, "ab" if offset else "wb") as f:
+            for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
+                if chunk:
+                    f.write(chunk)
+    finally:
+        response.close()
+    size = os.path.getsize(tmp)
+    if expected is not None and size < expected:
+        raise IOError(f"connection ended early: {size} of {expected} bytes")  # keep tmp for resuming
+
+
+def download_single_file(index, data_dir=None, base_url=BASE_URL, attempts=DOWNLOAD_ATTEMPTS,
+                         timeout=DOWNLOAD_TIMEOUT):
+    """
+    Download shard `index` into data_dir (default DATA_DIR); True on success. An existing readable
+    real shard is skipped; a sample shard or an unreadable file is replaced. Bytes stream into
+    `<target>.tmp` (kept between attempts and runs, and resumed with HTTP Range), the result must be
+    a readable parquet with a `text` column, then it is renamed into place. Failed attempts are
+    retried after 2, 4, 8, 16 s.
+    """
+    data_dir = data_dir or get_data_dir()
+    filename = index_to_filename(index)
+    target = os.path.join(data_dir, filename)
+    if os.path.exists(target):
+        try:
+            sample = is_sample_file(target)
+        except CorruptShardError as e:
+            print0(f"Replacing {target}: {e}")
+        else:
+            if not sample:
+                print0(f"Skipping {target} (already exists)")
+                return True
+            print0(f"Replacing sample file {target} with the real shard")
+    os.makedirs(data_dir, exist_ok=True)
+    url = f"{base_url}/{filename}"
+    tmp = target + ".tmp"
+    print0(f"Downloading {filename}...")
+    for attempt in range(1, attempts + 1):
+        try:
+            _fetch(url, tmp, timeout)
+            try:
+                inspect_shard(tmp)
+            except CorruptShardError as e:
+                raise _CorruptDownload(f"downloaded file is corrupt ({e.__cause__ or e})") from e
+            os.replace(tmp, target)
+            print0(f"Successfully downloaded {filename}")
+            return True
+        except (requests.RequestException, OSError, _CorruptDownload) as e:
+            print0(f"Attempt {attempt}/{attempts} failed for {filename}: {e}")
+            if isinstance(e, _CorruptDownload) and os.path.exists(tmp):
+                os.remove(tmp)  # resuming a corrupt file would only append to garbage
+            if attempt < attempts:
+                wait = 2 ** attempt
+                print0(f"Waiting {wait} seconds before retry...")
+                time.sleep(wait)
+    print0(f"Failed to download {filename} after {attempts} attempts")
+    return False
+
+
+def shard_ids(num_files):
+    """Shard indices the CLI downloads: train shards 0..n-1 (all when n == -1), plus the val shard."""
+    num_train = MAX_SHARD if num_files == -1 else min(num_files, MAX_SHARD)
+    return list(range(num_train)) + [MAX_SHARD]
+
+
+def download_shards(ids, num_workers=4, data_dir=None, base_url=BASE_URL):
+    """Download shards in parallel; returns the list of indices that failed."""
+    data_dir = data_dir or get_data_dir()
+    # Threads, not processes: the work is network and disk I/O, and a worker process would have to
+    # re-import torch (via nanochat.common) under the spawn/forkserver start methods.
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        ok = list(pool.map(lambda i: download_single_file(i, data_dir=data_dir, base_url=base_url), ids))
+    return [i for i, good in zip(ids, ok) if not good]
+
+
+# -----------------------------------------------------------------------------
+# The offline sample
+
+def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
+    """
+    Copy the committed sample shards into data_dir (default DATA_DIR); returns the installed paths.
+    Refuses (RuntimeError, nothing copied) if data_dir holds any parquet file that is not a sample
+    shard, so the sample is never mixed with, or written over, real data. Each copy goes through a
+    temp file and a rename.
+    """
+    data_dir = data_dir or get_data_dir()
+    sources = sorted(os.path.join(sample_dir, n) for n in os.listdir(sample_dir) if n.endswith(".parquet")) \
+        if os.path.isdir(sample_dir) else []
+    if not sources:
+        raise FileNotFoundError(f"No sample shards in {sample_dir} (they ship with the git checkout).")
+    for src in sources:
+        if not is_sample_file(src):
+            raise RuntimeError(f"{src} is not tagged as a sample shard; refusing to install it")
+    existing = list_parquet_files(data_dir) if os.path.isdir(data_dir) else []
+    real = []
+    for path in existing:
+        try:
+            if not is_sample_file(path):
+                real.append(path)
+        except CorruptShardError:
+            real.append(path)  # unknown content: leave it for the user to inspect
+    if real:
+        raise RuntimeError(f"Refusing to install the sample into {data_dir}: it already holds {len(real)} "
+                           f"non-sample shard(s) ({os.path.basename(real[0])}, ...). Use another "
+                           f"NANOCHAT_BASE_DIR, or delete those files first.")
+    os.makedirs(data_dir, exist_ok=True)
+    installed = []
+    for src in sources:
+        dst = os.path.join(data_dir, os.path.basename(src))
+        tmp = dst + ".tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        meta = inspect_shard(dst)
+        print0(f"Installed sample {os.path.basename(dst)}: {meta.num_rows} docs, {meta.num_row_groups} row groups, "
+               f"{os.path.getsize(dst):,} bytes -> {dst}")
+        installed.append(dst)
+    return installed
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Download pretraining dataset shards")
+    parser.add_argument("-n", "--num-files", type=int, default=-1,
+                        help=f"number of train shards (-1 = all {MAX_SHARD}); the val shard is always added")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--sample", action="store_true",
+                        help="install the small offline sample from data/pretrain_sample/ instead of downloading")
+    parser.add_argument("--base-url", default=BASE_URL, help="where the shards are served (e.g. a mirror)")
+    args = parser.parse_args(argv)
+    if args.num_files < -1:
+        parser.error("--num-files must be -1 (all) or >= 0")
+    return args
+
+
+def main(argv=None):
+    """Entry point of `python -m nanochat.dataset`; returns the exit status (1 if any shard failed)."""
+    args = parse_args(argv)
+    data_dir = get_data_dir()
+    if args.sample:
+        try:
+            install_sample(data_dir)
+        except (RuntimeError, FileNotFoundError) as e:
+            print0(f"Error: {e}")
+            return 1
+        print0(f"Done! Installed the offline sample into {data_dir}")
+        return 0
+    ids = shard_ids(args.num_files)
+    print0(f"Downloading {len(ids)} shards using {args.num_workers} workers...")
+    print0(f"Target directory: {data_dir}")
+    print0()
+    failed = download_shards(ids, args.num_workers, data_dir, args.base_url)
+    print0(f"Done! Downloaded: {len(ids) - len(failed)}/{len(ids)} shards to {data_dir}")
+    if failed:
+        print0(f"Failed: {', '.join(index_to_filename(i) for i in failed)}. Run the same command again to retry "
+               f"(partial downloads resume).")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

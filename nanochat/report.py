@@ -1,0 +1,471 @@
+"""
+Markdown report cards: every pipeline stage logs one section file into <base_dir>/report/, and
+`python -m nanochat.report generate` stitches them, in pipeline order, into report.md with a summary
+table and the total wall-clock time.
+
+    python -m nanochat.report reset      # start of a run: clear old sections, write header.md
+    python -m nanochat.report generate   # end of a run: write report.md (also copied to ./report.md)
+
+Files in the report dir:
+- header.md: environment facts (git, hardware, software, code size) plus "Run started: <ts>"
+- <slug>.md: one per section, slug = section name lower-cased with spaces as dashes; a section is
+  rewritten as a whole each time it is logged
+- <slug>.png: loss-curve plots written by Report.log_curve, embedded by their section file
+- report.md: the stitched report
+Every file is written atomically (a temp file renamed into place), so a crash mid-write never leaves a
+truncated section behind and a concurrent `generate` never reads half a file.
+
+Importing this module does no work; the report dir is created only when a Report is constructed.
+"""
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+
+import psutil
+import torch
+
+from nanochat.common import atomic_open, get_base_dir, get_dist_info
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# Section files in report order (contractual). A name missing on disk is skipped with a warning.
+EXPECTED_FILES = [
+    "tokenizer-training.md",
+    "tokenizer-evaluation.md",
+    "base-model-training.md",
+    "base-model-loss.md",  # written by Report.log_curve("Base model loss", ...)
+    "base-model-evaluation.md",
+    "chat-sft.md",
+    "chat-evaluation-sft.md",
+    "chat-rl.md",
+    "chat-evaluation-rl.md",
+]
+
+# Other file names accepted in the slot of an expected file. chat_sft logs its section as "SFT", whose
+# slug is sft.md; in the reference that name was missing from EXPECTED_FILES and the SFT section never
+# reached report.md.
+FILE_ALIASES = {"chat-sft.md": ["sft.md"]}
+
+# Which metrics the summary table takes from which section file, and under which column.
+SUMMARY_SOURCES = [
+    ("base-model-evaluation.md", "base", ["CORE"]),
+    ("chat-evaluation-sft.md", "sft", ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]),
+    ("chat-evaluation-rl.md", "rl", ["GSM8K"]),
+]
+
+# Lambda-style on-demand price per GPU-hour (USD), matched as a substring of the first GPU's name.
+GPU_HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}
+DEFAULT_GPU_HOURLY_RATE = 2.0
+
+# Tracked files counted in the header's "Bloat" block.
+BLOAT_EXTENSIONS = (".py", ".md", ".rs", ".html", ".toml", ".sh")
+
+
+def _now():
+    return datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+def _write_text_atomic(path, text):
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+# -----------------------------------------------------------------------------
+# Environment probes for the header
+
+def run_command(cmd):
+    """Run a shell command (5 s timeout). Stripped stdout if any, "" on a silent success, else None."""
+    try:
+        result = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=5)
+    except Exception:
+        return None
+    out = result.stdout.strip()
+    if out:
+        return out
+    return "" if result.returncode == 0 else None
+
+
+def get_git_info():
+    """Branch, short commit, dirty flag and the first line (max 80 chars) of the last commit message."""
+    status = run_command("git status --porcelain")
+    message = run_command("git log -1 --pretty=%B") or ""
+    return {
+        "commit": run_command("git rev-parse --short HEAD") or "unknown",
+        "branch": run_command("git rev-parse --abbrev-ref HEAD") or "unknown",
+        "dirty": bool(status),
+        "message": message.split("\n")[0][:80],
+    }
+
+
+def get_gpu_info():
+    """{"available": False} without CUDA, else count, per-device names, total memory (GB) and CUDA version."""
+    if not torch.cuda.is_available():
+        return {"available": False}
+    count = torch.cuda.device_count()
+    props = [torch.cuda.get_device_properties(i) for i in range(count)]
+    return {
+        "available": True,
+        "count": count,
+        "names": [p.name for p in props],
+        "memory_gb": [p.total_memory / 1024**3 for p in props],
+        "cuda_version": torch.version.cuda or "unknown",
+    }
+
+
+def get_system_info():
+    """Host, OS, Python/torch versions, CPU and memory sizes, user, base dir and working dir."""
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.system(),
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "cpu_count": psutil.cpu_count(logical=False),
+        "cpu_count_logical": psutil.cpu_count(logical=True),
+        "memory_gb": psutil.virtual_memory().total / 1024**3,
+        "user": os.environ.get("USER", "unknown"),
+        "nanochat_base_dir": get_base_dir(),
+        "working_dir": os.getcwd(),
+    }
+
+
+def estimate_cost(gpu_info, runtime_hours=None):
+    """Hourly price of the GPUs in gpu_info (and the total for runtime_hours), or None without GPUs."""
+    if not gpu_info.get("available"):
+        return None
+    first_name = gpu_info["names"][0] if gpu_info.get("names") else ""
+    gpu_type, rate = "unknown", DEFAULT_GPU_HOURLY_RATE
+    for name, per_gpu in GPU_HOURLY_RATES.items():
+        if name in first_name:
+            gpu_type, rate = name, per_gpu
+            break
+    hourly_rate = rate * gpu_info["count"]
+    return {
+        "hourly_rate": hourly_rate,
+        "gpu_type": gpu_type,
+        "estimated_total": hourly_rate * runtime_hours if runtime_hours is not None else None,
+    }
+
+
+def get_bloat_info():
+    """Size of the tracked source (git ls-files, in the cwd): characters, lines, files, uv.lock lines.
+    Outside a git checkout the file counts are 0. Lines are counted like `wc -l` (newline characters)."""
+    listing = run_command("git ls-files -z") or ""
+    chars = lines = files = 0
+    for path in listing.split("\0"):
+        if not path.endswith(BLOAT_EXTENSIONS) or not os.path.isfile(path):
+            continue  # deleted-but-tracked files and other extensions
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        chars, lines, files = chars + len(text), lines + text.count("\n"), files + 1
+    uv_lock_lines = 0
+    if os.path.isfile("uv.lock"):
+        with open("uv.lock", encoding="utf-8", errors="replace") as f:
+            uv_lock_lines = sum(1 for _ in f)
+    return {"characters": chars, "lines": lines, "files": files, "tokens": chars // 4, "uv_lock_lines": uv_lock_lines}
+
+
+def _hardware_lines(sys_info, gpu_info):
+    out = [
+        "### Hardware",
+        f"- Platform: {sys_info['platform']}",
+        f"- CPUs: {sys_info['cpu_count']} cores ({sys_info['cpu_count_logical']} logical)",
+        f"- Memory: {sys_info['memory_gb']:.1f} GB",
+    ]
+    if gpu_info["available"]:
+        names = ", ".join(dict.fromkeys(gpu_info["names"]))  # distinct names, first-seen order
+        out += [
+            f"- GPUs: {gpu_info['count']}x {names}",
+            f"- GPU Memory: {sum(gpu_info['memory_gb']):.1f} GB total",
+            f"- CUDA Version: {gpu_info['cuda_version']}",
+        ]
+    else:
+        out.append("- GPUs: None available")
+    cost = estimate_cost(gpu_info)
+    if cost and cost["hourly_rate"] > 0:
+        out.append(f"- Hourly Rate: ${cost['hourly_rate']:.2f}/hour")
+    return out
+
+
+def generate_header():
+    """The environment part of header.md (git, hardware, software, bloat), ending with a blank line."""
+    git, gpu_info, sys_info, bloat = get_git_info(), get_gpu_info(), get_system_info(), get_bloat_info()
+    lines = [
+        "# nanochat training report", "",
+        f"Generated: {_now()}", "",
+        "## Environment", "",
+        "### Git Information",
+        f"- Branch: {git['branch']}",
+        f"- Commit: {git['commit']} {'(dirty)' if git['dirty'] else '(clean)'}",
+        f"- Message: {git['message']}", "",
+        *_hardware_lines(sys_info, gpu_info), "",
+        "### Software",
+        f"- Python: {sys_info['python_version']}",
+        f"- PyTorch: {sys_info['torch_version']}", "",
+        "### Bloat",
+        f"- Characters: {bloat['characters']:,}",
+        f"- Lines: {bloat['lines']:,}",
+        f"- Files: {bloat['files']:,}",
+        f"- Tokens (approx): {bloat['tokens']:,}",
+        f"- Dependencies (uv.lock lines): {bloat['uv_lock_lines']:,}", "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Parsing helpers
+
+def slugify(text):
+    """Section name -> file stem: lower case, spaces as dashes ("Base model training" -> "base-model-training")."""
+    return text.lower().replace(" ", "-")
+
+
+def extract(section, keys):
+    """For each line containing a key, the text between the line's first and second ':' (later lines win)."""
+    if isinstance(keys, str):
+        keys = [keys]
+    out = {}
+    for line in section.split("\n"):
+        for key in keys:
+            if key in line and ":" in line:
+                out[key] = line.split(":")[1].strip()
+    return out
+
+
+def extract_timestamp(content, prefix):
+    """The datetime on the first line that starts with prefix and whose value (after the first ':') parses."""
+    for line in content.split("\n"):
+        if not line.startswith(prefix) or ":" not in line:
+            continue
+        try:
+            return datetime.datetime.strptime(line.split(":", 1)[1].strip(), TIMESTAMP_FORMAT)
+        except ValueError:
+            continue
+    return None
+
+
+def _format_value(v):
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 10000:
+        return f"{v:,.0f}"
+    return str(v)
+
+
+def _format_items(data):
+    """Body of a section: strings verbatim, dicts as '- key: value' lines, falsy items skipped."""
+    parts = []
+    for item in data:
+        if not item:
+            continue
+        if isinstance(item, dict):
+            parts.extend(f"- {k}: {_format_value(v)}\n" for k, v in item.items())
+        else:
+            parts.append(str(item))
+    return "".join(parts)
+
+
+def _summary_table(metrics):
+    """Metric x {BASE, SFT, RL} table; rows: CORE first, ChatCORE last, the rest alphabetical."""
+    names = set().union(*(m.keys() for m in metrics.values()))
+    rows = sorted(names, key=lambda n: (n == "ChatCORE", n != "CORE", n))
+    widths = [15, 8, 8, 8]
+
+    def row(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |\n"
+
+    table = row(["Metric", "BASE", "SFT", "RL"])
+    table += "|" + "|".join("-" * (w + 2) for w in widths) + "|\n"
+    for name in rows:
+        table += row([name] + [metrics[stage].get(name, "-") for stage in ("base", "sft", "rl")])
+    return table
+
+
+def _wall_clock_line(start_time, end_time):
+    if start_time is None or end_time is None:
+        return "Total wall clock time: unknown\n"
+    seconds = (end_time - start_time).total_seconds()
+    return f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m\n"
+
+
+_IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def _absolute_image_links(markdown, report_dir):
+    """Point image links that are relative to the report dir at their absolute paths, so the copy of
+    report.md in another directory still shows the plots."""
+    def fix(m):
+        target = os.path.join(report_dir, m.group(2))
+        if os.path.isabs(m.group(2)) or not os.path.isfile(target):
+            return m.group(0)
+        return m.group(1) + os.path.abspath(target) + m.group(3)
+    return _IMAGE_LINK.sub(fix, markdown)
+
+
+# -----------------------------------------------------------------------------
+# Report
+
+class Report:
+    """Writes section files into report_dir (created here) and stitches them into report.md."""
+
+    def __init__(self, report_dir):
+        os.makedirs(report_dir, exist_ok=True)
+        self.report_dir = report_dir
+
+    def _path(self, name):
+        return os.path.join(self.report_dir, name)
+
+    def log(self, section, data):
+        """(Over)write <slug>.md: '## section', a timestamp line, a blank line, then the formatted items."""
+        path = self._path(f"{slugify(section)}.md")
+        text = f"## {section}\ntimestamp: {_now()}\n\n{_format_items(data)}\n"
+        _write_text_atomic(path, text)
+        return path
+
+    def log_curve(self, section, steps, series, ylabel="loss", xlabel="step", title=None):
+        """
+        Plot one or more curves over a shared x axis into <slug>.png and (over)write <slug>.md so that it
+        embeds the image and lists each curve's last and minimum value. Default use from base_train:
+            report.log_curve("Base model loss", steps, {"train": train_losses, "val": val_losses})
+        Use None or nan for steps where a curve has no value. Returns the PNG path.
+        """
+        steps = list(steps)
+        for name, values in series.items():
+            if len(values) != len(steps):
+                raise ValueError(f"series {name!r} has {len(values)} values for {len(steps)} steps")
+        png_name = f"{slugify(section)}.png"
+        self._save_plot(self._path(png_name), steps, series, xlabel, ylabel, title or section)
+        stats = {}
+        for name, values in series.items():
+            finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+            if finite:
+                stats[f"{name} {ylabel} (last)"] = finite[-1]
+                stats[f"{name} {ylabel} (min)"] = min(finite)
+        self.log(section, [f"![{ylabel} curve]({png_name})\n\n", stats])
+        return self._path(png_name)
+
+    @staticmethod
+    def _save_plot(path, steps, series, xlabel, ylabel, title):
+        # Object-oriented matplotlib on the Agg canvas: no pyplot, so no global backend switch or figure
+        # registry, and nothing needs a display. Imported here because only this method needs it.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 4.5), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for name, values in series.items():
+            # Missing points (None/nan, e.g. a val loss measured every N steps) are dropped rather than
+            # plotted as gaps, so a sparse curve is still drawn as connected points.
+            points = [(x, float(v)) for x, v in zip(steps, values) if v is not None and math.isfinite(v)]
+            xs, ys = zip(*points) if points else ((), ())
+            ax.plot(xs, ys, label=name, marker="o" if len(points) <= 50 else None, markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend()
+        fig.tight_layout()
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
+
+    def reset(self):
+        """Delete the expected section files (and their aliases) and report.md; write a fresh header.md."""
+        for name in EXPECTED_FILES + [a for aliases in FILE_ALIASES.values() for a in aliases] + ["report.md"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(name))
+        header_path = self._path("header.md")
+        _write_text_atomic(header_path, generate_header() + f"Run started: {_now()}\n\n---\n\n")
+        print(f"Reset report and wrote header to {header_path}")
+
+    def _read_header(self):
+        """(header text, start time, bloat block); placeholders when header.md is missing."""
+        path = self._path("header.md")
+        if not os.path.exists(path):
+            print(f"Warning: {path} does not exist. Did you forget to run `nanochat reset`?")
+            return "", None, "[bloat data missing]"
+        with open(path, encoding="utf-8") as f:
+            header = f.read()
+        m = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
+        return header, extract_timestamp(header, "Run started:"), m.group(1) if m else "[bloat data missing]"
+
+    def _read_sections(self):
+        """Concatenated section text, the last non-RL section timestamp, and the summary metrics."""
+        body, end_time = "", None
+        metrics = {stage: {} for _, stage, _ in SUMMARY_SOURCES}
+        sources = {name: (stage, keys) for name, stage, keys in SUMMARY_SOURCES}
+        for expected in EXPECTED_FILES:
+            present = [n for n in [expected, *FILE_ALIASES.get(expected, [])] if os.path.exists(self._path(n))]
+            if not present:
+                print(f"Warning: {self._path(expected)} does not exist, skipping")
+                continue
+            for name in present:
+                with open(self._path(name), encoding="utf-8") as f:
+                    content = f.read()
+                body += content + "\n"
+                if "rl" not in name:  # the wall clock covers the pipeline up to SFT eval; RL is excluded
+                    end_time = extract_timestamp(content, "timestamp:") or end_time
+                if name in sources:
+                    stage, keys = sources[name]
+                    metrics[stage].update(extract(content, keys))
+        return body, end_time, metrics
+
+    def generate(self):
+        """Write report.md (header, sections in EXPECTED_FILES order, summary), copy it to the cwd."""
+        report_path = self._path("report.md")
+        print(f"Generating report to {report_path}")
+        header, start_time, bloat = self._read_header()
+        body, end_time, metrics = self._read_sections()
+        summary = f"## Summary\n\n{bloat}\n\n{_summary_table(metrics)}\n{_wall_clock_line(start_time, end_time)}"
+        report = header + body + summary
+        _write_text_atomic(report_path, report)
+        print("Copying report.md to current directory for convenience")
+        cwd_path = os.path.join(os.getcwd(), "report.md")
+        if os.path.abspath(cwd_path) != os.path.abspath(report_path):
+            _write_text_atomic(cwd_path, _absolute_image_links(report, self.report_dir))
+        return report_path
+
+
+class DummyReport:
+    """Null report for non-zero ranks: every method is a no-op."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def log_curve(self, *args, **kwargs):
+        pass
+
+    def reset(self, *args, **kwargs):
+        pass
+
+    def generate(self, *args, **kwargs):
+        pass
+
+
+def get_report():
+    """Report(<base_dir>/report) on rank 0, DummyReport elsewhere."""
+    _, rank, _, _ = get_dist_info()
+    return Report(os.path.join(get_base_dir(), "report")) if rank == 0 else DummyReport()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate or reset the nanochat training report")
+    parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
+                        help="generate: write report.md (default); reset: clear sections and write the header")
+    args = parser.parse_args(argv)
+    report = get_report()
+    if args.command == "generate":
+        report.generate()
+    else:
+        report.reset()
+
+
+if __name__ == "__main__":
+    main()

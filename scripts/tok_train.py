@@ -1,0 +1,88 @@
+"""
+Train the BPE tokenizer on the pretraining data and write <base_dir>/tokenizer/{tokenizer.pkl,token_bytes.pt}.
+
+    python -m scripts.tok_train                        # 2B characters, vocab 32768
+    python -m scripts.tok_train --max-chars=20000000   # a small run (e.g. on the offline sample)
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+from nanochat.common import atomic_open, get_base_dir
+from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
+from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+
+# a fixed string touching every split-pattern branch; the trained tokenizer must round-trip it
+SANITY_TEXT = """Hello world! This is a test.
+Numbers: 123, 4567, 89
+Contractions: I'm, you're, it's
+Special chars: @#$%^&*()
+Unicode: 你好世界 🌍"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a BPE tokenizer")
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, including the special tokens")
+    args = parser.parse_args(argv)
+    for flag in ("max_chars", "doc_cap", "vocab_size"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def text_iterator(max_chars, doc_cap):
+    """Train-split documents cropped to doc_cap characters; stops after the one that crosses max_chars."""
+    total = 0
+    for batch in parquets_iter_batched(split="train"):
+        for doc in batch:
+            doc = doc[:doc_cap]
+            total += len(doc)
+            yield doc
+            if total > max_chars:
+                return
+
+
+def token_bytes_stats(token_bytes):
+    nonzero = token_bytes[token_bytes > 0].float()
+    return {"token_bytes_min": int(nonzero.min()), "token_bytes_max": int(nonzero.max()),
+            "token_bytes_mean": nonzero.mean().item(), "token_bytes_std": nonzero.std().item()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(f"max_chars: {args.max_chars:,}")
+    print(f"doc_cap: {args.doc_cap:,}")
+    print(f"vocab_size: {args.vocab_size:,}")
+
+    t0 = time.time()
+    tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap), args.vocab_size)
+    train_time = time.time() - t0
+    print(f"Training time: {train_time:.2f}s")
+
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    tokenizer.save(tokenizer_dir)
+    assert tokenizer.decode(tokenizer.encode(SANITY_TEXT)) == SANITY_TEXT, "tokenizer does not round-trip"
+
+    # bytes per token for bits-per-byte; special tokens count 0 so they drop out
+    token_bytes = compute_token_bytes(tokenizer)
+    token_bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    with atomic_open(token_bytes_path, "wb") as f:
+        torch.save(token_bytes, f)
+    print(f"Saved token_bytes to {token_bytes_path}")
+
+    get_report().log(section="Tokenizer training", data=[
+        vars(args),
+        {"train_time": train_time},
+        {"num_special_tokens": len(tokenizer.get_special_tokens())},
+        token_bytes_stats(token_bytes),
+    ])
+
+
+if __name__ == "__main__":
+    main()

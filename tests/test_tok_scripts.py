@@ -1,0 +1,91 @@
+"""scripts/tok_train.py and scripts/tok_eval.py, end to end on the committed offline sample."""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import random
+
+import pytest
+import torch
+
+from nanochat import dataset
+from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, get_tokenizer
+from scripts import tok_eval, tok_train
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_BASE_DIR", str(base))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        mp.delenv(k, raising=False)
+    dataset.install_sample()
+    tok_train.main(["--max-chars=3000000", "--vocab-size=2048"])
+    yield base
+    mp.undo()
+
+
+@pytest.fixture
+def base_env(trained_base, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(trained_base))
+    return trained_base
+
+
+def test_tok_train_writes_tokenizer_and_token_bytes(base_env):
+    tok = get_tokenizer()
+    assert tok.get_vocab_size() == 2048
+    token_bytes = get_token_bytes()
+    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (2048,)
+    rng = random.Random(0)
+    docs = next(dataset.parquets_iter_batched("val"))
+    for doc in rng.sample(docs, 5):
+        text = doc[:3000]
+        ids = tok.encode(text)
+        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
+    assert tok.decode(tok.encode(tok_train.SANITY_TEXT)) == tok_train.SANITY_TEXT
+
+
+def test_tok_train_report_section(base_env):
+    section = (base_env / "report" / "tokenizer-training.md").read_text()
+    for key in ("max_chars: 3,000,000", "vocab_size: 2048", "num_special_tokens: 9", "token_bytes_mean", "train_time"):
+        assert key in section
+
+
+def test_text_iterator_stops_after_crossing_max_chars(base_env):
+    docs = list(tok_train.text_iterator(max_chars=20_000, doc_cap=3_000))
+    lengths = [len(d) for d in docs]
+    assert max(lengths) <= 3_000
+    assert sum(lengths[:-1]) <= 20_000 < sum(lengths)
+
+
+def test_tok_train_rejects_bad_flags():
+    with pytest.raises(SystemExit):
+        tok_train.parse_args(["--vocab-size=0"])
+
+
+def test_tok_eval_offline_and_with_one_baseline(base_env, monkeypatch, capsys):
+    ours = get_tokenizer()
+
+    def fake_from_pretrained(name):
+        if name == "gpt2":
+            raise ConnectionError("no network")  # what tiktoken raises offline
+        return ours  # stands in for an available cl100k_base
+
+    monkeypatch.setattr(RustBPETokenizer, "from_pretrained", staticmethod(fake_from_pretrained))
+    tok_eval.main()
+    out = capsys.readouterr().out
+    assert "cannot load the GPT-2 encoding" in out
+    assert "Comparison with GPT-4" in out and "Comparison with GPT-2" not in out
+    assert "climbmix-train" in out and "climbmix-val" in out
+    section = (base_env / "report" / "tokenizer-evaluation.md").read_text()
+    assert "### Comparison with GPT-4" in section and "| news |" in section
+    assert "+0.0%" in section  # the stand-in is our own tokenizer: no difference
+
+
+def test_tok_eval_with_no_baseline_still_reports(base_env, monkeypatch, capsys):
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(RustBPETokenizer, "from_pretrained", staticmethod(offline))
+    tok_eval.main()
+    section = (base_env / "report" / "tokenizer-evaluation.md").read_text()
+    assert "No baseline encodings could be loaded" in section and "climbmix-val" in section
