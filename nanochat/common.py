@@ -90,6 +90,16 @@ def base_dir_path():
     return os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
 
 
+# Small real datasets committed with the repo (pretraining sample, eval bundle, task subsets), used
+# when offline. Resolved from this file, so it works from any working directory of a source checkout.
+REPO_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def offline_mode():
+    """True when NANOCHAT_OFFLINE is 1/true/yes: never touch the network, use the committed data."""
+    return os.environ.get("NANOCHAT_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+
+
 def get_base_dir():
     """base_dir_path(), created if missing."""
     base_dir = base_dir_path()
@@ -126,6 +136,8 @@ def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeo
     target = os.path.join(get_base_dir(), filename)
     if os.path.exists(target):
         return target
+    if offline_mode():
+        raise RuntimeError(f"NANOCHAT_OFFLINE is set: not downloading {url} (expected at {target})")
     with FileLock(target + ".lock"):
         if os.path.exists(target):  # another rank finished while we waited
             return target
@@ -150,6 +162,19 @@ def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeo
         if postprocess_fn is not None:
             postprocess_fn(target)
     return target
+
+
+def compile_enabled():
+    """torch.compile is on unless NANOCHAT_COMPILE=0 (tests, debugging, machines without a C++ compiler)."""
+    return os.environ.get("NANOCHAT_COMPILE", "1") != "0"
+
+
+def maybe_compile(model):
+    """torch.compile(model, dynamic=False), or the model itself when compilation is turned off."""
+    if not compile_enabled():
+        print0("NANOCHAT_COMPILE=0: running the model eagerly (no torch.compile)")
+        return model
+    return torch.compile(model, dynamic=False)
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,138 @@
 """
-Inference engine. For now: the KV cache that GPT.forward and the attention kernels write into.
+Inference: the calculator tool, the KV cache, token sampling, and the Engine that streams batched
+generation with tool use.
+
+The Engine works purely on token-id lists. It knows the tokenizer only for the tool state machine:
+the model writes `<|python_start|> expr <|python_end|>`, the engine evaluates expr with the
+calculator and forces `<|output_start|> result <|output_end|>` into that row (mask 0: not sampled).
 """
 
+import ast
+import signal
+import string
+import threading
+import time
+import warnings
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+from nanochat import common  # COMPUTE_DTYPE is read at call time: deciding it may query CUDA
+
+# -----------------------------------------------------------------------------
+# Calculator tool
+
+MATH_CHARS = set("0123456789*+-/.() ")
+STRING_CHARS = set(string.ascii_letters + string.digits + "'\"()._ ")
+# substring blacklist of the reference (it has false positives: "directory" contains "dir")
+BLOCKED_SUBSTRINGS = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input",
+                      "globals", "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
+# zero-argument str methods whose output is at most a small multiple of their input's length
+BOUNDED_STR_METHODS = {"lower", "upper", "casefold", "swapcase", "title", "capitalize", "strip", "lstrip", "rstrip"}
+
+
+@contextmanager
+def timeout(duration, formula):
+    """Raise inside the body after `duration` seconds. Uses SIGALRM, so it works on the main thread only.
+    Unlike the reference, the previous SIGALRM handler is put back afterwards."""
+    def on_alarm(signum, frame):
+        raise Exception(f"'{formula}': timed out after {duration} seconds")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, duration)  # setitimer: fractional seconds allowed
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
+def _eval_no_builtins(formula):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)  # e.g. "'a' 'b'" literals next to each other
+        return eval(formula, {"__builtins__": {}}, {})
+
+
+def _bounded_kind(node):
+    """'num' or 'str' if evaluating node costs at most about its own size, else None.
+    Allowed: int/float/str literals, unary +-, + - * / // on numbers, and _bounded_call_kind's calls.
+    Excluded: ** (huge results), any str arithmetic ('a' * 10**9), names, other calls."""
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, str):
+            return "str"
+        return "num" if isinstance(node.value, (int, float)) else None
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        return "num" if _bounded_kind(node.operand) == "num" else None
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)):
+        return "num" if _bounded_kind(node.left) == _bounded_kind(node.right) == "num" else None
+    if isinstance(node, ast.Call):
+        return _bounded_call_kind(node)
+    return None
+
+
+def _bounded_call_kind(call):
+    """'num' for str.count(str), 'str' for a BOUNDED_STR_METHODS call, both on a bounded str; else None."""
+    func = call.func
+    if not isinstance(func, ast.Attribute) or call.keywords or _bounded_kind(func.value) != "str":
+        return None
+    arg_kinds = [_bounded_kind(arg) for arg in call.args]
+    if func.attr == "count" and arg_kinds == ["str"]:
+        return "num"
+    if func.attr in BOUNDED_STR_METHODS and not arg_kinds:
+        return "str"
+    return None
+
+
+def is_bounded_expression(formula):
+    """True if formula parses to an expression whose evaluation cannot hang (see _bounded_kind)."""
+    try:
+        return _bounded_kind(ast.parse(formula, mode="eval").body) is not None
+    except Exception:  # SyntaxError, ValueError (null bytes), RecursionError (absurdly deep trees)
+        return False
+
+
+def eval_with_timeout(formula, max_time=3):
+    """eval(formula) without builtins; None on any error or after max_time seconds.
+
+    SIGALRM is available on the main thread only (the reference silently returns None everywhere else,
+    and the web server generates in worker threads). Off the main thread, or without SIGALRM, there is
+    no way to interrupt eval, so only expressions that cannot hang are evaluated (is_bounded_expression:
+    plain arithmetic without **, and str.count on string literals, which covers every calculator call
+    that use_calculator lets through in practice); anything else returns None.
+    """
+    try:
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
+            with timeout(max_time, formula):
+                return _eval_no_builtins(formula)
+        if is_bounded_expression(formula):
+            return _eval_no_builtins(formula)
+        return None
+    except Exception:  # syntax error, ZeroDivisionError, NameError, the timeout, ...
+        return None
+
+
+def use_calculator(expr):
+    """Evaluate a tool call: arithmetic (no **), or str.count on literals. Returns int | float | None."""
+    expr = expr.replace(",", "")  # "1,000" -> "1000" (also inside string literals, as the reference)
+    if all(c in MATH_CHARS for c in expr):
+        if "**" in expr:  # power can build numbers with billions of digits
+            return None
+        return eval_with_timeout(expr)
+    if not all(c in STRING_CHARS for c in expr):
+        return None
+    lowered = expr.lower()
+    if any(bad in lowered for bad in BLOCKED_SUBSTRINGS):
+        return None
+    if ".count(" not in expr:
+        return None
+    return eval_with_timeout(expr)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
 
 
 class KVCache:
@@ -10,6 +140,8 @@ class KVCache:
     Fixed-capacity key/value cache in the FA3 layout: per layer (B, T_max, H_kv, D).
     The attention kernel writes new keys/values in place at [pos, pos + T_new); the model's last
     layer then calls advance(T_new). prev_embedding carries the smear feature across calls.
+    Capacity never grows: the Engine sizes it up front (prompt + max_tokens) and never decodes past it;
+    the SDPA fallback raises on an overflowing write (FA3 does not check).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
@@ -48,3 +180,219 @@ class KVCache:
         self.cache_seqlens.fill_(pos)
         if other.prev_embedding is not None:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
+
+
+# -----------------------------------------------------------------------------
+# Sampling and per-row state
+
+
+@torch.inference_mode()
+def sample_next_token(logits, rng, temperature=1.0, top_k=None):
+    """Next ids (B, 1) from logits (B, V): argmax at temperature 0, else softmax sampling (over the top_k
+    logits when top_k > 0; None or 0 means the full vocabulary), one independent draw per row."""
+    assert temperature >= 0.0, "temperature must be non-negative"
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    if top_k is not None and top_k > 0:
+        k = min(top_k, logits.size(-1))
+        values, indices = torch.topk(logits, k, dim=-1)  # (B, k) each
+        probs = F.softmax(values / temperature, dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1), index into the top k
+        return indices.gather(-1, choice)
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)
+
+
+class RowState:
+    """One sample's decoding state: its tokens so far and where it is in the tool state machine."""
+
+    def __init__(self, current_tokens=None):
+        self.current_tokens = current_tokens or []  # the prompt, then every emitted token
+        self.forced_tokens = deque()  # tool output waiting to be injected, one per step
+        self.in_python_block = False  # between <|python_start|> and <|python_end|>
+        self.python_expr_tokens = []  # the tool call being written
+        self.completed = False  # emitted <|assistant_end|> or BOS
+
+
+@dataclass(frozen=True)
+class ToolTokens:
+    """The special ids the engine reacts to (exactly these: the unit-test tokenizer knows no others)."""
+    python_start: int
+    python_end: int
+    output_start: int
+    output_end: int
+    assistant_end: int
+    bos: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer):
+        special = tokenizer.encode_special
+        return cls(special("<|python_start|>"), special("<|python_end|>"), special("<|output_start|>"),
+                   special("<|output_end|>"), special("<|assistant_end|>"), tokenizer.get_bos_token_id())
+
+
+# -----------------------------------------------------------------------------
+# Engine
+
+
+class Engine:
+    """Batched streaming generation with the calculator tool. Duck-typed: the model needs config
+    (n_layer, n_head, n_kv_head, n_embd, sequence_len), get_device() and forward(ids, kv_cache=...);
+    the tokenizer needs encode_special, get_bos_token_id, encode and decode."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _new_cache(self, batch_size, seq_len, device):
+        cfg = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len,
+                       head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=device,
+                       dtype=common.COMPUTE_DTYPE)  # the activations' dtype (FA3 needs them to match)
+
+    def _num_steps(self, prompt_len, max_tokens):
+        """How many tokens to generate. max_tokens=None means: until the sequence fills the model's context
+        (the reference kept going past its cache and silently dropped the writes)."""
+        if max_tokens is None:
+            room = self.model.config.sequence_len - prompt_len
+            if room <= 0:
+                raise ValueError(f"prompt of {prompt_len} tokens leaves no room in the model's context of "
+                                 f"{self.model.config.sequence_len} tokens; pass max_tokens explicitly")
+            return room
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
+        return max_tokens
+
+    def _prefill(self, tokens, num_samples, capacity, device):
+        """Run the prompt once at batch 1, then copy its cache into a num_samples-row decode cache.
+        Returns the last position's logits expanded to (num_samples, V), and the decode cache."""
+        prompt_cache = self._new_cache(1, len(tokens), device)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]  # (1, V)
+        decode_cache = self._new_cache(num_samples, capacity, device)
+        decode_cache.prefill(prompt_cache)
+        return logits.expand(num_samples, -1), decode_cache
+
+    def _tool_output(self, expr_tokens, special):
+        """Tokens answering a finished tool call (<|output_start|> result <|output_end|>), or [] if it failed."""
+        result = use_calculator(self.tokenizer.decode(expr_tokens))
+        if result is None:
+            return []
+        try:
+            text = str(result)
+        except ValueError:  # an int beyond Python's str() digit limit: treat like a failed call
+            return []
+        return [special.output_start, *self.tokenizer.encode(text), special.output_end]
+
+    def _emit(self, row, sampled, special):
+        """Row's next (token, mask): a pending forced token (mask 0) wins over the sampled one (mask 1).
+        Then update the row's completion and tool state with that token."""
+        if row.forced_tokens:
+            token, mask = row.forced_tokens.popleft(), 0
+        else:
+            token, mask = sampled, 1
+        row.current_tokens.append(token)
+        if token in (special.assistant_end, special.bos):
+            row.completed = True
+        if token == special.python_start:  # a second start inside a block restarts the expression
+            row.in_python_block = True
+            row.python_expr_tokens = []
+        elif token == special.python_end and row.in_python_block:
+            row.in_python_block = False
+            if row.python_expr_tokens:
+                row.forced_tokens.extend(self._tool_output(row.python_expr_tokens, special))
+            row.python_expr_tokens = []
+        elif row.in_python_block:
+            row.python_expr_tokens.append(token)
+        return token, mask
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Stream one (token_column, token_masks) pair per step: lists of length num_samples with each
+        row's next token and 1 if it was sampled, 0 if the tool forced it. Rows that finished keep getting
+        (meaningless) tokens until every row has finished or max_tokens steps were yielded."""
+        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int), "expecting list of ints"
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        device = self.model.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        special = ToolTokens.from_tokenizer(self.tokenizer)
+        num_steps = self._num_steps(len(tokens), max_tokens)
+        if num_steps == 0:
+            return
+        logits, cache = self._prefill(tokens, num_samples, len(tokens) + num_steps, device)
+        rows = [RowState(tokens.copy()) for _ in range(num_samples)]
+        for step in range(num_steps):
+            # every row draws its own token, also at step 0 where all rows share the prefill logits
+            sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
+            column, masks = zip(*(self._emit(row, s, special) for row, s in zip(rows, sampled)))
+            yield list(column), list(masks)
+            if step == num_steps - 1 or all(row.completed for row in rows):
+                return  # stop before feeding the column: its logits would never be used
+            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)  # (num_samples, 1)
+            logits = self.model.forward(ids, kv_cache=cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Generate to the end (kwargs go to generate). Returns the tuple (results, masks): per row the
+        prompt plus its generated tokens without the terminal <|assistant_end|>/BOS, and the matching
+        masks (0 for the prompt and for tool output, 1 for sampled tokens)."""
+        terminal = (self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id())
+        results = [tokens.copy() for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if completed[i]:
+                    continue
+                if token in terminal:
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(completed):
+                break
+        return results, masks
+
+
+# -----------------------------------------------------------------------------
+# Self-check: python -m nanochat.engine
+
+
+def _timed_stream(token_ids, tokenizer, device_type):
+    """Consume an iterator of token ids, printing them as they come. Returns (ids, seconds)."""
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.time()
+    ids = []
+    for token in token_ids:
+        ids.append(token)
+        print(tokenizer.decode([token]), end="", flush=True)
+    print()
+    sync()
+    return ids, time.time() - t0
+
+
+def main():
+    """Greedy decoding of the base model through the Engine must match GPT.generate token for token."""
+    from nanochat.checkpoint_manager import load_model  # only the self-check needs a checkpoint
+
+    device_type = common.autodetect_device_type()
+    _, _, _, _, device = common.compute_init(device_type)
+    model, tokenizer, _ = load_model("base", device, phase="eval")
+    prompt = tokenizer.encode("The chemical formula of water is", prepend=tokenizer.get_bos_token_id())
+    max_tokens = 64  # as in the reference self-check
+    reference, ref_time = _timed_stream(model.generate(prompt, max_tokens, temperature=0.0), tokenizer, device_type)
+    print(f"Reference time: {ref_time:.2f}s")
+    stream = Engine(model, tokenizer).generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+    engine_ids, engine_time = _timed_stream((column[0] for column, _ in stream), tokenizer, device_type)
+    print(f"Engine time: {engine_time:.2f}s")
+    mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine_ids)) if a != b), None)
+    if mismatch is not None:
+        print(f"Mismatch at {mismatch}: {reference[mismatch]} != {engine_ids[mismatch]}")
+    # the Engine stops early at <|assistant_end|> or BOS, GPT.generate does not
+    print(f"Match: {reference[:len(engine_ids)] == engine_ids}")
+
+
+if __name__ == "__main__":
+    main()

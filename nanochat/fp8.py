@@ -7,6 +7,7 @@ recomputed on every call: inputs and weights in float8_e4m3fn (more mantissa), g
 before torch.compile.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -132,3 +133,32 @@ def convert_to_float8_training(module, *, config=None, module_filter_fn=None):
 
     convert_children(module, "")
     return Float8Linear.from_float(module) if eligible(module, "") else module
+
+
+@contextlib.contextmanager
+def disable_fp8(model):
+    """
+    Temporarily swap every Float8 layer of model for a regular Linear sharing its weight (and bias), so
+    evaluation and sampling run in the compute dtype with arbitrary shapes; the Float8 layers come back
+    on exit. A no-op for a model without Float8 layers.
+    """
+    from nanochat.gpt import Linear  # lazy: gpt imports this module's neighbours, keep the graph acyclic
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not name or "Float8" not in type(module).__name__:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        with torch.device("meta"):
+            plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        plain.weight = module.weight
+        if module.bias is not None:
+            plain.bias = module.bias
+        plain.train(module.training)
+        setattr(parent, child_name, plain)
+        swapped.append((parent, child_name, module))
+    try:
+        yield model
+    finally:
+        for parent, child_name, module in swapped:
+            setattr(parent, child_name, module)

@@ -14,7 +14,6 @@ The GPT model. Notable features, each with its reason:
 Dtype policy: master weights are fp32; Linear casts them to the activation dtype (COMPUTE_DTYPE).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -1,0 +1,343 @@
+"""
+Checkpoints: save and load model weights, per-rank optimizer shards and JSON metadata; rebuild a
+GPT from them; find the newest model tag and step.
+
+On-disk layout (the reference's, so checkpoints move between the two code bases either way):
+
+    <base_dir>/base_checkpoints/<model_tag>/      pretraining   (source "base")
+    <base_dir>/chatsft_checkpoints/<model_tag>/   SFT           (source "sft")
+    <base_dir>/chatrl_checkpoints/<model_tag>/    RL            (source "rl")
+        model_{step:06d}.pt             torch.save of the uncompiled model's state_dict (rank 0)
+        optim_{step:06d}_rank{r}.pt     torch.save of rank r's optimizer state_dict (sharded)
+        meta_{step:06d}.json            metadata, json indent=2, UTF-8 (rank 0)
+
+Unlike the reference, every file is written to a temp name in the same directory and renamed into
+place, and the meta file is written last (after a barrier when a process group is up), so a meta
+file marks a complete checkpoint. find_last_step ignores steps whose meta file is missing.
+
+The meta JSON keeps json's default allow_nan: an infinite min_val_bpb is written as the
+non-standard token `Infinity`, exactly as the reference writes it and reads it back (json.load
+accepts it). Strict JSON parsers in other languages reject it; Python's json module does not.
+"""
+
+import json
+import logging
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import _env_rank, atomic_open, get_base_dir, is_ddp_initialized
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# checkpoint source -> directory under the base dir
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+_MODEL_FILE_RE = re.compile(r"model_(\d+)\.pt")
+_DEPTH_TAG_RE = re.compile(r"d(\d+)")  # a tag that starts with d<depth>: d20, d24_jan29
+
+
+class CheckpointValueError(ValueError, AssertionError):
+    """
+    Bad input found while building a model (invalid phase, tokenizer/model vocab mismatch). The
+    reference checked these with `assert`; being an AssertionError too keeps callers written
+    against it working, while the ValueError is what new code should catch.
+    """
+
+
+def log0(message):
+    """logger.info on rank 0 only."""
+    if _env_rank() == 0:
+        logger.info(message)
+
+
+def get_checkpoints_dir(source):
+    """<base_dir>/<dir of source>, for source in base, sft, rl."""
+    if source not in CHECKPOINT_DIRS:
+        raise ValueError(f"Unknown checkpoint source {source!r}; expected one of {sorted(CHECKPOINT_DIRS)}")
+    return os.path.join(get_base_dir(), CHECKPOINT_DIRS[source])
+
+
+def _model_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+
+
+def _meta_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+
+
+def _optim_path(checkpoint_dir, step, rank):
+    return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
+def _save_torch_atomic(obj, path):
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    """
+    Rank 0 writes the model file; every rank with optimizer_data writes its shard; rank 0 then
+    writes the meta file, last. All ranks must call this when any passes optimizer_data while a
+    process group is up (they meet at a barrier); rank-0-only callers pass optimizer_data=None.
+    """
+    meta_path = _meta_path(checkpoint_dir, step)
+    meta_text = json.dumps(meta_data, indent=2)  # serialise first: a bad meta fails before any write
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # re-saving a step: it is incomplete until the new meta lands
+        model_path = _model_path(checkpoint_dir, step)
+        _save_torch_atomic(model_data, model_path)
+        log0(f"Saved model parameters to: {model_path}")
+    if optimizer_data is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        optim_path = _optim_path(checkpoint_dir, step, rank)
+        _save_torch_atomic(optimizer_data, optim_path)
+        logger.info(f"Saved optimizer state to: {optim_path}")
+        if is_ddp_initialized():
+            dist.barrier()  # every shard is on disk before rank 0 marks the checkpoint complete
+    if rank == 0:
+        with atomic_open(meta_path, "w") as f:
+            f.write(meta_text)
+        log0(f"Saved metadata to: {meta_path}")
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def _load_torch_file(path, device, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {what} file not found: {path}")
+    try:
+        return torch.load(path, map_location=device)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"Could not load checkpoint {what} from {path} (truncated or corrupt file?): "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def _load_meta(checkpoint_dir, step):
+    path = _meta_path(checkpoint_dir, step)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint metadata not found: {path} (the meta file is written last, "
+                                f"so step {step} is missing or incomplete)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Checkpoint metadata {path} is not valid JSON (truncated or corrupt file?): {e}") from e
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """(model_data, optimizer_data or None, meta_data) of one step, tensors mapped to `device`."""
+    meta_data = _load_meta(checkpoint_dir, step)  # first: it is the cheap completeness check
+    model_data = _load_torch_file(_model_path(checkpoint_dir, step), device, "model")
+    optimizer_data = None
+    if load_optimizer:
+        optim_path = _optim_path(checkpoint_dir, step, rank)
+        if not os.path.exists(optim_path):
+            raise FileNotFoundError(f"Optimizer shard for rank {rank} not found: {optim_path} "
+                                    f"(shards are per rank: resume with the world size that saved them)")
+        optimizer_data = _load_torch_file(optim_path, device, f"optimizer (rank {rank})")
+    return model_data, optimizer_data, meta_data
+
+
+# -----------------------------------------------------------------------------
+# Rebuilding a model from a checkpoint
+
+def _patch_missing_config_keys(model_config_kwargs):
+    """Older metadata has no window_pattern: those models used full context in every layer."""
+    if "window_pattern" not in model_config_kwargs:
+        model_config_kwargs["window_pattern"] = "L"
+        log0("Patching missing window_pattern in model config: 'L' (full context)")
+
+
+def _noop_value(key, shape, model_data, embedding_dtype=torch.float32):
+    """
+    The value of a parameter an older checkpoint lacks that makes its feature an exact no-op in
+    GPT.forward, or None when no such value exists. A gate is only free to choose when the thing
+    it gates is zero: a zero smear_lambda scales the smear gate away, and zero value embeddings
+    add nothing whatever their gate says.
+    """
+    if key == "resid_lambdas":
+        return torch.ones(shape)  # x = 1 * x + x0_lambda * x0
+    if key in ("x0_lambdas", "smear_lambda", "backout_lambda"):
+        return torch.zeros(shape)  # removes the x0 skip, the smear term, the backout subtraction
+    if re.fullmatch(r"value_embeds\.\d+\.weight", key):
+        return torch.zeros(shape, dtype=embedding_dtype)  # v = v + gate * 0
+    gated = None
+    if key == "smear_gate.weight":
+        gated = model_data.get("smear_lambda")
+    elif m := re.fullmatch(r"transformer\.h\.(\d+)\.attn\.ve_gate\.weight", key):
+        gated = model_data.get(f"value_embeds.{m.group(1)}.weight")
+    if gated is not None and not gated.any():
+        return torch.zeros(shape)
+    return None
+
+
+def _is_gate(key):
+    return key == "smear_gate.weight" or key.endswith(".ve_gate.weight")
+
+
+def _patch_missing_keys(model_data, model_config, model=None):
+    """
+    Adds, in place, the parameters an older checkpoint lacks, each with the value that turns its
+    feature off exactly (see _noop_value): resid_lambdas and x0_lambdas always, as the reference;
+    for a full state dict (one holding transformer.wte.weight, whose dtype the value embeddings
+    take) also the smear/backout lambdas, value embeddings and gates. `model`, a GPT of
+    model_config (meta device is fine), gives the expected keys and shapes; built here if None.
+    Keys with no no-op value stay missing, and the strict load names them.
+    """
+    device = next(iter(model_data.values())).device if model_data else torch.device("cpu")
+    missing = [k for k in ("resid_lambdas", "x0_lambdas") if k not in model_data]
+    shapes = {k: (model_config.n_layer,) for k in missing}
+    wte = model_data.get("transformer.wte.weight")
+    if wte is not None:
+        if model is None:
+            with torch.device("meta"):
+                model = GPT(model_config)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in model_data]
+        shapes = {k: expected[k].shape for k in missing}
+    for key in sorted(missing, key=_is_gate):  # gates last: their rule reads what they gate
+        value = _noop_value(key, shapes[key], model_data, wte.dtype if wte is not None else torch.float32)
+        if value is not None:
+            model_data[key] = value.to(device)
+            log0(f"Patching missing {key} in checkpoint with {value.flatten()[0].item():g}s of shape "
+                 f"{tuple(value.shape)}, which turns its feature off")
+
+
+def _check_state_keys(model_data, expected_keys, model_file):
+    missing = sorted(set(expected_keys) - set(model_data))
+    unexpected = sorted(set(model_data) - set(expected_keys))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing} (no value would make them an exact no-op)")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if problems:
+        raise ValueError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
+                         + "; ".join(problems))
+
+
+def _model_config_from_meta(meta_data, meta_file):
+    if "model_config" not in meta_data:
+        raise ValueError(f"Checkpoint metadata {meta_file} has no 'model_config'")
+    kwargs = dict(meta_data["model_config"])
+    _patch_missing_config_keys(kwargs)
+    log0(f"Building model with config: {kwargs}")
+    try:
+        return GPTConfig(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config this GPTConfig cannot take: {e}") from e
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """(model, tokenizer, meta_data) for one checkpoint step; phase 'train' or 'eval' sets the module mode."""
+    if phase not in ("train", "eval"):
+        raise CheckpointValueError(f"Invalid phase: {phase!r} (expected 'train' or 'eval')")
+    device = torch.device(device)
+    model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
+    model_file = _model_path(checkpoint_dir, step)
+    if device.type in ("cpu", "mps"):
+        # bf16 weights from a GPU run: compute in fp32 here
+        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
+    # torch.compile'd modules prefix every key with _orig_mod.
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+
+    config = _model_config_from_meta(meta_data, _meta_path(checkpoint_dir, step))
+    tokenizer = get_tokenizer()  # checked before the (possibly large) model is built
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise CheckpointValueError(f"Tokenizer vocab size {tokenizer.get_vocab_size()} does not match "
+                                   f"model config vocab size {config.vocab_size}")
+    with torch.device("meta"):
+        model = GPT(config)
+    _patch_missing_keys(model_data, config, model)
+    _check_state_keys(model_data, model.state_dict().keys(), model_file)
+    model.to_empty(device=device)
+    model.init_weights()  # materialises the non-persistent rotary buffers
+    try:
+        model.load_state_dict(model_data, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"Checkpoint {model_file} does not fit the model described by its metadata: {e}") from e
+    model.train(phase == "train")
+    return model, tokenizer, meta_data
+
+
+# -----------------------------------------------------------------------------
+# Finding tags and steps
+
+def find_largest_model(checkpoints_dir):
+    """
+    The model tag to load by default: the deepest d<N>-prefixed tag (d24_jan29 counts as 24; equal
+    depths go to the most recently modified), else the most recently modified subdirectory.
+    """
+    tags = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
+    tags = [t for t in tags if os.path.isdir(os.path.join(checkpoints_dir, t))]
+    if not tags:
+        raise FileNotFoundError(f"No checkpoints found in {checkpoints_dir}")
+    mtime = lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag))
+    depth_tags = [(int(m.group(1)), mtime(t), t) for t in tags if (m := _DEPTH_TAG_RE.match(t))]
+    if depth_tags:
+        return max(depth_tags)[2]
+    return max(tags, key=mtime)
+
+
+def find_last_step(checkpoint_dir):
+    """The largest step (numeric) with both model_{step:06d}.pt and meta_{step:06d}.json present."""
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    complete = []
+    for name in names:
+        m = _MODEL_FILE_RE.fullmatch(name)
+        step = int(m.group(1)) if m else None
+        if step is None or name != f"model_{step:06d}.pt":
+            continue  # a foreign file such as model_best.pt, or non-canonical zero padding
+        if os.path.exists(_meta_path(checkpoint_dir, step)):
+            complete.append(step)
+        else:
+            log0(f"Ignoring incomplete checkpoint step {step} in {checkpoint_dir} (no meta file)")
+    if not complete:
+        raise FileNotFoundError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found in {checkpoint_dir}")
+    return max(complete)
+
+
+def _resolve_checkpoint(checkpoints_dir, model_tag, step):
+    """(checkpoint_dir, step), guessing the tag and the step when they are None."""
+    if model_tag is None:
+        model_tag = find_largest_model(checkpoints_dir)
+        log0(f"No model tag provided, guessing model tag: {model_tag}")
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    return checkpoint_dir, step
+
+
+def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
+    checkpoint_dir, step = _resolve_checkpoint(checkpoints_dir, model_tag, step)
+    log0(f"Loading model from {checkpoint_dir} with step {step}")
+    return build_model(checkpoint_dir, step, device, phase)
+
+
+def load_model(source, *args, **kwargs):
+    """load_model_from_dir on the checkpoints of source (base, sft or rl) under the base dir."""
+    return load_model_from_dir(get_checkpoints_dir(source), *args, **kwargs)
+
+
+def load_optimizer_state(source, device, rank, model_tag=None, step=None):
+    """This rank's optimizer shard of a checkpoint, or None (with a warning) when it has none."""
+    checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)
+    optim_path = _optim_path(checkpoint_dir, step, rank)
+    if not os.path.exists(optim_path):
+        logger.warning(f"Optimizer checkpoint not found: {optim_path}")
+        return None
+    log0(f"Loading optimizer state from {optim_path}")
+    return _load_torch_file(optim_path, device, f"optimizer (rank {rank})")

@@ -1,0 +1,537 @@
+"""
+CORE: the in-context-learning benchmark of the DCLM paper (arXiv 2406.11794), 22 tasks scored with a base
+model's next-token losses. Three task types:
+- multiple_choice: one prompt per answer choice; the choice whose own tokens have the lowest mean loss wins.
+- schema: one prompt per context option, all ending in the same continuation; the option under which the
+  continuation has the lowest mean loss wins.
+- language_modeling: correct iff greedy decoding reproduces the whole continuation.
+Each task's accuracy is centered on its random baseline (0 = chance, 1 = perfect); CORE is their mean.
+
+The data is the "eval bundle": core.yaml (the task list), eval_meta_data.csv (random baselines, in percent)
+and eval_data/<category>/<task>.jsonl. ensure_eval_bundle() puts it at <base_dir>/eval_bundle: downloaded
+once, or, offline or when the download fails, extracted from the copy committed at data/eval_bundle.zip.
+That copy lacks coqa; CORE is then computed over the tasks present and says so.
+
+Importing this module does no work.
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+import zipfile
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from nanochat.common import (REPO_DATA_DIR, atomic_open, download_file_with_lock, get_base_dir,
+                             is_ddp_initialized, offline_mode, print0)
+
+logger = logging.getLogger(__name__)
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+BUNDLE_LAYOUT = "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}"
+
+
+class EvalBundleError(RuntimeError):
+    """The eval bundle is missing, malformed, or could not be obtained."""
+
+
+class ScoredSpanError(ValueError, AssertionError):
+    """
+    An example whose scored tokens cannot be located: the LM prompt without the continuation is not a token
+    prefix of the prompt with it, the continuation is empty, or it does not fit in the model's context.
+    evaluate_example counts such an example as wrong. Also an AssertionError, because the reference asserted
+    these conditions and callers written against it may expect that type.
+    """
+
+
+# -----------------------------------------------------------------------------
+# The eval bundle: reading and validating
+
+def _read_core_yaml(bundle_dir):
+    path = os.path.join(bundle_dir, "core.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise EvalBundleError(f"Cannot read {path}: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
+        raise EvalBundleError(f"{path} has no `icl_tasks` list")
+    return path, config["icl_tasks"]
+
+
+def load_core_tasks(bundle_dir):
+    """
+    The tasks of core.yaml in config order, each {label, dataset_uri, num_fewshot, task_type,
+    continuation_delimiter}. Only the first num_fewshot entry is used; the delimiter defaults to one space.
+    """
+    path, entries = _read_core_yaml(bundle_dir)
+    tasks = []
+    for i, entry in enumerate(entries):
+        try:
+            task = {
+                "label": str(entry["label"]),
+                "dataset_uri": str(entry["dataset_uri"]),
+                "num_fewshot": int(entry["num_fewshot"][0]),
+                "task_type": str(entry["icl_task_type"]),
+                "continuation_delimiter": str(entry.get("continuation_delimiter", " ")),
+            }
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise EvalBundleError(f"{path}: icl_tasks entry {i} is malformed ({type(e).__name__}: {e})") from e
+        if task["task_type"] not in TASK_TYPES:
+            raise EvalBundleError(f"{path}: task {task['label']} has unsupported icl_task_type {task['task_type']!r}")
+        tasks.append(task)
+    return tasks
+
+
+def load_random_baselines(bundle_dir):
+    """{Eval Task: Random baseline} from eval_meta_data.csv, in percent; rows without a number are left out."""
+    path = os.path.join(bundle_dir, "eval_meta_data.csv")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"Eval Task", "Random baseline"} - set(reader.fieldnames or [])
+            if missing:
+                raise EvalBundleError(f"{path} lacks the column(s) {', '.join(sorted(missing))}")
+            rows = list(reader)
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise EvalBundleError(f"Cannot read {path}: {e}") from e
+    baselines = {}
+    for row in rows:
+        try:
+            baselines[row["Eval Task"]] = float(row["Random baseline"])
+        except (TypeError, ValueError):
+            pass
+    return baselines
+
+
+def task_data_path(bundle_dir, task):
+    return os.path.join(bundle_dir, "eval_data", task["dataset_uri"])
+
+
+def validate_eval_bundle(bundle_dir):
+    """
+    Check that core.yaml parses into tasks and that eval_meta_data.csv has a baseline for each of them
+    (EvalBundleError otherwise). Returns the labels whose jsonl file is missing: those tasks get skipped,
+    loudly, rather than failing the whole evaluation.
+    """
+    tasks = load_core_tasks(bundle_dir)
+    baselines = load_random_baselines(bundle_dir)
+    no_baseline = [t["label"] for t in tasks if t["label"] not in baselines]
+    if no_baseline:
+        raise EvalBundleError(f"{os.path.join(bundle_dir, 'eval_meta_data.csv')} has no Random baseline "
+                              f"for: {', '.join(no_baseline)}")
+    return [t["label"] for t in tasks if not os.path.isfile(task_data_path(bundle_dir, t))]
+
+
+# -----------------------------------------------------------------------------
+# The eval bundle: building, placing, obtaining
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store: no build time leaks into the bytes
+
+
+def write_eval_bundle_zip(bundle_dir, zip_path):
+    """
+    Zip bundle_dir under a top-level eval_bundle/ folder (the layout of the downloaded bundle), byte for byte
+    reproducible: sorted entries, fixed timestamps and permissions, deflate level 9.
+    """
+    entries = []
+    for root, _, files in os.walk(bundle_dir):
+        rel = os.path.relpath(root, bundle_dir).replace(os.sep, "/")
+        folder = "eval_bundle/" if rel == "." else f"eval_bundle/{rel}/"
+        entries.append((folder, None))
+        entries.extend((folder + name, os.path.join(root, name)) for name in files)
+    with atomic_open(zip_path, "wb") as f, zipfile.ZipFile(f, "w") as zf:
+        for arcname, path in sorted(entries):
+            info = zipfile.ZipInfo(arcname, date_time=_ZIP_DATE)
+            info.create_system = 3  # unix, so the permission bits below mean the same everywhere
+            if path is None:
+                info.external_attr = (0o40755 << 16) | 0x10  # directory
+                zf.writestr(info, b"")
+                continue
+            info.external_attr = 0o644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with open(path, "rb") as src:
+                zf.writestr(info, src.read(), compresslevel=9)
+    return zip_path
+
+
+def place_eval_bundle(zip_path):
+    """
+    Extract zip_path into a temp dir under the base dir, validate its eval_bundle/ folder, then rename it to
+    <base_dir>/eval_bundle (replacing what was there). A failure leaves no partial directory behind.
+    """
+    base_dir = get_base_dir()
+    bundle_dir = os.path.join(base_dir, "eval_bundle")
+    with tempfile.TemporaryDirectory(prefix=".eval_bundle.", dir=base_dir) as tmp:
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            raise EvalBundleError(f"Cannot extract {zip_path}: {e}") from e
+        extracted = os.path.join(tmp, "eval_bundle")
+        if not os.path.isdir(extracted):
+            raise EvalBundleError(f"{zip_path} has no top-level eval_bundle/ folder")
+        validate_eval_bundle(extracted)
+        if os.path.lexists(bundle_dir):
+            os.rename(bundle_dir, os.path.join(tmp, "replaced"))  # deleted with tmp
+        os.rename(extracted, bundle_dir)
+    print0(f"Placed eval_bundle directory at {bundle_dir}")
+    return bundle_dir
+
+
+def _inspect_bundle(bundle_dir):
+    """(usable, missing task labels, reason it is not usable)."""
+    if not os.path.isdir(bundle_dir):
+        return False, [], f"no bundle at {bundle_dir}"
+    try:
+        return True, validate_eval_bundle(bundle_dir), ""
+    except EvalBundleError as e:
+        return False, [], f"{bundle_dir} is broken ({e})"
+
+
+def _download_and_place(zip_path):
+    try:
+        download_file_with_lock(EVAL_BUNDLE_URL, os.path.basename(zip_path), postprocess_fn=place_eval_bundle)
+    except EvalBundleError:
+        # the zip arrived but does not extract: remove it, or every later call would skip the download
+        if os.path.exists(zip_path):
+            os.remove(zip_path)
+        raise
+
+
+_completion_tried = set()  # incomplete bundles already sent to the download once in this process
+
+
+def ensure_eval_bundle():
+    """
+    The path of a valid <base_dir>/eval_bundle, obtained in this order: the existing directory; the zip a
+    previous download left; a download of EVAL_BUNDLE_URL (not when NANOCHAT_OFFLINE is set); the committed
+    data/eval_bundle.zip. Prints one line naming the source whenever it places a bundle. An existing bundle
+    that lacks task files is completed from the download once per process if it can be, else kept.
+    """
+    from filelock import FileLock
+    base_dir = get_base_dir()
+    bundle_dir = os.path.join(base_dir, "eval_bundle")
+    zip_path = os.path.join(base_dir, "eval_bundle.zip")
+    with FileLock(os.path.join(base_dir, "eval_bundle.lock")):  # concurrent ranks place it once
+        usable, missing, why = _inspect_bundle(bundle_dir)
+        if usable and (not missing or offline_mode() or os.path.exists(zip_path) or bundle_dir in _completion_tried):
+            return bundle_dir
+        if usable:
+            _completion_tried.add(bundle_dir)
+            why = f"{bundle_dir} lacks {', '.join(missing)}"
+        elif os.path.isfile(zip_path):
+            try:
+                place_eval_bundle(zip_path)
+                print0(f"Eval bundle: extracted the previously downloaded {zip_path} ({why})")
+                return bundle_dir
+            except EvalBundleError as e:
+                os.remove(zip_path)
+                why += f"; removed the unusable {zip_path} ({e})"
+        if offline_mode():
+            why += "; NANOCHAT_OFFLINE is set"
+        else:
+            try:
+                _download_and_place(zip_path)
+                print0(f"Eval bundle: downloaded {EVAL_BUNDLE_URL} ({why})")
+                return bundle_dir
+            except (RuntimeError, OSError) as e:
+                why += f"; download failed: {e}"
+        if usable:
+            print0(f"Eval bundle: keeping {bundle_dir} ({why})")
+            return bundle_dir
+        committed = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
+        if os.path.isfile(committed):
+            try:
+                place_eval_bundle(committed)
+                print0(f"Eval bundle: using the committed offline copy {committed} ({why})")
+                return bundle_dir
+            except EvalBundleError as e:
+                why += f"; the committed copy is unusable: {e}"
+        else:
+            why += f"; no committed copy at {committed}"
+        raise EvalBundleError(
+            f"Cannot obtain the CORE eval bundle ({why}). Download {EVAL_BUNDLE_URL} and unzip it so that "
+            f"the files are laid out as {os.path.join(base_dir, BUNDLE_LAYOUT)}.")
+
+
+# -----------------------------------------------------------------------------
+# Prompt rendering. d = continuation delimiter; every few-shot block ends with a blank line.
+
+def render_prompts_mc(item, continuation_delimiter, fewshot_examples=None):
+    """One prompt per choice: the shots (query, d, gold choice), then the item's query, d, the choice."""
+    d = continuation_delimiter
+    shots = "".join(f"{ex['query']}{d}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot_examples or [])
+    return [f"{shots}{item['query']}{d}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item, continuation_delimiter, fewshot_examples=None):
+    """One prompt per context option: the shots (gold option, d, continuation), then option, d, continuation."""
+    d = continuation_delimiter
+    shots = "".join(f"{ex['context_options'][ex['gold']]}{d}{ex['continuation']}\n\n" for ex in fewshot_examples or [])
+    return [f"{shots}{option}{d}{item['continuation']}" for option in item["context_options"]]
+
+
+def render_prompts_lm(item, continuation_delimiter, fewshot_examples=None):
+    """
+    [prompt_without, prompt_with] the continuation. prompt_without is stripped: a trailing space (from the
+    delimiter) would merge into the continuation's first token and break the token-prefix property.
+    """
+    d = continuation_delimiter
+    shots = "".join(f"{ex['context'].strip()}{d}{ex['continuation']}\n\n" for ex in fewshot_examples or [])
+    prompt = f"{shots}{item['context'].strip()}{d}"
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation and batching. Every row starts with BOS; (start, end) bound the scored tokens of a row.
+
+def find_common_length(token_sequences, direction="left"):
+    """Length of the prefix ('left') or suffix ('right') shared by all sequences (at most the shortest)."""
+    if direction not in ("left", "right"):
+        raise ValueError(f"direction must be 'left' or 'right', got {direction!r}")
+    min_len = min(len(seq) for seq in token_sequences)
+    for i in range(min_len):
+        pos = i if direction == "left" else -1 - i
+        if any(seq[pos] != token_sequences[0][pos] for seq in token_sequences):
+            return i
+    return min_len
+
+
+def stack_sequences(tokens, pad_token_id):
+    """(N, max_len) int64 tensor of the rows, right-padded with pad_token_id."""
+    max_len = max(len(row) for row in tokens)
+    input_ids = torch.full((len(tokens), max_len), pad_token_id, dtype=torch.long)
+    for i, row in enumerate(tokens):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return input_ids
+
+
+def batch_sequences_mc(tokenizer, prompts):
+    """Score each choice from the end of the prefix shared by all rows (shared answer tokens are not scored)."""
+    tokens = tokenizer(prompts, prepend=tokenizer.get_bos_token_id())
+    answer_start = find_common_length(tokens, direction="left")
+    return tokens, [answer_start] * len(tokens), [len(row) for row in tokens]
+
+
+def batch_sequences_schema(tokenizer, prompts):
+    """Score the continuation: the suffix shared by all rows."""
+    tokens = tokenizer(prompts, prepend=tokenizer.get_bos_token_id())
+    suffix_length = find_common_length(tokens, direction="right")
+    end_indices = [len(row) for row in tokens]
+    return tokens, [end - suffix_length for end in end_indices], end_indices
+
+
+def batch_sequences_lm(tokenizer, prompts):
+    """The single row with the continuation; it is scored from where the prompt without it ends."""
+    without, with_ = tokenizer(prompts, prepend=tokenizer.get_bos_token_id())
+    start, end = len(without), len(with_)
+    if start >= end:
+        raise ScoredSpanError("the continuation adds no tokens to the prompt")
+    if with_[:start] != without:
+        raise ScoredSpanError("prompt without is supposed to be a prefix of prompt with (token level)")
+    return [with_], [start], [end]
+
+
+def crop_to_context(tokens, start_indices, end_indices, max_len):
+    """
+    Keep the last max_len tokens of longer rows (the scored tokens are at the end) and shift start/end by the
+    number dropped. ScoredSpanError if the scored tokens would lose their preceding context token.
+    """
+    if max_len is None:
+        return tokens, start_indices, end_indices
+    rows, starts, ends = [], [], []
+    for row, start, end in zip(tokens, start_indices, end_indices):
+        n_crop = max(0, len(row) - max_len)
+        if n_crop > 0 and start - n_crop < 1:
+            raise ScoredSpanError(f"the scored tokens do not fit in the model's context of {max_len} tokens")
+        rows.append(row[n_crop:])
+        starts.append(start - n_crop)
+        ends.append(end - n_crop)
+    return rows, starts, ends
+
+
+def _context_length(model):
+    """The HF wrapper's max_seq_len (None = no limit); else a native model's training context, config.sequence_len."""
+    if hasattr(model, "max_seq_len"):
+        return model.max_seq_len
+    return getattr(getattr(model, "config", None), "sequence_len", None)
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+@torch.no_grad()
+def forward_model(model, input_ids):
+    """(losses, predictions), both (B, T): the loss of predicting token t+1 at position t (NaN in the last column)."""
+    B, T = input_ids.shape
+    logits = model(input_ids).float()
+    targets = torch.roll(input_ids, shifts=-1, dims=1)
+    losses = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T), reduction="none").view(B, T)
+    losses[:, -1] = float("nan")  # the rolled-in target there is the row's first token, not a real next token
+    return losses, logits.argmax(dim=-1)
+
+
+def choice_scores(losses, start_indices, end_indices):
+    """
+    Mean loss over each row's scored tokens (predicted at positions start-1 .. end-2). A row with no scored
+    tokens, e.g. a choice that is a token prefix of another choice, scores +inf: nothing distinguishes it, so
+    it never wins unless every row is like it (then the first row does, as on any tie).
+    """
+    scores = []
+    for i, (start, end) in enumerate(zip(start_indices, end_indices)):
+        start = max(start, 1)  # BOS at position 0 is never predicted
+        scores.append(losses[i, start - 1:end - 1].mean().item() if end > start else math.inf)
+    return scores
+
+
+def sample_fewshot_indices(idx, num_examples, num_fewshot):
+    """The few-shot example indices for item idx: reproducible per idx, never idx itself, in sample order."""
+    if num_fewshot <= 0:
+        return []
+    rng = random.Random(1234 + idx)  # seed scheme of the reference, so the same shots are drawn
+    candidates = [i for i in range(num_examples) if i != idx]
+    # a task truncated below the shot count (a small --max-per-task) uses all the other examples
+    return rng.sample(candidates, min(num_fewshot, len(candidates)))
+
+
+def _render_and_batch(tokenizer, item, task_type, delimiter, fewshot_examples):
+    if task_type == "multiple_choice":
+        return batch_sequences_mc(tokenizer, render_prompts_mc(item, delimiter, fewshot_examples))
+    if task_type == "schema":
+        return batch_sequences_schema(tokenizer, render_prompts_schema(item, delimiter, fewshot_examples))
+    if task_type == "language_modeling":
+        return batch_sequences_lm(tokenizer, render_prompts_lm(item, delimiter, fewshot_examples))
+    raise ValueError(f"Unsupported task type: {task_type}")
+
+
+_warned = set()  # (task, problem) pairs already warned about: one warning per task, not per example
+
+
+def _warn_once(task, idx, error):
+    message = f"{task} example {idx} counted as wrong: {error}"
+    if (task, str(error)) in _warned:
+        logger.debug(message)
+        return
+    _warned.add((task, str(error)))
+    logger.warning(f"{message} (further examples with this problem are logged at debug level)")
+
+
+def evaluate_example(idx, model, tokenizer, data, device, task_meta):
+    """Whether the model gets data[idx] right.
+    task_meta: {task_type, num_fewshot, continuation_delimiter, dataset_uri}."""
+    item = data[idx]
+    task_type = task_meta["task_type"]
+    fewshot = [data[i] for i in sample_fewshot_indices(idx, len(data), task_meta["num_fewshot"])]
+    try:
+        delimiter = task_meta["continuation_delimiter"]
+        tokens, starts, ends = _render_and_batch(tokenizer, item, task_type, delimiter, fewshot)
+        tokens, starts, ends = crop_to_context(tokens, starts, ends, _context_length(model))
+    except ScoredSpanError as e:
+        _warn_once(task_meta.get("dataset_uri", "CORE task"), idx, e)
+        return False
+    input_ids = stack_sequences(tokens, tokenizer.get_bos_token_id()).to(device)
+    losses, predictions = forward_model(model, input_ids)
+    if task_type == "language_modeling":
+        start, end = starts[0], ends[0]
+        return torch.equal(predictions[0, start - 1:end - 1], input_ids[0, start:end])  # greedy exact match
+    scores = choice_scores(losses, starts, ends)
+    return scores.index(min(scores)) == item["gold"]
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta):
+    """Accuracy in [0, 1] over data. Under torch.distributed rank r takes examples r, r+W, ... and the
+    results are summed."""
+    if not data:
+        raise ValueError(f"No examples to evaluate for {task_meta.get('dataset_uri', 'this task')}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    for idx in range(rank, len(data), world):
+        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+    if world > 1:
+        dist.barrier()
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item()
+
+
+# -----------------------------------------------------------------------------
+# The CORE metric
+
+_task_data_cache = {}  # file identity -> shuffled examples; base_train evaluates CORE many times per run
+
+
+def _read_jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EvalBundleError(f"{path}:{line_no} is not valid JSON: {e}") from e
+    return rows
+
+
+def load_task_data(bundle_dir, dataset_uri, max_per_task=-1):
+    """
+    The task's examples shuffled with random.Random(1337) (the reference's seed), then the first max_per_task
+    (all if <= 0). Cached per file, so tasks sharing a file (hellaswag, hellaswag_zeroshot) share one copy.
+    """
+    path = os.path.join(bundle_dir, "eval_data", dataset_uri)
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _task_data_cache:
+        rows = _read_jsonl(path)
+        random.Random(1337).shuffle(rows)
+        _task_data_cache[key] = rows
+    rows = _task_data_cache[key]
+    return rows[:max_per_task] if max_per_task > 0 else list(rows)
+
+
+def centered_accuracy(accuracy, random_baseline_percent):
+    """0 at chance, 1 at perfect, negative below chance."""
+    baseline = 0.01 * random_baseline_percent
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def evaluate_core(model, tokenizer, device, max_per_task=-1):
+    """
+    Evaluate every CORE task of the bundle in config order. Returns {results: {label: accuracy},
+    centered_results: {label: centered}, core_metric: mean centered, missing_tasks: [labels skipped]}.
+    """
+    bundle_dir = ensure_eval_bundle()
+    tasks = load_core_tasks(bundle_dir)
+    baselines = load_random_baselines(bundle_dir)
+    results, centered_results, missing = {}, {}, []
+    for task in tasks:
+        label = task["label"]
+        if not os.path.isfile(task_data_path(bundle_dir, task)):
+            print0(f"Skipping {label}: eval_data/{task['dataset_uri']} is missing from the bundle")
+            missing.append(label)
+            continue
+        task_meta = {key: task[key] for key in ("task_type", "num_fewshot", "continuation_delimiter", "dataset_uri")}
+        print0(f"Evaluating: {label} ({task['num_fewshot']}-shot, type: {task['task_type']})... ", end="", flush=True)
+        t0 = time.time()
+        data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
+        accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
+        results[label] = accuracy
+        centered_results[label] = centered_accuracy(accuracy, baselines[label])
+        print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
+    if not results:
+        raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data")
+    core_metric = sum(centered_results.values()) / len(centered_results)
+    if missing:
+        print0(f"CORE metric over {len(results)} of {len(tasks)} tasks (missing: {', '.join(missing)})")
+        print0(f"(not directly comparable with a full CORE; the complete bundle is {EVAL_BUNDLE_URL})")
+    return {"results": results, "centered_results": centered_results, "core_metric": core_metric,
+            "missing_tasks": missing}

@@ -1,0 +1,212 @@
+"""
+Run untrusted, model-written Python (HumanEval completions) in a separate process.
+
+This protects against accidents, not adversaries:
+- a fresh interpreter per call, started in its own session so that the whole process group can be
+  killed; the parent enforces a wall-clock timeout
+- an environment built from scratch (no API keys or tokens of the parent leak into the code)
+- stdin unavailable, stdout and stderr captured (also on failure)
+- a memory limit (RLIMIT_AS/DATA/STACK; skipped on macOS, which does not enforce RLIMIT_AS), no core
+  dumps, and a size cap on every file the code writes, its stdout and stderr included
+- a fresh temporary working directory, removed afterwards
+- destructive functions disabled (reliability_guard)
+Not covered: network access, ctypes and other ways around the guard, kernel-level isolation
+(seccomp, containers, VMs). Run truly hostile code inside OS-level isolation.
+
+The child is this very file run as a script (`python -I nanochat/execution.py <memory limit>`), with
+the code on its stdin, so the guard below is ordinary Python rather than a program in a string.
+"""
+
+import builtins
+import faulthandler
+import io
+import linecache
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+OUTPUT_LIMIT_BYTES = 16 * 1024 * 1024  # per stream and per written file: an endless print loop stays harmless
+MEMORY_ERROR_EXIT_CODE = 3  # how the child reports a MemoryError (Python itself exits 1 on an exception)
+CODE_FILENAME = "<llm>"  # the name tracebacks give the executed code
+CHILD_PATH = "/usr/bin:/bin"  # the whole environment of the child is PATH plus OMP_NUM_THREADS
+
+# the reference's reliability guard, function for function
+DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
+                         "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown",
+                         "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir")
+DISABLED_SHUTIL_FUNCTIONS = ("rmtree", "move", "chown")
+BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+
+
+@dataclass
+class ExecutionResult:
+    success: bool
+    stdout: str
+    stderr: str
+    error: Optional[str] = None
+    timeout: bool = False
+    memory_exceeded: bool = False
+
+    def __repr__(self):
+        parts = [f"ExecutionResult(success={self.success}"]
+        if self.timeout:
+            parts.append(", timeout=True")
+        if self.memory_exceeded:
+            parts.append(", memory_exceeded=True")
+        if self.error:
+            parts.append(f", error={self.error!r}")
+        if self.stdout:
+            parts.append(f", stdout={self.stdout!r}")
+        if self.stderr:
+            parts.append(f", stderr={self.stderr!r}")
+        return "".join(parts) + ")"
+
+
+# -----------------------------------------------------------------------------
+# Parent side
+
+
+def _child_command(maximum_memory_bytes):
+    # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: text I/O in UTF-8
+    limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
+    return [sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), limit]
+
+
+def _wait_or_kill(process, timeout):
+    """Wait up to timeout seconds for the child. Returns True if it had to be killed."""
+    try:
+        process.wait(timeout=timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+    finally:
+        if process.returncode is None:  # timed out, or we were interrupted while waiting
+            # the child is not reaped yet, so its process group id cannot have been reused
+            os.killpg(process.pid, signal.SIGKILL)  # the group: also whatever the code started
+            process.wait()
+
+
+def _read_capped(file):
+    file.seek(0)
+    return file.read(OUTPUT_LIMIT_BYTES).decode("utf-8", errors="replace")
+
+
+def _last_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _make_result(returncode, stdout, stderr, timed_out):
+    if timed_out:
+        return ExecutionResult(False, stdout, stderr, error="Execution timed out (process killed)", timeout=True)
+    if returncode == 0:
+        return ExecutionResult(True, stdout, stderr)
+    if returncode == MEMORY_ERROR_EXIT_CODE:
+        return ExecutionResult(False, stdout, stderr, error=f"Memory limit exceeded: {_last_line(stderr)}",
+                               memory_exceeded=True)
+    if returncode < 0:  # killed by a signal, e.g. SIGSEGV in a C extension
+        return ExecutionResult(False, stdout, stderr, error=f"Process killed by {signal.Signals(-returncode).name}")
+    error = _last_line(stderr) or f"Execution failed (exit code {returncode})"
+    return ExecutionResult(False, stdout, stderr, error=error)
+
+
+def execute_code(code: str, timeout: float = 5.0,
+                 maximum_memory_bytes: Optional[int] = 256 * 1024 * 1024) -> ExecutionResult:
+    """Run code in a fresh guarded interpreter, in a temporary directory, for at most timeout seconds
+    (wall clock). maximum_memory_bytes=None disables the memory limit. success means exit status 0
+    (sys.exit(0) included); error is then None, else the last line of the traceback or the reason."""
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
+    with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        stdin.write(code.encode("utf-8", errors="replace"))
+        stdin.seek(0)
+        process = subprocess.Popen(_child_command(maximum_memory_bytes), cwd=workdir, env=env, stdin=stdin,
+                                   stdout=stdout, stderr=stderr, start_new_session=True)
+        timed_out = _wait_or_kill(process, timeout)
+        out, err = _read_capped(stdout), _read_capped(stderr)
+    return _make_result(process.returncode, out, err, timed_out)
+
+
+# -----------------------------------------------------------------------------
+# Child side
+
+
+def _set_resource_limits(maximum_memory_bytes):
+    import resource  # POSIX only; imported here so the parent side never needs it
+
+    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, OUTPUT_LIMIT_BYTES)]
+    if maximum_memory_bytes is not None and sys.platform != "darwin":
+        limits += [(r, maximum_memory_bytes) for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK)]
+    for which, value in limits:
+        _, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)  # an unprivileged process cannot raise its hard limit
+        resource.setrlimit(which, (value, value))
+
+
+def reliability_guard(maximum_memory_bytes=None):
+    """Limit resources and disable destructive functions in the current process. This breaks the
+    process for any other use: call it only in the sandbox child, right before running the code."""
+    _set_resource_limits(maximum_memory_bytes)
+    faulthandler.disable()
+    builtins.exit = None
+    builtins.quit = None
+    builtins.help = None
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for name in DISABLED_OS_FUNCTIONS:
+        setattr(os, name, None)
+    for name in DISABLED_SHUTIL_FUNCTIONS:
+        setattr(shutil, name, None)
+    subprocess.Popen = None
+    for name in BLOCKED_MODULES:
+        sys.modules[name] = None  # import raises ModuleNotFoundError
+
+
+class _NoInput(io.StringIO):
+    """stdin of the sandboxed code: reading raises, so the code can never wait for input."""
+
+    def read(self, *args, **kwargs):
+        raise OSError("stdin is not available in the sandbox")
+
+    readline = readlines = read
+
+    def readable(self):
+        return False
+
+
+def _print_user_traceback(e):
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out _run_child's frame
+
+
+def _run_child(memory_limit_arg):
+    """Run the code from stdin under the guard. Returns the exit status the parent interprets."""
+    code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    sys.stdin = _NoInput()
+    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)  # source in tracebacks
+    reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
+    try:
+        exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})  # fresh globals, main guards run
+    except SystemExit as e:
+        if e.code is None or e.code == 0:
+            return 0
+        print(f"SystemExit: {e.code}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        _print_user_traceback(e)
+        return MEMORY_ERROR_EXIT_CODE
+    except BaseException as e:
+        _print_user_traceback(e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run_child(sys.argv[1]))

@@ -1,0 +1,281 @@
+"""
+Training-loop pieces shared by base_train, chat_sft and chat_rl: batch geometry, LR/momentum/weight-decay
+schedules, the optimizer step (with the fp16 GradScaler path), the loss EMA and timing, the GC policy,
+the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, and the eval/save cadence.
+Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
+"""
+
+import gc
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import is_ddp_initialized, print0
+
+# Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
+# the leaderboard number and the ETA), as in the reference.
+WARMUP_STEPS_UNTIMED = 10
+
+
+# -----------------------------------------------------------------------------
+# Batch geometry
+
+def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
+    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them."""
+    world_tokens = device_batch_size * seq_len * world_size
+    if total_batch_size <= 0 or total_batch_size % world_tokens != 0:
+        raise ValueError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
+                         f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
+                         f"{world_size} = {world_tokens}")
+    return total_batch_size // world_tokens
+
+
+def eval_steps_for(eval_tokens, device_batch_size, seq_len, world_size):
+    """Batches per evaluation so that about eval_tokens are seen across all ranks (at least one)."""
+    return max(1, eval_tokens // (device_batch_size * seq_len * world_size))
+
+
+# -----------------------------------------------------------------------------
+# Schedules. `it` counts optimizer steps from 0, n is the number of steps.
+
+def base_lr_multiplier(it, n, warmup_steps, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, then a linear warmdown towards final_lr_frac (reached at it == n)."""
+    warmdown = round(warmdown_ratio * n)
+    if it < warmup_steps:
+        return (it + 1) / warmup_steps
+    if it <= n - warmdown:
+        return 1.0
+    progress = (n - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def base_muon_momentum(it, n, warmdown_ratio):
+    """0.85 -> 0.97 over the first 400 steps, 0.97, then 0.97 -> 0.90 over the warmdown (the first wins)."""
+    warmdown = round(warmdown_ratio * n)
+    if it < 400:
+        return 0.85 + (0.97 - 0.85) * it / 400
+    if it >= n - warmdown:
+        return 0.97 + (0.90 - 0.97) * (it - (n - warmdown)) / warmdown
+    return 0.97
+
+
+def base_weight_decay(it, n, weight_decay):
+    """Cosine from weight_decay to 0 over the run (Muon groups only)."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / n))
+
+
+def sft_lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """The SFT schedule over progress in [0, 1]: warmup, constant, linear warmdown to final_lr_frac."""
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1 - warmdown_ratio:
+        return 1.0
+    u = (progress - (1 - warmdown_ratio)) / warmdown_ratio
+    return (1 - u) + u * final_lr_frac
+
+
+def sft_muon_momentum(step):
+    return 0.85 + 0.10 * min(step / 300, 1)
+
+
+def apply_schedule(optimizer, lrm, muon_momentum=None, muon_weight_decay=None):
+    """lr = initial_lr * lrm for every group; momentum and weight decay for the Muon groups when given."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group.get("kind") == "muon":
+            if muon_momentum is not None:
+                group["momentum"] = muon_momentum
+            if muon_weight_decay is not None:
+                group["weight_decay"] = muon_weight_decay
+
+
+# -----------------------------------------------------------------------------
+# Optimizer step
+
+def make_grad_scaler(compute_dtype, device_type="cuda"):
+    """fp16 needs loss scaling (its exponent range underflows small gradients); bf16 and fp32 do not."""
+    if compute_dtype != torch.float16:
+        return None
+    print0("GradScaler enabled for fp16 training")
+    return torch.amp.GradScaler(device_type)
+
+
+def optimizer_step(optimizer, scaler=None):
+    """One optimizer step. With a GradScaler, every rank skips the step if any rank saw inf/nan grads."""
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.unscale_(optimizer)
+    if is_ddp_initialized():
+        # the scaler keeps one found-inf tensor per device; ranks must agree or their weights diverge
+        for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# -----------------------------------------------------------------------------
+# Loss EMA, timing and the log line pieces
+
+class LossTracker:
+    """EMA (beta 0.9) of the training loss, debiased like Adam's moments, and the timed training seconds."""
+
+    def __init__(self, smooth_loss=0.0, total_training_time=0.0):
+        self.smooth_loss = smooth_loss
+        self.total_training_time = total_training_time
+
+    def update(self, step, loss, dt):
+        """Record step `step`'s loss and duration; returns the debiased smoothed loss."""
+        self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
+        if step > WARMUP_STEPS_UNTIMED:
+            self.total_training_time += dt
+        return self.smooth_loss / (1 - 0.9 ** (step + 1))
+
+    def eta_suffix(self, step, num_steps):
+        timed_steps = step - WARMUP_STEPS_UNTIMED
+        if timed_steps <= 0:
+            return ""
+        return f" | eta: {(num_steps - step) * self.total_training_time / timed_steps / 60:.1f}m"
+
+
+def mfu_percent(flops_per_token, tokens, dt, peak_flops, world_size):
+    """Model FLOPs utilisation in percent (0 when the peak is unknown)."""
+    if dt <= 0 or not math.isfinite(peak_flops) or peak_flops <= 0:
+        return 0.0
+    return 100 * flops_per_token * tokens / dt / (peak_flops * world_size)
+
+
+class StepTimer:
+    """Wall time of one step; synchronises CUDA so the time covers the kernels, not just their launch."""
+
+    def __init__(self, device_type):
+        self.sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+        self.t0 = None
+
+    def start(self):
+        self.sync()
+        self.t0 = time.time()
+
+    def stop(self):
+        self.sync()
+        return time.time() - self.t0
+
+
+def gc_after_step(step, first_step_of_run):
+    """
+    After the first step of a run: collect, freeze what survived and disable the collector (the reference
+    measured ~500 ms pauses from the cyclic GC scanning long-lived objects). Collect every 5000 steps.
+    Code added to the loop that creates reference cycles leaks until the next periodic collection.
+    """
+    if first_step_of_run:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
+
+
+# -----------------------------------------------------------------------------
+# Cadence
+
+def every(step, period, last_step, include_step_zero=False):
+    """True on multiples of period (> 0) and at the last step; step 0 only when include_step_zero."""
+    if period <= 0:
+        return False
+    if last_step:
+        return True
+    return step % period == 0 and (include_step_zero or step > 0)
+
+
+# -----------------------------------------------------------------------------
+# Stopping: signals and non-finite losses
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopFlag:
+    """
+    SIGTERM/SIGINT set a flag instead of killing the process, so the loop can finish its step, save a
+    checkpoint and exit. A second signal of the same kind restores the default behaviour (hard stop).
+    Use as a context manager: the previous handlers come back on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
+               f"(send it again to stop immediately)")
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def should_stop(stop_flag, loss_value, device):
+    """
+    (signalled, non_finite) agreed by every rank: one all-reduce (MAX) of two flags, so a signal or a NaN
+    seen by any rank stops all of them at the same step instead of leaving the others in a collective.
+    """
+    flags = torch.tensor([stop_flag.signum is not None, not math.isfinite(loss_value)],
+                         dtype=torch.float32, device=device)
+    if is_ddp_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item()), bool(flags[1].item())
+
+
+def exit_after_signal(save, step, signum):
+    """Checkpoint `step` with save(step), say how to resume, and exit with the shell's code for death by
+    that signal (128 + signum), so job schedulers see an interrupted run rather than a finished one."""
+    from nanochat.common import compute_cleanup
+    save(step)
+    print0(f"Stopped by signal after step {step}; resume with --resume-from-step={step}")
+    compute_cleanup()
+    raise SystemExit(128 + signum)
+
+
+def agree_max(values, device):
+    """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+    t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
+    if is_ddp_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, step, checkpoint_dir):
+    """
+    The end of every training step: optimizer step, zero the grads, read the loss, stop the timer, and
+    agree across ranks on stopping. Returns (loss value, seconds, signalled). A non-finite loss raises
+    NonFiniteLossError before anything is saved, so the last good checkpoint stays the newest one.
+    """
+    optimizer_step(optimizer, scaler)
+    model.zero_grad(set_to_none=True)
+    loss_value = train_loss.item()
+    dt = timer.stop()
+    signalled, non_finite = should_stop(stop_flag, loss_value, device)
+    if non_finite:
+        raise NonFiniteLossError(
+            f"Non-finite training loss ({loss_value}) at step {step}; not saving. The last good checkpoint in "
+            f"{checkpoint_dir} is untouched: resume from it with a lower LR or a fix")
+    return loss_value, dt, signalled

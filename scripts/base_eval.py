@@ -1,0 +1,284 @@
+"""
+Evaluate a base model: the CORE metric, bits per byte on the train and val splits, and a few samples.
+
+    python -m scripts.base_eval                                    # largest base checkpoint, every mode
+    python -m scripts.base_eval --eval core --max-per-task 100     # a quick CORE estimate
+    python -m scripts.base_eval --hf-path openai-community/gpt2    # a HuggingFace model (needs transformers)
+    torchrun --nproc_per_node=8 -m scripts.base_eval
+
+CORE results go to <base_dir>/base_eval/<model slug>.csv and to the report section "Base model evaluation".
+"""
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import (atomic_open, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, print0)
+# evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
+# from scripts.base_eval
+from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core  # noqa: F401
+from nanochat.report import get_report
+
+EVAL_MODES = ("core", "bpb", "sample")
+
+# the prompts of the greedy samples, here and during base_train
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+class SetupError(RuntimeError):
+    """Something the requested evaluation needs is not available (e.g. the transformers package)."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a base model")
+    parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated modes: core, bpb, sample")
+    parser.add_argument("--hf-path", type=str, default=None,
+                        help="evaluate a HuggingFace causal LM instead (e.g. openai-community/gpt2)")
+    parser.add_argument("--model-tag", type=str, default=None,
+                        help="nanochat checkpoint tag (default: the largest model)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch")
+    parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    args = parser.parse_args(argv)
+    args.modes = {mode.strip() for mode in args.eval.split(",")}
+    invalid = args.modes - set(EVAL_MODES)
+    if invalid:
+        parser.error(f"Invalid eval modes: {', '.join(sorted(repr(m) for m in invalid))}. "
+                     f"Valid modes: {', '.join(EVAL_MODES)}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# HuggingFace models
+
+class ModelWrapper:
+    """Gives a HuggingFace causal LM the call signature of nanochat's GPT."""
+
+    def __init__(self, model, max_seq_len=None):
+        self.model = model
+        self.max_seq_len = max_seq_len  # core_eval crops prompts to it; None = no limit
+
+    def __call__(self, input_ids, targets=None, loss_reduction="mean"):
+        logits = self.model(input_ids).logits
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+    def get_device(self):
+        return next(self.model.parameters()).device
+
+
+def _byte_level_alphabet():
+    """The printable character GPT-2-style byte-level BPE uses for each byte: {char: byte}."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    alphabet, n_shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:  # whitespace and control bytes are moved past 255 so every token prints
+            alphabet[chr(256 + n_shifted)] = byte
+            n_shifted += 1
+    return alphabet
+
+
+def get_hf_token_bytes(tokenizer, device="cpu"):
+    """
+    (vocab_size,) int64: the UTF-8 bytes each token stands for, 0 for special tokens (they are not text, so
+    they must not count in bits per byte). For a byte-level BPE each character of the token string is one
+    byte, which also counts tokens that hold part of a UTF-8 character correctly; other vocabularies fall
+    back to the length of the token decoded alone.
+    """
+    from tokenizers import decoders
+    hf = tokenizer.tokenizer
+    special_ids = {hf.token_to_id(name) for name in tokenizer.get_special_tokens()}
+    alphabet = _byte_level_alphabet() if isinstance(hf.decoder, decoders.ByteLevel) else {}
+    counts = []
+    for token_id in range(tokenizer.get_vocab_size()):
+        piece = hf.id_to_token(token_id)
+        if token_id in special_ids or piece is None:
+            counts.append(0)
+        elif alphabet and all(c in alphabet for c in piece):
+            counts.append(len(piece))
+        else:
+            counts.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    return torch.tensor(counts, dtype=torch.int64, device=device)
+
+
+def load_hf_model(hf_path, device):
+    """(model, tokenizer, token_bytes, sequence_len, name, slug) for a HuggingFace causal LM."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise SetupError("--hf-path needs the `transformers` package: pip install transformers "
+                         "(or `uv sync --extra hf`)") from e
+    from nanochat.tokenizer import HuggingFaceTokenizer
+    print0(f"Loading HuggingFace model from: {hf_path}")
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_path).to(device).eval()
+    max_seq_len = 1024 if "gpt2" in hf_path else None  # GPT-2's position table has 1024 rows
+    tokenizer = HuggingFaceTokenizer.from_pretrained(hf_path)
+    token_bytes = get_hf_token_bytes(tokenizer, device)
+    slug = hf_path.replace("/", "-")
+    return ModelWrapper(hf_model, max_seq_len), tokenizer, token_bytes, max_seq_len or 1024, hf_path, slug
+
+
+def load_nanochat_model(device, model_tag, step):
+    """(model, tokenizer, token_bytes, sequence_len, name, slug) for a base checkpoint."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.tokenizer import get_token_bytes
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=step)
+    step = meta["step"]
+    return (model, tokenizer, get_token_bytes(device), meta["model_config"]["sequence_len"],
+            f"base_model (step {step})", f"base_model_{step:06d}")
+
+
+# -----------------------------------------------------------------------------
+# The three modes
+
+def run_samples(model, tokenizer):
+    """Greedy completions of SAMPLE_PROMPTS and 8 unconditioned samples (rank 0 only); returns both text lists."""
+    from nanochat.engine import Engine
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    print0("\n" + "=" * 80)
+    print0("Model Samples")
+    print0("=" * 80)
+    print0("\nConditioned samples:")
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        results, _ = engine.generate_batch(tokenizer(prompt, prepend=bos), num_samples=1, max_tokens=16, temperature=0)
+        samples.append(tokenizer.decode(results[0]))
+        print0("-" * 80)
+        print0(samples[-1])
+    print0("\nUnconditioned samples:")
+    results, _ = engine.generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
+    unconditioned = [tokenizer.decode(tokens) for tokens in results]
+    for text in unconditioned:
+        print0("-" * 80)
+        print0(text)
+    return samples, unconditioned
+
+
+def bpb_steps(split_tokens, tokens_per_step):
+    """(split_tokens rounded down to whole steps, number of steps)."""
+    if split_tokens < tokens_per_step:
+        raise SetupError(f"--split-tokens={split_tokens} is less than one batch "
+                         f"(device batch size * sequence length * world size = {tokens_per_step})")
+    if split_tokens % tokens_per_step:
+        split_tokens = split_tokens // tokens_per_step * tokens_per_step
+        print0(f"Adjusted split_tokens to {split_tokens} (must be divisible by {tokens_per_step})")
+    return split_tokens, split_tokens // tokens_per_step
+
+
+def run_bpb(model, tokenizer, token_bytes, device, device_batch_size, sequence_len, split_tokens, world_size):
+    """{split: bits per byte} for train and val, each over split_tokens tokens."""
+    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from nanochat.loss_eval import evaluate_bpb
+    _, steps = bpb_steps(split_tokens, device_batch_size * sequence_len * world_size)
+    bpb = {}
+    for split in ("train", "val"):
+        loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, device_batch_size, sequence_len, split,
+                                                                device=device)
+        try:
+            bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        finally:
+            loader.close()  # stops the loader's tokenising thread
+        print0(f"{split} bpb: {bpb[split]:.6f}")
+    return bpb
+
+
+def format_core_csv(core):
+    """Header, one line per task, then the CORE line; fields joined by ', ' and padded to 35, 10, 10."""
+    def line(task, accuracy, centered):
+        return f"{task:<35}, {accuracy:<10}, {centered:<10}\n"
+    lines = [line("Task", "Accuracy", "Centered")]
+    for label, accuracy in core["results"].items():
+        lines.append(line(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}"))
+    lines.append(line("CORE", "", f"{core['core_metric']:.6f}"))
+    return "".join(lines)
+
+
+def write_core_csv(slug, core):
+    out_dir = os.path.join(get_base_dir(), "base_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{slug}.csv")
+    with atomic_open(path) as f:
+        f.write(format_core_csv(core))
+    return path
+
+
+def report_items(name, core, bpb, samples, unconditioned):
+    """The items of the "Base model evaluation" report section."""
+    summary = {"model": name}
+    if core is not None:
+        summary["CORE metric"] = core["core_metric"]
+    if bpb:
+        summary["train bpb"], summary["val bpb"] = bpb["train"], bpb["val"]
+    items = [summary]
+    if core is not None:
+        items.append(core["centered_results"])
+        if core["missing_tasks"]:
+            total = len(core["results"]) + len(core["missing_tasks"])
+            missing = ", ".join(core["missing_tasks"])
+            # no "CORE" in this key: the report's summary takes the last line containing "CORE"
+            items.append({"Tasks evaluated": f"{len(core['results'])}/{total} (missing: {missing})"})
+    items.extend({f"sample {i}": text} for i, text in enumerate(samples))
+    items.extend({f"unconditioned {i}": text} for i, text in enumerate(unconditioned))
+    return items
+
+
+def evaluate(args, rank, world_size, device):
+    if args.hf_path:
+        model, tokenizer, token_bytes, sequence_len, name, slug = load_hf_model(args.hf_path, device)
+    else:
+        model, tokenizer, token_bytes, sequence_len, name, slug = load_nanochat_model(device, args.model_tag, args.step)
+    print0(f"Evaluating model: {name}")
+    print0(f"Eval modes: {', '.join(sorted(args.modes))}")
+    samples, unconditioned, bpb, core = [], [], {}, None
+    if "sample" in args.modes:
+        if args.hf_path:
+            print0("Skipping sampling for HuggingFace models (not supported)")
+        elif rank == 0:
+            samples, unconditioned = run_samples(model, tokenizer)
+    if "bpb" in args.modes:
+        bpb = run_bpb(model, tokenizer, token_bytes, device, args.device_batch_size, sequence_len,
+                      args.split_tokens, world_size)
+    if "core" in args.modes:
+        core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
+        if rank == 0:
+            print0(f"Results written to: {write_core_csv(slug, core)}")
+        print0(f"CORE metric: {core['core_metric']:.4f}")
+    get_report().log(section="Base model evaluation", data=report_items(name, core, bpb, samples, unconditioned))
+    return core
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device_type = args.device_type or autodetect_device_type()
+    try:
+        if "core" in args.modes:
+            ensure_eval_bundle()  # fail before loading the model and running the other modes
+        _, rank, _, world_size, device = compute_init(device_type)
+        try:
+            return evaluate(args, rank, world_size, device)
+        finally:
+            compute_cleanup()
+    except (EvalBundleError, SetupError) as e:
+        raise SystemExit(f"base_eval: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,665 @@
+"""
+Supervised fine-tuning (SFT): turn a base checkpoint into a chat model.
+
+    python -m scripts.chat_sft
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --device-batch-size=16
+    python -m scripts.chat_sft --max-seq-len=512 --device-batch-size=32 --total-batch-size=16384 \\
+        --eval-every=200 --eval-tokens=524288 --num-iterations=1500                  # CPU/MPS demo
+
+Conversations are rendered with the chat special tokens and packed into rows of max_seq_len + 1
+tokens, best fit first, each conversation whole and starting with its own BOS; the rest of a row that
+nothing fits is padding. Only the assistant's tokens are trained (render_conversation's mask). A
+conversation longer than a row is dropped (counted, announced once) instead of being cropped (losing
+its <|assistant_end|>) or, as in the reference, sitting in the packing buffer forever.
+The optimizer warm start from the base checkpoint takes only its momentum/second-moment buffers; every
+group setting (LR, weight decay 0, betas) stays this run's (the reference let weight decay and betas
+be overwritten).
+
+Data. Online, the mixture is the reference's: SmolTalk train, the identity conversations x2, MMLU
+auxiliary_train x --mmlu-epochs, GSM8K train x --gsm8k-epochs, SimpleSpelling (200K), SpellingBee (80K);
+val: SmolTalk test, MMLU test[:5200], GSM8K test[:420]. Offline (NANOCHAT_OFFLINE=1) SmolTalk and MMLU
+auxiliary_train do not exist, so the mixture is built from the committed data instead: identity
+conversations x2, the Dolly/HH sample, GSM8K train (2,000 rows) x --gsm8k-epochs, SimpleSpelling (2,000)
+and SpellingBee (800), the spelling sizes scaled down 100x with the rest; val: MMLU test[:5200] and
+GSM8K test[:420]. --mmlu-epochs has no effect offline.
+
+Horizon. --num-iterations N means N optimizer steps (what the reference's help text says; its loop
+counted loader batches and, because of the prefetch, stopped one batch early). -1 means one pass over
+the mixture: the run ends with the optimizer step that trains the batch completing the pass. Progress
+is computed from the batches actually trained and clamped to 1, so the LR multiplier ends at exactly
+--final-lr-frac and never goes negative.
+
+Resume (--resume-from-step s, same flags and world size) is exact: a checkpoint holds the weights,
+every rank's optimizer shard and packer state (the fetch cursor, the buffered conversations, the
+counters) as of *before* the prefetched batch, and the loop state, so the resumed run trains on the
+same batches with the same numbers. SIGTERM/SIGINT save a checkpoint after the current step and exit
+with 128 + the signal number; a non-finite loss stops the run without saving.
+
+Checkpoints go to <base_dir>/chatsft_checkpoints/<--model-tag or d<depth>>/, step = optimizer steps
+done. The meta's model_config is the trained model's own config: the reference wrote sequence_len =
+--max-seq-len there, and since the sliding-window sizes derive from sequence_len, a model fine-tuned at
+another length came back with different attention windows than it was trained with. The SFT row length
+is the top-level max_seq_len key (with device_batch_size and total_batch_size, as base_train writes).
+"""
+
+import os
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
+
+import argparse
+import json
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat import training
+from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir, load_model,
+                                         load_optimizer_state, save_checkpoint)
+from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
+                             download_file_with_lock, get_base_dir, get_device_peak_flops, is_ddp_initialized,
+                             maybe_compile, offline_mode, print0)
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+# (name, fallback, where the base checkpoint's meta keeps it): --flag None inherits the pretrained value
+INHERITED = [
+    ("max_seq_len", 2048, "meta"),
+    ("device_batch_size", 32, "meta"),
+    ("total_batch_size", 524288, "meta"),
+    ("embedding_lr", 0.3, "user_config"),
+    ("unembedding_lr", 0.004, "user_config"),
+    ("matrix_lr", 0.02, "user_config"),
+]
+# user_config keys that may change on resume without changing the trajectory
+RESUME_FREE_KEYS = {"run", "device_type", "resume_from_step", "eval_every", "eval_tokens", "chatcore_every",
+                    "chatcore_max_cat", "chatcore_max_sample", "save_every"}
+IDENTITY_FILENAME = "identity_conversations.jsonl"
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Supervised fine-tuning (SFT) the model")
+    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
+    p.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                   help="cuda|cpu|mps (empty = autodetect)")
+    p.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag to load (and output dir name)")
+    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step to load (default: last)")
+    p.add_argument("--load-optimizer", type=int, default=1,
+                   help="warm-start the optimizer's momentum buffers from the base checkpoint (0/1)")
+    p.add_argument("--num-iterations", type=int, default=-1,
+                   help="number of optimization steps (-1 = one pass over the training mixture)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: inherit)")
+    p.add_argument("--device-batch-size", type=int, default=None,
+                   help="rows per micro-batch per rank (default: inherit)")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherit)")
+    p.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherit)")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherit)")
+    p.add_argument("--matrix-lr", type=float, default=None, help="Muon LR (default: inherit)")
+    p.add_argument("--init-lr-frac", type=float, default=0.8, help="initial LR as a fraction of the base LR")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in the linear LR warmup")
+    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of progress in the linear LR warmdown")
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    p.add_argument("--eval-every", type=int, default=200, help="val bpb every N steps (-1 = only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens per val bpb evaluation")
+    p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps (-1 = never)")
+    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="max problems per categorical task (-1 = all)")
+    p.add_argument("--chatcore-max-sample", type=int, default=24, help="max problems per generative task")
+    p.add_argument("--mmlu-epochs", type=int, default=3, help="copies of MMLU auxiliary_train in the mixture")
+    p.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved SFT step (-1 = off)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        parser.error(f"--num-iterations must be positive, or -1 for one pass, got {args.num_iterations}")
+    for name in ("warmup_ratio", "warmdown_ratio"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.warmup_ratio + args.warmdown_ratio > 1:
+        parser.error("--warmup-ratio + --warmdown-ratio must not exceed 1")
+    if args.init_lr_frac <= 0:
+        parser.error(f"--init-lr-frac must be positive, got {args.init_lr_frac}")
+    if args.mmlu_epochs < 0 or args.gsm8k_epochs < 0:
+        parser.error("--mmlu-epochs and --gsm8k-epochs must be >= 0")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Pieces shared with chat_rl (importable from here)
+
+def checkpoint_meta(source, model_tag=None, step=None):
+    """(model_tag, step, meta) of a checkpoint, guessing tag and step like load_model; reads only the JSON."""
+    checkpoints_dir = get_checkpoints_dir(source)
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    step = find_last_step(checkpoint_dir) if step is None else step
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint metadata not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return model_tag, step, json.load(f)
+
+
+def print_compute_info(device_type):
+    """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
+    from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
+    from nanochat.flash_attention import HAS_FA3
+    peak_flops = get_device_peak_flops(device_type)
+    if device_type == "cuda":
+        print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
+    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    if not HAS_FA3:
+        print0("WARNING: Flash Attention 3 not available, using the PyTorch SDPA fallback (less efficient)")
+    return peak_flops
+
+
+def make_wandb(project, run, config, master):
+    if run == "dummy" or not master:
+        return DummyWandb()
+    import wandb
+    return wandb.init(project=project, name=run, config=config)
+
+
+def warn_on_changed_config(saved_user_config, user_config, free_keys):
+    changed = {k: (saved_user_config.get(k), v) for k, v in user_config.items()
+               if k not in free_keys and saved_user_config.get(k, v) != v}
+    if changed:
+        print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
+               f"the result will not match an uninterrupted run")
+
+
+def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
+    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+    if state is None:
+        raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
+                                f"checkpoint {model_tag} (resume with the world size that saved it)")
+    optimizer.load_state_dict(state)
+
+
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
+    if not is_ddp_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Hyperparameters inherited from the base checkpoint
+
+def inherit_hyperparameters(args, base_meta):
+    """{name: value} for the INHERITED names: the flag if given, else the pretrained value, else the fallback."""
+    resolved = {}
+    for name, fallback, where in INHERITED:
+        source = base_meta if where == "meta" else base_meta.get("user_config") or {}
+        pretrained = source.get(name)
+        flag = getattr(args, name)
+        if flag is None:
+            value = pretrained if pretrained is not None else fallback
+            print0(f"Inherited {name}={value} from pretrained checkpoint")
+        elif pretrained is not None and flag != pretrained:
+            value = flag
+            print0(f"NOTE: --{name.replace('_', '-')}={flag} overrides pretrained value of {pretrained}")
+        else:
+            value = flag
+            print0(f"Using {name}={value}")
+        resolved[name] = value
+    return resolved
+
+
+def warm_start_optimizer(optimizer, state):
+    """
+    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
+    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
+    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
+    lost. Here all of this run's group settings are put back.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, saved in zip(optimizer.param_groups, settings):
+        group.update(saved)
+
+
+# -----------------------------------------------------------------------------
+# Data mixtures
+
+def ensure_identity_file():
+    """<base_dir>/identity_conversations.jsonl, downloaded once (one rank downloads, the others wait)."""
+    from tasks.customjson import IDENTITY_CONVERSATIONS_URL
+    return download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME)
+
+
+def train_mixture(mmlu_epochs, gsm8k_epochs):
+    from tasks.common import TaskMixture
+    from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.spellingbee import SimpleSpelling, SpellingBee
+    if offline_mode():
+        identity = CustomJSON(COMMITTED_IDENTITY_PATH)
+        gsm8k = GSM8K(subset="main", split="train")
+        tasks = [identity, identity, CustomJSON(COMMITTED_DOLLY_PATH), *[gsm8k] * gsm8k_epochs,
+                 SimpleSpelling(size=2000, split="train"), SpellingBee(size=800, split="train")]
+        mixture = TaskMixture(tasks)
+        print0(f"Training mixture: {len(mixture):,} rows (offline: identity x2, Dolly/HH, GSM8K x{gsm8k_epochs}, "
+               f"SimpleSpelling 2,000, SpellingBee 800; no SmolTalk or MMLU auxiliary_train)")
+        return mixture
+    from tasks.mmlu import MMLU
+    from tasks.smoltalk import SmolTalk
+    identity = CustomJSON(ensure_identity_file())
+    mmlu = MMLU(subset="all", split="auxiliary_train")
+    gsm8k = GSM8K(subset="main", split="train")
+    tasks = [SmolTalk(split="train"), identity, identity, *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,
+             SimpleSpelling(size=200000, split="train"), SpellingBee(size=80000, split="train")]
+    mixture = TaskMixture(tasks)
+    print0(f"Training mixture: {len(mixture):,} rows (MMLU x{mmlu_epochs}, GSM8K x{gsm8k_epochs})")
+    return mixture
+
+
+def val_mixture():
+    """The stops keep the train proportions (reference values); offline there is no SmolTalk test."""
+    from tasks.common import TaskMixture
+    from tasks.gsm8k import GSM8K
+    from tasks.mmlu import MMLU
+    tasks = [MMLU(subset="all", split="test", stop=5200), GSM8K(subset="main", split="test", stop=420)]
+    if not offline_mode():
+        from tasks.smoltalk import SmolTalk
+        tasks.insert(0, SmolTalk(split="test"))
+    return TaskMixture(tasks)
+
+
+# -----------------------------------------------------------------------------
+# Conversation packing: BOS-aligned best fit, with padding, resumable
+
+_DROP_NOTICES = set()  # labels whose packer already announced a dropped conversation (print once per process)
+
+
+class ConversationPacker:
+    """
+    Packs rendered conversations into rows of seq_len + 1 tokens. Rank r fetches conversations
+    r, r + W, r + 2W, ... (wrapping around the dataset, counting epochs from 1) into a buffer; each row
+    takes the largest buffered conversation that still fits, again and again, and is padded with BOS
+    (mask 0) when none does. Conversations are never cropped: one longer than a row can never be placed,
+    so it is dropped when fetched (counted in `dropped` and in `consumed`) instead of sitting in the
+    buffer forever. next_batch() returns (inputs int32, targets int64) of shape (batch_size, seq_len), with
+    targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
+    continue with exactly the same batches.
+    """
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, buffer_size=100,
+                 device="cpu", label="train"):
+        if len(dataset) == 0:
+            raise ValueError(f"{label} conversations: the dataset is empty")
+        self.dataset, self.tokenizer, self.label = dataset, tokenizer, label
+        self.batch_size, self.capacity = batch_size, seq_len + 1
+        self.world_size, self.buffer_size = world_size, buffer_size
+        self.device = torch.device(device)
+        self.bos = tokenizer.get_bos_token_id()
+        self.cursor, self.epoch = rank % len(dataset), 1
+        self.consumed, self.it, self.dropped = rank, 0, 0
+        self.buffer = []  # (dataset index, ids, mask) in fetch order
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed, "it": self.it,
+                "dropped": self.dropped, "buffer": [index for index, _, _ in self.buffer]}
+
+    def load_state_dict(self, state):
+        for key in ("cursor", "epoch", "consumed", "it", "dropped"):
+            setattr(self, key, int(state[key]))
+        self.buffer = [(index, *self._render(index)) for index in state["buffer"]]
+
+    def _render(self, index):
+        # one token past the row is enough to know a conversation cannot fit
+        return self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.capacity + 1)
+
+    def _refill(self):
+        n, misses = len(self.dataset), 0
+        while len(self.buffer) < self.buffer_size:
+            index = self.cursor
+            self.cursor += self.world_size
+            if self.cursor >= n:
+                self.cursor %= n
+                self.epoch += 1
+            ids, mask = self._render(index)
+            if len(ids) <= self.capacity:
+                self.buffer.append((index, ids, mask))
+                continue
+            self.consumed += self.world_size
+            self.dropped += 1
+            misses += 1
+            if misses > n:
+                raise ValueError(f"{self.label} conversations: none fits in a row of {self.capacity} tokens "
+                                 f"(raise --max-seq-len)")
+            if self.label not in _DROP_NOTICES:
+                _DROP_NOTICES.add(self.label)
+                print0(f"Note: dropping {self.label} conversations longer than a row ({self.capacity} tokens), "
+                       f"e.g. #{index} ({len(ids)}+ tokens); they are counted, never cropped")
+
+    def _best_fit(self, room):
+        best = None
+        for i, (_, ids, _) in enumerate(self.buffer):
+            if len(ids) <= room and (best is None or len(ids) > len(self.buffer[best][1])):
+                best = i
+        return best
+
+    def _next_row(self):
+        ids, mask = [], []
+        while len(ids) < self.capacity:
+            self._refill()
+            room = self.capacity - len(ids)
+            best = self._best_fit(room)
+            if best is None:  # nothing fits: pad the rest; padding is never a target
+                ids += [self.bos] * room
+                mask += [0] * room
+                break
+            _, conv_ids, conv_mask = self.buffer.pop(best)
+            ids += conv_ids
+            mask += conv_mask
+            self.consumed += self.world_size
+        return ids, mask
+
+    def next_rows(self):
+        """batch_size rows of seq_len + 1 (ids, mask) lists."""
+        rows, masks = zip(*(self._next_row() for _ in range(self.batch_size)))
+        self.it += 1
+        return list(rows), list(masks)
+
+    def next_batch(self):
+        return rows_to_batch(*self.next_rows(), device=self.device)
+
+
+def rows_to_batch(rows, masks, device="cpu"):
+    """(inputs int32, targets int64): a row's first seq_len ids, and its last seq_len ids with -1 wherever
+    that token's mask is 0 (a token is a target iff its own mask is 1)."""
+    device = torch.device(device)
+    ids = torch.tensor(rows, dtype=torch.long)
+    supervised = torch.tensor(masks, dtype=torch.bool)
+    inputs = ids[:, :-1].to(torch.int32)
+    targets = ids[:, 1:].clone()
+    targets[~supervised[:, 1:]] = -1
+    if device.type == "cuda":  # fresh pinned tensors each batch, so async copies never alias
+        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
+    return inputs.to(device), targets.to(device)
+
+
+def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100,
+                                   rank=0, world_size=1, device="cpu", label="val"):
+    """Endless (inputs, targets) batches of a fresh ConversationPacker (the val loader, restarted per eval)."""
+    packer = ConversationPacker(dataset, tokenizer, device_batch_size, max_seq_len, rank, world_size, buffer_size,
+                                device, label)
+    while True:
+        yield packer.next_batch()
+
+
+def sft_progress(consumed, dataset_size, batches, horizon_batches):
+    """(progress clamped to [0, 1], done) after `batches` trained batches; horizon_batches <= 0 means one pass."""
+    if horizon_batches > 0:
+        return min(1.0, batches / horizon_batches), batches >= horizon_batches
+    return min(1.0, consumed / dataset_size), consumed >= dataset_size
+
+
+class PrefetchedBatches:
+    """
+    The training batches, one packed ahead (packing overlaps the GPU's work on the current batch).
+    trained_state is the packer state just after the last batch that was trained, i.e. before the
+    prefetched one: a checkpoint stores it, so a resumed run starts with exactly that prefetched batch.
+    """
+
+    def __init__(self, packer, dataset_size, horizon_batches):
+        self.packer, self.dataset_size, self.horizon_batches = packer, dataset_size, horizon_batches
+        self.trained_state = packer.state_dict()
+        self.current = self._produce()
+
+    def _produce(self):
+        x, y = self.packer.next_batch()
+        progress, done = sft_progress(self.packer.consumed, self.dataset_size, self.packer.it, self.horizon_batches)
+        return x, y, (progress, done, self.packer.epoch, self.packer.state_dict())
+
+    def advance(self):
+        """Mark the current batch trained and pack the next; returns the trained batch's (progress, done, epoch)."""
+        progress, done, epoch, state = self.current[2]
+        self.trained_state = state
+        self.current = self._produce()
+        return progress, done, epoch
+
+
+# -----------------------------------------------------------------------------
+# Evaluations
+
+def chatcore_metrics(accuracies):
+    """(ChatCORE, ChatCORE_cat) from {task: accuracy}: the centered mean over all / the categorical tasks."""
+    from scripts.chat_eval import CATEGORICAL_TASKS, chatcore  # the baselines live in one place
+    categorical = {task: acc for task, acc in accuracies.items() if task in CATEGORICAL_TASKS}
+    return chatcore(accuracies), (chatcore(categorical) if categorical else None)
+
+
+def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
+    from nanochat.engine import Engine
+    from scripts.chat_eval import BASELINES, CATEGORICAL_TASKS, run_chat_eval  # lazily: ChatCORE is optional
+    engine = Engine(orig_model, tokenizer)
+    orig_model.eval()
+    accuracies = {}
+    try:
+        for task in BASELINES:
+            limit = max_cat if task in CATEGORICAL_TASKS else max_sample
+            accuracies[task] = run_chat_eval(task, orig_model, tokenizer, engine, batch_size=batch_size,
+                                             max_problems=None if limit < 0 else limit)
+            print0(f"  {task}: {100 * accuracies[task]:.2f}%")
+    finally:
+        orig_model.train()
+    return accuracies
+
+
+def chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run):
+    accuracies = run_chatcore(orig_model, tokenizer, hp["device_batch_size"], args.chatcore_max_cat,
+                              args.chatcore_max_sample)
+    chatcore, chatcore_cat = chatcore_metrics(accuracies)
+    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}")
+    wandb_run.log({"step": step, "chatcore_metric": chatcore, "chatcore_cat": chatcore_cat,
+                   **{f"chatcore/{task}": acc for task, acc in accuracies.items()}})
+
+
+def run_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, world_size, device):
+    steps = training.eval_steps_for(eval_tokens, hp["device_batch_size"], hp["max_seq_len"], world_size)
+    batches = sft_data_generator_bos_bestfit(val_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"],
+                                             rank=rank, world_size=world_size, device=device)
+    model.eval()
+    try:
+        return evaluate_bpb(model, batches, steps, token_bytes)
+    finally:
+        model.train()
+
+
+# -----------------------------------------------------------------------------
+# Set-up
+
+def load_starting_model(args, device, resuming):
+    """(model, tokenizer, base_meta, output_tag): the base model, or the SFT checkpoint to resume from."""
+    base_tag, base_step, base_meta = checkpoint_meta("base", args.model_tag, args.model_step)
+    output_tag = args.model_tag or f"d{base_meta['model_config']['n_layer']}"
+    if resuming:
+        model, tokenizer, _ = load_model("sft", device, phase="train", model_tag=output_tag,
+                                         step=args.resume_from_step)
+    else:
+        model, tokenizer, _ = load_model("base", device, phase="train", model_tag=base_tag, step=base_step)
+    return model, tokenizer, (base_tag, base_step, base_meta), output_tag
+
+
+def setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resuming):
+    optimizer = orig_model.setup_optimizer(unembedding_lr=hp["unembedding_lr"], embedding_lr=hp["embedding_lr"],
+                                           matrix_lr=hp["matrix_lr"], weight_decay=0.0)
+    if resuming:
+        load_resume_optimizer(optimizer, "sft", device, rank, output_tag, args.resume_from_step)
+        return optimizer  # LRs, initial LRs and buffers all come from the checkpoint
+    if args.load_optimizer:
+        base_tag, base_step, _ = base
+        state = load_optimizer_state("base", device, rank, model_tag=base_tag, step=base_step)
+        if state is None:
+            print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
+        else:
+            warm_start_optimizer(optimizer, state)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+    for group in optimizer.param_groups:
+        group["lr"] *= args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
+    """This rank's packer over the training mixture, at the saved position when resuming."""
+    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank, world_size,
+                                device=device)
+    if loader_states is not None:
+        if len(loader_states) != world_size:
+            raise ValueError(f"--resume-from-step: the checkpoint was saved by {len(loader_states)} ranks, "
+                             f"this run has {world_size}; resume with the same world size")
+        packer.load_state_dict(loader_states[rank])
+    return packer
+
+
+def print_geometry(hp, world_size, accum):
+    tokens = hp["device_batch_size"] * hp["max_seq_len"]
+    print0(f"Tokens / micro-batch / rank: {hp['device_batch_size']} x {hp['max_seq_len']} = {tokens:,}")
+    print0(f"Tokens / micro-batch: {tokens * world_size:,}")
+    print0(f"Total batch size {hp['total_batch_size']:,} => gradient accumulation steps: {accum}")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = vars(args).copy()  # before inheritance: the flags as given
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master = rank == 0
+    peak_flops = print_compute_info(device_type)
+    wandb_run = make_wandb("nanochat-sft", args.run, user_config, master)
+    resuming = args.resume_from_step >= 0
+
+    # --- model, hyperparameters, optimizer
+    model, tokenizer, base, output_tag = load_starting_model(args, device, resuming)
+    hp = inherit_hyperparameters(args, base[2])
+    orig_model = model  # uncompiled: checkpoints and ChatCORE (variable shapes)
+    model = maybe_compile(model)
+    accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"], world_size)
+    print_geometry(hp, world_size, accum)
+    token_bytes = get_token_bytes(device=device)
+    optimizer = setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resuming)
+    from nanochat.common import COMPUTE_DTYPE
+    scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
+    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
+    meta = {}
+    if resuming:
+        _, _, meta = checkpoint_meta("sft", output_tag, args.resume_from_step)
+        warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
+        if scaler is not None and meta.get("grad_scaler"):
+            scaler.load_state_dict(meta["grad_scaler"])
+
+    # --- data
+    train_ds, val_ds = train_mixture(args.mmlu_epochs, args.gsm8k_epochs), val_mixture()
+    loop = meta.get("loop_state", {})
+    packer = train_packer(train_ds, tokenizer, hp, rank, world_size, device, loop.get("loader_states"))
+    horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
+    batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
+
+    # --- loop state
+    step = meta.get("step", 0)
+    val_bpb = meta.get("val_bpb")
+    min_val_bpb = loop.get("min_val_bpb", float("inf"))
+    progress, last_step = loop.get("progress", 0.0), loop.get("last_step", False)
+    epoch = loop.get("epoch", 1)
+    tracker = training.LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
+    timer = training.StepTimer(device_type)
+    flops_per_token = orig_model.estimate_flops()
+    model_config = asdict(orig_model.config)  # keeps the trained attention windows (module docstring)
+
+    def save(step):
+        meta_out = {
+            "step": step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
+            "max_seq_len": hp["max_seq_len"], "device_batch_size": hp["device_batch_size"],
+            "total_batch_size": hp["total_batch_size"], "hyperparameters": hp,
+            "loop_state": {"progress": progress, "last_step": last_step, "epoch": epoch, "min_val_bpb": min_val_bpb,
+                           "smooth_train_loss": tracker.smooth_loss,
+                           "total_training_time": tracker.total_training_time,
+                           "loader_states": gather_from_ranks(batches.trained_state)},
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
+
+    with training.StopFlag() as stop_flag:
+        while True:
+            if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
+                val_bpb = run_val_bpb(model, val_ds, tokenizer, hp, args.eval_tokens, token_bytes, rank, world_size,
+                                      device)
+                min_val_bpb = min(min_val_bpb, val_bpb)
+                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
+                wandb_run.log({"step": step, "val/bpb": val_bpb})
+            # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
+            save_due = step > 0 and step != args.resume_from_step and training.every(step, args.save_every, False)
+            if last_step or save_due:
+                save(step)
+            if training.every(step, args.chatcore_every, last_step):
+                chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run)
+            if last_step:
+                break
+
+            # --- one optimizer step over `accum` micro-batches
+            timer.start()
+            batch_done = False
+            for _ in range(accum):
+                x, y, _ = batches.current
+                loss = model(x, y)
+                train_loss = loss.detach()
+                loss = loss / accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                batch_progress, done, epoch = batches.advance()
+                progress, batch_done = max(progress, batch_progress), batch_done or done
+            progress, done_flag = training.agree_max([progress, batch_done], device)  # ranks must step with one LR
+            last_step = bool(done_flag)
+            lrm = training.sft_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            training.apply_schedule(optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
+            train_loss_f, dt, signalled = training.finish_step(optimizer, model, scaler, train_loss, timer, stop_flag,
+                                                               device, step, checkpoint_dir)
+            smooth = tracker.update(step, train_loss_f, dt)
+            first_step_of_run = step == 0 or (resuming and step == args.resume_from_step)
+            step += 1
+            tok_per_sec = int(hp["total_batch_size"] / dt)
+            mfu = training.mfu_percent(flops_per_token, hp["total_batch_size"], dt, peak_flops, world_size)
+            print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {smooth:.6f} | lrm: {lrm:.2f} | "
+                   f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
+                   f"total time: {tracker.total_training_time / 60:.2f}m")
+            if step % 10 == 0:
+                wandb_run.log({"step": step, "total_training_flops": flops_per_token * hp["total_batch_size"] * step,
+                               "total_training_time": tracker.total_training_time, "train/loss": smooth,
+                               "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                               "train/mfu": mfu, "train/epoch": epoch})
+            training.gc_after_step(step, first_step_of_run)
+            if signalled:
+                training.exit_after_signal(save, step, stop_flag.signum)
+
+    # --- end of run
+    peak_mem = torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
+    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
+    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+    if packer.dropped:
+        print0(f"Dropped {packer.dropped:,} training conversations longer than a row of {packer.capacity} tokens")
+    get_report().log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
+                             {"Minimum validation bpb": min_val_bpb}])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

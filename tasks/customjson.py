@@ -1,0 +1,74 @@
+"""
+Conversations from a JSON-lines file: each non-blank line is a JSON array of messages
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, ...]
+with at least 2 messages alternating user, assistant, ... (no system message) and str contents.
+Files ending in .gz are read gunzipped.
+
+Used for the identity conversations that teach the model who it is (<base_dir>/identity_conversations.jsonl,
+downloaded by the run scripts). Committed copies of the identity conversations and of a small Dolly/HH
+instruction sample, for offline runs, are COMMITTED_IDENTITY_PATH and COMMITTED_DOLLY_PATH.
+"""
+
+import json
+import os
+
+from nanochat.common import print0
+from tasks.common import TASK_DATA_DIR, Task, check_messages, display_path, open_text
+
+IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+COMMITTED_IDENTITY_PATH = os.path.join(TASK_DATA_DIR, "chat", "identity_conversations.jsonl.gz")
+COMMITTED_DOLLY_PATH = os.path.join(TASK_DATA_DIR, "chat", "dolly_hhrlhf_train_small.jsonl.gz")
+
+
+def missing_file_message(filepath):
+    rule = "-" * 80
+    return "\n".join([
+        rule,
+        f"CustomJSON: conversations file not found: {filepath}",
+        "For the nanochat identity conversations, download them with",
+        f"    curl -L -o {filepath} {IDENTITY_CONVERSATIONS_URL}",
+        "(see karpathy/nanochat#139), or, offline, use the committed copy",
+        f"    {display_path(COMMITTED_IDENTITY_PATH)}",
+        rule,
+    ])
+
+
+def read_conversations(filepath):
+    """Every conversation (a list of messages) in the file, validated; errors name the file and line."""
+    conversations = []
+    with open_text(filepath) as f:
+        for line_number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{filepath}:{line_number}"
+            try:
+                messages = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from e
+            if not isinstance(messages, list):
+                raise ValueError(f"{where}: expected a JSON array of messages, got {type(messages).__name__}")
+            check_messages(messages, where, allow_system=False)
+            conversations.append(messages)
+    return conversations
+
+
+class CustomJSON(Task):
+    """
+    A missing file is an error (the reference printed a warning and went on with zero conversations,
+    which let SFT silently run without its identity data).
+    """
+
+    def __init__(self, filepath, **kwargs):
+        super().__init__(**kwargs)
+        if not os.path.exists(filepath):
+            raise FileNotFoundError(missing_file_message(filepath))
+        self.filepath = filepath
+        self.conversations = read_conversations(filepath)
+        print0(f"CustomJSON: {len(self.conversations):,} conversations from {display_path(filepath)}")
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return {"messages": self.conversations[index]}

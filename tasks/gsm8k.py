@@ -1,0 +1,97 @@
+"""
+GSM8K: grade-school math word problems with worked answers.
+https://huggingface.co/datasets/openai/gsm8k
+
+The answers carry calculator annotations and end with the final number, e.g.
+    "... makes 12/60 = $<<12/60=0.2>>0.2 per minute ... #### 10"
+Each <<expr=result>> becomes a python tool call and its output, which is how the model learns to call
+the calculator: at inference the engine evaluates <|python_start|>expr<|python_end|> and forces the
+result in. Scoring compares the numbers after "#### " (also used by SpellingBee).
+"""
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from tasks.common import Task, load_rows
+
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+CALCULATOR_RE = re.compile(r"(<<[^>]+>>)")  # capturing, so re.split keeps the annotations
+
+
+def extract_answer(completion):
+    """The number after the first '#### ' (four hashes, one space), commas removed; None without one."""
+    match = ANSWER_RE.search(completion)
+    if match is None:
+        return None
+    return match.group(1).strip().replace(",", "")
+
+
+def answer_to_parts(answer):
+    """
+    Assistant parts for a GSM8K answer: text pieces (empty ones included) alternate with a python part
+    and a python_output part per <<expr=result>> annotation, split at the last "=".
+    """
+    parts = []
+    for i, piece in enumerate(CALCULATOR_RE.split(answer)):
+        if i % 2 == 0:  # re.split puts the captured annotations at the odd positions
+            parts.append({"type": "text", "text": piece})
+            continue
+        inner = piece[2:-2]
+        expr, result = inner.rsplit("=", 1) if "=" in inner else (inner, "")
+        parts.append({"type": "python", "text": expr})
+        parts.append({"type": "python_output", "text": result})
+    return parts
+
+
+def same_number(a, b):
+    """Numeric equality of two extracted answers ("10" == "10.0"); plain string equality if either is no number."""
+    try:
+        return Decimal(a) == Decimal(b)
+    except InvalidOperation:
+        return a == b
+
+
+def score_final_answer(conversation, assistant_response):
+    """1 if the response's '#### N' equals the reference's (last text part of the gold answer), else 0."""
+    if not isinstance(assistant_response, str):
+        raise TypeError(f"assistant_response must be a str, got {type(assistant_response).__name__}")
+    gold = conversation["messages"][-1]
+    if gold["role"] != "assistant" or not isinstance(gold["content"], list):
+        raise ValueError("the last message must be the assistant's, with a list of parts as content")
+    reference = extract_answer(gold["content"][-1]["text"])
+    predicted = extract_answer(assistant_response)
+    return int(reference is not None and predicted is not None and same_number(predicted, reference))
+
+
+class GSM8K(Task):
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        if subset not in ("main", "socratic"):
+            raise ValueError(f"GSM8K subset must be 'main' or 'socratic', got {subset!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+        self.subset, self.split = subset, split
+        self.ds = load_rows("GSM8K", "openai/gsm8k", subset, split, f"gsm8k/{subset}/{split}.jsonl.gz")
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        row = self.ds[index]
+        messages = [
+            {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": answer_to_parts(row["answer"])},
+        ]
+        return {"messages": messages}
+
+    def evaluate(self, conversation, assistant_response):
+        return score_final_answer(conversation, assistant_response)
+
+    def reward(self, conversation, assistant_response):
+        """The RL reward: 1.0 for a correct final answer, else 0.0."""
+        return float(self.evaluate(conversation, assistant_response))

@@ -1,0 +1,173 @@
+"""scripts/base_eval.py: CLI validation, the CORE csv, the report items, HF helpers, bpb, failure exits."""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from nanochat import core_eval
+from nanochat.tokenizer import HuggingFaceTokenizer, RustBPETokenizer, compute_token_bytes
+from scripts import base_eval
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    return tmp_path / "base"
+
+
+def test_defaults():
+    args = base_eval.parse_args([])
+    assert args.eval == "core,bpb,sample" and args.modes == {"core", "bpb", "sample"}
+    assert (args.hf_path, args.model_tag, args.step) == (None, None, None)
+    assert args.max_per_task == -1 and args.device_batch_size == 32
+    assert args.split_tokens == 20_971_520 and args.device_type == ""
+    assert base_eval.parse_args(["--eval", "bpb, core"]).modes == {"bpb", "core"}
+
+
+@pytest.mark.parametrize("value,bad", [("core,foo", "'foo'"), ("samples", "'samples'"), ("core,", "''")])
+def test_invalid_eval_modes_are_a_usage_error(value, bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        base_eval.parse_args(["--eval", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"Invalid eval modes: {bad}" in err and "Valid modes: core, bpb, sample" in err
+
+
+def test_evaluate_core_is_re_exported():
+    from scripts.base_eval import evaluate_core
+    assert evaluate_core is core_eval.evaluate_core
+
+
+CORE = {"results": {"hellaswag_zeroshot": 0.3125, "boolq": 0.5},
+        "centered_results": {"hellaswag_zeroshot": 0.0833333333, "boolq": -0.3157894737},
+        "core_metric": -0.1162280702, "missing_tasks": []}
+
+
+def test_core_csv_format(base_dir):
+    expected = (
+        "Task                               , Accuracy  , Centered  \n"
+        "hellaswag_zeroshot                 , 0.312500  , 0.083333  \n"
+        "boolq                              , 0.500000  , -0.315789 \n"
+        "CORE                               ,           , -0.116228 \n"
+    )
+    assert base_eval.format_core_csv(CORE) == expected
+    path = base_eval.write_core_csv("base_model_000123", CORE)
+    assert path == str(base_dir / "base_eval" / "base_model_000123.csv")
+    assert open(path).read() == expected
+    assert os.listdir(base_dir / "base_eval") == ["base_model_000123.csv"]
+
+
+def test_report_items(tmp_path):
+    items = base_eval.report_items("base_model (step 5)", CORE, {"train": 1.5, "val": 1.25}, ["s0", "s1"], ["u0"])
+    assert items[0] == {"model": "base_model (step 5)", "CORE metric": CORE["core_metric"],
+                        "train bpb": 1.5, "val bpb": 1.25}
+    assert list(items[0]) == ["model", "CORE metric", "train bpb", "val bpb"]
+    assert items[1] == CORE["centered_results"]
+    assert items[2:] == [{"sample 0": "s0"}, {"sample 1": "s1"}, {"unconditioned 0": "u0"}]
+    partial = dict(CORE, missing_tasks=["coqa"])
+    assert base_eval.report_items("m", partial, {}, [], []) == [
+        {"model": "m", "CORE metric": CORE["core_metric"]}, CORE["centered_results"],
+        {"Tasks evaluated": "2/3 (missing: coqa)"}]
+    # the report's summary table reads the CORE value back from the section text
+    from nanochat.report import Report, extract
+    path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", partial, {}, [], []))
+    assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f}"
+    bpb_only = base_eval.report_items("m", None, {"train": 2.0, "val": 3.0}, [], [])
+    assert bpb_only == [{"model": "m", "train bpb": 2.0, "val bpb": 3.0}]
+
+
+def test_bpb_steps(capsys):
+    assert base_eval.bpb_steps(1024, 128) == (1024, 8)
+    assert capsys.readouterr().out == ""
+    assert base_eval.bpb_steps(1000, 128) == (896, 7)
+    assert "Adjusted split_tokens to 896 (must be divisible by 128)" in capsys.readouterr().out
+    with pytest.raises(base_eval.SetupError, match="less than one batch"):
+        base_eval.bpb_steps(100, 128)
+
+
+def test_model_wrapper_matches_the_gpt_call_signature():
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+
+    class FakeCausalLM(torch.nn.Module):  # what a HF model returns: an output object with .logits
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            return types.SimpleNamespace(logits=logits)
+
+    wrapper = base_eval.ModelWrapper(FakeCausalLM(), max_seq_len=1024)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert torch.equal(wrapper(ids), logits)
+    targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    targets[0, :2] = -1
+    per_token = wrapper(ids, targets, loss_reduction="none")
+    log_probs = torch.log_softmax(logits, dim=-1)
+    for b in range(2):
+        for t in range(5):
+            expected = 0.0 if targets[b, t] < 0 else -log_probs[b, t, targets[b, t]].item()
+            assert per_token[b * 5 + t].item() == pytest.approx(expected, abs=1e-5)
+    assert wrapper(ids, targets).item() == pytest.approx(per_token.sum().item() / 8, abs=1e-5)
+    assert wrapper.max_seq_len == 1024 and wrapper.get_device() == torch.device("cpu")
+
+
+def test_hf_token_bytes_count_specials_as_zero_and_bytes_exactly():
+    corpus = ["the quick brown fox jumps over the lazy dog; café naïve über " * 4] * 40
+    tokenizer = HuggingFaceTokenizer.train_from_iterator(iter(corpus), 400)
+    token_bytes = base_eval.get_hf_token_bytes(tokenizer)
+    assert token_bytes.dtype == torch.int64 and token_bytes.shape == (tokenizer.get_vocab_size(),)
+    special_ids = [tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]
+    assert len(special_ids) == 9 and token_bytes[special_ids].tolist() == [0] * 9
+    # unseen characters fall back to single-byte tokens, which are not whole UTF-8 characters
+    for text in ["the lazy dog", "café über", "∑ 🎉 日本語 Ω≈ç√", "tabs\tand\nnewlines  "]:
+        ids = tokenizer.encode(text)
+        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8")), text
+
+
+def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
+    with pytest.raises(base_eval.SetupError, match="needs the `transformers` package"):
+        base_eval.load_hf_model("openai-community/gpt2", "cpu")
+    with pytest.raises(SystemExit) as info:
+        base_eval.main(["--hf-path", "openai-community/gpt2", "--eval", "bpb", "--device-type", "cpu"])
+    assert "base_eval: --hf-path needs the `transformers` package" in str(info.value.code)
+
+
+def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(core_eval, "REPO_DATA_DIR", str(empty))
+    monkeypatch.setattr(base_eval, "load_nanochat_model", lambda *a: pytest.fail("the model must not be loaded"))
+    with pytest.raises(SystemExit) as info:
+        base_eval.main(["--eval", "core", "--device-type", "cpu"])
+    message = str(info.value.code)
+    assert message.startswith("base_eval: Cannot obtain the CORE eval bundle")
+    assert core_eval.EVAL_BUNDLE_URL in message
+    assert "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}" in message
+
+
+def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, capsys):
+    from nanochat import dataset
+    from nanochat.gpt import GPT, GPTConfig
+    dataset.install_sample()
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(["a small corpus for a tiny tokenizer. " * 20] * 10), 300)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                              window_pattern="L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    bpb = base_eval.run_bpb(model, tokenizer, compute_token_bytes(tokenizer), torch.device("cpu"),
+                            device_batch_size=2, sequence_len=32, split_tokens=150, world_size=1)
+    assert set(bpb) == {"train", "val"} and all(math.isfinite(v) and v > 0 for v in bpb.values())
+    printed = capsys.readouterr().out
+    assert "Adjusted split_tokens to 128 (must be divisible by 64)" in printed
+    assert f"train bpb: {bpb['train']:.6f}" in printed and f"val bpb: {bpb['val']:.6f}" in printed

@@ -1,0 +1,189 @@
+"""
+base_train: the scaling rules as pure functions (against the spec's depth table), then real d2 runs on
+the committed sample: checkpoint + report, exact resume after SIGTERM, and the NaN guard.
+"""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import gc
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scripts import base_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# pipeline spec §7.3: reference architecture at T=2048, SSSL, vocab 32768, ratio 12
+DEPTH_TABLE = [  # depth, model_dim, scaling params N, auto B, iterations, scaled wd
+    (4, 256, 11_534_384, 262_144, 528, 1.8899),
+    (6, 384, 23_199_852, 262_144, 1_062, 0.9396),
+    (8, 512, 41_943_232, 262_144, 1_920, 0.5197),
+    (12, 768, 110_100_912, 524_288, 2_520, 0.2800),
+    (16, 1024, 234_881_792, 524_288, 5_376, 0.1313),
+    (20, 1280, 435_160_240, 1_048_576, 4_980, 0.1002),
+    (24, 1536, 729_810_624, 1_048_576, 8_352, 0.0597),
+    (26, 1664, 918_423_532, 1_048_576, 10_510, 0.0475),
+    (32, 2048, 1_677_724_672, 2_097_152, 9_600, 0.0368),
+]
+
+
+@pytest.mark.parametrize("depth,model_dim,n_scaling,batch,iters,wd", DEPTH_TABLE)
+def test_depth_dial_matches_reference_table(depth, model_dim, n_scaling, batch, iters, wd):
+    args = base_train.parse_args([f"--depth={depth}"])
+    model = base_train.build_model_meta(base_train.model_config(args, depth, 32768))
+    assert model.config.n_embd == model_dim
+    assert model.config.n_embd // model.config.n_head == 128
+    n = base_train.scaling_params(model)
+    assert n == n_scaling
+    ref = base_train.scaling_params(base_train.build_model_meta(base_train.model_config(args, 12, 32768)))
+    target, reference = int(12 * n), 12 * ref
+    B = base_train.auto_total_batch_size(target, reference)
+    assert B == batch
+    assert base_train.num_iterations_for(args, model.estimate_flops(), B, target) == iters
+    assert base_train.scaled_weight_decay(0.28, B, target, reference) == pytest.approx(wd, abs=5e-5)
+
+
+def test_horizon_precedence_and_errors():
+    args = base_train.parse_args(["--num-iterations=7", "--target-flops=1e18"])
+    assert base_train.num_iterations_for(args, 1e6, 1000, 10**9) == 7
+    args = base_train.parse_args(["--target-flops=1e12"])
+    assert base_train.num_iterations_for(args, 1e6, 1000, 10**9) == 1000
+    args = base_train.parse_args(["--target-param-data-ratio=-1"])
+    with pytest.raises(ValueError, match="horizon"):
+        base_train.num_iterations_for(args, 1e6, 1000, -10**9)
+
+
+@pytest.mark.parametrize("argv", [["--depth=0"], ["--window-pattern=SXL"], ["--target-param-data-ratio=0"],
+                                  ["--warmdown-ratio=1.5"], ["--fp8", "--fp8-recipe=rowwise"]])
+def test_bad_flags_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        base_train.parse_args(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_model_dim_rounds_up_to_whole_heads():
+    args = base_train.parse_args(["--depth=25"])
+    cfg = base_train.model_config(args, 25, 32768)
+    assert (cfg.n_embd, cfg.n_head) == (1664, 13)  # 25 * 64 = 1600 -> 13 heads of 128
+
+
+# -----------------------------------------------------------------------------
+# Real runs on the committed sample
+
+TRAIN_FLAGS = ["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=2",
+               "--total-batch-size=256", "--eval-tokens=256", "--core-metric-every=-1", "--sample-every=-1",
+               "--window-pattern=L", "--warmup-steps=2", "--embedding-lr=3", "--unembedding-lr=0.5",
+               "--matrix-lr=0.5"]  # large LRs for the tiny batch: the weights visibly move every step
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from nanochat.dataset import install_sample
+    from nanochat.tokenizer import RustBPETokenizer
+    from nanochat.dataset import parquets_iter_batched
+    root = tmp_path_factory.mktemp("nanochat_base")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_BASE_DIR", str(root))
+    mp.setenv("NANOCHAT_COMPILE", "0")
+    mp.setenv("NANOCHAT_OFFLINE", "1")
+    install_sample()
+    texts = [t for batch in parquets_iter_batched("train") for t in batch][:200]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)
+    tok.save(os.path.join(root, "tokenizer"))
+    from nanochat.tokenizer import compute_token_bytes
+    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    yield root
+    mp.undo()
+
+
+def run_main(argv, capsys):
+    """base_train.main in this process; the GC policy it sets is undone afterwards."""
+    try:
+        base_train.main(argv)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    return capsys.readouterr().out
+
+
+def step_losses(out):
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^step (\d+)/\d+ .*? loss: ([\d.]+)", out, re.M)}
+
+
+def test_train_writes_checkpoint_meta_and_report(base_dir, capsys):
+    out = run_main(TRAIN_FLAGS + ["--num-iterations=4", "--eval-every=2", "--model-tag=t_basic"], capsys)
+    ckpt = os.path.join(base_dir, "base_checkpoints", "t_basic")
+    assert sorted(os.listdir(ckpt)) == ["meta_000004.json", "model_000004.pt", "optim_000004_rank0.pt"]
+    with open(os.path.join(ckpt, "meta_000004.json")) as f:
+        meta = json.load(f)
+    for key in ["step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len",
+                "total_batch_size", "dataloader_state_dict", "loop_state"]:
+        assert key in meta
+    assert meta["step"] == 4 and meta["model_config"]["n_layer"] == 2 and meta["max_seq_len"] == 64
+    assert {"min_val_bpb", "smooth_train_loss", "total_training_time"} <= set(meta["loop_state"])
+    assert len(re.findall(r"Validation bpb: ", out)) == 3  # steps 0, 2, 4
+    assert len(step_losses(out)) == 4
+    report_dir = os.path.join(base_dir, "report")
+    assert "Calculated number of iterations: 4" in open(os.path.join(report_dir, "base-model-training.md")).read()
+    assert os.path.exists(os.path.join(report_dir, "base-model-loss.png"))
+    # the checkpoint loads back into a model with the same weights
+    from nanochat.checkpoint_manager import load_model
+    model, tokenizer, meta2 = load_model("base", torch.device("cpu"), phase="eval", model_tag="t_basic")
+    saved = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    assert meta2["step"] == 4
+
+
+def test_resume_after_sigterm_matches_uninterrupted_run(base_dir, capsys):
+    n = 8
+    straight = run_main(TRAIN_FLAGS + [f"--num-iterations={n}", "--eval-every=-1", "--model-tag=t_straight"], capsys)
+    # the same run in a subprocess, stopped by SIGTERM part-way through
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "scripts.base_train"] + TRAIN_FLAGS + [
+        f"--num-iterations={n}", "--eval-every=-1", "--model-tag=t_resumed"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 00002/"):
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    interrupted = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, interrupted
+    match = re.search(r"resume with --resume-from-step=(\d+)", interrupted)
+    assert match, interrupted
+    stop_step = int(match.group(1))
+    assert 3 <= stop_step < n
+    ckpt = os.path.join(base_dir, "base_checkpoints", "t_resumed")
+    assert os.path.exists(os.path.join(ckpt, f"meta_{stop_step:06d}.json"))
+    resumed = run_main(TRAIN_FLAGS + [f"--num-iterations={n}", "--eval-every=-1", "--model-tag=t_resumed",
+                                      f"--resume-from-step={stop_step}"], capsys)
+    # exact: the printed (smoothed) losses agree to every printed digit, and the final weights bitwise
+    losses_straight, losses_resumed = step_losses(straight), step_losses(resumed)
+    assert sorted(losses_resumed) == list(range(stop_step, n))
+    assert all(losses_resumed[s] == losses_straight[s] for s in losses_resumed), (losses_straight, losses_resumed)
+    a = torch.load(os.path.join(base_dir, "base_checkpoints", "t_straight", f"model_{n:06d}.pt"))
+    b = torch.load(os.path.join(ckpt, f"model_{n:06d}.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(base_dir, capsys):
+    tag = "t_nan"
+    flags = TRAIN_FLAGS + ["--num-iterations=6", "--eval-every=-1", f"--model-tag={tag}", "--save-every=1"]
+    # LRs that overflow float32: the weights become inf, the loss NaN
+    flags = [f for f in flags if not f.startswith(("--embedding-lr", "--matrix-lr"))] + ["--embedding-lr=1e38", "--matrix-lr=1e38"]
+    from nanochat.training import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match="last good"):
+        run_main(flags, capsys)
+    ckpt = os.path.join(base_dir, "base_checkpoints", tag)
+    from nanochat.checkpoint_manager import find_last_step
+    last = find_last_step(ckpt)
+    state = torch.load(os.path.join(ckpt, f"model_{last:06d}.pt"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

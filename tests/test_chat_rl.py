@@ -1,0 +1,195 @@
+"""
+scripts/chat_rl.py on CPU, offline: the policy-gradient arithmetic on hand examples (advantages, the
+token-normalised objective and its gradient, padding/targets with a terminated and a cut sample,
+pass@k), rollouts that keep the terminating <|assistant_end|> (scripted model), the example schedule,
+and real RL steps of a depth-2 model with an exact resume from the middle checkpoint.
+"""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import gzip
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+from scripts import chat_rl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """NANOCHAT_BASE_DIR with a tokenizer (vocab 512, trained on GSM8K text) and a depth-2 SFT checkpoint."""
+    root = tmp_path_factory.mktemp("nanochat_rl")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_BASE_DIR", str(root))
+    mp.setenv("NANOCHAT_COMPILE", "0")
+    mp.setenv("NANOCHAT_OFFLINE", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        mp.delenv(key, raising=False)
+    with gzip.open(os.path.join(REPO, "data", "tasks", "gsm8k", "main", "train.jsonl.gz"), "rt") as f:
+        texts = [row["question"] + " " + row["answer"] for row in map(json.loads, list(f)[:400])]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)
+    tok.save(os.path.join(root, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
+                              window_pattern="L"))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    meta = {"step": 3, "val_bpb": 3.0, "model_config": vars(model.config).copy(), "user_config": {}}
+    save_checkpoint(os.path.join(root, "chatsft_checkpoints", "d2"), 3, model.state_dict(), None, meta)
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    from nanochat.tokenizer import get_tokenizer
+    return get_tokenizer()
+
+
+# -----------------------------------------------------------------------------
+# The arithmetic, by hand
+
+def test_advantages_are_reward_minus_group_mean():
+    adv = chat_rl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
+    assert torch.allclose(adv, torch.tensor([0.4, -0.6, -0.6, 0.4, 0.4]))
+    assert adv.sum().abs() < 1e-6
+    assert torch.equal(chat_rl.group_advantages(torch.tensor([1.0, 1.0, 1.0])), torch.zeros(3))
+
+
+def test_objective_is_token_normalised_and_ignores_invalid_targets():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -9.0]], requires_grad=True)
+    targets = torch.tensor([[5, 6, -1], [7, -1, -1]])  # 3 valid tokens
+    advantages = torch.tensor([0.5, -0.5])
+    objective = chat_rl.policy_objective(logp, targets, advantages, num_passes=2, examples_per_rank=4)
+    # (0.5 * (-1 - 2) + (-0.5) * (-0.5)) / (3 * 2 * 4)
+    assert objective.item() == pytest.approx((-1.5 + 0.25) / 24)
+    objective.backward()
+    expected = torch.tensor([[0.5, 0.5, 0.0], [-0.5, 0.0, 0.0]]) / 24
+    assert torch.allclose(logp.grad, expected)
+    # identical rewards: zero advantages, zero gradient
+    logp.grad = None
+    chat_rl.policy_objective(logp, targets, chat_rl.group_advantages(torch.ones(2)), 1, 1).backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+    # a pass with no valid target divides by 1, not 0
+    none_valid = chat_rl.policy_objective(logp, torch.full((2, 3), -1), advantages, 1, 1)
+    assert none_valid.item() == 0.0
+
+
+def test_rollout_tensors_train_the_terminator_and_never_the_padding():
+    END = 9
+    finished = [1, 2, 30, 31, END]  # prompt 1, 2; sampled 30 31; then the terminator it stopped with
+    cut = [1, 2, 40, 41, 42, 43]  # cut by the token limit: no terminator
+    forced = [1, 2, 50]
+    masks = [[0, 0, 1, 1, 1], [0, 0, 1, 0, 1, 1], [0, 0, 1]]  # 41 was forced by the tool
+    inputs, targets = chat_rl.rollout_tensors([finished, cut, forced], masks, pad_id=END)
+    assert inputs.tolist() == [[1, 2, 30, 31, END], [1, 2, 40, 41, 42], [1, 2, 50, END, END]]
+    assert targets.tolist() == [[-1, 30, 31, END, -1], [-1, 40, -1, 42, 43], [-1, 50, -1, -1, -1]]
+
+
+def test_pass_at_k_counts_by_hand():
+    records = [{"idx": 0, "outcomes": [{"is_correct": 0}, {"is_correct": 1}, {"is_correct": 0}]},
+               {"idx": 1, "outcomes": [{"is_correct": 1}, {"is_correct": 0}, {"is_correct": 0}]},
+               {"idx": 2, "outcomes": [{"is_correct": 0}, {"is_correct": 0}, {"is_correct": 0}]},
+               {"idx": 3, "outcomes": [{"is_correct": 0}, {"is_correct": 0}, {"is_correct": 1}]}]
+    assert chat_rl.pass_at_k_counts(records, 3) == [1, 2, 3]
+    assert chat_rl.pass_at_k_counts([], 2) == [0, 0]
+
+
+def test_example_index_strides_by_rank_and_cycles():
+    # 10 questions, 2 ranks, 3 per rank and step: rank 1 sees 1, 3, 5 | 7, 9, 1 | 3, ...
+    seen = [chat_rl.example_index(step, e, 3, 1, 2, 10) for step in range(3) for e in range(3)]
+    assert seen == [1, 3, 5, 7, 9, 1, 3, 5, 7]
+    assert [chat_rl.example_index(s, 0, 1, 0, 1, 4) for s in range(6)] == [0, 1, 2, 3, 0, 1]
+
+
+# -----------------------------------------------------------------------------
+# Rollouts with a scripted model: the terminator is kept for finished samples only
+
+class ScriptedModel:
+    """Greedy-decodes `script` whatever the input: position t after the prompt gets logits peaked at script[t]."""
+
+    def __init__(self, script, vocab_size, prompt_len):
+        self.script, self.vocab_size, self.prompt_len = script, vocab_size, prompt_len
+        self.config = SimpleNamespace(n_kv_head=1, n_head=1, n_embd=4, n_layer=1, sequence_len=64)
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        generated = kv_cache.get_pos() + T - self.prompt_len  # tokens generated before this position's output
+        kv_cache.advance(T)
+        logits = torch.zeros(B, T, self.vocab_size)
+        logits[:, -1, self.script[min(generated, len(self.script) - 1)]] = 100.0
+        return logits
+
+
+def test_sample_rollouts_keep_the_terminator_of_finished_samples(tokenizer):
+    end = tokenizer.encode_special("<|assistant_end|>")
+    terminal = (end, tokenizer.get_bos_token_id())
+    prompt = [tokenizer.get_bos_token_id(), 100, 101]
+    script = [200, 201, end, 202]
+    engine = Engine(ScriptedModel(script, 512, len(prompt)), tokenizer)
+    seqs, masks, finished = chat_rl.sample_rollouts(engine, prompt, 2, terminal, max_tokens=8, temperature=0.0)
+    assert seqs == [prompt + [200, 201, end]] * 2 and masks == [[0, 0, 0, 1, 1, 1]] * 2 and finished == [True] * 2
+    seqs, masks, finished = chat_rl.sample_rollouts(engine, prompt, 1, terminal, max_tokens=2, temperature=0.0)
+    assert seqs == [prompt + [200, 201]] and finished == [False]
+    # and generate_batch, which drops the terminator, agrees on everything before it
+    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.0)
+    assert results == [prompt + [200, 201]]
+
+
+# -----------------------------------------------------------------------------
+# Real runs
+
+RUN_FLAGS = ["--device-type=cpu", "--model-tag=d2", "--num-steps=2", "--num-samples=3", "--device-batch-size=2",
+             "--examples-per-step=1", "--max-new-tokens=8", "--temperature=1.0", "--top-k=0", "--save-every=1",
+             "--matrix-lr=0.5", "--embedding-lr=2", "--unembedding-lr=0.5", "--init-lr-frac=1.0"]
+
+
+def length_parity_reward(self, conversation, response):
+    """A reward a random model can earn (GSM8K's never fires on noise): 1 for an even-length response."""
+    return float(len(response) % 2 == 0)
+
+
+def step_lines(out):
+    return re.findall(r"^Step (\d+)/\d+ \| Example step \d+ \| Pass \d+ \| loss: (\S+) \| Average reward: (\S+)$",
+                      out, re.M)
+
+
+def test_rl_steps_save_checkpoints_and_resume_exactly(base_dir, capsys, monkeypatch):
+    from tasks.gsm8k import GSM8K
+    monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+    chat_rl.main(RUN_FLAGS + ["--eval-every=2", "--eval-examples=1"])
+    out = capsys.readouterr().out
+    ckpt = os.path.join(base_dir, "chatrl_checkpoints", "d2")
+    assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "meta_000002.json", "model_000001.pt",
+                                        "model_000002.pt", "optim_000001_rank0.pt", "optim_000002_rank0.pt"]
+    assert re.findall(r"^Step (\d+) \| Pass@1: [\d.]+, Pass@2: [\d.]+$", out, re.M) == ["0", "2"]
+    lines = step_lines(out)
+    assert len(lines) == 4  # 2 steps x 1 example x 2 passes (3 samples: a pass of 2, then of 1)
+    assert "Total sequences per step: 3" in out
+    sft = torch.load(os.path.join(base_dir, "chatsft_checkpoints", "d2", "model_000003.pt"))
+    final = torch.load(os.path.join(ckpt, "model_000002.pt"))
+    assert any(not torch.equal(sft[k], final[k]) for k in final)  # the updates moved the weights
+    with open(os.path.join(ckpt, "meta_000002.json")) as f:
+        meta = json.load(f)
+    assert meta["step"] == 2 and meta["model_config"]["n_layer"] == 2
+    assert "Chat RL" in open(os.path.join(base_dir, "report", "chat-rl.md")).read()
+
+    chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--resume-from-step=1"])
+    resumed = capsys.readouterr().out
+    assert step_lines(resumed) == [line for line in lines if line[0] == "1"]
+    again = torch.load(os.path.join(ckpt, "model_000002.pt"))
+    assert all(torch.equal(final[k], again[k]) for k in final)

@@ -1,0 +1,293 @@
+"""
+scripts/chat_sft.py on CPU, offline: the conversation packer (whole conversations, BOS-aligned rows,
+targets exactly on the assistant's tokens, padding, dropping, exact resume from its state), the small
+pure pieces (progress, inheritance, ChatCORE, optimizer warm start), and real SFT runs of a depth-2
+model: checkpoint, meta and report, then a resume from the middle checkpoint that reproduces the
+uninterrupted run bit for bit.
+"""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import gc
+import gzip
+import json
+import re
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+from scripts import chat_sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN = 128
+
+
+def training_texts(limit=300):
+    """A few hundred KB of the committed chat data: GSM8K questions/answers and identity messages."""
+    texts = []
+    with gzip.open(os.path.join(REPO, "data", "tasks", "gsm8k", "main", "train.jsonl.gz"), "rt") as f:
+        for line, _ in zip(f, range(limit)):
+            row = json.loads(line)
+            texts.append(row["question"] + " " + row["answer"])
+    with gzip.open(os.path.join(REPO, "data", "tasks", "chat", "identity_conversations.jsonl.gz"), "rt") as f:
+        for line, _ in zip(f, range(limit // 3)):
+            texts += [m["content"] for m in json.loads(line)]
+    return texts
+
+
+def tiny_model(vocab_size):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=SEQ_LEN, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                              n_embd=128, window_pattern="L"))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def base_optimizer_state(model):
+    """A pretraining-like optimizer shard: one step on a small batch so the buffers are non-zero."""
+    optimizer = model.setup_optimizer(weight_decay=0.28)
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(x, x).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return optimizer.state_dict()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """NANOCHAT_BASE_DIR with a tokenizer (vocab 512) and a depth-2 base checkpoint base_checkpoints/d2."""
+    root = tmp_path_factory.mktemp("nanochat_sft")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_BASE_DIR", str(root))
+    mp.setenv("NANOCHAT_COMPILE", "0")
+    mp.setenv("NANOCHAT_OFFLINE", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        mp.delenv(key, raising=False)
+    tok = RustBPETokenizer.train_from_iterator(iter(training_texts()), 512)
+    tok.save(os.path.join(root, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    model = tiny_model(tok.get_vocab_size())
+    optim_state = base_optimizer_state(model)
+    meta = {"step": 10, "val_bpb": 3.0, "model_config": vars(model.config).copy(),
+            "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.02, "matrix_lr": 0.05},
+            "device_batch_size": 2, "max_seq_len": SEQ_LEN, "total_batch_size": 2 * 2 * SEQ_LEN}
+    save_checkpoint(os.path.join(root, "base_checkpoints", "d2"), 10, model.state_dict(), optim_state, meta)
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    from nanochat.tokenizer import get_tokenizer
+    return get_tokenizer()
+
+
+def conversation(k, assistant_parts=False):
+    """Distinct conversations of growing length; some with tool parts (python output is not supervised)."""
+    answer = " ".join(["ok"] * k)
+    content = ([{"type": "text", "text": answer}, {"type": "python", "text": f"{k}*2"},
+                {"type": "python_output", "text": str(2 * k)}, {"type": "text", "text": f" so {2 * k}"}]
+               if assistant_parts else answer)
+    return {"messages": [{"role": "user", "content": f"question {k}"}, {"role": "assistant", "content": content}]}
+
+
+# -----------------------------------------------------------------------------
+# The packer
+
+def split_at_bos(row, bos):
+    starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+    return [(a, b) for a, b in zip(starts, starts[1:])]
+
+
+def test_packer_rows_hold_whole_conversations_with_their_masks(tokenizer):
+    dataset = [conversation(k, assistant_parts=k % 3 == 0) for k in range(1, 16)]
+    dataset.append(conversation(400))  # longer than a row: must be dropped, never cropped
+    rendered = {tuple(tokenizer.render_conversation(c, max_tokens=10_000)[0]): i for i, c in enumerate(dataset)}
+    masks = {i: tokenizer.render_conversation(c, max_tokens=10_000)[1] for i, c in enumerate(dataset)}
+    bos = tokenizer.get_bos_token_id()
+    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=4, seq_len=64, buffer_size=8, label="t1")
+    seen, padded_rows = [], 0
+    for _ in range(6):
+        rows, row_masks = packer.next_rows()
+        for row, mask in zip(rows, row_masks):
+            assert len(row) == len(mask) == 65 and row[0] == bos
+            for a, b in split_at_bos(row, bos):
+                if b - a == 1 and mask[a] == 0 and all(t == bos for t in row[a:]):
+                    padded_rows += a == b - 1 and b == len(row)
+                    continue  # padding: one BOS per position up to the end of the row
+                index = rendered.get(tuple(row[a:b]))
+                assert index is not None, "a packed segment is not a whole rendered conversation"
+                assert mask[a:b] == masks[index]
+                seen.append(index)
+    assert max(len(ids) for ids in rendered if rendered[ids] < 15) <= 65  # all but the last one fit
+    assert 15 not in seen and packer.dropped >= 1
+    assert set(seen) == set(range(15))  # six batches cover the first pass and more
+    assert padded_rows > 0
+
+
+def test_batch_targets_are_ignored_exactly_where_the_mask_is_zero(tokenizer):
+    dataset = [conversation(k, assistant_parts=True) for k in range(1, 20)]
+    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=48, buffer_size=5, label="t2")
+    rows, masks = packer.next_rows()
+    inputs, targets = chat_sft.rows_to_batch(rows, masks)
+    assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
+    assert inputs.shape == targets.shape == (3, 48)
+    ids, mask = torch.tensor(rows), torch.tensor(masks)
+    assert torch.equal(inputs.long(), ids[:, :-1])
+    supervised = mask[:, 1:] == 1
+    assert torch.equal(targets[supervised], ids[:, 1:][supervised])
+    assert (targets[~supervised] == -1).all()
+    # the supervised tokens are the assistant's: <|assistant_end|> is a target, <|user_start|> never
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    user_start = tokenizer.encode_special("<|user_start|>")
+    assert (targets == assistant_end).any() and not (targets == user_start).any()
+
+
+def test_packer_state_dict_resumes_the_same_batches(tokenizer):
+    dataset = [conversation(k) for k in range(1, 30)]
+    make = lambda: chat_sft.ConversationPacker(dataset, tokenizer, batch_size=2, seq_len=40, buffer_size=6, label="t3")
+    straight = make()
+    for _ in range(5):
+        straight.next_batch()
+    state = json.loads(json.dumps(straight.state_dict()))  # it must survive the meta JSON
+    expected = [straight.next_batch() for _ in range(8)]  # crosses an epoch boundary
+    assert straight.epoch > state["epoch"]
+    resumed = make()
+    resumed.load_state_dict(state)
+    for (x0, y0), (x1, y1) in zip(expected, (resumed.next_batch() for _ in range(8))):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert resumed.state_dict() == straight.state_dict()
+
+
+def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
+    dataset = [conversation(k) for k in range(1, 21)]
+    fetched = {}
+    for rank in (0, 1):
+        packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=200, rank=rank, world_size=2,
+                                             buffer_size=4, label="t4")
+        packer.next_rows()
+        fetched[rank] = {index for index, _, _ in packer.buffer}
+        placed = (packer.consumed - rank) // 2
+        assert placed >= 1 and packer.consumed == rank + 2 * placed
+    assert all(i % 2 == 0 for i in fetched[0]) and all(i % 2 == 1 for i in fetched[1])
+
+
+def test_packer_refuses_a_dataset_where_nothing_fits(tokenizer):
+    packer = chat_sft.ConversationPacker([conversation(300)] * 3, tokenizer, batch_size=1, seq_len=16, label="t5")
+    with pytest.raises(ValueError, match="none fits"):
+        packer.next_rows()
+
+
+def test_progress_is_clamped_and_ends_the_run():
+    assert chat_sft.sft_progress(consumed=0, dataset_size=10, batches=3, horizon_batches=8) == (3 / 8, False)
+    assert chat_sft.sft_progress(consumed=0, dataset_size=10, batches=8, horizon_batches=8) == (1.0, True)
+    assert chat_sft.sft_progress(consumed=5, dataset_size=10, batches=99, horizon_batches=-1) == (0.5, False)
+    assert chat_sft.sft_progress(consumed=13, dataset_size=10, batches=99, horizon_batches=-1) == (1.0, True)
+
+
+# -----------------------------------------------------------------------------
+# Small pure pieces
+
+def test_inherit_hyperparameters_prints_the_reference_lines(capsys):
+    args = chat_sft.parse_args(["--max-seq-len=256", "--device-batch-size=4", "--matrix-lr=0.05"])
+    meta = {"max_seq_len": 1024, "device_batch_size": 4, "user_config": {"embedding_lr": 0.5, "matrix_lr": 0.05}}
+    hp = chat_sft.inherit_hyperparameters(args, meta)
+    out = capsys.readouterr().out
+    assert hp == {"max_seq_len": 256, "device_batch_size": 4, "total_batch_size": 524288, "embedding_lr": 0.5,
+                  "unembedding_lr": 0.004, "matrix_lr": 0.05}
+    assert "NOTE: --max-seq-len=256 overrides pretrained value of 1024" in out
+    assert "Using device_batch_size=4" in out and "Using matrix_lr=0.05" in out
+    assert "Inherited total_batch_size=524288 from pretrained checkpoint" in out
+    assert "Inherited embedding_lr=0.5 from pretrained checkpoint" in out
+
+
+def test_chatcore_metrics_by_hand():
+    accuracies = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 0.4, "GSM8K": 0.1, "HumanEval": 0.0,
+                  "SpellingBee": 0.5}
+    chatcore, chatcore_cat = chat_sft.chatcore_metrics(accuracies)
+    # centered: 0.5, 0, 0.2 (categorical), 0.1, 0, 0.5
+    assert chatcore_cat == pytest.approx(0.7 / 3)
+    assert chatcore == pytest.approx(1.3 / 6)
+
+
+def test_warm_start_keeps_this_runs_group_settings_and_loads_buffers(base_dir):
+    model = tiny_model(512)
+    pretrained = base_optimizer_state(model)
+    optimizer = model.setup_optimizer(unembedding_lr=0.001, embedding_lr=0.002, matrix_lr=0.003, weight_decay=0.0)
+    before = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    chat_sft.warm_start_optimizer(optimizer, pretrained)
+    after = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    assert after == before
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["kind"] == "muon")
+    saved = pretrained["state"]
+    assert saved and len(optimizer.state_dict()["state"]) == len(saved)
+    for key, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(saved[key][name]))
+
+
+@pytest.mark.parametrize("argv", [["--num-iterations=0"], ["--warmdown-ratio=1.5"], ["--max-seq-len=0"],
+                                  ["--warmup-ratio=0.6", "--warmdown-ratio=0.6"]])
+def test_bad_flags_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        chat_sft.parse_args(argv)
+    assert e.value.code == 2
+
+
+# -----------------------------------------------------------------------------
+# Real runs
+
+RUN_FLAGS = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=4", "--eval-every=2", "--eval-tokens=256",
+             "--chatcore-every=-1", "--save-every=2"]
+
+
+def run_main(argv, capsys):
+    """chat_sft.main in this process; the GC policy it sets is undone afterwards."""
+    try:
+        chat_sft.main(argv)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    return capsys.readouterr().out
+
+
+def step_losses(out):
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^step (\d+) \(.*?\) \| loss: ([\d.]+)", out, re.M)}
+
+
+def test_sft_run_then_exact_resume_from_the_middle_checkpoint(base_dir, capsys):
+    out = run_main(RUN_FLAGS, capsys)
+    ckpt = os.path.join(base_dir, "chatsft_checkpoints", "d2")
+    assert sorted(os.listdir(ckpt)) == ["meta_000002.json", "meta_000004.json", "model_000002.pt",
+                                        "model_000004.pt", "optim_000002_rank0.pt", "optim_000004_rank0.pt"]
+    assert "Inherited max_seq_len=128 from pretrained checkpoint" in out
+    assert "gradient accumulation steps: 2" in out
+    assert "Loaded optimizer state from pretrained checkpoint" in out
+    assert len(re.findall(r"^Step \d{5} \| Validation bpb: ", out, re.M)) == 3  # steps 0, 2, 4
+    assert sorted(step_losses(out)) == [1, 2, 3, 4]
+    last = re.findall(r"^step 00004 \((.*?)%\) .*? lrm: ([\d.-]+)", out, re.M)
+    assert last == [("100.00", "0.00")]  # the schedule ends at final_lr_frac, never below
+    with open(os.path.join(ckpt, "meta_000004.json")) as f:
+        meta = json.load(f)
+    assert meta["step"] == 4 and meta["user_config"]["num_iterations"] == 4
+    assert {"val_bpb", "model_config", "user_config", "loop_state"} <= set(meta)
+    assert meta["max_seq_len"] == SEQ_LEN and len(meta["loop_state"]["loader_states"]) == 1
+    report = open(os.path.join(base_dir, "report", "sft.md")).read()
+    assert "Number of iterations: 4" in report
+    from nanochat.checkpoint_manager import load_model
+    model, _, _ = load_model("sft", torch.device("cpu"), phase="eval", model_tag="d2")
+    final = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in final.items())
+    base = torch.load(os.path.join(base_dir, "base_checkpoints", "d2", "model_000010.pt"))
+    assert any(not torch.equal(base[k], final[k]) for k in final)  # training moved the weights
+
+    resumed = run_main(RUN_FLAGS + ["--resume-from-step=2"], capsys)
+    assert sorted(step_losses(resumed)) == [3, 4]
+    assert all(step_losses(resumed)[s] == step_losses(out)[s] for s in (3, 4))
+    again = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    assert all(torch.equal(final[k], again[k]) for k in final)

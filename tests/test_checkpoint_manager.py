@@ -1,0 +1,400 @@
+"""
+nanochat/checkpoint_manager.py on CPU: file layout and JSON format, model rebuild (logits, dtypes,
+patches for older checkpoints), step/tag discovery, clear errors, and crash-safe saving.
+Expected values come from the spec (§6 of pipeline.md) or from the saved model's own forward.
+"""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import: deterministic fp32
+
+import dataclasses
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.l3 import allocation_to_bounds
+from nanochat.tokenizer import RustBPETokenizer
+
+TOKENIZER_VOCAB = 300  # 256 bytes + 9 specials + 35 merges
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo pies".split()
+    texts = [" ".join(words[i:] + words[:i]) * 3 for i in range(len(words))] * 4  # a few KB
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), TOKENIZER_VOCAB)
+    assert tok.get_vocab_size() == TOKENIZER_VOCAB
+    return tok
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch, tokenizer):
+    """A fresh NANOCHAT_BASE_DIR holding the tokenizer; rank-0, non-DDP, offline."""
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    tokenizer.save(str(base / "tokenizer"))
+    return base
+
+
+def tiny_config(**overrides):
+    kwargs = dict(sequence_len=32, vocab_size=TOKENIZER_VOCAB, n_layer=2, n_head=2, n_kv_head=2,
+                  n_embd=64, window_pattern="L")
+    kwargs.update(overrides)
+    return GPTConfig(**kwargs)
+
+
+def tiny_model(config=None, seed=0):
+    """The production build path, then every parameter perturbed so that each feature (smear,
+    backout, value embeddings, zero-initialised projections) changes the logits."""
+    with torch.device("meta"):
+        model = GPT(config or tiny_config())
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def sample_ids(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TOKENIZER_VOCAB, (2, 24), generator=g)
+
+
+@torch.no_grad()
+def logits_of(model, ids):
+    return model(ids)
+
+
+def meta_for(model, step, **extra):
+    return dict(step=step, model_config=dataclasses.asdict(model.config), **extra)
+
+
+def write_like_reference(checkpoint_dir, step, model_data, meta_data):
+    """How the reference writes a checkpoint: plain torch.save / json.dump, no temp files."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    torch.save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
+    with open(os.path.join(checkpoint_dir, f"meta_{step:06d}.json"), "w", encoding="utf-8") as f:
+        json.dump(meta_data, f, indent=2)
+
+
+def touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+# -----------------------------------------------------------------------------
+# Saving and loading
+
+def test_save_load_round_trip_file_names_and_json(tmp_path):
+    ckpt = tmp_path / "d2"
+    model = tiny_model()
+    param = torch.nn.Parameter(torch.randn(3, 4))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones_like(param)
+    opt.step()
+    meta = meta_for(model, 5, val_bpb=None, user_config={"run": "café", "depth": 2},
+                    loop_state={"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0})
+    cm.save_checkpoint(str(ckpt), 5, model.state_dict(), opt.state_dict(), meta, rank=0)
+    cm.save_checkpoint(str(ckpt), 5, model.state_dict(), {"rank": 1}, meta, rank=1)
+
+    assert sorted(os.listdir(ckpt)) == ["meta_000005.json", "model_000005.pt",
+                                        "optim_000005_rank0.pt", "optim_000005_rank1.pt"]
+    text = (ckpt / "meta_000005.json").read_bytes().decode("utf-8")
+    assert text == json.dumps(meta, indent=2)  # indent=2, json's defaults: the reference's bytes
+    assert '"min_val_bpb": Infinity' in text  # allow_nan kept: the reference reads it back with json.load
+
+    model_data, optim_data, meta_data = cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True, rank=0)
+    assert model_data.keys() == model.state_dict().keys()
+    assert all(torch.equal(model_data[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(optim_data["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert math.isinf(meta_data["loop_state"]["min_val_bpb"]) and meta_data["user_config"]["run"] == "café"
+    assert cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True, rank=1)[1] == {"rank": 1}
+    assert cm.load_checkpoint(str(ckpt), 5, "cpu")[1] is None
+
+
+def test_rank_nonzero_writes_only_its_shard(tmp_path):
+    cm.save_checkpoint(str(tmp_path / "c"), 7, {"w": torch.ones(2)}, {"s": 1}, {"step": 7}, rank=3)
+    assert os.listdir(tmp_path / "c") == ["optim_000007_rank3.pt"]
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "d2")
+    model = tiny_model()
+    cm.save_checkpoint(ckpt, 1, model.state_dict(), {"step": 1}, meta_for(model, 1))
+    real_save = torch.save
+
+    def crash_on_optimizer(obj, f, *args, **kwargs):
+        if "step" in obj:  # the optimizer dict: write a few bytes, then die mid-file
+            f.write(b"PK\x03\x04 partial")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_on_optimizer)
+    with pytest.raises(OSError, match="disk full"):
+        cm.save_checkpoint(ckpt, 2, model.state_dict(), {"step": 2}, meta_for(model, 2))
+    monkeypatch.undo()
+
+    files = sorted(os.listdir(ckpt))
+    assert "optim_000002_rank0.pt" not in files and "meta_000002.json" not in files
+    assert not [f for f in files if ".tmp" in f]  # the temp file of the failed write is gone
+    assert cm.find_last_step(ckpt) == 1
+    model_data, _, _ = cm.load_checkpoint(ckpt, 1, "cpu", load_optimizer=True)
+    assert torch.equal(model_data["lm_head.weight"], model.lm_head.weight)
+
+    # a crash after the meta bytes are written but before they are renamed into place
+    real_replace = os.replace
+
+    def crash_on_meta(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_meta)
+    with pytest.raises(OSError, match="killed"):
+        cm.save_checkpoint(ckpt, 3, model.state_dict(), {"step": 3}, meta_for(model, 3))
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(ckpt, "meta_000003.json"))
+    assert cm.find_last_step(ckpt) == 1
+
+    # re-saving step 1 replaces its model file first: until the new meta lands, step 1 is incomplete
+    monkeypatch.setattr(torch, "save", crash_on_optimizer)
+    with pytest.raises(OSError, match="disk full"):
+        cm.save_checkpoint(ckpt, 1, tiny_model(seed=5).state_dict(), {"step": 1}, meta_for(model, 1))
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="No complete checkpoints"):
+        cm.find_last_step(ckpt)
+
+
+def test_corrupt_files_give_errors_naming_the_file(tmp_path):
+    ckpt = tmp_path / "d2"
+    model = tiny_model()
+    cm.save_checkpoint(str(ckpt), 3, model.state_dict(), {"step": 3}, meta_for(model, 3))
+    for name in ("model_000003.pt", "optim_000003_rank0.pt"):
+        path = ckpt / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(RuntimeError, match=name):
+            cm.load_checkpoint(str(ckpt), 3, "cpu", load_optimizer=True)
+        path.write_bytes(data)
+    meta = ckpt / "meta_000003.json"
+    meta.write_text(meta.read_text()[:20])
+    with pytest.raises(ValueError, match="meta_000003.json"):
+        cm.load_checkpoint(str(ckpt), 3, "cpu")
+
+
+def test_missing_files_give_clear_errors(tmp_path):
+    ckpt = tmp_path / "d2"
+    cm.save_checkpoint(str(ckpt), 4, {"w": torch.ones(2)}, {"s": 0}, {"step": 4})
+    with pytest.raises(FileNotFoundError, match=r"rank 1.*optim_000004_rank1\.pt"):
+        cm.load_checkpoint(str(ckpt), 4, "cpu", load_optimizer=True, rank=1)
+    os.remove(ckpt / "model_000004.pt")
+    with pytest.raises(FileNotFoundError, match="model_000004.pt"):
+        cm.load_checkpoint(str(ckpt), 4, "cpu")
+    with pytest.raises(FileNotFoundError, match="meta_000009.json"):
+        cm.load_checkpoint(str(ckpt), 9, "cpu")
+
+
+# -----------------------------------------------------------------------------
+# Rebuilding models
+
+def test_build_model_reproduces_the_saved_model(base_dir):
+    model = tiny_model()
+    ckpt = str(base_dir / "base_checkpoints" / "d2")
+    cm.save_checkpoint(ckpt, 10, model.state_dict(), None, meta_for(model, 10))
+    built, tok, meta = cm.build_model(ckpt, 10, torch.device("cpu"), phase="eval")
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+    assert not built.training and meta["step"] == 10 and tok.get_vocab_size() == TOKENIZER_VOCAB
+    assert cm.build_model(ckpt, 10, "cpu", phase="train")[0].training
+    with pytest.raises(ValueError, match="phase"):
+        cm.build_model(ckpt, 10, "cpu", phase="test")
+
+
+def test_build_model_converts_bf16_to_fp32_on_cpu(base_dir):
+    model = tiny_model()
+    bf16_state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    write_like_reference(str(base_dir / "ck"), 1, bf16_state, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    assert all(p.dtype == torch.float32 for p in built.parameters())
+    with torch.no_grad():  # the expected model: the original with every weight rounded to bf16
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+def test_build_model_strips_orig_mod_prefix(base_dir):
+    model = tiny_model()
+    compiled_state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    write_like_reference(str(base_dir / "ck"), 2, compiled_state, meta_for(model, 2))
+    built, _, _ = cm.build_model(str(base_dir / "ck"), 2, "cpu", "eval")
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+def test_old_checkpoint_patches_window_pattern_and_lambdas(base_dir, caplog):
+    model = tiny_model()
+    state = model.state_dict()
+    del state["resid_lambdas"], state["x0_lambdas"]
+    meta = meta_for(model, 1)
+    del meta["model_config"]["window_pattern"]
+    write_like_reference(str(base_dir / "ck"), 1, state, meta)
+    caplog.set_level(logging.INFO, logger="nanochat.checkpoint_manager")
+    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    assert built.config.window_pattern == "L"
+    assert torch.equal(built.resid_lambdas, torch.ones(2)) and torch.equal(built.x0_lambdas, torch.zeros(2))
+    with torch.no_grad():  # what the patch means: no per-layer scaling, no x0 skip
+        model.resid_lambdas.fill_(1.0)
+        model.x0_lambdas.fill_(0.0)
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+    assert "window_pattern" in caplog.text and "resid_lambdas" in caplog.text and "x0_lambdas" in caplog.text
+
+
+def test_patch_helpers_on_bare_inputs():
+    kwargs = {"n_layer": 3}
+    cm._patch_missing_config_keys(kwargs)
+    assert kwargs["window_pattern"] == "L"
+    data = {}
+    cm._patch_missing_keys(data, tiny_config(n_layer=3))
+    assert torch.equal(data["resid_lambdas"], torch.ones(3)) and torch.equal(data["x0_lambdas"], torch.zeros(3))
+    kept = {"resid_lambdas": torch.full((3,), 0.5), "x0_lambdas": torch.full((3,), 0.25)}
+    cm._patch_missing_keys(kept, tiny_config(n_layer=3))
+    assert torch.equal(kept["resid_lambdas"], torch.full((3,), 0.5))
+
+
+def test_missing_feature_parameters_are_patched_as_exact_noops(base_dir):
+    model = tiny_model()  # 2 layers: layer 1 has a value embedding and its gate
+    state = model.state_dict()
+    for key in ("smear_lambda", "smear_gate.weight", "backout_lambda",
+                "value_embeds.1.weight", "transformer.h.1.attn.ve_gate.weight"):
+        del state[key]
+    write_like_reference(str(base_dir / "ck"), 1, state, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    with torch.no_grad():  # the same model with those three features switched off by hand
+        model.smear_lambda.zero_()
+        model.backout_lambda.zero_()
+        model.value_embeds["1"].weight.zero_()
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA; CPU twins: the bf16 and the no-op patch tests above")
+def test_build_model_on_cuda_keeps_bf16_and_patches_on_the_device(base_dir):
+    model = tiny_model()
+    state = {k: v.cuda() for k, v in model.state_dict().items()}
+    state["transformer.wte.weight"] = state["transformer.wte.weight"].bfloat16()  # as a GPU run stores it
+    del state["backout_lambda"], state["value_embeds.1.weight"], state["transformer.h.1.attn.ve_gate.weight"]
+    write_like_reference(str(base_dir / "ck"), 1, state, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, torch.device("cuda"), "eval")
+    assert all(t.device.type == "cuda" for t in built.state_dict().values())
+    assert built.transformer.wte.weight.dtype == built.value_embeds["1"].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        model.backout_lambda.zero_()
+        model.value_embeds["1"].weight.zero_()
+        model.transformer.wte.weight.copy_(model.transformer.wte.weight.bfloat16().float())
+    torch.testing.assert_close(logits_of(built, sample_ids().cuda()).cpu(), logits_of(model, sample_ids()),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_unpatchable_or_unexpected_keys_are_listed(base_dir):
+    model = tiny_model()
+    cases = [("transformer.h.1.attn.ve_gate.weight", None),  # its value embedding is nonzero: no no-op
+             ("lm_head.weight", None),
+             (None, "transformer.h.7.mlp.c_fc.weight")]
+    for i, (drop, extra) in enumerate(cases):
+        state = model.state_dict()
+        if drop:
+            del state[drop]
+        if extra:
+            state[extra] = torch.zeros(1)
+        write_like_reference(str(base_dir / "ck"), i, state, meta_for(model, i))
+        with pytest.raises(ValueError, match=rf"model_{i:06d}\.pt") as info:
+            cm.build_model(str(base_dir / "ck"), i, "cpu", "eval")
+        assert (drop or extra) in str(info.value)
+
+
+def test_vocab_mismatch_error(base_dir):
+    model = tiny_model(tiny_config(vocab_size=320))
+    cm.save_checkpoint(str(base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
+    with pytest.raises(ValueError, match="Tokenizer vocab size 300 does not match model config vocab size 320") as info:
+        cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    assert isinstance(info.value, AssertionError)  # callers of the reference caught its assert
+
+
+def test_l3_model_round_trips_with_its_bounds(base_dir):
+    config = tiny_config(l3_after_layers="0", l3_n_emb=2 * TOKENIZER_VOCAB, l3_d_up=32, l3_k_max=3)
+    model = tiny_model(config)
+    alloc = [1 if t % 2 else 3 for t in range(TOKENIZER_VOCAB)]  # non-uniform: not the default
+    model.l3_layers["0"].set_bounds(allocation_to_bounds(alloc))
+    cm.save_checkpoint(str(base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    assert built.l3_layers["0"].allocation() == alloc
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+# -----------------------------------------------------------------------------
+# Discovery
+
+def test_find_last_step_is_numeric_and_skips_incomplete_and_foreign(tmp_path, caplog):
+    for name in ("model_999999.pt", "meta_999999.json", "model_1000000.pt", "meta_1000000.json",
+                 "model_2000000.pt",  # no meta: an interrupted save
+                 "model_000010.pt", "model_best.pt", "model_1000001.pt.tmp.42", "meta_000042.json",
+                 "model_0000077.pt", "meta_000077.json", "notes.txt"):
+        touch(tmp_path / "ck" / name)
+    caplog.set_level(logging.INFO, logger="nanochat.checkpoint_manager")
+    assert cm.find_last_step(str(tmp_path / "ck")) == 1_000_000
+    assert "2000000" in caplog.text
+    touch(tmp_path / "empty" / "model_best.pt")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        cm.find_last_step(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cm.find_last_step(str(tmp_path / "nowhere"))
+
+
+def test_find_largest_model_prefers_depth_then_mtime(tmp_path):
+    root = tmp_path / "base_checkpoints"
+    for tag in ("d8", "d24_jan29", "d12", "scaling_1e18_d26", "foo"):
+        (root / tag).mkdir(parents=True)
+    touch(root / "d99.txt")  # a file, not a tag
+    assert cm.find_largest_model(str(root)) == "d24_jan29"  # numeric: 24 > 12 > 8
+    (root / "d24").mkdir()
+    os.utime(root / "d24", (1e9, 1e9))
+    os.utime(root / "d24_jan29", (2e9, 2e9))
+    assert cm.find_largest_model(str(root)) == "d24_jan29"  # equal depth: the newer one
+
+    other = tmp_path / "chatsft_checkpoints"
+    for tag, mtime in (("alpha", 3e9), ("beta", 1e9), ("gamma", 2e9)):
+        (other / tag).mkdir(parents=True)
+        os.utime(other / tag, (mtime, mtime))
+    assert cm.find_largest_model(str(other)) == "alpha"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        cm.find_largest_model(str(tmp_path / "empty"))
+
+
+def test_load_model_guesses_tag_and_step_under_base_dir(base_dir):
+    root = base_dir / "base_checkpoints"
+    small, late, early = tiny_model(tiny_config(n_layer=1)), tiny_model(seed=2), tiny_model(seed=3)
+    cm.save_checkpoint(str(root / "d1"), 50, small.state_dict(), None, meta_for(small, 50))
+    cm.save_checkpoint(str(root / "d2"), 9, early.state_dict(), {"s": 9}, meta_for(early, 9))
+    cm.save_checkpoint(str(root / "d2"), 10, late.state_dict(), {"s": 10}, meta_for(late, 10))
+    model, _, meta = cm.load_model("base", torch.device("cpu"), phase="eval")
+    assert meta["step"] == 10 and model.config.n_layer == 2
+    assert torch.equal(logits_of(model, sample_ids()), logits_of(late, sample_ids()))
+    _, _, meta = cm.load_model("base", "cpu", "eval", model_tag="d2", step=9)
+    assert meta["step"] == 9
+
+    assert cm.load_optimizer_state("base", "cpu", rank=0) == {"s": 10}
+    assert cm.load_optimizer_state("base", "cpu", rank=1) is None
+    assert cm.load_optimizer_state("base", "cpu", rank=0, model_tag="d1", step=50) is None
+    with pytest.raises(FileNotFoundError, match="chatsft_checkpoints"):
+        cm.load_model("sft", "cpu", "eval")
+    with pytest.raises(ValueError, match="bogus"):
+        cm.load_model("bogus", "cpu", "eval")

@@ -1,0 +1,197 @@
+"""
+The sandbox: each call spawns a fresh guarded interpreter (~0.2 s), so the checks are chosen to be cheap:
+harmless targets for the destructive functions (files under tmp_path, signal 0 to our own pid).
+"""
+
+import os
+
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import sys
+import tempfile
+import time
+
+import pytest
+
+from nanochat.execution import OUTPUT_LIMIT_BYTES, ExecutionResult, execute_code
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and Linux rlimits")
+
+
+def test_happy_path_captures_stdout():
+    result = execute_code("print('hello world')")
+    assert result.success and result.error is None
+    assert result.stdout == "hello world\n" and result.stderr == ""
+    assert not result.timeout and not result.memory_exceeded
+
+
+def test_exception_is_reported_and_stdout_kept():
+    result = execute_code("print('before')\n1/0")
+    assert not result.success
+    assert result.error == "ZeroDivisionError: division by zero"
+    assert "Traceback" in result.stderr and '"<llm>", line 2' in result.stderr
+    assert result.stdout == "before\n"  # kept for debugging (the reference discarded it)
+
+
+def test_syntax_error_is_reported():
+    result = execute_code("def broken(:\n    pass")
+    assert not result.success and result.error.startswith("SyntaxError")
+
+
+def test_infinite_loop_times_out():
+    t0 = time.time()
+    result = execute_code("while True: pass", timeout=1.0)
+    assert time.time() - t0 < 4
+    assert result.timeout and not result.success
+    assert result.error == "Execution timed out (process killed)"
+
+
+@linux_only
+def test_timeout_kills_processes_started_by_the_code():
+    code = ("import os\n"
+            "pid = os.posix_spawn('/bin/sleep', ['sleep', '30'], {})\n"
+            "print(pid, flush=True)\n"
+            "while True: pass\n")
+    result = execute_code(code, timeout=1.0)
+    assert result.timeout
+    pid = int(result.stdout)  # output written before the kill is kept
+    time.sleep(0.2)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        assert state == "Z", f"sleep {pid} survived the timeout"  # killed, waiting to be reaped by init
+    except FileNotFoundError:
+        pass  # killed and reaped
+
+
+@linux_only
+def test_memory_bomb_is_stopped():
+    result = execute_code("x = bytearray(1024 ** 3)")
+    assert not result.success and result.memory_exceeded
+    assert result.error.startswith("Memory limit exceeded")
+
+
+@linux_only
+def test_memory_limit_none_disables_the_limit():
+    code = "x = bytearray(300 * 1024 ** 2); print(len(x))"  # over the 256 MB default
+    assert execute_code(code, maximum_memory_bytes=None).stdout == f"{300 * 1024 ** 2}\n"
+    assert execute_code(code).memory_exceeded
+
+
+@pytest.mark.parametrize("call", [
+    "os.system('echo pwned')",
+    "subprocess.Popen(['ls'])",
+    "subprocess.run(['ls'])",
+    "os.kill(os.getpid(), 0)",  # signal 0 only probes: harmless even if the guard failed
+    "os.killpg(os.getpgid(0), 0)",
+    "os.fork()",
+    "os.putenv('X', '1')",
+    "os.chdir('/')",
+    "os.getcwd()",
+    "exit()",
+    "quit()",
+    "help()",
+    "import resource",
+    "import psutil",
+])
+def test_process_and_environment_functions_are_disabled(call):
+    result = execute_code(f"import os, subprocess\n{call}\nprint('ran')")
+    assert not result.success and "ran" not in result.stdout
+
+
+@pytest.mark.parametrize("call", [
+    "shutil.rmtree(DIR)",
+    "shutil.move(FILE, DIR + '/moved')",
+    "os.remove(FILE)",
+    "os.unlink(FILE)",
+    "os.rename(FILE, FILE + '.new')",
+    "os.replace(FILE, FILE + '.new')",
+    "os.truncate(FILE, 0)",
+    "os.chmod(FILE, 0)",
+    "os.rmdir(EMPTY)",
+    "os.removedirs(EMPTY)",
+])
+def test_destructive_file_functions_are_disabled(call, tmp_path):
+    target = tmp_path / "victim"
+    target.mkdir()
+    (target / "file.txt").write_text("keep me")
+    (target / "empty").mkdir()
+    code = (f"import os, shutil\nDIR = {str(target)!r}\nFILE = DIR + '/file.txt'\nEMPTY = DIR + '/empty'\n"
+            f"{call}\nprint('ran')")
+    result = execute_code(code)
+    assert not result.success and result.error == "TypeError: 'NoneType' object is not callable"
+    assert (target / "file.txt").read_text() == "keep me"
+    assert (target / "empty").is_dir() and sorted(p.name for p in target.iterdir()) == ["empty", "file.txt"]
+
+
+def test_stdin_is_unavailable():
+    result = execute_code("input()")
+    assert not result.success and result.error.startswith("OSError")
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_FAKE_SECRET", "hunter2")
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    result = execute_code("import os\nprint(os.environ.get('NANOCHAT_FAKE_SECRET'), os.environ.get('HF_TOKEN'))\n"
+                          "print(sorted(os.environ))")
+    assert result.success
+    assert result.stdout.splitlines()[0] == "None None"
+    assert "hunter2" not in result.stdout and "HF_TOKEN" not in result.stdout
+
+
+@linux_only
+def test_writes_land_in_a_temp_dir_that_is_removed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = ("open('landmine.txt', 'w').write('x\\n')\n"
+            "print(open('landmine.txt').read(), end='')\n"
+            "import os\nprint(os.readlink('/proc/self/cwd'))")
+    result = execute_code(code)
+    assert result.success, result
+    written, workdir = result.stdout.splitlines()
+    assert written == "x"
+    assert os.path.dirname(workdir) == os.path.realpath(tempfile.gettempdir())
+    assert not os.path.exists(workdir)
+    assert list(tmp_path.iterdir()) == []  # nothing written to the caller's cwd
+
+
+def test_tricky_string_content():
+    code = 'print("quote\' double\\" backslash\\\\ braces{} {0} %s")'
+    result = execute_code(code)
+    assert result.success and result.stdout == "quote' double\" backslash\\ braces{} {0} %s\n"
+
+
+def test_fresh_globals_and_main_guard():
+    result = execute_code("print('GUARD' in dir(), sorted(k for k in dir() if not k.startswith('__')))\n"
+                          "if __name__ == '__main__':\n    print('main')")
+    assert result.success and result.stdout == "False []\nmain\n"
+
+
+def test_sys_exit():
+    assert execute_code("import sys; sys.exit(0)").success
+    failed = execute_code("import sys; sys.exit(2)")
+    assert not failed.success and failed.error == "SystemExit: 2" and not failed.timeout
+
+
+def test_stdlib_imports_work():
+    result = execute_code("import math, collections, re, json, heapq, socket\nprint(math.gcd(12, 18))")
+    assert result.success and result.stdout == "6\n"
+
+
+@linux_only
+def test_output_is_capped():
+    result = execute_code(f"import sys\nsys.stdout.write('x' * {OUTPUT_LIMIT_BYTES + 1024})")
+    assert not result.success
+    assert len(result.stdout) <= OUTPUT_LIMIT_BYTES
+
+
+def test_invalid_timeout_raises():
+    with pytest.raises(ValueError, match="timeout"):
+        execute_code("pass", timeout=0)
+
+
+def test_repr_lists_only_set_fields():
+    assert repr(ExecutionResult(True, "hi\n", "")) == "ExecutionResult(success=True, stdout='hi\\n')"
+    assert repr(ExecutionResult(False, "", "")) == "ExecutionResult(success=False)"
+    full = ExecutionResult(False, "o", "e", error="boom", timeout=True, memory_exceeded=True)
+    assert repr(full) == ("ExecutionResult(success=False, timeout=True, memory_exceeded=True, error='boom', "
+                          "stdout='o', stderr='e')")

@@ -1,0 +1,81 @@
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+
+
+class UniformModel:
+    """Logits all equal: the loss of every real target is exactly ln V."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def __call__(self, x, y, loss_reduction="mean"):
+        logits = torch.zeros(*x.shape, self.vocab_size)
+        return F.cross_entropy(logits.view(-1, self.vocab_size), y.view(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+
+def test_uniform_model_bpb_by_hand():
+    V = 8
+    token_bytes = torch.tensor([1, 2, 3, 1, 4, 2, 0, 0])  # ids 6, 7 are specials
+    y = torch.tensor([[0, 1, 6, -1], [4, 7, 2, 5]])
+    x = torch.zeros_like(y)
+    # counted targets: 0, 1, 4, 2, 5 -> bytes 1 + 2 + 4 + 3 + 2 = 12; five losses of ln 8 each
+    expected = 5 * math.log(V) / (math.log(2) * 12)
+    bpb = evaluate_bpb(UniformModel(V), [(x, y)], 1, token_bytes)
+    assert math.isclose(bpb, expected, rel_tol=1e-6)  # the losses themselves are float32
+
+
+def test_consumes_exactly_steps_batches():
+    V = 4
+    token_bytes = torch.ones(V, dtype=torch.long)
+    y1 = torch.tensor([[0, 1]])
+    y2 = torch.tensor([[2, -1]])
+    seen = []
+
+    def batches():
+        for y in (y1, y2, y2):
+            seen.append(y)
+            yield torch.zeros_like(y), y
+    bpb = evaluate_bpb(UniformModel(V), batches(), 2, token_bytes)
+    assert len(seen) == 2
+    assert math.isclose(bpb, 2.0, rel_tol=1e-6)  # ln 4 nats per 1-byte token = log2(4) bits per byte
+
+
+def test_no_counted_bytes_gives_inf():
+    token_bytes = torch.tensor([0, 0, 1])
+    y = torch.tensor([[0, 1, -1]])
+    assert evaluate_bpb(UniformModel(3), [(torch.zeros_like(y), y)], 1, token_bytes) == float("inf")
+
+
+def test_real_model_matches_manual_sum():
+    torch.manual_seed(0)
+    V = 64
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=16, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                              window_pattern="L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # lm_head starts near zero: make the losses differ
+    token_bytes = torch.randint(0, 4, (V,))
+    batches = [(torch.randint(0, V, (2, 16)), torch.randint(-1, V, (2, 16))) for _ in range(3)]
+    nats, nbytes = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x).view(-1, V).double()
+            for logit_row, t in zip(logits, y.view(-1).tolist()):
+                if t >= 0 and token_bytes[t] > 0:
+                    nats += -torch.log_softmax(logit_row, -1)[t].item()
+                    nbytes += int(token_bytes[t])
+    bpb = evaluate_bpb(model, batches, 3, token_bytes)
+    assert math.isclose(bpb, nats / (math.log(2) * nbytes), rel_tol=1e-5)

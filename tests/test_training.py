@@ -1,0 +1,127 @@
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import signal
+
+import pytest
+import torch
+
+from nanochat import training
+
+
+def test_base_lr_schedule_reference_values():
+    # pipeline spec §7.5 examples: n = 1000, warmup 40, warmdown ratio 0.65, final 0.05
+    lrm = lambda it: training.base_lr_multiplier(it, 1000, 40, 0.65, 0.05)
+    assert lrm(0) == pytest.approx(0.025)
+    assert lrm(39) == pytest.approx(1.0)
+    assert lrm(350) == 1.0
+    assert lrm(351) == pytest.approx(0.99854, abs=1e-5)
+    assert lrm(999) == pytest.approx(0.05146, abs=1e-5)
+    values = [lrm(it) for it in range(40, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never increases after warmup
+
+
+def test_base_momentum_and_weight_decay_schedules():
+    mom = lambda it: training.base_muon_momentum(it, 1000, 0.65)
+    assert mom(0) == pytest.approx(0.85)
+    assert mom(200) == pytest.approx(0.91)
+    assert mom(400) == pytest.approx(0.96462, abs=1e-5)  # already in the warmdown branch (it >= 350)
+    assert training.base_muon_momentum(500, 2000, 0.5) == 0.97
+    assert training.base_muon_momentum(1999, 2000, 0.5) == pytest.approx(0.97 - 0.07 * 999 / 1000)
+    assert training.base_weight_decay(0, 100, 0.2) == pytest.approx(0.2)
+    assert training.base_weight_decay(50, 100, 0.2) == pytest.approx(0.1)
+    assert training.base_weight_decay(100, 100, 0.2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sft_schedule():
+    lrm = lambda p: training.sft_lr_multiplier(p, 0.0, 0.5, 0.0)
+    assert lrm(0.0) == 1.0 and lrm(0.5) == 1.0
+    assert lrm(0.75) == pytest.approx(0.5)
+    assert lrm(1.0) == pytest.approx(0.0)
+    assert training.sft_lr_multiplier(0.05, 0.1, 0.5, 0.0) == pytest.approx(0.5, rel=1e-6)
+    assert training.sft_muon_momentum(0) == 0.85
+    assert training.sft_muon_momentum(150) == pytest.approx(0.90)
+    assert training.sft_muon_momentum(3000) == pytest.approx(0.95)
+
+
+def test_apply_schedule_touches_the_right_groups():
+    p1, p2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.SGD([dict(params=[p1], lr=0.1, kind="adamw"), dict(params=[p2], lr=0.2, kind="muon",
+                                                                         momentum=0.95, weight_decay=0.3)])
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    training.apply_schedule(opt, 0.5, muon_momentum=0.9, muon_weight_decay=0.01)
+    adamw, muon = opt.param_groups
+    assert adamw["lr"] == pytest.approx(0.05) and "weight_decay" in adamw and adamw["weight_decay"] == 0
+    assert muon["lr"] == pytest.approx(0.1) and muon["momentum"] == 0.9 and muon["weight_decay"] == 0.01
+
+
+def test_grad_accum_steps():
+    assert training.grad_accum_steps(524288, 32, 2048, 8) == 1
+    assert training.grad_accum_steps(1048576, 16, 2048, 8) == 4
+    with pytest.raises(ValueError, match="multiple"):
+        training.grad_accum_steps(1000, 2, 64, 1)
+    assert training.eval_steps_for(100, 2, 64, 1) == 1
+    assert training.eval_steps_for(80 * 524288, 32, 2048, 8) == 80
+
+
+def test_loss_tracker_debias_and_timing():
+    t = training.LossTracker()
+    assert t.update(0, 4.0, 1.0) == pytest.approx(4.0)  # debiasing makes the first value exact
+    assert t.update(1, 4.0, 1.0) == pytest.approx(4.0)
+    assert t.total_training_time == 0  # steps 0..10 are not timed
+    for step in range(2, 13):
+        t.update(step, 4.0, 2.0)
+    assert t.total_training_time == pytest.approx(4.0)  # steps 11 and 12
+    assert t.eta_suffix(10, 100) == ""
+    assert t.eta_suffix(12, 100) == f" | eta: {88 * 4.0 / 2 / 60:.1f}m"
+
+
+def test_cadence():
+    assert training.every(0, 10, False, include_step_zero=True)
+    assert not training.every(0, 10, False)
+    assert training.every(20, 10, False) and not training.every(21, 10, False)
+    assert training.every(21, 10, True)
+    assert not training.every(21, -1, True)  # off means off, even at the end
+
+
+def test_mfu_percent():
+    assert training.mfu_percent(1e6, 1000, 1.0, 1e10, 1) == pytest.approx(10.0)
+    assert training.mfu_percent(1e6, 1000, 1.0, 1e10, 2) == pytest.approx(5.0)
+    assert training.mfu_percent(1e6, 1000, 1.0, float("inf"), 1) == 0.0
+
+
+def test_stop_flag_catches_sigterm_and_restores_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM  # still alive: the signal only set the flag
+        signalled, non_finite = training.should_stop(flag, 1.0, "cpu")
+        assert signalled and not non_finite
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_should_stop_sees_non_finite_loss():
+    with training.StopFlag() as flag:
+        assert training.should_stop(flag, 2.0, "cpu") == (False, False)
+        assert training.should_stop(flag, float("nan"), "cpu") == (False, True)
+        assert training.should_stop(flag, float("inf"), "cpu") == (False, True)
+
+
+def test_grad_scaler_only_for_fp16():
+    assert training.make_grad_scaler(torch.float32, "cpu") is None
+    assert training.make_grad_scaler(torch.bfloat16, "cpu") is None
+    scaler = training.make_grad_scaler(torch.float16, "cpu")
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+
+
+def test_exit_after_signal_saves_then_exits_with_the_signal_code(capsys):
+    saved = []
+    with pytest.raises(SystemExit) as e:
+        training.exit_after_signal(saved.append, 7, signal.SIGTERM)
+    assert e.value.code == 128 + signal.SIGTERM and saved == [7]
+    assert "resume with --resume-from-step=7" in capsys.readouterr().out
+
+
+def test_agree_max_without_process_group():
+    assert training.agree_max([0.5, 0, 1], "cpu") == [0.5, 0.0, 1.0]
