@@ -142,6 +142,8 @@ class KVCache:
     layer then calls advance(T_new). prev_embedding carries the smear feature across calls.
     Capacity never grows: the Engine sizes it up front (prompt + max_tokens) and never decodes past it;
     the SDPA fallback raises on an overflowing write (FA3 does not check).
+    Rows may sit at different positions (continuous batching, nanochat.batching): the model and the
+    attention kernels honour each row's cache_seqlens; get_pos() then reports row 0.
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
@@ -231,6 +233,42 @@ class ToolTokens:
                    special("<|output_end|>"), special("<|assistant_end|>"), tokenizer.get_bos_token_id())
 
 
+def tool_output(tokenizer, expr_tokens, special):
+    """Tokens answering a finished tool call (<|output_start|> result <|output_end|>), or [] if it failed."""
+    result = use_calculator(tokenizer.decode(expr_tokens))
+    if result is None:
+        return []
+    try:
+        text = str(result)
+    except ValueError:  # an int beyond Python's str() digit limit: treat like a failed call
+        return []
+    return [special.output_start, *tokenizer.encode(text), special.output_end]
+
+
+def emit_token(row, sampled, special, tokenizer):
+    """Row's next (token, mask): a pending forced token (mask 0) wins over the sampled one (mask 1).
+    Then update the row's completion and tool state with that token. Shared by the Engine and the
+    continuous-batching scheduler (nanochat.batching), so tool use behaves the same in both."""
+    if row.forced_tokens:
+        token, mask = row.forced_tokens.popleft(), 0
+    else:
+        token, mask = sampled, 1
+    row.current_tokens.append(token)
+    if token in (special.assistant_end, special.bos):
+        row.completed = True
+    if token == special.python_start:  # a second start inside a block restarts the expression
+        row.in_python_block = True
+        row.python_expr_tokens = []
+    elif token == special.python_end and row.in_python_block:
+        row.in_python_block = False
+        if row.python_expr_tokens:
+            row.forced_tokens.extend(tool_output(tokenizer, row.python_expr_tokens, special))
+        row.python_expr_tokens = []
+    elif row.in_python_block:
+        row.python_expr_tokens.append(token)
+    return token, mask
+
+
 # -----------------------------------------------------------------------------
 # Engine
 
@@ -274,37 +312,10 @@ class Engine:
         return logits.expand(num_samples, -1), decode_cache
 
     def _tool_output(self, expr_tokens, special):
-        """Tokens answering a finished tool call (<|output_start|> result <|output_end|>), or [] if it failed."""
-        result = use_calculator(self.tokenizer.decode(expr_tokens))
-        if result is None:
-            return []
-        try:
-            text = str(result)
-        except ValueError:  # an int beyond Python's str() digit limit: treat like a failed call
-            return []
-        return [special.output_start, *self.tokenizer.encode(text), special.output_end]
+        return tool_output(self.tokenizer, expr_tokens, special)
 
     def _emit(self, row, sampled, special):
-        """Row's next (token, mask): a pending forced token (mask 0) wins over the sampled one (mask 1).
-        Then update the row's completion and tool state with that token."""
-        if row.forced_tokens:
-            token, mask = row.forced_tokens.popleft(), 0
-        else:
-            token, mask = sampled, 1
-        row.current_tokens.append(token)
-        if token in (special.assistant_end, special.bos):
-            row.completed = True
-        if token == special.python_start:  # a second start inside a block restarts the expression
-            row.in_python_block = True
-            row.python_expr_tokens = []
-        elif token == special.python_end and row.in_python_block:
-            row.in_python_block = False
-            if row.python_expr_tokens:
-                row.forced_tokens.extend(self._tool_output(row.python_expr_tokens, special))
-            row.python_expr_tokens = []
-        elif row.in_python_block:
-            row.python_expr_tokens.append(token)
-        return token, mask
+        return emit_token(row, sampled, special, self.tokenizer)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):

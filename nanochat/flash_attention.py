@@ -152,20 +152,47 @@ def _sdpa_func(q, k, v, causal, window_size):
     return y.transpose(1, 2)
 
 
+def cache_position_range(cache_seqlens):
+    """(lowest, highest) row position of a cache as Python ints (one host sync); equal when the rows decode in lockstep."""
+    positions = cache_seqlens.tolist()
+    return min(positions), max(positions)
+
+
 def _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size):
     """The kv-cache contract on SDPA: write k, v at [pos, pos + T_new), attend over [0, pos + T_new)."""
     if cache_seqlens is None:
         raise ValueError("the SDPA fallback of flash_attn_with_kvcache needs cache_seqlens")
-    pos = int(cache_seqlens[0])  # host sync; every row is assumed to be at the same position
-    end = pos + q.size(1)
+    positions = cache_seqlens.tolist()  # host sync
+    low, high = min(positions), max(positions)
+    end = high + q.size(1)
     if end > k_cache.size(1):
-        raise ValueError(f"KV cache overflow: positions [{pos}, {end}) do not fit a cache of length {k_cache.size(1)}")
+        raise ValueError(f"KV cache overflow: positions [{high}, {end}) do not fit a cache of length {k_cache.size(1)}")
+    if low != high:
+        return _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, positions, causal, window_size)
+    pos = low  # every row at the same position: one call over contiguous slices (the fast path)
     if k is not None and v is not None:
         k_cache[:, pos:end] = k  # in place, casting to the cache dtype; the caller advances cache_seqlens
         v_cache[:, pos:end] = v
     # a cache kept in another dtype than the activations would otherwise make SDPA reject the call
     k_full, v_full = k_cache[:, :end].to(q.dtype), v_cache[:, :end].to(q.dtype)
     return _sdpa_func(q, k_full, v_full, causal, window_size)
+
+
+def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, positions, causal, window_size):
+    """Rows at different positions (continuous batching): each row is written and attended on its own.
+    A per-row loop rather than one call with a padding mask: SDPA's numbers for a row do not depend on the
+    batch around it, so every row gets exactly the bits of the lockstep path (a mask over a longer key range
+    changes the reduction blocking and thus the last bits, which then depend on the other rows' lengths)."""
+    T_new = q.size(1)
+    rows = []
+    for b, pos in enumerate(positions):
+        end = pos + T_new
+        if k is not None and v is not None:
+            k_cache[b, pos:end] = k[b]
+            v_cache[b, pos:end] = v[b]
+        k_row, v_row = k_cache[b:b + 1, :end].to(q.dtype), v_cache[b:b + 1, :end].to(q.dtype)
+        rows.append(_sdpa_func(q[b:b + 1], k_row, v_row, causal, window_size))
+    return torch.cat(rows, dim=0)
 
 
 # -----------------------------------------------------------------------------

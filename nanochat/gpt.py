@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, is_ddp_initialized, print0
-from nanochat.flash_attention import flash_attn
+from nanochat.flash_attention import cache_position_range, flash_attn
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 
 
@@ -384,14 +384,22 @@ class GPT(nn.Module):
             return torch.cat([first, mixed], dim=1)
         return x if x_prev is None else x + gate * x_prev
 
+    def _rotary_for(self, T, kv_cache):
+        """(cos, sin) for the T new positions: sliced (1, T, 1, D/2) when every cache row is at the same
+        position, else gathered per row (B, T, 1, D/2) for rows at different positions (continuous batching)."""
+        low, high = (0, 0) if kv_cache is None else cache_position_range(kv_cache.cache_seqlens)
+        assert high + T <= self.cos.size(1), (
+            f"Sequence length grew beyond the rotary embeddings cache: {high + T} > {self.cos.size(1)}")
+        if low == high:
+            return self.cos[:, low:low + T], self.sin[:, low:low + T]
+        positions = kv_cache.cache_seqlens.long()[:, None] + torch.arange(T, device=self.cos.device)  # (B, T)
+        return self.cos[0, positions], self.sin[0, positions]
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        assert T0 + T <= self.cos.size(1), (
-            f"Sequence length grew beyond the rotary embeddings cache: {T0 + T} > {self.cos.size(1)}")
         assert idx.device == self.cos.device, f"Rotary embeddings and idx are on different devices: {idx.device} != {self.cos.device}"
         assert self.cos.dtype == COMPUTE_DTYPE, f"Rotary embeddings must be in {COMPUTE_DTYPE}, got {self.cos.dtype}"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        cos_sin = self._rotary_for(T, kv_cache)
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x = self._smear(x, kv_cache)

@@ -1,0 +1,172 @@
+"""
+Throughput of continuous batching: the BatchScheduler serving N concurrent requests, against the same N
+requests served one at a time (by the scheduler, and by Engine.generate as the reference server does).
+
+    python -m dev.bench_batching                          # the latest sft checkpoint (falls back to base)
+    python -m dev.bench_batching --depth 4 --new-tokens 64 --concurrency 1,4,16
+    python -m dev.bench_batching --source base --max-batch-size 16
+
+Every request decodes exactly --new-tokens tokens: the model is wrapped so that the terminal ids
+(<|assistant_end|>, BOS) can never be sampled. Sampling: temperature 1, top_k 50, one seed per request.
+Also printed: the cost of computing idle slots (one request with max_batch_size 1 versus the full width).
+"""
+
+import argparse
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Continuous batching throughput")
+    p.add_argument("--source", type=str, default="", help="base|sft|rl checkpoint (empty = sft, else base)")
+    p.add_argument("--depth", type=int, default=0, help="benchmark a random model of this depth instead")
+    p.add_argument("--concurrency", type=str, default="1,4,16", help="comma-separated numbers of concurrent requests")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=64, help="prompts get lengths spread over [len/2, len]")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--device-type", type=str, default="")
+    return p.parse_args(argv)
+
+
+class _FakeTokenizer:
+    """Special ids at the top of the vocabulary, for a random model without a trained tokenizer."""
+    NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+    def __init__(self, vocab_size):
+        self.ids = {name: vocab_size - len(self.NAMES) + i for i, name in enumerate(self.NAMES)}
+
+    def encode_special(self, name):
+        return self.ids[name]
+
+    def get_bos_token_id(self):
+        return self.ids["<|bos|>"]
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class _NoStopModel:
+    """The model with the terminal ids' logits at -inf, so every request runs to max_tokens."""
+
+    def __init__(self, model, banned):
+        self.model, self.config, self.banned = model, model.config, list(banned)
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        logits = self.model.forward(ids, kv_cache=kv_cache)
+        logits[..., self.banned] = float("-inf")
+        return logits
+
+
+def load(args, device):
+    """(model, tokenizer, description)."""
+    if args.depth:
+        from nanochat.gpt import GPT, config_for_depth
+        with torch.device("meta"):
+            model = GPT(config_for_depth(args.depth, sequence_len=2048, window_pattern="L"))
+        model.to_empty(device=device)
+        model.init_weights()
+        model.eval()
+        return model, _FakeTokenizer(model.config.vocab_size), f"random d{args.depth}"
+    from nanochat.checkpoint_manager import load_model
+    errors = []
+    for source in [args.source] if args.source else ["sft", "base"]:
+        try:
+            model, tokenizer, meta = load_model(source, device, phase="eval")
+            return model, tokenizer, f"{source} checkpoint, step {meta.get('step')}"
+        except FileNotFoundError as e:
+            errors.append(str(e))
+    raise SystemExit(f"bench_batching: no checkpoint found ({'; '.join(errors)}); train one or pass --depth")
+
+
+def make_prompts(n, prompt_len, bos):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [max(2, prompt_len // 2 + (i * 7) % (prompt_len // 2 + 1)) for i in range(n)]
+    return [[bos] + torch.randint(0, 256, (length - 1,), generator=gen).tolist() for length in lengths]
+
+
+def wait_all(requests):
+    """Drain every request's events; returns the number of tokens delivered."""
+    tokens = 0
+    for request in requests:
+        while True:
+            event = request.events.get()
+            tokens += event.token_id is not None
+            if event.finish_reason is not None:
+                if event.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"request {request.id} ended with {event.finish_reason}")
+                break
+    return tokens
+
+
+def timed(fn, sync):
+    sync()
+    t0 = time.time()
+    tokens = fn()
+    sync()
+    return tokens, time.time() - t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from nanochat.batching import BatchScheduler, SamplingParams
+    from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
+    from nanochat.engine import Engine
+    device_type = args.device_type or autodetect_device_type()
+    device = torch.device(device_type)
+    base_model, tokenizer, what = load(args, device)
+    model = _NoStopModel(base_model, [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()])
+    cfg = model.config
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
+          f"max_batch_size={args.max_batch_size} prompt<={args.prompt_len} new_tokens={args.new_tokens} "
+          f"threads={torch.get_num_threads()}")
+    params = [SamplingParams(max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i) for i in range(256)]
+
+    def run_scheduler(scheduler, prompts, concurrent):
+        if concurrent:
+            return wait_all([scheduler.submit(p, sp) for p, sp in zip(prompts, params)])
+        return sum(wait_all([scheduler.submit(p, sp)]) for p, sp in zip(prompts, params))
+
+    def run_engine(engine, prompts):
+        return sum(sum(1 for _ in engine.generate(p, max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i))
+                   for i, p in enumerate(prompts))
+
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=256)
+    scheduler.start()
+    engine = Engine(model, tokenizer)
+    try:
+        warm_up = make_prompts(2, args.prompt_len, tokenizer.get_bos_token_id())
+        run_scheduler(scheduler, warm_up, True)
+        run_engine(engine, warm_up[:1])
+        for n in [int(c) for c in args.concurrency.split(",")]:
+            prompts = make_prompts(n, args.prompt_len, tokenizer.get_bos_token_id())
+            rows = [("scheduler, concurrent", lambda: run_scheduler(scheduler, prompts, True)),
+                    ("scheduler, one at a time", lambda: run_scheduler(scheduler, prompts, False)),
+                    ("Engine, one at a time", lambda: run_engine(engine, prompts))]
+            for name, fn in rows:
+                tokens, seconds = timed(fn, sync)
+                print(f"{n:3d} requests, {name:25s}: {tokens / seconds:9.1f} tok/s ({tokens} tokens, {seconds:.2f} s)")
+    finally:
+        scheduler.shutdown()
+    # idle slots are computed, not compacted: what does that cost a lone request?
+    prompt = make_prompts(1, args.prompt_len, tokenizer.get_bos_token_id())
+    for width in sorted({1, args.max_batch_size}):
+        narrow = BatchScheduler(model, tokenizer, max_batch_size=width)
+        narrow.start()
+        try:
+            tokens, seconds = timed(lambda: run_scheduler(narrow, prompt, True), sync)
+        finally:
+            narrow.shutdown()
+        print(f"  1 request, max_batch_size {width:3d}   : {tokens / seconds:9.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

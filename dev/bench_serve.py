@@ -1,0 +1,152 @@
+"""
+Serving benchmark for scripts/chat_web.py: N concurrent streaming clients on /v1/chat/completions, for each
+N in a list. Reports requests/s, output tokens/s, time to first token (TTFT) and per-token latency (the
+gaps between streamed chunks, as a client sees them), p50 and p95.
+
+    python -m dev.bench_serve --url http://localhost:8000          # a server that is already running
+    python -m dev.bench_serve --source sft --device-type cpu       # starts one in-process on a checkpoint
+    python -m dev.bench_serve --concurrency 1,4,16 --requests-per-client 4 --max-tokens 128 --serial
+
+Each of the N clients sends --requests-per-client requests back to back, so N*k requests per level. With
+--serial the same requests are then sent one at a time: the reference server's design, one request per
+GPU at a time, for comparison. Replies stop at <|assistant_end|> as usual, so lengths vary with the model
+and the sampling (tokens/s counts the tokens actually generated, from the usage chunk).
+"""
+
+import argparse
+import json
+import threading
+import time
+
+import httpx
+
+PROMPTS = [
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What is 12 times 7? Explain step by step.",
+    "Tell me a fun fact about octopuses.",
+    "How do I reverse a list in Python?",
+    "Summarize the plot of Romeo and Juliet in three sentences.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Give me three tips for learning a new language.",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Throughput and latency of the chat server under concurrent clients")
+    p.add_argument("--url", type=str, default="", help="a running server (empty = start one in-process)")
+    p.add_argument("--source", type=str, default="sft", help="in-process server: checkpoint family sft|rl|base")
+    p.add_argument("--model-tag", type=str, default=None, help="in-process server: checkpoint tag")
+    p.add_argument("--step", type=int, default=None, help="in-process server: checkpoint step")
+    p.add_argument("--device-type", type=str, default="", help="in-process server: cuda|cpu|mps (empty = autodetect)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="in-process server: sequences per batch")
+    p.add_argument("--concurrency", type=str, default="1,4,16", help="comma-separated numbers of clients")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--serial", action="store_true", help="also send the same requests one at a time")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per request")
+    return p.parse_args(argv)
+
+
+def start_local_server(args):
+    """An in-process server on a free port; returns (url, stop function)."""
+    from scripts import chat_web
+    flags = ["--source", args.source, "--max-batch-size", str(args.max_batch_size),
+             "--max-queue", str(max(map(int, args.concurrency.split(","))))]
+    flags += ["--device-type", args.device_type] if args.device_type else []
+    flags += ["--model-tag", args.model_tag] if args.model_tag else []
+    flags += ["--step", str(args.step)] if args.step is not None else []
+    server, thread, port = chat_web.serve_in_thread(chat_web.create_app(chat_web.parse_args(flags)))
+
+    def stop():
+        server.should_exit = True
+        thread.join()
+    return f"http://127.0.0.1:{port}", stop
+
+
+def timed_request(client, url, body):
+    """Stream one completion; returns (start, [arrival time of each text chunk], completion tokens)."""
+    start, arrivals, tokens = time.perf_counter(), [], 0
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read().decode()}")
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"the server reported an error: {chunk['error']}")
+            if any(choice["delta"].get("content") for choice in chunk["choices"]):
+                arrivals.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return start, arrivals, tokens
+
+
+def make_requests(args, n):
+    return [{"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "stream": True,
+             "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens,
+             "temperature": args.temperature, "seed": i} for i in range(n)]
+
+
+def run_clients(url, bodies, num_clients, timeout):
+    """Send bodies from num_clients threads (client c takes bodies c, c + num_clients, ...); returns
+    (wall seconds, results)."""
+    results, errors = [], []
+
+    def client_loop(c):
+        with httpx.Client(timeout=timeout) as client:
+            for body in bodies[c::num_clients]:
+                try:
+                    results.append(timed_request(client, url, body))
+                except (httpx.HTTPError, RuntimeError) as e:
+                    errors.append(e)
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(num_clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(bodies)} requests failed, the first: {errors[0]}")
+    return time.perf_counter() - start, results
+
+
+def percentile(values, q):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(label, num_clients, wall, results):
+    ttft = [arrivals[0] - start for start, arrivals, _ in results if arrivals]
+    gaps = [b - a for _, arrivals, _ in results for a, b in zip(arrivals, arrivals[1:])]
+    tokens = sum(n for _, _, n in results)
+    print(f"{label:<8} {num_clients:>7} {len(results):>8} {len(results) / wall:>7.2f} {tokens / wall:>10.1f} "
+          f"{1000 * percentile(ttft, 50):>9.1f} {1000 * percentile(ttft, 95):>9.1f} "
+          f"{1000 * percentile(gaps, 50):>11.2f} {1000 * percentile(gaps, 95):>11.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    url, stop = (args.url.rstrip("/"), None) if args.url else start_local_server(args)
+    try:
+        print(f"server {url}, max_tokens {args.max_tokens}, temperature {args.temperature}")
+        run_clients(url, make_requests(args, 2), 1, args.timeout)  # warm-up
+        print(f"{'mode':<8} {'clients':>7} {'requests':>8} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} "
+              f"{'TTFT p95':>9} {'tok ms p50':>11} {'tok ms p95':>11}   (times in ms)")
+        for num_clients in map(int, args.concurrency.split(",")):
+            bodies = make_requests(args, num_clients * args.requests_per_client)
+            summarize("batched", num_clients, *run_clients(url, bodies, num_clients, args.timeout))
+            if args.serial:
+                summarize("serial", 1, *run_clients(url, bodies, 1, args.timeout))
+    finally:
+        if stop is not None:
+            stop()
+
+
+if __name__ == "__main__":
+    main()

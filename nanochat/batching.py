@@ -1,0 +1,379 @@
+"""
+Continuous batching for serving: many independent requests share one model on one device.
+
+A BatchScheduler owns a fixed set of max_batch_size slots, i.e. the rows of one KVCache. Its decode
+thread repeats one step:
+1. end the slots whose request was cancelled;
+2. admit queued requests into free slots: the prompt is prefilled at batch 1 (exactly as the Engine does),
+   its cache copied into the slot's row, and the first token sampled from the prefill logits;
+3. one batched forward over every slot (one token per slot, each row at its own position);
+4. per slot: sample with the request's own params and torch.Generator, run the tool state machine
+   (shared with the Engine), deliver a TokenEvent, free the slot when the request ends.
+
+Free slots are computed and ignored rather than compacted away: the forward then always has the same
+shape, and on CPU (where a matmul row's bits depend on the matrix shape, not on the other rows) a request
+produces bit for bit the same logits whichever requests share the batch, so seeded outputs are reproducible.
+
+Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then exactly one final event.
+- "length": max_tokens reached; the final event carries the last token (token_id not None).
+- "stop": <|assistant_end|>, BOS or one of stop_token_ids was produced; that token is not delivered:
+  the final event is TokenEvent(None, 0, "stop").
+- "cancelled" (cancel() or shutdown()) and "error" (the model raised): TokenEvent(None, 0, reason).
+"""
+
+import logging
+import queue
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanochat import common
+from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, sample_next_token
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """submit() found max_queue requests already waiting for a slot."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int  # new tokens, forced tool tokens included (as in the Engine)
+    temperature: float = 1.0
+    top_k: int | None = None  # None or 0: off
+    top_p: float | None = None  # None or 1.0: off (nucleus sampling)
+    seed: int | None = None  # None: a random seed
+    stop_token_ids: tuple = ()  # extra ids that end the request, besides <|assistant_end|> and BOS
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None only on a final event that carries no token
+    mask: int  # 1 sampled, 0 forced by the tool (and 0 on a final event without a token)
+    finish_reason: str | None  # None while streaming, else "stop" | "length" | "cancelled" | "error"
+
+
+def check_params(params, prompt_len, sequence_len):
+    """Raise ValueError naming the first bad field of a request."""
+    if prompt_len == 0:
+        raise ValueError("prompt_tokens is empty")
+    if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {params.max_tokens!r}")
+    if prompt_len + params.max_tokens > sequence_len:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                         f"context of {sequence_len} tokens")
+    if not params.temperature >= 0.0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {params.temperature!r}")
+    if params.top_k is not None and (not isinstance(params.top_k, int) or params.top_k < 0):
+        raise ValueError(f"top_k must be None or an int >= 0, got {params.top_k!r}")
+    if params.top_p is not None and not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {params.top_p!r}")
+    if params.seed is not None and not isinstance(params.seed, int):
+        raise ValueError(f"seed must be None or an int, got {params.seed!r}")
+
+
+def sample_token(logits, rng, params):
+    """Next id (1, 1) for one row's logits (1, V). Without top_p this is exactly the Engine's sampler, so
+    a request draws the same tokens as Engine.generate with the same seed."""
+    top_p = params.top_p
+    if params.temperature == 0.0 or top_p is None or top_p >= 1.0:
+        return sample_next_token(logits, rng, params.temperature, params.top_k)
+    if params.top_k is not None and params.top_k > 0:
+        values, indices = torch.topk(logits, min(params.top_k, logits.size(-1)), dim=-1)  # sorted, descending
+    else:
+        values, indices = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(values / params.temperature, dim=-1)
+    # nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p (the top token always stays)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return indices.gather(-1, choice)
+
+
+class GenerationRequest:
+    """One submitted prompt. Events go to the on_event callback given to submit(), else into self.events."""
+
+    def __init__(self, prompt_tokens, params, on_event=None, wake=None):
+        self.id = uuid.uuid4().hex
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.events = queue.SimpleQueue() if on_event is None else None
+        self.finish_reason = None  # set together with the final event
+        self._on_event = on_event if on_event is not None else self.events.put
+        self._cancelled = threading.Event()
+        self._wake = wake  # nudges an idle scheduler so a cancelled queued request ends promptly
+        # decode-thread state
+        self._row = None  # RowState: tokens so far and the tool state machine
+        self._rng = None
+        self._stop_ids = frozenset()
+        self._num_generated = 0
+        self._next_input = None  # the last delivered token, fed at the next forward
+
+    def cancel(self):
+        """Thread-safe. The request ends with a "cancelled" event at the scheduler's next step boundary."""
+        self._cancelled.set()
+        if self._wake is not None:
+            self._wake()
+
+    @property
+    def cancelled(self):
+        return self._cancelled.is_set()
+
+
+class BatchScheduler:
+    """Continuous batching of GenerationRequests over one model (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.device = torch.device(device) if device is not None else model.get_device()
+        self.special = ToolTokens.from_tokenizer(tokenizer)
+        self._terminal = frozenset((self.special.assistant_end, self.special.bos))
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue = deque()  # waiting requests, guarded by _lock
+        self._stopping = False
+        self._thread = None
+        self._num_active = 0
+        self._completed = 0
+        self._tokens_generated = 0
+        # decode-thread state: one request (or None) and one host-side position per slot
+        self._slots = [None] * max_batch_size
+        self._positions = [0] * max_batch_size
+        # one cache row per slot, sized for the longest request submit() accepts
+        cfg = model.config
+        self._cache = self._new_cache(max_batch_size, cfg.sequence_len)
+        self._cache.prev_embedding = torch.zeros(max_batch_size, 1, cfg.n_embd, device=self.device,
+                                                 dtype=common.COMPUTE_DTYPE)
+
+    # ------------------------------------------------------------------
+    # Public API (any thread)
+
+    def start(self):
+        """Start the background decode thread (a daemon)."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the scheduler was shut down")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="nanochat-batching", daemon=True)
+            self._thread.start()
+
+    def shutdown(self):
+        """Stop and join the decode thread; every unfinished request gets a final "cancelled" event."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify_all()
+            thread = self._thread
+        if thread is threading.current_thread():
+            return  # called from on_event: the decode thread ends the requests itself once the step is over
+        if thread is not None:
+            thread.join()
+        else:  # never started: only queued requests exist
+            self._cancel_queued()
+
+    def submit(self, prompt_tokens, params, on_event=None):
+        """Queue a request. on_event(TokenEvent) is called from the decode thread (keep it quick)."""
+        prompt_tokens = list(prompt_tokens)
+        vocab_size = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt_tokens):
+            raise ValueError(f"prompt_tokens must be ints in [0, {vocab_size})")
+        check_params(params, len(prompt_tokens), self.model.config.sequence_len)
+        request = GenerationRequest(prompt_tokens, params, on_event, wake=self._wake)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the scheduler was shut down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting (max_queue={self.max_queue})")
+            self._queue.append(request)
+            self._wakeup.notify_all()
+        return request
+
+    def stats(self):
+        """Counts: completed = requests that received their final event, whatever the reason;
+        tokens_generated = token events delivered (sampled and forced)."""
+        with self._lock:
+            return {"active": self._num_active, "queued": len(self._queue), "max_batch_size": self.max_batch_size,
+                    "completed": self._completed, "tokens_generated": self._tokens_generated}
+
+    def _wake(self):
+        with self._lock:
+            self._wakeup.notify_all()
+
+    # ------------------------------------------------------------------
+    # Decode thread
+
+    def _run(self):
+        with torch.inference_mode():
+            while self._wait_for_work():
+                try:
+                    self._step()
+                except Exception:
+                    logger.exception("batched decode step failed; ending the active requests")
+                    self._fail_active()
+        self._cancel_active()
+        self._cancel_queued()
+
+    def _wait_for_work(self):
+        """Block until there is something to do. False once shutdown() was called."""
+        with self._lock:
+            while not self._stopping and self._num_active == 0 and not self._queue:
+                self._wakeup.wait()
+            return not self._stopping
+
+    def _step(self):
+        for slot, request in enumerate(self._slots):
+            if request is not None and request.cancelled:
+                self._finish(slot, TokenEvent(None, 0, "cancelled"))
+        for slot, request in self._admit():
+            self._start(slot, request)
+        if any(request is not None for request in self._slots):
+            self._decode()
+
+    def _admit(self):
+        """Move queued requests into free slots (cancelled ones end here). Returns [(slot, request)]."""
+        admitted = []
+        with self._lock:
+            cancelled = [request for request in self._queue if request.cancelled]
+            if cancelled:
+                self._queue = deque(request for request in self._queue if not request.cancelled)
+            free = [slot for slot, request in enumerate(self._slots) if request is None]
+            while free and self._queue:
+                request = self._queue.popleft()
+                slot = free.pop(0)
+                self._slots[slot] = request
+                self._num_active += 1
+                admitted.append((slot, request))
+        for request in cancelled:
+            self._deliver_final(request, TokenEvent(None, 0, "cancelled"))
+        return admitted
+
+    def _start(self, slot, request):
+        """Prefill the prompt into the slot's cache row and emit the first token."""
+        try:
+            params = request.params
+            request._row = RowState(list(request.prompt_tokens))
+            request._rng = torch.Generator(device=self.device)
+            if params.seed is None:
+                request._rng.seed()
+            else:
+                request._rng.manual_seed(params.seed)
+            request._stop_ids = self._terminal | frozenset(params.stop_token_ids)
+            logits = self._prefill(slot, request.prompt_tokens)
+            sampled = sample_token(logits, request._rng, params)[0, 0].item()
+        except Exception:
+            logger.exception("prefill of request %s failed", request.id)
+            self._finish(slot, TokenEvent(None, 0, "error"))
+            return
+        self._accept(slot, sampled)
+
+    def _new_cache(self, batch_size, seq_len):
+        cfg = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len,
+                       head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=self.device,
+                       dtype=common.COMPUTE_DTYPE)
+
+    def _prefill(self, slot, tokens):
+        """Run the prompt at batch 1 in its own cache (as Engine._prefill does: same numbers), copy that
+        cache into row `slot` of the shared cache. Returns the last position's logits (1, V)."""
+        prompt_cache = self._new_cache(1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]
+        n = len(tokens)
+        self._cache.k_cache[:, slot, :n] = prompt_cache.k_cache[:, 0, :n]
+        self._cache.v_cache[:, slot, :n] = prompt_cache.v_cache[:, 0, :n]
+        if prompt_cache.prev_embedding is not None:  # a duck-typed model may not smear
+            self._cache.prev_embedding[slot] = prompt_cache.prev_embedding[0]
+        self._positions[slot] = n
+        return logits
+
+    def _decode(self):
+        """One forward over every slot (free ones fed a dummy token at position 0, results ignored)."""
+        cache = self._cache
+        active = [slot for slot, request in enumerate(self._slots) if request is not None]
+        inputs = [0] * self.max_batch_size
+        for slot in active:
+            inputs[slot] = self._slots[slot]._next_input
+        for slot, request in enumerate(self._slots):
+            if request is None:
+                self._positions[slot] = 0
+        cache.cache_seqlens.copy_(torch.tensor(self._positions, dtype=torch.int32))
+        ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+        logits = self.model.forward(ids, kv_cache=cache)[:, -1, :]  # (B, V)
+        for slot in active:
+            self._positions[slot] += 1
+        greedy = logits.argmax(dim=-1, keepdim=True)  # one kernel for every temperature-0 row
+        picks = []
+        for slot in active:
+            request = self._slots[slot]
+            if request.params.temperature == 0.0:
+                picks.append(greedy[slot])
+            else:
+                picks.append(sample_token(logits[slot:slot + 1], request._rng, request.params)[0])
+        for slot, sampled in zip(active, torch.cat(picks).tolist()):
+            self._accept(slot, sampled)
+
+    def _accept(self, slot, sampled):
+        """Pass a sampled token through the tool state machine and deliver the result."""
+        request = self._slots[slot]
+        token, mask = emit_token(request._row, sampled, self.special, self.tokenizer)
+        request._num_generated += 1
+        if token in request._stop_ids:
+            self._finish(slot, TokenEvent(None, 0, "stop"))
+        elif request._num_generated >= request.params.max_tokens:
+            self._finish(slot, TokenEvent(token, mask, "length"))
+        else:
+            request._next_input = token
+            self._deliver(request, TokenEvent(token, mask, None))
+
+    def _deliver(self, request, event):
+        """Hand an event to the consumer. A consumer that raises is treated as gone: the request is cancelled."""
+        if event.token_id is not None:
+            with self._lock:
+                self._tokens_generated += 1
+        try:
+            request._on_event(event)
+        except Exception:
+            logger.exception("on_event of request %s raised; cancelling it", request.id)
+            request._cancelled.set()
+
+    def _deliver_final(self, request, event):
+        request.finish_reason = event.finish_reason
+        with self._lock:
+            self._completed += 1
+        self._deliver(request, event)
+
+    def _finish(self, slot, event):
+        """Free the slot, then send the request's final event."""
+        request = self._slots[slot]
+        with self._lock:
+            self._slots[slot] = None
+            self._num_active -= 1
+        self._positions[slot] = 0
+        self._deliver_final(request, event)
+
+    def _fail_active(self):
+        for slot, request in enumerate(self._slots):
+            if request is not None:
+                self._finish(slot, TokenEvent(None, 0, "error"))
+
+    def _cancel_active(self):
+        for slot, request in enumerate(self._slots):
+            if request is not None:
+                self._finish(slot, TokenEvent(None, 0, "cancelled"))
+
+    def _cancel_queued(self):
+        with self._lock:
+            pending = list(self._queue)
+            self._queue.clear()
+        for request in pending:
+            self._deliver_final(request, TokenEvent(None, 0, "cancelled"))

@@ -1,0 +1,898 @@
+"""
+Serve a chat model over HTTP: the chat UI, the reference's streaming API and an OpenAI-compatible API.
+
+    python -m scripts.chat_web                          # the latest sft checkpoint, autodetected device
+    python -m scripts.chat_web -i rl -p 8080 --max-batch-size 16
+    python -m scripts.chat_web -n 8                     # one scheduler per GPU, cuda:0..7
+
+Endpoints:
+    GET  /                     the chat UI (nanochat/ui.html)
+    GET  /logo.svg             its logo
+    POST /chat/completions     the reference's stream: data: {"token": ..., "gpu": ...} ... data: {"done": true}
+    GET  /health, /stats       readiness and load; a "worker" is one device with its scheduler
+    GET  /v1/models            the one model served, as "nanochat-<source>-<tag>"
+    POST /v1/chat/completions  OpenAI chat completions, streaming (SSE chunks, then [DONE]) or not
+
+Any OpenAI client works against /v1:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
+    reply = client.chat.completions.create(model="nanochat-sft-d20", messages=[{"role": "user", "content": "Hi"}])
+
+Unlike the reference, which ran one request per GPU at a time on the event loop, every device runs a
+continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is validated and
+rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode steps and
+decoded in one batched forward with all other active requests. Tokens come back through an asyncio queue
+and are streamed as they arrive. A client that goes away has its request cancelled, which frees its slot.
+When a scheduler's queue is full the answer is 429; while the server is loading or stopping it is 503.
+
+/v1 choices: omitted sampling parameters take the server's defaults (-t, -k, -m), not OpenAI's; `top_k`
+is accepted as an extension; `stop` strings end a choice at their first occurrence and are cut from its
+text; each of `n` choices is its own request with seed `seed + i`; a prompt that leaves no room in the
+model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
+Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
+and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
+"""
+
+import argparse
+import asyncio
+import codecs
+import json
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import nanochat
+from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
+from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
+from nanochat.common import autodetect_device_type, compute_init, setup_default_logging
+
+logger = logging.getLogger(__name__)
+
+# Abuse prevention: the reference's limits, on both APIs
+MAX_MESSAGES_PER_REQUEST = 500
+MAX_MESSAGE_LENGTH = 8000  # characters per message
+MAX_TOTAL_CONVERSATION_LENGTH = 32000  # characters, summed over the messages
+MIN_TEMPERATURE = 0.0
+MAX_TEMPERATURE = 2.0
+MIN_TOP_K = 0  # 0 = no top-k filtering
+MAX_TOP_K = 200
+MIN_MAX_TOKENS = 1
+MAX_MAX_TOKENS = 4096
+
+# OpenAI API limits
+MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
+
+UI_DIR = os.path.dirname(os.path.abspath(nanochat.__file__))  # ui.html and logo.svg live in the package
+# The tool-call markers a reply shows literally; in assistant history they become special tokens again
+TOOL_MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+_TOOL_MARKER_RE = re.compile("(" + "|".join(map(re.escape, TOOL_MARKERS)) + ")")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="NanoChat Web Server")
+    parser.add_argument("-n", "--num-gpus", type=int, default=1, help="number of GPUs, one scheduler each (cuda only)")
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft", "rl", "base"],
+                        help="checkpoint family: sft|rl (base loads too, but was never taught to chat)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = no filtering)")
+    parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default reply length limit in tokens")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], metavar="DEVICE",
+                        help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--host", type=str, default="0.0.0.0", help="address to bind")
+    # not in the reference
+    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per device")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting per device before 429")
+    parser.add_argument("--log-conversations", action="store_true",
+                        help="log every conversation in full, as the reference did (default: one summary line)")
+    args = parser.parse_args(argv)
+    if not MIN_TEMPERATURE <= args.temperature <= MAX_TEMPERATURE:
+        parser.error(f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {args.temperature}")
+    if not MIN_TOP_K <= args.top_k <= MAX_TOP_K:
+        parser.error(f"--top-k must be in [{MIN_TOP_K}, {MAX_TOP_K}], got {args.top_k}")
+    if not MIN_MAX_TOKENS <= args.max_tokens <= MAX_MAX_TOKENS:
+        parser.error(f"--max-tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}], got {args.max_tokens}")
+    if args.num_gpus < 1 or args.max_batch_size < 1 or args.max_queue < 0:
+        parser.error("--num-gpus and --max-batch-size must be >= 1, --max-queue >= 0")
+    if args.num_gpus > 1 and args.device_type not in ("", "cuda"):
+        parser.error(f"--num-gpus {args.num_gpus} needs CUDA, got --device-type {args.device_type}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Workers: one scheduler per device
+
+@dataclass
+class Worker:
+    """One device with its model replica behind a continuous-batching scheduler."""
+    gpu_id: int
+    device: torch.device
+    scheduler: BatchScheduler
+    tokenizer: object
+    context_len: int  # the model's sequence_len: prompt + reply must fit in it
+
+    def num_requests(self):
+        stats = self.scheduler.stats()
+        return stats["active"] + stats["queued"]
+
+    def has_free_slot(self):
+        stats = self.scheduler.stats()
+        return stats["active"] + stats["queued"] < stats["max_batch_size"]
+
+
+def worker_devices(device_type, num_gpus):
+    if device_type != "cuda":
+        if num_gpus > 1:
+            raise RuntimeError(f"--num-gpus {num_gpus} needs CUDA, but the device type is {device_type}")
+        return [torch.device(device_type)]
+    if num_gpus > torch.cuda.device_count():
+        raise RuntimeError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return [torch.device("cuda", i) for i in range(num_gpus)]
+
+
+class WorkerPool:
+    """The workers of the server (the reference's name; its workers each served one request at a time)."""
+
+    def __init__(self, workers, model_id):
+        self.workers = workers
+        self.model_id = model_id
+
+    @classmethod
+    def load(cls, args):
+        """Load the checkpoint on every device and start a scheduler for each."""
+        devices = worker_devices(args.device_type or autodetect_device_type(), args.num_gpus)
+        # resolve the tag once, so every device loads the same checkpoint
+        tag = args.model_tag or find_largest_model(get_checkpoints_dir(args.source))
+        print(f"Initializing worker pool with {len(devices)} GPUs...")
+        workers = []
+        try:
+            for gpu_id, device in enumerate(devices):
+                print(f"Loading model on {device}...")
+                model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=args.step)
+                scheduler = BatchScheduler(model, tokenizer, max_batch_size=args.max_batch_size,
+                                           max_queue=args.max_queue, device=device)
+                scheduler.start()
+                workers.append(Worker(gpu_id, device, scheduler, tokenizer, model.config.sequence_len))
+        except BaseException:
+            for worker in workers:
+                worker.scheduler.shutdown()
+            raise
+        print(f"All {len(workers)} workers initialized!")
+        return cls(workers, f"nanochat-{args.source}-{tag}")
+
+    def least_loaded(self):
+        return min(self.workers, key=Worker.num_requests)
+
+    def shutdown(self):
+        for worker in self.workers:
+            worker.scheduler.shutdown()
+
+
+# -----------------------------------------------------------------------------
+# Errors
+
+class APIError(Exception):
+    """A client-facing error: {"detail": message} on the reference endpoints, the OpenAI body on /v1."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def openai_error(status, message, param=None, code=None, type="invalid_request_error"):
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_openai_path(request):
+    return request.url.path.startswith("/v1/")
+
+
+async def on_api_error(request, exc):
+    if is_openai_path(request):
+        return openai_error(exc.status, exc.message, exc.param, exc.code, exc.type)
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+
+def error_param(loc):
+    """pydantic's ("body", "messages", 0, "role") as OpenAI's "messages[0].role". A union member's label
+    ("str" in ("body", "stop", "str")) is not part of the name."""
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part):
+            break
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
+
+
+async def on_validation_error(request, exc):
+    # the reference endpoint keeps FastAPI's 422; /v1 answers 400 like OpenAI
+    if not is_openai_path(request):
+        return await request_validation_exception_handler(request, exc)
+    error = exc.errors()[0]
+    if error["type"] == "json_invalid":
+        return openai_error(400, f"The request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
+    param = error_param(error["loc"])
+    return openai_error(400, f"Invalid request: {param or 'body'}: {error['msg']}", param)
+
+
+async def on_http_error(request, exc):
+    if not is_openai_path(request):
+        return await http_exception_handler(request, exc)
+    return openai_error(exc.status_code, str(exc.detail))
+
+
+# -----------------------------------------------------------------------------
+# The reference API: request schema and validation
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    messages: list[ChatMessage]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_k: int | None = None
+
+
+def validate_chat_request(request):
+    """The reference's checks, in its order and with its messages (HTTP 400)."""
+    if len(request.messages) == 0:
+        raise HTTPException(status_code=400, detail="At least one message is required")
+    if len(request.messages) > MAX_MESSAGES_PER_REQUEST:
+        raise HTTPException(status_code=400, detail=f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} "
+                                                    f"messages allowed per request")
+    total_length = 0
+    for i, message in enumerate(request.messages):
+        if not message.content:
+            raise HTTPException(status_code=400, detail=f"Message {i} has empty content")
+        if len(message.content) > MAX_MESSAGE_LENGTH:
+            raise HTTPException(status_code=400, detail=f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} "
+                                                        f"characters allowed per message")
+        total_length += len(message.content)
+    if total_length > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise HTTPException(status_code=400, detail=f"Total conversation is too long. Maximum "
+                                                    f"{MAX_TOTAL_CONVERSATION_LENGTH} characters allowed")
+    for i, message in enumerate(request.messages):
+        if message.role not in ("user", "assistant"):
+            raise HTTPException(status_code=400, detail=f"Message {i} has invalid role. "
+                                                        f"Must be 'user', 'assistant', or 'system'")
+    if request.temperature is not None and not MIN_TEMPERATURE <= request.temperature <= MAX_TEMPERATURE:
+        raise HTTPException(status_code=400, detail=f"Temperature must be between {MIN_TEMPERATURE} and "
+                                                    f"{MAX_TEMPERATURE}")
+    if request.top_k is not None and not MIN_TOP_K <= request.top_k <= MAX_TOP_K:
+        raise HTTPException(status_code=400, detail=f"top_k must be between {MIN_TOP_K} and {MAX_TOP_K}")
+    if request.max_tokens is not None and not MIN_MAX_TOKENS <= request.max_tokens <= MAX_MAX_TOKENS:
+        raise HTTPException(status_code=400, detail=f"max_tokens must be between {MIN_MAX_TOKENS} and "
+                                                    f"{MAX_MAX_TOKENS}")
+
+
+# -----------------------------------------------------------------------------
+# The OpenAI API: request schema and validation
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = None
+
+
+class OpenAIChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown parameters (user, logprobs, ...) are ignored
+    model: str | None = None
+    messages: list[OpenAIMessage]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension: OpenAI has no top-k
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    stop: str | list[str] | None = None
+    n: int | None = None
+    seed: int | None = None
+
+
+def message_text(message, i):
+    """The text of an OpenAI message: a string, or its text parts concatenated."""
+    if isinstance(message.content, str):
+        return message.content
+    if message.content is None:
+        raise APIError(400, f"messages[{i}].content is required", f"messages[{i}].content")
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"messages[{i}].content: only text parts are supported, got type {part.type!r}",
+                           f"messages[{i}].content")
+    return "".join(part.text for part in message.content)
+
+
+def openai_turns(messages):
+    """
+    [(role, text)] alternating user, assistant, ..., user, from OpenAI messages: leading system (or
+    developer) messages are merged into the first user message as system + "\n\n" + user, as the tokenizer
+    merges a system message in training data. Limits as on the reference endpoint, in characters.
+    """
+    if not messages:
+        raise APIError(400, "messages must contain at least one message", "messages")
+    if len(messages) > MAX_MESSAGES_PER_REQUEST:
+        raise APIError(400, f"Too many messages: at most {MAX_MESSAGES_PER_REQUEST} are allowed", "messages")
+    system, turns, total_length = [], [], 0
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role {message.role!r} is not supported: "
+                                f"use 'system', 'user' or 'assistant'", f"messages[{i}].role")
+        text = message_text(message, i)
+        if len(text) > MAX_MESSAGE_LENGTH:
+            raise APIError(400, f"messages[{i}] is too long: at most {MAX_MESSAGE_LENGTH} characters",
+                           f"messages[{i}].content")
+        total_length += len(text)
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role == "system" and not turns:
+            system.append(text)
+        elif role != expected:
+            raise APIError(400, f"messages[{i}] is from {message.role!r} but should be from {expected!r}: after "
+                                f"optional system messages, roles must alternate user, assistant, ...",
+                           f"messages[{i}].role")
+        else:
+            turns.append((role, text))
+    if total_length > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise APIError(400, f"The conversation is too long: at most {MAX_TOTAL_CONVERSATION_LENGTH} characters",
+                       "messages")
+    if not turns or turns[-1][0] != "user":
+        raise APIError(400, "The last message must be from the user", "messages")
+    if system:
+        turns[0] = ("user", "\n\n".join(system) + "\n\n" + turns[0][1])
+    return turns
+
+
+def check_range(value, low, high, param, low_inclusive=True):
+    if value is None:
+        return
+    above_low = low <= value if low_inclusive else low < value
+    if not (above_low and value <= high):  # written so that NaN fails too
+        interval = f"{'[' if low_inclusive else '('}{low}, {high}]"
+        raise APIError(400, f"Invalid value for '{param}': {value} is not in {interval}", param)
+
+
+def openai_stops(request):
+    """The request's parameters checked (APIError for the first bad one); returns its stop strings."""
+    check_range(request.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, "temperature")
+    check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
+    check_range(request.top_k, MIN_TOP_K, MAX_TOP_K, "top_k")
+    check_range(request.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_tokens")
+    check_range(request.max_completion_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_completion_tokens")
+    check_range(request.n, 1, MAX_CHOICES, "n")
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")
+    if any(not s for s in stops):
+        raise APIError(400, "Invalid value for 'stop': empty strings are not allowed", "stop")
+    return stops
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+def encode_assistant_text(tokenizer, text):
+    """
+    Assistant history as the model wrote it: the tool-call markers its replies show literally become special
+    tokens again, so an earlier calculator call reads as it did when generated (the reference re-encoded
+    them as plain text). Only these four: turn markers stay plain text, so a client cannot forge turns.
+    """
+    ids = []
+    for piece in _TOOL_MARKER_RE.split(text):
+        if piece in TOOL_MARKERS:
+            ids.append(tokenizer.encode_special(piece))
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids
+
+
+def render_turn(tokenizer, role, text):
+    special = tokenizer.encode_special
+    if role == "user":
+        return [special("<|user_start|>"), *tokenizer.encode(text), special("<|user_end|>")]
+    return [special("<|assistant_start|>"), *encode_assistant_text(tokenizer, text), special("<|assistant_end|>")]
+
+
+def render_prompt(tokenizer, turns):
+    """BOS, the turns, then <|assistant_start|> for the reply: the layout of render_for_completion."""
+    tokens = [tokenizer.get_bos_token_id()]
+    for role, text in turns:
+        tokens += render_turn(tokenizer, role, text)
+    return tokens + [tokenizer.encode_special("<|assistant_start|>")]
+
+
+def fit_prompt(tokenizer, turns, budget):
+    """
+    The prompt for turns in at most `budget` tokens: the oldest turns are dropped first and, if the last turn
+    alone is too long, its beginning is cut. (The reference sent prompts past the model's context.)
+    """
+    pieces = [render_turn(tokenizer, role, text) for role, text in turns]
+    kept, used = [], 2  # BOS and the closing <|assistant_start|>
+    for piece in reversed(pieces):
+        if used + len(piece) > budget:
+            break
+        kept.insert(0, piece)
+        used += len(piece)
+    if not kept:
+        kept = [pieces[-1][-max(budget - 2, 1):]]
+    body = [token for piece in kept for token in piece]
+    return [tokenizer.get_bos_token_id(), *body, tokenizer.encode_special("<|assistant_start|>")]
+
+
+# -----------------------------------------------------------------------------
+# Generation: scheduler events -> text
+
+class ReplyText:
+    """
+    Token ids in, text deltas out. Bytes are decoded incrementally, so a character split over several tokens
+    comes out once, whole (and decoding stays linear in the reply length). Text that could be the start of a
+    stop string is held back until it is known not to be one; `stopped` turns True at the first stop string,
+    which is cut from the text. Special tokens (tool calls) come out as their literal names.
+    """
+
+    def __init__(self, tokenizer, stops=()):
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""  # decoded, not yet released
+        self.text = ""  # released
+        self.stopped = False
+
+    def add(self, token_id):
+        if self.stopped:
+            return ""
+        self.held += self.decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
+        return self._release(final=False)
+
+    def finish(self):
+        """The rest, at the end of the reply: an incomplete character becomes U+FFFD instead of vanishing."""
+        if self.stopped:
+            return ""
+        self.held += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final):
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self.held = self.held[:min(found)], ""
+        else:
+            keep = 0 if final else self._stop_prefix_len()
+            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        self.text += out
+        return out
+
+    def _stop_prefix_len(self):
+        """Length of the longest tail of the held text that some stop string starts with."""
+        for n in range(min(len(self.held), max(map(len, self.stops), default=0)), 0, -1):
+            if any(s.startswith(self.held[-n:]) for s in self.stops):
+                return n
+        return 0
+
+
+@dataclass
+class Choice:
+    """One reply being generated: its text, its token count and why it ended."""
+    text: ReplyText
+    tokens: int = 0
+    finish_reason: str | None = None
+
+    def apply(self, event):
+        """Take one scheduler event; returns the text it releases."""
+        if self.finish_reason is not None:
+            return ""  # e.g. the "cancelled" that follows a stop string
+        delta = ""
+        if event.token_id is not None:
+            self.tokens += 1
+            delta = self.text.add(event.token_id)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif event.finish_reason is not None:
+            delta += self.text.finish()
+            self.finish_reason = event.finish_reason
+        return delta
+
+
+@dataclass
+class Generation:
+    """The scheduler requests behind one HTTP request (one per choice, one worker); events share one queue."""
+    worker: Worker
+    prompt_tokens: int
+    choices: list
+    requests: list = field(default_factory=list)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+    def completion_tokens(self):
+        return sum(choice.tokens for choice in self.choices)
+
+    def usage(self):
+        completion = self.completion_tokens()
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def cancel(self):
+        for request in self.requests:
+            request.cancel()
+
+    async def deltas(self):
+        """(choice index, text delta) as events arrive, until every choice has ended; cancels what still
+        runs if the consumer stops early (a client that went away)."""
+        running = set(range(len(self.choices)))
+        try:
+            while running:
+                index, event = await self.events.get()
+                if index not in running:
+                    continue
+                choice = self.choices[index]
+                delta = choice.apply(event)
+                if choice.finish_reason is not None:
+                    running.discard(index)
+                    self.requests[index].cancel()  # frees the slot now when a stop string ended the reply
+                yield index, delta
+        finally:
+            self.cancel()
+
+
+def start_generation(worker, prompt, params_list, stops=()):
+    """Submit one request per SamplingParams to the worker's scheduler; APIError when it cannot take them."""
+    loop = asyncio.get_running_loop()
+    choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
+    generation = Generation(worker, len(prompt), choices)
+
+    def forward_to_loop(index):
+        def on_event(event):  # runs on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(generation.events.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is closed: the server is going down
+                pass
+        return on_event
+
+    try:
+        for index, params in enumerate(params_list):
+            generation.requests.append(worker.scheduler.submit(prompt, params, on_event=forward_to_loop(index)))
+    except QueueFull:
+        generation.cancel()
+        raise APIError(429, "The server is busy: its request queue is full. Retry shortly.", code="queue_full",
+                       type="rate_limit_error")
+    except ValueError as e:  # the prompt was fitted to the context above, so this is some other bad value
+        generation.cancel()
+        raise APIError(400, str(e))
+    except RuntimeError as e:  # a scheduler that is shutting down
+        generation.cancel()
+        raise APIError(503, f"The server cannot take requests now: {e}", code="unavailable", type="server_error")
+    return generation
+
+
+def get_pool(request):
+    pool = request.app.state.pool
+    if pool is None:
+        raise APIError(503, "The server is not ready (loading or shutting down)", code="unavailable",
+                       type="server_error")
+    return pool
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a client that went away cancels its
+    generation at once rather than whenever the abandoned generator is garbage collected."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def log_generation(generation, num_messages):
+    reasons = ",".join(str(choice.finish_reason) for choice in generation.choices)
+    logger.info(f"{generation.id} gpu {generation.worker.gpu_id}: {num_messages} messages, "
+                f"{generation.prompt_tokens} prompt tokens -> {generation.completion_tokens()} tokens "
+                f"({reasons}) in {time.perf_counter() - generation.started:.2f}s")
+
+
+# -----------------------------------------------------------------------------
+# The reference endpoints
+
+def read_ui_file(name):
+    path = os.path.join(UI_DIR, name)
+    if not os.path.exists(path):
+        raise HTTPException(status_code=404, detail=f"{name} is missing from the nanochat package ({path})")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def root():
+    html = read_ui_file("ui.html").decode("utf-8")
+    # the reference points the page at this server (same origin), whatever API_URL it was saved with
+    html = re.sub(r"const API_URL = [^;\n]*;", "const API_URL = '';", html, count=1)
+    return HTMLResponse(html)
+
+
+async def logo():
+    return Response(read_ui_file("logo.svg"), media_type="image/svg+xml")
+
+
+async def health(request: Request):
+    pool = request.app.state.pool
+    workers = pool.workers if pool is not None else []
+    loads = [worker.scheduler.stats() for worker in workers]
+    return {"status": "ok", "ready": bool(workers), "num_gpus": len(workers),
+            "available_workers": sum(worker.has_free_slot() for worker in workers),
+            "active": sum(s["active"] for s in loads), "queued": sum(s["queued"] for s in loads)}
+
+
+async def stats(request: Request):
+    pool = request.app.state.pool
+    workers = pool.workers if pool is not None else []
+    available = sum(worker.has_free_slot() for worker in workers)
+    return {"total_workers": len(workers), "available_workers": available, "busy_workers": len(workers) - available,
+            "workers": [{"gpu_id": w.gpu_id, "device": str(w.device), **w.scheduler.stats()} for w in workers]}
+
+
+async def chat_completions(body: ChatRequest, request: Request):
+    """The reference's streaming endpoint, used by the UI."""
+    validate_chat_request(body)
+    args = request.app.state.args
+    worker = get_pool(request).least_loaded()
+    if args.log_conversations:
+        logger.info("=" * 20 + "".join(f"\n[{m.role.upper()}]: {m.content}" for m in body.messages) + "\n" + "-" * 20)
+    max_tokens = body.max_tokens if body.max_tokens is not None else args.max_tokens
+    # long conversations lose their oldest turns, leaving the reply at least half the context
+    budget = worker.context_len - min(max_tokens, worker.context_len // 2)
+    prompt = fit_prompt(worker.tokenizer, [(m.role, m.content) for m in body.messages], budget)
+    top_k = body.top_k if body.top_k is not None else args.top_k
+    params = SamplingParams(max_tokens=min(max_tokens, worker.context_len - len(prompt)),
+                            temperature=body.temperature if body.temperature is not None else args.temperature,
+                            top_k=top_k or None, seed=random.randint(0, 2**31 - 1))
+    generation = start_generation(worker, prompt, [params])
+    stream = reference_stream(generation, len(body.messages), args.log_conversations)
+    return ClosingStreamingResponse(stream, media_type="text/event-stream")
+
+
+async def reference_stream(generation, num_messages, log_conversation):
+    """data: {"token": <text>, "gpu": <id>} per piece of text, then data: {"done": true}."""
+    gpu_id = generation.worker.gpu_id
+    try:
+        async for _, delta in generation.deltas():
+            if delta:
+                yield sse({"token": delta, "gpu": gpu_id})
+        if generation.choices[0].finish_reason == "error":
+            yield sse({"error": "Generation failed on the server"})  # the reference just dropped the connection
+        yield sse({"done": True})
+    finally:
+        log_generation(generation, num_messages)
+        if log_conversation:
+            logger.info(f"[ASSISTANT] (GPU {gpu_id}): {generation.choices[0].text.text}\n" + "=" * 20)
+
+
+# -----------------------------------------------------------------------------
+# The OpenAI endpoints
+
+def model_card(pool):
+    return {"id": pool.model_id, "object": "model", "created": 0, "owned_by": "nanochat"}
+
+
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(get_pool(request))]}
+
+
+async def retrieve_model(model_id: str, request: Request):
+    pool = get_pool(request)
+    if model_id != pool.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist", "model", code="model_not_found")
+    return model_card(pool)
+
+
+def openai_params(body, args, max_tokens):
+    """SamplingParams for each of the n choices: omitted values take the server's defaults."""
+    temperature = body.temperature if body.temperature is not None else args.temperature
+    top_k = body.top_k if body.top_k is not None else args.top_k
+    top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
+    seed = body.seed if body.seed is not None else random.randint(0, 2**31 - 1)
+    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           seed=(seed + i) % 2**63) for i in range(body.n or 1)]
+
+
+async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
+    pool = get_pool(request)
+    if body.model is not None and body.model != pool.model_id:
+        raise APIError(404, f"The model '{body.model}' does not exist (this server has '{pool.model_id}')",
+                       "model", code="model_not_found")
+    turns = openai_turns(body.messages)
+    stops = openai_stops(body)
+    worker = pool.least_loaded()
+    prompt = render_prompt(worker.tokenizer, turns)
+    room = worker.context_len - len(prompt)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
+                            f"messages take {len(prompt)} tokens", "messages", code="context_length_exceeded")
+    requested = body.max_completion_tokens or body.max_tokens or request.app.state.args.max_tokens
+    generation = start_generation(worker, prompt, openai_params(body, request.app.state.args, min(requested, room)),
+                                  stops)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = openai_stream(generation, pool.model_id, include_usage, len(body.messages))
+        return ClosingStreamingResponse(stream, media_type="text/event-stream")
+    await collect(generation, request)
+    log_generation(generation, len(body.messages))
+    if any(choice.finish_reason == "error" for choice in generation.choices):
+        raise APIError(500, "Generation failed on the server", type="server_error")
+    return {"id": generation.id, "object": "chat.completion", "created": generation.created, "model": pool.model_id,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": choice.text.text},
+                         "logprobs": None, "finish_reason": choice.finish_reason}
+                        for i, choice in enumerate(generation.choices)],
+            "usage": generation.usage()}
+
+
+async def collect(generation, request):
+    """Run a non-streaming generation to its end; cancel it if the client goes away meanwhile."""
+    async def cancel_on_disconnect():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)  # polling: there is no event to wait on before the response starts
+        generation.cancel()
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        async for _ in generation.deltas():
+            pass
+    finally:
+        watcher.cancel()
+
+
+async def openai_stream(generation, model_id, include_usage, num_messages):
+    """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
+    the usage chunk when asked for, then [DONE]."""
+    def chunk(choices, usage=None):
+        payload = {"id": generation.id, "object": "chat.completion.chunk", "created": generation.created,
+                   "model": model_id, "choices": choices}
+        return sse({**payload, "usage": usage} if include_usage else payload)
+
+    try:
+        for index in range(len(generation.choices)):
+            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        async for index, delta in generation.deltas():
+            finish_reason = generation.choices[index].finish_reason
+            if finish_reason == "error":
+                yield sse({"error": {"message": "Generation failed on the server", "type": "server_error",
+                                     "param": None, "code": None}})
+                return
+            if delta:
+                yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
+            if finish_reason is not None:
+                yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}])
+        if include_usage:
+            yield chunk([], usage=generation.usage())
+        yield "data: [DONE]\n\n"
+    finally:
+        log_generation(generation, num_messages)
+
+
+# -----------------------------------------------------------------------------
+# The application
+
+@asynccontextmanager
+async def lifespan(app):
+    args = app.state.args
+    print("Loading nanochat models across GPUs...")
+    app.state.pool = WorkerPool.load(args)
+    print(f"Server ready at http://localhost:{args.port}")
+    try:
+        yield
+    finally:
+        pool, app.state.pool = app.state.pool, None
+        pool.shutdown()
+
+
+def create_app(args):
+    """The FastAPI app for parsed args; models load when it starts (lifespan), not here."""
+    app = FastAPI(title="nanochat", lifespan=lifespan)
+    app.state.args, app.state.pool = args, None
+    # no cookies or auth are used, so no credentials (the reference allowed them with origin *)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_api_route("/", root, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/logo.svg", logo, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/stats", stats, methods=["GET"])
+    app.add_api_route("/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", openai_chat_completions, methods=["POST"])
+    return app
+
+
+def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
+    """
+    Run app with uvicorn in a daemon thread (tests, benchmarks); returns (server, thread, port) once it is
+    ready. port 0 picks a free one. Stop it with `server.should_exit = True; thread.join()`.
+    """
+    import uvicorn
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    app.state.args.port = sock.getsockname()[1]  # for the start-up message
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("The server did not start (see the log above for the reason)")
+        time.sleep(0.05)
+    return server, thread, sock.getsockname()[1]
+
+
+_default_app = None
+
+
+def __getattr__(name):
+    # `uvicorn scripts.chat_web:app`, and code written for the reference (whose module built `app` at import):
+    # the app with the default flags, built on first access instead of at import
+    global _default_app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _default_app is None:
+        _default_app = create_app(parse_args([]))
+    return _default_app
+
+
+def main(argv=None):
+    import uvicorn
+    args = parse_args(argv)
+    setup_default_logging()
+    args.device_type = args.device_type or autodetect_device_type()
+    compute_init(args.device_type)
+    app = create_app(args)
+    print("Starting NanoChat Web Server")
+    print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

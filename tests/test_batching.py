@@ -1,0 +1,476 @@
+"""
+Continuous batching: the per-row-position KV-cache path (SDPA fallback and GPT forward) and the
+BatchScheduler (batch invariance, Engine equivalence, tool forcing, cancel, queue limits, top_p, stats).
+"""
+
+import os
+
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import nanochat.flash_attention as fa_module
+from nanochat.batching import BatchScheduler, QueueFull, SamplingParams, TokenEvent, sample_token
+from nanochat.engine import Engine, KVCache
+from nanochat.gpt import GPT, GPTConfig
+
+PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = 256, 257, 258, 259, 260, 261
+VOCAB = 262
+SEQ_LEN = 96
+EVENT_TIMEOUT = 30  # seconds; a hung scheduler fails the test instead of blocking forever
+
+
+class ByteTokenizer:
+    """Ids 0-255 are bytes, then the tool specials and BOS: all the scheduler and the Engine ask for."""
+    SPECIALS = {"<|python_start|>": PYTHON_START, "<|python_end|>": PYTHON_END, "<|output_start|>": OUTPUT_START,
+                "<|output_end|>": OUTPUT_END, "<|assistant_end|>": ASSISTANT_END, "<|bos|>": BOS}
+
+    def encode_special(self, name):
+        return self.SPECIALS[name]
+
+    def get_bos_token_id(self):
+        return BOS
+
+    def encode(self, s, prepend=None):
+        ids = list(s.encode("utf-8"))
+        return ids if prepend is None else [prepend] + ids
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def sdpa_attention():
+    # the CPU twin of the FA3 path: these tests pin the SDPA fallback
+    saved = fa_module._override_impl, fa_module.USE_FA3
+    fa_module._override_impl = "sdpa"
+    fa_module.USE_FA3 = fa_module._resolve_use_fa3()
+    yield
+    fa_module._override_impl, fa_module.USE_FA3 = saved
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig(sequence_len=SEQ_LEN, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                            window_pattern="L"))
+    gpt.to_empty(device="cpu")
+    gpt.init_weights()
+    with torch.no_grad():  # away from the identity init, so logits are spread out and argmax ties are unlikely
+        for p in gpt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        gpt.smear_lambda.fill_(0.5)  # smear must follow each row's own history
+        gpt.lm_head.weight.mul_(20.0)
+    return gpt
+
+
+def new_cache(model, batch_size, seq_len):
+    cfg = model.config
+    return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len, head_dim=cfg.n_embd // cfg.n_head,
+                   num_layers=cfg.n_layer, device="cpu", dtype=torch.float32)
+
+
+def prompts(n, seed=0):
+    """n prompts of different lengths (4..26): rows at different positions."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[BOS] + torch.randint(0, 256, (3 + (7 * i) % 23,), generator=gen).tolist() for i in range(n)]
+
+
+def collect(request):
+    """(token ids, masks, finish_reason) of a request consuming request.events."""
+    tokens, masks = [], []
+    while True:
+        event = request.events.get(timeout=EVENT_TIMEOUT)
+        if event.token_id is not None:
+            tokens.append(event.token_id)
+            masks.append(event.mask)
+        if event.finish_reason is not None:
+            return tokens, masks, event.finish_reason
+
+
+@pytest.fixture
+def scheduler_factory():
+    made = []
+
+    def make(model, tokenizer=None, start=True, **kwargs):
+        scheduler = BatchScheduler(model, tokenizer or ByteTokenizer(), **kwargs)
+        if start:
+            scheduler.start()
+        made.append(scheduler)
+        return scheduler
+
+    yield make
+    for scheduler in made:
+        scheduler.shutdown()
+
+
+# -----------------------------------------------------------------------------
+# Per-row positions in the KV-cache path
+
+def test_ragged_sdpa_kvcache_matches_per_row_calls():
+    gen = torch.Generator().manual_seed(0)
+    B, T_new, H, Hkv, D, T_max = 3, 3, 4, 2, 8, 40
+    k_cache, v_cache = torch.randn(2, B, T_max, Hkv, D, generator=gen)
+    q = torch.randn(B, T_new, H, D, generator=gen)
+    k, v = torch.randn(2, B, T_new, Hkv, D, generator=gen)
+    positions = [5, 0, 17]
+    for window in ((-1, 0), (6, 0)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        seqlens = torch.tensor(positions, dtype=torch.int32)
+        y = fa_module.flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=seqlens, causal=True, window_size=window)
+        assert seqlens.tolist() == positions  # not advanced by the kernel
+        for b, pos in enumerate(positions):
+            assert torch.equal(kc[b, pos:pos + T_new], k[b]) and torch.equal(vc[b, pos:pos + T_new], v[b])
+            assert torch.equal(kc[b, pos + T_new:], k_cache[b, pos + T_new:])  # nothing written past the row's end
+            # independent reference: explicit softmax over the row's visible keys
+            keys = kc[b, :pos + T_new].repeat_interleave(H // Hkv, dim=1)  # (Tk, H, D)
+            values = vc[b, :pos + T_new].repeat_interleave(H // Hkv, dim=1)
+            scores = torch.einsum("thd,khd->htk", q[b], keys) / D ** 0.5
+            query_pos = torch.arange(pos, pos + T_new)[:, None]
+            key_pos = torch.arange(pos + T_new)[None, :]
+            visible = key_pos <= query_pos
+            if window[0] >= 0:
+                visible &= query_pos - key_pos <= window[0]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            want = torch.einsum("htk,khd->thd", scores.softmax(dim=-1), values)
+            torch.testing.assert_close(y[b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_sdpa_kvcache_overflow_raises():
+    k_cache = torch.zeros(2, 8, 1, 4)
+    seqlens = torch.tensor([2, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="overflow"):
+        fa_module.flash_attn_with_kvcache(torch.zeros(2, 1, 1, 4), k_cache, k_cache.clone(), k=torch.zeros(2, 1, 1, 4),
+                                          v=torch.zeros(2, 1, 1, 4), cache_seqlens=seqlens, causal=True)
+
+
+def load_rows(model, row_prompts, capacity):
+    """A cache with one prompt per row, each prefilled on its own (rows end up at different positions)."""
+    cache = new_cache(model, len(row_prompts), capacity)
+    cache.prev_embedding = torch.zeros(len(row_prompts), 1, model.config.n_embd)
+    for b, prompt in enumerate(row_prompts):
+        single = new_cache(model, 1, len(prompt))
+        model(torch.tensor([prompt]), kv_cache=single)
+        cache.k_cache[:, b, :len(prompt)] = single.k_cache[:, 0]
+        cache.v_cache[:, b, :len(prompt)] = single.v_cache[:, 0]
+        cache.prev_embedding[b] = single.prev_embedding[0]
+        cache.cache_seqlens[b] = len(prompt)
+    return cache
+
+
+@torch.inference_mode()
+def test_ragged_forward_matches_single_row_forwards(model):
+    row_prompts = prompts(4)
+    steps = [[7, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17, 18]]  # one token per row per step
+    ragged = load_rows(model, row_prompts, 64)
+    batched = [model(torch.tensor(step)[:, None], kv_cache=ragged)[:, -1] for step in steps]
+    assert ragged.cache_seqlens.tolist() == [len(p) + len(steps) for p in row_prompts]
+    for b, prompt in enumerate(row_prompts):
+        single = new_cache(model, 1, 64)
+        model(torch.tensor([prompt]), kv_cache=single)
+        for s, step in enumerate(steps):
+            want = model(torch.tensor([[step[b]]]), kv_cache=single)[0, -1]
+            # matmuls of another batch size differ in the last bits; the tokens must not
+            torch.testing.assert_close(batched[s][b], want, atol=1e-4, rtol=1e-4)
+            assert batched[s][b].argmax() == want.argmax()
+        n = len(prompt) + len(steps)
+        torch.testing.assert_close(ragged.k_cache[:, b, :n], single.k_cache[:, 0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ragged.prev_embedding[b], single.prev_embedding[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_row_results_do_not_depend_on_the_other_rows(model):
+    # same row 0 in two batches whose other rows differ in content and length (one batch is even all at
+    # one position, i.e. the lockstep fast path): row 0's logits must be bitwise identical
+    mine = prompts(1, seed=5)[0]
+    lockstep = load_rows(model, [mine, [3] * len(mine), [4] * len(mine)], 64)
+    ragged = load_rows(model, [mine] + prompts(2, seed=9), 64)
+    for token in (21, 22, 23):
+        a = model(torch.tensor([[token], [1], [2]]), kv_cache=lockstep)
+        b = model(torch.tensor([[token], [5], [6]]), kv_cache=ragged)
+        assert torch.equal(a[0], b[0])
+
+
+# -----------------------------------------------------------------------------
+# Scheduler: equivalences
+
+GREEDY = dict(temperature=0.0)
+SEEDED = dict(temperature=1.0, top_k=40)
+NUCLEUS = dict(temperature=0.8, top_p=0.9)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED, NUCLEUS], ids=["greedy", "seeded", "top_p"])
+def test_concurrent_requests_equal_each_request_alone(model, scheduler_factory, sampling):
+    scheduler = scheduler_factory(model, max_batch_size=8)
+    params = [SamplingParams(max_tokens=40, seed=100 + i, **sampling) for i in range(8)]
+    together = [scheduler.submit(p, sp) for p, sp in zip(prompts(8), params)]
+    together = [collect(r) for r in together]
+    alone = [collect(scheduler.submit(p, sp)) for p, sp in zip(prompts(8), params)]
+    assert together == alone
+    assert len({tuple(tokens) for tokens, _, _ in together}) > 1  # the rows really differ
+
+
+def test_more_requests_than_slots_queue_and_still_match(model, scheduler_factory):
+    scheduler = scheduler_factory(model, max_batch_size=3)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    requests = [scheduler.submit(p, params) for p in prompts(7)]
+    together = [collect(r) for r in requests]
+    alone = [collect(scheduler.submit(p, params)) for p in prompts(7)]
+    assert together == alone
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_scheduler_matches_engine(model, scheduler_factory, sampling):
+    scheduler = scheduler_factory(model, max_batch_size=4)
+    engine = Engine(model, ByteTokenizer())
+    requests = [(p, scheduler.submit(p, SamplingParams(max_tokens=30, seed=i, **sampling)))
+                for i, p in enumerate(prompts(4))]
+    for i, (prompt, request) in enumerate(requests):
+        tokens, masks, reason = collect(request)
+        results, engine_masks = engine.generate_batch(prompt, max_tokens=30, seed=i, **sampling)
+        assert tokens == results[0][len(prompt):]
+        assert masks == engine_masks[0][len(prompt):]
+        assert reason == ("length" if len(tokens) == 30 else "stop")
+
+
+def test_top_p_tiny_is_greedy(model, scheduler_factory):
+    scheduler = scheduler_factory(model)
+    for prompt in prompts(3):
+        greedy = collect(scheduler.submit(prompt, SamplingParams(max_tokens=20, temperature=0.0)))
+        nucleus = collect(scheduler.submit(prompt, SamplingParams(max_tokens=20, temperature=1.5, top_p=1e-6, seed=3)))
+        assert nucleus == greedy
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+    for top_p, allowed in ((0.7, {1, 3}), (0.85, {1, 2, 3}), (0.5, {1}), (1.0, {0, 1, 2, 3})):
+        params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+        seen = {sample_token(logits, gen, params).item() for _ in range(400)}
+        assert seen == allowed, top_p
+    with_top_k = SamplingParams(max_tokens=1, temperature=1.0, top_k=2, top_p=0.99)  # top_k applies first
+    assert {sample_token(logits, gen, with_top_k).item() for _ in range(200)} == {1, 3}
+
+
+def test_seed_none_gives_varied_outputs_and_same_seed_repeats(model, scheduler_factory):
+    scheduler = scheduler_factory(model)
+    prompt = prompts(1)[0]
+    unseeded = {tuple(collect(scheduler.submit(prompt, SamplingParams(max_tokens=8, temperature=1.0)))[0])
+                for _ in range(4)}
+    assert len(unseeded) > 1
+    seeded = [collect(scheduler.submit(prompt, SamplingParams(max_tokens=8, seed=11))) for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+# -----------------------------------------------------------------------------
+# Scheduler with a scripted model: tool forcing and stop handling
+
+@dataclass
+class ScriptConfig:
+    n_kv_head: int = 2
+    n_head: int = 2
+    n_embd: int = 8
+    n_layer: int = 1
+    sequence_len: int = 64
+    vocab_size: int = VOCAB
+
+
+class ScriptedModel:
+    """Row b at cache position p proposes script[p + T - 1 - prompt_len] (clamped): the Engine's test model,
+    but driven by each row's own position so it works under continuous batching."""
+
+    def __init__(self, script, prompt_len):
+        self.script, self.prompt_len = script, prompt_len
+        self.config = ScriptConfig()
+        self.fail_next_decode = False
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        if T == 1 and self.fail_next_decode:
+            self.fail_next_decode = False
+            raise RuntimeError("simulated device failure")
+        logits = torch.zeros(B, T, VOCAB)
+        for b, pos in enumerate(kv_cache.cache_seqlens.tolist()):
+            step = min(max(pos + T - self.prompt_len, 0), len(self.script) - 1)
+            logits[b, -1, self.script[step]] = 1.0
+        kv_cache.advance(T)
+        return logits
+
+
+PROMPT = [BOS] + list(b"Hello")
+WORKED_SCRIPT = list(b"a") + [PYTHON_START] + list(b"1+2") + [PYTHON_END] + list(b"xxxxxb") + [ASSISTANT_END]
+WORKED_TOKENS = list(b"a") + [PYTHON_START] + list(b"1+2") + [PYTHON_END, OUTPUT_START] + list(b"3") + [OUTPUT_END] + list(b"xxb")
+WORKED_MASKS = [1] * 6 + [0] * 3 + [1] * 3
+
+
+def test_tool_output_is_forced_like_in_the_engine(scheduler_factory):
+    model = ScriptedModel(WORKED_SCRIPT, len(PROMPT))
+    scheduler = scheduler_factory(model, max_batch_size=2)
+    requests = [scheduler.submit(PROMPT, SamplingParams(max_tokens=50, temperature=0.0)) for _ in range(3)]
+    for request in requests:
+        assert collect(request) == (WORKED_TOKENS, WORKED_MASKS, "stop")
+    results, masks = Engine(model, ByteTokenizer()).generate_batch(PROMPT, max_tokens=50, temperature=0.0)
+    assert results[0][len(PROMPT):] == WORKED_TOKENS and masks[0][len(PROMPT):] == WORKED_MASKS
+
+
+def test_forced_tokens_count_toward_max_tokens_and_length_event_carries_the_last_token(scheduler_factory):
+    scheduler = scheduler_factory(ScriptedModel(WORKED_SCRIPT, len(PROMPT)))
+    request = scheduler.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0.0))
+    events = [request.events.get(timeout=EVENT_TIMEOUT) for _ in range(8)]
+    assert [e.token_id for e in events] == WORKED_TOKENS[:8]
+    assert [e.finish_reason for e in events] == [None] * 7 + ["length"]
+    assert events[-1].mask == 0  # the 8th token is forced tool output
+    assert request.events.empty() and request.finish_reason == "length"
+
+
+@pytest.mark.parametrize("terminal", [ASSISTANT_END, BOS, 120])
+def test_stop_tokens_end_without_being_emitted(scheduler_factory, terminal):
+    script = list(b"ab") + [terminal] + list(b"cd")
+    scheduler = scheduler_factory(ScriptedModel(script, len(PROMPT)))
+    request = scheduler.submit(PROMPT, SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(120,)))
+    events = []
+    while not events or events[-1].finish_reason is None:
+        events.append(request.events.get(timeout=EVENT_TIMEOUT))
+    assert events == [TokenEvent(97, 1, None), TokenEvent(98, 1, None), TokenEvent(None, 0, "stop")]
+
+
+def test_model_error_ends_active_requests_and_the_scheduler_keeps_serving(scheduler_factory):
+    model = ScriptedModel(list(b"abcdefgh"), len(PROMPT))
+    scheduler = scheduler_factory(model, start=False)
+    request = scheduler.submit(PROMPT, SamplingParams(max_tokens=5, temperature=0.0))
+    model.fail_next_decode = True
+    scheduler.start()
+    assert collect(request) == ([97], [1], "error")  # the first token comes from the prefill
+    assert collect(scheduler.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0.0))) == (
+        list(b"abc"), [1, 1, 1], "length")
+
+
+# -----------------------------------------------------------------------------
+# Scheduler: lifecycle, limits, stats
+
+def test_cancel_frees_the_slot_for_a_queued_request(model, scheduler_factory):
+    scheduler = scheduler_factory(model, max_batch_size=1, start=False)
+    received = []
+
+    def cancel_after_two(event):
+        received.append(event)
+        if len(received) == 2:
+            first.cancel()
+
+    first = scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=50, temperature=0.0), on_event=cancel_after_two)
+    second = scheduler.submit(prompts(2)[1], SamplingParams(max_tokens=10, temperature=0.0))
+    assert first.events is None and scheduler.stats()["queued"] == 2
+    scheduler.start()
+    second_result = collect(second)
+    assert [e.finish_reason for e in received] == [None, None, "cancelled"]
+    assert received[-1].token_id is None and first.finish_reason == "cancelled"
+    assert second_result == collect(scheduler.submit(prompts(2)[1], SamplingParams(max_tokens=10, temperature=0.0)))
+
+
+def test_cancel_while_queued(model, scheduler_factory):
+    scheduler = scheduler_factory(model, start=False)
+    request = scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=5))
+    request.cancel()
+    scheduler.start()
+    assert collect(request) == ([], [], "cancelled")
+
+
+def test_queue_full_and_shutdown_cancels_pending(model, scheduler_factory):
+    scheduler = scheduler_factory(model, max_queue=2, start=False)
+    params = SamplingParams(max_tokens=5)
+    waiting = [scheduler.submit(prompts(1)[0], params) for _ in range(2)]
+    with pytest.raises(QueueFull):
+        scheduler.submit(prompts(1)[0], params)
+    assert scheduler.stats()["queued"] == 2
+    scheduler.shutdown()
+    assert [collect(r) for r in waiting] == [([], [], "cancelled")] * 2
+    with pytest.raises(RuntimeError, match="shut down"):
+        scheduler.submit(prompts(1)[0], params)
+
+
+def test_shutdown_cancels_active_requests_and_stops_the_thread(model, scheduler_factory):
+    scheduler = scheduler_factory(model)
+    first_token, release = threading.Event(), threading.Event()
+
+    def hold_first(event):
+        if not first_token.is_set():
+            first_token.set()
+            release.wait(EVENT_TIMEOUT)  # keep the decode thread inside this step until shutdown began
+
+    events = []
+    request = scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=60, temperature=0.0),
+                               on_event=lambda e: (events.append(e), hold_first(e)))
+    assert first_token.wait(EVENT_TIMEOUT)
+    stopper = threading.Thread(target=scheduler.shutdown)
+    stopper.start()
+    deadline = time.time() + EVENT_TIMEOUT
+    while time.time() < deadline:  # shutdown has begun once submit refuses
+        try:
+            scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=1)).cancel()
+        except RuntimeError:
+            break
+        time.sleep(0.01)
+    release.set()
+    stopper.join(EVENT_TIMEOUT)
+    assert not stopper.is_alive()
+    assert events[-1] == TokenEvent(None, 0, "cancelled") and request.finish_reason == "cancelled"
+    assert not any(t.name == "nanochat-batching" and t.is_alive() for t in threading.enumerate())
+
+
+def test_submit_validation(model, scheduler_factory):
+    scheduler = scheduler_factory(model, start=False)
+    prompt = prompts(1)[0]
+    with pytest.raises(ValueError, match="empty"):
+        scheduler.submit([], SamplingParams(max_tokens=5))
+    with pytest.raises(ValueError, match="context"):
+        scheduler.submit(prompt, SamplingParams(max_tokens=SEQ_LEN - len(prompt) + 1))
+    scheduler.submit(prompt, SamplingParams(max_tokens=SEQ_LEN - len(prompt)))  # exactly fills the context
+    bad = [dict(max_tokens=0), dict(max_tokens=5, temperature=-1.0), dict(max_tokens=5, top_k=-2),
+           dict(max_tokens=5, top_p=0.0), dict(max_tokens=5, top_p=1.5)]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            scheduler.submit(prompt, SamplingParams(**kwargs))
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        scheduler.submit([BOS, VOCAB], SamplingParams(max_tokens=5))
+
+
+class NoStopModel:
+    """The real GPT with the special ids banned, so only max_tokens can end a request."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        logits = self.model.forward(ids, kv_cache=kv_cache)
+        logits[..., 256:] = float("-inf")
+        return logits
+
+
+def test_requests_filling_the_whole_context_run_to_length(model, scheduler_factory):
+    scheduler = scheduler_factory(NoStopModel(model), max_batch_size=2)
+    requests = [scheduler.submit(p, SamplingParams(max_tokens=SEQ_LEN - len(p), seed=2)) for p in prompts(3)]
+    for prompt, request in zip(prompts(3), requests):
+        tokens, _, reason = collect(request)
+        assert reason == "length" and len(tokens) == SEQ_LEN - len(prompt)
+
+
+def test_stats_count_requests_and_tokens(model, scheduler_factory):
+    scheduler = scheduler_factory(model, max_batch_size=4)
+    assert scheduler.stats() == {"active": 0, "queued": 0, "max_batch_size": 4, "completed": 0, "tokens_generated": 0}
+    results = [collect(r) for r in [scheduler.submit(p, SamplingParams(max_tokens=9, seed=1)) for p in prompts(6)]]
+    stats = scheduler.stats()
+    assert stats["completed"] == 6 and stats["active"] == 0 and stats["queued"] == 0
+    assert stats["tokens_generated"] == sum(len(tokens) for tokens, _, _ in results)
