@@ -566,3 +566,16 @@ def test_a_full_queue_answers_429(base_dir):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_headless_browser_gets_a_streamed_answer_from_the_real_server(url):
+    """The issue's browser check end to end: the real chat_web serving a real (tiny) model, the real page in
+    headless Chromium; a message is sent and a streamed assistant answer must appear."""
+    from dev.browser_check import CheckFailed, find_chromium, run_check
+    if find_chromium() is None:
+        pytest.skip("headless Chromium is not installed (Debian: chromium-headless-shell; .ci/run installs it as root)")
+    try:
+        result = run_check(url, message="Hello!", timeout=60)
+    except CheckFailed as e:
+        pytest.fail(f"browser check failed: {e}")
+    assert result["answer"].strip(), result  # streamed text reached the assistant bubble
