@@ -29,27 +29,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class _FakeTokenizer:
-    """Special ids at the top of the vocabulary, for a random model without a trained tokenizer."""
-    NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
-
-    def __init__(self, vocab_size):
-        self.ids = {name: vocab_size - len(self.NAMES) + i for i, name in enumerate(self.NAMES)}
-
-    def encode_special(self, name):
-        return self.ids[name]
-
-    def get_bos_token_id(self):
-        return self.ids["<|bos|>"]
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
 class _NoStopModel:
     """The model with the terminal ids' logits at -inf, so every request runs to max_tokens."""
 
@@ -63,27 +42,6 @@ class _NoStopModel:
         logits = self.model.forward(ids, kv_cache=kv_cache)
         logits[..., self.banned] = float("-inf")
         return logits
-
-
-def load(args, device):
-    """(model, tokenizer, description)."""
-    if args.depth:
-        from nanochat.gpt import GPT, config_for_depth
-        with torch.device("meta"):
-            model = GPT(config_for_depth(args.depth, sequence_len=2048, window_pattern="L"))
-        model.to_empty(device=device)
-        model.init_weights()
-        model.eval()
-        return model, _FakeTokenizer(model.config.vocab_size), f"random d{args.depth}"
-    from nanochat.checkpoint_manager import load_model
-    errors = []
-    for source in [args.source] if args.source else ["sft", "base"]:
-        try:
-            model, tokenizer, meta = load_model(source, device, phase="eval")
-            return model, tokenizer, f"{source} checkpoint, step {meta.get('step')}"
-        except FileNotFoundError as e:
-            errors.append(str(e))
-    raise SystemExit(f"bench_batching: no checkpoint found ({'; '.join(errors)}); train one or pass --depth")
 
 
 def make_prompts(n, prompt_len, bos):
@@ -121,6 +79,7 @@ def main(argv=None):
     from nanochat.engine import Engine
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
+    from dev.bench_engine import load  # the same checkpoint-or-random-model loader
     base_model, tokenizer, what = load(args, device)
     model = _NoStopModel(base_model, [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()])
     cfg = model.config

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import requests
 
-from nanochat.common import base_dir_path, print0
+from nanochat.common import REPO_DATA_DIR, base_dir_path, print0
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ LEGACY_DIRNAME = "base_data"  # FineWeb-Edu-100B shards from before the March 4,
 
 # The committed offline sample (see data/pretrain_sample/README.md). Its files carry this key in the
 # parquet key-value metadata, so a sample shard can never be mistaken for a real one.
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "pretrain_sample")
+SAMPLE_DIR = os.path.join(REPO_DATA_DIR, "pretrain_sample")
 SAMPLE_TAG = b"nanochat_sample"
 
 CHUNK_SIZE = 1 << 20  # bytes per streamed download chunk
