@@ -11,9 +11,17 @@ On-disk layout (the reference's, so checkpoints move between the two code bases 
         optim_{step:06d}_rank{r}.pt     torch.save of rank r's optimizer state_dict (sharded)
         meta_{step:06d}.json            metadata, json indent=2, UTF-8 (rank 0)
 
-Unlike the reference, every file is written to a temp name in the same directory and renamed into
-place, and the meta file is written last (after a barrier when a process group is up), so a meta
-file marks a complete checkpoint. find_last_step ignores steps whose meta file is missing.
+Every file is first written in full to a temp name (<name>.tmp.<pid>) in the same directory; only
+when all of a step's files are complete are they renamed into place, the meta file last (after a
+barrier when a process group is up), so a meta file marks a complete checkpoint and find_last_step
+ignores steps without one. Re-saving an existing step removes its old meta file only after the
+replacement files are complete, so a kill while they are written keeps the old checkpoint whole.
+Temp files left by writers that were killed (their pid is no longer alive) are removed by the next
+save into the same directory; a live writer's temp file is never touched.
+
+model_config holds the reference's GPTConfig keys, plus the muP / L3 keys only when that feature is
+on: a plain model's meta is exactly what the reference writes, so its GPTConfig(**kwargs) accepts
+it, and reading a meta without those keys gives their defaults (feature off).
 
 The meta JSON keeps json's default allow_nan: an infinite min_val_bpb is written as the
 non-standard token `Infinity`, exactly as the reference writes it and reads it back (json.load
@@ -28,7 +36,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import _env_rank, atomic_open, get_base_dir, is_ddp_initialized
+from nanochat.common import _env_rank, get_base_dir, is_ddp_initialized
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -77,41 +85,159 @@ def _optim_path(checkpoint_dir, step, rank):
 # -----------------------------------------------------------------------------
 # Saving
 
-def _save_torch_atomic(obj, path):
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+def portable_model_config(model_config):
+    """
+    A copy of a model_config dict without the keys of features that are off: mup_base_width when
+    it is 0, every l3_* key when l3_after_layers is empty. Such values configure nothing, so loading
+    with GPTConfig's defaults gives the same model, and a plain model's config has exactly the
+    reference's keys (sequence_len, vocab_size, n_layer, n_head, n_kv_head, n_embd, window_pattern).
+    """
+    config = dict(model_config)
+    if not config.get("mup_base_width"):
+        config.pop("mup_base_width", None)
+    if not str(config.get("l3_after_layers", "")).strip():
+        for key in [k for k in config if k.startswith("l3_")]:
+            del config[key]
+    return config
+
+
+_TEMP_FILE_RE = re.compile(r"(?P<name>.+)\.tmp\.(?P<pid>\d+)")
+
+
+def _temp_path(path):
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _written_by_rank(name, rank):
+    """Whether rank writes checkpoint file `name` (rank 0: model and meta; rank r: its optimizer shard)."""
+    if m := re.fullmatch(r"optim_\d+_rank(\d+)\.pt", name):
+        return int(m.group(1)) == rank
+    return rank == 0 and re.fullmatch(r"(model_\d+\.pt|meta_\d+\.json)", name) is not None
+
+
+def remove_stale_temp_files(checkpoint_dir, rank=0):
+    """
+    Remove the temp files of this rank's checkpoint files whose writer is dead: a save killed
+    mid-write leaves <name>.tmp.<pid> behind. A temp file whose pid is alive belongs to a save in
+    progress and is kept. Each rank looks only at the files it writes itself, so on several nodes
+    no rank judges a pid of another machine. Returns the removed paths.
+    """
+    removed = []
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    for name in names:
+        m = _TEMP_FILE_RE.fullmatch(name)
+        if m is None or not _written_by_rank(m.group("name"), rank) or _pid_alive(int(m.group("pid"))):
+            continue
+        path = os.path.join(checkpoint_dir, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue  # another process removed it first
+        removed.append(path)
+        log0(f"Removed {path}, left by a killed save (process {m.group('pid')} is gone)")
+    return removed
+
+
+def _write_temp(path, write):
+    """write(f) into path's temp file, flushed to disk; returns the temp path (deleted on failure)."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_if_exists(tmp)
+        raise
+    return tmp
+
+
+def _remove_if_exists(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """
-    Rank 0 writes the model file; every rank with optimizer_data writes its shard; rank 0 then
-    writes the meta file, last. All ranks must call this when any passes optimizer_data while a
-    process group is up (they meet at a barrier); rank-0-only callers pass optimizer_data=None.
+    Rank 0 writes the model and meta files; every rank with optimizer_data writes its shard. Every
+    file is complete under a temp name before any is renamed into place, the meta file last (module
+    docstring). All ranks must call this when any passes optimizer_data while a process group is up
+    (they meet at barriers); rank-0-only callers pass optimizer_data=None.
     """
-    meta_path = _meta_path(checkpoint_dir, step)
+    meta_data = dict(meta_data)
+    if "model_config" in meta_data:
+        meta_data["model_config"] = portable_model_config(meta_data["model_config"])
     meta_text = json.dumps(meta_data, indent=2)  # serialise first: a bad meta fails before any write
-    if rank == 0:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # re-saving a step: it is incomplete until the new meta lands
-        model_path = _model_path(checkpoint_dir, step)
-        _save_torch_atomic(model_data, model_path)
-        log0(f"Saved model parameters to: {model_path}")
-    if optimizer_data is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        optim_path = _optim_path(checkpoint_dir, step, rank)
-        _save_torch_atomic(optimizer_data, optim_path)
-        logger.info(f"Saved optimizer state to: {optim_path}")
-        if is_ddp_initialized():
-            dist.barrier()  # every shard is on disk before rank 0 marks the checkpoint complete
-    if rank == 0:
-        with atomic_open(meta_path, "w") as f:
-            f.write(meta_text)
-        log0(f"Saved metadata to: {meta_path}")
+    meta_path, model_path = _meta_path(checkpoint_dir, step), _model_path(checkpoint_dir, step)
+    optim_path = _optim_path(checkpoint_dir, step, rank)
+    sync = optimizer_data is not None and is_ddp_initialized()
+    staged = {}  # final path -> its complete temp file
+    try:
+        if rank == 0 or optimizer_data is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            remove_stale_temp_files(checkpoint_dir, rank)
+        if rank == 0:
+            staged[model_path] = _write_temp(model_path, lambda f: torch.save(model_data, f))
+            staged[meta_path] = _write_temp(meta_path, lambda f: f.write(meta_text.encode("utf-8")))
+        if optimizer_data is not None:
+            staged[optim_path] = _write_temp(optim_path, lambda f: torch.save(optimizer_data, f))
+        _barrier(sync)  # every rank's replacement is complete on disk
+        if rank == 0:
+            # a step being re-saved stops being complete only now, and until its new meta lands
+            _remove_if_exists(meta_path)
+            _commit(staged, model_path)
+            log0(f"Saved model parameters to: {model_path}")
+        _barrier(sync)  # no shard replaces an old one while the old meta still marks the step complete
+        if optimizer_data is not None:
+            _commit(staged, optim_path)
+            logger.info(f"Saved optimizer state to: {optim_path}")
+        _barrier(sync)
+        if rank == 0:
+            _commit(staged, meta_path)
+            log0(f"Saved metadata to: {meta_path}")
+    finally:
+        for tmp in staged.values():  # only after a failure: the temps not yet renamed
+            _remove_if_exists(tmp)
+
+
+def _commit(staged, path):
+    os.replace(staged[path], path)
+    del staged[path]  # only once renamed: a failed rename still cleans up its temp file
+
+
+def _barrier(enabled):
+    if enabled:
+        dist.barrier()
 
 
 # -----------------------------------------------------------------------------
 # Loading
+
+def _one_line(error):
+    """`Type: message` of an exception on one line (torch and pickle errors span several)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _step_fix(path):
+    """How to get past a damaged checkpoint file: load another step, or re-create this one."""
+    checkpoint_dir, name = os.path.split(path)
+    step = int(re.search(r"_(\d+)", name).group(1))
+    return (f"Fix: delete {_meta_path(checkpoint_dir, step)} so that the previous complete step is used "
+            f"(or pass another step), or copy the file again from where it came")
+
 
 def _load_torch_file(path, device, what):
     if not os.path.exists(path):
@@ -121,8 +247,8 @@ def _load_torch_file(path, device, what):
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
-        raise RuntimeError(f"Could not load checkpoint {what} from {path} (truncated or corrupt file?): "
-                           f"{type(e).__name__}: {e}") from e
+        raise RuntimeError(f"Checkpoint {what} file {path} is truncated or corrupt ({_one_line(e)}). "
+                           f"{_step_fix(path)}.") from e
 
 
 def _load_meta(checkpoint_dir, step):
@@ -132,9 +258,14 @@ def _load_meta(checkpoint_dir, step):
                                 f"so step {step} is missing or incomplete)")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Checkpoint metadata {path} is not valid JSON (truncated or corrupt file?): {e}") from e
+        raise ValueError(f"Checkpoint metadata {path} is not valid JSON, truncated or corrupt "
+                         f"({_one_line(e)}). {_step_fix(path)}.") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"Checkpoint metadata {path} holds a JSON {type(meta).__name__}, not an object. "
+                         f"{_step_fix(path)}.")
+    return meta
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
@@ -230,15 +361,17 @@ def _check_state_keys(model_data, expected_keys, model_file):
 
 
 def _model_config_from_meta(meta_data, meta_file):
-    if "model_config" not in meta_data:
-        raise ValueError(f"Checkpoint metadata {meta_file} has no 'model_config'")
+    fix = _step_fix(meta_file)
+    if not isinstance(meta_data.get("model_config"), dict):
+        raise ValueError(f"Checkpoint metadata {meta_file} has no 'model_config' object. {fix}.")
     kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(kwargs)
     log0(f"Building model with config: {kwargs}")
     try:
         return GPTConfig(**kwargs)
     except TypeError as e:
-        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config this GPTConfig cannot take: {e}") from e
+        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config this GPTConfig cannot take "
+                         f"({_one_line(e)}). {fix}.") from e
 
 
 def build_model(checkpoint_dir, step, device, phase):

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,21 @@ from nanochat.l3 import allocation_to_bounds
 from nanochat.tokenizer import RustBPETokenizer
 
 TOKENIZER_VOCAB = 300  # 256 bytes + 9 specials + 35 merges
+# the reference's GPTConfig fields, in order (pipeline.md "What this layer needs from the model layer")
+REFERENCE_CONFIG_KEYS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                         "window_pattern"]
+
+
+@dataclasses.dataclass
+class ReferenceGPTConfig:
+    """The reference's GPTConfig: these fields only, so GPTConfig(**kwargs) rejects any other key."""
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +127,8 @@ def test_save_load_round_trip_file_names_and_json(tmp_path):
     assert sorted(os.listdir(ckpt)) == ["meta_000005.json", "model_000005.pt",
                                         "optim_000005_rank0.pt", "optim_000005_rank1.pt"]
     text = (ckpt / "meta_000005.json").read_bytes().decode("utf-8")
-    assert text == json.dumps(meta, indent=2)  # indent=2, json's defaults: the reference's bytes
+    reference_meta = dict(meta, model_config={k: meta["model_config"][k] for k in REFERENCE_CONFIG_KEYS})
+    assert text == json.dumps(reference_meta, indent=2)  # indent=2, json's defaults: the reference's bytes
     assert '"min_val_bpb": Infinity' in text  # allow_nan kept: the reference reads it back with json.load
 
     model_data, optim_data, meta_data = cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True, rank=0)
@@ -166,13 +184,16 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     assert not os.path.exists(os.path.join(ckpt, "meta_000003.json"))
     assert cm.find_last_step(ckpt) == 1
 
-    # re-saving step 1 replaces its model file first: until the new meta lands, step 1 is incomplete
+    # re-saving the newest step (a resume at the final step saves it again): a failure while the new
+    # files are written leaves the old step complete, with its old contents
     monkeypatch.setattr(torch, "save", crash_on_optimizer)
     with pytest.raises(OSError, match="disk full"):
         cm.save_checkpoint(ckpt, 1, tiny_model(seed=5).state_dict(), {"step": 1}, meta_for(model, 1))
     monkeypatch.undo()
-    with pytest.raises(FileNotFoundError, match="No complete checkpoints"):
-        cm.find_last_step(ckpt)
+    assert cm.find_last_step(ckpt) == 1
+    model_data, optim_data, _ = cm.load_checkpoint(ckpt, 1, "cpu", load_optimizer=True)
+    assert torch.equal(model_data["lm_head.weight"], model.lm_head.weight) and optim_data == {"step": 1}
+    assert not [f for f in os.listdir(ckpt) if ".tmp" in f]
 
 
 def test_corrupt_files_give_errors_naming_the_file(tmp_path):
@@ -398,3 +419,127 @@ def test_load_model_guesses_tag_and_step_under_base_dir(base_dir):
         cm.load_model("sft", "cpu", "eval")
     with pytest.raises(ValueError, match="bogus"):
         cm.load_model("bogus", "cpu", "eval")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints move both ways between this code base and the reference
+
+def test_plain_model_meta_has_exactly_the_reference_keys(base_dir):
+    model = tiny_model()
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    cm.save_checkpoint(str(ckpt), 3, model.state_dict(), None, meta_for(model, 3))
+    model_config = json.loads((ckpt / "meta_000003.json").read_text())["model_config"]
+    assert list(model_config) == REFERENCE_CONFIG_KEYS
+    reference_config = ReferenceGPTConfig(**model_config)  # what the reference's build_model does with it
+    expected = {k: getattr(model.config, k) for k in REFERENCE_CONFIG_KEYS}
+    assert dataclasses.asdict(reference_config) == expected
+    built, _, _ = cm.build_model(str(ckpt), 3, "cpu", "eval")
+    assert built.config == model.config
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+@pytest.mark.parametrize("features", [
+    dict(mup_base_width=32),
+    dict(l3_after_layers="1", l3_n_emb=2 * TOKENIZER_VOCAB, l3_d_up=48, l3_k_max=4, l3_tie_kv=False),
+    dict(mup_base_width=32, l3_after_layers="0", l3_n_emb=TOKENIZER_VOCAB),
+])
+def test_mup_and_l3_models_write_their_keys_and_round_trip(base_dir, features):
+    model = tiny_model(tiny_config(**features))
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    cm.save_checkpoint(str(ckpt), 1, model.state_dict(), None, meta_for(model, 1))
+    model_config = json.loads((ckpt / "meta_000001.json").read_text())["model_config"]
+    assert list(model_config)[:len(REFERENCE_CONFIG_KEYS)] == REFERENCE_CONFIG_KEYS
+    assert features.items() <= model_config.items()
+    assert ("mup_base_width" in model_config) == ("mup_base_width" in features)
+    with pytest.raises(TypeError):  # the reference cannot build these models, and says so
+        ReferenceGPTConfig(**model_config)
+    built, _, _ = cm.build_model(str(ckpt), 1, "cpu", "eval")
+    assert built.config == model.config
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+def test_reference_written_checkpoint_loads_with_equal_logits(base_dir):
+    model = tiny_model()
+    reference_meta = {"step": 7, "val_bpb": 1.25, "model_config": {k: getattr(model.config, k)
+                                                                   for k in REFERENCE_CONFIG_KEYS},
+                      "user_config": {"depth": 2}}
+    write_like_reference(str(base_dir / "base_checkpoints" / "d2"), 7, model.state_dict(), reference_meta)
+    built, _, meta = cm.load_model("base", "cpu", "eval")
+    assert meta == reference_meta and built.config == model.config
+    assert built.config.mup_base_width == 0 and len(built.l3_layers) == 0
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+# -----------------------------------------------------------------------------
+# Leftovers of killed saves
+
+def _dead_pid():
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    ckpt = tmp_path / "d2"
+    ckpt.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = _dead_pid()
+        stale = [f"{name}.tmp.{dead}"
+                 for name in ("model_000004.pt", "meta_000004.json", "optim_000004_rank0.pt")]
+        kept = [f"model_000005.pt.tmp.{live.pid}",  # a save in progress in another process
+                f"optim_000004_rank1.pt.tmp.{dead}",  # rank 1 cleans its own files, not rank 0
+                f"notes.txt.tmp.{dead}", "model_000004.pt.tmp.abc"]  # not checkpoint temp files
+        for name in stale + kept:
+            (ckpt / name).write_bytes(b"partial")
+        model = tiny_model()
+        cm.save_checkpoint(str(ckpt), 6, model.state_dict(), {"step": 6}, meta_for(model, 6))
+        assert sorted(os.listdir(ckpt)) == sorted(kept + ["meta_000006.json", "model_000006.pt",
+                                                          "optim_000006_rank0.pt"])
+        cm.save_checkpoint(str(ckpt), 6, None, {"step": 6}, {"step": 6}, rank=1)
+        assert f"optim_000004_rank1.pt.tmp.{dead}" not in os.listdir(ckpt)
+        assert f"model_000005.pt.tmp.{live.pid}" in os.listdir(ckpt)
+    finally:
+        live.kill()
+        live.wait()
+
+
+KILLED_RESAVE = """
+import os, sys, time, torch
+from nanochat import checkpoint_manager as cm
+real_save = torch.save
+def hang_in_optimizer(obj, f, *args, **kwargs):
+    if "hang" in obj:  # write part of the file, then wait to be killed
+        f.write(b"PK partial")
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = hang_in_optimizer
+ckpt, step = sys.argv[1], int(sys.argv[2])
+state = {"w": torch.full((3,), 2.0)}
+cm.save_checkpoint(ckpt, step, state, {"hang": 1}, {"step": step, "model_config": {"n_layer": 9}})
+"""
+
+
+def test_kill_during_resave_of_the_final_step_keeps_it_and_its_temps_are_cleaned(tmp_path):
+    ckpt = tmp_path / "d2"
+    cm.save_checkpoint(str(ckpt), 1, {"w": torch.zeros(3)}, {"step": 0}, {"step": 0})
+    cm.save_checkpoint(str(ckpt), 2, {"w": torch.ones(3)}, {"step": 2}, {"step": 2})
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(cm.__file__))))
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_RESAVE, str(ckpt), "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n", writer.stderr.read()
+    finally:
+        writer.kill()  # SIGKILL: no cleanup runs in the writer
+        writer.wait()
+    leftovers = [f for f in os.listdir(ckpt) if ".tmp." in f]
+    assert leftovers  # the killed writer's temp files are on disk
+    assert cm.find_last_step(str(ckpt)) == 2  # the step being re-saved is still complete...
+    model_data, optim_data, meta = cm.load_checkpoint(str(ckpt), 2, "cpu", load_optimizer=True)
+    assert torch.equal(model_data["w"], torch.ones(3)) and optim_data == {"step": 2} and meta == {"step": 2}
+
+    cm.save_checkpoint(str(ckpt), 3, {"w": torch.ones(3)}, {"step": 3}, {"step": 3})  # the next save cleans
+    assert not [f for f in os.listdir(ckpt) if ".tmp." in f]
