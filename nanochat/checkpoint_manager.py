@@ -36,7 +36,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import _env_rank, get_base_dir, is_ddp_initialized
+from nanochat.common import _env_rank, get_base_dir, is_ddp_initialized, one_line_error
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -225,12 +225,6 @@ def _barrier(enabled):
 # -----------------------------------------------------------------------------
 # Loading
 
-def _one_line(error):
-    """`Type: message` of an exception on one line (torch and pickle errors span several)."""
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
-
-
 def _step_fix(path):
     """How to get past a damaged checkpoint file: load another step, or re-create this one."""
     checkpoint_dir, name = os.path.split(path)
@@ -247,7 +241,7 @@ def _load_torch_file(path, device, what):
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
-        raise RuntimeError(f"Checkpoint {what} file {path} is truncated or corrupt ({_one_line(e)}). "
+        raise RuntimeError(f"Checkpoint {what} file {path} is truncated or corrupt ({one_line_error(e)}). "
                            f"{_step_fix(path)}.") from e
 
 
@@ -261,7 +255,7 @@ def _load_meta(checkpoint_dir, step):
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"Checkpoint metadata {path} is not valid JSON, truncated or corrupt "
-                         f"({_one_line(e)}). {_step_fix(path)}.") from e
+                         f"({one_line_error(e)}). {_step_fix(path)}.") from e
     if not isinstance(meta, dict):
         raise ValueError(f"Checkpoint metadata {path} holds a JSON {type(meta).__name__}, not an object. "
                          f"{_step_fix(path)}.")
@@ -371,7 +365,7 @@ def _model_config_from_meta(meta_data, meta_file):
         return GPTConfig(**kwargs)
     except TypeError as e:
         raise ValueError(f"Checkpoint metadata {meta_file} has a model_config this GPTConfig cannot take "
-                         f"({_one_line(e)}). {fix}.") from e
+                         f"({one_line_error(e)}). {fix}.") from e
 
 
 def build_model(checkpoint_dir, step, device, phase):

@@ -126,6 +126,16 @@ def atomic_open(path, mode="w"):
         raise
 
 
+def one_line_error(error):
+    """
+    `Type: first sentence` of an exception, on one line, for messages about a damaged file: torch and
+    pickle errors span several lines, and torch's weights-only advice after its first sentence
+    (re-run with weights_only=False) is not the fix for a truncated file.
+    """
+    text = " ".join(str(error).split()).split(". ")[0]
+    return f"{type(error).__name__}: {text[:150]}{'...' if len(text) > 150 else ''}"
+
+
 def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeout=60):
     """
     Download url to <base_dir>/<filename> exactly once across concurrent ranks. The bytes go to a

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.common import get_dist_info, print0
-from nanochat.dataset import list_split_files
+from nanochat.common import get_dist_info, one_line_error, print0
+from nanochat.dataset import SHARD_FIX, CorruptShardError, list_split_files
 
 _PREFETCH_BATCHES = 4  # tokenised text batches queued ahead of the packer
 
@@ -47,7 +47,8 @@ class _RowGroupReader:
             try:
                 self._handles[pq_idx] = pq.ParquetFile(path)
             except Exception as e:  # pyarrow's errors do not say which file
-                raise RuntimeError(f"Cannot read parquet shard {path}: {e}") from e
+                raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
+                                        f"{SHARD_FIX}.") from e
         return self._handles[pq_idx]
 
     def num_row_groups(self, pq_idx):
@@ -57,7 +58,8 @@ class _RowGroupReader:
         try:
             return self._file(pq_idx).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
         except Exception as e:
-            raise RuntimeError(f"Cannot read row group {rg_idx} of {self.files[pq_idx]}: {e}") from e
+            raise CorruptShardError(f"Cannot read row group {rg_idx} of {self.files[pq_idx]} "
+                                    f"({one_line_error(e)}). {SHARD_FIX}.") from e
 
 
 def _text_batches(reader, rank, world, cursor, batch_size):

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import requests
 
-from nanochat.common import REPO_DATA_DIR, base_dir_path, print0
+from nanochat.common import REPO_DATA_DIR, base_dir_path, one_line_error, print0
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ class CorruptShardError(RuntimeError):
     """A parquet file that cannot be read, or that has no string `text` column. The message names the file."""
 
 
+# how to replace a damaged shard: the downloader re-fetches any shard that does not read
+SHARD_FIX = ("Fix: run `python -m nanochat.dataset -n <number of train shards you use>` again, which "
+             "replaces unreadable shards (or `python -m nanochat.dataset --sample` for the offline sample)")
+
+
 def inspect_shard(path):
     """Read and check a shard's footer; return its pyarrow FileMetaData. Raises CorruptShardError."""
     try:
@@ -81,11 +86,12 @@ def inspect_shard(path):
             schema = pf.schema_arrow
             metadata = pf.metadata
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage
-        raise CorruptShardError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}). "
-                                f"Delete it and download it again.") from e
+        raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
+                                f"{SHARD_FIX}.") from e
     idx = schema.get_field_index("text")
     if idx < 0 or str(schema.field(idx).type) not in ("string", "large_string"):
-        raise CorruptShardError(f"{path} has no string column 'text' (schema: {schema}).")
+        columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
+        raise CorruptShardError(f"{path} has no string column 'text' (columns: {columns}). {SHARD_FIX}.")
     return metadata
 
 
@@ -104,16 +110,16 @@ def read_row_group(path, rg_idx):
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise CorruptShardError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}). "
-                                f"Delete it and download it again.") from e
+        raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
+                                f"{SHARD_FIX}.") from e
     with pf:
         if not 0 <= rg_idx < pf.num_row_groups:
             raise IndexError(f"row group {rg_idx} out of range: {path} has {pf.num_row_groups} row groups")
         try:
             return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
         except Exception as e:
-            raise CorruptShardError(f"Cannot read row group {rg_idx} of {path} ({type(e).__name__}: {e}). "
-                                    f"Delete the file and download it again.") from e
+            raise CorruptShardError(f"Cannot read row group {rg_idx} of {path} ({one_line_error(e)}). "
+                                    f"{SHARD_FIX}.") from e
 
 
 def _print_legacy_banner(legacy_dir):

@@ -22,7 +22,7 @@ import pickle
 import tiktoken
 import torch
 
-from nanochat.common import atomic_open, get_base_dir
+from nanochat.common import atomic_open, get_base_dir, one_line_error
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,24 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 _TRAIN_HINT = "train one first with `python -m scripts.tok_train`"
+_PICKLE_FIX = ("Fix: copy it again from where it came, or retrain it with `python -m scripts.tok_train` "
+               "(checkpoints trained with another tokenizer need theirs)")
+_TOKEN_BYTES_FIX = ("Fix: rewrite it from the tokenizer with `python -c \"import torch; from nanochat.tokenizer "
+                    "import get_tokenizer, compute_token_bytes as c; torch.save(c(get_tokenizer()), '{path}')\"`")
+
+
+def _load_encoding(path):
+    """The tiktoken.Encoding pickled at path; a damaged file is a ValueError naming it and the fix."""
+    with open(path, "rb") as f:
+        try:
+            enc = pickle.load(f)
+        except Exception as e:  # UnpicklingError, EOFError, ImportError, ...: whatever the damage produces
+            raise ValueError(f"Tokenizer file {path} is truncated or corrupt ({one_line_error(e)}). "
+                             f"{_PICKLE_FIX}.") from e
+    if not isinstance(enc, tiktoken.Encoding):
+        raise ValueError(f"Tokenizer file {path} holds a {type(enc).__name__}, not a tiktoken.Encoding. "
+                         f"{_PICKLE_FIX}.")
+    return enc
 
 
 def _encode_rows(text, prepend_id, append_id, encode_one, encode_batch):
@@ -102,9 +120,7 @@ class RustBPETokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir):
         """Load <tokenizer_dir>/tokenizer.pkl (a pickled tiktoken.Encoding; only load files you trust)."""
-        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
-            enc = pickle.load(f)
-        return cls(enc, "<|bos|>")
+        return cls(_load_encoding(os.path.join(tokenizer_dir, "tokenizer.pkl")), "<|bos|>")
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -398,4 +414,13 @@ def get_tokenizer():
 def get_token_bytes(device="cpu"):
     """The (vocab_size,) int32 table written by tok_train (see compute_token_bytes), on `device`."""
     path = _tokenizer_path("token_bytes.pt", "Token bytes")
-    return torch.load(path, map_location=device)
+    try:
+        token_bytes = torch.load(path, map_location=device)
+    except Exception as e:
+        raise ValueError(f"Token bytes file {path} is truncated or corrupt ({one_line_error(e)}). "
+                         f"{_TOKEN_BYTES_FIX.format(path=path)}") from e
+    is_table = isinstance(token_bytes, torch.Tensor) and token_bytes.ndim == 1
+    if not is_table or token_bytes.is_floating_point():
+        raise ValueError(f"Token bytes file {path} does not hold a 1-D integer tensor. "
+                         f"{_TOKEN_BYTES_FIX.format(path=path)}")
+    return token_bytes

@@ -43,6 +43,7 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -817,7 +818,11 @@ async def openai_stream(generation, model_id, include_usage, num_messages):
 async def lifespan(app):
     args = app.state.args
     print("Loading nanochat models across GPUs...")
-    app.state.pool = WorkerPool.load(args)
+    try:
+        app.state.pool = WorkerPool.load(args)
+    except Exception as e:
+        app.state.startup_error = e  # uvicorn logs it, then ends with its own line: main() repeats it last
+        raise
     print(f"Server ready at http://localhost:{args.port}")
     try:
         yield
@@ -829,7 +834,7 @@ async def lifespan(app):
 def create_app(args):
     """The FastAPI app for parsed args; models load when it starts (lifespan), not here."""
     app = FastAPI(title="nanochat", lifespan=lifespan)
-    app.state.args, app.state.pool = args, None
+    app.state.args, app.state.pool, app.state.startup_error = args, None, None
     # no cookies or auth are used, so no credentials (the reference allowed them with origin *)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(APIError, on_api_error)
@@ -891,7 +896,12 @@ def main(argv=None):
     app = create_app(args)
     print("Starting NanoChat Web Server")
     print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
-    uvicorn.run(app, host=args.host, port=args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port)
+    finally:
+        error = app.state.startup_error
+        if error is not None:  # the cause, as the last line, instead of "Application startup failed"
+            sys.exit(f"Server startup failed: {type(error).__name__}: {' '.join(str(error).split())}")
 
 
 if __name__ == "__main__":

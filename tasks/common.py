@@ -13,10 +13,11 @@ import math
 import operator
 import os
 import random
+import zlib
 
 import numpy as np
 
-from nanochat.common import REPO_DATA_DIR, offline_mode, print0
+from nanochat.common import REPO_DATA_DIR, offline_mode, one_line_error, print0
 
 TASK_DATA_DIR = os.path.join(REPO_DATA_DIR, "tasks")
 
@@ -171,6 +172,24 @@ def display_path(path):
     return path if relative.startswith("..") else relative
 
 
+def read_committed_rows(path):
+    """The objects of a committed (gzipped) JSON-lines file; damage is a ValueError naming file and fix."""
+    fix = f"Fix: restore the committed copy with `git checkout -- {display_path(path)}`"
+    rows, line_number = [], 0
+    try:
+        with open_text(path) as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{display_path(path)}:{line_number}: not valid JSON ({one_line_error(e)}). "
+                         f"{fix}") from e
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # a truncated or garbled gzip stream
+        raise ValueError(f"{display_path(path)} is truncated or corrupt after line {line_number} "
+                         f"({one_line_error(e)}). {fix}") from e
+    return rows
+
+
 def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     """
     The rows (dicts in the hub dataset's schema) of one dataset split, in the order of
@@ -197,8 +216,7 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
         where = ("it has no committed offline copy" if path is None
                  else f"there is no committed offline copy at {display_path(path)}")
         raise RuntimeError(f"{label} ({hf_path}) is unavailable: {reason}, and {where}. {missing_hint}".strip())
-    with open_text(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_committed_rows(path)
     # what datasets' Dataset.shuffle(seed) does: a numpy Generator permutation of the row indices
     permutation = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))
     rows = [rows[i] for i in permutation]

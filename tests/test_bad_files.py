@@ -1,0 +1,242 @@
+"""
+Every damaged file a run reads ends in one last error line that names the file, the problem and
+the fix: pretraining shards, checkpoint model / optimizer / meta files, tokenizer.pkl,
+token_bytes.pt, the eval bundle zip, task data (JSON lines), and a server that cannot start
+because of one of them. Each test writes the damaged file, runs the code that a script runs to
+read it, and checks the last line of the traceback a user would see.
+"""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import
+
+import dataclasses
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat import core_eval, dataset
+from nanochat.common import REPO_DATA_DIR
+from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, get_tokenizer
+from tasks import common as task_common
+from tasks.customjson import CustomJSON
+
+REPO_ROOT = os.path.dirname(REPO_DATA_DIR)
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"the {w} fox jumps over {n} lazy dogs" for w in ("quick", "brown", "red") for n in range(30)]
+    return RustBPETokenizer.train_from_iterator(iter(texts), VOCAB)
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch, tokenizer):
+    base = tmp_path / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    tokenizer.save(str(base / "tokenizer"))
+    return base
+
+
+def last_line(excinfo):
+    """The last line of the traceback Python prints for this exception (chained causes come first)."""
+    return "".join(traceback.format_exception(excinfo.value)).rstrip().splitlines()[-1]
+
+
+def assert_clear(line, path, fix):
+    assert str(path) in line, line  # names the file
+    assert fix in line, line  # says what to do about it
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def save_tiny_checkpoint(base, source="base", step=5):
+    config = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="L")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ckpt = base / cm.CHECKPOINT_DIRS[source] / "d2"
+    meta = {"step": step, "model_config": dataclasses.asdict(config)}
+    cm.save_checkpoint(str(ckpt), step, model.state_dict(), {"state": {}, "param_groups": []}, meta)
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Pretraining shards
+
+def install_shards(base):
+    data_dir = base / dataset.DATA_DIRNAME
+    shutil.copytree(os.path.join(REPO_DATA_DIR, "pretrain_sample"), data_dir,
+                    ignore=shutil.ignore_patterns("*.md"))
+    train_shard = sorted(data_dir.glob("shard_*.parquet"))[0]
+    return train_shard
+
+
+def test_garbage_shard(base_dir):
+    shard = install_shards(base_dir)
+    shard.write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    with pytest.raises(dataset.CorruptShardError) as info:
+        next(dataset.parquets_iter_batched("train"))
+    assert_clear(last_line(info), shard, "python -m nanochat.dataset")
+
+
+def test_truncated_shard_in_the_training_loader(base_dir, tokenizer):
+    shard = install_shards(base_dir)
+    truncate(shard)
+    loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 1, 32, "train", device="cpu")
+    with pytest.raises(dataset.CorruptShardError) as info:
+        next(loader)
+    assert_clear(last_line(info), shard, "python -m nanochat.dataset")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def test_truncated_model_file(base_dir):
+    ckpt = save_tiny_checkpoint(base_dir)
+    truncate(ckpt / "model_000005.pt")
+    with pytest.raises(RuntimeError) as info:
+        cm.load_model("base", "cpu", "eval")
+    assert_clear(last_line(info), ckpt / "model_000005.pt", f"Fix: delete {ckpt / 'meta_000005.json'}")
+
+
+def test_truncated_optimizer_shard(base_dir):
+    ckpt = save_tiny_checkpoint(base_dir)
+    truncate(ckpt / "optim_000005_rank0.pt")
+    with pytest.raises(RuntimeError) as info:
+        cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True)
+    assert_clear(last_line(info), ckpt / "optim_000005_rank0.pt", "Fix: delete")
+
+
+def test_truncated_meta_file(base_dir):
+    ckpt = save_tiny_checkpoint(base_dir)
+    truncate(ckpt / "meta_000005.json")
+    with pytest.raises(ValueError) as info:
+        cm.load_model("base", "cpu", "eval")
+    assert_clear(last_line(info), ckpt / "meta_000005.json", "so that the previous complete step is used")
+
+
+def test_meta_file_without_model_config(base_dir):
+    ckpt = save_tiny_checkpoint(base_dir)
+    (ckpt / "meta_000005.json").write_text(json.dumps(["not", "an", "object"]))
+    with pytest.raises(ValueError) as info:
+        cm.load_model("base", "cpu", "eval")
+    assert_clear(last_line(info), ckpt / "meta_000005.json", "Fix: delete")
+    (ckpt / "meta_000005.json").write_text(json.dumps({"step": 5}))
+    with pytest.raises(ValueError) as info:
+        cm.load_model("base", "cpu", "eval")
+    assert_clear(last_line(info), ckpt / "meta_000005.json", "Fix: delete")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer files
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_bad_tokenizer_pkl(base_dir, damage):
+    path = base_dir / "tokenizer" / "tokenizer.pkl"
+    if damage == "truncated":
+        truncate(path)
+    else:
+        path.write_bytes(os.urandom(64))
+    with pytest.raises(ValueError) as info:
+        get_tokenizer()
+    assert_clear(last_line(info), path, "python -m scripts.tok_train")
+
+
+def test_tokenizer_pkl_holding_something_else(base_dir):
+    path = base_dir / "tokenizer" / "tokenizer.pkl"
+    torch.save({"not": "a tokenizer"}, path)  # a valid pickle of the wrong thing
+    with pytest.raises(ValueError) as info:
+        get_tokenizer()
+    assert_clear(last_line(info), path, "python -m scripts.tok_train")
+
+
+def test_bad_token_bytes(base_dir, tokenizer):
+    path = base_dir / "tokenizer" / "token_bytes.pt"
+    path.write_bytes(b"PK\x03\x04 not a torch file")
+    with pytest.raises(ValueError) as info:
+        get_token_bytes()
+    line = last_line(info)
+    assert_clear(line, path, "compute_token_bytes")
+    # the fix in the message works: run it, then the table loads and matches the tokenizer
+    command = line.split("`")[1]
+    assert command.startswith("python -c ")
+    code = command[len("python -c "):].strip('"')
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT, env=dict(os.environ))
+    assert get_token_bytes().shape == (VOCAB,)
+
+
+# -----------------------------------------------------------------------------
+# Eval bundle and task data
+
+def test_corrupt_eval_bundle_zip(base_dir, tmp_path, monkeypatch):
+    os.makedirs(base_dir, exist_ok=True)
+    downloaded = base_dir / "eval_bundle.zip"
+    downloaded.write_bytes(b"PK\x03\x04" + os.urandom(100))
+    committed_dir = tmp_path / "repo_data"
+    committed_dir.mkdir()
+    (committed_dir / "eval_bundle.zip").write_bytes(b"PK\x03\x04" + os.urandom(100))
+    monkeypatch.setattr(core_eval, "REPO_DATA_DIR", str(committed_dir))
+    with pytest.raises(core_eval.EvalBundleError) as info:
+        core_eval.ensure_eval_bundle()
+    line = last_line(info)
+    fix = f"Download {core_eval.EVAL_BUNDLE_URL} and unzip it"
+    assert_clear(line, committed_dir / "eval_bundle.zip", fix)
+    assert str(downloaded) in line
+
+
+def test_corrupt_committed_task_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    monkeypatch.setattr(task_common, "TASK_DATA_DIR", str(tmp_path))
+    path = tmp_path / "gsm8k" / "main" / "test.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(b'{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", "ans'))
+    with pytest.raises(ValueError) as info:
+        task_common.load_rows("GSM8K", "openai/gsm8k", "main", "test", "gsm8k/main/test.jsonl.gz")
+    assert_clear(last_line(info), f"{path}:2", "Fix: restore the committed copy with `git checkout --")
+    path.write_bytes(path.read_bytes()[:-12])  # a truncated gzip stream
+    with pytest.raises(ValueError) as info:
+        task_common.load_rows("GSM8K", "openai/gsm8k", "main", "test", "gsm8k/main/test.jsonl.gz")
+    assert_clear(last_line(info), path, "Fix: restore the committed copy")
+
+
+def test_bad_line_in_custom_conversations(tmp_path):
+    path = tmp_path / "identity_conversations.jsonl"
+    path.write_text('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]\n'
+                    '[{"role": "user", "content": "who are you?"}, {"role": "assistant"\n')
+    with pytest.raises(ValueError) as info:
+        CustomJSON(filepath=str(path))
+    assert_clear(last_line(info), f"{path}:2", "Fix: correct or delete that line")
+
+
+# -----------------------------------------------------------------------------
+# A server that cannot start says why on its last line
+
+def test_chat_web_startup_failure_ends_with_its_cause(base_dir):
+    save_tiny_checkpoint(base_dir, source="sft")
+    pkl = base_dir / "tokenizer" / "tokenizer.pkl"
+    truncate(pkl)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu",
+                             "--host", "127.0.0.1", "--port", "0"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("Server startup failed: ValueError: Tokenizer file"), result.stderr[-3000:]
+    assert_clear(last, pkl, "python -m scripts.tok_train")
