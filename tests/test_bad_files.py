@@ -174,6 +174,7 @@ def test_bad_token_bytes(base_dir, tokenizer):
         get_token_bytes()
     line = last_line(info)
     assert_clear(line, path, "compute_token_bytes")
+    assert "weights_only" not in line  # torch's advice to unpickle anything is not the fix for a damaged file
     # the fix in the message works: run it, then the table loads and matches the tokenizer
     command = line.split("`")[1]
     assert command.startswith("python -c ")
