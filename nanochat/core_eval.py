@@ -362,10 +362,13 @@ def crop_to_context(tokens, start_indices, end_indices, max_len):
 
 
 def _context_length(model):
-    """The HF wrapper's max_seq_len (None = no limit); else a native model's training context, config.sequence_len."""
-    if hasattr(model, "max_seq_len"):
-        return model.max_seq_len
-    return getattr(getattr(model, "config", None), "sequence_len", None)
+    """
+    The longest row the model accepts: the max_seq_len a model declares (the HF wrapper: GPT-2 has a
+    1024-row position table), else None. A native GPT declares none and sees every example whole, BOS
+    included: its rotary table reaches far past the training sequence_len, and cropping would change the
+    prompt that CORE scores.
+    """
+    return getattr(model, "max_seq_len", None)
 
 
 # -----------------------------------------------------------------------------

@@ -398,14 +398,15 @@ def test_unknown_task_type_raises():
         ce.evaluate_example(0, ConstantModel(tok.vocab_size), tok, [{"query": "q"}], "cpu", meta("ranking"))
 
 
-def test_native_models_are_cropped_to_sequence_len():
+def test_only_a_declared_max_seq_len_crops_a_native_model_sees_the_whole_example():
     tok = CharTokenizer()
     item = {"context": "a long context " * 4, "continuation": "end"}
     model = ConstantModel(tok.vocab_size, config=types.SimpleNamespace(sequence_len=16))
     ce.evaluate_example(0, model, tok, [item], "cpu", meta("language_modeling"))
-    full_row = tok(ce.render_prompts_lm(item, " ")[1], prepend=tok.BOS)
-    assert model.inputs[-1].tolist() == [full_row[-16:]]
-    # an explicit max_seq_len (the HF wrapper) wins over the config; None means no limit
+    full_row = [tok.BOS] + [ord(c) for c in ("a long context " * 4).strip() + " end"]
+    assert len(full_row) > 16
+    assert model.inputs[-1].tolist() == [full_row]  # sequence_len is no limit: BOS and every token kept
+    # a declared max_seq_len (the HF wrapper) crops to the last tokens; None means no limit
     model.max_seq_len = 8
     ce.evaluate_example(0, model, tok, [item], "cpu", meta("language_modeling"))
     assert model.inputs[-1].tolist() == [full_row[-8:]]
@@ -414,20 +415,34 @@ def test_native_models_are_cropped_to_sequence_len():
     assert model.inputs[-1].tolist() == [full_row]
 
 
-def test_real_gpt_sees_at_most_its_training_context(bpe_tokenizer):
+def _tiny_gpt(vocab_size, sequence_len):
     from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=32, vocab_size=bpe_tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2,
                               n_kv_head=2, n_embd=64, window_pattern="L"))
     model.to_empty(device="cpu")
     model.init_weights()
-    model.eval()
-    lengths = []
-    model.register_forward_pre_hook(lambda m, args: lengths.append(args[0].size(1)))
-    query = "Question: " + "why is the sky blue and the grass green " * 3
-    items = [{"query": query, "choices": ["light", "dark"], "gold": 0}]
-    acc = ce.evaluate_task(model, bpe_tokenizer, items, "cpu", meta("multiple_choice"))
-    assert acc in (0.0, 1.0) and lengths and max(lengths) <= 32
+    return model.eval()
+
+
+def test_real_gpt_is_fed_the_spec_token_ids_past_its_training_context(bpe_tokenizer):
+    """The ids of a 2-shot MC example longer than sequence_len: the spec's prompts, BOS first, BOS-padded."""
+    tok = bpe_tokenizer
+    model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
+    fed = []
+    model.register_forward_pre_hook(lambda m, args: fed.append(args[0].tolist()))
+    data = [{"query": f"Question {i}: why is the sky blue and the grass green?", "choices": ["light", "dark sky"],
+             "gold": i % 2} for i in range(4)]
+    idx, d = 2, "\nAnswer: "
+    shots = random.Random(1234 + idx).sample([i for i in range(4) if i != idx], 2)
+    prefix = "".join(f"{data[i]['query']}{d}{data[i]['choices'][data[i]['gold']]}\n\n" for i in shots)
+    rows = [[tok.get_bos_token_id()] + tok.encode(f"{prefix}{data[idx]['query']}{d}{choice}")
+            for choice in data[idx]["choices"]]
+    width = max(len(row) for row in rows)
+    expected = [row + [tok.get_bos_token_id()] * (width - len(row)) for row in rows]
+    assert min(len(row) for row in rows) > 2 * 32
+    ce.evaluate_example(idx, model, tok, data, "cpu", meta("multiple_choice", num_fewshot=2, delimiter=d))
+    assert fed == [expected]
 
 
 def test_evaluate_task_under_a_process_group(tmp_path):
