@@ -54,6 +54,13 @@ class Task:
     def evaluate(self, conversation, assistant_response):
         raise NotImplementedError(f"{type(self).__name__} is a training-only task: it has no evaluate()")
 
+    def reward(self, conversation, assistant_response):
+        """
+        The RL reward: evaluate() as a float. One function for both, so RL optimises exactly what the
+        eval reports; a task does not override it.
+        """
+        return float(self.evaluate(conversation, assistant_response))
+
     def __len__(self):
         # stop is clamped to the data, so a view sized for the full dataset (e.g. stop=5200) stays in
         # range on a smaller offline copy

@@ -185,9 +185,6 @@ class SpellingBee(Task):
         """1 if the response's '#### N' is the right count, else 0 (GSM8K's scoring)."""
         return score_final_answer(conversation, assistant_response)
 
-    def reward(self, conversation, assistant_response):
-        return float(self.evaluate(conversation, assistant_response))
-
 
 class SimpleSpelling(Task):
 

@@ -352,10 +352,31 @@ def test_gsm8k_evaluate_and_reward():
     gold = extract_answer(conversation["messages"][1]["content"][-1]["text"])
     assert task.eval_type == "generative"
     assert task.evaluate(conversation, f"blah\n#### {gold}") == 1
-    assert task.evaluate(conversation, f"#### {gold}.0") == 1  # numerically equal
+    assert task.evaluate(conversation, f"#### {gold}.0") == 0  # exact string match: "10.0" is not "10"
+    assert task.evaluate(conversation, f"#### {int(gold):,}") == 1  # commas are removed before comparing
     assert task.evaluate(conversation, f"#### {int(gold) + 1}") == 0
     assert task.evaluate(conversation, gold) == 0  # no marker
     assert task.reward(conversation, f"#### {gold}") == 1.0 and isinstance(task.reward(conversation, ""), float)
+
+
+def test_gsm8k_scoring_compares_the_extracted_strings_exactly():
+    conversation = {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "so #### 10"}]}]}
+    task = GSM8K("main", "test")
+    assert [task.evaluate(conversation, f"#### {r}") for r in ("10", "10.0", "010", "1,0", "10.")] == [1, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("make_task", [lambda: GSM8K("main", "train"), lambda: SpellingBee(size=5)])
+def test_rl_reward_is_the_eval_as_a_float(make_task):
+    task = make_task()
+    assert type(task).reward is Task.reward  # no task-specific reward that could drift from evaluate()
+    for k in range(3):
+        conversation = task[k]
+        gold = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        for response in (f"#### {gold}", f"#### {gold}.0", f"#### {int(gold) + 1}", "", gold):
+            reward = task.reward(conversation, response)
+            assert type(reward) is float and reward == float(task.evaluate(conversation, response))
+        assert task.reward(conversation, f"#### {gold}.0") == 0.0
 
 
 # -----------------------------------------------------------------------------
