@@ -82,39 +82,14 @@ class ModelWrapper:
         return next(self.model.parameters()).device
 
 
-def _byte_level_alphabet():
-    """The printable character GPT-2-style byte-level BPE uses for each byte: {char: byte}."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # '!'..'~', '¡'..'¬', '®'..'ÿ'
-    alphabet, n_shifted = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet[chr(byte)] = byte
-        else:  # whitespace and control bytes are moved past 255 so every token prints
-            alphabet[chr(256 + n_shifted)] = byte
-            n_shifted += 1
-    return alphabet
-
-
 def get_hf_token_bytes(tokenizer, device="cpu"):
     """
-    (vocab_size,) int64: the UTF-8 bytes each token stands for, 0 for special tokens (they are not text, so
-    they must not count in bits per byte). For a byte-level BPE each character of the token string is one
-    byte, which also counts tokens that hold part of a UTF-8 character correctly; other vocabularies fall
-    back to the length of the token decoded alone.
+    (vocab_size,) int64: the UTF-8 length of each token decoded on its own. Special tokens count as the
+    length of their text ("<|endoftext|>" = 13) and a token holding part of a UTF-8 character as its
+    replacement character (3): this is the table the published HF baseline bpb numbers were computed with.
     """
-    from tokenizers import decoders
-    hf = tokenizer.tokenizer
-    special_ids = {hf.token_to_id(name) for name in tokenizer.get_special_tokens()}
-    alphabet = _byte_level_alphabet() if isinstance(hf.decoder, decoders.ByteLevel) else {}
-    counts = []
-    for token_id in range(tokenizer.get_vocab_size()):
-        piece = hf.id_to_token(token_id)
-        if token_id in special_ids or piece is None:
-            counts.append(0)
-        elif alphabet and all(c in alphabet for c in piece):
-            counts.append(len(piece))
-        else:
-            counts.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    vocab_size = tokenizer.get_vocab_size()
+    counts = [len(tokenizer.decode([token_id]).encode("utf-8")) for token_id in range(vocab_size)]
     return torch.tensor(counts, dtype=torch.int64, device=device)
 
 

@@ -119,17 +119,21 @@ def test_model_wrapper_matches_the_gpt_call_signature():
     assert wrapper.max_seq_len == 1024 and wrapper.get_device() == torch.device("cpu")
 
 
-def test_hf_token_bytes_count_specials_as_zero_and_bytes_exactly():
+def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
     corpus = ["the quick brown fox jumps over the lazy dog; café naïve über " * 4] * 40
     tokenizer = HuggingFaceTokenizer.train_from_iterator(iter(corpus), 400)
     token_bytes = base_eval.get_hf_token_bytes(tokenizer)
     assert token_bytes.dtype == torch.int64 and token_bytes.shape == (tokenizer.get_vocab_size(),)
-    special_ids = [tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]
-    assert len(special_ids) == 9 and token_bytes[special_ids].tolist() == [0] * 9
-    # unseen characters fall back to single-byte tokens, which are not whole UTF-8 characters
-    for text in ["the lazy dog", "café über", "∑ 🎉 日本語 Ω≈ç√", "tabs\tand\nnewlines  "]:
-        ids = tokenizer.encode(text)
-        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8")), text
+    # specials count as their text: "<|bos|>" is 7 bytes, "<|assistant_start|>" 19
+    for name in tokenizer.get_special_tokens():
+        assert token_bytes[tokenizer.encode_special(name)].item() == len(name), name
+    # whole-text tokens count their bytes
+    for word in (" quick", " brown", "the"):
+        ids = tokenizer.encode(word)
+        assert len(ids) == 1 and token_bytes[ids[0]].item() == len(word.encode("utf-8"))
+    # the unseen "∑" is three single-byte tokens; each decodes alone to U+FFFD, 3 bytes
+    ids = tokenizer.encode("∑")
+    assert len(ids) == 3 and token_bytes[ids].tolist() == [3, 3, 3]
 
 
 def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch):

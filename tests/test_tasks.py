@@ -363,7 +363,8 @@ def test_gsm8k_scoring_compares_the_extracted_strings_exactly():
     conversation = {"messages": [{"role": "user", "content": "q"},
                                  {"role": "assistant", "content": [{"type": "text", "text": "so #### 10"}]}]}
     task = GSM8K("main", "test")
-    assert [task.evaluate(conversation, f"#### {r}") for r in ("10", "10.0", "010", "1,0", "10.")] == [1, 0, 0, 1, 0]
+    responses = ("10", "10.0", "010", "1,0", "10.")
+    assert [task.evaluate(conversation, f"#### {r}") for r in responses] == [1, 0, 0, 1, 0]
 
 
 @pytest.mark.parametrize("make_task", [lambda: GSM8K("main", "train"), lambda: SpellingBee(size=5)])
