@@ -19,7 +19,9 @@ from nanochat.common import (atomic_open, autodetect_device_type, compute_cleanu
                              get_base_dir, print0)
 # evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
 # from scripts.base_eval
-from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core  # noqa: F401
+from nanochat.core_eval import (EvalBundleError, core_task_note, ensure_eval_bundle, evaluate_core,  # noqa: F401
+                                format_core_metric)
+from nanochat.data_source import RankZeroFailed
 from nanochat.report import get_report
 
 EVAL_MODES = ("core", "bpb", "sample")
@@ -199,17 +201,13 @@ def report_items(name, core, bpb, samples, unconditioned):
     """The items of the "Base model evaluation" report section."""
     summary = {"model": name}
     if core is not None:
-        summary["CORE metric"] = core["core_metric"]
+        # a CORE over fewer than the 22 tasks is reported with its task count beside the value
+        summary["CORE metric"] = format_core_metric(core) if core_task_note(core) else core["core_metric"]
     if bpb:
         summary["train bpb"], summary["val bpb"] = bpb["train"], bpb["val"]
     items = [summary]
     if core is not None:
         items.append(core["centered_results"])
-        if core["missing_tasks"]:
-            total = len(core["results"]) + len(core["missing_tasks"])
-            missing = ", ".join(core["missing_tasks"])
-            # no "CORE" in this key: the report's summary takes the last line containing "CORE"
-            items.append({"Tasks evaluated": f"{len(core['results'])}/{total} (missing: {missing})"})
     items.extend({f"sample {i}": text} for i, text in enumerate(samples))
     items.extend({f"unconditioned {i}": text} for i, text in enumerate(unconditioned))
     return items
@@ -235,7 +233,7 @@ def evaluate(args, rank, world_size, device):
         core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
         if rank == 0:
             print0(f"Results written to: {write_core_csv(slug, core)}")
-        print0(f"CORE metric: {core['core_metric']:.4f}")
+        print0(f"CORE metric: {format_core_metric(core)}")
     get_report().log(section="Base model evaluation", data=report_items(name, core, bpb, samples, unconditioned))
     return core
 
@@ -244,14 +242,15 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     try:
-        if "core" in args.modes:
-            ensure_eval_bundle()  # fail before loading the model and running the other modes
         _, rank, _, world_size, device = compute_init(device_type)
         try:
+            if "core" in args.modes:
+                # before the model loads and the other modes run; rank 0 obtains it for every rank
+                ensure_eval_bundle()
             return evaluate(args, rank, world_size, device)
         finally:
             compute_cleanup()
-    except (EvalBundleError, SetupError) as e:
+    except (EvalBundleError, SetupError, RankZeroFailed) as e:
         raise SystemExit(f"base_eval: {e}")
 
 

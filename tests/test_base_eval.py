@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
 import math
+import re
 import sys
 import types
 
@@ -67,18 +68,22 @@ def test_core_csv_format(base_dir):
 
 def test_report_items(tmp_path):
     items = base_eval.report_items("base_model (step 5)", CORE, {"train": 1.5, "val": 1.25}, ["s0", "s1"], ["u0"])
-    assert items[0] == {"model": "base_model (step 5)", "CORE metric": CORE["core_metric"],
+    assert items[0] == {"model": "base_model (step 5)", "CORE metric": f"{CORE['core_metric']:.4f} (2 of 22 tasks)",
                         "train bpb": 1.5, "val bpb": 1.25}
     assert list(items[0]) == ["model", "CORE metric", "train bpb", "val bpb"]
     assert items[1] == CORE["centered_results"]
     assert items[2:] == [{"sample 0": "s0"}, {"sample 1": "s1"}, {"unconditioned 0": "u0"}]
     partial = dict(CORE, missing_tasks=["coqa"])
     assert base_eval.report_items("m", partial, {}, [], []) == [
-        {"model": "m", "CORE metric": CORE["core_metric"]}, CORE["centered_results"],
-        {"Tasks evaluated": "2/3 (missing: coqa)"}]
-    # the report's summary table reads the CORE value back from the section text
+        {"model": "m", "CORE metric": f"{CORE['core_metric']:.4f} (2 of 22 tasks, missing coqa)"},
+        CORE["centered_results"]]
+    # the report's summary table reads the CORE value back from the section text, task count included
     from nanochat.report import Report, extract
     path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", partial, {}, [], []))
+    assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f} (2 of 22 tasks, missing coqa)"
+    full = dict(CORE, results={f"t{i}": 0.5 for i in range(22)})
+    assert base_eval.report_items("m", full, {}, [], [])[0] == {"model": "m", "CORE metric": CORE["core_metric"]}
+    path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", full, {}, [], []))
     assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f}"
     bpb_only = base_eval.report_items("m", None, {"train": 2.0, "val": 3.0}, [], [])
     assert bpb_only == [{"model": "m", "train bpb": 2.0, "val bpb": 3.0}]
@@ -175,3 +180,49 @@ def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, capsys):
     printed = capsys.readouterr().out
     assert "Adjusted split_tokens to 128 (must be divisible by 64)" in printed
     assert f"train bpb: {bpb['train']:.6f}" in printed and f"val bpb: {bpb['val']:.6f}" in printed
+
+
+class RecordingWandb:
+    """Stands in for the wandb package (an external service): keeps what the run logs."""
+
+    def __init__(self):
+        self.logged = []
+
+    def init(self, **kwargs):
+        return self
+
+    def log(self, data):
+        self.logged.append(data)
+
+    def finish(self):
+        pass
+
+
+def test_base_train_labels_a_core_over_the_21_committed_tasks(base_dir, monkeypatch, capsys):
+    import gc
+    from nanochat.dataset import install_sample, parquets_iter_batched
+    from nanochat.tokenizer import compute_token_bytes
+    from scripts import base_train
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    install_sample()
+    texts = [t for batch in parquets_iter_batched("train") for t in batch][:100]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), 300)
+    tok.save(os.path.join(base_dir, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(base_dir, "tokenizer", "token_bytes.pt"))
+    wandb = RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    try:
+        base_train.main(["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len=512",
+                         "--device-batch-size=1", "--total-batch-size=512", "--num-iterations=1", "--eval-every=-1",
+                         "--core-metric-every=999999", "--core-metric-max-per-task=1", "--sample-every=-1",
+                         "--window-pattern=L", "--run=core_label_test"])
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    out = capsys.readouterr().out
+    line = re.search(r"^Step 00001 \| CORE metric: (.*)$", out, re.M).group(1)
+    assert re.fullmatch(r"-?\d\.\d{4} \(21 of 22 tasks, missing coqa\)", line)
+    core_logs = [entry for entry in wandb.logged if "centered_results" in entry]
+    assert len(core_logs) == 1 and "core_metric" not in core_logs[0] and "core_metric_21of22_tasks" in core_logs[0]
+    report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
+    assert f"- CORE metric estimate: {line}\n" in report

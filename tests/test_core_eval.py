@@ -499,11 +499,22 @@ def test_evaluate_core_on_a_mini_bundle(base_dir, mini_zip, monkeypatch, capsys)
     assert ("Evaluating: lm_task (1-shot, type: language_modeling)... "
             "accuracy: 0.0000 | centered: 0.0000 | time: ") in printed
     assert "Skipping missing_task: eval_data/b/missing.jsonl is missing from the bundle" in printed
-    assert "CORE metric over 3 of 4 tasks (missing: missing_task)" in printed
+    assert "CORE metric over 3 of 4 tasks in the bundle (3 of 22 tasks, missing missing_task)" in printed
+    assert ce.format_core_metric(out) == f"{out['core_metric']:.4f} (3 of 22 tasks, missing missing_task)"
+    assert ce.core_metric_log_key(out) == "core_metric_3of22_tasks"
     truncated = ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu", max_per_task=2)
     shuffled_mc = list(MC_ROWS)
     random.Random(1337).shuffle(shuffled_mc)
     assert truncated["results"]["mc_task"] == sum(it["gold"] == 0 for it in shuffled_mc[:2]) / 2
+
+
+def test_core_value_is_labelled_with_its_task_count_unless_all_22_ran():
+    full = {"results": {f"t{i}": 0.5 for i in range(22)}, "core_metric": 0.25678, "missing_tasks": []}
+    assert ce.core_task_note(full) == "" and ce.format_core_metric(full) == "0.2568"
+    assert ce.core_metric_log_key(full) == "core_metric"
+    partial = {"results": {f"t{i}": 0.5 for i in range(21)}, "core_metric": 0.25678, "missing_tasks": ["coqa"]}
+    assert ce.format_core_metric(partial) == "0.2568 (21 of 22 tasks, missing coqa)"
+    assert ce.core_metric_log_key(partial) == "core_metric_21of22_tasks"
 
 
 def test_committed_bundle_core_over_21_tasks(committed_bundle):
@@ -634,6 +645,55 @@ def test_incomplete_bundle_is_completed_from_the_download_once(base_dir, mini_zi
     monkeypatch.delenv("NANOCHAT_OFFLINE")
     monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"file://{full_mini_zip}")
     assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == []
+
+
+def _urlopen_raising(error):
+    def urlopen(url, timeout=None):
+        raise error
+    return urlopen
+
+
+def test_network_failure_uses_the_committed_zip_loudly(base_dir, mini_zip, monkeypatch, capsys):
+    import socket
+    import urllib.error
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    unreachable = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr("nanochat.common.urllib.request.urlopen", _urlopen_raising(unreachable))
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)  # skip the retry backoff
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
+    printed = capsys.readouterr().out
+    assert "WARNING: Eval bundle: using the committed offline copy" in printed
+    assert "lacks missing_task" in printed and "network error" in printed
+
+
+@pytest.mark.parametrize("error", ["http_404", "disk_full"])
+def test_non_network_download_failure_raises_instead_of_using_the_committed_zip(base_dir, mini_zip, monkeypatch,
+                                                                                  error):
+    import urllib.error
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    exc = (urllib.error.HTTPError(ce.EVAL_BUNDLE_URL, 404, "Not Found", {}, None) if error == "http_404"
+           else OSError(28, "No space left on device"))
+    monkeypatch.setattr("nanochat.common.urllib.request.urlopen", _urlopen_raising(exc))
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    with pytest.raises(ce.EvalBundleError, match="not a network error.*NANOCHAT_OFFLINE=1"):
+        ce.ensure_eval_bundle()
+    assert not (base_dir / "eval_bundle").exists()
+
+
+def test_a_downloaded_zip_that_is_no_bundle_raises(base_dir, tmp_path, mini_zip, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"an html error page")
+    monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"file://{bad}")
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    with pytest.raises(ce.EvalBundleError, match="is not a valid eval bundle.*Run again"):
+        ce.ensure_eval_bundle()
+    assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
 
 
 def test_failed_download_falls_back_to_the_committed_zip(base_dir, mini_zip, monkeypatch, capsys):
