@@ -227,14 +227,15 @@ def _try_download(zip_path, why):
         if not is_network_error(e):
             if isinstance(e, EvalBundleError):
                 raise
-            raise EvalBundleError(f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL} failed ({short_error(e)}); "
-                                  f"not a network error, so the committed copy is not used in its place. Fix the "
-                                  f"cause, or set NANOCHAT_OFFLINE=1 to use the committed copy.") from e
+            raise EvalBundleError(
+                f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL} failed ({short_error(e)}); not a "
+                f"network error, so the committed copy is not used in its place. Fix the cause, or set "
+                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
         return f"{why}; the download failed with a network error: {short_error(e)}"
 
 
 def _announce(message):
-    """Offline the committed copy is what was asked for; online it stands in for the download: say so loudly."""
+    """Offline the committed copy is what was asked for: a plain line. Online it is a stand-in: a loud one."""
     if offline_mode():
         print0(message)
     else:
@@ -277,9 +278,9 @@ def _ensure_eval_bundle_here():
         if os.path.isfile(committed):
             try:
                 place_eval_bundle(committed)
-                _announce(f"Eval bundle: using the committed offline copy {committed}, which lacks "
-                          f"{', '.join(validate_eval_bundle(bundle_dir)) or 'no task'}: CORE computed on it is "
-                          f"labelled with its task count ({why})")
+                lacks = ", ".join(validate_eval_bundle(bundle_dir)) or "no task"
+                _announce(f"Eval bundle: using the committed offline copy {committed}, which lacks {lacks}: "
+                          f"CORE computed on it is labelled with its task count ({why})")
                 return bundle_dir
             except EvalBundleError as e:
                 why += f"; the committed copy is unusable: {e}"
@@ -601,7 +602,7 @@ def format_core_metric(core):
 
 
 def core_metric_log_key(core):
-    """The metrics-log (wandb) key: 'core_metric', or e.g. 'core_metric_21of22_tasks' for an incomplete CORE."""
+    """The metrics-log (wandb) key: 'core_metric', or e.g. 'core_metric_21of22_tasks' when incomplete."""
     if not core_task_note(core):
         return "core_metric"
     return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks"

@@ -39,7 +39,7 @@ def _is_network_exception(exc):
 
 
 def is_network_error(exc):
-    """Whether exc, or an exception it was raised from, says the network or the server could not be reached."""
+    """Whether exc, or an exception it was raised from, says that the network or server was unreachable."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if _is_network_exception(exc):

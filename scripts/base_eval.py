@@ -19,8 +19,8 @@ from nanochat.common import (atomic_open, autodetect_device_type, compute_cleanu
                              get_base_dir, print0)
 # evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
 # from scripts.base_eval
-from nanochat.core_eval import (EvalBundleError, core_task_note, ensure_eval_bundle, evaluate_core,  # noqa: F401
-                                format_core_metric)
+from nanochat.core_eval import (EvalBundleError, core_task_note, ensure_eval_bundle,  # noqa: F401
+                                evaluate_core, format_core_metric)
 from nanochat.data_source import RankZeroFailed
 from nanochat.report import get_report
 

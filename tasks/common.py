@@ -216,9 +216,10 @@ def _choose_source(label, hf_path, hf_subset, split, loaded):
         return "hub"
     except Exception as e:
         if not is_network_error(e):
-            raise RuntimeError(f"{label}: loading {hf_path} from the Hugging Face hub failed ({short_error(e)}). "
-                               f"This is not a network error, so the committed copy is not used in its place; "
-                               f"fix the cause, or set NANOCHAT_OFFLINE=1 to use the committed copy.") from e
+            raise RuntimeError(
+                f"{label}: loading {hf_path} from the Hugging Face hub failed ({short_error(e)}). This is "
+                f"not a network error, so the committed copy is not used in its place; fix the cause, or set "
+                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
         return f"hub unreachable: {short_error(e)}"
 
 

@@ -97,9 +97,10 @@ def _choose_word_list():
         return download_file_with_lock(WORD_LIST_URL, "words_alpha.txt"), ""
     except Exception as e:
         if not is_network_error(e):
-            raise RuntimeError(f"Downloading the SpellingBee word list {WORD_LIST_URL} failed ({short_error(e)}); "
-                               f"not a network error, so the committed copy is not used in its place. Fix the "
-                               f"cause, or set NANOCHAT_OFFLINE=1 to use the committed copy.") from e
+            raise RuntimeError(
+                f"Downloading the SpellingBee word list {WORD_LIST_URL} failed ({short_error(e)}); not a "
+                f"network error, so the committed copy is not used in its place. Fix the cause, or set "
+                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
         return None, f"the download failed: {short_error(e)}"
 
 
