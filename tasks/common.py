@@ -237,7 +237,11 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     loaded = []  # rank 0's hub rows: the other ranks load their own (from the cache rank 0 filled)
     reason = decide_on_rank0(lambda: _choose_source(label, hf_path, hf_subset, split, loaded))
     if reason == "hub":
-        rows = loaded[0] if loaded else _hub_rows(hf_path, hf_subset, split)
+        try:
+            rows = loaded[0] if loaded else _hub_rows(hf_path, hf_subset, split)
+        except Exception as e:  # rank 0 loaded it: this rank must not silently switch to the committed copy
+            raise RuntimeError(f"{label}: rank 0 loaded {hf_path} from the hub, but this rank could not "
+                               f"({short_error(e)})") from e
         print0(f"{label}: {len(rows):,} rows from the Hugging Face hub ({hf_path})")
         return rows
     path = None if local_file is None else os.path.join(TASK_DATA_DIR, local_file)

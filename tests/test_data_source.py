@@ -64,16 +64,33 @@ def _two_rank_worker(rank, init_file, out_dir):
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
     result["calls"] = calls
+    # end to end: rank 0 cannot reach the hub, rank 1 could; both must use the committed copy
+    import os
+    import sys
+    import types
+
+    def load_dataset(path, name=None, split=None):
+        if rank == 0:
+            raise ConnectionError("Couldn't reach the Hub")
+        rows = [{"question": "q", "answer": "#### 1"}] * 5  # what rank 1 alone would have trained on
+        return types.SimpleNamespace(shuffle=lambda seed: rows)
+    os.environ.pop("NANOCHAT_OFFLINE", None)
+    sys.modules["datasets"] = types.SimpleNamespace(load_dataset=load_dataset)
+    from tasks.common import CommittedRows
+    from tasks.gsm8k import GSM8K
+    task = GSM8K("main", "test")
+    result["rows"] = [type(task.ds) is CommittedRows, len(task)]
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
 
 
-def test_two_ranks_share_rank_zeros_decision_and_its_failure(tmp_path):
+def test_two_ranks_share_rank_zeros_decision_its_failure_and_the_task_data_source(tmp_path):
     mp.spawn(_two_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["value"] for r in results] == ["chosen by rank 0"] * 2
     assert results[0]["calls"] == [0] and results[1]["calls"] == []
+    assert [r["rows"] for r in results] == [[True, 1319]] * 2
     assert results[0]["error"] == "ValueError: hub said no"
     assert results[1]["error"] == ("RankZeroFailed: rank 0 failed while choosing the data source: "
                                    "ValueError: hub said no")
