@@ -226,3 +226,21 @@ def test_base_train_labels_a_core_over_the_21_committed_tasks(base_dir, monkeypa
     assert len(core_logs) == 1 and "core_metric" not in core_logs[0] and "core_metric_21of22_tasks" in core_logs[0]
     report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
     assert f"- CORE metric estimate: {line}\n" in report
+
+
+def test_base_eval_labels_a_core_over_the_21_committed_tasks(base_dir, monkeypatch, capsys):
+    from nanochat.gpt import GPT, GPTConfig
+    tok = RustBPETokenizer.train_from_iterator(iter(["a small corpus for a tiny tokenizer. " * 20] * 10), 300)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=1024, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                              window_pattern="L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    loaded = (model, tok, compute_token_bytes(tok), 1024, "base_model (step 7)", "base_model_000007")
+    monkeypatch.setattr(base_eval, "load_nanochat_model", lambda *args: loaded)
+    core = base_eval.main(["--eval", "core", "--max-per-task", "1", "--device-type", "cpu"])
+    label = f"{core['core_metric']:.4f} (21 of 22 tasks, missing coqa)"
+    assert f"\nCORE metric: {label}\n" in capsys.readouterr().out
+    report = open(os.path.join(base_dir, "report", "base-model-evaluation.md")).read()
+    assert f"- CORE metric: {label}\n" in report
