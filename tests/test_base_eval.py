@@ -57,13 +57,17 @@ def test_core_csv_format(base_dir):
         "Task                               , Accuracy  , Centered  \n"
         "hellaswag_zeroshot                 , 0.312500  , 0.083333  \n"
         "boolq                              , 0.500000  , -0.315789 \n"
-        "CORE                               ,           , -0.116228 \n"
+        "CORE (2 of 22 tasks)               ,           , -0.116228 \n"  # fewer than 22: said in the name
     )
     assert base_eval.format_core_csv(CORE) == expected
     path = base_eval.write_core_csv("base_model_000123", CORE)
     assert path == str(base_dir / "base_eval" / "base_model_000123.csv")
     assert open(path).read() == expected
     assert os.listdir(base_dir / "base_eval") == ["base_model_000123.csv"]
+    partial = base_eval.format_core_csv(dict(CORE, missing_tasks=["coqa"]))
+    assert partial.splitlines()[-1] == "CORE (2 of 22 tasks, missing coqa) ,           , -0.116228 "
+    full = dict(CORE, results={f"t{i}": 0.5 for i in range(22)}, centered_results={f"t{i}": 0.0 for i in range(22)})
+    assert base_eval.format_core_csv(full).splitlines()[-1] == "CORE                               ,           , -0.116228 "
 
 
 def test_report_items(tmp_path):
