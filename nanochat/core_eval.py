@@ -300,7 +300,18 @@ def ensure_eval_bundle():
     download once per process if it can be, else kept. Under torch.distributed rank 0 obtains the bundle
     and the other ranks use what it chose (call on every rank).
     """
-    return decide_on_rank0(_ensure_eval_bundle_here)
+    def obtain():
+        bundle_dir = _ensure_eval_bundle_here()
+        return bundle_dir, validate_eval_bundle(bundle_dir)
+    bundle_dir, missing = decide_on_rank0(obtain)
+    if not os.path.isdir(bundle_dir):
+        # a rank on another node, whose base dir is not rank 0's: it obtains its own copy, which must hold
+        # the same tasks, or the ranks would evaluate different CORE task sets
+        bundle_dir = _ensure_eval_bundle_here()
+        if validate_eval_bundle(bundle_dir) != missing:
+            raise EvalBundleError(f"{bundle_dir} lacks {validate_eval_bundle(bundle_dir) or 'no task'}, but rank "
+                                  f"0's bundle lacks {missing or 'no task'}: place the same bundle on every node")
+    return bundle_dir
 
 
 # -----------------------------------------------------------------------------

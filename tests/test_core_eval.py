@@ -718,3 +718,36 @@ def test_no_bundle_anywhere_raises_a_clear_error(base_dir, tmp_path, monkeypatch
     assert ce.EVAL_BUNDLE_URL in message
     assert f"{base_dir}/eval_bundle/{{core.yaml, eval_meta_data.csv, eval_data/...}}" in message
     assert not (base_dir / "eval_bundle").exists()
+
+
+def _bundle_rank_worker(rank, init_file, base, out_dir):
+    import socket
+    import urllib.error
+    import torch.distributed as dist
+    import nanochat.common
+
+    def urlopen(url, timeout=None):
+        if rank == 0:
+            raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+        raise KeyError("rank 1 must not download: rank 0 already chose the bundle")
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    os.environ.pop("NANOCHAT_OFFLINE", None)
+    nanochat.common.urllib.request.urlopen = urlopen
+    nanochat.common.time.sleep = lambda s: None
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bundle_dir = ce.ensure_eval_bundle()
+        result = {"dir": bundle_dir, "missing": ce.validate_eval_bundle(bundle_dir)}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_rank_zero_obtains_the_bundle_for_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    base = str(tmp_path / "base")
+    mp.spawn(_bundle_rank_worker, args=(str(tmp_path / "pg"), base, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"dir": os.path.join(base, "eval_bundle"), "missing": ["coqa"]}] * 2
