@@ -308,9 +308,10 @@ def ensure_eval_bundle():
         # a rank on another node, whose base dir is not rank 0's: it obtains its own copy, which must hold
         # the same tasks, or the ranks would evaluate different CORE task sets
         bundle_dir = _ensure_eval_bundle_here()
-        if validate_eval_bundle(bundle_dir) != missing:
-            raise EvalBundleError(f"{bundle_dir} lacks {validate_eval_bundle(bundle_dir) or 'no task'}, but rank "
-                                  f"0's bundle lacks {missing or 'no task'}: place the same bundle on every node")
+        local_missing = validate_eval_bundle(bundle_dir)
+        if local_missing != missing:
+            raise EvalBundleError(f"{bundle_dir} lacks {local_missing or 'no task'}, but rank 0's bundle lacks "
+                                  f"{missing or 'no task'}: place the same bundle on every node")
     return bundle_dir
 
 
