@@ -9,8 +9,9 @@ Each task's accuracy is centered on its random baseline (0 = chance, 1 = perfect
 
 The data is the "eval bundle": core.yaml (the task list), eval_meta_data.csv (random baselines, in percent)
 and eval_data/<category>/<task>.jsonl. ensure_eval_bundle() puts it at <base_dir>/eval_bundle: downloaded
-once, or, offline or when the download fails, extracted from the copy committed at data/eval_bundle.zip.
-That copy lacks coqa; CORE is then computed over the tasks present and says so.
+once, or, offline or (loudly) when the download fails with a network error, extracted from the copy
+committed at data/eval_bundle.zip. That copy lacks coqa; CORE is then computed over the tasks present, and
+every printed, logged or reported value carries its task count (format_core_metric, core_metric_log_key).
 
 Importing this module does no work.
 """
@@ -32,11 +33,13 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import (REPO_DATA_DIR, atomic_open, download_file_with_lock, get_base_dir,
-                             is_ddp_initialized, offline_mode, print0)
+                             is_ddp_initialized, offline_mode, one_line_error, print0)
+from nanochat.data_source import announce_fallback, decide_on_rank0, is_network_error
 
 logger = logging.getLogger(__name__)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+CORE_NUM_TASKS = 22  # the tasks of the full bundle; a CORE over fewer is labelled with its task count
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 BUNDLE_LAYOUT = "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}"
 
@@ -202,28 +205,52 @@ def _inspect_bundle(bundle_dir):
 def _download_and_place(zip_path):
     try:
         download_file_with_lock(EVAL_BUNDLE_URL, os.path.basename(zip_path), postprocess_fn=place_eval_bundle)
-    except EvalBundleError:
+    except EvalBundleError as e:
         # the zip arrived but does not extract: remove it, or every later call would skip the download
         if os.path.exists(zip_path):
             os.remove(zip_path)
-        raise
+        raise EvalBundleError(f"The downloaded {EVAL_BUNDLE_URL} is not a valid eval bundle ({e}); removed "
+                              f"{zip_path}. Run again to download it again.") from e
+
+
+def _try_download(zip_path, why):
+    """
+    Download and place the bundle: '' on success, else the reason (a network failure). A failure that is
+    not a network error propagates: the committed copy does not silently stand in for it.
+    """
+    if offline_mode():
+        return f"{why}; NANOCHAT_OFFLINE is set"
+    try:
+        _download_and_place(zip_path)
+        return ""
+    except Exception as e:
+        if not is_network_error(e):
+            if isinstance(e, EvalBundleError):
+                raise
+            raise EvalBundleError(
+                f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL} failed ({one_line_error(e)}); not a "
+                f"network error, so the committed copy is not used in its place. Fix the cause, or set "
+                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
+        return f"{why}; the download failed with a network error: {one_line_error(e)}"
+
+
+def _announce(message):
+    """Offline the committed copy is what was asked for: a plain line. Online it is a stand-in: a loud one."""
+    if offline_mode():
+        print0(message)
+    else:
+        announce_fallback(message)
 
 
 _completion_tried = set()  # incomplete bundles already sent to the download once in this process
 
 
-def ensure_eval_bundle():
-    """
-    The path of a valid <base_dir>/eval_bundle, obtained in this order: the existing directory; the zip a
-    previous download left; a download of EVAL_BUNDLE_URL (not when NANOCHAT_OFFLINE is set); the committed
-    data/eval_bundle.zip. Prints one line naming the source whenever it places a bundle. An existing bundle
-    that lacks task files is completed from the download once per process if it can be, else kept.
-    """
+def _ensure_eval_bundle_here():
     from filelock import FileLock
     base_dir = get_base_dir()
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     zip_path = os.path.join(base_dir, "eval_bundle.zip")
-    with FileLock(os.path.join(base_dir, "eval_bundle.lock")):  # concurrent ranks place it once
+    with FileLock(os.path.join(base_dir, "eval_bundle.lock")):  # concurrent processes place it once
         usable, missing, why = _inspect_bundle(bundle_dir)
         if usable and (not missing or offline_mode() or os.path.exists(zip_path) or bundle_dir in _completion_tried):
             return bundle_dir
@@ -238,23 +265,22 @@ def ensure_eval_bundle():
             except EvalBundleError as e:
                 os.remove(zip_path)
                 why += f"; removed the unusable {zip_path} ({e})"
-        if offline_mode():
-            why += "; NANOCHAT_OFFLINE is set"
-        else:
-            try:
-                _download_and_place(zip_path)
-                print0(f"Eval bundle: downloaded {EVAL_BUNDLE_URL} ({why})")
-                return bundle_dir
-            except (RuntimeError, OSError) as e:
-                why += f"; download failed: {e}"
+        failure = _try_download(zip_path, why)
+        if not failure:
+            print0(f"Eval bundle: downloaded {EVAL_BUNDLE_URL} ({why})")
+            return bundle_dir
+        why = failure
         if usable:
-            print0(f"Eval bundle: keeping {bundle_dir} ({why})")
+            _announce(f"Eval bundle: keeping the incomplete {bundle_dir}: CORE will cover fewer than "
+                      f"{CORE_NUM_TASKS} tasks ({why})")
             return bundle_dir
         committed = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
         if os.path.isfile(committed):
             try:
                 place_eval_bundle(committed)
-                print0(f"Eval bundle: using the committed offline copy {committed} ({why})")
+                lacks = ", ".join(validate_eval_bundle(bundle_dir)) or "no task"
+                _announce(f"Eval bundle: using the committed offline copy {committed}, which lacks {lacks}: "
+                          f"CORE computed on it is labelled with its task count ({why})")
                 return bundle_dir
             except EvalBundleError as e:
                 why += f"; the committed copy is unusable: {e}"
@@ -263,6 +289,30 @@ def ensure_eval_bundle():
         raise EvalBundleError(
             f"Cannot obtain the CORE eval bundle ({why}). Download {EVAL_BUNDLE_URL} and unzip it so that "
             f"the files are laid out as {os.path.join(base_dir, BUNDLE_LAYOUT)}.")
+
+
+def ensure_eval_bundle():
+    """
+    The path of a valid <base_dir>/eval_bundle, obtained in this order: the existing directory; the zip a
+    previous download left; a download of EVAL_BUNDLE_URL (not when NANOCHAT_OFFLINE is set); the committed
+    data/eval_bundle.zip, only offline or (loudly) when the download failed with a network error. Any other
+    download failure raises EvalBundleError. An existing bundle that lacks task files is completed from the
+    download once per process if it can be, else kept. Under torch.distributed rank 0 obtains the bundle
+    and the other ranks use what it chose (call on every rank).
+    """
+    def obtain():
+        bundle_dir = _ensure_eval_bundle_here()
+        return bundle_dir, validate_eval_bundle(bundle_dir)
+    bundle_dir, missing = decide_on_rank0(obtain)
+    if not os.path.isdir(bundle_dir):
+        # a rank on another node, whose base dir is not rank 0's: it obtains its own copy, which must hold
+        # the same tasks, or the ranks would evaluate different CORE task sets
+        bundle_dir = _ensure_eval_bundle_here()
+        local_missing = validate_eval_bundle(bundle_dir)
+        if local_missing != missing:
+            raise EvalBundleError(f"{bundle_dir} lacks {local_missing or 'no task'}, but rank 0's bundle lacks "
+                                  f"{missing or 'no task'}: place the same bundle on every node")
+    return bundle_dir
 
 
 # -----------------------------------------------------------------------------
@@ -362,10 +412,13 @@ def crop_to_context(tokens, start_indices, end_indices, max_len):
 
 
 def _context_length(model):
-    """The HF wrapper's max_seq_len (None = no limit); else a native model's training context, config.sequence_len."""
-    if hasattr(model, "max_seq_len"):
-        return model.max_seq_len
-    return getattr(getattr(model, "config", None), "sequence_len", None)
+    """
+    The longest row the model accepts: the max_seq_len a model declares (the HF wrapper: GPT-2 has a
+    1024-row position table), else None. A native GPT declares none and sees every example whole, BOS
+    included: its rotary table reaches far past the training sequence_len, and cropping would change the
+    prompt that CORE scores.
+    """
+    return getattr(model, "max_seq_len", None)
 
 
 # -----------------------------------------------------------------------------
@@ -530,8 +583,38 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
     if not results:
         raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data")
     core_metric = sum(centered_results.values()) / len(centered_results)
-    if missing:
-        print0(f"CORE metric over {len(results)} of {len(tasks)} tasks (missing: {', '.join(missing)})")
-        print0(f"(not directly comparable with a full CORE; the complete bundle is {EVAL_BUNDLE_URL})")
-    return {"results": results, "centered_results": centered_results, "core_metric": core_metric,
+    core = {"results": results, "centered_results": centered_results, "core_metric": core_metric,
             "missing_tasks": missing}
+    if core_task_note(core):
+        print0(f"CORE metric over {len(results)} of {len(tasks)} tasks in the bundle {core_task_note(core)}")
+        print0(f"(not directly comparable with a full CORE; the complete bundle is {EVAL_BUNDLE_URL})")
+    return core
+
+
+# -----------------------------------------------------------------------------
+# Labelling a CORE value wherever it is printed, logged or reported
+
+def core_task_note(core):
+    """
+    '' for a CORE over all CORE_NUM_TASKS tasks, else what it covers, e.g. '(21 of 22 tasks, missing coqa)':
+    a CORE over fewer tasks is a different number and must never pass for the full one. No ':' in it, so
+    the report's summary, which reads a value up to the next ':', keeps it whole.
+    """
+    n = len(core["results"])
+    if n >= CORE_NUM_TASKS and not core["missing_tasks"]:
+        return ""
+    missing = f", missing {', '.join(core['missing_tasks'])}" if core["missing_tasks"] else ""
+    return f"({n} of {CORE_NUM_TASKS} tasks{missing})"
+
+
+def format_core_metric(core):
+    """The CORE value as printed and reported: '0.2565', or '0.2431 (21 of 22 tasks, missing coqa)'."""
+    note = core_task_note(core)
+    return f"{core['core_metric']:.4f}" + (f" {note}" if note else "")
+
+
+def core_metric_log_key(core):
+    """The metrics-log (wandb) key: 'core_metric', or e.g. 'core_metric_21of22_tasks' when incomplete."""
+    if not core_task_note(core):
+        return "core_metric"
+    return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks"

@@ -19,7 +19,9 @@ from nanochat.common import (atomic_open, autodetect_device_type, compute_cleanu
                              get_base_dir, print0)
 # evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
 # from scripts.base_eval
-from nanochat.core_eval import EvalBundleError, ensure_eval_bundle, evaluate_core  # noqa: F401
+from nanochat.core_eval import (EvalBundleError, core_task_note, ensure_eval_bundle,  # noqa: F401
+                                evaluate_core, format_core_metric)
+from nanochat.data_source import RankZeroFailed
 from nanochat.report import get_report
 
 EVAL_MODES = ("core", "bpb", "sample")
@@ -82,39 +84,14 @@ class ModelWrapper:
         return next(self.model.parameters()).device
 
 
-def _byte_level_alphabet():
-    """The printable character GPT-2-style byte-level BPE uses for each byte: {char: byte}."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # '!'..'~', '¡'..'¬', '®'..'ÿ'
-    alphabet, n_shifted = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet[chr(byte)] = byte
-        else:  # whitespace and control bytes are moved past 255 so every token prints
-            alphabet[chr(256 + n_shifted)] = byte
-            n_shifted += 1
-    return alphabet
-
-
 def get_hf_token_bytes(tokenizer, device="cpu"):
     """
-    (vocab_size,) int64: the UTF-8 bytes each token stands for, 0 for special tokens (they are not text, so
-    they must not count in bits per byte). For a byte-level BPE each character of the token string is one
-    byte, which also counts tokens that hold part of a UTF-8 character correctly; other vocabularies fall
-    back to the length of the token decoded alone.
+    (vocab_size,) int64: the UTF-8 length of each token decoded on its own. Special tokens count as the
+    length of their text ("<|endoftext|>" = 13) and a token holding part of a UTF-8 character as its
+    replacement character (3): this is the table the published HF baseline bpb numbers were computed with.
     """
-    from tokenizers import decoders
-    hf = tokenizer.tokenizer
-    special_ids = {hf.token_to_id(name) for name in tokenizer.get_special_tokens()}
-    alphabet = _byte_level_alphabet() if isinstance(hf.decoder, decoders.ByteLevel) else {}
-    counts = []
-    for token_id in range(tokenizer.get_vocab_size()):
-        piece = hf.id_to_token(token_id)
-        if token_id in special_ids or piece is None:
-            counts.append(0)
-        elif alphabet and all(c in alphabet for c in piece):
-            counts.append(len(piece))
-        else:
-            counts.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    vocab_size = tokenizer.get_vocab_size()
+    counts = [len(tokenizer.decode([token_id]).encode("utf-8")) for token_id in range(vocab_size)]
     return torch.tensor(counts, dtype=torch.int64, device=device)
 
 
@@ -207,7 +184,8 @@ def format_core_csv(core):
     lines = [line("Task", "Accuracy", "Centered")]
     for label, accuracy in core["results"].items():
         lines.append(line(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}"))
-    lines.append(line("CORE", "", f"{core['core_metric']:.6f}"))
+    note = core_task_note(core)  # a CORE over fewer than the 22 tasks says so in its row name
+    lines.append(line(f"CORE {note}" if note else "CORE", "", f"{core['core_metric']:.6f}"))
     return "".join(lines)
 
 
@@ -224,17 +202,13 @@ def report_items(name, core, bpb, samples, unconditioned):
     """The items of the "Base model evaluation" report section."""
     summary = {"model": name}
     if core is not None:
-        summary["CORE metric"] = core["core_metric"]
+        # a CORE over fewer than the 22 tasks is reported with its task count beside the value
+        summary["CORE metric"] = format_core_metric(core) if core_task_note(core) else core["core_metric"]
     if bpb:
         summary["train bpb"], summary["val bpb"] = bpb["train"], bpb["val"]
     items = [summary]
     if core is not None:
         items.append(core["centered_results"])
-        if core["missing_tasks"]:
-            total = len(core["results"]) + len(core["missing_tasks"])
-            missing = ", ".join(core["missing_tasks"])
-            # no "CORE" in this key: the report's summary takes the last line containing "CORE"
-            items.append({"Tasks evaluated": f"{len(core['results'])}/{total} (missing: {missing})"})
     items.extend({f"sample {i}": text} for i, text in enumerate(samples))
     items.extend({f"unconditioned {i}": text} for i, text in enumerate(unconditioned))
     return items
@@ -260,7 +234,7 @@ def evaluate(args, rank, world_size, device):
         core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
         if rank == 0:
             print0(f"Results written to: {write_core_csv(slug, core)}")
-        print0(f"CORE metric: {core['core_metric']:.4f}")
+        print0(f"CORE metric: {format_core_metric(core)}")
     get_report().log(section="Base model evaluation", data=report_items(name, core, bpb, samples, unconditioned))
     return core
 
@@ -269,14 +243,15 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     try:
-        if "core" in args.modes:
-            ensure_eval_bundle()  # fail before loading the model and running the other modes
         _, rank, _, world_size, device = compute_init(device_type)
         try:
+            if "core" in args.modes:
+                # before the model loads and the other modes run; rank 0 obtains it for every rank
+                ensure_eval_bundle()
             return evaluate(args, rank, world_size, device)
         finally:
             compute_cleanup()
-    except (EvalBundleError, SetupError) as e:
+    except (EvalBundleError, SetupError, RankZeroFailed) as e:
         raise SystemExit(f"base_eval: {e}")
 
 

@@ -31,6 +31,7 @@ from nanochat import training
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_device_peak_flops, maybe_compile, print0, print_banner)
+from nanochat.core_eval import core_metric_log_key, format_core_metric
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit, \
     tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.fp8 import disable_fp8
@@ -437,9 +438,9 @@ def main(argv=None):
             if training.every(step, args.core_metric_every, last_step):
                 try:
                     core_results = run_core(orig_model, tokenizer, device, args.core_metric_max_per_task)
-                    print0(f"Step {step:05d} | CORE metric: {core_results['core_metric']:.4f}")
+                    print0(f"Step {step:05d} | CORE metric: {format_core_metric(core_results)}")
                     wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                                   "core_metric": core_results["core_metric"],
+                                   core_metric_log_key(core_results): core_results["core_metric"],
                                    "centered_results": core_results["centered_results"]})
                 except (OSError, RuntimeError, ValueError) as e:
                     if not last_step:
@@ -504,7 +505,7 @@ def main(argv=None):
          "DDP world size": world_size, "warmup_steps": args.warmup_steps,
          "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac},
         {"Minimum validation bpb": min_val_bpb if val_bpb is not None else None, "Final validation bpb": val_bpb,
-         "CORE metric estimate": core_results["core_metric"] if core_results else None,
+         "CORE metric estimate": format_core_metric(core_results) if core_results else None,
          "MFU %": f"{mfu:.2f}%", "Total training flops": f"{flops_per_token * total_batch_size * num_iterations:e}",
          "Total training time": f"{tracker.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mem:.2f}MiB"},
     ])

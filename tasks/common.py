@@ -1,7 +1,8 @@
 """
 The Task interface: a dataset seen as a list of conversations, with range-like views, mixtures and
 sequences of tasks, the multiple-choice prompt format, and the one place that decides where a
-dataset's rows come from (the Hugging Face hub, or the copy committed under data/tasks/ when offline).
+dataset's rows come from (the Hugging Face hub, or the copy committed under data/tasks/ when offline or,
+loudly, when the hub cannot be reached).
 
 A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]} plus
 optional task-specific keys ("letters", "subject", "entry_point", "test").
@@ -18,6 +19,7 @@ import zlib
 import numpy as np
 
 from nanochat.common import REPO_DATA_DIR, offline_mode, one_line_error, print0
+from nanochat.data_source import announce_fallback, decide_on_rank0, is_network_error
 
 TASK_DATA_DIR = os.path.join(REPO_DATA_DIR, "tasks")
 
@@ -55,12 +57,34 @@ class Task:
     def evaluate(self, conversation, assistant_response):
         raise NotImplementedError(f"{type(self).__name__} is a training-only task: it has no evaluate()")
 
+    def reward(self, conversation, assistant_response):
+        """
+        The RL reward: evaluate() as a float. One function for both, so RL optimises exactly what the
+        eval reports; a task does not override it.
+        """
+        return float(self.evaluate(conversation, assistant_response))
+
     def __len__(self):
-        # stop is clamped to the data, so a view sized for the full dataset (e.g. stop=5200) stays in
-        # range on a smaller offline copy
         n = self.num_examples()
-        stop = n if self.stop is None else min(self.stop, n)
+        stop = n if self.stop is None else self.stop
+        if stop > n:
+            stop = self._clamp_stop(n)
         return max(0, math.ceil((stop - self.start) / self.step))
+
+    def _clamp_stop(self, n):
+        """
+        A view that asks for more rows than the data has: an error, except on the committed copy (offline
+        or unreachable hub), which is often a subset; there the view shrinks to the data, and says so once.
+        """
+        what = f"{type(self).__name__}(start={self.start}, stop={self.stop}, step={self.step})"
+        if not isinstance(getattr(self, "ds", None), CommittedRows):
+            raise ValueError(f"{what} asks for rows up to {self.stop}, but the split has only {n}: "
+                             f"lower `stop` to at most {n}")
+        if not getattr(self, "_clamp_announced", False):
+            self._clamp_announced = True
+            announce_fallback(f"{what} asks for rows up to {self.stop}; the committed copy has {n}, so the "
+                              f"view is cut to {n} rows and the numbers differ from a run on the full split")
+        return n
 
     def __getitem__(self, index):
         index = operator.index(index)  # ints only (numpy ints too); a slice raises TypeError
@@ -190,27 +214,55 @@ def read_committed_rows(path):
     return rows
 
 
+class CommittedRows(list):
+    """Rows read from the committed copy under data/tasks/ (often a subset of the hub split)."""
+
+
+def _hub_rows(hf_path, hf_subset, split):
+    from datasets import load_dataset  # heavy import, needed only here
+    return load_dataset(hf_path, hf_subset, split=split).shuffle(seed=SHUFFLE_SEED)
+
+
+def _choose_source(label, hf_path, hf_subset, split, loaded):
+    """
+    'hub', or the reason to use the committed copy. Loads from the hub (keeping the rows in `loaded`) unless
+    offline; a network failure means the committed copy, any other failure is raised.
+    """
+    if offline_mode():
+        return "offline"
+    try:
+        loaded.append(_hub_rows(hf_path, hf_subset, split))
+        return "hub"
+    except Exception as e:
+        if not is_network_error(e):
+            raise RuntimeError(
+                f"{label}: loading {hf_path} from the Hugging Face hub failed ({one_line_error(e)}). This is "
+                f"not a network error, so the committed copy is not used in its place; fix the cause, or set "
+                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
+        return f"hub unreachable: {one_line_error(e)}"
+
+
 def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     """
     The rows (dicts in the hub dataset's schema) of one dataset split, in the order of
     datasets.load_dataset(hf_path, hf_subset, split=split).shuffle(seed=42), which is what is returned
-    online. Offline (NANOCHAT_OFFLINE=1), or when the hub load fails for any reason, the rows come from
+    online. Offline (NANOCHAT_OFFLINE=1), or loudly when the hub cannot be reached, the rows come from
     data/tasks/<local_file> (gzipped JSON lines in the same schema) shuffled with the same permutation,
-    numpy default_rng(42), so a complete committed split is in the hub's order. Prints one line naming
-    the source. local_file=None means there is no committed copy, so offline is an error.
+    numpy default_rng(42), so a complete committed split is in the hub's order. Under torch.distributed
+    rank 0 makes that choice for every rank. Prints one line naming the source. local_file=None means
+    there is no committed copy, so offline is an error.
     """
     label = f"{name} {hf_subset}/{split}" if hf_subset else f"{name} {split}"
-    if offline_mode():
-        reason = "offline"
-    else:
+    loaded = []  # rank 0's hub rows: the other ranks load their own (from the cache rank 0 filled)
+    reason = decide_on_rank0(lambda: _choose_source(label, hf_path, hf_subset, split, loaded))
+    if reason == "hub":
         try:
-            from datasets import load_dataset  # heavy import, needed only here
-            rows = load_dataset(hf_path, hf_subset, split=split).shuffle(seed=SHUFFLE_SEED)
-            print0(f"{label}: {len(rows):,} rows from the Hugging Face hub ({hf_path})")
-            return rows
-        except Exception as e:  # no network, no cache, hub outage: all mean "use the committed copy"
-            message = (str(e).strip().splitlines() or [""])[0][:200]
-            reason = f"hub load failed: {type(e).__name__}: {message}; NANOCHAT_OFFLINE=1 skips the hub"
+            rows = loaded[0] if loaded else _hub_rows(hf_path, hf_subset, split)
+        except Exception as e:  # rank 0 loaded it: this rank must not silently switch to the committed copy
+            raise RuntimeError(f"{label}: rank 0 loaded {hf_path} from the hub, but this rank could not "
+                               f"({one_line_error(e)})") from e
+        print0(f"{label}: {len(rows):,} rows from the Hugging Face hub ({hf_path})")
+        return rows
     path = None if local_file is None else os.path.join(TASK_DATA_DIR, local_file)
     if path is None or not os.path.exists(path):
         where = ("it has no committed offline copy" if path is None
@@ -219,6 +271,10 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     rows = read_committed_rows(path)
     # what datasets' Dataset.shuffle(seed) does: a numpy Generator permutation of the row indices
     permutation = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))
-    rows = [rows[i] for i in permutation]
-    print0(f"{label}: {len(rows):,} rows from the committed offline subset {display_path(path)} ({reason})")
+    rows = CommittedRows(rows[i] for i in permutation)
+    message = f"{label}: {len(rows):,} rows from the committed offline subset {display_path(path)} ({reason})"
+    if offline_mode():
+        print0(message)
+    else:
+        announce_fallback(f"{message}; results are not comparable with runs on {hf_path}")
     return rows

@@ -6,11 +6,10 @@ The answers carry calculator annotations and end with the final number, e.g.
     "... makes 12/60 = $<<12/60=0.2>>0.2 per minute ... #### 10"
 Each <<expr=result>> becomes a python tool call and its output, which is how the model learns to call
 the calculator: at inference the engine evaluates <|python_start|>expr<|python_end|> and forces the
-result in. Scoring compares the numbers after "#### " (also used by SpellingBee).
+result in. Scoring compares the strings after "#### " exactly (also used by SpellingBee): "10.0" is not "10".
 """
 
 import re
-from decimal import Decimal, InvalidOperation
 
 from tasks.common import Task, load_rows
 
@@ -43,16 +42,11 @@ def answer_to_parts(answer):
     return parts
 
 
-def same_number(a, b):
-    """Numeric equality of two extracted answers ("10" == "10.0"); plain string equality if either is no number."""
-    try:
-        return Decimal(a) == Decimal(b)
-    except InvalidOperation:
-        return a == b
-
-
 def score_final_answer(conversation, assistant_response):
-    """1 if the response's '#### N' equals the reference's (last text part of the gold answer), else 0."""
+    """
+    1 if the string after the response's '#### ' (commas removed) equals the gold answer's (last text part)
+    exactly, else 0: the leaderboard's GSM8K numbers are exact string matches, so "10.0" for 10 is wrong.
+    """
     if not isinstance(assistant_response, str):
         raise TypeError(f"assistant_response must be a str, got {type(assistant_response).__name__}")
     gold = conversation["messages"][-1]
@@ -60,7 +54,7 @@ def score_final_answer(conversation, assistant_response):
         raise ValueError("the last message must be the assistant's, with a list of parts as content")
     reference = extract_answer(gold["content"][-1]["text"])
     predicted = extract_answer(assistant_response)
-    return int(reference is not None and predicted is not None and same_number(predicted, reference))
+    return int(reference is not None and predicted is not None and predicted == reference)
 
 
 class GSM8K(Task):
@@ -91,7 +85,3 @@ class GSM8K(Task):
 
     def evaluate(self, conversation, assistant_response):
         return score_final_answer(conversation, assistant_response)
-
-    def reward(self, conversation, assistant_response):
-        """The RL reward: 1.0 for a correct final answer, else 0.0."""
-        return float(self.evaluate(conversation, assistant_response))

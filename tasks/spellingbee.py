@@ -14,7 +14,8 @@ import os
 import random
 import string
 
-from nanochat.common import download_file_with_lock, offline_mode, print0
+from nanochat.common import download_file_with_lock, offline_mode, one_line_error, print0
+from nanochat.data_source import announce_fallback, decide_on_rank0, is_network_error
 from tasks.common import TASK_DATA_DIR, Task, display_path, open_text
 from tasks.gsm8k import score_final_answer
 
@@ -88,26 +89,40 @@ USER_MSG_TEMPLATES = [
 QUOTES = ["", "'", '"']
 
 
+def _choose_word_list():
+    """The path of the downloaded word list, or None (with the reason) for the committed copy."""
+    if offline_mode():
+        return None, "offline"
+    try:
+        return download_file_with_lock(WORD_LIST_URL, "words_alpha.txt"), ""
+    except Exception as e:
+        if not is_network_error(e):
+            raise RuntimeError(
+                f"Downloading the SpellingBee word list {WORD_LIST_URL} failed ({one_line_error(e)}); not a "
+                f"network error, so the committed copy is not used in its place. Fix the cause, or set "
+                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
+        return None, f"the download failed: {one_line_error(e)}"
+
+
 def load_words():
     """
-    The word list, one stripped line per word: downloaded once to <base_dir>/words_alpha.txt (one rank
-    downloads, the others wait), or the committed copy when offline or when the download fails.
+    The word list, one stripped line per word: downloaded once to <base_dir>/words_alpha.txt, or the
+    committed copy when offline or (loudly) when the download fails with a network error. Rank 0 chooses.
     """
-    if offline_mode():
-        reason = "offline"
-    else:
-        try:
-            path = download_file_with_lock(WORD_LIST_URL, "words_alpha.txt")
-            with open_text(path) as f:
-                words = [line.strip() for line in f]
-            print0(f"Word list: {len(words):,} words from {path}")
-            return words
-        except (OSError, RuntimeError) as e:
-            reason = f"download failed: {e}"
+    path, reason = decide_on_rank0(_choose_word_list)
+    if path is not None:
+        with open_text(path) as f:
+            words = [line.strip() for line in f]
+        print0(f"Word list: {len(words):,} words from {path}")
+        return words
     with open_text(COMMITTED_WORD_LIST) as f:
         words = [line.strip() for line in f]
-    print0(f"Word list: {len(words):,} words from the committed offline copy "
-           f"{display_path(COMMITTED_WORD_LIST)} ({reason})")
+    message = (f"Word list: {len(words):,} words from the committed offline copy "
+               f"{display_path(COMMITTED_WORD_LIST)} ({reason})")
+    if offline_mode():
+        print0(message)
+    else:
+        announce_fallback(message)
     return words
 
 
@@ -184,9 +199,6 @@ class SpellingBee(Task):
     def evaluate(self, conversation, assistant_response):
         """1 if the response's '#### N' is the right count, else 0 (GSM8K's scoring)."""
         return score_final_answer(conversation, assistant_response)
-
-    def reward(self, conversation, assistant_response):
-        return float(self.evaluate(conversation, assistant_response))
 
 
 class SimpleSpelling(Task):

@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
 import math
+import re
 import sys
 import types
 
@@ -56,29 +57,37 @@ def test_core_csv_format(base_dir):
         "Task                               , Accuracy  , Centered  \n"
         "hellaswag_zeroshot                 , 0.312500  , 0.083333  \n"
         "boolq                              , 0.500000  , -0.315789 \n"
-        "CORE                               ,           , -0.116228 \n"
+        "CORE (2 of 22 tasks)               ,           , -0.116228 \n"  # fewer than 22: said in the name
     )
     assert base_eval.format_core_csv(CORE) == expected
     path = base_eval.write_core_csv("base_model_000123", CORE)
     assert path == str(base_dir / "base_eval" / "base_model_000123.csv")
     assert open(path).read() == expected
     assert os.listdir(base_dir / "base_eval") == ["base_model_000123.csv"]
+    partial = base_eval.format_core_csv(dict(CORE, missing_tasks=["coqa"]))
+    assert partial.splitlines()[-1] == "CORE (2 of 22 tasks, missing coqa) ,           , -0.116228 "
+    full = dict(CORE, results={f"t{i}": 0.5 for i in range(22)}, centered_results={f"t{i}": 0.0 for i in range(22)})
+    assert base_eval.format_core_csv(full).splitlines()[-1] == "CORE                               ,           , -0.116228 "
 
 
 def test_report_items(tmp_path):
     items = base_eval.report_items("base_model (step 5)", CORE, {"train": 1.5, "val": 1.25}, ["s0", "s1"], ["u0"])
-    assert items[0] == {"model": "base_model (step 5)", "CORE metric": CORE["core_metric"],
+    assert items[0] == {"model": "base_model (step 5)", "CORE metric": f"{CORE['core_metric']:.4f} (2 of 22 tasks)",
                         "train bpb": 1.5, "val bpb": 1.25}
     assert list(items[0]) == ["model", "CORE metric", "train bpb", "val bpb"]
     assert items[1] == CORE["centered_results"]
     assert items[2:] == [{"sample 0": "s0"}, {"sample 1": "s1"}, {"unconditioned 0": "u0"}]
     partial = dict(CORE, missing_tasks=["coqa"])
     assert base_eval.report_items("m", partial, {}, [], []) == [
-        {"model": "m", "CORE metric": CORE["core_metric"]}, CORE["centered_results"],
-        {"Tasks evaluated": "2/3 (missing: coqa)"}]
-    # the report's summary table reads the CORE value back from the section text
+        {"model": "m", "CORE metric": f"{CORE['core_metric']:.4f} (2 of 22 tasks, missing coqa)"},
+        CORE["centered_results"]]
+    # the report's summary table reads the CORE value back from the section text, task count included
     from nanochat.report import Report, extract
     path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", partial, {}, [], []))
+    assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f} (2 of 22 tasks, missing coqa)"
+    full = dict(CORE, results={f"t{i}": 0.5 for i in range(22)})
+    assert base_eval.report_items("m", full, {}, [], [])[0] == {"model": "m", "CORE metric": CORE["core_metric"]}
+    path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", full, {}, [], []))
     assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f}"
     bpb_only = base_eval.report_items("m", None, {"train": 2.0, "val": 3.0}, [], [])
     assert bpb_only == [{"model": "m", "train bpb": 2.0, "val bpb": 3.0}]
@@ -119,17 +128,21 @@ def test_model_wrapper_matches_the_gpt_call_signature():
     assert wrapper.max_seq_len == 1024 and wrapper.get_device() == torch.device("cpu")
 
 
-def test_hf_token_bytes_count_specials_as_zero_and_bytes_exactly():
+def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
     corpus = ["the quick brown fox jumps over the lazy dog; café naïve über " * 4] * 40
     tokenizer = HuggingFaceTokenizer.train_from_iterator(iter(corpus), 400)
     token_bytes = base_eval.get_hf_token_bytes(tokenizer)
     assert token_bytes.dtype == torch.int64 and token_bytes.shape == (tokenizer.get_vocab_size(),)
-    special_ids = [tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]
-    assert len(special_ids) == 9 and token_bytes[special_ids].tolist() == [0] * 9
-    # unseen characters fall back to single-byte tokens, which are not whole UTF-8 characters
-    for text in ["the lazy dog", "café über", "∑ 🎉 日本語 Ω≈ç√", "tabs\tand\nnewlines  "]:
-        ids = tokenizer.encode(text)
-        assert int(token_bytes[ids].sum()) == len(text.encode("utf-8")), text
+    # specials count as their text: "<|bos|>" is 7 bytes, "<|assistant_start|>" 19
+    for name in tokenizer.get_special_tokens():
+        assert token_bytes[tokenizer.encode_special(name)].item() == len(name), name
+    # whole-text tokens count their bytes
+    for word in (" quick", " brown", "the"):
+        ids = tokenizer.encode(word)
+        assert len(ids) == 1 and token_bytes[ids[0]].item() == len(word.encode("utf-8"))
+    # the unseen "∑" is three single-byte tokens; each decodes alone to U+FFFD, 3 bytes
+    ids = tokenizer.encode("∑")
+    assert len(ids) == 3 and token_bytes[ids].tolist() == [3, 3, 3]
 
 
 def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch):
@@ -171,3 +184,67 @@ def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, capsys):
     printed = capsys.readouterr().out
     assert "Adjusted split_tokens to 128 (must be divisible by 64)" in printed
     assert f"train bpb: {bpb['train']:.6f}" in printed and f"val bpb: {bpb['val']:.6f}" in printed
+
+
+class RecordingWandb:
+    """Stands in for the wandb package (an external service): keeps what the run logs."""
+
+    def __init__(self):
+        self.logged = []
+
+    def init(self, **kwargs):
+        return self
+
+    def log(self, data):
+        self.logged.append(data)
+
+    def finish(self):
+        pass
+
+
+def test_base_train_labels_a_core_over_the_21_committed_tasks(base_dir, monkeypatch, capsys):
+    import gc
+    from nanochat.dataset import install_sample, parquets_iter_batched
+    from nanochat.tokenizer import compute_token_bytes
+    from scripts import base_train
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    install_sample()
+    texts = [t for batch in parquets_iter_batched("train") for t in batch][:100]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), 300)
+    tok.save(os.path.join(base_dir, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(base_dir, "tokenizer", "token_bytes.pt"))
+    wandb = RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    try:
+        base_train.main(["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len=512",
+                         "--device-batch-size=1", "--total-batch-size=512", "--num-iterations=1", "--eval-every=-1",
+                         "--core-metric-every=999999", "--core-metric-max-per-task=1", "--sample-every=-1",
+                         "--window-pattern=L", "--run=core_label_test"])
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    out = capsys.readouterr().out
+    line = re.search(r"^Step 00001 \| CORE metric: (.*)$", out, re.M).group(1)
+    assert re.fullmatch(r"-?\d\.\d{4} \(21 of 22 tasks, missing coqa\)", line)
+    core_logs = [entry for entry in wandb.logged if "centered_results" in entry]
+    assert len(core_logs) == 1 and "core_metric" not in core_logs[0] and "core_metric_21of22_tasks" in core_logs[0]
+    report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
+    assert f"- CORE metric estimate: {line}\n" in report
+
+
+def test_base_eval_labels_a_core_over_the_21_committed_tasks(base_dir, monkeypatch, capsys):
+    from nanochat.gpt import GPT, GPTConfig
+    tok = RustBPETokenizer.train_from_iterator(iter(["a small corpus for a tiny tokenizer. " * 20] * 10), 300)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=1024, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
+                              window_pattern="L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.eval()
+    loaded = (model, tok, compute_token_bytes(tok), 1024, "base_model (step 7)", "base_model_000007")
+    monkeypatch.setattr(base_eval, "load_nanochat_model", lambda *args: loaded)
+    core = base_eval.main(["--eval", "core", "--max-per-task", "1", "--device-type", "cpu"])
+    label = f"{core['core_metric']:.4f} (21 of 22 tasks, missing coqa)"
+    assert f"\nCORE metric: {label}\n" in capsys.readouterr().out
+    report = open(os.path.join(base_dir, "report", "base-model-evaluation.md")).read()
+    assert f"- CORE metric: {label}\n" in report

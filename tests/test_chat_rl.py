@@ -193,3 +193,21 @@ def test_rl_steps_save_checkpoints_and_resume_exactly(base_dir, capsys, monkeypa
     assert step_lines(resumed) == [line for line in lines if line[0] == "1"]
     again = torch.load(os.path.join(ckpt, "model_000002.pt"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+@pytest.mark.parametrize("suffix, reward", [("", 1.0), (".0", 0.0)])
+def test_rollout_reward_is_the_gsm8k_eval_exact_match(tokenizer, suffix, reward):
+    from tasks.gsm8k import GSM8K, extract_answer
+    task = GSM8K("main", "train")
+    conversation = task[0]
+    gold = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+    answer = f"So the answer is\n#### {gold}{suffix}"
+    prompt = tokenizer.render_for_completion(conversation)
+    end = tokenizer.encode_special("<|assistant_end|>")
+    model = ScriptedModel(tokenizer.encode(answer) + [end], 512, len(prompt))
+    model.eval = lambda: model  # rollout_example puts the policy in eval mode
+    engine = Engine(model, tokenizer)
+    args = SimpleNamespace(num_samples=2, device_batch_size=2, max_new_tokens=64, temperature=0.0, top_k=0)
+    sequences, _, _, rewards, _ = chat_rl.rollout_example(engine, tokenizer, task, 0, 0, args, "cpu")
+    assert [tokenizer.decode(s[len(prompt):]) for s in sequences] == [answer + "<|assistant_end|>"] * 2
+    assert rewards.tolist() == [reward] * 2 == [float(task.evaluate(conversation, answer))] * 2

@@ -398,14 +398,15 @@ def test_unknown_task_type_raises():
         ce.evaluate_example(0, ConstantModel(tok.vocab_size), tok, [{"query": "q"}], "cpu", meta("ranking"))
 
 
-def test_native_models_are_cropped_to_sequence_len():
+def test_only_a_declared_max_seq_len_crops_a_native_model_sees_the_whole_example():
     tok = CharTokenizer()
     item = {"context": "a long context " * 4, "continuation": "end"}
     model = ConstantModel(tok.vocab_size, config=types.SimpleNamespace(sequence_len=16))
     ce.evaluate_example(0, model, tok, [item], "cpu", meta("language_modeling"))
-    full_row = tok(ce.render_prompts_lm(item, " ")[1], prepend=tok.BOS)
-    assert model.inputs[-1].tolist() == [full_row[-16:]]
-    # an explicit max_seq_len (the HF wrapper) wins over the config; None means no limit
+    full_row = [tok.BOS] + [ord(c) for c in ("a long context " * 4).strip() + " end"]
+    assert len(full_row) > 16
+    assert model.inputs[-1].tolist() == [full_row]  # sequence_len is no limit: BOS and every token kept
+    # a declared max_seq_len (the HF wrapper) crops to the last tokens; None means no limit
     model.max_seq_len = 8
     ce.evaluate_example(0, model, tok, [item], "cpu", meta("language_modeling"))
     assert model.inputs[-1].tolist() == [full_row[-8:]]
@@ -414,20 +415,34 @@ def test_native_models_are_cropped_to_sequence_len():
     assert model.inputs[-1].tolist() == [full_row]
 
 
-def test_real_gpt_sees_at_most_its_training_context(bpe_tokenizer):
+def _tiny_gpt(vocab_size, sequence_len):
     from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=32, vocab_size=bpe_tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2,
                               n_kv_head=2, n_embd=64, window_pattern="L"))
     model.to_empty(device="cpu")
     model.init_weights()
-    model.eval()
-    lengths = []
-    model.register_forward_pre_hook(lambda m, args: lengths.append(args[0].size(1)))
-    query = "Question: " + "why is the sky blue and the grass green " * 3
-    items = [{"query": query, "choices": ["light", "dark"], "gold": 0}]
-    acc = ce.evaluate_task(model, bpe_tokenizer, items, "cpu", meta("multiple_choice"))
-    assert acc in (0.0, 1.0) and lengths and max(lengths) <= 32
+    return model.eval()
+
+
+def test_real_gpt_is_fed_the_spec_token_ids_past_its_training_context(bpe_tokenizer):
+    """The ids of a 2-shot MC example longer than sequence_len: the spec's prompts, BOS first, BOS-padded."""
+    tok = bpe_tokenizer
+    model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
+    fed = []
+    model.register_forward_pre_hook(lambda m, args: fed.append(args[0].tolist()))
+    data = [{"query": f"Question {i}: why is the sky blue and the grass green?", "choices": ["light", "dark sky"],
+             "gold": i % 2} for i in range(4)]
+    idx, d = 2, "\nAnswer: "
+    shots = random.Random(1234 + idx).sample([i for i in range(4) if i != idx], 2)
+    prefix = "".join(f"{data[i]['query']}{d}{data[i]['choices'][data[i]['gold']]}\n\n" for i in shots)
+    rows = [[tok.get_bos_token_id()] + tok.encode(f"{prefix}{data[idx]['query']}{d}{choice}")
+            for choice in data[idx]["choices"]]
+    width = max(len(row) for row in rows)
+    expected = [row + [tok.get_bos_token_id()] * (width - len(row)) for row in rows]
+    assert min(len(row) for row in rows) > 2 * 32
+    ce.evaluate_example(idx, model, tok, data, "cpu", meta("multiple_choice", num_fewshot=2, delimiter=d))
+    assert fed == [expected]
 
 
 def test_evaluate_task_under_a_process_group(tmp_path):
@@ -484,11 +499,22 @@ def test_evaluate_core_on_a_mini_bundle(base_dir, mini_zip, monkeypatch, capsys)
     assert ("Evaluating: lm_task (1-shot, type: language_modeling)... "
             "accuracy: 0.0000 | centered: 0.0000 | time: ") in printed
     assert "Skipping missing_task: eval_data/b/missing.jsonl is missing from the bundle" in printed
-    assert "CORE metric over 3 of 4 tasks (missing: missing_task)" in printed
+    assert "CORE metric over 3 of 4 tasks in the bundle (3 of 22 tasks, missing missing_task)" in printed
+    assert ce.format_core_metric(out) == f"{out['core_metric']:.4f} (3 of 22 tasks, missing missing_task)"
+    assert ce.core_metric_log_key(out) == "core_metric_3of22_tasks"
     truncated = ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu", max_per_task=2)
     shuffled_mc = list(MC_ROWS)
     random.Random(1337).shuffle(shuffled_mc)
     assert truncated["results"]["mc_task"] == sum(it["gold"] == 0 for it in shuffled_mc[:2]) / 2
+
+
+def test_core_value_is_labelled_with_its_task_count_unless_all_22_ran():
+    full = {"results": {f"t{i}": 0.5 for i in range(22)}, "core_metric": 0.25678, "missing_tasks": []}
+    assert ce.core_task_note(full) == "" and ce.format_core_metric(full) == "0.2568"
+    assert ce.core_metric_log_key(full) == "core_metric"
+    partial = {"results": {f"t{i}": 0.5 for i in range(21)}, "core_metric": 0.25678, "missing_tasks": ["coqa"]}
+    assert ce.format_core_metric(partial) == "0.2568 (21 of 22 tasks, missing coqa)"
+    assert ce.core_metric_log_key(partial) == "core_metric_21of22_tasks"
 
 
 def test_committed_bundle_core_over_21_tasks(committed_bundle):
@@ -621,6 +647,55 @@ def test_incomplete_bundle_is_completed_from_the_download_once(base_dir, mini_zi
     assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == []
 
 
+def _urlopen_raising(error):
+    def urlopen(url, timeout=None):
+        raise error
+    return urlopen
+
+
+def test_network_failure_uses_the_committed_zip_loudly(base_dir, mini_zip, monkeypatch, capsys):
+    import socket
+    import urllib.error
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    unreachable = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr("nanochat.common.urllib.request.urlopen", _urlopen_raising(unreachable))
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)  # skip the retry backoff
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
+    printed = capsys.readouterr().out
+    assert "WARNING: Eval bundle: using the committed offline copy" in printed
+    assert "lacks missing_task" in printed and "network error" in printed
+
+
+@pytest.mark.parametrize("error", ["http_404", "disk_full"])
+def test_non_network_download_failure_raises_instead_of_using_the_committed_zip(base_dir, mini_zip, monkeypatch,
+                                                                                  error):
+    import urllib.error
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    exc = (urllib.error.HTTPError(ce.EVAL_BUNDLE_URL, 404, "Not Found", {}, None) if error == "http_404"
+           else OSError(28, "No space left on device"))
+    monkeypatch.setattr("nanochat.common.urllib.request.urlopen", _urlopen_raising(exc))
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    with pytest.raises(ce.EvalBundleError, match="not a network error.*NANOCHAT_OFFLINE=1"):
+        ce.ensure_eval_bundle()
+    assert not (base_dir / "eval_bundle").exists()
+
+
+def test_a_downloaded_zip_that_is_no_bundle_raises(base_dir, tmp_path, mini_zip, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"an html error page")
+    monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"file://{bad}")
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    with pytest.raises(ce.EvalBundleError, match="is not a valid eval bundle.*Run again"):
+        ce.ensure_eval_bundle()
+    assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
+
+
 def test_failed_download_falls_back_to_the_committed_zip(base_dir, mini_zip, monkeypatch, capsys):
     monkeypatch.delenv("NANOCHAT_OFFLINE")
     monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"file://{base_dir}/no/such.zip")
@@ -643,3 +718,36 @@ def test_no_bundle_anywhere_raises_a_clear_error(base_dir, tmp_path, monkeypatch
     assert ce.EVAL_BUNDLE_URL in message
     assert f"{base_dir}/eval_bundle/{{core.yaml, eval_meta_data.csv, eval_data/...}}" in message
     assert not (base_dir / "eval_bundle").exists()
+
+
+def _bundle_rank_worker(rank, init_file, base, out_dir):
+    import socket
+    import urllib.error
+    import torch.distributed as dist
+    import nanochat.common
+
+    def urlopen(url, timeout=None):
+        if rank == 0:
+            raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+        raise KeyError("rank 1 must not download: rank 0 already chose the bundle")
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    os.environ.pop("NANOCHAT_OFFLINE", None)
+    nanochat.common.urllib.request.urlopen = urlopen
+    nanochat.common.time.sleep = lambda s: None
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bundle_dir = ce.ensure_eval_bundle()
+        result = {"dir": bundle_dir, "missing": ce.validate_eval_bundle(bundle_dir)}
+    except Exception as e:
+        result = {"error": f"{type(e).__name__}: {e}"}
+    dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_rank_zero_obtains_the_bundle_for_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    base = str(tmp_path / "base")
+    mp.spawn(_bundle_rank_worker, args=(str(tmp_path / "pg"), base, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"dir": os.path.join(base, "eval_bundle"), "missing": ["coqa"]}] * 2

@@ -83,7 +83,8 @@ def test_task_bounds_negative_indices_and_iteration():
     with pytest.raises(TypeError):
         view[0:2]
     assert [ex["i"] for ex in view] == [2, 3, 4, 5, 6, 7]  # iteration stops at the end of the view
-    assert len(ToyTask(3, stop=100)) == 3  # stop is clamped to the data
+    with pytest.raises(ValueError, match=r"ToyTask\(start=0, stop=100, step=1\).*only 3: lower `stop`"):
+        len(ToyTask(3, stop=100))  # an undersized split is an error, not a silent clamp
     for kwargs in ({"start": -1}, {"start": 5, "stop": 4}, {"step": 0}):
         with pytest.raises(ValueError):
             ToyTask(10, **kwargs)
@@ -207,9 +208,58 @@ def test_hub_failure_falls_back_to_the_committed_copy(monkeypatch, capsys):
     task = ARC("ARC-Easy", "test")
     assert calls == [("allenai/ai2_arc", "ARC-Easy", "test")] and len(task) == 2376
     out = capsys.readouterr().out
-    assert "committed offline subset data/tasks/arc/ARC-Easy/test.jsonl.gz (hub load failed: ConnectionError" in out
+    assert "committed offline subset data/tasks/arc/ARC-Easy/test.jsonl.gz (hub unreachable: ConnectionError" in out
     with pytest.raises(RuntimeError, match="no committed offline copy"):
         load_rows("GSM8K", "openai/gsm8k", "socratic", "test", "gsm8k/socratic/test.jsonl.gz")
+
+
+def test_hub_non_network_failure_propagates_instead_of_using_the_committed_copy(monkeypatch):
+    def load_dataset(path, name=None, split=None):
+        raise ValueError("Unknown split 'tset'")
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(RuntimeError, match=r"ARC ARC-Easy/test: loading allenai/ai2_arc .*ValueError: Unknown "
+                                           r"split.*not a network error.*NANOCHAT_OFFLINE=1"):
+        ARC("ARC-Easy", "test")
+
+
+def test_unreachable_hub_uses_the_committed_copy_loudly(monkeypatch, capsys):
+    fake_hub(monkeypatch, None)  # raises ConnectionError
+    task = GSM8K("main", "train")
+    out = capsys.readouterr().out
+    assert "WARNING: GSM8K main/train: 2,000 rows from the committed offline subset" in out
+    assert "not comparable with runs on openai/gsm8k" in out
+
+
+def test_undersized_view_is_an_error_on_hub_rows_and_a_loud_clamp_on_the_committed_copy(monkeypatch, capsys):
+    fake_hub(monkeypatch, [{"question": "q", "answer": "#### 1"}] * 3)
+    with pytest.raises(ValueError, match=r"GSM8K\(start=0, stop=5, step=1\) asks for rows up to 5.*only 3"):
+        len(GSM8K("main", "test", stop=5))
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    task = GSM8K("main", "train", stop=5000)
+    capsys.readouterr()
+    assert len(task) == 2000 and len(task) == 2000
+    out = capsys.readouterr().out
+    assert out.count("WARNING: GSM8K(start=0, stop=5000, step=1) asks for rows up to 5000; the committed copy "
+                     "has 2000") == 1
+
+
+def test_spellingbee_word_list_network_failure_is_loud_other_failures_raise(monkeypatch, capsys):
+    import urllib.error
+    import tasks.spellingbee as sb
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+
+    def unreachable(url, filename, **kwargs):
+        raise RuntimeError("Failed to download") from urllib.error.URLError(OSError(-2, "Name or service not known"))
+    monkeypatch.setattr(sb, "download_file_with_lock", unreachable)
+    assert len(sb.load_words()) == 370099
+    assert "WARNING: Word list: 370,099 words from the committed offline copy" in capsys.readouterr().out
+
+    def disk_full(url, filename, **kwargs):
+        raise RuntimeError("Failed to download") from OSError(28, "No space left on device")
+    monkeypatch.setattr(sb, "download_file_with_lock", disk_full)
+    with pytest.raises(RuntimeError, match="not a network error.*NANOCHAT_OFFLINE=1"):
+        sb.load_words()
 
 
 def test_offline_smoltalk_and_missing_splits_raise_clear_errors():
@@ -352,10 +402,32 @@ def test_gsm8k_evaluate_and_reward():
     gold = extract_answer(conversation["messages"][1]["content"][-1]["text"])
     assert task.eval_type == "generative"
     assert task.evaluate(conversation, f"blah\n#### {gold}") == 1
-    assert task.evaluate(conversation, f"#### {gold}.0") == 1  # numerically equal
+    assert task.evaluate(conversation, f"#### {gold}.0") == 0  # exact string match: "10.0" is not "10"
+    assert task.evaluate(conversation, f"#### {int(gold):,}") == 1  # commas are removed before comparing
     assert task.evaluate(conversation, f"#### {int(gold) + 1}") == 0
     assert task.evaluate(conversation, gold) == 0  # no marker
     assert task.reward(conversation, f"#### {gold}") == 1.0 and isinstance(task.reward(conversation, ""), float)
+
+
+def test_gsm8k_scoring_compares_the_extracted_strings_exactly():
+    conversation = {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "so #### 10"}]}]}
+    task = GSM8K("main", "test")
+    responses = ("10", "10.0", "010", "1,0", "10.")
+    assert [task.evaluate(conversation, f"#### {r}") for r in responses] == [1, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("make_task", [lambda: GSM8K("main", "train"), lambda: SpellingBee(size=5)])
+def test_rl_reward_is_the_eval_as_a_float(make_task):
+    task = make_task()
+    assert type(task).reward is Task.reward  # no task-specific reward that could drift from evaluate()
+    for k in range(3):
+        conversation = task[k]
+        gold = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        for response in (f"#### {gold}", f"#### {gold}.0", f"#### {int(gold) + 1}", "", gold):
+            reward = task.reward(conversation, response)
+            assert type(reward) is float and reward == float(task.evaluate(conversation, response))
+        assert task.reward(conversation, f"#### {gold}.0") == 0.0
 
 
 # -----------------------------------------------------------------------------
