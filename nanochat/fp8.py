@@ -42,7 +42,7 @@ TOKEN_MULTIPLE = 16  # _scaled_mm needs its inner dimension to be a multiple of 
 
 
 def fp8_tokens_error(device_batch_size, sequence_len):
-    """None if micro-batches of device_batch_size x sequence_len tokens can train in FP8, else why and the fix.
+    """None if micro-batches of device_batch_size x sequence_len tokens can train in FP8, else why + fix.
     The weight gradient contracts over the tokens of the micro-batch ([N, M] @ [M, K], M = B * T), so
     M must be a multiple of 16; the layer filter only sees the feature sizes, and without this check the
     first backward pass crashes inside torch._scaled_mm."""

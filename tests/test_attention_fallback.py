@@ -32,7 +32,8 @@ requires_fa3 = pytest.mark.skipif(not _fa3_available(),
                                   reason="FA3 needs a Hopper (sm90) GPU and the kernel from the HF hub")
 no_fa3_only = pytest.mark.skipif(fa_module.HAS_FA3, reason="checks the behaviour of machines without FA3")
 
-SWITCH_GLOBALS = ("_backend", "_fa3", "_override_impl", "HAS_FA3", "HAS_FA3_KVCACHE", "USE_FA3", "USE_FA3_KVCACHE")
+SWITCH_GLOBALS = ("_backend", "_fa3", "_override_impl", "HAS_FA3", "HAS_FA3_KVCACHE", "USE_FA3",
+                  "USE_FA3_KVCACHE")
 
 
 @pytest.fixture(autouse=True)
@@ -448,3 +449,10 @@ def test_ranks_agree_on_the_backend(tmp_path):
     assert lines[0][0] == ("rank 0: attention backend fa3 (kernels-community/flash-attn3 v1) for training, "
                            "sdpa (another rank cannot run it) for the KV cache")
     assert lines[1][0].startswith("rank 1: attention backend fa3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the GPU check script does without a GPU")
+def test_gpu_check_script_without_a_gpu_says_so_and_succeeds(capsys):
+    from dev import gpu_fa3_check
+    assert gpu_fa3_check.main([]) == 0
+    assert "No CUDA GPU" in capsys.readouterr().out

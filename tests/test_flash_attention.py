@@ -269,7 +269,8 @@ def test_probe_accepts_a_correct_kernel(entry):
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_probe_rejects_a_kernel_that_disagrees(entry):
-    reason = fa._probe_fa3(naive_kernel(left_override=-1), torch.device("cpu"), 128, entry)  # ignores the window
+    ignores_the_window = naive_kernel(left_override=-1)
+    reason = fa._probe_fa3(ignores_the_window, torch.device("cpu"), 128, entry)
     assert reason is not None and "differs" in reason
 
 
@@ -286,8 +287,9 @@ def test_probe_rejects_a_kernel_that_raises(entry):
 def test_probe_accepts_a_kernel_returning_a_tuple(entry):
     # FA3 builds may return (out, softmax_lse); the attention output is the first element
     good = naive_kernel()
-    with_lse = SimpleNamespace(flash_attn_func=lambda *a, **kw: (good.flash_attn_func(*a, **kw), None),
-                               flash_attn_with_kvcache=lambda *a, **kw: (good.flash_attn_with_kvcache(*a, **kw), None))
+    with_lse = SimpleNamespace(
+        flash_attn_func=lambda *a, **kw: (good.flash_attn_func(*a, **kw), None),
+        flash_attn_with_kvcache=lambda *a, **kw: (good.flash_attn_with_kvcache(*a, **kw), None))
     assert fa._probe_fa3(with_lse, torch.device("cpu"), 128, entry) is None
 
 
