@@ -314,9 +314,13 @@ def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
 
 class _Staging:
     """
-    Host rows (B, T + 1) -> contiguous device inputs and targets (B, T). On CUDA the host side is pinned
-    and double-buffered: the copy is asynchronous, so the host buffer of batch k must not be rewritten
-    before its copy finished (an event per buffer guards it). The device buffer is reused by every batch.
+    Host rows (B, T + 1) -> contiguous device inputs and targets (B, T). The packer writes each batch
+    straight into one contiguous host buffer, which travels to the device in a single copy; inputs and
+    targets (overlapping shifts of the rows) are split off on the device. Copying the strided views
+    rows[:, :-1] and rows[:, 1:] instead would send each through a pageable temporary, which is neither
+    asynchronous nor cheap. On CUDA the host buffers are pinned and double-buffered: the copy is
+    asynchronous, so the host buffer of batch k must not be rewritten before its copy finished (an event
+    per buffer guards it). The device buffers are reused by every batch.
     """
 
     def __init__(self, B, T, device):
@@ -325,6 +329,7 @@ class _Staging:
         self.host = [torch.empty((B, T + 1), dtype=torch.long, pin_memory=self.use_cuda) for _ in range(n_host)]
         self.copied = [None] * n_host
         self.k = 0
+        self.device_rows = torch.empty((B, T + 1), dtype=torch.long, device=device)
         self.device_buf = torch.empty((2, B, T), dtype=torch.long, device=device)
 
     def next_rows(self):
@@ -334,10 +339,15 @@ class _Staging:
         return self.host[self.k].numpy()
 
     def transfer(self):
-        rows = self.host[self.k]
-        self.device_buf[0].copy_(rows[:, :-1], non_blocking=self.use_cuda)
-        self.device_buf[1].copy_(rows[:, 1:], non_blocking=self.use_cuda)
+        _upload(self.device_rows, self.host[self.k], non_blocking=self.use_cuda)
         if self.use_cuda:
             self.copied[self.k] = torch.cuda.Event()
             self.copied[self.k].record()
+        self.device_buf[0].copy_(self.device_rows[:, :-1])  # device to device: no host memory involved
+        self.device_buf[1].copy_(self.device_rows[:, 1:])
         return self.device_buf[0], self.device_buf[1]
+
+
+def _upload(device_dst, host_src, non_blocking):
+    """The batch's one host-to-device copy; host_src must be contiguous (pinned on CUDA) to be asynchronous."""
+    device_dst.copy_(host_src, non_blocking=non_blocking)

@@ -9,6 +9,7 @@ before torch.compile.
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,27 @@ def _to_fp8(x, fp8_dtype):
 def _to_col_major(x):
     """The same 2-D tensor laid out column-major (the second operand of _scaled_mm must be)."""
     return x.t().contiguous().t()
+
+
+TOKEN_MULTIPLE = 16  # _scaled_mm needs its inner dimension to be a multiple of 16
+
+
+def fp8_tokens_error(device_batch_size, sequence_len):
+    """None if micro-batches of device_batch_size x sequence_len tokens can train in FP8, else why + fix.
+    The weight gradient contracts over the tokens of the micro-batch ([N, M] @ [M, K], M = B * T), so
+    M must be a multiple of 16; the layer filter only sees the feature sizes, and without this check the
+    first backward pass crashes inside torch._scaled_mm."""
+    tokens = device_batch_size * sequence_len
+    if tokens % TOKEN_MULTIPLE == 0:
+        return None
+    seq_step = TOKEN_MULTIPLE // math.gcd(device_batch_size, TOKEN_MULTIPLE)
+    batch_step = TOKEN_MULTIPLE // math.gcd(sequence_len, TOKEN_MULTIPLE)
+    fit_seq = -(-sequence_len // seq_step) * seq_step
+    fit_batch = -(-device_batch_size // batch_step) * batch_step
+    return (f"FP8 training needs device_batch_size * sequence_len to be a multiple of {TOKEN_MULTIPLE} "
+            f"(torch._scaled_mm contracts over the micro-batch's tokens in the weight gradient); "
+            f"got {device_batch_size} x {sequence_len} = {tokens}. Fix: --max-seq-len {fit_seq} or "
+            f"--device-batch-size {fit_batch} (or drop --fp8)")
 
 
 def _check_fp8_device(x):
@@ -86,6 +108,11 @@ class Float8Linear(nn.Linear):
     def forward(self, input):
         input = input.to(common.COMPUTE_DTYPE)
         lead_shape = input.shape[:-1]
+        if torch.is_grad_enabled() and self.weight.requires_grad and lead_shape.numel() % TOKEN_MULTIPLE:
+            # fail here, with the reason, rather than inside torch._scaled_mm in the backward pass
+            raise ValueError(f"Float8Linear: {lead_shape.numel()} tokens per call is not a multiple of "
+                             f"{TOKEN_MULTIPLE}, which the FP8 weight gradient needs; train with "
+                             f"device_batch_size * sequence_len a multiple of {TOKEN_MULTIPLE}")
         out = _Float8Matmul.apply(input.reshape(-1, self.in_features), self.weight)
         out = out.reshape(*lead_shape, self.out_features)
         if self.bias is not None:

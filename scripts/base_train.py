@@ -34,7 +34,8 @@ from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup
 from nanochat.core_eval import core_metric_log_key, format_core_metric
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit, \
     tokenizing_distributed_data_loader_with_state_bos_bestfit
-from nanochat.fp8 import disable_fp8
+from nanochat.flash_attention import decide_backend
+from nanochat.fp8 import disable_fp8, fp8_tokens_error
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -115,6 +116,8 @@ def parse_args(argv=None):
         parser.error(f"--window-pattern must be made of S and L, got {args.window_pattern!r}")
     if args.fp8 and args.fp8_recipe != "tensorwise":
         parser.error("--fp8-recipe rowwise is not implemented here; use tensorwise")
+    if args.fp8 and fp8_tokens_error(args.device_batch_size, args.max_seq_len):
+        parser.error(f"--fp8: {fp8_tokens_error(args.device_batch_size, args.max_seq_len)}")
     return args
 
 
@@ -170,10 +173,10 @@ def num_iterations_for(args, flops_per_token, total_batch_size, target_tokens):
 # -----------------------------------------------------------------------------
 # Set-up pieces
 
-def print_attention_notice(window_pattern):
+def print_attention_notice(backend, window_pattern):
     from nanochat.common import COMPUTE_DTYPE
     from nanochat.flash_attention import HAS_FA3
-    if HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16:
+    if backend.train == "fa3":
         print0("✓ Using Flash Attention 3 (Hopper GPU detected), efficient, new and awesome.")
         return
     print0("!" * 80)
@@ -314,7 +317,6 @@ def main(argv=None):
         wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
     else:
         wandb_run = DummyWandb()
-    print_attention_notice(args.window_pattern)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
@@ -327,6 +329,8 @@ def main(argv=None):
     print0("Model config:\n" + json.dumps(asdict(config), indent=2))
     model.to_empty(device=device)
     model.init_weights()
+    # after compute_init, on this rank's device, at the model's head dim; before compile (it may all-reduce)
+    print_attention_notice(decide_backend(device, config.n_embd // config.n_head), args.window_pattern)
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     resuming = args.resume_from_step >= 0

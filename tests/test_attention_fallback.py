@@ -3,7 +3,12 @@ The attention switch end to end: FA3 and the SDPA fallback agree (Hopper only), 
 its own (CPU fp32 or CUDA bf16), and the override globals pick the implementation at call time.
 """
 
+import json
 import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
@@ -15,23 +20,36 @@ import nanochat.flash_attention as fa_module
 from nanochat.engine import KVCache
 from nanochat.flash_attention import flash_attn
 
-requires_fa3 = pytest.mark.skipif(not fa_module.HAS_FA3,
+
+def _fa3_available():
+    # the decision is lazy: on a GPU machine make it here, at collection, so the skip marks can read it
+    if torch.cuda.is_available():
+        fa_module.decide_backend(torch.device("cuda", torch.cuda.current_device()), 64)
+    return fa_module.HAS_FA3
+
+
+requires_fa3 = pytest.mark.skipif(not _fa3_available(),
                                   reason="FA3 needs a Hopper (sm90) GPU and the kernel from the HF hub")
 no_fa3_only = pytest.mark.skipif(fa_module.HAS_FA3, reason="checks the behaviour of machines without FA3")
+
+SWITCH_GLOBALS = ("_backend", "_fa3", "_override_impl", "HAS_FA3", "HAS_FA3_KVCACHE", "USE_FA3",
+                  "USE_FA3_KVCACHE")
 
 
 @pytest.fixture(autouse=True)
 def restore_globals():
-    saved = fa_module._override_impl, fa_module.USE_FA3, fa_module._fa3
+    saved = {name: getattr(fa_module, name) for name in SWITCH_GLOBALS}
     try:
         yield
     finally:
-        fa_module._override_impl, fa_module.USE_FA3, fa_module._fa3 = saved
+        for name, value in saved.items():
+            setattr(fa_module, name, value)
 
 
 def set_impl(impl):
     fa_module._override_impl = impl
-    fa_module.USE_FA3 = fa_module._resolve_use_fa3()
+    fa_module.USE_FA3 = fa_module._resolve_use_fa3("train")
+    fa_module.USE_FA3_KVCACHE = fa_module._resolve_use_fa3("kvcache")
 
 
 def run_both_impls(fn):
@@ -212,18 +230,229 @@ class TestOverrideMechanism:
                 return torch.zeros_like(q)
             return run
 
+        fa_module.decide_backend(torch.device("cpu"), 16)  # decided: the calls below must not re-decide
         fa_module._fa3 = SimpleNamespace(flash_attn_func=kernel("func"), flash_attn_with_kvcache=kernel("kvcache"))
         q = randn(1, 8, 2, 16, device="cpu", dtype=torch.float32)
         k_cache = torch.zeros(1, 16, 2, 16)
         seqlens = torch.zeros(1, dtype=torch.int32)
         func, with_kvcache = flash_attn.flash_attn_func, flash_attn.flash_attn_with_kvcache
 
-        fa_module.USE_FA3 = True
+        fa_module.USE_FA3 = fa_module.USE_FA3_KVCACHE = True
         assert func(q, q, q, causal=True).abs().sum() == 0
         assert with_kvcache(q, k_cache, k_cache.clone(), k=q, v=q, cache_seqlens=seqlens, causal=True).abs().sum() == 0
         assert calls == ["func", "kvcache"]
 
-        fa_module.USE_FA3 = False
+        fa_module.USE_FA3 = fa_module.USE_FA3_KVCACHE = False
         assert func(q, q, q, causal=True).abs().sum() > 0
         assert with_kvcache(q, k_cache, k_cache.clone(), k=q, v=q, cache_seqlens=seqlens, causal=True).abs().sum() > 0
         assert calls == ["func", "kvcache"]
+
+
+# -----------------------------------------------------------------------------
+# Deciding the backend on CPU: a fake `kernels` package and a forced "this is a Hopper GPU" path
+
+class FakeKernelsPackage:
+    """Stands in for the `kernels` package: records every get_kernel call and, like kernels >= 0.15,
+    refuses one that names neither a version nor a revision."""
+
+    def __init__(self, kernel=None, error=None):
+        self.kernel, self.error, self.calls = kernel, error, []
+
+    def get_kernel(self, repo_id, *, revision=None, version=None, trust_remote_code=False, **kwargs):
+        self.calls.append(dict(repo_id=repo_id, revision=revision, version=version))
+        if revision is None and version is None:
+            raise ValueError("A kernel version or revision must be specified.")
+        if self.error is not None:
+            raise self.error
+        return self.kernel
+
+    def install(self, monkeypatch):
+        module = types.ModuleType("kernels")
+        module.get_kernel = self.get_kernel
+        monkeypatch.setitem(sys.modules, "kernels", module)
+        return self
+
+
+class StandInFA3:
+    """An FA3-shaped kernel module computing with SDPA, recording (entry, q shape, device type) per call."""
+
+    def __init__(self, kvcache_error=None, with_lse=False):
+        self.kvcache_error, self.with_lse, self.calls = kvcache_error, with_lse, []
+
+    def _out(self, y):
+        return (y, None) if self.with_lse else y
+
+    def flash_attn_func(self, q, k, v, causal=False, window_size=(-1, -1)):
+        self.calls.append(("train", tuple(q.shape), q.device.type))
+        return self._out(fa_module._sdpa_func(q, k, v, causal, window_size))
+
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                                window_size=(-1, -1)):
+        self.calls.append(("kvcache", tuple(q.shape), q.device.type))
+        if self.kvcache_error is not None:
+            raise self.kvcache_error
+        return self._out(fa_module._sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal,
+                                                      window_size))
+
+
+@pytest.fixture
+def undecided(monkeypatch):
+    """A process that has not decided its attention backend yet (automatic choice)."""
+    monkeypatch.setattr(fa_module, "_backend", None)
+    monkeypatch.setattr(fa_module, "_override_impl", None)
+    monkeypatch.delenv("RANK", raising=False)
+
+
+@pytest.fixture
+def hopper(monkeypatch, undecided):
+    """Forced path: the device counts as a Hopper GPU and the model computes in bf16."""
+    import nanochat.common as common
+    monkeypatch.setattr(fa_module, "_hopper_check", lambda device: None)
+    monkeypatch.setattr(common, "_compute_dtype_cache", (torch.bfloat16, "forced by the test"))
+
+
+def test_loader_asks_for_a_versioned_kernel_repository(monkeypatch):
+    kernel = StandInFA3()
+    hub = FakeKernelsPackage(kernel).install(monkeypatch)
+    assert fa_module._load_flash_attention_3() == (kernel, None)
+    assert hub.calls == [dict(repo_id="kernels-community/flash-attn3", revision=None, version=1)]
+
+
+def test_loader_reports_why_the_kernel_did_not_load(monkeypatch):
+    error = ValueError("Kernel repository 'x/y' is not from a trusted publisher.")
+    FakeKernelsPackage(error=error).install(monkeypatch)
+    kernel, reason = fa_module._load_flash_attention_3()
+    assert kernel is None and reason == f"ValueError: {error}"
+
+
+def test_load_failure_on_hopper_prints_one_loud_line_with_reason_and_cost(monkeypatch, hopper, capsys):
+    FakeKernelsPackage(error=RuntimeError("no build for torch214-cxx11-cu130")).install(monkeypatch)
+    backend = fa_module.decide_backend(torch.device("cpu"), 128)
+    assert (backend.train, backend.kvcache) == ("sdpa", "sdpa")
+    lines = capsys.readouterr().out.splitlines()
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1
+    assert "no build for torch214-cxx11-cu130" in warnings[0] and "SDPA" in warnings[0]
+    assert "throughput" in warnings[0]  # what the fallback costs
+    assert lines[-1].startswith("rank 0: attention backend sdpa (FA3 did not load: RuntimeError")
+
+
+def test_no_cuda_means_sdpa_without_fetching_or_warning(monkeypatch, undecided, capsys):
+    hub = FakeKernelsPackage(StandInFA3()).install(monkeypatch)
+    backend = fa_module.decide_backend(torch.device("cpu"), 128)
+    assert (backend.train, backend.kvcache) == ("sdpa", "sdpa")
+    assert hub.calls == [] and "WARNING" not in capsys.readouterr().out
+
+
+def test_sdpa_override_skips_the_fetch(monkeypatch, hopper):
+    hub = FakeKernelsPackage(StandInFA3()).install(monkeypatch)
+    fa_module._override_impl = "sdpa"
+    assert fa_module.decide_backend(torch.device("cpu"), 128).train == "sdpa"
+    assert hub.calls == []
+
+
+def test_startup_line_names_the_backend_and_the_kernel_repository(monkeypatch, hopper, capsys):
+    FakeKernelsPackage(StandInFA3()).install(monkeypatch)
+    monkeypatch.setenv("RANK", "3")
+    fa_module.decide_backend(torch.device("cpu"), 128)
+    assert capsys.readouterr().out == "rank 3: attention backend fa3 (kernels-community/flash-attn3 v1)\n"
+    assert fa_module.USE_FA3 and fa_module.USE_FA3_KVCACHE
+
+
+def test_first_model_call_decides_with_the_model_head_dim_and_device(monkeypatch, hopper):
+    # no explicit decision: the first forward decides, probing at the model's head dim (128 here) on the
+    # device of the activations
+    from nanochat.gpt import GPT, config_for_depth
+    kernel = StandInFA3()
+    FakeKernelsPackage(kernel).install(monkeypatch)
+    config = config_for_depth(2, aspect_ratio=64, head_dim=128, sequence_len=32, vocab_size=64,
+                              window_pattern="SL")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model(torch.zeros(1, 32, dtype=torch.long))
+    probes = kernel.calls[:2]  # the probe runs both entry points once, then the model's layers run
+    assert sorted(entry for entry, _, _ in probes) == ["kvcache", "train"]
+    assert {shape[-1] for _, shape, _ in kernel.calls} == {128}
+    assert {device for _, _, device in kernel.calls} == {"cpu"}
+    assert [entry for entry, _, _ in kernel.calls[2:]] == ["train"] * config.n_layer
+
+
+def test_kvcache_failure_keeps_fa3_for_training(monkeypatch, hopper, capsys):
+    kernel = StandInFA3(kvcache_error=RuntimeError("kvcache: head dim 128 not compiled"))
+    FakeKernelsPackage(kernel).install(monkeypatch)
+    backend = fa_module.decide_backend(torch.device("cpu"), 128)
+    assert (backend.train, backend.kvcache) == ("fa3", "sdpa")
+    assert fa_module.USE_FA3 and not fa_module.USE_FA3_KVCACHE
+    out = capsys.readouterr().out
+    assert "flash_attn_with_kvcache unusable" in out and "not compiled" in out
+    # each entry point dispatches on its own decision
+    q = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    kernel.calls.clear()
+    flash_attn.flash_attn_func(q, q, q, causal=True, window_size=(-1, 0))
+    k_cache = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
+    flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k=q, v=q,
+                                       cache_seqlens=torch.zeros(1, dtype=torch.int32), causal=True)
+    assert [entry for entry, _, _ in kernel.calls] == ["train"]
+
+
+def test_a_kernel_returning_a_tuple_yields_the_attention_output(monkeypatch, hopper):
+    FakeKernelsPackage(StandInFA3(with_lse=True)).install(monkeypatch)
+    assert fa_module.decide_backend(torch.device("cpu"), 64).train == "fa3"
+    q = torch.randn(2, 8, 2, 64, dtype=torch.bfloat16)
+    y = flash_attn.flash_attn_func(q, q, q, causal=True, window_size=(-1, 0))
+    assert isinstance(y, torch.Tensor) and torch.equal(y, fa_module._sdpa_func(q, q, q, True, (-1, 0)))
+
+
+def test_decision_is_made_once(monkeypatch, hopper):
+    hub = FakeKernelsPackage(StandInFA3()).install(monkeypatch)
+    first = fa_module.decide_backend(torch.device("cpu"), 128)
+    assert fa_module.decide_backend(torch.device("cpu"), 64) is first
+    assert len(hub.calls) == 1
+
+
+# -----------------------------------------------------------------------------
+# Every rank takes the same decision: two gloo processes, one of which cannot run the KV-cache kernel
+
+_RANK_SCRIPT = r"""
+import json, os, sys, types
+import torch
+import torch.distributed as dist
+import nanochat.common as common
+import nanochat.flash_attention as fa
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+common._compute_dtype_cache = (torch.bfloat16, "forced by the test")
+local = {"train": None, "kvcache": None if rank == 0 else "kvcache kernel failed its probe"}
+fa._local_fa3_status = lambda device, head_dim: (types.SimpleNamespace(), dict(local))
+backend = fa.decide_backend(torch.device("cpu"), 128)
+print(json.dumps([backend.train, backend.kvcache, backend.kvcache_reason]))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_agree_on_the_backend(tmp_path):
+    env = {key: val for key, val in os.environ.items() if key not in ("NANOCHAT_ATTN", "RANK")}
+    env.update(NANOCHAT_DTYPE="bfloat16", OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(rank), str(tmp_path / "store")],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr
+    lines = [stdout.strip().splitlines() for stdout, _ in outputs]
+    # rank 0 could run both entry points, rank 1 only training: both use SDPA for the KV cache
+    assert json.loads(lines[0][-1]) == ["fa3", "sdpa", "another rank cannot run it"]
+    assert json.loads(lines[1][-1]) == ["fa3", "sdpa", "kvcache kernel failed its probe"]
+    assert lines[0][0] == ("rank 0: attention backend fa3 (kernels-community/flash-attn3 v1) for training, "
+                           "sdpa (another rank cannot run it) for the KV cache")
+    assert lines[1][0].startswith("rank 1: attention backend fa3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the GPU check script does without a GPU")
+def test_gpu_check_script_without_a_gpu_says_so_and_succeeds(capsys):
+    from dev import gpu_fa3_check
+    assert gpu_fa3_check.main([]) == 0
+    assert "No CUDA GPU" in capsys.readouterr().out

@@ -118,6 +118,30 @@ def test_batch_shapes_and_shift(corpus):
         assert x.is_contiguous() and y.is_contiguous()
 
 
+def test_staging_copies_one_contiguous_host_buffer_per_batch(monkeypatch):
+    # A strided host view (rows[:, :-1]) is copied through a pageable temporary, defeating pinning and
+    # non_blocking: every host-to-device copy must read one contiguous host buffer, whole.
+    uploads = []
+    real_upload = dl._upload
+
+    def watch(device_dst, host_src, non_blocking):
+        uploads.append((host_src.is_contiguous(), host_src.data_ptr(), tuple(host_src.shape), non_blocking))
+        real_upload(device_dst, host_src, non_blocking)
+
+    monkeypatch.setattr(dl, "_upload", watch)
+    B, T = 3, 8
+    staging = dl._Staging(B, T, torch.device("cpu"))
+    for batch in range(3):
+        rows = staging.next_rows()
+        rows[:] = torch.arange(B * (T + 1)).view(B, T + 1).numpy() + 100 * batch
+        x, y = staging.transfer()
+        expected = torch.from_numpy(rows.copy())
+        assert torch.equal(x, expected[:, :-1]) and torch.equal(y, expected[:, 1:])
+        assert x.is_contiguous() and y.is_contiguous()
+        assert uploads[-1] == (True, staging.host[staging.k].data_ptr(), (B, T + 1), False)
+    assert len(uploads) == 3  # one copy per batch
+
+
 def test_matches_naive_best_fit_packing(corpus):
     B, T, buffer_size, batch_size = 3, 24, 6, 4
     got = take(loader(B=B, T=T, buffer_size=buffer_size, batch_size=batch_size), 40)  # several epochs

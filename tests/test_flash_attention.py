@@ -259,49 +259,101 @@ def naive_kernel(left_override=None):
     return SimpleNamespace(flash_attn_func=func, flash_attn_with_kvcache=with_kvcache)
 
 
-def test_probe_accepts_a_correct_kernel():
-    assert fa._probe_fa3(naive_kernel(), torch.device("cpu")) is None
+ENTRIES = ("train", "kvcache")
 
 
-def test_probe_rejects_a_kernel_that_disagrees():
-    reason = fa._probe_fa3(naive_kernel(left_override=-1), torch.device("cpu"))  # ignores the window
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_probe_accepts_a_correct_kernel(entry):
+    assert fa._probe_fa3(naive_kernel(), torch.device("cpu"), 128, entry) is None
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_probe_rejects_a_kernel_that_disagrees(entry):
+    ignores_the_window = naive_kernel(left_override=-1)
+    reason = fa._probe_fa3(ignores_the_window, torch.device("cpu"), 128, entry)
     assert reason is not None and "differs" in reason
 
 
-def test_probe_rejects_a_kernel_that_raises():
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_probe_rejects_a_kernel_that_raises(entry):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image is available for execution on the device")
     reason = fa._probe_fa3(SimpleNamespace(flash_attn_func=broken, flash_attn_with_kvcache=broken),
-                           torch.device("cpu"))
+                           torch.device("cpu"), 128, entry)
     assert reason is not None and "no kernel image" in reason
 
 
-def test_probe_rejects_a_kernel_returning_a_tuple():
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_probe_accepts_a_kernel_returning_a_tuple(entry):
+    # FA3 builds may return (out, softmax_lse); the attention output is the first element
     good = naive_kernel()
-    with_lse = SimpleNamespace(flash_attn_func=lambda *a, **kw: (good.flash_attn_func(*a, **kw), None),
-                               flash_attn_with_kvcache=good.flash_attn_with_kvcache)
-    reason = fa._probe_fa3(with_lse, torch.device("cpu"))
-    assert reason is not None and "tuple" in reason
+    with_lse = SimpleNamespace(
+        flash_attn_func=lambda *a, **kw: (good.flash_attn_func(*a, **kw), None),
+        flash_attn_with_kvcache=lambda *a, **kw: (good.flash_attn_with_kvcache(*a, **kw), None))
+    assert fa._probe_fa3(with_lse, torch.device("cpu"), 128, entry) is None
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path of the loader")
-def test_loader_is_a_no_op_without_cuda():
-    assert fa._load_flash_attention_3() is None
-    assert "kernels" not in sys.modules
+def test_probe_runs_at_the_head_dim_it_is_given():
+    shapes = []
+    good = naive_kernel()
+
+    def recording(q, k, v, causal, window_size):
+        shapes.append(tuple(q.shape))
+        return good.flash_attn_func(q, k, v, causal, window_size)
+
+    kernel = SimpleNamespace(flash_attn_func=recording, flash_attn_with_kvcache=good.flash_attn_with_kvcache)
+    assert fa._probe_fa3(kernel, torch.device("cpu"), 128, "train") is None
+    assert [s[-1] for s in shapes] == [128]
+
+
+def test_probe_of_one_entry_point_does_not_call_the_other():
+    # a broken KV-cache kernel must not be able to veto the training kernel, and vice versa
+    def broken(*args, **kwargs):
+        raise RuntimeError("kv cache kernel missing")
+    good = naive_kernel()
+    kernel = SimpleNamespace(flash_attn_func=good.flash_attn_func, flash_attn_with_kvcache=broken)
+    assert fa._probe_fa3(kernel, torch.device("cpu"), 64, "train") is None
+    assert "kv cache kernel missing" in fa._probe_fa3(kernel, torch.device("cpu"), 64, "kvcache")
 
 
 # -----------------------------------------------------------------------------
 # Import-time behaviour, in a fresh interpreter without CUDA
 
 _IMPORT_SCRIPT = r"""
-import importlib, json, os, sys
+import importlib, json, os, sys, types
+import torch
+
+calls = []
+
+
+def recorder(name, result):
+    def record(*args, **kwargs):
+        calls.append(name)
+        return result
+    return record
+
+
+# Pretend to be a Hopper machine with the kernels package installed: importing must touch neither.
+fake_kernels = types.ModuleType("kernels")
+fake_kernels.get_kernel = recorder("kernels.get_kernel", None)
+sys.modules["kernels"] = fake_kernels
+patched = {"is_available": True, "get_device_capability": (9, 0), "init": None, "set_device": None,
+           "current_device": 0, "device_count": 1, "synchronize": None}
+saved = {name: getattr(torch.cuda, name) for name in patched}
+for name, result in patched.items():
+    setattr(torch.cuda, name, recorder(f"torch.cuda.{name}", result))
 import nanochat.flash_attention as fa
-report = {"kernels_imported": "kernels" in sys.modules, "hub_imported": "huggingface_hub" in sys.modules,
+report = {"calls_at_import": calls, "hub_imported": "huggingface_hub" in sys.modules,
           "auto": [fa._override_impl, fa.HAS_FA3, fa.USE_FA3]}
+for name, fn in saved.items():
+    setattr(torch.cuda, name, fn)
+del sys.modules["kernels"]
+
 for value in ("sdpa", "SDPA", "bogus", "fa3"):
     os.environ["NANOCHAT_ATTN"] = value
     try:
-        importlib.reload(fa)  # re-runs the import-time resolution
+        importlib.reload(fa)  # re-reads the environment; the decision itself is made on first use
+        fa.decide_backend(torch.device("cpu"), 64)
         report[value] = [fa._override_impl, fa.HAS_FA3, fa.USE_FA3]
     except Exception as e:
         report[value] = f"{type(e).__name__}: {e}"
@@ -327,8 +379,9 @@ def import_report():
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_import_without_cuda_does_not_touch_kernels(import_report):
-    assert import_report["kernels_imported"] is False
+def test_import_touches_neither_cuda_nor_kernels(import_report):
+    # a probe at import would put a CUDA context on GPU 0 for every rank, before compute_init
+    assert import_report["calls_at_import"] == []
     assert import_report["hub_imported"] is False
     assert import_report["auto"] == [None, False, False]
 

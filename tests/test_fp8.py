@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.fp8 import (EPS, Float8Linear, Float8LinearConfig, _Float8Matmul, _to_col_major, _to_fp8,
-                          convert_to_float8_training)
+                          convert_to_float8_training, fp8_tokens_error)
 
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 MANTISSA_BITS = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
@@ -131,7 +131,43 @@ def test_recipe_names():
 def test_forward_without_fp8_gpu_raises_clear_error():
     layer = Float8Linear.from_float(nn.Linear(32, 16))
     with pytest.raises(RuntimeError, match="sm89"):
-        layer(torch.randn(4, 32))
+        layer(torch.randn(16, 32))
+
+
+# -----------------------------------------------------------------------------
+# Micro-batch shape: the FP8 weight gradient contracts over B * T tokens, which must be a multiple of 16
+
+@pytest.mark.parametrize("batch, seq", [(32, 2048), (1, 16), (3, 112), (16, 7)])
+def test_token_counts_that_fit_fp8(batch, seq):
+    assert fp8_tokens_error(batch, seq) is None
+
+
+@pytest.mark.parametrize("batch, seq", [(3, 100), (1, 2047), (5, 9)])
+def test_token_counts_that_do_not_fit_fp8_name_a_fix_that_fits(batch, seq):
+    message = fp8_tokens_error(batch, seq)
+    assert f"{batch} x {seq} = {batch * seq}" in message and "multiple of 16" in message
+    fixed_seq = int(message.split("--max-seq-len ")[1].split()[0])
+    fixed_batch = int(message.split("--device-batch-size ")[1].split()[0])
+    assert fixed_seq >= seq and fp8_tokens_error(batch, fixed_seq) is None
+    assert fixed_batch >= batch and fp8_tokens_error(fixed_batch, seq) is None
+
+
+def test_base_train_rejects_fp8_micro_batches_at_startup(capsys):
+    from scripts import base_train
+    with pytest.raises(SystemExit) as e:
+        base_train.parse_args(["--fp8", "--device-batch-size=3", "--max-seq-len=100"])
+    assert e.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--fp8" in last_line and "--max-seq-len 112" in last_line and "--device-batch-size 4" in last_line
+    base_train.parse_args(["--fp8", "--device-batch-size=3", "--max-seq-len=112"])  # a fitting shape passes
+    base_train.parse_args(["--device-batch-size=3", "--max-seq-len=100"])  # without --fp8 nothing to check
+
+
+def test_training_call_with_a_bad_token_count_fails_before_the_matmul():
+    # on a GPU this would otherwise crash inside torch._scaled_mm in the backward pass
+    layer = Float8Linear.from_float(nn.Linear(32, 16))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        layer(torch.randn(3, 5, 32))
 
 
 # -----------------------------------------------------------------------------
