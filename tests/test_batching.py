@@ -386,14 +386,15 @@ def test_cancel_while_queued(model, scheduler_factory):
 
 
 def test_queue_full_and_shutdown_cancels_pending(model, scheduler_factory):
-    scheduler = scheduler_factory(model, max_queue=2, start=False)
+    # capacity is the slots plus max_queue: one slot and a waiting room of two take three requests
+    scheduler = scheduler_factory(model, max_batch_size=1, max_queue=2, start=False)
     params = SamplingParams(max_tokens=5)
-    waiting = [scheduler.submit(prompts(1)[0], params) for _ in range(2)]
+    waiting = [scheduler.submit(prompts(1)[0], params) for _ in range(3)]
     with pytest.raises(QueueFull):
         scheduler.submit(prompts(1)[0], params)
-    assert scheduler.stats()["queued"] == 2
+    assert scheduler.stats()["queued"] == 3
     scheduler.shutdown()
-    assert [collect(r) for r in waiting] == [([], [], "cancelled")] * 2
+    assert [collect(r) for r in waiting] == [([], [], "cancelled")] * 3
     with pytest.raises(RuntimeError, match="shut down"):
         scheduler.submit(prompts(1)[0], params)
 
