@@ -208,8 +208,8 @@ class BatchScheduler:
                 raise RuntimeError("the scheduler was shut down")
             # the waiting room is what is queued beyond the free slots: max_queue 0 takes free slots only
             if self._num_active + len(self._queue) >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"all {self.max_batch_size} slots are taken and {len(self._queue)} requests are "
-                                f"queued (max_queue={self.max_queue})")
+                raise QueueFull(f"all {self.max_batch_size} slots are taken and {len(self._queue)} requests "
+                                f"are queued (max_queue={self.max_queue})")
             self._queue.append(request)
             self._wakeup.notify_all()
         return request

@@ -116,7 +116,8 @@ def parse_args(argv=None):
     # not in the reference
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per device")
     parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests waiting per device beyond its free slots before 429 (0: free slots only)")
+                        help="requests waiting per device beyond its free slots, before 429 "
+                             "(0: free slots only)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="largest request body in bytes (413 beyond)")
     parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
@@ -420,8 +421,8 @@ def validate_chat_request(request):
                                                     f"{MAX_MAX_TOKENS}")
     for i, message in enumerate(request.messages):
         if not is_encodable(message.content):
-            raise HTTPException(status_code=400, detail=f"Message {i} is not valid Unicode text (it holds a lone "
-                                                        f"surrogate): send UTF-8 text")
+            raise HTTPException(status_code=400, detail=f"Message {i} is not valid Unicode text (it holds a "
+                                                        f"lone surrogate): send UTF-8 text")
 
 
 # -----------------------------------------------------------------------------
@@ -491,8 +492,8 @@ def openai_turns(messages):
                                 f"use 'system', 'user' or 'assistant'", f"messages[{i}].role")
         text = message_text(message, i)
         if not is_encodable(text):
-            raise APIError(400, f"messages[{i}].content is not valid Unicode text (it holds a lone surrogate)",
-                           f"messages[{i}].content")
+            raise APIError(400, f"messages[{i}].content is not valid Unicode text (it holds a lone "
+                                f"surrogate)", f"messages[{i}].content")
         if len(text) > MAX_MESSAGE_LENGTH:
             raise APIError(400, f"messages[{i}] is too long: at most {MAX_MESSAGE_LENGTH} characters",
                            f"messages[{i}].content")
@@ -539,7 +540,8 @@ def openai_stops(request):
     if any(not s for s in stops):
         raise APIError(400, "Invalid value for 'stop': empty strings are not allowed", "stop")
     if any(len(s) > MAX_STOP_LENGTH for s in stops):
-        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_LENGTH} characters per string", "stop")
+        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_LENGTH} characters per string",
+                       "stop")
     if not all(is_encodable(s) for s in stops):
         raise APIError(400, "Invalid value for 'stop': not valid Unicode text (a lone surrogate)", "stop")
     return stops
