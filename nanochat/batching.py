@@ -18,7 +18,12 @@ Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then
 - "length": max_tokens reached; the final event carries the last token (token_id not None).
 - "stop": <|assistant_end|>, BOS or one of stop_token_ids was produced; that token is not delivered:
   the final event is TokenEvent(None, 0, "stop").
-- "cancelled" (cancel() or shutdown()) and "error" (the model raised): TokenEvent(None, 0, reason).
+- "cancelled" (cancel() or shutdown()) and "error" (the model raised, or this request's logits were not
+  finite or could not be sampled): TokenEvent(None, 0, reason).
+
+A request's numerical trouble stays that request's: temperatures below engine.TEMPERATURE_EPSILON decode
+greedily, top_p always keeps the top token, and a row whose logits are not finite (or whose sampling raises)
+ends alone with "error" while the other rows go on exactly as they would have without it.
 """
 
 import logging
@@ -32,13 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import common
-from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, sample_next_token
+from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, is_greedy, sample_next_token
 
 logger = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
-    """submit() found max_queue requests already waiting for a slot."""
+    """submit() found every slot taken and max_queue requests already waiting for one."""
 
 
 @dataclass
@@ -81,7 +86,7 @@ def sample_token(logits, rng, params):
     """Next id (1, 1) for one row's logits (1, V). Without top_p this is exactly the Engine's sampler, so
     a request draws the same tokens as Engine.generate with the same seed."""
     top_p = params.top_p
-    if params.temperature == 0.0 or top_p is None or top_p >= 1.0:
+    if is_greedy(params.temperature) or top_p is None or top_p >= 1.0:
         return sample_next_token(logits, rng, params.temperature, params.top_k)
     if params.top_k is not None and params.top_k > 0:
         values, indices = torch.topk(logits, min(params.top_k, logits.size(-1)), dim=-1)  # sorted, descending
@@ -89,10 +94,19 @@ def sample_token(logits, rng, params):
         values, indices = torch.sort(logits, dim=-1, descending=True)
     probs = F.softmax(values / params.temperature, dim=-1)
     # nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p (the top token always stays)
+    # (top_p is compared in float32, where a tiny top_p such as 1e-300 is 0: the top token is kept explicitly)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= top_p, 0.0)
+    drop = mass_before >= top_p
+    drop[..., 0] = False
+    probs = probs.masked_fill(drop, 0.0)
     choice = torch.multinomial(probs, num_samples=1, generator=rng)
     return indices.gather(-1, choice)
+
+
+def samplable_rows(logits):
+    """Per row of logits (B, V): False where sampling it would fail or be meaningless (a NaN or +inf
+    anywhere, or every logit -inf). -inf alone is fine: it is how tokens are banned. One device sync."""
+    return torch.isfinite(logits.amax(dim=-1)).tolist()  # amax propagates NaN
 
 
 class GenerationRequest:
@@ -192,8 +206,10 @@ class BatchScheduler:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the scheduler was shut down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting (max_queue={self.max_queue})")
+            # the waiting room is what is queued beyond the free slots: max_queue 0 takes free slots only
+            if self._num_active + len(self._queue) >= self.max_batch_size + self.max_queue:
+                raise QueueFull(f"all {self.max_batch_size} slots are taken and {len(self._queue)} requests "
+                                f"are queued (max_queue={self.max_queue})")
             self._queue.append(request)
             self._wakeup.notify_all()
         return request
@@ -269,6 +285,8 @@ class BatchScheduler:
                 request._rng.manual_seed(params.seed)
             request._stop_ids = self._terminal | frozenset(params.stop_token_ids)
             logits = self._prefill(slot, request.prompt_tokens)
+            if not samplable_rows(logits)[0]:
+                raise FloatingPointError("the prefill logits are NaN, +inf or all -inf")
             sampled = sample_token(logits, request._rng, params)[0, 0].item()
         except Exception:
             logger.exception("prefill of request %s failed", request.id)
@@ -311,16 +329,26 @@ class BatchScheduler:
         logits = self.model.forward(ids, kv_cache=cache)[:, -1, :]  # (B, V)
         for slot in active:
             self._positions[slot] += 1
-        greedy = logits.argmax(dim=-1, keepdim=True)  # one kernel for every temperature-0 row
-        picks = []
+        greedy = logits.argmax(dim=-1, keepdim=True)  # one kernel for every greedy row
+        samplable = samplable_rows(logits)  # one check for all rows, before any sampling
+        picks, failed = {}, []
         for slot in active:
             request = self._slots[slot]
-            if request.params.temperature == 0.0:
-                picks.append(greedy[slot])
+            if not samplable[slot]:
+                failed.append((slot, "its logits are NaN, +inf or all -inf"))
+            elif is_greedy(request.params.temperature):
+                picks[slot] = greedy[slot]
             else:
-                picks.append(sample_token(logits[slot:slot + 1], request._rng, request.params)[0])
-        for slot, sampled in zip(active, torch.cat(picks).tolist()):
-            self._accept(slot, sampled)
+                try:
+                    picks[slot] = sample_token(logits[slot:slot + 1], request._rng, request.params)[0]
+                except Exception as e:  # this row's numbers; the other rows are unaffected
+                    failed.append((slot, f"sampling raised {type(e).__name__}: {e}"))
+        for slot, reason in failed:
+            logger.error("request %s ends with an error: %s", self._slots[slot].id, reason)
+            self._finish(slot, TokenEvent(None, 0, "error"))
+        if picks:
+            for slot, sampled in zip(picks, torch.cat(list(picks.values())).tolist()):
+                self._accept(slot, sampled)
 
     def _accept(self, slot, sampled):
         """Pass a sampled token through the tool state machine and deliver the result."""

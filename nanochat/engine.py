@@ -188,12 +188,24 @@ class KVCache:
 # Sampling and per-row state
 
 
+# Temperatures below this sample greedily. Dividing logits by a tiny temperature overflows float32 (1e-39
+# turns a logit of 1 into inf, and softmax of inf is NaN); and already at 1e-6 every logit more than ~1e-4
+# below the top one gets probability exactly 0 (exp underflows), so argmax is the same answer, made safely.
+TEMPERATURE_EPSILON = 1e-6
+
+
+def is_greedy(temperature):
+    """True when a temperature means argmax: 0, or below TEMPERATURE_EPSILON."""
+    return temperature < TEMPERATURE_EPSILON
+
+
 @torch.inference_mode()
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """Next ids (B, 1) from logits (B, V): argmax at temperature 0, else softmax sampling (over the top_k
-    logits when top_k > 0; None or 0 means the full vocabulary), one independent draw per row."""
+    """Next ids (B, 1) from logits (B, V): argmax at temperature 0 (or below TEMPERATURE_EPSILON), else
+    softmax sampling (over the top_k logits when top_k > 0; None or 0 means the full vocabulary), one
+    independent draw per row."""
     assert temperature >= 0.0, "temperature must be non-negative"
-    if temperature == 0.0:
+    if is_greedy(temperature):
         return torch.argmax(logits, dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
         k = min(top_k, logits.size(-1))

@@ -32,6 +32,12 @@ text; each of `n` choices is its own request with seed `seed + i`; a prompt that
 model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
 Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
+
+Bounded requests, on both APIs: a body is read whole before any handler runs, at most --max-body-bytes
+(413 beyond) and within --body-timeout seconds (408 otherwise, and the connection is closed), so a huge or
+half-sent body holds neither memory nor a connection; stop strings, messages and choices have size limits
+(below). --max-queue counts requests waiting beyond the free slots: 0 takes a request only into a free slot.
+Every error, the ones for malformed input included, is a JSON body (input echoed in it made JSON-safe).
 """
 
 import argparse
@@ -39,6 +45,7 @@ import asyncio
 import codecs
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -52,7 +59,8 @@ from dataclasses import dataclass, field
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -80,6 +88,11 @@ MAX_MAX_TOKENS = 4096
 # OpenAI API limits
 MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
+MAX_STOP_LENGTH = 256  # characters per stop string: each is searched for in the reply at every token
+
+# Transport limits (flags)
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: the largest valid conversation (32000 characters) fits many times
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds to receive a whole request body
 
 UI_DIR = os.path.dirname(os.path.abspath(nanochat.__file__))  # ui.html and logo.svg live in the package
 # The tool-call markers a reply shows literally; in assistant history they become special tokens again
@@ -103,7 +116,13 @@ def parse_args(argv=None):
     parser.add_argument("--host", type=str, default="0.0.0.0", help="address to bind")
     # not in the reference
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per device")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting per device before 429")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting per device beyond its free slots, before 429 "
+                             "(0: free slots only)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body in bytes (413 beyond)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                        help="seconds to receive a request body (408 and the connection closed beyond)")
     parser.add_argument("--log-conversations", action="store_true",
                         help="log every conversation in full, as the reference did (default: one summary line)")
     args = parser.parse_args(argv)
@@ -115,6 +134,9 @@ def parse_args(argv=None):
         parser.error(f"--max-tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}], got {args.max_tokens}")
     if args.num_gpus < 1 or args.max_batch_size < 1 or args.max_queue < 0:
         parser.error("--num-gpus and --max-batch-size must be >= 1, --max-queue >= 0")
+    if args.max_body_bytes < 1 or not args.body_timeout > 0:
+        parser.error(f"--max-body-bytes must be >= 1 and --body-timeout > 0, got {args.max_body_bytes}, "
+                     f"{args.body_timeout}")
     if args.num_gpus > 1 and args.device_type not in ("", "cuda"):
         parser.error(f"--num-gpus {args.num_gpus} needs CUDA, got --device-type {args.device_type}")
     return args
@@ -200,21 +222,51 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
-def openai_error(status, message, param=None, code=None, type="invalid_request_error"):
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+def json_safe(value):
+    """value with what JSON cannot carry made printable: NaN and infinities (echoed input such as
+    max_tokens=NaN) become strings, lone surrogates ("\\ud800") their escaped text, other objects str()."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return json_safe(str(value))
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSONResponse that cannot fail to encode (see json_safe): an error about bad input must not itself
+    become a 500."""
+
+    def render(self, content):
+        return super().render(json_safe(content))
+
+
+def openai_error(status, message, param=None, code=None, type="invalid_request_error", headers=None):
+    headers = {"Retry-After": "1", **(headers or {})} if status in (429, 503) else headers
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 def is_openai_path(request):
     return request.url.path.startswith("/v1/")
 
 
+def error_response(path, status, message, headers=None, **openai_fields):
+    """The error body each API uses: OpenAI's on /v1, {"detail": message} on the reference endpoints."""
+    if path.startswith("/v1/"):
+        return openai_error(status, message, headers=headers, **openai_fields)
+    headers = {"Retry-After": "1", **(headers or {})} if status in (429, 503) else headers
+    return SafeJSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
 async def on_api_error(request, exc):
-    if is_openai_path(request):
-        return openai_error(exc.status, exc.message, exc.param, exc.code, exc.type)
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+    return error_response(request.url.path, exc.status, exc.message, param=exc.param, code=exc.code,
+                          type=exc.type)
 
 
 def error_param(loc):
@@ -229,14 +281,83 @@ def error_param(loc):
 
 
 async def on_validation_error(request, exc):
-    # the reference endpoint keeps FastAPI's 422; /v1 answers 400 like OpenAI
+    # the reference endpoint keeps FastAPI's 422 body, made JSON-safe: the input it echoes may be NaN or
+    # hold a lone surrogate, which FastAPI's own handler fails to encode (a plain-text 500)
     if not is_openai_path(request):
-        return await request_validation_exception_handler(request, exc)
+        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    # /v1 answers 400 like OpenAI
     error = exc.errors()[0]
     if error["type"] == "json_invalid":
         return openai_error(400, f"The request body is not valid JSON: {error.get('ctx', {}).get('error', '')}")
     param = error_param(error["loc"])
     return openai_error(400, f"Invalid request: {param or 'body'}: {error['msg']}", param)
+
+
+async def on_unexpected_error(request, exc):
+    # a bug, not the client's fault: still a JSON body that says so (the traceback goes to the log)
+    return error_response(request.url.path, 500, "Internal server error", type="server_error")
+
+
+class BoundedBody:
+    """
+    ASGI middleware: an HTTP request's body is read whole before the app sees it, at most max_bytes (413
+    beyond, from Content-Length when it is declared) and within timeout seconds (408). Either error closes
+    the connection, so the rest of an oversized or half-sent body is never read.
+    """
+
+    def __init__(self, app, max_bytes, timeout):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send, 413, declared)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except TimeoutError:
+            return await self._reject(scope, receive, send, 408)
+        except OverflowError:
+            return await self._reject(scope, receive, send, 413, f"more than {self.max_bytes}")
+        if body is None:
+            return  # the client went away: nobody to answer
+        replayed = False
+
+        async def replay():  # the body once, then the real channel (disconnect detection)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive):
+        """The body; None when the client disconnected; OverflowError once it grows past max_bytes."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise OverflowError
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _reject(self, scope, receive, send, status, size=None):
+        if status == 413:
+            message = (f"The request body ({size} bytes) is larger than this server's limit of "
+                       f"{self.max_bytes} bytes (--max-body-bytes)")
+        else:
+            message = f"The request body was not received within {self.timeout:g} seconds (--body-timeout)"
+        response = error_response(scope["path"], status, message, headers={"Connection": "close"},
+                                  code="request_too_large" if status == 413 else "request_timeout")
+        await response(scope, receive, send)
 
 
 async def on_http_error(request, exc):
@@ -258,6 +379,15 @@ class ChatRequest(BaseModel):
     temperature: float | None = None
     max_tokens: int | None = None
     top_k: int | None = None
+
+
+def is_encodable(text):
+    """False for text the tokenizer cannot take: JSON's "\\ud800" escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate_chat_request(request):
@@ -290,6 +420,10 @@ def validate_chat_request(request):
     if request.max_tokens is not None and not MIN_MAX_TOKENS <= request.max_tokens <= MAX_MAX_TOKENS:
         raise HTTPException(status_code=400, detail=f"max_tokens must be between {MIN_MAX_TOKENS} and "
                                                     f"{MAX_MAX_TOKENS}")
+    for i, message in enumerate(request.messages):
+        if not is_encodable(message.content):
+            raise HTTPException(status_code=400, detail=f"Message {i} is not valid Unicode text (it holds a "
+                                                        f"lone surrogate): send UTF-8 text")
 
 
 # -----------------------------------------------------------------------------
@@ -358,6 +492,9 @@ def openai_turns(messages):
             raise APIError(400, f"messages[{i}].role {message.role!r} is not supported: "
                                 f"use 'system', 'user' or 'assistant'", f"messages[{i}].role")
         text = message_text(message, i)
+        if not is_encodable(text):
+            raise APIError(400, f"messages[{i}].content is not valid Unicode text (it holds a lone "
+                                f"surrogate)", f"messages[{i}].content")
         if len(text) > MAX_MESSAGE_LENGTH:
             raise APIError(400, f"messages[{i}] is too long: at most {MAX_MESSAGE_LENGTH} characters",
                            f"messages[{i}].content")
@@ -403,6 +540,11 @@ def openai_stops(request):
         raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")
     if any(not s for s in stops):
         raise APIError(400, "Invalid value for 'stop': empty strings are not allowed", "stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_LENGTH} characters per string",
+                       "stop")
+    if not all(is_encodable(s) for s in stops):
+        raise APIError(400, "Invalid value for 'stop': not valid Unicode text (a lone surrogate)", "stop")
     return stops
 
 
@@ -836,10 +978,13 @@ def create_app(args):
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.state.args, app.state.pool, app.state.startup_error = args, None, None
     # no cookies or auth are used, so no credentials (the reference allowed them with origin *)
+    app.add_middleware(BoundedBody, max_bytes=args.max_body_bytes, timeout=args.body_timeout)
+    # added last, so outermost: the errors above carry CORS headers too
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
     app.add_api_route("/", root, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route("/logo.svg", logo, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])

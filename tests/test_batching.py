@@ -247,6 +247,15 @@ def test_top_p_tiny_is_greedy(model, scheduler_factory):
         assert nucleus == greedy
 
 
+def test_top_p_below_float32_resolution_keeps_the_top_token():
+    # 1e-300 is 0 in float32, where `mass before >= top_p` would drop every token, the top one included
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5]])
+    gen = torch.Generator().manual_seed(0)
+    for top_p in (1e-300, 5e-324):
+        params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+        assert {sample_token(logits, gen, params).item() for _ in range(20)} == {1}
+
+
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
     logits = probs.log()
@@ -386,14 +395,15 @@ def test_cancel_while_queued(model, scheduler_factory):
 
 
 def test_queue_full_and_shutdown_cancels_pending(model, scheduler_factory):
-    scheduler = scheduler_factory(model, max_queue=2, start=False)
+    # capacity is the slots plus max_queue: one slot and a waiting room of two take three requests
+    scheduler = scheduler_factory(model, max_batch_size=1, max_queue=2, start=False)
     params = SamplingParams(max_tokens=5)
-    waiting = [scheduler.submit(prompts(1)[0], params) for _ in range(2)]
+    waiting = [scheduler.submit(prompts(1)[0], params) for _ in range(3)]
     with pytest.raises(QueueFull):
         scheduler.submit(prompts(1)[0], params)
-    assert scheduler.stats()["queued"] == 2
+    assert scheduler.stats()["queued"] == 3
     scheduler.shutdown()
-    assert [collect(r) for r in waiting] == [([], [], "cancelled")] * 2
+    assert [collect(r) for r in waiting] == [([], [], "cancelled")] * 3
     with pytest.raises(RuntimeError, match="shut down"):
         scheduler.submit(prompts(1)[0], params)
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from nanochat import common
-from nanochat.engine import (Engine, KVCache, RowState, _timed_stream, eval_with_timeout, sample_next_token,
-                             use_calculator)
+from nanochat.engine import (TEMPERATURE_EPSILON, Engine, KVCache, RowState, _timed_stream, eval_with_timeout,
+                             sample_next_token, use_calculator)
 from nanochat.gpt import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -229,6 +229,22 @@ def test_sampler_clamps_top_k_to_vocab():
     gen = torch.Generator().manual_seed(0)
     ids = sample_next_token(torch.zeros(2000, 10), gen, temperature=1.0, top_k=1000)
     assert set(ids[:, 0].tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 2e-39, 1e-40, 5e-324, 0.5e-6])
+def test_sampler_below_the_temperature_epsilon_is_argmax(temperature):
+    # logits / 1e-39 overflow float32 to inf, and softmax(inf) is NaN: these must be argmax instead
+    assert temperature < TEMPERATURE_EPSILON
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 5
+    want = logits.argmax(dim=-1, keepdim=True)
+    for top_k in (None, 5):
+        assert torch.equal(sample_next_token(logits, None, temperature=temperature, top_k=top_k), want)
+
+
+def test_sampler_at_the_temperature_epsilon_still_samples():
+    gen = torch.Generator().manual_seed(0)
+    ids = sample_next_token(torch.zeros(400, 10), gen, temperature=TEMPERATURE_EPSILON)
+    assert len(set(ids[:, 0].tolist())) > 1  # equal logits: a draw, not argmax
 
 
 def test_sampler_rejects_negative_temperature():

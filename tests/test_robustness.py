@@ -1,0 +1,353 @@
+"""
+Robustness of serving against a tiny random GPT, on the real continuous-batching scheduler and the real
+chat_web app served in-process by uvicorn on loopback:
+1. one request's numerical trouble stays that request's: tiny temperatures and top_p decode greedily, and a
+   row whose logits turn NaN ends alone with "error" while the rows beside it get exactly their tokens alone;
+2. malformed input (lone surrogates, NaN, -Infinity) is a 4xx with a JSON body on both APIs, never a 500;
+3. bounded requests: body size (413), time to send a body (408, connection closed), field sizes, and
+   --max-queue 0 serving free slots;
+plus a schemathesis fuzz run asserting no 5xx, and 64 concurrent streaming clients asserting no lost stream.
+The fuzz and load figures are printed (pytest -s shows them).
+"""
+
+import os
+
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import asyncio
+import json
+import socket
+import time
+from dataclasses import asdict
+
+import httpx
+import pytest
+import torch
+
+from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
+from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import RustBPETokenizer
+from scripts import chat_web
+
+TRAIN_TEXT = ["Hello there! How are you today? I am fine, thank you.\n", "The answer is 42.\n"] * 30
+SEQUENCE_LEN = 64  # short replies: the fuzz and load tests send many requests
+USER = [{"role": "user", "content": "Hi"}]
+TIMEOUT = 30  # seconds; a hung scheduler or server fails the test instead of blocking it
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny sft checkpoint and its tokenizer under a temporary NANOCHAT_BASE_DIR."""
+    base = tmp_path_factory.mktemp("base")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(base))
+        mp.setenv("NANOCHAT_OFFLINE", "1")
+        tokenizer = RustBPETokenizer.train_from_iterator(iter(TRAIN_TEXT), 300)
+        tokenizer.save(str(base / "tokenizer"))
+        config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=2,
+                           n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        with torch.no_grad():  # away from the identity init, so that logits are spread out
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.add_(0.1 * torch.randn_like(p))
+        meta = {"step": 0, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
+        save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), None, meta)
+        yield base
+
+
+@pytest.fixture(scope="module")
+def reference(base_dir):
+    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    return model, tokenizer
+
+
+def start_server(*flags):
+    args = chat_web.parse_args(["--device-type", "cpu", *flags])
+    server, thread, port = chat_web.serve_in_thread(chat_web.create_app(args))
+    return server, thread, port
+
+
+@pytest.fixture(scope="module")
+def server(base_dir):
+    """(url, port) of a server with the default flags, except a short time to send a body."""
+    server, thread, port = start_server("--body-timeout", "1")
+    yield f"http://127.0.0.1:{port}", port
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+# -----------------------------------------------------------------------------
+# 1. A request's numerical trouble stays that request's
+
+def prompt_of(tokenizer, text):
+    return tokenizer.render_for_completion({"messages": [{"role": "user", "content": text},
+                                                         {"role": "assistant", "content": ""}]})
+
+
+def run_batch(model, tokenizer, jobs, max_batch_size=8):
+    """Submit every (prompt, params) before the scheduler starts (so request i takes slot i), then collect
+    each request's (tokens, finish_reason)."""
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=max_batch_size)
+    try:
+        requests = [scheduler.submit(prompt, params) for prompt, params in jobs]
+        scheduler.start()
+        results = []
+        for request in requests:
+            tokens = []
+            while True:
+                event = request.events.get(timeout=TIMEOUT)
+                if event.token_id is not None:
+                    tokens.append(event.token_id)
+                if event.finish_reason is not None:
+                    results.append((tokens, event.finish_reason))
+                    break
+        return results
+    finally:
+        scheduler.shutdown()
+
+
+def normal_jobs(tokenizer):
+    """Four ordinary seeded requests: top-k, plain, nucleus and greedy sampling."""
+    texts = ["Hello there!", "How are you today?", "The answer is", "I am fine"]
+    settings = [(0.8, 50, None, 1), (1.0, None, None, 2), (1.0, None, 0.9, 3), (0.0, None, None, 4)]
+    return [(prompt_of(tokenizer, text), SamplingParams(max_tokens=20, temperature=temperature, top_k=top_k,
+                                                        top_p=top_p, seed=seed))
+            for text, (temperature, top_k, top_p, seed) in zip(texts, settings)]
+
+
+def test_tiny_temperatures_and_top_p_are_greedy_and_leave_other_rows_alone(reference):
+    model, tokenizer = reference
+    normal = normal_jobs(tokenizer)
+    alone = [run_batch(model, tokenizer, [job])[0] for job in normal]
+    prompt = prompt_of(tokenizer, "Thank you")
+    greedy = run_batch(model, tokenizer, [(prompt, SamplingParams(max_tokens=20, temperature=0.0))])[0]
+    tiny = [SamplingParams(max_tokens=20, temperature=t, seed=5) for t in (1e-39, 2e-39, 1e-40, 5e-324)]
+    tiny.append(SamplingParams(max_tokens=20, temperature=1.0, top_p=1e-300, seed=5))  # only the top token
+    batch = run_batch(model, tokenizer, normal[:2] + [(prompt, p) for p in tiny] + normal[2:])
+    assert batch[:2] + batch[-2:] == alone  # bit for bit: same tokens, same finish
+    assert batch[2:-2] == [greedy] * len(tiny)
+    assert greedy[1] != "error"
+
+
+class NaNRow:
+    """The real GPT, except that one batch row's logits turn NaN in batched forwards (the decode step):
+    a stand-in for any numerical accident in one request's row."""
+
+    def __init__(self, model, row):
+        self.model, self.config, self.row = model, model.config, row
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        logits = self.model.forward(ids, kv_cache=kv_cache)
+        if ids.size(0) > 1:
+            logits[self.row] = float("nan")
+        return logits
+
+
+def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_bit(reference):
+    model, tokenizer = reference
+    jobs = normal_jobs(tokenizer)
+    alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
+    batch = run_batch(NaNRow(model, row=1), tokenizer, jobs)
+    tokens, reason = batch[1]
+    assert reason == "error" and len(tokens) <= 1  # the prefill (batch 1) token, then the failed step
+    assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
+
+
+def test_max_queue_zero_takes_free_slots_only(reference):
+    model, tokenizer = reference
+    # not started: the submitted requests keep their slots
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=2, max_queue=0)
+    prompt = prompt_of(tokenizer, "Hi")
+    scheduler.submit(prompt, SamplingParams(max_tokens=2))
+    scheduler.submit(prompt, SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFull):
+        scheduler.submit(prompt, SamplingParams(max_tokens=2))
+    scheduler.shutdown()
+
+
+def test_server_with_max_queue_zero_serves_a_request_into_a_free_slot(base_dir):
+    server, thread, port = start_server("--max-batch-size", "1", "--max-queue", "0")
+    try:
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=TIMEOUT,
+                              json={"messages": USER, "max_tokens": 3})
+        assert response.status_code == 200, response.text
+        response = httpx.post(f"http://127.0.0.1:{port}/chat/completions", timeout=TIMEOUT,
+                              json={"messages": USER, "max_tokens": 3})
+        assert response.status_code == 200 and response.text.endswith('data: {"done": true}\n\n')
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_tiny_temperature_and_top_p_over_http_are_answered(server):
+    url, _ = server
+    for extra in ({"temperature": 1e-39}, {"temperature": 5e-324}, {"top_p": 1e-300, "temperature": 1.0}):
+        response = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                              json={"messages": USER, "max_tokens": 4, **extra})
+        assert response.status_code == 200, (extra, response.text)
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# -----------------------------------------------------------------------------
+# 2. Malformed input is a 4xx with a JSON body
+
+MALFORMED = ['{"messages":"\\ud800"}',
+             '{"messages":[{"role":"user","content":"hi"}],"max_tokens":NaN}',
+             '{"messages":[{"role":"user","content":"hi"}],"max_tokens":-Infinity}',
+             '{"messages":[{"role":"user","content":"\\ud800"}]}',
+             '{"messages":[{"role":"user","content":"hi"}],"temperature":NaN}',
+             '{"messages":[{"role":"\\ud800","content":"hi"}]}']
+MALFORMED_V1 = ['{"messages":[{"role":"user","content":"hi"}],"stop":"\\udfff"}',  # the reference has no stop
+                '{"model":"\\ud800","messages":[{"role":"user","content":"hi"}]}']  # nor model
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_malformed_input_is_a_4xx_with_a_json_body(server, path):
+    url, _ = server
+    for raw in MALFORMED + (MALFORMED_V1 if path.startswith("/v1/") else []):
+        response = httpx.post(url + path, content=raw.encode(), headers={"content-type": "application/json"},
+                              timeout=TIMEOUT)
+        assert 400 <= response.status_code < 500, (raw, response.status_code, response.text)
+        body = response.json()
+        assert ("error" in body) if path.startswith("/v1/") else ("detail" in body), (raw, body)
+
+
+# -----------------------------------------------------------------------------
+# 3. Bounded requests
+
+def test_a_body_over_the_default_limit_is_413_with_a_json_body(server):
+    url, _ = server
+    assert chat_web.parse_args([]).max_body_bytes == 1 << 20
+    big = json.dumps({"messages": USER, "stop": "x" * (1 << 20)}).encode()
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        response = httpx.post(url + path, content=big, headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "--max-body-bytes" in response.text
+        assert ("error" in response.json()) if path.startswith("/v1/") else ("detail" in response.json())
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for i in range(0, len(big), 65536):
+                yield big[i:i + 65536]
+        response = httpx.post(url + path, content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "--max-body-bytes" in response.text
+
+
+def test_max_body_bytes_flag(base_dir):
+    server, thread, port = start_server("--max-body-bytes", "100")
+    try:
+        body = {"messages": USER, "max_tokens": 2}
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 200
+        body["messages"] = [{"role": "user", "content": "x" * 100}]
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 413
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_half_sent_body_is_answered_408_and_closed(server):
+    _, port = server  # --body-timeout 1
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+        started, received = time.monotonic(), b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            received += chunk
+        assert time.monotonic() - started < 5
+    assert received.startswith(b"HTTP/1.1 408") and b"--body-timeout" in received
+
+
+def test_field_sizes_are_limited(server):
+    url, _ = server
+    cases = [({"stop": "x" * 10_000}, "stop"),
+             ({"stop": "x" * (chat_web.MAX_STOP_LENGTH + 1)}, "stop"),
+             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+             ({"n": chat_web.MAX_CHOICES + 1}, "n"),
+             ({"messages": [{"role": "user", "content": "x" * (chat_web.MAX_MESSAGE_LENGTH + 1)}]},
+              "messages[0].content"),
+             ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 250
+               + USER}, "messages")]
+    for extra, param in cases:
+        response = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2, **extra})
+        assert response.status_code == 400, (param, response.text)
+        assert response.json()["error"]["param"] == param
+    response = httpx.post(url + "/chat/completions", json={"messages": USER * 501})
+    assert response.status_code == 400 and "Too many messages" in response.json()["detail"]
+
+
+# -----------------------------------------------------------------------------
+# Fuzzing (schemathesis) and load (64 concurrent streams)
+
+FUZZ_EXAMPLES = 300  # schema-driven requests, valid and invalid; about 20 s on one CPU core
+
+
+def test_schemathesis_fuzz_gets_no_5xx(server):
+    import schemathesis  # the dev group (uv sync --group dev)
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.generation.modes import GenerationMode
+
+    url, _ = server
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE),
+                      schema.as_strategy(GenerationMode.NEGATIVE))
+    statuses = []
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def fuzz(case):
+        response = case.call(base_url=url, timeout=TIMEOUT)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+
+    fuzz()
+    errors = sum(status >= 500 for status in statuses)
+    print(f"\nfuzz: {len(statuses)} requests, {errors} x 5xx, statuses {sorted(set(statuses))}")
+    assert len(statuses) >= FUZZ_EXAMPLES // 2 and errors == 0
+
+
+CLIENTS, STREAMS_PER_CLIENT = 64, 2
+
+
+async def stream_once(client, url, index):
+    """One streaming request, alternating the two APIs; True when it ran to its end marker."""
+    if index % 2:
+        body = {"messages": USER, "max_tokens": 6, "stream": True, "temperature": 0.8}
+        path, last = "/v1/chat/completions", "data: [DONE]"
+    else:
+        body = {"messages": USER, "max_tokens": 6}
+        path, last = "/chat/completions", 'data: {"done": true}'
+    async with client.stream("POST", url + path, json=body) as response:
+        if response.status_code != 200:
+            return False
+        lines = [line async for line in response.aiter_lines() if line]
+    return bool(lines) and lines[-1] == last
+
+
+def test_64_concurrent_streaming_clients_lose_no_stream(server):
+    url, _ = server
+
+    async def client_loop(client, c):
+        return [await stream_once(client, url, c * STREAMS_PER_CLIENT + s) for s in range(STREAMS_PER_CLIENT)]
+
+    async def main():
+        limits = httpx.Limits(max_connections=CLIENTS)
+        async with httpx.AsyncClient(timeout=TIMEOUT * 2, limits=limits) as client:
+            return await asyncio.gather(*(client_loop(client, c) for c in range(CLIENTS)))
+
+    started = time.monotonic()
+    results = [ok for per_client in asyncio.run(main()) for ok in per_client]
+    lost = results.count(False)
+    elapsed = time.monotonic() - started
+    print(f"\nload: {len(results)} streams at {CLIENTS} clients, {lost} lost, {elapsed:.1f}s")
+    assert len(results) == CLIENTS * STREAMS_PER_CLIENT and lost == 0
+    stats = httpx.get(url + "/stats").json()["workers"][0]
+    assert stats["active"] == 0 and stats["queued"] == 0
