@@ -265,8 +265,8 @@ def compute_init(device_type="cuda"):
         dist.init_process_group(backend="nccl", device_id=device)
         dist.barrier()
     elif is_ddp and device_type == "cpu":
-        # gloo lets multi-process CPU runs (torchrun --nproc_per_node=2 on a laptop) really
-        # average gradients, instead of the reference's silent non-DDP fallback.
+        # gloo lets multi-process CPU runs (torchrun --nproc_per_node=2 on a laptop) really average
+        # gradients: without a process group each process would silently train its own model.
         device = torch.device("cpu")
         dist.init_process_group(backend="gloo")
         dist.barrier()

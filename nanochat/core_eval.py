@@ -52,8 +52,8 @@ class ScoredSpanError(ValueError, AssertionError):
     """
     An example whose scored tokens cannot be located: the LM prompt without the continuation is not a token
     prefix of the prompt with it, the continuation is empty, or it does not fit in the model's context.
-    evaluate_example counts such an example as wrong. Also an AssertionError, because the reference asserted
-    these conditions and callers written against it may expect that type.
+    evaluate_example counts such an example as wrong. Also an AssertionError, because these conditions
+    were asserts and existing callers may catch that type.
     """
 
 

@@ -37,7 +37,7 @@ BOUNDED_STR_METHODS = {"lower", "upper", "casefold", "swapcase", "title", "capit
 @contextmanager
 def timeout(duration, formula):
     """Raise inside the body after `duration` seconds. Uses SIGALRM, so it works on the main thread only.
-    Unlike the reference, the previous SIGALRM handler is put back afterwards."""
+    The previous SIGALRM handler is put back afterwards, so a caller's own alarm keeps working."""
     def on_alarm(signum, frame):
         raise Exception(f"'{formula}': timed out after {duration} seconds")
 
@@ -97,8 +97,7 @@ def is_bounded_expression(formula):
 def eval_with_timeout(formula, max_time=3):
     """eval(formula) without builtins; None on any error or after max_time seconds.
 
-    SIGALRM is available on the main thread only (the reference silently returns None everywhere else,
-    and the web server generates in worker threads). Off the main thread, or without SIGALRM, there is
+    SIGALRM is available on the main thread only, and the web server generates in worker threads. Off the main thread, or without SIGALRM, there is
     no way to interrupt eval, so only expressions that cannot hang are evaluated (is_bounded_expression:
     plain arithmetic without **, and str.count on string literals, which covers every calculator call
     that use_calculator lets through in practice); anything else returns None.
@@ -302,7 +301,7 @@ class Engine:
 
     def _num_steps(self, prompt_len, max_tokens):
         """How many tokens to generate. max_tokens=None means: until the sequence fills the model's context
-        (the reference kept going past its cache and silently dropped the writes)."""
+        (a cache is never written past its capacity, where writes would be lost)."""
         if max_tokens is None:
             room = self.model.config.sequence_len - prompt_len
             if room <= 0:

@@ -379,7 +379,7 @@ class GPT(nn.Module):
         if x.size(1) > 1:
             mixed = x[:, 1:] + gate[:, 1:] * x[:, :-1]
             # continuing a cached sequence: position 0 mixes with the cached embedding, so a chunked
-            # prefill equals a single one (the reference skips this and drifts)
+            # prefill equals a single one (without it, each chunk boundary would change the output)
             first = x[:, :1] if x_prev is None else x[:, :1] + gate[:, :1] * x_prev
             return torch.cat([first, mixed], dim=1)
         return x if x_prev is None else x + gate * x_prev

@@ -69,7 +69,7 @@ def render_prompt(tokenizer, exchanges, user_text, system=""):
 def fit_prompt(tokenizer, exchanges, user_text, system, context_len, max_tokens):
     """
     (prompt, number of oldest exchanges dropped) so that the prompt plus a full reply fits the model's
-    context (the reference let the history grow without bound). The current message is always kept.
+    context, so a long conversation never runs past it. The current message is always kept.
     """
     for dropped in range(len(exchanges) + 1):
         prompt = render_prompt(tokenizer, exchanges[dropped:], user_text, system)

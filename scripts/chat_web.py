@@ -19,10 +19,9 @@ Any OpenAI client works against /v1:
     client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
     reply = client.chat.completions.create(model="nanochat-sft-d20", messages=[{"role": "user", "content": "Hi"}])
 
-Unlike the reference, which ran one request per GPU at a time on the event loop, every device runs a
-continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is validated and
-rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode steps and
-decoded in one batched forward with all other active requests. Tokens come back through an asyncio queue
+Every device runs a continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is
+validated and rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode
+steps and decoded in one batched forward with all other active requests. Tokens come back through an asyncio queue
 and are streamed as they arrive. A client that goes away has its request cancelled, which frees its slot.
 When a scheduler's queue is full the answer is 429; while the server is loading or stopping it is 503.
 
@@ -174,7 +173,7 @@ def worker_devices(device_type, num_gpus):
 
 
 class WorkerPool:
-    """The workers of the server (the reference's name; its workers each served one request at a time)."""
+    """The workers of the server: one batching scheduler per device, requests routed to the least loaded."""
 
     def __init__(self, workers, model_id):
         self.workers = workers
@@ -554,8 +553,7 @@ def openai_stops(request):
 def encode_assistant_text(tokenizer, text):
     """
     Assistant history as the model wrote it: the tool-call markers its replies show literally become special
-    tokens again, so an earlier calculator call reads as it did when generated (the reference re-encoded
-    them as plain text). Only these four: turn markers stay plain text, so a client cannot forge turns.
+    tokens again, so an earlier calculator call reads as it did when generated. Only these four: turn markers stay plain text, so a client cannot forge turns.
     """
     ids = []
     for piece in _TOOL_MARKER_RE.split(text):
@@ -584,7 +582,7 @@ def render_prompt(tokenizer, turns):
 def fit_prompt(tokenizer, turns, budget):
     """
     The prompt for turns in at most `budget` tokens: the oldest turns are dropped first and, if the last turn
-    alone is too long, its beginning is cut. (The reference sent prompts past the model's context.)
+    alone is too long, its beginning is cut, so no prompt runs past the model's context.
     """
     pieces = [render_turn(tokenizer, role, text) for role, text in turns]
     kept, used = [], 2  # BOS and the closing <|assistant_start|>
@@ -843,7 +841,7 @@ async def reference_stream(generation, num_messages, log_conversation):
             if delta:
                 yield sse({"token": delta, "gpu": gpu_id})
         if generation.choices[0].finish_reason == "error":
-            yield sse({"error": "Generation failed on the server"})  # the reference just dropped the connection
+            yield sse({"error": "Generation failed on the server"})  # the client learns why the stream ended
         yield sse({"done": True})
     finally:
         log_generation(generation, num_messages)
@@ -977,7 +975,7 @@ def create_app(args):
     """The FastAPI app for parsed args; models load when it starts (lifespan), not here."""
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.state.args, app.state.pool, app.state.startup_error = args, None, None
-    # no cookies or auth are used, so no credentials (the reference allowed them with origin *)
+    # no cookies or auth are used, so no credentials (browsers refuse credentials with origin *)
     app.add_middleware(BoundedBody, max_bytes=args.max_body_bytes, timeout=args.body_timeout)
     # added last, so outermost: the errors above carry CORS headers too
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])

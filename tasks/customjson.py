@@ -55,8 +55,8 @@ def read_conversations(filepath):
 
 class CustomJSON(Task):
     """
-    A missing file is an error (the reference printed a warning and went on with zero conversations,
-    which let SFT silently run without its identity data).
+    A missing file is an error: going on with zero conversations would let SFT silently run without its
+    identity data.
     """
 
     def __init__(self, filepath, **kwargs):
