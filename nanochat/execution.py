@@ -13,8 +13,15 @@ This protects against accidents, not adversaries:
 Not covered: network access, ctypes and other ways around the guard, kernel-level isolation
 (seccomp, containers, VMs). Run truly hostile code inside OS-level isolation.
 
-The child is this very file run as a script (`python -I nanochat/execution.py <memory limit>`), with
-the code on its stdin, so the guard below is ordinary Python rather than a program in a string.
+success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
+to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
+exception or a signal before that is a failure, whatever the exit status. The nonce is never in the
+code's text or environment, so code cannot print or guess it; code that searches the harness's memory
+for it can still forge a pass (nothing in the same process can prevent that).
+
+The child is this very file run as a script (`python -I nanochat/execution.py <memory limit> <result
+file>`), with the nonce and the code on its stdin, so the guard below is ordinary Python rather than a
+program in a string.
 """
 
 import builtins
@@ -22,8 +29,10 @@ import faulthandler
 import io
 import linecache
 import os
+import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,6 +44,7 @@ OUTPUT_LIMIT_BYTES = 16 * 1024 * 1024  # per stream and per written file: an end
 MEMORY_ERROR_EXIT_CODE = 3  # how the child reports a MemoryError (Python itself exits 1 on an exception)
 CODE_FILENAME = "<llm>"  # the name tracebacks give the executed code
 CHILD_PATH = "/usr/bin:/bin"  # the whole environment of the child is PATH plus OMP_NUM_THREADS
+RESULT_FILENAME = ".nanochat_result"  # in the temp dir: the harness writes the nonce there after the code ran
 
 # the reference's reliability guard, function for function
 DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
@@ -69,13 +79,13 @@ class ExecutionResult:
 
 
 # -----------------------------------------------------------------------------
-# Parent side
+# Parent side: running the child
 
 
-def _child_command(maximum_memory_bytes):
+def _child_command(maximum_memory_bytes, result_path):
     # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: text I/O in UTF-8
     limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
-    return [sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), limit]
+    return [sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), limit, result_path]
 
 
 def _wait_or_kill(process, timeout):
@@ -97,42 +107,64 @@ def _read_capped(file):
     return file.read(OUTPUT_LIMIT_BYTES).decode("utf-8", errors="replace")
 
 
+def _ran_to_end(result_path, nonce):
+    """Whether the harness wrote the nonce. Opened without following links or blocking: the code may
+    have replaced the file with a symlink or a FIFO."""
+    try:
+        fd = os.open(result_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(nonce) + 1) == nonce
+    finally:
+        os.close(fd)
+
+
 def _last_line(text):
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-def _make_result(returncode, stdout, stderr, timed_out):
+def _make_result(returncode, stdout, stderr, timed_out, ran_to_end):
     if timed_out:
         return ExecutionResult(False, stdout, stderr, error="Execution timed out (process killed)", timeout=True)
-    if returncode == 0:
+    if ran_to_end and returncode == 0:
         return ExecutionResult(True, stdout, stderr)
     if returncode == MEMORY_ERROR_EXIT_CODE:
         return ExecutionResult(False, stdout, stderr, error=f"Memory limit exceeded: {_last_line(stderr)}",
                                memory_exceeded=True)
     if returncode < 0:  # killed by a signal, e.g. SIGSEGV in a C extension
         return ExecutionResult(False, stdout, stderr, error=f"Process killed by {signal.Signals(-returncode).name}")
-    error = _last_line(stderr) or f"Execution failed (exit code {returncode})"
-    return ExecutionResult(False, stdout, stderr, error=error)
+    # exit status 0 without the nonce: os._exit(0) or an atexit handler ended the process early
+    reason = "exited before the code ran to its end" if returncode == 0 else f"exit code {returncode}"
+    return ExecutionResult(False, stdout, stderr, error=_last_line(stderr) or f"Execution failed ({reason})")
+
+
+def _execute(code, timeout, maximum_memory_bytes):
+    nonce = secrets.token_hex(16).encode()  # per call, never in the code's text or environment
+    with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        stdin.write(nonce + b"\n" + code.encode("utf-8", errors="replace"))
+        stdin.seek(0)
+        result_path = os.path.join(workdir, RESULT_FILENAME)
+        env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
+        process = subprocess.Popen(_child_command(maximum_memory_bytes, result_path), cwd=workdir, env=env,
+                                   stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
+        timed_out = _wait_or_kill(process, timeout)
+        out, err = _read_capped(stdout), _read_capped(stderr)
+        ran_to_end = _ran_to_end(result_path, nonce)
+    return _make_result(process.returncode, out, err, timed_out, ran_to_end)
 
 
 def execute_code(code: str, timeout: float = 5.0,
                  maximum_memory_bytes: Optional[int] = 256 * 1024 * 1024) -> ExecutionResult:
     """Run code in a fresh guarded interpreter, in a temporary directory, for at most timeout seconds
-    (wall clock). maximum_memory_bytes=None disables the memory limit. success means exit status 0
-    (sys.exit(0) included); error is then None, else the last line of the traceback or the reason."""
+    (wall clock). maximum_memory_bytes=None disables the memory limit.
+    success means the code ran to its end (an early sys.exit(0) or os._exit(0) is a failure); error is
+    then None, else the last line of the traceback or the reason."""
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
-    env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
-    with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        stdin.write(code.encode("utf-8", errors="replace"))
-        stdin.seek(0)
-        process = subprocess.Popen(_child_command(maximum_memory_bytes), cwd=workdir, env=env, stdin=stdin,
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
-        timed_out = _wait_or_kill(process, timeout)
-        out, err = _read_capped(stdout), _read_capped(stderr)
-    return _make_result(process.returncode, out, err, timed_out)
+    return _execute(code, timeout, maximum_memory_bytes)
 
 
 # -----------------------------------------------------------------------------
@@ -183,20 +215,15 @@ class _NoInput(io.StringIO):
 
 
 def _print_user_traceback(e):
-    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out _run_child's frame
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out _exec_code's frame
 
 
-def _run_child(memory_limit_arg):
-    """Run the code from stdin under the guard. Returns the exit status the parent interprets."""
-    code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    sys.stdin = _NoInput()
-    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)  # source in tracebacks
-    reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
+def _exec_code(code):
+    """Run the code in fresh globals (main guards run). Returns 0 if it ran to its end, else the exit status
+    that tells the parent why not."""
     try:
-        exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})  # fresh globals, main guards run
-    except SystemExit as e:
-        if e.code is None or e.code == 0:
-            return 0
+        exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})
+    except SystemExit as e:  # even sys.exit(0): the code after it (the checks) did not run
         print(f"SystemExit: {e.code}", file=sys.stderr)
         return 1
     except MemoryError as e:
@@ -208,5 +235,33 @@ def _run_child(memory_limit_arg):
     return 0
 
 
+def _flush_output():
+    """Flush what the code printed; failing to (e.g. at the output size cap) fails the run. Returns the status."""
+    try:
+        sys.__stdout__.flush()
+        sys.__stderr__.flush()
+    except BaseException as e:
+        traceback.print_exception(type(e), e, None, file=sys.__stderr__)
+        return 1
+    return 0
+
+
+def _run_child(memory_limit_arg, result_path):
+    """Run the code from stdin (after the nonce line) under the guard; if it ran to its end, write the nonce
+    to result_path and exit at once. Returns the exit status otherwise."""
+    nonce = sys.stdin.buffer.readline().rstrip(b"\n")
+    code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    sys.stdin = _NoInput()
+    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)  # source in tracebacks
+    result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # taken before the code runs
+    write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
+    reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
+    status = _exec_code(code) or _flush_output()
+    if status == 0:
+        write(result_fd, nonce)
+        exit_now(0)  # the result is in: the code's atexit handlers and leftover threads cannot change it
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(_run_child(sys.argv[1]))
+    sys.exit(_run_child(sys.argv[1], sys.argv[2]))

@@ -1,5 +1,5 @@
 """
-The sandbox: each call spawns a fresh guarded interpreter (~0.2 s), so the checks are chosen to be cheap:
+The sandbox: each call spawns a fresh guarded interpreter (~0.1 s), so the checks are chosen to be cheap:
 harmless targets for the destructive functions (files under tmp_path, signal 0 to our own pid).
 """
 
@@ -7,13 +7,18 @@ import os
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
+import gzip
+import json
 import sys
 import tempfile
 import time
 
 import pytest
 
+from nanochat import execution
+from nanochat.common import REPO_DATA_DIR
 from nanochat.execution import OUTPUT_LIMIT_BYTES, ExecutionResult, execute_code
+from tasks.humaneval import HumanEval
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and Linux rlimits")
 
@@ -166,10 +171,56 @@ def test_fresh_globals_and_main_guard():
     assert result.success and result.stdout == "False []\nmain\n"
 
 
-def test_sys_exit():
-    assert execute_code("import sys; sys.exit(0)").success
-    failed = execute_code("import sys; sys.exit(2)")
-    assert not failed.success and failed.error == "SystemExit: 2" and not failed.timeout
+def test_sys_exit_is_a_failure_even_with_status_0():
+    for status in (0, 2):
+        result = execute_code(f"import sys; sys.exit({status})")
+        assert not result.success and result.error == f"SystemExit: {status}" and not result.timeout
+
+
+# Success means the code ran to its end. Each of these leaves before the failing assert at the end
+# (HumanEval's check()), most with exit status 0, which used to count as a pass.
+EARLY_EXITS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "raise SystemExit": "raise SystemExit",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "atexit os._exit(0)": "import atexit, os\natexit.register(lambda: os._exit(0))",
+    "signal": "import posix, signal\nposix.kill(posix.getpid(), signal.SIGTERM)",
+    "thread os._exit(0)": "import os, threading\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
+                          "import time\ntime.sleep(1)",
+    "forged result file": f"import os\nopen({execution.RESULT_FILENAME!r}, 'w').write('0' * 32)\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("exit_code", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_leaving_before_the_end_is_a_failure(exit_code):
+    result = execute_code(f"{exit_code}\nassert False, 'the checks failed'")
+    assert not result.success and result.error and not result.timeout, result
+
+
+def test_success_needs_the_last_statement_to_finish():
+    assert execute_code("import atexit, os\natexit.register(lambda: os._exit(1))\nprint('done')").success
+    assert not execute_code("assert True\nraise KeyboardInterrupt").success
+
+
+HUMANEVAL_CHEATS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "atexit os._exit(0)": "import atexit, os\natexit.register(lambda: os._exit(0))",
+}
+
+
+@pytest.mark.parametrize("cheat", HUMANEVAL_CHEATS.values(), ids=HUMANEVAL_CHEATS.keys())
+def test_humaneval_counts_a_pass_only_when_the_checks_ran_to_their_end(cheat):
+    task = HumanEval.__new__(HumanEval)  # evaluate needs no data beyond the conversation
+    with gzip.open(os.path.join(REPO_DATA_DIR, "tasks", "humaneval", "test.jsonl.gz"), "rt") as f:
+        row = json.loads(f.readline())
+    conversation = {"messages": [{"role": "user", "content": row["prompt"]}],
+                    "entry_point": row["entry_point"], "test": row["test"]}
+    wrong = row["prompt"] + "    return None\n"
+    right = row["prompt"] + row["canonical_solution"]
+    assert task.evaluate(conversation, right) is True
+    assert task.evaluate(conversation, wrong) is False
+    assert task.evaluate(conversation, f"{wrong}\n{cheat}\n") is False
 
 
 def test_stdlib_imports_work():
@@ -195,3 +246,4 @@ def test_repr_lists_only_set_fields():
     full = ExecutionResult(False, "o", "e", error="boom", timeout=True, memory_exceeded=True)
     assert repr(full) == ("ExecutionResult(success=False, timeout=True, memory_exceeded=True, error='boom', "
                           "stdout='o', stderr='e')")
+
