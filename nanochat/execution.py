@@ -31,6 +31,7 @@ import io
 import linecache
 import os
 import secrets
+import select
 import shutil
 import signal
 import stat
@@ -178,12 +179,30 @@ def _child_command(maximum_memory_bytes, result_path, harness_path):
     return [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path]
 
 
+def _exited_within(process, timeout):
+    """Whether the child exits within timeout seconds (it is left unreaped). Waits on a pidfd where there is
+    one (Linux >= 5.3): Popen.wait with a timeout polls, which adds up to 50 ms to every call."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        try:
+            process.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)  # readable once the child has exited
+        return bool(readable)
+    finally:
+        os.close(pidfd)
+
+
 def _wait_or_kill(process, timeout):
     """Wait up to timeout seconds for the child. Returns True if it had to be killed."""
     try:
-        process.wait(timeout=timeout)
-        return False
-    except subprocess.TimeoutExpired:
+        if _exited_within(process, timeout):
+            process.wait()  # reaps at once
+            return False
         return True
     finally:
         if process.returncode is None:  # timed out, or we were interrupted while waiting
