@@ -28,6 +28,7 @@ the nonce and the code on its stdin, so the guard below is ordinary Python rathe
 import builtins
 import faulthandler
 import io
+import json
 import linecache
 import os
 import secrets
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -54,6 +56,7 @@ SANDBOX_USER_ID = 65534  # "nobody": the code runs as an unprivileged user insid
 SYSTEM_LIBRARY_PATHS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32",
                         "/etc/ld.so.cache")
 PROBE_TIMEOUT = 30.0  # seconds for the one trivial run that decides whether isolation works here
+NAMESPACE_EXIT_TIMEOUT = 5.0  # seconds to wait for the kernel to end the processes the code left behind
 
 # the reference's reliability guard, function for function
 DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
@@ -197,17 +200,50 @@ def _exited_within(process, timeout):
         os.close(pidfd)
 
 
-def _wait_or_kill(process, timeout):
-    """Wait up to timeout seconds for the child. Returns True if it had to be killed."""
+def _namespace_init(info_fd, deadline):
+    """A pidfd of the init of bwrap's PID namespace, from the JSON bwrap writes to --info-fd as soon as it
+    has cloned it (then bwrap closes the fd). None where pidfds are unavailable or it ended already."""
+    info = b""
+    try:
+        while select.select([info_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(info_fd, 4096)
+            if not chunk:
+                break
+            info += chunk
+        return os.pidfd_open(json.loads(info)["child-pid"])
+    except (AttributeError, OSError, ValueError, KeyError):  # no pidfds, gone, or bwrap failed to start
+        return None
+    finally:
+        os.close(info_fd)
+
+
+def _end_namespace(init_pidfd, kill):
+    """Wait until every process in the code's PID namespace has ended, killing them first if asked: bwrap
+    can exit while the kernel is still killing the processes the code left behind, and none of them may
+    outlive execute_code. The namespace's init exits only after all of them are gone."""
+    try:
+        if kill:
+            signal.pidfd_send_signal(init_pidfd, signal.SIGKILL)  # the kernel then kills everything in it
+        select.select([init_pidfd], [], [], NAMESPACE_EXIT_TIMEOUT)
+    except OSError:
+        pass  # ended already
+    finally:
+        os.close(init_pidfd)
+
+
+def _wait_or_kill(process, timeout, init_pidfd=None):
+    """Wait up to timeout seconds for the child and, under bwrap, until its PID namespace is empty.
+    Returns True if it had to be killed."""
     try:
         if _exited_within(process, timeout):
             process.wait()  # reaps at once
             return False
         return True
     finally:
+        if init_pidfd is not None:
+            _end_namespace(init_pidfd, kill=process.returncode is None)
         if process.returncode is None:  # timed out, or we were interrupted while waiting
-            # the child is not reaped yet, so its process group id cannot have been reused; under bwrap the
-            # namespace dies with it (--die-with-parent), and with it every process the code started
+            # the child is not reaped yet, so its process group id cannot have been reused
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
@@ -260,23 +296,42 @@ def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
     return ExecutionResult(False, stdout, stderr, error=_last_line(stderr) or f"Execution failed ({reason})")
 
 
+def _start_isolated(bwrap_arguments, child_command, workdir, deadline, **streams):
+    """Start the child under bwrap, in workdir (its one writable place). Returns the process and a pidfd
+    of its PID namespace's init (None where there is none to be had)."""
+    info_read, info_write = os.pipe()
+    command = [*bwrap_arguments, "--info-fd", str(info_write), "--bind", workdir, workdir, "--chdir", workdir,
+               "--remount-ro", "/", *child_command]
+    try:
+        # env: bwrap's own environment is what the namespace's init shows in /proc/1/environ
+        process = subprocess.Popen(command, cwd=workdir, env={}, start_new_session=True, pass_fds=(info_write,),
+                                   **streams)
+    except BaseException:
+        os.close(info_read)
+        raise
+    finally:
+        os.close(info_write)
+    return process, _namespace_init(info_read, deadline)
+
+
 def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
     nonce = secrets.token_hex(16).encode()  # per call, never in the code's text or environment
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
             tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         stdin.write(nonce + b"\n" + code.encode("utf-8", errors="replace"))
         stdin.seek(0)
         result_path = os.path.join(workdir, RESULT_FILENAME)
+        streams = dict(stdin=stdin, stdout=stdout, stderr=stderr)
         if bwrap_arguments is None:
             command = _child_command(maximum_memory_bytes, result_path, os.path.abspath(__file__))
             env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
+            process = subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True, **streams)
+            init_pidfd = None
         else:
-            command = [*bwrap_arguments, "--bind", workdir, workdir, "--chdir", workdir, "--remount-ro", "/",
-                       *_child_command(maximum_memory_bytes, result_path, SANDBOX_HARNESS_PATH)]
-            env = {}  # bwrap's own environment is what the namespace's init shows in /proc/1/environ
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                                   start_new_session=True)
-        timed_out = _wait_or_kill(process, timeout)
+            command = _child_command(maximum_memory_bytes, result_path, SANDBOX_HARNESS_PATH)
+            process, init_pidfd = _start_isolated(bwrap_arguments, command, workdir, deadline, **streams)
+        timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
         out, err = _read_capped(stdout), _read_capped(stderr)
         ran_to_end = _ran_to_end(result_path, nonce)
     return _make_result(process.returncode, out, err, timed_out, ran_to_end, bwrap_arguments is not None)

@@ -17,7 +17,7 @@ import pytest
 
 from nanochat import execution
 from nanochat.execution import execute_code
-from test_execution import processes_mentioning, wait_until_gone
+from test_execution import processes_mentioning
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_NAME = "NANOCHAT_TEST_SECRET"
@@ -118,18 +118,19 @@ def test_cannot_kill_the_evaluating_process():
     assert status == 0 and '"success"' in output  # the evaluator lived to report
 
 
-def test_leaves_no_process_running_after_it_returns():
+@pytest.mark.parametrize("ending", ["", "while True: pass\n"], ids=["runs to its end", "times out"])
+def test_leaves_no_process_running_after_it_returns(ending):
     code = ("import posix, time\n"
             "print(posix.getcwd(), flush=True)\n"
             "if posix.fork() == 0:\n"
             "    posix.setsid()\n"  # out of the process group the parent would kill
             "    time.sleep(60)\n"
-            "    posix._exit(0)\n")
-    result = execute_code(code)
-    assert result.success, result
+            "    posix._exit(0)\n" + ending)
+    result = execute_code(code, timeout=1.0)
+    assert result.success != bool(ending) and result.timeout == bool(ending), result
     workdir = result.stdout.strip()  # the daemon's command line names the temp dir
     assert workdir.startswith(os.path.realpath(tempfile.gettempdir()))
-    survivors = processes_mentioning(workdir) and wait_until_gone(workdir, seconds=1.0)
+    survivors = processes_mentioning(workdir)  # at once: none may outlive the call, even for a moment
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)  # clean up before failing
     assert survivors == [], "a process started by the code outlived execute_code"
