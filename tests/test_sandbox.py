@@ -78,7 +78,7 @@ def test_cannot_delete_outside_its_temp_dir(tmp_path):
 @pytest.mark.parametrize("launch", [
     "import posix\nassert posix.system(SHELL) == 0",
     "import os\npid = os.posix_spawn('/bin/sh', ['sh', '-c', SHELL], {})\nassert os.waitpid(pid, 0)[1] == 0",
-])
+], ids=["posix.system", "os.posix_spawn"])
 def test_cannot_run_a_shell_command(launch, tmp_path):
     target = tmp_path / "shell_was_here"
     result = execute_code(f"SHELL = 'echo pwned > {target}'\n{launch}")
