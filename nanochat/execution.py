@@ -1,40 +1,62 @@
 """
 Run untrusted, model-written Python (HumanEval completions) in a separate process.
 
-This protects against accidents, not adversaries:
-- a fresh interpreter per call, started in its own session so that the whole process group can be
-  killed; the parent enforces a wall-clock timeout
-- an environment built from scratch (no API keys or tokens of the parent leak into the code)
-- stdin unavailable, stdout and stderr captured (also on failure)
-- a memory limit (RLIMIT_AS/DATA/STACK; skipped on macOS, which does not enforce RLIMIT_AS), no core
-  dumps, and a size cap on every file the code writes, its stdout and stderr included
-- a fresh temporary working directory, removed afterwards
-- destructive functions disabled (reliability_guard)
-Not covered: network access, ctypes and other ways around the guard, kernel-level isolation
-(seccomp, containers, VMs). Run truly hostile code inside OS-level isolation.
+Two layers:
+- OS isolation (Linux, when bubblewrap works here): each call runs in fresh namespaces with no network,
+  its own PID space (every process the code starts dies with it), a read-only view of only the
+  interpreter's installation and the system libraries (not the repository, home directories or the
+  rest of /etc), one writable temp dir, an empty environment, no capabilities, as user "nobody". Where
+  that is unavailable (macOS, no bwrap, no user namespaces) a warning says so once, and only the
+  second layer remains. bwrap adds a few tens of milliseconds to each call.
+- In-process guards, always: a fresh interpreter in its own session (the parent kills its process
+  group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK; skipped on macOS, which does
+  not enforce RLIMIT_AS), no core dumps, a size cap on every file the code writes (stdout and stderr
+  included), stdin unavailable, destructive functions disabled (reliability_guard). These stop
+  accidents, not adversaries: ctypes or the posix module get around them.
 
-The child is this very file run as a script (`python -I nanochat/execution.py <memory limit>`), with
-the code on its stdin, so the guard below is ordinary Python rather than a program in a string.
+success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
+to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
+exception or a signal before that is a failure, whatever the exit status. The nonce is never in the
+code's text or environment, so code cannot print or guess it; code that searches the harness's memory
+for it can still forge a pass (nothing in the same process can prevent that).
+
+The child is this very file run as a script (`python -I nanochat/execution.py <memory limit> <result
+file>`) by the base interpreter (outside any virtual environment, which lives in the repository), with
+the nonce and the code on its stdin, so the guard below is ordinary Python rather than a program in a string.
 """
 
 import builtins
 import faulthandler
 import io
+import json
 import linecache
 import os
+import secrets
+import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 OUTPUT_LIMIT_BYTES = 16 * 1024 * 1024  # per stream and per written file: an endless print loop stays harmless
 MEMORY_ERROR_EXIT_CODE = 3  # how the child reports a MemoryError (Python itself exits 1 on an exception)
 CODE_FILENAME = "<llm>"  # the name tracebacks give the executed code
-CHILD_PATH = "/usr/bin:/bin"  # the whole environment of the child is PATH plus OMP_NUM_THREADS
+CHILD_PATH = "/usr/bin:/bin"  # without isolation, the child's whole environment is PATH and OMP_NUM_THREADS
+RESULT_FILENAME = ".nanochat_result"  # in the temp dir: the harness writes the nonce there after the code ran
+SANDBOX_HARNESS_PATH = "/nanochat_sandbox/execution.py"  # where this file appears inside the isolation
+SANDBOX_USER_ID = 65534  # "nobody": the code runs as an unprivileged user inside its user namespace
+# read-only inside the isolation besides the interpreter: the shared libraries Python and its modules load
+SYSTEM_LIBRARY_PATHS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32",
+                        "/etc/ld.so.cache")
+PROBE_TIMEOUT = 30.0  # seconds for the one trivial run that decides whether isolation works here
+NAMESPACE_EXIT_TIMEOUT = 5.0  # seconds to wait for the kernel to end the processes the code left behind
 
 # the reference's reliability guard, function for function
 DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
@@ -69,26 +91,160 @@ class ExecutionResult:
 
 
 # -----------------------------------------------------------------------------
-# Parent side
+# Parent side: OS isolation
 
 
-def _child_command(maximum_memory_bytes):
+class _Isolation(NamedTuple):
+    bwrap_arguments: Optional[tuple]  # the bwrap command line up to the per-call temp dir; None: unavailable
+    problem: str  # why isolation is unavailable ("" when it is available)
+
+
+_isolation: Optional[_Isolation] = None  # decided by the first call (not at import), then kept
+_isolation_lock = threading.Lock()
+
+
+def _base_interpreter():
+    # outside any virtual environment: a venv lives in the repository, which the isolated child must not see
+    # (and both modes then import the same modules)
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _readonly_paths():
+    """What the isolated child sees, read-only: the interpreter, its installation prefix (unless that is
+    the system's own /usr, which is too wide to show whole) and the system libraries."""
+    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)} - {"/", "/usr"}
+    candidates = sorted({_base_interpreter(), *prefixes, *SYSTEM_LIBRARY_PATHS})
+    kept = []
+    for path in candidates:
+        if os.path.lexists(path) and not any(path.startswith(parent + "/") for parent in kept):
+            kept.append(path)
+    return kept
+
+
+def _bwrap_arguments(bwrap):
+    user = str(SANDBOX_USER_ID)
+    arguments = [bwrap, "--unshare-all", "--unshare-user", "--uid", user, "--gid", user, "--cap-drop", "ALL",
+                 "--die-with-parent", "--new-session", "--clearenv", "--proc", "/proc", "--dev", "/dev"]
+    help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=PROBE_TIMEOUT).stdout
+    if "--disable-userns" in help_text:  # bwrap >= 0.8: no nested user namespace in which to regain powers
+        arguments.append("--disable-userns")
+    for path in _readonly_paths():
+        if os.path.islink(path) and os.path.dirname(path) == "/":  # merged /usr: /lib -> usr/lib
+            arguments += ["--symlink", os.readlink(path), path]
+        else:
+            arguments += ["--ro-bind", path, path]
+    arguments += ["--ro-bind", os.path.abspath(__file__), SANDBOX_HARNESS_PATH]
+    return tuple(arguments)
+
+
+def _probe_isolation():
+    """Runs a trivial program under bwrap; the isolation is used only if that works exactly."""
+    if not sys.platform.startswith("linux"):
+        return _Isolation(None, f"bubblewrap needs Linux, this is {sys.platform}")
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return _Isolation(None, "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)")
+    try:
+        arguments = _bwrap_arguments(bwrap)
+        result = _execute("print('isolated')", PROBE_TIMEOUT, None, arguments)
+    except (OSError, subprocess.SubprocessError) as e:
+        return _Isolation(None, f"{bwrap} does not run: {e}")
+    if not (result.success and result.stdout == "isolated\n"):
+        reason = _last_line(result.stderr) or result.error or f"unexpected output {result.stdout!r}"
+        return _Isolation(None, f"{bwrap} cannot isolate here (no user namespaces?): {reason}")
+    return _Isolation(arguments, "")
+
+
+def _get_isolation():
+    global _isolation
+    with _isolation_lock:
+        if _isolation is None:
+            _isolation = _probe_isolation()
+            if _isolation.problem:
+                print(f"WARNING: nanochat.execution runs model-written code WITHOUT OS isolation: "
+                      f"{_isolation.problem}. Only in-process guards remain, which do not stop deliberate "
+                      f"escapes (file access, network, processes).", file=sys.stderr, flush=True)
+        return _isolation
+
+
+def isolation_problem() -> str:
+    """Why model-written code runs without OS isolation here, or "" when it is isolated (probes once)."""
+    return _get_isolation().problem
+
+
+# -----------------------------------------------------------------------------
+# Parent side: running the child
+
+
+def _child_command(maximum_memory_bytes, result_path, harness_path):
     # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: text I/O in UTF-8
     limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
-    return [sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), limit]
+    return [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path]
 
 
-def _wait_or_kill(process, timeout):
-    """Wait up to timeout seconds for the child. Returns True if it had to be killed."""
+def _exited_within(process, timeout):
+    """Whether the child exits within timeout seconds (it is left unreaped). Waits on a pidfd where there is
+    one (Linux >= 5.3): Popen.wait with a timeout polls, which adds up to 50 ms to every call."""
     try:
-        process.wait(timeout=timeout)
-        return False
-    except subprocess.TimeoutExpired:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        try:
+            process.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        readable, _, _ = select.select([pidfd], [], [], timeout)  # readable once the child has exited
+        return bool(readable)
+    finally:
+        os.close(pidfd)
+
+
+def _namespace_init(info_fd, deadline):
+    """A pidfd of the init of bwrap's PID namespace, from the JSON bwrap writes to --info-fd as soon as it
+    has cloned it (then bwrap closes the fd). None where pidfds are unavailable or it ended already."""
+    info = b""
+    try:
+        while select.select([info_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(info_fd, 4096)
+            if not chunk:
+                break
+            info += chunk
+        return os.pidfd_open(json.loads(info)["child-pid"])
+    except (AttributeError, OSError, ValueError, KeyError):  # no pidfds, gone, or bwrap failed to start
+        return None
+    finally:
+        os.close(info_fd)
+
+
+def _end_namespace(init_pidfd, kill):
+    """Wait until every process in the code's PID namespace has ended, killing them first if asked: bwrap
+    can exit while the kernel is still killing the processes the code left behind, and none of them may
+    outlive execute_code. The namespace's init exits only after all of them are gone."""
+    try:
+        if kill:
+            signal.pidfd_send_signal(init_pidfd, signal.SIGKILL)  # the kernel then kills everything in it
+        select.select([init_pidfd], [], [], NAMESPACE_EXIT_TIMEOUT)
+    except OSError:
+        pass  # ended already
+    finally:
+        os.close(init_pidfd)
+
+
+def _wait_or_kill(process, timeout, init_pidfd=None):
+    """Wait up to timeout seconds for the child and, under bwrap, until its PID namespace is empty.
+    Returns True if it had to be killed."""
+    try:
+        if _exited_within(process, timeout):
+            process.wait()  # reaps at once
+            return False
         return True
     finally:
+        if init_pidfd is not None:
+            _end_namespace(init_pidfd, kill=process.returncode is None)
         if process.returncode is None:  # timed out, or we were interrupted while waiting
             # the child is not reaped yet, so its process group id cannot have been reused
-            os.killpg(process.pid, signal.SIGKILL)  # the group: also whatever the code started
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -97,42 +253,99 @@ def _read_capped(file):
     return file.read(OUTPUT_LIMIT_BYTES).decode("utf-8", errors="replace")
 
 
+def _ran_to_end(result_path, nonce):
+    """Whether the harness wrote the nonce. Opened without following links or blocking: the code may
+    have replaced the file with a symlink or a FIFO."""
+    try:
+        fd = os.open(result_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(nonce) + 1) == nonce
+    finally:
+        os.close(fd)
+
+
 def _last_line(text):
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-def _make_result(returncode, stdout, stderr, timed_out):
+def _signal_of(returncode, isolated):
+    """The signal that ended the child, if any: Popen gives -N; bwrap exits with 128 + N."""
+    number = -returncode if returncode < 0 else returncode - 128 if isolated and returncode > 128 else 0
+    try:
+        return signal.Signals(number).name if number else None
+    except ValueError:
+        return None
+
+
+def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
     if timed_out:
         return ExecutionResult(False, stdout, stderr, error="Execution timed out (process killed)", timeout=True)
-    if returncode == 0:
+    if ran_to_end and returncode == 0:
         return ExecutionResult(True, stdout, stderr)
     if returncode == MEMORY_ERROR_EXIT_CODE:
         return ExecutionResult(False, stdout, stderr, error=f"Memory limit exceeded: {_last_line(stderr)}",
                                memory_exceeded=True)
-    if returncode < 0:  # killed by a signal, e.g. SIGSEGV in a C extension
-        return ExecutionResult(False, stdout, stderr, error=f"Process killed by {signal.Signals(-returncode).name}")
-    error = _last_line(stderr) or f"Execution failed (exit code {returncode})"
-    return ExecutionResult(False, stdout, stderr, error=error)
+    signal_name = _signal_of(returncode, isolated)
+    if signal_name:  # e.g. SIGSEGV in a C extension, or the code signalling itself
+        return ExecutionResult(False, stdout, stderr, error=f"Process killed by {signal_name}")
+    # exit status 0 without the nonce: os._exit(0) or an atexit handler ended the process early
+    reason = "exited before the code ran to its end" if returncode == 0 else f"exit code {returncode}"
+    return ExecutionResult(False, stdout, stderr, error=_last_line(stderr) or f"Execution failed ({reason})")
+
+
+def _start_isolated(bwrap_arguments, child_command, workdir, deadline, **streams):
+    """Start the child under bwrap, in workdir (its one writable place). Returns the process and a pidfd
+    of its PID namespace's init (None where there is none to be had)."""
+    info_read, info_write = os.pipe()
+    command = [*bwrap_arguments, "--info-fd", str(info_write), "--bind", workdir, workdir, "--chdir", workdir,
+               "--remount-ro", "/", *child_command]
+    try:
+        # env: bwrap's own environment is what the namespace's init shows in /proc/1/environ
+        process = subprocess.Popen(command, cwd=workdir, env={}, start_new_session=True, pass_fds=(info_write,),
+                                   **streams)
+    except BaseException:
+        os.close(info_read)
+        raise
+    finally:
+        os.close(info_write)
+    return process, _namespace_init(info_read, deadline)
+
+
+def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
+    nonce = secrets.token_hex(16).encode()  # per call, never in the code's text or environment
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        stdin.write(nonce + b"\n" + code.encode("utf-8", errors="replace"))
+        stdin.seek(0)
+        result_path = os.path.join(workdir, RESULT_FILENAME)
+        streams = dict(stdin=stdin, stdout=stdout, stderr=stderr)
+        if bwrap_arguments is None:
+            command = _child_command(maximum_memory_bytes, result_path, os.path.abspath(__file__))
+            env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
+            process = subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True, **streams)
+            init_pidfd = None
+        else:
+            command = _child_command(maximum_memory_bytes, result_path, SANDBOX_HARNESS_PATH)
+            process, init_pidfd = _start_isolated(bwrap_arguments, command, workdir, deadline, **streams)
+        timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
+        out, err = _read_capped(stdout), _read_capped(stderr)
+        ran_to_end = _ran_to_end(result_path, nonce)
+    return _make_result(process.returncode, out, err, timed_out, ran_to_end, bwrap_arguments is not None)
 
 
 def execute_code(code: str, timeout: float = 5.0,
                  maximum_memory_bytes: Optional[int] = 256 * 1024 * 1024) -> ExecutionResult:
-    """Run code in a fresh guarded interpreter, in a temporary directory, for at most timeout seconds
-    (wall clock). maximum_memory_bytes=None disables the memory limit. success means exit status 0
-    (sys.exit(0) included); error is then None, else the last line of the traceback or the reason."""
+    """Run code in a fresh guarded interpreter (OS-isolated where possible), in a temporary directory,
+    for at most timeout seconds (wall clock). maximum_memory_bytes=None disables the memory limit.
+    success means the code ran to its end (an early sys.exit(0) or os._exit(0) is a failure); error is
+    then None, else the last line of the traceback or the reason."""
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
-    env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
-    with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        stdin.write(code.encode("utf-8", errors="replace"))
-        stdin.seek(0)
-        process = subprocess.Popen(_child_command(maximum_memory_bytes), cwd=workdir, env=env, stdin=stdin,
-                                   stdout=stdout, stderr=stderr, start_new_session=True)
-        timed_out = _wait_or_kill(process, timeout)
-        out, err = _read_capped(stdout), _read_capped(stderr)
-    return _make_result(process.returncode, out, err, timed_out)
+    return _execute(code, timeout, maximum_memory_bytes, _get_isolation().bwrap_arguments)
 
 
 # -----------------------------------------------------------------------------
@@ -183,20 +396,15 @@ class _NoInput(io.StringIO):
 
 
 def _print_user_traceback(e):
-    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out _run_child's frame
+    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out _exec_code's frame
 
 
-def _run_child(memory_limit_arg):
-    """Run the code from stdin under the guard. Returns the exit status the parent interprets."""
-    code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-    sys.stdin = _NoInput()
-    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)  # source in tracebacks
-    reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
+def _exec_code(code):
+    """Run the code in fresh globals (main guards run). Returns 0 if it ran to its end, else the exit status
+    that tells the parent why not."""
     try:
-        exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})  # fresh globals, main guards run
-    except SystemExit as e:
-        if e.code is None or e.code == 0:
-            return 0
+        exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})
+    except SystemExit as e:  # even sys.exit(0): the code after it (the checks) did not run
         print(f"SystemExit: {e.code}", file=sys.stderr)
         return 1
     except MemoryError as e:
@@ -208,5 +416,33 @@ def _run_child(memory_limit_arg):
     return 0
 
 
+def _flush_output():
+    """Flush what the code printed; failing to (e.g. at the output size cap) fails the run. Returns the status."""
+    try:
+        sys.__stdout__.flush()
+        sys.__stderr__.flush()
+    except BaseException as e:
+        traceback.print_exception(type(e), e, None, file=sys.__stderr__)
+        return 1
+    return 0
+
+
+def _run_child(memory_limit_arg, result_path):
+    """Run the code from stdin (after the nonce line) under the guard; if it ran to its end, write the nonce
+    to result_path and exit at once. Returns the exit status otherwise."""
+    nonce = sys.stdin.buffer.readline().rstrip(b"\n")
+    code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    sys.stdin = _NoInput()
+    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)  # source in tracebacks
+    result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # taken before the code runs
+    write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
+    reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
+    status = _exec_code(code) or _flush_output()
+    if status == 0:
+        write(result_fd, nonce)
+        exit_now(0)  # the result is in: the code's atexit handlers and leftover threads cannot change it
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(_run_child(sys.argv[1]))
+    sys.exit(_run_child(sys.argv[1], sys.argv[2]))

@@ -55,7 +55,9 @@ class HumanEval(Task):
         return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, completion):
-        """True if the completion's code passes the problem's tests (check(<entry_point>)) in the sandbox."""
+        """True if the completion's code passes the problem's tests (check(<entry_point>)) in the sandbox.
+        check() is the program's last statement and execute_code succeeds only when the program ran to its
+        end, so code that exits early (sys.exit(0), os._exit(0), an atexit handler) fails."""
         from nanochat.execution import execute_code  # the sandbox forks processes: load it only to grade
         imports = extract_imports(conversation["messages"][0]["content"])
         program = (imports + "\n\n" + extract_program(completion) + "\n\n"

@@ -1,21 +1,62 @@
 """
-The sandbox: each call spawns a fresh guarded interpreter (~0.2 s), so the checks are chosen to be cheap:
+The sandbox: each call spawns a fresh guarded interpreter (~0.1 s), so the checks are chosen to be cheap:
 harmless targets for the destructive functions (files under tmp_path, signal 0 to our own pid).
+Every test runs twice: under OS isolation (skipped where bwrap cannot run) and with the in-process guards
+alone, the fallback where no isolation is available; both must grade the same way.
+The attacks that only OS isolation contains are in tests/test_sandbox.py.
 """
 
 import os
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
+import glob
+import gzip
+import json
+import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
 
+from nanochat import execution
+from nanochat.common import REPO_DATA_DIR
 from nanochat.execution import OUTPUT_LIMIT_BYTES, ExecutionResult, execute_code
+from tasks.humaneval import HumanEval
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and Linux rlimits")
+
+
+@pytest.fixture(autouse=True, params=["isolated", "guards only"])
+def sandbox_mode(request, monkeypatch):
+    if request.param == "isolated":
+        problem = execution.isolation_problem()
+        if problem:
+            pytest.skip(f"no OS isolation here: {problem}")
+    else:
+        monkeypatch.setattr(execution, "_isolation", execution._Isolation(None, "turned off by this test"))
+    return request.param
+
+
+def processes_mentioning(text):
+    """Live processes whose command line contains text (a zombie's command line is empty)."""
+    pids = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(path.split("/")[2]))
+        except OSError:
+            pass  # ended meanwhile
+    return pids
+
+
+def wait_until_gone(text, seconds=3.0):
+    deadline = time.time() + seconds
+    while processes_mentioning(text) and time.time() < deadline:
+        time.sleep(0.05)
+    return processes_mentioning(text)
 
 
 def test_happy_path_captures_stdout():
@@ -48,20 +89,19 @@ def test_infinite_loop_times_out():
 
 @linux_only
 def test_timeout_kills_processes_started_by_the_code():
-    code = ("import os\n"
-            "pid = os.posix_spawn('/bin/sleep', ['sleep', '30'], {})\n"
-            "print(pid, flush=True)\n"
+    # posix.fork: the guard disables os.fork only; the forked child's command line names the temp dir
+    code = ("import posix, time\n"
+            "print(posix.getcwd(), flush=True)\n"
+            "if posix.fork() == 0:\n    time.sleep(30)\n"
             "while True: pass\n")
     result = execute_code(code, timeout=1.0)
     assert result.timeout
-    pid = int(result.stdout)  # output written before the kill is kept
-    time.sleep(0.2)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        assert state == "Z", f"sleep {pid} survived the timeout"  # killed, waiting to be reaped by init
-    except FileNotFoundError:
-        pass  # killed and reaped
+    workdir = result.stdout.strip()  # output written before the kill is kept
+    assert workdir.startswith(os.path.realpath(tempfile.gettempdir()))
+    survivors = wait_until_gone(workdir)
+    for pid in survivors:
+        os.kill(pid, 9)  # clean up before failing
+    assert survivors == [], "processes started by the code survived the timeout"
 
 
 @linux_only
@@ -166,10 +206,56 @@ def test_fresh_globals_and_main_guard():
     assert result.success and result.stdout == "False []\nmain\n"
 
 
-def test_sys_exit():
-    assert execute_code("import sys; sys.exit(0)").success
-    failed = execute_code("import sys; sys.exit(2)")
-    assert not failed.success and failed.error == "SystemExit: 2" and not failed.timeout
+def test_sys_exit_is_a_failure_even_with_status_0():
+    for status in (0, 2):
+        result = execute_code(f"import sys; sys.exit({status})")
+        assert not result.success and result.error == f"SystemExit: {status}" and not result.timeout
+
+
+# Success means the code ran to its end. Each of these leaves before the failing assert at the end
+# (HumanEval's check()), most with exit status 0, which used to count as a pass.
+EARLY_EXITS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "raise SystemExit": "raise SystemExit",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "atexit os._exit(0)": "import atexit, os\natexit.register(lambda: os._exit(0))",
+    "signal": "import posix, signal\nposix.kill(posix.getpid(), signal.SIGTERM)",
+    "thread os._exit(0)": "import os, threading\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
+                          "import time\ntime.sleep(1)",
+    "forged result file": f"import os\nopen({execution.RESULT_FILENAME!r}, 'w').write('0' * 32)\nos._exit(0)",
+}
+
+
+@pytest.mark.parametrize("exit_code", EARLY_EXITS.values(), ids=EARLY_EXITS.keys())
+def test_leaving_before_the_end_is_a_failure(exit_code):
+    result = execute_code(f"{exit_code}\nassert False, 'the checks failed'")
+    assert not result.success and result.error and not result.timeout, result
+
+
+def test_success_needs_the_last_statement_to_finish():
+    assert execute_code("import atexit, os\natexit.register(lambda: os._exit(1))\nprint('done')").success
+    assert not execute_code("assert True\nraise KeyboardInterrupt").success
+
+
+HUMANEVAL_CHEATS = {
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "atexit os._exit(0)": "import atexit, os\natexit.register(lambda: os._exit(0))",
+}
+
+
+@pytest.mark.parametrize("cheat", HUMANEVAL_CHEATS.values(), ids=HUMANEVAL_CHEATS.keys())
+def test_humaneval_counts_a_pass_only_when_the_checks_ran_to_their_end(cheat):
+    task = HumanEval.__new__(HumanEval)  # evaluate needs no data beyond the conversation
+    with gzip.open(os.path.join(REPO_DATA_DIR, "tasks", "humaneval", "test.jsonl.gz"), "rt") as f:
+        row = json.loads(f.readline())
+    conversation = {"messages": [{"role": "user", "content": row["prompt"]}],
+                    "entry_point": row["entry_point"], "test": row["test"]}
+    wrong = row["prompt"] + "    return None\n"
+    right = row["prompt"] + row["canonical_solution"]
+    assert task.evaluate(conversation, right) is True
+    assert task.evaluate(conversation, wrong) is False
+    assert task.evaluate(conversation, f"{wrong}\n{cheat}\n") is False
 
 
 def test_stdlib_imports_work():
@@ -195,3 +281,33 @@ def test_repr_lists_only_set_fields():
     full = ExecutionResult(False, "o", "e", error="boom", timeout=True, memory_exceeded=True)
     assert repr(full) == ("ExecutionResult(success=False, timeout=True, memory_exceeded=True, error='boom', "
                           "stdout='o', stderr='e')")
+
+
+def test_importing_the_module_probes_nothing():
+    code = "import nanochat.execution as e\nprint(e._isolation)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout == "None\n" and done.stderr == ""
+
+
+def test_without_isolation_it_warns_once_and_keeps_the_guards(monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap to find
+    monkeypatch.setattr(execution, "_isolation", None)  # probe again
+    results = [execute_code("import os\nprint(os.kill)") for _ in range(2)]
+    assert all(result.success and result.stdout == "None\n" for result in results)
+    problem = execution.isolation_problem()
+    warnings = capsys.readouterr().err
+    assert problem and problem in warnings and "WITHOUT OS isolation" in warnings
+    assert warnings.count("WARNING") == 1
+
+
+@linux_only
+def test_a_bwrap_that_cannot_isolate_is_not_used(monkeypatch, tmp_path, capsys):
+    fake = tmp_path / "bwrap"  # found, but fails like a bwrap without user namespaces
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(execution, "_isolation", None)
+    assert execute_code("print('still runs')").stdout == "still runs\n"
+    assert "No permissions to create new namespace" in execution.isolation_problem()
+    assert "WITHOUT OS isolation" in capsys.readouterr().err
