@@ -306,7 +306,9 @@ def state_for_rank(meta, rank, world):
     if states and len(states) == world:
         return states[rank]
     state = meta.get("dataloader_state_dict")
-    if state is None or "cursor" not in state or (state.get("rank"), state.get("world_size")) == (rank, world):
+    if state is None or "cursor" not in state:
+        return state
+    if (state.get("rank"), state.get("world_size")) == (rank, world):
         return state
     saved_world = len(states) if states else state.get("world_size")
     print0(f"Dataloader state saved by {saved_world} rank(s), resuming on {world}: approximate resume "

@@ -13,6 +13,12 @@ learning rates and weight decay from the d12 reference point.
 Resuming (--resume-from-step s) is exact: the checkpoint holds the weights, the optimizer, the loss EMA
 and the dataloader position *before* the batch that was prefetched, so the resumed run trains on the
 same batches as the uninterrupted one. SIGTERM/SIGINT save a checkpoint after the current step and exit.
+With several ranks every rank's loader state is saved and restored (resume with the same world size;
+another one resumes the data approximately). A --run logged to wandb is continued by the resume.
+
+Determinism: on CPU the same command gives bitwise-identical weights (torch's deterministic algorithms
+are on; keep OMP_NUM_THREADS the same). On CUDA that is opt-in, NANOCHAT_DETERMINISTIC=1 (slower; FA3's
+backward stays non-deterministic, add NANOCHAT_ATTN=sdpa); NANOCHAT_DETERMINISTIC=0 turns it off on CPU.
 """
 
 import os

@@ -35,7 +35,8 @@ from nanochat.common import (autodetect_device_type, compute_cleanup, compute_in
                              is_ddp_initialized, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from scripts.chat_sft import checkpoint_meta, load_resume_optimizer, print_compute_info, warn_on_changed_config
+from scripts.chat_sft import (checkpoint_meta, load_resume_optimizer, print_compute_info,
+                              warn_on_changed_config)
 
 EVAL_MAX_NEW_TOKENS = 256  # pass@k completions (reference value)
 EVAL_TOP_K = 50

@@ -35,8 +35,9 @@ is computed from the batches actually trained and clamped to 1, so the LR multip
 Resume (--resume-from-step s, same flags and world size) is exact: a checkpoint holds the weights,
 every rank's optimizer shard and packer state (the fetch cursor, the buffered conversations, the
 counters) as of *before* the prefetched batch, and the loop state, so the resumed run trains on the
-same batches with the same numbers. SIGTERM/SIGINT save a checkpoint after the current step and exit
-with 128 + the signal number; a non-finite loss stops the run without saving.
+same batches with the same numbers, and continues the wandb run (its id is in the meta). SIGTERM/SIGINT
+save a checkpoint after the current step and exit with 128 + the signal number; a non-finite loss stops
+the run without saving.
 
 Checkpoints go to <base_dir>/chatsft_checkpoints/<--model-tag or d<depth>>/, step = optimizer steps
 done. The meta's model_config is the trained model's own config: the reference wrote sequence_len =
@@ -278,7 +279,8 @@ class ConversationPacker:
     takes the largest buffered conversation that still fits, again and again, and is padded with BOS
     (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
     (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
-    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape (batch_size, seq_len), with
+    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
+    (batch_size, seq_len), with
     targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
     continue with exactly the same batches.
     """
@@ -308,7 +310,7 @@ class ConversationPacker:
         self.buffer = [(index, *self._render(index)[:2]) for index in state["buffer"]]
 
     def _render(self, index):
-        """(ids, mask, truncated): the rendering cut to max_tokens, as render_conversation(max_tokens) cuts it."""
+        """(ids, mask, truncated): the rendering cut to max_tokens, as render_conversation cuts it."""
         # one token more than kept tells whether anything was cut
         ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.max_tokens + 1)
         return ids[:self.max_tokens], mask[:self.max_tokens], len(ids) > self.max_tokens
@@ -327,8 +329,8 @@ class ConversationPacker:
                 self.truncated += 1
                 if self.label not in _TRUNCATION_NOTICES:
                     _TRUNCATION_NOTICES.add(self.label)
-                    print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} tokens "
-                           f"(e.g. #{index}) to fit a row; they are trained on as truncated")
+                    print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
+                           f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
 
     def _best_fit(self, room):
         best = None
@@ -617,7 +619,8 @@ def main(argv=None):
             last_step = bool(done_flag)
             update = training.renormalise_accumulated_grads(model, n_with_targets, accum, device) > 0
             if not update:
-                print0(f"Step {step:05d}: no supervised token in the whole batch; the weights are not updated")
+                print0(f"Step {step:05d}: no supervised token in the whole batch; "
+                       f"the weights are not updated")
             lrm = training.sft_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             training.apply_schedule(optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
             train_loss_f, dt, signalled = training.finish_step(optimizer, model, scaler, train_loss, timer, stop_flag,

@@ -107,7 +107,8 @@ def base_dir(tmp_path_factory):
 
 def run_main(argv, capsys):
     """base_train.main in this process; the GC policy and deterministic mode it sets are undone afterwards."""
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         base_train.main(argv)
     finally:
@@ -247,11 +248,12 @@ def test_two_identical_compiled_cpu_runs_end_with_identical_weights(base_dir):
     for tag in ("t_det_a", "t_det_b"):
         cmd = [sys.executable, "-m", "scripts.base_train"] + TRAIN_FLAGS + [
             "--num-iterations=3", "--eval-every=-1", f"--model-tag={tag}"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     outs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), outs
-    a, b = (torch.load(os.path.join(base_dir, "base_checkpoints", tag, "model_000003.pt")) for tag in ("t_det_a", "t_det_b"))
+    a, b = (torch.load(os.path.join(base_dir, "base_checkpoints", tag, "model_000003.pt"))
+            for tag in ("t_det_a", "t_det_b"))
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different
     assert all("Deterministic mode on (cpu" in out for out in outs)
@@ -281,7 +283,8 @@ def test_closing_the_loader_joins_its_tokenizer_thread(base_dir):
     from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
     from nanochat.tokenizer import get_tokenizer
     assert not tokenizer_threads()
-    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(get_tokenizer(), 2, 32, "train", device="cpu")
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(get_tokenizer(), 2, 32, "train",
+                                                                       device="cpu")
     next(loader)
     assert len(tokenizer_threads()) == 1
     loader.close()

@@ -10,6 +10,7 @@ os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 import gzip
 import json
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -193,3 +194,22 @@ def test_rl_steps_save_checkpoints_and_resume_exactly(base_dir, capsys, monkeypa
     assert step_lines(resumed) == [line for line in lines if line[0] == "1"]
     again = torch.load(os.path.join(ckpt, "model_000002.pt"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_rl_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
+    from tasks.gsm8k import GSM8K
+    monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+    calls = []
+
+    def init(**kwargs):  # stands in for wandb.init (a dependency): records what it was called with
+        calls.append(kwargs)
+        return SimpleNamespace(id=kwargs.get("id") or f"run{len(calls)}", log=lambda *a, **k: None,
+                               finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--run=rlrun"])
+    assert calls[0]["name"] == "rlrun" and "id" not in calls[0]
+    with open(os.path.join(base_dir, "chatrl_checkpoints", "d2", "meta_000001.json")) as f:
+        assert json.load(f)["wandb_run_id"] == "run1"
+    chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--run=rlrun", "--resume-from-step=1"])
+    assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")
+    capsys.readouterr()

@@ -1,6 +1,7 @@
 """
 scripts/chat_sft.py on CPU, offline: the conversation packer (whole conversations, BOS-aligned rows,
-targets exactly on the assistant's tokens, padding, truncation to the row, exact resume from its state), the small
+targets exactly on the assistant's tokens, padding, truncation to the row, exact resume from its state),
+the small
 pure pieces (progress, inheritance, ChatCORE, optimizer warm start), and real SFT runs of a depth-2
 model: checkpoint, meta and report, then a resume from the middle checkpoint that reproduces the
 uninterrupted run bit for bit.
@@ -12,6 +13,8 @@ import gc
 import gzip
 import json
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -185,7 +188,8 @@ def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
 def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(tokenizer):
     # the reference renders with render_conversation's max_tokens and trains on what is left
     dataset = [conversation(300 + k) for k in range(3)]
-    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=63, buffer_size=2, label="t5")
+    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=63, buffer_size=2,
+                                         label="t5")
     rows, masks = packer.next_rows()
     for k, (row, mask) in enumerate(zip(rows, masks)):
         expected_ids, expected_mask = tokenizer.render_conversation(dataset[k], max_tokens=64)
@@ -198,7 +202,8 @@ def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(toke
 
 def test_long_rows_truncate_like_the_references_2048_token_render(tokenizer):
     dataset = [conversation(3000)]
-    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=3000, buffer_size=1, label="t6")
+    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=3000, buffer_size=1,
+                                         label="t6")
     rows, _ = packer.next_rows()
     assert rows[0][:2048] == tokenizer.render_conversation(dataset[0])[0]  # render's default max_tokens: 2048
     assert set(rows[0][2048:]) == {tokenizer.get_bos_token_id()}  # the rest of the row is padding
@@ -269,7 +274,8 @@ RUN_FLAGS = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=4", "--eva
 
 def run_main(argv, capsys):
     """chat_sft.main in this process; the GC policy and deterministic mode it sets are undone afterwards."""
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         chat_sft.main(argv)
     finally:
@@ -314,3 +320,44 @@ def test_sft_run_then_exact_resume_from_the_middle_checkpoint(base_dir, capsys):
     assert all(step_losses(resumed)[s] == step_losses(out)[s] for s in (3, 4))
     again = torch.load(os.path.join(ckpt, "model_000004.pt"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_sft_run_with_fully_masked_micro_batches_stays_finite(base_dir, capsys, monkeypatch):
+    # prompts longer than a row: truncated, they leave rows with no supervised token, and the packer puts
+    # them first (largest fit), so the first step has only fully masked micro-batches
+    long_prompt = {"messages": [{"role": "user", "content": " ".join(["question"] * 400)},
+                                {"role": "assistant", "content": "ok"}]}
+    dataset = [long_prompt] * 8 + [conversation(k) for k in range(1, 40)]
+    monkeypatch.setattr(chat_sft, "train_mixture", lambda *args: dataset)
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=3", "--eval-every=-1",
+             "--eval-tokens=256", "--chatcore-every=-1", "--load-optimizer=0"]
+    out = run_main(flags, capsys)
+    assert "Step 00000: no supervised token in the whole batch; the weights are not updated" in out
+    losses = step_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(float(v) == float(v) for v in losses.values())  # no NaN
+    final = torch.load(os.path.join(base_dir, "chatsft_checkpoints", "d2", "model_000003.pt"))
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def fake_wandb(calls):
+    """A stand-in for the wandb package (a dependency) that records the kwargs of every init."""
+    def init(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(id=kwargs.get("id") or f"run{len(calls)}", log=lambda *a, **k: None,
+                                     finish=lambda: None)
+    module = types.ModuleType("wandb")
+    module.init = init
+    return module
+
+
+def test_sft_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=2", "--eval-every=-1", "--eval-tokens=256",
+             "--chatcore-every=-1", "--save-every=1", "--run=sftrun"]
+    run_main(flags, capsys)
+    assert calls[0]["name"] == "sftrun" and "id" not in calls[0]
+    with open(os.path.join(base_dir, "chatsft_checkpoints", "d2", "meta_000001.json")) as f:
+        assert json.load(f)["wandb_run_id"] == "run1"
+    run_main(flags + ["--resume-from-step=1"], capsys)
+    assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")

@@ -20,8 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 FLAGS = ["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=2",
          "--total-batch-size=512", "--eval-tokens=512", "--core-metric-every=-1", "--sample-every=-1",
-         "--window-pattern=L", "--warmup-steps=2", "--embedding-lr=1", "--unembedding-lr=0.1", "--matrix-lr=0.1",
-         f"--num-iterations={STEPS}", f"--eval-every={STEPS}", "--save-every=3"]
+         "--window-pattern=L", "--warmup-steps=2", "--embedding-lr=1", "--unembedding-lr=0.1",
+         "--matrix-lr=0.1", f"--num-iterations={STEPS}", f"--eval-every={STEPS}", "--save-every=3"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def start(base_dir, nproc, extra):
         env.pop(key, None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "scripts.base_train"] + FLAGS + extra
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def finish(proc):

@@ -163,7 +163,8 @@ def masked_step(model, batches):
     """What chat_sft does for one optimizer step; returns the micro-step losses."""
     losses = [training.masked_micro_step(model, x, y, bool((y >= 0).any()), len(batches)) for x, y in batches]
     n_with_targets = sum(loss is not None for loss in losses)
-    assert training.renormalise_accumulated_grads(model, n_with_targets, len(batches), "cpu") == n_with_targets
+    n_counted = training.renormalise_accumulated_grads(model, n_with_targets, len(batches), "cpu")
+    assert n_counted == n_with_targets
     return losses
 
 
@@ -208,7 +209,7 @@ def test_a_step_with_no_supervised_token_leaves_the_weights_unchanged():
     timer = training.StepTimer("cpu")
     timer.start()
     with training.StopFlag() as flag:
-        loss, _, _ = training.finish_step(optimizer, model, None, torch.tensor(2.5), timer, flag, "cpu", 0, "dir",
-                                          update=False)
+        loss, _, _ = training.finish_step(optimizer, model, None, torch.tensor(2.5), timer, flag, "cpu", 0,
+                                          "dir", update=False)
     assert loss == 2.5
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
