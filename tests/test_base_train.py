@@ -292,3 +292,18 @@ def test_closing_the_loader_joins_its_tokenizer_thread(base_dir):
     # process ("terminate called without an active exception")
     assert not tokenizer_threads()
 
+
+
+def test_each_rank_resumes_its_own_loader_state():
+    from nanochat.dataloader import state_for_rank
+
+    def state(rank, world):
+        return {"pq_idx": 0, "rg_idx": rank, "epoch": 1, "cursor": [1, 0, rank + world, 0], "buffer": [],
+                "rank": rank, "world_size": world}
+    meta = {"dataloader_state_dict": state(0, 2), "dataloader_state_dicts": [state(0, 2), state(1, 2)]}
+    assert state_for_rank(meta, 1, 2) == state(1, 2) and state_for_rank(meta, 0, 2) == state(0, 2)
+    # another world size, or a checkpoint with rank 0's state only: approximate for the ranks without their own
+    assert state_for_rank(meta, 0, 1) == {"pq_idx": 0, "rg_idx": 0, "epoch": 1}
+    old = {"dataloader_state_dict": state(0, 2)}
+    assert state_for_rank(old, 0, 2) == state(0, 2)
+    assert state_for_rank(old, 1, 2) == {"pq_idx": 0, "rg_idx": 0, "epoch": 1}
