@@ -16,9 +16,11 @@ yields the same batches as an uninterrupted one. A state dict with only the refe
 Tokenisation runs on a background thread, a few text batches ahead of the packer.
 """
 
+import atexit
 import bisect
 import queue
 import threading
+import weakref
 from collections import deque
 
 import numpy as np
@@ -120,17 +122,27 @@ def _encode(tokenizer, texts, bos, threads):
 
 
 class _Prefetcher:
-    """Tokenises the text stream on a daemon thread into a bounded FIFO; errors re-raise in the consumer."""
+    """
+    Tokenises the text stream on a background thread into a bounded FIFO; errors re-raise in the consumer.
+    close() stops the thread and joins it. The thread must not outlive the interpreter: a thread still
+    inside pyarrow or the tokenizer's native code when the runtime is torn down aborts the process
+    ("terminate called without an active exception"), so every prefetcher not closed by its owner is
+    closed by an atexit hook, which runs before that teardown.
+    """
 
     def __init__(self, stream, tokenizer, bos, threads):
         self._queue = queue.Queue(maxsize=_PREFETCH_BATCHES)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(stream, tokenizer, bos, threads), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(stream, tokenizer, bos, threads), daemon=True,
+                                        name="dataloader-tokenizer")
+        _LIVE_PREFETCHERS.add(self)
         self._thread.start()
 
     def _run(self, stream, tokenizer, bos, threads):
         try:
             for texts, refs, position, next_cursor in stream:
+                if self._stop.is_set():
+                    return
                 item = _Tokenized(_encode(tokenizer, texts, bos, threads), refs, position, next_cursor)
                 if not self._put(item):
                     return
@@ -152,8 +164,21 @@ class _Prefetcher:
             raise item
         return item
 
-    def close(self):
+    def close(self, timeout=60.0):
+        """Stop the thread and wait for it: it finishes the text batch in hand (bounded work), then exits."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        _LIVE_PREFETCHERS.discard(self)
+
+
+_LIVE_PREFETCHERS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_prefetchers():
+    for prefetcher in list(_LIVE_PREFETCHERS):
+        prefetcher.close()
 
 
 # -----------------------------------------------------------------------------
@@ -264,6 +289,33 @@ def _resume_point(state, rank, world):
         return list(state["cursor"]), [tuple(r) for r in state["buffer"]]
     print0("Resuming the dataloader approximately (state has no cursor): skipping to the next row-group block")
     return _approximate_cursor(state, rank, world), []
+
+
+def approximate_state(state):
+    """Only the reference's fields of a state dict: resumes approximately, on any rank of any world size."""
+    return {key: state[key] for key in ("pq_idx", "rg_idx", "epoch") if key in state}
+
+
+def state_for_rank(meta, rank, world):
+    """
+    The loader state this rank resumes from, given a checkpoint meta. A checkpoint keeps every rank's
+    exact state in `dataloader_state_dicts` (rank order) and rank 0's alone in `dataloader_state_dict`
+    (what single-process code and the reference read). With the saving world size each rank gets its
+    own state back; otherwise (or from a checkpoint with rank 0's state only) the ranks without their own
+    state resume approximately from rank 0's position, as the reference does.
+    """
+    states = meta.get("dataloader_state_dicts")
+    if states and len(states) == world:
+        return states[rank]
+    state = meta.get("dataloader_state_dict")
+    if state is None or "cursor" not in state:
+        return state
+    if (state.get("rank"), state.get("world_size")) == (rank, world):
+        return state
+    saved_world = len(states) if states else state.get("world_size")
+    print0(f"Dataloader state saved by {saved_world} rank(s), resuming on {world}: approximate resume "
+           f"(the next row-group block; batches will differ from an uninterrupted run)")
+    return approximate_state(state)
 
 
 # -----------------------------------------------------------------------------

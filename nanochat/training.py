@@ -1,12 +1,14 @@
 """
 Training-loop pieces shared by base_train, chat_sft and chat_rl: batch geometry, LR/momentum/weight-decay
 schedules, the optimizer step (with the fp16 GradScaler path), the loss EMA and timing, the GC policy,
-the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, and the eval/save cadence.
+the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, the eval/save cadence, deterministic
+mode, the wandb run that a resume continues, and the per-rank state gathered into a checkpoint.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
 import gc
 import math
+import os
 import signal
 import time
 
@@ -134,6 +136,10 @@ class LossTracker:
             self.total_training_time += dt
         return self.smooth_loss / (1 - 0.9 ** (step + 1))
 
+    def debiased(self, step):
+        """The debiased smoothed loss as of the updates of steps 0 .. step - 1 (for a step not recorded)."""
+        return self.smooth_loss / (1 - 0.9 ** step) if step > 0 else 0.0
+
     def eta_suffix(self, step, num_steps):
         timed_steps = step - WARMUP_STEPS_UNTIMED
         if timed_steps <= 0:
@@ -254,22 +260,34 @@ def exit_after_signal(save, step, signum):
     raise SystemExit(128 + signum)
 
 
-def agree_max(values, device):
-    """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
+def _all_reduce_floats(values, device, op):
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
     t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
     if is_ddp_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
-def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, step, checkpoint_dir):
+def agree_max(values, device):
+    """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
+    return _all_reduce_floats(values, device, dist.ReduceOp.MAX)
+
+
+def agree_sum(values, device):
+    """Element-wise sum over ranks of a few floats (every rank gets the same list back)."""
+    return _all_reduce_floats(values, device, dist.ReduceOp.SUM)
+
+
+def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, step, checkpoint_dir,
+                update=True):
     """
-    The end of every training step: optimizer step, zero the grads, read the loss, stop the timer, and
-    agree across ranks on stopping. Returns (loss value, seconds, signalled). A non-finite loss raises
-    NonFiniteLossError before anything is saved, so the last good checkpoint stays the newest one.
+    The end of every training step: optimizer step (skipped when update is False), zero the grads, read
+    the loss, stop the timer, and agree across ranks on stopping. Returns (loss value, seconds,
+    signalled). A non-finite loss raises NonFiniteLossError before anything is saved, so the last good
+    checkpoint stays the newest one.
     """
-    optimizer_step(optimizer, scaler)
+    if update:
+        optimizer_step(optimizer, scaler)
     model.zero_grad(set_to_none=True)
     loss_value = train_loss.item()
     dt = timer.stop()
@@ -279,3 +297,111 @@ def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, 
             f"Non-finite training loss ({loss_value}) at step {step}; not saving. The last good checkpoint in "
             f"{checkpoint_dir} is untouched: resume from it with a lower LR or a fix")
     return loss_value, dt, signalled
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation over micro-batches that may have no supervised token (SFT)
+
+def masked_micro_step(model, x, y, has_targets, accum, scaler=None):
+    """
+    Forward and backward of one micro-batch of a step of `accum`. With supervised tokens: the mean
+    cross-entropy / accum, as always; returns the (detached) mean loss. Without any (every target -1,
+    e.g. a row that is all padding or a prompt cut before the answer), the mean would be 0/0 = NaN and
+    poison the weights: the summed loss over no targets is exactly 0, and its backward through the same
+    graph adds exactly zero to every gradient (so every rank still has a gradient for every parameter,
+    which the distributed optimizer needs); returns None.
+    """
+    if has_targets:
+        loss = model(x, y)
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return loss.detach()
+    loss = model(x, y, loss_reduction="sum")
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return None
+
+
+def renormalise_accumulated_grads(model, n_with_targets, n_micro, device):
+    """
+    After a step's micro-batches (each backward divided by accum): the gradient is the mean over the
+    micro-batches of every rank that had supervised tokens. n_with_targets of this rank's n_micro had
+    some; returns how many had some on all ranks together (0: the step must not update the weights).
+    When every micro-batch had targets (the usual case) nothing is touched, so the step is exactly the
+    plain mean of the micro-batch losses.
+    """
+    with_targets, total = agree_sum([n_with_targets, n_micro], device)
+    if 0 < with_targets < total:
+        factor = total / with_targets
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+    return int(with_targets)
+
+
+# -----------------------------------------------------------------------------
+# Determinism
+
+def deterministic_wanted(device_type):
+    """NANOCHAT_DETERMINISTIC=1/0 forces it on/off; by default it is on for CPU runs only."""
+    value = os.environ.get("NANOCHAT_DETERMINISTIC", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"NANOCHAT_DETERMINISTIC must be 0 or 1, got {value!r}")
+    return device_type == "cpu" if value == "" else value == "1"
+
+
+def configure_determinism(device_type):
+    """
+    Make the same command on the same machine give bitwise-identical weights. The source of run-to-run
+    differences on CPU is torch.compile: Inductor lowers the embedding backward (an index_put with
+    accumulate) to a parallel loop of atomic adds, so rows that several positions share are summed in
+    thread-timing order. torch's deterministic mode makes Inductor fall back to the ordered kernel (and
+    fills uninitialised memory, so a stray read cannot leak garbage into a run). The cost on CPU is small,
+    hence the default. On CUDA it also costs speed and FA3's backward stays non-deterministic, so it is
+    opt-in (NANOCHAT_DETERMINISTIC=1, with NANOCHAT_ATTN=sdpa for the attention). Results still depend on
+    the number of intra-op threads (OMP_NUM_THREADS): keep it fixed between runs that must agree.
+    Returns whether deterministic mode is on.
+    """
+    enabled = deterministic_wanted(device_type)
+    if enabled and device_type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
+        torch.backends.cudnn.benchmark = False
+    # warn_only: an op without a deterministic kernel warns instead of stopping a long run
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    if enabled:
+        print0(f"Deterministic mode on ({device_type}; NANOCHAT_DETERMINISTIC=0 turns it off)")
+    return enabled
+
+
+# -----------------------------------------------------------------------------
+# wandb: a resumed run continues the run that wrote the checkpoint
+
+def init_wandb(project, run, config, master, resume_id=None):
+    """
+    The wandb run of this process (a DummyWandb off rank 0 or with run == 'dummy'). With resume_id (the
+    id kept in the checkpoint meta) the same run continues, its charts extended rather than restarted.
+    """
+    from nanochat.common import DummyWandb
+    if run == "dummy" or not master:
+        return DummyWandb()
+    import wandb
+    if resume_id:
+        print0(f"Continuing wandb run {resume_id}")
+        return wandb.init(project=project, name=run, config=config, id=resume_id, resume="allow")
+    return wandb.init(project=project, name=run, config=config)
+
+
+def wandb_run_id(wandb_run):
+    """The id to keep in the checkpoint meta (None for a DummyWandb)."""
+    return getattr(wandb_run, "id", None)
+
+
+# -----------------------------------------------------------------------------
+# Per-rank state in a checkpoint
+
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
+    if not is_ddp_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

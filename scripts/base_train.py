@@ -13,6 +13,12 @@ learning rates and weight decay from the d12 reference point.
 Resuming (--resume-from-step s) is exact: the checkpoint holds the weights, the optimizer, the loss EMA
 and the dataloader position *before* the batch that was prefetched, so the resumed run trains on the
 same batches as the uninterrupted one. SIGTERM/SIGINT save a checkpoint after the current step and exit.
+With several ranks every rank's loader state is saved and restored (resume with the same world size;
+another one resumes the data approximately). A --run logged to wandb is continued by the resume.
+
+Determinism: on CPU the same command gives bitwise-identical weights (torch's deterministic algorithms
+are on; keep OMP_NUM_THREADS the same). On CUDA that is opt-in, NANOCHAT_DETERMINISTIC=1 (slower; FA3's
+backward stays non-deterministic, add NANOCHAT_ATTN=sdpa); NANOCHAT_DETERMINISTIC=0 turns it off on CPU.
 """
 
 import os
@@ -29,10 +35,10 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
-from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
+from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_device_peak_flops, maybe_compile, print0, print_banner)
 from nanochat.core_eval import core_metric_log_key, format_core_metric
-from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit, \
+from nanochat.dataloader import state_for_rank, tokenizing_distributed_data_loader_bos_bestfit, \
     tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.flash_attention import decide_backend
 from nanochat.fp8 import disable_fp8, fp8_tokens_error
@@ -307,16 +313,12 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
+    training.configure_determinism(device_type)
     from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
     peak_flops = get_device_peak_flops(device_type)
     if device_type == "cuda":
         print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if args.run != "dummy" and master:
-        import wandb
-        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
-    else:
-        wandb_run = DummyWandb()
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
@@ -343,6 +345,8 @@ def main(argv=None):
         del model_data
     elif len(model.l3_layers) > 0:
         compute_l3_bounds(model, tokenizer, args, device, rank)
+    wandb_run = training.init_wandb("nanochat", args.run, user_config, master,
+                                    meta.get("wandb_run_id") if resuming else None)
     if args.fp8:
         model = convert_fp8(model, args.fp8_recipe, device_type)
     orig_model = model  # uncompiled: saving, CORE and sampling (their shapes vary)
@@ -384,7 +388,7 @@ def main(argv=None):
             scaler.load_state_dict(meta["grad_scaler"])
 
     # --- data and horizon
-    loader_state = meta["dataloader_state_dict"] if resuming else None
+    loader_state = state_for_rank(meta, rank, world_size) if resuming else None
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
         resume_state_dict=loader_state)
@@ -417,10 +421,13 @@ def main(argv=None):
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
             "total_batch_size": total_batch_size, "num_iterations": num_iterations,
             # the state *before* the prefetched batch x, y: a resume trains on exactly that batch next
+            # rank 0's under the reference's key (single-process readers), every rank's for an exact resume
             "dataloader_state_dict": loader_state,
+            "dataloader_state_dicts": training.gather_from_ranks(loader_state),
             "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": tracker.smooth_loss,
                            "total_training_time": tracker.total_training_time, "curve": curve},
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "wandb_run_id": training.wandb_run_id(wandb_run),
         }
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
 

@@ -35,8 +35,8 @@ from nanochat.common import (autodetect_device_type, compute_cleanup, compute_in
                              is_ddp_initialized, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from scripts.chat_sft import (checkpoint_meta, load_resume_optimizer, make_wandb,
-                              print_compute_info, warn_on_changed_config)
+from scripts.chat_sft import (checkpoint_meta, load_resume_optimizer, print_compute_info,
+                              warn_on_changed_config)
 
 EVAL_MAX_NEW_TOKENS = 256  # pass@k completions (reference value)
 EVAL_TOP_K = 50
@@ -289,8 +289,8 @@ def main(argv=None):
     if args.examples_per_step % world_size != 0:
         raise ValueError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the world size "
                          f"({world_size})")
+    training.configure_determinism(device_type)
     print_compute_info(device_type)
-    wandb_run = make_wandb("nanochat-rl", args.run, user_config, rank == 0)
     resuming = args.resume_from_step >= 0
     model, tokenizer, output_tag = load_policy(args, device, resuming)
     engine = Engine(model, tokenizer)  # the same (uncompiled) model: rollouts always see the current weights
@@ -304,14 +304,15 @@ def main(argv=None):
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
     optimizer = setup_optimizer(model, args, device, rank, output_tag, resuming)
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag)
-    step = 0
+    step, meta = 0, {}
     if resuming:
         _, step, meta = checkpoint_meta("rl", output_tag, args.resume_from_step)
         warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
+    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
 
     def save(step):
         meta_out = {"step": step, "model_config": asdict(model.config), "user_config": user_config,
-                    "num_steps": num_steps}
+                    "num_steps": num_steps, "wandb_run_id": training.wandb_run_id(wandb_run)}
         save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
         print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
 

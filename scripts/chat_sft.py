@@ -9,8 +9,11 @@ Supervised fine-tuning (SFT): turn a base checkpoint into a chat model.
 Conversations are rendered with the chat special tokens and packed into rows of max_seq_len + 1
 tokens, best fit first, each conversation whole and starting with its own BOS; the rest of a row that
 nothing fits is padding. Only the assistant's tokens are trained (render_conversation's mask). A
-conversation longer than a row is dropped (counted, announced once) instead of being cropped (losing
-its <|assistant_end|>) or, as in the reference, sitting in the packing buffer forever.
+conversation longer than a row is truncated at render time (render_conversation's max_tokens) to
+min(row, 2048) tokens and trained on: at --max-seq-len >= 2047 that is the reference's 2048-token render
+truncation exactly, and at shorter rows every conversation still fits a row. A micro-batch without a
+single supervised token (all padding, or prompts cut before their answers) contributes no gradient and
+is left out of the step's mean; a step where no rank had one does not update the weights.
 The optimizer warm start from the base checkpoint takes only its momentum/second-moment buffers; every
 group setting (LR, weight decay 0, betas) stays this run's (the reference let weight decay and betas
 be overwritten).
@@ -32,8 +35,9 @@ is computed from the batches actually trained and clamped to 1, so the LR multip
 Resume (--resume-from-step s, same flags and world size) is exact: a checkpoint holds the weights,
 every rank's optimizer shard and packer state (the fetch cursor, the buffered conversations, the
 counters) as of *before* the prefetched batch, and the loop state, so the resumed run trains on the
-same batches with the same numbers. SIGTERM/SIGINT save a checkpoint after the current step and exit
-with 128 + the signal number; a non-finite loss stops the run without saving.
+same batches with the same numbers, and continues the wandb run (its id is in the meta). SIGTERM/SIGINT
+save a checkpoint after the current step and exit with 128 + the signal number; a non-finite loss stops
+the run without saving.
 
 Checkpoints go to <base_dir>/chatsft_checkpoints/<--model-tag or d<depth>>/, step = optimizer steps
 done. The meta's model_config is the trained model's own config: the reference wrote sequence_len =
@@ -50,14 +54,12 @@ import json
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir, load_model,
                                          load_optimizer_state, save_checkpoint)
-from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
-                             download_file_with_lock, get_base_dir, get_device_peak_flops, is_ddp_initialized,
-                             maybe_compile, offline_mode, print0)
+from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, download_file_with_lock,
+                             get_base_dir, get_device_peak_flops, maybe_compile, offline_mode, print0)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -164,13 +166,6 @@ def print_compute_info(device_type):
     return peak_flops
 
 
-def make_wandb(project, run, config, master):
-    if run == "dummy" or not master:
-        return DummyWandb()
-    import wandb
-    return wandb.init(project=project, name=run, config=config)
-
-
 def warn_on_changed_config(saved_user_config, user_config, free_keys):
     changed = {k: (saved_user_config.get(k), v) for k, v in user_config.items()
                if k not in free_keys and saved_user_config.get(k, v) != v}
@@ -185,15 +180,6 @@ def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
         raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
                                 f"checkpoint {model_tag} (resume with the world size that saved it)")
     optimizer.load_state_dict(state)
-
-
-def gather_from_ranks(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
-    if not is_ddp_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +268,8 @@ def val_mixture():
 # -----------------------------------------------------------------------------
 # Conversation packing: BOS-aligned best fit, with padding, resumable
 
-_DROP_NOTICES = set()  # labels whose packer already announced a dropped conversation (print once per process)
+RENDER_MAX_TOKENS = 2048  # render_conversation's default truncation, which the reference's SFT used
+_TRUNCATION_NOTICES = set()  # labels whose packer already announced a truncation (print once per process)
 
 
 class ConversationPacker:
@@ -290,9 +277,10 @@ class ConversationPacker:
     Packs rendered conversations into rows of seq_len + 1 tokens. Rank r fetches conversations
     r, r + W, r + 2W, ... (wrapping around the dataset, counting epochs from 1) into a buffer; each row
     takes the largest buffered conversation that still fits, again and again, and is padded with BOS
-    (mask 0) when none does. Conversations are never cropped: one longer than a row can never be placed,
-    so it is dropped when fetched (counted in `dropped` and in `consumed`) instead of sitting in the
-    buffer forever. next_batch() returns (inputs int32, targets int64) of shape (batch_size, seq_len), with
+    (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
+    (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
+    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
+    (batch_size, seq_len), with
     targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
     continue with exactly the same batches.
     """
@@ -307,44 +295,42 @@ class ConversationPacker:
         self.device = torch.device(device)
         self.bos = tokenizer.get_bos_token_id()
         self.cursor, self.epoch = rank % len(dataset), 1
-        self.consumed, self.it, self.dropped = rank, 0, 0
+        self.max_tokens = min(self.capacity, RENDER_MAX_TOKENS)
+        self.consumed, self.it, self.truncated = rank, 0, 0
         self.buffer = []  # (dataset index, ids, mask) in fetch order
 
     def state_dict(self):
         return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed, "it": self.it,
-                "dropped": self.dropped, "buffer": [index for index, _, _ in self.buffer]}
+                "truncated": self.truncated, "buffer": [index for index, _, _ in self.buffer]}
 
     def load_state_dict(self, state):
-        for key in ("cursor", "epoch", "consumed", "it", "dropped"):
+        for key in ("cursor", "epoch", "consumed", "it"):
             setattr(self, key, int(state[key]))
-        self.buffer = [(index, *self._render(index)) for index in state["buffer"]]
+        self.truncated = int(state.get("truncated", 0))
+        self.buffer = [(index, *self._render(index)[:2]) for index in state["buffer"]]
 
     def _render(self, index):
-        # one token past the row is enough to know a conversation cannot fit
-        return self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.capacity + 1)
+        """(ids, mask, truncated): the rendering cut to max_tokens, as render_conversation cuts it."""
+        # one token more than kept tells whether anything was cut
+        ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.max_tokens + 1)
+        return ids[:self.max_tokens], mask[:self.max_tokens], len(ids) > self.max_tokens
 
     def _refill(self):
-        n, misses = len(self.dataset), 0
+        n = len(self.dataset)
         while len(self.buffer) < self.buffer_size:
             index = self.cursor
             self.cursor += self.world_size
             if self.cursor >= n:
                 self.cursor %= n
                 self.epoch += 1
-            ids, mask = self._render(index)
-            if len(ids) <= self.capacity:
-                self.buffer.append((index, ids, mask))
-                continue
-            self.consumed += self.world_size
-            self.dropped += 1
-            misses += 1
-            if misses > n:
-                raise ValueError(f"{self.label} conversations: none fits in a row of {self.capacity} tokens "
-                                 f"(raise --max-seq-len)")
-            if self.label not in _DROP_NOTICES:
-                _DROP_NOTICES.add(self.label)
-                print0(f"Note: dropping {self.label} conversations longer than a row ({self.capacity} tokens), "
-                       f"e.g. #{index} ({len(ids)}+ tokens); they are counted, never cropped")
+            ids, mask, truncated = self._render(index)
+            self.buffer.append((index, ids, mask))
+            if truncated:
+                self.truncated += 1
+                if self.label not in _TRUNCATION_NOTICES:
+                    _TRUNCATION_NOTICES.add(self.label)
+                    print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
+                           f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
 
     def _best_fit(self, room):
         best = None
@@ -422,13 +408,15 @@ class PrefetchedBatches:
         self.current = self._produce()
 
     def _produce(self):
-        x, y = self.packer.next_batch()
+        rows, masks = self.packer.next_rows()
+        x, y = rows_to_batch(rows, masks, device=self.packer.device)
+        has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
         progress, done = sft_progress(self.packer.consumed, self.dataset_size, self.packer.it, self.horizon_batches)
-        return x, y, (progress, done, self.packer.epoch, self.packer.state_dict())
+        return x, y, has_targets, (progress, done, self.packer.epoch, self.packer.state_dict())
 
     def advance(self):
         """Mark the current batch trained and pack the next; returns the trained batch's (progress, done, epoch)."""
-        progress, done, epoch, state = self.current[2]
+        progress, done, epoch, state = self.current[3]
         self.trained_state = state
         self.current = self._produce()
         return progress, done, epoch
@@ -543,8 +531,8 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
+    training.configure_determinism(device_type)
     peak_flops = print_compute_info(device_type)
-    wandb_run = make_wandb("nanochat-sft", args.run, user_config, master)
     resuming = args.resume_from_step >= 0
 
     # --- model, hyperparameters, optimizer
@@ -565,6 +553,7 @@ def main(argv=None):
         warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
         if scaler is not None and meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
+    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, master, meta.get("wandb_run_id"))
 
     # --- data
     train_ds, val_ds = train_mixture(args.mmlu_epochs, args.gsm8k_epochs), val_mixture()
@@ -581,6 +570,7 @@ def main(argv=None):
     epoch = loop.get("epoch", 1)
     tracker = training.LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
     timer = training.StepTimer(device_type)
+    train_loss = torch.zeros((), device=device)  # the last micro-batch loss that had targets (logging only)
     flops_per_token = orig_model.estimate_flops()
     model_config = asdict(orig_model.config)  # keeps the trained attention windows (module docstring)
 
@@ -592,8 +582,9 @@ def main(argv=None):
             "loop_state": {"progress": progress, "last_step": last_step, "epoch": epoch, "min_val_bpb": min_val_bpb,
                            "smooth_train_loss": tracker.smooth_loss,
                            "total_training_time": tracker.total_training_time,
-                           "loader_states": gather_from_ranks(batches.trained_state)},
+                           "loader_states": training.gather_from_ranks(batches.trained_state)},
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "wandb_run_id": training.wandb_run_id(wandb_run),
         }
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
 
@@ -616,22 +607,26 @@ def main(argv=None):
 
             # --- one optimizer step over `accum` micro-batches
             timer.start()
-            batch_done = False
+            batch_done, n_with_targets = False, 0
             for _ in range(accum):
-                x, y, _ = batches.current
-                loss = model(x, y)
-                train_loss = loss.detach()
-                loss = loss / accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                x, y, has_targets, _ = batches.current
+                loss = training.masked_micro_step(model, x, y, has_targets, accum, scaler)
+                if loss is not None:
+                    train_loss, n_with_targets = loss, n_with_targets + 1
                 batch_progress, done, epoch = batches.advance()
                 progress, batch_done = max(progress, batch_progress), batch_done or done
             progress, done_flag = training.agree_max([progress, batch_done], device)  # ranks must step with one LR
             last_step = bool(done_flag)
+            update = training.renormalise_accumulated_grads(model, n_with_targets, accum, device) > 0
+            if not update:
+                print0(f"Step {step:05d}: no supervised token in the whole batch; "
+                       f"the weights are not updated")
             lrm = training.sft_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             training.apply_schedule(optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
             train_loss_f, dt, signalled = training.finish_step(optimizer, model, scaler, train_loss, timer, stop_flag,
-                                                               device, step, checkpoint_dir)
-            smooth = tracker.update(step, train_loss_f, dt)
+                                                               device, step, checkpoint_dir, update=update)
+            # the loss EMA averages the losses of micro-batches that had targets only
+            smooth = tracker.update(step, train_loss_f, dt) if update else tracker.debiased(step)
             first_step_of_run = step == 0 or (resuming and step == args.resume_from_step)
             step += 1
             tok_per_sec = int(hp["total_batch_size"] / dt)
@@ -653,8 +648,8 @@ def main(argv=None):
     print0(f"Peak memory usage: {peak_mem:.2f}MiB")
     print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
     print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
-    if packer.dropped:
-        print0(f"Dropped {packer.dropped:,} training conversations longer than a row of {packer.capacity} tokens")
+    if packer.truncated:
+        print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
     get_report().log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
                              {"Minimum validation bpb": min_val_bpb}])
     wandb_run.finish()

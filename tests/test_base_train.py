@@ -11,6 +11,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import types
 
 import pytest
 import torch
@@ -104,12 +106,15 @@ def base_dir(tmp_path_factory):
 
 
 def run_main(argv, capsys):
-    """base_train.main in this process; the GC policy it sets is undone afterwards."""
+    """base_train.main in this process; the GC policy and deterministic mode it sets are undone afterwards."""
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         base_train.main(argv)
     finally:
         gc.enable()
         gc.unfreeze()
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return capsys.readouterr().out
 
 
@@ -187,3 +192,118 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(base_dir, capsys):
     last = find_last_step(ckpt)
     state = torch.load(os.path.join(ckpt, f"model_{last:06d}.pt"))
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+# -----------------------------------------------------------------------------
+# wandb: a resume continues the same run
+
+class FakeWandbRun:
+    def __init__(self, kwargs):
+        self.id = kwargs.get("id") or f"run{len(FakeWandb.calls)}"
+        self.logged = []
+
+    def log(self, data):
+        self.logged.append(data)
+
+    def finish(self):
+        pass
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package (a dependency): records what init was called with."""
+    calls = []
+
+    def __init__(self):
+        super().__init__("wandb")
+
+    def init(self, **kwargs):
+        FakeWandb.calls.append(kwargs)
+        return FakeWandbRun(kwargs)
+
+
+def test_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    FakeWandb.calls.clear()
+    flags = TRAIN_FLAGS + ["--num-iterations=4", "--eval-every=-1", "--model-tag=t_wandb", "--run=myrun",
+                           "--save-every=2"]
+    run_main(flags, capsys)
+    first = FakeWandb.calls[0]
+    assert first["name"] == "myrun" and "id" not in first
+    with open(os.path.join(base_dir, "base_checkpoints", "t_wandb", "meta_000002.json")) as f:
+        assert json.load(f)["wandb_run_id"] == "run1"
+    run_main(flags + ["--resume-from-step=2"], capsys)
+    resumed = FakeWandb.calls[1]
+    assert resumed["id"] == "run1" and resumed["resume"] in ("allow", "must") and resumed["name"] == "myrun"
+
+
+# -----------------------------------------------------------------------------
+# Determinism: the same command twice gives the same weights, bit for bit
+
+def test_two_identical_compiled_cpu_runs_end_with_identical_weights(base_dir):
+    # torch.compile is on (as in a default run): its CPU embedding backward summed shared rows with atomic
+    # adds in thread-timing order, so two runs drifted apart (backout_lambda by 0.48 after 40 steps)
+    env = dict(os.environ, NANOCHAT_COMPILE="1", OMP_NUM_THREADS="2")
+    env.pop("NANOCHAT_DETERMINISTIC", None)
+    procs = []
+    for tag in ("t_det_a", "t_det_b"):
+        cmd = [sys.executable, "-m", "scripts.base_train"] + TRAIN_FLAGS + [
+            "--num-iterations=3", "--eval-every=-1", f"--model-tag={tag}"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outs
+    a, b = (torch.load(os.path.join(base_dir, "base_checkpoints", tag, "model_000003.pt"))
+            for tag in ("t_det_a", "t_det_b"))
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+    assert all("Deterministic mode on (cpu" in out for out in outs)
+
+
+def test_deterministic_switch():
+    from nanochat.training import deterministic_wanted
+    assert deterministic_wanted("cpu") and not deterministic_wanted("cuda")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_DETERMINISTIC", "1")
+        assert deterministic_wanted("cuda")
+        mp.setenv("NANOCHAT_DETERMINISTIC", "0")
+        assert not deterministic_wanted("cpu")
+        mp.setenv("NANOCHAT_DETERMINISTIC", "yes")
+        with pytest.raises(ValueError, match="NANOCHAT_DETERMINISTIC"):
+            deterministic_wanted("cpu")
+
+
+# -----------------------------------------------------------------------------
+# The loader's tokenising thread ends with the loader
+
+def tokenizer_threads():
+    return [t for t in threading.enumerate() if t.name == "dataloader-tokenizer"]
+
+
+def test_closing_the_loader_joins_its_tokenizer_thread(base_dir):
+    from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+    from nanochat.tokenizer import get_tokenizer
+    assert not tokenizer_threads()
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(get_tokenizer(), 2, 32, "train",
+                                                                       device="cpu")
+    next(loader)
+    assert len(tokenizer_threads()) == 1
+    loader.close()
+    # joined, not merely told to stop: a thread left inside native code at interpreter exit aborts the
+    # process ("terminate called without an active exception")
+    assert not tokenizer_threads()
+
+
+
+def test_each_rank_resumes_its_own_loader_state():
+    from nanochat.dataloader import state_for_rank
+
+    def state(rank, world):
+        return {"pq_idx": 0, "rg_idx": rank, "epoch": 1, "cursor": [1, 0, rank + world, 0], "buffer": [],
+                "rank": rank, "world_size": world}
+    meta = {"dataloader_state_dict": state(0, 2), "dataloader_state_dicts": [state(0, 2), state(1, 2)]}
+    assert state_for_rank(meta, 1, 2) == state(1, 2) and state_for_rank(meta, 0, 2) == state(0, 2)
+    # another world size, or a checkpoint with rank 0's state only: approximate for the ranks without their own
+    assert state_for_rank(meta, 0, 1) == {"pq_idx": 0, "rg_idx": 0, "epoch": 1}
+    old = {"dataloader_state_dict": state(0, 2)}
+    assert state_for_rank(old, 0, 2) == state(0, 2)
+    assert state_for_rank(old, 1, 2) == {"pq_idx": 0, "rg_idx": 0, "epoch": 1}

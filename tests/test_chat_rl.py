@@ -10,6 +10,7 @@ os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 import gzip
 import json
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -211,3 +212,22 @@ def test_rollout_reward_is_the_gsm8k_eval_exact_match(tokenizer, suffix, reward)
     sequences, _, _, rewards, _ = chat_rl.rollout_example(engine, tokenizer, task, 0, 0, args, "cpu")
     assert [tokenizer.decode(s[len(prompt):]) for s in sequences] == [answer + "<|assistant_end|>"] * 2
     assert rewards.tolist() == [reward] * 2 == [float(task.evaluate(conversation, answer))] * 2
+
+
+def test_rl_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
+    from tasks.gsm8k import GSM8K
+    monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+    calls = []
+
+    def init(**kwargs):  # stands in for wandb.init (a dependency): records what it was called with
+        calls.append(kwargs)
+        return SimpleNamespace(id=kwargs.get("id") or f"run{len(calls)}", log=lambda *a, **k: None,
+                               finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--run=rlrun"])
+    assert calls[0]["name"] == "rlrun" and "id" not in calls[0]
+    with open(os.path.join(base_dir, "chatrl_checkpoints", "d2", "meta_000001.json")) as f:
+        assert json.load(f)["wandb_run_id"] == "run1"
+    chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--run=rlrun", "--resume-from-step=1"])
+    assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")
+    capsys.readouterr()

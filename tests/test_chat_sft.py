@@ -1,6 +1,7 @@
 """
 scripts/chat_sft.py on CPU, offline: the conversation packer (whole conversations, BOS-aligned rows,
-targets exactly on the assistant's tokens, padding, dropping, exact resume from its state), the small
+targets exactly on the assistant's tokens, padding, truncation to the row, exact resume from its state),
+the small
 pure pieces (progress, inheritance, ChatCORE, optimizer warm start), and real SFT runs of a depth-2
 model: checkpoint, meta and report, then a resume from the middle checkpoint that reproduces the
 uninterrupted run bit for bit.
@@ -12,6 +13,8 @@ import gc
 import gzip
 import json
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -106,7 +109,7 @@ def split_at_bos(row, bos):
 
 def test_packer_rows_hold_whole_conversations_with_their_masks(tokenizer):
     dataset = [conversation(k, assistant_parts=k % 3 == 0) for k in range(1, 16)]
-    dataset.append(conversation(400))  # longer than a row: must be dropped, never cropped
+    dataset.append(conversation(400))  # longer than a row: truncated to the row (checked below)
     rendered = {tuple(tokenizer.render_conversation(c, max_tokens=10_000)[0]): i for i, c in enumerate(dataset)}
     masks = {i: tokenizer.render_conversation(c, max_tokens=10_000)[1] for i, c in enumerate(dataset)}
     bos = tokenizer.get_bos_token_id()
@@ -120,13 +123,18 @@ def test_packer_rows_hold_whole_conversations_with_their_masks(tokenizer):
                 if b - a == 1 and mask[a] == 0 and all(t == bos for t in row[a:]):
                     padded_rows += a == b - 1 and b == len(row)
                     continue  # padding: one BOS per position up to the end of the row
+                if (a, b) == (0, len(row)) and tuple(row) not in rendered:  # the long one, alone in its row
+                    long_ids, long_mask = tokenizer.render_conversation(dataset[15], max_tokens=65)
+                    assert row == long_ids and mask == long_mask
+                    seen.append(15)
+                    continue
                 index = rendered.get(tuple(row[a:b]))
                 assert index is not None, "a packed segment is not a whole rendered conversation"
                 assert mask[a:b] == masks[index]
                 seen.append(index)
     assert max(len(ids) for ids in rendered if rendered[ids] < 15) <= 65  # all but the last one fit
-    assert 15 not in seen and packer.dropped >= 1
-    assert set(seen) == set(range(15))  # six batches cover the first pass and more
+    assert set(seen) == set(range(16))  # six batches cover the first pass and more, the long one included
+    assert packer.truncated >= 1
     assert padded_rows > 0
 
 
@@ -177,10 +185,28 @@ def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
     assert all(i % 2 == 0 for i in fetched[0]) and all(i % 2 == 1 for i in fetched[1])
 
 
-def test_packer_refuses_a_dataset_where_nothing_fits(tokenizer):
-    packer = chat_sft.ConversationPacker([conversation(300)] * 3, tokenizer, batch_size=1, seq_len=16, label="t5")
-    with pytest.raises(ValueError, match="none fits"):
-        packer.next_rows()
+def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(tokenizer):
+    # the reference renders with render_conversation's max_tokens and trains on what is left
+    dataset = [conversation(300 + k) for k in range(3)]
+    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=63, buffer_size=2,
+                                         label="t5")
+    rows, masks = packer.next_rows()
+    for k, (row, mask) in enumerate(zip(rows, masks)):
+        expected_ids, expected_mask = tokenizer.render_conversation(dataset[k], max_tokens=64)
+        assert (row, mask) == (expected_ids, expected_mask) and len(row) == 64
+        assert sum(mask) > 0  # the answer's first tokens are supervised
+    assert packer.consumed == 3 and packer.truncated == 3 + len(packer.buffer)  # every fetch was cut
+    _, targets = chat_sft.rows_to_batch(rows, masks)
+    assert (targets >= 0).sum() == sum(sum(m[1:]) for m in masks)
+
+
+def test_long_rows_truncate_like_the_references_2048_token_render(tokenizer):
+    dataset = [conversation(3000)]
+    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=3000, buffer_size=1,
+                                         label="t6")
+    rows, _ = packer.next_rows()
+    assert rows[0][:2048] == tokenizer.render_conversation(dataset[0])[0]  # render's default max_tokens: 2048
+    assert set(rows[0][2048:]) == {tokenizer.get_bos_token_id()}  # the rest of the row is padding
 
 
 def test_progress_is_clamped_and_ends_the_run():
@@ -247,12 +273,15 @@ RUN_FLAGS = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=4", "--eva
 
 
 def run_main(argv, capsys):
-    """chat_sft.main in this process; the GC policy it sets is undone afterwards."""
+    """chat_sft.main in this process; the GC policy and deterministic mode it sets are undone afterwards."""
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         chat_sft.main(argv)
     finally:
         gc.enable()
         gc.unfreeze()
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return capsys.readouterr().out
 
 
@@ -291,3 +320,44 @@ def test_sft_run_then_exact_resume_from_the_middle_checkpoint(base_dir, capsys):
     assert all(step_losses(resumed)[s] == step_losses(out)[s] for s in (3, 4))
     again = torch.load(os.path.join(ckpt, "model_000004.pt"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_sft_run_with_fully_masked_micro_batches_stays_finite(base_dir, capsys, monkeypatch):
+    # prompts longer than a row: truncated, they leave rows with no supervised token, and the packer puts
+    # them first (largest fit), so the first step has only fully masked micro-batches
+    long_prompt = {"messages": [{"role": "user", "content": " ".join(["question"] * 400)},
+                                {"role": "assistant", "content": "ok"}]}
+    dataset = [long_prompt] * 8 + [conversation(k) for k in range(1, 40)]
+    monkeypatch.setattr(chat_sft, "train_mixture", lambda *args: dataset)
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=3", "--eval-every=-1",
+             "--eval-tokens=256", "--chatcore-every=-1", "--load-optimizer=0"]
+    out = run_main(flags, capsys)
+    assert "Step 00000: no supervised token in the whole batch; the weights are not updated" in out
+    losses = step_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(float(v) == float(v) for v in losses.values())  # no NaN
+    final = torch.load(os.path.join(base_dir, "chatsft_checkpoints", "d2", "model_000003.pt"))
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def fake_wandb(calls):
+    """A stand-in for the wandb package (a dependency) that records the kwargs of every init."""
+    def init(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(id=kwargs.get("id") or f"run{len(calls)}", log=lambda *a, **k: None,
+                                     finish=lambda: None)
+    module = types.ModuleType("wandb")
+    module.init = init
+    return module
+
+
+def test_sft_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(calls))
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=2", "--eval-every=-1", "--eval-tokens=256",
+             "--chatcore-every=-1", "--save-every=1", "--run=sftrun"]
+    run_main(flags, capsys)
+    assert calls[0]["name"] == "sftrun" and "id" not in calls[0]
+    with open(os.path.join(base_dir, "chatsft_checkpoints", "d2", "meta_000001.json")) as f:
+        assert json.load(f)["wandb_run_id"] == "run1"
+    run_main(flags + ["--resume-from-step=1"], capsys)
+    assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")

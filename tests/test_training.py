@@ -125,3 +125,91 @@ def test_exit_after_signal_saves_then_exits_with_the_signal_code(capsys):
 
 def test_agree_max_without_process_group():
     assert training.agree_max([0.5, 0, 1], "cpu") == [0.5, 0.0, 1.0]
+
+
+# -----------------------------------------------------------------------------
+# Micro-batches without a supervised token (SFT)
+
+def tiny_gpt():
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                              window_pattern="L"))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    for p in model.parameters():  # away from the zero-initialised projections: every weight gets a gradient
+        p.data.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def micro_batch(seed, masked=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 64, (2, 16), generator=g)
+    y = torch.randint(0, 64, (2, 16), generator=g)
+    y[:, :5] = -1  # a prompt: not supervised
+    if masked:
+        y[:] = -1  # all padding / a prompt cut before its answer
+    return x, y
+
+
+def grads_after(model, batches, step_fn):
+    model.zero_grad(set_to_none=True)
+    step_fn(model, batches)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def masked_step(model, batches):
+    """What chat_sft does for one optimizer step; returns the micro-step losses."""
+    losses = [training.masked_micro_step(model, x, y, bool((y >= 0).any()), len(batches)) for x, y in batches]
+    n_with_targets = sum(loss is not None for loss in losses)
+    n_counted = training.renormalise_accumulated_grads(model, n_with_targets, len(batches), "cpu")
+    assert n_counted == n_with_targets
+    return losses
+
+
+def reference_step(model, batches):
+    """The reference's formula: mean cross-entropy of each micro-batch / accum, backward."""
+    for x, y in batches:
+        (model(x, y) / len(batches)).backward()
+
+
+def test_a_normal_step_is_bitwise_the_reference_formula():
+    model = tiny_gpt()
+    batches = [micro_batch(1), micro_batch(2), micro_batch(3)]
+    ours, reference = grads_after(model, batches, masked_step), grads_after(model, batches, reference_step)
+    assert all(torch.equal(ours[n], reference[n]) for n in ours)
+
+
+def test_a_fully_masked_micro_batch_adds_no_gradient_and_leaves_the_mean():
+    model = tiny_gpt()
+    a, b, empty = micro_batch(1), micro_batch(2), micro_batch(4, masked=True)
+    assert torch.isnan(model(*empty))  # the plain mean is 0/0: what poisoned the reference's weights
+    losses = []
+    with_empty = grads_after(model, [a, empty, b], lambda m, bs: losses.extend(masked_step(m, bs)))
+    assert losses[1] is None and all(torch.isfinite(loss) for loss in (losses[0], losses[2]))
+    assert all(torch.isfinite(g).all() for g in with_empty.values())
+    # the step is the mean over the two micro-batches with targets, as if the empty one was never there
+    without = grads_after(model, [a, b], reference_step)
+    assert all(torch.allclose(with_empty[n], without[n], rtol=1e-5, atol=1e-6) for n in without)
+    # and the empty micro-batch's own contribution is exactly zero
+    model.zero_grad(set_to_none=True)
+    assert training.masked_micro_step(model, *empty, has_targets=False, accum=3) is None
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_a_step_with_no_supervised_token_leaves_the_weights_unchanged():
+    model = tiny_gpt()
+    optimizer = model.setup_optimizer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [micro_batch(5, masked=True), micro_batch(6, masked=True)]
+    losses = [training.masked_micro_step(model, x, y, False, 2) for x, y in batches]
+    assert losses == [None, None]
+    assert training.renormalise_accumulated_grads(model, 0, 2, "cpu") == 0
+    timer = training.StepTimer("cpu")
+    timer.start()
+    with training.StopFlag() as flag:
+        loss, _, _ = training.finish_step(optimizer, model, None, torch.tensor(2.5), timer, flag, "cpu", 0,
+                                          "dir", update=False)
+    assert loss == 2.5
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

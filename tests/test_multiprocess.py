@@ -1,0 +1,111 @@
+"""
+base_train with two processes for real: `torchrun --nproc_per_node=2` on CPU (gloo) on the committed sample.
+The checkpoint loads, a 2-rank resume ends bit for bit where the uninterrupted 2-rank run ends (each rank
+restores its own dataloader state), and one process with the same total batch reaches about the same val
+bpb (the ranks read different row groups, so only close, not equal; both are measured on one val set,
+since a 2-rank evaluation also reads other val row groups than a 1-process one).
+"""
+import os
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+FLAGS = ["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=2",
+         "--total-batch-size=512", "--eval-tokens=512", "--core-metric-every=-1", "--sample-every=-1",
+         "--window-pattern=L", "--warmup-steps=2", "--embedding-lr=1", "--unembedding-lr=0.1",
+         "--matrix-lr=0.1", f"--num-iterations={STEPS}", f"--eval-every={STEPS}", "--save-every=3"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from nanochat.dataset import install_sample, parquets_iter_batched
+    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+    root = tmp_path_factory.mktemp("nanochat_mp")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANOCHAT_BASE_DIR", str(root))
+    mp.setenv("NANOCHAT_OFFLINE", "1")
+    install_sample()
+    texts = [t for batch in parquets_iter_batched("train") for t in batch][:200]
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)
+    tok.save(os.path.join(root, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    yield root
+    mp.undo()
+
+
+def start(base_dir, nproc, extra):
+    """Launch one base_train run (under torchrun when nproc > 1)."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "scripts.base_train"] + FLAGS + extra
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc):
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def final_val_bpb(out):
+    return float(re.findall(rf"^Step {STEPS:05d} \| Validation bpb: ([\d.]+)", out, re.M)[-1])
+
+
+def same_val_bpb(tag):
+    """val bpb of a final checkpoint on the first 16 val batches of one process (the same for every tag)."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    model, tokenizer, _ = load_model("base", torch.device("cpu"), phase="eval", model_tag=tag, step=STEPS)
+    loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 4, 64, "val", device="cpu")
+    try:
+        with torch.no_grad():
+            return evaluate_bpb(model, loader, 16, get_token_bytes("cpu"))
+    finally:
+        loader.close()
+
+
+def test_two_process_training_checkpoint_resume_and_one_process_agreement(base_dir):
+    ckpt = os.path.join(base_dir, "base_checkpoints", "mp2")
+    two = finish(start(base_dir, 2, ["--model-tag=mp2"]))
+    straight = torch.load(os.path.join(ckpt, f"model_{STEPS:06d}.pt"))
+
+    # (i) the checkpoint loads, and its meta holds every rank's loader state (rank 0's also on its own)
+    from nanochat.checkpoint_manager import load_model
+    model, _, meta = load_model("base", torch.device("cpu"), phase="eval", model_tag="mp2", step=3)
+    states = meta["dataloader_state_dicts"]
+    assert [(s["rank"], s["world_size"]) for s in states] == [(0, 2), (1, 2)]
+    assert meta["dataloader_state_dict"] == states[0]
+    assert states[0]["cursor"] != states[1]["cursor"]
+
+    # (ii) resumed from step 3 on two ranks, the run ends exactly where the uninterrupted one ended;
+    # (iii), one process with the same total batch (twice the accumulation), runs alongside
+    resuming = start(base_dir, 2, ["--model-tag=mp2", "--resume-from-step=3"])
+    single = start(base_dir, 1, ["--model-tag=mp1"])
+    resumed, one = finish(resuming), finish(single)
+    assert "approximate resume" not in resumed
+    again = torch.load(os.path.join(ckpt, f"model_{STEPS:06d}.pt"))
+    different = [k for k in straight if not torch.equal(straight[k], again[k])]
+    assert not different, different
+    assert final_val_bpb(resumed) == final_val_bpb(two)
+
+    # (iii) the single process ends close to the two ranks
+    bpb_one, bpb_two = same_val_bpb("mp1"), same_val_bpb("mp2")
+    assert abs(bpb_one - bpb_two) / bpb_one < 0.05, (bpb_one, bpb_two)
+    assert final_val_bpb(one) > 0
+    with open(os.path.join(base_dir, "base_checkpoints", "mp1", f"meta_{STEPS:06d}.json")) as f:
+        assert len(json.load(f)["dataloader_state_dicts"]) == 1
+    print(f"final val bpb: 1 process {bpb_one:.6f}, 2 processes {bpb_two:.6f}")
