@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import _env_rank, get_base_dir, is_ddp_initialized, one_line_error
+from nanochat.flash_attention import decide_backend
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -397,6 +398,9 @@ def build_model(checkpoint_dir, step, device, phase):
     except RuntimeError as e:
         raise RuntimeError(f"Checkpoint {model_file} does not fit the model described by its metadata: {e}") from e
     model.train(phase == "train")
+    # every loader of a checkpoint (SFT, RL, eval, chat) picks FA3 or SDPA here: on this rank's device, at the
+    # model's head dim, after compute_init (it may all-reduce), and before any compile
+    decide_backend(device, config.n_embd // config.n_head)
     return model, tokenizer, meta_data
 
 

@@ -156,14 +156,11 @@ def checkpoint_meta(source, model_tag=None, step=None):
 def print_compute_info(device_type):
     """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
     from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
-    from nanochat.flash_attention import HAS_FA3
     peak_flops = get_device_peak_flops(device_type)
     if device_type == "cuda":
         print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    if not HAS_FA3:
-        print0("WARNING: Flash Attention 3 not available, using the PyTorch SDPA fallback (less efficient)")
-    return peak_flops
+    return peak_flops  # the attention backend is printed when the checkpoint loads (build_model)
 
 
 def warn_on_changed_config(saved_user_config, user_config, free_keys):

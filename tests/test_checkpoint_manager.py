@@ -240,6 +240,22 @@ def test_build_model_reproduces_the_saved_model(base_dir):
         cm.build_model(ckpt, 10, "cpu", phase="test")
 
 
+def test_build_model_decides_the_attention_backend_on_its_device_at_its_head_dim(base_dir, monkeypatch):
+    from nanochat import flash_attention as fa
+    model = tiny_model()
+    ckpt = str(base_dir / "base_checkpoints" / "d2")
+    cm.save_checkpoint(ckpt, 10, model.state_dict(), None, meta_for(model, 10))
+    seen = []
+    real_status = fa._local_fa3_status
+    monkeypatch.setattr(fa, "_backend", None)
+    monkeypatch.setattr(fa, "_local_fa3_status", lambda device, head_dim: seen.append((device, head_dim))
+                        or real_status(device, head_dim))
+    cm.build_model(ckpt, 10, torch.device("cpu"), phase="eval")
+    config = model.config
+    assert seen == [(torch.device("cpu"), config.n_embd // config.n_head)]
+    assert fa._backend is not None and fa._backend.train == "sdpa"
+
+
 def test_build_model_converts_bf16_to_fp32_on_cpu(base_dir):
     model = tiny_model()
     bf16_state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()}
