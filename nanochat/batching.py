@@ -21,7 +21,7 @@ Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then
 - "cancelled" (cancel() or shutdown()) and "error" (the model raised, or this request's logits were not
   finite or could not be sampled): TokenEvent(None, 0, reason).
 
-A request's numerical trouble stays that request's: temperatures below engine.TEMPERATURE_EPSILON decode
+A request's numerical trouble stays that request's: temperatures below sampling.TEMPERATURE_EPSILON decode
 greedily, top_p always keeps the top token, and a row whose logits are not finite (or whose sampling raises)
 ends alone with "error" while the other rows go on exactly as they would have without it.
 """
@@ -34,10 +34,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nanochat import common
-from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, is_greedy, sample_next_token
+from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, prefill_prompt
+from nanochat.sampling import is_greedy, sample_next_token
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def check_params(params, prompt_len, sequence_len):
     if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
         raise ValueError(f"max_tokens must be an int >= 1, got {params.max_tokens!r}")
     if prompt_len + params.max_tokens > sequence_len:
-        raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                         f"context of {sequence_len} tokens")
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                         f"model's context of {sequence_len} tokens")
     if not params.temperature >= 0.0:  # also rejects NaN
         raise ValueError(f"temperature must be >= 0, got {params.temperature!r}")
     if params.top_k is not None and (not isinstance(params.top_k, int) or params.top_k < 0):
@@ -80,27 +80,6 @@ def check_params(params, prompt_len, sequence_len):
         raise ValueError(f"top_p must be None or in (0, 1], got {params.top_p!r}")
     if params.seed is not None and not isinstance(params.seed, int):
         raise ValueError(f"seed must be None or an int, got {params.seed!r}")
-
-
-def sample_token(logits, rng, params):
-    """Next id (1, 1) for one row's logits (1, V). Without top_p this is exactly the Engine's sampler, so
-    a request draws the same tokens as Engine.generate with the same seed."""
-    top_p = params.top_p
-    if is_greedy(params.temperature) or top_p is None or top_p >= 1.0:
-        return sample_next_token(logits, rng, params.temperature, params.top_k)
-    if params.top_k is not None and params.top_k > 0:
-        values, indices = torch.topk(logits, min(params.top_k, logits.size(-1)), dim=-1)  # sorted, descending
-    else:
-        values, indices = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(values / params.temperature, dim=-1)
-    # nucleus: the smallest prefix of the sorted tokens whose mass reaches top_p (the top token always stays)
-    # (top_p is compared in float32, where a tiny top_p such as 1e-300 is 0: the top token is kept explicitly)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    drop = mass_before >= top_p
-    drop[..., 0] = False
-    probs = probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(probs, num_samples=1, generator=rng)
-    return indices.gather(-1, choice)
 
 
 def samplable_rows(logits):
@@ -138,13 +117,19 @@ class GenerationRequest:
     def cancelled(self):
         return self._cancelled.is_set()
 
+    def sample(self, logits):
+        """Next ids (B, 1) from logits (B, V) with this request's params and generator (decode thread)."""
+        p = self.params
+        return sample_next_token(logits, self._rng, p.temperature, p.top_k, p.top_p)
+
 
 class BatchScheduler:
     """Continuous batching of GenerationRequests over one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None):
         if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+            raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, "
+                             f"got {max_batch_size}, {max_queue}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -165,7 +150,7 @@ class BatchScheduler:
         self._positions = [0] * max_batch_size
         # one cache row per slot, sized for the longest request submit() accepts
         cfg = model.config
-        self._cache = self._new_cache(max_batch_size, cfg.sequence_len)
+        self._cache = KVCache.for_model(cfg, max_batch_size, cfg.sequence_len, self.device)
         self._cache.prev_embedding = torch.zeros(max_batch_size, 1, cfg.n_embd, device=self.device,
                                                  dtype=common.COMPUTE_DTYPE)
 
@@ -218,7 +203,8 @@ class BatchScheduler:
         """Counts: completed = requests that received their final event, whatever the reason;
         tokens_generated = token events delivered (sampled and forced)."""
         with self._lock:
-            return {"active": self._num_active, "queued": len(self._queue), "max_batch_size": self.max_batch_size,
+            return {"active": self._num_active, "queued": len(self._queue),
+                    "max_batch_size": self.max_batch_size,
                     "completed": self._completed, "tokens_generated": self._tokens_generated}
 
     def _wake(self):
@@ -287,31 +273,19 @@ class BatchScheduler:
             logits = self._prefill(slot, request.prompt_tokens)
             if not samplable_rows(logits)[0]:
                 raise FloatingPointError("the prefill logits are NaN, +inf or all -inf")
-            sampled = sample_token(logits, request._rng, params)[0, 0].item()
+            sampled = request.sample(logits)[0, 0].item()
         except Exception:
             logger.exception("prefill of request %s failed", request.id)
             self._finish(slot, TokenEvent(None, 0, "error"))
             return
         self._accept(slot, sampled)
 
-    def _new_cache(self, batch_size, seq_len):
-        cfg = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len,
-                       head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=self.device,
-                       dtype=common.COMPUTE_DTYPE)
-
     def _prefill(self, slot, tokens):
-        """Run the prompt at batch 1 in its own cache (as Engine._prefill does: same numbers), copy that
-        cache into row `slot` of the shared cache. Returns the last position's logits (1, V)."""
-        prompt_cache = self._new_cache(1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]
-        n = len(tokens)
-        self._cache.k_cache[:, slot, :n] = prompt_cache.k_cache[:, 0, :n]
-        self._cache.v_cache[:, slot, :n] = prompt_cache.v_cache[:, 0, :n]
-        if prompt_cache.prev_embedding is not None:  # a duck-typed model may not smear
-            self._cache.prev_embedding[slot] = prompt_cache.prev_embedding[0]
-        self._positions[slot] = n
+        """Prefill the prompt at batch 1 (prefill_prompt, as the Engine: same numbers) and copy its cache into
+        row `slot` of the shared cache. Returns the last position's logits (1, V)."""
+        logits, prompt_cache = prefill_prompt(self.model, tokens, self.device)
+        self._cache.prefill(prompt_cache, row=slot)
+        self._positions[slot] = len(tokens)
         return logits
 
     def _decode(self):
@@ -340,7 +314,7 @@ class BatchScheduler:
                 picks[slot] = greedy[slot]
             else:
                 try:
-                    picks[slot] = sample_token(logits[slot:slot + 1], request._rng, request.params)[0]
+                    picks[slot] = request.sample(logits[slot:slot + 1])[0]
                 except Exception as e:  # this row's numbers; the other rows are unaffected
                     failed.append((slot, f"sampling raised {type(e).__name__}: {e}"))
         for slot, reason in failed:
@@ -364,7 +338,8 @@ class BatchScheduler:
             self._deliver(request, TokenEvent(token, mask, None))
 
     def _deliver(self, request, event):
-        """Hand an event to the consumer. A consumer that raises is treated as gone: the request is cancelled."""
+        """Hand an event to the consumer. A consumer that raises is treated as gone: the request is
+        cancelled."""
         if event.token_id is not None:
             with self._lock:
                 self._tokens_generated += 1

@@ -1,6 +1,6 @@
 """
-Inference: the calculator tool, the KV cache, token sampling, and the Engine that streams batched
-generation with tool use.
+Inference: the calculator tool, the KV cache and its prompt prefill, and the Engine that streams batched
+generation with tool use (its sampler is nanochat.sampling's, shared with GPT.generate and the scheduler).
 
 The Engine works purely on token-id lists. It knows the tokenizer only for the tool state machine:
 the model writes `<|python_start|> expr <|python_end|>`, the engine evaluates expr with the
@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nanochat import common  # COMPUTE_DTYPE is read at call time: deciding it may query CUDA
+from nanochat.sampling import sample_next_token
 
 # -----------------------------------------------------------------------------
 # Calculator tool
@@ -31,7 +31,8 @@ STRING_CHARS = set(string.ascii_letters + string.digits + "'\"()._ ")
 BLOCKED_SUBSTRINGS = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input",
                       "globals", "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
 # zero-argument str methods whose output is at most a small multiple of their input's length
-BOUNDED_STR_METHODS = {"lower", "upper", "casefold", "swapcase", "title", "capitalize", "strip", "lstrip", "rstrip"}
+BOUNDED_STR_METHODS = {"lower", "upper", "casefold", "swapcase", "title", "capitalize",
+                       "strip", "lstrip", "rstrip"}
 
 
 @contextmanager
@@ -66,7 +67,8 @@ def _bounded_kind(node):
         return "num" if isinstance(node.value, (int, float)) else None
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         return "num" if _bounded_kind(node.operand) == "num" else None
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)):
+    arithmetic = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, arithmetic):
         return "num" if _bounded_kind(node.left) == _bounded_kind(node.right) == "num" else None
     if isinstance(node, ast.Call):
         return _bounded_call_kind(node)
@@ -97,10 +99,10 @@ def is_bounded_expression(formula):
 def eval_with_timeout(formula, max_time=3):
     """eval(formula) without builtins; None on any error or after max_time seconds.
 
-    SIGALRM is available on the main thread only, and the web server generates in worker threads. Off the main thread, or without SIGALRM, there is
-    no way to interrupt eval, so only expressions that cannot hang are evaluated (is_bounded_expression:
-    plain arithmetic without **, and str.count on string literals, which covers every calculator call
-    that use_calculator lets through in practice); anything else returns None.
+    SIGALRM is available on the main thread only, and the web server generates in worker threads. Off the main
+    thread, or without SIGALRM, there is no way to interrupt eval, so only expressions that cannot hang are
+    evaluated (is_bounded_expression: plain arithmetic without **, and str.count on string literals, which
+    covers every calculator call that use_calculator lets through in practice); anything else returns None.
     """
     try:
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
@@ -170,50 +172,50 @@ class KVCache:
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
 
-    def prefill(self, other):
-        """Copy a (typically batch-1) cache into this empty one, broadcasting over rows."""
-        assert self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
+    @classmethod
+    def for_model(cls, config, batch_size, seq_len, device, dtype=None):
+        """A cache shaped for a GPT config; dtype None means the compute dtype, read now (deciding it may
+        query CUDA), which is the activations' dtype: FA3 needs the cache to match it."""
+        return cls(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                   head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
+                   dtype=common.COMPUTE_DTYPE if dtype is None else dtype)
+
+    def prefill(self, other, row=None):
+        """Copy a batch-1 cache's contents into this one: into every row of this empty cache (row=None),
+        or into row `row` only, the other rows keeping theirs (continuous batching)."""
         assert (self.n_layers, self.n_heads, self.head_dim) == (other.n_layers, other.n_heads, other.head_dim)
         assert self.max_seq_len >= other.max_seq_len
         pos = other.get_pos()
-        self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
-        self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
-        self.cache_seqlens.fill_(pos)
-        if other.prev_embedding is not None:
-            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
+        if row is None:
+            assert self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
+            self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
+            self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
+            self.cache_seqlens.fill_(pos)
+            if other.prev_embedding is not None:
+                self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
+            return
+        self.k_cache[:, row, :pos] = other.k_cache[:, 0, :pos]
+        self.v_cache[:, row, :pos] = other.v_cache[:, 0, :pos]
+        self.cache_seqlens[row] = pos
+        source = other.prev_embedding
+        if source is not None:  # a duck-typed model may not smear
+            if self.prev_embedding is None:
+                self.prev_embedding = source.new_zeros((self.batch_size, *source.shape[1:]))
+            self.prev_embedding[row] = source[0]
+
+
+def prefill_prompt(model, tokens, device):
+    """Run a prompt once at batch 1 in a cache of its own length. Returns the last position's logits (1, V)
+    and that cache, to be copied into a decode cache with KVCache.prefill. The Engine and the scheduler
+    both prefill through here, so a prompt gives them bit-identical numbers."""
+    cache = KVCache.for_model(model.config, 1, len(tokens), device)
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    logits = model.forward(ids, kv_cache=cache)[:, -1, :]
+    return logits, cache
 
 
 # -----------------------------------------------------------------------------
-# Sampling and per-row state
-
-
-# Temperatures below this sample greedily. Dividing logits by a tiny temperature overflows float32 (1e-39
-# turns a logit of 1 into inf, and softmax of inf is NaN); and already at 1e-6 every logit more than ~1e-4
-# below the top one gets probability exactly 0 (exp underflows), so argmax is the same answer, made safely.
-TEMPERATURE_EPSILON = 1e-6
-
-
-def is_greedy(temperature):
-    """True when a temperature means argmax: 0, or below TEMPERATURE_EPSILON."""
-    return temperature < TEMPERATURE_EPSILON
-
-
-@torch.inference_mode()
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """Next ids (B, 1) from logits (B, V): argmax at temperature 0 (or below TEMPERATURE_EPSILON), else
-    softmax sampling (over the top_k logits when top_k > 0; None or 0 means the full vocabulary), one
-    independent draw per row."""
-    assert temperature >= 0.0, "temperature must be non-negative"
-    if is_greedy(temperature):
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        values, indices = torch.topk(logits, k, dim=-1)  # (B, k) each
-        probs = F.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1), index into the top k
-        return indices.gather(-1, choice)
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+# Per-row state
 
 
 class RowState:
@@ -293,12 +295,6 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
 
-    def _new_cache(self, batch_size, seq_len, device):
-        cfg = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=cfg.n_kv_head, seq_len=seq_len,
-                       head_dim=cfg.n_embd // cfg.n_head, num_layers=cfg.n_layer, device=device,
-                       dtype=common.COMPUTE_DTYPE)  # the activations' dtype (FA3 needs them to match)
-
     def _num_steps(self, prompt_len, max_tokens):
         """How many tokens to generate. max_tokens=None means: until the sequence fills the model's context
         (a cache is never written past its capacity, where writes would be lost)."""
@@ -315,10 +311,8 @@ class Engine:
     def _prefill(self, tokens, num_samples, capacity, device):
         """Run the prompt once at batch 1, then copy its cache into a num_samples-row decode cache.
         Returns the last position's logits expanded to (num_samples, V), and the decode cache."""
-        prompt_cache = self._new_cache(1, len(tokens), device)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]  # (1, V)
-        decode_cache = self._new_cache(num_samples, capacity, device)
+        logits, prompt_cache = prefill_prompt(self.model, tokens, device)
+        decode_cache = KVCache.for_model(self.model.config, num_samples, capacity, device)
         decode_cache.prefill(prompt_cache)
         return logits.expand(num_samples, -1), decode_cache
 
@@ -333,7 +327,8 @@ class Engine:
         """Stream one (token_column, token_masks) pair per step: lists of length num_samples with each
         row's next token and 1 if it was sampled, 0 if the tool forced it. Rows that finished keep getting
         (meaningless) tokens until every row has finished or max_tokens steps were yielded."""
-        assert isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int), "expecting list of ints"
+        is_id_list = isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int)
+        assert is_id_list, "expecting list of ints"
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         device = self.model.get_device()
@@ -404,7 +399,8 @@ def main():
     model, tokenizer, _ = load_model("base", device, phase="eval")
     prompt = tokenizer.encode("The chemical formula of water is", prepend=tokenizer.get_bos_token_id())
     max_tokens = 64  # as in the reference self-check
-    reference, ref_time = _timed_stream(model.generate(prompt, max_tokens, temperature=0.0), tokenizer, device_type)
+    stream = model.generate(prompt, max_tokens, temperature=0.0)
+    reference, ref_time = _timed_stream(stream, tokenizer, device_type)
     print(f"Reference time: {ref_time:.2f}s")
     stream = Engine(model, tokenizer).generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
     engine_ids, engine_time = _timed_stream((column[0] for column, _ in stream), tokenizer, device_type)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from nanochat.common import COMPUTE_DTYPE, is_ddp_initialized, print0
 from nanochat.flash_attention import cache_position_range, flash_attn
 from nanochat.optim import DistMuonAdamW, MuonAdamW
+from nanochat.sampling import is_greedy, sample_next_token
 
 
 @dataclass
@@ -428,28 +429,17 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive batch-1 sampling, re-running the full forward each step (the Engine is the fast path)."""
+        """Naive batch-1 sampling, re-running the full forward each step (the Engine is the fast path).
+        Same sampler and seeded generator as the Engine, so both draw the same tokens for the same seed."""
         assert isinstance(tokens, list)
         device = self.get_device()
         rng = None
-        if temperature > 0:
+        if not is_greedy(temperature):
             rng = torch.Generator(device=device)
             rng.manual_seed(seed)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids)[:, -1, :]  # (1, V)
-            next_id = sample_from_logits(logits, rng, temperature, top_k)
+            next_id = sample_next_token(logits, rng, temperature, top_k)
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
-
-
-def sample_from_logits(logits, rng, temperature=1.0, top_k=None):
-    """Next token ids (B, 1) from logits (B, V): argmax at temperature 0, else top-k + temperature sampling."""
-    if temperature == 0.0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.size(-1))
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)

@@ -1,8 +1,8 @@
 """
-Engine, KV cache, sampler and calculator. The first eight tests are the reference's shipped engine tests
-(mock model and byte tokenizer that provide only the Engine's duck-typed requirements); the rest check the
-tool state machine with scripted models, the calculator table, and the Engine against GPT.generate on a
-tiny real model.
+Engine, KV cache and calculator (the sampler has tests/test_sampling.py). The first eight tests are the
+reference's shipped engine tests (mock model and byte tokenizer that provide only the Engine's duck-typed
+requirements); the rest check the tool state machine with scripted models, the calculator table, and the
+Engine against GPT.generate on a tiny real model.
 """
 
 import os
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from nanochat import common
-from nanochat.engine import (TEMPERATURE_EPSILON, Engine, KVCache, RowState, _timed_stream, eval_with_timeout,
-                             sample_next_token, use_calculator)
+from nanochat.engine import (Engine, KVCache, RowState, _timed_stream, eval_with_timeout, prefill_prompt,
+                             use_calculator)
 from nanochat.gpt import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -186,6 +186,40 @@ def test_prefill_rejects_non_empty_destination():
         dst.prefill(src)
 
 
+def test_prefill_into_one_row_keeps_the_other_rows():
+    src = small_cache()
+    src.k_cache.normal_()
+    src.v_cache.normal_()
+    src.advance(5)
+    src.prev_embedding = torch.randn(1, 1, 8)
+    dst = small_cache(batch_size=3, seq_len=20)
+    dst.k_cache.fill_(7.0)
+    dst.v_cache.fill_(7.0)
+    dst.cache_seqlens.copy_(torch.tensor([9, 3, 11], dtype=torch.int32))  # rows busy at their own positions
+    dst.prev_embedding = torch.full((3, 1, 8), 7.0)
+    dst.prefill(src, row=1)
+    for cache, source in ((dst.k_cache, src.k_cache), (dst.v_cache, src.v_cache)):
+        assert torch.equal(cache[:, 1, :5], source[:, 0, :5])
+        assert (cache[:, 1, 5:] == 7.0).all() and (cache[:, [0, 2]] == 7.0).all()
+    assert dst.cache_seqlens.tolist() == [9, 5, 11]
+    assert torch.equal(dst.prev_embedding[1], src.prev_embedding[0])
+    assert (dst.prev_embedding[[0, 2]] == 7.0).all()
+    fresh = small_cache(batch_size=2)  # no prev_embedding yet: the other rows get zeros
+    fresh.prefill(src, row=0)
+    assert torch.equal(fresh.prev_embedding[0], src.prev_embedding[0])
+    assert (fresh.prev_embedding[1] == 0).all()
+
+
+def test_kv_cache_for_model_is_shaped_by_the_config(monkeypatch):
+    cfg = MockConfig(n_kv_head=2, n_head=4, n_embd=64, n_layer=3)
+    cache = KVCache.for_model(cfg, batch_size=5, seq_len=17, device="cpu")
+    assert cache.k_cache.shape == cache.v_cache.shape == (3, 5, 17, 2, 16)
+    assert (cache.batch_size, cache.max_seq_len, cache.get_pos()) == (5, 17, 0)
+    monkeypatch.setattr(common, "_compute_dtype_cache", (torch.bfloat16, "set by the test"))
+    assert KVCache.for_model(cfg, 1, 4, "cpu").k_cache.dtype == torch.bfloat16  # read at call time
+    assert KVCache.for_model(cfg, 1, 4, "cpu", dtype=torch.float32).k_cache.dtype == torch.float32
+
+
 def test_engine_cache_uses_compute_dtype(monkeypatch):
     seen = []
 
@@ -200,57 +234,7 @@ def test_engine_cache_uses_compute_dtype(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# sample_next_token
-
-def test_sampler_temperature_zero_is_argmax_and_ignores_rng():
-    logits = torch.randn(5, 50)
-    want = logits.argmax(dim=-1, keepdim=True)
-    assert torch.equal(sample_next_token(logits, None, temperature=0.0), want)
-    assert torch.equal(sample_next_token(logits, None, temperature=0.0, top_k=3), want)
-
-
-def test_sampler_top_k_stays_in_top_k():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 100, generator=gen)
-    ids = sample_next_token(logits.repeat(8, 1), gen, temperature=2.0, top_k=5)
-    top5 = torch.topk(logits, 5, dim=-1).indices.repeat(8, 1)
-    assert ids.shape == (512, 1) and ids.dtype == torch.long
-    assert (ids == top5).any(dim=-1).all()
-
-
-@pytest.mark.parametrize("top_k", [None, 0])
-def test_sampler_without_top_k_uses_full_vocab(top_k):
-    gen = torch.Generator().manual_seed(0)
-    ids = sample_next_token(torch.zeros(2000, 10), gen, temperature=1.0, top_k=top_k)
-    assert set(ids[:, 0].tolist()) == set(range(10))
-
-
-def test_sampler_clamps_top_k_to_vocab():
-    gen = torch.Generator().manual_seed(0)
-    ids = sample_next_token(torch.zeros(2000, 10), gen, temperature=1.0, top_k=1000)
-    assert set(ids[:, 0].tolist()) == set(range(10))
-
-
-@pytest.mark.parametrize("temperature", [1e-39, 2e-39, 1e-40, 5e-324, 0.5e-6])
-def test_sampler_below_the_temperature_epsilon_is_argmax(temperature):
-    # logits / 1e-39 overflow float32 to inf, and softmax(inf) is NaN: these must be argmax instead
-    assert temperature < TEMPERATURE_EPSILON
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 5
-    want = logits.argmax(dim=-1, keepdim=True)
-    for top_k in (None, 5):
-        assert torch.equal(sample_next_token(logits, None, temperature=temperature, top_k=top_k), want)
-
-
-def test_sampler_at_the_temperature_epsilon_still_samples():
-    gen = torch.Generator().manual_seed(0)
-    ids = sample_next_token(torch.zeros(400, 10), gen, temperature=TEMPERATURE_EPSILON)
-    assert len(set(ids[:, 0].tolist())) > 1  # equal logits: a draw, not argmax
-
-
-def test_sampler_rejects_negative_temperature():
-    with pytest.raises(AssertionError, match="non-negative"):
-        sample_next_token(torch.zeros(1, 10), None, temperature=-0.1)
-
+# RowState
 
 def test_row_state_defaults():
     row = RowState()
@@ -505,6 +489,27 @@ def test_engine_greedy_matches_gpt_generate():
     assert len(set(want)) > 2  # a non-trivial continuation
     for row in range(3):
         assert [column[row] for column, _ in steps] == want
+
+
+@pytest.mark.parametrize("top_k", [None, 5, 50])
+def test_gpt_generate_matches_engine_when_sampling(top_k):
+    model = tiny_gpt()
+    prompt = ascii_ids("Hello wor")
+    kwargs = dict(temperature=0.9, top_k=top_k, seed=3)
+    want = list(model.generate(prompt, 20, **kwargs))
+    results, masks = Engine(model, ByteTokenizer()).generate_batch(prompt, max_tokens=20, **kwargs)
+    assert results[0][len(prompt):] == want and all(masks[0][len(prompt):])
+    assert want != list(model.generate(prompt, 20, temperature=0.0))  # really sampled, not greedy
+
+
+def test_prefill_prompt_gives_the_full_forward_logits_and_a_filled_cache():
+    model = tiny_gpt()
+    prompt = ascii_ids("Hello")
+    with torch.inference_mode():
+        logits, cache = prefill_prompt(model, prompt, torch.device("cpu"))
+        full = model(torch.tensor([prompt]))[:, -1, :]
+    assert (cache.batch_size, cache.max_seq_len, cache.get_pos()) == (1, len(prompt), len(prompt))
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_top_k_one_equals_greedy():

@@ -311,6 +311,15 @@ def test_generate_greedy_matches_argmax_and_sampling_is_seeded():
     assert a == b
 
 
+def test_generate_below_the_temperature_epsilon_is_greedy():
+    # the Engine's rule: dividing by such a temperature overflows float32 and softmax would give NaN
+    model = build(tiny_config(), perturb=True)
+    prompt = [1, 2, 3, 4]
+    greedy = list(model.generate(prompt, max_tokens=6, temperature=0.0))
+    for temperature in (1e-39, 5e-324, 0.5e-6):
+        assert list(model.generate(prompt, max_tokens=6, temperature=temperature, top_k=5)) == greedy, temperature
+
+
 # -----------------------------------------------------------------------------
 # muP and dtype
 
