@@ -296,7 +296,6 @@ def _merge_system_message(messages):
 
 # The tool-call markers a reply shows literally; in assistant history they become special tokens again
 TOOL_MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-_TOOL_MARKER_RE = re.compile("(" + "|".join(map(re.escape, TOOL_MARKERS)) + ")")
 
 
 def encode_assistant_text(tokenizer, text):
@@ -306,7 +305,7 @@ def encode_assistant_text(tokenizer, text):
     stay plain text, so a client cannot forge turns.
     """
     ids = []
-    for piece in _TOOL_MARKER_RE.split(text):
+    for piece in re.split("(" + "|".join(map(re.escape, TOOL_MARKERS)) + ")", text):  # re caches the pattern
         if piece in TOOL_MARKERS:
             ids.append(tokenizer.encode_special(piece))
         elif piece:
