@@ -1,7 +1,7 @@
 """
-Serving benchmark for scripts/chat_web.py: N concurrent streaming clients on /v1/chat/completions, for each
-N in a list. Reports requests/s, output tokens/s, time to first token (TTFT) and per-token latency (the
-gaps between streamed chunks, as a client sees them), p50 and p95.
+Serving benchmark for the chat server (scripts/chat_web.py): N concurrent streaming clients on
+/v1/chat/completions, for each N in a list. Reports requests/s, output tokens/s, time to first token (TTFT)
+and per-token latency (the gaps between streamed chunks, as a client sees them), p50 and p95.
 
     python -m dev.bench_serve --url http://localhost:8000          # a server that is already running
     python -m dev.bench_serve --source sft --device-type cpu       # starts one in-process on a checkpoint
@@ -51,13 +51,11 @@ def parse_args(argv=None):
 
 def start_local_server(args):
     """An in-process server on a free port; returns (url, stop function)."""
-    from scripts import chat_web
-    flags = ["--source", args.source, "--max-batch-size", str(args.max_batch_size),
-             "--max-queue", str(max(map(int, args.concurrency.split(","))))]
-    flags += ["--device-type", args.device_type] if args.device_type else []
-    flags += ["--model-tag", args.model_tag] if args.model_tag else []
-    flags += ["--step", str(args.step)] if args.step is not None else []
-    server, thread, port = chat_web.serve_in_thread(chat_web.create_app(chat_web.parse_args(flags)))
+    from nanochat.server import ServerConfig, create_app, serve_in_thread
+    config = ServerConfig(source=args.source, max_batch_size=args.max_batch_size,
+                          max_queue=max(map(int, args.concurrency.split(","))), device_type=args.device_type,
+                          model_tag=args.model_tag, step=args.step)
+    server, thread, port = serve_in_thread(create_app(config))
 
     def stop():
         server.should_exit = True

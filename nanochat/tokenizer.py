@@ -9,15 +9,20 @@ Two implementations share one interface:
   default pipeline uses it. When trained here, its special tokens take the FIRST ids. It has no chat rendering.
 
 Conversations ({"messages": [{"role": ..., "content": ...}, ...]}) are turned into (ids, loss mask) pairs by
-RustBPETokenizer.render_conversation; see that method for the layout.
+RustBPETokenizer.render_conversation; see that method for the layout. Prompts for sampling a reply share
+that layout: fit_chat_prompt fits a conversation to a token budget (the CLI and the server), and
+StreamDecoder turns the reply's token ids into text as it streams.
 
 Importing this module does no work: the base dir is touched only by get_tokenizer()/get_token_bytes(),
 and the optional packages (`rustbpe`, `tokenizers`) are imported only where they are used.
 """
 
+import codecs
 import logging
+import math
 import os
 import pickle
+import re
 
 import tiktoken
 import torch
@@ -284,6 +289,101 @@ def _merge_system_message(messages):
         raise ValueError("System message and the user message after it must have str content")
     merged = {**messages[1], "content": system + "\n\n" + user}
     return [merged] + list(messages[2:]), 1
+
+
+# -----------------------------------------------------------------------------
+# Chat prompts for sampling and the streamed text of a reply (the CLI and the server)
+
+# The tool-call markers a reply shows literally; in assistant history they become special tokens again
+TOOL_MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+
+
+def encode_assistant_text(tokenizer, text):
+    """
+    Assistant history as the model wrote it: the tool-call markers its replies show literally become special
+    tokens again, so an earlier calculator call reads as it did when generated. Only these four: turn markers
+    stay plain text, so a client cannot forge turns.
+    """
+    ids = []
+    for piece in re.split("(" + "|".join(map(re.escape, TOOL_MARKERS)) + ")", text):  # re caches the pattern
+        if piece in TOOL_MARKERS:
+            ids.append(tokenizer.encode_special(piece))
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids
+
+
+def render_turn(tokenizer, role, content):
+    """<|user_start|> text <|user_end|>, or <|assistant_start|> reply <|assistant_end|> where the reply is
+    text (see encode_assistant_text) or the token ids the model wrote."""
+    special = tokenizer.encode_special
+    if role == "user":
+        return [special("<|user_start|>"), *tokenizer.encode(content), special("<|user_end|>")]
+    reply = content if isinstance(content, list) else encode_assistant_text(tokenizer, content)
+    return [special("<|assistant_start|>"), *reply, special("<|assistant_end|>")]
+
+
+def prompt_budget(context_len, max_tokens):
+    """Tokens a prompt may take: the context less room for a max_tokens reply, where that room is at most
+    half the context, so a large max_tokens does not leave a long conversation no history."""
+    return context_len - min(max_tokens, context_len // 2)
+
+
+def fit_chat_prompt(tokenizer, turns, budget=math.inf, system=""):
+    """
+    (prompt, dropped): the tokens for the model to answer turns [(role, content), ...], the last one from the
+    user, in at most `budget` tokens, and how many of the oldest turns were left out to fit. The layout of
+    render_for_completion: BOS, each turn (render_turn), <|assistant_start|>; a system prompt is merged into
+    the first user turn kept, as system + "\\n\\n" + text, as render_conversation merges a system message.
+    The oldest turns are dropped first; if the last turn alone is too long, its beginning is cut.
+    """
+    if not turns:
+        raise ValueError("A chat prompt needs at least one turn")
+    pieces = [render_turn(tokenizer, role, content) for role, content in turns]
+    with_system = {}  # index of a user turn -> its tokens with the system prompt merged in
+
+    def kept_pieces(dropped):
+        kept = pieces[dropped:]
+        first_user = next((i for i in range(dropped, len(turns)) if turns[i][0] == "user"), None)
+        if system and first_user is not None:
+            if first_user not in with_system:
+                text = system + "\n\n" + turns[first_user][1]
+                with_system[first_user] = render_turn(tokenizer, "user", text)
+            kept[first_user - dropped] = with_system[first_user]
+        return kept
+
+    for dropped in range(len(pieces)):
+        kept = kept_pieces(dropped)
+        if 2 + sum(map(len, kept)) <= budget:  # 2: BOS and the closing <|assistant_start|>
+            break
+    else:
+        kept = [kept[-1][-max(budget - 2, 1):]]
+    body = [token for piece in kept for token in piece]
+    return [tokenizer.get_bos_token_id(), *body, tokenizer.encode_special("<|assistant_start|>")], dropped
+
+
+def render_chat_prompt(tokenizer, turns, system=""):
+    """fit_chat_prompt's prompt with every turn kept."""
+    return fit_chat_prompt(tokenizer, turns, system=system)[0]
+
+
+class StreamDecoder:
+    """
+    Token ids in, text out as it becomes whole: bytes are decoded incrementally, so a character split over
+    several tokens comes out once, whole (and decoding stays linear in the reply length). Special tokens come
+    out as their literal names.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id):
+        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
+
+    def finish(self):
+        """The rest, at the end of the reply: an incomplete character becomes U+FFFD instead of vanishing."""
+        return self.decoder.decode(b"", final=True)
 
 
 # -----------------------------------------------------------------------------

@@ -11,13 +11,13 @@ Loading messages go to stderr, so with -p stdout holds only the answer.
 """
 
 import argparse
-import codecs
 import contextlib
 import sys
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init
 from nanochat.engine import Engine
+from nanochat.tokenizer import StreamDecoder, fit_chat_prompt, prompt_budget
 
 
 def parse_args(argv=None):
@@ -49,44 +49,26 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # The conversation as tokens
 
-def render_prompt(tokenizer, exchanges, user_text, system=""):
+def conversation_turns(exchanges, user_text):
     """
-    Tokens for the model to answer user_text after the earlier exchanges, a list of (user text, reply
-    tokens ending in <|assistant_end|>). The same layout as tokenizer.render_for_completion: BOS, then per
-    turn <|user_start|> text <|user_end|> <|assistant_start|> reply; a system prompt is prepended to the
-    first user message with a blank line, as render_conversation merges a system message.
+    The conversation as fit_chat_prompt's turns: each earlier exchange, (user text, reply tokens ending in
+    <|assistant_end|>), as a user and an assistant turn (the model's own tokens), then the new message.
     """
-    special = tokenizer.encode_special
-    tokens = [tokenizer.get_bos_token_id()]
-    for i, (text, reply) in enumerate([*exchanges, (user_text, [])]):
-        if i == 0 and system:
-            text = system + "\n\n" + text
-        tokens += [special("<|user_start|>"), *tokenizer.encode(text), special("<|user_end|>"),
-                   special("<|assistant_start|>"), *reply]
-    return tokens
-
-
-def fit_prompt(tokenizer, exchanges, user_text, system, context_len, max_tokens):
-    """
-    (prompt, number of oldest exchanges dropped) so that the prompt plus a full reply fits the model's
-    context, so a long conversation never runs past it. The current message is always kept.
-    """
-    for dropped in range(len(exchanges) + 1):
-        prompt = render_prompt(tokenizer, exchanges[dropped:], user_text, system)
-        if len(prompt) + max_tokens <= context_len:
-            break
-    return prompt, dropped
+    turns = []
+    for text, reply in exchanges:
+        turns += [("user", text), ("assistant", reply[:-1])]
+    return turns + [("user", user_text)]
 
 
 def stream_reply(engine, tokenizer, prompt, args):
     """
     Generate a reply to prompt, printing its text as it arrives; returns the reply tokens, always ending in
-    <|assistant_end|> (appended when max_tokens cut the reply). Bytes are decoded incrementally, so a
-    character split over several tokens prints once, whole; the terminal token is not printed.
+    <|assistant_end|> (appended when max_tokens cut the reply). A character split over several tokens
+    prints once, whole (StreamDecoder); the terminal token is not printed.
     """
     assistant_end = tokenizer.encode_special("<|assistant_end|>")
     terminal = (assistant_end, tokenizer.get_bos_token_id())
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = StreamDecoder(tokenizer)
     reply = []
     stream = engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed)
@@ -95,8 +77,8 @@ def stream_reply(engine, tokenizer, prompt, args):
         if token in terminal:
             break
         reply.append(token)
-        print(decoder.decode(tokenizer.decode_single_token_bytes(token)), end="", flush=True)
-    print(decoder.decode(b"", final=True))
+        print(decoder.add(token), end="", flush=True)
+    print(decoder.finish())
     return reply + [assistant_end]
 
 
@@ -113,7 +95,7 @@ def print_banner():
 
 def chat_loop(engine, tokenizer, args, read_input=input):
     """The interactive conversation; returns when the user leaves."""
-    context_len = engine.model.config.sequence_len
+    budget = prompt_budget(engine.model.config.sequence_len, args.max_tokens)
     exchanges = []
     print_banner()
     try:
@@ -132,10 +114,12 @@ def chat_loop(engine, tokenizer, args, read_input=input):
                 continue
             if not user_text:
                 continue
-            prompt, dropped = fit_prompt(tokenizer, exchanges, user_text, args.system, context_len, args.max_tokens)
-            if dropped:
-                print(f"(context full: forgot the oldest {dropped} exchange(s))")
-                exchanges = exchanges[dropped:]
+            turns = conversation_turns(exchanges, user_text)
+            prompt, dropped = fit_chat_prompt(tokenizer, turns, budget, args.system)
+            forgotten = (dropped + 1) // 2  # an exchange whose question no longer fits is forgotten
+            if forgotten:
+                print(f"(context full: forgot the oldest {forgotten} exchange(s))")
+                exchanges = exchanges[forgotten:]
             print("\nAssistant: ", end="", flush=True)
             exchanges.append((user_text, stream_reply(engine, tokenizer, prompt, args)))
     except KeyboardInterrupt:
@@ -144,7 +128,9 @@ def chat_loop(engine, tokenizer, args, read_input=input):
 
 def answer_once(engine, tokenizer, args):
     """-p mode: print the answer to args.prompt (no banner, no labels) and return its tokens."""
-    return stream_reply(engine, tokenizer, render_prompt(tokenizer, [], args.prompt, args.system), args)
+    budget = prompt_budget(engine.model.config.sequence_len, args.max_tokens)
+    prompt, _ = fit_chat_prompt(tokenizer, [("user", args.prompt)], budget, args.system)
+    return stream_reply(engine, tokenizer, prompt, args)
 
 
 def load_engine(args):

@@ -16,7 +16,7 @@ import torch
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer
+from nanochat.tokenizer import RustBPETokenizer, fit_chat_prompt, render_chat_prompt
 from scripts import chat_cli
 
 TRAIN_TEXT = [
@@ -209,7 +209,8 @@ def test_prompt_layout_matches_render_for_completion_with_a_system_prompt(tokeni
     ]}
     expected = tokenizer.render_for_completion(conversation)
     exchanges = [("Hello there", tokenizer.encode("Hi!") + [end])]
-    assert chat_cli.render_prompt(tokenizer, exchanges, "How are you?", system="Be brief.") == expected
+    turns = chat_cli.conversation_turns(exchanges, "How are you?")
+    assert render_chat_prompt(tokenizer, turns, system="Be brief.") == expected
 
 
 def test_streaming_prints_multibyte_characters_whole(tokenizer, capsys):
@@ -220,3 +221,30 @@ def test_streaming_prints_multibyte_characters_whole(tokenizer, capsys):
     tokens = chat_cli.stream_reply(Engine(model, tokenizer), tokenizer, [tokenizer.get_bos_token_id()] * 2, args)
     assert capsys.readouterr().out == "café 😀!\n"
     assert tokens == reply + [tokenizer.encode_special("<|assistant_end|>")]
+
+
+def test_a_message_longer_than_the_context_keeps_its_end_and_half_the_context_for_the_reply(tokenizer, capsys):
+    # the server's policy: the prompt gets at least half the context, the message loses its beginning
+    ok = tokenizer.encode("ok")
+    context_len = 48
+    message = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
+    assert len(chat_prompt(tokenizer, message)) > context_len
+    model = ScriptedModel(tokenizer, ok, sequence_len=context_len)
+    args = chat_cli.parse_args(["--max-tokens", "40", "-t", "0"])
+    chat_cli.chat_loop(Engine(model, tokenizer), tokenizer, args, scripted_input([message]))
+    [prompt] = model.prompts
+    full = chat_prompt(tokenizer, message)
+    assert len(prompt) == context_len // 2 and prompt[0] == tokenizer.get_bos_token_id()
+    assert prompt[1:] == full[len(full) - len(prompt) + 1:]  # the end of the message, then the reply opens
+    assert "\nAssistant: ok\n" in capsys.readouterr().out
+
+
+def test_a_system_prompt_stays_with_the_first_exchange_kept(tokenizer):
+    ok = tokenizer.encode("ok")
+    end = tokenizer.encode_special("<|assistant_end|>")
+    exchanges = [("one", ok + [end]), ("two", ok + [end])]
+    turns = chat_cli.conversation_turns(exchanges, "three")
+    full, dropped = fit_chat_prompt(tokenizer, turns, system="Be brief.")
+    assert dropped == 0 and full == chat_prompt(tokenizer, "Be brief.\n\none", ok, "two", ok, "three")
+    kept = chat_prompt(tokenizer, "Be brief.\n\ntwo", ok, "three")
+    assert fit_chat_prompt(tokenizer, turns, len(kept), system="Be brief.") == (kept, 2)

@@ -1,6 +1,6 @@
 """
 Robustness of serving against a tiny random GPT, on the real continuous-batching scheduler and the real
-chat_web app served in-process by uvicorn on loopback:
+server app (nanochat/server.py) served in-process by uvicorn on loopback:
 1. one request's numerical trouble stays that request's: tiny temperatures and top_p decode greedily, and a
    row whose logits turn NaN ends alone with "error" while the rows beside it get exactly their tokens alone;
 2. malformed input (lone surrogates, NaN, -Infinity) is a 4xx with a JSON body on both APIs, never a 500;
@@ -27,8 +27,9 @@ import torch
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.api_schemas import MAX_CHOICES, MAX_MESSAGE_LENGTH, MAX_STOP_LENGTH
+from nanochat.server import ServerConfig, create_app, serve_in_thread
 from nanochat.tokenizer import RustBPETokenizer
-from scripts import chat_web
 
 TRAIN_TEXT = ["Hello there! How are you today? I am fine, thank you.\n", "The answer is 42.\n"] * 30
 SEQUENCE_LEN = 64  # short replies: the fuzz and load tests send many requests
@@ -67,16 +68,15 @@ def reference(base_dir):
     return model, tokenizer
 
 
-def start_server(*flags):
-    args = chat_web.parse_args(["--device-type", "cpu", *flags])
-    server, thread, port = chat_web.serve_in_thread(chat_web.create_app(args))
+def start_server(**settings):
+    server, thread, port = serve_in_thread(create_app(ServerConfig(device_type="cpu", **settings)))
     return server, thread, port
 
 
 @pytest.fixture(scope="module")
 def server(base_dir):
     """(url, port) of a server with the default flags, except a short time to send a body."""
-    server, thread, port = start_server("--body-timeout", "1")
+    server, thread, port = start_server(body_timeout=1)
     yield f"http://127.0.0.1:{port}", port
     server.should_exit = True
     thread.join(timeout=30)
@@ -175,7 +175,7 @@ def test_max_queue_zero_takes_free_slots_only(reference):
 
 
 def test_server_with_max_queue_zero_serves_a_request_into_a_free_slot(base_dir):
-    server, thread, port = start_server("--max-batch-size", "1", "--max-queue", "0")
+    server, thread, port = start_server(max_batch_size=1, max_queue=0)
     try:
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=TIMEOUT,
                               json={"messages": USER, "max_tokens": 3})
@@ -226,7 +226,7 @@ def test_malformed_input_is_a_4xx_with_a_json_body(server, path):
 
 def test_a_body_over_the_default_limit_is_413_with_a_json_body(server):
     url, _ = server
-    assert chat_web.parse_args([]).max_body_bytes == 1 << 20
+    assert ServerConfig().max_body_bytes == 1 << 20
     big = json.dumps({"messages": USER, "stop": "x" * (1 << 20)}).encode()
     for path in ("/chat/completions", "/v1/chat/completions"):
         response = httpx.post(url + path, content=big, headers={"content-type": "application/json"})
@@ -241,7 +241,7 @@ def test_a_body_over_the_default_limit_is_413_with_a_json_body(server):
 
 
 def test_max_body_bytes_flag(base_dir):
-    server, thread, port = start_server("--max-body-bytes", "100")
+    server, thread, port = start_server(max_body_bytes=100)
     try:
         body = {"messages": USER, "max_tokens": 2}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 200
@@ -267,10 +267,10 @@ def test_a_half_sent_body_is_answered_408_and_closed(server):
 def test_field_sizes_are_limited(server):
     url, _ = server
     cases = [({"stop": "x" * 10_000}, "stop"),
-             ({"stop": "x" * (chat_web.MAX_STOP_LENGTH + 1)}, "stop"),
+             ({"stop": "x" * (MAX_STOP_LENGTH + 1)}, "stop"),
              ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-             ({"n": chat_web.MAX_CHOICES + 1}, "n"),
-             ({"messages": [{"role": "user", "content": "x" * (chat_web.MAX_MESSAGE_LENGTH + 1)}]},
+             ({"n": MAX_CHOICES + 1}, "n"),
+             ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_LENGTH + 1)}]},
               "messages[0].content"),
              ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 250
                + USER}, "messages")]

@@ -279,7 +279,7 @@ class FakeChatHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()  # HTTP/1.0 without a length: the body ends when the connection closes
         pieces = self.server.stream_pieces()
-        if self.server.stream_error is not None:  # one token, then the error event of scripts/chat_web.py
+        if self.server.stream_error is not None:  # one token, then the error event of nanochat/server.py
             pieces = [event_bytes(stream_events()[0]), event_bytes({"error": self.server.stream_error})]
         try:
             for piece in pieces:

@@ -1,0 +1,215 @@
+"""
+The chat server's request schemas and their validation: the reference endpoint's (ChatRequest, checked by
+validate_chat_request with the reference's messages, HTTP 400) and OpenAI's (OpenAIChatRequest, checked by
+openai_turns and openai_stops; APIError carries the status and OpenAI's param and code). Limits are the
+reference's abuse-prevention ones, on both APIs, plus OpenAI's for n and stop.
+"""
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict
+
+# Abuse prevention: the reference's limits, on both APIs
+MAX_MESSAGES_PER_REQUEST = 500
+MAX_MESSAGE_LENGTH = 8000  # characters per message
+MAX_TOTAL_CONVERSATION_LENGTH = 32000  # characters, summed over the messages
+MIN_TEMPERATURE = 0.0
+MAX_TEMPERATURE = 2.0
+MIN_TOP_K = 0  # 0 = no top-k filtering
+MAX_TOP_K = 200
+MIN_MAX_TOKENS = 1
+MAX_MAX_TOKENS = 4096
+
+# OpenAI API limits
+MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
+MAX_STOP_LENGTH = 256  # characters per stop string: each is searched for in the reply at every token
+
+
+class APIError(Exception):
+    """A client-facing error: {"detail": message} on the reference endpoints, the OpenAI body on /v1."""
+
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+# -----------------------------------------------------------------------------
+# The reference API: request schema and validation
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    messages: list[ChatMessage]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_k: int | None = None
+
+
+def is_encodable(text):
+    """False for text the tokenizer cannot take: JSON's "\\ud800" escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validate_chat_request(request):
+    """The reference's checks, in its order and with its messages (HTTP 400)."""
+    if len(request.messages) == 0:
+        raise HTTPException(status_code=400, detail="At least one message is required")
+    if len(request.messages) > MAX_MESSAGES_PER_REQUEST:
+        raise HTTPException(status_code=400, detail=f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} "
+                                                    f"messages allowed per request")
+    total_length = 0
+    for i, message in enumerate(request.messages):
+        if not message.content:
+            raise HTTPException(status_code=400, detail=f"Message {i} has empty content")
+        if len(message.content) > MAX_MESSAGE_LENGTH:
+            detail = f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} characters allowed per message"
+            raise HTTPException(status_code=400, detail=detail)
+        total_length += len(message.content)
+    if total_length > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise HTTPException(status_code=400, detail=f"Total conversation is too long. Maximum "
+                                                    f"{MAX_TOTAL_CONVERSATION_LENGTH} characters allowed")
+    for i, message in enumerate(request.messages):
+        if message.role not in ("user", "assistant"):
+            raise HTTPException(status_code=400, detail=f"Message {i} has invalid role. "
+                                                        f"Must be 'user', 'assistant', or 'system'")
+    if request.temperature is not None and not MIN_TEMPERATURE <= request.temperature <= MAX_TEMPERATURE:
+        raise HTTPException(status_code=400, detail=f"Temperature must be between {MIN_TEMPERATURE} and "
+                                                    f"{MAX_TEMPERATURE}")
+    if request.top_k is not None and not MIN_TOP_K <= request.top_k <= MAX_TOP_K:
+        raise HTTPException(status_code=400, detail=f"top_k must be between {MIN_TOP_K} and {MAX_TOP_K}")
+    if request.max_tokens is not None and not MIN_MAX_TOKENS <= request.max_tokens <= MAX_MAX_TOKENS:
+        raise HTTPException(status_code=400, detail=f"max_tokens must be between {MIN_MAX_TOKENS} and "
+                                                    f"{MAX_MAX_TOKENS}")
+    for i, message in enumerate(request.messages):
+        if not is_encodable(message.content):
+            raise HTTPException(status_code=400, detail=f"Message {i} is not valid Unicode text (it holds a "
+                                                        f"lone surrogate): send UTF-8 text")
+
+
+# -----------------------------------------------------------------------------
+# The OpenAI API: request schema and validation
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = None
+
+
+class OpenAIChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown parameters (user, logprobs, ...) are ignored
+    model: str | None = None
+    messages: list[OpenAIMessage]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension: OpenAI has no top-k
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    stop: str | list[str] | None = None
+    n: int | None = None
+    seed: int | None = None
+
+
+def message_text(message, i):
+    """The text of an OpenAI message: a string, or its text parts concatenated."""
+    if isinstance(message.content, str):
+        return message.content
+    if message.content is None:
+        raise APIError(400, f"messages[{i}].content is required", f"messages[{i}].content")
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"messages[{i}].content: only text parts are supported, "
+                                f"got type {part.type!r}", f"messages[{i}].content")
+    return "".join(part.text for part in message.content)
+
+
+def openai_turns(messages):
+    """
+    [(role, text)] alternating user, assistant, ..., user, from OpenAI messages: leading system (or
+    developer) messages are merged into the first user message as system + "\n\n" + user, as the tokenizer
+    merges a system message in training data. Limits as on the reference endpoint, in characters.
+    """
+    if not messages:
+        raise APIError(400, "messages must contain at least one message", "messages")
+    if len(messages) > MAX_MESSAGES_PER_REQUEST:
+        raise APIError(400, f"Too many messages: at most {MAX_MESSAGES_PER_REQUEST} are allowed", "messages")
+    system, turns, total_length = [], [], 0
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role {message.role!r} is not supported: "
+                                f"use 'system', 'user' or 'assistant'", f"messages[{i}].role")
+        text = message_text(message, i)
+        if not is_encodable(text):
+            raise APIError(400, f"messages[{i}].content is not valid Unicode text (it holds a lone "
+                                f"surrogate)", f"messages[{i}].content")
+        if len(text) > MAX_MESSAGE_LENGTH:
+            raise APIError(400, f"messages[{i}] is too long: at most {MAX_MESSAGE_LENGTH} characters",
+                           f"messages[{i}].content")
+        total_length += len(text)
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role == "system" and not turns:
+            system.append(text)
+        elif role != expected:
+            raise APIError(400, f"messages[{i}] is from {message.role!r} but should be from {expected!r}: "
+                                f"after optional system messages, roles must alternate user, assistant, ...",
+                           f"messages[{i}].role")
+        else:
+            turns.append((role, text))
+    if total_length > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise APIError(400, f"The conversation is too long: at most {MAX_TOTAL_CONVERSATION_LENGTH} "
+                            f"characters", "messages")
+    if not turns or turns[-1][0] != "user":
+        raise APIError(400, "The last message must be from the user", "messages")
+    if system:
+        turns[0] = ("user", "\n\n".join(system) + "\n\n" + turns[0][1])
+    return turns
+
+
+def check_range(value, low, high, param, low_inclusive=True):
+    if value is None:
+        return
+    above_low = low <= value if low_inclusive else low < value
+    if not (above_low and value <= high):  # written so that NaN fails too
+        interval = f"{'[' if low_inclusive else '('}{low}, {high}]"
+        raise APIError(400, f"Invalid value for '{param}': {value} is not in {interval}", param)
+
+
+def openai_stops(request):
+    """The request's parameters checked (APIError for the first bad one); returns its stop strings."""
+    check_range(request.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, "temperature")
+    check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
+    check_range(request.top_k, MIN_TOP_K, MAX_TOP_K, "top_k")
+    check_range(request.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_tokens")
+    check_range(request.max_completion_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_completion_tokens")
+    check_range(request.n, 1, MAX_CHOICES, "n")
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")
+    if any(not s for s in stops):
+        raise APIError(400, "Invalid value for 'stop': empty strings are not allowed", "stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in stops):
+        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_LENGTH} characters per string",
+                       "stop")
+    if not all(is_encodable(s) for s in stops):
+        raise APIError(400, "Invalid value for 'stop': not valid Unicode text (a lone surrogate)", "stop")
+    return stops

@@ -1,0 +1,764 @@
+"""
+The chat server: a FastAPI app that serves the chat UI, the reference's streaming API and an
+OpenAI-compatible API over one continuous-batching scheduler per device. scripts/chat_web.py is its
+command line; create_app(ServerConfig(...)) builds the app, and serve_in_thread runs it in-process (tests,
+benchmarks). Request schemas and their validation are in nanochat/api_schemas.py.
+
+Endpoints:
+    GET  /                     the chat UI (nanochat/ui.html)
+    GET  /logo.svg             its logo
+    POST /chat/completions     the reference's stream: data: {"token": ..., "gpu": ...} ...
+                               data: {"done": true}
+    GET  /health, /stats       readiness and load; a "worker" is one device with its scheduler
+    GET  /v1/models            the one model served, as "nanochat-<source>-<tag>"
+    POST /v1/chat/completions  OpenAI chat completions, streaming (SSE chunks, then [DONE]) or not
+
+Any OpenAI client works against /v1:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
+    reply = client.chat.completions.create(model="nanochat-sft-d20",
+                                           messages=[{"role": "user", "content": "Hi"}])
+
+Every device runs a continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is
+validated and rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode
+steps and decoded in one batched forward with all other active requests. Tokens come back through an asyncio
+queue and are streamed as they arrive. A client that goes away has its request cancelled, which frees its
+slot. When a scheduler's queue is full the answer is 429; while the server is loading or stopping it is 503.
+
+/v1 choices: omitted sampling parameters take the server's defaults (-t, -k, -m), not OpenAI's; `top_k`
+is accepted as an extension; `stop` strings end a choice at their first occurrence and are cut from its
+text; each of `n` choices is its own request with seed `seed + i`; a prompt that leaves no room in the
+model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
+Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
+and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
+
+Bounded requests, on both APIs: a body is read whole before any handler runs, at most --max-body-bytes
+(413 beyond) and within --body-timeout seconds (408 otherwise, and the connection is closed), so a huge or
+half-sent body holds neither memory nor a connection; stop strings, messages and choices have size limits
+(nanochat/api_schemas.py). --max-queue counts requests waiting beyond the free slots: 0 takes a request only
+into a free slot. Every error, the ones for malformed input included, is a JSON body (input echoed in it made
+JSON-safe).
+"""
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import nanochat
+from nanochat.api_schemas import (MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, MIN_MAX_TOKENS, MIN_TEMPERATURE,
+                                  MIN_TOP_K, APIError, ChatRequest, OpenAIChatRequest, openai_stops,
+                                  openai_turns, validate_chat_request)
+from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
+from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
+from nanochat.common import autodetect_device_type
+from nanochat.tokenizer import StreamDecoder, fit_chat_prompt, prompt_budget, render_chat_prompt
+
+logger = logging.getLogger(__name__)
+
+UI_DIR = os.path.dirname(os.path.abspath(nanochat.__file__))  # ui.html and logo.svg live in the package
+
+
+@dataclass
+class ServerConfig:
+    """What scripts/chat_web.py's flags set; the defaults are the flags' defaults."""
+    num_gpus: int = 1  # one scheduler per GPU (cuda only)
+    source: str = "sft"  # checkpoint family
+    temperature: float = 0.8  # defaults for requests that leave them out
+    top_k: int = 50  # 0 = no filtering
+    max_tokens: int = 512
+    model_tag: str | None = None  # None: the largest model
+    step: int | None = None  # None: the last
+    port: int = 8000
+    device_type: str = ""  # empty: autodetect
+    host: str = "0.0.0.0"
+    max_batch_size: int = 8  # sequences decoded together per device
+    max_queue: int = 64  # requests waiting per device beyond its free slots, before 429
+    max_body_bytes: int = 1 << 20  # 1 MiB: the largest valid conversation (32000 characters) fits many times
+    body_timeout: float = 30.0  # seconds to receive a whole request body
+    log_conversations: bool = False  # every conversation in full, as the reference did
+
+    def __post_init__(self):
+        """ValueError naming the flag of the first value out of range."""
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                             f"got {self.temperature}")
+        if not MIN_TOP_K <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"--top-k must be in [{MIN_TOP_K}, {MAX_TOP_K}], got {self.top_k}")
+        if not MIN_MAX_TOKENS <= self.max_tokens <= MAX_MAX_TOKENS:
+            raise ValueError(f"--max-tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}], "
+                             f"got {self.max_tokens}")
+        if self.num_gpus < 1 or self.max_batch_size < 1 or self.max_queue < 0:
+            raise ValueError("--num-gpus and --max-batch-size must be >= 1, --max-queue >= 0")
+        if self.max_body_bytes < 1 or not self.body_timeout > 0:
+            raise ValueError(f"--max-body-bytes must be >= 1 and --body-timeout > 0, "
+                             f"got {self.max_body_bytes}, {self.body_timeout}")
+        if self.num_gpus > 1 and self.device_type not in ("", "cuda"):
+            raise ValueError(f"--num-gpus {self.num_gpus} needs CUDA, got --device-type {self.device_type}")
+
+
+
+# -----------------------------------------------------------------------------
+# Workers: one scheduler per device
+
+@dataclass
+class Worker:
+    """One device with its model replica behind a continuous-batching scheduler."""
+    gpu_id: int
+    device: torch.device
+    scheduler: BatchScheduler
+    tokenizer: object
+    context_len: int  # the model's sequence_len: prompt + reply must fit in it
+
+    def num_requests(self):
+        stats = self.scheduler.stats()
+        return stats["active"] + stats["queued"]
+
+    def has_free_slot(self):
+        stats = self.scheduler.stats()
+        return stats["active"] + stats["queued"] < stats["max_batch_size"]
+
+
+def worker_devices(device_type, num_gpus):
+    if device_type != "cuda":
+        if num_gpus > 1:
+            raise RuntimeError(f"--num-gpus {num_gpus} needs CUDA, but the device type is {device_type}")
+        return [torch.device(device_type)]
+    if num_gpus > torch.cuda.device_count():
+        raise RuntimeError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA devices "
+                           f"are visible")
+    return [torch.device("cuda", i) for i in range(num_gpus)]
+
+
+class WorkerPool:
+    """The workers of the server: one batching scheduler per device, requests routed to the least loaded."""
+
+    def __init__(self, workers, model_id):
+        self.workers = workers
+        self.model_id = model_id
+
+    @classmethod
+    def load(cls, config):
+        """Load the checkpoint on every device and start a scheduler for each."""
+        devices = worker_devices(config.device_type or autodetect_device_type(), config.num_gpus)
+        # resolve the tag once, so every device loads the same checkpoint
+        tag = config.model_tag or find_largest_model(get_checkpoints_dir(config.source))
+        print(f"Initializing worker pool with {len(devices)} GPUs...")
+        workers = []
+        try:
+            for gpu_id, device in enumerate(devices):
+                print(f"Loading model on {device}...")
+                model, tokenizer, _ = load_model(config.source, device, phase="eval", model_tag=tag,
+                                                 step=config.step)
+                scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
+                                           max_queue=config.max_queue, device=device)
+                scheduler.start()
+                workers.append(Worker(gpu_id, device, scheduler, tokenizer, model.config.sequence_len))
+        except BaseException:
+            for worker in workers:
+                worker.scheduler.shutdown()
+            raise
+        print(f"All {len(workers)} workers initialized!")
+        return cls(workers, f"nanochat-{config.source}-{tag}")
+
+    def least_loaded(self):
+        return min(self.workers, key=Worker.num_requests)
+
+    def shutdown(self):
+        for worker in self.workers:
+            worker.scheduler.shutdown()
+
+
+
+# -----------------------------------------------------------------------------
+# Errors
+
+def json_safe(value):
+    """value with what JSON cannot carry made printable: NaN and infinities (echoed input such as
+    max_tokens=NaN) become strings, lone surrogates ("\\ud800") their escaped text, other objects str()."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return json_safe(str(value))
+
+
+class SafeJSONResponse(JSONResponse):
+    """A JSONResponse that cannot fail to encode (see json_safe): an error about bad input must not itself
+    become a 500."""
+
+    def render(self, content):
+        return super().render(json_safe(content))
+
+
+def openai_error(status, message, param=None, code=None, type="invalid_request_error", headers=None):
+    headers = {"Retry-After": "1", **(headers or {})} if status in (429, 503) else headers
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return SafeJSONResponse(body, status_code=status, headers=headers)
+
+
+def is_openai_path(request):
+    return request.url.path.startswith("/v1/")
+
+
+def error_response(path, status, message, headers=None, **openai_fields):
+    """The error body each API uses: OpenAI's on /v1, {"detail": message} on the reference endpoints."""
+    if path.startswith("/v1/"):
+        return openai_error(status, message, headers=headers, **openai_fields)
+    headers = {"Retry-After": "1", **(headers or {})} if status in (429, 503) else headers
+    return SafeJSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+async def on_api_error(request, exc):
+    return error_response(request.url.path, exc.status, exc.message, param=exc.param, code=exc.code,
+                          type=exc.type)
+
+
+def error_param(loc):
+    """pydantic's ("body", "messages", 0, "role") as OpenAI's "messages[0].role". A union member's label
+    ("str" in ("body", "stop", "str")) is not part of the name."""
+    param = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part):
+            break
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
+
+
+async def on_validation_error(request, exc):
+    # the reference endpoint keeps FastAPI's 422 body, made JSON-safe: the input it echoes may be NaN or
+    # hold a lone surrogate, which FastAPI's own handler fails to encode (a plain-text 500)
+    if not is_openai_path(request):
+        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    # /v1 answers 400 like OpenAI
+    error = exc.errors()[0]
+    if error["type"] == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "")
+        return openai_error(400, f"The request body is not valid JSON: {reason}")
+    param = error_param(error["loc"])
+    return openai_error(400, f"Invalid request: {param or 'body'}: {error['msg']}", param)
+
+
+async def on_unexpected_error(request, exc):
+    # a bug, not the client's fault: still a JSON body that says so (the traceback goes to the log)
+    return error_response(request.url.path, 500, "Internal server error", type="server_error")
+
+
+class BoundedBody:
+    """
+    ASGI middleware: an HTTP request's body is read whole before the app sees it, at most max_bytes (413
+    beyond, from Content-Length when it is declared) and within timeout seconds (408). Either error closes
+    the connection, so the rest of an oversized or half-sent body is never read.
+    """
+
+    def __init__(self, app, max_bytes, timeout):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send, 413, declared)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout)
+        except TimeoutError:
+            return await self._reject(scope, receive, send, 408)
+        except OverflowError:
+            return await self._reject(scope, receive, send, 413, f"more than {self.max_bytes}")
+        if body is None:
+            return  # the client went away: nobody to answer
+        replayed = False
+
+        async def replay():  # the body once, then the real channel (disconnect detection)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive):
+        """The body; None when the client disconnected; OverflowError once it grows past max_bytes."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise OverflowError
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _reject(self, scope, receive, send, status, size=None):
+        if status == 413:
+            message = (f"The request body ({size} bytes) is larger than this server's limit of "
+                       f"{self.max_bytes} bytes (--max-body-bytes)")
+        else:
+            message = f"The request body was not received within {self.timeout:g} seconds (--body-timeout)"
+        response = error_response(scope["path"], status, message, headers={"Connection": "close"},
+                                  code="request_too_large" if status == 413 else "request_timeout")
+        await response(scope, receive, send)
+
+
+async def on_http_error(request, exc):
+    if not is_openai_path(request):
+        return await http_exception_handler(request, exc)
+    return openai_error(exc.status_code, str(exc.detail))
+
+
+# -----------------------------------------------------------------------------
+# Generation: scheduler events -> text
+
+class ReplyText:
+    """
+    Token ids in, text deltas out, decoded by a StreamDecoder (whole characters; tool calls as their literal
+    names). Text that could be the start of a stop string is held back until it is known not to be one;
+    `stopped` turns True at the first stop string, which is cut from the text.
+    """
+
+    def __init__(self, tokenizer, stops=()):
+        self.stops = list(stops)
+        self.decoder = StreamDecoder(tokenizer)
+        self.held = ""  # decoded, not yet released
+        self.text = ""  # released
+        self.stopped = False
+
+    def add(self, token_id):
+        if self.stopped:
+            return ""
+        self.held += self.decoder.add(token_id)
+        return self._release(final=False)
+
+    def finish(self):
+        """The rest, at the end of the reply (an incomplete character becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self.held += self.decoder.finish()
+        return self._release(final=True)
+
+    def _release(self, final):
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self.held = self.held[:min(found)], ""
+        else:
+            keep = 0 if final else self._stop_prefix_len()
+            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        self.text += out
+        return out
+
+    def _stop_prefix_len(self):
+        """Length of the longest tail of the held text that some stop string starts with."""
+        for n in range(min(len(self.held), max(map(len, self.stops), default=0)), 0, -1):
+            if any(s.startswith(self.held[-n:]) for s in self.stops):
+                return n
+        return 0
+
+
+@dataclass
+class Choice:
+    """One reply being generated: its text, its token count and why it ended."""
+    text: ReplyText
+    tokens: int = 0
+    finish_reason: str | None = None
+
+    def apply(self, event):
+        """Take one scheduler event; returns the text it releases."""
+        if self.finish_reason is not None:
+            return ""  # e.g. the "cancelled" that follows a stop string
+        delta = ""
+        if event.token_id is not None:
+            self.tokens += 1
+            delta = self.text.add(event.token_id)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif event.finish_reason is not None:
+            delta += self.text.finish()
+            self.finish_reason = event.finish_reason
+        return delta
+
+
+@dataclass
+class Generation:
+    """The scheduler requests behind one HTTP request (one per choice, one worker); events share one queue."""
+    worker: Worker
+    prompt_tokens: int
+    choices: list
+    requests: list = field(default_factory=list)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+    def completion_tokens(self):
+        return sum(choice.tokens for choice in self.choices)
+
+    def usage(self):
+        completion = self.completion_tokens()
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def cancel(self):
+        for request in self.requests:
+            request.cancel()
+
+    async def deltas(self):
+        """(choice index, text delta) as events arrive, until every choice has ended; cancels what still
+        runs if the consumer stops early (a client that went away)."""
+        running = set(range(len(self.choices)))
+        try:
+            while running:
+                index, event = await self.events.get()
+                if index not in running:
+                    continue
+                choice = self.choices[index]
+                delta = choice.apply(event)
+                if choice.finish_reason is not None:
+                    running.discard(index)
+                    self.requests[index].cancel()  # frees the slot now when a stop string ended the reply
+                yield index, delta
+        finally:
+            self.cancel()
+
+
+def start_generation(worker, prompt, params_list, stops=()):
+    """Submit one request per SamplingParams to the worker's scheduler; APIError when it cannot take them."""
+    loop = asyncio.get_running_loop()
+    choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
+    generation = Generation(worker, len(prompt), choices)
+
+    def forward_to_loop(index):
+        def on_event(event):  # runs on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(generation.events.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is closed: the server is going down
+                pass
+        return on_event
+
+    try:
+        for index, params in enumerate(params_list):
+            request = worker.scheduler.submit(prompt, params, on_event=forward_to_loop(index))
+            generation.requests.append(request)
+    except QueueFull:
+        generation.cancel()
+        raise APIError(429, "The server is busy: its request queue is full. Retry shortly.",
+                       code="queue_full", type="rate_limit_error")
+    except ValueError as e:  # the prompt was fitted to the context above, so this is some other bad value
+        generation.cancel()
+        raise APIError(400, str(e))
+    except RuntimeError as e:  # a scheduler that is shutting down
+        generation.cancel()
+        raise APIError(503, f"The server cannot take requests now: {e}", code="unavailable",
+                       type="server_error")
+    return generation
+
+
+def get_pool(request):
+    pool = request.app.state.pool
+    if pool is None:
+        raise APIError(503, "The server is not ready (loading or shutting down)", code="unavailable",
+                       type="server_error")
+    return pool
+
+
+def sse(payload):
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a client that went away cancels its
+    generation at once rather than whenever the abandoned generator is garbage collected."""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def log_generation(generation, num_messages):
+    reasons = ",".join(str(choice.finish_reason) for choice in generation.choices)
+    logger.info(f"{generation.id} gpu {generation.worker.gpu_id}: {num_messages} messages, "
+                f"{generation.prompt_tokens} prompt tokens -> {generation.completion_tokens()} tokens "
+                f"({reasons}) in {time.perf_counter() - generation.started:.2f}s")
+
+
+# -----------------------------------------------------------------------------
+# The reference endpoints
+
+def read_ui_file(name):
+    path = os.path.join(UI_DIR, name)
+    if not os.path.exists(path):
+        raise HTTPException(status_code=404, detail=f"{name} is missing from the nanochat package ({path})")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def root():
+    html = read_ui_file("ui.html").decode("utf-8")
+    # the reference points the page at this server (same origin), whatever API_URL it was saved with
+    html = re.sub(r"const API_URL = [^;\n]*;", "const API_URL = '';", html, count=1)
+    return HTMLResponse(html)
+
+
+async def logo():
+    return Response(read_ui_file("logo.svg"), media_type="image/svg+xml")
+
+
+async def health(request: Request):
+    pool = request.app.state.pool
+    workers = pool.workers if pool is not None else []
+    loads = [worker.scheduler.stats() for worker in workers]
+    return {"status": "ok", "ready": bool(workers), "num_gpus": len(workers),
+            "available_workers": sum(worker.has_free_slot() for worker in workers),
+            "active": sum(s["active"] for s in loads), "queued": sum(s["queued"] for s in loads)}
+
+
+async def stats(request: Request):
+    pool = request.app.state.pool
+    workers = pool.workers if pool is not None else []
+    available = sum(worker.has_free_slot() for worker in workers)
+    return {"total_workers": len(workers), "available_workers": available,
+            "busy_workers": len(workers) - available,
+            "workers": [{"gpu_id": w.gpu_id, "device": str(w.device), **w.scheduler.stats()}
+                        for w in workers]}
+
+
+async def chat_completions(body: ChatRequest, request: Request):
+    """The reference's streaming endpoint, used by the UI."""
+    validate_chat_request(body)
+    config = request.app.state.config
+    worker = get_pool(request).least_loaded()
+    if config.log_conversations:
+        conversation = "".join(f"\n[{m.role.upper()}]: {m.content}" for m in body.messages)
+        logger.info("=" * 20 + conversation + "\n" + "-" * 20)
+    max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens
+    # long conversations lose their oldest turns
+    budget = prompt_budget(worker.context_len, max_tokens)
+    prompt, _ = fit_chat_prompt(worker.tokenizer, [(m.role, m.content) for m in body.messages], budget)
+    temperature = body.temperature if body.temperature is not None else config.temperature
+    top_k = body.top_k if body.top_k is not None else config.top_k
+    params = SamplingParams(max_tokens=min(max_tokens, worker.context_len - len(prompt)),
+                            temperature=temperature, top_k=top_k or None, seed=random.randint(0, 2**31 - 1))
+    generation = start_generation(worker, prompt, [params])
+    stream = reference_stream(generation, len(body.messages), config.log_conversations)
+    return ClosingStreamingResponse(stream, media_type="text/event-stream")
+
+
+async def reference_stream(generation, num_messages, log_conversation):
+    """data: {"token": <text>, "gpu": <id>} per piece of text, then data: {"done": true}."""
+    gpu_id = generation.worker.gpu_id
+    try:
+        async for _, delta in generation.deltas():
+            if delta:
+                yield sse({"token": delta, "gpu": gpu_id})
+        if generation.choices[0].finish_reason == "error":
+            yield sse({"error": "Generation failed on the server"})  # the client learns why the stream ended
+        yield sse({"done": True})
+    finally:
+        log_generation(generation, num_messages)
+        if log_conversation:
+            logger.info(f"[ASSISTANT] (GPU {gpu_id}): {generation.choices[0].text.text}\n" + "=" * 20)
+
+
+# -----------------------------------------------------------------------------
+# The OpenAI endpoints
+
+def model_card(pool):
+    return {"id": pool.model_id, "object": "model", "created": 0, "owned_by": "nanochat"}
+
+
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(get_pool(request))]}
+
+
+async def retrieve_model(model_id: str, request: Request):
+    pool = get_pool(request)
+    if model_id != pool.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist", "model", code="model_not_found")
+    return model_card(pool)
+
+
+def openai_params(body, config, max_tokens):
+    """SamplingParams for each of the n choices: omitted values take the server's defaults."""
+    temperature = body.temperature if body.temperature is not None else config.temperature
+    top_k = body.top_k if body.top_k is not None else config.top_k
+    top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
+    seed = body.seed if body.seed is not None else random.randint(0, 2**31 - 1)
+    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           seed=(seed + i) % 2**63) for i in range(body.n or 1)]
+
+
+async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
+    pool = get_pool(request)
+    if body.model is not None and body.model != pool.model_id:
+        raise APIError(404, f"The model '{body.model}' does not exist (this server has '{pool.model_id}')",
+                       "model", code="model_not_found")
+    turns = openai_turns(body.messages)
+    stops = openai_stops(body)
+    worker = pool.least_loaded()
+    prompt = render_chat_prompt(worker.tokenizer, turns)
+    room = worker.context_len - len(prompt)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
+                            f"messages take {len(prompt)} tokens", "messages", code="context_length_exceeded")
+    config = request.app.state.config
+    requested = body.max_completion_tokens or body.max_tokens or config.max_tokens
+    generation = start_generation(worker, prompt, openai_params(body, config, min(requested, room)), stops)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = openai_stream(generation, pool.model_id, include_usage, len(body.messages))
+        return ClosingStreamingResponse(stream, media_type="text/event-stream")
+    await collect(generation, request)
+    log_generation(generation, len(body.messages))
+    if any(choice.finish_reason == "error" for choice in generation.choices):
+        raise APIError(500, "Generation failed on the server", type="server_error")
+    return {"id": generation.id, "object": "chat.completion", "created": generation.created,
+            "model": pool.model_id,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": choice.text.text},
+                         "logprobs": None, "finish_reason": choice.finish_reason}
+                        for i, choice in enumerate(generation.choices)],
+            "usage": generation.usage()}
+
+
+async def collect(generation, request):
+    """Run a non-streaming generation to its end; cancel it if the client goes away meanwhile."""
+    async def cancel_on_disconnect():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)  # polling: there is no event to wait on before the response starts
+        generation.cancel()
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        async for _ in generation.deltas():
+            pass
+    finally:
+        watcher.cancel()
+
+
+async def openai_stream(generation, model_id, include_usage, num_messages):
+    """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
+    the usage chunk when asked for, then [DONE]."""
+    def chunk(choices, usage=None):
+        payload = {"id": generation.id, "object": "chat.completion.chunk", "created": generation.created,
+                   "model": model_id, "choices": choices}
+        return sse({**payload, "usage": usage} if include_usage else payload)
+
+    try:
+        for index in range(len(generation.choices)):
+            role = {"role": "assistant", "content": ""}
+            yield chunk([{"index": index, "delta": role, "finish_reason": None}])
+        async for index, delta in generation.deltas():
+            finish_reason = generation.choices[index].finish_reason
+            if finish_reason == "error":
+                yield sse({"error": {"message": "Generation failed on the server", "type": "server_error",
+                                     "param": None, "code": None}})
+                return
+            if delta:
+                yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
+            if finish_reason is not None:
+                yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}])
+        if include_usage:
+            yield chunk([], usage=generation.usage())
+        yield "data: [DONE]\n\n"
+    finally:
+        log_generation(generation, num_messages)
+
+
+# -----------------------------------------------------------------------------
+# The application
+
+@asynccontextmanager
+async def lifespan(app):
+    config = app.state.config
+    print("Loading nanochat models across GPUs...")
+    try:
+        app.state.pool = WorkerPool.load(config)
+    except Exception as e:
+        app.state.startup_error = e  # uvicorn logs it, then ends with its own line: main() repeats it last
+        raise
+    print(f"Server ready at http://localhost:{config.port}")
+    try:
+        yield
+    finally:
+        pool, app.state.pool = app.state.pool, None
+        pool.shutdown()
+
+
+def create_app(config):
+    """The FastAPI app for a ServerConfig; models load when it starts (lifespan), not here."""
+    app = FastAPI(title="nanochat", lifespan=lifespan)
+    app.state.config, app.state.pool, app.state.startup_error = config, None, None
+    # no cookies or auth are used, so no credentials (browsers refuse credentials with origin *)
+    app.add_middleware(BoundedBody, max_bytes=config.max_body_bytes, timeout=config.body_timeout)
+    # added last, so outermost: the errors above carry CORS headers too
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    app.add_api_route("/", root, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/logo.svg", logo, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/stats", stats, methods=["GET"])
+    app.add_api_route("/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", openai_chat_completions, methods=["POST"])
+    return app
+
+
+def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
+    """
+    Run app with uvicorn in a daemon thread (tests, benchmarks); returns (server, thread, port) once it is
+    ready. port 0 picks a free one. Stop it with `server.should_exit = True; thread.join()`.
+    """
+    import uvicorn
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    app.state.config.port = sock.getsockname()[1]  # for the start-up message
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("The server did not start (see the log above for the reason)")
+        time.sleep(0.05)
+    return server, thread, sock.getsockname()[1]
+
+
+_default_app = None
