@@ -99,7 +99,7 @@ TOOL_MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|out
 _TOOL_MARKER_RE = re.compile("(" + "|".join(map(re.escape, TOOL_MARKERS)) + ")")
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="NanoChat Web Server")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="number of GPUs, one scheduler each (cuda only)")
     parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft", "rl", "base"],
@@ -124,6 +124,11 @@ def parse_args(argv=None):
                         help="seconds to receive a request body (408 and the connection closed beyond)")
     parser.add_argument("--log-conversations", action="store_true",
                         help="log every conversation in full, as the reference did (default: one summary line)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not MIN_TEMPERATURE <= args.temperature <= MAX_TEMPERATURE:
         parser.error(f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {args.temperature}")
