@@ -5,10 +5,6 @@ tool state machine with scripted models, the calculator table, and the Engine ag
 tiny real model.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import signal
 import threading
 import time
