@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_device_peak_flops
+from nanochat import common
+from nanochat.common import autodetect_device_type, get_device_peak_flops
 from nanochat.gpt import GPT, config_for_depth
 
 
@@ -80,7 +81,7 @@ def main():
     peak = get_device_peak_flops(device_type)
     mfu = 100 * flops_per_token * tok_per_sec / peak
     device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
-    print(f"device: {device_name} | dtype: {COMPUTE_DTYPE} | compile: {args.compile}")
+    print(f"device: {device_name} | dtype: {common.COMPUTE_DTYPE} | compile: {args.compile}")
     print(f"config: depth={config.n_layer} n_embd={config.n_embd} n_head={config.n_head} seq_len={T} "
           f"batch={B} vocab={config.vocab_size} window={args.window_pattern} params={n_params:,}")
     print(f"step: {dt * 1000:.1f} ms | tok/s: {tok_per_sec:,.0f} | FLOPs/token: {flops_per_token:.3e} | "

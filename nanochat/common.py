@@ -17,6 +17,8 @@ import urllib.request
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,21 @@ def _detect_compute_dtype():
     return torch.float32, "auto-detected: no CUDA (CPU/MPS)"
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 master weight is cast to the activation dtype: replaces autocast.
+    It lives here, beside the dtype policy, so that gpt and l3 both import it without a cycle."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
 _compute_dtype_cache = None
 
 
 def __getattr__(name):
-    # COMPUTE_DTYPE is decided once, on first access, and never changes afterwards:
-    # set NANOCHAT_DTYPE before the first `from nanochat.common import COMPUTE_DTYPE`.
+    # COMPUTE_DTYPE is decided once, on first access, and never changes afterwards. Modules read it
+    # as common.COMPUTE_DTYPE at use time (never `from nanochat.common import COMPUTE_DTYPE` at import),
+    # so NANOCHAT_DTYPE set after importing any nanochat module still takes effect.
     global _compute_dtype_cache
     if name in ("COMPUTE_DTYPE", "COMPUTE_DTYPE_REASON"):
         if _compute_dtype_cache is None:

@@ -169,7 +169,6 @@ def disable_fp8(model):
     evaluation and sampling run in the compute dtype with arbitrary shapes; the Float8 layers come back
     on exit. A no-op for a model without Float8 layers.
     """
-    from nanochat.gpt import Linear  # lazy: gpt imports this module's neighbours, keep the graph acyclic
     swapped = []
     for name, module in list(model.named_modules()):
         if not name or "Float8" not in type(module).__name__:
@@ -177,7 +176,7 @@ def disable_fp8(model):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         with torch.device("meta"):
-            plain = Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain = common.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         plain.weight = module.weight
         if module.bias is not None:
             plain.bias = module.bias

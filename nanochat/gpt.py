@@ -11,7 +11,7 @@ The GPT model. Notable features, each with its reason:
 - sliding-window attention by a pattern of S(hort)/L(ong) layers, GQA support
 - logit soft-cap 15*tanh(x/15)
 - optional muP (mup_base_width > 0) and L3 lookup layers (l3_after_layers)
-Dtype policy: master weights are fp32; Linear casts them to the activation dtype (COMPUTE_DTYPE).
+Dtype policy: master weights are fp32; Linear casts them to the activation dtype (common.COMPUTE_DTYPE).
 """
 
 from dataclasses import dataclass
@@ -20,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, is_ddp_initialized, print0
+from nanochat import common  # common.COMPUTE_DTYPE is read at use time: deciding it may query CUDA
+from nanochat.common import Linear, is_ddp_initialized, print0
 from nanochat.flash_attention import cache_position_range, flash_attn
+from nanochat.l3 import L3Layer
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 from nanochat.sampling import is_greedy, sample_next_token
 
@@ -62,13 +64,6 @@ QK_SCALE = 1.2
 def norm(x):
     # weightless RMSNorm in the input dtype
     return F.rms_norm(x, (x.size(-1),))
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose fp32 master weight is cast to the activation dtype: replaces autocast."""
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
 
 
 def has_ve(layer_idx, n_layer):
@@ -199,7 +194,6 @@ class GPT(nn.Module):
         layers = parse_l3_layers(config)
         if not layers:
             return {}
-        from nanochat.l3 import L3Layer  # only L3 models need it
         d_up = config.l3_d_up if config.l3_d_up > 0 else 4 * config.n_embd
         return {str(i): L3Layer(config.n_embd, config.l3_n_emb, d_up, tie_kv=config.l3_tie_kv,
                                 vocab_size=config.vocab_size, k_max=config.l3_k_max) for i in layers}
@@ -240,11 +234,11 @@ class GPT(nn.Module):
             self.l3_layers[key].reset_parameters()
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, n // cfg.n_head)
         self.cos, self.sin = cos, sin
-        if COMPUTE_DTYPE != torch.float16:
+        if common.COMPUTE_DTYPE != torch.float16:
             # embedding tables in the compute dtype halve their memory; under fp16 they stay fp32
             # because GradScaler.unscale_ refuses fp16 gradients
             for emb in self._embedding_tables():
-                emb.data = emb.data.to(COMPUTE_DTYPE)
+                emb.data = emb.data.to(common.COMPUTE_DTYPE)
 
     def _embedding_tables(self):
         tables = [self.transformer.wte.weight] + [ve.weight for ve in self.value_embeds.values()]
@@ -264,7 +258,7 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
-        cos, sin = freqs.cos().to(COMPUTE_DTYPE), freqs.sin().to(COMPUTE_DTYPE)
+        cos, sin = freqs.cos().to(common.COMPUTE_DTYPE), freqs.sin().to(common.COMPUTE_DTYPE)
         return cos[None, :, None, :], sin[None, :, None, :]  # (1, seq_len, 1, head_dim/2)
 
     def _compute_window_sizes(self, config):
@@ -399,10 +393,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
         assert idx.device == self.cos.device, f"Rotary embeddings and idx are on different devices: {idx.device} != {self.cos.device}"
-        assert self.cos.dtype == COMPUTE_DTYPE, f"Rotary embeddings must be in {COMPUTE_DTYPE}, got {self.cos.dtype}"
+        dtype = common.COMPUTE_DTYPE
+        assert self.cos.dtype == dtype, f"Rotary embeddings must be in {dtype}, got {self.cos.dtype}"
         cos_sin = self._rotary_for(T, kv_cache)
 
-        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        x = norm(self.transformer.wte(idx).to(dtype))
         x = self._smear(x, kv_cache)
         x0 = x
         backout_layer = self.config.n_layer // 2

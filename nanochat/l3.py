@@ -12,8 +12,8 @@ The per-token allocation d_t comes from an LZ78-style dictionary scan of trainin
 (compute_lzw_allocation), turned into row bounds by allocation_to_bounds; the bounds are a
 persistent buffer, so the allocation travels with checkpoints.
 
-Import rule: this module must not import nanochat.gpt at module level (gpt imports l3); the
-project's casting Linear is imported lazily inside L3Layer.__init__.
+Imports: gpt builds L3 layers, so this module never imports nanochat.gpt; the casting Linear they
+share lives in nanochat.common.
 """
 
 import operator
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import print0
+from nanochat.common import Linear, print0
 
 # most negative finite fp32 value: masks invalid slots before the softmax without producing the
 # NaNs that -inf gives for a token whose allocation is empty
@@ -290,7 +290,6 @@ class L3Layer(nn.Module):
 
     def __init__(self, n_embd, n_emb, d_up, tie_kv=True, vocab_size=0, k_max=None):
         super().__init__()
-        from nanochat.gpt import Linear  # lazy: gpt imports this module
         if n_embd < 1 or n_emb < 1 or d_up < 1:
             raise ValueError(f"n_embd, n_emb and d_up must be >= 1, got {n_embd}, {n_emb}, {d_up}")
         if vocab_size < 0:

@@ -42,7 +42,7 @@ class SetupError(RuntimeError):
     """Something the requested evaluation needs is not available (e.g. the transformers package)."""
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate a base model")
     parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated modes: core, bpb, sample")
     parser.add_argument("--hf-path", type=str, default=None,
@@ -54,6 +54,11 @@ def parse_args(argv=None):
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch")
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.modes = {mode.strip() for mode in args.eval.split(",")}
     invalid = args.modes - set(EVAL_MODES)

@@ -20,7 +20,7 @@ from nanochat.engine import Engine
 from nanochat.tokenizer import StreamDecoder, fit_chat_prompt, prompt_budget
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Chat with the model")
     parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft", "rl", "base"],
                         help="checkpoint family: sft|rl (base loads too, but was never taught to chat)")
@@ -36,6 +36,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (the same for every reply)")
     parser.add_argument("--system", type=str, default="",
                         help="system prompt, merged into the first user message as training data does")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")

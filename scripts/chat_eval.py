@@ -205,7 +205,7 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
 # -----------------------------------------------------------------------------
 # CLI
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the ChatCORE tasks")
     parser.add_argument("-i", "--source", type=str, required=True, choices=["sft", "rl", "base"],
                         help="checkpoint family to load: sft|rl (base also works)")
@@ -221,6 +221,11 @@ def parse_args(argv=None):
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="problems per task (default: all)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], metavar="DEVICE",
                         help="cuda|cpu|mps (empty = autodetect)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.task_name.split("|")] if args.task_name else list(TASKS)
     unknown = [name for name in names if name not in TASKS]

@@ -16,8 +16,8 @@ from nanochat.common import autodetect_device_type, compute_init, setup_default_
 from nanochat.server import ServerConfig, create_app
 
 
-def parse_args(argv=None):
-    """The flags as a ServerConfig (its defaults are theirs); a value out of range is a usage error."""
+def build_parser():
+    """The flags; their defaults are ServerConfig's."""
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(description="NanoChat Web Server")
     parser.add_argument("-n", "--num-gpus", type=int, default=defaults.num_gpus,
@@ -52,6 +52,12 @@ def parse_args(argv=None):
     parser.add_argument("--log-conversations", action="store_true",
                         help="log every conversation in full, as the reference did "
                              "(default: one summary line)")
+    return parser
+
+
+def parse_args(argv=None):
+    """The flags as a ServerConfig; a value out of range is a usage error."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return ServerConfig(**vars(args))

@@ -24,11 +24,16 @@ Special chars: @#$%^&*()
 Unicode: 你好世界 🌍"""
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Train a BPE tokenizer")
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, including the special tokens")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("max_chars", "doc_cap", "vocab_size"):
         if getattr(args, flag) <= 0:

@@ -11,8 +11,6 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import pytest
 import torch
 

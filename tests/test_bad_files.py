@@ -5,16 +5,14 @@ token_bytes.pt, the eval bundle zip, task data (JSON lines), and a server that c
 because of one of them. Each test writes the damaged file, runs the code that a script runs to
 read it, and checks the last line of the traceback a user would see.
 """
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import
-
-import dataclasses
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,30 +21,24 @@ from nanochat import checkpoint_manager as cm
 from nanochat import core_eval, dataset
 from nanochat.common import REPO_DATA_DIR
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, get_tokenizer
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from tasks import common as task_common
 from tasks.customjson import CustomJSON
 
+from conftest import TINY_VOCAB, write_tiny_checkpoint
+
 REPO_ROOT = os.path.dirname(REPO_DATA_DIR)
-VOCAB = 300
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = [f"the {w} fox jumps over {n} lazy dogs" for w in ("quick", "brown", "red") for n in range(30)]
-    return RustBPETokenizer.train_from_iterator(iter(texts), VOCAB)
+VOCAB = TINY_VOCAB
 
 
 @pytest.fixture
-def base_dir(tmp_path, monkeypatch, tokenizer):
-    base = tmp_path / "base"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    tokenizer.save(str(base / "tokenizer"))
-    return base
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+@pytest.fixture
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 def last_line(excinfo):
@@ -65,16 +57,9 @@ def truncate(path):
 
 
 def save_tiny_checkpoint(base, source="base", step=5):
-    config = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    ckpt = base / cm.CHECKPOINT_DIRS[source] / "d2"
-    meta = {"step": step, "model_config": dataclasses.asdict(config)}
-    cm.save_checkpoint(str(ckpt), step, model.state_dict(), {"state": {}, "param_groups": []}, meta)
-    return ckpt
+    empty_optimizer = {"state": {}, "param_groups": []}
+    ckpt, _ = write_tiny_checkpoint(base, source, step, sequence_len=32, optimizer_state=empty_optimizer)
+    return Path(ckpt)
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """scripts/base_eval.py: CLI validation, the CORE csv, the report items, HF helpers, bpb, failure exits."""
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import math
+import os
 import re
 import sys
 import types
@@ -14,14 +12,12 @@ from nanochat import core_eval
 from nanochat.tokenizer import HuggingFaceTokenizer, RustBPETokenizer, compute_token_bytes
 from scripts import base_eval
 
+from conftest import point_base_dir_at
+
 
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    return tmp_path / "base"
+    return point_base_dir_at(monkeypatch, tmp_path / "base")
 
 
 def test_defaults():

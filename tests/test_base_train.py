@@ -2,11 +2,9 @@
 base_train: the scaling rules as pure functions (against the spec's depth table), then real d2 runs on
 the committed sample: checkpoint + report, exact resume after SIGTERM, and the NaN guard.
 """
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import gc
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +16,8 @@ import pytest
 import torch
 
 from scripts import base_train
+
+from conftest import install_sample_base_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,23 +86,9 @@ TRAIN_FLAGS = ["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from nanochat.dataset import install_sample
-    from nanochat.tokenizer import RustBPETokenizer
-    from nanochat.dataset import parquets_iter_batched
-    root = tmp_path_factory.mktemp("nanochat_base")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NANOCHAT_BASE_DIR", str(root))
-    mp.setenv("NANOCHAT_COMPILE", "0")
-    mp.setenv("NANOCHAT_OFFLINE", "1")
-    install_sample()
-    texts = [t for batch in parquets_iter_batched("train") for t in batch][:200]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)
-    tok.save(os.path.join(root, "tokenizer"))
-    from nanochat.tokenizer import compute_token_bytes
-    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
-    yield root
-    mp.undo()
+def base_dir(tmp_path_factory, sample_tokenizer):
+    with pytest.MonkeyPatch.context() as mp:
+        yield install_sample_base_dir(mp, tmp_path_factory.mktemp("nanochat_base"), sample_tokenizer)
 
 
 def run_main(argv, capsys):

@@ -3,10 +3,6 @@ Continuous batching: the per-row-position KV-cache path (SDPA fallback and GPT f
 BatchScheduler (batch invariance, Engine equivalence, tool forcing, cancel, queue limits, top_p, stats).
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import threading
 import time
 from dataclasses import dataclass

@@ -3,31 +3,21 @@ scripts/chat_cli.py: one-shot mode end to end on a tiny checkpoint, the conversa
 input and a scripted model behind the real Engine, prompt layout, context trimming, streaming decode.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer, fit_chat_prompt, render_chat_prompt
+from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 from scripts import chat_cli
 
-TRAIN_TEXT = [
-    "Hello there! How are you today? I am fine, thank you. What can I do for you?\n",
-    "The quick brown fox jumps over the lazy dog. The answer is 42.\n",
-] * 30
+from conftest import write_tiny_checkpoint
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(TRAIN_TEXT), 300)
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +29,7 @@ def offline_base_dir(tmp_path, monkeypatch):
 
 def save_tiny_sft_checkpoint(base_dir, tokenizer):
     tokenizer.save(str(base_dir / "tokenizer"))
-    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    meta = {"step": 0, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
-    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), None, meta)
+    write_tiny_checkpoint(base_dir, "sft", vocab_size=tokenizer.get_vocab_size())
 
 
 def chat_prompt(tokenizer, *turns):

@@ -4,19 +4,13 @@ Scripted models (logits decided by a rule over the prompt) make the expected acc
 construction; a tiny random GPT checks batching/padding and runs the CLI end to end, offline.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import re
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import extract
@@ -26,6 +20,8 @@ from tasks.common import Task, render_mc
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.spellingbee import SpellingBee
+
+from conftest import write_tiny_checkpoint
 
 TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog. What is the answer? The answer is 42.\n",
@@ -358,14 +354,7 @@ def test_chatcore_by_hand():
 
 def save_tiny_sft_checkpoint(base_dir, tokenizer):
     tokenizer.save(str(base_dir / "tokenizer"))
-    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    meta = {"step": 0, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
-    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), None, meta)
+    write_tiny_checkpoint(base_dir, "sft", vocab_size=tokenizer.get_vocab_size())
 
 
 def test_cli_all_tasks_writes_report_with_chatcore(tokenizer, offline_base_dir, capsys):

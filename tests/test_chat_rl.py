@@ -4,11 +4,9 @@ token-normalised objective and its gradient, padding/targets with a terminated a
 pass@k), rollouts that keep the terminating <|assistant_end|> (scripted model), the example schedule,
 and real RL steps of a depth-2 model with an exact resume from the middle checkpoint.
 """
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import gzip
 import json
+import os
 import re
 import sys
 from types import SimpleNamespace
@@ -22,6 +20,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 from scripts import chat_rl
 
+from conftest import point_base_dir_at
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,11 +30,7 @@ def base_dir(tmp_path_factory):
     """NANOCHAT_BASE_DIR with a tokenizer (vocab 512, trained on GSM8K text) and a depth-2 SFT checkpoint."""
     root = tmp_path_factory.mktemp("nanochat_rl")
     mp = pytest.MonkeyPatch()
-    mp.setenv("NANOCHAT_BASE_DIR", str(root))
-    mp.setenv("NANOCHAT_COMPILE", "0")
-    mp.setenv("NANOCHAT_OFFLINE", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        mp.delenv(key, raising=False)
+    point_base_dir_at(mp, root, NANOCHAT_COMPILE="0")
     with gzip.open(os.path.join(REPO, "data", "tasks", "gsm8k", "main", "train.jsonl.gz"), "rt") as f:
         texts = [row["question"] + " " + row["answer"] for row in map(json.loads, list(f)[:400])]
     tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)

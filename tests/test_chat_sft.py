@@ -6,12 +6,10 @@ pure pieces (progress, inheritance, ChatCORE, optimizer warm start), and real SF
 model: checkpoint, meta and report, then a resume from the middle checkpoint that reproduces the
 uninterrupted run bit for bit.
 """
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import gc
 import gzip
 import json
+import os
 import re
 import sys
 import types
@@ -23,6 +21,8 @@ from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 from scripts import chat_sft
+
+from conftest import point_base_dir_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 128
@@ -66,11 +66,7 @@ def base_dir(tmp_path_factory):
     """NANOCHAT_BASE_DIR with a tokenizer (vocab 512) and a depth-2 base checkpoint base_checkpoints/d2."""
     root = tmp_path_factory.mktemp("nanochat_sft")
     mp = pytest.MonkeyPatch()
-    mp.setenv("NANOCHAT_BASE_DIR", str(root))
-    mp.setenv("NANOCHAT_COMPILE", "0")
-    mp.setenv("NANOCHAT_OFFLINE", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        mp.delenv(key, raising=False)
+    point_base_dir_at(mp, root, NANOCHAT_COMPILE="0")
     tok = RustBPETokenizer.train_from_iterator(iter(training_texts()), 512)
     tok.save(os.path.join(root, "tokenizer"))
     torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))

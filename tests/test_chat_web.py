@@ -7,15 +7,10 @@ away frees its slot; a full queue answers 429. Prompt rendering and the text dec
 the tokenizer's own rendering and decoding.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 
 import httpx
 import openai
@@ -23,18 +18,14 @@ import pytest
 import torch
 
 from nanochat.batching import BatchScheduler, SamplingParams
-from nanochat.checkpoint_manager import load_model, save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.checkpoint_manager import load_model
 from nanochat.api_schemas import OpenAIMessage, openai_turns
 from nanochat.server import (ReplyText, ServerConfig, Worker, WorkerPool, create_app, serve_in_thread,
                              worker_devices)
-from nanochat.tokenizer import RustBPETokenizer, fit_chat_prompt, render_chat_prompt
+from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 
-TRAIN_TEXT = [
-    "Hello there! How are you today? I am fine, thank you. What can I do for you?\n",
-    "The quick brown fox jumps over the lazy dog. The answer is 42.\n",
-    "Un café naïve, s'il vous plaît.\n",
-] * 30
+from conftest import install_tiny_chat_base_dir
+
 SEQUENCE_LEN = 2048  # long enough that a reply capped only by the context runs for seconds on a CPU
 MODEL_ID = "nanochat-sft-d2"
 USER = [{"role": "user", "content": "Hi"}]
@@ -44,27 +35,9 @@ USER = [{"role": "user", "content": "Hi"}]
 # Fixtures: a tiny sft checkpoint, servers over it, a greedy reference decode
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("base")
+def base_dir(tmp_path_factory, tiny_tokenizer):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        mp.setenv("NANOCHAT_OFFLINE", "1")
-        tokenizer = RustBPETokenizer.train_from_iterator(iter(TRAIN_TEXT), 300)
-        tokenizer.save(str(base / "tokenizer"))
-        config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2,
-                           n_kv_head=2, n_embd=64, window_pattern="L")
-        with torch.device("meta"):
-            model = GPT(config)
-        model.to_empty(device="cpu")
-        torch.manual_seed(0)
-        model.init_weights()
-        with torch.no_grad():  # the zero-initialised projections would make every block the identity
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.add_(0.1 * torch.randn_like(p))
-        meta = {"step": 0, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
-        save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), None, meta)
-        yield base
+        yield install_tiny_chat_base_dir(mp, tmp_path_factory.mktemp("base"), tiny_tokenizer, SEQUENCE_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ nanochat/checkpoint_manager.py on CPU: file layout and JSON format, model rebuil
 patches for older checkpoints), step/tag discovery, clear errors, and crash-safe saving.
 Expected values come from the spec (§6 of pipeline.md) or from the saved model's own forward.
 """
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import: deterministic fp32
-
 import dataclasses
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 
@@ -19,9 +17,10 @@ import torch
 from nanochat import checkpoint_manager as cm
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.l3 import allocation_to_bounds
-from nanochat.tokenizer import RustBPETokenizer
 
-TOKENIZER_VOCAB = 300  # 256 bytes + 9 specials + 35 merges
+from conftest import TINY_VOCAB
+
+TOKENIZER_VOCAB = TINY_VOCAB
 # the reference's GPTConfig fields, in order (pipeline.md "What this layer needs from the model layer")
 REFERENCE_CONFIG_KEYS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
                          "window_pattern"]
@@ -39,25 +38,15 @@ class ReferenceGPTConfig:
     window_pattern: str = "SSSL"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo pies".split()
-    texts = [" ".join(words[i:] + words[:i]) * 3 for i in range(len(words))] * 4  # a few KB
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), TOKENIZER_VOCAB)
-    assert tok.get_vocab_size() == TOKENIZER_VOCAB
-    return tok
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture
-def base_dir(tmp_path, monkeypatch, tokenizer):
+def base_dir(tiny_base_dir):
     """A fresh NANOCHAT_BASE_DIR holding the tokenizer; rank-0, non-DDP, offline."""
-    base = tmp_path / "base"
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    tokenizer.save(str(base / "tokenizer"))
-    return base
+    return tiny_base_dir
 
 
 def tiny_config(**overrides):

@@ -1,8 +1,6 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import logging
 import math
+import os
 import subprocess
 import sys
 import zipfile

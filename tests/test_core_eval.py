@@ -1,10 +1,8 @@
 """nanochat/core_eval.py: prompts, batching, scoring, the CORE loop, and obtaining the eval bundle."""
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import types

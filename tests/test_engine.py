@@ -5,10 +5,6 @@ requirements); the rest check the tool state machine with scripted models, the c
 Engine against GPT.generate on a tiny real model.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import signal
 import threading
 import time

@@ -6,13 +6,10 @@ alone, the fallback where no isolation is available; both must grade the same wa
 The attacks that only OS isolation contains are in tests/test_sandbox.py.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import glob
 import gzip
 import json
+import os
 import subprocess
 import sys
 import tempfile

@@ -3,12 +3,9 @@ The SDPA fallback of nanochat.flash_attention against a naive masked-softmax ref
 the kv-cache write contract, the FA3 probe, and what importing the module does.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path

@@ -3,10 +3,6 @@ nanochat.fp8: model conversion, the recipe switch and the quantiser on CPU; the 
 (torch._scaled_mm) against a bf16 Linear where an sm89+ CUDA GPU exists.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import pytest
 import torch
 import torch.nn as nn

@@ -1,7 +1,5 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import: deterministic fp32
-
 import math
+import os
 import subprocess
 import sys
 

@@ -5,9 +5,6 @@ comments, or independent reference implementations written here (a tuple-diction
 a per-token Python loop for the layer).
 """
 
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import: deterministic fp32
-
 import random
 
 import pytest

@@ -1,6 +1,3 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import math
 
 import torch

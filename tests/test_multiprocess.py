@@ -5,16 +5,16 @@ restores its own dataloader state), and one process with the same total batch re
 bpb (the ranks read different row groups, so only close, not equal; both are measured on one val set,
 since a 2-rank evaluation also reads other val row groups than a 1-process one).
 """
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from conftest import install_sample_base_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -25,20 +25,9 @@ FLAGS = ["--device-type=cpu", "--depth=2", "--head-dim=64", "--max-seq-len=64", 
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from nanochat.dataset import install_sample, parquets_iter_batched
-    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
-    root = tmp_path_factory.mktemp("nanochat_mp")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NANOCHAT_BASE_DIR", str(root))
-    mp.setenv("NANOCHAT_OFFLINE", "1")
-    install_sample()
-    texts = [t for batch in parquets_iter_batched("train") for t in batch][:200]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)
-    tok.save(os.path.join(root, "tokenizer"))
-    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
-    yield root
-    mp.undo()
+def base_dir(tmp_path_factory, sample_tokenizer):
+    with pytest.MonkeyPatch.context() as mp:
+        yield install_sample_base_dir(mp, tmp_path_factory.mktemp("nanochat_mp"), sample_tokenizer)
 
 
 def start(base_dir, nproc, extra):

@@ -16,9 +16,6 @@ Model family of §7.1: head_dim 64, n_head = n_kv_head = width // 64, n_layer 2,
 sequence_len 64, window_pattern "L", built on meta, materialised, then init_weights().
 """
 
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import: deterministic fp32
-
 import math
 
 import numpy as np

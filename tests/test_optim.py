@@ -1,8 +1,6 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")  # before any nanochat import: deterministic fp32
-
 import datetime
 import io
+import os
 import socket
 import tempfile
 

@@ -1,7 +1,5 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import datetime
+import os
 import re
 import struct
 import subprocess

@@ -10,56 +10,31 @@ plus a schemathesis fuzz run asserting no 5xx, and 64 concurrent streaming clien
 The fuzz and load figures are printed (pytest -s shows them).
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import asyncio
 import json
 import socket
 import time
-from dataclasses import asdict
 
 import httpx
 import pytest
-import torch
 
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
-from nanochat.checkpoint_manager import load_model, save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.checkpoint_manager import load_model
 from nanochat.api_schemas import MAX_CHOICES, MAX_MESSAGE_LENGTH, MAX_STOP_LENGTH
 from nanochat.server import ServerConfig, create_app, serve_in_thread
-from nanochat.tokenizer import RustBPETokenizer
 
-TRAIN_TEXT = ["Hello there! How are you today? I am fine, thank you.\n", "The answer is 42.\n"] * 30
+from conftest import install_tiny_chat_base_dir
+
 SEQUENCE_LEN = 64  # short replies: the fuzz and load tests send many requests
 USER = [{"role": "user", "content": "Hi"}]
 TIMEOUT = 30  # seconds; a hung scheduler or server fails the test instead of blocking it
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny sft checkpoint and its tokenizer under a temporary NANOCHAT_BASE_DIR."""
-    base = tmp_path_factory.mktemp("base")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        mp.setenv("NANOCHAT_OFFLINE", "1")
-        tokenizer = RustBPETokenizer.train_from_iterator(iter(TRAIN_TEXT), 300)
-        tokenizer.save(str(base / "tokenizer"))
-        config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=2,
-                           n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
-        with torch.device("meta"):
-            model = GPT(config)
-        model.to_empty(device="cpu")
-        torch.manual_seed(0)
-        model.init_weights()
-        with torch.no_grad():  # away from the identity init, so that logits are spread out
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.add_(0.1 * torch.randn_like(p))
-        meta = {"step": 0, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
-        save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), 0, model.state_dict(), None, meta)
-        yield base
+        yield install_tiny_chat_base_dir(mp, tmp_path_factory.mktemp("base"), tiny_tokenizer, SEQUENCE_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ spec's line formats (pipeline.md §7.2-§7.9), and the sweep scripts' glue end t
 torchrun that prints such a log (no torch, no GPU, no network).
 """
 import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
 import importlib.util
 import json

@@ -1,8 +1,6 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import gzip
 import json
+import os
 import random
 import sys
 import types

@@ -1,6 +1,4 @@
 """scripts/tok_train.py and scripts/tok_eval.py, end to end on the committed offline sample."""
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
 import random
 

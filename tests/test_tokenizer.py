@@ -1,7 +1,5 @@
-import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import copy
+import os
 import pickle
 import random
 import subprocess

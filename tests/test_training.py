@@ -1,6 +1,4 @@
 import os
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import signal
 
 import pytest

@@ -5,10 +5,6 @@ Chromium binary is installed, the real page in headless Chromium against a small
 its answer in awkward pieces.
 """
 
-import os
-
-os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-
 import base64
 import json
 import re

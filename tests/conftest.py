@@ -1,0 +1,117 @@
+"""
+Shared test setup.
+
+Environment defaults are set here once, before pytest imports any test module: NANOCHAT_DTYPE=float32
+gives the same fp32 numbers on every machine (a test file may still set its own before use, since the
+dtype is read at use time).
+
+Fixtures:
+- tiny_tokenizer (session): a RustBPE tokenizer of TINY_VOCAB tokens trained on TINY_TEXT.
+- tiny_base_dir: a fresh, offline, rank-0 NANOCHAT_BASE_DIR holding only that tokenizer.
+- sample_tokenizer (session): a 512-token tokenizer trained on the first 200 documents of the committed
+  pretraining sample, for tests that train on that sample (install_sample_base_dir).
+Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
+install_sample_base_dir, install_tiny_chat_base_dir.
+"""
+
+import os
+
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+TINY_VOCAB = 300  # 256 bytes + 9 specials + 35 merges
+TINY_TEXT = [
+    "Hello there! How are you today? I am fine, thank you. What can I do for you?\n",
+    "The quick brown fox jumps over the lazy dog. The answer is 42.\n",
+    "Un café naïve, s'il vous plaît.\n",
+] * 30
+
+
+def write_tiny_checkpoint(base, source="base", step=0, vocab_size=TINY_VOCAB, sequence_len=128, seed=0,
+                          optimizer_state=None, perturb=0.0):
+    """A depth-2, width-64 GPT of full-context layers, initialised from `seed`, saved as
+    <base>/<source checkpoints>/d2 at `step`; returns (checkpoint directory, model). perturb > 0 adds
+    that much Gaussian noise to every matrix: the zero-initialised projections would otherwise make
+    every block the identity and the logits nearly flat."""
+    from nanochat import checkpoint_manager as cm
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64, window_pattern="L")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    if perturb > 0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.add_(perturb * torch.randn_like(p))
+    ckpt = os.path.join(str(base), cm.CHECKPOINT_DIRS[source], "d2")
+    meta = {"step": step, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
+    cm.save_checkpoint(ckpt, step, model.state_dict(), optimizer_state, meta)
+    return ckpt, model
+
+
+def point_base_dir_at(monkeypatch, base, **extra_env):
+    """Make `base` the NANOCHAT_BASE_DIR (offline, rank 0 of a single process, plus extra_env) for as
+    long as `monkeypatch` (a fixture or a pytest.MonkeyPatch) holds."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in extra_env.items():
+        monkeypatch.setenv(key, value)
+    return base
+
+
+def install_sample_base_dir(monkeypatch, base, tokenizer):
+    """`base` as the NANOCHAT_BASE_DIR (no torch.compile) holding the committed pretraining sample and
+    `tokenizer` with its token_bytes.pt."""
+    from nanochat.dataset import install_sample
+    from nanochat.tokenizer import compute_token_bytes
+    point_base_dir_at(monkeypatch, base, NANOCHAT_COMPILE="0")
+    install_sample()
+    tokenizer.save(os.path.join(base, "tokenizer"))
+    torch.save(compute_token_bytes(tokenizer), os.path.join(base, "tokenizer", "token_bytes.pt"))
+    return base
+
+
+def install_tiny_chat_base_dir(monkeypatch, base, tokenizer, sequence_len):
+    """`base` as the NANOCHAT_BASE_DIR holding `tokenizer` and a perturbed depth-2 SFT checkpoint (d2, step
+    0, seed 0), whose spread-out logits make greedy replies depend on the prompt."""
+    point_base_dir_at(monkeypatch, base)
+    tokenizer.save(str(base / "tokenizer"))
+    write_tiny_checkpoint(base, "sft", vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len,
+                          perturb=0.1)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from nanochat.tokenizer import RustBPETokenizer
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(TINY_TEXT), TINY_VOCAB)
+    assert tokenizer.get_vocab_size() == TINY_VOCAB
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def sample_tokenizer(tmp_path_factory):
+    from nanochat.dataset import install_sample, parquets_iter_batched
+    from nanochat.tokenizer import RustBPETokenizer
+    with pytest.MonkeyPatch.context() as mp:
+        point_base_dir_at(mp, tmp_path_factory.mktemp("sample"))
+        install_sample()
+        texts = [t for batch in parquets_iter_batched("train") for t in batch][:200]
+    return RustBPETokenizer.train_from_iterator(iter(texts), 512)
+
+
+@pytest.fixture
+def tiny_base_dir(tmp_path, monkeypatch, tiny_tokenizer):
+    base = point_base_dir_at(monkeypatch, tmp_path / "base")
+    tiny_tokenizer.save(str(base / "tokenizer"))
+    return base

@@ -1,0 +1,102 @@
+"""Importing any nanochat module does no work: no CUDA query, no network, no files in the base
+directory, and no decision frozen at import (NANOCHAT_DTYPE set afterwards still takes effect).
+Each check runs in a fresh interpreter, since this test process has imported everything already."""
+
+import ast
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nanochat
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs in a child interpreter: records every CUDA query and network attempt made while importing
+# all modules, then decides the dtype from the environment set after the imports.
+CHILD = r"""
+import importlib, json, os, socket, sys
+import torch
+seen = []
+def record(name, result):
+    def probe(*args, **kwargs):
+        seen.append(name)
+        if isinstance(result, Exception):
+            raise result
+        return result
+    return probe
+for name, result in [("is_available", False), ("device_count", 0), ("init", None), ("_lazy_init", None),
+                     ("get_device_capability", (0, 0)), ("current_device", 0)]:
+    setattr(torch.cuda, name, record("torch.cuda." + name, result))
+for name in ("create_connection", "getaddrinfo"):
+    setattr(socket, name, record("socket." + name, OSError("network used at import")))
+socket.socket.connect = record("socket.connect", OSError("network used at import"))
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+os.environ["NANOCHAT_DTYPE"] = "bfloat16"
+import torch.nn as nn
+from nanochat import common
+from nanochat.gpt import GPT, GPTConfig
+cfg = GPTConfig(sequence_len=16, vocab_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+model = GPT(cfg)
+model.init_weights()
+print(json.dumps({"seen": seen, "dtype": str(common.COMPUTE_DTYPE), "rotary": str(model.cos.dtype),
+                  "wte": str(model.transformer.wte.weight.dtype)}))
+"""
+def nanochat_modules():
+    return sorted(f"nanochat.{m.name}" for m in pkgutil.iter_modules(nanochat.__path__))
+
+
+def import_in_fresh_interpreter(modules, tmp_path):
+    base = tmp_path / "base"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
+    env.update(NANOCHAT_BASE_DIR=str(base), CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", CHILD, *modules], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), base
+
+
+def test_importing_every_module_does_no_work_and_freezes_no_dtype(tmp_path):
+    modules = nanochat_modules()
+    assert {"nanochat.gpt", "nanochat.l3", "nanochat.common", "nanochat.engine"} <= set(modules)
+    result, base = import_in_fresh_interpreter(modules, tmp_path)
+    assert result["seen"] == [], f"imports made CUDA or network calls: {result['seen']}"
+    assert not base.exists(), f"imports wrote into NANOCHAT_BASE_DIR: {sorted(base.rglob('*'))}"
+    # NANOCHAT_DTYPE was set only after nanochat.gpt and every other module were imported
+    assert result == {"seen": [], "dtype": "torch.bfloat16", "rotary": "torch.bfloat16",
+                      "wte": "torch.bfloat16"}
+
+
+def nanochat_imports(module):
+    """The nanochat modules a module imports anywhere in its body (lazy imports included)."""
+    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("nanochat.")}
+        elif isinstance(node, ast.ImportFrom) and node.module == "nanochat":
+            found |= {f"nanochat.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nanochat."):
+            found.add(node.module)
+    return found - {module}
+
+
+def test_the_package_has_no_import_cycles():
+    modules = nanochat_modules()
+    graph = {m: nanochat_imports(m) & set(modules) for m in modules}
+
+    def cycle_from(module, path):
+        if module in path:
+            return path[path.index(module):] + [module]
+        for dep in sorted(graph[module]):
+            cycle = cycle_from(dep, path + [module])
+            if cycle:
+                return cycle
+        return None
+
+    for module in modules:
+        cycle = cycle_from(module, [])
+        assert cycle is None, "import cycle: " + " -> ".join(cycle)
