@@ -7,6 +7,7 @@ Each function is pure or acts only on what it is given, so the schedules can be 
 """
 
 import gc
+import json
 import math
 import os
 import signal
@@ -15,7 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, print0
+from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir,
+                                         load_optimizer_state)
+from nanochat.common import get_device_peak_flops, is_ddp_initialized, print0
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -405,3 +408,45 @@ def gather_from_ranks(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Chat stages (SFT, RL): checkpoint metadata, the compute banner, resume checks
+
+def checkpoint_meta(source, model_tag=None, step=None):
+    """(model_tag, step, meta) of a checkpoint, guessing tag and step like load_model; reads only the JSON."""
+    checkpoints_dir = get_checkpoints_dir(source)
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    step = find_last_step(checkpoint_dir) if step is None else step
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint metadata not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return model_tag, step, json.load(f)
+
+
+def print_compute_info(device_type):
+    """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
+    from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
+    peak_flops = get_device_peak_flops(device_type)
+    if device_type == "cuda":
+        print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
+    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    return peak_flops  # the attention backend is printed when the checkpoint loads (build_model)
+
+
+def warn_on_changed_config(saved_user_config, user_config, free_keys):
+    changed = {k: (saved_user_config.get(k), v) for k, v in user_config.items()
+               if k not in free_keys and saved_user_config.get(k, v) != v}
+    if changed:
+        print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
+               f"the result will not match an uninterrupted run")
+
+
+def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
+    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+    if state is None:
+        raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
+                                f"checkpoint {model_tag} (resume with the world size that saved it)")
+    optimizer.load_state_dict(state)

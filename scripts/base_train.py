@@ -37,7 +37,7 @@ from nanochat import training
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_device_peak_flops, maybe_compile, print0, print_banner)
-from nanochat.core_eval import core_metric_log_key, format_core_metric
+from nanochat.core_eval import core_metric_log_key, format_core_metric, greedy_samples
 from nanochat.dataloader import state_for_rank, tokenizing_distributed_data_loader_bos_bestfit, \
     tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.flash_attention import decide_backend
@@ -46,7 +46,6 @@ from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from scripts.base_eval import SAMPLE_PROMPTS
 
 B_REF = 2 ** 19  # total batch size of the d12 reference point, tokens
 BATCH_SIZE_EXPONENT = 0.383  # Power Lines (arXiv 2505.13738): optimal batch B ∝ D^0.383
@@ -291,15 +290,11 @@ def run_core(orig_model, tokenizer, device, max_per_task):
 
 
 def print_samples(orig_model, tokenizer):
-    from nanochat.engine import Engine
-    engine = Engine(orig_model, tokenizer)
     orig_model.eval()
     try:
         with disable_fp8(orig_model):
-            for prompt in SAMPLE_PROMPTS:
-                tokens = tokenizer(prompt, prepend="<|bos|>")
-                results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-                print0(tokenizer.decode(results[0]))
+            for text in greedy_samples(orig_model, tokenizer):
+                print0(text)
     finally:
         orig_model.train()
 

@@ -50,16 +50,16 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
 
 import argparse
-import json
 from dataclasses import asdict
 
 import torch
 
 from nanochat import training
-from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir, load_model,
-                                         load_optimizer_state, save_checkpoint)
+from nanochat.chat_core import chatcore_metrics, run_chatcore
+from nanochat.checkpoint_manager import load_model, load_optimizer_state, save_checkpoint
 from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, download_file_with_lock,
-                             get_base_dir, get_device_peak_flops, maybe_compile, offline_mode, print0)
+                             get_base_dir, maybe_compile, offline_mode, print0)
+from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -135,48 +135,6 @@ def parse_args(argv=None):
     if args.mmlu_epochs < 0 or args.gsm8k_epochs < 0:
         parser.error("--mmlu-epochs and --gsm8k-epochs must be >= 0")
     return args
-
-
-# -----------------------------------------------------------------------------
-# Pieces shared with chat_rl (importable from here)
-
-def checkpoint_meta(source, model_tag=None, step=None):
-    """(model_tag, step, meta) of a checkpoint, guessing tag and step like load_model; reads only the JSON."""
-    checkpoints_dir = get_checkpoints_dir(source)
-    model_tag = model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    step = find_last_step(checkpoint_dir) if step is None else step
-    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint metadata not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return model_tag, step, json.load(f)
-
-
-def print_compute_info(device_type):
-    """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
-    from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
-    peak_flops = get_device_peak_flops(device_type)
-    if device_type == "cuda":
-        print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
-    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    return peak_flops  # the attention backend is printed when the checkpoint loads (build_model)
-
-
-def warn_on_changed_config(saved_user_config, user_config, free_keys):
-    changed = {k: (saved_user_config.get(k), v) for k, v in user_config.items()
-               if k not in free_keys and saved_user_config.get(k, v) != v}
-    if changed:
-        print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
-               f"the result will not match an uninterrupted run")
-
-
-def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
-                                f"checkpoint {model_tag} (resume with the world size that saved it)")
-    optimizer.load_state_dict(state)
 
 
 # -----------------------------------------------------------------------------
@@ -263,188 +221,7 @@ def val_mixture():
 
 
 # -----------------------------------------------------------------------------
-# Conversation packing: BOS-aligned best fit, with padding, resumable
-
-RENDER_MAX_TOKENS = 2048  # render_conversation's default truncation, which the reference's SFT used
-_TRUNCATION_NOTICES = set()  # labels whose packer already announced a truncation (print once per process)
-
-
-class ConversationPacker:
-    """
-    Packs rendered conversations into rows of seq_len + 1 tokens. Rank r fetches conversations
-    r, r + W, r + 2W, ... (wrapping around the dataset, counting epochs from 1) into a buffer; each row
-    takes the largest buffered conversation that still fits, again and again, and is padded with BOS
-    (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
-    (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
-    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
-    (batch_size, seq_len), with
-    targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
-    continue with exactly the same batches.
-    """
-
-    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, buffer_size=100,
-                 device="cpu", label="train"):
-        if len(dataset) == 0:
-            raise ValueError(f"{label} conversations: the dataset is empty")
-        self.dataset, self.tokenizer, self.label = dataset, tokenizer, label
-        self.batch_size, self.capacity = batch_size, seq_len + 1
-        self.world_size, self.buffer_size = world_size, buffer_size
-        self.device = torch.device(device)
-        self.bos = tokenizer.get_bos_token_id()
-        self.cursor, self.epoch = rank % len(dataset), 1
-        self.max_tokens = min(self.capacity, RENDER_MAX_TOKENS)
-        self.consumed, self.it, self.truncated = rank, 0, 0
-        self.buffer = []  # (dataset index, ids, mask) in fetch order
-
-    def state_dict(self):
-        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed, "it": self.it,
-                "truncated": self.truncated, "buffer": [index for index, _, _ in self.buffer]}
-
-    def load_state_dict(self, state):
-        for key in ("cursor", "epoch", "consumed", "it"):
-            setattr(self, key, int(state[key]))
-        self.truncated = int(state.get("truncated", 0))
-        self.buffer = [(index, *self._render(index)[:2]) for index in state["buffer"]]
-
-    def _render(self, index):
-        """(ids, mask, truncated): the rendering cut to max_tokens, as render_conversation cuts it."""
-        # one token more than kept tells whether anything was cut
-        ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.max_tokens + 1)
-        return ids[:self.max_tokens], mask[:self.max_tokens], len(ids) > self.max_tokens
-
-    def _refill(self):
-        n = len(self.dataset)
-        while len(self.buffer) < self.buffer_size:
-            index = self.cursor
-            self.cursor += self.world_size
-            if self.cursor >= n:
-                self.cursor %= n
-                self.epoch += 1
-            ids, mask, truncated = self._render(index)
-            self.buffer.append((index, ids, mask))
-            if truncated:
-                self.truncated += 1
-                if self.label not in _TRUNCATION_NOTICES:
-                    _TRUNCATION_NOTICES.add(self.label)
-                    print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
-                           f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
-
-    def _best_fit(self, room):
-        best = None
-        for i, (_, ids, _) in enumerate(self.buffer):
-            if len(ids) <= room and (best is None or len(ids) > len(self.buffer[best][1])):
-                best = i
-        return best
-
-    def _next_row(self):
-        ids, mask = [], []
-        while len(ids) < self.capacity:
-            self._refill()
-            room = self.capacity - len(ids)
-            best = self._best_fit(room)
-            if best is None:  # nothing fits: pad the rest; padding is never a target
-                ids += [self.bos] * room
-                mask += [0] * room
-                break
-            _, conv_ids, conv_mask = self.buffer.pop(best)
-            ids += conv_ids
-            mask += conv_mask
-            self.consumed += self.world_size
-        return ids, mask
-
-    def next_rows(self):
-        """batch_size rows of seq_len + 1 (ids, mask) lists."""
-        rows, masks = zip(*(self._next_row() for _ in range(self.batch_size)))
-        self.it += 1
-        return list(rows), list(masks)
-
-    def next_batch(self):
-        return rows_to_batch(*self.next_rows(), device=self.device)
-
-
-def rows_to_batch(rows, masks, device="cpu"):
-    """(inputs int32, targets int64): a row's first seq_len ids, and its last seq_len ids with -1 wherever
-    that token's mask is 0 (a token is a target iff its own mask is 1)."""
-    device = torch.device(device)
-    ids = torch.tensor(rows, dtype=torch.long)
-    supervised = torch.tensor(masks, dtype=torch.bool)
-    inputs = ids[:, :-1].to(torch.int32)
-    targets = ids[:, 1:].clone()
-    targets[~supervised[:, 1:]] = -1
-    if device.type == "cuda":  # fresh pinned tensors each batch, so async copies never alias
-        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
-    return inputs.to(device), targets.to(device)
-
-
-def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100,
-                                   rank=0, world_size=1, device="cpu", label="val"):
-    """Endless (inputs, targets) batches of a fresh ConversationPacker (the val loader, restarted per eval)."""
-    packer = ConversationPacker(dataset, tokenizer, device_batch_size, max_seq_len, rank, world_size, buffer_size,
-                                device, label)
-    while True:
-        yield packer.next_batch()
-
-
-def sft_progress(consumed, dataset_size, batches, horizon_batches):
-    """(progress clamped to [0, 1], done) after `batches` trained batches; horizon_batches <= 0 means one pass."""
-    if horizon_batches > 0:
-        return min(1.0, batches / horizon_batches), batches >= horizon_batches
-    return min(1.0, consumed / dataset_size), consumed >= dataset_size
-
-
-class PrefetchedBatches:
-    """
-    The training batches, one packed ahead (packing overlaps the GPU's work on the current batch).
-    trained_state is the packer state just after the last batch that was trained, i.e. before the
-    prefetched one: a checkpoint stores it, so a resumed run starts with exactly that prefetched batch.
-    """
-
-    def __init__(self, packer, dataset_size, horizon_batches):
-        self.packer, self.dataset_size, self.horizon_batches = packer, dataset_size, horizon_batches
-        self.trained_state = packer.state_dict()
-        self.current = self._produce()
-
-    def _produce(self):
-        rows, masks = self.packer.next_rows()
-        x, y = rows_to_batch(rows, masks, device=self.packer.device)
-        has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
-        progress, done = sft_progress(self.packer.consumed, self.dataset_size, self.packer.it, self.horizon_batches)
-        return x, y, has_targets, (progress, done, self.packer.epoch, self.packer.state_dict())
-
-    def advance(self):
-        """Mark the current batch trained and pack the next; returns the trained batch's (progress, done, epoch)."""
-        progress, done, epoch, state = self.current[3]
-        self.trained_state = state
-        self.current = self._produce()
-        return progress, done, epoch
-
-
-# -----------------------------------------------------------------------------
 # Evaluations
-
-def chatcore_metrics(accuracies):
-    """(ChatCORE, ChatCORE_cat) from {task: accuracy}: the centered mean over all / the categorical tasks."""
-    from scripts.chat_eval import CATEGORICAL_TASKS, chatcore  # the baselines live in one place
-    categorical = {task: acc for task, acc in accuracies.items() if task in CATEGORICAL_TASKS}
-    return chatcore(accuracies), (chatcore(categorical) if categorical else None)
-
-
-def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
-    from nanochat.engine import Engine
-    from scripts.chat_eval import BASELINES, CATEGORICAL_TASKS, run_chat_eval  # lazily: ChatCORE is optional
-    engine = Engine(orig_model, tokenizer)
-    orig_model.eval()
-    accuracies = {}
-    try:
-        for task in BASELINES:
-            limit = max_cat if task in CATEGORICAL_TASKS else max_sample
-            accuracies[task] = run_chat_eval(task, orig_model, tokenizer, engine, batch_size=batch_size,
-                                             max_problems=None if limit < 0 else limit)
-            print0(f"  {task}: {100 * accuracies[task]:.2f}%")
-    finally:
-        orig_model.train()
-    return accuracies
-
 
 def chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run):
     accuracies = run_chatcore(orig_model, tokenizer, hp["device_batch_size"], args.chatcore_max_cat,
@@ -471,7 +248,7 @@ def run_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, wo
 
 def load_starting_model(args, device, resuming):
     """(model, tokenizer, base_meta, output_tag): the base model, or the SFT checkpoint to resume from."""
-    base_tag, base_step, base_meta = checkpoint_meta("base", args.model_tag, args.model_step)
+    base_tag, base_step, base_meta = training.checkpoint_meta("base", args.model_tag, args.model_step)
     output_tag = args.model_tag or f"d{base_meta['model_config']['n_layer']}"
     if resuming:
         model, tokenizer, _ = load_model("sft", device, phase="train", model_tag=output_tag,
@@ -485,7 +262,7 @@ def setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resumi
     optimizer = orig_model.setup_optimizer(unembedding_lr=hp["unembedding_lr"], embedding_lr=hp["embedding_lr"],
                                            matrix_lr=hp["matrix_lr"], weight_decay=0.0)
     if resuming:
-        load_resume_optimizer(optimizer, "sft", device, rank, output_tag, args.resume_from_step)
+        training.load_resume_optimizer(optimizer, "sft", device, rank, output_tag, args.resume_from_step)
         return optimizer  # LRs, initial LRs and buffers all come from the checkpoint
     if args.load_optimizer:
         base_tag, base_step, _ = base
@@ -529,7 +306,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     master = rank == 0
     training.configure_determinism(device_type)
-    peak_flops = print_compute_info(device_type)
+    peak_flops = training.print_compute_info(device_type)
     resuming = args.resume_from_step >= 0
 
     # --- model, hyperparameters, optimizer
@@ -546,8 +323,8 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
     meta = {}
     if resuming:
-        _, _, meta = checkpoint_meta("sft", output_tag, args.resume_from_step)
-        warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
+        _, _, meta = training.checkpoint_meta("sft", output_tag, args.resume_from_step)
+        training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
         if scaler is not None and meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, master, meta.get("wandb_run_id"))
