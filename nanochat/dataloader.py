@@ -407,6 +407,30 @@ def _upload(device_dst, host_src, non_blocking):
     device_dst.copy_(host_src, non_blocking=non_blocking)
 
 
+class PrefetchedPretrainBatches:
+    """
+    base_train's batches, one fetched ahead: current is (inputs, targets, True) (every pretraining row has
+    targets); trained_state is the loader state before it, which a checkpoint stores so that a resumed run
+    starts with exactly that batch; next_state is the state after it (the log line's data position).
+    """
+
+    def __init__(self, loader, resume_state=None):
+        self.loader, self.trained_state = loader, resume_state
+        self._fetch()
+
+    def _fetch(self):
+        x, y, self.next_state = next(self.loader)
+        self.current = (x, y, True)
+
+    def advance(self):
+        """Mark the current batch trained and fetch the next (after its forward: device buffers are reused)."""
+        self.trained_state = self.next_state
+        self._fetch()
+
+    def close(self):
+        self.loader.close()
+
+
 # -----------------------------------------------------------------------------
 # SFT: conversation packing, BOS-aligned best fit, with padding, resumable (chat_sft)
 

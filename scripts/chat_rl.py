@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import load_model, save_checkpoint
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, get_base_dir, get_dist_info,
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, get_dist_info,
                              is_ddp_initialized, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -308,10 +308,13 @@ def main(argv=None):
         training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
     wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
 
+    ckpt = training.Checkpointer(checkpoint_dir, model, optimizer, rank)
+    for key, value in [("model_config", asdict(model.config)), ("user_config", user_config),
+                       ("num_steps", num_steps), ("wandb_run_id", training.wandb_run_id(wandb_run))]:
+        ckpt.register(key, value)
+
     def save(step):
-        meta_out = {"step": step, "model_config": asdict(model.config), "user_config": user_config,
-                    "num_steps": num_steps, "wandb_run_id": training.wandb_run_id(wandb_run)}
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
+        ckpt.save(step)
         print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
 
     with training.StopFlag() as stop_flag:
@@ -321,8 +324,7 @@ def main(argv=None):
                 passk = evaluate_pass_at_k(val_task, tokenizer, engine, args, device)
                 print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
                 wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
-            save_due = step > 0 and step != args.resume_from_step and training.every(step, args.save_every, False)
-            if last_step or save_due:
+            if training.save_due(step, last_step, args.save_every, args.resume_from_step):
                 save(step)
             if last_step:
                 break
@@ -338,8 +340,7 @@ def main(argv=None):
                 training.exit_after_signal(save, step + 1, stop_flag.signum)
 
     get_report().log("Chat RL", [user_config])
-    wandb_run.finish()
-    compute_cleanup()
+    training.close_run(wandb_run)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,14 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # befor
 
 import argparse
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import load_model, load_optimizer_state, save_checkpoint
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, download_file_with_lock,
+from nanochat.checkpoint_manager import load_model, load_optimizer_state
+from nanochat.common import (autodetect_device_type, compute_init, download_file_with_lock,
                              get_base_dir, maybe_compile, offline_mode, print0)
 from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
@@ -297,6 +298,75 @@ def print_geometry(hp, world_size, accum):
     print0(f"Total batch size {hp['total_batch_size']:,} => gradient accumulation steps: {accum}")
 
 
+def register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run):
+    """The meta keys of an SFT checkpoint; the loop state is what an exact resume needs."""
+    ckpt.register("val_bpb", lambda: run.val_bpb)
+    ckpt.register("model_config", asdict(orig_model.config))  # the trained attention windows (docstring)
+    ckpt.register("user_config", user_config)
+    for key in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        ckpt.register(key, hp[key])
+    ckpt.register("hyperparameters", hp)
+    ckpt.register("loop_state", lambda: {
+        "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
+        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "loader_states": training.gather_from_ranks(batches.trained_state)})
+    ckpt.register("grad_scaler", scaler)
+    ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
+
+
+# -----------------------------------------------------------------------------
+# The loop's two halves: what happens at a step boundary, and one optimizer step
+
+def evaluate_and_save(step, run, st):
+    """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
+    args, last_step = st.args, run.last_step
+    if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
+        run.val_bpb = run_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens, st.token_bytes,
+                                  st.rank, st.world_size, st.device)
+        run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
+        print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
+        st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
+    # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
+    if training.save_due(step, last_step, args.save_every, args.resume_from_step):
+        st.ckpt.save(step)
+    if training.every(step, args.chatcore_every, last_step):
+        chatcore_and_log(st.orig_model, st.tokenizer, st.hp, args, step, st.wandb_run)
+
+
+def train_step(step, run, st, stop_flag):
+    """One optimizer step over `accum` micro-batches, logged; returns whether a signal asked to stop."""
+    args, tokens = st.args, st.hp["total_batch_size"]
+    st.timer.start()
+    train_loss, n_with_targets, advanced = training.train_micro_steps(st.model, st.batches, st.accum,
+                                                                      st.scaler)
+    run.train_loss = run.train_loss if train_loss is None else train_loss  # logging only
+    batch_done = False
+    for batch_progress, done, run.epoch in advanced:
+        run.progress, batch_done = max(run.progress, batch_progress), batch_done or done
+    # every rank must step with one LR
+    run.progress, done_flag = training.agree_max([run.progress, batch_done], st.device)
+    run.last_step = bool(done_flag)
+    update = training.renormalise_accumulated_grads(st.model, n_with_targets, st.accum, st.device) > 0
+    if not update:
+        print0(f"Step {step:05d}: no supervised token in the whole batch; the weights are not updated")
+    lrm = training.sft_lr_multiplier(run.progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    training.apply_schedule(st.optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
+    train_loss_f, dt, signalled = training.finish_step(st.optimizer, st.model, st.scaler, run.train_loss,
+                                                       st.timer, stop_flag, st.device, step,
+                                                       st.ckpt.checkpoint_dir, update=update)
+    # the loss EMA averages the losses of micro-batches that had targets only
+    smooth = run.tracker.update(step, train_loss_f, dt) if update else run.tracker.debiased(step)
+    done_steps = step + 1
+    tok_per_sec = int(tokens / dt)
+    mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
+    print0(training.step_log_line(done_steps, f" ({100 * run.progress:.2f}%)", smooth, lrm, dt, tok_per_sec,
+                                  "mfu", mfu, f"epoch: {run.epoch}", run.tracker))
+    if done_steps % 10 == 0:
+        flops = st.flops_per_token * tokens * done_steps
+        st.wandb_run.log(training.step_wandb_metrics(done_steps, flops, run.tracker, smooth, lrm, dt, tok_per_sec,
+                                                     mfu, run.epoch))
+    return signalled
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -304,7 +374,6 @@ def main(argv=None):
     user_config = vars(args).copy()  # before inheritance: the flags as given
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
     training.configure_determinism(device_type)
     peak_flops = training.print_compute_info(device_type)
     resuming = args.resume_from_step >= 0
@@ -320,14 +389,12 @@ def main(argv=None):
     optimizer = setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resuming)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
     meta = {}
     if resuming:
         _, _, meta = training.checkpoint_meta("sft", output_tag, args.resume_from_step)
         training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
-        if scaler is not None and meta.get("grad_scaler"):
-            scaler.load_state_dict(meta["grad_scaler"])
-    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, master, meta.get("wandb_run_id"))
+    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
+                                    meta.get("wandb_run_id"))
 
     # --- data
     train_ds, val_ds = train_mixture(args.mmlu_epochs, args.gsm8k_epochs), val_mixture()
@@ -336,98 +403,43 @@ def main(argv=None):
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 
-    # --- loop state
+    # --- run state: counters (saved with every checkpoint) and the run's fixed parts
+    run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                          progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
+                          epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
+                          tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
+                                                       loop.get("total_training_time", 0.0)))
+    ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag), orig_model,
+                                 optimizer, rank)
+    register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run)
+    ckpt.restore(meta)
+    st = SimpleNamespace(args=args, hp=hp, model=model, orig_model=orig_model, optimizer=optimizer,
+                         scaler=scaler, tokenizer=tokenizer, token_bytes=token_bytes, val_ds=val_ds,
+                         device=device, rank=rank, world_size=world_size, wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
+                         flops_per_token=orig_model.estimate_flops(), peak_flops=peak_flops,
+                         timer=training.StepTimer(device_type))
+
     step = meta.get("step", 0)
-    val_bpb = meta.get("val_bpb")
-    min_val_bpb = loop.get("min_val_bpb", float("inf"))
-    progress, last_step = loop.get("progress", 0.0), loop.get("last_step", False)
-    epoch = loop.get("epoch", 1)
-    tracker = training.LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
-    timer = training.StepTimer(device_type)
-    train_loss = torch.zeros((), device=device)  # the last micro-batch loss that had targets (logging only)
-    flops_per_token = orig_model.estimate_flops()
-    model_config = asdict(orig_model.config)  # keeps the trained attention windows (module docstring)
-
-    def save(step):
-        meta_out = {
-            "step": step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
-            "max_seq_len": hp["max_seq_len"], "device_batch_size": hp["device_batch_size"],
-            "total_batch_size": hp["total_batch_size"], "hyperparameters": hp,
-            "loop_state": {"progress": progress, "last_step": last_step, "epoch": epoch, "min_val_bpb": min_val_bpb,
-                           "smooth_train_loss": tracker.smooth_loss,
-                           "total_training_time": tracker.total_training_time,
-                           "loader_states": training.gather_from_ranks(batches.trained_state)},
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "wandb_run_id": training.wandb_run_id(wandb_run),
-        }
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
-
     with training.StopFlag() as stop_flag:
         while True:
-            if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
-                val_bpb = run_val_bpb(model, val_ds, tokenizer, hp, args.eval_tokens, token_bytes, rank, world_size,
-                                      device)
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-                wandb_run.log({"step": step, "val/bpb": val_bpb})
-            # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
-            save_due = step > 0 and step != args.resume_from_step and training.every(step, args.save_every, False)
-            if last_step or save_due:
-                save(step)
-            if training.every(step, args.chatcore_every, last_step):
-                chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run)
-            if last_step:
+            evaluate_and_save(step, run, st)
+            if run.last_step:
                 break
-
-            # --- one optimizer step over `accum` micro-batches
-            timer.start()
-            batch_done, n_with_targets = False, 0
-            for _ in range(accum):
-                x, y, has_targets, _ = batches.current
-                loss = training.masked_micro_step(model, x, y, has_targets, accum, scaler)
-                if loss is not None:
-                    train_loss, n_with_targets = loss, n_with_targets + 1
-                batch_progress, done, epoch = batches.advance()
-                progress, batch_done = max(progress, batch_progress), batch_done or done
-            progress, done_flag = training.agree_max([progress, batch_done], device)  # ranks must step with one LR
-            last_step = bool(done_flag)
-            update = training.renormalise_accumulated_grads(model, n_with_targets, accum, device) > 0
-            if not update:
-                print0(f"Step {step:05d}: no supervised token in the whole batch; "
-                       f"the weights are not updated")
-            lrm = training.sft_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            training.apply_schedule(optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
-            train_loss_f, dt, signalled = training.finish_step(optimizer, model, scaler, train_loss, timer, stop_flag,
-                                                               device, step, checkpoint_dir, update=update)
-            # the loss EMA averages the losses of micro-batches that had targets only
-            smooth = tracker.update(step, train_loss_f, dt) if update else tracker.debiased(step)
-            first_step_of_run = step == 0 or (resuming and step == args.resume_from_step)
+            signalled = train_step(step, run, st, stop_flag)
+            first_step_of_run = step == 0 or step == args.resume_from_step
             step += 1
-            tok_per_sec = int(hp["total_batch_size"] / dt)
-            mfu = training.mfu_percent(flops_per_token, hp["total_batch_size"], dt, peak_flops, world_size)
-            print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {smooth:.6f} | lrm: {lrm:.2f} | "
-                   f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
-                   f"total time: {tracker.total_training_time / 60:.2f}m")
-            if step % 10 == 0:
-                wandb_run.log({"step": step, "total_training_flops": flops_per_token * hp["total_batch_size"] * step,
-                               "total_training_time": tracker.total_training_time, "train/loss": smooth,
-                               "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                               "train/mfu": mfu, "train/epoch": epoch})
             training.gc_after_step(step, first_step_of_run)
             if signalled:
-                training.exit_after_signal(save, step, stop_flag.signum)
+                training.exit_after_signal(ckpt.save, step, stop_flag.signum)
 
     # --- end of run
-    peak_mem = torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
-    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
-    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+    training.print_run_end(device_type, run.tracker)
+    print0(f"Minimum validation bpb: {run.min_val_bpb:.4f}")
     if packer.truncated:
         print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
     get_report().log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
-                             {"Minimum validation bpb": min_val_bpb}])
-    wandb_run.finish()
-    compute_cleanup()
+                             {"Minimum validation bpb": run.min_val_bpb}])
+    training.close_run(wandb_run)
 
 
 if __name__ == "__main__":
