@@ -551,9 +551,8 @@ def load_task_data(bundle_dir, dataset_uri, max_per_task=-1):
     return rows[:max_per_task] if max_per_task > 0 else list(rows)
 
 
-def centered_accuracy(accuracy, random_baseline_percent):
-    """0 at chance, 1 at perfect, negative below chance."""
-    baseline = 0.01 * random_baseline_percent
+def centered_accuracy(accuracy, baseline):
+    """0 at chance (baseline, a fraction), 1 at perfect, negative below chance: CORE's and ChatCORE's scale."""
     return (accuracy - baseline) / (1.0 - baseline)
 
 
@@ -578,7 +577,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
         data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
         accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
         results[label] = accuracy
-        centered_results[label] = centered_accuracy(accuracy, baselines[label])
+        centered_results[label] = centered_accuracy(accuracy, 0.01 * baselines[label])  # percent
         print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     if not results:
         raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data")
@@ -618,3 +617,30 @@ def core_metric_log_key(core):
     if not core_task_note(core):
         return "core_metric"
     return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks"
+
+
+# -----------------------------------------------------------------------------
+# Greedy samples: a quick look at what the base model says (base_eval, and base_train during training)
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
+    """The decoded greedy completion (prompt included) of each prompt, one at a time."""
+    from nanochat.engine import Engine
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    samples = []
+    for prompt in prompts:
+        results, _ = engine.generate_batch(tokenizer(prompt, prepend=bos), num_samples=1, max_tokens=max_tokens,
+                                           temperature=0)
+        samples.append(tokenizer.decode(results[0]))
+    return samples

@@ -14,6 +14,8 @@ yields the same batches as an uninterrupted one. A state dict with only the refe
 (pq_idx, rg_idx, epoch) resumes approximately, as the reference does.
 
 Tokenisation runs on a background thread, a few text batches ahead of the packer.
+
+SFT (chat_sft) packs rendered conversations instead: ConversationPacker, at the end of this file.
 """
 
 import atexit
@@ -403,3 +405,184 @@ class _Staging:
 def _upload(device_dst, host_src, non_blocking):
     """The batch's one host-to-device copy; host_src must be contiguous (pinned on CUDA) to be asynchronous."""
     device_dst.copy_(host_src, non_blocking=non_blocking)
+
+
+class PrefetchedPretrainBatches:
+    """
+    base_train's batches, one fetched ahead: current is (inputs, targets, True) (every pretraining row has
+    targets); trained_state is the loader state before it, which a checkpoint stores so that a resumed run
+    starts with exactly that batch; next_state is the state after it (the log line's data position).
+    """
+
+    def __init__(self, loader, resume_state=None):
+        self.loader, self.trained_state = loader, resume_state
+        self._fetch()
+
+    def _fetch(self):
+        x, y, self.next_state = next(self.loader)
+        self.current = (x, y, True)
+
+    def advance(self):
+        """Mark the current batch trained and fetch the next (after its forward: device buffers are reused)."""
+        self.trained_state = self.next_state
+        self._fetch()
+
+    def close(self):
+        self.loader.close()
+
+
+# -----------------------------------------------------------------------------
+# SFT: conversation packing, BOS-aligned best fit, with padding, resumable (chat_sft)
+
+RENDER_MAX_TOKENS = 2048  # render_conversation's default truncation, which the reference's SFT used
+_TRUNCATION_NOTICES = set()  # labels whose packer already announced a truncation (print once per process)
+
+
+class ConversationPacker:
+    """
+    Packs rendered conversations into rows of seq_len + 1 tokens. Rank r fetches conversations
+    r, r + W, r + 2W, ... (wrapping around the dataset, counting epochs from 1) into a buffer; each row
+    takes the largest buffered conversation that still fits, again and again, and is padded with BOS
+    (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
+    (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
+    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
+    (batch_size, seq_len), with
+    targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
+    continue with exactly the same batches.
+    """
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, buffer_size=100,
+                 device="cpu", label="train"):
+        if len(dataset) == 0:
+            raise ValueError(f"{label} conversations: the dataset is empty")
+        self.dataset, self.tokenizer, self.label = dataset, tokenizer, label
+        self.batch_size, self.capacity = batch_size, seq_len + 1
+        self.world_size, self.buffer_size = world_size, buffer_size
+        self.device = torch.device(device)
+        self.bos = tokenizer.get_bos_token_id()
+        self.cursor, self.epoch = rank % len(dataset), 1
+        self.max_tokens = min(self.capacity, RENDER_MAX_TOKENS)
+        self.consumed, self.it, self.truncated = rank, 0, 0
+        self.buffer = []  # (dataset index, ids, mask) in fetch order
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed, "it": self.it,
+                "truncated": self.truncated, "buffer": [index for index, _, _ in self.buffer]}
+
+    def load_state_dict(self, state):
+        for key in ("cursor", "epoch", "consumed", "it"):
+            setattr(self, key, int(state[key]))
+        self.truncated = int(state.get("truncated", 0))
+        self.buffer = [(index, *self._render(index)[:2]) for index in state["buffer"]]
+
+    def _render(self, index):
+        """(ids, mask, truncated): the rendering cut to max_tokens, as render_conversation cuts it."""
+        # one token more than kept tells whether anything was cut
+        ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.max_tokens + 1)
+        return ids[:self.max_tokens], mask[:self.max_tokens], len(ids) > self.max_tokens
+
+    def _refill(self):
+        n = len(self.dataset)
+        while len(self.buffer) < self.buffer_size:
+            index = self.cursor
+            self.cursor += self.world_size
+            if self.cursor >= n:
+                self.cursor %= n
+                self.epoch += 1
+            ids, mask, truncated = self._render(index)
+            self.buffer.append((index, ids, mask))
+            if truncated:
+                self.truncated += 1
+                if self.label not in _TRUNCATION_NOTICES:
+                    _TRUNCATION_NOTICES.add(self.label)
+                    print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
+                           f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
+
+    def _best_fit(self, room):
+        best = None
+        for i, (_, ids, _) in enumerate(self.buffer):
+            if len(ids) <= room and (best is None or len(ids) > len(self.buffer[best][1])):
+                best = i
+        return best
+
+    def _next_row(self):
+        ids, mask = [], []
+        while len(ids) < self.capacity:
+            self._refill()
+            room = self.capacity - len(ids)
+            best = self._best_fit(room)
+            if best is None:  # nothing fits: pad the rest; padding is never a target
+                ids += [self.bos] * room
+                mask += [0] * room
+                break
+            _, conv_ids, conv_mask = self.buffer.pop(best)
+            ids += conv_ids
+            mask += conv_mask
+            self.consumed += self.world_size
+        return ids, mask
+
+    def next_rows(self):
+        """batch_size rows of seq_len + 1 (ids, mask) lists."""
+        rows, masks = zip(*(self._next_row() for _ in range(self.batch_size)))
+        self.it += 1
+        return list(rows), list(masks)
+
+    def next_batch(self):
+        return rows_to_batch(*self.next_rows(), device=self.device)
+
+
+def rows_to_batch(rows, masks, device="cpu"):
+    """(inputs int32, targets int64): a row's first seq_len ids, and its last seq_len ids with -1 wherever
+    that token's mask is 0 (a token is a target iff its own mask is 1)."""
+    device = torch.device(device)
+    ids = torch.tensor(rows, dtype=torch.long)
+    supervised = torch.tensor(masks, dtype=torch.bool)
+    inputs = ids[:, :-1].to(torch.int32)
+    targets = ids[:, 1:].clone()
+    targets[~supervised[:, 1:]] = -1
+    if device.type == "cuda":  # fresh pinned tensors each batch, so async copies never alias
+        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
+    return inputs.to(device), targets.to(device)
+
+
+def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100,
+                                   rank=0, world_size=1, device="cpu", label="val"):
+    """Endless (inputs, targets) batches of a fresh ConversationPacker (the val loader, restarted per eval)."""
+    packer = ConversationPacker(dataset, tokenizer, device_batch_size, max_seq_len, rank, world_size, buffer_size,
+                                device, label)
+    while True:
+        yield packer.next_batch()
+
+
+def sft_progress(consumed, dataset_size, batches, horizon_batches):
+    """(progress clamped to [0, 1], done) after `batches` trained batches; horizon_batches <= 0 means one pass."""
+    if horizon_batches > 0:
+        return min(1.0, batches / horizon_batches), batches >= horizon_batches
+    return min(1.0, consumed / dataset_size), consumed >= dataset_size
+
+
+class PrefetchedBatches:
+    """
+    The training batches, one packed ahead (packing overlaps the GPU's work on the current batch).
+    trained_state is the packer state just after the last batch that was trained, i.e. before the
+    prefetched one: a checkpoint stores it, so a resumed run starts with exactly that prefetched batch.
+    """
+
+    def __init__(self, packer, dataset_size, horizon_batches):
+        self.packer, self.dataset_size, self.horizon_batches = packer, dataset_size, horizon_batches
+        self.trained_state = packer.state_dict()
+        self.current = self._produce()
+
+    def _produce(self):
+        rows, masks = self.packer.next_rows()
+        x, y = rows_to_batch(rows, masks, device=self.packer.device)
+        has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
+        progress, done = sft_progress(self.packer.consumed, self.dataset_size, self.packer.it, self.horizon_batches)
+        return x, y, has_targets, (progress, done, self.packer.epoch, self.packer.state_dict())
+
+    def advance(self):
+        """Mark the current batch trained and pack the next; returns the trained batch's (progress, done, epoch)."""
+        progress, done, epoch, state = self.current[3]
+        self.trained_state = state
+        self.current = self._produce()
+        return progress, done, epoch

@@ -3,10 +3,14 @@ Training-loop pieces shared by base_train, chat_sft and chat_rl: batch geometry,
 schedules, the optimizer step (with the fp16 GradScaler path), the loss EMA and timing, the GC policy,
 the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, the eval/save cadence, deterministic
 mode, the wandb run that a resume continues, and the per-rank state gathered into a checkpoint.
+The run kit at the end is what every stage's loop is made of: the Checkpointer (one checkpoint of
+registered state), the micro-steps of one optimizer step, the save cadence, the step's log line and the
+end of the run; above it, the chat stages' checkpoint metadata and resume checks.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
 import gc
+import json
 import math
 import os
 import signal
@@ -15,7 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, print0
+from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir,
+                                         load_optimizer_state, save_checkpoint)
+from nanochat.common import get_device_peak_flops, is_ddp_initialized, print0
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -128,6 +134,9 @@ class LossTracker:
     def __init__(self, smooth_loss=0.0, total_training_time=0.0):
         self.smooth_loss = smooth_loss
         self.total_training_time = total_training_time
+
+    def state_dict(self):
+        return {"smooth_train_loss": self.smooth_loss, "total_training_time": self.total_training_time}
 
     def update(self, step, loss, dt):
         """Record step `step`'s loss and duration; returns the debiased smoothed loss."""
@@ -405,3 +414,137 @@ def gather_from_ranks(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Chat stages (SFT, RL): checkpoint metadata, the compute banner, resume checks
+
+def checkpoint_meta(source, model_tag=None, step=None):
+    """(model_tag, step, meta) of a checkpoint, guessing tag and step like load_model; reads only the JSON."""
+    checkpoints_dir = get_checkpoints_dir(source)
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    step = find_last_step(checkpoint_dir) if step is None else step
+    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint metadata not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return model_tag, step, json.load(f)
+
+
+def print_compute_info(device_type):
+    """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
+    from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
+    peak_flops = get_device_peak_flops(device_type)
+    if device_type == "cuda":
+        print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
+    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
+    return peak_flops  # the attention backend is printed when the checkpoint loads (build_model)
+
+
+def warn_on_changed_config(saved_user_config, user_config, free_keys):
+    changed = {k: (saved_user_config.get(k), v) for k, v in user_config.items()
+               if k not in free_keys and saved_user_config.get(k, v) != v}
+    if changed:
+        print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
+               f"the result will not match an uninterrupted run")
+
+
+def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
+    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+    if state is None:
+        raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
+                                f"checkpoint {model_tag} (resume with the world size that saved it)")
+    optimizer.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# The run kit: what every training stage saves, its cadence, its log line and its end
+
+class Checkpointer:
+    """
+    A stage's checkpoint as one whole: the model's weights (model_<step>.pt), this rank's optimizer
+    shard (optim_<step>_rank<r>.pt) and the meta JSON, whose keys are registered once with
+    register(key, source). A source is an object with state_dict() (which restore() gives back its
+    load_state_dict), a zero-argument function read at save time (counters that the loop rebinds), or a
+    plain value. Keys are written in registration order after "step", so each stage keeps its layout.
+    """
+
+    def __init__(self, checkpoint_dir, model, optimizer, rank):
+        self.checkpoint_dir, self.model, self.optimizer, self.rank = checkpoint_dir, model, optimizer, rank
+        self.sources = {}
+
+    def register(self, key, source):
+        self.sources[key] = source
+        return source
+
+    def meta(self, step):
+        return {"step": step, **{key: _current_state(source) for key, source in self.sources.items()}}
+
+    def save(self, step):
+        save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(),
+                        self.meta(step), rank=self.rank)
+
+    def restore(self, meta):
+        """Give each registered object with load_state_dict its saved state (where one was saved)."""
+        for key, source in self.sources.items():
+            if hasattr(source, "load_state_dict") and meta.get(key):
+                source.load_state_dict(meta[key])
+
+
+def _current_state(source):
+    if hasattr(source, "state_dict"):
+        return source.state_dict()
+    return source() if callable(source) else source
+
+
+def save_due(step, last_step, save_every, resume_from_step):
+    """Save at the last step and every save_every steps, but not step 0 nor the step just resumed from."""
+    return last_step or (step > 0 and step != resume_from_step and every(step, save_every, False))
+
+
+def train_micro_steps(model, batches, accum, scaler=None):
+    """
+    The micro-steps of one optimizer step: forward and backward of batches.current (x, y, has_targets, ...)
+    then batches.advance(), `accum` times. Returns (the last loss that had targets, or None; how many
+    micro-batches had targets; the advance() results in order).
+    """
+    train_loss, n_with_targets, advanced = None, 0, []
+    for _ in range(accum):
+        x, y, has_targets = batches.current[:3]
+        loss = masked_micro_step(model, x, y, has_targets, accum, scaler)
+        if loss is not None:
+            train_loss, n_with_targets = loss, n_with_targets + 1
+        advanced.append(batches.advance())
+    return train_loss, n_with_targets, advanced
+
+
+def step_log_line(step, progress, smooth, lrm, dt, tok_per_sec, mfu_label, mfu, position, tracker, eta=""):
+    """The one line every training step prints (progress is already formatted: "00012/00020 (60.00%)")."""
+    return (f"step {step:05d}{progress} | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+            f"tok/sec: {tok_per_sec:,} | {mfu_label}: {mfu:.2f} | {position} | "
+            f"total time: {tracker.total_training_time / 60:.2f}m{eta}")
+
+
+def step_wandb_metrics(step, flops, tracker, smooth, lrm, dt, tok_per_sec, mfu, epoch):
+    return {"step": step, "total_training_flops": flops, "total_training_time": tracker.total_training_time,
+            "train/loss": smooth, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+            "train/mfu": mfu, "train/epoch": epoch}
+
+
+def peak_memory_mib(device_type):
+    return torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
+
+
+def print_run_end(device_type, tracker):
+    """The end-of-run lines every stage prints; returns the peak memory (MiB) for the report."""
+    peak_mem = peak_memory_mib(device_type)
+    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
+    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
+    return peak_mem
+
+
+def close_run(wandb_run):
+    from nanochat.common import compute_cleanup
+    wandb_run.finish()
+    compute_cleanup()

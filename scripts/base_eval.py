@@ -20,23 +20,11 @@ from nanochat.common import (atomic_open, autodetect_device_type, compute_cleanu
 # evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
 # from scripts.base_eval
 from nanochat.core_eval import (EvalBundleError, core_task_note, ensure_eval_bundle,  # noqa: F401
-                                evaluate_core, format_core_metric)
+                                evaluate_core, format_core_metric, greedy_samples)
 from nanochat.data_source import RankZeroFailed
 from nanochat.report import get_report
 
 EVAL_MODES = ("core", "bpb", "sample")
-
-# the prompts of the greedy samples, here and during base_train
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-
 
 class SetupError(RuntimeError):
     """Something the requested evaluation needs is not available (e.g. the transformers package)."""
@@ -139,12 +127,10 @@ def run_samples(model, tokenizer):
     print0("Model Samples")
     print0("=" * 80)
     print0("\nConditioned samples:")
-    samples = []
-    for prompt in SAMPLE_PROMPTS:
-        results, _ = engine.generate_batch(tokenizer(prompt, prepend=bos), num_samples=1, max_tokens=16, temperature=0)
-        samples.append(tokenizer.decode(results[0]))
+    samples = greedy_samples(model, tokenizer)
+    for text in samples:
         print0("-" * 80)
-        print0(samples[-1])
+        print0(text)
     print0("\nUnconditioned samples:")
     results, _ = engine.generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
     unconditioned = [tokenizer.decode(tokens) for tokens in results]

@@ -29,24 +29,25 @@ import json
 import math
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
-                             get_device_peak_flops, maybe_compile, print0, print_banner)
-from nanochat.core_eval import core_metric_log_key, format_core_metric
-from nanochat.dataloader import state_for_rank, tokenizing_distributed_data_loader_bos_bestfit, \
-    tokenizing_distributed_data_loader_with_state_bos_bestfit
+from nanochat.checkpoint_manager import load_checkpoint
+from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0,
+                             print_banner)
+from nanochat.core_eval import core_metric_log_key, format_core_metric, greedy_samples
+from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
+                                 tokenizing_distributed_data_loader_bos_bestfit,
+                                 tokenizing_distributed_data_loader_with_state_bos_bestfit)
 from nanochat.flash_attention import decide_backend
 from nanochat.fp8 import disable_fp8, fp8_tokens_error
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from scripts.base_eval import SAMPLE_PROMPTS
 
 B_REF = 2 ** 19  # total batch size of the d12 reference point, tokens
 BATCH_SIZE_EXPONENT = 0.383  # Power Lines (arXiv 2505.13738): optimal batch B ∝ D^0.383
@@ -255,11 +256,7 @@ def check_resume_config(meta, config, user_config, num_iterations):
     diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved[k] != v}
     if diff:
         raise ValueError(f"--resume-from-step: the checkpoint's model config differs from these flags: {diff}")
-    changed = {k: (meta["user_config"].get(k), v) for k, v in user_config.items()
-               if k not in RESUME_FREE_KEYS and meta["user_config"].get(k, v) != v}
-    if changed:
-        print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
-               f"the result will not match an uninterrupted run")
+    training.warn_on_changed_config(meta["user_config"], user_config, RESUME_FREE_KEYS)
     if meta.get("num_iterations", num_iterations) != num_iterations:
         print0(f"Warning: the horizon changed from {meta['num_iterations']} to {num_iterations} steps on resume")
 
@@ -291,53 +288,45 @@ def run_core(orig_model, tokenizer, device, max_per_task):
 
 
 def print_samples(orig_model, tokenizer):
-    from nanochat.engine import Engine
-    engine = Engine(orig_model, tokenizer)
     orig_model.eval()
     try:
         with disable_fp8(orig_model):
-            for prompt in SAMPLE_PROMPTS:
-                tokens = tokenizer(prompt, prepend="<|bos|>")
-                results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-                print0(tokenizer.decode(results[0]))
+            for text in greedy_samples(orig_model, tokenizer):
+                print0(text)
     finally:
         orig_model.train()
 
 
+def core_and_log(orig_model, tokenizer, device, args, step, flops_so_far, last_step, wandb_run):
+    """CORE at this step (None if it failed at the last step, whose checkpoint is already saved)."""
+    try:
+        core_results = run_core(orig_model, tokenizer, device, args.core_metric_max_per_task)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not last_step:
+            raise
+        print0(f"Step {step:05d} | CORE evaluation failed ({e}); the checkpoint is saved")
+        return None
+    print0(f"Step {step:05d} | CORE metric: {format_core_metric(core_results)}")
+    wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                   core_metric_log_key(core_results): core_results["core_metric"],
+                   "centered_results": core_results["centered_results"]})
+    return core_results
+
+
 # -----------------------------------------------------------------------------
+# Set-up of the run: model, scaling rules, optimizer, data
 
-def main(argv=None):
-    args = parse_args(argv)
-    user_config = vars(args).copy()
-    print_banner()
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
-    training.configure_determinism(device_type)
-    from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
-    peak_flops = get_device_peak_flops(device_type)
-    if device_type == "cuda":
-        print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
-    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=device)
-    vocab_size = tokenizer.get_vocab_size()
-    print0(f"Vocab size: {vocab_size:,}")
-
-    # --- model
-    config = model_config(args, args.depth, vocab_size)
+def build_model(args, tokenizer, device, rank, checkpoint_dir):
+    """(model, config, optimizer state, meta): freshly initialised, or the checkpoint's when resuming."""
+    config = model_config(args, args.depth, tokenizer.get_vocab_size())
     model = build_model_meta(config)
     print0("Model config:\n" + json.dumps(asdict(config), indent=2))
     model.to_empty(device=device)
     model.init_weights()
     # after compute_init, on this rank's device, at the model's head dim; before compile (it may all-reduce)
     print_attention_notice(decide_backend(device, config.n_embd // config.n_head), args.window_pattern)
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    resuming = args.resume_from_step >= 0
-    meta = optimizer_data = None
-    if resuming:
+    optimizer_data = meta = None
+    if args.resume_from_step >= 0:
         print0(f"Resuming optimization from step {args.resume_from_step}")
         model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
                                                            load_optimizer=True, rank=rank)
@@ -345,26 +334,26 @@ def main(argv=None):
         del model_data
     elif len(model.l3_layers) > 0:
         compute_l3_bounds(model, tokenizer, args, device, rank)
-    wandb_run = training.init_wandb("nanochat", args.run, user_config, master,
-                                    meta.get("wandb_run_id") if resuming else None)
-    if args.fp8:
-        model = convert_fp8(model, args.fp8_recipe, device_type)
-    orig_model = model  # uncompiled: saving, CORE and sampling (their shapes vary)
-    model = maybe_compile(model)
+    return model, config, optimizer_data, meta
 
-    counts = orig_model.num_scaling_params()
+
+def print_parameter_counts(model):
+    """(parameter counts, FLOPs per token), both printed."""
+    counts = model.num_scaling_params()
     print0("Parameter counts:")
     for key, value in counts.items():
         print0(f"{key:24s}: {value:,}")
-    flops_per_token = orig_model.estimate_flops()
+    flops_per_token = model.estimate_flops()
     print0(f"Estimated FLOPs per token: {flops_per_token:e}")
+    return counts, flops_per_token
 
-    # --- scaling rules
-    num_scaling = scaling_params(orig_model)
+
+def apply_scaling_rules(args, model, vocab_size):
+    """The depth dial's consequences: scaling params, target tokens, batch size, LR scale, weight decay."""
+    num_scaling = scaling_params(model)
     reference = build_model_meta(model_config(args, 12, vocab_size, with_l3=False))
-    ratio = args.target_param_data_ratio
-    target_tokens = int(ratio * num_scaling)
-    reference_tokens = ratio * scaling_params(reference)
+    target_tokens = int(args.target_param_data_ratio * num_scaling)
+    reference_tokens = args.target_param_data_ratio * scaling_params(reference)
     total_batch_size = args.total_batch_size
     if total_batch_size == -1:
         total_batch_size = auto_total_batch_size(target_tokens, reference_tokens)
@@ -376,154 +365,206 @@ def main(argv=None):
     weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, target_tokens, reference_tokens)
     if weight_decay != args.weight_decay:
         print0(f"Scaling weight decay from {args.weight_decay:.6f} to {weight_decay:.6f} for depth {args.depth}")
-    optimizer = orig_model.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
-        scalar_lr=args.scalar_lr * batch_lr_scale, matrix_lr=args.matrix_lr * batch_lr_scale,
-        weight_decay=weight_decay)
-    scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    if resuming:
-        optimizer.load_state_dict(optimizer_data)
-        del optimizer_data
-        if scaler is not None and meta.get("grad_scaler"):
-            scaler.load_state_dict(meta["grad_scaler"])
+    return SimpleNamespace(num_scaling=num_scaling, target_tokens=target_tokens,
+                           total_batch_size=total_batch_size, batch_lr_scale=batch_lr_scale,
+                           weight_decay=weight_decay)
 
-    # --- data and horizon
-    loader_state = state_for_rank(meta, rank, world_size) if resuming else None
-    train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
-        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
-        resume_state_dict=loader_state)
-    x, y, next_loader_state = next(train_loader)
-    num_iterations = num_iterations_for(args, flops_per_token, total_batch_size, target_tokens)
-    print0(f"Total number of training tokens: {total_batch_size * num_iterations:,}")
-    print0(f"Tokens : Scaling params ratio: {total_batch_size * num_iterations / num_scaling:.2f}")
-    print0(f"Total training FLOPs estimate: {flops_per_token * total_batch_size * num_iterations:e}")
-    accum = training.grad_accum_steps(total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
+
+def setup_optimizer(model, args, scale, optimizer_data):
+    lr_scale = scale.batch_lr_scale
+    optimizer = model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+        scalar_lr=args.scalar_lr * lr_scale, matrix_lr=args.matrix_lr * lr_scale,
+        weight_decay=scale.weight_decay)
+    if optimizer_data is not None:
+        optimizer.load_state_dict(optimizer_data)
+    return optimizer
+
+
+def print_horizon(args, scale, flops_per_token, num_iterations, accum, world_size):
+    total_tokens = scale.total_batch_size * num_iterations
+    print0(f"Total number of training tokens: {total_tokens:,}")
+    print0(f"Tokens : Scaling params ratio: {total_tokens / scale.num_scaling:.2f}")
+    print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
     print0(f"Tokens / micro-batch / rank: {args.device_batch_size} x {args.max_seq_len} = {tokens_per_fwdbwd:,}")
     print0(f"Tokens / micro-batch: {tokens_per_fwdbwd * world_size:,}")
-    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
-    if resuming:
-        check_resume_config(meta, config, user_config, num_iterations)
+    print0(f"Total batch size {scale.total_batch_size:,} => gradient accumulation steps: {accum}")
 
-    # --- loop state
-    step = meta["step"] if resuming else 0
-    loop = meta.get("loop_state", {}) if resuming else {}
-    val_bpb = meta["val_bpb"] if resuming else None
-    min_val_bpb = loop.get("min_val_bpb", float("inf"))
-    tracker = training.LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
-    curve = loop.get("curve", {"steps": [], "train": [], "val": []})
-    core_results, mfu, tok_per_sec = None, 0.0, 0
-    timer = training.StepTimer(device_type)
 
-    def save(step):
-        meta_out = {
-            "step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
-            "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-            "total_batch_size": total_batch_size, "num_iterations": num_iterations,
-            # the state *before* the prefetched batch x, y: a resume trains on exactly that batch next
-            # rank 0's under the reference's key (single-process readers), every rank's for an exact resume
-            "dataloader_state_dict": loader_state,
-            "dataloader_state_dicts": training.gather_from_ranks(loader_state),
-            "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": tracker.smooth_loss,
-                           "total_training_time": tracker.total_training_time, "curve": curve},
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "wandb_run_id": training.wandb_run_id(wandb_run),
-        }
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
+def register_checkpoint_state(ckpt, run, config, user_config, args, scale, num_iterations, batches, scaler,
+                              wandb_run):
+    """The meta keys of a base checkpoint (the reference's, plus what an exact resume needs)."""
+    ckpt.register("val_bpb", lambda: run.val_bpb)
+    for key, value in [("model_config", asdict(config)), ("user_config", user_config),
+                       ("device_batch_size", args.device_batch_size), ("max_seq_len", args.max_seq_len),
+                       ("total_batch_size", scale.total_batch_size), ("num_iterations", num_iterations)]:
+        ckpt.register(key, value)
+    # the state *before* the prefetched batch: a resume trains on exactly that batch next; rank 0's under
+    # the reference's key (single-process readers), every rank's for an exact resume
+    ckpt.register("dataloader_state_dict", lambda: batches.trained_state)
+    ckpt.register("dataloader_state_dicts", lambda: training.gather_from_ranks(batches.trained_state))
+    ckpt.register("loop_state", lambda: {"min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
+                                         "curve": run.curve})
+    ckpt.register("grad_scaler", scaler)
+    ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
 
-    with training.StopFlag() as stop_flag:
-        while True:
-            last_step = step == num_iterations
-            flops_so_far = flops_per_token * total_batch_size * step
-            if training.every(step, args.eval_every, last_step, include_step_zero=True):
-                val_bpb = run_val_bpb(model, tokenizer, args, token_bytes, device, world_size)
-                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                curve["steps"].append(step), curve["train"].append(None), curve["val"].append(val_bpb)
-                wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                               "total_training_time": tracker.total_training_time, "val/bpb": val_bpb})
-            # the final checkpoint comes before the final CORE: an eval failure must not lose the run
-            save_due = step > 0 and step != args.resume_from_step and training.every(step, args.save_every, False)
-            if last_step or save_due:
-                save(step)
-            if training.every(step, args.core_metric_every, last_step):
-                try:
-                    core_results = run_core(orig_model, tokenizer, device, args.core_metric_max_per_task)
-                    print0(f"Step {step:05d} | CORE metric: {format_core_metric(core_results)}")
-                    wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                                   core_metric_log_key(core_results): core_results["core_metric"],
-                                   "centered_results": core_results["centered_results"]})
-                except (OSError, RuntimeError, ValueError) as e:
-                    if not last_step:
-                        raise
-                    print0(f"Step {step:05d} | CORE evaluation failed ({e}); the checkpoint is saved")
-            if master and training.every(step, args.sample_every, last_step):
-                print_samples(orig_model, tokenizer)
-            if last_step:
-                break
 
-            # --- one optimizer step over `accum` micro-batches
-            timer.start()
-            for _ in range(accum):
-                loss = model(x, y)
-                train_loss = loss.detach()
-                loss = loss / accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                loader_state = next_loader_state
-                x, y, next_loader_state = next(train_loader)
-            lrm = training.base_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio,
-                                              args.final_lr_frac)
-            training.apply_schedule(optimizer, lrm,
-                                    muon_momentum=training.base_muon_momentum(step, num_iterations, args.warmdown_ratio),
-                                    muon_weight_decay=training.base_weight_decay(step, num_iterations, weight_decay))
-            train_loss_f, dt, signalled = training.finish_step(optimizer, model, scaler, train_loss, timer, stop_flag,
-                                                               device, step, checkpoint_dir)
-            smooth = tracker.update(step, train_loss_f, dt)
-            tok_per_sec = int(total_batch_size / dt)
-            mfu = training.mfu_percent(flops_per_token, total_batch_size, dt, peak_flops, world_size)
-            position = f"epoch: {next_loader_state['epoch']} pq: {next_loader_state['pq_idx']} rg: {next_loader_state['rg_idx']}"
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {smooth:.6f} | "
-                   f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | bf16_mfu: {mfu:.2f} | "
-                   f"{position} | total time: {tracker.total_training_time / 60:.2f}m"
-                   f"{tracker.eta_suffix(step, num_iterations)}")
-            curve["steps"].append(step), curve["train"].append(train_loss_f), curve["val"].append(None)
-            if step % 100 == 0:
-                wandb_run.log({"step": step, "total_training_flops": flops_so_far,
-                               "total_training_time": tracker.total_training_time, "train/loss": smooth,
-                               "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                               "train/mfu": mfu, "train/epoch": position[len("epoch: "):]})
-            first_step_of_run = step == 0 or (resuming and step == args.resume_from_step)
-            step += 1
-            training.gc_after_step(step, first_step_of_run)
-            if signalled:
-                train_loader.close()
-                training.exit_after_signal(save, step, stop_flag.signum)
-
-    # --- end of run
-    train_loader.close()
-    peak_mem = torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
-    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
-    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
-    if val_bpb is not None:
-        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+def report_run(user_config, args, run, counts, flops_per_token, scale, num_iterations, world_size, peak_mem):
     report = get_report()
+    total_tokens = scale.total_batch_size * num_iterations
     report.log("Base model training", [
         user_config,
         {"Number of parameters": counts["total"], "Number of FLOPs per token": f"{flops_per_token:e}",
-         "Calculated number of iterations": num_iterations,
-         "Number of training tokens": total_batch_size * num_iterations,
-         "Tokens : Scaling params ratio": total_batch_size * num_iterations / num_scaling,
+         "Calculated number of iterations": num_iterations, "Number of training tokens": total_tokens,
+         "Tokens : Scaling params ratio": total_tokens / scale.num_scaling,
          "DDP world size": world_size, "warmup_steps": args.warmup_steps,
          "warmdown_ratio": args.warmdown_ratio, "final_lr_frac": args.final_lr_frac},
-        {"Minimum validation bpb": min_val_bpb if val_bpb is not None else None, "Final validation bpb": val_bpb,
-         "CORE metric estimate": format_core_metric(core_results) if core_results else None,
-         "MFU %": f"{mfu:.2f}%", "Total training flops": f"{flops_per_token * total_batch_size * num_iterations:e}",
-         "Total training time": f"{tracker.total_training_time / 60:.2f}m", "Peak memory usage": f"{peak_mem:.2f}MiB"},
+        {"Minimum validation bpb": run.min_val_bpb if run.val_bpb is not None else None,
+         "Final validation bpb": run.val_bpb,
+         "CORE metric estimate": format_core_metric(run.core_results) if run.core_results else None,
+         "MFU %": f"{run.mfu:.2f}%", "Total training flops": f"{flops_per_token * total_tokens:e}",
+         "Total training time": f"{run.tracker.total_training_time / 60:.2f}m",
+         "Peak memory usage": f"{peak_mem:.2f}MiB"},
     ])
+    curve = run.curve
     if curve["steps"]:
         report.log_curve("Base model loss", curve["steps"], {"train": curve["train"], "val bpb": curve["val"]})
-    wandb_run.finish()
-    compute_cleanup()
+
+
+# -----------------------------------------------------------------------------
+# The loop's two halves: what happens at a step boundary, and one optimizer step
+
+def evaluate_and_save(step, last_step, run, st):
+    """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
+    flops_so_far = st.flops_per_token * st.scale.total_batch_size * step
+    if training.every(step, st.args.eval_every, last_step, include_step_zero=True):
+        run.val_bpb = run_val_bpb(st.model, st.tokenizer, st.args, st.token_bytes, st.device, st.world_size)
+        print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.6f}")
+        run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
+        run.curve["steps"].append(step), run.curve["train"].append(None), run.curve["val"].append(run.val_bpb)
+        st.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                          "total_training_time": run.tracker.total_training_time, "val/bpb": run.val_bpb})
+    # the final checkpoint comes before the final CORE: an eval failure must not lose the run
+    if training.save_due(step, last_step, st.args.save_every, st.args.resume_from_step):
+        st.ckpt.save(step)
+    if training.every(step, st.args.core_metric_every, last_step):
+        run.core_results = core_and_log(st.orig_model, st.tokenizer, st.device, st.args, step, flops_so_far,
+                                        last_step, st.wandb_run) or run.core_results
+    if st.master and training.every(step, st.args.sample_every, last_step):
+        print_samples(st.orig_model, st.tokenizer)
+
+
+def train_step(step, run, st, stop_flag):
+    """One optimizer step over `accum` micro-batches, logged; returns whether a signal asked to stop."""
+    args, n = st.args, st.num_iterations
+    st.timer.start()
+    train_loss, _, _ = training.train_micro_steps(st.model, st.batches, st.accum, st.scaler)
+    lrm = training.base_lr_multiplier(step, n, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+    training.apply_schedule(st.optimizer, lrm,
+                            muon_momentum=training.base_muon_momentum(step, n, args.warmdown_ratio),
+                            muon_weight_decay=training.base_weight_decay(step, n, st.scale.weight_decay))
+    train_loss_f, dt, signalled = training.finish_step(st.optimizer, st.model, st.scaler, train_loss,
+                                                       st.timer, stop_flag, st.device, step,
+                                                       st.ckpt.checkpoint_dir)
+    smooth = run.tracker.update(step, train_loss_f, dt)
+    tokens = st.scale.total_batch_size
+    tok_per_sec = int(tokens / dt)
+    run.mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
+    loader = st.batches.next_state
+    position = f"epoch: {loader['epoch']} pq: {loader['pq_idx']} rg: {loader['rg_idx']}"
+    print0(training.step_log_line(step, f"/{n:05d} ({100 * step / n:.2f}%)", smooth, lrm, dt, tok_per_sec,
+                                  "bf16_mfu", run.mfu, position, run.tracker,
+                                  run.tracker.eta_suffix(step, n)))
+    run.curve["steps"].append(step), run.curve["train"].append(train_loss_f), run.curve["val"].append(None)
+    if step % 100 == 0:
+        flops = st.flops_per_token * tokens * step
+        st.wandb_run.log(training.step_wandb_metrics(step, flops, run.tracker, smooth, lrm, dt, tok_per_sec,
+                                                     run.mfu, position[len("epoch: "):]))
+    return signalled
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = vars(args).copy()
+    print_banner()
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    training.configure_determinism(device_type)
+    peak_flops = training.print_compute_info(device_type)
+    tokenizer, token_bytes = get_tokenizer(), get_token_bytes(device=device)
+    print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
+
+    # --- model, scaling rules, optimizer
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+    model, config, optimizer_data, meta = build_model(args, tokenizer, device, rank, checkpoint_dir)
+    meta = meta or {}
+    wandb_run = training.init_wandb("nanochat", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
+    if args.fp8:
+        model = convert_fp8(model, args.fp8_recipe, device_type)
+    orig_model = model  # uncompiled: saving, CORE and sampling (their shapes vary)
+    model = maybe_compile(model)
+    counts, flops_per_token = print_parameter_counts(orig_model)
+    scale = apply_scaling_rules(args, orig_model, tokenizer.get_vocab_size())
+    optimizer = setup_optimizer(orig_model, args, scale, optimizer_data)
+    del optimizer_data
+    from nanochat.common import COMPUTE_DTYPE
+    scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
+
+    # --- data and horizon
+    loader_state = state_for_rank(meta, rank, world_size) if meta else None
+    batches = PrefetchedPretrainBatches(tokenizing_distributed_data_loader_with_state_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
+        resume_state_dict=loader_state), loader_state)
+    num_iterations = num_iterations_for(args, flops_per_token, scale.total_batch_size, scale.target_tokens)
+    accum = training.grad_accum_steps(scale.total_batch_size, args.device_batch_size, args.max_seq_len,
+                                      world_size)
+    print_horizon(args, scale, flops_per_token, num_iterations, accum, world_size)
+    if meta:
+        check_resume_config(meta, config, user_config, num_iterations)
+
+    # --- run state: counters (saved with every checkpoint) and the run's fixed parts
+    loop = meta.get("loop_state", {})
+    run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                          tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
+                                                       loop.get("total_training_time", 0.0)),
+                          curve=loop.get("curve", {"steps": [], "train": [], "val": []}),
+                          core_results=None, mfu=0.0)
+    ckpt = training.Checkpointer(checkpoint_dir, orig_model, optimizer, rank)
+    register_checkpoint_state(ckpt, run, config, user_config, args, scale, num_iterations, batches, scaler,
+                              wandb_run)
+    ckpt.restore(meta)
+    st = SimpleNamespace(args=args, model=model, orig_model=orig_model, optimizer=optimizer, scaler=scaler,
+                         tokenizer=tokenizer, token_bytes=token_bytes, device=device, world_size=world_size,
+                         master=rank == 0, wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
+                         scale=scale, num_iterations=num_iterations, flops_per_token=flops_per_token,
+                         peak_flops=peak_flops,
+                         timer=training.StepTimer(device_type))
+
+    step = meta.get("step", 0)
+    with training.StopFlag() as stop_flag:
+        while True:
+            last_step = step == num_iterations
+            evaluate_and_save(step, last_step, run, st)
+            if last_step:
+                break
+            signalled = train_step(step, run, st, stop_flag)
+            first_step_of_run = step == 0 or step == args.resume_from_step
+            step += 1
+            training.gc_after_step(step, first_step_of_run)
+            if signalled:
+                batches.close()
+                training.exit_after_signal(ckpt.save, step, stop_flag.signum)
+
+    # --- end of run
+    batches.close()
+    peak_mem = training.print_run_end(device_type, run.tracker)
+    if run.val_bpb is not None:
+        print0(f"Minimum validation bpb: {run.min_val_bpb:.6f}")
+    report_run(user_config, args, run, counts, flops_per_token, scale, num_iterations, world_size, peak_mem)
+    training.close_run(wandb_run)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,11 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import load_model, save_checkpoint
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, get_base_dir, get_dist_info,
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, get_dist_info,
                              is_ddp_initialized, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from scripts.chat_sft import (checkpoint_meta, load_resume_optimizer, print_compute_info,
-                              warn_on_changed_config)
 
 EVAL_MAX_NEW_TOKENS = 256  # pass@k completions (reference value)
 EVAL_TOP_K = 50
@@ -260,7 +258,7 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
 
 def load_policy(args, device, resuming):
     """(model, tokenizer, output_tag): the SFT model, or the RL checkpoint to resume from."""
-    _, _, sft_meta = checkpoint_meta("sft", args.model_tag, args.model_step)
+    _, _, sft_meta = training.checkpoint_meta("sft", args.model_tag, args.model_step)
     output_tag = args.model_tag or f"d{sft_meta['model_config']['n_layer']}"
     if resuming:
         model, tokenizer, _ = load_model("rl", device, phase="eval", model_tag=output_tag, step=args.resume_from_step)
@@ -273,7 +271,7 @@ def setup_optimizer(model, args, device, rank, output_tag, resuming):
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     if resuming:
-        load_resume_optimizer(optimizer, "rl", device, rank, output_tag, args.resume_from_step)
+        training.load_resume_optimizer(optimizer, "rl", device, rank, output_tag, args.resume_from_step)
         return optimizer
     for group in optimizer.param_groups:
         group["lr"] *= args.init_lr_frac
@@ -290,7 +288,7 @@ def main(argv=None):
         raise ValueError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the world size "
                          f"({world_size})")
     training.configure_determinism(device_type)
-    print_compute_info(device_type)
+    training.print_compute_info(device_type)
     resuming = args.resume_from_step >= 0
     model, tokenizer, output_tag = load_policy(args, device, resuming)
     engine = Engine(model, tokenizer)  # the same (uncompiled) model: rollouts always see the current weights
@@ -306,14 +304,17 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag)
     step, meta = 0, {}
     if resuming:
-        _, step, meta = checkpoint_meta("rl", output_tag, args.resume_from_step)
-        warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
+        _, step, meta = training.checkpoint_meta("rl", output_tag, args.resume_from_step)
+        training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
     wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
 
+    ckpt = training.Checkpointer(checkpoint_dir, model, optimizer, rank)
+    for key, value in [("model_config", asdict(model.config)), ("user_config", user_config),
+                       ("num_steps", num_steps), ("wandb_run_id", training.wandb_run_id(wandb_run))]:
+        ckpt.register(key, value)
+
     def save(step):
-        meta_out = {"step": step, "model_config": asdict(model.config), "user_config": user_config,
-                    "num_steps": num_steps, "wandb_run_id": training.wandb_run_id(wandb_run)}
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
+        ckpt.save(step)
         print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
 
     with training.StopFlag() as stop_flag:
@@ -323,8 +324,7 @@ def main(argv=None):
                 passk = evaluate_pass_at_k(val_task, tokenizer, engine, args, device)
                 print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
                 wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
-            save_due = step > 0 and step != args.resume_from_step and training.every(step, args.save_every, False)
-            if last_step or save_due:
+            if training.save_due(step, last_step, args.save_every, args.resume_from_step):
                 save(step)
             if last_step:
                 break
@@ -340,8 +340,7 @@ def main(argv=None):
                 training.exit_after_signal(save, step + 1, stop_flag.signum)
 
     get_report().log("Chat RL", [user_config])
-    wandb_run.finish()
-    compute_cleanup()
+    training.close_run(wandb_run)
 
 
 if __name__ == "__main__":

@@ -50,16 +50,17 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
 
 import argparse
-import json
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 
 from nanochat import training
-from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir, load_model,
-                                         load_optimizer_state, save_checkpoint)
-from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, download_file_with_lock,
-                             get_base_dir, get_device_peak_flops, maybe_compile, offline_mode, print0)
+from nanochat.chat_core import chatcore_metrics, run_chatcore
+from nanochat.checkpoint_manager import load_model, load_optimizer_state
+from nanochat.common import (autodetect_device_type, compute_init, download_file_with_lock,
+                             get_base_dir, maybe_compile, offline_mode, print0)
+from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -135,48 +136,6 @@ def parse_args(argv=None):
     if args.mmlu_epochs < 0 or args.gsm8k_epochs < 0:
         parser.error("--mmlu-epochs and --gsm8k-epochs must be >= 0")
     return args
-
-
-# -----------------------------------------------------------------------------
-# Pieces shared with chat_rl (importable from here)
-
-def checkpoint_meta(source, model_tag=None, step=None):
-    """(model_tag, step, meta) of a checkpoint, guessing tag and step like load_model; reads only the JSON."""
-    checkpoints_dir = get_checkpoints_dir(source)
-    model_tag = model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    step = find_last_step(checkpoint_dir) if step is None else step
-    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint metadata not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return model_tag, step, json.load(f)
-
-
-def print_compute_info(device_type):
-    """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
-    from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
-    peak_flops = get_device_peak_flops(device_type)
-    if device_type == "cuda":
-        print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
-    print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    return peak_flops  # the attention backend is printed when the checkpoint loads (build_model)
-
-
-def warn_on_changed_config(saved_user_config, user_config, free_keys):
-    changed = {k: (saved_user_config.get(k), v) for k, v in user_config.items()
-               if k not in free_keys and saved_user_config.get(k, v) != v}
-    if changed:
-        print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
-               f"the result will not match an uninterrupted run")
-
-
-def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
-                                f"checkpoint {model_tag} (resume with the world size that saved it)")
-    optimizer.load_state_dict(state)
 
 
 # -----------------------------------------------------------------------------
@@ -263,188 +222,7 @@ def val_mixture():
 
 
 # -----------------------------------------------------------------------------
-# Conversation packing: BOS-aligned best fit, with padding, resumable
-
-RENDER_MAX_TOKENS = 2048  # render_conversation's default truncation, which the reference's SFT used
-_TRUNCATION_NOTICES = set()  # labels whose packer already announced a truncation (print once per process)
-
-
-class ConversationPacker:
-    """
-    Packs rendered conversations into rows of seq_len + 1 tokens. Rank r fetches conversations
-    r, r + W, r + 2W, ... (wrapping around the dataset, counting epochs from 1) into a buffer; each row
-    takes the largest buffered conversation that still fits, again and again, and is padded with BOS
-    (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
-    (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
-    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
-    (batch_size, seq_len), with
-    targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
-    continue with exactly the same batches.
-    """
-
-    def __init__(self, dataset, tokenizer, batch_size, seq_len, rank=0, world_size=1, buffer_size=100,
-                 device="cpu", label="train"):
-        if len(dataset) == 0:
-            raise ValueError(f"{label} conversations: the dataset is empty")
-        self.dataset, self.tokenizer, self.label = dataset, tokenizer, label
-        self.batch_size, self.capacity = batch_size, seq_len + 1
-        self.world_size, self.buffer_size = world_size, buffer_size
-        self.device = torch.device(device)
-        self.bos = tokenizer.get_bos_token_id()
-        self.cursor, self.epoch = rank % len(dataset), 1
-        self.max_tokens = min(self.capacity, RENDER_MAX_TOKENS)
-        self.consumed, self.it, self.truncated = rank, 0, 0
-        self.buffer = []  # (dataset index, ids, mask) in fetch order
-
-    def state_dict(self):
-        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed, "it": self.it,
-                "truncated": self.truncated, "buffer": [index for index, _, _ in self.buffer]}
-
-    def load_state_dict(self, state):
-        for key in ("cursor", "epoch", "consumed", "it"):
-            setattr(self, key, int(state[key]))
-        self.truncated = int(state.get("truncated", 0))
-        self.buffer = [(index, *self._render(index)[:2]) for index in state["buffer"]]
-
-    def _render(self, index):
-        """(ids, mask, truncated): the rendering cut to max_tokens, as render_conversation cuts it."""
-        # one token more than kept tells whether anything was cut
-        ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.max_tokens + 1)
-        return ids[:self.max_tokens], mask[:self.max_tokens], len(ids) > self.max_tokens
-
-    def _refill(self):
-        n = len(self.dataset)
-        while len(self.buffer) < self.buffer_size:
-            index = self.cursor
-            self.cursor += self.world_size
-            if self.cursor >= n:
-                self.cursor %= n
-                self.epoch += 1
-            ids, mask, truncated = self._render(index)
-            self.buffer.append((index, ids, mask))
-            if truncated:
-                self.truncated += 1
-                if self.label not in _TRUNCATION_NOTICES:
-                    _TRUNCATION_NOTICES.add(self.label)
-                    print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
-                           f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
-
-    def _best_fit(self, room):
-        best = None
-        for i, (_, ids, _) in enumerate(self.buffer):
-            if len(ids) <= room and (best is None or len(ids) > len(self.buffer[best][1])):
-                best = i
-        return best
-
-    def _next_row(self):
-        ids, mask = [], []
-        while len(ids) < self.capacity:
-            self._refill()
-            room = self.capacity - len(ids)
-            best = self._best_fit(room)
-            if best is None:  # nothing fits: pad the rest; padding is never a target
-                ids += [self.bos] * room
-                mask += [0] * room
-                break
-            _, conv_ids, conv_mask = self.buffer.pop(best)
-            ids += conv_ids
-            mask += conv_mask
-            self.consumed += self.world_size
-        return ids, mask
-
-    def next_rows(self):
-        """batch_size rows of seq_len + 1 (ids, mask) lists."""
-        rows, masks = zip(*(self._next_row() for _ in range(self.batch_size)))
-        self.it += 1
-        return list(rows), list(masks)
-
-    def next_batch(self):
-        return rows_to_batch(*self.next_rows(), device=self.device)
-
-
-def rows_to_batch(rows, masks, device="cpu"):
-    """(inputs int32, targets int64): a row's first seq_len ids, and its last seq_len ids with -1 wherever
-    that token's mask is 0 (a token is a target iff its own mask is 1)."""
-    device = torch.device(device)
-    ids = torch.tensor(rows, dtype=torch.long)
-    supervised = torch.tensor(masks, dtype=torch.bool)
-    inputs = ids[:, :-1].to(torch.int32)
-    targets = ids[:, 1:].clone()
-    targets[~supervised[:, 1:]] = -1
-    if device.type == "cuda":  # fresh pinned tensors each batch, so async copies never alias
-        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
-    return inputs.to(device), targets.to(device)
-
-
-def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100,
-                                   rank=0, world_size=1, device="cpu", label="val"):
-    """Endless (inputs, targets) batches of a fresh ConversationPacker (the val loader, restarted per eval)."""
-    packer = ConversationPacker(dataset, tokenizer, device_batch_size, max_seq_len, rank, world_size, buffer_size,
-                                device, label)
-    while True:
-        yield packer.next_batch()
-
-
-def sft_progress(consumed, dataset_size, batches, horizon_batches):
-    """(progress clamped to [0, 1], done) after `batches` trained batches; horizon_batches <= 0 means one pass."""
-    if horizon_batches > 0:
-        return min(1.0, batches / horizon_batches), batches >= horizon_batches
-    return min(1.0, consumed / dataset_size), consumed >= dataset_size
-
-
-class PrefetchedBatches:
-    """
-    The training batches, one packed ahead (packing overlaps the GPU's work on the current batch).
-    trained_state is the packer state just after the last batch that was trained, i.e. before the
-    prefetched one: a checkpoint stores it, so a resumed run starts with exactly that prefetched batch.
-    """
-
-    def __init__(self, packer, dataset_size, horizon_batches):
-        self.packer, self.dataset_size, self.horizon_batches = packer, dataset_size, horizon_batches
-        self.trained_state = packer.state_dict()
-        self.current = self._produce()
-
-    def _produce(self):
-        rows, masks = self.packer.next_rows()
-        x, y = rows_to_batch(rows, masks, device=self.packer.device)
-        has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
-        progress, done = sft_progress(self.packer.consumed, self.dataset_size, self.packer.it, self.horizon_batches)
-        return x, y, has_targets, (progress, done, self.packer.epoch, self.packer.state_dict())
-
-    def advance(self):
-        """Mark the current batch trained and pack the next; returns the trained batch's (progress, done, epoch)."""
-        progress, done, epoch, state = self.current[3]
-        self.trained_state = state
-        self.current = self._produce()
-        return progress, done, epoch
-
-
-# -----------------------------------------------------------------------------
 # Evaluations
-
-def chatcore_metrics(accuracies):
-    """(ChatCORE, ChatCORE_cat) from {task: accuracy}: the centered mean over all / the categorical tasks."""
-    from scripts.chat_eval import CATEGORICAL_TASKS, chatcore  # the baselines live in one place
-    categorical = {task: acc for task, acc in accuracies.items() if task in CATEGORICAL_TASKS}
-    return chatcore(accuracies), (chatcore(categorical) if categorical else None)
-
-
-def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
-    from nanochat.engine import Engine
-    from scripts.chat_eval import BASELINES, CATEGORICAL_TASKS, run_chat_eval  # lazily: ChatCORE is optional
-    engine = Engine(orig_model, tokenizer)
-    orig_model.eval()
-    accuracies = {}
-    try:
-        for task in BASELINES:
-            limit = max_cat if task in CATEGORICAL_TASKS else max_sample
-            accuracies[task] = run_chat_eval(task, orig_model, tokenizer, engine, batch_size=batch_size,
-                                             max_problems=None if limit < 0 else limit)
-            print0(f"  {task}: {100 * accuracies[task]:.2f}%")
-    finally:
-        orig_model.train()
-    return accuracies
-
 
 def chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run):
     accuracies = run_chatcore(orig_model, tokenizer, hp["device_batch_size"], args.chatcore_max_cat,
@@ -471,7 +249,7 @@ def run_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, wo
 
 def load_starting_model(args, device, resuming):
     """(model, tokenizer, base_meta, output_tag): the base model, or the SFT checkpoint to resume from."""
-    base_tag, base_step, base_meta = checkpoint_meta("base", args.model_tag, args.model_step)
+    base_tag, base_step, base_meta = training.checkpoint_meta("base", args.model_tag, args.model_step)
     output_tag = args.model_tag or f"d{base_meta['model_config']['n_layer']}"
     if resuming:
         model, tokenizer, _ = load_model("sft", device, phase="train", model_tag=output_tag,
@@ -485,7 +263,7 @@ def setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resumi
     optimizer = orig_model.setup_optimizer(unembedding_lr=hp["unembedding_lr"], embedding_lr=hp["embedding_lr"],
                                            matrix_lr=hp["matrix_lr"], weight_decay=0.0)
     if resuming:
-        load_resume_optimizer(optimizer, "sft", device, rank, output_tag, args.resume_from_step)
+        training.load_resume_optimizer(optimizer, "sft", device, rank, output_tag, args.resume_from_step)
         return optimizer  # LRs, initial LRs and buffers all come from the checkpoint
     if args.load_optimizer:
         base_tag, base_step, _ = base
@@ -520,6 +298,75 @@ def print_geometry(hp, world_size, accum):
     print0(f"Total batch size {hp['total_batch_size']:,} => gradient accumulation steps: {accum}")
 
 
+def register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run):
+    """The meta keys of an SFT checkpoint; the loop state is what an exact resume needs."""
+    ckpt.register("val_bpb", lambda: run.val_bpb)
+    ckpt.register("model_config", asdict(orig_model.config))  # the trained attention windows (docstring)
+    ckpt.register("user_config", user_config)
+    for key in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        ckpt.register(key, hp[key])
+    ckpt.register("hyperparameters", hp)
+    ckpt.register("loop_state", lambda: {
+        "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
+        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "loader_states": training.gather_from_ranks(batches.trained_state)})
+    ckpt.register("grad_scaler", scaler)
+    ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
+
+
+# -----------------------------------------------------------------------------
+# The loop's two halves: what happens at a step boundary, and one optimizer step
+
+def evaluate_and_save(step, run, st):
+    """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
+    args, last_step = st.args, run.last_step
+    if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
+        run.val_bpb = run_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens, st.token_bytes,
+                                  st.rank, st.world_size, st.device)
+        run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
+        print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
+        st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
+    # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
+    if training.save_due(step, last_step, args.save_every, args.resume_from_step):
+        st.ckpt.save(step)
+    if training.every(step, args.chatcore_every, last_step):
+        chatcore_and_log(st.orig_model, st.tokenizer, st.hp, args, step, st.wandb_run)
+
+
+def train_step(step, run, st, stop_flag):
+    """One optimizer step over `accum` micro-batches, logged; returns whether a signal asked to stop."""
+    args, tokens = st.args, st.hp["total_batch_size"]
+    st.timer.start()
+    train_loss, n_with_targets, advanced = training.train_micro_steps(st.model, st.batches, st.accum,
+                                                                      st.scaler)
+    run.train_loss = run.train_loss if train_loss is None else train_loss  # logging only
+    batch_done = False
+    for batch_progress, done, run.epoch in advanced:
+        run.progress, batch_done = max(run.progress, batch_progress), batch_done or done
+    # every rank must step with one LR
+    run.progress, done_flag = training.agree_max([run.progress, batch_done], st.device)
+    run.last_step = bool(done_flag)
+    update = training.renormalise_accumulated_grads(st.model, n_with_targets, st.accum, st.device) > 0
+    if not update:
+        print0(f"Step {step:05d}: no supervised token in the whole batch; the weights are not updated")
+    lrm = training.sft_lr_multiplier(run.progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    training.apply_schedule(st.optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
+    train_loss_f, dt, signalled = training.finish_step(st.optimizer, st.model, st.scaler, run.train_loss,
+                                                       st.timer, stop_flag, st.device, step,
+                                                       st.ckpt.checkpoint_dir, update=update)
+    # the loss EMA averages the losses of micro-batches that had targets only
+    smooth = run.tracker.update(step, train_loss_f, dt) if update else run.tracker.debiased(step)
+    done_steps = step + 1
+    tok_per_sec = int(tokens / dt)
+    mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
+    print0(training.step_log_line(done_steps, f" ({100 * run.progress:.2f}%)", smooth, lrm, dt, tok_per_sec,
+                                  "mfu", mfu, f"epoch: {run.epoch}", run.tracker))
+    if done_steps % 10 == 0:
+        flops = st.flops_per_token * tokens * done_steps
+        st.wandb_run.log(training.step_wandb_metrics(done_steps, flops, run.tracker, smooth, lrm, dt, tok_per_sec,
+                                                     mfu, run.epoch))
+    return signalled
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -527,9 +374,8 @@ def main(argv=None):
     user_config = vars(args).copy()  # before inheritance: the flags as given
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master = rank == 0
     training.configure_determinism(device_type)
-    peak_flops = print_compute_info(device_type)
+    peak_flops = training.print_compute_info(device_type)
     resuming = args.resume_from_step >= 0
 
     # --- model, hyperparameters, optimizer
@@ -543,14 +389,12 @@ def main(argv=None):
     optimizer = setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resuming)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag)
     meta = {}
     if resuming:
-        _, _, meta = checkpoint_meta("sft", output_tag, args.resume_from_step)
-        warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
-        if scaler is not None and meta.get("grad_scaler"):
-            scaler.load_state_dict(meta["grad_scaler"])
-    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, master, meta.get("wandb_run_id"))
+        _, _, meta = training.checkpoint_meta("sft", output_tag, args.resume_from_step)
+        training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
+    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
+                                    meta.get("wandb_run_id"))
 
     # --- data
     train_ds, val_ds = train_mixture(args.mmlu_epochs, args.gsm8k_epochs), val_mixture()
@@ -559,98 +403,43 @@ def main(argv=None):
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 
-    # --- loop state
+    # --- run state: counters (saved with every checkpoint) and the run's fixed parts
+    run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                          progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
+                          epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
+                          tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
+                                                       loop.get("total_training_time", 0.0)))
+    ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag), orig_model,
+                                 optimizer, rank)
+    register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run)
+    ckpt.restore(meta)
+    st = SimpleNamespace(args=args, hp=hp, model=model, orig_model=orig_model, optimizer=optimizer,
+                         scaler=scaler, tokenizer=tokenizer, token_bytes=token_bytes, val_ds=val_ds,
+                         device=device, rank=rank, world_size=world_size, wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
+                         flops_per_token=orig_model.estimate_flops(), peak_flops=peak_flops,
+                         timer=training.StepTimer(device_type))
+
     step = meta.get("step", 0)
-    val_bpb = meta.get("val_bpb")
-    min_val_bpb = loop.get("min_val_bpb", float("inf"))
-    progress, last_step = loop.get("progress", 0.0), loop.get("last_step", False)
-    epoch = loop.get("epoch", 1)
-    tracker = training.LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
-    timer = training.StepTimer(device_type)
-    train_loss = torch.zeros((), device=device)  # the last micro-batch loss that had targets (logging only)
-    flops_per_token = orig_model.estimate_flops()
-    model_config = asdict(orig_model.config)  # keeps the trained attention windows (module docstring)
-
-    def save(step):
-        meta_out = {
-            "step": step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
-            "max_seq_len": hp["max_seq_len"], "device_batch_size": hp["device_batch_size"],
-            "total_batch_size": hp["total_batch_size"], "hyperparameters": hp,
-            "loop_state": {"progress": progress, "last_step": last_step, "epoch": epoch, "min_val_bpb": min_val_bpb,
-                           "smooth_train_loss": tracker.smooth_loss,
-                           "total_training_time": tracker.total_training_time,
-                           "loader_states": training.gather_from_ranks(batches.trained_state)},
-            "grad_scaler": scaler.state_dict() if scaler is not None else None,
-            "wandb_run_id": training.wandb_run_id(wandb_run),
-        }
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta_out, rank=rank)
-
     with training.StopFlag() as stop_flag:
         while True:
-            if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
-                val_bpb = run_val_bpb(model, val_ds, tokenizer, hp, args.eval_tokens, token_bytes, rank, world_size,
-                                      device)
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-                wandb_run.log({"step": step, "val/bpb": val_bpb})
-            # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
-            save_due = step > 0 and step != args.resume_from_step and training.every(step, args.save_every, False)
-            if last_step or save_due:
-                save(step)
-            if training.every(step, args.chatcore_every, last_step):
-                chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run)
-            if last_step:
+            evaluate_and_save(step, run, st)
+            if run.last_step:
                 break
-
-            # --- one optimizer step over `accum` micro-batches
-            timer.start()
-            batch_done, n_with_targets = False, 0
-            for _ in range(accum):
-                x, y, has_targets, _ = batches.current
-                loss = training.masked_micro_step(model, x, y, has_targets, accum, scaler)
-                if loss is not None:
-                    train_loss, n_with_targets = loss, n_with_targets + 1
-                batch_progress, done, epoch = batches.advance()
-                progress, batch_done = max(progress, batch_progress), batch_done or done
-            progress, done_flag = training.agree_max([progress, batch_done], device)  # ranks must step with one LR
-            last_step = bool(done_flag)
-            update = training.renormalise_accumulated_grads(model, n_with_targets, accum, device) > 0
-            if not update:
-                print0(f"Step {step:05d}: no supervised token in the whole batch; "
-                       f"the weights are not updated")
-            lrm = training.sft_lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            training.apply_schedule(optimizer, lrm, muon_momentum=training.sft_muon_momentum(step))
-            train_loss_f, dt, signalled = training.finish_step(optimizer, model, scaler, train_loss, timer, stop_flag,
-                                                               device, step, checkpoint_dir, update=update)
-            # the loss EMA averages the losses of micro-batches that had targets only
-            smooth = tracker.update(step, train_loss_f, dt) if update else tracker.debiased(step)
-            first_step_of_run = step == 0 or (resuming and step == args.resume_from_step)
+            signalled = train_step(step, run, st, stop_flag)
+            first_step_of_run = step == 0 or step == args.resume_from_step
             step += 1
-            tok_per_sec = int(hp["total_batch_size"] / dt)
-            mfu = training.mfu_percent(flops_per_token, hp["total_batch_size"], dt, peak_flops, world_size)
-            print0(f"step {step:05d} ({100 * progress:.2f}%) | loss: {smooth:.6f} | lrm: {lrm:.2f} | "
-                   f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
-                   f"total time: {tracker.total_training_time / 60:.2f}m")
-            if step % 10 == 0:
-                wandb_run.log({"step": step, "total_training_flops": flops_per_token * hp["total_batch_size"] * step,
-                               "total_training_time": tracker.total_training_time, "train/loss": smooth,
-                               "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                               "train/mfu": mfu, "train/epoch": epoch})
             training.gc_after_step(step, first_step_of_run)
             if signalled:
-                training.exit_after_signal(save, step, stop_flag.signum)
+                training.exit_after_signal(ckpt.save, step, stop_flag.signum)
 
     # --- end of run
-    peak_mem = torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
-    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
-    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
+    training.print_run_end(device_type, run.tracker)
+    print0(f"Minimum validation bpb: {run.min_val_bpb:.4f}")
     if packer.truncated:
         print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
     get_report().log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
-                             {"Minimum validation bpb": min_val_bpb}])
-    wandb_run.finish()
-    compute_cleanup()
+                             {"Minimum validation bpb": run.min_val_bpb}])
+    training.close_run(wandb_run)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from nanochat import chat_core
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import extract
@@ -170,25 +171,25 @@ def test_categorical_reads_the_last_prompt_position_and_only_letters(tokenizer, 
     task = TinyMC()
     gold, wrong = gold_and_wrong(tokenizer, task, len(task))
     right_model = LetterModel(tokenizer, at_answer=gold, elsewhere=wrong)
-    assert chat_eval.run_categorical_eval(task, tokenizer, right_model, batch_size=3) == 1.0
+    assert chat_core.run_categorical_eval(task, tokenizer, right_model, batch_size=3) == 1.0
     assert "Final: 7/7 (100.00%)" in capsys.readouterr().out
     assert any(len({int(t) for t in batch[:, -1]}) > 1 for batch in right_model.batches)  # padding happened
     wrong_model = LetterModel(tokenizer, at_answer=wrong, elsewhere=gold)
-    assert chat_eval.run_categorical_eval(task, tokenizer, wrong_model, batch_size=3) == 0.0
+    assert chat_core.run_categorical_eval(task, tokenizer, wrong_model, batch_size=3) == 0.0
 
 
 def test_categorical_ties_go_to_the_first_letter(tokenizer):
     task = TinyMC()
     no_preference = LetterModel(tokenizer, at_answer={})  # all letters 0 at the answer position
     expected = sum(q[3] == q[1][0] for q in TinyMC.QUESTIONS) / len(TinyMC.QUESTIONS)  # 2 of 7 golds are first
-    assert chat_eval.run_categorical_eval(task, tokenizer, no_preference, batch_size=4) == pytest.approx(expected)
+    assert chat_core.run_categorical_eval(task, tokenizer, no_preference, batch_size=4) == pytest.approx(expected)
 
 
 def test_categorical_batches_and_max_problems(tokenizer):
     task = TinyMC()
     gold, _ = gold_and_wrong(tokenizer, task, len(task))
     model = LetterModel(tokenizer, at_answer=gold)
-    assert chat_eval.run_categorical_eval(task, tokenizer, model, batch_size=2, max_problems=5) == 1.0
+    assert chat_core.run_categorical_eval(task, tokenizer, model, batch_size=2, max_problems=5) == 1.0
     assert [batch.shape[0] for batch in model.batches] == [2, 2, 1]
 
 
@@ -196,7 +197,7 @@ def test_multi_token_letter_is_a_clear_error(tokenizer):
     conversation = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "éè"}],
                     "letters": ["éè", "B"]}
     with pytest.raises(ValueError, match="one token per letter"):
-        chat_eval.predict_letters(LetterModel(tokenizer, {}), tokenizer, [conversation])
+        chat_core.predict_letters(LetterModel(tokenizer, {}), tokenizer, [conversation])
 
 
 def test_padding_does_not_change_predictions_on_a_real_model(tokenizer):
@@ -210,7 +211,7 @@ def test_padding_does_not_change_predictions_on_a_real_model(tokenizer):
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # the init is near zero: make the letters differ
     model.eval()
     conversations = [TinyMC()[i] for i in range(len(TinyMC.QUESTIONS))]
-    batched = chat_eval.predict_letters(model, tokenizer, conversations)
+    batched = chat_core.predict_letters(model, tokenizer, conversations)
     for conversation, predicted in zip(conversations, batched):  # one unpadded prompt at a time
         prompt = tokenizer.render_for_completion(conversation)
         with torch.no_grad():
@@ -221,10 +222,10 @@ def test_padding_does_not_change_predictions_on_a_real_model(tokenizer):
 
 
 def test_arc_through_the_registry_with_max_problems(tokenizer):
-    arc = chat_eval.TASKS["ARC-Easy"]()
+    arc = chat_core.TASKS["ARC-Easy"]()
     gold, wrong = gold_and_wrong(tokenizer, arc, 6)
     model = LetterModel(tokenizer, at_answer=gold, elsewhere=wrong)
-    assert chat_eval.run_chat_eval("ARC-Easy", model, tokenizer, None, batch_size=4, max_problems=6) == 1.0
+    assert chat_core.run_chat_eval("ARC-Easy", model, tokenizer, None, batch_size=4, max_problems=6) == 1.0
     assert sum(batch.shape[0] for batch in model.batches) == 6
 
 
@@ -240,14 +241,14 @@ def test_generative_scores_scripted_answers(tokenizer, task_name, make_task, cap
     prompts = [tuple(tokenizer.render_for_completion(task[i])) for i in range(3)]
     right = {p: tokenizer.encode(f"Let me see.\n#### {final_answer(task[i])}") for i, p in enumerate(prompts)}
     model = AnswerModel(tokenizer, right)
-    accuracy = chat_eval.run_chat_eval(task_name, model, tokenizer, Engine(model, tokenizer), max_problems=3)
+    accuracy = chat_core.run_chat_eval(task_name, model, tokenizer, Engine(model, tokenizer), max_problems=3)
     assert accuracy == 1.0
     assert model.prompts == prompts  # exactly the first 3 problems, in order
     out = capsys.readouterr().out
     assert "Rank 0 | 3/3 (100.00%)" in out and "Final: 3/3 (100.00%)" in out and "=" * 50 in out
     wrong = {p: tokenizer.encode("I do not know. #### none") for p in prompts}
     model = AnswerModel(tokenizer, wrong)
-    assert chat_eval.run_chat_eval(task_name, model, tokenizer, Engine(model, tokenizer), max_problems=3) == 0.0
+    assert chat_core.run_chat_eval(task_name, model, tokenizer, Engine(model, tokenizer), max_problems=3) == 0.0
 
 
 def test_humaneval_canonical_solutions_pass(tokenizer):
@@ -256,7 +257,7 @@ def test_humaneval_canonical_solutions_pass(tokenizer):
                for i in range(2)}
     model = AnswerModel(tokenizer, replies)
     engine = Engine(model, tokenizer)
-    assert chat_eval.run_chat_eval("HumanEval", model, tokenizer, engine, max_new_tokens=4096, max_problems=2) == 1.0
+    assert chat_core.run_chat_eval("HumanEval", model, tokenizer, engine, max_new_tokens=4096, max_problems=2) == 1.0
 
 
 def test_greedy_pass_at_k_generates_one_sample(tokenizer):
@@ -264,7 +265,7 @@ def test_greedy_pass_at_k_generates_one_sample(tokenizer):
     prompt = tuple(tokenizer.render_for_completion(task[0]))
     model = AnswerModel(tokenizer, {prompt: tokenizer.encode(f"#### {final_answer(task[0])}")})
     engine = Engine(model, tokenizer)
-    assert chat_eval.run_generative_eval(task, tokenizer, model, engine, num_samples=4, max_new_tokens=16,
+    assert chat_core.run_generative_eval(task, tokenizer, model, engine, num_samples=4, max_new_tokens=16,
                                          temperature=0.0, top_k=50, max_problems=1) == 1.0
     assert all(batch.shape[0] == 1 for batch in model.batches)
 
@@ -300,23 +301,23 @@ def test_pass_at_k_passes_if_any_sample_passes(tokenizer):
     task = GSM8K(subset="main", split="test")
     model = BranchModel(tokenizer, final_answer(task[0]))
     engine = Engine(model, tokenizer)
-    accuracy = chat_eval.run_generative_eval(task, tokenizer, model, engine, num_samples=8, max_new_tokens=32,
+    accuracy = chat_core.run_generative_eval(task, tokenizer, model, engine, num_samples=8, max_new_tokens=32,
                                              temperature=1.0, top_k=50, max_problems=1)
     assert sorted(set(model.branches)) == sorted([model.yes, model.no])  # some samples right, some wrong
     assert accuracy == 1.0
 
 
 def test_ranks_stride_over_problems_and_batches(tokenizer, monkeypatch):
-    monkeypatch.setattr(chat_eval, "_rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(chat_core, "_rank_and_world", lambda: (1, 2))
     task = GSM8K(subset="main", split="test")
     prompts = [tuple(tokenizer.render_for_completion(task[i])) for i in range(5)]
     model = AnswerModel(tokenizer, {p: tokenizer.encode("#### 0") for p in prompts})
-    chat_eval.run_generative_eval(task, tokenizer, model, Engine(model, tokenizer), 1, 8, 0.0, 50, max_problems=5)
+    chat_core.run_generative_eval(task, tokenizer, model, Engine(model, tokenizer), 1, 8, 0.0, 50, max_problems=5)
     assert model.prompts == [prompts[1], prompts[3]]
     mc = TinyMC()
     gold, _ = gold_and_wrong(tokenizer, mc, len(mc))
     letter_model = LetterModel(tokenizer, at_answer=gold)
-    chat_eval.run_categorical_eval(mc, tokenizer, letter_model, batch_size=2)  # batches 0-3; rank 1: 1 and 3
+    chat_core.run_categorical_eval(mc, tokenizer, letter_model, batch_size=2)  # batches 0-3; rank 1: 1 and 3
     assert letter_model.prompts == [tuple(tokenizer.render_for_completion(mc[i])) for i in (2, 3, 6)]
 
 
@@ -325,16 +326,16 @@ def test_counts_are_summed_over_the_process_group(tokenizer, tmp_path):
     try:
         task = TinyMC()
         gold, _ = gold_and_wrong(tokenizer, task, len(task))
-        assert chat_eval.run_categorical_eval(task, tokenizer, LetterModel(tokenizer, gold), batch_size=2) == 1.0
+        assert chat_core.run_categorical_eval(task, tokenizer, LetterModel(tokenizer, gold), batch_size=2) == 1.0
     finally:
         dist.destroy_process_group()
 
 
 def test_run_chat_eval_rejects_bad_names_and_limits(tokenizer):
     with pytest.raises(KeyError, match="Unknown task"):
-        chat_eval.run_chat_eval("NotATask", None, tokenizer, None)
+        chat_core.run_chat_eval("NotATask", None, tokenizer, None)
     with pytest.raises(ValueError, match="max_problems"):
-        chat_eval.run_chat_eval("GSM8K", None, tokenizer, None, max_problems=0)
+        chat_core.run_chat_eval("GSM8K", None, tokenizer, None, max_problems=0)
 
 
 # -----------------------------------------------------------------------------
@@ -343,10 +344,10 @@ def test_run_chat_eval_rejects_bad_names_and_limits(tokenizer):
 def test_chatcore_by_hand():
     results = {"ARC-Easy": 0.5, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.1, "HumanEval": 0.0, "SpellingBee": 0.6}
     # centered: (0.5-0.25)/0.75 = 1/3, 0, 1, 0.1, 0, 0.6
-    assert chat_eval.chatcore(results) == pytest.approx((1 / 3 + 0 + 1 + 0.1 + 0 + 0.6) / 6)
-    categorical = {name: results[name] for name in chat_eval.CATEGORICAL_TASKS}
-    assert chat_eval.chatcore(categorical) == pytest.approx((1 / 3 + 0 + 1) / 3)
-    assert chat_eval.chatcore({"MMLU": 0.25, "GSM8K": 0.0}) == 0.0  # chance level is 0
+    assert chat_core.chatcore(results) == pytest.approx((1 / 3 + 0 + 1 + 0.1 + 0 + 0.6) / 6)
+    categorical = {name: results[name] for name in chat_core.CATEGORICAL_TASKS}
+    assert chat_core.chatcore(categorical) == pytest.approx((1 / 3 + 0 + 1) / 3)
+    assert chat_core.chatcore({"MMLU": 0.25, "GSM8K": 0.0}) == 0.0  # chance level is 0
 
 
 # -----------------------------------------------------------------------------

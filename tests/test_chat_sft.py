@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 
+from nanochat import chat_core, dataloader
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
@@ -109,7 +110,7 @@ def test_packer_rows_hold_whole_conversations_with_their_masks(tokenizer):
     rendered = {tuple(tokenizer.render_conversation(c, max_tokens=10_000)[0]): i for i, c in enumerate(dataset)}
     masks = {i: tokenizer.render_conversation(c, max_tokens=10_000)[1] for i, c in enumerate(dataset)}
     bos = tokenizer.get_bos_token_id()
-    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=4, seq_len=64, buffer_size=8, label="t1")
+    packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=4, seq_len=64, buffer_size=8, label="t1")
     seen, padded_rows = [], 0
     for _ in range(6):
         rows, row_masks = packer.next_rows()
@@ -136,9 +137,9 @@ def test_packer_rows_hold_whole_conversations_with_their_masks(tokenizer):
 
 def test_batch_targets_are_ignored_exactly_where_the_mask_is_zero(tokenizer):
     dataset = [conversation(k, assistant_parts=True) for k in range(1, 20)]
-    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=48, buffer_size=5, label="t2")
+    packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=48, buffer_size=5, label="t2")
     rows, masks = packer.next_rows()
-    inputs, targets = chat_sft.rows_to_batch(rows, masks)
+    inputs, targets = dataloader.rows_to_batch(rows, masks)
     assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
     assert inputs.shape == targets.shape == (3, 48)
     ids, mask = torch.tensor(rows), torch.tensor(masks)
@@ -154,7 +155,7 @@ def test_batch_targets_are_ignored_exactly_where_the_mask_is_zero(tokenizer):
 
 def test_packer_state_dict_resumes_the_same_batches(tokenizer):
     dataset = [conversation(k) for k in range(1, 30)]
-    make = lambda: chat_sft.ConversationPacker(dataset, tokenizer, batch_size=2, seq_len=40, buffer_size=6, label="t3")
+    make = lambda: dataloader.ConversationPacker(dataset, tokenizer, batch_size=2, seq_len=40, buffer_size=6, label="t3")
     straight = make()
     for _ in range(5):
         straight.next_batch()
@@ -172,7 +173,7 @@ def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
     dataset = [conversation(k) for k in range(1, 21)]
     fetched = {}
     for rank in (0, 1):
-        packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=200, rank=rank, world_size=2,
+        packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=200, rank=rank, world_size=2,
                                              buffer_size=4, label="t4")
         packer.next_rows()
         fetched[rank] = {index for index, _, _ in packer.buffer}
@@ -184,7 +185,7 @@ def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
 def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(tokenizer):
     # the reference renders with render_conversation's max_tokens and trains on what is left
     dataset = [conversation(300 + k) for k in range(3)]
-    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=63, buffer_size=2,
+    packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=63, buffer_size=2,
                                          label="t5")
     rows, masks = packer.next_rows()
     for k, (row, mask) in enumerate(zip(rows, masks)):
@@ -192,13 +193,13 @@ def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(toke
         assert (row, mask) == (expected_ids, expected_mask) and len(row) == 64
         assert sum(mask) > 0  # the answer's first tokens are supervised
     assert packer.consumed == 3 and packer.truncated == 3 + len(packer.buffer)  # every fetch was cut
-    _, targets = chat_sft.rows_to_batch(rows, masks)
+    _, targets = dataloader.rows_to_batch(rows, masks)
     assert (targets >= 0).sum() == sum(sum(m[1:]) for m in masks)
 
 
 def test_long_rows_truncate_like_the_references_2048_token_render(tokenizer):
     dataset = [conversation(3000)]
-    packer = chat_sft.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=3000, buffer_size=1,
+    packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=3000, buffer_size=1,
                                          label="t6")
     rows, _ = packer.next_rows()
     assert rows[0][:2048] == tokenizer.render_conversation(dataset[0])[0]  # render's default max_tokens: 2048
@@ -206,10 +207,10 @@ def test_long_rows_truncate_like_the_references_2048_token_render(tokenizer):
 
 
 def test_progress_is_clamped_and_ends_the_run():
-    assert chat_sft.sft_progress(consumed=0, dataset_size=10, batches=3, horizon_batches=8) == (3 / 8, False)
-    assert chat_sft.sft_progress(consumed=0, dataset_size=10, batches=8, horizon_batches=8) == (1.0, True)
-    assert chat_sft.sft_progress(consumed=5, dataset_size=10, batches=99, horizon_batches=-1) == (0.5, False)
-    assert chat_sft.sft_progress(consumed=13, dataset_size=10, batches=99, horizon_batches=-1) == (1.0, True)
+    assert dataloader.sft_progress(consumed=0, dataset_size=10, batches=3, horizon_batches=8) == (3 / 8, False)
+    assert dataloader.sft_progress(consumed=0, dataset_size=10, batches=8, horizon_batches=8) == (1.0, True)
+    assert dataloader.sft_progress(consumed=5, dataset_size=10, batches=99, horizon_batches=-1) == (0.5, False)
+    assert dataloader.sft_progress(consumed=13, dataset_size=10, batches=99, horizon_batches=-1) == (1.0, True)
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_inherit_hyperparameters_prints_the_reference_lines(capsys):
 def test_chatcore_metrics_by_hand():
     accuracies = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 0.4, "GSM8K": 0.1, "HumanEval": 0.0,
                   "SpellingBee": 0.5}
-    chatcore, chatcore_cat = chat_sft.chatcore_metrics(accuracies)
+    chatcore, chatcore_cat = chat_core.chatcore_metrics(accuracies)
     # centered: 0.5, 0, 0.2 (categorical), 0.1, 0, 0.5
     assert chatcore_cat == pytest.approx(0.7 / 3)
     assert chatcore == pytest.approx(1.3 / 6)

@@ -458,10 +458,10 @@ def test_evaluate_task_under_a_process_group(tmp_path):
 # Task data and the CORE loop
 
 def test_centered_accuracy():
-    assert ce.centered_accuracy(0.25, 25) == pytest.approx(0.0)
-    assert ce.centered_accuracy(1.0, 25) == pytest.approx(1.0)
+    assert ce.centered_accuracy(0.25, 0.25) == pytest.approx(0.0)
+    assert ce.centered_accuracy(1.0, 0.25) == pytest.approx(1.0)
     assert ce.centered_accuracy(0.5, 0) == pytest.approx(0.5)
-    assert ce.centered_accuracy(0.5, 62) == pytest.approx(-0.12 / 0.38)
+    assert ce.centered_accuracy(0.5, 0.62) == pytest.approx(-0.12 / 0.38)
 
 
 def test_task_data_is_shuffled_with_1337_then_truncated_and_cached(tmp_path, monkeypatch):

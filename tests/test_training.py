@@ -211,3 +211,97 @@ def test_a_step_with_no_supervised_token_leaves_the_weights_unchanged():
                                           "dir", update=False)
     assert loss == 2.5
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# -----------------------------------------------------------------------------
+# The run kit
+
+class _Counter:
+    """A registered object with state_dict/load_state_dict, as a loader or scaler is."""
+
+    def __init__(self, value=0):
+        self.value = value
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_checkpointer_writes_reference_files_and_restores_registered_state(tmp_path):
+    import json
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    counter, loop = _Counter(7), {"min_val_bpb": 1.5}
+    ckpt = training.Checkpointer(str(tmp_path), model, optimizer, rank=0)
+    ckpt.register("val_bpb", lambda: loop["min_val_bpb"])  # read at save time
+    ckpt.register("user_config", {"depth": 2})
+    ckpt.register("loader", counter)
+    ckpt.register("grad_scaler", None)
+    loop["min_val_bpb"] = 1.25
+    ckpt.save(3)
+    assert sorted(os.listdir(tmp_path)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
+    with open(tmp_path / "meta_000003.json") as f:
+        meta = json.load(f)
+    assert list(meta) == ["step", "val_bpb", "user_config", "loader", "grad_scaler"]
+    assert meta == {"step": 3, "val_bpb": 1.25, "user_config": {"depth": 2}, "loader": {"value": 7},
+                    "grad_scaler": None}
+    saved_model = torch.load(tmp_path / "model_000003.pt")
+    assert all(torch.equal(saved_model[k], v) for k, v in model.state_dict().items())
+    assert torch.load(tmp_path / "optim_000003_rank0.pt")["state"][0]["momentum_buffer"] is not None
+    fresh = _Counter()
+    restorer = training.Checkpointer(str(tmp_path), model, optimizer, rank=0)
+    restorer.register("loader", fresh)
+    restorer.register("grad_scaler", None)
+    restorer.restore(meta)
+    assert fresh.value == 7
+
+
+def test_save_due_cadence():
+    due = [s for s in range(0, 13) if training.save_due(s, s == 12, save_every=5, resume_from_step=-1)]
+    assert due == [5, 10, 12]
+    resumed = [s for s in range(5, 13) if training.save_due(s, s == 12, save_every=5, resume_from_step=5)]
+    assert resumed == [10, 12]  # the step just resumed from is already on disk
+    assert [s for s in range(13) if training.save_due(s, s == 12, -1, -1)] == [12]
+
+
+class _Batches:
+    def __init__(self, batches):
+        self.batches, self.i, self.current = batches, 0, batches[0]
+
+    def advance(self):
+        self.i += 1
+        self.current = self.batches[self.i] if self.i < len(self.batches) else None
+        return self.i
+
+
+def test_train_micro_steps_accumulates_the_mean_and_advances_after_each_forward():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, bias=False)
+
+    def forward(x, y, loss_reduction="mean"):
+        err = (model(x).squeeze(-1) - y) ** 2
+        err = err[y >= 0]
+        return err.sum() if loss_reduction == "sum" else err.mean()
+
+    x = torch.randn(3, 2, 4)
+    y = torch.tensor([[1.0, 2.0], [-1.0, -1.0], [0.5, 3.0]])  # the middle micro-batch has no target
+    batches = _Batches([(x[i], y[i], bool((y[i] >= 0).any())) for i in range(3)])
+    loss, n_with_targets, advanced = training.train_micro_steps(forward, batches, accum=3)
+    assert n_with_targets == 2 and advanced == [1, 2, 3]
+    assert torch.equal(loss, forward(x[2], y[2]).detach())  # the last micro-batch that had targets
+    expected = torch.autograd.grad((forward(x[0], y[0]) + forward(x[2], y[2])) / 3, model.weight)[0]
+    assert torch.allclose(model.weight.grad, expected)
+
+
+def test_step_log_line_matches_the_stage_formats():
+    tracker = training.LossTracker(total_training_time=120.0)
+    base = training.step_log_line(12, "/00020 (60.00%)", 3.5, 0.5, 0.25, 1000, "bf16_mfu", 1.5,
+                                  "epoch: 1 pq: 0 rg: 2", tracker, " | eta: 1.0m")
+    assert base == ("step 00012/00020 (60.00%) | loss: 3.500000 | lrm: 0.50 | dt: 250.00ms | tok/sec: 1,000 | "
+                    "bf16_mfu: 1.50 | epoch: 1 pq: 0 rg: 2 | total time: 2.00m | eta: 1.0m")
+    assert training.LossTracker(0.5, 3.0).state_dict() == {"smooth_train_loss": 0.5, "total_training_time": 3.0}

@@ -1,0 +1,234 @@
+"""
+ChatCORE: a chat model's accuracy on six tasks, each centered on its chance level, and their mean.
+
+Two kinds of evaluation:
+- categorical (ARC-Easy, ARC-Challenge, MMLU): one forward pass per batch of prompts. The prediction is
+  the answer letter with the highest logit at the last prompt position (<|assistant_start|>), among the
+  problem's own letters only, so the model never has to produce the letter by itself.
+- generative (GSM8K, HumanEval, SpellingBee): the Engine samples completions (calculator tool included)
+  and the task grades them; a problem passes if any of its num_samples completions passes (pass@k).
+Under torchrun each rank takes every world_size-th problem (or batch) and the counts are summed.
+
+ChatCORE = mean over the six tasks of (accuracy - baseline) / (1 - baseline): 0 at chance, 1 when perfect,
+with the one centered_accuracy that CORE uses (nanochat.core_eval). This lives beside core_eval rather
+than inside it because it runs on tasks/ and the Engine, while core_eval scores a base model on the
+eval bundle; the CLI is scripts/chat_eval.py, and chat_sft runs ChatCORE during training.
+Importing this module does no work (the tasks load when a run asks for them).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import is_ddp_initialized, print0
+from nanochat.core_eval import centered_accuracy
+
+
+def _arc(subset):
+    from tasks.arc import ARC
+    return ARC(subset=subset, split="test")
+
+
+def _mmlu():
+    from tasks.mmlu import MMLU
+    return MMLU(subset="all", split="test")
+
+
+def _gsm8k():
+    from tasks.gsm8k import GSM8K
+    return GSM8K(subset="main", split="test")
+
+
+def _humaneval():
+    from tasks.humaneval import HumanEval
+    return HumanEval()
+
+
+def _spellingbee():
+    from tasks.spellingbee import SpellingBee
+    return SpellingBee(size=256, split="test")
+
+
+# name -> task constructor, in the order the CLI evaluates them
+TASKS = {
+    "ARC-Easy": lambda: _arc("ARC-Easy"),
+    "ARC-Challenge": lambda: _arc("ARC-Challenge"),
+    "MMLU": _mmlu,
+    "GSM8K": _gsm8k,
+    "HumanEval": _humaneval,
+    "SpellingBee": _spellingbee,
+}
+
+# Accuracy of guessing: 1 in 4 letters for the multiple-choice tasks (the reference's value, kept although
+# a few ARC questions have 3 or 5 choices), 0 for open-ended answers.
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")  # chat_sft's ChatCORE_cat averages these only
+
+
+# -----------------------------------------------------------------------------
+# ChatCORE
+
+def chatcore(results):
+    """Mean centered accuracy over the tasks in results ({task name: accuracy}). Pass all six tasks for
+    ChatCORE, or the CATEGORICAL_TASKS for ChatCORE_cat."""
+    if not results:
+        raise ValueError("chatcore needs at least one task result")
+    return sum(centered_accuracy(acc, BASELINES[name]) for name, acc in results.items()) / len(results)
+
+
+# -----------------------------------------------------------------------------
+# Distributed bookkeeping
+
+def _rank_and_world():
+    """(rank, world_size) of the initialised process group, else (0, 1): striding and summing must agree."""
+    if is_ddp_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(passed, total, device):
+    if not is_ddp_initialized():
+        return passed, total
+    counts = torch.tensor([passed, total], dtype=torch.long, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return int(counts[0].item()), int(counts[1].item())
+
+
+def _num_problems(task, max_problems):
+    return len(task) if max_problems is None else min(len(task), max_problems)
+
+
+def _report_final(passed, total):
+    if total == 0:
+        raise ValueError("no problems were evaluated (empty task, or max_problems=0)")
+    print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
+    return passed / total
+
+
+# -----------------------------------------------------------------------------
+# Generative evaluation
+
+def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
+                        max_problems=None):
+    """pass@num_samples over the task's first max_problems problems (all if None), one problem at a time."""
+    rank, world_size = _rank_and_world()
+    if temperature == 0.0 and num_samples > 1:
+        # greedy samples are all identical: generating one gives the same pass@k for a k-th of the compute
+        print0(f"temperature 0: the {num_samples} samples per problem would be identical, generating 1")
+        num_samples = 1
+    passed, total = 0, 0
+    for i in range(rank, _num_problems(task, max_problems), world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k)
+        completions = (tokenizer.decode(tokens[len(prompt):]) for tokens in results)
+        passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+        total += 1
+        # \r + clear-line: the progress line is rewritten in place
+        print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
+    print()
+    passed, total = _sum_over_ranks(passed, total, model.get_device())
+    print0("=" * 50)
+    return _report_final(passed, total)
+
+
+# -----------------------------------------------------------------------------
+# Categorical evaluation
+
+def _letter_token(tokenizer, letter, cache):
+    """The single token id of an answer letter (memoised in cache)."""
+    if letter not in cache:
+        ids = tokenizer.encode(letter)
+        if len(ids) != 1:
+            raise ValueError(f"answer letter {letter!r} encodes to {len(ids)} tokens {ids}; "
+                             f"categorical evaluation needs exactly one token per letter")
+        cache[letter] = ids[0]
+    return cache[letter]
+
+
+@torch.no_grad()
+def predict_letters(model, tokenizer, conversations, letter_cache=None):
+    """
+    The predicted answer letter of each conversation (which carries its "letters"), from one forward pass
+    over the batch. Prompts are right-padded with BOS: attention is causal, so padding after a prompt
+    cannot change the logits at its last position, which is the one read. Ties go to the first letter.
+    """
+    letter_cache = {} if letter_cache is None else letter_cache
+    prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+    width = max(len(prompt) for prompt in prompts)
+    bos = tokenizer.get_bos_token_id()
+    ids = torch.tensor([prompt + [bos] * (width - len(prompt)) for prompt in prompts],
+                       dtype=torch.long, device=model.get_device())
+    logits = model(ids)  # (B, T, V)
+    predictions = []
+    for row, (prompt, conversation) in enumerate(zip(prompts, conversations)):
+        letters = conversation["letters"]
+        letter_ids = [_letter_token(tokenizer, letter, letter_cache) for letter in letters]
+        letter_logits = logits[row, len(prompt) - 1, letter_ids]  # at <|assistant_start|>, the last prompt token
+        predictions.append(letters[int(torch.argmax(letter_logits).item())])  # argmax: first of equal maxima
+    return predictions
+
+
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
+    """Accuracy over the task's first max_problems problems (all if None), batch_size prompts per pass."""
+    rank, world_size = _rank_and_world()
+    num_problems = _num_problems(task, max_problems)
+    num_batches = math.ceil(num_problems / batch_size)
+    letter_cache = {}
+    passed, total = 0, 0
+    for b in range(rank, num_batches, world_size):
+        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
+        for conversation, letter in zip(conversations, predict_letters(model, tokenizer, conversations, letter_cache)):
+            passed += int(task.evaluate(conversation, letter))
+            total += 1
+    passed, total = _sum_over_ranks(passed, total, model.get_device())
+    return _report_final(passed, total)
+
+
+# -----------------------------------------------------------------------------
+# One task by name
+
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples=1, max_new_tokens=512,
+                  temperature=0.0, top_k=50, max_problems=None):
+    """Accuracy in [0, 1] of the model on the named task (a key of TASKS); max_problems=None means all."""
+    if task_name not in TASKS:
+        raise KeyError(f"Unknown task {task_name!r}; expected one of {', '.join(TASKS)}")
+    if max_problems is not None and max_problems < 1:
+        raise ValueError(f"max_problems must be None or >= 1, got {max_problems}")
+    if batch_size < 1 or num_samples < 1:
+        raise ValueError(f"batch_size and num_samples must be >= 1, got {batch_size} and {num_samples}")
+    task = TASKS[task_name]()
+    if task.eval_type == "generative":
+        return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
+                                   top_k, max_problems=max_problems)
+    if task.eval_type == "categorical":
+        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems=max_problems)
+    raise ValueError(f"Unsupported task evaluation type: {task.eval_type}")
+
+
+# -----------------------------------------------------------------------------
+# During training (chat_sft)
+
+def chatcore_metrics(accuracies):
+    """(ChatCORE, ChatCORE_cat) from {task: accuracy}: the centered mean over all / the categorical tasks."""
+    categorical = {task: acc for task, acc in accuracies.items() if task in CATEGORICAL_TASKS}
+    return chatcore(accuracies), (chatcore(categorical) if categorical else None)
+
+
+def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
+    """{task: accuracy} over all six tasks, at most max_cat / max_sample problems each (-1 = all)."""
+    from nanochat.engine import Engine
+    engine = Engine(orig_model, tokenizer)
+    orig_model.eval()
+    accuracies = {}
+    try:
+        for task in BASELINES:
+            limit = max_cat if task in CATEGORICAL_TASKS else max_sample
+            accuracies[task] = run_chat_eval(task, orig_model, tokenizer, engine, batch_size=batch_size,
+                                             max_problems=None if limit < 0 else limit)
+            print0(f"  {task}: {100 * accuracies[task]:.2f}%")
+    finally:
+        orig_model.train()
+    return accuracies
