@@ -585,8 +585,8 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
     core = {"results": results, "centered_results": centered_results, "core_metric": core_metric,
             "missing_tasks": missing}
     if core_task_note(core):
-        print0(f"CORE metric over {len(results)} of {len(tasks)} tasks in the bundle {core_task_note(core)}")
-        print0(f"(not directly comparable with a full CORE; the complete bundle is {EVAL_BUNDLE_URL})")
+        print0(f"CORE metric {core_task_note(core)}: not directly comparable with a full CORE; the complete "
+               f"bundle is {EVAL_BUNDLE_URL}")
     return core
 
 
