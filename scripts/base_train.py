@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import load_checkpoint
+from nanochat.checkpoint_manager import load_checkpoint, portable_model_config
 from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0,
                              print_banner)
 from nanochat.core_eval import core_metric_log_key, format_core_metric, greedy_samples
@@ -44,7 +44,7 @@ from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
 from nanochat.flash_attention import decide_backend
 from nanochat.fp8 import disable_fp8, fp8_tokens_error
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import GPT, GPTConfig, config_for_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -251,9 +251,12 @@ def compute_l3_bounds(model, tokenizer, args, device, rank):
 
 def check_resume_config(meta, config, user_config, num_iterations):
     """The checkpoint must be of this architecture; other differences change the trajectory: warn."""
-    saved = meta["model_config"]
-    ours = asdict(config)
-    diff = {k: (saved.get(k), v) for k, v in ours.items() if k in saved and saved[k] != v}
+    # a meta omits the keys of features that are off (portable_model_config), so those compare as off;
+    # any other key is compared when the meta has it (older checkpoints lack some)
+    saved, ours = portable_model_config(meta["model_config"]), portable_model_config(asdict(config))
+    optional = set(asdict(config)) - set(portable_model_config(asdict(GPTConfig())))
+    keys = {k for k in ours if k in saved or k in optional} | {k for k in saved if k in optional}
+    diff = {k: (saved.get(k), ours.get(k)) for k in sorted(keys) if saved.get(k) != ours.get(k)}
     if diff:
         raise ValueError(f"--resume-from-step: the checkpoint's model config differs from these flags: {diff}")
     training.warn_on_changed_config(meta["user_config"], user_config, RESUME_FREE_KEYS)

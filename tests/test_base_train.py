@@ -342,3 +342,23 @@ def test_base_train_labels_a_core_over_the_21_committed_tasks(tmp_path, monkeypa
     assert len(core_logs) == 1 and "core_metric" not in core_logs[0] and "core_metric_21of22_tasks" in core_logs[0]
     report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
     assert f"- CORE metric estimate: {line}\n" in report
+
+
+def test_resume_refuses_a_feature_the_checkpoint_was_trained_without():
+    from dataclasses import asdict, replace
+    from nanochat.checkpoint_manager import portable_model_config
+    from nanochat.gpt import GPTConfig
+    plain = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    meta = {"model_config": portable_model_config(asdict(plain)), "user_config": {}, "num_iterations": 4}
+    assert "mup_base_width" not in meta["model_config"]  # a plain meta has the reference's keys only
+    base_train.check_resume_config(meta, plain, {}, 4)  # the same model resumes
+    for changed in [replace(plain, mup_base_width=64), replace(plain, l3_after_layers="1", l3_n_emb=16),
+                    replace(plain, n_embd=256)]:
+        with pytest.raises(ValueError, match="model config differs"):
+            base_train.check_resume_config(meta, changed, {}, 4)
+    mup = replace(plain, mup_base_width=64)
+    muP_meta = dict(meta, model_config=portable_model_config(asdict(mup)))
+    with pytest.raises(ValueError, match="mup_base_width"):
+        base_train.check_resume_config(muP_meta, plain, {}, 4)
+    older = dict(meta, model_config={k: v for k, v in meta["model_config"].items() if k != "window_pattern"})
+    base_train.check_resume_config(older, plain, {}, 4)  # keys an older meta lacks are not compared
