@@ -13,10 +13,14 @@ Endpoints:
     GET  /v1/models            the one model served, as "nanochat-<source>-<tag>"
     POST /v1/chat/completions  OpenAI chat completions, streaming (SSE chunks, then [DONE]) or not
 
+With --api-key KEY (or NANOCHAT_API_KEY), /v1/*, /chat/completions and /stats need `Authorization: Bearer KEY`
+(401 otherwise, code invalid_api_key on /v1); the page, its logo and /health stay open. The page cannot send
+the key, so it cannot chat with such a server: a key is for a server exposed as an API.
+
 Any OpenAI client works against /v1:
 
     from openai import OpenAI
-    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")  # or the server's --api-key
     reply = client.chat.completions.create(model="nanochat-sft-d20",
                                            messages=[{"role": "user", "content": "Hi"}])
 
@@ -42,6 +46,7 @@ JSON-safe).
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -96,6 +101,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # 1 MiB: the largest valid conversation (32000 characters) fits many times
     body_timeout: float = 30.0  # seconds to receive a whole request body
     log_conversations: bool = False  # every conversation in full, as the reference did
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` on the API; None: NANOCHAT_API_KEY
 
     def __post_init__(self):
         """ValueError naming the flag of the first value out of range."""
@@ -267,6 +273,51 @@ async def on_validation_error(request, exc):
 async def on_unexpected_error(request, exc):
     # a bug, not the client's fault: still a JSON body that says so (the traceback goes to the log)
     return error_response(request.url.path, 500, "Internal server error", type="server_error")
+
+
+API_KEY_ENV = "NANOCHAT_API_KEY"
+ALL_INTERFACES = ("0.0.0.0", "::")
+
+
+def required_api_key(config):
+    """The key clients must send: --api-key, else $NANOCHAT_API_KEY; None (no key needed) when neither is
+    set."""
+    return config.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def exposure_warning(host, api_key):
+    """The start-up warning for a server that anyone on the network can use; None when there is none."""
+    if host in ALL_INTERFACES and not api_key:
+        return (f"WARNING: listening on all interfaces ({host}) without an API key: anyone who can reach "
+                f"this machine can use the model (set --api-key or {API_KEY_ENV}, or --host 127.0.0.1)")
+    return None
+
+
+def is_protected_path(path):
+    return path.startswith("/v1/") or path in ("/chat/completions", "/stats")
+
+
+class RequireApiKey:
+    """
+    ASGI middleware: the API routes (is_protected_path) answer 401 unless the request carries
+    `Authorization: Bearer <key>`. It runs before the body is read, so a client without the key cannot make
+    the server buffer a body. The key is compared in constant time.
+    """
+
+    def __init__(self, app, key):
+        self.app, self.key = app, key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not is_protected_path(scope["path"]):
+            return await self.app(scope, receive, send)
+        scheme, _, sent = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(sent.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = ("Incorrect API key provided" if scheme else "No API key provided") + \
+            ": send the server's key (--api-key) as the header `Authorization: Bearer <key>`"
+        response = error_response(scope["path"], 401, message, headers={"WWW-Authenticate": "Bearer"},
+                                  code="invalid_api_key")
+        await response(scope, receive, send)
 
 
 class BoundedBody:
@@ -722,6 +773,9 @@ def create_app(config):
     app.state.config, app.state.pool, app.state.startup_error = config, None, None
     # no cookies or auth are used, so no credentials (browsers refuse credentials with origin *)
     app.add_middleware(BoundedBody, max_bytes=config.max_body_bytes, timeout=config.body_timeout)
+    api_key = required_api_key(config)
+    if api_key is not None:  # outside BoundedBody: a request without the key is refused before its body
+        app.add_middleware(RequireApiKey, key=api_key)
     # added last, so outermost: the errors above carry CORS headers too
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(APIError, on_api_error)

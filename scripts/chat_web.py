@@ -4,6 +4,7 @@ Serve a chat model over HTTP: the chat UI, the reference's streaming API and an 
     python -m scripts.chat_web                          # the latest sft checkpoint, autodetected device
     python -m scripts.chat_web -i rl -p 8080 --max-batch-size 16
     python -m scripts.chat_web -n 8                     # one scheduler per GPU, cuda:0..7
+    python -m scripts.chat_web --api-key KEY            # /v1 and the stream need `Authorization: Bearer KEY`
     uvicorn scripts.chat_web:app                        # the default flags
 
 The endpoints, their limits and errors are described in nanochat/server.py, which holds the app.
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from nanochat.common import autodetect_device_type, compute_init, setup_default_logging
-from nanochat.server import ServerConfig, create_app
+from nanochat.server import ServerConfig, create_app, exposure_warning, required_api_key
 
 
 def build_parser():
@@ -52,6 +53,9 @@ def build_parser():
     parser.add_argument("--log-conversations", action="store_true",
                         help="log every conversation in full, as the reference did "
                              "(default: one summary line)")
+    parser.add_argument("--api-key", type=str, default=defaults.api_key, metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on /v1/*, /chat/completions and /stats "
+                             "(default: $NANOCHAT_API_KEY; unset = open). The chat page cannot send it.")
     return parser
 
 
@@ -88,6 +92,9 @@ def main(argv=None):
     app = create_app(args)
     print("Starting NanoChat Web Server")
     print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
+    warning = exposure_warning(args.host, required_api_key(args))
+    if warning is not None:
+        print(warning)
     try:
         uvicorn.run(app, host=args.host, port=args.port)
     finally:

@@ -559,3 +559,107 @@ def test_headless_browser_gets_a_streamed_answer_from_the_real_server(url):
     except CheckFailed as e:
         pytest.fail(f"browser check failed: {e}")
     assert result["answer"].strip(), result  # streamed text reached the assistant bubble
+
+
+# -----------------------------------------------------------------------------
+# API key (--api-key / NANOCHAT_API_KEY)
+
+API_KEY = "test-key-0123"
+PROTECTED = [("GET", "/v1/models", None), ("GET", "/stats", None),
+             ("POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 2}),
+             ("POST", "/chat/completions", {"messages": USER, "max_tokens": 2})]
+
+
+@pytest.fixture(scope="module")
+def keyed_url(base_dir):
+    server, thread, url = start_server(max_batch_size=2, api_key=API_KEY)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("method, path, body", PROTECTED)
+@pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": "Bearer"}, {"Authorization": API_KEY},
+                                     {"Authorization": f"Basic {API_KEY}"}])
+def test_api_routes_refuse_a_missing_or_wrong_key(keyed_url, method, path, body, headers):
+    response = httpx.request(method, keyed_url + path, json=body, headers=headers)
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    if path.startswith("/v1/"):
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, "invalid_api_key")
+        assert "Authorization: Bearer" in error["message"]
+    else:
+        assert "Authorization: Bearer" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("method, path, body", PROTECTED)
+def test_api_routes_answer_the_right_key(keyed_url, method, path, body):
+    response = httpx.request(method, keyed_url + path, json=body, headers=bearer(API_KEY), timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_a_keyed_server_keeps_the_page_and_health_open_and_refuses_before_reading_the_body(keyed_url):
+    for path in ("/", "/logo.svg", "/health"):
+        assert httpx.get(keyed_url + path).status_code == 200, path
+    # a browser's CORS preflight carries no credentials; it must not be refused
+    preflight = httpx.options(keyed_url + "/v1/chat/completions", headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200
+    # without the key, an over-limit body is refused as unauthorized: the server never reads it
+    response = httpx.post(keyed_url + "/v1/chat/completions", content=b"x" * (2 << 20))
+    assert response.status_code == 401
+
+
+def test_the_openai_client_works_with_the_key_and_fails_without_it(keyed_url):
+    client = openai.OpenAI(base_url=keyed_url + "/v1", api_key=API_KEY, max_retries=0)
+    assert [model.id for model in client.models.list().data] == [MODEL_ID]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=USER, temperature=0, max_tokens=4)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens >= 1
+    wrong = openai.OpenAI(base_url=keyed_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=4)
+    assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+
+
+def test_the_key_can_come_from_the_environment(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
+    server, thread, url = start_server(max_batch_size=1)
+    try:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers=bearer("from-env")).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("argv, env, warns", [
+    (["--host", "0.0.0.0"], None, True),
+    (["--host", "::"], None, True),
+    (["--host", "0.0.0.0", "--api-key", "k"], None, False),
+    (["--host", "0.0.0.0"], "k", False),
+    (["--host", "127.0.0.1"], None, False),
+])
+def test_chat_web_warns_when_it_listens_everywhere_without_a_key(monkeypatch, capsys, argv, env, warns):
+    import uvicorn
+    from scripts import chat_web
+    if env is None:
+        monkeypatch.delenv("NANOCHAT_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("NANOCHAT_API_KEY", env)
+    # the server itself is not started: only what main() prints before it would listen is checked
+    bound = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: bound.append(host))
+    chat_web.main(argv + ["--device-type", "cpu"])
+    assert bound == [argv[1]]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
+    if warns:
+        assert len(warnings) == 1 and "without an API key" in warnings[0] and "--api-key" in warnings[0]
+    else:
+        assert warnings == []
