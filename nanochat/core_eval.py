@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import (REPO_DATA_DIR, atomic_open, download_file_with_lock, get_base_dir,
-                             is_ddp_initialized, offline_mode, one_line_error, print0)
-from nanochat.data_source import announce_fallback, decide_on_rank0, is_network_error
+                             is_ddp_initialized, offline_mode, print0)
+from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -220,26 +220,10 @@ def _try_download(zip_path, why):
     """
     if offline_mode():
         return f"{why}; NANOCHAT_OFFLINE is set"
-    try:
-        _download_and_place(zip_path)
-        return ""
-    except Exception as e:
-        if not is_network_error(e):
-            if isinstance(e, EvalBundleError):
-                raise
-            raise EvalBundleError(
-                f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL} failed ({one_line_error(e)}); not a "
-                f"network error, so the committed copy is not used in its place. Fix the cause, or set "
-                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
-        return f"{why}; the download failed with a network error: {one_line_error(e)}"
-
-
-def _announce(message):
-    """Offline the committed copy is what was asked for: a plain line. Online it is a stand-in: a loud one."""
-    if offline_mode():
-        print0(message)
-    else:
-        announce_fallback(message)
+    _, error = fetch_unless_unreachable(f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL}",
+                                        lambda: _download_and_place(zip_path), EvalBundleError,
+                                        passthrough=EvalBundleError)
+    return "" if error is None else f"{why}; the download failed with a network error: {error}"
 
 
 _completion_tried = set()  # incomplete bundles already sent to the download once in this process
@@ -271,16 +255,16 @@ def _ensure_eval_bundle_here():
             return bundle_dir
         why = failure
         if usable:
-            _announce(f"Eval bundle: keeping the incomplete {bundle_dir}: CORE will cover fewer than "
-                      f"{CORE_NUM_TASKS} tasks ({why})")
+            announce_committed_copy(f"Eval bundle: keeping the incomplete {bundle_dir}: CORE will cover fewer "
+                                    f"than {CORE_NUM_TASKS} tasks ({why})")
             return bundle_dir
         committed = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
         if os.path.isfile(committed):
             try:
                 place_eval_bundle(committed)
                 lacks = ", ".join(validate_eval_bundle(bundle_dir)) or "no task"
-                _announce(f"Eval bundle: using the committed offline copy {committed}, which lacks {lacks}: "
-                          f"CORE computed on it is labelled with its task count ({why})")
+                announce_committed_copy(f"Eval bundle: using the committed offline copy {committed}, which lacks "
+                                        f"{lacks}: CORE computed on it is labelled with its task count ({why})")
                 return bundle_dir
             except EvalBundleError as e:
                 why += f"; the committed copy is unusable: {e}"

@@ -15,7 +15,7 @@ import urllib.error
 
 import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, one_line_error, print0
+from nanochat.common import is_ddp_initialized, offline_mode, one_line_error, print0
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,32 @@ def announce_fallback(message):
     banner = "!" * 100
     print0(f"{banner}\nWARNING: {message}\n{banner}")
     logger.warning(message)
+
+
+def announce_committed_copy(message):
+    """Offline the committed copy is what was asked for: a plain line. Online it is a stand-in: a loud one."""
+    if offline_mode():
+        print0(message)
+    else:
+        announce_fallback(message)
+
+
+def fetch_unless_unreachable(what, fetch, error=RuntimeError, passthrough=()):
+    """
+    (fetch(), None), or (None, the error in one line) when fetch failed with a network error, so that the
+    committed copy may stand in. Any other failure raises `error` naming `what` (exceptions of the
+    `passthrough` types propagate as they are): the committed copy does not silently replace a broken fetch.
+    """
+    try:
+        return fetch(), None
+    except Exception as e:
+        if is_network_error(e):
+            return None, one_line_error(e)
+        if isinstance(e, passthrough):
+            raise
+        raise error(f"{what} failed ({one_line_error(e)}); not a network error, so the committed copy is not "
+                    f"used in its place. Fix the cause, or set NANOCHAT_OFFLINE=1 to use the committed "
+                    f"copy.") from e
 
 
 class RankZeroFailed(RuntimeError):

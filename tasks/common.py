@@ -19,7 +19,8 @@ import zlib
 import numpy as np
 
 from nanochat.common import REPO_DATA_DIR, offline_mode, one_line_error, print0
-from nanochat.data_source import announce_fallback, decide_on_rank0, is_network_error
+from nanochat.data_source import (announce_committed_copy, announce_fallback, decide_on_rank0,
+                                  fetch_unless_unreachable)
 
 TASK_DATA_DIR = os.path.join(REPO_DATA_DIR, "tasks")
 
@@ -230,16 +231,12 @@ def _choose_source(label, hf_path, hf_subset, split, loaded):
     """
     if offline_mode():
         return "offline"
-    try:
-        loaded.append(_hub_rows(hf_path, hf_subset, split))
-        return "hub"
-    except Exception as e:
-        if not is_network_error(e):
-            raise RuntimeError(
-                f"{label}: loading {hf_path} from the Hugging Face hub failed ({one_line_error(e)}). This is "
-                f"not a network error, so the committed copy is not used in its place; fix the cause, or set "
-                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
-        return f"hub unreachable: {one_line_error(e)}"
+    rows, error = fetch_unless_unreachable(f"{label}: loading {hf_path} from the Hugging Face hub",
+                                           lambda: _hub_rows(hf_path, hf_subset, split))
+    if error is not None:
+        return f"hub unreachable: {error}"
+    loaded.append(rows)
+    return "hub"
 
 
 def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
@@ -273,8 +270,6 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     permutation = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))
     rows = CommittedRows(rows[i] for i in permutation)
     message = f"{label}: {len(rows):,} rows from the committed offline subset {display_path(path)} ({reason})"
-    if offline_mode():
-        print0(message)
-    else:
-        announce_fallback(f"{message}; results are not comparable with runs on {hf_path}")
+    announce_committed_copy(message if offline_mode() else
+                            f"{message}; results are not comparable with runs on {hf_path}")
     return rows

@@ -14,8 +14,8 @@ import os
 import random
 import string
 
-from nanochat.common import download_file_with_lock, offline_mode, one_line_error, print0
-from nanochat.data_source import announce_fallback, decide_on_rank0, is_network_error
+from nanochat.common import download_file_with_lock, offline_mode, print0
+from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 from tasks.common import TASK_DATA_DIR, Task, display_path, open_text
 from tasks.gsm8k import score_final_answer
 
@@ -93,15 +93,9 @@ def _choose_word_list():
     """The path of the downloaded word list, or None (with the reason) for the committed copy."""
     if offline_mode():
         return None, "offline"
-    try:
-        return download_file_with_lock(WORD_LIST_URL, "words_alpha.txt"), ""
-    except Exception as e:
-        if not is_network_error(e):
-            raise RuntimeError(
-                f"Downloading the SpellingBee word list {WORD_LIST_URL} failed ({one_line_error(e)}); not a "
-                f"network error, so the committed copy is not used in its place. Fix the cause, or set "
-                f"NANOCHAT_OFFLINE=1 to use the committed copy.") from e
-        return None, f"the download failed: {one_line_error(e)}"
+    path, error = fetch_unless_unreachable(f"Downloading the SpellingBee word list {WORD_LIST_URL}",
+                                           lambda: download_file_with_lock(WORD_LIST_URL, "words_alpha.txt"))
+    return path, ("" if error is None else f"the download failed: {error}")
 
 
 def load_words():
@@ -119,10 +113,7 @@ def load_words():
         words = [line.strip() for line in f]
     message = (f"Word list: {len(words):,} words from the committed offline copy "
                f"{display_path(COMMITTED_WORD_LIST)} ({reason})")
-    if offline_mode():
-        print0(message)
-    else:
-        announce_fallback(message)
+    announce_committed_copy(message)
     return words
 
 
