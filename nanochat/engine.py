@@ -350,10 +350,12 @@ class Engine:
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)  # (num_samples, 1)
             logits = self.model.forward(ids, kv_cache=cache)[:, -1, :]
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
+    def generate_batch(self, tokens, num_samples=1, keep_terminal=False, **kwargs):
         """Generate to the end (kwargs go to generate). Returns the tuple (results, masks): per row the
         prompt plus its generated tokens without the terminal <|assistant_end|>/BOS, and the matching
-        masks (0 for the prompt and for tool output, 1 for sampled tokens)."""
+        masks (0 for the prompt and for tool output, 1 for sampled tokens). keep_terminal (RL trains on
+        it) keeps the terminal token with its mask and returns (results, masks, finished), finished[i]
+        saying whether row i ended so (False: cut by max_tokens)."""
         terminal = (self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id())
         results = [tokens.copy() for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
@@ -362,14 +364,13 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if completed[i]:
                     continue
-                if token in terminal:
-                    completed[i] = True
-                else:
+                completed[i] = token in terminal
+                if keep_terminal or not completed[i]:
                     results[i].append(token)
                     masks[i].append(mask)
             if all(completed):
                 break
-        return results, masks
+        return (results, masks, completed) if keep_terminal else (results, masks)
 
 
 # -----------------------------------------------------------------------------

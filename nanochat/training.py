@@ -31,13 +31,20 @@ WARMUP_STEPS_UNTIMED = 10
 # -----------------------------------------------------------------------------
 # Batch geometry
 
-def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
-    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them."""
+def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size, announce=False):
+    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them.
+    announce: also print the batch geometry (the training scripts' three lines)."""
     world_tokens = device_batch_size * seq_len * world_size
     if total_batch_size <= 0 or total_batch_size % world_tokens != 0:
         raise ValueError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
                          f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
                          f"{world_size} = {world_tokens}")
+    if announce:
+        rank_tokens = device_batch_size * seq_len
+        print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {rank_tokens:,}")
+        print0(f"Tokens / micro-batch: {world_tokens:,}")
+        print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: "
+               f"{total_batch_size // world_tokens}")
     return total_batch_size // world_tokens
 
 

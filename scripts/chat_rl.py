@@ -22,17 +22,11 @@ Differences from the reference, all deliberate:
 
 import argparse
 import itertools
-import math
 import os
 from dataclasses import asdict
 
-import torch
-import torch.distributed as dist
-
-from nanochat import training
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, get_dist_info,
-                             is_ddp_initialized, print0)
+from nanochat import chat_train, training
+from nanochat.common import autodetect_device_type, compute_init, get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
 
@@ -85,158 +79,25 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Rollouts and the policy-gradient arithmetic (pure functions)
-
-def example_index(step, example_step, examples_per_rank, rank, world_size, num_examples):
-    """The training question of (step, example_step) on this rank: the rank's questions rank, rank + W, ...
-    taken in order, examples_per_rank per step, cycling over the epochs."""
-    rank_count = len(range(rank, num_examples, world_size))
-    position = (step * examples_per_rank + example_step) % rank_count
-    return rank + position * world_size
-
-
-def sample_rollouts(engine, prompt, num_samples, terminal_ids, **generate_kwargs):
-    """
-    (sequences, masks, finished): per sample the prompt plus its tokens, *including* the terminal token
-    (<|assistant_end|> or BOS) that ended it; finished[i] says whether it ended so (False = cut by the
-    token limit). Masks are 0 for the prompt and tool-forced tokens, 1 for sampled ones (the terminal
-    token was sampled). Engine.generate_batch drops the terminal token, hence this loop.
-    """
-    sequences = [list(prompt) for _ in range(num_samples)]
-    masks = [[0] * len(prompt) for _ in range(num_samples)]
-    finished = [False] * num_samples
-    for column, column_masks in engine.generate(prompt, num_samples=num_samples, **generate_kwargs):
-        for i, (token, mask) in enumerate(zip(column, column_masks)):
-            if finished[i]:
-                continue
-            sequences[i].append(token)
-            masks[i].append(mask)
-            finished[i] = token in terminal_ids
-        if all(finished):
-            break
-    return sequences, masks, finished
-
-
-def rollout_tensors(sequences, masks, pad_id, device="cpu"):
-    """(inputs, targets): sequences right-padded with pad_id (mask 0) to the longest; targets are the
-    next tokens, -1 wherever the next token's mask is 0 (prompt, tool output, padding)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_id] * (length - len(s)) for s in sequences], dtype=torch.long, device=device)
-    mask = torch.tensor([m + [0] * (length - len(m)) for m in masks], dtype=torch.long, device=device)
-    inputs = ids[:, :-1]
-    targets = ids[:, 1:].clone()
-    targets[mask[:, 1:] == 0] = -1
-    return inputs, targets
-
-
-def group_advantages(rewards):
-    """Reward minus the group mean (no division by the std): sums to zero, all zero when rewards agree."""
-    return rewards - rewards.mean()
-
-
-def policy_objective(logp, targets, advantages, num_passes, examples_per_rank):
-    """
-    sum over the pass's rows i and valid targets t of A_i * log p(y_it), divided by (valid targets in
-    this pass) * passes * examples per rank: the mean over tokens (DAPO-style token-level
-    normalisation), accumulated over the passes and examples of one optimizer step.
-    """
-    valid = targets >= 0
-    num_valid = max(1, int(valid.sum().item()))
-    weighted = (logp * valid) * advantages.unsqueeze(1)
-    return weighted.sum() / (num_valid * num_passes * examples_per_rank)
-
-
-def pass_at_k_counts(records, k_max):
-    """[number of records with a correct outcome among their first k outcomes, for k = 1..k_max]."""
-    counts = [0] * k_max
-    for record in records:
-        correct = [bool(outcome["is_correct"]) for outcome in record["outcomes"]]
-        for k in range(1, k_max + 1):
-            counts[k - 1] += any(correct[:k])
-    return counts
-
-
-# -----------------------------------------------------------------------------
-# Rollouts of one question, and the pass@k evaluation
-
-def rollout_example(engine, tokenizer, task, example_idx, step, args, device):
-    """(sequences, inputs, targets, rewards, advantages) for num_samples samples of one training question."""
-    conversation = task[example_idx]
-    prompt = tokenizer.render_for_completion(conversation)
-    assistant_end = tokenizer.encode_special("<|assistant_end|>")
-    terminal_ids = (assistant_end, tokenizer.get_bos_token_id())
-    sequences, masks, finished = [], [], []
-    engine.model.eval()
-    for sampling_step in range(math.ceil(args.num_samples / args.device_batch_size)):
-        count = min(args.device_batch_size, args.num_samples - sampling_step * args.device_batch_size)
-        seed = hash((step, example_idx, sampling_step)) & 0x7FFFFFFF  # stable: hashes of int tuples
-        s, m, f = sample_rollouts(engine, prompt, count, terminal_ids, max_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_k=args.top_k, seed=seed)
-        sequences += s
-        masks += m
-        finished += f
-    rewards = []
-    for seq, done in zip(sequences, finished):
-        completion = seq[len(prompt):len(seq) - 1] if done else seq[len(prompt):]
-        rewards.append(task.reward(conversation, tokenizer.decode(completion)))
-    inputs, targets = rollout_tensors(sequences, masks, assistant_end, device)
-    rewards = torch.tensor(rewards, dtype=torch.float, device=device)
-    return sequences, inputs, targets, rewards, group_advantages(rewards)
-
-
-def run_gsm8k_eval(task, tokenizer, engine, max_examples=None, num_samples=1,
-                   max_completion_tokens=EVAL_MAX_NEW_TOKENS, temperature=1.0, top_k=EVAL_TOP_K):
-    """Yields {"idx", "outcomes": [{"is_correct": 0|1}, ...]} for this rank's test questions."""
-    _, rank, _, world_size = get_dist_info()
-    num = len(task) if max_examples is None else min(max_examples, len(task))
-    for idx in range(rank, num, world_size):
-        conversation = task[idx]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_completion_tokens,
-                                           temperature=temperature, top_k=top_k)
-        outcomes = [{"is_correct": task.evaluate(conversation, tokenizer.decode(r[len(prompt):]))} for r in results]
-        yield {"idx": idx, "outcomes": outcomes}
-
-
-def evaluate_pass_at_k(val_task, tokenizer, engine, args, device):
-    """{k: pass@k} over --eval-examples test questions, --device-batch-size samples each, all ranks."""
-    engine.model.eval()
-    records = list(run_gsm8k_eval(val_task, tokenizer, engine, max_examples=args.eval_examples,
-                                  num_samples=args.device_batch_size))
-    totals = torch.tensor(pass_at_k_counts(records, args.device_batch_size) + [len(records)],
-                          dtype=torch.long, device=device)
-    if is_ddp_initialized():
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    *counts, num_records = totals.tolist()
-    return {k: count / max(1, num_records) for k, count in enumerate(counts, 1)}
-
-
-# -----------------------------------------------------------------------------
 # One optimizer step
 
-def mean_over_ranks(values, device):
-    t = torch.tensor(values, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device)
-    if is_ddp_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps, args, rank, world_size, device):
+def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps, args, rank, world_size,
+               device):
     """Rollouts and backward passes for this rank's questions, then the update. Returns
     (mean reward, mean sequence length, sum of the pass losses (non-finite if any was), lrm)."""
     examples_per_rank = args.examples_per_step // world_size
     mean_rewards, lengths, loss_sum = [], [], 0.0
     for e in range(examples_per_rank):
-        idx = example_index(step, e, examples_per_rank, rank, world_size, len(train_task))
-        sequences, inputs, targets, rewards, advantages = rollout_example(engine, tokenizer, train_task, idx, step,
-                                                                          args, device)
+        idx = chat_train.example_index(step, e, examples_per_rank, rank, world_size, len(train_task))
+        sequences, inputs, targets, rewards, advantages = chat_train.rollout_example(
+            engine, tokenizer, train_task, idx, step, args, device)
         model.train()
         starts = range(0, inputs.size(0), args.device_batch_size)
         for p, start in enumerate(starts):
             rows = slice(start, start + args.device_batch_size)
             logp = -model(inputs[rows], targets[rows], loss_reduction="none").view_as(targets[rows])
-            objective = policy_objective(logp, targets[rows], advantages[rows], len(starts), examples_per_rank)
+            objective = chat_train.policy_objective(logp, targets[rows], advantages[rows], len(starts),
+                                                    examples_per_rank)
             loss = -objective
             loss.backward()
             loss_value = loss.item()
@@ -245,8 +106,9 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
                    f"Average reward: {rewards[rows].mean().item()}")
         mean_rewards.append(rewards.mean().item())
         lengths += [len(s) for s in sequences]
-    mean_reward, mean_length = mean_over_ranks([sum(mean_rewards) / len(mean_rewards), sum(lengths) / len(lengths)],
-                                               device)
+    # SUM then divide: gloo has no AVG
+    totals = training.agree_sum([sum(mean_rewards) / len(mean_rewards), sum(lengths) / len(lengths)], device)
+    mean_reward, mean_length = (total / world_size for total in totals)
     lrm = 1.0 - step / num_steps
     training.apply_schedule(optimizer, lrm)
     optimizer.step()
@@ -256,57 +118,36 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
 
 # -----------------------------------------------------------------------------
 
-def load_policy(args, device, resuming):
-    """(model, tokenizer, output_tag): the SFT model, or the RL checkpoint to resume from."""
-    _, _, sft_meta = training.checkpoint_meta("sft", args.model_tag, args.model_step)
-    output_tag = args.model_tag or f"d{sft_meta['model_config']['n_layer']}"
-    if resuming:
-        model, tokenizer, _ = load_model("rl", device, phase="eval", model_tag=output_tag, step=args.resume_from_step)
-    else:
-        model, tokenizer, _ = load_model("sft", device, phase="eval", model_tag=args.model_tag, step=args.model_step)
-    return model, tokenizer, output_tag
-
-
-def setup_optimizer(model, args, device, rank, output_tag, resuming):
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    if resuming:
-        training.load_resume_optimizer(optimizer, "rl", device, rank, output_tag, args.resume_from_step)
-        return optimizer
-    for group in optimizer.param_groups:
-        group["lr"] *= args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
-
-
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()
     device_type = args.device_type or autodetect_device_type()
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     if args.examples_per_step % world_size != 0:
-        raise ValueError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the world size "
-                         f"({world_size})")
+        raise ValueError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the world "
+                         f"size ({world_size})")
     training.configure_determinism(device_type)
     training.print_compute_info(device_type)
-    resuming = args.resume_from_step >= 0
-    model, tokenizer, output_tag = load_policy(args, device, resuming)
+    model, tokenizer, _, output_tag = chat_train.load_start("sft", "rl", args, device, phase="eval")
     engine = Engine(model, tokenizer)  # the same (uncompiled) model: rollouts always see the current weights
     from tasks.gsm8k import GSM8K
     train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
-    num_steps = args.num_steps if args.num_steps > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
+    num_steps = args.num_steps
+    if num_steps <= 0:
+        num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps <= 0:
         raise ValueError(f"No steps to run: {len(train_task)} training questions, --examples-per-step "
                          f"{args.examples_per_step}, --num-epochs {args.num_epochs}")
     print0(f"Calculated number of steps: {num_steps}")
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
-    optimizer = setup_optimizer(model, args, device, rank, output_tag, resuming)
+    lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr")}
+    resume = ("rl", output_tag, args.resume_from_step) if args.resume_from_step >= 0 else None
+    optimizer = chat_train.setup_optimizer(model, lrs, args.weight_decay, args.init_lr_frac, device, rank,
+                                           resume)
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag)
-    step, meta = 0, {}
-    if resuming:
-        _, step, meta = training.checkpoint_meta("rl", output_tag, args.resume_from_step)
-        training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
-    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
+    meta = chat_train.resume_meta("rl", output_tag, args, user_config, RESUME_FREE_KEYS)
+    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0,
+                                    meta.get("wandb_run_id"))
 
     ckpt = training.Checkpointer(checkpoint_dir, model, optimizer, rank)
     for key, value in [("model_config", asdict(model.config)), ("user_config", user_config),
@@ -318,24 +159,28 @@ def main(argv=None):
         print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
 
     with training.StopFlag() as stop_flag:
-        for step in itertools.count(step):
+        for step in itertools.count(meta.get("step", 0)):
             last_step = step == num_steps
             if training.every(step, args.eval_every, last_step, include_step_zero=True):
-                passk = evaluate_pass_at_k(val_task, tokenizer, engine, args, device)
+                passk = chat_train.evaluate_pass_at_k(val_task, tokenizer, engine, args.eval_examples,
+                                                      args.device_batch_size, device, EVAL_MAX_NEW_TOKENS,
+                                                      top_k=EVAL_TOP_K)
                 print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
                 wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
             if training.save_due(step, last_step, args.save_every, args.resume_from_step):
                 save(step)
             if last_step:
                 break
-            reward, length, loss_value, lrm = train_step(model, engine, tokenizer, train_task, optimizer, step,
-                                                         num_steps, args, rank, world_size, device)
-            print0(f"Step {step}/{num_steps} | Average reward: {reward} | Average sequence length: {length:.2f}")
+            reward, length, loss_value, lrm = train_step(model, engine, tokenizer, train_task, optimizer,
+                                                         step, num_steps, args, rank, world_size, device)
+            print0(f"Step {step}/{num_steps} | Average reward: {reward} | "
+                   f"Average sequence length: {length:.2f}")
             wandb_run.log({"step": step, "reward": reward, "sequence_length": length, "lrm": lrm})
             signalled, non_finite = training.should_stop(stop_flag, loss_value, device)
             if non_finite:
-                raise training.NonFiniteLossError(f"Non-finite RL loss ({loss_value}) at step {step}; not saving. "
-                                                  f"The last good checkpoint in {checkpoint_dir} is untouched")
+                raise training.NonFiniteLossError(f"Non-finite RL loss ({loss_value}) at step {step}; not "
+                                                  f"saving. The last good checkpoint in {checkpoint_dir} is "
+                                                  f"untouched")
             if signalled:
                 training.exit_after_signal(save, step + 1, stop_flag.signum)
 

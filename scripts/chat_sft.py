@@ -14,17 +14,8 @@ min(row, 2048) tokens and trained on: at --max-seq-len >= 2047 that is the refer
 truncation exactly, and at shorter rows every conversation still fits a row. A micro-batch without a
 single supervised token (all padding, or prompts cut before their answers) contributes no gradient and
 is left out of the step's mean; a step where no rank had one does not update the weights.
-The optimizer warm start from the base checkpoint takes only its momentum/second-moment buffers; every
-group setting (LR, weight decay 0, betas) stays this run's (the reference let weight decay and betas
-be overwritten).
-
-Data. Online, the mixture is the reference's: SmolTalk train, the identity conversations x2, MMLU
-auxiliary_train x --mmlu-epochs, GSM8K train x --gsm8k-epochs, SimpleSpelling (200K), SpellingBee (80K);
-val: SmolTalk test, MMLU test[:5200], GSM8K test[:420]. Offline (NANOCHAT_OFFLINE=1) SmolTalk and MMLU
-auxiliary_train do not exist, so the mixture is built from the committed data instead: identity
-conversations x2, the Dolly/HH sample, GSM8K train (2,000 rows) x --gsm8k-epochs, SimpleSpelling (2,000)
-and SpellingBee (800), the spelling sizes scaled down 100x with the rest; val: MMLU test[:5200] and
-GSM8K test[:420]. --mmlu-epochs has no effect offline.
+The optimizer warm start takes only the base checkpoint's buffers (chat_train.warm_start_optimizer).
+Data: the reference's mixture online, one of committed data offline (chat_train.train_mixture).
 
 Horizon. --num-iterations N means N optimizer steps (what the reference's help text says; its loop
 counted loader batches and, because of the prefetch, stopped one batch early). -1 means one pass over
@@ -40,44 +31,24 @@ save a checkpoint after the current step and exit with 128 + the signal number; 
 the run without saving.
 
 Checkpoints go to <base_dir>/chatsft_checkpoints/<--model-tag or d<depth>>/, step = optimizer steps
-done. The meta's model_config is the trained model's own config: the reference wrote sequence_len =
---max-seq-len there, and since the sliding-window sizes derive from sequence_len, a model fine-tuned at
-another length came back with different attention windows than it was trained with. The SFT row length
-is the top-level max_seq_len key (with device_batch_size and total_batch_size, as base_train writes).
+done; chat_train.register_sft_checkpoint lists what they hold.
 """
 
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
 
 import argparse
-from dataclasses import asdict
 from types import SimpleNamespace
 
-import torch
-
-from nanochat import training
-from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import load_model, load_optimizer_state
-from nanochat.common import (autodetect_device_type, compute_init, download_file_with_lock,
-                             get_base_dir, maybe_compile, offline_mode, print0)
-from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
-from nanochat.loss_eval import evaluate_bpb
+from nanochat import chat_train, training
+from nanochat.common import autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0
+from nanochat.dataloader import PrefetchedBatches
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
-# (name, fallback, where the base checkpoint's meta keeps it): --flag None inherits the pretrained value
-INHERITED = [
-    ("max_seq_len", 2048, "meta"),
-    ("device_batch_size", 32, "meta"),
-    ("total_batch_size", 524288, "meta"),
-    ("embedding_lr", 0.3, "user_config"),
-    ("unembedding_lr", 0.004, "user_config"),
-    ("matrix_lr", 0.02, "user_config"),
-]
 # user_config keys that may change on resume without changing the trajectory
 RESUME_FREE_KEYS = {"run", "device_type", "resume_from_step", "eval_every", "eval_tokens", "chatcore_every",
                     "chatcore_max_cat", "chatcore_max_sample", "save_every"}
-IDENTITY_FILENAME = "identity_conversations.jsonl"
 
 
 # -----------------------------------------------------------------------------
@@ -139,189 +110,14 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Hyperparameters inherited from the base checkpoint
-
-def inherit_hyperparameters(args, base_meta):
-    """{name: value} for the INHERITED names: the flag if given, else the pretrained value, else the fallback."""
-    resolved = {}
-    for name, fallback, where in INHERITED:
-        source = base_meta if where == "meta" else base_meta.get("user_config") or {}
-        pretrained = source.get(name)
-        flag = getattr(args, name)
-        if flag is None:
-            value = pretrained if pretrained is not None else fallback
-            print0(f"Inherited {name}={value} from pretrained checkpoint")
-        elif pretrained is not None and flag != pretrained:
-            value = flag
-            print0(f"NOTE: --{name.replace('_', '-')}={flag} overrides pretrained value of {pretrained}")
-        else:
-            value = flag
-            print0(f"Using {name}={value}")
-        resolved[name] = value
-    return resolved
-
-
-def warm_start_optimizer(optimizer, state):
-    """
-    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
-    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
-    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
-    lost. Here all of this run's group settings are put back.
-    """
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, saved in zip(optimizer.param_groups, settings):
-        group.update(saved)
-
-
-# -----------------------------------------------------------------------------
-# Data mixtures
-
-def ensure_identity_file():
-    """<base_dir>/identity_conversations.jsonl, downloaded once (one rank downloads, the others wait)."""
-    from tasks.customjson import IDENTITY_CONVERSATIONS_URL
-    return download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME)
-
-
-def train_mixture(mmlu_epochs, gsm8k_epochs):
-    from tasks.common import TaskMixture
-    from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, CustomJSON
-    from tasks.gsm8k import GSM8K
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
-    if offline_mode():
-        identity = CustomJSON(COMMITTED_IDENTITY_PATH)
-        gsm8k = GSM8K(subset="main", split="train")
-        tasks = [identity, identity, CustomJSON(COMMITTED_DOLLY_PATH), *[gsm8k] * gsm8k_epochs,
-                 SimpleSpelling(size=2000, split="train"), SpellingBee(size=800, split="train")]
-        mixture = TaskMixture(tasks)
-        print0(f"Training mixture: {len(mixture):,} rows (offline: identity x2, Dolly/HH, GSM8K x{gsm8k_epochs}, "
-               f"SimpleSpelling 2,000, SpellingBee 800; no SmolTalk or MMLU auxiliary_train)")
-        return mixture
-    from tasks.mmlu import MMLU
-    from tasks.smoltalk import SmolTalk
-    identity = CustomJSON(ensure_identity_file())
-    mmlu = MMLU(subset="all", split="auxiliary_train")
-    gsm8k = GSM8K(subset="main", split="train")
-    tasks = [SmolTalk(split="train"), identity, identity, *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,
-             SimpleSpelling(size=200000, split="train"), SpellingBee(size=80000, split="train")]
-    mixture = TaskMixture(tasks)
-    print0(f"Training mixture: {len(mixture):,} rows (MMLU x{mmlu_epochs}, GSM8K x{gsm8k_epochs})")
-    return mixture
-
-
-def val_mixture():
-    """The stops keep the train proportions (reference values); offline there is no SmolTalk test."""
-    from tasks.common import TaskMixture
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-    tasks = [MMLU(subset="all", split="test", stop=5200), GSM8K(subset="main", split="test", stop=420)]
-    if not offline_mode():
-        from tasks.smoltalk import SmolTalk
-        tasks.insert(0, SmolTalk(split="test"))
-    return TaskMixture(tasks)
-
-
-# -----------------------------------------------------------------------------
-# Evaluations
-
-def chatcore_and_log(orig_model, tokenizer, hp, args, step, wandb_run):
-    accuracies = run_chatcore(orig_model, tokenizer, hp["device_batch_size"], args.chatcore_max_cat,
-                              args.chatcore_max_sample)
-    chatcore, chatcore_cat = chatcore_metrics(accuracies)
-    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}")
-    wandb_run.log({"step": step, "chatcore_metric": chatcore, "chatcore_cat": chatcore_cat,
-                   **{f"chatcore/{task}": acc for task, acc in accuracies.items()}})
-
-
-def run_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, world_size, device):
-    steps = training.eval_steps_for(eval_tokens, hp["device_batch_size"], hp["max_seq_len"], world_size)
-    batches = sft_data_generator_bos_bestfit(val_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"],
-                                             rank=rank, world_size=world_size, device=device)
-    model.eval()
-    try:
-        return evaluate_bpb(model, batches, steps, token_bytes)
-    finally:
-        model.train()
-
-
-# -----------------------------------------------------------------------------
-# Set-up
-
-def load_starting_model(args, device, resuming):
-    """(model, tokenizer, base_meta, output_tag): the base model, or the SFT checkpoint to resume from."""
-    base_tag, base_step, base_meta = training.checkpoint_meta("base", args.model_tag, args.model_step)
-    output_tag = args.model_tag or f"d{base_meta['model_config']['n_layer']}"
-    if resuming:
-        model, tokenizer, _ = load_model("sft", device, phase="train", model_tag=output_tag,
-                                         step=args.resume_from_step)
-    else:
-        model, tokenizer, _ = load_model("base", device, phase="train", model_tag=base_tag, step=base_step)
-    return model, tokenizer, (base_tag, base_step, base_meta), output_tag
-
-
-def setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resuming):
-    optimizer = orig_model.setup_optimizer(unembedding_lr=hp["unembedding_lr"], embedding_lr=hp["embedding_lr"],
-                                           matrix_lr=hp["matrix_lr"], weight_decay=0.0)
-    if resuming:
-        training.load_resume_optimizer(optimizer, "sft", device, rank, output_tag, args.resume_from_step)
-        return optimizer  # LRs, initial LRs and buffers all come from the checkpoint
-    if args.load_optimizer:
-        base_tag, base_step, _ = base
-        state = load_optimizer_state("base", device, rank, model_tag=base_tag, step=base_step)
-        if state is None:
-            print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
-        else:
-            warm_start_optimizer(optimizer, state)
-            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-    for group in optimizer.param_groups:
-        group["lr"] *= args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
-
-
-def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
-    """This rank's packer over the training mixture, at the saved position when resuming."""
-    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank, world_size,
-                                device=device)
-    if loader_states is not None:
-        if len(loader_states) != world_size:
-            raise ValueError(f"--resume-from-step: the checkpoint was saved by {len(loader_states)} ranks, "
-                             f"this run has {world_size}; resume with the same world size")
-        packer.load_state_dict(loader_states[rank])
-    return packer
-
-
-def print_geometry(hp, world_size, accum):
-    tokens = hp["device_batch_size"] * hp["max_seq_len"]
-    print0(f"Tokens / micro-batch / rank: {hp['device_batch_size']} x {hp['max_seq_len']} = {tokens:,}")
-    print0(f"Tokens / micro-batch: {tokens * world_size:,}")
-    print0(f"Total batch size {hp['total_batch_size']:,} => gradient accumulation steps: {accum}")
-
-
-def register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run):
-    """The meta keys of an SFT checkpoint; the loop state is what an exact resume needs."""
-    ckpt.register("val_bpb", lambda: run.val_bpb)
-    ckpt.register("model_config", asdict(orig_model.config))  # the trained attention windows (docstring)
-    ckpt.register("user_config", user_config)
-    for key in ("max_seq_len", "device_batch_size", "total_batch_size"):
-        ckpt.register(key, hp[key])
-    ckpt.register("hyperparameters", hp)
-    ckpt.register("loop_state", lambda: {
-        "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
-        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "loader_states": training.gather_from_ranks(batches.trained_state)})
-    ckpt.register("grad_scaler", scaler)
-    ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
-
-
-# -----------------------------------------------------------------------------
 # The loop's two halves: what happens at a step boundary, and one optimizer step
 
 def evaluate_and_save(step, run, st):
     """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
     args, last_step = st.args, run.last_step
     if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
-        run.val_bpb = run_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens, st.token_bytes,
-                                  st.rank, st.world_size, st.device)
+        run.val_bpb = chat_train.sft_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens,
+                                             st.token_bytes, st.rank, st.world_size, st.device)
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
         st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
@@ -329,7 +125,8 @@ def evaluate_and_save(step, run, st):
     if training.save_due(step, last_step, args.save_every, args.resume_from_step):
         st.ckpt.save(step)
     if training.every(step, args.chatcore_every, last_step):
-        chatcore_and_log(st.orig_model, st.tokenizer, st.hp, args, step, st.wandb_run)
+        chat_train.log_chatcore(st.orig_model, st.tokenizer, st.hp["device_batch_size"],
+                                args.chatcore_max_cat, args.chatcore_max_sample, step, st.wandb_run)
 
 
 def train_step(step, run, st, stop_flag):
@@ -379,43 +176,44 @@ def main(argv=None):
     resuming = args.resume_from_step >= 0
 
     # --- model, hyperparameters, optimizer
-    model, tokenizer, base, output_tag = load_starting_model(args, device, resuming)
-    hp = inherit_hyperparameters(args, base[2])
+    model, tokenizer, (base_tag, base_step, base_meta), output_tag = chat_train.load_start(
+        "base", "sft", args, device, phase="train")
+    hp = chat_train.inherit_hyperparameters(args, base_meta)
     orig_model = model  # uncompiled: checkpoints and ChatCORE (variable shapes)
     model = maybe_compile(model)
-    accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"], world_size)
-    print_geometry(hp, world_size, accum)
+    accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
+                                      world_size, announce=True)
     token_bytes = get_token_bytes(device=device)
-    optimizer = setup_optimizer(orig_model, hp, args, device, rank, base, output_tag, resuming)
+    lrs = {k: hp[k] for k in ("unembedding_lr", "embedding_lr", "matrix_lr")}
+    resume = ("sft", output_tag, args.resume_from_step) if resuming else None
+    warm_from = ("base", base_tag, base_step) if args.load_optimizer else None
+    optimizer = chat_train.setup_optimizer(orig_model, lrs, 0.0, args.init_lr_frac, device, rank, resume,
+                                           warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    meta = {}
-    if resuming:
-        _, _, meta = training.checkpoint_meta("sft", output_tag, args.resume_from_step)
-        training.warn_on_changed_config(meta.get("user_config", {}), user_config, RESUME_FREE_KEYS)
+    meta = chat_train.resume_meta("sft", output_tag, args, user_config, RESUME_FREE_KEYS)
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
                                     meta.get("wandb_run_id"))
 
     # --- data
-    train_ds, val_ds = train_mixture(args.mmlu_epochs, args.gsm8k_epochs), val_mixture()
+    train_ds = chat_train.train_mixture(args.mmlu_epochs, args.gsm8k_epochs)
+    val_ds = chat_train.val_mixture()
     loop = meta.get("loop_state", {})
-    packer = train_packer(train_ds, tokenizer, hp, rank, world_size, device, loop.get("loader_states"))
+    packer = chat_train.train_packer(train_ds, tokenizer, hp, rank, world_size, device,
+                                     loop.get("loader_states"))
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 
     # --- run state: counters (saved with every checkpoint) and the run's fixed parts
-    run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
-                          progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
-                          epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
-                          tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
-                                                       loop.get("total_training_time", 0.0)))
+    run = chat_train.sft_run_state(meta, device)
     ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag), orig_model,
                                  optimizer, rank)
-    register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run)
+    chat_train.register_sft_checkpoint(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run)
     ckpt.restore(meta)
     st = SimpleNamespace(args=args, hp=hp, model=model, orig_model=orig_model, optimizer=optimizer,
                          scaler=scaler, tokenizer=tokenizer, token_bytes=token_bytes, val_ds=val_ds,
-                         device=device, rank=rank, world_size=world_size, wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
+                         device=device, rank=rank, world_size=world_size, wandb_run=wandb_run, ckpt=ckpt,
+                         batches=batches, accum=accum,
                          flops_per_token=orig_model.estimate_flops(), peak_flops=peak_flops,
                          timer=training.StepTimer(device_type))
 

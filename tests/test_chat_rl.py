@@ -18,6 +18,7 @@ from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+from nanochat import chat_train
 from scripts import chat_rl
 
 from conftest import point_base_dir_at
@@ -58,17 +59,17 @@ def tokenizer(base_dir):
 # The arithmetic, by hand
 
 def test_advantages_are_reward_minus_group_mean():
-    adv = chat_rl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
+    adv = chat_train.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
     assert torch.allclose(adv, torch.tensor([0.4, -0.6, -0.6, 0.4, 0.4]))
     assert adv.sum().abs() < 1e-6
-    assert torch.equal(chat_rl.group_advantages(torch.tensor([1.0, 1.0, 1.0])), torch.zeros(3))
+    assert torch.equal(chat_train.group_advantages(torch.tensor([1.0, 1.0, 1.0])), torch.zeros(3))
 
 
 def test_objective_is_token_normalised_and_ignores_invalid_targets():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -9.0]], requires_grad=True)
     targets = torch.tensor([[5, 6, -1], [7, -1, -1]])  # 3 valid tokens
     advantages = torch.tensor([0.5, -0.5])
-    objective = chat_rl.policy_objective(logp, targets, advantages, num_passes=2, examples_per_rank=4)
+    objective = chat_train.policy_objective(logp, targets, advantages, num_passes=2, examples_per_rank=4)
     # (0.5 * (-1 - 2) + (-0.5) * (-0.5)) / (3 * 2 * 4)
     assert objective.item() == pytest.approx((-1.5 + 0.25) / 24)
     objective.backward()
@@ -76,10 +77,10 @@ def test_objective_is_token_normalised_and_ignores_invalid_targets():
     assert torch.allclose(logp.grad, expected)
     # identical rewards: zero advantages, zero gradient
     logp.grad = None
-    chat_rl.policy_objective(logp, targets, chat_rl.group_advantages(torch.ones(2)), 1, 1).backward()
+    chat_train.policy_objective(logp, targets, chat_train.group_advantages(torch.ones(2)), 1, 1).backward()
     assert torch.equal(logp.grad, torch.zeros_like(logp))
     # a pass with no valid target divides by 1, not 0
-    none_valid = chat_rl.policy_objective(logp, torch.full((2, 3), -1), advantages, 1, 1)
+    none_valid = chat_train.policy_objective(logp, torch.full((2, 3), -1), advantages, 1, 1)
     assert none_valid.item() == 0.0
 
 
@@ -89,7 +90,7 @@ def test_rollout_tensors_train_the_terminator_and_never_the_padding():
     cut = [1, 2, 40, 41, 42, 43]  # cut by the token limit: no terminator
     forced = [1, 2, 50]
     masks = [[0, 0, 1, 1, 1], [0, 0, 1, 0, 1, 1], [0, 0, 1]]  # 41 was forced by the tool
-    inputs, targets = chat_rl.rollout_tensors([finished, cut, forced], masks, pad_id=END)
+    inputs, targets = chat_train.rollout_tensors([finished, cut, forced], masks, pad_id=END)
     assert inputs.tolist() == [[1, 2, 30, 31, END], [1, 2, 40, 41, 42], [1, 2, 50, END, END]]
     assert targets.tolist() == [[-1, 30, 31, END, -1], [-1, 40, -1, 42, 43], [-1, 50, -1, -1, -1]]
 
@@ -99,15 +100,15 @@ def test_pass_at_k_counts_by_hand():
                {"idx": 1, "outcomes": [{"is_correct": 1}, {"is_correct": 0}, {"is_correct": 0}]},
                {"idx": 2, "outcomes": [{"is_correct": 0}, {"is_correct": 0}, {"is_correct": 0}]},
                {"idx": 3, "outcomes": [{"is_correct": 0}, {"is_correct": 0}, {"is_correct": 1}]}]
-    assert chat_rl.pass_at_k_counts(records, 3) == [1, 2, 3]
-    assert chat_rl.pass_at_k_counts([], 2) == [0, 0]
+    assert chat_train.pass_at_k_counts(records, 3) == [1, 2, 3]
+    assert chat_train.pass_at_k_counts([], 2) == [0, 0]
 
 
 def test_example_index_strides_by_rank_and_cycles():
     # 10 questions, 2 ranks, 3 per rank and step: rank 1 sees 1, 3, 5 | 7, 9, 1 | 3, ...
-    seen = [chat_rl.example_index(step, e, 3, 1, 2, 10) for step in range(3) for e in range(3)]
+    seen = [chat_train.example_index(step, e, 3, 1, 2, 10) for step in range(3) for e in range(3)]
     assert seen == [1, 3, 5, 7, 9, 1, 3, 5, 7]
-    assert [chat_rl.example_index(s, 0, 1, 0, 1, 4) for s in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [chat_train.example_index(s, 0, 1, 0, 1, 4) for s in range(6)] == [0, 1, 2, 3, 0, 1]
 
 
 # -----------------------------------------------------------------------------
@@ -132,19 +133,21 @@ class ScriptedModel:
         return logits
 
 
-def test_sample_rollouts_keep_the_terminator_of_finished_samples(tokenizer):
+def test_generate_batch_keeps_the_terminator_of_finished_samples_on_request(tokenizer):
     end = tokenizer.encode_special("<|assistant_end|>")
-    terminal = (end, tokenizer.get_bos_token_id())
     prompt = [tokenizer.get_bos_token_id(), 100, 101]
     script = [200, 201, end, 202]
     engine = Engine(ScriptedModel(script, 512, len(prompt)), tokenizer)
-    seqs, masks, finished = chat_rl.sample_rollouts(engine, prompt, 2, terminal, max_tokens=8, temperature=0.0)
-    assert seqs == [prompt + [200, 201, end]] * 2 and masks == [[0, 0, 0, 1, 1, 1]] * 2 and finished == [True] * 2
-    seqs, masks, finished = chat_rl.sample_rollouts(engine, prompt, 1, terminal, max_tokens=2, temperature=0.0)
+    seqs, masks, finished = engine.generate_batch(prompt, 2, keep_terminal=True, max_tokens=8,
+                                                  temperature=0.0)
+    assert seqs == [prompt + [200, 201, end]] * 2 and masks == [[0, 0, 0, 1, 1, 1]] * 2
+    assert finished == [True] * 2
+    seqs, masks, finished = engine.generate_batch(prompt, 1, keep_terminal=True, max_tokens=2,
+                                                  temperature=0.0)
     assert seqs == [prompt + [200, 201]] and finished == [False]
-    # and generate_batch, which drops the terminator, agrees on everything before it
-    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.0)
-    assert results == [prompt + [200, 201]]
+    # by default the terminator is dropped and the return value is (results, masks), as before
+    default = engine.generate_batch(prompt, num_samples=1, max_tokens=8, temperature=0.0)
+    assert default == ([prompt + [200, 201]], [[0, 0, 0, 1, 1]])
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def test_rollout_reward_is_the_gsm8k_eval_exact_match(tokenizer, suffix, reward)
     model.eval = lambda: model  # rollout_example puts the policy in eval mode
     engine = Engine(model, tokenizer)
     args = SimpleNamespace(num_samples=2, device_batch_size=2, max_new_tokens=64, temperature=0.0, top_k=0)
-    sequences, _, _, rewards, _ = chat_rl.rollout_example(engine, tokenizer, task, 0, 0, args, "cpu")
+    sequences, _, _, rewards, _ = chat_train.rollout_example(engine, tokenizer, task, 0, 0, args, "cpu")
     assert [tokenizer.decode(s[len(prompt):]) for s in sequences] == [answer + "<|assistant_end|>"] * 2
     assert rewards.tolist() == [reward] * 2 == [float(task.evaluate(conversation, answer))] * 2
 

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from nanochat import chat_core, dataloader
+from nanochat import chat_core, chat_train, dataloader
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
@@ -219,7 +219,7 @@ def test_progress_is_clamped_and_ends_the_run():
 def test_inherit_hyperparameters_prints_the_reference_lines(capsys):
     args = chat_sft.parse_args(["--max-seq-len=256", "--device-batch-size=4", "--matrix-lr=0.05"])
     meta = {"max_seq_len": 1024, "device_batch_size": 4, "user_config": {"embedding_lr": 0.5, "matrix_lr": 0.05}}
-    hp = chat_sft.inherit_hyperparameters(args, meta)
+    hp = chat_train.inherit_hyperparameters(args, meta)
     out = capsys.readouterr().out
     assert hp == {"max_seq_len": 256, "device_batch_size": 4, "total_batch_size": 524288, "embedding_lr": 0.5,
                   "unembedding_lr": 0.004, "matrix_lr": 0.05}
@@ -243,7 +243,7 @@ def test_warm_start_keeps_this_runs_group_settings_and_loads_buffers(base_dir):
     pretrained = base_optimizer_state(model)
     optimizer = model.setup_optimizer(unembedding_lr=0.001, embedding_lr=0.002, matrix_lr=0.003, weight_decay=0.0)
     before = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    chat_sft.warm_start_optimizer(optimizer, pretrained)
+    chat_train.warm_start_optimizer(optimizer, pretrained)
     after = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     assert after == before
     assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["kind"] == "muon")
@@ -325,7 +325,7 @@ def test_sft_run_with_fully_masked_micro_batches_stays_finite(base_dir, capsys, 
     long_prompt = {"messages": [{"role": "user", "content": " ".join(["question"] * 400)},
                                 {"role": "assistant", "content": "ok"}]}
     dataset = [long_prompt] * 8 + [conversation(k) for k in range(1, 40)]
-    monkeypatch.setattr(chat_sft, "train_mixture", lambda *args: dataset)
+    monkeypatch.setattr(chat_train, "train_mixture", lambda *args: dataset)
     flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=3", "--eval-every=-1",
              "--eval-tokens=256", "--chatcore-every=-1", "--load-optimizer=0"]
     out = run_main(flags, capsys)

@@ -1,0 +1,337 @@
+"""
+The chat stages' own training pieces; scripts/chat_sft.py and scripts/chat_rl.py are their loops.
+
+- Both: the starting model (the parent stage's checkpoint, or this stage's to resume from), the
+  optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started), the resume meta.
+- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the
+  checkpoint's loop state, the val bpb and ChatCORE evaluations.
+- RL: rollouts (seeded by step, question and sampling call, so a resumed run samples the same), the
+  group-mean advantages, the token-normalised policy-gradient objective, and pass@k.
+Importing this module does no work (the tasks load when a run asks for them).
+"""
+
+import math
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+
+from nanochat import training
+from nanochat.chat_core import chatcore_metrics, run_chatcore
+from nanochat.checkpoint_manager import load_model, load_optimizer_state
+from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
+from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
+from nanochat.loss_eval import evaluate_bpb
+
+# -----------------------------------------------------------------------------
+# Both stages: where a run starts
+
+def load_start(parent, own, args, device, phase):
+    """(model, tokenizer, (parent tag, step, meta), output tag): the parent stage's checkpoint (base for
+    SFT, sft for RL) as --model-tag/--model-step say, or with --resume-from-step s this stage's own
+    checkpoint s. Output tag: --model-tag, or d<depth> of the parent."""
+    parent_tag, parent_step, parent_meta = training.checkpoint_meta(parent, args.model_tag, args.model_step)
+    output_tag = args.model_tag or f"d{parent_meta['model_config']['n_layer']}"
+    if args.resume_from_step >= 0:
+        model, tokenizer, _ = load_model(own, device, phase=phase, model_tag=output_tag,
+                                         step=args.resume_from_step)
+    else:
+        model, tokenizer, _ = load_model(parent, device, phase=phase, model_tag=args.model_tag,
+                                         step=args.model_step)
+    return model, tokenizer, (parent_tag, parent_step, parent_meta), output_tag
+
+
+def resume_meta(own, output_tag, args, user_config, free_keys):
+    """The meta of the checkpoint this run resumes from ({} for a fresh run), warning about changed flags."""
+    if args.resume_from_step < 0:
+        return {}
+    _, _, meta = training.checkpoint_meta(own, output_tag, args.resume_from_step)
+    training.warn_on_changed_config(meta.get("user_config", {}), user_config, free_keys)
+    return meta
+
+
+def warm_start_optimizer(optimizer, state):
+    """
+    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
+    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
+    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
+    lost. Here all of this run's group settings are put back.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, saved in zip(optimizer.param_groups, settings):
+        group.update(saved)
+
+
+def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume=None, warm_from=None):
+    """The stage's optimizer. lrs: {embedding_lr, unembedding_lr, matrix_lr}. resume = (source, tag, step):
+    LRs, initial LRs and buffers all come from that checkpoint. Otherwise every LR starts at init_lr_frac
+    of its value, the buffers warm-started from warm_from = (source, tag, step) when given."""
+    optimizer = model.setup_optimizer(weight_decay=weight_decay, **lrs)
+    if resume is not None:
+        training.load_resume_optimizer(optimizer, resume[0], device, rank, resume[1], resume[2])
+        return optimizer
+    if warm_from is not None:
+        state = load_optimizer_state(warm_from[0], device, rank, model_tag=warm_from[1], step=warm_from[2])
+        if state is None:
+            print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
+        else:
+            warm_start_optimizer(optimizer, state)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+    for group in optimizer.param_groups:
+        group["lr"] *= init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+# -----------------------------------------------------------------------------
+# SFT: inherited hyperparameters, data mixtures, the packer
+
+# (name, fallback, where the base checkpoint's meta keeps it): --flag None inherits the pretrained value
+SFT_INHERITED = [
+    ("max_seq_len", 2048, "meta"),
+    ("device_batch_size", 32, "meta"),
+    ("total_batch_size", 524288, "meta"),
+    ("embedding_lr", 0.3, "user_config"),
+    ("unembedding_lr", 0.004, "user_config"),
+    ("matrix_lr", 0.02, "user_config"),
+]
+IDENTITY_FILENAME = "identity_conversations.jsonl"
+
+
+def inherit_hyperparameters(args, base_meta):
+    """{name: value} for the SFT_INHERITED names: the flag if given, else the pretrained value, else the
+    fallback."""
+    resolved = {}
+    for name, fallback, where in SFT_INHERITED:
+        source = base_meta if where == "meta" else base_meta.get("user_config") or {}
+        pretrained = source.get(name)
+        flag = getattr(args, name)
+        if flag is None:
+            value = pretrained if pretrained is not None else fallback
+            print0(f"Inherited {name}={value} from pretrained checkpoint")
+        elif pretrained is not None and flag != pretrained:
+            value = flag
+            print0(f"NOTE: --{name.replace('_', '-')}={flag} overrides pretrained value of {pretrained}")
+        else:
+            value = flag
+            print0(f"Using {name}={value}")
+        resolved[name] = value
+    return resolved
+
+
+def ensure_identity_file():
+    """<base_dir>/identity_conversations.jsonl, downloaded once (one rank downloads, the others wait)."""
+    from tasks.customjson import IDENTITY_CONVERSATIONS_URL
+    return download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME)
+
+
+def train_mixture(mmlu_epochs, gsm8k_epochs):
+    """
+    The SFT training mixture. Online it is the reference's: SmolTalk train, the identity conversations
+    x2, MMLU auxiliary_train x mmlu_epochs, GSM8K train x gsm8k_epochs, SimpleSpelling (200K),
+    SpellingBee (80K). Offline (NANOCHAT_OFFLINE=1) SmolTalk and MMLU auxiliary_train do not exist, so it
+    is built from the committed data instead: identity conversations x2, the Dolly/HH sample, GSM8K train
+    (2,000 rows) x gsm8k_epochs, SimpleSpelling (2,000) and SpellingBee (800), the spelling sizes scaled
+    down 100x with the rest; mmlu_epochs has no effect offline.
+    """
+    from tasks.common import TaskMixture
+    from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, CustomJSON
+    from tasks.gsm8k import GSM8K
+    from tasks.spellingbee import SimpleSpelling, SpellingBee
+    if offline_mode():
+        identity = CustomJSON(COMMITTED_IDENTITY_PATH)
+        gsm8k = GSM8K(subset="main", split="train")
+        tasks = [identity, identity, CustomJSON(COMMITTED_DOLLY_PATH), *[gsm8k] * gsm8k_epochs,
+                 SimpleSpelling(size=2000, split="train"), SpellingBee(size=800, split="train")]
+        mixture = TaskMixture(tasks)
+        print0(f"Training mixture: {len(mixture):,} rows (offline: identity x2, Dolly/HH, "
+               f"GSM8K x{gsm8k_epochs}, SimpleSpelling 2,000, SpellingBee 800; no SmolTalk or MMLU "
+               f"auxiliary_train)")
+        return mixture
+    from tasks.mmlu import MMLU
+    from tasks.smoltalk import SmolTalk
+    identity = CustomJSON(ensure_identity_file())
+    mmlu = MMLU(subset="all", split="auxiliary_train")
+    gsm8k = GSM8K(subset="main", split="train")
+    tasks = [SmolTalk(split="train"), identity, identity, *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,
+             SimpleSpelling(size=200000, split="train"), SpellingBee(size=80000, split="train")]
+    mixture = TaskMixture(tasks)
+    print0(f"Training mixture: {len(mixture):,} rows (MMLU x{mmlu_epochs}, GSM8K x{gsm8k_epochs})")
+    return mixture
+
+
+def val_mixture():
+    """SmolTalk test, MMLU test[:5200], GSM8K test[:420]: the stops keep the train proportions (reference
+    values); offline there is no SmolTalk test."""
+    from tasks.common import TaskMixture
+    from tasks.gsm8k import GSM8K
+    from tasks.mmlu import MMLU
+    tasks = [MMLU(subset="all", split="test", stop=5200), GSM8K(subset="main", split="test", stop=420)]
+    if not offline_mode():
+        from tasks.smoltalk import SmolTalk
+        tasks.insert(0, SmolTalk(split="test"))
+    return TaskMixture(tasks)
+
+
+def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
+    """This rank's packer over the training mixture, at the saved position when resuming."""
+    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
+                                world_size, device=device)
+    if loader_states is not None:
+        if len(loader_states) != world_size:
+            raise ValueError(f"--resume-from-step: the checkpoint was saved by {len(loader_states)} ranks, "
+                             f"this run has {world_size}; resume with the same world size")
+        packer.load_state_dict(loader_states[rank])
+    return packer
+
+
+def sft_run_state(meta, device):
+    """The SFT loop's counters, from the loop_state of the checkpoint resumed (fresh values otherwise)."""
+    loop = meta.get("loop_state", {})
+    return SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                           progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
+                           epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
+                           tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
+                                                        loop.get("total_training_time", 0.0)))
+
+
+def register_sft_checkpoint(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run):
+    """
+    The meta keys of an SFT checkpoint; the loop state (run's counters, every rank's packer state) is what
+    an exact resume needs. model_config is the trained model's own config: the reference wrote
+    sequence_len = --max-seq-len there, and since the sliding-window sizes derive from sequence_len, a
+    model fine-tuned at another length came back with different attention windows than it was trained
+    with. The SFT row length is the top-level max_seq_len key (with device_batch_size and
+    total_batch_size, as base_train writes).
+    """
+    ckpt.register("val_bpb", lambda: run.val_bpb)
+    ckpt.register("model_config", asdict(orig_model.config))
+    ckpt.register("user_config", user_config)
+    for key in ("max_seq_len", "device_batch_size", "total_batch_size"):
+        ckpt.register(key, hp[key])
+    ckpt.register("hyperparameters", hp)
+    ckpt.register("loop_state", lambda: {
+        "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
+        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
+        "loader_states": training.gather_from_ranks(batches.trained_state)})
+    ckpt.register("grad_scaler", scaler)
+    ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
+
+
+def sft_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, world_size, device):
+    """Bits per byte over about eval_tokens tokens of a fresh packer over the validation mixture."""
+    steps = training.eval_steps_for(eval_tokens, hp["device_batch_size"], hp["max_seq_len"], world_size)
+    batches = sft_data_generator_bos_bestfit(val_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"],
+                                             rank=rank, world_size=world_size, device=device)
+    model.eval()
+    try:
+        return evaluate_bpb(model, batches, steps, token_bytes)
+    finally:
+        model.train()
+
+
+def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, step, wandb_run):
+    """ChatCORE during SFT: the six tasks, the ChatCORE line, and a wandb entry with each task's accuracy."""
+    accuracies = run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample)
+    chatcore, chatcore_cat = chatcore_metrics(accuracies)
+    print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}")
+    wandb_run.log({"step": step, "chatcore_metric": chatcore, "chatcore_cat": chatcore_cat,
+                   **{f"chatcore/{task}": acc for task, acc in accuracies.items()}})
+
+
+# -----------------------------------------------------------------------------
+# RL: the policy-gradient arithmetic (pure functions)
+
+def example_index(step, example_step, examples_per_rank, rank, world_size, num_examples):
+    """The training question of (step, example_step) on this rank: the rank's questions rank, rank + W, ...
+    taken in order, examples_per_rank per step, cycling over the epochs."""
+    rank_count = len(range(rank, num_examples, world_size))
+    position = (step * examples_per_rank + example_step) % rank_count
+    return rank + position * world_size
+
+
+def rollout_tensors(sequences, masks, pad_id, device="cpu"):
+    """(inputs, targets): sequences right-padded with pad_id (mask 0) to the longest; targets are the
+    next tokens, -1 wherever the next token's mask is 0 (prompt, tool output, padding)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_id] * (length - len(s)) for s in sequences], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (length - len(m)) for m in masks], dtype=torch.long, device=device)
+    inputs = ids[:, :-1]
+    targets = ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -1
+    return inputs, targets
+
+
+def group_advantages(rewards):
+    """Reward minus the group mean (no division by the std): sums to zero, all zero when rewards agree."""
+    return rewards - rewards.mean()
+
+
+def policy_objective(logp, targets, advantages, num_passes, examples_per_rank):
+    """
+    sum over the pass's rows i and valid targets t of A_i * log p(y_it), divided by (valid targets in
+    this pass) * passes * examples per rank: the mean over tokens (DAPO-style token-level
+    normalisation), accumulated over the passes and examples of one optimizer step.
+    """
+    valid = targets >= 0
+    num_valid = max(1, int(valid.sum().item()))
+    weighted = (logp * valid) * advantages.unsqueeze(1)
+    return weighted.sum() / (num_valid * num_passes * examples_per_rank)
+
+
+def pass_at_k_counts(records, k_max):
+    """[number of records with a correct outcome among their first k outcomes, for k = 1..k_max]."""
+    counts = [0] * k_max
+    for record in records:
+        correct = [bool(outcome["is_correct"]) for outcome in record["outcomes"]]
+        for k in range(1, k_max + 1):
+            counts[k - 1] += any(correct[:k])
+    return counts
+
+
+# -----------------------------------------------------------------------------
+# RL: rollouts of one question, and the pass@k evaluation
+
+def rollout_example(engine, tokenizer, task, example_idx, step, args, device):
+    """(sequences, inputs, targets, rewards, advantages) for args.num_samples samples of one training
+    question, args.device_batch_size per sampling call. A sequence is the prompt plus its tokens and, when
+    it finished, the terminal token; one cut by args.max_new_tokens has none."""
+    conversation = task[example_idx]
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks, finished = [], [], []
+    engine.model.eval()
+    for sampling_step in range(math.ceil(args.num_samples / args.device_batch_size)):
+        count = min(args.device_batch_size, args.num_samples - sampling_step * args.device_batch_size)
+        seed = hash((step, example_idx, sampling_step)) & 0x7FFFFFFF  # stable: hashes of int tuples
+        s, m, f = engine.generate_batch(prompt, count, keep_terminal=True, max_tokens=args.max_new_tokens,
+                                        temperature=args.temperature, top_k=args.top_k, seed=seed)
+        sequences += s
+        masks += m
+        finished += f
+    rewards = []
+    for seq, done in zip(sequences, finished):
+        completion = seq[len(prompt):len(seq) - 1] if done else seq[len(prompt):]
+        rewards.append(task.reward(conversation, tokenizer.decode(completion)))
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    inputs, targets = rollout_tensors(sequences, masks, assistant_end, device)
+    rewards = torch.tensor(rewards, dtype=torch.float, device=device)
+    return sequences, inputs, targets, rewards, group_advantages(rewards)
+
+
+def evaluate_pass_at_k(task, tokenizer, engine, max_examples, num_samples, device, max_new_tokens=256,
+                       temperature=1.0, top_k=50):
+    """{k: pass@k for k = 1..num_samples} over the first max_examples test questions, split over the ranks
+    (the defaults are the reference's)."""
+    _, rank, _, world_size = get_dist_info()
+    engine.model.eval()
+    records = []
+    for idx in range(rank, min(max_examples, len(task)), world_size):
+        conversation = task[idx]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k)
+        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+        records.append({"outcomes": [{"is_correct": task.evaluate(conversation, c)} for c in completions]})
+    *counts, num_records = training.agree_sum(pass_at_k_counts(records, num_samples) + [len(records)], device)
+    return {k: count / max(1, num_records) for k, count in enumerate(counts, 1)}
