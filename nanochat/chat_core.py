@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from nanochat.common import is_ddp_initialized, print0
 from nanochat.core_eval import centered_accuracy
+from nanochat.training import agree_sum
 
 
 def _arc(subset):
@@ -88,11 +89,7 @@ def _rank_and_world():
 
 
 def _sum_over_ranks(passed, total, device):
-    if not is_ddp_initialized():
-        return passed, total
-    counts = torch.tensor([passed, total], dtype=torch.long, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return int(counts[0].item()), int(counts[1].item())
+    return tuple(int(count) for count in agree_sum([passed, total], device))
 
 
 def _num_problems(task, max_problems):
