@@ -319,10 +319,9 @@ def rollout_example(engine, tokenizer, task, example_idx, step, args, device):
     return sequences, inputs, targets, rewards, group_advantages(rewards)
 
 
-def evaluate_pass_at_k(task, tokenizer, engine, max_examples, num_samples, device, max_new_tokens=256,
-                       temperature=1.0, top_k=50):
-    """{k: pass@k for k = 1..num_samples} over the first max_examples test questions, split over the ranks
-    (the defaults are the reference's)."""
+def evaluate_pass_at_k(task, tokenizer, engine, max_examples, num_samples, device, max_new_tokens, top_k,
+                       temperature=1.0):
+    """{k: pass@k for k = 1..num_samples} over the first max_examples test questions, split over the ranks."""
     _, rank, _, world_size = get_dist_info()
     engine.model.eval()
     records = []

@@ -164,7 +164,7 @@ def main(argv=None):
             if training.every(step, args.eval_every, last_step, include_step_zero=True):
                 passk = chat_train.evaluate_pass_at_k(val_task, tokenizer, engine, args.eval_examples,
                                                       args.device_batch_size, device, EVAL_MAX_NEW_TOKENS,
-                                                      top_k=EVAL_TOP_K)
+                                                      EVAL_TOP_K)
                 print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
                 wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
             if training.save_due(step, last_step, args.save_every, args.resume_from_step):

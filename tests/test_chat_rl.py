@@ -1,7 +1,8 @@
 """
-scripts/chat_rl.py on CPU, offline: the policy-gradient arithmetic on hand examples (advantages, the
-token-normalised objective and its gradient, padding/targets with a terminated and a cut sample,
-pass@k), rollouts that keep the terminating <|assistant_end|> (scripted model), the example schedule,
+scripts/chat_rl.py and its pieces in nanochat/chat_train.py, on CPU, offline: the policy-gradient
+arithmetic on hand examples (advantages, the token-normalised objective and its gradient,
+padding/targets with a terminated and a cut sample, pass@k), rollouts that keep the terminating
+<|assistant_end|> (Engine.generate_batch(keep_terminal=True), scripted model), the example schedule,
 and real RL steps of a depth-2 model with an exact resume from the middle checkpoint.
 """
 import gzip

@@ -1,10 +1,9 @@
 """
-scripts/chat_sft.py on CPU, offline: the conversation packer (whole conversations, BOS-aligned rows,
-targets exactly on the assistant's tokens, padding, truncation to the row, exact resume from its state),
-the small
-pure pieces (progress, inheritance, ChatCORE, optimizer warm start), and real SFT runs of a depth-2
-model: checkpoint, meta and report, then a resume from the middle checkpoint that reproduces the
-uninterrupted run bit for bit.
+scripts/chat_sft.py and its pieces in nanochat/chat_train.py, on CPU, offline: the conversation packer
+(whole conversations, BOS-aligned rows, targets exactly on the assistant's tokens, padding, truncation
+to the row, exact resume from its state), the small pure pieces (progress, inheritance, ChatCORE,
+optimizer warm start), and real SFT runs of a depth-2 model: checkpoint, meta and report, then a
+resume from the middle checkpoint that reproduces the uninterrupted run bit for bit.
 """
 import gc
 import gzip
