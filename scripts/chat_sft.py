@@ -55,7 +55,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nanochat import training
+from nanochat import autofit, training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
 from nanochat.checkpoint_manager import load_model, load_optimizer_state
 from nanochat.common import (autodetect_device_type, compute_init, download_file_with_lock,
@@ -95,8 +95,8 @@ def build_parser():
     p.add_argument("--num-iterations", type=int, default=-1,
                    help="number of optimization steps (-1 = one pass over the training mixture)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: inherit)")
-    p.add_argument("--device-batch-size", type=int, default=None,
-                   help="rows per micro-batch per rank (default: inherit)")
+    p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=None,
+                   help="rows per micro-batch per rank, or auto: the most that fit (default: inherit)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherit)")
     p.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherit)")
     p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherit)")
@@ -120,7 +120,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+    for name in ("max_seq_len", "total_batch_size"):  # --device-batch-size: its type checks it
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -383,6 +383,10 @@ def main(argv=None):
     hp = inherit_hyperparameters(args, base[2])
     orig_model = model  # uncompiled: checkpoints and ChatCORE (variable shapes)
     model = maybe_compile(model)
+    saved = training.checkpoint_meta("sft", output_tag, args.resume_from_step)[2] if resuming else {}
+    hp["device_batch_size"] = autofit.device_batch_size(
+        hp["device_batch_size"], model, hp["max_seq_len"], base[2].get("device_batch_size", 32),
+        hp["total_batch_size"], saved=saved.get("device_batch_size"))
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"], world_size)
     print_geometry(hp, world_size, accum)
     token_bytes = get_token_bytes(device=device)
@@ -420,7 +424,7 @@ def main(argv=None):
                          timer=training.StepTimer(device_type))
 
     step = meta.get("step", 0)
-    with training.StopFlag() as stop_flag:
+    with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", hp["device_batch_size"]):
         while True:
             evaluate_and_save(step, run, st)
             if run.last_step:
