@@ -15,6 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from nanochat import autofit
 from nanochat.common import (atomic_open, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, print0)
 # evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
@@ -39,7 +40,8 @@ def build_parser():
                         help="nanochat checkpoint tag (default: the largest model)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
-    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per bpb batch")
+    parser.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=32,
+                        help="rows per bpb batch, or auto: the most that fit in memory")
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     return parser
@@ -219,7 +221,9 @@ def evaluate(args, rank, world_size, device):
         elif rank == 0:
             samples, unconditioned = run_samples(model, tokenizer)
     if "bpb" in args.modes:
-        bpb = run_bpb(model, tokenizer, token_bytes, device, args.device_batch_size, sequence_len,
+        batch = autofit.device_batch_size(args.device_batch_size, model, sequence_len, 32, backward=False,
+                                          max_rows=args.split_tokens // (sequence_len * world_size))
+        bpb = run_bpb(model, tokenizer, token_bytes, device, batch, sequence_len,
                       args.split_tokens, world_size)
     if "core" in args.modes:
         core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)

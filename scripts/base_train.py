@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat import training
+from nanochat import autofit, training
 from nanochat.checkpoint_manager import load_checkpoint, portable_model_config
 from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0,
                              print_banner)
@@ -86,7 +86,8 @@ def build_parser():
     p.add_argument("--target-param-data-ratio", type=float, default=12,
                    help="steps from tokens : scaling params (-1 = off)")
     # optimization
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
+    p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=32,
+                   help="rows per micro-batch per rank, or auto: the most that fit in memory")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto)")
     p.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of the token embedding")
     p.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of lm_head")
@@ -111,7 +112,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "warmup_steps", "l3_k_max"]
+    positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "warmup_steps", "l3_k_max"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -123,8 +124,9 @@ def parse_args(argv=None):
         parser.error(f"--window-pattern must be made of S and L, got {args.window_pattern!r}")
     if args.fp8 and args.fp8_recipe != "tensorwise":
         parser.error("--fp8-recipe rowwise is not implemented here; use tensorwise")
-    if args.fp8 and fp8_tokens_error(args.device_batch_size, args.max_seq_len):
-        parser.error(f"--fp8: {fp8_tokens_error(args.device_batch_size, args.max_seq_len)}")
+    batch = 1 if args.device_batch_size == autofit.AUTO else args.device_batch_size  # auto may pick 1
+    if args.fp8 and fp8_tokens_error(batch, args.max_seq_len):
+        parser.error(f"--fp8: {fp8_tokens_error(batch, args.max_seq_len)}")
     return args
 
 
@@ -516,6 +518,10 @@ def main(argv=None):
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
 
+    args.device_batch_size = autofit.device_batch_size(args.device_batch_size, model, args.max_seq_len, 32,
+                                                       scale.total_batch_size,
+                                                       saved=meta.get("device_batch_size"))
+
     # --- data and horizon
     loader_state = state_for_rank(meta, rank, world_size) if meta else None
     batches = PrefetchedPretrainBatches(tokenizing_distributed_data_loader_with_state_bos_bestfit(
@@ -547,7 +553,7 @@ def main(argv=None):
                          timer=training.StepTimer(device_type))
 
     step = meta.get("step", 0)
-    with training.StopFlag() as stop_flag:
+    with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", args.device_batch_size):
         while True:
             last_step = step == num_iterations
             evaluate_and_save(step, last_step, run, st)

@@ -18,6 +18,7 @@ The evaluation itself (run_chat_eval, chatcore) lives in nanochat/chat_core.py.
 import argparse
 import sys
 
+from nanochat import autofit
 from nanochat.chat_core import TASKS, chatcore, run_chat_eval
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, print0
@@ -38,7 +39,8 @@ def build_parser():
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="completion length limit (generative)")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem, for pass@k (generative)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (generative; 0 = full vocab)")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass (categorical)")
+    parser.add_argument("-b", "--batch-size", type=autofit.batch_size_arg, default=8,
+                        help="prompts per forward pass (categorical), or auto: the most that fit")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="problems per task (default: all)")
@@ -55,8 +57,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {'|'.join(TASKS)}")
     args.task_names = list(dict.fromkeys(names))  # duplicates dropped, order kept
-    for flag, value in [("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples),
-                        ("--batch-size", args.batch_size)]:
+    for flag, value in [("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)]:
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.max_problems is not None and args.max_problems < 1:
@@ -107,6 +108,9 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer, or a bad one
             print(f"chat_eval: error: {e}", file=sys.stderr)
             raise SystemExit(1)
+        # prompts are at most the model's context long
+        args.batch_size = autofit.device_batch_size(args.batch_size, model, model.config.sequence_len, 8,
+                                                    backward=False)
         results = evaluate_tasks(args, model, tokenizer)
         log_results(args, results)
         return results

@@ -25,7 +25,7 @@ import itertools
 import os
 from dataclasses import asdict
 
-from nanochat import chat_train, training
+from nanochat import autofit, chat_train, training
 from nanochat.common import autodetect_device_type, compute_init, get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -47,7 +47,8 @@ def build_parser():
     p.add_argument("--model-step", type=int, default=None, help="SFT checkpoint step to load (default: last)")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
     p.add_argument("--num-steps", type=int, default=-1, help="number of steps (-1 = from --num-epochs)")
-    p.add_argument("--device-batch-size", type=int, default=8, help="max rows per forward pass / sampling call")
+    p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=8,
+                   help="max rows per forward pass / sampling call, or auto: the most that fit")
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks")
     p.add_argument("--num-samples", type=int, default=16, help="samples per question (the group size)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per sample")
@@ -68,7 +69,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("num_epochs", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens"):
+    for name in ("num_epochs", "examples_per_step", "num_samples", "max_new_tokens"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_steps == 0 or args.num_steps < -1:
@@ -146,19 +147,24 @@ def main(argv=None):
                                            resume)
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag)
     meta = chat_train.resume_meta("rl", output_tag, args, user_config, RESUME_FREE_KEYS)
+    # rows are at most the model's context long (prompt + sample); more rows than samples are never needed
+    args.device_batch_size = autofit.device_batch_size(
+        args.device_batch_size, model, model.config.sequence_len, 8, max_rows=args.num_samples,
+        saved=meta.get("device_batch_size"))
     wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0,
                                     meta.get("wandb_run_id"))
 
     ckpt = training.Checkpointer(checkpoint_dir, model, optimizer, rank)
     for key, value in [("model_config", asdict(model.config)), ("user_config", user_config),
-                       ("num_steps", num_steps), ("wandb_run_id", training.wandb_run_id(wandb_run))]:
+                       ("num_steps", num_steps), ("device_batch_size", args.device_batch_size),
+                       ("wandb_run_id", training.wandb_run_id(wandb_run))]:
         ckpt.register(key, value)
 
     def save(step):
         ckpt.save(step)
         print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
 
-    with training.StopFlag() as stop_flag:
+    with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", args.device_batch_size):
         for step in itertools.count(meta.get("step", 0)):
             last_step = step == num_steps
             if training.every(step, args.eval_every, last_step, include_step_zero=True):

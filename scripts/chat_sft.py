@@ -40,7 +40,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # befor
 import argparse
 from types import SimpleNamespace
 
-from nanochat import chat_train, training
+from nanochat import autofit, chat_train, training
 from nanochat.common import autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0
 from nanochat.dataloader import PrefetchedBatches
 from nanochat.report import get_report
@@ -66,8 +66,8 @@ def build_parser():
     p.add_argument("--num-iterations", type=int, default=-1,
                    help="number of optimization steps (-1 = one pass over the training mixture)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: inherit)")
-    p.add_argument("--device-batch-size", type=int, default=None,
-                   help="rows per micro-batch per rank (default: inherit)")
+    p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=None,
+                   help="rows per micro-batch per rank, or auto: the most that fit (default: inherit)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherit)")
     p.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherit)")
     p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherit)")
@@ -91,7 +91,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
+    for name in ("max_seq_len", "total_batch_size"):  # --device-batch-size: its type checks it
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -181,6 +181,10 @@ def main(argv=None):
     hp = chat_train.inherit_hyperparameters(args, base_meta)
     orig_model = model  # uncompiled: checkpoints and ChatCORE (variable shapes)
     model = maybe_compile(model)
+    meta = chat_train.resume_meta("sft", output_tag, args, user_config, RESUME_FREE_KEYS)
+    hp["device_batch_size"] = autofit.device_batch_size(
+        hp["device_batch_size"], model, hp["max_seq_len"], base_meta.get("device_batch_size", 32),
+        hp["total_batch_size"], saved=meta.get("device_batch_size"))
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
                                       world_size, announce=True)
     token_bytes = get_token_bytes(device=device)
@@ -191,7 +195,6 @@ def main(argv=None):
                                            warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    meta = chat_train.resume_meta("sft", output_tag, args, user_config, RESUME_FREE_KEYS)
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
                                     meta.get("wandb_run_id"))
 
@@ -218,7 +221,7 @@ def main(argv=None):
                          timer=training.StepTimer(device_type))
 
     step = meta.get("step", 0)
-    with training.StopFlag() as stop_flag:
+    with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", hp["device_batch_size"]):
         while True:
             evaluate_and_save(step, run, st)
             if run.last_step:

@@ -148,3 +148,21 @@ def test_defaults_match_the_reference_where_it_has_the_flag(script):
     for flag, default in REFERENCE[script].items():
         assert flag in flags, f"scripts/{script}.py lacks the reference's {flag}"
         assert flags[flag] == default, f"scripts/{script}.py {flag}: {flags[flag]!r}, reference {default!r}"
+
+
+# the batch-size flags that take `auto` (nanochat/autofit.py) besides a positive integer
+AUTO_BATCH_FLAGS = {"base_train": "--device-batch-size", "base_eval": "--device-batch-size",
+                    "chat_sft": "--device-batch-size", "chat_rl": "--device-batch-size",
+                    "chat_eval": "--batch-size"}
+
+
+@pytest.mark.parametrize("script", sorted(AUTO_BATCH_FLAGS))
+def test_batch_size_flags_take_auto_or_a_positive_integer(script, capsys):
+    module = importlib.import_module(f"scripts.{script}")
+    flag, required = AUTO_BATCH_FLAGS[script], ["-i", "sft"] if script == "chat_eval" else []
+    dest = flag.lstrip("-").replace("-", "_")
+    assert getattr(module.parse_args(required + [flag, "auto"]), dest) == "auto"
+    assert getattr(module.parse_args(required + [flag, "4"]), dest) == 4
+    with pytest.raises(SystemExit):
+        module.parse_args(required + [flag, "0"])
+    assert "must be a positive integer or 'auto'" in capsys.readouterr().err
