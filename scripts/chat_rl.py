@@ -34,7 +34,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, get_dist_info,
                              is_ddp_initialized, print0)
 from nanochat.engine import Engine
-from nanochat.report import get_report
+from nanochat.report import get_report, record_point
 
 EVAL_MAX_NEW_TOKENS = 256  # pass@k completions (reference value)
 EVAL_TOP_K = 50
@@ -312,6 +312,8 @@ def main(argv=None):
     for key, value in [("model_config", asdict(model.config)), ("user_config", user_config),
                        ("num_steps", num_steps), ("wandb_run_id", training.wandb_run_id(wandb_run))]:
         ckpt.register(key, value)
+    curve = meta.get("curve", {})  # reward per step, pass@1 at evaluations: the report's plot
+    ckpt.register("curve", lambda: curve)
 
     def save(step):
         ckpt.save(step)
@@ -323,6 +325,7 @@ def main(argv=None):
             if training.every(step, args.eval_every, last_step, include_step_zero=True):
                 passk = evaluate_pass_at_k(val_task, tokenizer, engine, args, device)
                 print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
+                record_point(curve, step, {"pass@1": passk.get(1)})
                 wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
             if training.save_due(step, last_step, args.save_every, args.resume_from_step):
                 save(step)
@@ -331,6 +334,7 @@ def main(argv=None):
             reward, length, loss_value, lrm = train_step(model, engine, tokenizer, train_task, optimizer, step,
                                                          num_steps, args, rank, world_size, device)
             print0(f"Step {step}/{num_steps} | Average reward: {reward} | Average sequence length: {length:.2f}")
+            record_point(curve, step, {"mean reward": reward})
             wandb_run.log({"step": step, "reward": reward, "sequence_length": length, "lrm": lrm})
             signalled, non_finite = training.should_stop(stop_flag, loss_value, device)
             if non_finite:
@@ -339,7 +343,9 @@ def main(argv=None):
             if signalled:
                 training.exit_after_signal(save, step + 1, stop_flag.signum)
 
-    get_report().log("Chat RL", [user_config])
+    report = get_report()
+    axes = {"mean reward": "mean reward (train)", "pass@1": "pass@1 (GSM8K test)"}
+    report.log("Chat RL", [user_config, report.curve_image("chat-rl-curves", curve, axes, title="RL")])
     training.close_run(wandb_run)
 
 

@@ -62,7 +62,7 @@ from nanochat.common import (autodetect_device_type, compute_init, download_file
                              get_base_dir, maybe_compile, offline_mode, print0)
 from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
+from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes
 
 # (name, fallback, where the base checkpoint's meta keeps it): --flag None inherits the pretrained value
@@ -308,7 +308,8 @@ def register_checkpoint_state(ckpt, run, orig_model, user_config, hp, batches, s
     ckpt.register("hyperparameters", hp)
     ckpt.register("loop_state", lambda: {
         "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
-        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "loader_states": training.gather_from_ranks(batches.trained_state)})
+        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "curve": run.curve,
+        "loader_states": training.gather_from_ranks(batches.trained_state)})
     ckpt.register("grad_scaler", scaler)
     ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
 
@@ -324,6 +325,7 @@ def evaluate_and_save(step, run, st):
                                   st.rank, st.world_size, st.device)
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
+        record_point(run.curve, step, {"val bpb": run.val_bpb})
         st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
     # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
     if training.save_due(step, last_step, args.save_every, args.resume_from_step):
@@ -355,6 +357,7 @@ def train_step(step, run, st, stop_flag):
                                                        st.ckpt.checkpoint_dir, update=update)
     # the loss EMA averages the losses of micro-batches that had targets only
     smooth = run.tracker.update(step, train_loss_f, dt) if update else run.tracker.debiased(step)
+    record_point(run.curve, step, {"train loss": train_loss_f})
     done_steps = step + 1
     tok_per_sec = int(tokens / dt)
     mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
@@ -407,6 +410,7 @@ def main(argv=None):
     run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
                           progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
                           epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
+                          curve=loop.get("curve", {}),
                           tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
                                                        loop.get("total_training_time", 0.0)))
     ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag), orig_model,
@@ -437,8 +441,11 @@ def main(argv=None):
     print0(f"Minimum validation bpb: {run.min_val_bpb:.4f}")
     if packer.truncated:
         print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
-    get_report().log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
-                             {"Minimum validation bpb": run.min_val_bpb}])
+    report = get_report()
+    curves = report.curve_image("chat-sft-curves", run.curve, {"train loss": "train loss (nats/token)",
+                                                              "val bpb": "val bpb (bits/byte)"}, title="SFT")
+    report.log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
+                       {"Minimum validation bpb": run.min_val_bpb}, curves])
     training.close_run(wandb_run)
 
 
