@@ -7,7 +7,7 @@ on both APIs, plus OpenAI's for n and stop.
 """
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictInt
 
 # Abuse prevention: the reference's limits, on both APIs
 MAX_MESSAGES_PER_REQUEST = 500
@@ -135,7 +135,7 @@ class OpenAIChatRequest(OpenAISampling):
 
 
 class OpenAICompletionRequest(OpenAISampling):
-    prompt: str | list[int]  # text (the tokenizer adds BOS) or token ids, taken as they are
+    prompt: str | list[StrictInt]  # text (BOS goes in front) or token ids, as sent; strict: true is no id
 
 
 def message_text(message, i):
