@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import urllib.request
 
@@ -213,7 +214,6 @@ def print0(s="", **kwargs):
 def progress_shown():
     """Progress bars are drawn on rank 0 when stderr is a terminal, unless NANOCHAT_QUIET is set: logs,
     pipes and tests see exactly the lines they would see without them."""
-    import sys
     quiet = os.environ.get("NANOCHAT_QUIET", "0") not in ("", "0")
     return not quiet and _env_rank() == 0 and sys.stderr.isatty()
 
