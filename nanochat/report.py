@@ -399,7 +399,7 @@ class Report:
         curves, or {curve name: axis label with its unit}: curves of one label share a panel, each label
         gets its own. From base_train:
             report.log_curve("Base model loss", steps, {"train loss": train, "val bpb": val},
-                             {"train loss": "loss (nats/token)", "val bpb": "bits per byte"})
+                             {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
         Use None or nan for steps where a curve has no value. Returns the PNG path.
         """
         image = self.curve_image(slugify(section), {"steps": steps, **series}, ylabel, xlabel, title or section)
