@@ -1,12 +1,13 @@
 """
 The chat server's request schemas and their validation: the reference endpoint's (ChatRequest, checked by
 validate_chat_request with the reference's messages, HTTP 400) and OpenAI's (OpenAIChatRequest, checked by
-openai_turns and openai_stops; APIError carries the status and OpenAI's param and code). Limits are the
-reference's abuse-prevention ones, on both APIs, plus OpenAI's for n and stop.
+openai_turns and openai_stops; OpenAICompletionRequest, by completion_prompt_tokens and openai_stops;
+APIError carries the status and OpenAI's param and code). Limits are the reference's abuse-prevention ones,
+on both APIs, plus OpenAI's for n and stop.
 """
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictInt
 
 # Abuse prevention: the reference's limits, on both APIs
 MAX_MESSAGES_PER_REQUEST = 500
@@ -113,20 +114,28 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class OpenAIChatRequest(BaseModel):
+class OpenAISampling(BaseModel):
+    """What both OpenAI endpoints take besides their prompt."""
     model_config = ConfigDict(extra="ignore")  # unknown parameters (user, logprobs, ...) are ignored
     model: str | None = None
-    messages: list[OpenAIMessage]
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # an extension: OpenAI has no top-k
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     stop: str | list[str] | None = None
     n: int | None = None
     seed: int | None = None
+
+
+class OpenAIChatRequest(OpenAISampling):
+    messages: list[OpenAIMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+
+
+class OpenAICompletionRequest(OpenAISampling):
+    prompt: str | list[StrictInt]  # text (BOS goes in front) or token ids, as sent; strict: true is no id
 
 
 def message_text(message, i):
@@ -185,6 +194,24 @@ def openai_turns(messages):
     return turns
 
 
+def completion_prompt_tokens(tokenizer, prompt):
+    """The token ids of a /v1/completions prompt: text gets BOS in front, as base models were trained."""
+    if isinstance(prompt, list):
+        vocab_size = tokenizer.get_vocab_size()
+        if not prompt or not all(0 <= t < vocab_size for t in prompt):
+            raise APIError(400, f"prompt: token ids must be a non-empty list of ids in [0, {vocab_size})",
+                           "prompt")
+        return prompt
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    if len(prompt) > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise APIError(400, f"prompt is too long: at most {MAX_TOTAL_CONVERSATION_LENGTH} characters",
+                       "prompt")
+    if not is_encodable(prompt):
+        raise APIError(400, "prompt is not valid Unicode text (it holds a lone surrogate)", "prompt")
+    return tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+
+
 def check_range(value, low, high, param, low_inclusive=True):
     if value is None:
         return
@@ -200,7 +227,8 @@ def openai_stops(request):
     check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
     check_range(request.top_k, MIN_TOP_K, MAX_TOP_K, "top_k")
     check_range(request.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_tokens")
-    check_range(request.max_completion_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_completion_tokens")
+    check_range(getattr(request, "max_completion_tokens", None), MIN_MAX_TOKENS, MAX_MAX_TOKENS,
+                "max_completion_tokens")
     check_range(request.n, 1, MAX_CHOICES, "n")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:

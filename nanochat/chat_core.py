@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, print0
+from nanochat.common import is_ddp_initialized, print0, progress
 from nanochat.core_eval import centered_accuracy
 from nanochat.training import agree_sum
 
@@ -115,7 +115,8 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
         print0(f"temperature 0: the {num_samples} samples per problem would be identical, generating 1")
         num_samples = 1
     passed, total = 0, 0
-    for i in range(rank, _num_problems(task, max_problems), world_size):
+    bar = progress(range(rank, _num_problems(task, max_problems), world_size), unit="problem")
+    for i in bar:
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
@@ -123,8 +124,10 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
         completions = (tokenizer.decode(tokens[len(prompt):]) for tokens in results)
         passed += int(any(task.evaluate(conversation, completion) for completion in completions))
         total += 1
-        # \r + clear-line: the progress line is rewritten in place
-        print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
+        if bar.disable:  # \r + clear-line: without a bar, this line rewritten in place shows the progress
+            print(f"\r\033[KRank {rank} | {passed}/{total} ({100 * passed / total:.2f}%)", end="", flush=True)
+        else:
+            bar.set_postfix_str(f"{passed}/{total} ({100 * passed / total:.2f}%)")
     print()
     passed, total = _sum_over_ranks(passed, total, model.get_device())
     print0("=" * 50)
@@ -175,7 +178,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     num_batches = math.ceil(num_problems / batch_size)
     letter_cache = {}
     passed, total = 0, 0
-    for b in range(rank, num_batches, world_size):
+    for b in progress(range(rank, num_batches, world_size), unit="batch"):
         conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
         for conversation, letter in zip(conversations, predict_letters(model, tokenizer, conversations, letter_cache)):
             passed += int(task.evaluate(conversation, letter))

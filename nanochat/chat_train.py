@@ -192,6 +192,7 @@ def sft_run_state(meta, device):
     return SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
                            progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
                            epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
+                           curve=loop.get("curve", {}),
                            tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
                                                         loop.get("total_training_time", 0.0)))
 
@@ -213,7 +214,7 @@ def register_sft_checkpoint(ckpt, run, orig_model, user_config, hp, batches, sca
     ckpt.register("hyperparameters", hp)
     ckpt.register("loop_state", lambda: {
         "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
-        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
+        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "curve": run.curve,
         "loader_states": training.gather_from_ranks(batches.trained_state)})
     ckpt.register("grad_scaler", scaler)
     ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))

@@ -1,6 +1,6 @@
 """
 Runtime policy shared by every module: compute dtype, base directory, distributed identity,
-rank-0 printing, peak FLOPs for MFU, and locked downloads.
+rank-0 printing and progress bars, peak FLOPs for MFU, and locked downloads.
 
 Importing this module does no work. The compute dtype is decided on first access of
 COMPUTE_DTYPE (a PEP 562 module __getattr__), logging is configured only by an explicit
@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import urllib.request
 
@@ -208,6 +209,19 @@ def _env_rank():
 def print0(s="", **kwargs):
     if _env_rank() == 0:
         print(s, **kwargs)
+
+
+def progress_shown():
+    """Progress bars are drawn on rank 0 when stderr is a terminal, unless NANOCHAT_QUIET is set: logs,
+    pipes and tests see exactly the lines they would see without them."""
+    quiet = os.environ.get("NANOCHAT_QUIET", "0") not in ("", "0")
+    return not quiet and _env_rank() == 0 and sys.stderr.isatty()
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar (count, rate, ETA) on stderr, erased when done; disabled unless progress_shown()."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not progress_shown(), leave=False, dynamic_ncols=True, **kwargs)
 
 
 def print_banner():

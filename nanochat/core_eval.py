@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import (REPO_DATA_DIR, atomic_open, download_file_with_lock, get_base_dir,
-                             is_ddp_initialized, offline_mode, print0)
+                             is_ddp_initialized, offline_mode, print0, progress, progress_shown)
 from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 
 logger = logging.getLogger(__name__)
@@ -486,14 +486,14 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
     return scores.index(min(scores)) == item["gold"]
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta):
+def evaluate_task(model, tokenizer, data, device, task_meta, desc=None):
     """Accuracy in [0, 1] over data. Under torch.distributed rank r takes examples r, r+W, ... and the
     results are summed."""
     if not data:
         raise ValueError(f"No examples to evaluate for {task_meta.get('dataset_uri', 'this task')}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
-    for idx in range(rank, len(data), world):
+    for idx in progress(range(rank, len(data), world), desc=desc, unit="example"):
         correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
     if world > 1:
         dist.barrier()
@@ -549,20 +549,25 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
     tasks = load_core_tasks(bundle_dir)
     baselines = load_random_baselines(bundle_dir)
     results, centered_results, missing = {}, {}, []
-    for task in tasks:
+    for task_num, task in enumerate(tasks, 1):
         label = task["label"]
         if not os.path.isfile(task_data_path(bundle_dir, task)):
             print0(f"Skipping {label}: eval_data/{task['dataset_uri']} is missing from the bundle")
             missing.append(label)
             continue
         task_meta = {key: task[key] for key in ("task_type", "num_fewshot", "continuation_delimiter", "dataset_uri")}
-        print0(f"Evaluating: {label} ({task['num_fewshot']}-shot, type: {task['task_type']})... ", end="", flush=True)
+        heading = f"Evaluating: {label} ({task['num_fewshot']}-shot, type: {task['task_type']})... "
+        bar_shown = progress_shown()  # a bar would draw over a heading printed now: it goes with the result
+        if not bar_shown:
+            print0(heading, end="", flush=True)
         t0 = time.time()
         data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
+        desc = f"CORE {task_num}/{len(tasks)} {label}"
+        accuracy = evaluate_task(model, tokenizer, data, device, task_meta, desc)
         results[label] = accuracy
         centered_results[label] = centered_accuracy(accuracy, 0.01 * baselines[label])  # percent
-        print0(f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
+        result = f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s"
+        print0((heading if bar_shown else "") + result)
     if not results:
         raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data")
     core_metric = sum(centered_results.values()) / len(centered_results)

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import progress
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -20,7 +22,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     total_nats = torch.zeros((), dtype=acc_dtype, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     batch_iter = iter(batches)
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="bpb", unit="batch"):
         x, y = next(batch_iter)
         loss = model(x, y, loss_reduction="none").reshape(-1)
         y = y.reshape(-1)

@@ -10,7 +10,8 @@ Files in the report dir:
 - header.md: environment facts (git, hardware, software, code size) plus "Run started: <ts>"
 - <slug>.md: one per section, slug = section name lower-cased with spaces as dashes; a section is
   rewritten as a whole each time it is logged
-- <slug>.png: loss-curve plots written by Report.log_curve, embedded by their section file
+- <name>.png: plots (curves, bar charts) embedded by their section file: Report.log_curve writes a section
+  around one; curve_image and bar_chart_image return the markdown a section's items embed it with
 - report.md: the stitched report
 Every file is written atomically (a temp file renamed into place), so a crash mid-write never leaves a
 truncated section behind and a concurrent `generate` never reads half a file.
@@ -309,6 +310,69 @@ def _absolute_image_links(markdown, report_dir):
 
 
 # -----------------------------------------------------------------------------
+# Plots: object-oriented matplotlib on the Agg canvas, so no pyplot, no global backend switch or figure
+# registry, and nothing needs a display. Imported inside the functions: only plotting needs matplotlib.
+
+def new_figure(height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def curve_figure(steps, series, axis_of, xlabel, title):
+    """One panel per distinct axis label (axis_of: curve name -> label), stacked over a shared x axis."""
+    labels = list(dict.fromkeys(axis_of[name] for name in series))
+    fig = new_figure(4.5 if len(labels) <= 1 else 2.5 * len(labels) + 0.5)
+    axes = fig.subplots(max(len(labels), 1), 1, sharex=True, squeeze=False)[:, 0]
+    for name, values in series.items():
+        # Missing points (None/nan, e.g. a val loss measured every N steps) are dropped rather than
+        # plotted as gaps, so a sparse curve is still drawn as connected points.
+        points = [(x, float(v)) for x, v in zip(steps, values) if v is not None and math.isfinite(v)]
+        xs, ys = zip(*points) if points else ((), ())
+        ax = axes[labels.index(axis_of[name])]
+        ax.plot(xs, ys, label=name, marker="o" if len(points) <= 50 else None, markersize=3)
+    for ax, label in zip(axes, labels):
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1].set_xlabel(xlabel)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def bar_figure(values, xlabel, title):
+    """Horizontal bars, the first label on top, with a line at 0."""
+    fig = new_figure(max(2.5, 0.3 * len(values) + 1.2))
+    ax = fig.add_subplot()
+    labels = list(values)
+    ax.barh(range(len(labels)), [values[label] for label in labels])
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def record_point(curve, step, values):
+    """Append a step and its {series name: value} to curve ({"steps": [...], name: [...]}). A series
+    without a value at the step gets None there, so every series stays aligned with the steps."""
+    steps = curve.setdefault("steps", [])
+    for name in values:
+        curve.setdefault(name, [None] * len(steps))
+    steps.append(step)
+    for name, series in curve.items():
+        if name != "steps":
+            series.append(values.get(name))
+    return curve
+
+
+# -----------------------------------------------------------------------------
 # Report
 
 class Report:
@@ -331,49 +395,45 @@ class Report:
     def log_curve(self, section, steps, series, ylabel="loss", xlabel="step", title=None):
         """
         Plot one or more curves over a shared x axis into <slug>.png and (over)write <slug>.md so that it
-        embeds the image and lists each curve's last and minimum value. Default use from base_train:
-            report.log_curve("Base model loss", steps, {"train": train_losses, "val": val_losses})
+        embeds the image and lists each curve's last and minimum value. ylabel is one axis label for all
+        curves, or {curve name: axis label with its unit}: curves of one label share a panel, each label
+        gets its own. From base_train:
+            report.log_curve("Base model loss", steps, {"train loss": train, "val bpb": val},
+                             {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
         Use None or nan for steps where a curve has no value. Returns the PNG path.
         """
-        steps = list(steps)
-        for name, values in series.items():
-            if len(values) != len(steps):
-                raise ValueError(f"series {name!r} has {len(values)} values for {len(steps)} steps")
-        png_name = f"{slugify(section)}.png"
-        self._save_plot(self._path(png_name), steps, series, xlabel, ylabel, title or section)
+        image = self.curve_image(slugify(section), {"steps": steps, **series}, ylabel, xlabel, title or section)
         stats = {}
         for name, values in series.items():
             finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+            key = name if isinstance(ylabel, dict) else f"{name} {ylabel}"
             if finite:
-                stats[f"{name} {ylabel} (last)"] = finite[-1]
-                stats[f"{name} {ylabel} (min)"] = min(finite)
-        self.log(section, [f"![{ylabel} curve]({png_name})\n\n", stats])
-        return self._path(png_name)
+                stats[f"{key} (last)"] = finite[-1]
+                stats[f"{key} (min)"] = min(finite)
+        self.log(section, [image, stats])
+        return self._path(f"{slugify(section)}.png")
 
-    @staticmethod
-    def _save_plot(path, steps, series, xlabel, ylabel, title):
-        # Object-oriented matplotlib on the Agg canvas: no pyplot, so no global backend switch or figure
-        # registry, and nothing needs a display. Imported here because only this method needs it.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    def curve_image(self, name, curve, ylabel="loss", xlabel="step", title=None):
+        """Write <name>.png of curve ({"steps": [...], name: [...]}, see record_point; ylabel as in log_curve)
+        and return the markdown that embeds it, for a section's items ("" for a curve without steps)."""
+        steps = list(curve.get("steps", []))
+        series = {key: values for key, values in curve.items() if key != "steps"}
+        if not steps:
+            return ""
+        for key, values in series.items():
+            if len(values) != len(steps):
+                raise ValueError(f"series {key!r} has {len(values)} values for {len(steps)} steps")
+        axis_of = ylabel if isinstance(ylabel, dict) else dict.fromkeys(series, ylabel)
+        self._save(f"{name}.png", curve_figure(steps, series, axis_of, xlabel, title or name))
+        return f"![{ylabel if isinstance(ylabel, str) else 'curves'} curve]({name}.png)\n\n"
 
-        fig = Figure(figsize=(8, 4.5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for name, values in series.items():
-            # Missing points (None/nan, e.g. a val loss measured every N steps) are dropped rather than
-            # plotted as gaps, so a sparse curve is still drawn as connected points.
-            points = [(x, float(v)) for x, v in zip(steps, values) if v is not None and math.isfinite(v)]
-            xs, ys = zip(*points) if points else ((), ())
-            ax.plot(xs, ys, label=name, marker="o" if len(points) <= 50 else None, markersize=3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if series:
-            ax.legend()
-        fig.tight_layout()
-        with atomic_open(path, "wb") as f:
+    def bar_chart_image(self, name, values, xlabel, title):
+        """Write <name>.png, one horizontal bar per {label: value}, and return the markdown embedding it."""
+        self._save(f"{name}.png", bar_figure(values, xlabel, title))
+        return f"![{name}]({name}.png)\n\n"  # not the title: the summary parses "CORE..." lines
+
+    def _save(self, png_name, fig):
+        with atomic_open(self._path(png_name), "wb") as f:
             fig.savefig(f, format="png")
 
     def reset(self):
@@ -441,6 +501,12 @@ class DummyReport:
 
     def log_curve(self, *args, **kwargs):
         pass
+
+    def curve_image(self, *args, **kwargs):
+        return ""
+
+    def bar_chart_image(self, *args, **kwargs):
+        return ""
 
     def reset(self, *args, **kwargs):
         pass

@@ -12,6 +12,7 @@ Endpoints:
     GET  /health, /stats       readiness and load; a "worker" is one device with its scheduler
     GET  /v1/models            the one model served, as "nanochat-<source>-<tag>"
     POST /v1/chat/completions  OpenAI chat completions, streaming (SSE chunks, then [DONE]) or not
+    POST /v1/completions       OpenAI's text completions (a prompt continued, for base models), as above
 
 With --api-key KEY (or NANOCHAT_API_KEY), /v1/*, /chat/completions and /stats need `Authorization: Bearer KEY`
 (401 otherwise, code invalid_api_key on /v1); the page, its logo and /health stay open. The page cannot send
@@ -23,6 +24,7 @@ Any OpenAI client works against /v1:
     client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")  # or the server's --api-key
     reply = client.chat.completions.create(model="nanochat-sft-d20",
                                            messages=[{"role": "user", "content": "Hi"}])
+    text = client.completions.create(model="nanochat-base-d20", prompt="The capital of France is")
 
 Every device runs a continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is
 validated and rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode
@@ -34,6 +36,8 @@ slot. When a scheduler's queue is full the answer is 429; while the server is lo
 is accepted as an extension; `stop` strings end a choice at their first occurrence and are cut from its
 text; each of `n` choices is its own request with seed `seed + i`; a prompt that leaves no room in the
 model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
+A /v1/completions `prompt` is text (BOS is put in front, as in pretraining) or a list of token ids (sent as
+they are); the reply ends at max_tokens, a stop string, BOS or <|assistant_end|>.
 Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
 
@@ -71,7 +75,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
 from nanochat.api_schemas import (MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, MIN_MAX_TOKENS, MIN_TEMPERATURE,
-                                  MIN_TOP_K, APIError, ChatRequest, OpenAIChatRequest, openai_stops,
+                                  MIN_TOP_K, APIError, ChatRequest, OpenAIChatRequest,
+                                  OpenAICompletionRequest, completion_prompt_tokens, openai_stops,
                                   openai_turns, validate_chat_request)
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
@@ -468,7 +473,7 @@ class Generation:
     choices: list
     requests: list = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
 
@@ -503,11 +508,11 @@ class Generation:
             self.cancel()
 
 
-def start_generation(worker, prompt, params_list, stops=()):
+def start_generation(worker, prompt, params_list, stops=(), id_prefix="chatcmpl"):
     """Submit one request per SamplingParams to the worker's scheduler; APIError when it cannot take them."""
     loop = asyncio.get_running_loop()
     choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
-    generation = Generation(worker, len(prompt), choices)
+    generation = Generation(worker, len(prompt), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
 
     def forward_to_loop(index):
         def on_event(event):  # runs on the scheduler thread
@@ -671,34 +676,74 @@ def openai_params(body, config, max_tokens):
                            seed=(seed + i) % 2**63) for i in range(body.n or 1)]
 
 
-async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
+def serving_pool(request, body):
+    """The pool, once the request's model is the one served (404 otherwise)."""
     pool = get_pool(request)
     if body.model is not None and body.model != pool.model_id:
         raise APIError(404, f"The model '{body.model}' does not exist (this server has '{pool.model_id}')",
                        "model", code="model_not_found")
+    return pool
+
+
+def start_openai_generation(request, body, worker, prompt, stops, prompt_param, max_tokens, id_prefix):
+    """The generation for an OpenAI request whose prompt is rendered: max_tokens capped to the room left."""
+    room = worker.context_len - len(prompt)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
+                            f"{prompt_param} take {len(prompt)} tokens", prompt_param,
+                       code="context_length_exceeded")
+    config = request.app.state.config
+    params = openai_params(body, config, min(max_tokens or config.max_tokens, room))
+    return start_generation(worker, prompt, params, stops, id_prefix)
+
+
+async def collect_or_fail(generation, request, num_messages):
+    await collect(generation, request)
+    log_generation(generation, num_messages)
+    if any(choice.finish_reason == "error" for choice in generation.choices):
+        raise APIError(500, "Generation failed on the server", type="server_error")
+
+
+def include_usage(body):
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
+    pool = serving_pool(request, body)
     turns = openai_turns(body.messages)
     stops = openai_stops(body)
     worker = pool.least_loaded()
     prompt = render_chat_prompt(worker.tokenizer, turns)
-    room = worker.context_len - len(prompt)
-    if room < 1:
-        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
-                            f"messages take {len(prompt)} tokens", "messages", code="context_length_exceeded")
-    config = request.app.state.config
-    requested = body.max_completion_tokens or body.max_tokens or config.max_tokens
-    generation = start_generation(worker, prompt, openai_params(body, config, min(requested, room)), stops)
+    generation = start_openai_generation(request, body, worker, prompt, stops, "messages",
+                                         body.max_completion_tokens or body.max_tokens, "chatcmpl")
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = openai_stream(generation, pool.model_id, include_usage, len(body.messages))
+        stream = openai_stream(generation, pool.model_id, include_usage(body), len(body.messages))
         return ClosingStreamingResponse(stream, media_type="text/event-stream")
-    await collect(generation, request)
-    log_generation(generation, len(body.messages))
-    if any(choice.finish_reason == "error" for choice in generation.choices):
-        raise APIError(500, "Generation failed on the server", type="server_error")
+    await collect_or_fail(generation, request, len(body.messages))
     return {"id": generation.id, "object": "chat.completion", "created": generation.created,
             "model": pool.model_id,
             "choices": [{"index": i, "message": {"role": "assistant", "content": choice.text.text},
                          "logprobs": None, "finish_reason": choice.finish_reason}
+                        for i, choice in enumerate(generation.choices)],
+            "usage": generation.usage()}
+
+
+async def openai_completions(body: OpenAICompletionRequest, request: Request):
+    """The prompt continued: the text as a base model reads it (BOS first), or token ids as sent."""
+    pool = serving_pool(request, body)
+    worker = pool.least_loaded()
+    prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
+    stops = openai_stops(body)
+    generation = start_openai_generation(request, body, worker, prompt, stops, "prompt", body.max_tokens,
+                                         "cmpl")
+    if body.stream:
+        stream = openai_stream(generation, pool.model_id, include_usage(body), 1, text_completion=True)
+        return ClosingStreamingResponse(stream, media_type="text/event-stream")
+    await collect_or_fail(generation, request, 1)
+    return {"id": generation.id, "object": "text_completion", "created": generation.created,
+            "model": pool.model_id,
+            "choices": [{"index": i, "text": choice.text.text, "logprobs": None,
+                         "finish_reason": choice.finish_reason}
                         for i, choice in enumerate(generation.choices)],
             "usage": generation.usage()}
 
@@ -718,18 +763,26 @@ async def collect(generation, request):
         watcher.cancel()
 
 
-async def openai_stream(generation, model_id, include_usage, num_messages):
+async def openai_stream(generation, model_id, include_usage, num_messages, text_completion=False):
     """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
-    the usage chunk when asked for, then [DONE]."""
+    the usage chunk when asked for, then [DONE]. text_completion: text_completion events, with no role
+    chunk and {"text": delta} in place of {"delta": {"content": delta}}."""
     def chunk(choices, usage=None):
-        payload = {"id": generation.id, "object": "chat.completion.chunk", "created": generation.created,
+        kind = "text_completion" if text_completion else "chat.completion.chunk"
+        payload = {"id": generation.id, "object": kind, "created": generation.created,
                    "model": model_id, "choices": choices}
         return sse({**payload, "usage": usage} if include_usage else payload)
 
+    def choice(index, text, finish_reason):
+        if text_completion:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+
     try:
         for index in range(len(generation.choices)):
-            role = {"role": "assistant", "content": ""}
-            yield chunk([{"index": index, "delta": role, "finish_reason": None}])
+            if not text_completion:
+                role = {"role": "assistant", "content": ""}
+                yield chunk([{"index": index, "delta": role, "finish_reason": None}])
         async for index, delta in generation.deltas():
             finish_reason = generation.choices[index].finish_reason
             if finish_reason == "error":
@@ -737,9 +790,9 @@ async def openai_stream(generation, model_id, include_usage, num_messages):
                                      "param": None, "code": None}})
                 return
             if delta:
-                yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
+                yield chunk([choice(index, delta, None)])
             if finish_reason is not None:
-                yield chunk([{"index": index, "delta": {}, "finish_reason": finish_reason}])
+                yield chunk([choice(index, None, finish_reason)])
         if include_usage:
             yield chunk([], usage=generation.usage())
         yield "data: [DONE]\n\n"
@@ -790,6 +843,7 @@ def create_app(config):
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", openai_chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", openai_completions, methods=["POST"])
     return app
 
 

@@ -230,7 +230,11 @@ def evaluate(args, rank, world_size, device):
         if rank == 0:
             print0(f"Results written to: {write_core_csv(slug, core)}")
         print0(f"CORE metric: {format_core_metric(core)}")
-    get_report().log(section="Base model evaluation", data=report_items(name, core, bpb, samples, unconditioned))
+    report = get_report()
+    chart = core and report.bar_chart_image("base-model-core-tasks", core["centered_results"],
+                                            "centered accuracy (0 = chance, 1 = perfect)", f"CORE, {name}")
+    report.log(section="Base model evaluation",
+               data=report_items(name, core, bpb, samples, unconditioned) + [chart])
     return core
 
 

@@ -434,7 +434,9 @@ def report_run(user_config, args, run, counts, flops_per_token, scale, num_itera
     ])
     curve = run.curve
     if curve["steps"]:
-        report.log_curve("Base model loss", curve["steps"], {"train": curve["train"], "val bpb": curve["val"]})
+        series = {"train loss": curve["train"], "val bpb": curve["val"]}
+        report.log_curve("Base model loss", curve["steps"], series,
+                         {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
 
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from nanochat import autofit, chat_train, training
 from nanochat.common import autodetect_device_type, compute_init, get_base_dir, print0
 from nanochat.engine import Engine
-from nanochat.report import get_report
+from nanochat.report import get_report, record_point
 
 EVAL_MAX_NEW_TOKENS = 256  # pass@k completions (reference value)
 EVAL_TOP_K = 50
@@ -159,6 +159,8 @@ def main(argv=None):
                        ("num_steps", num_steps), ("device_batch_size", args.device_batch_size),
                        ("wandb_run_id", training.wandb_run_id(wandb_run))]:
         ckpt.register(key, value)
+    curve = meta.get("curve", {})  # reward per step, pass@1 at evaluations: the report's plot
+    ckpt.register("curve", lambda: curve)
 
     def save(step):
         ckpt.save(step)
@@ -172,6 +174,7 @@ def main(argv=None):
                                                       args.device_batch_size, device, EVAL_MAX_NEW_TOKENS,
                                                       EVAL_TOP_K)
                 print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
+                record_point(curve, step, {"pass@1": passk.get(1)})
                 wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
             if training.save_due(step, last_step, args.save_every, args.resume_from_step):
                 save(step)
@@ -181,6 +184,7 @@ def main(argv=None):
                                                          step, num_steps, args, rank, world_size, device)
             print0(f"Step {step}/{num_steps} | Average reward: {reward} | "
                    f"Average sequence length: {length:.2f}")
+            record_point(curve, step, {"mean reward": reward})
             wandb_run.log({"step": step, "reward": reward, "sequence_length": length, "lrm": lrm})
             signalled, non_finite = training.should_stop(stop_flag, loss_value, device)
             if non_finite:
@@ -190,7 +194,9 @@ def main(argv=None):
             if signalled:
                 training.exit_after_signal(save, step + 1, stop_flag.signum)
 
-    get_report().log("Chat RL", [user_config])
+    report = get_report()
+    axes = {"mean reward": "mean reward (train)", "pass@1": "pass@1 (GSM8K test)"}
+    report.log("Chat RL", [user_config, report.curve_image("chat-rl-curves", curve, axes, title="RL")])
     training.close_run(wandb_run)
 
 

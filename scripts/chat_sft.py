@@ -43,7 +43,7 @@ from types import SimpleNamespace
 from nanochat import autofit, chat_train, training
 from nanochat.common import autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0
 from nanochat.dataloader import PrefetchedBatches
-from nanochat.report import get_report
+from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes
 
 # user_config keys that may change on resume without changing the trajectory
@@ -120,6 +120,7 @@ def evaluate_and_save(step, run, st):
                                              st.token_bytes, st.rank, st.world_size, st.device)
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
+        record_point(run.curve, step, {"val bpb": run.val_bpb})
         st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
     # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
     if training.save_due(step, last_step, args.save_every, args.resume_from_step):
@@ -152,6 +153,7 @@ def train_step(step, run, st, stop_flag):
                                                        st.ckpt.checkpoint_dir, update=update)
     # the loss EMA averages the losses of micro-batches that had targets only
     smooth = run.tracker.update(step, train_loss_f, dt) if update else run.tracker.debiased(step)
+    record_point(run.curve, step, {"train loss": train_loss_f})
     done_steps = step + 1
     tok_per_sec = int(tokens / dt)
     mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
@@ -238,8 +240,11 @@ def main(argv=None):
     print0(f"Minimum validation bpb: {run.min_val_bpb:.4f}")
     if packer.truncated:
         print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
-    get_report().log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
-                             {"Minimum validation bpb": run.min_val_bpb}])
+    report = get_report()
+    curves = report.curve_image("chat-sft-curves", run.curve, {"train loss": "train loss (nats/token)",
+                                                              "val bpb": "val bpb (bits/byte)"}, title="SFT")
+    report.log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
+                       {"Minimum validation bpb": run.min_val_bpb}, curves])
     training.close_run(wandb_run)
 
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from nanochat.common import atomic_open, get_base_dir
+from nanochat.common import atomic_open, get_base_dir, progress
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
@@ -44,13 +44,15 @@ def parse_args(argv=None):
 def text_iterator(max_chars, doc_cap):
     """Train-split documents cropped to doc_cap characters; stops after the one that crosses max_chars."""
     total = 0
-    for batch in parquets_iter_batched(split="train"):
-        for doc in batch:
-            doc = doc[:doc_cap]
-            total += len(doc)
-            yield doc
-            if total > max_chars:
-                return
+    with progress(total=max_chars, unit="char", unit_scale=True, desc="Reading training text") as bar:
+        for batch in parquets_iter_batched(split="train"):
+            for doc in batch:
+                doc = doc[:doc_cap]
+                total += len(doc)
+                bar.update(len(doc))
+                yield doc
+                if total > max_chars:
+                    return
 
 
 def token_bytes_stats(token_bytes):

@@ -14,6 +14,7 @@ Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_
 install_sample_base_dir, install_tiny_chat_base_dir.
 """
 
+import io
 import os
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
@@ -115,3 +116,12 @@ def tiny_base_dir(tmp_path, monkeypatch, tiny_tokenizer):
     base = point_base_dir_at(monkeypatch, tmp_path / "base")
     tiny_tokenizer.save(str(base / "tokenizer"))
     return base
+
+
+
+class TerminalIO(io.StringIO):
+    """An in-memory terminal: with contextlib.redirect_stderr(TerminalIO()) progress bars draw on it (they
+    stay off when stderr is not a TTY)."""
+
+    def isatty(self):
+        return True

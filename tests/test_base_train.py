@@ -124,6 +124,9 @@ def test_train_writes_checkpoint_meta_and_report(base_dir, capsys):
     report_dir = os.path.join(base_dir, "report")
     assert "Calculated number of iterations: 4" in open(os.path.join(report_dir, "base-model-training.md")).read()
     assert os.path.exists(os.path.join(report_dir, "base-model-loss.png"))
+    loss_md = open(os.path.join(report_dir, "base-model-loss.md")).read()
+    # train loss (nats/token) and val bpb (bits/byte) are named apart and plotted on panels of their own
+    assert "- train loss (last): " in loss_md and "- val bpb (min): " in loss_md and "bpb loss" not in loss_md
     # the checkpoint loads back into a model with the same weights
     from nanochat.checkpoint_manager import load_model
     model, tokenizer, meta2 = load_model("base", torch.device("cpu"), phase="eval", model_tag="t_basic")

@@ -4,6 +4,7 @@ Scripted models (logits decided by a rule over the prompt) make the expected acc
 construction; a tiny random GPT checks batching/padding and runs the CLI end to end, offline.
 """
 
+import contextlib
 import re
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.spellingbee import SpellingBee
 
-from conftest import write_tiny_checkpoint
+from conftest import TerminalIO, write_tiny_checkpoint
 
 TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog. What is the answer? The answer is 42.\n",
@@ -191,6 +192,26 @@ def test_categorical_batches_and_max_problems(tokenizer):
     model = LetterModel(tokenizer, at_answer=gold)
     assert chat_core.run_categorical_eval(task, tokenizer, model, batch_size=2, max_problems=5) == 1.0
     assert [batch.shape[0] for batch in model.batches] == [2, 2, 1]
+
+
+def test_chat_eval_draws_progress_bars_on_a_terminal(tokenizer, monkeypatch, capsys):
+    monkeypatch.delenv("NANOCHAT_QUIET", raising=False)
+    task = TinyMC()
+    gold, _ = gold_and_wrong(tokenizer, task, len(task))
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        assert chat_core.run_categorical_eval(task, tokenizer, LetterModel(tokenizer, at_answer=gold), 2) == 1.0
+    assert re.search(r"0/4 \[00:00<\?, \?batch/s\]", terminal.getvalue()), terminal.getvalue()
+    task = GSM8K(subset="main", split="test")
+    prompts = [tuple(tokenizer.render_for_completion(task[i])) for i in range(3)]
+    right = {p: tokenizer.encode(f"#### {final_answer(task[i])}") for i, p in enumerate(prompts)}
+    model = AnswerModel(tokenizer, right)
+    capsys.readouterr()
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        assert chat_core.run_generative_eval(task, tokenizer, model, Engine(model, tokenizer), 1, 16, 0.0, 50,
+                                             max_problems=3) == 1.0
+    assert re.search(r"0/3 \[00:00<\?, \?problem/s, 3/3 \(100.00%\)\]", terminal.getvalue()), terminal.getvalue()
+    out = capsys.readouterr().out
+    assert "Rank 0 |" not in out and "Final: 3/3 (100.00%)" in out  # the bar shows what that line showed
 
 
 def test_multi_token_letter_is_a_clear_error(tokenizer):

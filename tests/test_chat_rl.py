@@ -187,7 +187,15 @@ def test_rl_steps_save_checkpoints_and_resume_exactly(base_dir, capsys, monkeypa
     with open(os.path.join(ckpt, "meta_000002.json")) as f:
         meta = json.load(f)
     assert meta["step"] == 2 and meta["model_config"]["n_layer"] == 2
-    assert "Chat RL" in open(os.path.join(base_dir, "report", "chat-rl.md")).read()
+    report = open(os.path.join(base_dir, "report", "chat-rl.md")).read()
+    assert "Chat RL" in report and "![curves curve](chat-rl-curves.png)" in report
+    assert os.path.exists(os.path.join(base_dir, "report", "chat-rl-curves.png"))
+    # the curve holds what the run printed: pass@1 at the evaluations (steps 0, 2), the reward of each step
+    rewards = [float(r) for r in re.findall(r"^Step \d+/\d+ \| Average reward: (\S+) \|", out, re.M)]
+    passes = [float(p) for p in re.findall(r"^Step \d+ \| Pass@1: ([\d.]+)", out, re.M)]
+    curve = meta["curve"]
+    assert curve["steps"] == [0, 0, 1, 2] and curve["mean reward"] == [None] + rewards + [None]
+    assert [round(v, 4) if v is not None else v for v in curve["pass@1"]] == [passes[0], None, None, passes[1]]
 
     chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--resume-from-step=1"])
     resumed = capsys.readouterr().out

@@ -304,6 +304,16 @@ def test_sft_run_then_exact_resume_from_the_middle_checkpoint(base_dir, capsys):
     assert meta["max_seq_len"] == SEQ_LEN and len(meta["loop_state"]["loader_states"]) == 1
     report = open(os.path.join(base_dir, "report", "sft.md")).read()
     assert "Number of iterations: 4" in report
+    # the report plots the run's curves, which the checkpoint keeps for a resumed run's plot
+    assert "![curves curve](chat-sft-curves.png)" in report
+    assert os.path.exists(os.path.join(base_dir, "report", "chat-sft-curves.png"))
+    curve = meta["loop_state"]["curve"]
+    assert curve["steps"] == [0, 0, 1, 2, 2, 3, 4]
+    assert [s for s, v in zip(curve["steps"], curve["val bpb"]) if v is not None] == [0, 2, 4]
+    assert [s for s, v in zip(curve["steps"], curve["train loss"]) if v is not None] == [0, 1, 2, 3]
+    losses = [v for v in curve["train loss"] if v is not None]
+    # the raw loss of each step: the printed one is smoothed, equal to it at the first step only
+    assert f"{losses[0]:.6f}".startswith(step_losses(out)[1]) and all(0 < v < 20 for v in losses)
     from nanochat.checkpoint_manager import load_model
     model, _, _ = load_model("sft", torch.device("cpu"), phase="eval", model_tag="d2")
     final = torch.load(os.path.join(ckpt, "model_000004.pt"))

@@ -417,6 +417,76 @@ def test_openai_accepts_limits_and_ignores_unknown_parameters(url):
 
 
 # -----------------------------------------------------------------------------
+# /v1/completions: a prompt continued, as base models are used
+
+def test_completions_equal_greedy_decode_for_text_and_token_prompts(client, reference):
+    _, tokenizer = reference
+    text = "The quick brown fox"
+    prompt = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
+    expected = greedy_reply(reference, prompt, 12)
+    for sent in (text, prompt):  # text gets BOS in front; token ids are taken as they are
+        response = client.completions.create(model=MODEL_ID, prompt=sent, temperature=0, max_tokens=12)
+        assert response.object == "text_completion" and response.id.startswith("cmpl-")
+        [choice] = response.choices
+        assert choice.text == tokenizer.decode(expected) and choice.index == 0
+        assert choice.finish_reason == ("length" if len(expected) == 12 else "stop")
+        usage = response.usage
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), len(expected))
+
+
+def test_completions_stream_and_stop_strings(client, url, reference):
+    _, tokenizer = reference
+    kwargs = dict(model=MODEL_ID, prompt="The answer is", temperature=0, max_tokens=24)
+    full = client.completions.create(**kwargs).choices[0].text
+    assert len(full) >= 10, f"the test needs a longer greedy reply, got {full!r}"
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    stop = full[6:9]
+    for stream in (False, True):
+        response = client.completions.create(**kwargs, stop=[stop, "never appears"], stream=stream)
+        chunks = [c for c in response if c.choices] if stream else [response]
+        assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    body = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "stream": True, "max_tokens": 3}).text
+    payloads = sse_payloads(body)
+    assert payloads[-1] == "[DONE]"
+    assert all(json.loads(p)["object"] == "text_completion" for p in payloads[:-1])
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, -1]}, "prompt"),
+    ({"prompt": [300]}, "prompt"),  # the tiny vocabulary has 300 ids
+    ({"prompt": "x" * 32001}, "prompt"),
+    ({"prompt": [1] * 2048}, "prompt"),  # no room left in the 2048-token context
+    ({"prompt": "Hi", "temperature": 2.5}, "temperature"),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Hi", "n": 9}, "n"),
+    ({"prompt": "Hi", "stop": ""}, "stop"),
+    ({"prompt": "Hi", "stream": "sometimes"}, "stream"),
+])
+def test_completions_invalid_requests_get_400_naming_the_field(url, body, param):
+    response = httpx.post(url + "/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+
+
+def test_completions_for_another_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+
+
+# -----------------------------------------------------------------------------
 # The reference API
 
 def test_reference_stream_format(url, reference):
@@ -567,6 +637,7 @@ def test_headless_browser_gets_a_streamed_answer_from_the_real_server(url):
 API_KEY = "test-key-0123"
 PROTECTED = [("GET", "/v1/models", None), ("GET", "/stats", None),
              ("POST", "/v1/chat/completions", {"messages": USER, "max_tokens": 2}),
+             ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
              ("POST", "/chat/completions", {"messages": USER, "max_tokens": 2})]
 
 

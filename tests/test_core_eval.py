@@ -1,4 +1,5 @@
 """nanochat/core_eval.py: prompts, batching, scoring, the CORE loop, and obtaining the eval bundle."""
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,6 +15,8 @@ import torch
 from nanochat import core_eval as ce
 from nanochat.common import REPO_DATA_DIR
 from nanochat.tokenizer import RustBPETokenizer
+
+from conftest import TerminalIO
 
 COMMITTED_ZIP = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
 
@@ -504,6 +507,28 @@ def test_evaluate_core_on_a_mini_bundle(base_dir, mini_zip, monkeypatch, capsys)
     shuffled_mc = list(MC_ROWS)
     random.Random(1337).shuffle(shuffled_mc)
     assert truncated["results"]["mc_task"] == sum(it["gold"] == 0 for it in shuffled_mc[:2]) / 2
+
+
+def test_core_draws_a_bar_per_task_on_a_terminal_and_prints_the_same_lines(base_dir, mini_zip, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    tok = CharTokenizer()
+    untimed = lambda printed: re.sub(r"time: [0-9.]+s", "time: Xs", printed)
+    ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu")  # installs the bundle, which it announces
+    capsys.readouterr()
+    monkeypatch.setenv("NANOCHAT_QUIET", "1")
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu")
+    quiet = untimed(capsys.readouterr().out)
+    assert terminal.getvalue() == ""
+    monkeypatch.delenv("NANOCHAT_QUIET")
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu")
+    assert untimed(capsys.readouterr().out) == quiet  # the bars go to stderr; stdout keeps its lines
+    for bar in ("CORE 1/4 mc_task", "CORE 2/4 lm_task", "CORE 4/4 schema_task"):
+        pattern = re.escape(bar) + r": +0%\|.*\| 0/\d+ \[00:00<\?, \?example/s\]"
+        assert re.search(pattern, terminal.getvalue()), terminal.getvalue()
 
 
 def test_core_value_is_labelled_with_its_task_count_unless_all_22_ran():

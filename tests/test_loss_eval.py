@@ -1,10 +1,14 @@
+import contextlib
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+
+from conftest import TerminalIO
 
 
 class UniformModel:
@@ -76,3 +80,18 @@ def test_real_model_matches_manual_sum():
                     nbytes += int(token_bytes[t])
     bpb = evaluate_bpb(model, batches, 3, token_bytes)
     assert math.isclose(bpb, nats / (math.log(2) * nbytes), rel_tol=1e-5)
+
+
+def test_a_terminal_gets_a_progress_bar_with_rate_and_eta_and_the_same_bpb(monkeypatch):
+    V = 8
+    token_bytes = torch.arange(1, V + 1)
+    batches = [(torch.zeros(2, 4, dtype=torch.long), torch.randint(0, V, (2, 4))) for _ in range(3)]
+    monkeypatch.delenv("NANOCHAT_QUIET", raising=False)
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        bpb = evaluate_bpb(UniformModel(V), batches, 3, token_bytes)
+    drawn = terminal.getvalue()
+    assert re.search(r"bpb: +0%\|.*\| 0/3 \[00:00<\?, \?batch/s\]", drawn), drawn  # count, ETA, rate
+    monkeypatch.setenv("NANOCHAT_QUIET", "1")
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        assert evaluate_bpb(UniformModel(V), batches, 3, token_bytes) == bpb
+    assert terminal.getvalue() == ""

@@ -282,6 +282,69 @@ def test_log_curve_rejects_mismatched_lengths(rep, env):
     assert not (env.report_dir / "base-model-loss.png").exists()
 
 
+UNITS = {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"}
+
+
+def test_curve_figure_puts_each_unit_on_its_own_panel():
+    series = {"train loss": [3.0, 2.5, None, 2.0], "val bpb": [1.2, None, float("nan"), 1.0]}
+    fig = R.curve_figure([0, 1, 2, 3], series, UNITS, "step", "Base model loss")
+    axes = fig.get_axes()
+    assert [ax.get_ylabel() for ax in axes] == ["train loss (nats/token)", "val bpb (bits/byte)"]
+    assert axes[-1].get_xlabel() == "step" and axes[0].get_title() == "Base model loss"
+    [train], [val] = axes[0].get_lines(), axes[1].get_lines()
+    assert (train.get_label(), val.get_label()) == ("train loss", "val bpb")
+    assert [list(map(float, data)) for data in train.get_data()] == [[0, 1, 3], [3.0, 2.5, 2.0]]
+    assert [list(map(float, data)) for data in val.get_data()] == [[0, 3], [1.2, 1.0]]
+    one_axis = R.curve_figure([0, 1], {"a": [1, 2], "b": [2, 1]}, {"a": "loss", "b": "loss"}, "step", "t")
+    assert len(one_axis.get_axes()) == 1 and len(one_axis.get_axes()[0].get_lines()) == 2
+
+
+def test_log_curve_with_units_writes_a_panel_per_unit_and_names_the_stats_by_curve(rep, env):
+    png = rep.log_curve("Base model loss", [0, 1, 2], {"train loss": [3.0, 2.0, 2.5], "val bpb": [1.5, None, 1.2]},
+                        UNITS)
+    data = open(png, "rb").read()
+    assert data[:8] == PNG_SIGNATURE and struct.unpack(">II", data[16:24]) == (800, 550)  # two panels high
+    md = (env.report_dir / "base-model-loss.md").read_text()
+    assert "![curves curve](base-model-loss.png)\n" in md
+    assert "- train loss (last): 2.5000\n- train loss (min): 2.0000\n" in md
+    assert "- val bpb (last): 1.2000\n- val bpb (min): 1.2000\n" in md
+
+
+def test_record_point_keeps_every_series_aligned_with_the_steps():
+    curve = {}
+    R.record_point(curve, 0, {"val bpb": 1.5})
+    R.record_point(curve, 0, {"train loss": 3.0})
+    assert R.record_point(curve, 1, {"train loss": 2.0}) is curve
+    assert curve == {"steps": [0, 0, 1], "val bpb": [1.5, None, None], "train loss": [None, 3.0, 2.0]}
+
+
+def test_curve_image_embeds_its_png_and_draws_nothing_without_steps(rep, env):
+    assert rep.curve_image("chat-sft-curves", {}) == ""
+    assert not (env.report_dir / "chat-sft-curves.png").exists()
+    curve = R.record_point(R.record_point({}, 0, {"train loss": 2.0}), 1, {"val bpb": 1.0})
+    markdown = rep.curve_image("chat-sft-curves", curve, UNITS, title="SFT")
+    assert markdown == "![curves curve](chat-sft-curves.png)\n\n"
+    assert open(env.report_dir / "chat-sft-curves.png", "rb").read()[:8] == PNG_SIGNATURE
+    with pytest.raises(ValueError, match="val bpb"):
+        rep.curve_image("bad", {"steps": [0, 1], "val bpb": [1.0]})
+
+
+def test_bar_chart_of_core_tasks_and_the_summary_still_reads_core(rep, env):
+    centered = {"hellaswag": 0.3, "arc_easy": -0.1, "lambada": 0.05}
+    fig = R.bar_figure(centered, "centered accuracy", "CORE, d20")
+    [ax] = fig.get_axes()
+    assert [bar.get_width() for bar in ax.patches] == pytest.approx([0.3, -0.1, 0.05])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["hellaswag", "arc_easy", "lambada"]
+    assert ax.get_xlabel() == "centered accuracy" and ax.get_title() == "CORE, d20"
+    chart = rep.bar_chart_image("base-model-core-tasks", centered, "centered accuracy", "CORE, d20")
+    assert chart == "![base-model-core-tasks](base-model-core-tasks.png)\n\n"
+    assert open(env.report_dir / "base-model-core-tasks.png", "rb").read()[:8] == PNG_SIGNATURE
+    rep.log("Base model evaluation", [{"model": "d20", "CORE metric": 0.25}, centered, chart])
+    text = open(rep.generate()).read()
+    assert "![base-model-core-tasks](base-model-core-tasks.png)" in text
+    assert re.search(r"^\| CORE +\| 0\.2500 ", text, re.M)
+
+
 # -----------------------------------------------------------------------------
 # entry points
 
@@ -301,6 +364,7 @@ def test_dummy_report_is_noop(tmp_path, monkeypatch):
     d = R.DummyReport()
     assert d.log("X", [{"a": 1}]) is None
     assert d.log_curve("Y", [0], {"a": [1.0]}) is None
+    assert d.curve_image("y", {"steps": [0], "a": [1.0]}) == "" and d.bar_chart_image("y", {"a": 1}, "x", "t") == ""
     assert d.reset() is None and d.generate() is None
     assert os.listdir(tmp_path) == []
 

@@ -185,10 +185,17 @@ MALFORMED_V1 = ['{"messages":[{"role":"user","content":"hi"}],"stop":"\\udfff"}'
                 '{"model":"\\ud800","messages":[{"role":"user","content":"hi"}]}']  # nor model
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+MALFORMED_COMPLETIONS = ['{"prompt":"\\ud800"}', '{"prompt":["\\ud800"]}', '{"prompt":[1e400]}', '{"prompt":[true]}',
+                         '{"prompt":[1.5]}', '{"prompt":[99999999999999999999999]}', '{"prompt":{"a":1}}',
+                         '{"prompt":"hi","max_tokens":NaN}', '{"prompt":"hi","stop":"\\udfff"}', '[]', '"hi"']
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions", "/v1/completions"])
 def test_malformed_input_is_a_4xx_with_a_json_body(server, path):
     url, _ = server
-    for raw in MALFORMED + (MALFORMED_V1 if path.startswith("/v1/") else []):
+    bodies = {"/chat/completions": MALFORMED, "/v1/chat/completions": MALFORMED + MALFORMED_V1,
+              "/v1/completions": MALFORMED + MALFORMED_COMPLETIONS}
+    for raw in bodies[path]:
         response = httpx.post(url + path, content=raw.encode(), headers={"content-type": "application/json"},
                               timeout=TIMEOUT)
         assert 400 <= response.status_code < 500, (raw, response.status_code, response.text)

@@ -1,6 +1,8 @@
 """scripts/tok_train.py and scripts/tok_eval.py, end to end on the committed offline sample."""
 
+import contextlib
 import random
+import re
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch
 from nanochat import dataset
 from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, get_tokenizer
 from scripts import tok_eval, tok_train
+
+from conftest import TerminalIO
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +58,14 @@ def test_text_iterator_stops_after_crossing_max_chars(base_env):
     lengths = [len(d) for d in docs]
     assert max(lengths) <= 3_000
     assert sum(lengths[:-1]) <= 20_000 < sum(lengths)
+
+
+def test_text_iterator_draws_a_progress_bar_on_a_terminal(base_env, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_QUIET", raising=False)
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        docs = list(tok_train.text_iterator(max_chars=20_000, doc_cap=3_000))
+    assert docs and "Reading training text:   0%|" in terminal.getvalue()
+    assert re.search(r"\| 0\.00/20\.0k \[00:00<\?, \?char/s\]", terminal.getvalue()), terminal.getvalue()
 
 
 def test_tok_train_rejects_bad_flags():
