@@ -5,16 +5,20 @@ the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, the eval/save
 mode, the wandb run that a resume continues, and the per-rank state gathered into a checkpoint.
 The run kit at the end is what every stage's loop is made of: the Checkpointer (one checkpoint of
 registered state), the micro-steps of one optimizer step, the save cadence, the step's log line and the
-end of the run; above it, the chat stages' checkpoint metadata and resume checks.
+end of the run; above it, the chat stages' checkpoint metadata and resume checks; after it, the loop's
+counters and their checkpoint meta, the step boundary (val bpb, save, late evals) and the step report.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
+import contextlib
 import gc
 import json
 import math
 import os
 import signal
 import time
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -548,3 +552,82 @@ def close_run(wandb_run):
     from nanochat.common import compute_cleanup
     wandb_run.finish()
     compute_cleanup()
+
+
+# -----------------------------------------------------------------------------
+# The run kit's loop: the counters a checkpoint keeps and the step boundary (base_train uses them;
+# chat_sft and chat_rl have twins of them to switch over)
+
+def run_counters(meta, **saved):
+    """
+    A loop's counters from the meta being resumed ({} for a fresh run): val_bpb, min_val_bpb, the loss
+    tracker, and each stage counter in `saved` (name=fresh value, e.g. chat_sft's progress=0.0, epoch=1)
+    from the meta's "loop_state", where register_run_state saves them back. The loop may rebind them.
+    """
+    loop = meta.get("loop_state", {})
+    tracker = LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
+    counters = {key: loop.get(key, fresh) for key, fresh in saved.items()}
+    return SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                           tracker=tracker, saved=tuple(saved), **counters)
+
+
+def register_run_state(ckpt, run, config, user_config, stage_keys, scaler, wandb_run, loop_extra=None):
+    """
+    The meta of a stage's checkpoint, registered with `ckpt` in this order: val_bpb, model_config (of the
+    GPTConfig `config`), user_config, the stage's own stage_keys (key -> source, e.g. its batch geometry),
+    "loop_state" (run_counters' counters plus loop_extra: key -> function read at save time, e.g. chat_sft's
+    loader_states), the GradScaler and the id of the wandb run a resume continues.
+    """
+    ckpt.register("val_bpb", lambda: run.val_bpb)
+    ckpt.register("model_config", asdict(config))
+    ckpt.register("user_config", user_config)
+    for key, source in stage_keys.items():
+        ckpt.register(key, source)
+    extra = loop_extra or {}
+    ckpt.register("loop_state", lambda: {"min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
+                                         **{key: getattr(run, key) for key in run.saved},
+                                         **{key: read() for key, read in extra.items()}})
+    ckpt.register("grad_scaler", scaler)
+    ckpt.register("wandb_run_id", wandb_run_id(wandb_run))
+
+
+def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_at_last_step=False):
+    """
+    What is due at the boundary before step `step`, in order: val_eval(step) every args.eval_every steps
+    (step 0 and the last included; with val_at_last_step the last even if eval_every is off), the save
+    (save_due), then fn(step, last_step) of each (period, fn) in late_evals every period steps and at the
+    last: after the save, so that a failing eval cannot lose the run.
+    """
+    if every(step, args.eval_every, last_step, include_step_zero=True) or (val_at_last_step and last_step):
+        val_eval(step)
+    if save_due(step, last_step, args.save_every, args.resume_from_step):
+        ckpt.save(step)
+    for period, evaluate in late_evals:
+        if every(step, period, last_step):
+            evaluate(step, last_step)
+
+
+def record_val_bpb(run, step, val_bpb, wandb_run, digits=6, **metrics):
+    """Keep a validation bpb in the run counters, print it (chat_sft: 4 digits), log it with `metrics`."""
+    run.val_bpb, run.min_val_bpb = val_bpb, min(run.min_val_bpb, val_bpb)
+    print0(f"Step {step:05d} | Validation bpb: {val_bpb:.{digits}f}")
+    wandb_run.log({"step": step, **metrics, "val/bpb": val_bpb})
+
+
+def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):
+    tokens = device_batch_size * seq_len
+    print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
+    print0(f"Tokens / micro-batch: {tokens * world_size:,}")
+    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode, its FP8 layers swapped for plain ones, for the block; in training mode after."""
+    from nanochat.fp8 import disable_fp8
+    model.eval()
+    try:
+        with disable_fp8(model):
+            yield model
+    finally:
+        model.train()
