@@ -243,3 +243,23 @@ def setup_optimizer(model, args, scale, optimizer_data):
     if optimizer_data is not None:
         optimizer.load_state_dict(optimizer_data)
     return optimizer
+
+
+# -----------------------------------------------------------------------------
+# Evaluations inside the loop
+
+def core_and_log(model, tokenizer, device, max_per_task, step, flops_so_far, last_step, wandb_run):
+    """CORE at this step (None if it failed at the last step, whose checkpoint is already saved)."""
+    from nanochat.core_eval import core_metric_log_key, evaluate_core, format_core_metric
+    try:
+        with training.eval_mode(model):
+            core = evaluate_core(model, tokenizer, device, max_per_task=max_per_task)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not last_step:
+            raise
+        print0(f"Step {step:05d} | CORE evaluation failed ({e}); the checkpoint is saved")
+        return None
+    print0(f"Step {step:05d} | CORE metric: {format_core_metric(core)}")
+    wandb_run.log({"step": step, "total_training_flops": flops_so_far, core_metric_log_key(core):
+                   core["core_metric"], "centered_results": core["centered_results"]})
+    return core

@@ -558,45 +558,38 @@ def close_run(wandb_run):
 # The run kit's loop: the counters a checkpoint keeps and the step boundary (base_train uses them;
 # chat_sft and chat_rl have twins of them to switch over)
 
-def run_counters(meta, **saved):
+def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb_run, loop_extra=None,
+                      **saved):
     """
-    A loop's counters from the meta being resumed ({} for a fresh run): val_bpb, min_val_bpb, the loss
-    tracker, and each stage counter in `saved` (name=fresh value, e.g. chat_sft's progress=0.0, epoch=1)
-    from the meta's "loop_state", where register_run_state saves them back. The loop may rebind them.
+    A stage's run state, registered with `ckpt` and restored from the meta being resumed ({} for a fresh
+    run). Returns the loop's counters: val_bpb, min_val_bpb, the loss tracker and each counter in `saved`
+    (name=fresh value, e.g. chat_sft's progress=0.0, epoch=1), which the loop may rebind. The meta keys in
+    order: val_bpb, model_config (of the GPTConfig `config`), user_config, stage_keys (key -> source, e.g.
+    the batch geometry), loop_state (the counters plus loop_extra: key -> function read at save time, e.g.
+    every rank's loader state), grad_scaler (restored into `scaler`) and wandb_run_id.
     """
     loop = meta.get("loop_state", {})
     tracker = LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
-    counters = {key: loop.get(key, fresh) for key, fresh in saved.items()}
-    return SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
-                           tracker=tracker, saved=tuple(saved), **counters)
-
-
-def register_run_state(ckpt, run, config, user_config, stage_keys, scaler, wandb_run, loop_extra=None):
-    """
-    The meta of a stage's checkpoint, registered with `ckpt` in this order: val_bpb, model_config (of the
-    GPTConfig `config`), user_config, the stage's own stage_keys (key -> source, e.g. its batch geometry),
-    "loop_state" (run_counters' counters plus loop_extra: key -> function read at save time, e.g. chat_sft's
-    loader_states), the GradScaler and the id of the wandb run a resume continues.
-    """
-    ckpt.register("val_bpb", lambda: run.val_bpb)
-    ckpt.register("model_config", asdict(config))
-    ckpt.register("user_config", user_config)
-    for key, source in stage_keys.items():
+    run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                          tracker=tracker, **{key: loop.get(key, fresh) for key, fresh in saved.items()})
+    fixed = {"model_config": asdict(config), "user_config": user_config, **stage_keys}
+    for key, source in {"val_bpb": lambda: run.val_bpb, **fixed}.items():
         ckpt.register(key, source)
     extra = loop_extra or {}
     ckpt.register("loop_state", lambda: {"min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
-                                         **{key: getattr(run, key) for key in run.saved},
+                                         **{key: getattr(run, key) for key in saved},
                                          **{key: read() for key, read in extra.items()}})
     ckpt.register("grad_scaler", scaler)
     ckpt.register("wandb_run_id", wandb_run_id(wandb_run))
+    ckpt.restore(meta)
+    return run
 
 
 def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_at_last_step=False):
     """
     What is due at the boundary before step `step`, in order: val_eval(step) every args.eval_every steps
-    (step 0 and the last included; with val_at_last_step the last even if eval_every is off), the save
-    (save_due), then fn(step, last_step) of each (period, fn) in late_evals every period steps and at the
-    last: after the save, so that a failing eval cannot lose the run.
+    (step 0 and the last included; val_at_last_step: the last even when off), the save, then fn(step,
+    last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose the run.
     """
     if every(step, args.eval_every, last_step, include_step_zero=True) or (val_at_last_step and last_step):
         val_eval(step)
@@ -605,13 +598,6 @@ def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_
     for period, evaluate in late_evals:
         if every(step, period, last_step):
             evaluate(step, last_step)
-
-
-def record_val_bpb(run, step, val_bpb, wandb_run, digits=6, **metrics):
-    """Keep a validation bpb in the run counters, print it (chat_sft: 4 digits), log it with `metrics`."""
-    run.val_bpb, run.min_val_bpb = val_bpb, min(run.min_val_bpb, val_bpb)
-    print0(f"Step {step:05d} | Validation bpb: {val_bpb:.{digits}f}")
-    wandb_run.log({"step": step, **metrics, "val/bpb": val_bpb})
 
 
 def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):

@@ -28,13 +28,14 @@ from types import SimpleNamespace
 from nanochat import training
 from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0,
                              print_banner)
-from nanochat.core_eval import core_metric_log_key, format_core_metric, greedy_samples
+from nanochat.core_eval import format_core_metric, greedy_samples
 from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
 from nanochat.fp8 import fp8_tokens_error
 from nanochat.loss_eval import split_bpb
 from nanochat.pretraining import (apply_scaling_rules, build_model, check_resume_config, convert_fp8,
-                                  num_iterations_for, print_horizon, print_parameter_counts, setup_optimizer)
+                                  core_and_log, num_iterations_for, print_horizon, print_parameter_counts,
+                                  setup_optimizer)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -154,8 +155,6 @@ def setup(args, user_config):
         check_resume_config(meta, config, user_config, num_iterations)
 
     # --- the checkpoint: weights, optimizer, meta (the reference's keys, plus what an exact resume needs)
-    run = training.run_counters(meta, curve={"steps": [], "train": [], "val": []})
-    run.core_results, run.mfu = None, 0.0
     ckpt = training.Checkpointer(checkpoint_dir, orig_model, optimizer, rank)
     # the loader state *before* the prefetched batch: a resume trains on exactly that batch next; rank 0's
     # under the reference's key (single-process readers), every rank's for an exact resume
@@ -163,8 +162,9 @@ def setup(args, user_config):
                 "total_batch_size": scale.total_batch_size, "num_iterations": num_iterations,
                 "dataloader_state_dict": lambda: batches.trained_state,
                 "dataloader_state_dicts": lambda: training.gather_from_ranks(batches.trained_state)}
-    training.register_run_state(ckpt, run, config, user_config, geometry, scaler, wandb_run)
-    ckpt.restore(meta)
+    run = training.restore_run_state(ckpt, meta, config, user_config, geometry, scaler, wandb_run,
+                                     curve={"steps": [], "train": [], "val": []})
+    run.core_results, run.mfu = None, 0.0
     st = SimpleNamespace(args=args, model=model, orig_model=orig_model, optimizer=optimizer, scaler=scaler,
                          tokenizer=tokenizer, token_bytes=token_bytes, device=device, device_type=device_type,
                          world_size=world_size, master=rank == 0, wandb_run=wandb_run, ckpt=ckpt,
@@ -181,54 +181,43 @@ def evaluate_and_save(step, last_step, run, st):
     """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
     args, flops_so_far = st.args, st.flops_per_token * st.scale.total_batch_size * step
 
-    def val_bpb(step):
+    def evaluate_val(step):
         steps = training.eval_steps_for(args.eval_tokens, args.device_batch_size, args.max_seq_len,
                                         st.world_size)
         with training.eval_mode(st.model):
             value = split_bpb(st.model, st.tokenizer, st.token_bytes, "val", args.device_batch_size,
                               args.max_seq_len, steps, st.device)
-        training.record_val_bpb(run, step, value, st.wandb_run, total_training_flops=flops_so_far,
-                                total_training_time=run.tracker.total_training_time)
+        run.val_bpb, run.min_val_bpb = value, min(run.min_val_bpb, value)
+        print0(f"Step {step:05d} | Validation bpb: {value:.6f}")
+        st.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                          "total_training_time": run.tracker.total_training_time, "val/bpb": value})
         run.curve["steps"].append(step), run.curve["train"].append(None), run.curve["val"].append(value)
 
-    def core(step, last_step):
-        run.core_results = core_and_log(st, step, flops_so_far, last_step) or run.core_results
+    def evaluate_core(step, last_step):
+        result = core_and_log(st.orig_model, st.tokenizer, st.device, args.core_metric_max_per_task, step,
+                              flops_so_far, last_step, st.wandb_run)
+        run.core_results = result or run.core_results
 
-    def samples(step, last_step):
+    def print_samples(step, last_step):
         with training.eval_mode(st.orig_model):
             for text in greedy_samples(st.orig_model, st.tokenizer):
                 print0(text)
 
-    late_evals = [(args.core_metric_every, core), (args.sample_every if st.master else -1, samples)]
-    training.evaluate_and_save(step, last_step, st.ckpt, args, val_bpb, late_evals)
-
-
-def core_and_log(st, step, flops_so_far, last_step):
-    """CORE at this step (None if it failed at the last step, whose checkpoint is already saved)."""
-    from nanochat.core_eval import evaluate_core
-    try:
-        with training.eval_mode(st.orig_model):
-            core = evaluate_core(st.orig_model, st.tokenizer, st.device,
-                                 max_per_task=st.args.core_metric_max_per_task)
-    except (OSError, RuntimeError, ValueError) as e:
-        if not last_step:
-            raise
-        print0(f"Step {step:05d} | CORE evaluation failed ({e}); the checkpoint is saved")
-        return None
-    print0(f"Step {step:05d} | CORE metric: {format_core_metric(core)}")
-    st.wandb_run.log({"step": step, "total_training_flops": flops_so_far, core_metric_log_key(core):
-                      core["core_metric"], "centered_results": core["centered_results"]})
-    return core
+    sample_every = args.sample_every if st.master else -1
+    late_evals = [(args.core_metric_every, evaluate_core), (sample_every, print_samples)]
+    training.evaluate_and_save(step, last_step, st.ckpt, args, evaluate_val, late_evals)
 
 
 def log_step(step, loss, lrm, dt, run, st):
+    """The step's line, its point on the loss curve and, every 100 steps, its wandb metrics."""
     n, tokens, loader = st.num_iterations, st.scale.total_batch_size, st.batches.next_state
     smooth = run.tracker.update(step, loss, dt)
     tok_per_sec = int(tokens / dt)
     run.mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
     position = f"epoch: {loader['epoch']} pq: {loader['pq_idx']} rg: {loader['rg_idx']}"
+    eta = run.tracker.eta_suffix(step, n)
     print0(training.step_log_line(step, f"/{n:05d} ({100 * step / n:.2f}%)", smooth, lrm, dt, tok_per_sec,
-                                  "bf16_mfu", run.mfu, position, run.tracker, run.tracker.eta_suffix(step, n)))
+                                  "bf16_mfu", run.mfu, position, run.tracker, eta))
     run.curve["steps"].append(step), run.curve["train"].append(loss), run.curve["val"].append(None)
     if step % 100 == 0:
         flops = st.flops_per_token * tokens * step
