@@ -66,22 +66,20 @@ def load_nanochat_model(device, model_tag, step):
 def run_samples(model, tokenizer):
     """Greedy completions of SAMPLE_PROMPTS and 8 unconditioned samples (rank 0 only); returns both lists."""
     from nanochat.engine import Engine
-    engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    print0("\n" + "=" * 80)
-    print0("Model Samples")
-    print0("=" * 80)
-    print0("\nConditioned samples:")
+
+    def show(texts):
+        for text in texts:
+            print0("-" * 80)
+            print0(text)
+
+    print0("\n" + "=" * 80 + "\nModel Samples\n" + "=" * 80 + "\n\nConditioned samples:")
     samples = greedy_samples(model, tokenizer)
-    for text in samples:
-        print0("-" * 80)
-        print0(text)
+    show(samples)
     print0("\nUnconditioned samples:")
-    results, _ = engine.generate_batch([bos], num_samples=8, max_tokens=128, temperature=1.0)
+    results, _ = Engine(model, tokenizer).generate_batch([tokenizer.get_bos_token_id()], num_samples=8,
+                                                         max_tokens=128, temperature=1.0)
     unconditioned = [tokenizer.decode(tokens) for tokens in results]
-    for text in unconditioned:
-        print0("-" * 80)
-        print0(text)
+    show(unconditioned)
     return samples, unconditioned
 
 
