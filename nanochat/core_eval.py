@@ -633,3 +633,44 @@ def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
                                            temperature=0)
         samples.append(tokenizer.decode(results[0]))
     return samples
+
+
+# -----------------------------------------------------------------------------
+# base_eval's outputs: the CORE csv and the "Base model evaluation" report section
+
+def format_core_csv(core):
+    """Header, one line per task, then the CORE line; fields joined by ', ' and padded to 35, 10, 10."""
+    def line(task, accuracy, centered):
+        return f"{task:<35}, {accuracy:<10}, {centered:<10}\n"
+    lines = [line("Task", "Accuracy", "Centered")]
+    for label, accuracy in core["results"].items():
+        lines.append(line(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}"))
+    note = core_task_note(core)  # a CORE over fewer than the 22 tasks says so in its row name
+    lines.append(line(f"CORE {note}" if note else "CORE", "", f"{core['core_metric']:.6f}"))
+    return "".join(lines)
+
+
+def write_core_csv(slug, core):
+    """<base_dir>/base_eval/<slug>.csv, written atomically; returns its path."""
+    out_dir = os.path.join(get_base_dir(), "base_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{slug}.csv")
+    with atomic_open(path) as f:
+        f.write(format_core_csv(core))
+    return path
+
+
+def base_eval_report_items(name, core, bpb, samples, unconditioned):
+    """The items of the "Base model evaluation" report section."""
+    summary = {"model": name}
+    if core is not None:
+        # a CORE over fewer than the 22 tasks is reported with its task count beside the value
+        summary["CORE metric"] = format_core_metric(core) if core_task_note(core) else core["core_metric"]
+    if bpb:
+        summary["train bpb"], summary["val bpb"] = bpb["train"], bpb["val"]
+    items = [summary]
+    if core is not None:
+        items.append(core["centered_results"])
+    items.extend({f"sample {i}": text} for i, text in enumerate(samples))
+    items.extend({f"unconditioned {i}": text} for i, text in enumerate(unconditioned))
+    return items

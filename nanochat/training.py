@@ -5,16 +5,20 @@ the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, the eval/save
 mode, the wandb run that a resume continues, and the per-rank state gathered into a checkpoint.
 The run kit at the end is what every stage's loop is made of: the Checkpointer (one checkpoint of
 registered state), the micro-steps of one optimizer step, the save cadence, the step's log line and the
-end of the run; above it, the chat stages' checkpoint metadata and resume checks.
+end of the run; above it, the chat stages' checkpoint metadata and resume checks; after it, the loop's
+counters and their checkpoint meta, the step boundary (val bpb, save, late evals) and the step report.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
+import contextlib
 import gc
 import json
 import math
 import os
 import signal
 import time
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -555,3 +559,68 @@ def close_run(wandb_run):
     from nanochat.common import compute_cleanup
     wandb_run.finish()
     compute_cleanup()
+
+
+# -----------------------------------------------------------------------------
+# The run kit's loop: the counters a checkpoint keeps and the step boundary (base_train uses them;
+# chat_sft and chat_rl have twins of them to switch over)
+
+def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb_run, loop_extra=None,
+                      **saved):
+    """
+    A stage's run state, registered with `ckpt` and restored from the meta being resumed ({} for a fresh
+    run). Returns the loop's counters: val_bpb, min_val_bpb, the loss tracker and each counter in `saved`
+    (name=fresh value, e.g. chat_sft's progress=0.0, epoch=1), which the loop may rebind. The meta keys in
+    order: val_bpb, model_config (of the GPTConfig `config`), user_config, stage_keys (key -> source, e.g.
+    the batch geometry), loop_state (the counters plus loop_extra: key -> function read at save time, e.g.
+    every rank's loader state), grad_scaler (restored into `scaler`) and wandb_run_id.
+    """
+    loop = meta.get("loop_state", {})
+    tracker = LossTracker(loop.get("smooth_train_loss", 0.0), loop.get("total_training_time", 0.0))
+    run = SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
+                          tracker=tracker, **{key: loop.get(key, fresh) for key, fresh in saved.items()})
+    fixed = {"model_config": asdict(config), "user_config": user_config, **stage_keys}
+    for key, source in {"val_bpb": lambda: run.val_bpb, **fixed}.items():
+        ckpt.register(key, source)
+    extra = loop_extra or {}
+    ckpt.register("loop_state", lambda: {"min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
+                                         **{key: getattr(run, key) for key in saved},
+                                         **{key: read() for key, read in extra.items()}})
+    ckpt.register("grad_scaler", scaler)
+    ckpt.register("wandb_run_id", wandb_run_id(wandb_run))
+    ckpt.restore(meta)
+    return run
+
+
+def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_at_last_step=False):
+    """
+    What is due at the boundary before step `step`, in order: val_eval(step) every args.eval_every steps
+    (step 0 and the last included; val_at_last_step: the last even when off), the save, then fn(step,
+    last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose the run.
+    """
+    if every(step, args.eval_every, last_step, include_step_zero=True) or (val_at_last_step and last_step):
+        val_eval(step)
+    if save_due(step, last_step, args.save_every, args.resume_from_step):
+        ckpt.save(step)
+    for period, evaluate in late_evals:
+        if every(step, period, last_step):
+            evaluate(step, last_step)
+
+
+def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):
+    tokens = device_batch_size * seq_len
+    print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
+    print0(f"Tokens / micro-batch: {tokens * world_size:,}")
+    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode, its FP8 layers swapped for plain ones, for the block; in training mode after."""
+    from nanochat.fp8 import disable_fp8
+    model.eval()
+    try:
+        with disable_fp8(model):
+            yield model
+    finally:
+        model.train()

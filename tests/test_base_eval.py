@@ -1,4 +1,5 @@
-"""scripts/base_eval.py: CLI validation, the CORE csv, the report items, HF helpers, bpb, failure exits."""
+"""base_eval: CLI validation and failure exits, and its library half: the CORE csv and report items
+(core_eval), the HF helpers and bpb (loss_eval)."""
 import math
 import os
 import sys
@@ -7,8 +8,9 @@ import types
 import pytest
 import torch
 
-from nanochat import core_eval
+from nanochat import core_eval, loss_eval
 from nanochat.tokenizer import HuggingFaceTokenizer, RustBPETokenizer, compute_token_bytes
+from nanochat.core_eval import base_eval_report_items as report_items
 from scripts import base_eval
 
 from conftest import point_base_dir_at
@@ -54,47 +56,47 @@ def test_core_csv_format(base_dir):
         "boolq                              , 0.500000  , -0.315789 \n"
         "CORE (2 of 22 tasks)               ,           , -0.116228 \n"  # fewer than 22: said in the name
     )
-    assert base_eval.format_core_csv(CORE) == expected
-    path = base_eval.write_core_csv("base_model_000123", CORE)
+    assert core_eval.format_core_csv(CORE) == expected
+    path = core_eval.write_core_csv("base_model_000123", CORE)
     assert path == str(base_dir / "base_eval" / "base_model_000123.csv")
     assert open(path).read() == expected
     assert os.listdir(base_dir / "base_eval") == ["base_model_000123.csv"]
-    partial = base_eval.format_core_csv(dict(CORE, missing_tasks=["coqa"]))
+    partial = core_eval.format_core_csv(dict(CORE, missing_tasks=["coqa"]))
     assert partial.splitlines()[-1] == "CORE (2 of 22 tasks, missing coqa) ,           , -0.116228 "
     full = dict(CORE, results={f"t{i}": 0.5 for i in range(22)}, centered_results={f"t{i}": 0.0 for i in range(22)})
-    assert base_eval.format_core_csv(full).splitlines()[-1] == "CORE                               ,           , -0.116228 "
+    assert core_eval.format_core_csv(full).splitlines()[-1] == "CORE                               ,           , -0.116228 "
 
 
 def test_report_items(tmp_path):
-    items = base_eval.report_items("base_model (step 5)", CORE, {"train": 1.5, "val": 1.25}, ["s0", "s1"], ["u0"])
+    items = report_items("base_model (step 5)", CORE, {"train": 1.5, "val": 1.25}, ["s0", "s1"], ["u0"])
     assert items[0] == {"model": "base_model (step 5)", "CORE metric": f"{CORE['core_metric']:.4f} (2 of 22 tasks)",
                         "train bpb": 1.5, "val bpb": 1.25}
     assert list(items[0]) == ["model", "CORE metric", "train bpb", "val bpb"]
     assert items[1] == CORE["centered_results"]
     assert items[2:] == [{"sample 0": "s0"}, {"sample 1": "s1"}, {"unconditioned 0": "u0"}]
     partial = dict(CORE, missing_tasks=["coqa"])
-    assert base_eval.report_items("m", partial, {}, [], []) == [
+    assert report_items("m", partial, {}, [], []) == [
         {"model": "m", "CORE metric": f"{CORE['core_metric']:.4f} (2 of 22 tasks, missing coqa)"},
         CORE["centered_results"]]
     # the report's summary table reads the CORE value back from the section text, task count included
     from nanochat.report import Report, extract
-    path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", partial, {}, [], []))
+    path = Report(str(tmp_path)).log("Base model evaluation", report_items("m", partial, {}, [], []))
     assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f} (2 of 22 tasks, missing coqa)"
     full = dict(CORE, results={f"t{i}": 0.5 for i in range(22)})
-    assert base_eval.report_items("m", full, {}, [], [])[0] == {"model": "m", "CORE metric": CORE["core_metric"]}
-    path = Report(str(tmp_path)).log("Base model evaluation", base_eval.report_items("m", full, {}, [], []))
+    assert report_items("m", full, {}, [], [])[0] == {"model": "m", "CORE metric": CORE["core_metric"]}
+    path = Report(str(tmp_path)).log("Base model evaluation", report_items("m", full, {}, [], []))
     assert extract(open(path).read(), ["CORE"])["CORE"] == f"{CORE['core_metric']:.4f}"
-    bpb_only = base_eval.report_items("m", None, {"train": 2.0, "val": 3.0}, [], [])
+    bpb_only = report_items("m", None, {"train": 2.0, "val": 3.0}, [], [])
     assert bpb_only == [{"model": "m", "train bpb": 2.0, "val bpb": 3.0}]
 
 
 def test_bpb_steps(capsys):
-    assert base_eval.bpb_steps(1024, 128) == (1024, 8)
+    assert loss_eval.bpb_steps(1024, 128) == (1024, 8)
     assert capsys.readouterr().out == ""
-    assert base_eval.bpb_steps(1000, 128) == (896, 7)
+    assert loss_eval.bpb_steps(1000, 128) == (896, 7)
     assert "Adjusted split_tokens to 896 (must be divisible by 128)" in capsys.readouterr().out
-    with pytest.raises(base_eval.SetupError, match="less than one batch"):
-        base_eval.bpb_steps(100, 128)
+    with pytest.raises(loss_eval.SetupError, match="less than one batch"):
+        loss_eval.bpb_steps(100, 128)
 
 
 def test_model_wrapper_matches_the_gpt_call_signature():
@@ -108,7 +110,7 @@ def test_model_wrapper_matches_the_gpt_call_signature():
         def forward(self, input_ids):
             return types.SimpleNamespace(logits=logits)
 
-    wrapper = base_eval.ModelWrapper(FakeCausalLM(), max_seq_len=1024)
+    wrapper = loss_eval.ModelWrapper(FakeCausalLM(), max_seq_len=1024)
     ids = torch.zeros(2, 5, dtype=torch.long)
     assert torch.equal(wrapper(ids), logits)
     targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -126,7 +128,7 @@ def test_model_wrapper_matches_the_gpt_call_signature():
 def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
     corpus = ["the quick brown fox jumps over the lazy dog; café naïve über " * 4] * 40
     tokenizer = HuggingFaceTokenizer.train_from_iterator(iter(corpus), 400)
-    token_bytes = base_eval.get_hf_token_bytes(tokenizer)
+    token_bytes = loss_eval.get_hf_token_bytes(tokenizer)
     assert token_bytes.dtype == torch.int64 and token_bytes.shape == (tokenizer.get_vocab_size(),)
     # specials count as their text: "<|bos|>" is 7 bytes, "<|assistant_start|>" 19
     for name in tokenizer.get_special_tokens():
@@ -142,8 +144,8 @@ def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
 
 def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
-    with pytest.raises(base_eval.SetupError, match="needs the `transformers` package"):
-        base_eval.load_hf_model("openai-community/gpt2", "cpu")
+    with pytest.raises(loss_eval.SetupError, match="needs the `transformers` package"):
+        loss_eval.load_hf_model("openai-community/gpt2", "cpu")
     with pytest.raises(SystemExit) as info:
         base_eval.main(["--hf-path", "openai-community/gpt2", "--eval", "bpb", "--device-type", "cpu"])
     assert "base_eval: --hf-path needs the `transformers` package" in str(info.value.code)
@@ -153,7 +155,8 @@ def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setattr(core_eval, "REPO_DATA_DIR", str(empty))
-    monkeypatch.setattr(base_eval, "load_nanochat_model", lambda *a: pytest.fail("the model must not be loaded"))
+    from nanochat import checkpoint_manager
+    monkeypatch.setattr(checkpoint_manager, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit) as info:
         base_eval.main(["--eval", "core", "--device-type", "cpu"])
     message = str(info.value.code)
@@ -173,7 +176,7 @@ def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, capsys):
     model.to_empty(device="cpu")
     model.init_weights()
     model.eval()
-    bpb = base_eval.run_bpb(model, tokenizer, compute_token_bytes(tokenizer), torch.device("cpu"),
+    bpb = loss_eval.run_bpb(model, tokenizer, compute_token_bytes(tokenizer), torch.device("cpu"),
                             device_batch_size=2, sequence_len=32, split_tokens=150, world_size=1)
     assert set(bpb) == {"train", "val"} and all(math.isfinite(v) and v > 0 for v in bpb.values())
     printed = capsys.readouterr().out
@@ -181,21 +184,16 @@ def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, capsys):
     assert f"train bpb: {bpb['train']:.6f}" in printed and f"val bpb: {bpb['val']:.6f}" in printed
 
 
-def test_base_eval_labels_a_core_over_the_21_committed_tasks(base_dir, monkeypatch, capsys):
-    from nanochat.gpt import GPT, GPTConfig
-    tok = RustBPETokenizer.train_from_iterator(iter(["a small corpus for a tiny tokenizer. " * 20] * 10), 300)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=1024, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
-                              window_pattern="L"))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.eval()
-    loaded = (model, tok, compute_token_bytes(tok), 1024, "base_model (step 7)", "base_model_000007")
-    monkeypatch.setattr(base_eval, "load_nanochat_model", lambda *args: loaded)
+def test_base_eval_labels_a_core_over_the_21_committed_tasks(tiny_base_dir, tiny_tokenizer, capsys):
+    from conftest import write_tiny_checkpoint
+    torch.save(compute_token_bytes(tiny_tokenizer), tiny_base_dir / "tokenizer" / "token_bytes.pt")
+    write_tiny_checkpoint(tiny_base_dir, "base", step=7, sequence_len=1024)
     core = base_eval.main(["--eval", "core", "--max-per-task", "1", "--device-type", "cpu"])
     label = f"{core['core_metric']:.4f} (21 of 22 tasks, missing coqa)"
-    assert f"\nCORE metric: {label}\n" in capsys.readouterr().out
-    report = open(os.path.join(base_dir, "report", "base-model-evaluation.md")).read()
+    out = capsys.readouterr().out
+    assert "Evaluating model: base_model (step 7)" in out and f"\nCORE metric: {label}\n" in out
+    assert os.path.exists(tiny_base_dir / "base_eval" / "base_model_000007.csv")
+    report = open(os.path.join(tiny_base_dir, "report", "base-model-evaluation.md")).read()
     assert f"- CORE metric: {label}\n" in report
     # a bar per task, drawn from the centered results the section lists
     assert "![base-model-core-tasks](base-model-core-tasks.png)" in report

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+from nanochat import pretraining
 from scripts import base_train
 
 from conftest import install_sample_base_dir
@@ -38,27 +39,27 @@ DEPTH_TABLE = [  # depth, model_dim, scaling params N, auto B, iterations, scale
 @pytest.mark.parametrize("depth,model_dim,n_scaling,batch,iters,wd", DEPTH_TABLE)
 def test_depth_dial_matches_reference_table(depth, model_dim, n_scaling, batch, iters, wd):
     args = base_train.parse_args([f"--depth={depth}"])
-    model = base_train.build_model_meta(base_train.model_config(args, depth, 32768))
+    model = pretraining.build_model_meta(pretraining.model_config(args, depth, 32768))
     assert model.config.n_embd == model_dim
     assert model.config.n_embd // model.config.n_head == 128
-    n = base_train.scaling_params(model)
+    n = pretraining.scaling_params(model)
     assert n == n_scaling
-    ref = base_train.scaling_params(base_train.build_model_meta(base_train.model_config(args, 12, 32768)))
+    ref = pretraining.scaling_params(pretraining.build_model_meta(pretraining.model_config(args, 12, 32768)))
     target, reference = int(12 * n), 12 * ref
-    B = base_train.auto_total_batch_size(target, reference)
+    B = pretraining.auto_total_batch_size(target, reference)
     assert B == batch
-    assert base_train.num_iterations_for(args, model.estimate_flops(), B, target) == iters
-    assert base_train.scaled_weight_decay(0.28, B, target, reference) == pytest.approx(wd, abs=5e-5)
+    assert pretraining.num_iterations_for(args, model.estimate_flops(), B, target) == iters
+    assert pretraining.scaled_weight_decay(0.28, B, target, reference) == pytest.approx(wd, abs=5e-5)
 
 
 def test_horizon_precedence_and_errors():
     args = base_train.parse_args(["--num-iterations=7", "--target-flops=1e18"])
-    assert base_train.num_iterations_for(args, 1e6, 1000, 10**9) == 7
+    assert pretraining.num_iterations_for(args, 1e6, 1000, 10**9) == 7
     args = base_train.parse_args(["--target-flops=1e12"])
-    assert base_train.num_iterations_for(args, 1e6, 1000, 10**9) == 1000
+    assert pretraining.num_iterations_for(args, 1e6, 1000, 10**9) == 1000
     args = base_train.parse_args(["--target-param-data-ratio=-1"])
     with pytest.raises(ValueError, match="horizon"):
-        base_train.num_iterations_for(args, 1e6, 1000, -10**9)
+        pretraining.num_iterations_for(args, 1e6, 1000, -10**9)
 
 
 @pytest.mark.parametrize("argv", [["--depth=0"], ["--window-pattern=SXL"], ["--target-param-data-ratio=0"],
@@ -72,7 +73,7 @@ def test_bad_flags_are_rejected(argv, capsys):
 
 def test_model_dim_rounds_up_to_whole_heads():
     args = base_train.parse_args(["--depth=25"])
-    cfg = base_train.model_config(args, 25, 32768)
+    cfg = pretraining.model_config(args, 25, 32768)
     assert (cfg.n_embd, cfg.n_head) == (1664, 13)  # 25 * 64 = 1600 -> 13 heads of 128
 
 
@@ -354,14 +355,14 @@ def test_resume_refuses_a_feature_the_checkpoint_was_trained_without():
     plain = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     meta = {"model_config": portable_model_config(asdict(plain)), "user_config": {}, "num_iterations": 4}
     assert "mup_base_width" not in meta["model_config"]  # a plain meta has the reference's keys only
-    base_train.check_resume_config(meta, plain, {}, 4)  # the same model resumes
+    pretraining.check_resume_config(meta, plain, {}, 4)  # the same model resumes
     for changed in [replace(plain, mup_base_width=64), replace(plain, l3_after_layers="1", l3_n_emb=16),
                     replace(plain, n_embd=256)]:
         with pytest.raises(ValueError, match="model config differs"):
-            base_train.check_resume_config(meta, changed, {}, 4)
+            pretraining.check_resume_config(meta, changed, {}, 4)
     mup = replace(plain, mup_base_width=64)
     muP_meta = dict(meta, model_config=portable_model_config(asdict(mup)))
     with pytest.raises(ValueError, match="mup_base_width"):
-        base_train.check_resume_config(muP_meta, plain, {}, 4)
+        pretraining.check_resume_config(muP_meta, plain, {}, 4)
     older = dict(meta, model_config={k: v for k, v in meta["model_config"].items() if k != "window_pattern"})
-    base_train.check_resume_config(older, plain, {}, 4)  # keys an older meta lacks are not compared
+    pretraining.check_resume_config(older, plain, {}, 4)  # keys an older meta lacks are not compared
