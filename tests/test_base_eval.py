@@ -197,4 +197,4 @@ def test_base_eval_labels_a_core_over_the_21_committed_tasks(tiny_base_dir, tiny
     assert f"- CORE metric: {label}\n" in report
     # a bar per task, drawn from the centered results the section lists
     assert "![base-model-core-tasks](base-model-core-tasks.png)" in report
-    assert os.path.exists(os.path.join(base_dir, "report", "base-model-core-tasks.png"))
+    assert os.path.exists(tiny_base_dir / "report" / "base-model-core-tasks.png")
