@@ -70,7 +70,7 @@ def train_row(name, depth, cuda, fp8=False):
     if fp8:
         from nanochat.fp8 import convert_to_float8_training
         # base_train's rule: the tiny gates would lose more to scaling overhead than they gain
-        convert_to_float8_training(model, module_filter_fn=lambda m, _: min(m.in_features, m.out_features) >= 128)
+        convert_to_float8_training(model, module_filter_fn=lambda m, _: min(m.weight.shape) >= 128)
     step_model = torch.compile(model, dynamic=False) if cuda else model
     x = torch.randint(0, vocab, (B, T + 1), device=device)
     if cuda:
