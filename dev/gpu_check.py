@@ -90,16 +90,25 @@ def train_row(name, depth, cuda, fp8=False):
     return (name, f"d{depth} B{B} T{T}, {how}", f"{tok_per_sec:,.0f} tok/s, MFU {mfu:.1f}%, peak {peak}")
 
 
+def prepare_sample_base_dir(base, vocab_size, num_docs):
+    """NANOCHAT_BASE_DIR=base holding the committed pretraining sample and a tokenizer (with its token
+    bytes) trained on its first num_docs documents; returns the tokenizer."""
+    from nanochat.dataset import install_sample, parquets_iter_batched
+    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    install_sample()
+    docs = [t for batch in parquets_iter_batched("train") for t in batch][:num_docs]
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(docs), vocab_size)
+    tokenizer.save(os.path.join(base, "tokenizer"))
+    torch.save(compute_token_bytes(tokenizer), os.path.join(base, "tokenizer", "token_bytes.pt"))
+    return tokenizer
+
+
 def write_checkpoint(base, cuda):
     """A random base checkpoint (d12 on CUDA, d2 on CPU) and a tokenizer trained on the committed sample."""
     from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.dataset import install_sample, parquets_iter_batched
     from nanochat.gpt import GPT, config_for_depth
-    from nanochat.tokenizer import RustBPETokenizer
-    install_sample()
-    docs = [t for batch in parquets_iter_batched("train") for t in batch][:2000 if cuda else 200]
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(docs), 8192 if cuda else 512)
-    tokenizer.save(os.path.join(base, "tokenizer"))
+    tokenizer = prepare_sample_base_dir(base, 8192 if cuda else 512, 2000 if cuda else 200)
     depth = 12 if cuda else 2
     config = config_for_depth(depth, sequence_len=2048 if cuda else 128,
                               vocab_size=tokenizer.get_vocab_size(), head_dim=128 if cuda else 32)
@@ -167,7 +176,6 @@ def main(argv=None):
     else:
         rows.append(("fp8 train step", "", NA))
     with tempfile.TemporaryDirectory() as base:
-        os.environ["NANOCHAT_BASE_DIR"] = base
         what = write_checkpoint(base, cuda)
         run_row(rows, failures, decode_rows, cuda, what, name="decode")
         run_row(rows, failures, serve_rows, cuda, what, name="server")
