@@ -1,6 +1,6 @@
 """
 Runtime policy shared by every module: compute dtype, base directory, distributed identity,
-rank-0 printing and progress bars, peak FLOPs for MFU, and locked downloads.
+rank-0 printing and progress bars, peak FLOPs and bandwidth for MFU/MBU, and locked downloads.
 
 Importing this module does no work. The compute dtype is decided on first access of
 COMPUTE_DTYPE (a PEP 562 module __getattr__), logging is configured only by an explicit
@@ -320,31 +320,46 @@ class DummyWandb:
 
 
 # -----------------------------------------------------------------------------
-# Peak dense BF16 FLOP/s for MFU. First row whose substrings all occur in the lower-cased
-# device name wins, so the more specific rows come first. Values are vendor datasheet numbers.
+# Peak dense BF16 FLOP/s (MFU) and peak memory bandwidth in bytes/s (MBU). First row whose substrings
+# all occur in the lower-cased device name wins, so the more specific rows come first. Values are
+# vendor datasheet numbers (bandwidth: the HBM/GDDR figure of the usual memory size of that part).
 
-_PEAK_FLOPS_TABLE = [
-    (("gb200",), 2.5e15), (("grace blackwell",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
-    (("h200", "nvl"), 836e12), (("h200", "pcie"), 836e12), (("h200",), 989e12),
-    (("h100", "nvl"), 835e12), (("h100", "pcie"), 756e12), (("h100",), 989e12),
-    (("h800", "nvl"), 989e12), (("h800",), 756e12),
-    (("a100",), 312e12), (("a800",), 312e12), (("a40",), 149.7e12), (("a30",), 165e12),
-    (("l40s",), 362e12), (("l40-s",), 362e12), (("l40 s",), 362e12), (("l4",), 121e12),
-    (("mi355",), 2.5e15), (("mi325",), 1.3074e15), (("mi300x",), 1.3074e15), (("mi300a",), 980.6e12),
-    (("mi250x",), 383e12), (("mi250",), 362.1e12),
-    (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
+_PEAK_TABLE = [  # (substrings, FLOP/s, bytes/s)
+    (("gb200",), 2.5e15, 8e12), (("grace blackwell",), 2.5e15, 8e12), (("b200",), 2.25e15, 8e12),
+    (("b100",), 1.8e15, 8e12),
+    (("h200", "nvl"), 836e12, 4.8e12), (("h200", "pcie"), 836e12, 4.8e12), (("h200",), 989e12, 4.8e12),
+    (("h100", "nvl"), 835e12, 3.9e12), (("h100", "pcie"), 756e12, 2.0e12), (("h100",), 989e12, 3.35e12),
+    (("h800", "nvl"), 989e12, 3.9e12), (("h800",), 756e12, 2.0e12),
+    (("a100",), 312e12, 2.039e12), (("a800",), 312e12, 2.039e12), (("a40",), 149.7e12, 696e9),
+    (("a30",), 165e12, 933e9), (("l40s",), 362e12, 864e9), (("l40-s",), 362e12, 864e9),
+    (("l40 s",), 362e12, 864e9), (("l4",), 121e12, 300e9),
+    (("mi355",), 2.5e15, 8e12), (("mi325",), 1.3074e15, 6e12), (("mi300x",), 1.3074e15, 5.3e12),
+    (("mi300a",), 980.6e12, 5.3e12), (("mi250x",), 383e12, 3.2768e12), (("mi250",), 362.1e12, 3.2768e12),
+    (("5090",), 209.5e12, 1.792e12), (("4090",), 165.2e12, 1.008e12), (("3090",), 71e12, 936e9),
 ]
 
 
-def get_peak_flops(device_name):
+def _peak_row(device_name):
     name = device_name.lower()
-    for substrings, flops in _PEAK_FLOPS_TABLE:
-        if all(s in name for s in substrings):
-            return flops
-    if "data center gpu max 1550" in name:  # Intel Ponte Vecchio: 512 flops/clock/unit at 1.3 GHz
+    return next((row for row in _PEAK_TABLE if all(s in name for s in row[0])), None)
+
+
+def get_peak_flops(device_name):
+    row = _peak_row(device_name)
+    if row is not None:
+        return row[1]
+    if "data center gpu max 1550" in device_name.lower():  # Intel Ponte Vecchio: 512 flops/clock/unit, 1.3 GHz
         return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
     logger.warning(f"Peak flops undefined for: {device_name}, MFU will show as 0%")
     return float("inf")
+
+
+def get_peak_bandwidth(device_name):
+    """Datasheet memory bandwidth in bytes/s, inf (MBU 0%) for a device not in the table."""
+    row = _peak_row(device_name)
+    if row is None:
+        logger.warning(f"Peak bandwidth undefined for: {device_name}, MBU will show as 0%")
+    return float("inf") if row is None else row[2]
 
 
 def get_cpu_peak_flops(num_threads=None, flops_per_cycle=32, ghz=None):
@@ -373,6 +388,43 @@ def get_device_peak_flops(device_type):
     if device_type == "cpu":
         return get_cpu_peak_flops()
     return float("inf")
+
+
+def _best_seconds(fn, repeats):
+    fn()  # warm-up: allocation, thread pool start
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_cpu_peaks(matmul_dim=1024, copy_mib=64, repeats=5):
+    """
+    (FLOP/s, bytes/s) this CPU reaches, measured in well under a second: the best of `repeats` fp32
+    matmuls of matmul_dim^2 and the best of `repeats` copies of copy_mib MiB (read + write, larger than
+    any cache). An estimate, not a datasheet number: MFU/MBU against it say "of what this machine can
+    do at all", so they read higher than against a vendor peak.
+    """
+    a, b = torch.randn(matmul_dim, matmul_dim), torch.randn(matmul_dim, matmul_dim)
+    flops = 2 * matmul_dim**3 / _best_seconds(lambda: a @ b, repeats)
+    src = torch.empty(copy_mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), repeats)
+    return flops, bandwidth
+
+
+def get_device_peaks(device_type):
+    """(peak FLOP/s, peak bytes/s, label) for MFU and MBU: the datasheet table on CUDA, a measured
+    estimate on CPU, (inf, inf) elsewhere (MFU/MBU then print as 0)."""
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name(0)
+        return get_peak_flops(name), get_peak_bandwidth(name), f"datasheet ({name})"
+    if device_type == "cpu":
+        flops, bandwidth = measure_cpu_peaks()
+        return flops, bandwidth, f"estimated (measured on {torch.get_num_threads()} CPU threads)"
+    return float("inf"), float("inf"), f"unknown ({device_type})"
 
 
 def format_mfu(flops_per_sec, peak_flops):

@@ -263,11 +263,13 @@ def should_stop(stop_flag, loss_value, device):
     (signalled, non_finite) agreed by every rank: one all-reduce (MAX) of two flags, so a signal or a NaN
     seen by any rank stops all of them at the same step instead of leaving the others in a collective.
     """
-    flags = torch.tensor([stop_flag.signum is not None, not math.isfinite(loss_value)],
-                         dtype=torch.float32, device=device)
-    if is_ddp_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0].item()), bool(flags[1].item())
+    signalled, non_finite = stop_flag.signum is not None, not math.isfinite(loss_value)
+    if not is_ddp_initialized():
+        return signalled, non_finite  # nothing to agree on: no device round trip
+    flags = torch.tensor([signalled, non_finite], dtype=torch.float32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signalled, non_finite = flags.tolist()  # one host read for both
+    return bool(signalled), bool(non_finite)
 
 
 def exit_after_signal(save, step, signum):
@@ -281,10 +283,11 @@ def exit_after_signal(save, step, signum):
 
 
 def _all_reduce_floats(values, device, op):
+    if not is_ddp_initialized():
+        return [float(v) for v in values]  # one process: no device tensor, no host read
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
     t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
-    if is_ddp_initialized():
-        dist.all_reduce(t, op=op)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 

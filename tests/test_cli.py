@@ -66,6 +66,10 @@ PINNED = {
     },
     "tok_eval": {
     },
+    "infer_bench": {
+        "-i, --source": "base", "-g, --model-tag": None, "-s, --step": None, "--prompt-tokens": [512],
+        "--decode-tokens": 128, "--batch-sizes": [1, 8, 32], "-t, --trials": 3, "--device-type": "",
+    },
 }
 
 # the reference's flags and defaults, as its flag tables give them; flags it lacks are not listed
@@ -116,6 +120,7 @@ REFERENCE = {
     },
     "tok_train": {"--max-chars": 2_000_000_000, "--doc-cap": 10_000, "--vocab-size": 32768},
     "tok_eval": {},
+    "infer_bench": {},  # 9822cc7 has no such script (upstream added it later with these flag names)
 }
 
 
@@ -129,7 +134,7 @@ def script_flags(script):
 
 def test_every_script_is_pinned():
     scripts = {"base_train", "base_eval", "chat_sft", "chat_rl", "chat_eval", "chat_cli", "chat_web",
-               "tok_train", "tok_eval"}
+               "tok_train", "tok_eval", "infer_bench"}
     assert set(PINNED) == set(REFERENCE) == scripts
 
 

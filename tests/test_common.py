@@ -148,3 +148,18 @@ def test_atomic_open_replaces_or_keeps(tmp_path):
     with common.atomic_open(path) as f:
         f.write("new")
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]
+
+
+@pytest.mark.parametrize("name,bandwidth", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H200", 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", 2.039e12), ("NVIDIA GeForce RTX 4090", 1.008e12),
+    ("Some Future Accelerator", float("inf")),
+])
+def test_peak_bandwidth_table(name, bandwidth):
+    assert common.get_peak_bandwidth(name) == bandwidth
+
+
+def test_cpu_peaks_are_measured_and_labelled_estimated():
+    flops, bandwidth, label = common.get_device_peaks("cpu")
+    assert 1e8 < flops < 1e14 and 1e8 < bandwidth < 1e13  # anything from a phone core to a big server
+    assert label.startswith("estimated")

@@ -1,0 +1,24 @@
+"""dev/gpu_check.sh --cpu-smoke: the GPU acceptance script runs end to end on CPU and prints its one table."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ["FA3 loaded + probe", "FA3 vs SDPA max diff", "train step d12", "train step d20", "fp8 train step",
+        "decode batch 1", "decode batch 8", "decode batch 32", "server 16 clients", "server 64 clients"]
+CUDA_ONLY = {"FA3 loaded + probe", "FA3 vs SDPA max diff", "fp8 train step"}
+
+
+def test_cpu_smoke_prints_every_row(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_OFFLINE="1")
+    proc = subprocess.run(["bash", "dev/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("gpu_check on cpu (smoke)"):].splitlines()[1:]
+    assert [line.split(" | ")[0].strip() for line in table] == ["check"] + ROWS
+    for line in table[1:]:
+        check, config, result = (cell.strip() for cell in line.split(" | "))
+        if check in CUDA_ONLY:
+            assert result == "n/a (no CUDA)"
+        else:
+            assert "d2" in config and "tok/s" in result and "FAILED" not in result, line
