@@ -10,7 +10,7 @@ import traceback
 import torch
 from torch.overrides import TorchFunctionMode
 
-from scripts import base_train
+from nanochat import training
 
 from test_base_train import TRAIN_FLAGS, base_dir, run_main  # noqa: F401 (base_dir is a fixture)
 
@@ -34,15 +34,23 @@ class HostReadCounter(TorchFunctionMode):
 
 
 def count_train_step_reads(monkeypatch, capsys, steps=4):
-    """Host reads of base_train's train_step (micro-steps, schedule, optimizer step, loss read, logging)
-    over `steps` steps, by site."""
+    """Host reads of base_train's training step, from the first micro-step (training.train_micro_steps) to
+    the end of the update (training.finish_step: optimizer step, loss read, stop agreement), over `steps`
+    steps, by site. The step's log line comes after it: a logging point."""
     counter = HostReadCounter()
-    real_step = base_train.train_step
+    real_micro_steps, real_finish_step = training.train_micro_steps, training.finish_step
 
-    def counted_step(*args, **kwargs):
-        with counter:
-            return real_step(*args, **kwargs)
-    monkeypatch.setattr(base_train, "train_step", counted_step)
+    def counted_micro_steps(*args, **kwargs):
+        counter.__enter__()
+        return real_micro_steps(*args, **kwargs)
+
+    def counted_finish_step(*args, **kwargs):
+        try:
+            return real_finish_step(*args, **kwargs)
+        finally:
+            counter.__exit__(None, None, None)
+    monkeypatch.setattr(training, "train_micro_steps", counted_micro_steps)
+    monkeypatch.setattr(training, "finish_step", counted_finish_step)
     run_main(TRAIN_FLAGS + [f"--num-iterations={steps}", "--eval-every=-1", "--model-tag=t_sync"], capsys)
     return counter.sites
 
