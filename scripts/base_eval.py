@@ -97,9 +97,12 @@ def load_hf_model(hf_path, device):
                          "(or `uv sync --extra hf`)") from e
     from nanochat.tokenizer import HuggingFaceTokenizer
     print0(f"Loading HuggingFace model from: {hf_path}")
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_path).to(device).eval()
+    # a local directory, such as a scripts.export_hf export, runs the modeling code it ships with
+    local = os.path.isdir(hf_path)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_path, trust_remote_code=local).to(device).eval()
     max_seq_len = 1024 if "gpt2" in hf_path else None  # GPT-2's position table has 1024 rows
-    tokenizer = HuggingFaceTokenizer.from_pretrained(hf_path)
+    load_tokenizer = HuggingFaceTokenizer.from_directory if local else HuggingFaceTokenizer.from_pretrained
+    tokenizer = load_tokenizer(hf_path)
     token_bytes = get_hf_token_bytes(tokenizer, device)
     slug = hf_path.replace("/", "-")
     return ModelWrapper(hf_model, max_seq_len), tokenizer, token_bytes, max_seq_len or 1024, hf_path, slug

@@ -66,6 +66,9 @@ PINNED = {
     },
     "tok_eval": {
     },
+    "export_hf": {
+        "-i, --source": REQUIRED, "-g, --model-tag": None, "-s, --step": None, "-o, --output": REQUIRED,
+    },
 }
 
 # the reference's flags and defaults, as its flag tables give them; flags it lacks are not listed
@@ -116,6 +119,7 @@ REFERENCE = {
     },
     "tok_train": {"--max-chars": 2_000_000_000, "--doc-cap": 10_000, "--vocab-size": 32768},
     "tok_eval": {},
+    "export_hf": {},  # not in the reference
 }
 
 
@@ -129,7 +133,7 @@ def script_flags(script):
 
 def test_every_script_is_pinned():
     scripts = {"base_train", "base_eval", "chat_sft", "chat_rl", "chat_eval", "chat_cli", "chat_web",
-               "tok_train", "tok_eval"}
+               "tok_train", "tok_eval", "export_hf"}
     assert set(PINNED) == set(REFERENCE) == scripts
 
 
