@@ -53,6 +53,7 @@ The model takes no padding and has no KV cache: `generate()` re-runs the sequenc
 nanochat's own tokenizer, this one reads special-token text (such as `<|assistant_end|>`) inside user text
 as the special token.
 """
+EXPORT_MODEL_TYPE = "nanochat_gpt"  # config.json's model_type: hf_modeling.NanochatConfig.model_type
 CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
                "mup_base_width")
 
@@ -106,6 +107,15 @@ def hf_tokenizer(tokenizer):
     return hf
 
 
+def export_token_bytes(hf_tokenizer, device="cpu"):
+    """compute_token_bytes of an export's tokenizer (a HuggingFaceTokenizer): special tokens 0, the others
+    their byte count, which is their length in the byte-level alphabet (one character per byte)."""
+    specials = set(hf_tokenizer.get_special_tokens())
+    counts = [0 if (token := hf_tokenizer.id_to_token(i)) in specials else len(token)
+              for i in range(hf_tokenizer.get_vocab_size())]
+    return torch.tensor(counts, dtype=torch.int32, device=device)
+
+
 def model_card(meta, source, params):
     cfg = meta["model_config"]
     rows = [("Source", f"nanochat {source} checkpoint, step {meta['step']}"), ("Parameters", f"{params:,}"),
@@ -139,7 +149,7 @@ def _write_files(out, model, tokenizer, meta, source):
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(hf_modeling.__file__, os.path.join(out, "modeling_nanochat.py"))
     _write_json(os.path.join(out, "config.json"), {
-        "architectures": ["NanochatForCausalLM"], "model_type": "nanochat_gpt", "torch_dtype": "float32",
+        "architectures": ["NanochatForCausalLM"], "model_type": EXPORT_MODEL_TYPE, "torch_dtype": "float32",
         "auto_map": {"AutoConfig": "modeling_nanochat.NanochatConfig",
                      "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         **{key: getattr(cfg, key) for key in CONFIG_KEYS}, "bos_token_id": bos, "eos_token_id": eos})

@@ -95,6 +95,7 @@ def load_hf_model(hf_path, device):
     except ImportError as e:
         raise SetupError("--hf-path needs the `transformers` package: pip install transformers "
                          "(or `uv sync --extra hf`)") from e
+    from nanochat.hf_export import EXPORT_MODEL_TYPE, export_token_bytes
     from nanochat.tokenizer import HuggingFaceTokenizer
     print0(f"Loading HuggingFace model from: {hf_path}")
     # a local directory, such as a scripts.export_hf export, runs the modeling code it ships with
@@ -103,9 +104,12 @@ def load_hf_model(hf_path, device):
     max_seq_len = 1024 if "gpt2" in hf_path else None  # GPT-2's position table has 1024 rows
     load_tokenizer = HuggingFaceTokenizer.from_directory if local else HuggingFaceTokenizer.from_pretrained
     tokenizer = load_tokenizer(hf_path)
-    token_bytes = get_hf_token_bytes(tokenizer, device)
     slug = hf_path.replace("/", "-")
-    return ModelWrapper(hf_model, max_seq_len), tokenizer, token_bytes, max_seq_len or 1024, hf_path, slug
+    if hf_model.config.model_type == EXPORT_MODEL_TYPE:  # our own model: our bpb table and context
+        sequence_len, token_bytes = hf_model.config.sequence_len, export_token_bytes(tokenizer, device)
+    else:
+        sequence_len, token_bytes = max_seq_len or 1024, get_hf_token_bytes(tokenizer, device)
+    return ModelWrapper(hf_model, max_seq_len), tokenizer, token_bytes, sequence_len, hf_path, slug
 
 
 def load_nanochat_model(device, model_tag, step):

@@ -98,13 +98,26 @@ def test_generate_greedy_matches_the_engine(exported):
         assert got == want and len(want) > len(prompt)
 
 
-def test_base_eval_gives_our_core_numbers_back(exported, monkeypatch):
+def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch):
+    from nanochat.loss_eval import evaluate_bpb
     base = exported[0]
     point_base_dir_at(monkeypatch, base)
     argv = ["--eval", "core", "--max-per-task", "1", "--device-type", "cpu"]
     ours = base_eval.main(argv)
     theirs = base_eval.main(argv + ["--hf-path", str(base / "hf")])
     assert theirs["results"] == ours["results"] and theirs["core_metric"] == ours["core_metric"]
+    # bpb: the same table and context as our checkpoint, and the same number on a batch of our tokens
+    # (base_eval's data loader is left out: it tokenises a thousand documents per split)
+    model, tokenizer, token_bytes, sequence_len = base_eval.load_nanochat_model("cpu", None, None)[:4]
+    wrapped, hf_tokenizer, hf_token_bytes, hf_sequence_len = base_eval.load_hf_model(str(base / "hf"), "cpu")[:4]
+    assert hf_token_bytes.tolist() == token_bytes.tolist() and hf_sequence_len == sequence_len == 1024
+    rows = [tokenizer.encode(text, prepend="<|bos|>")[:16] for text in TEXTS]
+    assert [hf_tokenizer.encode(text, prepend="<|bos|>")[:16] for text in TEXTS] == rows
+    ids = torch.tensor([row + [-1] * (17 - len(row)) for row in rows])
+    batch = [(ids[:, :-1].clamp(min=0), ids[:, 1:])]
+    with torch.no_grad():
+        assert evaluate_bpb(wrapped, batch, 1, hf_token_bytes) == pytest.approx(
+            evaluate_bpb(model, batch, 1, token_bytes), rel=1e-5)
 
 
 def test_export_refuses_l3_layers_and_a_non_empty_output(exported, tmp_path):
