@@ -109,7 +109,8 @@ def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch):
     # bpb: the same table and context as our checkpoint, and the same number on a batch of our tokens
     # (base_eval's data loader is left out: it tokenises a thousand documents per split)
     model, tokenizer, token_bytes, sequence_len = base_eval.load_nanochat_model("cpu", None, None)[:4]
-    wrapped, hf_tokenizer, hf_token_bytes, hf_sequence_len = base_eval.load_hf_model(str(base / "hf"), "cpu")[:4]
+    wrapped, hf_tokenizer, hf_token_bytes, hf_sequence_len = base_eval.load_hf_model(str(base / "hf"),
+                                                                                      "cpu")[:4]
     assert hf_token_bytes.tolist() == token_bytes.tolist() and hf_sequence_len == sequence_len == 1024
     rows = [tokenizer.encode(text, prepend="<|bos|>")[:16] for text in TEXTS]
     assert [hf_tokenizer.encode(text, prepend="<|bos|>")[:16] for text in TEXTS] == rows
@@ -118,6 +119,24 @@ def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch):
     with torch.no_grad():
         assert evaluate_bpb(wrapped, batch, 1, hf_token_bytes) == pytest.approx(
             evaluate_bpb(model, batch, 1, token_bytes), rel=1e-5)
+
+
+def test_export_files_generation_config_and_model_card(exported):
+    base, _, tokenizer, _, _ = exported
+    hf = base / "hf"
+    assert sorted(os.listdir(hf)) == ["README.md", "config.json", "generation_config.json",
+                                      "model.safetensors", "modeling_nanochat.py", "tokenizer.json",
+                                      "tokenizer_config.json"]
+    generation = json.load(open(hf / "generation_config.json"))
+    terminal = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
+    assert generation["eos_token_id"] == terminal
+    card = (hf / "README.md").read_text()
+    params = sum(p.numel() for p in exported[1].parameters())
+    for row in ["| Source | nanochat base checkpoint, step 7 |", f"| Parameters | {params:,} |",
+                "| Layers / width / heads (kv heads) | 3 / 64 / 4 (2) |",
+                "| Context / window pattern | 1024 / SL |",
+                "| Training tokens | 7,168 |"]:  # step 7 x total_batch_size 1024
+        assert row in card
 
 
 def test_export_refuses_l3_layers_and_a_non_empty_output(exported, tmp_path):
