@@ -13,7 +13,6 @@ import tempfile
 
 import torch
 
-from nanochat import hf_modeling
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 # Renders the ids of RustBPETokenizer.render_for_completion (messages without the final assistant reply,
@@ -147,7 +146,9 @@ def _write_files(out, model, tokenizer, meta, source):
     bos, eos = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
     weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(hf_modeling.__file__, os.path.join(out, "modeling_nanochat.py"))
+    # copied, not imported: writing an export needs no transformers
+    modeling = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
+    shutil.copyfile(modeling, os.path.join(out, "modeling_nanochat.py"))
     _write_json(os.path.join(out, "config.json"), {
         "architectures": ["NanochatForCausalLM"], "model_type": EXPORT_MODEL_TYPE, "torch_dtype": "float32",
         "auto_map": {"AutoConfig": "modeling_nanochat.NanochatConfig",
