@@ -10,11 +10,8 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from nanochat.common import print0
-
-from nanochat.common import progress
+from nanochat.common import print0, progress
 
 
 @torch.no_grad()
@@ -82,52 +79,3 @@ def run_bpb(model, tokenizer, token_bytes, device, device_batch_size, sequence_l
                                device)
         print0(f"{split} bpb: {bpb[split]:.6f}")
     return bpb
-
-
-# -----------------------------------------------------------------------------
-# HuggingFace causal LMs, evaluated like a nanochat GPT (base_eval --hf-path)
-
-class ModelWrapper:
-    """Gives a HuggingFace causal LM the call signature of nanochat's GPT."""
-
-    def __init__(self, model, max_seq_len=None):
-        self.model = model
-        self.max_seq_len = max_seq_len  # core_eval crops prompts to it; None = no limit
-
-    def __call__(self, input_ids, targets=None, loss_reduction="mean"):
-        logits = self.model(input_ids).logits
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
-
-    def get_device(self):
-        return next(self.model.parameters()).device
-
-
-def get_hf_token_bytes(tokenizer, device="cpu"):
-    """
-    (vocab_size,) int64: the UTF-8 length of each token decoded on its own. Special tokens count as the
-    length of their text ("<|endoftext|>" = 13) and a token holding part of a UTF-8 character as its
-    replacement character (3): this is the table the published HF baseline bpb numbers were computed with.
-    """
-    vocab_size = tokenizer.get_vocab_size()
-    counts = [len(tokenizer.decode([token_id]).encode("utf-8")) for token_id in range(vocab_size)]
-    return torch.tensor(counts, dtype=torch.int64, device=device)
-
-
-def load_hf_model(hf_path, device):
-    """(model, tokenizer, token_bytes, sequence_len, name, slug) for a HuggingFace causal LM."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        raise SetupError("--hf-path needs the `transformers` package: pip install transformers "
-                         "(or `uv sync --extra hf`)") from e
-    from nanochat.tokenizer import HuggingFaceTokenizer
-    print0(f"Loading HuggingFace model from: {hf_path}")
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_path).to(device).eval()
-    max_seq_len = 1024 if "gpt2" in hf_path else None  # GPT-2's position table has 1024 rows
-    tokenizer = HuggingFaceTokenizer.from_pretrained(hf_path)
-    token_bytes = get_hf_token_bytes(tokenizer, device)
-    slug = hf_path.replace("/", "-")
-    return ModelWrapper(hf_model, max_seq_len), tokenizer, token_bytes, max_seq_len or 1024, hf_path, slug

@@ -18,7 +18,8 @@ from nanochat.common import autodetect_device_type, compute_cleanup, compute_ini
 from nanochat.core_eval import (EvalBundleError, base_eval_report_items, ensure_eval_bundle,  # noqa: F401
                                 evaluate_core, format_core_metric, greedy_samples, write_core_csv)
 from nanochat.data_source import RankZeroFailed
-from nanochat.loss_eval import SetupError, load_hf_model, run_bpb
+from nanochat.hf_export import load_hf_model
+from nanochat.loss_eval import SetupError, run_bpb
 from nanochat.report import get_report
 
 EVAL_MODES = ("core", "bpb", "sample")

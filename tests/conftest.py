@@ -33,15 +33,16 @@ TINY_TEXT = [
 
 
 def write_tiny_checkpoint(base, source="base", step=0, vocab_size=TINY_VOCAB, sequence_len=128, seed=0,
-                          optimizer_state=None, perturb=0.0):
-    """A depth-2, width-64 GPT of full-context layers, initialised from `seed`, saved as
+                          optimizer_state=None, perturb=0.0, **config_overrides):
+    """A depth-2, width-64 GPT of full-context layers (unless config_overrides say otherwise, e.g. n_layer=3,
+    window_pattern="SL"), initialised from `seed`, saved as
     <base>/<source checkpoints>/d2 at `step`; returns (checkpoint directory, model). perturb > 0 adds
     that much Gaussian noise to every matrix: the zero-initialised projections would otherwise make
     every block the identity and the logits nearly flat."""
     from nanochat import checkpoint_manager as cm
     from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
+    config = GPTConfig(**{**dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2,
+                                 n_kv_head=2, n_embd=64, window_pattern="L"), **config_overrides})
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")

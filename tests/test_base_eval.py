@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from nanochat import core_eval, loss_eval
+from nanochat import core_eval, hf_export, loss_eval
 from nanochat.tokenizer import HuggingFaceTokenizer, RustBPETokenizer, compute_token_bytes
 from nanochat.core_eval import base_eval_report_items as report_items
 from scripts import base_eval
@@ -110,7 +110,7 @@ def test_model_wrapper_matches_the_gpt_call_signature():
         def forward(self, input_ids):
             return types.SimpleNamespace(logits=logits)
 
-    wrapper = loss_eval.ModelWrapper(FakeCausalLM(), max_seq_len=1024)
+    wrapper = hf_export.ModelWrapper(FakeCausalLM(), max_seq_len=1024)
     ids = torch.zeros(2, 5, dtype=torch.long)
     assert torch.equal(wrapper(ids), logits)
     targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
@@ -128,7 +128,7 @@ def test_model_wrapper_matches_the_gpt_call_signature():
 def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
     corpus = ["the quick brown fox jumps over the lazy dog; café naïve über " * 4] * 40
     tokenizer = HuggingFaceTokenizer.train_from_iterator(iter(corpus), 400)
-    token_bytes = loss_eval.get_hf_token_bytes(tokenizer)
+    token_bytes = hf_export.get_hf_token_bytes(tokenizer)
     assert token_bytes.dtype == torch.int64 and token_bytes.shape == (tokenizer.get_vocab_size(),)
     # specials count as their text: "<|bos|>" is 7 bytes, "<|assistant_start|>" 19
     for name in tokenizer.get_special_tokens():
@@ -145,7 +145,7 @@ def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
 def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
     with pytest.raises(loss_eval.SetupError, match="needs the `transformers` package"):
-        loss_eval.load_hf_model("openai-community/gpt2", "cpu")
+        hf_export.load_hf_model("openai-community/gpt2", "cpu")
     with pytest.raises(SystemExit) as info:
         base_eval.main(["--hf-path", "openai-community/gpt2", "--eval", "bpb", "--device-type", "cpu"])
     assert "base_eval: --hf-path needs the `transformers` package" in str(info.value.code)

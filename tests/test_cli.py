@@ -70,6 +70,9 @@ PINNED = {
         "-i, --source": "base", "-g, --model-tag": None, "-s, --step": None, "--prompt-tokens": [512],
         "--decode-tokens": 128, "--batch-sizes": [1, 8, 32], "-t, --trials": 3, "--device-type": "",
     },
+    "export_hf": {
+        "-i, --source": REQUIRED, "-g, --model-tag": None, "-s, --step": None, "-o, --output": REQUIRED,
+    },
 }
 
 # the reference's flags and defaults, as its flag tables give them; flags it lacks are not listed
@@ -121,6 +124,7 @@ REFERENCE = {
     "tok_train": {"--max-chars": 2_000_000_000, "--doc-cap": 10_000, "--vocab-size": 32768},
     "tok_eval": {},
     "infer_bench": {},  # 9822cc7 has no such script (upstream added it later with these flag names)
+    "export_hf": {},  # not in the reference
 }
 
 
@@ -134,7 +138,7 @@ def script_flags(script):
 
 def test_every_script_is_pinned():
     scripts = {"base_train", "base_eval", "chat_sft", "chat_rl", "chat_eval", "chat_cli", "chat_web",
-               "tok_train", "tok_eval", "infer_bench"}
+               "tok_train", "tok_eval", "infer_bench", "export_hf"}
     assert set(PINNED) == set(REFERENCE) == scripts
 
 

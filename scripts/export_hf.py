@@ -1,0 +1,42 @@
+"""
+Export a checkpoint as a Hugging Face `transformers` model directory (needs `uv sync --extra hf`).
+
+    python -m scripts.export_hf -i sft -o out/nanochat-d20
+    python -m scripts.export_hf -i base -g d12 -s 5000 -o out/nanochat-d12-base
+
+Load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and
+AutoTokenizer.from_pretrained(DIR); `python -m scripts.base_eval --hf-path DIR` evaluates it.
+"""
+
+import argparse
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.hf_export import export
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Export a checkpoint to the Hugging Face format")
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["base", "sft", "rl"],
+                        help="checkpoint family: base|sft|rl")
+    parser.add_argument("-g", "--model-tag", type=str, default=None,
+                        help="checkpoint tag (default: the largest model)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("-o", "--output", type=str, required=True,
+                        help="directory to create (it may exist if empty)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # on the CPU: the export is fp32, whatever the checkpoint was trained in
+    model, tokenizer, meta = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag,
+                                        step=args.step)
+    try:
+        path = export(model, tokenizer, meta, args.source, args.output)
+    except (ValueError, FileExistsError, ImportError) as e:
+        raise SystemExit(f"export_hf: {e}")
+    print(f"Exported to {path}")
+
+
+if __name__ == "__main__":
+    main()
