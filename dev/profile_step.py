@@ -5,11 +5,12 @@ optimizer, data (fetching the next batch), the loss read (the step's one host sy
     python -m dev.profile_step                # issue 16's CPU config: d4, ctx 512, 8192/step, vocab 4096
     python -m dev.profile_step --depth=2 --max-seq-len=128 --device-batch-size=4 --total-batch-size=512
 
-It runs the real scripts.base_train.main (extra arguments are its flags) on the committed pretraining
+It runs the real scripts.base_train (as `python -m` would) (extra arguments are its flags) on the committed pretraining
 sample with a tokenizer trained on it, in a temporary NANOCHAT_BASE_DIR, labels the package functions a
 step calls (record_function) and profiles the third step (the first two warm up allocator and caches).
 """
 
+import runpy
 import sys
 import tempfile
 
@@ -18,7 +19,6 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from dev.gpu_check import prepare_sample_base_dir
 from nanochat import dataloader, training
-from scripts import base_train
 
 DEFAULT_FLAGS = ["--depth=4", "--head-dim=64", "--window-pattern=L", "--max-seq-len=512",
                  "--device-batch-size=16", "--total-batch-size=8192", "--eval-every=-1",
@@ -43,14 +43,22 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as base, \
             profile(activities=activities, schedule=schedule(wait=2, warmup=0, active=1)) as prof:
         prepare_sample_base_dir(base, 4096, 2000)
-        step_fn = labelled(base_train.train_step, "step")
+        # a step runs from its first micro-step (train_micro_steps) to the end of finish_step
+        step_range, micro_steps, finish_step = record_function("step"), training.train_micro_steps, \
+            training.finish_step
 
-        def profiled_step(*args, **kwargs):
-            result = step_fn(*args, **kwargs)
+        def profiled_micro_steps(*args, **kwargs):
+            step_range.__enter__()
+            return micro_steps(*args, **kwargs)
+
+        def profiled_finish_step(*args, **kwargs):
+            result = finish_step(*args, **kwargs)
+            step_range.__exit__(None, None, None)
             prof.step()
             return result
-        base_train.train_step = profiled_step
-        base_train.main(flags)
+        training.train_micro_steps, training.finish_step = profiled_micro_steps, profiled_finish_step
+        sys.argv = ["scripts.base_train"] + flags
+        runpy.run_module("scripts.base_train", run_name="__main__")
     events = {e.key: e for e in prof.key_averages()}
     step_ms = events["step"].cpu_time_total / 1e3
     print(f"\none training step (profiled step 2), {step_ms:.1f} ms wall on the host:")
