@@ -6,13 +6,19 @@ thread repeats one step:
 1. end the slots whose request was cancelled;
 2. admit queued requests into free slots: the prompt is prefilled at batch 1 (exactly as the Engine does),
    its cache copied into the slot's row, and the first token sampled from the prefill logits;
-3. one batched forward over every slot (one token per slot, each row at its own position);
-4. per slot: sample with the request's own params and torch.Generator, run the tool state machine
+3. move busy rows down into free ones, so that the busy slots are a prefix of the cache (not with
+   fixed_width, where a request keeps its slot);
+4. one batched forward over that prefix (one token per row, each row at its own position, ragged rows
+   attending in one masked call);
+5. per slot: sample with the request's own params and torch.Generator, run the tool state machine
    (shared with the Engine), deliver a TokenEvent, free the slot when the request ends.
+One device sync per step: the sampled ids (with each row's is-it-samplable flag).
 
-Free slots are computed and ignored rather than compacted away: the forward then always has the same
-shape, and on CPU (where a matmul row's bits depend on the matrix shape, not on the other rows) a request
-produces bit for bit the same logits whichever requests share the batch, so seeded outputs are reproducible.
+The batch width follows the load, so a lone request costs what it costs on a 1-slot server. The price: on
+CPU a matmul row's bits depend on the matrix shape, so a request's numbers then depend on how many
+requests share the batch. fixed_width=True (chat_web --batch-invariant) decodes every slot (free ones on a
+dummy token) and attends over the whole cache capacity: a request then produces bit for bit the same
+logits whichever requests share the batch, so seeded outputs are reproducible, at the cost of speed.
 
 Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then exactly one final event.
 - "length": max_tokens reached; the final event carries the last token (token_id not None).
@@ -82,12 +88,6 @@ def check_params(params, prompt_len, sequence_len):
         raise ValueError(f"seed must be None or an int, got {params.seed!r}")
 
 
-def samplable_rows(logits):
-    """Per row of logits (B, V): False where sampling it would fail or be meaningless (a NaN or +inf
-    anywhere, or every logit -inf). -inf alone is fine: it is how tokens are banned. One device sync."""
-    return torch.isfinite(logits.amax(dim=-1)).tolist()  # amax propagates NaN
-
-
 class GenerationRequest:
     """One submitted prompt. Events go to the on_event callback given to submit(), else into self.events."""
 
@@ -126,7 +126,7 @@ class GenerationRequest:
 class BatchScheduler:
     """Continuous batching of GenerationRequests over one model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None):
+    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None, fixed_width=False):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, "
                              f"got {max_batch_size}, {max_queue}")
@@ -134,6 +134,7 @@ class BatchScheduler:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.fixed_width = fixed_width
         self.device = torch.device(device) if device is not None else model.get_device()
         self.special = ToolTokens.from_tokenizer(tokenizer)
         self._terminal = frozenset((self.special.assistant_end, self.special.bos))
@@ -145,12 +146,13 @@ class BatchScheduler:
         self._num_active = 0
         self._completed = 0
         self._tokens_generated = 0
-        # decode-thread state: one request (or None) and one host-side position per slot
+        # decode-thread state: one request (or None) and one host-side position per slot (0 when free)
         self._slots = [None] * max_batch_size
         self._positions = [0] * max_batch_size
         # one cache row per slot, sized for the longest request submit() accepts
         cfg = model.config
         self._cache = KVCache.for_model(cfg, max_batch_size, cfg.sequence_len, self.device)
+        self._cache.batch_invariant = fixed_width
         self._cache.prev_embedding = torch.zeros(max_batch_size, 1, cfg.n_embd, device=self.device,
                                                  dtype=common.COMPUTE_DTYPE)
 
@@ -238,8 +240,11 @@ class BatchScheduler:
                 self._finish(slot, TokenEvent(None, 0, "cancelled"))
         for slot, request in self._admit():
             self._start(slot, request)
-        if any(request is not None for request in self._slots):
-            self._decode()
+        if not self.fixed_width:
+            self._compact()
+        busy = [slot for slot, request in enumerate(self._slots) if request is not None]
+        if busy:
+            self._decode(busy)
 
     def _admit(self):
         """Move queued requests into free slots (cancelled ones end here). Returns [(slot, request)]."""
@@ -271,14 +276,11 @@ class BatchScheduler:
                 request._rng.manual_seed(params.seed)
             request._stop_ids = self._terminal | frozenset(params.stop_token_ids)
             logits = self._prefill(slot, request.prompt_tokens)
-            if not samplable_rows(logits)[0]:
-                raise FloatingPointError("the prefill logits are NaN, +inf or all -inf")
-            sampled = request.sample(logits)[0, 0].item()
         except Exception:
             logger.exception("prefill of request %s failed", request.id)
             self._finish(slot, TokenEvent(None, 0, "error"))
             return
-        self._accept(slot, sampled)
+        self._sample_and_accept(logits, [slot])
 
     def _prefill(self, slot, tokens):
         """Prefill the prompt at batch 1 (prefill_prompt, as the Engine: same numbers) and copy its cache into
@@ -288,41 +290,67 @@ class BatchScheduler:
         self._positions[slot] = len(tokens)
         return logits
 
-    def _decode(self):
-        """One forward over every slot (free ones fed a dummy token at position 0, results ignored)."""
-        cache = self._cache
-        active = [slot for slot, request in enumerate(self._slots) if request is not None]
-        inputs = [0] * self.max_batch_size
-        for slot in active:
+    def _compact(self):
+        """Move busy rows down into free slots, so the busy slots are 0 .. n-1 and a decode can run on
+        that prefix of the cache alone."""
+        low, high = 0, self.max_batch_size - 1
+        while True:
+            while low < high and self._slots[low] is not None:
+                low += 1
+            while high > low and self._slots[high] is None:
+                high -= 1
+            if low >= high:
+                return
+            self._cache.copy_row(high, low, self._positions[high])
+            self._positions[low], self._positions[high] = self._positions[high], 0
+            with self._lock:
+                self._slots[low], self._slots[high] = self._slots[high], None
+
+    def _decode(self, busy):
+        """One forward over the busy slots, a prefix of the cache after _compact (fixed_width: over every
+        slot, free ones fed a dummy token at position 0 and their results ignored)."""
+        width = self.max_batch_size if self.fixed_width else len(busy)
+        inputs = [0] * width
+        for slot in busy:
             inputs[slot] = self._slots[slot]._next_input
-        for slot, request in enumerate(self._slots):
-            if request is None:
-                self._positions[slot] = 0
-        cache.cache_seqlens.copy_(torch.tensor(self._positions, dtype=torch.int32))
-        ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
-        logits = self.model.forward(ids, kv_cache=cache)[:, -1, :]  # (B, V)
-        for slot in active:
+        view = self._cache.rows(width)
+        view.set_positions(self._positions[:width])
+        ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (width, 1)
+        logits = self.model.forward(ids, kv_cache=view)[:, -1, :]  # (width, V)
+        if view.prev_embedding is not None:  # the forward replaced the view's: keep it for the next step
+            self._cache.prev_embedding[:width] = view.prev_embedding
+        for slot in busy:
             self._positions[slot] += 1
+        self._sample_and_accept(logits[busy], busy)
+
+    def _sample_and_accept(self, logits, slots):
+        """Sample row i of logits for the request in slots[i] and deliver the tokens, with one device sync.
+        A row that is not samplable (a NaN or +inf anywhere, or every logit -inf; -inf alone is how tokens
+        are banned) or whose sampling raises ends its request with "error", alone."""
+        samplable = torch.isfinite(logits.amax(dim=-1))  # amax propagates NaN
+        logits = torch.where(samplable[:, None], logits, 0.0)  # a broken row draws garbage, dropped below
         greedy = logits.argmax(dim=-1, keepdim=True)  # one kernel for every greedy row
-        samplable = samplable_rows(logits)  # one check for all rows, before any sampling
-        picks, failed = {}, []
-        for slot in active:
+        picks, failed = [], {}
+        for row, slot in enumerate(slots):
             request = self._slots[slot]
-            if not samplable[slot]:
-                failed.append((slot, "its logits are NaN, +inf or all -inf"))
-            elif is_greedy(request.params.temperature):
-                picks[slot] = greedy[slot]
+            if is_greedy(request.params.temperature):
+                picks.append(greedy[row])
+                continue
+            try:
+                picks.append(request.sample(logits[row:row + 1])[0])
+            except Exception as e:  # this row's numbers; the other rows are unaffected
+                failed[slot] = f"sampling raised {type(e).__name__}: {e}"
+                picks.append(greedy[row])
+        num_rows = len(picks)
+        host = torch.cat([torch.cat(picks), samplable[:num_rows].long()]).tolist()  # the one sync
+        for row, slot in enumerate(slots):
+            if not host[num_rows + row]:
+                failed[slot] = "its logits are NaN, +inf or all -inf"
+            if slot in failed:
+                logger.error("request %s ends with an error: %s", self._slots[slot].id, failed[slot])
+                self._finish(slot, TokenEvent(None, 0, "error"))
             else:
-                try:
-                    picks[slot] = request.sample(logits[slot:slot + 1])[0]
-                except Exception as e:  # this row's numbers; the other rows are unaffected
-                    failed.append((slot, f"sampling raised {type(e).__name__}: {e}"))
-        for slot, reason in failed:
-            logger.error("request %s ends with an error: %s", self._slots[slot].id, reason)
-            self._finish(slot, TokenEvent(None, 0, "error"))
-        if picks:
-            for slot, sampled in zip(picks, torch.cat(list(picks.values())).tolist()):
-                self._accept(slot, sampled)
+                self._accept(slot, host[row])
 
     def _accept(self, slot, sampled):
         """Pass a sampled token through the tool state machine and deliver the result."""
