@@ -6,15 +6,14 @@ thread repeats one step:
 1. end the slots whose request was cancelled;
 2. admit queued requests into free slots: the prompt is prefilled at batch 1 (exactly as the Engine does),
    its cache copied into the slot's row, and the first token sampled from the prefill logits;
-3. move busy rows down into free ones, so that the busy slots are a prefix of the cache (not with
-   fixed_width, where a request keeps its slot);
-4. one batched forward over that prefix (one token per row, each row at its own position, ragged rows
-   attending in one masked call);
-5. per slot: sample with the request's own params and torch.Generator, run the tool state machine
+3. one batched forward over the rows up to the last busy slot (one token per row, each row at its own
+   position, ragged rows attending in one masked call);
+4. per slot: sample with the request's own params and torch.Generator, run the tool state machine
    (shared with the Engine), deliver a TokenEvent, free the slot when the request ends.
 One device sync per step: the sampled ids (with each row's is-it-samplable flag).
 
-The batch width follows the load, so a lone request costs what it costs on a 1-slot server. The price: on
+The batch width follows the load (requests take the lowest free slot and the forward stops at the last
+busy one), so a lone request costs what it costs on a 1-slot server. The price: on
 CPU a matmul row's bits depend on the matrix shape, so a request's numbers then depend on how many
 requests share the batch. fixed_width=True (chat_web --batch-invariant) decodes every slot (free ones on a
 dummy token) and attends over the whole cache capacity: a request then produces bit for bit the same
@@ -223,8 +222,8 @@ class BatchScheduler:
                     self._step()
                 except Exception:
                     logger.exception("batched decode step failed; ending the active requests")
-                    self._fail_active()
-        self._cancel_active()
+                    self._end_active("error")
+        self._end_active("cancelled")
         self._cancel_queued()
 
     def _wait_for_work(self):
@@ -240,8 +239,6 @@ class BatchScheduler:
                 self._finish(slot, TokenEvent(None, 0, "cancelled"))
         for slot, request in self._admit():
             self._start(slot, request)
-        if not self.fixed_width:
-            self._compact()
         busy = [slot for slot, request in enumerate(self._slots) if request is not None]
         if busy:
             self._decode(busy)
@@ -290,26 +287,11 @@ class BatchScheduler:
         self._positions[slot] = len(tokens)
         return logits
 
-    def _compact(self):
-        """Move busy rows down into free slots, so the busy slots are 0 .. n-1 and a decode can run on
-        that prefix of the cache alone."""
-        low, high = 0, self.max_batch_size - 1
-        while True:
-            while low < high and self._slots[low] is not None:
-                low += 1
-            while high > low and self._slots[high] is None:
-                high -= 1
-            if low >= high:
-                return
-            self._cache.copy_row(high, low, self._positions[high])
-            self._positions[low], self._positions[high] = self._positions[high], 0
-            with self._lock:
-                self._slots[low], self._slots[high] = self._slots[high], None
-
     def _decode(self, busy):
-        """One forward over the busy slots, a prefix of the cache after _compact (fixed_width: over every
-        slot, free ones fed a dummy token at position 0 and their results ignored)."""
-        width = self.max_batch_size if self.fixed_width else len(busy)
+        """One forward over the rows up to the last busy slot (fixed_width: over every slot); free rows are
+        fed a dummy token at position 0 and their results ignored. Requests take the lowest free slot, so
+        the busy ones gather at the front and the width follows the load."""
+        width = self.max_batch_size if self.fixed_width else busy[-1] + 1
         inputs = [0] * width
         for slot in busy:
             inputs[slot] = self._slots[slot]._next_input
@@ -392,15 +374,10 @@ class BatchScheduler:
         self._positions[slot] = 0
         self._deliver_final(request, event)
 
-    def _fail_active(self):
+    def _end_active(self, reason):
         for slot, request in enumerate(self._slots):
             if request is not None:
-                self._finish(slot, TokenEvent(None, 0, "error"))
-
-    def _cancel_active(self):
-        for slot, request in enumerate(self._slots):
-            if request is not None:
-                self._finish(slot, TokenEvent(None, 0, "cancelled"))
+                self._finish(slot, TokenEvent(None, 0, reason))
 
     def _cancel_queued(self):
         with self._lock:

@@ -200,13 +200,6 @@ class KVCache:
             view.prev_embedding = self.prev_embedding[:n]
         return view
 
-    def copy_row(self, source, target, length):
-        """Copy row `source`'s first `length` keys and values and its smear state into row `target`."""
-        self.k_cache[:, target, :length] = self.k_cache[:, source, :length]
-        self.v_cache[:, target, :length] = self.v_cache[:, source, :length]
-        if self.prev_embedding is not None:
-            self.prev_embedding[target] = self.prev_embedding[source]
-
     @classmethod
     def for_model(cls, config, batch_size, seq_len, device, dtype=None):
         """A cache shaped for a GPT config; dtype None means the compute dtype, read now (deciding it may
@@ -220,24 +213,18 @@ class KVCache:
         or into row `row` only, the other rows keeping theirs (continuous batching)."""
         assert (self.n_layers, self.n_heads, self.head_dim) == (other.n_layers, other.n_heads, other.head_dim)
         assert self.max_seq_len >= other.max_seq_len
+        assert row is not None or self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
         pos = other.get_pos()
-        if row is None:
-            assert self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
-            self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
-            self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
-            self.set_positions([pos] * self.batch_size)
-            if other.prev_embedding is not None:
-                self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
-            return
-        self.k_cache[:, row, :pos] = other.k_cache[:, 0, :pos]
-        self.v_cache[:, row, :pos] = other.v_cache[:, 0, :pos]
-        self.cache_seqlens[row] = pos
-        self.positions[row] = pos
+        rows = slice(None) if row is None else slice(row, row + 1)
+        self.k_cache[:, rows, :pos] = other.k_cache[:, :1, :pos]  # broadcast over the rows
+        self.v_cache[:, rows, :pos] = other.v_cache[:, :1, :pos]
+        self.cache_seqlens[rows] = pos
+        self.positions[rows] = [pos] * len(self.positions[rows])
         source = other.prev_embedding
         if source is not None:  # a duck-typed model may not smear
             if self.prev_embedding is None:
                 self.prev_embedding = source.new_zeros((self.batch_size, *source.shape[1:]))
-            self.prev_embedding[row] = source[0]
+            self.prev_embedding[rows] = source[:1]
 
 
 def prefill_prompt(model, tokens, device):

@@ -231,18 +231,22 @@ def _resolve_use_fa3(entry="train"):
 # -----------------------------------------------------------------------------
 # SDPA fallback. Inside these helpers tensors are (B, heads, T, D).
 
-def _band_mask(Tq, Tk, left, right, device):
-    """Boolean (Tq, Tk) mask, True = attend: key j is visible to query i iff i - left <= j <= i + right.
-    Queries sit at absolute positions Tk - Tq .. Tk - 1 (bottom-right aligned); a negative bound is unbounded."""
-    if left < 0 and right < 0:
+def _band_mask(query_start, Tq, Tk, left, right, device):
+    """Boolean mask, True = attend: key j is visible to the query at absolute position i iff
+    i - left <= j <= i + right (a negative bound is unbounded) and j <= the last query's position (later
+    cache slots are stale). Queries sit at query_start .. query_start + Tq - 1: an int gives a (Tq, Tk) mask
+    (None if nothing is masked), a (B,) tensor of row positions a (B, 1, Tq, Tk) mask, built on its device."""
+    ragged = torch.is_tensor(query_start)
+    if left < 0 and right < 0 and not ragged:
         return None
-    row = (Tk - Tq) + torch.arange(Tq, device=device)[:, None]
-    col = torch.arange(Tk, device=device)[None, :]
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    row = (query_start.long()[:, None, None, None] if ragged else query_start) + \
+        torch.arange(Tq, device=device)[:, None]
+    col = torch.arange(Tk, device=device)
+    mask = col <= row[..., -1:, :]
     if left >= 0:
-        mask &= (row - col) <= left
+        mask = mask & (row - col <= left)
     if right >= 0:
-        mask &= (col - row) <= right
+        mask = mask & (col - row <= right)
     return mask
 
 
@@ -259,7 +263,7 @@ def _sdpa_attention(q, k, v, window_size, enable_gqa):
             k, v = k[:, :, start:], v[:, :, start:]
         return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
     # sliding-window training or chunked prefill (Tq < Tk): an explicit dense mask
-    mask = _band_mask(Tq, Tk, w, 0, q.device)
+    mask = _band_mask(Tk - Tq, Tq, Tk, w, 0, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
@@ -271,7 +275,7 @@ def _sdpa_func(q, k, v, causal, window_size):
     if causal or right == 0:
         y = _sdpa_attention(q, k, v, (left, 0), enable_gqa)
     else:
-        mask = _band_mask(q.size(2), k.size(2), left, right, q.device)
+        mask = _band_mask(k.size(2) - q.size(2), q.size(2), k.size(2), left, right, q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     return y.transpose(1, 2)
 
@@ -301,22 +305,6 @@ def _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_
     return _sdpa_func(q, k_full, v_full, causal, window_size)
 
 
-def _ragged_mask(cache_seqlens, T_new, key_len, causal, window_size):
-    """Boolean (B, 1, T_new, key_len) mask, True = attend, for rows whose new queries sit at
-    [cache_seqlens[b], cache_seqlens[b] + T_new): built on the device, so no host sync."""
-    left, right = window_size
-    if causal:
-        right = 0
-    query_pos = cache_seqlens.long()[:, None, None] + torch.arange(T_new, device=cache_seqlens.device)[:, None]
-    key_pos = torch.arange(key_len, device=cache_seqlens.device)
-    visible = key_pos < query_pos[:, -1:] + 1  # keys past the row's last new token are stale or empty
-    if right >= 0:
-        visible = visible & (key_pos <= query_pos + right)
-    if left >= 0:
-        visible = visible & (query_pos - key_pos <= left)
-    return visible[:, None]
-
-
 def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len, causal, window_size):
     """Rows at different positions (continuous batching) in one call: k, v are scattered into each row at its
     own position and every row attends over keys [0, key_len) under a mask built from cache_seqlens.
@@ -328,7 +316,8 @@ def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len,
         cols = cache_seqlens.long()[:, None] + torch.arange(T_new, device=q.device)  # (B, T_new)
         k_cache[rows, cols] = k.to(k_cache.dtype)
         v_cache[rows, cols] = v.to(v_cache.dtype)
-    mask = _ragged_mask(cache_seqlens, T_new, key_len, causal, window_size)
+    left, right = window_size
+    mask = _band_mask(cache_seqlens, T_new, key_len, left, 0 if causal else right, q.device)
     q = q.transpose(1, 2)
     k_full, v_full = (cache[:, :key_len].to(q.dtype).transpose(1, 2) for cache in (k_cache, v_cache))
     y = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask, enable_gqa=q.size(1) != k_full.size(1))

@@ -320,12 +320,12 @@ class WidthRecorder:
 def test_decode_width_follows_the_load_unless_fixed(model, scheduler_factory, fixed_width):
     recorder = WidthRecorder(model)
     scheduler = scheduler_factory(recorder, max_batch_size=4, start=False, fixed_width=fixed_width)
-    lengths = (3, 6, 9)
+    lengths = (9, 6, 3)
     requests = [scheduler.submit(p, SamplingParams(max_tokens=n, temperature=0.0))
                 for p, n in zip(prompts(3), lengths)]
     scheduler.start()
     assert [collect(r)[2] for r in requests] == ["length"] * 3
-    # three rows until the shortest request ends, then two, then one (fixed width: always every slot)
+    # slots 0-2 until the request in slot 2 ends, then two, then one (fixed width: always every slot)
     want = [4] * 8 if fixed_width else [3, 3, 2, 2, 2, 1, 1, 1]
     assert recorder.widths == want
 
