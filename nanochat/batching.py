@@ -12,12 +12,10 @@ thread repeats one step:
    (shared with the Engine), deliver a TokenEvent, free the slot when the request ends.
 One device sync per step: the sampled ids (with each row's is-it-samplable flag).
 
-The batch width follows the load (requests take the lowest free slot and the forward stops at the last
-busy one), so a lone request costs what it costs on a 1-slot server. The price: on
-CPU a matmul row's bits depend on the matrix shape, so a request's numbers then depend on how many
-requests share the batch. fixed_width=True (chat_web --batch-invariant) decodes every slot (free ones on a
-dummy token) and attends over the whole cache capacity: a request then produces bit for bit the same
-logits whichever requests share the batch, so seeded outputs are reproducible, at the cost of speed.
+The batch width follows the load, so a lone request costs what it costs on a 1-slot server. The price: on
+CPU a matmul row's bits depend on the matrix shape, so a request's numbers depend on the batch around it.
+fixed_width=True (chat_web --batch-invariant) decodes every slot (free ones on a dummy token) over the whole
+cache capacity: a request's logits are then bit for bit the same whichever requests share the batch.
 
 Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then exactly one final event.
 - "length": max_tokens reached; the final event carries the last token (token_id not None).
@@ -40,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat import common
 from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, prefill_prompt
 from nanochat.sampling import is_greedy, sample_next_token
 
@@ -152,8 +149,6 @@ class BatchScheduler:
         cfg = model.config
         self._cache = KVCache.for_model(cfg, max_batch_size, cfg.sequence_len, self.device)
         self._cache.batch_invariant = fixed_width
-        self._cache.prev_embedding = torch.zeros(max_batch_size, 1, cfg.n_embd, device=self.device,
-                                                 dtype=common.COMPUTE_DTYPE)
 
     # ------------------------------------------------------------------
     # Public API (any thread)

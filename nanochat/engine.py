@@ -146,11 +146,10 @@ class KVCache:
     the SDPA fallback raises on an overflowing write (FA3 does not check).
     Rows may sit at different positions (continuous batching, nanochat.batching): the model and the
     attention kernels honour each row's cache_seqlens; get_pos() then reports row 0.
-    Positions live twice: cache_seqlens on the device (what FA3 reads) and `positions`, a host list that the
-    model and the SDPA fallback read without a device sync. Change them through reset, advance, prefill or
-    set_positions only, so the two stay equal.
-    batch_invariant: the SDPA fallback attends over the whole capacity with a mask, so that a row's numbers do
-    not depend on the other rows' positions (slower: used for reproducible serving).
+    Positions live twice: cache_seqlens on the device (for FA3) and `positions`, a host list read without a
+    device sync; change them through reset, advance, prefill or set_positions only, so the two stay equal.
+    batch_invariant: the SDPA fallback attends over the whole capacity, so that a row's numbers do not depend
+    on the other rows' positions (slower: for reproducible serving).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
