@@ -295,7 +295,8 @@ def _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_
                          f"{k_cache.size(1)}")
     if low != high or pad_to_capacity:
         key_len = k_cache.size(1) if pad_to_capacity else end
-        return _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len, causal, window_size)
+        return _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len, causal,
+                                         window_size)
     pos = low  # every row at the same position: one call over contiguous slices (the fast path)
     if k is not None and v is not None:
         k_cache[:, pos:end] = k  # in place, casting to the cache dtype; the caller advances cache_seqlens
@@ -320,7 +321,8 @@ def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len,
     mask = _band_mask(cache_seqlens, T_new, key_len, left, 0 if causal else right, q.device)
     q = q.transpose(1, 2)
     k_full, v_full = (cache[:, :key_len].to(q.dtype).transpose(1, 2) for cache in (k_cache, v_cache))
-    y = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask, enable_gqa=q.size(1) != k_full.size(1))
+    y = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask,
+                                       enable_gqa=q.size(1) != k_full.size(1))
     return y.transpose(1, 2)
 
 

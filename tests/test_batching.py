@@ -231,10 +231,12 @@ def test_batch_invariant_ragged_kvcache_ignores_the_other_rows_positions():
     for others in ([3, 40], [9, 2], [5, 5]):  # row 0 sits at 5 throughout; the last case is lockstep
         seqlens = torch.tensor([5] + others, dtype=torch.int32)
         outputs.append(fa_module.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k, v=v,
-                                                         cache_seqlens=seqlens, causal=True, pad_to_capacity=True))
+                                                         cache_seqlens=seqlens, causal=True,
+                                                         pad_to_capacity=True))
     assert all(torch.equal(out[0], outputs[0][0]) for out in outputs[1:])
-    plain = fa_module.flash_attn_with_kvcache(q[:1], k_cache[:1].clone(), v_cache[:1].clone(), k=k[:1], v=v[:1],
-                                              cache_seqlens=torch.tensor([5], dtype=torch.int32), causal=True)
+    plain = fa_module.flash_attn_with_kvcache(q[:1], k_cache[:1].clone(), v_cache[:1].clone(), k=k[:1],
+                                              v=v[:1], cache_seqlens=torch.tensor([5], dtype=torch.int32),
+                                              causal=True)
     torch.testing.assert_close(outputs[0][:1], plain, atol=1e-6, rtol=1e-6)
 
 
