@@ -320,7 +320,7 @@ class WidthRecorder:
 
 @pytest.mark.parametrize("fixed_width", [False, True])
 def test_decode_width_follows_the_load_unless_fixed(model, scheduler_factory, fixed_width):
-    recorder = WidthRecorder(model)
+    recorder = WidthRecorder(NoStopModel(model))
     scheduler = scheduler_factory(recorder, max_batch_size=4, start=False, fixed_width=fixed_width)
     lengths = (9, 6, 3)
     requests = [scheduler.submit(p, SamplingParams(max_tokens=n, temperature=0.0))
@@ -343,7 +343,7 @@ def test_lone_request_computes_what_a_one_slot_scheduler_computes(model, schedul
 
 
 def test_one_host_sync_per_decode_step(model, scheduler_factory, host_syncs):
-    scheduler = scheduler_factory(model, max_batch_size=4, start=False)
+    scheduler = scheduler_factory(NoStopModel(model), max_batch_size=4, start=False)
     requests = [scheduler.submit(p, SamplingParams(max_tokens=8, **sampling))
                 for p, sampling in zip(prompts(3), (GREEDY, SEEDED, NUCLEUS))]
     syncs_before = host_syncs()
