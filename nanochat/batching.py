@@ -142,9 +142,8 @@ class BatchScheduler:
         self._num_active = 0
         self._completed = 0
         self._tokens_generated = 0
-        # decode-thread state: one request (or None) and one host-side position per slot (0 when free)
+        # decode-thread state: one request (or None) per slot; the cache keeps each row's position
         self._slots = [None] * max_batch_size
-        self._positions = [0] * max_batch_size
         # one cache row per slot, sized for the longest request submit() accepts
         cfg = model.config
         self._cache = KVCache.for_model(cfg, max_batch_size, cfg.sequence_len, self.device)
@@ -279,7 +278,6 @@ class BatchScheduler:
         row `slot` of the shared cache. Returns the last position's logits (1, V)."""
         logits, prompt_cache = prefill_prompt(self.model, tokens, self.device)
         self._cache.prefill(prompt_cache, row=slot)
-        self._positions[slot] = len(tokens)
         return logits
 
     def _decode(self, busy):
@@ -287,17 +285,16 @@ class BatchScheduler:
         fed a dummy token at position 0 and their results ignored. Requests take the lowest free slot, so
         the busy ones gather at the front and the width follows the load."""
         width = self.max_batch_size if self.fixed_width else busy[-1] + 1
-        inputs = [0] * width
+        inputs, positions = [0] * width, [0] * width  # free rows: a dummy token at position 0
         for slot in busy:
-            inputs[slot] = self._slots[slot]._next_input
+            inputs[slot], positions[slot] = self._slots[slot]._next_input, self._cache.positions[slot]
         view = self._cache.rows(width)
-        view.set_positions(self._positions[:width])
+        view.set_positions(positions)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (width, 1)
         logits = self.model.forward(ids, kv_cache=view)[:, -1, :]  # (width, V)
         if view.prev_embedding is not None:  # the forward replaced the view's: keep it for the next step
             self._cache.prev_embedding[:width] = view.prev_embedding
-        for slot in busy:
-            self._positions[slot] += 1
+        self._cache.positions[:width] = view.positions  # the forward advanced the view's
         self._sample_and_accept(logits[busy], busy)
 
     def _sample_and_accept(self, logits, slots):
@@ -366,7 +363,6 @@ class BatchScheduler:
         with self._lock:
             self._slots[slot] = None
             self._num_active -= 1
-        self._positions[slot] = 0
         self._deliver_final(request, event)
 
     def _end_active(self, reason):
