@@ -8,10 +8,12 @@ requests served one at a time (by the scheduler, and by Engine.generate as the r
 
 Every request decodes exactly --new-tokens tokens: the model is wrapped so that the terminal ids
 (<|assistant_end|>, BOS) can never be sampled. Sampling: temperature 1, top_k 50, one seed per request.
-Also printed: the cost of computing idle slots (one request with max_batch_size 1 versus the full width).
+Also printed: a lone request on a 1-slot scheduler, on a wide one, and on a wide fixed-width one (medians of
+--rounds alternating runs).
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -26,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64, help="prompts get lengths spread over [len/2, len]")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--device-type", type=str, default="")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the lone-request comparison")
     return p.parse_args(argv)
 
 
@@ -115,16 +118,22 @@ def main(argv=None):
                 print(f"{n:3d} requests, {name:25s}: {tokens / seconds:9.1f} tok/s ({tokens} tokens, {seconds:.2f} s)")
     finally:
         scheduler.shutdown()
-    # idle slots are computed, not compacted: what does that cost a lone request?
+    # a lone request on a wide server: the width follows the load, unless fixed_width computes every slot
     prompt = make_prompts(1, args.prompt_len, tokenizer.get_bos_token_id())
-    for width in sorted({1, args.max_batch_size}):
-        narrow = BatchScheduler(model, tokenizer, max_batch_size=width)
-        narrow.start()
-        try:
-            tokens, seconds = timed(lambda: run_scheduler(narrow, prompt, True), sync)
-        finally:
-            narrow.shutdown()
-        print(f"  1 request, max_batch_size {width:3d}   : {tokens / seconds:9.1f} tok/s")
+    servers = [(1, False), (args.max_batch_size, False), (args.max_batch_size, True)]
+    rates = {server: [] for server in servers}
+    for _ in range(args.rounds):  # alternating, so that a busy machine slows every server alike
+        for width, fixed_width in servers:
+            narrow = BatchScheduler(model, tokenizer, max_batch_size=width, fixed_width=fixed_width)
+            narrow.start()
+            try:
+                tokens, seconds = timed(lambda: run_scheduler(narrow, prompt, True), sync)
+            finally:
+                narrow.shutdown()
+            rates[width, fixed_width].append(tokens / seconds)
+    for (width, fixed_width), values in rates.items():
+        print(f"  1 request, max_batch_size {width:3d}{', fixed width' if fixed_width else '':13s}: "
+              f"{statistics.median(values):9.1f} tok/s (median of {args.rounds})")
 
 
 if __name__ == "__main__":

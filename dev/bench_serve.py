@@ -6,6 +6,7 @@ and per-token latency (the gaps between streamed chunks, as a client sees them),
     python -m dev.bench_serve --url http://localhost:8000          # a server that is already running
     python -m dev.bench_serve --source sft --device-type cpu       # starts one in-process on a checkpoint
     python -m dev.bench_serve --concurrency 1,4,16 --requests-per-client 4 --max-tokens 128 --serial
+    python -m dev.bench_serve --max-batch-size 1    # the reference's design: one request at a time
 
 Each of the N clients sends --requests-per-client requests back to back, so N*k requests per level. With
 --serial the same requests are then sent one at a time: the reference server's design, one request per
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--step", type=int, default=None, help="in-process server: checkpoint step")
     p.add_argument("--device-type", type=str, default="", help="in-process server: cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--max-batch-size", type=int, default=16, help="in-process server: sequences per batch")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="in-process server: decode every slot at full width (chat_web --batch-invariant)")
     p.add_argument("--concurrency", type=str, default="1,4,16", help="comma-separated numbers of clients")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -54,7 +57,7 @@ def start_local_server(args):
     from nanochat.server import ServerConfig, create_app, serve_in_thread
     config = ServerConfig(source=args.source, max_batch_size=args.max_batch_size,
                           max_queue=max(map(int, args.concurrency.split(","))), device_type=args.device_type,
-                          model_tag=args.model_tag, step=args.step)
+                          model_tag=args.model_tag, step=args.step, batch_invariant=args.batch_invariant)
     server, thread, port = serve_in_thread(create_app(config))
 
     def stop():

@@ -6,13 +6,16 @@ thread repeats one step:
 1. end the slots whose request was cancelled;
 2. admit queued requests into free slots: the prompt is prefilled at batch 1 (exactly as the Engine does),
    its cache copied into the slot's row, and the first token sampled from the prefill logits;
-3. one batched forward over every slot (one token per slot, each row at its own position);
+3. one batched forward over the rows up to the last busy slot (one token per row, each row at its own
+   position, ragged rows attending in one masked call);
 4. per slot: sample with the request's own params and torch.Generator, run the tool state machine
    (shared with the Engine), deliver a TokenEvent, free the slot when the request ends.
+One device sync per step: the sampled ids (with each row's is-it-samplable flag).
 
-Free slots are computed and ignored rather than compacted away: the forward then always has the same
-shape, and on CPU (where a matmul row's bits depend on the matrix shape, not on the other rows) a request
-produces bit for bit the same logits whichever requests share the batch, so seeded outputs are reproducible.
+The batch width follows the load, so a lone request costs what it costs on a 1-slot server. The price: on
+CPU a matmul row's bits depend on the matrix shape, so a request's numbers depend on the batch around it.
+fixed_width=True (chat_web --batch-invariant) decodes every slot (free ones on a dummy token) over the whole
+cache capacity: a request's logits are then bit for bit the same whichever requests share the batch.
 
 Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then exactly one final event.
 - "length": max_tokens reached; the final event carries the last token (token_id not None).
@@ -35,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat import common
 from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, prefill_prompt
 from nanochat.sampling import is_greedy, sample_next_token
 
@@ -82,12 +84,6 @@ def check_params(params, prompt_len, sequence_len):
         raise ValueError(f"seed must be None or an int, got {params.seed!r}")
 
 
-def samplable_rows(logits):
-    """Per row of logits (B, V): False where sampling it would fail or be meaningless (a NaN or +inf
-    anywhere, or every logit -inf). -inf alone is fine: it is how tokens are banned. One device sync."""
-    return torch.isfinite(logits.amax(dim=-1)).tolist()  # amax propagates NaN
-
-
 class GenerationRequest:
     """One submitted prompt. Events go to the on_event callback given to submit(), else into self.events."""
 
@@ -126,7 +122,7 @@ class GenerationRequest:
 class BatchScheduler:
     """Continuous batching of GenerationRequests over one model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None):
+    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None, fixed_width=False):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, "
                              f"got {max_batch_size}, {max_queue}")
@@ -134,6 +130,7 @@ class BatchScheduler:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.fixed_width = fixed_width
         self.device = torch.device(device) if device is not None else model.get_device()
         self.special = ToolTokens.from_tokenizer(tokenizer)
         self._terminal = frozenset((self.special.assistant_end, self.special.bos))
@@ -145,14 +142,12 @@ class BatchScheduler:
         self._num_active = 0
         self._completed = 0
         self._tokens_generated = 0
-        # decode-thread state: one request (or None) and one host-side position per slot
+        # decode-thread state: one request (or None) per slot; the cache keeps each row's position
         self._slots = [None] * max_batch_size
-        self._positions = [0] * max_batch_size
         # one cache row per slot, sized for the longest request submit() accepts
         cfg = model.config
         self._cache = KVCache.for_model(cfg, max_batch_size, cfg.sequence_len, self.device)
-        self._cache.prev_embedding = torch.zeros(max_batch_size, 1, cfg.n_embd, device=self.device,
-                                                 dtype=common.COMPUTE_DTYPE)
+        self._cache.batch_invariant = fixed_width
 
     # ------------------------------------------------------------------
     # Public API (any thread)
@@ -221,8 +216,8 @@ class BatchScheduler:
                     self._step()
                 except Exception:
                     logger.exception("batched decode step failed; ending the active requests")
-                    self._fail_active()
-        self._cancel_active()
+                    self._end_active("error")
+        self._end_active("cancelled")
         self._cancel_queued()
 
     def _wait_for_work(self):
@@ -238,8 +233,9 @@ class BatchScheduler:
                 self._finish(slot, TokenEvent(None, 0, "cancelled"))
         for slot, request in self._admit():
             self._start(slot, request)
-        if any(request is not None for request in self._slots):
-            self._decode()
+        busy = [slot for slot, request in enumerate(self._slots) if request is not None]
+        if busy:
+            self._decode(busy)
 
     def _admit(self):
         """Move queued requests into free slots (cancelled ones end here). Returns [(slot, request)]."""
@@ -271,58 +267,64 @@ class BatchScheduler:
                 request._rng.manual_seed(params.seed)
             request._stop_ids = self._terminal | frozenset(params.stop_token_ids)
             logits = self._prefill(slot, request.prompt_tokens)
-            if not samplable_rows(logits)[0]:
-                raise FloatingPointError("the prefill logits are NaN, +inf or all -inf")
-            sampled = request.sample(logits)[0, 0].item()
         except Exception:
             logger.exception("prefill of request %s failed", request.id)
             self._finish(slot, TokenEvent(None, 0, "error"))
             return
-        self._accept(slot, sampled)
+        self._sample_and_accept(logits, [slot])
 
     def _prefill(self, slot, tokens):
         """Prefill the prompt at batch 1 (prefill_prompt, as the Engine: same numbers) and copy its cache into
         row `slot` of the shared cache. Returns the last position's logits (1, V)."""
         logits, prompt_cache = prefill_prompt(self.model, tokens, self.device)
         self._cache.prefill(prompt_cache, row=slot)
-        self._positions[slot] = len(tokens)
         return logits
 
-    def _decode(self):
-        """One forward over every slot (free ones fed a dummy token at position 0, results ignored)."""
-        cache = self._cache
-        active = [slot for slot, request in enumerate(self._slots) if request is not None]
-        inputs = [0] * self.max_batch_size
-        for slot in active:
-            inputs[slot] = self._slots[slot]._next_input
-        for slot, request in enumerate(self._slots):
-            if request is None:
-                self._positions[slot] = 0
-        cache.cache_seqlens.copy_(torch.tensor(self._positions, dtype=torch.int32))
-        ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
-        logits = self.model.forward(ids, kv_cache=cache)[:, -1, :]  # (B, V)
-        for slot in active:
-            self._positions[slot] += 1
+    def _decode(self, busy):
+        """One forward over the rows up to the last busy slot (fixed_width: over every slot); free rows are
+        fed a dummy token at position 0 and their results ignored. Requests take the lowest free slot, so
+        the busy ones gather at the front and the width follows the load."""
+        width = self.max_batch_size if self.fixed_width else busy[-1] + 1
+        inputs, positions = [0] * width, [0] * width  # free rows: a dummy token at position 0
+        for slot in busy:
+            inputs[slot], positions[slot] = self._slots[slot]._next_input, self._cache.positions[slot]
+        view = self._cache.rows(width)
+        view.set_positions(positions)
+        ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (width, 1)
+        logits = self.model.forward(ids, kv_cache=view)[:, -1, :]  # (width, V)
+        if view.prev_embedding is not None:  # the forward replaced the view's: keep it for the next step
+            self._cache.prev_embedding[:width] = view.prev_embedding
+        self._cache.positions[:width] = view.positions  # the forward advanced the view's
+        self._sample_and_accept(logits[busy], busy)
+
+    def _sample_and_accept(self, logits, slots):
+        """Sample row i of logits for the request in slots[i] and deliver the tokens, with one device sync.
+        A row that is not samplable (a NaN or +inf anywhere, or every logit -inf; -inf alone is how tokens
+        are banned) or whose sampling raises ends its request with "error", alone."""
+        samplable = torch.isfinite(logits.amax(dim=-1))  # amax propagates NaN
+        logits = torch.where(samplable[:, None], logits, 0.0)  # a broken row draws garbage, dropped below
         greedy = logits.argmax(dim=-1, keepdim=True)  # one kernel for every greedy row
-        samplable = samplable_rows(logits)  # one check for all rows, before any sampling
-        picks, failed = {}, []
-        for slot in active:
+        picks, failed = [], {}
+        for row, slot in enumerate(slots):
             request = self._slots[slot]
-            if not samplable[slot]:
-                failed.append((slot, "its logits are NaN, +inf or all -inf"))
-            elif is_greedy(request.params.temperature):
-                picks[slot] = greedy[slot]
+            if is_greedy(request.params.temperature):
+                picks.append(greedy[row])
+                continue
+            try:
+                picks.append(request.sample(logits[row:row + 1])[0])
+            except Exception as e:  # this row's numbers; the other rows are unaffected
+                failed[slot] = f"sampling raised {type(e).__name__}: {e}"
+                picks.append(greedy[row])
+        num_rows = len(picks)
+        host = torch.cat([torch.cat(picks), samplable[:num_rows].long()]).tolist()  # the one sync
+        for row, slot in enumerate(slots):
+            if not host[num_rows + row]:
+                failed[slot] = "its logits are NaN, +inf or all -inf"
+            if slot in failed:
+                logger.error("request %s ends with an error: %s", self._slots[slot].id, failed[slot])
+                self._finish(slot, TokenEvent(None, 0, "error"))
             else:
-                try:
-                    picks[slot] = request.sample(logits[slot:slot + 1])[0]
-                except Exception as e:  # this row's numbers; the other rows are unaffected
-                    failed.append((slot, f"sampling raised {type(e).__name__}: {e}"))
-        for slot, reason in failed:
-            logger.error("request %s ends with an error: %s", self._slots[slot].id, reason)
-            self._finish(slot, TokenEvent(None, 0, "error"))
-        if picks:
-            for slot, sampled in zip(picks, torch.cat(list(picks.values())).tolist()):
-                self._accept(slot, sampled)
+                self._accept(slot, host[row])
 
     def _accept(self, slot, sampled):
         """Pass a sampled token through the tool state machine and deliver the result."""
@@ -361,18 +363,12 @@ class BatchScheduler:
         with self._lock:
             self._slots[slot] = None
             self._num_active -= 1
-        self._positions[slot] = 0
         self._deliver_final(request, event)
 
-    def _fail_active(self):
+    def _end_active(self, reason):
         for slot, request in enumerate(self._slots):
             if request is not None:
-                self._finish(slot, TokenEvent(None, 0, "error"))
-
-    def _cancel_active(self):
-        for slot, request in enumerate(self._slots):
-            if request is not None:
-                self._finish(slot, TokenEvent(None, 0, "cancelled"))
+                self._finish(slot, TokenEvent(None, 0, reason))
 
     def _cancel_queued(self):
         with self._lock:

@@ -8,6 +8,7 @@ calculator and forces `<|output_start|> result <|output_end|>` into that row (ma
 """
 
 import ast
+import copy
 import signal
 import string
 import threading
@@ -145,6 +146,10 @@ class KVCache:
     the SDPA fallback raises on an overflowing write (FA3 does not check).
     Rows may sit at different positions (continuous batching, nanochat.batching): the model and the
     attention kernels honour each row's cache_seqlens; get_pos() then reports row 0.
+    Positions live twice: cache_seqlens on the device (for FA3) and `positions`, a host list read without a
+    device sync; change them through reset, advance, prefill or set_positions only, so the two stay equal.
+    batch_invariant: the SDPA fallback attends over the whole capacity, so that a row's numbers do not depend
+    on the other rows' positions (slower: for reproducible serving).
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
@@ -157,20 +162,42 @@ class KVCache:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)  # FA3 wants int32
+        self.positions = [0] * batch_size
         self.prev_embedding = None  # (B, 1, n_embd), last pre-smear embedding seen
+        self.batch_invariant = False
 
     def reset(self):
-        self.cache_seqlens.zero_()
+        self.set_positions([0] * self.batch_size)
         self.prev_embedding = None
 
     def get_pos(self):
-        return int(self.cache_seqlens[0].item())
+        return self.positions[0]
+
+    def position_range(self):
+        """(lowest, highest) row position, host ints; equal when the rows decode in lockstep."""
+        return min(self.positions), max(self.positions)
+
+    def set_positions(self, positions):
+        self.positions = list(positions)
+        self.cache_seqlens.copy_(torch.tensor(self.positions, dtype=torch.int32))
 
     def get_layer_cache(self, layer_idx):
         return self.k_cache[layer_idx], self.v_cache[layer_idx]
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
+        self.positions = [pos + num_tokens for pos in self.positions]
+
+    def rows(self, n):
+        """A cache over rows [0, n) that shares this one's storage (decode only the busy rows). Its
+        prev_embedding is replaced by the forward: copy it back with self.prev_embedding[:n] = view's."""
+        view = copy.copy(self)
+        view.batch_size = n
+        view.k_cache, view.v_cache = self.k_cache[:, :n], self.v_cache[:, :n]
+        view.cache_seqlens, view.positions = self.cache_seqlens[:n], self.positions[:n]
+        if self.prev_embedding is not None:
+            view.prev_embedding = self.prev_embedding[:n]
+        return view
 
     @classmethod
     def for_model(cls, config, batch_size, seq_len, device, dtype=None):
@@ -185,23 +212,18 @@ class KVCache:
         or into row `row` only, the other rows keeping theirs (continuous batching)."""
         assert (self.n_layers, self.n_heads, self.head_dim) == (other.n_layers, other.n_heads, other.head_dim)
         assert self.max_seq_len >= other.max_seq_len
+        assert row is not None or self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
         pos = other.get_pos()
-        if row is None:
-            assert self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
-            self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
-            self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
-            self.cache_seqlens.fill_(pos)
-            if other.prev_embedding is not None:
-                self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
-            return
-        self.k_cache[:, row, :pos] = other.k_cache[:, 0, :pos]
-        self.v_cache[:, row, :pos] = other.v_cache[:, 0, :pos]
-        self.cache_seqlens[row] = pos
+        rows = slice(None) if row is None else slice(row, row + 1)
+        self.k_cache[:, rows, :pos] = other.k_cache[:, :1, :pos]  # broadcast over the rows
+        self.v_cache[:, rows, :pos] = other.v_cache[:, :1, :pos]
+        self.cache_seqlens[rows] = pos
+        self.positions[rows] = [pos] * len(self.positions[rows])
         source = other.prev_embedding
         if source is not None:  # a duck-typed model may not smear
             if self.prev_embedding is None:
                 self.prev_embedding = source.new_zeros((self.batch_size, *source.shape[1:]))
-            self.prev_embedding[row] = source[0]
+            self.prev_embedding[rows] = source[:1]
 
 
 def prefill_prompt(model, tokens, device):

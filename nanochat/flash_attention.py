@@ -231,18 +231,22 @@ def _resolve_use_fa3(entry="train"):
 # -----------------------------------------------------------------------------
 # SDPA fallback. Inside these helpers tensors are (B, heads, T, D).
 
-def _band_mask(Tq, Tk, left, right, device):
-    """Boolean (Tq, Tk) mask, True = attend: key j is visible to query i iff i - left <= j <= i + right.
-    Queries sit at absolute positions Tk - Tq .. Tk - 1 (bottom-right aligned); a negative bound is unbounded."""
-    if left < 0 and right < 0:
+def _band_mask(query_start, Tq, Tk, left, right, device):
+    """Boolean mask, True = attend: key j is visible to the query at absolute position i iff
+    i - left <= j <= i + right (a negative bound is unbounded) and j <= the last query's position (later
+    cache slots are stale). Queries sit at query_start .. query_start + Tq - 1: an int gives a (Tq, Tk) mask
+    (None if nothing is masked), a (B,) tensor of row positions a (B, 1, Tq, Tk) mask, built on its device."""
+    ragged = torch.is_tensor(query_start)
+    if left < 0 and right < 0 and not ragged:
         return None
-    row = (Tk - Tq) + torch.arange(Tq, device=device)[:, None]
-    col = torch.arange(Tk, device=device)[None, :]
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    row = (query_start.long()[:, None, None, None] if ragged else query_start) + \
+        torch.arange(Tq, device=device)[:, None]
+    col = torch.arange(Tk, device=device)
+    mask = col <= row[..., -1:, :]
     if left >= 0:
-        mask &= (row - col) <= left
+        mask = mask & (row - col <= left)
     if right >= 0:
-        mask &= (col - row) <= right
+        mask = mask & (col - row <= right)
     return mask
 
 
@@ -259,7 +263,7 @@ def _sdpa_attention(q, k, v, window_size, enable_gqa):
             k, v = k[:, :, start:], v[:, :, start:]
         return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
     # sliding-window training or chunked prefill (Tq < Tk): an explicit dense mask
-    mask = _band_mask(Tq, Tk, w, 0, q.device)
+    mask = _band_mask(Tk - Tq, Tq, Tk, w, 0, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
@@ -271,28 +275,28 @@ def _sdpa_func(q, k, v, causal, window_size):
     if causal or right == 0:
         y = _sdpa_attention(q, k, v, (left, 0), enable_gqa)
     else:
-        mask = _band_mask(q.size(2), k.size(2), left, right, q.device)
+        mask = _band_mask(k.size(2) - q.size(2), q.size(2), k.size(2), left, right, q.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     return y.transpose(1, 2)
 
 
-def cache_position_range(cache_seqlens):
-    """(lowest, highest) row position of a cache as Python ints (one host sync); equal when the rows decode in lockstep."""
-    positions = cache_seqlens.tolist()
-    return min(positions), max(positions)
-
-
-def _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size):
+def _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size, seqlen_range=None,
+                       pad_to_capacity=False):
     """The kv-cache contract on SDPA: write k, v at [pos, pos + T_new), attend over [0, pos + T_new)."""
     if cache_seqlens is None:
         raise ValueError("the SDPA fallback of flash_attn_with_kvcache needs cache_seqlens")
-    positions = cache_seqlens.tolist()  # host sync
-    low, high = min(positions), max(positions)
+    if seqlen_range is None:
+        positions = cache_seqlens.tolist()  # host sync: callers that know the positions pass seqlen_range
+        seqlen_range = min(positions), max(positions)
+    low, high = seqlen_range
     end = high + q.size(1)
     if end > k_cache.size(1):
-        raise ValueError(f"KV cache overflow: positions [{high}, {end}) do not fit a cache of length {k_cache.size(1)}")
-    if low != high:
-        return _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, positions, causal, window_size)
+        raise ValueError(f"KV cache overflow: positions [{high}, {end}) do not fit a cache of length "
+                         f"{k_cache.size(1)}")
+    if low != high or pad_to_capacity:
+        key_len = k_cache.size(1) if pad_to_capacity else end
+        return _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len, causal,
+                                         window_size)
     pos = low  # every row at the same position: one call over contiguous slices (the fast path)
     if k is not None and v is not None:
         k_cache[:, pos:end] = k  # in place, casting to the cache dtype; the caller advances cache_seqlens
@@ -302,21 +306,24 @@ def _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_
     return _sdpa_func(q, k_full, v_full, causal, window_size)
 
 
-def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, positions, causal, window_size):
-    """Rows at different positions (continuous batching): each row is written and attended on its own.
-    A per-row loop rather than one call with a padding mask: SDPA's numbers for a row do not depend on the
-    batch around it, so every row gets exactly the bits of the lockstep path (a mask over a longer key range
-    changes the reduction blocking and thus the last bits, which then depend on the other rows' lengths)."""
-    T_new = q.size(1)
-    rows = []
-    for b, pos in enumerate(positions):
-        end = pos + T_new
-        if k is not None and v is not None:
-            k_cache[b, pos:end] = k[b]
-            v_cache[b, pos:end] = v[b]
-        k_row, v_row = k_cache[b:b + 1, :end].to(q.dtype), v_cache[b:b + 1, :end].to(q.dtype)
-        rows.append(_sdpa_func(q[b:b + 1], k_row, v_row, causal, window_size))
-    return torch.cat(rows, dim=0)
+def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len, causal, window_size):
+    """Rows at different positions (continuous batching) in one call: k, v are scattered into each row at its
+    own position and every row attends over keys [0, key_len) under a mask built from cache_seqlens.
+    A row's numbers depend on key_len (the reduction's blocking), not on the other rows' contents: with
+    key_len the whole capacity they do not depend on the other rows at all (KVCache.batch_invariant)."""
+    B, T_new = q.shape[:2]
+    if k is not None and v is not None:
+        rows = torch.arange(B, device=q.device)[:, None]
+        cols = cache_seqlens.long()[:, None] + torch.arange(T_new, device=q.device)  # (B, T_new)
+        k_cache[rows, cols] = k.to(k_cache.dtype)
+        v_cache[rows, cols] = v.to(v_cache.dtype)
+    left, right = window_size
+    mask = _band_mask(cache_seqlens, T_new, key_len, left, 0 if causal else right, q.device)
+    q = q.transpose(1, 2)
+    k_full, v_full = (cache[:, :key_len].to(q.dtype).transpose(1, 2) for cache in (k_cache, v_cache))
+    y = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask,
+                                       enable_gqa=q.size(1) != k_full.size(1))
+    return y.transpose(1, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -333,17 +340,21 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
-                            window_size=(-1, -1)):
+                            window_size=(-1, -1), seqlen_range=None, pad_to_capacity=False):
     """Inference attention. q (B, T_new, H, D); caches (B, T_max, Hkv, D); cache_seqlens int32 (B,).
     k, v (B, T_new, Hkv, D) are written into the caches at [cache_seqlens, cache_seqlens + T_new) and
-    attended to; cache_seqlens itself is not modified. Returns (B, T_new, H, D)."""
+    attended to; cache_seqlens itself is not modified. Returns (B, T_new, H, D).
+    For the SDPA fallback only (FA3 ignores them): seqlen_range, the (lowest, highest) of cache_seqlens as
+    host ints, spares it a device sync; pad_to_capacity makes every row attend over the whole cache with a
+    mask, so its numbers do not depend on the other rows' positions."""
     if _backend is None:
         _decide_on_first_call(q)
     if USE_FA3_KVCACHE:
         out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=window_size)
         return _first(out)
-    return _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size)
+    return _sdpa_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size, seqlen_range,
+                              pad_to_capacity)
 
 
 flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from nanochat import common  # common.COMPUTE_DTYPE is read at use time: deciding it may query CUDA
 from nanochat.common import Linear, is_ddp_initialized, print0
-from nanochat.flash_attention import cache_position_range, flash_attn
+from nanochat.flash_attention import flash_attn
 from nanochat.l3 import L3Layer
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 from nanochat.sampling import is_greedy, sample_next_token
@@ -132,7 +132,9 @@ class CausalSelfAttention(nn.Module):
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
                                                    cache_seqlens=kv_cache.cache_seqlens,
-                                                   causal=True, window_size=window_size)
+                                                   causal=True, window_size=window_size,
+                                                   seqlen_range=kv_cache.position_range(),
+                                                   pad_to_capacity=kv_cache.batch_invariant)
             if self.layer_idx == kv_cache.n_layers - 1:
                 kv_cache.advance(T)  # every layer saw the same cache_seqlens during this forward
         return self.c_proj(y.contiguous().view(B, T, C))
@@ -382,7 +384,7 @@ class GPT(nn.Module):
     def _rotary_for(self, T, kv_cache):
         """(cos, sin) for the T new positions: sliced (1, T, 1, D/2) when every cache row is at the same
         position, else gathered per row (B, T, 1, D/2) for rows at different positions (continuous batching)."""
-        low, high = (0, 0) if kv_cache is None else cache_position_range(kv_cache.cache_seqlens)
+        low, high = (0, 0) if kv_cache is None else kv_cache.position_range()
         assert high + T <= self.cos.size(1), (
             f"Sequence length grew beyond the rotary embeddings cache: {high + T} > {self.cos.size(1)}")
         if low == high:

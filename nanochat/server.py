@@ -102,6 +102,7 @@ class ServerConfig:
     device_type: str = ""  # empty: autodetect
     host: str = "0.0.0.0"
     max_batch_size: int = 8  # sequences decoded together per device
+    batch_invariant: bool = False  # decode every slot: a reply's bits do not depend on its neighbours
     max_queue: int = 64  # requests waiting per device beyond its free slots, before 429
     max_body_bytes: int = 1 << 20  # 1 MiB: the largest valid conversation (32000 characters) fits many times
     body_timeout: float = 30.0  # seconds to receive a whole request body
@@ -181,7 +182,8 @@ class WorkerPool:
                 model, tokenizer, _ = load_model(config.source, device, phase="eval", model_tag=tag,
                                                  step=config.step)
                 scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
-                                           max_queue=config.max_queue, device=device)
+                                           max_queue=config.max_queue, device=device,
+                                           fixed_width=config.batch_invariant)
                 scheduler.start()
                 workers.append(Worker(gpu_id, device, scheduler, tokenizer, model.config.sequence_len))
         except BaseException:

@@ -43,6 +43,9 @@ def build_parser():
     # not in the reference
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                         help="sequences decoded together per device")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="decode every slot at full width, so that a seeded reply is bit for bit "
+                             "the same whatever else is being served (slower under light load)")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="requests waiting per device beyond its free slots, before 429 "
                              "(0: free slots only)")

@@ -151,10 +151,7 @@ def load_rows(model, row_prompts, capacity):
     for b, prompt in enumerate(row_prompts):
         single = new_cache(model, 1, len(prompt))
         model(torch.tensor([prompt]), kv_cache=single)
-        cache.k_cache[:, b, :len(prompt)] = single.k_cache[:, 0]
-        cache.v_cache[:, b, :len(prompt)] = single.v_cache[:, 0]
-        cache.prev_embedding[b] = single.prev_embedding[0]
-        cache.cache_seqlens[b] = len(prompt)
+        cache.prefill(single, row=b)
     return cache
 
 
@@ -180,15 +177,67 @@ def test_ragged_forward_matches_single_row_forwards(model):
 
 @torch.inference_mode()
 def test_row_results_do_not_depend_on_the_other_rows(model):
-    # same row 0 in two batches whose other rows differ in content and length (one batch is even all at
-    # one position, i.e. the lockstep fast path): row 0's logits must be bitwise identical
+    # same row 0 in two batch-invariant caches whose other rows differ in content and length (one batch is
+    # even all at one position, i.e. in lockstep): row 0's logits must be bitwise identical
     mine = prompts(1, seed=5)[0]
     lockstep = load_rows(model, [mine, [3] * len(mine), [4] * len(mine)], 64)
     ragged = load_rows(model, [mine] + prompts(2, seed=9), 64)
+    lockstep.batch_invariant = ragged.batch_invariant = True
     for token in (21, 22, 23):
         a = model(torch.tensor([[token], [1], [2]]), kv_cache=lockstep)
         b = model(torch.tensor([[token], [5], [6]]), kv_cache=ragged)
         assert torch.equal(a[0], b[0])
+
+
+class CallCounter:
+    """Counts calls of a function and passes them on."""
+
+    def __init__(self, func):
+        self.func, self.calls = func, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.func(*args, **kwargs)
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """Counts Tensor.tolist and Tensor.item calls (the host syncs a CUDA decode step would wait on)."""
+    counter = CallCounter(lambda method, tensor, *args: method(tensor, *args))
+    for name in ("tolist", "item"):
+        # a plain function, so that it binds to the tensor as a method does
+        monkeypatch.setattr(torch.Tensor, name, lambda tensor, *args, _m=getattr(torch.Tensor, name):
+                            counter(_m, tensor, *args))
+    return lambda: counter.calls
+
+
+@torch.inference_mode()
+def test_ragged_forward_is_one_attention_call_per_layer_without_host_sync(model, monkeypatch, host_syncs):
+    cache = load_rows(model, prompts(3), 64)  # rows at positions 4, 11, 18
+    sdpa = CallCounter(fa_module.F.scaled_dot_product_attention)
+    monkeypatch.setattr(fa_module.F, "scaled_dot_product_attention", sdpa)
+    syncs_before = host_syncs()
+    model(torch.tensor([[7], [8], [9]]), kv_cache=cache)
+    assert sdpa.calls == model.config.n_layer
+    assert host_syncs() == syncs_before
+
+
+def test_batch_invariant_ragged_kvcache_ignores_the_other_rows_positions():
+    gen = torch.Generator().manual_seed(1)
+    B, H, D, T_max = 3, 2, 8, 48
+    k_cache, v_cache = torch.randn(2, B, T_max, H, D, generator=gen)
+    q, k, v = torch.randn(3, B, 1, H, D, generator=gen)
+    outputs = []
+    for others in ([3, 40], [9, 2], [5, 5]):  # row 0 sits at 5 throughout; the last case is lockstep
+        seqlens = torch.tensor([5] + others, dtype=torch.int32)
+        outputs.append(fa_module.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k, v=v,
+                                                         cache_seqlens=seqlens, causal=True,
+                                                         pad_to_capacity=True))
+    assert all(torch.equal(out[0], outputs[0][0]) for out in outputs[1:])
+    plain = fa_module.flash_attn_with_kvcache(q[:1], k_cache[:1].clone(), v_cache[:1].clone(), k=k[:1],
+                                              v=v[:1], cache_seqlens=torch.tensor([5], dtype=torch.int32),
+                                              causal=True)
+    torch.testing.assert_close(outputs[0][:1], plain, atol=1e-6, rtol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +250,7 @@ NUCLEUS = dict(temperature=0.8, top_p=0.9)
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED, NUCLEUS], ids=["greedy", "seeded", "top_p"])
 def test_concurrent_requests_equal_each_request_alone(model, scheduler_factory, sampling):
-    scheduler = scheduler_factory(model, max_batch_size=8)
+    scheduler = scheduler_factory(model, max_batch_size=8, fixed_width=True)  # bit for bit needs fixed width
     params = [SamplingParams(max_tokens=40, seed=100 + i, **sampling) for i in range(8)]
     together = [scheduler.submit(p, sp) for p, sp in zip(prompts(8), params)]
     together = [collect(r) for r in together]
@@ -211,7 +260,7 @@ def test_concurrent_requests_equal_each_request_alone(model, scheduler_factory, 
 
 
 def test_more_requests_than_slots_queue_and_still_match(model, scheduler_factory):
-    scheduler = scheduler_factory(model, max_batch_size=3)
+    scheduler = scheduler_factory(model, max_batch_size=3, fixed_width=True)
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
     requests = [scheduler.submit(p, params) for p in prompts(7)]
     together = [collect(r) for r in requests]
@@ -249,6 +298,58 @@ def test_seed_none_gives_varied_outputs_and_same_seed_repeats(model, scheduler_f
     assert len(unseeded) > 1
     seeded = [collect(scheduler.submit(prompt, SamplingParams(max_tokens=8, seed=11))) for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+class WidthRecorder:
+    """The real GPT, recording each decode step's batch width and the logits it returned."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        self.widths, self.logits = [], []
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        logits = self.model.forward(ids, kv_cache=kv_cache)
+        if ids.size(1) == 1:
+            self.widths.append(ids.size(0))
+            self.logits.append(logits.clone())
+        return logits
+
+
+@pytest.mark.parametrize("fixed_width", [False, True])
+def test_decode_width_follows_the_load_unless_fixed(model, scheduler_factory, fixed_width):
+    recorder = WidthRecorder(NoStopModel(model))
+    scheduler = scheduler_factory(recorder, max_batch_size=4, start=False, fixed_width=fixed_width)
+    lengths = (9, 6, 3)
+    requests = [scheduler.submit(p, SamplingParams(max_tokens=n, temperature=0.0))
+                for p, n in zip(prompts(3), lengths)]
+    scheduler.start()
+    assert [collect(r)[2] for r in requests] == ["length"] * 3
+    # slots 0-2 until the request in slot 2 ends, then two, then one (fixed width: always every slot)
+    want = [4] * 8 if fixed_width else [3, 3, 2, 2, 2, 1, 1, 1]
+    assert recorder.widths == want
+
+
+def test_lone_request_computes_what_a_one_slot_scheduler_computes(model, scheduler_factory):
+    runs = []
+    for max_batch_size in (8, 1):
+        recorder = WidthRecorder(NoStopModel(model))
+        scheduler = scheduler_factory(recorder, max_batch_size=max_batch_size)
+        collect(scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=6, seed=3)))
+        runs.append(recorder.logits)
+    assert all(torch.equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == len(runs[1]) == 5
+
+
+def test_one_host_sync_per_decode_step(model, scheduler_factory, host_syncs):
+    scheduler = scheduler_factory(NoStopModel(model), max_batch_size=4, start=False)
+    requests = [scheduler.submit(p, SamplingParams(max_tokens=8, **sampling))
+                for p, sampling in zip(prompts(3), (GREEDY, SEEDED, NUCLEUS))]
+    syncs_before = host_syncs()
+    scheduler.start()
+    assert [collect(r)[2] for r in requests] == ["length"] * 3
+    assert host_syncs() - syncs_before == 3 + 7  # one per prefill, then one per decode step
 
 
 # -----------------------------------------------------------------------------

@@ -576,6 +576,18 @@ def test_health_and_stats(url):
     assert worker["completed"] > 0 and worker["tokens_generated"] > 0  # earlier tests ran through it
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_batch_invariant_flag_reaches_the_scheduler(base_dir, batch_invariant):
+    app = create_app(ServerConfig(device_type="cpu", max_batch_size=2, batch_invariant=batch_invariant))
+    server, thread, _ = serve_in_thread(app)
+    try:
+        [worker] = app.state.pool.workers
+        assert worker.scheduler.fixed_width == batch_invariant
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_ui_files(url, tmp_path, monkeypatch):
     monkeypatch.setattr("nanochat.server.UI_DIR", str(tmp_path))
     response = httpx.get(url + "/")

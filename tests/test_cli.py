@@ -58,7 +58,8 @@ PINNED = {
     "chat_web": {
         "-n, --num-gpus": 1, "-i, --source": "sft", "-t, --temperature": 0.8, "-k, --top-k": 50,
         "-m, --max-tokens": 512, "-g, --model-tag": None, "-s, --step": None, "-p, --port": 8000,
-        "--device-type": "", "--host": "0.0.0.0", "--max-batch-size": 8, "--max-queue": 64,
+        "--device-type": "", "--host": "0.0.0.0", "--max-batch-size": 8, "--batch-invariant": False,
+        "--max-queue": 64,
         "--max-body-bytes": 1048576, "--body-timeout": 30.0, "--log-conversations": False, "--api-key": None,
     },
     "tok_train": {

@@ -66,9 +66,10 @@ def prompt_of(tokenizer, text):
 
 
 def run_batch(model, tokenizer, jobs, max_batch_size=8):
-    """Submit every (prompt, params) before the scheduler starts (so request i takes slot i), then collect
-    each request's (tokens, finish_reason)."""
-    scheduler = BatchScheduler(model, tokenizer, max_batch_size=max_batch_size)
+    """Submit every (prompt, params) before the scheduler starts (so request i takes slot i and keeps it:
+    fixed width, which also makes "bit for bit, whatever the neighbours" hold), then collect each request's
+    (tokens, finish_reason)."""
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=max_batch_size, fixed_width=True)
     try:
         requests = [scheduler.submit(prompt, params) for prompt, params in jobs]
         scheduler.start()
