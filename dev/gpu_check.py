@@ -135,7 +135,7 @@ def serve_rows(cuda, what):
     from dev.bench_serve import make_requests, run_clients, start_local_server
     args = SimpleNamespace(source="base", max_batch_size=16, concurrency="16,64", model_tag=None, step=None,
                            device_type="cuda" if cuda else "cpu", max_tokens=64 if cuda else 8,
-                           temperature=0.8)
+                           temperature=0.8, batch_invariant=False)
     url, stop = start_local_server(args)
     rows = []
     try:
