@@ -229,7 +229,7 @@ def download(url, path, sha256=None, validate=None, postprocess=None, attempts=D
             return path
         if offline_mode():
             # a ConnectionError, as huggingface_hub's offline error: to callers the network is out of reach
-            raise ConnectionError(f"NANOCHAT_OFFLINE is set: not downloading {url} (expected at {path})")
+            raise ConnectionError(f"NANOCHAT_OFFLINE is set: {path} is missing or unusable, not downloaded")
         part = path + ".part"
         print0(f"Downloading {url}")
         with_retries(url, lambda: _fetch_into(url, part, timeout), attempts)
