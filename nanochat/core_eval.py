@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import REPO_DATA_DIR, atomic_open, get_base_dir, is_ddp_initialized, offline_mode, print0
-from nanochat.data_source import announce_committed_copy, decide_on_rank0, download, fetch_unless_unreachable
+from nanochat.common import (REPO_DATA_DIR, atomic_open, download, get_base_dir, is_ddp_initialized,
+                             offline_mode, print0)
+from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 
 logger = logging.getLogger(__name__)
 

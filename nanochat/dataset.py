@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from nanochat.common import REPO_DATA_DIR, atomic_open, base_dir_path, one_line_error, print0
-from nanochat.data_source import DownloadError, download, hub_download
+from nanochat.common import (REPO_DATA_DIR, DownloadError, atomic_open, base_dir_path, download, hub_download,
+                             one_line_error, print0)
 
 logger = logging.getLogger(__name__)
 

@@ -658,7 +658,7 @@ def test_network_failure_uses_the_committed_zip_loudly(base_dir, mini_zip, monke
     monkeypatch.delenv("NANOCHAT_OFFLINE")
     unreachable = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
     monkeypatch.setattr("urllib.request.urlopen", _urlopen_raising(unreachable))
-    monkeypatch.setattr("nanochat.data_source.time.sleep", lambda s: None)  # skip the retry backoff
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)  # skip the retry backoff
     monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
     assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
@@ -675,7 +675,7 @@ def test_non_network_download_failure_raises_instead_of_using_the_committed_zip(
     exc = (urllib.error.HTTPError(ce.EVAL_BUNDLE_URL, 404, "Not Found", {}, None) if error == "http_404"
            else OSError(28, "No space left on device"))
     monkeypatch.setattr("urllib.request.urlopen", _urlopen_raising(exc))
-    monkeypatch.setattr("nanochat.data_source.time.sleep", lambda s: None)
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)
     monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
     with pytest.raises(ce.EvalBundleError, match="not a network error.*NANOCHAT_OFFLINE=1"):
@@ -698,7 +698,7 @@ def test_a_downloaded_zip_that_is_no_bundle_raises(base_dir, tmp_path, mini_zip,
 def test_failed_download_falls_back_to_the_committed_zip(base_dir, mini_zip, monkeypatch, capsys):
     monkeypatch.delenv("NANOCHAT_OFFLINE")
     monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"file://{base_dir}/no/such.zip")
-    monkeypatch.setattr("nanochat.data_source.time.sleep", lambda s: None)  # skip the retry backoff
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)  # skip the retry backoff
     monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
     assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
@@ -725,7 +725,7 @@ def _bundle_rank_worker(rank, init_file, base, out_dir):
     import urllib.error
     import urllib.request
     import torch.distributed as dist
-    import nanochat.data_source
+    import nanochat.common
 
     def urlopen(url, timeout=None):
         if rank == 0:
@@ -734,7 +734,7 @@ def _bundle_rank_worker(rank, init_file, base, out_dir):
     os.environ["NANOCHAT_BASE_DIR"] = base
     os.environ.pop("NANOCHAT_OFFLINE", None)
     urllib.request.urlopen = urlopen
-    nanochat.data_source.time.sleep = lambda s: None
+    nanochat.common.time.sleep = lambda s: None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         bundle_dir = ce.ensure_eval_bundle()

@@ -14,7 +14,8 @@ from nanochat import data_source
 def http_status_error(status):
     """What huggingface_hub raises (through httpx) for an HTTP error status."""
     request = httpx.Request("HEAD", "https://huggingface.co/x")
-    return httpx.HTTPStatusError(f"{status}", request=request, response=httpx.Response(status, request=request))
+    response = httpx.Response(status, request=request)
+    return httpx.HTTPStatusError(f"{status}", request=request, response=response)
 
 
 def raised_from(outer, cause):

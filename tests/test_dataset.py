@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import common, data_source, dataset
+from nanochat import common, dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +137,7 @@ def server(monkeypatch):
 @pytest.fixture
 def sleeps(monkeypatch):
     calls = []
-    monkeypatch.setattr(data_source.time, "sleep", calls.append)
+    monkeypatch.setattr(common.time, "sleep", calls.append)
     return calls
 
 
@@ -421,7 +421,7 @@ def test_download_restarts_when_the_server_ignores_range(base, server, sleeps, t
 
 
 def test_broken_transfer_is_resumed_on_the_next_attempt(base, server, sleeps, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_source, "CHUNK_SIZE", 64)  # so the bytes before the break reach the disk
+    monkeypatch.setattr(common, "CHUNK_SIZE", 64)  # so the bytes before the break reach the disk
     server.truncate_first = 1
     server.files["shard_00002.parquet"] = payload = shard_bytes(tmp_path)
     assert dataset.download_single_file(2, base_url=server.url)
@@ -488,21 +488,21 @@ def test_an_unreadable_existing_target_is_replaced(data_dir, server, sleeps, tmp
 def test_the_downloader_checks_the_sha256_and_names_the_file_and_the_fix(base, server, sleeps, tmp_path):
     server.files["bundle.zip"] = payload = b"the eval bundle bytes" * 100
     target = str(tmp_path / "cache" / "bundle.zip")
-    with pytest.raises(data_source.DownloadError) as info:
-        data_source.download(f"{server.url}/bundle.zip", target, sha256="0" * 64)
+    with pytest.raises(common.DownloadError) as info:
+        common.download(f"{server.url}/bundle.zip", target, sha256="0" * 64)
     message = str(info.value)
     assert message.startswith(f"{target} downloaded from {server.url}/bundle.zip is not valid (ValueError: "
                               f"its sha256 is {hashlib.sha256(payload).hexdigest()}, expected {'0' * 64})")
     assert "Fix: run again to download it afresh" in message
     assert visible_files(tmp_path / "cache") == [] and len(server.log) == 1 and sleeps == []
     sha256 = hashlib.sha256(payload).hexdigest()
-    assert read_bytes(data_source.download(f"{server.url}/bundle.zip", target, sha256=sha256)) == payload
+    assert read_bytes(common.download(f"{server.url}/bundle.zip", target, sha256=sha256)) == payload
 
 
 def test_the_downloader_does_not_retry_a_404(base, server, sleeps, tmp_path):
-    with pytest.raises(data_source.DownloadError, match=r"not a network error: not retried \(HTTPError: HTTP "
+    with pytest.raises(common.DownloadError, match=r"not a network error: not retried \(HTTPError: HTTP "
                                                         r"Error 404.*Fix the cause"):
-        data_source.download(f"{server.url}/missing.zip", str(tmp_path / "missing.zip"))
+        common.download(f"{server.url}/missing.zip", str(tmp_path / "missing.zip"))
     assert server.log == [("missing.zip", None)] and sleeps == []
     assert visible_files(tmp_path) == []
 
