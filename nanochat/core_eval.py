@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import (REPO_DATA_DIR, atomic_open, download_file_with_lock, get_base_dir,
-                             is_ddp_initialized, offline_mode, print0, progress, progress_shown)
+from nanochat.common import (REPO_DATA_DIR, atomic_open, download, get_base_dir, is_ddp_initialized,
+                             offline_mode, print0, progress, progress_shown)
 from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 
 logger = logging.getLogger(__name__)
@@ -202,30 +202,6 @@ def _inspect_bundle(bundle_dir):
         return False, [], f"{bundle_dir} is broken ({e})"
 
 
-def _download_and_place(zip_path):
-    try:
-        download_file_with_lock(EVAL_BUNDLE_URL, os.path.basename(zip_path), postprocess_fn=place_eval_bundle)
-    except EvalBundleError as e:
-        # the zip arrived but does not extract: remove it, or every later call would skip the download
-        if os.path.exists(zip_path):
-            os.remove(zip_path)
-        raise EvalBundleError(f"The downloaded {EVAL_BUNDLE_URL} is not a valid eval bundle ({e}); removed "
-                              f"{zip_path}. Run again to download it again.") from e
-
-
-def _try_download(zip_path, why):
-    """
-    Download and place the bundle: '' on success, else the reason (a network failure). A failure that is
-    not a network error propagates: the committed copy does not silently stand in for it.
-    """
-    if offline_mode():
-        return f"{why}; NANOCHAT_OFFLINE is set"
-    _, error = fetch_unless_unreachable(f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL}",
-                                        lambda: _download_and_place(zip_path), EvalBundleError,
-                                        passthrough=EvalBundleError)
-    return "" if error is None else f"{why}; the download failed with a network error: {error}"
-
-
 _completion_tried = set()  # incomplete bundles already sent to the download once in this process
 
 
@@ -241,38 +217,32 @@ def _ensure_eval_bundle_here():
         if usable:
             _completion_tried.add(bundle_dir)
             why = f"{bundle_dir} lacks {', '.join(missing)}"
-        elif os.path.isfile(zip_path):
-            try:
-                place_eval_bundle(zip_path)
-                print0(f"Eval bundle: extracted the previously downloaded {zip_path} ({why})")
-                return bundle_dir
-            except EvalBundleError as e:
-                os.remove(zip_path)
-                why += f"; removed the unusable {zip_path} ({e})"
-        failure = _try_download(zip_path, why)
-        if not failure:
-            print0(f"Eval bundle: downloaded {EVAL_BUNDLE_URL} ({why})")
+        # placed from the zip (downloaded unless one that places is there, even offline); offline or
+        # unreachable, the committed copy may stand in, any other failure raises
+        _, error = fetch_unless_unreachable(
+            f"Downloading the CORE eval bundle {EVAL_BUNDLE_URL}",
+            lambda: download(EVAL_BUNDLE_URL, zip_path, validate=place_eval_bundle),
+            EvalBundleError, fetch_offline=True)
+        if error is None:
+            print0(f"Eval bundle: placed {zip_path}, from {EVAL_BUNDLE_URL} ({why})")
             return bundle_dir
-        why = failure
+        why = f"{why}; not downloaded: {error}"
         if usable:
             announce_committed_copy(f"Eval bundle: keeping the incomplete {bundle_dir}: CORE will cover fewer "
                                     f"than {CORE_NUM_TASKS} tasks ({why})")
             return bundle_dir
         committed = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
-        if os.path.isfile(committed):
-            try:
-                place_eval_bundle(committed)
-                lacks = ", ".join(validate_eval_bundle(bundle_dir)) or "no task"
-                announce_committed_copy(f"Eval bundle: using the committed offline copy {committed}, which lacks "
-                                        f"{lacks}: CORE computed on it is labelled with its task count ({why})")
-                return bundle_dir
-            except EvalBundleError as e:
-                why += f"; the committed copy is unusable: {e}"
-        else:
-            why += f"; no committed copy at {committed}"
-        raise EvalBundleError(
-            f"Cannot obtain the CORE eval bundle ({why}). Download {EVAL_BUNDLE_URL} and unzip it so that "
-            f"the files are laid out as {os.path.join(base_dir, BUNDLE_LAYOUT)}.")
+        try:
+            place_eval_bundle(committed)
+        except EvalBundleError as e:
+            raise EvalBundleError(
+                f"Cannot obtain the CORE eval bundle ({why}; the committed copy is unusable: {e}). Download "
+                f"{EVAL_BUNDLE_URL} and unzip it so that the files are laid out as "
+                f"{os.path.join(base_dir, BUNDLE_LAYOUT)}.") from e
+        lacks = ", ".join(validate_eval_bundle(bundle_dir)) or "no task"
+        announce_committed_copy(f"Eval bundle: using the committed offline copy {committed}, which lacks "
+                                f"{lacks}: CORE computed on it is labelled with its task count ({why})")
+        return bundle_dir
 
 
 def ensure_eval_bundle():

@@ -16,20 +16,19 @@ import logging
 import os
 import shutil
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
-import requests
 
-from nanochat.common import REPO_DATA_DIR, base_dir_path, one_line_error, print0
+from nanochat.common import (REPO_DATA_DIR, DownloadError, atomic_open, base_dir_path, download, hub_download,
+                             one_line_error, print0)
 
 logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # Identity
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+HF_REPO = "karpathy/climbmix-400b-shuffle"  # a dataset repo on the Hugging Face hub
 MAX_SHARD = 6542  # shards 0..6542 exist (6543 files); the last one is the validation shard
 DATA_DIRNAME = "base_data_climbmix"
 LEGACY_DIRNAME = "base_data"  # FineWeb-Edu-100B shards from before the March 4, 2026 switch
@@ -38,10 +37,6 @@ LEGACY_DIRNAME = "base_data"  # FineWeb-Edu-100B shards from before the March 4,
 # parquet key-value metadata, so a sample shard can never be mistaken for a real one.
 SAMPLE_DIR = os.path.join(REPO_DATA_DIR, "pretrain_sample")
 SAMPLE_TAG = b"nanochat_sample"
-
-CHUNK_SIZE = 1 << 20  # bytes per streamed download chunk
-DOWNLOAD_ATTEMPTS = 5
-DOWNLOAD_TIMEOUT = 30  # seconds, per connect/read (requests semantics), not for the whole file
 
 NO_DATA_HINT = ("Download shards with `python -m nanochat.dataset -n 8` (8 train shards plus the val shard), "
                 "or install the small offline sample with `python -m nanochat.dataset --sample`.")
@@ -79,15 +74,18 @@ SHARD_FIX = ("Fix: run `python -m nanochat.dataset -n <number of train shards yo
              "replaces unreadable shards (or `python -m nanochat.dataset --sample` for the offline sample)")
 
 
-def inspect_shard(path):
-    """Read and check a shard's footer; return its pyarrow FileMetaData. Raises CorruptShardError."""
+def _open_shard(path):
     try:
-        with pq.ParquetFile(path) as pf:
-            schema = pf.schema_arrow
-            metadata = pf.metadata
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage
         raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
                                 f"{SHARD_FIX}.") from e
+
+
+def inspect_shard(path):
+    """Read and check a shard's footer; return its pyarrow FileMetaData. Raises CorruptShardError."""
+    with _open_shard(path) as pf:
+        schema, metadata = pf.schema_arrow, pf.metadata
     idx = schema.get_field_index("text")
     if idx < 0 or str(schema.field(idx).type) not in ("string", "large_string"):
         columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
@@ -97,8 +95,7 @@ def inspect_shard(path):
 
 def is_sample_file(path):
     """True if `path` is a shard of the committed offline sample (tagged in its parquet metadata)."""
-    kv = inspect_shard(path).metadata or {}
-    return SAMPLE_TAG in kv
+    return SAMPLE_TAG in (inspect_shard(path).metadata or {})
 
 
 def num_row_groups(path):
@@ -107,12 +104,7 @@ def num_row_groups(path):
 
 def read_row_group(path, rg_idx):
     """The `text` column of row group `rg_idx` of the shard at `path`, as a list of str."""
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
-                                f"{SHARD_FIX}.") from e
-    with pf:
+    with _open_shard(path) as pf:
         if not 0 <= rg_idx < pf.num_row_groups:
             raise IndexError(f"row group {rg_idx} out of range: {path} has {pf.num_row_groups} row groups")
         try:
@@ -215,115 +207,41 @@ def iter_row_groups(split, start=0, step=1, data_dir=None):
 def parquets_iter_batched(split, start=0, step=1):
     """One finite pass over a split, yielding each selected row group's `text` column as a list.
     start/step stride the row groups of every file (DDP: start=rank, step=world_size)."""
-    assert split in ("train", "val"), "split must be 'train' or 'val'"
     return (texts for texts, _ in iter_row_groups(split, start, step))
 
 
 # -----------------------------------------------------------------------------
 # Downloading
 
-class _CorruptDownload(Exception):
-    pass
+def check_real_shard(path):
+    """Raise unless path is a readable shard, and not one of the offline sample's: what a download must be."""
+    if is_sample_file(path):
+        raise ValueError(f"{path} is a shard of the offline sample, not the real one")
 
 
-def _expected_size(response, offset):
-    """Total file size announced by the server, or None. offset > 0 means a 206 partial response."""
-    if offset:
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]  # "bytes a-b/total"
-        return int(total) if total.isdigit() else None
-    length = response.headers.get("Content-Length", "")
-    return int(length) if length.isdigit() else None
-
-
-def _fetch(url, tmp, timeout):
-    """Stream url into tmp, resuming an existing partial tmp with a Range request when the server allows."""
-    offset = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-    headers = {"Accept-Encoding": "identity"}  # byte offsets and Content-Length must refer to the file itself
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    response = requests.get(url, stream=True, timeout=timeout, headers=headers)
-    try:
-        if offset and response.status_code == 416:
-            return  # nothing left to fetch: the partial is already complete, let the check decide
-        response.raise_for_status()
-        if offset and (response.status_code != 206
-                       or not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")):
-            print0(f"Server ignored the Range request for {os.path.basename(url)}; restarting from byte 0")
-            offset = 0
-        expected = _expected_size(response, offset)
-        with open(tmp, "ab" if offset else "wb") as f:
-            for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
-                if chunk:
-                    f.write(chunk)
-    finally:
-        response.close()
-    size = os.path.getsize(tmp)
-    if expected is not None and size < expected:
-        raise IOError(f"connection ended early: {size} of {expected} bytes")  # keep tmp for resuming
-
-
-def download_single_file(index, data_dir=None, base_url=BASE_URL, attempts=DOWNLOAD_ATTEMPTS,
-                         timeout=DOWNLOAD_TIMEOUT):
+def download_single_file(index, data_dir=None, base_url=None):
     """
-    Download shard `index` into data_dir (default DATA_DIR); True on success. An existing readable
-    real shard is skipped; a sample shard or an unreadable file is replaced. Bytes stream into
-    `<target>.tmp` (kept between attempts and runs, and resumed with HTTP Range), the result must be
-    a readable parquet with a `text` column, then it is renamed into place. Failed attempts are
-    retried after 2, 4, 8, 16 s.
+    Shard `index` into data_dir (default DATA_DIR) from the Hugging Face hub, or from base_url/<name> (a plain
+    HTTP mirror); True on success, else False with the reason printed. An existing readable real shard is
+    kept; a sample shard or an unreadable file is replaced. Only network errors are retried.
     """
     data_dir = data_dir or get_data_dir()
     filename = index_to_filename(index)
-    target = os.path.join(data_dir, filename)
-    if os.path.exists(target):
-        try:
-            sample = is_sample_file(target)
-        except CorruptShardError as e:
-            print0(f"Replacing {target}: {e}")
+    try:
+        if base_url is None:
+            hub_download(HF_REPO, filename, data_dir, validate=check_real_shard)
         else:
-            if not sample:
-                print0(f"Skipping {target} (already exists)")
-                return True
-            print0(f"Replacing sample file {target} with the real shard")
-    os.makedirs(data_dir, exist_ok=True)
-    url = f"{base_url}/{filename}"
-    tmp = target + ".tmp"
-    print0(f"Downloading {filename}...")
-    for attempt in range(1, attempts + 1):
-        try:
-            _fetch(url, tmp, timeout)
-            try:
-                inspect_shard(tmp)
-            except CorruptShardError as e:
-                raise _CorruptDownload(f"downloaded file is corrupt ({e.__cause__ or e})") from e
-            os.replace(tmp, target)
-            print0(f"Successfully downloaded {filename}")
-            return True
-        except (requests.RequestException, OSError, _CorruptDownload) as e:
-            print0(f"Attempt {attempt}/{attempts} failed for {filename}: {e}")
-            if isinstance(e, _CorruptDownload) and os.path.exists(tmp):
-                os.remove(tmp)  # resuming a corrupt file would only append to garbage
-            if attempt < attempts:
-                wait = 2 ** attempt
-                print0(f"Waiting {wait} seconds before retry...")
-                time.sleep(wait)
-    print0(f"Failed to download {filename} after {attempts} attempts")
-    return False
+            download(f"{base_url}/{filename}", os.path.join(data_dir, filename), validate=check_real_shard)
+        return True
+    except (DownloadError, OSError) as e:  # OSError: the disk
+        print0(f"Failed to download {filename}: {e}")
+        return False
 
 
 def shard_ids(num_files):
     """Shard indices the CLI downloads: train shards 0..n-1 (all when n == -1), plus the val shard."""
     num_train = MAX_SHARD if num_files == -1 else min(num_files, MAX_SHARD)
     return list(range(num_train)) + [MAX_SHARD]
-
-
-def download_shards(ids, num_workers=4, data_dir=None, base_url=BASE_URL):
-    """Download shards in parallel; returns the list of indices that failed."""
-    data_dir = data_dir or get_data_dir()
-    # Threads, not processes: the work is network and disk I/O, and a worker process would have to
-    # re-import torch (via nanochat.common) under the spawn/forkserver start methods.
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        ok = list(pool.map(lambda i: download_single_file(i, data_dir=data_dir, base_url=base_url), ids))
-    return [i for i, good in zip(ids, ok) if not good]
 
 
 # -----------------------------------------------------------------------------
@@ -344,14 +262,14 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
     for src in sources:
         if not is_sample_file(src):
             raise RuntimeError(f"{src} is not tagged as a sample shard; refusing to install it")
-    existing = list_parquet_files(data_dir) if os.path.isdir(data_dir) else []
-    real = []
-    for path in existing:
+
+    def is_real(path):
         try:
-            if not is_sample_file(path):
-                real.append(path)
+            return not is_sample_file(path)
         except CorruptShardError:
-            real.append(path)  # unknown content: leave it for the user to inspect
+            return True  # unknown content: leave it for the user to inspect
+    existing = list_parquet_files(data_dir) if os.path.isdir(data_dir) else []
+    real = [path for path in existing if is_real(path)]
     if real:
         raise RuntimeError(f"Refusing to install the sample into {data_dir}: it already holds {len(real)} "
                            f"non-sample shard(s) ({os.path.basename(real[0])}, ...). Use another "
@@ -360,9 +278,8 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
     installed = []
     for src in sources:
         dst = os.path.join(data_dir, os.path.basename(src))
-        tmp = dst + ".tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with open(src, "rb") as source, atomic_open(dst, "wb") as copy:
+            shutil.copyfileobj(source, copy)
         meta = inspect_shard(dst)
         print0(f"Installed sample {os.path.basename(dst)}: {meta.num_rows} docs, {meta.num_row_groups} row groups, "
                f"{os.path.getsize(dst):,} bytes -> {dst}")
@@ -380,7 +297,8 @@ def parse_args(argv=None):
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--sample", action="store_true",
                         help="install the small offline sample from data/pretrain_sample/ instead of downloading")
-    parser.add_argument("--base-url", default=BASE_URL, help="where the shards are served (e.g. a mirror)")
+    parser.add_argument("--base-url", default=None, help="a plain HTTP mirror of the shards (default: the "
+                        "Hugging Face hub, with HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE honoured)")
     args = parser.parse_args(argv)
     if args.num_files < -1:
         parser.error("--num-files must be -1 (all) or >= 0")
@@ -399,15 +317,20 @@ def main(argv=None):
             return 1
         print0(f"Done! Installed the offline sample into {data_dir}")
         return 0
+    from tqdm import tqdm
     ids = shard_ids(args.num_files)
     print0(f"Downloading {len(ids)} shards using {args.num_workers} workers...")
     print0(f"Target directory: {data_dir}")
     print0()
-    failed = download_shards(ids, args.num_workers, data_dir, args.base_url)
+    # Threads, not processes: the work is network and disk I/O, and a worker process would have to
+    # re-import torch (via nanochat.common) under the spawn/forkserver start methods.
+    with ThreadPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
+        results = pool.map(lambda i: download_single_file(i, data_dir, args.base_url), ids)
+        ok = list(tqdm(results, total=len(ids), unit="shard", desc="shards", disable=not sys.stderr.isatty()))
+    failed = [index_to_filename(i) for i, good in zip(ids, ok) if not good]
     print0(f"Done! Downloaded: {len(ids) - len(failed)}/{len(ids)} shards to {data_dir}")
     if failed:
-        print0(f"Failed: {', '.join(index_to_filename(i) for i in failed)}. Run the same command again to retry "
-               f"(partial downloads resume).")
+        print0(f"Failed: {', '.join(failed)}. Run the same command again to retry (downloads resume).")
         return 1
     return 0
 

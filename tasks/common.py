@@ -224,21 +224,6 @@ def _hub_rows(hf_path, hf_subset, split):
     return load_dataset(hf_path, hf_subset, split=split).shuffle(seed=SHUFFLE_SEED)
 
 
-def _choose_source(label, hf_path, hf_subset, split, loaded):
-    """
-    'hub', or the reason to use the committed copy. Loads from the hub (keeping the rows in `loaded`) unless
-    offline; a network failure means the committed copy, any other failure is raised.
-    """
-    if offline_mode():
-        return "offline"
-    rows, error = fetch_unless_unreachable(f"{label}: loading {hf_path} from the Hugging Face hub",
-                                           lambda: _hub_rows(hf_path, hf_subset, split))
-    if error is not None:
-        return f"hub unreachable: {error}"
-    loaded.append(rows)
-    return "hub"
-
-
 def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     """
     The rows (dicts in the hub dataset's schema) of one dataset split, in the order of
@@ -251,7 +236,13 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     """
     label = f"{name} {hf_subset}/{split}" if hf_subset else f"{name} {split}"
     loaded = []  # rank 0's hub rows: the other ranks load their own (from the cache rank 0 filled)
-    reason = decide_on_rank0(lambda: _choose_source(label, hf_path, hf_subset, split, loaded))
+
+    def choose():  # 'hub', or why the committed copy stands in (offline, unreachable); other failures raise
+        rows, why = fetch_unless_unreachable(f"{label}: loading {hf_path} from the Hugging Face hub",
+                                             lambda: _hub_rows(hf_path, hf_subset, split))
+        loaded.append(rows)
+        return why or "hub"
+    reason = decide_on_rank0(choose)
     if reason == "hub":
         try:
             rows = loaded[0] if loaded else _hub_rows(hf_path, hf_subset, split)

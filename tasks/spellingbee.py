@@ -14,7 +14,7 @@ import os
 import random
 import string
 
-from nanochat.common import download_file_with_lock, offline_mode, print0
+from nanochat.common import download_file_with_lock, print0
 from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 from tasks.common import TASK_DATA_DIR, Task, display_path, open_text
 from tasks.gsm8k import score_final_answer
@@ -89,31 +89,21 @@ USER_MSG_TEMPLATES = [
 QUOTES = ["", "'", '"']
 
 
-def _choose_word_list():
-    """The path of the downloaded word list, or None (with the reason) for the committed copy."""
-    if offline_mode():
-        return None, "offline"
-    path, error = fetch_unless_unreachable(f"Downloading the SpellingBee word list {WORD_LIST_URL}",
-                                           lambda: download_file_with_lock(WORD_LIST_URL, "words_alpha.txt"))
-    return path, ("" if error is None else f"the download failed: {error}")
-
-
 def load_words():
     """
     The word list, one stripped line per word: downloaded once to <base_dir>/words_alpha.txt, or the
     committed copy when offline or (loudly) when the download fails with a network error. Rank 0 chooses.
     """
-    path, reason = decide_on_rank0(_choose_word_list)
-    if path is not None:
-        with open_text(path) as f:
-            words = [line.strip() for line in f]
-        print0(f"Word list: {len(words):,} words from {path}")
-        return words
-    with open_text(COMMITTED_WORD_LIST) as f:
+    path, reason = decide_on_rank0(lambda: fetch_unless_unreachable(
+        f"Downloading the SpellingBee word list {WORD_LIST_URL}",
+        lambda: download_file_with_lock(WORD_LIST_URL, "words_alpha.txt")))
+    with open_text(path or COMMITTED_WORD_LIST) as f:
         words = [line.strip() for line in f]
-    message = (f"Word list: {len(words):,} words from the committed offline copy "
-               f"{display_path(COMMITTED_WORD_LIST)} ({reason})")
-    announce_committed_copy(message)
+    if path is not None:
+        print0(f"Word list: {len(words):,} words from {path}")
+    else:
+        announce_committed_copy(f"Word list: {len(words):,} words from the committed offline copy "
+                                f"{display_path(COMMITTED_WORD_LIST)} ({reason})")
     return words
 
 

@@ -120,7 +120,7 @@ def test_download_file_with_lock_runs_once_and_is_atomic(tmp_path, monkeypatch):
 
 def test_download_failure_leaves_no_target(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)
     missing = (tmp_path / "nope.zip").as_uri()
     with pytest.raises(RuntimeError, match="after 2 attempts"):
         common.download_file_with_lock(missing, "nope.zip", retries=2)

@@ -645,8 +645,8 @@ def test_existing_zip_without_dir_is_extracted_again(base_dir, mini_zip, monkeyp
     monkeypatch.setattr(ce, "REPO_DATA_DIR", str(base_dir / "nothing_here"))
     base_dir.mkdir()
     os.replace(mini_zip, base_dir / "eval_bundle.zip")
-    assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
-    assert "extracted the previously downloaded" in capsys.readouterr().out
+    assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]  # offline: no download needed
+    assert f"Eval bundle: placed {base_dir / 'eval_bundle.zip'}" in capsys.readouterr().out
 
 
 def test_corrupt_downloaded_zip_is_replaced_by_a_fresh_download(base_dir, full_mini_zip, monkeypatch, capsys):
@@ -657,7 +657,8 @@ def test_corrupt_downloaded_zip_is_replaced_by_a_fresh_download(base_dir, full_m
     (base_dir / "eval_bundle.zip").write_bytes(b"truncated download")
     assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == []
     printed = capsys.readouterr().out
-    assert "removed the unusable" in printed and f"Eval bundle: downloaded file://{full_mini_zip}" in printed
+    assert f"Replacing {base_dir / 'eval_bundle.zip'}: EvalBundleError: Cannot extract" in printed
+    assert f"Eval bundle: placed {base_dir / 'eval_bundle.zip'}, from file://{full_mini_zip}" in printed
     assert (base_dir / "eval_bundle.zip").read_bytes() == open(full_mini_zip, "rb").read()
 
 
@@ -671,7 +672,7 @@ def test_incomplete_bundle_is_completed_from_the_download_once(base_dir, mini_zi
 
 
 def _urlopen_raising(error):
-    def urlopen(url, timeout=None):
+    def urlopen(request, timeout=None):
         raise error
     return urlopen
 
@@ -681,7 +682,7 @@ def test_network_failure_uses_the_committed_zip_loudly(base_dir, mini_zip, monke
     import urllib.error
     monkeypatch.delenv("NANOCHAT_OFFLINE")
     unreachable = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
-    monkeypatch.setattr("nanochat.common.urllib.request.urlopen", _urlopen_raising(unreachable))
+    monkeypatch.setattr("urllib.request.urlopen", _urlopen_raising(unreachable))
     monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)  # skip the retry backoff
     monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
@@ -698,7 +699,7 @@ def test_non_network_download_failure_raises_instead_of_using_the_committed_zip(
     monkeypatch.delenv("NANOCHAT_OFFLINE")
     exc = (urllib.error.HTTPError(ce.EVAL_BUNDLE_URL, 404, "Not Found", {}, None) if error == "http_404"
            else OSError(28, "No space left on device"))
-    monkeypatch.setattr("nanochat.common.urllib.request.urlopen", _urlopen_raising(exc))
+    monkeypatch.setattr("urllib.request.urlopen", _urlopen_raising(exc))
     monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)
     monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
@@ -714,7 +715,7 @@ def test_a_downloaded_zip_that_is_no_bundle_raises(base_dir, tmp_path, mini_zip,
     monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"file://{bad}")
     monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
-    with pytest.raises(ce.EvalBundleError, match="is not a valid eval bundle.*Run again"):
+    with pytest.raises(ce.EvalBundleError, match="eval_bundle.zip downloaded from .*not valid.*run again"):
         ce.ensure_eval_bundle()
     assert not (base_dir / "eval_bundle").exists() and not (base_dir / "eval_bundle.zip").exists()
 
@@ -727,7 +728,8 @@ def test_failed_download_falls_back_to_the_committed_zip(base_dir, mini_zip, mon
     os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
     assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
     printed = capsys.readouterr().out
-    assert "download failed" in printed and "Eval bundle: using the committed offline copy" in printed
+    assert "not downloaded: unreachable: DownloadError: Failed to download" in printed
+    assert "Eval bundle: using the committed offline copy" in printed
     assert not (base_dir / "eval_bundle.zip").exists()
 
 
@@ -746,6 +748,7 @@ def test_no_bundle_anywhere_raises_a_clear_error(base_dir, tmp_path, monkeypatch
 def _bundle_rank_worker(rank, init_file, base, out_dir):
     import socket
     import urllib.error
+    import urllib.request
     import torch.distributed as dist
     import nanochat.common
 
@@ -755,7 +758,7 @@ def _bundle_rank_worker(rank, init_file, base, out_dir):
         raise KeyError("rank 1 must not download: rank 0 already chose the bundle")
     os.environ["NANOCHAT_BASE_DIR"] = base
     os.environ.pop("NANOCHAT_OFFLINE", None)
-    nanochat.common.urllib.request.urlopen = urlopen
+    urllib.request.urlopen = urlopen
     nanochat.common.time.sleep = lambda s: None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

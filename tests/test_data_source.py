@@ -4,10 +4,18 @@ import json
 import socket
 import urllib.error
 
+import httpx
 import pytest
 import torch.multiprocessing as mp
 
 from nanochat import data_source
+
+
+def http_status_error(status):
+    """What huggingface_hub raises (through httpx) for an HTTP error status."""
+    request = httpx.Request("HEAD", "https://huggingface.co/x")
+    response = httpx.Response(status, request=request)
+    return httpx.HTTPStatusError(f"{status}", request=request, response=response)
 
 
 def raised_from(outer, cause):
@@ -28,6 +36,8 @@ def raised_from(outer, cause):
     http.client.RemoteDisconnected("Remote end closed connection"),
     type("ReadTimeout", (OSError,), {})("requests' read timeout"),  # matched by class name
     raised_from(RuntimeError("Failed to download after 5 attempts"), urllib.error.URLError("unreachable")),
+    httpx.ConnectError("[Errno 111] Connection refused"),
+    http_status_error(503),
 ])
 def test_network_errors(exc):
     assert data_source.is_network_error(exc)
@@ -35,6 +45,7 @@ def test_network_errors(exc):
 
 @pytest.mark.parametrize("exc", [
     urllib.error.HTTPError("https://x", 404, "Not Found", {}, None),
+    http_status_error(404),
     OSError(28, "No space left on device"),
     ValueError("Unknown split"),
     ImportError("No module named 'datasets'"),

@@ -44,6 +44,11 @@ def shard_bytes(tmp_path, name="src.parquet", docs=None, **kw):
         return f.read()
 
 
+def visible_files(folder):
+    """The names in folder, without the hidden lock files and the hub's .cache/ folder."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()
@@ -68,6 +73,19 @@ class ShardHandler(BaseHTTPRequestHandler):
     # HTTP/1.0: the server closes the connection after each response, so a short body is a broken transfer
     def log_message(self, *args):
         pass
+
+    def do_HEAD(self):  # what huggingface_hub asks first: the commit, the ETag (sha256) and the size
+        data = self.server.files.get(self.path.rsplit("/", 1)[-1])
+        if data is None:
+            self.send_error(404)
+            return
+        self.server.auth.append(self.headers.get("Authorization"))
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "c0ffee" * 6 + "abcd")
+        etag = self.server.etags.get(self.path.rsplit("/", 1)[-1], hashlib.sha256(data).hexdigest())
+        self.send_header("ETag", f'"{etag}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
 
     def do_GET(self):
         srv = self.server
@@ -106,7 +124,7 @@ class ShardHandler(BaseHTTPRequestHandler):
 def server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     srv = ThreadingHTTPServer(("127.0.0.1", 0), ShardHandler)
-    srv.files, srv.log = {}, []
+    srv.files, srv.log, srv.etags, srv.auth = {}, [], {}, []
     srv.fail_first, srv.truncate_first, srv.support_range = 0, 0, True
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/resolve/main"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
@@ -119,7 +137,7 @@ def server(monkeypatch):
 @pytest.fixture
 def sleeps(monkeypatch):
     calls = []
-    monkeypatch.setattr(dataset.time, "sleep", calls.append)
+    monkeypatch.setattr(common.time, "sleep", calls.append)
     return calls
 
 
@@ -130,7 +148,7 @@ def test_identity():
     assert dataset.MAX_SHARD == 6542
     assert dataset.index_to_filename(0) == "shard_00000.parquet"
     assert dataset.index_to_filename(dataset.MAX_SHARD) == "shard_06542.parquet" == dataset.VAL_FILENAME
-    assert dataset.BASE_URL == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    assert dataset.HF_REPO == "karpathy/climbmix-400b-shuffle"  # the reference's BASE_URL is this repo
 
 
 def test_import_and_data_dir_access_create_nothing(tmp_path, monkeypatch):
@@ -353,10 +371,9 @@ def test_download_success(base, server, sleeps, tmp_path, capsys):
     server.files["shard_00003.parquet"] = payload = shard_bytes(tmp_path)
     assert dataset.download_single_file(3, base_url=server.url) is True
     target = os.path.join(dataset.get_data_dir(), "shard_00003.parquet")
-    assert read_bytes(target) == payload and not os.path.exists(target + ".tmp")
+    assert read_bytes(target) == payload and not os.path.exists(target + ".part")
     assert server.log == [("shard_00003.parquet", None)] and sleeps == []
-    out = capsys.readouterr().out
-    assert "Downloading shard_00003.parquet..." in out and "Successfully downloaded shard_00003.parquet" in out
+    assert f"Downloading {server.url}/shard_00003.parquet" in capsys.readouterr().out
 
 
 def test_download_skips_an_existing_real_shard(data_dir, server, tmp_path, capsys):
@@ -365,7 +382,7 @@ def test_download_skips_an_existing_real_shard(data_dir, server, tmp_path, capsy
     server.files["shard_00000.parquet"] = shard_bytes(tmp_path)
     assert dataset.download_single_file(0, base_url=server.url) is True
     assert read_bytes(real) == before and server.log == []
-    assert f"Skipping {real} (already exists)" in capsys.readouterr().out
+    assert "Replacing" not in capsys.readouterr().out
 
 
 def test_download_replaces_a_sample_file(base, server, tmp_path, capsys):
@@ -375,7 +392,8 @@ def test_download_replaces_a_sample_file(base, server, tmp_path, capsys):
     server.files["shard_00000.parquet"] = payload = shard_bytes(tmp_path)
     assert dataset.download_single_file(0, base_url=server.url) is True
     assert read_bytes(target) == payload and not dataset.is_sample_file(target)
-    assert "Replacing sample file" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"Replacing {target}: ValueError: {target} is a shard of the offline sample" in out
 
 
 def test_download_resumes_a_partial_tmp_with_range(base, server, sleeps, tmp_path):
@@ -383,11 +401,11 @@ def test_download_resumes_a_partial_tmp_with_range(base, server, sleeps, tmp_pat
     target = os.path.join(dataset.get_data_dir(), "shard_00001.parquet")
     os.makedirs(os.path.dirname(target))
     cut = len(payload) * 2 // 5
-    with open(target + ".tmp", "wb") as f:
+    with open(target + ".part", "wb") as f:
         f.write(payload[:cut])
     assert dataset.download_single_file(1, base_url=server.url)
     assert server.log == [("shard_00001.parquet", f"bytes={cut}-")]
-    assert read_bytes(target) == payload and not os.path.exists(target + ".tmp")
+    assert read_bytes(target) == payload and not os.path.exists(target + ".part")
 
 
 def test_download_restarts_when_the_server_ignores_range(base, server, sleeps, tmp_path):
@@ -395,7 +413,7 @@ def test_download_restarts_when_the_server_ignores_range(base, server, sleeps, t
     server.files["shard_00001.parquet"] = payload = shard_bytes(tmp_path)
     target = os.path.join(dataset.get_data_dir(), "shard_00001.parquet")
     os.makedirs(os.path.dirname(target))
-    with open(target + ".tmp", "wb") as f:
+    with open(target + ".part", "wb") as f:
         f.write(payload[:100])
     assert dataset.download_single_file(1, base_url=server.url)
     assert server.log == [("shard_00001.parquet", "bytes=100-")]  # asked, got a 200 with the whole file
@@ -403,7 +421,7 @@ def test_download_restarts_when_the_server_ignores_range(base, server, sleeps, t
 
 
 def test_broken_transfer_is_resumed_on_the_next_attempt(base, server, sleeps, tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset, "CHUNK_SIZE", 64)  # so the bytes before the break reach the disk
+    monkeypatch.setattr(common, "CHUNK_SIZE", 64)  # so the bytes before the break reach the disk
     server.truncate_first = 1
     server.files["shard_00002.parquet"] = payload = shard_bytes(tmp_path)
     assert dataset.download_single_file(2, base_url=server.url)
@@ -419,7 +437,7 @@ def test_a_complete_tmp_answered_416_is_checked_and_kept(base, server, sleeps, t
     server.files["shard_00002.parquet"] = payload = shard_bytes(tmp_path)
     target = os.path.join(dataset.get_data_dir(), "shard_00002.parquet")
     os.makedirs(os.path.dirname(target))
-    with open(target + ".tmp", "wb") as f:
+    with open(target + ".part", "wb") as f:
         f.write(payload)
     assert dataset.download_single_file(2, base_url=server.url)
     assert read_bytes(target) == payload and sleeps == []
@@ -438,9 +456,11 @@ def test_five_attempts_then_failure(base, server, sleeps, capsys):
     assert dataset.download_single_file(0, base_url=server.url) is False
     assert sleeps == [2, 4, 8, 16] and len(server.log) == 5
     out = capsys.readouterr().out
-    assert "Attempt 5/5 failed for shard_00000.parquet" in out and "Waiting 16 seconds before retry..." in out
-    assert "Failed to download shard_00000.parquet after 5 attempts" in out
-    assert os.listdir(dataset.get_data_dir()) == []  # no target, no temp file
+    assert f"Attempt 4/5 failed for {server.url}/shard_00000.parquet" in out and "retrying in 16s" in out
+    assert (f"Failed to download shard_00000.parquet: Failed to download {server.url}/shard_00000.parquet: "
+            f"network error after 5 attempts (HTTPError: HTTP Error 500: Internal Server Error). Fix: check "
+            f"the connection and run again") in out
+    assert visible_files(dataset.get_data_dir()) == []  # no target, no partial file
 
 
 @pytest.mark.parametrize("kind", ["garbage", "no_text_column"])
@@ -451,9 +471,11 @@ def test_corrupt_download_is_rejected_and_removed(base, server, sleeps, tmp_path
     else:
         server.files["shard_00004.parquet"] = shard_bytes(tmp_path, docs=["x", "y"], column="body")
     assert dataset.download_single_file(4, base_url=server.url) is False
-    assert len(server.log) == 5 and all(r is None for _, r in server.log)  # never resumes a corrupt file
-    assert os.listdir(dataset.get_data_dir()) == []
-    assert "corrupt" in capsys.readouterr().out
+    assert server.log == [("shard_00004.parquet", None)] and sleeps == []  # bad bytes are not retried
+    assert visible_files(dataset.get_data_dir()) == []  # and not kept for resuming
+    target = os.path.join(dataset.get_data_dir(), "shard_00004.parquet")
+    assert (f"{target} downloaded from {server.url}/shard_00004.parquet is not valid (CorruptShardError: "
+            in capsys.readouterr().out)
 
 
 def test_an_unreadable_existing_target_is_replaced(data_dir, server, sleeps, tmp_path):
@@ -461,6 +483,64 @@ def test_an_unreadable_existing_target_is_replaced(data_dir, server, sleeps, tmp
     server.files["shard_00000.parquet"] = payload = shard_bytes(tmp_path)
     assert dataset.download_single_file(0, base_url=server.url)
     assert read_bytes(data_dir / "shard_00000.parquet") == payload
+
+
+def test_the_downloader_checks_the_sha256_and_names_the_file_and_the_fix(base, server, sleeps, tmp_path):
+    server.files["bundle.zip"] = payload = b"the eval bundle bytes" * 100
+    target = str(tmp_path / "cache" / "bundle.zip")
+    with pytest.raises(common.DownloadError) as info:
+        common.download(f"{server.url}/bundle.zip", target, sha256="0" * 64)
+    message = str(info.value)
+    assert message.startswith(f"{target} downloaded from {server.url}/bundle.zip is not valid (ValueError: "
+                              f"its sha256 is {hashlib.sha256(payload).hexdigest()}, expected {'0' * 64})")
+    assert "Fix: run again to download it afresh" in message
+    assert visible_files(tmp_path / "cache") == [] and len(server.log) == 1 and sleeps == []
+    sha256 = hashlib.sha256(payload).hexdigest()
+    assert read_bytes(common.download(f"{server.url}/bundle.zip", target, sha256=sha256)) == payload
+
+
+def test_the_downloader_does_not_retry_a_404(base, server, sleeps, tmp_path):
+    with pytest.raises(common.DownloadError, match=r"not a network error: not retried \(HTTPError: HTTP "
+                                                        r"Error 404.*Fix the cause"):
+        common.download(f"{server.url}/missing.zip", str(tmp_path / "missing.zip"))
+    assert server.log == [("missing.zip", None)] and sleeps == []
+    assert visible_files(tmp_path) == []
+
+
+def run_dataset_cli(server, base, *args, **env):
+    """`python -m nanochat.dataset` with the Hugging Face hub at the local server (HF_ENDPOINT)."""
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("HF_")}, NANOCHAT_BASE_DIR=str(base),
+               HF_HOME=str(base / "hf_home"), NO_PROXY="127.0.0.1", HF_HUB_DISABLE_XET="1",
+               HF_ENDPOINT=server.url.removesuffix("/resolve/main"), **env)
+    return subprocess.run([sys.executable, "-m", "nanochat.dataset", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_shards_come_from_the_hub_at_hf_endpoint_with_hf_token_and_its_sha256(base, server, tmp_path):
+    server.files["shard_00000.parquet"] = payload = shard_bytes(tmp_path)
+    server.files["shard_06542.parquet"] = shard_bytes(tmp_path, name="v.parquet", docs=["val doc"])
+    server.etags["shard_06542.parquet"] = "e" * 64  # the hub says one thing, the bytes another
+    proc = run_dataset_cli(server, base, "-n", "1", "-w", "1", HF_TOKEN="hf_secret_token")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data_dir = os.path.join(str(base), "base_data_climbmix")
+    assert visible_files(data_dir) == ["shard_00000.parquet"]
+    assert read_bytes(os.path.join(data_dir, "shard_00000.parquet")) == payload
+    val = os.path.join(data_dir, "shard_06542.parquet")
+    hub = server.url.removesuffix("/resolve/main")
+    assert f"{val} downloaded from {hub} (karpathy/climbmix-400b-shuffle) is not valid (ValueError: its " \
+           f"sha256 is " in proc.stdout and "Fix: run again" in proc.stdout
+    shards = {name for name, _ in server.log if name.endswith(".parquet")}  # the hub also asks for more
+    assert shards == {"shard_00000.parquet", "shard_06542.parquet"}
+    assert server.auth and set(server.auth) == {"Bearer hf_secret_token"}
+
+
+def test_hf_hub_offline_downloads_nothing_and_says_so(base, server, tmp_path):
+    server.files["shard_06542.parquet"] = shard_bytes(tmp_path)
+    proc = run_dataset_cli(server, base, "-n", "0", HF_HUB_OFFLINE="1")
+    assert proc.returncode == 1 and server.auth == []
+    assert not [name for name, _ in server.log if name.endswith(".parquet")]
+    assert "Failed to download shard_06542.parquet" in proc.stdout
+    assert "LocalEntryNotFoundError" in proc.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -480,9 +560,9 @@ def test_cli_downloads_the_id_list_and_fails_nonzero(base, server, sleeps, tmp_p
     assert dataset.main(["-n", "3", "-w", "2", "--base-url", server.url]) == 1  # shard 2 is missing (404)
     requested = [name for name, _ in server.log]
     assert set(requested) == {dataset.index_to_filename(i) for i in dataset.shard_ids(3)}
-    assert requested.count("shard_00002.parquet") == 5
-    assert sorted(os.listdir(dataset.get_data_dir())) == ["shard_00000.parquet", "shard_00001.parquet",
-                                                          "shard_06542.parquet"]
+    assert requested.count("shard_00002.parquet") == 1  # a 404 is not retried
+    assert visible_files(dataset.get_data_dir()) == ["shard_00000.parquet", "shard_00001.parquet",
+                                                     "shard_06542.parquet"]
     out = capsys.readouterr().out
     assert "Downloading 4 shards using 2 workers..." in out and "Done! Downloaded: 3/4 shards" in out
     assert "Failed: shard_00002.parquet" in out

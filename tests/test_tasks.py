@@ -206,7 +206,7 @@ def test_hub_failure_falls_back_to_the_committed_copy(monkeypatch, capsys):
     task = ARC("ARC-Easy", "test")
     assert calls == [("allenai/ai2_arc", "ARC-Easy", "test")] and len(task) == 2376
     out = capsys.readouterr().out
-    assert "committed offline subset data/tasks/arc/ARC-Easy/test.jsonl.gz (hub unreachable: ConnectionError" in out
+    assert "offline subset data/tasks/arc/ARC-Easy/test.jsonl.gz (unreachable: ConnectionError" in out
     with pytest.raises(RuntimeError, match="no committed offline copy"):
         load_rows("GSM8K", "openai/gsm8k", "socratic", "test", "gsm8k/socratic/test.jsonl.gz")
 
