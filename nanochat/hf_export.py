@@ -15,7 +15,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import print0
+from nanochat.common import print0, progress
 from nanochat.loss_eval import SetupError
 from nanochat.tokenizer import SPECIAL_TOKENS
 
@@ -148,8 +148,10 @@ def _write_files(out, model, tokenizer, meta, source):
         raise ImportError("the export needs the `safetensors` package: uv sync --extra hf") from e
     cfg, special = model.config, tokenizer.encode_special
     bos, eos = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
+    bar = progress(total=4, desc="export", unit="part")  # weights, modeling+config, tokenizer, model card
     weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    bar.update()
     # copied, not imported: writing an export needs no transformers
     modeling = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
     shutil.copyfile(modeling, os.path.join(out, "modeling_nanochat.py"))
@@ -161,13 +163,17 @@ def _write_files(out, model, tokenizer, meta, source):
     # generation stops where the Engine stops: at the end of the reply or at a new document
     _write_json(os.path.join(out, "generation_config.json"), {
         "bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos, "do_sample": False})
+    bar.update()
     hf_tokenizer(tokenizer).save(os.path.join(out, "tokenizer.json"))
     _write_json(os.path.join(out, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
         "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>", "model_max_length": cfg.sequence_len,
         "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
+    bar.update()
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(meta, source, sum(v.numel() for v in weights.values())))
+    bar.update()
+    bar.close()
 
 
 def export(model, tokenizer, meta, source, output_dir):

@@ -154,3 +154,15 @@ def test_export_refuses_l3_layers_and_a_non_empty_output(exported, tmp_path):
         with pytest.raises(SystemExit, match="already exists and is not an empty directory"):
             export_hf.main(["-i", "base", "-o", str(tmp_path / "taken")])
     assert os.listdir(tmp_path) == ["taken"]  # no staging directory left behind
+
+
+def test_export_draws_a_progress_bar_on_a_terminal(exported, tmp_path, monkeypatch):
+    import contextlib
+    from conftest import TerminalIO
+    monkeypatch.delenv("NANOCHAT_QUIET", raising=False)
+    point_base_dir_at(monkeypatch, exported[0])
+    with contextlib.redirect_stderr(TerminalIO()) as terminal:
+        export_hf.main(["-i", "base", "-o", str(tmp_path / "again")])
+    # tqdm redraws at most every 0.1 s and erases the finished bar: its first frame is what is sure to show
+    assert "export:   0%|" in terminal.getvalue() and "0/4 [" in terminal.getvalue(), terminal.getvalue()
+    assert sorted(os.listdir(tmp_path / "again")) == sorted(os.listdir(exported[0] / "hf"))
