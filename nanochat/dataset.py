@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from nanochat.common import (REPO_DATA_DIR, DownloadError, atomic_open, base_dir_path, download, hub_download,
-                             one_line_error, print0)
+from nanochat.common import (REPO_DATA_DIR, DownloadError, atomic_open, base_dir_path, download,
+                             hub_download, one_line_error, print0, progress)
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,21 @@ def parquets_iter_batched(split, start=0, step=1):
     """One finite pass over a split, yielding each selected row group's `text` column as a list.
     start/step stride the row groups of every file (DDP: start=rank, step=world_size)."""
     return (texts for texts, _ in iter_row_groups(split, start, step))
+
+
+def text_iterator(max_chars, doc_cap):
+    """tok_train's text: train-split documents cropped to doc_cap characters, stopping after the one that
+    crosses max_chars."""
+    total = 0
+    with progress(total=max_chars, unit="char", unit_scale=True, desc="Reading training text") as bar:
+        for batch in parquets_iter_batched(split="train"):
+            for doc in batch:
+                doc = doc[:doc_cap]
+                total += len(doc)
+                bar.update(len(doc))
+                yield doc
+                if total > max_chars:
+                    return
 
 
 # -----------------------------------------------------------------------------

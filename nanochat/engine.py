@@ -226,6 +226,21 @@ class KVCache:
             self.prev_embedding[rows] = source[:1]
 
 
+def decode_step_cost(model, batch, context):
+    """(FLOPs, bytes read) of one decode step of `batch` rows with `context` cached positions each."""
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    attended = [min(window, context) for window, _ in model.window_sizes]
+    matmul_weights = sum(p.numel() for p in model._matrix_params()) + model.lm_head.weight.numel()
+    flops = batch * (2 * matmul_weights + sum(4 * cfg.n_head * head_dim * c for c in attended))
+    tables = model._embedding_tables()
+    table_ids = {id(t) for t in tables}
+    weight_bytes = sum(p.nbytes for p in model.parameters() if id(p) not in table_ids)
+    row_bytes = batch * sum(t.nbytes // t.shape[0] for t in tables)
+    kv_bytes = batch * 2 * cfg.n_kv_head * head_dim * common.COMPUTE_DTYPE.itemsize * sum(attended)
+    return flops, weight_bytes + row_bytes + kv_bytes
+
+
 def prefill_prompt(model, tokens, device):
     """Run a prompt once at batch 1 in a cache of its own length. Returns the last position's logits (1, V)
     and that cache, to be copied into a decode cache with KVCache.prefill. The Engine and the scheduler

@@ -31,6 +31,13 @@ from nanochat.common import atomic_open, get_base_dir, one_line_error
 
 logger = logging.getLogger(__name__)
 
+# a fixed string touching every split-pattern branch; the trained tokenizer must round-trip it (tok_train)
+SANITY_TEXT = """Hello world! This is a test.
+Numbers: 123, 4567, 89
+Contractions: I'm, you're, it's
+Special chars: @#$%^&*()
+Unicode: 你好世界 🌍"""
+
 # Order is contractual: RustBPETokenizer assigns ids in this order after the BPE merges.
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document; also the document delimiter

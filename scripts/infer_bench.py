@@ -30,7 +30,7 @@ import torch
 
 from nanochat import common
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
+from nanochat.engine import Engine, decode_step_cost
 
 
 def int_list(text):
@@ -81,21 +81,6 @@ class _NeverStops:
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
-
-
-def decode_step_cost(model, batch, context):
-    """(FLOPs, bytes read) of one decode step of `batch` rows with `context` cached positions each."""
-    cfg = model.config
-    head_dim = cfg.n_embd // cfg.n_head
-    attended = [min(window, context) for window, _ in model.window_sizes]
-    matmul_weights = sum(p.numel() for p in model._matrix_params()) + model.lm_head.weight.numel()
-    flops = batch * (2 * matmul_weights + sum(4 * cfg.n_head * head_dim * c for c in attended))
-    tables = model._embedding_tables()
-    table_ids = {id(t) for t in tables}
-    weight_bytes = sum(p.nbytes for p in model.parameters() if id(p) not in table_ids)
-    row_bytes = batch * sum(t.nbytes // t.shape[0] for t in tables)
-    kv_bytes = batch * 2 * cfg.n_kv_head * head_dim * common.COMPUTE_DTYPE.itemsize * sum(attended)
-    return flops, weight_bytes + row_bytes + kv_bytes
 
 
 def time_run(engine, prompt, batch, decode_tokens):

@@ -11,18 +11,10 @@ import time
 
 import torch
 
-from nanochat.common import atomic_open, get_base_dir, progress
-from nanochat.dataset import parquets_iter_batched
+from nanochat.common import atomic_open, get_base_dir
+from nanochat.dataset import text_iterator
 from nanochat.report import get_report
-from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
-
-# a fixed string touching every split-pattern branch; the trained tokenizer must round-trip it
-SANITY_TEXT = """Hello world! This is a test.
-Numbers: 123, 4567, 89
-Contractions: I'm, you're, it's
-Special chars: @#$%^&*()
-Unicode: 你好世界 🌍"""
-
+from nanochat.tokenizer import SANITY_TEXT, RustBPETokenizer, compute_token_bytes
 
 def build_parser():
     parser = argparse.ArgumentParser(description="Train a BPE tokenizer")
@@ -39,20 +31,6 @@ def parse_args(argv=None):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     return args
-
-
-def text_iterator(max_chars, doc_cap):
-    """Train-split documents cropped to doc_cap characters; stops after the one that crosses max_chars."""
-    total = 0
-    with progress(total=max_chars, unit="char", unit_scale=True, desc="Reading training text") as bar:
-        for batch in parquets_iter_batched(split="train"):
-            for doc in batch:
-                doc = doc[:doc_cap]
-                total += len(doc)
-                bar.update(len(doc))
-                yield doc
-                if total > max_chars:
-                    return
 
 
 def token_bytes_stats(token_bytes):

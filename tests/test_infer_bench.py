@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from nanochat.engine import decode_step_cost
 from scripts import infer_bench
 
 from conftest import write_tiny_checkpoint
@@ -35,9 +36,9 @@ def test_sweep_reports_every_point_as_the_last_json_line(checkpoint, capsys):
 def test_step_cost_counts_weights_once_and_kv_per_row(checkpoint):
     cfg = checkpoint.config
     kv_per_position = 2 * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * 4 * cfg.n_layer  # fp32 cache
-    flops1, bytes1 = infer_bench.decode_step_cost(checkpoint, 1, 10)
-    flops2, bytes2 = infer_bench.decode_step_cost(checkpoint, 2, 10)
-    _, bytes_longer = infer_bench.decode_step_cost(checkpoint, 1, 11)
+    flops1, bytes1 = decode_step_cost(checkpoint, 1, 10)
+    flops2, bytes2 = decode_step_cost(checkpoint, 2, 10)
+    _, bytes_longer = decode_step_cost(checkpoint, 1, 11)
     assert bytes_longer - bytes1 == kv_per_position
     # a second row reads its own cache and lookup rows, not the weights again
     row = 10 * kv_per_position + 4 * cfg.n_embd * (1 + len(checkpoint.value_embeds))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat import dataset
-from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, get_tokenizer
+from nanochat.tokenizer import SANITY_TEXT, RustBPETokenizer, get_token_bytes, get_tokenizer
 from scripts import tok_eval, tok_train
 
 from conftest import TerminalIO
@@ -44,7 +44,7 @@ def test_tok_train_writes_tokenizer_and_token_bytes(base_env):
         text = doc[:3000]
         ids = tok.encode(text)
         assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
-    assert tok.decode(tok.encode(tok_train.SANITY_TEXT)) == tok_train.SANITY_TEXT
+    assert tok.decode(tok.encode(SANITY_TEXT)) == SANITY_TEXT
 
 
 def test_tok_train_report_section(base_env):
@@ -54,7 +54,7 @@ def test_tok_train_report_section(base_env):
 
 
 def test_text_iterator_stops_after_crossing_max_chars(base_env):
-    docs = list(tok_train.text_iterator(max_chars=20_000, doc_cap=3_000))
+    docs = list(dataset.text_iterator(max_chars=20_000, doc_cap=3_000))
     lengths = [len(d) for d in docs]
     assert max(lengths) <= 3_000
     assert sum(lengths[:-1]) <= 20_000 < sum(lengths)
@@ -63,7 +63,7 @@ def test_text_iterator_stops_after_crossing_max_chars(base_env):
 def test_text_iterator_draws_a_progress_bar_on_a_terminal(base_env, monkeypatch):
     monkeypatch.delenv("NANOCHAT_QUIET", raising=False)
     with contextlib.redirect_stderr(TerminalIO()) as terminal:
-        docs = list(tok_train.text_iterator(max_chars=20_000, doc_cap=3_000))
+        docs = list(dataset.text_iterator(max_chars=20_000, doc_cap=3_000))
     assert docs and "Reading training text:   0%|" in terminal.getvalue()
     assert re.search(r"\| 0\.00/20\.0k \[00:00<\?, \?char/s\]", terminal.getvalue()), terminal.getvalue()
 
