@@ -18,7 +18,7 @@ import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import load_model, load_optimizer_state
+from nanochat.checkpoint_manager import load_model, load_optimizer_state, optimizer_shard_count
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
 from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
@@ -71,7 +71,13 @@ def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume
     if resume is not None:
         training.load_resume_optimizer(optimizer, resume[0], device, rank, resume[1], resume[2])
         return optimizer
-    if warm_from is not None:
+    # each rank holds a shard of the optimizer state: only a checkpoint saved by as many ranks fits
+    shards = optimizer_shard_count(*warm_from) if warm_from is not None else 0
+    world_size = get_dist_info()[3]
+    if warm_from is not None and shards not in (0, world_size):
+        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run has "
+               f"{world_size}; starting the optimizer fresh")
+    elif warm_from is not None:
         state = load_optimizer_state(warm_from[0], device, rank, model_tag=warm_from[1], step=warm_from[2])
         if state is None:
             print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")

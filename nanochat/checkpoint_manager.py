@@ -463,6 +463,13 @@ def load_model(source, *args, **kwargs):
     return load_model_from_dir(get_checkpoints_dir(source), *args, **kwargs)
 
 
+def optimizer_shard_count(source, model_tag=None, step=None):
+    """How many ranks' optimizer shards a checkpoint holds: the world size that saved it (0: none saved)."""
+    checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)
+    shard = re.compile(rf"optim_{step:06d}_rank\d+\.pt")
+    return sum(1 for name in os.listdir(checkpoint_dir) if shard.fullmatch(name))
+
+
 def load_optimizer_state(source, device, rank, model_tag=None, step=None):
     """This rank's optimizer shard of a checkpoint, or None (with a warning) when it has none."""
     checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)

@@ -1,5 +1,5 @@
 """
-base_train with two processes for real: `torchrun --nproc_per_node=2` on CPU (gloo) on the committed sample.
+base_train (and chat_sft, below) with two processes for real: `torchrun --nproc_per_node=2` on CPU (gloo) on the committed sample.
 The checkpoint loads, a 2-rank resume ends bit for bit where the uninterrupted 2-rank run ends (each rank
 restores its own dataloader state), and one process with the same total batch reaches about the same val
 bpb (the ranks read different row groups, so only close, not equal; both are measured on one val set,
@@ -98,3 +98,56 @@ def test_two_process_training_checkpoint_resume_and_one_process_agreement(base_d
     with open(os.path.join(base_dir, "base_checkpoints", "mp1", f"meta_{STEPS:06d}.json")) as f:
         assert len(json.load(f)["dataloader_state_dicts"]) == 1
     print(f"final val bpb: 1 process {bpb_one:.6f}, 2 processes {bpb_two:.6f}")
+
+
+# -----------------------------------------------------------------------------
+# chat_sft: each rank packs its own conversations, so its packer state is saved and restored per rank
+
+@pytest.fixture(scope="module")
+def sft_base_dir(tmp_path_factory):
+    """A base dir with a vocab-512 tokenizer and a depth-2 base checkpoint (test_chat_sft's), offline."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+    from test_chat_sft import SEQ_LEN, base_optimizer_state, tiny_model, training_texts
+    root = tmp_path_factory.mktemp("nanochat_mp_sft")
+    tok = RustBPETokenizer.train_from_iterator(iter(training_texts()), 512)
+    tok.save(os.path.join(root, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    model = tiny_model(tok.get_vocab_size())
+    meta = {"step": 10, "val_bpb": 3.0, "model_config": vars(model.config).copy(),
+            "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.02, "matrix_lr": 0.05},
+            "device_batch_size": 2, "max_seq_len": SEQ_LEN, "total_batch_size": 2 * 2 * SEQ_LEN}
+    save_checkpoint(os.path.join(root, "base_checkpoints", "d2"), 10, model.state_dict(),
+                    base_optimizer_state(model), meta)
+    return root
+
+
+def start_sft(base_dir, extra):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", NANOCHAT_OFFLINE="1",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.chat_sft", "--device-type=cpu", "--model-tag=d2", "--num-iterations=4", "--eval-every=2",
+           "--eval-tokens=512", "--chatcore-every=-1", "--save-every=2"] + extra
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_two_process_sft_resumes_exactly(sft_base_dir):
+    ckpt = os.path.join(sft_base_dir, "chatsft_checkpoints", "d2")
+    out = finish(start_sft(sft_base_dir, []))
+    assert "gradient accumulation steps: 1" in out  # the total batch of 2 rows x 2 ranks
+    # the base optimizer was saved by one process: its unsharded state cannot seed two ranks' shards
+    assert "optimizer state was saved by 1 rank(s) and this run has 2; starting the optimizer fresh" in out
+    straight = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    with open(os.path.join(ckpt, "meta_000002.json")) as f:
+        states = json.load(f)["loop_state"]["loader_states"]
+    assert len(states) == 2 and states[0] != states[1]  # each rank's own packer state
+
+    resumed = finish(start_sft(sft_base_dir, ["--resume-from-step=2"]))
+    again = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    different = [k for k in straight if not torch.equal(straight[k], again[k])]
+    assert not different, different
+    losses = lambda text: re.findall(r"^step 0000([34]) .*? loss: ([\d.]+)", text, re.M)
+    assert losses(resumed) == losses(out) and len(losses(out)) == 2
