@@ -49,22 +49,6 @@ class _Tokens:
         return "".join(chr(i % 256) for i in ids)
 
 
-class _NoStop:
-    """The tokenizer with its terminal ids replaced by -1: rows never complete, runs have a fixed length."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode_special(self, name):
-        return -1 if name == "<|assistant_end|>" else self.tokenizer.encode_special(name)
-
-    def get_bos_token_id(self):
-        return -1
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-
 def load(args, device):
     if args.depth:
         from nanochat.gpt import GPT, config_for_depth
@@ -97,7 +81,7 @@ def time_decode(engine, prompt, rows, new_tokens, device_type):
 def main(argv=None):
     args = parse_args(argv)
     from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, NeverStopping
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
     model, tokenizer, what = load(args, device)
@@ -105,7 +89,7 @@ def main(argv=None):
     print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
           f"vocab={cfg.vocab_size} prompt={args.prompt_len} new_tokens={args.new_tokens} "
           f"threads={torch.get_num_threads()}")
-    engine = Engine(model, _NoStop(tokenizer))
+    engine = Engine(model, NeverStopping(tokenizer))
     g = torch.Generator().manual_seed(0)
     prompt = [tokenizer.get_bos_token_id()] + torch.randint(0, 256, (args.prompt_len - 1,), generator=g).tolist()
     for rows in [int(b) for b in args.batch.split(",")]:

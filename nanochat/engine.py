@@ -241,6 +241,23 @@ def decode_step_cost(model, batch, context):
     return flops, weight_bytes + row_bytes + kv_bytes
 
 
+class NeverStopping:
+    """The tokenizer with <|assistant_end|> and BOS hidden from the Engine, so no row ever finishes: an Engine
+    over it decodes exactly max_tokens (the benchmarks time fixed-length runs)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_special(self, name):
+        return -1 if name == "<|assistant_end|>" else self.tokenizer.encode_special(name)
+
+    def get_bos_token_id(self):
+        return -1
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 def prefill_prompt(model, tokens, device):
     """Run a prompt once at batch 1 in a cache of its own length. Returns the last position's logits (1, V)
     and that cache, to be copied into a decode cache with KVCache.prefill. The Engine and the scheduler

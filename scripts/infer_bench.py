@@ -30,7 +30,7 @@ import torch
 
 from nanochat import common
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine, decode_step_cost
+from nanochat.engine import Engine, NeverStopping, decode_step_cost
 
 
 def int_list(text):
@@ -65,22 +65,6 @@ def parse_args(argv=None):
     if args.decode_tokens < 2 or args.trials < 1:
         parser.error("--decode-tokens must be >= 2 and -t/--trials >= 1")
     return args
-
-
-class _NeverStops:
-    """The tokenizer with <|assistant_end|> and BOS hidden from the Engine, so no row ever finishes."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode_special(self, name):
-        return -1 if name == "<|assistant_end|>" else self.tokenizer.encode_special(name)
-
-    def get_bos_token_id(self):
-        return -1
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
 
 
 def time_run(engine, prompt, batch, decode_tokens):
@@ -136,7 +120,7 @@ def main(argv=None):
                          f"{args.decode_tokens} exceeds the model's context of {model.config.sequence_len}; "
                          f"lower one of them")
     peaks = common.get_device_peaks(args.device_type)
-    engine = Engine(model, _NeverStops(tokenizer))
+    engine = Engine(model, NeverStopping(tokenizer))
     rng = torch.Generator().manual_seed(0)
     sweep = []
     for prompt_len in args.prompt_tokens:  # random byte tokens: ids every tokenizer has
