@@ -63,6 +63,22 @@ def warm_start_optimizer(optimizer, state):
         group.update(saved)
 
 
+def warm_start_from(optimizer, source, model_tag, step, device, rank):
+    """Seed the optimizer's buffers from a checkpoint's, when it has them in as many shards as this run has
+    ranks (each rank holds a shard of the state); otherwise say so and leave the optimizer fresh."""
+    shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
+    if shards not in (0, world_size):
+        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run has "
+               f"{world_size}; starting the optimizer fresh")
+        return
+    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+    if state is None:
+        print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
+        return
+    warm_start_optimizer(optimizer, state)
+    print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+
+
 def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume=None, warm_from=None):
     """The stage's optimizer. lrs: {embedding_lr, unembedding_lr, matrix_lr}. resume = (source, tag, step):
     LRs, initial LRs and buffers all come from that checkpoint. Otherwise every LR starts at init_lr_frac
@@ -71,19 +87,8 @@ def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume
     if resume is not None:
         training.load_resume_optimizer(optimizer, resume[0], device, rank, resume[1], resume[2])
         return optimizer
-    # each rank holds a shard of the optimizer state: only a checkpoint saved by as many ranks fits
-    shards = optimizer_shard_count(*warm_from) if warm_from is not None else 0
-    world_size = get_dist_info()[3]
-    if warm_from is not None and shards not in (0, world_size):
-        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run has "
-               f"{world_size}; starting the optimizer fresh")
-    elif warm_from is not None:
-        state = load_optimizer_state(warm_from[0], device, rank, model_tag=warm_from[1], step=warm_from[2])
-        if state is None:
-            print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
-        else:
-            warm_start_optimizer(optimizer, state)
-            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+    if warm_from is not None:
+        warm_start_from(optimizer, *warm_from, device, rank)
     for group in optimizer.param_groups:
         group["lr"] *= init_lr_frac
         group["initial_lr"] = group["lr"]
