@@ -18,7 +18,8 @@ import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import load_model, load_optimizer_state, optimizer_shard_count
+from nanochat.checkpoint_manager import (load_checkpoint_meta, load_model, load_optimizer_state,
+                                         optimizer_shard_count)
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
 from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
@@ -30,14 +31,13 @@ def load_start(parent, own, args, device, phase):
     """(model, tokenizer, (parent tag, step, meta), output tag): the parent stage's checkpoint (base for
     SFT, sft for RL) as --model-tag/--model-step say, or with --resume-from-step s this stage's own
     checkpoint s. Output tag: --model-tag, or d<depth> of the parent."""
-    parent_tag, parent_step, parent_meta = training.checkpoint_meta(parent, args.model_tag, args.model_step)
+    parent_tag, parent_step, parent_meta = load_checkpoint_meta(parent, args.model_tag, args.model_step)
     output_tag = args.model_tag or f"d{parent_meta['model_config']['n_layer']}"
     if args.resume_from_step >= 0:
         model, tokenizer, _ = load_model(own, device, phase=phase, model_tag=output_tag,
                                          step=args.resume_from_step)
     else:
-        model, tokenizer, _ = load_model(parent, device, phase=phase, model_tag=args.model_tag,
-                                         step=args.model_step)
+        model, tokenizer, _ = load_model(parent, device, phase=phase, model_tag=parent_tag, step=parent_step)
     return model, tokenizer, (parent_tag, parent_step, parent_meta), output_tag
 
 
@@ -45,7 +45,7 @@ def resume_meta(own, output_tag, args, user_config, free_keys):
     """The meta of the checkpoint this run resumes from ({} for a fresh run), warning about changed flags."""
     if args.resume_from_step < 0:
         return {}
-    _, _, meta = training.checkpoint_meta(own, output_tag, args.resume_from_step)
+    _, _, meta = load_checkpoint_meta(own, output_tag, args.resume_from_step)
     training.warn_on_changed_config(meta.get("user_config", {}), user_config, free_keys)
     return meta
 

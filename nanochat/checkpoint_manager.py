@@ -452,6 +452,13 @@ def _resolve_checkpoint(checkpoints_dir, model_tag, step):
     return checkpoint_dir, step
 
 
+def load_checkpoint_meta(source, model_tag=None, step=None):
+    """(model_tag, step, meta) of a checkpoint, tag and step guessed as load_model guesses them; reads only
+    the JSON."""
+    checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)
+    return os.path.basename(checkpoint_dir), step, _load_meta(checkpoint_dir, step)
+
+
 def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
     checkpoint_dir, step = _resolve_checkpoint(checkpoints_dir, model_tag, step)
     log0(f"Loading model from {checkpoint_dir} with step {step}")

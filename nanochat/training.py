@@ -12,7 +12,6 @@ Each function is pure or acts only on what it is given, so the schedules can be 
 
 import contextlib
 import gc
-import json
 import math
 import os
 import signal
@@ -23,8 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (find_largest_model, find_last_step, get_checkpoints_dir,
-                                         load_optimizer_state, save_checkpoint)
+from nanochat.checkpoint_manager import load_optimizer_state, save_checkpoint
 from nanochat.common import get_device_peak_flops, is_ddp_initialized, print0
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
@@ -432,19 +430,6 @@ def gather_from_ranks(obj):
 
 # -----------------------------------------------------------------------------
 # Chat stages (SFT, RL): checkpoint metadata, the compute banner, resume checks
-
-def checkpoint_meta(source, model_tag=None, step=None):
-    """(model_tag, step, meta) of a checkpoint, guessing tag and step like load_model; reads only the JSON."""
-    checkpoints_dir = get_checkpoints_dir(source)
-    model_tag = model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    step = find_last_step(checkpoint_dir) if step is None else step
-    path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint metadata not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return model_tag, step, json.load(f)
-
 
 def print_compute_info(device_type):
     """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
