@@ -13,7 +13,7 @@ ChatCORE = mean over the six tasks of (accuracy - baseline) / (1 - baseline): 0 
 with the one centered_accuracy that CORE uses (nanochat.core_eval). This lives beside core_eval rather
 than inside it because it runs on tasks/ and the Engine, while core_eval scores a base model on the
 eval bundle; the CLI is scripts/chat_eval.py, and chat_sft runs ChatCORE during training.
-Importing this module does no work (the tasks load when a run asks for them).
+Importing this module does no work (a task loads its data when a run asks for it).
 """
 
 import math
@@ -24,46 +24,26 @@ import torch.distributed as dist
 from nanochat.common import is_ddp_initialized, print0, progress
 from nanochat.core_eval import centered_accuracy
 from nanochat.training import agree_sum
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
 
-
-def _arc(subset):
-    from tasks.arc import ARC
-    return ARC(subset=subset, split="test")
-
-
-def _mmlu():
-    from tasks.mmlu import MMLU
-    return MMLU(subset="all", split="test")
-
-
-def _gsm8k():
-    from tasks.gsm8k import GSM8K
-    return GSM8K(subset="main", split="test")
-
-
-def _humaneval():
-    from tasks.humaneval import HumanEval
-    return HumanEval()
-
-
-def _spellingbee():
-    from tasks.spellingbee import SpellingBee
-    return SpellingBee(size=256, split="test")
-
-
-# name -> task constructor, in the order the CLI evaluates them
+# name -> task constructor, in the order the CLI evaluates them (a task loads its data when constructed)
 TASKS = {
-    "ARC-Easy": lambda: _arc("ARC-Easy"),
-    "ARC-Challenge": lambda: _arc("ARC-Challenge"),
-    "MMLU": _mmlu,
-    "GSM8K": _gsm8k,
-    "HumanEval": _humaneval,
-    "SpellingBee": _spellingbee,
+    "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="test"),
+    "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="test"),
+    "MMLU": lambda: MMLU(subset="all", split="test"),
+    "GSM8K": lambda: GSM8K(subset="main", split="test"),
+    "HumanEval": HumanEval,
+    "SpellingBee": lambda: SpellingBee(size=256, split="test"),
 }
 
 # Accuracy of guessing: 1 in 4 letters for the multiple-choice tasks (the reference's value, kept although
 # a few ARC questions have 3 or 5 choices), 0 for open-ended answers.
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0}
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}
 CATEGORICAL_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU")  # chat_sft's ChatCORE_cat averages these only
 
 
@@ -166,7 +146,7 @@ def predict_letters(model, tokenizer, conversations, letter_cache=None):
     for row, (prompt, conversation) in enumerate(zip(prompts, conversations)):
         letters = conversation["letters"]
         letter_ids = [_letter_token(tokenizer, letter, letter_cache) for letter in letters]
-        letter_logits = logits[row, len(prompt) - 1, letter_ids]  # at <|assistant_start|>, the last prompt token
+        letter_logits = logits[row, len(prompt) - 1, letter_ids]  # at <|assistant_start|>, the prompt's end
         predictions.append(letters[int(torch.argmax(letter_logits).item())])  # argmax: first of equal maxima
     return predictions
 
@@ -180,7 +160,8 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     passed, total = 0, 0
     for b in progress(range(rank, num_batches, world_size), unit="batch"):
         conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
-        for conversation, letter in zip(conversations, predict_letters(model, tokenizer, conversations, letter_cache)):
+        letters = predict_letters(model, tokenizer, conversations, letter_cache)
+        for conversation, letter in zip(conversations, letters):
             passed += int(task.evaluate(conversation, letter))
             total += 1
     passed, total = _sum_over_ranks(passed, total, model.get_device())
@@ -209,7 +190,19 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
 
 
 # -----------------------------------------------------------------------------
-# During training (chat_sft)
+# Several tasks: the CLI's selection, and ChatCORE during training (chat_sft)
+
+def run_chat_evals(model, tokenizer, max_problems, **options):
+    """{task: accuracy} for each task of max_problems ({task name: problems to take, None = all}), each
+    printed as it completes; options (batch_size, sampling) go to run_chat_eval."""
+    from nanochat.engine import Engine
+    engine = Engine(model, tokenizer)
+    accuracies = {}
+    for task, limit in max_problems.items():
+        accuracies[task] = run_chat_eval(task, model, tokenizer, engine, max_problems=limit, **options)
+        print0(f"{task} accuracy: {100 * accuracies[task]:.2f}%")
+    return accuracies
+
 
 def chatcore_metrics(accuracies):
     """(ChatCORE, ChatCORE_cat) from {task: accuracy}: the centered mean over all / the categorical tasks."""
@@ -219,16 +212,10 @@ def chatcore_metrics(accuracies):
 
 def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
     """{task: accuracy} over all six tasks, at most max_cat / max_sample problems each (-1 = all)."""
-    from nanochat.engine import Engine
-    engine = Engine(orig_model, tokenizer)
+    limits = {task: max_cat if task in CATEGORICAL_TASKS else max_sample for task in TASKS}
+    limits = {task: None if limit < 0 else limit for task, limit in limits.items()}
     orig_model.eval()
-    accuracies = {}
     try:
-        for task in BASELINES:
-            limit = max_cat if task in CATEGORICAL_TASKS else max_sample
-            accuracies[task] = run_chat_eval(task, orig_model, tokenizer, engine, batch_size=batch_size,
-                                             max_problems=None if limit < 0 else limit)
-            print0(f"  {task}: {100 * accuracies[task]:.2f}%")
+        return run_chat_evals(orig_model, tokenizer, limits, batch_size=batch_size)
     finally:
         orig_model.train()
-    return accuracies

@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 CORE_NUM_TASKS = 22  # the tasks of the full bundle; a CORE over fewer is labelled with its task count
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 BUNDLE_LAYOUT = "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}"
 
 
@@ -60,7 +59,11 @@ class ScoredSpanError(ValueError, AssertionError):
 # -----------------------------------------------------------------------------
 # The eval bundle: reading and validating
 
-def _read_core_yaml(bundle_dir):
+def load_core_tasks(bundle_dir):
+    """
+    The tasks of core.yaml in config order, each {label, dataset_uri, num_fewshot, task_type,
+    continuation_delimiter}. Only the first num_fewshot entry is used; the delimiter defaults to one space.
+    """
     path = os.path.join(bundle_dir, "core.yaml")
     try:
         with open(path, encoding="utf-8") as f:
@@ -69,17 +72,8 @@ def _read_core_yaml(bundle_dir):
         raise EvalBundleError(f"Cannot read {path}: {e}") from e
     if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
         raise EvalBundleError(f"{path} has no `icl_tasks` list")
-    return path, config["icl_tasks"]
-
-
-def load_core_tasks(bundle_dir):
-    """
-    The tasks of core.yaml in config order, each {label, dataset_uri, num_fewshot, task_type,
-    continuation_delimiter}. Only the first num_fewshot entry is used; the delimiter defaults to one space.
-    """
-    path, entries = _read_core_yaml(bundle_dir)
     tasks = []
-    for i, entry in enumerate(entries):
+    for i, entry in enumerate(config["icl_tasks"]):
         try:
             task = {
                 "label": str(entry["label"]),
@@ -89,15 +83,17 @@ def load_core_tasks(bundle_dir):
                 "continuation_delimiter": str(entry.get("continuation_delimiter", " ")),
             }
         except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise EvalBundleError(f"{path}: icl_tasks entry {i} is malformed ({type(e).__name__}: {e})") from e
+            raise EvalBundleError(f"{path}: icl_tasks entry {i} is malformed "
+                                  f"({type(e).__name__}: {e})") from e
         if task["task_type"] not in TASK_TYPES:
-            raise EvalBundleError(f"{path}: task {task['label']} has unsupported icl_task_type {task['task_type']!r}")
+            raise EvalBundleError(f"{path}: task {task['label']} has unsupported icl_task_type "
+                                  f"{task['task_type']!r}")
         tasks.append(task)
     return tasks
 
 
 def load_random_baselines(bundle_dir):
-    """{Eval Task: Random baseline} from eval_meta_data.csv, in percent; rows without a number are left out."""
+    """{Eval Task: Random baseline} from eval_meta_data.csv, in percent; rows without a number left out."""
     path = os.path.join(bundle_dir, "eval_meta_data.csv")
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -212,7 +208,8 @@ def _ensure_eval_bundle_here():
     zip_path = os.path.join(base_dir, "eval_bundle.zip")
     with FileLock(os.path.join(base_dir, "eval_bundle.lock")):  # concurrent processes place it once
         usable, missing, why = _inspect_bundle(bundle_dir)
-        if usable and (not missing or offline_mode() or os.path.exists(zip_path) or bundle_dir in _completion_tried):
+        retried = bundle_dir in _completion_tried
+        if usable and (not missing or offline_mode() or os.path.exists(zip_path) or retried):
             return bundle_dir
         if usable:
             _completion_tried.add(bundle_dir)
@@ -228,8 +225,8 @@ def _ensure_eval_bundle_here():
             return bundle_dir
         why = f"{why}; not downloaded: {error}"
         if usable:
-            announce_committed_copy(f"Eval bundle: keeping the incomplete {bundle_dir}: CORE will cover fewer "
-                                    f"than {CORE_NUM_TASKS} tasks ({why})")
+            announce_committed_copy(f"Eval bundle: keeping the incomplete {bundle_dir}: CORE will cover "
+                                    f"fewer than {CORE_NUM_TASKS} tasks ({why})")
             return bundle_dir
         committed = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
         try:
@@ -264,8 +261,8 @@ def ensure_eval_bundle():
         bundle_dir = _ensure_eval_bundle_here()
         local_missing = validate_eval_bundle(bundle_dir)
         if local_missing != missing:
-            raise EvalBundleError(f"{bundle_dir} lacks {local_missing or 'no task'}, but rank 0's bundle lacks "
-                                  f"{missing or 'no task'}: place the same bundle on every node")
+            raise EvalBundleError(f"{bundle_dir} lacks {local_missing or 'no task'}, but rank 0's bundle "
+                                  f"lacks {missing or 'no task'}: place the same bundle on every node")
     return bundle_dir
 
 
@@ -280,9 +277,11 @@ def render_prompts_mc(item, continuation_delimiter, fewshot_examples=None):
 
 
 def render_prompts_schema(item, continuation_delimiter, fewshot_examples=None):
-    """One prompt per context option: the shots (gold option, d, continuation), then option, d, continuation."""
+    """One prompt per context option: the shots (gold option, d, continuation), then option, d,
+    continuation."""
     d = continuation_delimiter
-    shots = "".join(f"{ex['context_options'][ex['gold']]}{d}{ex['continuation']}\n\n" for ex in fewshot_examples or [])
+    shots = "".join(f"{ex['context_options'][ex['gold']]}{d}{ex['continuation']}\n\n"
+                    for ex in fewshot_examples or [])
     return [f"{shots}{option}{d}{item['continuation']}" for option in item["context_options"]]
 
 
@@ -322,7 +321,7 @@ def stack_sequences(tokens, pad_token_id):
 
 
 def batch_sequences_mc(tokenizer, prompts):
-    """Score each choice from the end of the prefix shared by all rows (shared answer tokens are not scored)."""
+    """Score each choice from the end of the prefix shared by all rows (shared answer tokens unscored)."""
     tokens = tokenizer(prompts, prepend=tokenizer.get_bos_token_id())
     answer_start = find_common_length(tokens, direction="left")
     return tokens, [answer_start] * len(tokens), [len(row) for row in tokens]
@@ -347,6 +346,14 @@ def batch_sequences_lm(tokenizer, prompts):
     return [with_], [start], [end]
 
 
+# task type -> (prompts of an item, rows and scored spans of those prompts)
+TASK_TYPES = {
+    "multiple_choice": (render_prompts_mc, batch_sequences_mc),
+    "schema": (render_prompts_schema, batch_sequences_schema),
+    "language_modeling": (render_prompts_lm, batch_sequences_lm),
+}
+
+
 def crop_to_context(tokens, start_indices, end_indices, max_len):
     """
     Keep the last max_len tokens of longer rows (the scored tokens are at the end) and shift start/end by the
@@ -365,22 +372,12 @@ def crop_to_context(tokens, start_indices, end_indices, max_len):
     return rows, starts, ends
 
 
-def _context_length(model):
-    """
-    The longest row the model accepts: the max_seq_len a model declares (the HF wrapper: GPT-2 has a
-    1024-row position table), else None. A native GPT declares none and sees every example whole, BOS
-    included: its rotary table reaches far past the training sequence_len, and cropping would change the
-    prompt that CORE scores.
-    """
-    return getattr(model, "max_seq_len", None)
-
-
 # -----------------------------------------------------------------------------
 # Scoring
 
 @torch.no_grad()
 def forward_model(model, input_ids):
-    """(losses, predictions), both (B, T): the loss of predicting token t+1 at position t (NaN in the last column)."""
+    """(losses, predictions), both (B, T): the loss of predicting token t+1 at position t (NaN at the end)."""
     B, T = input_ids.shape
     logits = model(input_ids).float()
     targets = torch.roll(input_ids, shifts=-1, dims=1)
@@ -412,16 +409,6 @@ def sample_fewshot_indices(idx, num_examples, num_fewshot):
     return rng.sample(candidates, min(num_fewshot, len(candidates)))
 
 
-def _render_and_batch(tokenizer, item, task_type, delimiter, fewshot_examples):
-    if task_type == "multiple_choice":
-        return batch_sequences_mc(tokenizer, render_prompts_mc(item, delimiter, fewshot_examples))
-    if task_type == "schema":
-        return batch_sequences_schema(tokenizer, render_prompts_schema(item, delimiter, fewshot_examples))
-    if task_type == "language_modeling":
-        return batch_sequences_lm(tokenizer, render_prompts_lm(item, delimiter, fewshot_examples))
-    raise ValueError(f"Unsupported task type: {task_type}")
-
-
 _warned = set()  # (task, problem) pairs already warned about: one warning per task, not per example
 
 
@@ -440,10 +427,15 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
     item = data[idx]
     task_type = task_meta["task_type"]
     fewshot = [data[i] for i in sample_fewshot_indices(idx, len(data), task_meta["num_fewshot"])]
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"Unsupported task type: {task_type}")
+    render, batch = TASK_TYPES[task_type]
     try:
-        delimiter = task_meta["continuation_delimiter"]
-        tokens, starts, ends = _render_and_batch(tokenizer, item, task_type, delimiter, fewshot)
-        tokens, starts, ends = crop_to_context(tokens, starts, ends, _context_length(model))
+        tokens, starts, ends = batch(tokenizer, render(item, task_meta["continuation_delimiter"], fewshot))
+        # only a model that declares a context (the HF wrapper: GPT-2's 1024 positions) is cropped to it; a
+        # native GPT's rotary table reaches far past its training sequence_len, and cropping would change
+        # the prompt that CORE scores
+        tokens, starts, ends = crop_to_context(tokens, starts, ends, getattr(model, "max_seq_len", None))
     except ScoredSpanError as e:
         _warn_once(task_meta.get("dataset_uri", "CORE task"), idx, e)
         return False
@@ -506,7 +498,7 @@ def load_task_data(bundle_dir, dataset_uri, max_per_task=-1):
 
 
 def centered_accuracy(accuracy, baseline):
-    """0 at chance (baseline, a fraction), 1 at perfect, negative below chance: CORE's and ChatCORE's scale."""
+    """0 at chance (baseline, a fraction), 1 at perfect, negative below: CORE's and ChatCORE's scale."""
     return (accuracy - baseline) / (1.0 - baseline)
 
 
@@ -525,7 +517,6 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
             print0(f"Skipping {label}: eval_data/{task['dataset_uri']} is missing from the bundle")
             missing.append(label)
             continue
-        task_meta = {key: task[key] for key in ("task_type", "num_fewshot", "continuation_delimiter", "dataset_uri")}
         heading = f"Evaluating: {label} ({task['num_fewshot']}-shot, type: {task['task_type']})... "
         bar_shown = progress_shown()  # a bar would draw over a heading printed now: it goes with the result
         if not bar_shown:
@@ -533,11 +524,11 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
         t0 = time.time()
         data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
         desc = f"CORE {task_num}/{len(tasks)} {label}"
-        accuracy = evaluate_task(model, tokenizer, data, device, task_meta, desc)
+        accuracy = evaluate_task(model, tokenizer, data, device, task, desc)
         results[label] = accuracy
         centered_results[label] = centered_accuracy(accuracy, 0.01 * baselines[label])  # percent
-        result = f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {time.time() - t0:.2f}s"
-        print0((heading if bar_shown else "") + result)
+        print0((heading if bar_shown else "") + f"accuracy: {accuracy:.4f} | centered: "
+               f"{centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     if not results:
         raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data")
     core_metric = sum(centered_results.values()) / len(centered_results)
@@ -579,7 +570,7 @@ def core_metric_log_key(core):
 
 
 # -----------------------------------------------------------------------------
-# Greedy samples: a quick look at what the base model says (base_eval, and base_train during training)
+# Samples: a quick look at what the base model says (base_eval, and base_train's greedy ones in training)
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -596,13 +587,20 @@ def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
     """The decoded greedy completion (prompt included) of each prompt, one at a time."""
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
     samples = []
     for prompt in prompts:
-        results, _ = engine.generate_batch(tokenizer(prompt, prepend=bos), num_samples=1, max_tokens=max_tokens,
-                                           temperature=0)
+        ids = tokenizer(prompt, prepend=tokenizer.get_bos_token_id())
+        results, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0)
         samples.append(tokenizer.decode(results[0]))
     return samples
+
+
+def unconditioned_samples(model, tokenizer):
+    """Eight decoded samples of what the model writes from a lone BOS (temperature 1, 128 tokens at most)."""
+    from nanochat.engine import Engine
+    bos = [tokenizer.get_bos_token_id()]
+    results, _ = Engine(model, tokenizer).generate_batch(bos, num_samples=8, max_tokens=128, temperature=1.0)
+    return [tokenizer.decode(tokens) for tokens in results]
 
 
 # -----------------------------------------------------------------------------

@@ -13,10 +13,8 @@ import argparse
 
 from nanochat import autofit
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, print0
-# evaluate_core lives in the library; it is re-exported here because the reference's base_train imports it
-# from scripts.base_eval
-from nanochat.core_eval import (EvalBundleError, base_eval_report_items, ensure_eval_bundle,  # noqa: F401
-                                evaluate_core, format_core_metric, greedy_samples, write_core_csv)
+from nanochat.core_eval import (EvalBundleError, base_eval_report_items, ensure_eval_bundle, evaluate_core,
+                                format_core_metric, greedy_samples, unconditioned_samples, write_core_csv)
 from nanochat.data_source import RankZeroFailed
 from nanochat.hf_export import load_hf_model
 from nanochat.loss_eval import SetupError, run_bpb
@@ -66,24 +64,12 @@ def load_nanochat_model(device, model_tag, step):
             f"base_model (step {step})", f"base_model_{step:06d}")
 
 
-def run_samples(model, tokenizer):
-    """Greedy completions of SAMPLE_PROMPTS and 8 unconditioned samples (rank 0 only); returns both lists."""
-    from nanochat.engine import Engine
-
-    def show(texts):
-        for text in texts:
-            print0("-" * 80)
-            print0(text)
-
-    print0("\n" + "=" * 80 + "\nModel Samples\n" + "=" * 80 + "\n\nConditioned samples:")
-    samples = greedy_samples(model, tokenizer)
-    show(samples)
-    print0("\nUnconditioned samples:")
-    results, _ = Engine(model, tokenizer).generate_batch([tokenizer.get_bos_token_id()], num_samples=8,
-                                                         max_tokens=128, temperature=1.0)
-    unconditioned = [tokenizer.decode(tokens) for tokens in results]
-    show(unconditioned)
-    return samples, unconditioned
+def show_samples(heading, texts):
+    print0(heading)
+    for text in texts:
+        print0("-" * 80)
+        print0(text)
+    return texts
 
 
 def evaluate(args, rank, world_size, device):
@@ -99,7 +85,9 @@ def evaluate(args, rank, world_size, device):
         if args.hf_path:
             print0("Skipping sampling for HuggingFace models (not supported)")
         elif rank == 0:
-            samples, unconditioned = run_samples(model, tokenizer)
+            print0("\n" + "=" * 80 + "\nModel Samples\n" + "=" * 80)
+            samples = show_samples("\nConditioned samples:", greedy_samples(model, tokenizer))
+            unconditioned = show_samples("\nUnconditioned samples:", unconditioned_samples(model, tokenizer))
     if "bpb" in args.modes:
         batch = autofit.device_batch_size(args.device_batch_size, model, sequence_len, 32, backward=False,
                                           max_rows=args.split_tokens // (sequence_len * world_size))

@@ -12,17 +12,16 @@ ChatCORE = mean over the six tasks of (accuracy - baseline) / (1 - baseline): 0 
 The CLI logs the report section "Chat evaluation <source>" (per-task accuracies in [0, 1], and
 "ChatCORE metric" when all six tasks ran).
 
-The evaluation itself (run_chat_eval, chatcore) lives in nanochat/chat_core.py.
+The evaluation itself (run_chat_evals, chatcore) lives in nanochat/chat_core.py.
 """
 
 import argparse
 import sys
 
 from nanochat import autofit
-from nanochat.chat_core import TASKS, chatcore, run_chat_eval
+from nanochat.chat_core import TASKS, chatcore, run_chat_evals
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, print0
-from nanochat.engine import Engine
 from nanochat.report import get_report
 
 
@@ -35,17 +34,23 @@ def build_parser():
                         help="checkpoint family to load: sft|rl (base also works)")
     parser.add_argument("-a", "--task-name", type=str, default=None,
                         help=f"task(s) joined by '|' (default: all of {'|'.join(TASKS)})")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (generative)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="completion length limit (generative)")
-    parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem, for pass@k (generative)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (generative; 0 = full vocab)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0,
+                        help="sampling temperature (generative)")
+    parser.add_argument("-m", "--max-new-tokens", type=int, default=512,
+                        help="completion length limit (generative)")
+    parser.add_argument("-n", "--num-samples", type=int, default=1,
+                        help="samples per problem, for pass@k (generative)")
+    parser.add_argument("-k", "--top-k", type=int, default=50,
+                        help="top-k sampling (generative; 0 = full vocab)")
     parser.add_argument("-b", "--batch-size", type=autofit.batch_size_arg, default=8,
                         help="prompts per forward pass (categorical), or auto: the most that fit")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
+    parser.add_argument("-g", "--model-tag", type=str, default=None,
+                        help="checkpoint tag (default: the largest model)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("-x", "--max-problems", type=int, default=None, help="problems per task (default: all)")
-    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], metavar="DEVICE",
-                        help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("-x", "--max-problems", type=int, default=None,
+                        help="problems per task (default: all)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        metavar="DEVICE", help="cuda|cpu|mps (empty = autodetect)")
     return parser
 
 
@@ -57,29 +62,13 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {'|'.join(TASKS)}")
     args.task_names = list(dict.fromkeys(names))  # duplicates dropped, order kept
-    for flag, value in [("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)]:
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-    if args.max_problems is not None and args.max_problems < 1:
-        parser.error(f"--max-problems must be >= 1, got {args.max_problems}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        parser.error(f"--top-k must be >= 0, got {args.top_k}")
+    least = {"--max-new-tokens": (args.max_new_tokens, 1), "--num-samples": (args.num_samples, 1),
+             "--max-problems": (args.max_problems, 1), "--temperature": (args.temperature, 0),
+             "--top-k": (args.top_k, 0)}
+    for flag, (value, minimum) in least.items():
+        if value is not None and value < minimum:  # --max-problems is None for all
+            parser.error(f"{flag} must be >= {minimum}, got {value}")
     return args
-
-
-def evaluate_tasks(args, model, tokenizer):
-    """{task name: accuracy} over args.task_names, printing each as it completes."""
-    engine = Engine(model, tokenizer)
-    results = {}
-    for task_name in args.task_names:
-        accuracy = run_chat_eval(task_name, model, tokenizer, engine, batch_size=args.batch_size,
-                                 num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
-        results[task_name] = accuracy
-        print0(f"{task_name} accuracy: {100 * accuracy:.2f}%")
-    return results
 
 
 def log_results(args, results):
@@ -111,7 +100,10 @@ def main(argv=None):
         # prompts are at most the model's context long
         args.batch_size = autofit.device_batch_size(args.batch_size, model, model.config.sequence_len, 8,
                                                     backward=False)
-        results = evaluate_tasks(args, model, tokenizer)
+        results = run_chat_evals(model, tokenizer, dict.fromkeys(args.task_names, args.max_problems),
+                                 batch_size=args.batch_size, num_samples=args.num_samples,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k)
         log_results(args, results)
         return results
     finally:

@@ -39,11 +39,6 @@ def test_invalid_eval_modes_are_a_usage_error(value, bad, capsys):
     assert f"Invalid eval modes: {bad}" in err and "Valid modes: core, bpb, sample" in err
 
 
-def test_evaluate_core_is_re_exported():
-    from scripts.base_eval import evaluate_core
-    assert evaluate_core is core_eval.evaluate_core
-
-
 CORE = {"results": {"hellaswag_zeroshot": 0.3125, "boolq": 0.5},
         "centered_results": {"hellaswag_zeroshot": 0.0833333333, "boolq": -0.3157894737},
         "core_metric": -0.1162280702, "missing_tasks": []}
