@@ -68,15 +68,13 @@ def _rank_and_world():
     return 0, 1
 
 
-def _sum_over_ranks(passed, total, device):
-    return tuple(int(count) for count in agree_sum([passed, total], device))
-
-
 def _num_problems(task, max_problems):
     return len(task) if max_problems is None else min(len(task), max_problems)
 
 
-def _report_final(passed, total):
+def _report_final(passed, total, device):
+    """Sums this rank's counts over the ranks, prints the final line and returns the accuracy."""
+    passed, total = (int(count) for count in agree_sum([passed, total], device))
     if total == 0:
         raise ValueError("no problems were evaluated (empty task, or max_problems=0)")
     print0(f"Final: {passed}/{total} ({100 * passed / total:.2f}%)")
@@ -109,9 +107,8 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
         else:
             bar.set_postfix_str(f"{passed}/{total} ({100 * passed / total:.2f}%)")
     print()
-    passed, total = _sum_over_ranks(passed, total, model.get_device())
     print0("=" * 50)
-    return _report_final(passed, total)
+    return _report_final(passed, total, model.get_device())
 
 
 # -----------------------------------------------------------------------------
@@ -164,8 +161,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
         for conversation, letter in zip(conversations, letters):
             passed += int(task.evaluate(conversation, letter))
             total += 1
-    passed, total = _sum_over_ranks(passed, total, model.get_device())
-    return _report_final(passed, total)
+    return _report_final(passed, total, model.get_device())
 
 
 # -----------------------------------------------------------------------------

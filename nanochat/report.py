@@ -57,7 +57,8 @@ FILE_ALIASES = {"chat-sft.md": ["sft.md"]}
 # Which metrics the summary table takes from which section file, and under which column.
 SUMMARY_SOURCES = [
     ("base-model-evaluation.md", "base", ["CORE"]),
-    ("chat-evaluation-sft.md", "sft", ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]),
+    ("chat-evaluation-sft.md", "sft",
+     ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]),
     ("chat-evaluation-rl.md", "rl", ["GSM8K"]),
 ]
 
@@ -169,7 +170,8 @@ def get_bloat_info():
     if os.path.isfile("uv.lock"):
         with open("uv.lock", encoding="utf-8", errors="replace") as f:
             uv_lock_lines = sum(1 for _ in f)
-    return {"characters": chars, "lines": lines, "files": files, "tokens": chars // 4, "uv_lock_lines": uv_lock_lines}
+    return {"characters": chars, "lines": lines, "files": files, "tokens": chars // 4,
+            "uv_lock_lines": uv_lock_lines}
 
 
 def _hardware_lines(sys_info, gpu_info):
@@ -223,7 +225,7 @@ def generate_header():
 # Parsing helpers
 
 def slugify(text):
-    """Section name -> file stem: lower case, spaces as dashes ("Base model training" -> "base-model-training")."""
+    """Section name -> file stem: lower case, spaces as dashes ("Base model loss" -> "base-model-loss")."""
     return text.lower().replace(" ", "-")
 
 
@@ -402,7 +404,8 @@ class Report:
                              {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
         Use None or nan for steps where a curve has no value. Returns the PNG path.
         """
-        image = self.curve_image(slugify(section), {"steps": steps, **series}, ylabel, xlabel, title or section)
+        slug = slugify(section)
+        image = self.curve_image(slug, {"steps": steps, **series}, ylabel, xlabel, title or section)
         stats = {}
         for name, values in series.items():
             finite = [float(v) for v in values if v is not None and math.isfinite(v)]
@@ -411,7 +414,7 @@ class Report:
                 stats[f"{key} (last)"] = finite[-1]
                 stats[f"{key} (min)"] = min(finite)
         self.log(section, [image, stats])
-        return self._path(f"{slugify(section)}.png")
+        return self._path(f"{slug}.png")
 
     def curve_image(self, name, curve, ylabel="loss", xlabel="step", title=None):
         """Write <name>.png of curve ({"steps": [...], name: [...]}, see record_point; ylabel as in log_curve)
@@ -438,7 +441,8 @@ class Report:
 
     def reset(self):
         """Delete the expected section files (and their aliases) and report.md; write a fresh header.md."""
-        for name in EXPECTED_FILES + [a for aliases in FILE_ALIASES.values() for a in aliases] + ["report.md"]:
+        aliases = [alias for names in FILE_ALIASES.values() for alias in names]
+        for name in EXPECTED_FILES + aliases + ["report.md"]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._path(name))
         header_path = self._path("header.md")
@@ -462,7 +466,8 @@ class Report:
         metrics = {stage: {} for _, stage, _ in SUMMARY_SOURCES}
         sources = {name: (stage, keys) for name, stage, keys in SUMMARY_SOURCES}
         for expected in EXPECTED_FILES:
-            present = [n for n in [expected, *FILE_ALIASES.get(expected, [])] if os.path.exists(self._path(n))]
+            candidates = [expected, *FILE_ALIASES.get(expected, [])]
+            present = [name for name in candidates if os.path.exists(self._path(name))]
             if not present:
                 print(f"Warning: {self._path(expected)} does not exist, skipping")
                 continue
@@ -483,8 +488,8 @@ class Report:
         print(f"Generating report to {report_path}")
         header, start_time, bloat = self._read_header()
         body, end_time, metrics = self._read_sections()
-        summary = f"## Summary\n\n{bloat}\n\n{_summary_table(metrics)}\n{_wall_clock_line(start_time, end_time)}"
-        report = header + body + summary
+        report = (f"{header}{body}## Summary\n\n{bloat}\n\n{_summary_table(metrics)}\n"
+                  f"{_wall_clock_line(start_time, end_time)}")
         _write_text_atomic(report_path, report)
         print("Copying report.md to current directory for convenience")
         cwd_path = os.path.join(os.getcwd(), "report.md")
@@ -494,25 +499,17 @@ class Report:
 
 
 class DummyReport:
-    """Null report for non-zero ranks: every method is a no-op."""
+    """Null report for non-zero ranks: writes nothing, and the image methods embed nothing."""
 
     def log(self, *args, **kwargs):
         pass
 
-    def log_curve(self, *args, **kwargs):
-        pass
+    log_curve = reset = generate = log
 
     def curve_image(self, *args, **kwargs):
         return ""
 
-    def bar_chart_image(self, *args, **kwargs):
-        return ""
-
-    def reset(self, *args, **kwargs):
-        pass
-
-    def generate(self, *args, **kwargs):
-        pass
+    bar_chart_image = curve_image
 
 
 def get_report():
@@ -524,7 +521,8 @@ def get_report():
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate or reset the nanochat training report")
     parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
-                        help="generate: write report.md (default); reset: clear sections and write the header")
+                        help="generate: write report.md (default); "
+                             "reset: clear sections and write the header")
     args = parser.parse_args(argv)
     report = get_report()
     if args.command == "generate":
