@@ -193,3 +193,17 @@ def test_base_eval_labels_a_core_over_the_21_committed_tasks(tiny_base_dir, tiny
     # a bar per task, drawn from the centered results the section lists
     assert "![base-model-core-tasks](base-model-core-tasks.png)" in report
     assert os.path.exists(tiny_base_dir / "report" / "base-model-core-tasks.png")
+
+
+def test_sample_mode_prints_and_reports_greedy_and_unconditioned_samples(tiny_base_dir, tiny_tokenizer, capsys):
+    from conftest import write_tiny_checkpoint
+    torch.save(compute_token_bytes(tiny_tokenizer), tiny_base_dir / "tokenizer" / "token_bytes.pt")
+    write_tiny_checkpoint(tiny_base_dir, "base", step=3)
+    assert base_eval.main(["--eval", "sample", "--device-type", "cpu"]) is None  # no CORE ran
+    out = capsys.readouterr().out
+    assert "=" * 80 + "\nModel Samples\n" + "=" * 80 + "\n\nConditioned samples:\n" + "-" * 80 in out
+    assert "\nUnconditioned samples:\n" + "-" * 80 in out
+    report = (tiny_base_dir / "report" / "base-model-evaluation.md").read_text()
+    for i, prompt in enumerate(core_eval.SAMPLE_PROMPTS):
+        assert f"- sample {i}: <|bos|>{prompt}" in report
+    assert [f"- unconditioned {i}: <|bos|>" in report for i in range(9)] == [True] * 8 + [False]

@@ -371,6 +371,23 @@ def test_chatcore_by_hand():
     assert chat_core.chatcore({"MMLU": 0.25, "GSM8K": 0.0}) == 0.0  # chance level is 0
 
 
+def test_run_chatcore_takes_each_task_limit_and_restores_train_mode(monkeypatch, capsys):
+    calls = []
+
+    def fake_run_chat_eval(task, model, tokenizer, engine, max_problems=None, batch_size=1):
+        calls.append((task, max_problems, batch_size, model.training))
+        return 0.5
+    monkeypatch.setattr(chat_core, "run_chat_eval", fake_run_chat_eval)
+    monkeypatch.setattr("nanochat.engine.Engine", lambda model, tokenizer: None)
+    model = torch.nn.Linear(1, 1)
+    accuracies = chat_core.run_chatcore(model, None, batch_size=3, max_cat=-1, max_sample=7)
+    assert accuracies == dict.fromkeys(chat_core.TASKS, 0.5) and model.training
+    assert calls == [(task, None if task in chat_core.CATEGORICAL_TASKS else 7, 3, False)
+                     for task in chat_core.TASKS]
+    out = capsys.readouterr().out
+    assert all(f"{task} accuracy: 50.00%" in out for task in chat_core.TASKS)
+
+
 # -----------------------------------------------------------------------------
 # CLI
 

@@ -426,6 +426,17 @@ def _tiny_gpt(vocab_size, sequence_len):
     return model.eval()
 
 
+def test_base_model_samples_greedy_and_unconditioned(bpe_tokenizer):
+    tok = bpe_tokenizer
+    model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
+    greedy = ce.greedy_samples(model, tok, prompts=["The capital of France is"], max_tokens=4)
+    assert len(greedy) == 1 and greedy[0].startswith("<|bos|>The capital of France is")
+    unconditioned = ce.unconditioned_samples(model, tok)
+    assert len(unconditioned) == 8 and all(text.startswith("<|bos|>") for text in unconditioned)
+    assert len(set(unconditioned)) > 1  # temperature 1: the eight draws differ
+    assert ce.unconditioned_samples(model, tok) == unconditioned  # the Engine's seeded draw
+
+
 def test_real_gpt_is_fed_the_spec_token_ids_past_its_training_context(bpe_tokenizer):
     """The ids of a 2-shot MC example longer than sequence_len: the spec's prompts, BOS first, BOS-padded."""
     tok = bpe_tokenizer
