@@ -195,7 +195,7 @@ def test_base_eval_labels_a_core_over_the_21_committed_tasks(tiny_base_dir, tiny
     assert os.path.exists(tiny_base_dir / "report" / "base-model-core-tasks.png")
 
 
-def test_sample_mode_prints_and_reports_greedy_and_unconditioned_samples(tiny_base_dir, tiny_tokenizer, capsys):
+def test_sample_mode_prints_and_reports_greedy_and_unconditioned(tiny_base_dir, tiny_tokenizer, capsys):
     from conftest import write_tiny_checkpoint
     torch.save(compute_token_bytes(tiny_tokenizer), tiny_base_dir / "tokenizer" / "token_bytes.pt")
     write_tiny_checkpoint(tiny_base_dir, "base", step=3)
