@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import is_ddp_initialized, print0, progress
-from nanochat.core_eval import centered_accuracy
+from nanochat.core_eval import centered_accuracy, stack_sequences
 from nanochat.training import agree_sum
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -114,35 +114,27 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
 # -----------------------------------------------------------------------------
 # Categorical evaluation
 
-def _letter_token(tokenizer, letter, cache):
-    """The single token id of an answer letter (memoised in cache)."""
-    if letter not in cache:
-        ids = tokenizer.encode(letter)
-        if len(ids) != 1:
-            raise ValueError(f"answer letter {letter!r} encodes to {len(ids)} tokens {ids}; "
-                             f"categorical evaluation needs exactly one token per letter")
-        cache[letter] = ids[0]
-    return cache[letter]
+def _letter_token(tokenizer, letter):
+    ids = tokenizer.encode(letter)
+    if len(ids) != 1:
+        raise ValueError(f"answer letter {letter!r} encodes to {len(ids)} tokens {ids}; "
+                         f"categorical evaluation needs exactly one token per letter")
+    return ids[0]
 
 
 @torch.no_grad()
-def predict_letters(model, tokenizer, conversations, letter_cache=None):
+def predict_letters(model, tokenizer, conversations):
     """
     The predicted answer letter of each conversation (which carries its "letters"), from one forward pass
     over the batch. Prompts are right-padded with BOS: attention is causal, so padding after a prompt
     cannot change the logits at its last position, which is the one read. Ties go to the first letter.
     """
-    letter_cache = {} if letter_cache is None else letter_cache
     prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
-    width = max(len(prompt) for prompt in prompts)
-    bos = tokenizer.get_bos_token_id()
-    ids = torch.tensor([prompt + [bos] * (width - len(prompt)) for prompt in prompts],
-                       dtype=torch.long, device=model.get_device())
-    logits = model(ids)  # (B, T, V)
+    logits = model(stack_sequences(prompts, tokenizer.get_bos_token_id()).to(model.get_device()))  # (B, T, V)
     predictions = []
     for row, (prompt, conversation) in enumerate(zip(prompts, conversations)):
         letters = conversation["letters"]
-        letter_ids = [_letter_token(tokenizer, letter, letter_cache) for letter in letters]
+        letter_ids = [_letter_token(tokenizer, letter) for letter in letters]
         letter_logits = logits[row, len(prompt) - 1, letter_ids]  # at <|assistant_start|>, the prompt's end
         predictions.append(letters[int(torch.argmax(letter_logits).item())])  # argmax: first of equal maxima
     return predictions
@@ -153,11 +145,10 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     rank, world_size = _rank_and_world()
     num_problems = _num_problems(task, max_problems)
     num_batches = math.ceil(num_problems / batch_size)
-    letter_cache = {}
     passed, total = 0, 0
     for b in progress(range(rank, num_batches, world_size), unit="batch"):
         conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, num_problems))]
-        letters = predict_letters(model, tokenizer, conversations, letter_cache)
+        letters = predict_letters(model, tokenizer, conversations)
         for conversation, letter in zip(conversations, letters):
             passed += int(task.evaluate(conversation, letter))
             total += 1
