@@ -427,17 +427,19 @@ class Report:
             if len(values) != len(steps):
                 raise ValueError(f"series {key!r} has {len(values)} values for {len(steps)} steps")
         axis_of = ylabel if isinstance(ylabel, dict) else dict.fromkeys(series, ylabel)
-        self._save(f"{name}.png", curve_figure(steps, series, axis_of, xlabel, title or name))
-        return f"![{ylabel if isinstance(ylabel, str) else 'curves'} curve]({name}.png)\n\n"
+        figure = curve_figure(steps, series, axis_of, xlabel, title or name)
+        return self._embed(name, figure, f"{ylabel if isinstance(ylabel, str) else 'curves'} curve")
 
     def bar_chart_image(self, name, values, xlabel, title):
         """Write <name>.png, one horizontal bar per {label: value}, and return the markdown embedding it."""
-        self._save(f"{name}.png", bar_figure(values, xlabel, title))
-        return f"![{name}]({name}.png)\n\n"  # not the title: the summary parses "CORE..." lines
+        # alt text is the name, not the title: the summary would read a "CORE..." title line as the value
+        return self._embed(name, bar_figure(values, xlabel, title), name)
 
-    def _save(self, png_name, fig):
-        with atomic_open(self._path(png_name), "wb") as f:
+    def _embed(self, name, fig, alt):
+        """Write <name>.png; returns the markdown that embeds it in a section."""
+        with atomic_open(self._path(f"{name}.png"), "wb") as f:
             fig.savefig(f, format="png")
+        return f"![{alt}]({name}.png)\n\n"
 
     def reset(self):
         """Delete the expected section files (and their aliases) and report.md; write a fresh header.md."""
