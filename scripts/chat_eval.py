@@ -5,14 +5,8 @@ Evaluate a chat model on six tasks and summarise them as ChatCORE.
     python -m scripts.chat_eval -i sft -a "ARC-Easy|GSM8K" -x 100   # two tasks, 100 problems each
     torchrun --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 
-Categorical tasks are scored by the answer letter's logit, generative ones by sampled completions
-(pass@k); under torchrun the problems are split over the ranks.
-
-ChatCORE = mean over the six tasks of (accuracy - baseline) / (1 - baseline): 0 at chance, 1 when perfect.
-The CLI logs the report section "Chat evaluation <source>" (per-task accuracies in [0, 1], and
-"ChatCORE metric" when all six tasks ran).
-
-The evaluation itself (run_chat_evals, chatcore) lives in nanochat/chat_core.py.
+Logs the report section "Chat evaluation <source>" (per-task accuracies in [0, 1], and "ChatCORE metric"
+when all six tasks ran). How each task is scored, and ChatCORE itself, is told in nanochat/chat_core.py.
 """
 
 import argparse
