@@ -338,14 +338,10 @@ def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeo
                     timeout=timeout)
 
 
-def compile_enabled():
-    """torch.compile is on unless NANOCHAT_COMPILE=0 (tests, debugging, machines without a C++ compiler)."""
-    return os.environ.get("NANOCHAT_COMPILE", "1") != "0"
-
-
 def maybe_compile(model):
-    """torch.compile(model, dynamic=False), or the model itself when compilation is turned off."""
-    if not compile_enabled():
+    """torch.compile(model, dynamic=False), or the model itself when NANOCHAT_COMPILE=0 (tests, debugging,
+    machines without a C++ compiler)."""
+    if os.environ.get("NANOCHAT_COMPILE", "1") == "0":
         print0("NANOCHAT_COMPILE=0: running the model eagerly (no torch.compile)")
         return model
     return torch.compile(model, dynamic=False)
@@ -410,12 +406,7 @@ def get_dist_info():
 
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
-        device_type = "cuda"
-    elif torch.backends.mps.is_available():
-        device_type = "mps"
-    else:
-        device_type = "cpu"
+    device_type = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     print0(f"Autodetected device type: {device_type}")
     return device_type
 
@@ -436,19 +427,15 @@ def compute_init(device_type="cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
     is_ddp, rank, local_rank, world_size = get_dist_info()
-    if is_ddp and device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-        dist.barrier()
-    elif is_ddp and device_type == "cpu":
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", local_rank) if is_ddp and cuda else torch.device(device_type)
+    if is_ddp and device_type in ("cuda", "cpu"):
         # gloo lets multi-process CPU runs (torchrun --nproc_per_node=2 on a laptop) really average
         # gradients: without a process group each process would silently train its own model.
-        device = torch.device("cpu")
-        dist.init_process_group(backend="gloo")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
         dist.barrier()
-    else:
-        device = torch.device(device_type)
     if rank == 0:
         logger.info(f"Distributed world size: {world_size}")
     return is_ddp, rank, local_rank, world_size, device
@@ -461,9 +448,6 @@ def compute_cleanup():
 
 class DummyWandb:
     """Null object standing in for a wandb run (--run dummy, or non-master ranks)."""
-    def __init__(self):
-        pass
-
     def log(self, *args, **kwargs):
         pass
 
