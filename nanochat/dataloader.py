@@ -290,7 +290,6 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     The tensors are views into a buffer that the next batch overwrites: clone them to keep them.
     Resuming from a yielded state_dict yields exactly the batches that followed it.
     """
-    assert split in ("train", "val"), "split must be 'train' or 'val'"
     _, rank, _, world = get_dist_info()
     reader = ShardReader(list_split_files(split))
     encode = functools.partial(_encode, tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads)

@@ -326,7 +326,6 @@ def main(argv=None):
             return 1
         print0(f"Done! Installed the offline sample into {data_dir}")
         return 0
-    from tqdm import tqdm
     ids = shard_ids(args.num_files)
     print0(f"Downloading {len(ids)} shards using {args.num_workers} workers...")
     print0(f"Target directory: {data_dir}")
@@ -335,7 +334,7 @@ def main(argv=None):
     # re-import torch (via nanochat.common) under the spawn/forkserver start methods.
     with ThreadPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
         results = pool.map(lambda i: download_single_file(i, data_dir, args.base_url), ids)
-        ok = list(tqdm(results, total=len(ids), unit="shard", desc="shards", disable=not sys.stderr.isatty()))
+        ok = list(progress(results, total=len(ids), unit="shard", desc="shards"))
     failed = [index_to_filename(i) for i, good in zip(ids, ok) if not good]
     print0(f"Done! Downloaded: {len(ids) - len(failed)}/{len(ids)} shards to {data_dir}")
     if failed:
