@@ -206,16 +206,13 @@ class _Packer:
         self.tokens_used = 0  # tokens placed into rows
         self.tokens_cropped = 0  # tokens dropped from the tails of cropped documents
 
-    def add_batch(self, item):
-        docs, refs, self.position, self.cursor = item
-        for tokens, ref in zip(docs, refs):
-            self.docs.add(tokens, ref)
-
     def fill_row(self, row):
         capacity, pos = row.shape[0], 0
         while pos < capacity:
             while self.docs.count < self.buffer_size:
-                self.add_batch(self.source.get())
+                docs, refs, self.position, self.cursor = self.source.get()
+                for tokens, ref in zip(docs, refs):
+                    self.docs.add(tokens, ref)
             remaining = capacity - pos
             doc = self.docs.pop_largest_fitting(remaining)
             if doc is None:  # everything is longer: crop the shortest, which wastes the least
@@ -452,17 +449,13 @@ class ConversationPacker:
                     print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
                            f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
 
-    def _best_fit(self, room):
-        """Index of the longest buffered conversation of at most `room` tokens (oldest on ties), or None."""
-        fitting = [i for i, (_, ids, _) in enumerate(self.buffer) if len(ids) <= room]
-        return max(fitting, key=lambda i: len(self.buffer[i][1]), default=None)
-
     def _next_row(self):
         ids, mask = [], []
         while len(ids) < self.capacity:
             self._refill()
             room = self.capacity - len(ids)
-            best = self._best_fit(room)
+            fitting = [i for i, (_, conv_ids, _) in enumerate(self.buffer) if len(conv_ids) <= room]
+            best = max(fitting, key=lambda i: len(self.buffer[i][1]), default=None)  # the oldest on ties
             if best is None:  # nothing fits: pad the rest; padding is never a target
                 ids += [self.bos] * room
                 mask += [0] * room

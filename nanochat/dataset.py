@@ -264,8 +264,7 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
     temp file and a rename.
     """
     data_dir = data_dir or get_data_dir()
-    sources = sorted(os.path.join(sample_dir, n) for n in os.listdir(sample_dir) if n.endswith(".parquet")) \
-        if os.path.isdir(sample_dir) else []
+    sources = list_parquet_files(sample_dir) if os.path.isdir(sample_dir) else []
     if not sources:
         raise FileNotFoundError(f"No sample shards in {sample_dir} (they ship with the git checkout).")
     for src in sources:
