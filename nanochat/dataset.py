@@ -75,8 +75,9 @@ SHARD_FIX = ("Fix: run `python -m nanochat.dataset -n <number of train shards yo
 
 
 class ShardReader:
-    """The `text` column of row groups of `files` (addressed by index in that list), keeping the files'
-    footers open. Its errors name the file, which pyarrow's do not."""
+    """The `text` column of row groups of `files` (addressed by index in that list), keeping the last file
+    read open: reads go file by file, and a pass over thousands of shards stays under the open-file limit.
+    Its errors name the file, which pyarrow's do not."""
 
     def __init__(self, files):
         self.files, self._open = files, {}
@@ -84,6 +85,7 @@ class ShardReader:
     def parquet(self, pq_idx):
         if pq_idx not in self._open:
             path = self.files[pq_idx]
+            self._open.clear()
             try:
                 self._open[pq_idx] = pq.ParquetFile(path)
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage

@@ -274,6 +274,18 @@ def test_two_ranks_read_disjoint_row_groups_covering_everything(data_dir):
     assert sorted(seen[0] + seen[1]) == sorted(tuple(everything[i:i + 4]) for i in range(0, len(everything), 4))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc (Linux)")
+def test_a_pass_over_many_shards_keeps_one_file_open(data_dir):
+    # the loader reads file after file for a whole run: holding every footer open would hit the fd limit
+    path = write_shard(str(data_dir / "shard_00000.parquet"), labelled_docs(0, 2, 4), 4)
+    reader = dataset.ShardReader([path] * 50)
+    reader.texts(0, 0)
+    open_files = len(os.listdir("/proc/self/fd"))
+    for pq_idx in range(50):
+        assert reader.texts(pq_idx, 1) == labelled_docs(0, 2, 4)[4:8]
+    assert len(os.listdir("/proc/self/fd")) <= open_files
+
+
 def test_read_row_group_and_num_row_groups(data_dir):
     path = write_shard(str(data_dir / "shard_00000.parquet"), labelled_docs(0, 3, 4), 4)
     assert dataset.num_row_groups(path) == 3
