@@ -87,7 +87,8 @@ def _document_batches(split, resume_state_dict, tokenizer_batch_size):
 
 def _encode(tokenizer, bos, threads, texts):
     """The texts as BOS-prefixed int64 arrays (the first arguments are bound once per loader)."""
-    return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode(texts, prepend=bos, num_threads=threads)]
+    encoded = tokenizer.encode(texts, prepend=bos, num_threads=threads)
+    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
 
 class _Prefetcher:
@@ -230,9 +231,10 @@ class _Packer:
                 "tokens_used": self.tokens_used, "tokens_cropped": self.tokens_cropped}
 
     def load_state_dict(self, state, reader, encode):
-        """Continue from an exact state: the buffered documents it names are re-read and re-tokenised."""
+        """Continue from an exact state: the buffered documents it names are re-read (in file order: the
+        reader keeps one file open) and re-tokenised."""
         refs = [tuple(ref) for ref in state["buffer"]]
-        groups = {(p, g): reader.texts(p, g) for p, g in {(p, g) for p, g, _ in refs}}
+        groups = {(p, g): reader.texts(p, g) for p, g in sorted({(p, g) for p, g, _ in refs})}
         for tokens, ref in zip(encode([groups[(p, g)][row] for p, g, row in refs]), refs):
             self.docs.add(tokens, ref)
         self.position, self.cursor = (state["pq_idx"], state["rg_idx"], state["epoch"]), list(state["cursor"])
@@ -246,9 +248,10 @@ def _resume_cursor(state, rank, world):
             print0("Resuming the dataloader approximately (state has no cursor): skipping to the next "
                    "row-group block")
         return _approximate_cursor(state or {}, rank, world)
-    if (state.get("rank"), state.get("world_size")) != (rank, world):
-        raise ValueError(f"Dataloader state was saved by rank {state.get('rank')} of "
-                         f"{state.get('world_size')}, cannot resume it exactly as rank {rank} of {world}; pass a state with only "
+    saved_by = (state.get("rank"), state.get("world_size"))
+    if saved_by != (rank, world):
+        raise ValueError(f"Dataloader state was saved by rank {saved_by[0]} of {saved_by[1]}, "
+                         f"cannot resume it exactly as rank {rank} of {world}; pass a state with only "
                          f"pq_idx/rg_idx/epoch for an approximate resume")
     return list(state["cursor"])
 
