@@ -307,11 +307,10 @@ def download(url, path, sha256=None, validate=None, postprocess=None, attempts=D
     return path
 
 
-def hub_download(repo_id, filename, local_dir, validate=None, repo_type="dataset",
-                 attempts=DOWNLOAD_ATTEMPTS):
+def hub_download(repo_id, filename, local_dir, validate=None):
     """
-    One file of a Hugging Face hub repo, in local_dir: an existing one that passes validate(path) is kept,
-    else huggingface_hub fetches it (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply; it resumes its partial
+    One file of a Hugging Face hub dataset repo, in local_dir: an existing one that passes validate(path) is
+    kept, else huggingface_hub fetches it (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply; it resumes its partial
     files, checks the size), and it is checked against the sha256 the hub announces for LFS files.
     """
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -322,10 +321,10 @@ def hub_download(repo_id, filename, local_dir, validate=None, repo_type="dataset
     def fetch():
         etag = None
         if not constants.HF_HUB_OFFLINE:  # offline, huggingface_hub itself says what is missing
-            etag = get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type)).etag
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, local_dir=local_dir), etag
-    path, etag = with_retries(f"{filename} from the Hugging Face hub ({repo_type} {repo_id})", fetch,
-                              1 if constants.HF_HUB_OFFLINE else attempts)
+            etag = get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type="dataset")).etag
+        return hf_hub_download(repo_id, filename, repo_type="dataset", local_dir=local_dir), etag
+    path, etag = with_retries(f"{filename} from the Hugging Face hub (dataset {repo_id})", fetch,
+                              1 if constants.HF_HUB_OFFLINE else DOWNLOAD_ATTEMPTS)
     sha256 = etag if re.fullmatch(r"[0-9a-f]{64}", etag or "") else None  # a git hash for small files
     _accept(path, path, f"{constants.ENDPOINT} ({repo_id})", sha256, validate)
     return path
@@ -338,14 +337,10 @@ def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, timeo
                     timeout=timeout)
 
 
-def compile_enabled():
-    """torch.compile is on unless NANOCHAT_COMPILE=0 (tests, debugging, machines without a C++ compiler)."""
-    return os.environ.get("NANOCHAT_COMPILE", "1") != "0"
-
-
 def maybe_compile(model):
-    """torch.compile(model, dynamic=False), or the model itself when compilation is turned off."""
-    if not compile_enabled():
+    """torch.compile(model, dynamic=False), or the model itself when NANOCHAT_COMPILE=0 (tests, debugging,
+    machines without a C++ compiler)."""
+    if os.environ.get("NANOCHAT_COMPILE", "1") == "0":
         print0("NANOCHAT_COMPILE=0: running the model eagerly (no torch.compile)")
         return model
     return torch.compile(model, dynamic=False)
@@ -410,12 +405,8 @@ def get_dist_info():
 
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
-        device_type = "cuda"
-    elif torch.backends.mps.is_available():
-        device_type = "mps"
-    else:
-        device_type = "cpu"
+    device_type = ("cuda" if torch.cuda.is_available() else
+                   "mps" if torch.backends.mps.is_available() else "cpu")
     print0(f"Autodetected device type: {device_type}")
     return device_type
 
@@ -424,31 +415,29 @@ def compute_init(device_type="cuda"):
     """Seed, set matmul precision, and join the process group when launched by torchrun.
     Returns (is_ddp, rank, local_rank, world_size, device)."""
     assert device_type in ("cuda", "mps", "cpu"), f"Invalid device type: {device_type}"
-    if device_type == "cuda":
-        assert torch.cuda.is_available(), "Your PyTorch installation is not configured for CUDA but device_type is 'cuda'"
+    cuda = device_type == "cuda"
+    if cuda:
+        assert torch.cuda.is_available(), \
+            "Your PyTorch installation is not configured for CUDA but device_type is 'cuda'"
     if device_type == "mps":
-        assert torch.backends.mps.is_available(), "Your PyTorch installation is not configured for MPS but device_type is 'mps'"
+        assert torch.backends.mps.is_available(), \
+            "Your PyTorch installation is not configured for MPS but device_type is 'mps'"
 
     # The model's initial weights come from the global RNG seeded here.
     torch.manual_seed(42)
-    if device_type == "cuda":
+    if cuda:
         torch.cuda.manual_seed(42)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
     is_ddp, rank, local_rank, world_size = get_dist_info()
-    if is_ddp and device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-        dist.barrier()
-    elif is_ddp and device_type == "cpu":
+    device = torch.device("cuda", local_rank) if is_ddp and cuda else torch.device(device_type)
+    if is_ddp and device_type in ("cuda", "cpu"):
         # gloo lets multi-process CPU runs (torchrun --nproc_per_node=2 on a laptop) really average
         # gradients: without a process group each process would silently train its own model.
-        device = torch.device("cpu")
-        dist.init_process_group(backend="gloo")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
         dist.barrier()
-    else:
-        device = torch.device(device_type)
     if rank == 0:
         logger.info(f"Distributed world size: {world_size}")
     return is_ddp, rank, local_rank, world_size, device
@@ -461,9 +450,6 @@ def compute_cleanup():
 
 class DummyWandb:
     """Null object standing in for a wandb run (--run dummy, or non-master ranks)."""
-    def __init__(self):
-        pass
-
     def log(self, *args, **kwargs):
         pass
 

@@ -20,17 +20,17 @@ SFT (chat_sft) packs rendered conversations instead: ConversationPacker, at the 
 
 import atexit
 import bisect
+import functools
 import queue
 import threading
 import weakref
 from collections import deque
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.common import get_dist_info, one_line_error, print0
-from nanochat.dataset import SHARD_FIX, CorruptShardError, list_split_files
+from nanochat.common import get_dist_info, print0
+from nanochat.dataset import ShardReader, list_split_files
 
 _PREFETCH_BATCHES = 4  # tokenised text batches queued ahead of the packer
 
@@ -38,39 +38,12 @@ _PREFETCH_BATCHES = 4  # tokenised text batches queued ahead of the packer
 # -----------------------------------------------------------------------------
 # The document stream of one rank
 
-class _RowGroupReader:
-    """Reads the `text` column of row groups, keeping the files' footers open."""
-
-    def __init__(self, files):
-        self.files = files
-        self._handles = {}
-
-    def _file(self, pq_idx):
-        if pq_idx not in self._handles:
-            path = self.files[pq_idx]
-            try:
-                self._handles[pq_idx] = pq.ParquetFile(path)
-            except Exception as e:  # pyarrow's errors do not say which file
-                raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
-                                        f"{SHARD_FIX}.") from e
-        return self._handles[pq_idx]
-
-    def num_row_groups(self, pq_idx):
-        return self._file(pq_idx).num_row_groups
-
-    def texts(self, pq_idx, rg_idx):
-        try:
-            return self._file(pq_idx).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-        except Exception as e:
-            raise CorruptShardError(f"Cannot read row group {rg_idx} of {self.files[pq_idx]} "
-                                    f"({one_line_error(e)}). {SHARD_FIX}.") from e
-
-
 def _text_batches(reader, rank, world, cursor, batch_size):
     """
     Infinite stream of (texts, refs, position, next_cursor) for one rank. A cursor is
     [epoch, pq_idx, rg_idx, offset]: the next text batch starts at row `offset` of that row group.
     refs are the (pq_idx, rg_idx, row) of each text; position is the reference's (pq_idx, rg_idx, epoch).
+    reader is a dataset.ShardReader over the split's files.
     """
     epoch, pq_start, rg_start, offset = cursor
     while True:
@@ -83,8 +56,9 @@ def _text_batches(reader, rank, world, cursor, batch_size):
                 for a in range(start, len(texts), batch_size):
                     b = min(a + batch_size, len(texts))
                     next_cursor = [epoch, pq_idx, rg_idx, b] if b < len(texts) else [epoch, pq_idx, rg_idx + world, 0]
+                    refs = [(pq_idx, rg_idx, row) for row in range(a, b)]
                     produced = True
-                    yield texts[a:b], [(pq_idx, rg_idx, row) for row in range(a, b)], (pq_idx, rg_idx, epoch), next_cursor
+                    yield texts[a:b], refs, (pq_idx, rg_idx, epoch), next_cursor
         if full_pass and not produced:
             raise RuntimeError(f"Rank {rank} of {world} owns no row group of the split "
                                f"({len(reader.files)} files): use fewer ranks or more data")
@@ -102,8 +76,8 @@ def _approximate_cursor(state, rank, world):
 def _document_batches(split, resume_state_dict, tokenizer_batch_size):
     """The reference's document stream: (texts, (pq_idx, rg_idx, epoch)) forever, for this rank."""
     _, rank, _, world = get_dist_info()
-    reader = _RowGroupReader(list_split_files(split))
-    cursor = [1, 0, rank, 0] if resume_state_dict is None else _approximate_cursor(resume_state_dict, rank, world)
+    reader = ShardReader(list_split_files(split))
+    cursor = _approximate_cursor(resume_state_dict or {}, rank, world)
     for texts, _, position, _ in _text_batches(reader, rank, world, cursor, tokenizer_batch_size):
         yield texts, position
 
@@ -111,42 +85,34 @@ def _document_batches(split, resume_state_dict, tokenizer_batch_size):
 # -----------------------------------------------------------------------------
 # Background tokenisation
 
-class _Tokenized:
-    """One tokenised text batch: documents as int64 arrays, their refs, and the stream position after it."""
-    __slots__ = ("docs", "refs", "position", "next_cursor")
-
-    def __init__(self, docs, refs, position, next_cursor):
-        self.docs, self.refs, self.position, self.next_cursor = docs, refs, position, next_cursor
-
-
-def _encode(tokenizer, texts, bos, threads):
-    return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode(texts, prepend=bos, num_threads=threads)]
+def _encode(tokenizer, bos, threads, texts):
+    """The texts as BOS-prefixed int64 arrays (the first arguments are bound once per loader)."""
+    encoded = tokenizer.encode(texts, prepend=bos, num_threads=threads)
+    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
 
 class _Prefetcher:
     """
-    Tokenises the text stream on a background thread into a bounded FIFO; errors re-raise in the consumer.
+    Tokenises the text stream on a background thread into a bounded FIFO of (documents as int64 arrays,
+    refs, position, next_cursor), one per text batch; errors re-raise in the consumer.
     close() stops the thread and joins it. The thread must not outlive the interpreter: a thread still
     inside pyarrow or the tokenizer's native code when the runtime is torn down aborts the process
     ("terminate called without an active exception"), so every prefetcher not closed by its owner is
     closed by an atexit hook, which runs before that teardown.
     """
 
-    def __init__(self, stream, tokenizer, bos, threads):
+    def __init__(self, stream, encode):
         self._queue = queue.Queue(maxsize=_PREFETCH_BATCHES)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(stream, tokenizer, bos, threads), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(stream, encode), daemon=True,
                                         name="dataloader-tokenizer")
         _LIVE_PREFETCHERS.add(self)
         self._thread.start()
 
-    def _run(self, stream, tokenizer, bos, threads):
+    def _run(self, stream, encode):
         try:
             for texts, refs, position, next_cursor in stream:
-                if self._stop.is_set():
-                    return
-                item = _Tokenized(_encode(tokenizer, texts, bos, threads), refs, position, next_cursor)
-                if not self._put(item):
+                if self._stop.is_set() or not self._put((encode(texts), refs, position, next_cursor)):
                     return
         except BaseException as e:  # hand the failure to the consumer instead of dying silently
             self._put(e)
@@ -241,16 +207,13 @@ class _Packer:
         self.tokens_used = 0  # tokens placed into rows
         self.tokens_cropped = 0  # tokens dropped from the tails of cropped documents
 
-    def add_batch(self, item):
-        for tokens, ref in zip(item.docs, item.refs):
-            self.docs.add(tokens, ref)
-        self.position, self.cursor = item.position, item.next_cursor
-
     def fill_row(self, row):
         capacity, pos = row.shape[0], 0
         while pos < capacity:
             while self.docs.count < self.buffer_size:
-                self.add_batch(self.source.get())
+                docs, refs, self.position, self.cursor = self.source.get()
+                for tokens, ref in zip(docs, refs):
+                    self.docs.add(tokens, ref)
             remaining = capacity - pos
             doc = self.docs.pop_largest_fitting(remaining)
             if doc is None:  # everything is longer: crop the shortest, which wastes the least
@@ -267,35 +230,30 @@ class _Packer:
                 "cursor": list(self.cursor), "buffer": self.docs.refs(), "rank": rank, "world_size": world,
                 "tokens_used": self.tokens_used, "tokens_cropped": self.tokens_cropped}
 
-
-def _restore_buffer(packer, reader, refs, tokenizer, bos, threads):
-    """Re-read and re-tokenise the documents named by refs, in order, into the packer's buffer."""
-    texts_by_group = {}
-    for pq_idx, rg_idx, _ in refs:
-        if (pq_idx, rg_idx) not in texts_by_group:
-            texts_by_group[(pq_idx, rg_idx)] = reader.texts(pq_idx, rg_idx)
-    texts = [texts_by_group[(p, g)][row] for p, g, row in refs]
-    for tokens, ref in zip(_encode(tokenizer, texts, bos, threads), refs):
-        packer.docs.add(tokens, tuple(ref))
-
-
-def _resume_point(state, rank, world):
-    """(cursor, buffered refs) to start from; exact when the state came from this rank's loader."""
-    if state is None:
-        return [1, 0, rank, 0], []
-    if "cursor" in state:
-        if (state.get("rank"), state.get("world_size")) != (rank, world):
-            raise ValueError(f"Dataloader state was saved by rank {state.get('rank')} of {state.get('world_size')}, "
-                             f"cannot resume it exactly as rank {rank} of {world}; pass a state with only "
-                             f"pq_idx/rg_idx/epoch for an approximate resume")
-        return list(state["cursor"]), [tuple(r) for r in state["buffer"]]
-    print0("Resuming the dataloader approximately (state has no cursor): skipping to the next row-group block")
-    return _approximate_cursor(state, rank, world), []
+    def load_state_dict(self, state, reader, encode):
+        """Continue from an exact state: the buffered documents it names are re-read (in file order: the
+        reader keeps one file open) and re-tokenised."""
+        refs = [tuple(ref) for ref in state["buffer"]]
+        groups = {(p, g): reader.texts(p, g) for p, g in sorted({(p, g) for p, g, _ in refs})}
+        for tokens, ref in zip(encode([groups[(p, g)][row] for p, g, row in refs]), refs):
+            self.docs.add(tokens, ref)
+        self.position, self.cursor = (state["pq_idx"], state["rg_idx"], state["epoch"]), list(state["cursor"])
+        self.tokens_used, self.tokens_cropped = state.get("tokens_used", 0), state.get("tokens_cropped", 0)
 
 
-def approximate_state(state):
-    """Only the reference's fields of a state dict: resumes approximately, on any rank of any world size."""
-    return {key: state[key] for key in ("pq_idx", "rg_idx", "epoch") if key in state}
+def _resume_cursor(state, rank, world):
+    """Where to read on from; exact when the state came from this rank's loader, else the reference's rule."""
+    if state is None or "cursor" not in state:
+        if state is not None:
+            print0("Resuming the dataloader approximately (state has no cursor): skipping to the next "
+                   "row-group block")
+        return _approximate_cursor(state or {}, rank, world)
+    saved_by = (state.get("rank"), state.get("world_size"))
+    if saved_by != (rank, world):
+        raise ValueError(f"Dataloader state was saved by rank {saved_by[0]} of {saved_by[1]}, "
+                         f"cannot resume it exactly as rank {rank} of {world}; pass a state with only "
+                         f"pq_idx/rg_idx/epoch for an approximate resume")
+    return list(state["cursor"])
 
 
 def state_for_rank(meta, rank, world):
@@ -317,7 +275,8 @@ def state_for_rank(meta, rank, world):
     saved_world = len(states) if states else state.get("world_size")
     print0(f"Dataloader state saved by {saved_world} rank(s), resuming on {world}: approximate resume "
            f"(the next row-group block; batches will differ from an uninterrupted run)")
-    return approximate_state(state)
+    # only the reference's fields: they resume approximately on any rank of any world size
+    return {key: state[key] for key in ("pq_idx", "rg_idx", "epoch") if key in state}
 
 
 # -----------------------------------------------------------------------------
@@ -331,21 +290,16 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     The tensors are views into a buffer that the next batch overwrites: clone them to keep them.
     Resuming from a yielded state_dict yields exactly the batches that followed it.
     """
-    assert split in ("train", "val"), "split must be 'train' or 'val'"
     _, rank, _, world = get_dist_info()
-    reader = _RowGroupReader(list_split_files(split))
-    bos = tokenizer.get_bos_token_id()
-    cursor, buffered = _resume_point(resume_state_dict, rank, world)
+    reader = ShardReader(list_split_files(split))
+    encode = functools.partial(_encode, tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads)
+    cursor = _resume_cursor(resume_state_dict, rank, world)
 
-    stream = _text_batches(reader, rank, world, cursor, tokenizer_batch_size)
-    prefetcher = _Prefetcher(stream, tokenizer, bos, tokenizer_threads)
+    prefetcher = _Prefetcher(_text_batches(reader, rank, world, cursor, tokenizer_batch_size), encode)
     packer = _Packer(prefetcher, buffer_size)
     if resume_state_dict is not None and "cursor" in resume_state_dict:
-        _restore_buffer(packer, _RowGroupReader(reader.files), buffered, tokenizer, bos, tokenizer_threads)
-        packer.position = (resume_state_dict["pq_idx"], resume_state_dict["rg_idx"], resume_state_dict["epoch"])
-        packer.cursor = cursor
-        packer.tokens_used = resume_state_dict.get("tokens_used", 0)
-        packer.tokens_cropped = resume_state_dict.get("tokens_cropped", 0)
+        # a reader of its own: the prefetcher's thread is already using the other one
+        packer.load_state_dict(resume_state_dict, ShardReader(reader.files), encode)
 
     device = torch.device(device)
     staging = _Staging(B, T, device)
@@ -498,19 +452,13 @@ class ConversationPacker:
                     print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
                            f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
 
-    def _best_fit(self, room):
-        best = None
-        for i, (_, ids, _) in enumerate(self.buffer):
-            if len(ids) <= room and (best is None or len(ids) > len(self.buffer[best][1])):
-                best = i
-        return best
-
     def _next_row(self):
         ids, mask = [], []
         while len(ids) < self.capacity:
             self._refill()
             room = self.capacity - len(ids)
-            best = self._best_fit(room)
+            fitting = [i for i, (_, conv_ids, _) in enumerate(self.buffer) if len(conv_ids) <= room]
+            best = max(fitting, key=lambda i: len(self.buffer[i][1]), default=None)  # the oldest on ties
             if best is None:  # nothing fits: pad the rest; padding is never a target
                 ids += [self.bos] * room
                 mask += [0] * room

@@ -74,17 +74,42 @@ SHARD_FIX = ("Fix: run `python -m nanochat.dataset -n <number of train shards yo
              "replaces unreadable shards (or `python -m nanochat.dataset --sample` for the offline sample)")
 
 
-def _open_shard(path):
-    try:
-        return pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage
-        raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
-                                f"{SHARD_FIX}.") from e
+class ShardReader:
+    """The `text` column of row groups of `files` (addressed by index in that list), keeping the last file
+    read open: reads go file by file, and a pass over thousands of shards stays under the open-file limit.
+    Its errors name the file, which pyarrow's do not."""
+
+    def __init__(self, files):
+        self.files, self._open = files, {}
+
+    def parquet(self, pq_idx):
+        if pq_idx not in self._open:
+            path = self.files[pq_idx]
+            self._open.clear()
+            try:
+                self._open[pq_idx] = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage
+                raise CorruptShardError(f"{path} is not a readable parquet file ({one_line_error(e)}). "
+                                        f"{SHARD_FIX}.") from e
+        return self._open[pq_idx]
+
+    def num_row_groups(self, pq_idx):
+        return self.parquet(pq_idx).num_row_groups
+
+    def texts(self, pq_idx, rg_idx):
+        path, n = self.files[pq_idx], self.num_row_groups(pq_idx)
+        if not 0 <= rg_idx < n:
+            raise IndexError(f"row group {rg_idx} out of range: {path} has {n} row groups")
+        try:
+            return self.parquet(pq_idx).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        except Exception as e:
+            raise CorruptShardError(f"Cannot read row group {rg_idx} of {path} ({one_line_error(e)}). "
+                                    f"{SHARD_FIX}.") from e
 
 
 def inspect_shard(path):
     """Read and check a shard's footer; return its pyarrow FileMetaData. Raises CorruptShardError."""
-    with _open_shard(path) as pf:
+    with ShardReader([path]).parquet(0) as pf:
         schema, metadata = pf.schema_arrow, pf.metadata
     idx = schema.get_field_index("text")
     if idx < 0 or str(schema.field(idx).type) not in ("string", "large_string"):
@@ -104,14 +129,7 @@ def num_row_groups(path):
 
 def read_row_group(path, rg_idx):
     """The `text` column of row group `rg_idx` of the shard at `path`, as a list of str."""
-    with _open_shard(path) as pf:
-        if not 0 <= rg_idx < pf.num_row_groups:
-            raise IndexError(f"row group {rg_idx} out of range: {path} has {pf.num_row_groups} row groups")
-        try:
-            return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-        except Exception as e:
-            raise CorruptShardError(f"Cannot read row group {rg_idx} of {path} ({one_line_error(e)}). "
-                                    f"{SHARD_FIX}.") from e
+    return ShardReader([path]).texts(0, rg_idx)
 
 
 def _print_legacy_banner(legacy_dir):
@@ -142,11 +160,6 @@ def _resolve_data_dir(data_dir, warn_on_legacy):
     return legacy_dir
 
 
-def _list_dir(data_dir):
-    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet") and not n.startswith("."))
-    return [os.path.join(data_dir, n) for n in names]
-
-
 def list_parquet_files(data_dir=None, warn_on_legacy=False):
     """
     Full paths of the `*.parquet` files in data_dir (default DATA_DIR), sorted by name; `.tmp`
@@ -154,60 +167,43 @@ def list_parquet_files(data_dir=None, warn_on_legacy=False):
     `<base_dir>/base_data` when missing (with an upgrade banner if warn_on_legacy); an explicit
     data_dir that does not exist raises FileNotFoundError, as does a missing default with no legacy dir.
     """
-    return _list_dir(_resolve_data_dir(data_dir, warn_on_legacy))
-
-
-def split_files(files):
-    """
-    (train_files, val_files) from a sorted file list. The val split is pinned to the file named
-    shard_06542.parquet; if it is absent the last file is used, with a warning, as the reference does.
-    """
-    val = [f for f in files if os.path.basename(f) == VAL_FILENAME]
-    if val:
-        return [f for f in files if f not in val], val
-    if files:
-        logger.warning(f"{VAL_FILENAME} not found in {os.path.dirname(files[-1])}: using the last file, "
-                       f"{os.path.basename(files[-1])}, as the validation split (it is not used for training)")
-    return files[:-1], files[-1:]
+    data_dir = _resolve_data_dir(data_dir, warn_on_legacy)
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet") and not n.startswith("."))
+    return [os.path.join(data_dir, n) for n in names]
 
 
 def list_split_files(split, data_dir=None, warn_on_legacy=False):
     """
-    The shard paths of one split ('train' or 'val'), in file order; index i of this list is the
-    `pq_idx` used by iter_row_groups and by the dataloader's resume state. Raises FileNotFoundError
-    when the split has no file (e.g. only the val shard was downloaded).
+    The shard paths of one split ('train' or 'val'), in file order; index i of this list is the `pq_idx`
+    of the dataloader's resume state. The val split is pinned to the file named shard_06542.parquet; if it
+    is absent the last file is used, with a warning, as the reference does. Raises FileNotFoundError when
+    the split has no file (e.g. only the val shard was downloaded).
     """
     assert split in ("train", "val"), "split must be 'train' or 'val'"
     data_dir = _resolve_data_dir(data_dir, warn_on_legacy)
-    files = _list_dir(data_dir)
-    train, val = split_files(files)
-    chosen = train if split == "train" else val
+    files = list_parquet_files(data_dir)
+    val = [f for f in files if os.path.basename(f) == VAL_FILENAME]
+    if not val and files:
+        logger.warning(f"{VAL_FILENAME} not found in {data_dir}: using the last file, "
+                       f"{os.path.basename(files[-1])}, as the validation split (it is not used for training)")
+        val = files[-1:]
+    chosen = [f for f in files if f not in val] if split == "train" else val
     if not chosen:
         found = ", ".join(os.path.basename(f) for f in files) or "no parquet files"
         raise FileNotFoundError(f"No {split} shard in {data_dir} (found: {found}). {NO_DATA_HINT}")
     return chosen
 
 
-def iter_row_groups(split, start=0, step=1, data_dir=None):
-    """
-    One pass over a split: for each file, row groups range(start, num_row_groups, step), yielded as
-    (texts, (pq_idx, rg_idx)). Files are checked before the first yield, so a missing train split or a
-    corrupt shard fails at the call, not mid-way.
-    """
-    files = list_split_files(split, data_dir)
-    counts = [num_row_groups(f) for f in files]
-
-    def generate():
-        for pq_idx, (path, n) in enumerate(zip(files, counts)):
-            for rg_idx in range(start, n, step):
-                yield read_row_group(path, rg_idx), (pq_idx, rg_idx)
-    return generate()
-
-
 def parquets_iter_batched(split, start=0, step=1):
-    """One finite pass over a split, yielding each selected row group's `text` column as a list.
-    start/step stride the row groups of every file (DDP: start=rank, step=world_size)."""
-    return (texts for texts, _ in iter_row_groups(split, start, step))
+    """
+    One finite pass over a split, yielding each selected row group's `text` column as a list: for each
+    file, row groups range(start, num_row_groups, step) (DDP: start=rank, step=world_size). Files are
+    checked before the first yield, so a missing split or a corrupt shard fails at the call, not mid-way.
+    """
+    files = list_split_files(split)
+    counts = [num_row_groups(f) for f in files]
+    reader = ShardReader(files)
+    return (reader.texts(i, rg_idx) for i, n in enumerate(counts) for rg_idx in range(start, n, step))
 
 
 def text_iterator(max_chars, doc_cap):
@@ -270,8 +266,7 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
     temp file and a rename.
     """
     data_dir = data_dir or get_data_dir()
-    sources = sorted(os.path.join(sample_dir, n) for n in os.listdir(sample_dir) if n.endswith(".parquet")) \
-        if os.path.isdir(sample_dir) else []
+    sources = list_parquet_files(sample_dir) if os.path.isdir(sample_dir) else []
     if not sources:
         raise FileNotFoundError(f"No sample shards in {sample_dir} (they ship with the git checkout).")
     for src in sources:
@@ -332,7 +327,6 @@ def main(argv=None):
             return 1
         print0(f"Done! Installed the offline sample into {data_dir}")
         return 0
-    from tqdm import tqdm
     ids = shard_ids(args.num_files)
     print0(f"Downloading {len(ids)} shards using {args.num_workers} workers...")
     print0(f"Target directory: {data_dir}")
@@ -341,7 +335,7 @@ def main(argv=None):
     # re-import torch (via nanochat.common) under the spawn/forkserver start methods.
     with ThreadPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
         results = pool.map(lambda i: download_single_file(i, data_dir, args.base_url), ids)
-        ok = list(tqdm(results, total=len(ids), unit="shard", desc="shards", disable=not sys.stderr.isatty()))
+        ok = list(progress(results, total=len(ids), unit="shard", desc="shards"))
     failed = [index_to_filename(i) for i, good in zip(ids, ok) if not good]
     print0(f"Done! Downloaded: {len(ids) - len(failed)}/{len(ids)} shards to {data_dir}")
     if failed:

@@ -202,7 +202,7 @@ def test_two_ranks_read_disjoint_row_groups(corpus, monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        reader = dl._RowGroupReader(dl.list_split_files("train"))
+        reader = dl.ShardReader(dl.list_split_files("train"))
         groups = set()
         for texts, refs, (pq_idx, rg_idx, epoch), _ in dl._text_batches(reader, rank, 2, [1, 0, rank, 0], 4):
             if epoch > 1:
