@@ -153,6 +153,11 @@ class _Pending:
             self.then()
 
 
+def _fill(scalars, *values):
+    for t, v in zip(scalars, values, strict=True):
+        t.fill_(v)
+
+
 def _owned_range(rank, world, n):
     """Rows [lo, hi) of n owned by `rank` when n is split in ceil(n / world) chunks."""
     chunk = -(-n // world)
@@ -175,13 +180,10 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults={})
         self._rank, self._world = 0, 1
         self._avg_supported = True  # flips to False if the backend lacks ReduceOp.AVG
-        # 0-d fp32 CPU tensors refilled before every kernel call (see the kernels' note)
-        def cpu_scalar():
-            return torch.zeros((), dtype=torch.float32, device="cpu")
-        self._adamw_step_t, self._adamw_lr_t, self._adamw_eps_t = cpu_scalar(), cpu_scalar(), cpu_scalar()
-        self._adamw_beta1_t, self._adamw_beta2_t, self._adamw_wd_t = cpu_scalar(), cpu_scalar(), cpu_scalar()
-        self._muon_momentum_t, self._muon_lr_t = cpu_scalar(), cpu_scalar()
-        self._muon_wd_t, self._muon_beta2_t = cpu_scalar(), cpu_scalar()
+        # 0-d fp32 CPU tensors refilled before every kernel call (see the kernels' note), in the order of
+        # the kernels' arguments: AdamW (step, lr, beta1, beta2, eps, wd), Muon (momentum, lr, wd, beta2)
+        self._adamw_hyper = [torch.zeros((), dtype=torch.float32, device="cpu") for _ in range(6)]
+        self._muon_hyper = [torch.zeros((), dtype=torch.float32, device="cpu") for _ in range(4)]
 
     @torch.no_grad()
     def step(self):
@@ -256,22 +258,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p_slice)
                 state["exp_avg_sq"] = torch.zeros_like(p_slice)
             state["step"] += 1
-            self._fill_adamw(group, state["step"])
+            _fill(self._adamw_hyper, state["step"], group["lr"], *group["betas"], group["eps"],
+                  group["weight_decay"])
             _run_kernel(adamw_step_fused, p_slice, grad, state["exp_avg"], state["exp_avg_sq"],
-                        self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t,
-                        self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t)
+                        *self._adamw_hyper)
             if p_slice is not p:
                 gathers.append(self._gather(p, p_slice)[1])  # in place: the slice is a view of p
         return gathers
-
-    def _fill_adamw(self, group, step):
-        beta1, beta2 = group["betas"]
-        self._adamw_step_t.fill_(step)
-        self._adamw_lr_t.fill_(group["lr"])
-        self._adamw_beta1_t.fill_(beta1)
-        self._adamw_beta2_t.fill_(beta2)
-        self._adamw_eps_t.fill_(group["eps"])
-        self._adamw_wd_t.fill_(group["weight_decay"])
 
     # ---- Muon: the K matrices are stacked (zero-padded to a multiple of the world size),
     # reduce-scattered by matrix, each rank updates its ceil(K / W) matrices, and the
@@ -304,12 +297,14 @@ class MuonAdamW(torch.optim.Optimizer):
         updated = torch.empty_like(grad_chunk)  # (chunk, r, c)
         if n > 0:
             torch.stack(params[lo:hi], out=updated[:n])
-            self._fill_muon(group)
             r, c = params[0].shape[-2:]
+            # Shape-aware lr: tall matrices (fan-out > fan-in, e.g. c_fc) get sqrt(r / c) more
+            lr = group["lr"] * max(1.0, r / c) ** 0.5
+            beta2 = 0.0 if group["beta2"] is None else group["beta2"]  # None: no EMA
+            _fill(self._muon_hyper, group["momentum"], lr, group["weight_decay"], beta2)
             _run_kernel(muon_step_fused, grad_chunk[:n], updated[:n], momentum_buffer[:n],
-                        second_momentum_buffer[:n], self._muon_momentum_t, self._muon_lr_t,
-                        self._muon_wd_t, self._muon_beta2_t, group["ns_steps"], -1 if r >= c else -2,
-                        compute_dtype=_compute_dtype())
+                        second_momentum_buffer[:n], *self._muon_hyper, group["ns_steps"],
+                        -1 if r >= c else -2, compute_dtype=_compute_dtype())
         updated[n:].zero_()
         gathered, gather = self._gather(stacked, updated)  # reuses the grad buffer as output
         gather.then = lambda: torch._foreach_copy_(params, list(gathered[:len(params)].unbind(0)))
@@ -324,15 +319,6 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros((chunk, *p0.shape), dtype=p0.dtype, device=p0.device)
             state["second_momentum_buffer"] = torch.zeros((chunk, *factored), dtype=p0.dtype, device=p0.device)
         return state["momentum_buffer"], state["second_momentum_buffer"]
-
-    def _fill_muon(self, group):
-        r, c = group["params"][0].shape[-2:]
-        beta2 = group["beta2"]
-        self._muon_momentum_t.fill_(group["momentum"])
-        # Shape-aware lr: tall matrices (fan-out > fan-in, e.g. c_fc) get sqrt(r / c) more
-        self._muon_lr_t.fill_(group["lr"] * max(1.0, r / c) ** 0.5)
-        self._muon_wd_t.fill_(group["weight_decay"])
-        self._muon_beta2_t.fill_(0.0 if beta2 is None else beta2)  # None: no EMA
 
 
 class DistMuonAdamW(MuonAdamW):
