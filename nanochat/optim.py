@@ -129,7 +129,8 @@ def _run_kernel(kernel, *args, **kwargs):
     if _wants_eager(args[0]):
         if device.type != "cpu":
             # eager ops such as lerp_ reject a CPU 0-d weight next to GPU tensors (compiled graphs lift them)
-            args = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) and a.ndim == 0 else a for a in args]
+            args = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) and a.ndim == 0 else a
+                    for a in args]
         return kernel(*args, **kwargs)
     if kernel not in _compiled_kernels:
         _compiled_kernels[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True)
@@ -198,7 +199,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     pending.wait()
             return
         reduced = [self._reduce(group) for group in self.param_groups]
-        gathers = [pending for group, r in zip(self.param_groups, reduced) for pending in self._update(group, r)]
+        gathers = []
+        for group, r in zip(self.param_groups, reduced):
+            gathers += self._update(group, r)
         for pending in gathers:
             pending.wait()
 
@@ -206,12 +209,15 @@ class MuonAdamW(torch.optim.Optimizer):
         return self._reduce_adamw(group) if group["kind"] == "adamw" else self._reduce_muon(group)
 
     def _update(self, group, reduced):
-        return self._update_adamw(group, reduced) if group["kind"] == "adamw" else self._update_muon(group, reduced)
+        update = self._update_adamw if group["kind"] == "adamw" else self._update_muon
+        return update(group, reduced)
 
     # ---- collectives (identity on one process)
 
     def _mean(self, collective, out, *inputs):
-        """Launch an averaging all_reduce/reduce_scatter_tensor into `out`."""
+        """Launch an averaging all_reduce/reduce_scatter_tensor into `out` (nothing on one process)."""
+        if self._world == 1:
+            return _Pending()
         if self._avg_supported:
             try:
                 return _Pending(collective(out, *inputs, op=dist.ReduceOp.AVG, async_op=True))
@@ -236,16 +242,16 @@ class MuonAdamW(torch.optim.Optimizer):
             if p.grad is None:
                 assert self._world == 1, "DistMuonAdamW needs a gradient for every parameter on every rank"
                 continue
-            if self._world == 1:
-                todo.append((p, p, p.grad, _Pending()))
-            elif p.numel() < 1024:
+            if self._world == 1 or p.numel() < 1024:
                 todo.append((p, p, p.grad, self._mean(dist.all_reduce, p.grad)))
             else:
                 rows, W = p.shape[0], self._world
-                assert rows % W == 0, f"AdamW reduce_scatter requires shape[0] ({rows}) divisible by world_size ({W})"
+                assert rows % W == 0, (f"AdamW reduce_scatter requires shape[0] ({rows}) divisible by "
+                                       f"world_size ({W})")
                 lo, hi = _owned_range(self._rank, W, rows)
                 grad_slice = torch.empty_like(p.grad[lo:hi])
-                todo.append((p, p[lo:hi], grad_slice, self._mean(dist.reduce_scatter_tensor, grad_slice, p.grad)))
+                pending = self._mean(dist.reduce_scatter_tensor, grad_slice, p.grad)
+                todo.append((p, p[lo:hi], grad_slice, pending))
         return todo
 
     def _update_adamw(self, group, todo):
@@ -280,9 +286,7 @@ class MuonAdamW(torch.optim.Optimizer):
         stacked = torch.empty((chunk * W, *g0.shape), dtype=g0.dtype, device=g0.device)
         torch.stack([p.grad for p in params], out=stacked[:K])
         stacked[K:].zero_()
-        if W == 1:
-            return stacked, stacked, _Pending()
-        grad_chunk = torch.empty_like(stacked[:chunk])
+        grad_chunk = stacked if W == 1 else torch.empty_like(stacked[:chunk])
         return stacked, grad_chunk, self._mean(dist.reduce_scatter_tensor, grad_chunk, stacked)
 
     def _update_muon(self, group, reduced):
@@ -317,7 +321,8 @@ class MuonAdamW(torch.optim.Optimizer):
             *lead, r, c = p0.shape
             factored = (*lead, r, 1) if r >= c else (*lead, 1, c)  # statistic along the larger side
             state["momentum_buffer"] = torch.zeros((chunk, *p0.shape), dtype=p0.dtype, device=p0.device)
-            state["second_momentum_buffer"] = torch.zeros((chunk, *factored), dtype=p0.dtype, device=p0.device)
+            state["second_momentum_buffer"] = torch.zeros((chunk, *factored), dtype=p0.dtype,
+                                                          device=p0.device)
         return state["momentum_buffer"], state["second_momentum_buffer"]
 
 
