@@ -51,18 +51,6 @@ def _as_long_tensor(values, what):
     return t.to(torch.long)
 
 
-def _as_id_list(seq):
-    """A token sequence (list, tuple, 1-D tensor or array) as a list of Python ints."""
-    if isinstance(seq, torch.Tensor):
-        return _as_long_tensor(seq, "token ids").tolist()
-    if hasattr(seq, "tolist"):  # numpy arrays and the like
-        seq = seq.tolist()
-    try:
-        return [operator.index(t) for t in seq]  # rejects floats instead of truncating them
-    except TypeError as e:
-        raise ValueError(f"token ids must be integers: {e}") from None
-
-
 def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
     """
     Number of L3 embeddings per token id (a list of vocab_size ints), from an LZ78/LZW-style scan.
@@ -112,8 +100,14 @@ def _check_allocation_sizes(vocab_size, n_emb, k_max):
 
 
 def _checked_ids(seq, V):
-    """The sequence as a list of ints, each in [0, V) (ValueError otherwise)."""
-    ids = _as_id_list(seq)
+    """A token sequence (list, tuple, 1-D tensor or array) as a list of ints, each in [0, V)."""
+    if isinstance(seq, torch.Tensor):
+        ids = _as_long_tensor(seq, "token ids").tolist()
+    else:
+        try:  # operator.index rejects floats instead of truncating them; tolist() reads numpy arrays
+            ids = [operator.index(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
+        except TypeError as e:
+            raise ValueError(f"token ids must be integers: {e}") from None
     if ids:
         lo, hi = min(ids), max(ids)
         if lo < 0 or hi >= V:
