@@ -79,22 +79,6 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=3)
 
 
-def parse_l3_layers(config):
-    """Sorted, de-duplicated block indices after which an L3 layer sits (empty = L3 off)."""
-    if not config.l3_after_layers.strip():
-        return []
-    try:
-        layers = sorted({int(s) for s in config.l3_after_layers.split(",") if s.strip()})
-    except ValueError:
-        raise ValueError(f"l3_after_layers must be comma-separated integers, got {config.l3_after_layers!r}")
-    for i in layers:
-        if not 0 <= i < config.n_layer:
-            raise ValueError(f"l3_after_layers index {i} out of range [0, {config.n_layer - 1}]")
-    if layers and config.l3_n_emb < config.vocab_size:
-        raise ValueError(f"l3_n_emb ({config.l3_n_emb}) must be >= vocab_size ({config.vocab_size})")
-    return layers
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -193,9 +177,17 @@ class GPT(nn.Module):
 
     @staticmethod
     def _build_l3_layers(config):
-        layers = parse_l3_layers(config)
-        if not layers:
-            return {}
+        """An L3 layer after each block index in config.l3_after_layers (empty: L3 off), keyed by it."""
+        try:
+            layers = sorted({int(s) for s in config.l3_after_layers.split(",") if s.strip()})
+        except ValueError:
+            raise ValueError(f"l3_after_layers must be comma-separated integers, "
+                             f"got {config.l3_after_layers!r}") from None
+        for i in layers:
+            if not 0 <= i < config.n_layer:
+                raise ValueError(f"l3_after_layers index {i} out of range [0, {config.n_layer - 1}]")
+        if layers and config.l3_n_emb < config.vocab_size:
+            raise ValueError(f"l3_n_emb ({config.l3_n_emb}) must be >= vocab_size ({config.vocab_size})")
         d_up = config.l3_d_up if config.l3_d_up > 0 else 4 * config.n_embd
         return {str(i): L3Layer(config.n_embd, config.l3_n_emb, d_up, tie_kv=config.l3_tie_kv,
                                 vocab_size=config.vocab_size, k_max=config.l3_k_max) for i in layers}
