@@ -49,14 +49,12 @@ class AttentionBackend:
     """What each entry point runs ('fa3' or 'sdpa') and, for SDPA, why."""
     train: str
     kvcache: str
-    train_reason: str = ""
-    kvcache_reason: str = ""
+    train_reason: str
+    kvcache_reason: str
 
     def describe(self):
         def name(impl, reason):
-            if impl == "fa3":
-                return f"fa3 ({FA3_SOURCE})"
-            return f"sdpa ({reason})" if reason else "sdpa"
+            return f"fa3 ({FA3_SOURCE})" if impl == "fa3" else f"sdpa ({reason})"
         train = name(self.train, self.train_reason)
         kvcache = name(self.kvcache, self.kvcache_reason)
         if train == kvcache:
@@ -104,11 +102,6 @@ def decide_backend(device, head_dim):
         kvcache_reason="" if USE_FA3_KVCACHE else reasons["kvcache"] or dtype_reason)
     print(f"rank {_rank()}: {_backend.describe()}", flush=True)
     return _backend
-
-
-def _decide_on_first_call(q):
-    # Scripts that do not call decide_backend get it here, on the device and head dim of the first call.
-    decide_backend(q.device, q.size(-1))
 
 
 def _hopper_check(device):
@@ -331,9 +324,10 @@ def _sdpa_with_ragged_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, key_len,
 
 def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
     """Training attention. q (B, T, H, D); k, v (B, T, Hkv, D) with H % Hkv == 0. Returns (B, T, H, D).
-    Query i sees keys i - left .. i + right for window_size=(left, right), -1 = unbounded; causal=True sets right=0."""
-    if _backend is None:
-        _decide_on_first_call(q)
+    Query i sees keys i - left .. i + right for window_size=(left, right), -1 = unbounded; causal=True
+    sets right=0."""
+    if _backend is None:  # scripts that do not call decide_backend get it here, from the first call
+        decide_backend(q.device, q.size(-1))
     if USE_FA3:
         return _first(_fa3.flash_attn_func(q, k, v, causal=causal, window_size=window_size))
     return _sdpa_func(q, k, v, causal, window_size)
@@ -348,7 +342,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     host ints, spares it a device sync; pad_to_capacity makes every row attend over the whole cache with a
     mask, so its numbers do not depend on the other rows' positions."""
     if _backend is None:
-        _decide_on_first_call(q)
+        decide_backend(q.device, q.size(-1))
     if USE_FA3_KVCACHE:
         out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=window_size)

@@ -122,12 +122,16 @@ class Float8Linear(nn.Linear):
     @classmethod
     def from_float(cls, mod):
         """A Float8Linear sharing mod's weight and bias Parameters (no copy)."""
-        with torch.device("meta"):  # the shell's own parameters are replaced below: don't allocate them
-            new = cls(mod.in_features, mod.out_features, bias=False)
-        new.weight = mod.weight
-        new.bias = mod.bias
-        new.train(mod.training)
-        return new
+        return _sharing_parameters(cls, mod)
+
+
+def _sharing_parameters(cls, mod):
+    """A cls(in_features, out_features) layer whose weight and bias are mod's Parameters (no copy)."""
+    with torch.device("meta"):  # the shell's own parameters are replaced below: don't allocate them
+        new = cls(mod.in_features, mod.out_features, bias=False)
+    new.weight, new.bias = mod.weight, mod.bias
+    new.train(mod.training)
+    return new
 
 
 @dataclass
@@ -175,13 +179,7 @@ def disable_fp8(model):
             continue
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        with torch.device("meta"):
-            plain = common.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        plain.weight = module.weight
-        if module.bias is not None:
-            plain.bias = module.bias
-        plain.train(module.training)
-        setattr(parent, child_name, plain)
+        setattr(parent, child_name, _sharing_parameters(common.Linear, module))
         swapped.append((parent, child_name, module))
     try:
         yield model

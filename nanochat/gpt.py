@@ -79,29 +79,12 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=3)
 
 
-def parse_l3_layers(config):
-    """Sorted, de-duplicated block indices after which an L3 layer sits (empty = L3 off)."""
-    if not config.l3_after_layers.strip():
-        return []
-    try:
-        layers = sorted({int(s) for s in config.l3_after_layers.split(",") if s.strip()})
-    except ValueError:
-        raise ValueError(f"l3_after_layers must be comma-separated integers, got {config.l3_after_layers!r}")
-    for i in layers:
-        if not 0 <= i < config.n_layer:
-            raise ValueError(f"l3_after_layers index {i} out of range [0, {config.n_layer - 1}]")
-    if layers and config.l3_n_emb < config.vocab_size:
-        raise ValueError(f"l3_n_emb ({config.l3_n_emb}) must be >= vocab_size ({config.vocab_size})")
-    return layers
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
-        self.n_embd = config.n_embd
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0
         assert config.n_kv_head <= config.n_head and config.n_head % config.n_kv_head == 0
@@ -110,8 +93,8 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(n, self.n_kv_head * hd, bias=False)
         self.c_v = Linear(n, self.n_kv_head * hd, bias=False)
         self.c_proj = Linear(n, n, bias=False)
-        self.ve_gate_channels = VE_GATE_CHANNELS
-        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
+        ve = has_ve(layer_idx, config.n_layer)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if ve else None
 
     def forward(self, x, ve, cos_sin, window_size, kv_cache):
         B, T, C = x.size()
@@ -121,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             # ResFormer value residual, gated per kv head; gate in (0, 3), starts near 1.5
             ve = ve.view(B, T, self.n_kv_head, self.head_dim)
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, Hkv)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
@@ -163,7 +146,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, config, pad_vocab_size_to=64):
-        """Builds shapes only; every value is (re)written by init_weights(). Works under torch.device('meta')."""
+        """Builds shapes only; init_weights() writes every value. Works under torch.device('meta')."""
         super().__init__()
         self.config = config
         self.window_sizes = self._compute_window_sizes(config)
@@ -184,7 +167,8 @@ class GPT(nn.Module):
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
         kv_dim = config.n_kv_head * (n // config.n_head)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(Vp, kv_dim) for i in range(L) if has_ve(i, L)})
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(Vp, kv_dim)
+                                           for i in range(L) if has_ve(i, L)})
         self.l3_layers = nn.ModuleDict(self._build_l3_layers(config))
         self.rotary_seq_len = config.sequence_len * 10  # headroom for generation past the training length
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, n // config.n_head)
@@ -193,9 +177,17 @@ class GPT(nn.Module):
 
     @staticmethod
     def _build_l3_layers(config):
-        layers = parse_l3_layers(config)
-        if not layers:
-            return {}
+        """An L3 layer after each block index in config.l3_after_layers (empty: L3 off), keyed by it."""
+        try:
+            layers = sorted({int(s) for s in config.l3_after_layers.split(",") if s.strip()})
+        except ValueError:
+            raise ValueError(f"l3_after_layers must be comma-separated integers, "
+                             f"got {config.l3_after_layers!r}") from None
+        for i in layers:
+            if not 0 <= i < config.n_layer:
+                raise ValueError(f"l3_after_layers index {i} out of range [0, {config.n_layer - 1}]")
+        if layers and config.l3_n_emb < config.vocab_size:
+            raise ValueError(f"l3_n_emb ({config.l3_n_emb}) must be >= vocab_size ({config.vocab_size})")
         d_up = config.l3_d_up if config.l3_d_up > 0 else 4 * config.n_embd
         return {str(i): L3Layer(config.n_embd, config.l3_n_emb, d_up, tie_kv=config.l3_tie_kv,
                                 vocab_size=config.vocab_size, k_max=config.l3_k_max) for i in layers}
@@ -247,15 +239,13 @@ class GPT(nn.Module):
         return tables + self._l3_tables()
 
     def _l3_tables(self):
-        names = ("kv_weight", "k_weight", "v_weight")  # tied, or untied keys and values
-        return [getattr(layer, name) for layer in self.l3_layers.values() for name in names if hasattr(layer, name)]
+        return [table for layer in self.l3_layers.values() for table in layer.tables()]
 
     def _l3_matrices(self):
         return [p for layer in self.l3_layers.values() for p in (layer.w_up.weight, layer.w_mix.weight)]
 
-    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=100000, device=None):
-        if device is None:
-            device = self.transformer.wte.weight.device
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=100000):
+        device = self.transformer.wte.weight.device
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
@@ -265,12 +255,11 @@ class GPT(nn.Module):
 
     def _compute_window_sizes(self, config):
         pattern = config.window_pattern.upper()
-        assert pattern and all(c in "SL" for c in pattern), f"Invalid window_pattern: {pattern}. Use only S and L."
-        long_window = config.sequence_len
-        short_window = -((-long_window) // 4 // 128) * 128  # quarter context, rounded up to 128 (2048 -> 512)
-        sizes = [((long_window if pattern[i % len(pattern)] == "L" else short_window), 0) for i in range(config.n_layer)]
-        sizes[-1] = (long_window, 0)
-        return sizes
+        assert pattern and set(pattern) <= set("SL"), f"Invalid window_pattern: {pattern}. Use only S and L."
+        T = config.sequence_len
+        window = {"L": T, "S": -((-T) // 4 // 128) * 128}  # S: quarter context rounded up to 128 (2048: 512)
+        sizes = [(window[pattern[i % len(pattern)]], 0) for i in range(config.n_layer - 1)]
+        return sizes + [(T, 0)]  # the last layer is always long
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -289,7 +278,7 @@ class GPT(nn.Module):
         matmul_params = sum(p.numel() for p in self._matrix_params()) + self.lm_head.weight.numel()
         head_dim = cfg.n_embd // cfg.n_head
         T = cfg.sequence_len
-        attn_flops = sum(12 * cfg.n_head * head_dim * (T if w < 0 else min(w, T)) for w, _ in self.window_sizes)
+        attn_flops = sum(12 * cfg.n_head * head_dim * min(w, T) for w, _ in self.window_sizes)
         flops = 6 * matmul_params + attn_flops
         if len(self.l3_layers) > 0:  # L3: score + aggregation over the average allocation, x3 for fwd+bwd
             flops += len(self.l3_layers) * 12 * (cfg.l3_n_emb / cfg.vocab_size) * cfg.n_embd
@@ -315,7 +304,8 @@ class GPT(nn.Module):
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                         scalar_lr=0.5, use_mup=None, base_width=None):
         """MuonAdamW (DistMuonAdamW when a process group is up) over the groups of param_groups()."""
-        groups = self.param_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr, use_mup, base_width)
+        groups = self.param_groups(unembedding_lr, embedding_lr, matrix_lr, weight_decay, scalar_lr, use_mup,
+                                   base_width)
         factory = DistMuonAdamW if is_ddp_initialized() else MuonAdamW
         optimizer = factory(groups)
         for group in optimizer.param_groups:
@@ -330,7 +320,8 @@ class GPT(nn.Module):
             if cfg.mup_base_width <= 0:
                 raise ValueError("use_mup=True needs a model built with GPTConfig.mup_base_width > 0")
             if base_width is not None and base_width != cfg.mup_base_width:
-                raise ValueError(f"base_width={base_width} does not match the model's mup_base_width={cfg.mup_base_width}")
+                raise ValueError(f"base_width={base_width} does not match the model's "
+                                 f"mup_base_width={cfg.mup_base_width}")
             b = cfg.mup_base_width
             scale = (b / 768) ** -0.5  # LRs are the base model's: constant in width
             print0(f"muP: base_width={b}, n_embd={n}, AdamW LR scale (b/768)^-0.5={scale:.6f}")
@@ -343,10 +334,12 @@ class GPT(nn.Module):
 
     def param_groups(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                      scalar_lr=0.5, use_mup=None, base_width=None):
-        """Every parameter in exactly one group; the group order is part of the optimizer state_dict format."""
+        """Every parameter in exactly one group; the group order is part of the optimizer's state_dict."""
         scale = self._adamw_lr_scale(use_mup, base_width)
         sp_scale = (self.config.n_embd / 768) ** -0.5
-        adamw = lambda params, lr, betas, wd: dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
         groups = [
             adamw(list(self.lm_head.parameters()), unembedding_lr * scale, (0.8, 0.96), 0.01),
             adamw(list(self.transformer.wte.parameters()), embedding_lr * scale, (0.8, 0.995), 0.001),
@@ -355,7 +348,7 @@ class GPT(nn.Module):
             adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
             adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
         ]
-        if len(self.l3_layers) > 0:  # sparse per-token rows: AdamW like value embeddings, SP scale even under muP
+        if len(self.l3_layers) > 0:  # sparse per-token rows: AdamW like value embeddings, SP scale (even muP)
             groups.append(adamw(self._l3_tables(), embedding_lr * sp_scale * 0.5, (0.8, 0.995), 0.01))
         matrices = self._matrix_params()
         for shape in sorted({p.shape for p in matrices}):
@@ -383,7 +376,8 @@ class GPT(nn.Module):
 
     def _rotary_for(self, T, kv_cache):
         """(cos, sin) for the T new positions: sliced (1, T, 1, D/2) when every cache row is at the same
-        position, else gathered per row (B, T, 1, D/2) for rows at different positions (continuous batching)."""
+        position, else gathered per row (B, T, 1, D/2) for rows at different positions (continuous
+        batching)."""
         low, high = (0, 0) if kv_cache is None else kv_cache.position_range()
         assert high + T <= self.cos.size(1), (
             f"Sequence length grew beyond the rotary embeddings cache: {high + T} > {self.cos.size(1)}")
@@ -394,7 +388,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.size()
-        assert idx.device == self.cos.device, f"Rotary embeddings and idx are on different devices: {idx.device} != {self.cos.device}"
+        assert idx.device == self.cos.device, (
+            f"Rotary embeddings and idx are on different devices: {idx.device} != {self.cos.device}")
         dtype = common.COMPUTE_DTYPE
         assert self.cos.dtype == dtype, f"Rotary embeddings must be in {dtype}, got {self.cos.dtype}"
         cos_sin = self._rotary_for(T, kv_cache)
@@ -422,7 +417,8 @@ class GPT(nn.Module):
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

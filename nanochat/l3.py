@@ -37,20 +37,18 @@ def _norm(x):
 # -----------------------------------------------------------------------------
 # Allocation
 
-def _as_id_list(seq):
-    """A token sequence (list, tuple, 1-D tensor or array) as a list of Python ints."""
-    if isinstance(seq, torch.Tensor):
-        if seq.dim() != 1:
-            raise ValueError(f"token sequences must be 1-D, got a tensor of shape {tuple(seq.shape)}")
-        if seq.is_floating_point() or seq.is_complex() or seq.dtype == torch.bool:
-            raise ValueError(f"token ids must be integers, got dtype {seq.dtype}")
-        return seq.tolist()
-    if hasattr(seq, "tolist"):  # numpy arrays and the like
-        seq = seq.tolist()
-    try:
-        return [operator.index(t) for t in seq]  # rejects floats instead of truncating them
-    except TypeError as e:
-        raise ValueError(f"token ids must be integers: {e}") from None
+def _as_long_tensor(values, what):
+    """values (an integer tensor, or a possibly empty sequence of ints) as an int64 tensor on its device."""
+    if isinstance(values, torch.Tensor):
+        t = values.detach()
+    else:
+        values = list(values)
+        t = torch.tensor(values) if values else torch.zeros(0, dtype=torch.long)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{what} must be integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(t.shape)}")
+    return t.to(torch.long)
 
 
 def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
@@ -78,7 +76,9 @@ def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
     for seq in token_sequences:
         trie.scan(_checked_ids(seq, V))
     alloc = [1] * V
-    total = _walk_ranked_phrases(alloc, V, _rank_phrases(trie.counts), trie.last, n_emb, k_max)
+    # stable sort: phrases of equal count keep insertion order
+    ranked = sorted(range(len(trie.counts)), key=lambda k: -trie.counts[k])
+    total = _walk_ranked_phrases(alloc, V, ranked, trie.last, n_emb, k_max)
     total = _round_robin_fill(alloc, total, trie.unigram, n_emb, k_max)
     if total < n_emb:
         print0(f"Warning: L3 n_emb={n_emb} exceeds vocab_size * k_max = {V} * {k_max} = {V * k_max}; "
@@ -94,13 +94,20 @@ def _check_allocation_sizes(vocab_size, n_emb, k_max):
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
     if n_emb < V:
-        raise ValueError(f"n_emb ({n_emb}) must be >= vocab_size ({V}): every token needs at least one embedding")
+        raise ValueError(f"n_emb ({n_emb}) must be >= vocab_size ({V}): every token needs at least one "
+                         f"embedding")
     return V, n_emb, k_max
 
 
 def _checked_ids(seq, V):
-    """The sequence as a list of ints, each in [0, V) (ValueError otherwise)."""
-    ids = _as_id_list(seq)
+    """A token sequence (list, tuple, 1-D tensor or array) as a list of ints, each in [0, V)."""
+    if isinstance(seq, torch.Tensor):
+        ids = _as_long_tensor(seq, "token ids").tolist()
+    else:
+        try:  # operator.index rejects floats instead of truncating them; tolist() reads numpy arrays
+            ids = [operator.index(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
+        except TypeError as e:
+            raise ValueError(f"token ids must be integers: {e}") from None
     if ids:
         lo, hi = min(ids), max(ids)
         if lo < 0 or hi >= V:
@@ -142,11 +149,6 @@ class _PhraseTrie:
             i = j + 1
 
 
-def _rank_phrases(counts):
-    """Phrase ids by descending count; the sort is stable, so ties keep insertion order."""
-    return sorted(range(len(counts)), key=lambda k: -counts[k])
-
-
 def _walk_ranked_phrases(alloc, total, ranked, last, n_emb, k_max):
     """One more embedding for the last token of each ranked phrase (tokens at k_max are skipped)
     until the total reaches n_emb. Updates alloc in place; returns the new total."""
@@ -179,19 +181,8 @@ def allocation_to_bounds(alloc):
     Row bounds from a per-token allocation: int64 [0, a0, a0+a1, ..., sum(a)] of length len(alloc)+1.
     Token t owns table rows [bounds[t], bounds[t+1]).
     """
-    if isinstance(alloc, torch.Tensor):
-        if alloc.is_floating_point() or alloc.is_complex():
-            raise ValueError(f"allocation must be integers, got dtype {alloc.dtype}")
-        a = alloc.detach().to(torch.long)
-    else:
-        alloc = list(alloc)
-        a = torch.tensor(alloc) if alloc else torch.zeros(0, dtype=torch.long)
-        if a.is_floating_point() or a.is_complex() or a.dtype == torch.bool:
-            raise ValueError("allocation must be a sequence of ints")
-        a = a.to(torch.long)
-    if a.dim() != 1:
-        raise ValueError(f"allocation must be 1-D, got shape {tuple(a.shape)}")
-    if a.numel() > 0 and bool((a < 0).any()):
+    a = _as_long_tensor(alloc, "allocation")
+    if bool((a < 0).any()):
         raise ValueError("allocation entries must be non-negative")
     return torch.cat([a.new_zeros(1), torch.cumsum(a, dim=0)])
 
@@ -236,13 +227,16 @@ class _L3Attend(torch.autograd.Function):
     def backward(ctx, g_agg):
         xn, key_table, value_table, rows, w_all = ctx.saved_tensors
         tied, chunk = ctx.tied, ctx.chunk
-        need_x, need_k, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (not tied) and ctx.needs_input_grad[2]
+        need_x, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_v = need_k if tied else ctx.needs_input_grad[2]
         N, C = xn.shape
         dt = xn.dtype
         g_agg = g_agg.to(dt)
         g_xn = torch.empty_like(xn) if need_x else None
         gk = torch.zeros(key_table.shape, dtype=torch.float32, device=key_table.device) if need_k else None
-        gv = torch.zeros(value_table.shape, dtype=torch.float32, device=value_table.device) if need_v else None
+        gv = gk if tied else None  # tied: one table, whose value gradient accumulates after the key's
+        if need_v and not tied:
+            gv = torch.zeros(value_table.shape, dtype=torch.float32, device=value_table.device)
         for s in range(0, N, chunk):
             r, q, w, g = rows[s:s + chunk], xn[s:s + chunk], w_all[s:s + chunk], g_agg[s:s + chunk]
             flat = r.reshape(-1)
@@ -258,16 +252,11 @@ class _L3Attend(torch.autograd.Function):
             if need_k:
                 g_kt = g_score_d.unsqueeze(-1) * q.unsqueeze(1)  # (n, k, C)
                 gk.index_add_(0, flat, g_kt.reshape(-1, C).float())
-            if tied and need_k:
-                g_vt = w.to(dt).unsqueeze(-1) * g.unsqueeze(1)
-                gk.index_add_(0, flat, g_vt.reshape(-1, C).float())
-            elif need_v:
+            if need_v:
                 g_vt = w.to(dt).unsqueeze(-1) * g.unsqueeze(1)
                 gv.index_add_(0, flat, g_vt.reshape(-1, C).float())
-        if gk is not None:
-            gk = gk.to(key_table.dtype)
-        if gv is not None:
-            gv = gv.to(value_table.dtype)
+        gk = gk.to(key_table.dtype) if need_k else None
+        gv = gv.to(value_table.dtype) if need_v and not tied else None
         return g_xn, gk, gv, None, None, None
 
 
@@ -315,20 +304,8 @@ class L3Layer(nn.Module):
         self.register_load_state_dict_post_hook(L3Layer._after_load)
         self.reset_parameters()
 
-    # -- tables ---------------------------------------------------------------
-
-    @property
-    def key_table(self):
-        return self.kv_weight if self.tie_kv else self.k_weight
-
-    @property
-    def value_table(self):
-        return self.kv_weight if self.tie_kv else self.v_weight
-
     def tables(self):
         return [self.kv_weight] if self.tie_kv else [self.k_weight, self.v_weight]
-
-    # -- init -------------------------------------------------------------------
 
     def default_allocation(self):
         """Uniform: n_emb // V each, the first n_emb % V tokens one more (capped at a fixed k_max)."""
@@ -360,13 +337,14 @@ class L3Layer(nn.Module):
     # -- bounds ---------------------------------------------------------------
 
     def _check_bounds(self, b):
-        """Validates a CPU int64 bounds tensor; returns the largest allocation."""
-        if b.dim() != 1:
+        """Validates a CPU int64 bounds tensor, then re-derives k_max from it (a fixed one must fit)."""
+        if b.dim() != 1:  # a loaded checkpoint's buffer, which set_bounds has not seen
             raise ValueError(f"bounds must be 1-D, got shape {tuple(b.shape)}")
         if b.numel() < 2:
             raise ValueError("bounds needs at least 2 entries (one token)")
         if self.vocab_size > 0 and b.numel() != self.vocab_size + 1:
-            raise ValueError(f"bounds must have vocab_size + 1 = {self.vocab_size + 1} entries, got {b.numel()}")
+            raise ValueError(f"bounds must have vocab_size + 1 = {self.vocab_size + 1} entries, "
+                             f"got {b.numel()}")
         if int(b[0]) != 0:
             raise ValueError(f"bounds[0] must be 0, got {int(b[0])}")
         alloc = b[1:] - b[:-1]
@@ -377,7 +355,8 @@ class L3Layer(nn.Module):
         max_alloc = int(alloc.max())
         if self.k_max_fixed and max_alloc > self.k_max:
             raise ValueError(f"an allocation of {max_alloc} exceeds k_max = {self.k_max}")
-        return max_alloc
+        if not self.k_max_fixed:
+            self.k_max = max(1, max_alloc)
 
     def set_bounds(self, bounds):
         """
@@ -386,48 +365,36 @@ class L3Layer(nn.Module):
         the (persistent) buffer. Updates a derived k_max; with a fixed k_max every allocation must
         fit. Raises ValueError on invalid bounds. Setup-time only (reads values on the host).
         """
-        if isinstance(bounds, torch.Tensor):
-            if bounds.is_floating_point() or bounds.is_complex() or bounds.dtype == torch.bool:
-                raise ValueError(f"bounds must be integers, got dtype {bounds.dtype}")
-            b = bounds.detach().to(device="cpu", dtype=torch.long)
-        else:
-            b = torch.as_tensor(list(bounds))
-            if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
-                raise ValueError("bounds must be a sequence of ints")
-            b = b.to(torch.long)
-        max_alloc = self._check_bounds(b)
+        b = _as_long_tensor(bounds, "bounds").cpu()
+        self._check_bounds(b)
         device = self.w_up.weight.device
         if self.bounds.shape == b.shape:
             self.bounds.copy_(b.to(device))
         else:
             self.bounds = b.to(device).clone()  # still a registered, persistent buffer
-        if not self.k_max_fixed:
-            self.k_max = max(1, max_alloc)
 
     def allocation(self):
         """The current per-token allocation as a list of ints."""
         b = self.bounds.detach().cpu()
         return (b[1:] - b[:-1]).tolist()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, *args):
         key = prefix + "bounds"
         loaded = state_dict.get(key)
         if self.vocab_size == 0 and isinstance(loaded, torch.Tensor) and loaded.shape != self.bounds.shape:
             # the placeholder of a layer built without vocab_size takes the checkpoint's shape
             self.bounds = torch.zeros(loaded.shape, dtype=torch.long, device=self.bounds.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
     def _after_load(module, incompatible_keys):
         # re-derive (or check against the fixed) k_max from the loaded bounds
         if module.bounds.is_meta:
             return
-        b = module.bounds.detach().to(device="cpu", dtype=torch.long)
+        b = module.bounds.detach().cpu()
         if module.vocab_size == 0 and b.numel() < 2:
             return  # placeholder, nothing loaded yet
-        max_alloc = module._check_bounds(b)
-        if not module.k_max_fixed:
-            module.k_max = max(1, max_alloc)
+        module._check_bounds(b)
 
     # -- forward --------------------------------------------------------------
 
@@ -441,8 +408,8 @@ class L3Layer(nn.Module):
         valid = off < cnt.unsqueeze(-1)  # (N, k_max)
         rows = torch.where(valid, start.unsqueeze(-1) + off, torch.zeros_like(off))  # invalid -> row 0
         chunk = max(1, self.gather_budget // (self.k_max * C))
-        value_table = None if self.tie_kv else self.v_weight
-        agg = _L3Attend.apply(xn.reshape(-1, C), self.key_table, value_table, rows, valid, chunk)
+        key_table, value_table = (self.kv_weight, None) if self.tie_kv else (self.k_weight, self.v_weight)
+        agg = _L3Attend.apply(xn.reshape(-1, C), key_table, value_table, rows, valid, chunk)
         up = _norm(self.w_up(agg.view(B, T, C)))
         return self.w_mix(torch.cat([up, xn], dim=-1))
 

@@ -129,7 +129,8 @@ def _run_kernel(kernel, *args, **kwargs):
     if _wants_eager(args[0]):
         if device.type != "cpu":
             # eager ops such as lerp_ reject a CPU 0-d weight next to GPU tensors (compiled graphs lift them)
-            args = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) and a.ndim == 0 else a for a in args]
+            args = [a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) and a.ndim == 0 else a
+                    for a in args]
         return kernel(*args, **kwargs)
     if kernel not in _compiled_kernels:
         _compiled_kernels[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True)
@@ -151,6 +152,11 @@ class _Pending:
             self.work.wait()  # not work.get_future(): gloo lacks it for reduce_scatter_tensor
         if self.then is not None:
             self.then()
+
+
+def _fill(scalars, *values):
+    for t, v in zip(scalars, values, strict=True):
+        t.fill_(v)
 
 
 def _owned_range(rank, world, n):
@@ -175,13 +181,10 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults={})
         self._rank, self._world = 0, 1
         self._avg_supported = True  # flips to False if the backend lacks ReduceOp.AVG
-        # 0-d fp32 CPU tensors refilled before every kernel call (see the kernels' note)
-        def cpu_scalar():
-            return torch.zeros((), dtype=torch.float32, device="cpu")
-        self._adamw_step_t, self._adamw_lr_t, self._adamw_eps_t = cpu_scalar(), cpu_scalar(), cpu_scalar()
-        self._adamw_beta1_t, self._adamw_beta2_t, self._adamw_wd_t = cpu_scalar(), cpu_scalar(), cpu_scalar()
-        self._muon_momentum_t, self._muon_lr_t = cpu_scalar(), cpu_scalar()
-        self._muon_wd_t, self._muon_beta2_t = cpu_scalar(), cpu_scalar()
+        # 0-d fp32 CPU tensors refilled before every kernel call (see the kernels' note), in the order of
+        # the kernels' arguments: AdamW (step, lr, beta1, beta2, eps, wd), Muon (momentum, lr, wd, beta2)
+        self._adamw_hyper = [torch.zeros((), dtype=torch.float32, device="cpu") for _ in range(6)]
+        self._muon_hyper = [torch.zeros((), dtype=torch.float32, device="cpu") for _ in range(4)]
 
     @torch.no_grad()
     def step(self):
@@ -196,7 +199,9 @@ class MuonAdamW(torch.optim.Optimizer):
                     pending.wait()
             return
         reduced = [self._reduce(group) for group in self.param_groups]
-        gathers = [pending for group, r in zip(self.param_groups, reduced) for pending in self._update(group, r)]
+        gathers = []
+        for group, r in zip(self.param_groups, reduced):
+            gathers += self._update(group, r)
         for pending in gathers:
             pending.wait()
 
@@ -204,12 +209,15 @@ class MuonAdamW(torch.optim.Optimizer):
         return self._reduce_adamw(group) if group["kind"] == "adamw" else self._reduce_muon(group)
 
     def _update(self, group, reduced):
-        return self._update_adamw(group, reduced) if group["kind"] == "adamw" else self._update_muon(group, reduced)
+        update = self._update_adamw if group["kind"] == "adamw" else self._update_muon
+        return update(group, reduced)
 
     # ---- collectives (identity on one process)
 
     def _mean(self, collective, out, *inputs):
-        """Launch an averaging all_reduce/reduce_scatter_tensor into `out`."""
+        """Launch an averaging all_reduce/reduce_scatter_tensor into `out` (nothing on one process)."""
+        if self._world == 1:
+            return _Pending()
         if self._avg_supported:
             try:
                 return _Pending(collective(out, *inputs, op=dist.ReduceOp.AVG, async_op=True))
@@ -234,16 +242,16 @@ class MuonAdamW(torch.optim.Optimizer):
             if p.grad is None:
                 assert self._world == 1, "DistMuonAdamW needs a gradient for every parameter on every rank"
                 continue
-            if self._world == 1:
-                todo.append((p, p, p.grad, _Pending()))
-            elif p.numel() < 1024:
+            if self._world == 1 or p.numel() < 1024:
                 todo.append((p, p, p.grad, self._mean(dist.all_reduce, p.grad)))
             else:
                 rows, W = p.shape[0], self._world
-                assert rows % W == 0, f"AdamW reduce_scatter requires shape[0] ({rows}) divisible by world_size ({W})"
+                assert rows % W == 0, (f"AdamW reduce_scatter requires shape[0] ({rows}) divisible by "
+                                       f"world_size ({W})")
                 lo, hi = _owned_range(self._rank, W, rows)
                 grad_slice = torch.empty_like(p.grad[lo:hi])
-                todo.append((p, p[lo:hi], grad_slice, self._mean(dist.reduce_scatter_tensor, grad_slice, p.grad)))
+                pending = self._mean(dist.reduce_scatter_tensor, grad_slice, p.grad)
+                todo.append((p, p[lo:hi], grad_slice, pending))
         return todo
 
     def _update_adamw(self, group, todo):
@@ -256,22 +264,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p_slice)
                 state["exp_avg_sq"] = torch.zeros_like(p_slice)
             state["step"] += 1
-            self._fill_adamw(group, state["step"])
+            _fill(self._adamw_hyper, state["step"], group["lr"], *group["betas"], group["eps"],
+                  group["weight_decay"])
             _run_kernel(adamw_step_fused, p_slice, grad, state["exp_avg"], state["exp_avg_sq"],
-                        self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t,
-                        self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t)
+                        *self._adamw_hyper)
             if p_slice is not p:
                 gathers.append(self._gather(p, p_slice)[1])  # in place: the slice is a view of p
         return gathers
-
-    def _fill_adamw(self, group, step):
-        beta1, beta2 = group["betas"]
-        self._adamw_step_t.fill_(step)
-        self._adamw_lr_t.fill_(group["lr"])
-        self._adamw_beta1_t.fill_(beta1)
-        self._adamw_beta2_t.fill_(beta2)
-        self._adamw_eps_t.fill_(group["eps"])
-        self._adamw_wd_t.fill_(group["weight_decay"])
 
     # ---- Muon: the K matrices are stacked (zero-padded to a multiple of the world size),
     # reduce-scattered by matrix, each rank updates its ceil(K / W) matrices, and the
@@ -287,9 +286,7 @@ class MuonAdamW(torch.optim.Optimizer):
         stacked = torch.empty((chunk * W, *g0.shape), dtype=g0.dtype, device=g0.device)
         torch.stack([p.grad for p in params], out=stacked[:K])
         stacked[K:].zero_()
-        if W == 1:
-            return stacked, stacked, _Pending()
-        grad_chunk = torch.empty_like(stacked[:chunk])
+        grad_chunk = stacked if W == 1 else torch.empty_like(stacked[:chunk])
         return stacked, grad_chunk, self._mean(dist.reduce_scatter_tensor, grad_chunk, stacked)
 
     def _update_muon(self, group, reduced):
@@ -304,12 +301,14 @@ class MuonAdamW(torch.optim.Optimizer):
         updated = torch.empty_like(grad_chunk)  # (chunk, r, c)
         if n > 0:
             torch.stack(params[lo:hi], out=updated[:n])
-            self._fill_muon(group)
             r, c = params[0].shape[-2:]
+            # Shape-aware lr: tall matrices (fan-out > fan-in, e.g. c_fc) get sqrt(r / c) more
+            lr = group["lr"] * max(1.0, r / c) ** 0.5
+            beta2 = 0.0 if group["beta2"] is None else group["beta2"]  # None: no EMA
+            _fill(self._muon_hyper, group["momentum"], lr, group["weight_decay"], beta2)
             _run_kernel(muon_step_fused, grad_chunk[:n], updated[:n], momentum_buffer[:n],
-                        second_momentum_buffer[:n], self._muon_momentum_t, self._muon_lr_t,
-                        self._muon_wd_t, self._muon_beta2_t, group["ns_steps"], -1 if r >= c else -2,
-                        compute_dtype=_compute_dtype())
+                        second_momentum_buffer[:n], *self._muon_hyper, group["ns_steps"],
+                        -1 if r >= c else -2, compute_dtype=_compute_dtype())
         updated[n:].zero_()
         gathered, gather = self._gather(stacked, updated)  # reuses the grad buffer as output
         gather.then = lambda: torch._foreach_copy_(params, list(gathered[:len(params)].unbind(0)))
@@ -322,17 +321,9 @@ class MuonAdamW(torch.optim.Optimizer):
             *lead, r, c = p0.shape
             factored = (*lead, r, 1) if r >= c else (*lead, 1, c)  # statistic along the larger side
             state["momentum_buffer"] = torch.zeros((chunk, *p0.shape), dtype=p0.dtype, device=p0.device)
-            state["second_momentum_buffer"] = torch.zeros((chunk, *factored), dtype=p0.dtype, device=p0.device)
+            state["second_momentum_buffer"] = torch.zeros((chunk, *factored), dtype=p0.dtype,
+                                                          device=p0.device)
         return state["momentum_buffer"], state["second_momentum_buffer"]
-
-    def _fill_muon(self, group):
-        r, c = group["params"][0].shape[-2:]
-        beta2 = group["beta2"]
-        self._muon_momentum_t.fill_(group["momentum"])
-        # Shape-aware lr: tall matrices (fan-out > fan-in, e.g. c_fc) get sqrt(r / c) more
-        self._muon_lr_t.fill_(group["lr"] * max(1.0, r / c) ** 0.5)
-        self._muon_wd_t.fill_(group["weight_decay"])
-        self._muon_beta2_t.fill_(0.0 if beta2 is None else beta2)  # None: no EMA
 
 
 class DistMuonAdamW(MuonAdamW):

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat import common
 from nanochat.fp8 import (EPS, Float8Linear, Float8LinearConfig, _Float8Matmul, _to_col_major, _to_fp8,
-                          convert_to_float8_training, fp8_tokens_error)
+                          convert_to_float8_training, disable_fp8, fp8_tokens_error)
 
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 MANTISSA_BITS = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}
@@ -108,6 +109,21 @@ def test_from_float_keeps_shape_and_mode():
     new = Float8Linear.from_float(lin)
     assert (new.in_features, new.out_features, new.bias) == (48, 32, None)
     assert new.weight.data_ptr() == lin.weight.data_ptr() and not new.training
+
+
+def test_disable_fp8_runs_plain_linears_on_the_same_parameters_and_restores_the_fp8_ones():
+    model = TinyNet()
+    convert_to_float8_training(model, module_filter_fn=dims_divisible_by_16)
+    fp8_layers = {name: mod for name, mod in linears(model).items() if isinstance(mod, Float8Linear)}
+    with disable_fp8(model) as plain_model:
+        assert plain_model is model
+        for name, fp8 in fp8_layers.items():
+            plain = model.get_submodule(name)
+            assert type(plain) is common.Linear, name
+            assert plain.weight is fp8.weight and plain.bias is fp8.bias, name
+        x = model.wte(torch.tensor([[1, 2, 3]]))  # on CPU, where an FP8 matmul would raise
+        assert model.blocks[0].proj(model.blocks[0].fc(x)).shape == (1, 3, 32)
+    assert {name: mod for name, mod in linears(model).items() if name in fp8_layers} == fp8_layers
 
 
 def test_float8_matmul_is_registered_with_dynamo():
