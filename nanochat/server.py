@@ -79,9 +79,10 @@ from nanochat.api_schemas import (MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, MI
                                   OpenAICompletionRequest, completion_prompt_tokens, openai_stops,
                                   openai_turns, validate_chat_request)
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
+from nanochat.chat_text import ReplyText
 from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
 from nanochat.common import autodetect_device_type
-from nanochat.tokenizer import StreamDecoder, fit_chat_prompt, prompt_budget, render_chat_prompt
+from nanochat.tokenizer import fit_chat_prompt, prompt_budget, render_chat_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -397,52 +398,6 @@ async def on_http_error(request, exc):
 
 # -----------------------------------------------------------------------------
 # Generation: scheduler events -> text
-
-class ReplyText:
-    """
-    Token ids in, text deltas out, decoded by a StreamDecoder (whole characters; tool calls as their literal
-    names). Text that could be the start of a stop string is held back until it is known not to be one;
-    `stopped` turns True at the first stop string, which is cut from the text.
-    """
-
-    def __init__(self, tokenizer, stops=()):
-        self.stops = list(stops)
-        self.decoder = StreamDecoder(tokenizer)
-        self.held = ""  # decoded, not yet released
-        self.text = ""  # released
-        self.stopped = False
-
-    def add(self, token_id):
-        if self.stopped:
-            return ""
-        self.held += self.decoder.add(token_id)
-        return self._release(final=False)
-
-    def finish(self):
-        """The rest, at the end of the reply (an incomplete character becomes U+FFFD)."""
-        if self.stopped:
-            return ""
-        self.held += self.decoder.finish()
-        return self._release(final=True)
-
-    def _release(self, final):
-        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped = True
-            out, self.held = self.held[:min(found)], ""
-        else:
-            keep = 0 if final else self._stop_prefix_len()
-            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        self.text += out
-        return out
-
-    def _stop_prefix_len(self):
-        """Length of the longest tail of the held text that some stop string starts with."""
-        for n in range(min(len(self.held), max(map(len, self.stops), default=0)), 0, -1):
-            if any(s.startswith(self.held[-n:]) for s in self.stops):
-                return n
-        return 0
-
 
 @dataclass
 class Choice:
@@ -870,5 +825,3 @@ def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
         time.sleep(0.05)
     return server, thread, sock.getsockname()[1]
 
-
-_default_app = None

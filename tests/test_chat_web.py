@@ -19,7 +19,7 @@ import torch
 
 from nanochat.batching import BatchScheduler, SamplingParams
 from nanochat.api_schemas import OpenAIMessage, openai_turns
-from nanochat.server import ReplyText, ServerConfig, Worker, WorkerPool, create_app, worker_devices
+from nanochat.server import ServerConfig, Worker, WorkerPool, create_app, worker_devices
 from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 
 from conftest import chat_server
@@ -124,37 +124,6 @@ def test_fit_prompt_drops_the_oldest_turns_first(tiny_chat_model):
     assert fit_chat_prompt(tokenizer, turns, len(full) - 1) == (last_two, 1)
     tiny, _ = fit_chat_prompt(tokenizer, turns, 5)  # not even the last turn fits: its end is kept
     assert len(tiny) == 5 and tiny[0] == tokenizer.get_bos_token_id() and tiny[-2:] == full[-2:]
-
-
-def test_reply_text_releases_whole_characters_and_cuts_stop_strings(tiny_chat_model):
-    _, tokenizer = tiny_chat_model
-    text = "Un café 😀 naïve, s'il vous plaît. 你好"
-    ids = tokenizer.encode(text)
-    splits = [i for i in ids if not _decodes_alone(tokenizer, i)]
-    assert splits, "the test needs characters split over several tokens"
-
-    decoder = ReplyText(tokenizer)
-    deltas = [decoder.add(i) for i in ids] + [decoder.finish()]
-    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
-
-    decoder = ReplyText(tokenizer, stops=["😀 na", "zzz"])
-    released = "".join(decoder.add(i) for i in ids) + decoder.finish()
-    assert decoder.stopped and released == decoder.text == "Un café "
-
-    decoder = ReplyText(tokenizer, stops=["plaît!"])  # held back while it could still match
-    released = "".join(decoder.add(i) for i in tokenizer.encode("s'il vous plaît"))
-    assert released == "s'il vous " and decoder.finish() == "plaît" and not decoder.stopped
-
-    decoder = ReplyText(tokenizer)
-    assert decoder.add(tokenizer.encode("😀")[0]) == "" and decoder.finish() == "\ufffd"
-
-
-def _decodes_alone(tokenizer, token_id):
-    try:
-        tokenizer.decode_single_token_bytes(token_id).decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_a_server_without_a_model_answers_503():
