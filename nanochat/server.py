@@ -626,23 +626,20 @@ async def list_models(request: Request):
 
 
 async def retrieve_model(model_id: str, request: Request):
-    pool = get_pool(request)
-    if model_id != pool.model_id:
-        raise APIError(404, f"The model '{model_id}' does not exist", "model", code="model_not_found")
-    return model_card(pool)
+    return model_card(serving_pool(request, model_id))
 
 
-def serving_pool(request, body):
-    """The pool, once the request's model is the one served (404 otherwise)."""
+def serving_pool(request, model_id):
+    """The pool, once model_id (None: any) is the model served (404 otherwise)."""
     pool = get_pool(request)
-    if body.model is not None and body.model != pool.model_id:
-        raise APIError(404, f"The model '{body.model}' does not exist (this server has '{pool.model_id}')",
+    if model_id is not None and model_id != pool.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist (this server has '{pool.model_id}')",
                        "model", code="model_not_found")
     return pool
 
 
 async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
-    pool = serving_pool(request, body)
+    pool = serving_pool(request, body.model)
     turns = openai_turns(body.messages)
     worker = pool.least_loaded()
     return await openai_reply(request, body, pool, worker, render_chat_prompt(worker.tokenizer, turns))
@@ -650,7 +647,7 @@ async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
 
 async def openai_completions(body: OpenAICompletionRequest, request: Request):
     """The prompt continued: the text as a base model reads it (BOS first), or token ids as sent."""
-    pool = serving_pool(request, body)
+    pool = serving_pool(request, body.model)
     worker = pool.least_loaded()
     prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
     return await openai_reply(request, body, pool, worker, prompt)
@@ -735,6 +732,13 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
 # -----------------------------------------------------------------------------
 # The application
 
+ROUTES = [("GET", "/logo.svg", logo), ("GET", "/health", health), ("GET", "/stats", stats),
+          ("POST", "/chat/completions", chat_completions), ("GET", "/v1/models", list_models),
+          ("GET", "/v1/models/{model_id:path}", retrieve_model),
+          ("POST", "/v1/chat/completions", openai_chat_completions),
+          ("POST", "/v1/completions", openai_completions)]
+
+
 @asynccontextmanager
 async def lifespan(app):
     config = app.state.config
@@ -756,26 +760,20 @@ def create_app(config):
     """The FastAPI app for a ServerConfig; models load when it starts (lifespan), not here."""
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.state.config, app.state.pool, app.state.startup_error = config, None, None
-    # no cookies or auth are used, so no credentials (browsers refuse credentials with origin *)
     app.add_middleware(BoundedBody, max_bytes=config.max_body_bytes, timeout=config.body_timeout)
     api_key = required_api_key(config)
     if api_key is not None:  # outside BoundedBody: a request without the key is refused before its body
         app.add_middleware(RequireApiKey, key=api_key)
-    # added last, so outermost: the errors above carry CORS headers too
+    # added last, so outermost: the errors above carry CORS headers too. No cookies are used, so no
+    # credentials (browsers refuse credentials with origin *); the API key is a header, not a credential
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
     app.add_api_route("/", root, methods=["GET"], response_class=HTMLResponse)
-    app.add_api_route("/logo.svg", logo, methods=["GET"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/stats", stats, methods=["GET"])
-    app.add_api_route("/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", openai_chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", openai_completions, methods=["POST"])
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method])
     return app
 
 

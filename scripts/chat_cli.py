@@ -45,22 +45,18 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        parser.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_tokens < 1:
-        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    for flag, value, low in (("--temperature", args.temperature, 0), ("--top-k", args.top_k, 0),
+                             ("--max-tokens", args.max_tokens, 1)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     return args
 
 
 def chat_loop(conversation, print_reply):
     """The interactive conversation; returns when the user leaves."""
-    print("\nNanoChat Interactive Mode")
-    print("-" * 50)
-    print("Type 'quit' or 'exit' to end the conversation")
-    print("Type 'clear' to start a new conversation")
-    print("-" * 50)
+    rule = "-" * 50
+    print(f"\nNanoChat Interactive Mode\n{rule}\nType 'quit' or 'exit' to end the conversation\n"
+          f"Type 'clear' to start a new conversation\n{rule}")
     try:
         while True:
             user_text = input("\nUser: ").strip()
