@@ -52,6 +52,15 @@ def is_encodable(text):
     return True
 
 
+def check_text(text, max_length, param, what):
+    """APIError for `param` when the text is longer than max_length characters or is not valid Unicode."""
+    if len(text) > max_length:
+        raise APIError(400, f"{what} is too long: at most {max_length} characters", param)
+    if not is_encodable(text):
+        raise APIError(400, f"{what} is not valid Unicode text (it holds a lone surrogate): send UTF-8 text",
+                       param)
+
+
 def validate_chat_request(request):
     """The reference's checks, in its order and with its messages (HTTP 400)."""
     messages = request.messages
@@ -141,9 +150,9 @@ def message_text(message, i):
 
 def openai_turns(messages):
     """
-    [(role, text)] alternating user, assistant, ..., user, from OpenAI messages: leading system (or
-    developer) messages are merged into the first user message as system + "\n\n" + user, as the tokenizer
-    merges a system message in training data. Limits as on the reference endpoint, in characters.
+    (turns, system) from OpenAI messages: [(role, text)] alternating user, assistant, ..., user, and the
+    leading system (or developer) messages joined, for fit_chat_prompt to merge into the first user message
+    as training data does. Limits as on the reference endpoint, in characters.
     """
     if not messages:
         raise APIError(400, "messages must contain at least one message", "messages")
@@ -156,12 +165,7 @@ def openai_turns(messages):
             raise APIError(400, f"messages[{i}].role {message.role!r} is not supported: "
                                 f"use 'system', 'user' or 'assistant'", f"messages[{i}].role")
         text = message_text(message, i)
-        if not is_encodable(text):
-            raise APIError(400, f"messages[{i}].content is not valid Unicode text (it holds a lone "
-                                f"surrogate)", f"messages[{i}].content")
-        if len(text) > MAX_MESSAGE_LENGTH:
-            raise APIError(400, f"messages[{i}] is too long: at most {MAX_MESSAGE_LENGTH} characters",
-                           f"messages[{i}].content")
+        check_text(text, MAX_MESSAGE_LENGTH, f"messages[{i}].content", f"messages[{i}]")
         total_length += len(text)
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role == "system" and not turns:
@@ -177,9 +181,7 @@ def openai_turns(messages):
                             f"characters", "messages")
     if not turns or turns[-1][0] != "user":
         raise APIError(400, "The last message must be from the user", "messages")
-    if system:
-        turns[0] = ("user", "\n\n".join(system) + "\n\n" + turns[0][1])
-    return turns
+    return turns, "\n\n".join(system)
 
 
 def completion_prompt_tokens(tokenizer, prompt):
@@ -192,11 +194,7 @@ def completion_prompt_tokens(tokenizer, prompt):
         return prompt
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
-    if len(prompt) > MAX_TOTAL_CONVERSATION_LENGTH:
-        raise APIError(400, f"prompt is too long: at most {MAX_TOTAL_CONVERSATION_LENGTH} characters",
-                       "prompt")
-    if not is_encodable(prompt):
-        raise APIError(400, "prompt is not valid Unicode text (it holds a lone surrogate)", "prompt")
+    check_text(prompt, MAX_TOTAL_CONVERSATION_LENGTH, "prompt", "prompt")
     return tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
 
 
@@ -222,9 +220,6 @@ def openai_stops(request):
         raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")
     if any(not s for s in stops):
         raise APIError(400, "Invalid value for 'stop': empty strings are not allowed", "stop")
-    if any(len(s) > MAX_STOP_LENGTH for s in stops):
-        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_LENGTH} characters per string",
-                       "stop")
-    if not all(is_encodable(s) for s in stops):
-        raise APIError(400, "Invalid value for 'stop': not valid Unicode text (a lone surrogate)", "stop")
+    for stop in stops:
+        check_text(stop, MAX_STOP_LENGTH, "stop", "A stop string")
     return stops

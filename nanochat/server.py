@@ -640,9 +640,10 @@ def serving_pool(request, model_id):
 
 async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
     pool = serving_pool(request, body.model)
-    turns = openai_turns(body.messages)
+    turns, system = openai_turns(body.messages)
     worker = pool.least_loaded()
-    return await openai_reply(request, body, pool, worker, render_chat_prompt(worker.tokenizer, turns))
+    prompt = render_chat_prompt(worker.tokenizer, turns, system)
+    return await openai_reply(request, body, pool, worker, prompt)
 
 
 async def openai_completions(body: OpenAICompletionRequest, request: Request):

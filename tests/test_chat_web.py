@@ -98,8 +98,9 @@ def test_render_prompt_matches_the_tokenizers_rendering(tiny_chat_model):
     _, tokenizer = tiny_chat_model
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "Fine."}]
-    turns = openai_turns([OpenAIMessage(**m) for m in messages])
-    assert render_chat_prompt(tokenizer, turns) == completion_prompt(tokenizer, messages)
+    turns, system = openai_turns([OpenAIMessage(**m) for m in messages])
+    assert system == "Be brief."
+    assert render_chat_prompt(tokenizer, turns, system) == completion_prompt(tokenizer, messages)
 
 
 def test_assistant_tool_markers_become_special_tokens_but_turn_markers_do_not(tiny_chat_model):
