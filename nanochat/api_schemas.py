@@ -6,19 +6,13 @@ APIError carries the status and OpenAI's param and code). Limits are the referen
 on both APIs, plus OpenAI's for n and stop.
 """
 
-from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, StrictInt
 
 # Abuse prevention: the reference's limits, on both APIs
 MAX_MESSAGES_PER_REQUEST = 500
 MAX_MESSAGE_LENGTH = 8000  # characters per message
 MAX_TOTAL_CONVERSATION_LENGTH = 32000  # characters, summed over the messages
-MIN_TEMPERATURE = 0.0
-MAX_TEMPERATURE = 2.0
-MIN_TOP_K = 0  # 0 = no top-k filtering
-MAX_TOP_K = 200
-MIN_MAX_TOKENS = 1
-MAX_MAX_TOKENS = 4096
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}  # top_k 0: off
 
 # OpenAI API limits
 MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
@@ -58,40 +52,43 @@ def is_encodable(text):
     return True
 
 
+def check_text(text, max_length, param, what):
+    """APIError for `param` when the text is longer than max_length characters or is not valid Unicode."""
+    if len(text) > max_length:
+        raise APIError(400, f"{what} is too long: at most {max_length} characters", param)
+    if not is_encodable(text):
+        raise APIError(400, f"{what} is not valid Unicode text (it holds a lone surrogate): send UTF-8 text",
+                       param)
+
+
 def validate_chat_request(request):
     """The reference's checks, in its order and with its messages (HTTP 400)."""
-    if len(request.messages) == 0:
-        raise HTTPException(status_code=400, detail="At least one message is required")
-    if len(request.messages) > MAX_MESSAGES_PER_REQUEST:
-        raise HTTPException(status_code=400, detail=f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} "
-                                                    f"messages allowed per request")
-    total_length = 0
-    for i, message in enumerate(request.messages):
+    messages = request.messages
+    if len(messages) == 0:
+        raise APIError(400, "At least one message is required")
+    if len(messages) > MAX_MESSAGES_PER_REQUEST:
+        raise APIError(400, f"Too many messages. Maximum {MAX_MESSAGES_PER_REQUEST} messages allowed per "
+                            f"request")
+    for i, message in enumerate(messages):
         if not message.content:
-            raise HTTPException(status_code=400, detail=f"Message {i} has empty content")
+            raise APIError(400, f"Message {i} has empty content")
         if len(message.content) > MAX_MESSAGE_LENGTH:
-            detail = f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} characters allowed per message"
-            raise HTTPException(status_code=400, detail=detail)
-        total_length += len(message.content)
-    if total_length > MAX_TOTAL_CONVERSATION_LENGTH:
-        raise HTTPException(status_code=400, detail=f"Total conversation is too long. Maximum "
-                                                    f"{MAX_TOTAL_CONVERSATION_LENGTH} characters allowed")
-    for i, message in enumerate(request.messages):
+            raise APIError(400, f"Message {i} is too long. Maximum {MAX_MESSAGE_LENGTH} characters allowed "
+                                f"per message")
+    if sum(len(message.content) for message in messages) > MAX_TOTAL_CONVERSATION_LENGTH:
+        raise APIError(400, f"Total conversation is too long. Maximum {MAX_TOTAL_CONVERSATION_LENGTH} "
+                            f"characters allowed")
+    for i, message in enumerate(messages):
         if message.role not in ("user", "assistant"):
-            raise HTTPException(status_code=400, detail=f"Message {i} has invalid role. "
-                                                        f"Must be 'user', 'assistant', or 'system'")
-    if request.temperature is not None and not MIN_TEMPERATURE <= request.temperature <= MAX_TEMPERATURE:
-        raise HTTPException(status_code=400, detail=f"Temperature must be between {MIN_TEMPERATURE} and "
-                                                    f"{MAX_TEMPERATURE}")
-    if request.top_k is not None and not MIN_TOP_K <= request.top_k <= MAX_TOP_K:
-        raise HTTPException(status_code=400, detail=f"top_k must be between {MIN_TOP_K} and {MAX_TOP_K}")
-    if request.max_tokens is not None and not MIN_MAX_TOKENS <= request.max_tokens <= MAX_MAX_TOKENS:
-        raise HTTPException(status_code=400, detail=f"max_tokens must be between {MIN_MAX_TOKENS} and "
-                                                    f"{MAX_MAX_TOKENS}")
-    for i, message in enumerate(request.messages):
+            raise APIError(400, f"Message {i} has invalid role. Must be 'user', 'assistant', or 'system'")
+    for name, label in (("temperature", "Temperature"), ("top_k", "top_k"), ("max_tokens", "max_tokens")):
+        value, (low, high) = getattr(request, name), SAMPLING_LIMITS[name]
+        if value is not None and not low <= value <= high:  # written so that NaN fails too
+            raise APIError(400, f"{label} must be between {low} and {high}")
+    for i, message in enumerate(messages):
         if not is_encodable(message.content):
-            raise HTTPException(status_code=400, detail=f"Message {i} is not valid Unicode text (it holds a "
-                                                        f"lone surrogate): send UTF-8 text")
+            raise APIError(400, f"Message {i} is not valid Unicode text (it holds a lone surrogate): "
+                                f"send UTF-8 text")
 
 
 # -----------------------------------------------------------------------------
@@ -153,9 +150,9 @@ def message_text(message, i):
 
 def openai_turns(messages):
     """
-    [(role, text)] alternating user, assistant, ..., user, from OpenAI messages: leading system (or
-    developer) messages are merged into the first user message as system + "\n\n" + user, as the tokenizer
-    merges a system message in training data. Limits as on the reference endpoint, in characters.
+    (turns, system) from OpenAI messages: [(role, text)] alternating user, assistant, ..., user, and the
+    leading system (or developer) messages joined, for fit_chat_prompt to merge into the first user message
+    as training data does. Limits as on the reference endpoint, in characters.
     """
     if not messages:
         raise APIError(400, "messages must contain at least one message", "messages")
@@ -168,12 +165,7 @@ def openai_turns(messages):
             raise APIError(400, f"messages[{i}].role {message.role!r} is not supported: "
                                 f"use 'system', 'user' or 'assistant'", f"messages[{i}].role")
         text = message_text(message, i)
-        if not is_encodable(text):
-            raise APIError(400, f"messages[{i}].content is not valid Unicode text (it holds a lone "
-                                f"surrogate)", f"messages[{i}].content")
-        if len(text) > MAX_MESSAGE_LENGTH:
-            raise APIError(400, f"messages[{i}] is too long: at most {MAX_MESSAGE_LENGTH} characters",
-                           f"messages[{i}].content")
+        check_text(text, MAX_MESSAGE_LENGTH, f"messages[{i}].content", f"messages[{i}]")
         total_length += len(text)
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role == "system" and not turns:
@@ -189,9 +181,7 @@ def openai_turns(messages):
                             f"characters", "messages")
     if not turns or turns[-1][0] != "user":
         raise APIError(400, "The last message must be from the user", "messages")
-    if system:
-        turns[0] = ("user", "\n\n".join(system) + "\n\n" + turns[0][1])
-    return turns
+    return turns, "\n\n".join(system)
 
 
 def completion_prompt_tokens(tokenizer, prompt):
@@ -204,11 +194,7 @@ def completion_prompt_tokens(tokenizer, prompt):
         return prompt
     if not prompt:
         raise APIError(400, "prompt must not be empty", "prompt")
-    if len(prompt) > MAX_TOTAL_CONVERSATION_LENGTH:
-        raise APIError(400, f"prompt is too long: at most {MAX_TOTAL_CONVERSATION_LENGTH} characters",
-                       "prompt")
-    if not is_encodable(prompt):
-        raise APIError(400, "prompt is not valid Unicode text (it holds a lone surrogate)", "prompt")
+    check_text(prompt, MAX_TOTAL_CONVERSATION_LENGTH, "prompt", "prompt")
     return tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
 
 
@@ -223,21 +209,17 @@ def check_range(value, low, high, param, low_inclusive=True):
 
 def openai_stops(request):
     """The request's parameters checked (APIError for the first bad one); returns its stop strings."""
-    check_range(request.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, "temperature")
-    check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
-    check_range(request.top_k, MIN_TOP_K, MAX_TOP_K, "top_k")
-    check_range(request.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS, "max_tokens")
-    check_range(getattr(request, "max_completion_tokens", None), MIN_MAX_TOKENS, MAX_MAX_TOKENS,
+    for name, (low, high) in SAMPLING_LIMITS.items():
+        check_range(getattr(request, name), low, high, name)
+    check_range(getattr(request, "max_completion_tokens", None), *SAMPLING_LIMITS["max_tokens"],
                 "max_completion_tokens")
+    check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
     check_range(request.n, 1, MAX_CHOICES, "n")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")
     if any(not s for s in stops):
         raise APIError(400, "Invalid value for 'stop': empty strings are not allowed", "stop")
-    if any(len(s) > MAX_STOP_LENGTH for s in stops):
-        raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_LENGTH} characters per string",
-                       "stop")
-    if not all(is_encodable(s) for s in stops):
-        raise APIError(400, "Invalid value for 'stop': not valid Unicode text (a lone surrogate)", "stop")
+    for stop in stops:
+        check_text(stop, MAX_STOP_LENGTH, "stop", "A stop string")
     return stops

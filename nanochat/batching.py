@@ -113,11 +113,6 @@ class GenerationRequest:
     def cancelled(self):
         return self._cancelled.is_set()
 
-    def sample(self, logits):
-        """Next ids (B, 1) from logits (B, V) with this request's params and generator (decode thread)."""
-        p = self.params
-        return sample_next_token(logits, self._rng, p.temperature, p.top_k, p.top_p)
-
 
 class BatchScheduler:
     """Continuous batching of GenerationRequests over one model (see the module docstring)."""
@@ -266,19 +261,14 @@ class BatchScheduler:
             else:
                 request._rng.manual_seed(params.seed)
             request._stop_ids = self._terminal | frozenset(params.stop_token_ids)
-            logits = self._prefill(slot, request.prompt_tokens)
+            # prefilled at batch 1 as the Engine does (the same numbers), then copied into the slot's row
+            logits, prompt_cache = prefill_prompt(self.model, request.prompt_tokens, self.device)
+            self._cache.prefill(prompt_cache, row=slot)
         except Exception:
             logger.exception("prefill of request %s failed", request.id)
             self._finish(slot, TokenEvent(None, 0, "error"))
             return
         self._sample_and_accept(logits, [slot])
-
-    def _prefill(self, slot, tokens):
-        """Prefill the prompt at batch 1 (prefill_prompt, as the Engine: same numbers) and copy its cache into
-        row `slot` of the shared cache. Returns the last position's logits (1, V)."""
-        logits, prompt_cache = prefill_prompt(self.model, tokens, self.device)
-        self._cache.prefill(prompt_cache, row=slot)
-        return logits
 
     def _decode(self, busy):
         """One forward over the rows up to the last busy slot (fixed_width: over every slot); free rows are
@@ -310,8 +300,10 @@ class BatchScheduler:
             if is_greedy(request.params.temperature):
                 picks.append(greedy[row])
                 continue
+            p = request.params
             try:
-                picks.append(request.sample(logits[row:row + 1])[0])
+                picks.append(sample_next_token(logits[row:row + 1], request._rng, p.temperature, p.top_k,
+                                               p.top_p)[0])
             except Exception as e:  # this row's numbers; the other rows are unaffected
                 failed[slot] = f"sampling raised {type(e).__name__}: {e}"
                 picks.append(greedy[row])

@@ -67,21 +67,20 @@ from dataclasses import dataclass, field
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
-from nanochat.api_schemas import (MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K, MIN_MAX_TOKENS, MIN_TEMPERATURE,
-                                  MIN_TOP_K, APIError, ChatRequest, OpenAIChatRequest,
+from nanochat.api_schemas import (SAMPLING_LIMITS, APIError, ChatRequest, OpenAIChatRequest,
                                   OpenAICompletionRequest, completion_prompt_tokens, openai_stops,
                                   openai_turns, validate_chat_request)
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
+from nanochat.chat_text import ReplyText
 from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
 from nanochat.common import autodetect_device_type
-from nanochat.tokenizer import StreamDecoder, fit_chat_prompt, prompt_budget, render_chat_prompt
+from nanochat.tokenizer import fit_chat_prompt, prompt_budget, render_chat_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +110,10 @@ class ServerConfig:
 
     def __post_init__(self):
         """ValueError naming the flag of the first value out of range."""
-        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"--temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
-                             f"got {self.temperature}")
-        if not MIN_TOP_K <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"--top-k must be in [{MIN_TOP_K}, {MAX_TOP_K}], got {self.top_k}")
-        if not MIN_MAX_TOKENS <= self.max_tokens <= MAX_MAX_TOKENS:
-            raise ValueError(f"--max-tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}], "
-                             f"got {self.max_tokens}")
+        for name, (low, high) in SAMPLING_LIMITS.items():  # the defaults obey the requests' limits
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], "
+                                 f"got {getattr(self, name)}")
         if self.num_gpus < 1 or self.max_batch_size < 1 or self.max_queue < 0:
             raise ValueError("--num-gpus and --max-batch-size must be >= 1, --max-queue >= 0")
         if self.max_body_bytes < 1 or not self.body_timeout > 0:
@@ -229,22 +224,16 @@ class SafeJSONResponse(JSONResponse):
         return super().render(json_safe(content))
 
 
-def openai_error(status, message, param=None, code=None, type="invalid_request_error", headers=None):
-    headers = {"Retry-After": "1", **(headers or {})} if status in (429, 503) else headers
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return SafeJSONResponse(body, status_code=status, headers=headers)
-
-
-def is_openai_path(request):
-    return request.url.path.startswith("/v1/")
-
-
 def error_response(path, status, message, headers=None, **openai_fields):
-    """The error body each API uses: OpenAI's on /v1, {"detail": message} on the reference endpoints."""
+    """The error body each API uses: OpenAI's {"error": {message, type, param, code}} on /v1 (openai_fields
+    set the last three), {"detail": message} on the reference endpoints. 429 and 503 say when to retry."""
+    if status in (429, 503):
+        headers = {"Retry-After": "1", **(headers or {})}
+    body = {"detail": message}
     if path.startswith("/v1/"):
-        return openai_error(status, message, headers=headers, **openai_fields)
-    headers = {"Retry-After": "1", **(headers or {})} if status in (429, 503) else headers
-    return SafeJSONResponse({"detail": message}, status_code=status, headers=headers)
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None,
+                          **openai_fields}}
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 async def on_api_error(request, exc):
@@ -266,15 +255,16 @@ def error_param(loc):
 async def on_validation_error(request, exc):
     # the reference endpoint keeps FastAPI's 422 body, made JSON-safe: the input it echoes may be NaN or
     # hold a lone surrogate, which FastAPI's own handler fails to encode (a plain-text 500)
-    if not is_openai_path(request):
+    path = request.url.path
+    if not path.startswith("/v1/"):
         return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
     # /v1 answers 400 like OpenAI
     error = exc.errors()[0]
     if error["type"] == "json_invalid":
         reason = error.get("ctx", {}).get("error", "")
-        return openai_error(400, f"The request body is not valid JSON: {reason}")
+        return error_response(path, 400, f"The request body is not valid JSON: {reason}")
     param = error_param(error["loc"])
-    return openai_error(400, f"Invalid request: {param or 'body'}: {error['msg']}", param)
+    return error_response(path, 400, f"Invalid request: {param or 'body'}: {error['msg']}", param=param)
 
 
 async def on_unexpected_error(request, exc):
@@ -389,60 +379,12 @@ class BoundedBody:
         await response(scope, receive, send)
 
 
-async def on_http_error(request, exc):
-    if not is_openai_path(request):
-        return await http_exception_handler(request, exc)
-    return openai_error(exc.status_code, str(exc.detail))
+async def on_http_error(request, exc):  # unknown paths and methods, a missing UI file
+    return error_response(request.url.path, exc.status_code, exc.detail, headers=exc.headers)
 
 
 # -----------------------------------------------------------------------------
 # Generation: scheduler events -> text
-
-class ReplyText:
-    """
-    Token ids in, text deltas out, decoded by a StreamDecoder (whole characters; tool calls as their literal
-    names). Text that could be the start of a stop string is held back until it is known not to be one;
-    `stopped` turns True at the first stop string, which is cut from the text.
-    """
-
-    def __init__(self, tokenizer, stops=()):
-        self.stops = list(stops)
-        self.decoder = StreamDecoder(tokenizer)
-        self.held = ""  # decoded, not yet released
-        self.text = ""  # released
-        self.stopped = False
-
-    def add(self, token_id):
-        if self.stopped:
-            return ""
-        self.held += self.decoder.add(token_id)
-        return self._release(final=False)
-
-    def finish(self):
-        """The rest, at the end of the reply (an incomplete character becomes U+FFFD)."""
-        if self.stopped:
-            return ""
-        self.held += self.decoder.finish()
-        return self._release(final=True)
-
-    def _release(self, final):
-        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped = True
-            out, self.held = self.held[:min(found)], ""
-        else:
-            keep = 0 if final else self._stop_prefix_len()
-            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        self.text += out
-        return out
-
-    def _stop_prefix_len(self):
-        """Length of the longest tail of the held text that some stop string starts with."""
-        for n in range(min(len(self.held), max(map(len, self.stops), default=0)), 0, -1):
-            if any(s.startswith(self.held[-n:]) for s in self.stops):
-                return n
-        return 0
-
 
 @dataclass
 class Choice:
@@ -510,8 +452,34 @@ class Generation:
             self.cancel()
 
 
-def start_generation(worker, prompt, params_list, stops=(), id_prefix="chatcmpl"):
-    """Submit one request per SamplingParams to the worker's scheduler; APIError when it cannot take them."""
+def sampling_params(body, config, max_tokens):
+    """SamplingParams for each of the body's n choices, choice i seeded seed + i (n, seed and top_p are
+    OpenAI's; the reference's requests have one choice and a random seed). Omitted values take the server's
+    defaults."""
+    temperature = body.temperature if body.temperature is not None else config.temperature
+    top_k = body.top_k if body.top_k is not None else config.top_k
+    top_p = getattr(body, "top_p", None)
+    top_p = top_p if top_p is not None and top_p < 1.0 else None
+    seed = getattr(body, "seed", None)
+    seed = seed if seed is not None else random.randint(0, 2**31 - 1)
+    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           seed=(seed + i) % 2**63) for i in range(getattr(body, "n", None) or 1)]
+
+
+def start_generation(request, worker, prompt, body, max_tokens=None, stops=(), prompt_param="messages",
+                     id_prefix="chatcmpl"):
+    """
+    Submit the rendered prompt to the worker's scheduler, one request per choice (sampling_params), with
+    max_tokens (None: the server's default) capped to the room left in the context. APIError when the prompt
+    leaves no room or the scheduler cannot take the requests.
+    """
+    room = worker.context_len - len(prompt)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
+                            f"{prompt_param} take {len(prompt)} tokens", prompt_param,
+                       code="context_length_exceeded")
+    config = request.app.state.config
+    params_list = sampling_params(body, config, min(max_tokens or config.max_tokens, room))
     loop = asyncio.get_running_loop()
     choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
     generation = Generation(worker, len(prompt), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
@@ -526,18 +494,16 @@ def start_generation(worker, prompt, params_list, stops=(), id_prefix="chatcmpl"
 
     try:
         for index, params in enumerate(params_list):
-            request = worker.scheduler.submit(prompt, params, on_event=forward_to_loop(index))
-            generation.requests.append(request)
-    except QueueFull:
+            generation.requests.append(worker.scheduler.submit(prompt, params,
+                                                               on_event=forward_to_loop(index)))
+    except (ValueError, RuntimeError) as e:
         generation.cancel()
-        raise APIError(429, "The server is busy: its request queue is full. Retry shortly.",
-                       code="queue_full", type="rate_limit_error")
-    except ValueError as e:  # the prompt was fitted to the context above, so this is some other bad value
-        generation.cancel()
-        raise APIError(400, str(e))
-    except RuntimeError as e:  # a scheduler that is shutting down
-        generation.cancel()
-        raise APIError(503, f"The server cannot take requests now: {e}", code="unavailable",
+        if isinstance(e, QueueFull):
+            raise APIError(429, "The server is busy: its request queue is full. Retry shortly.",
+                           code="queue_full", type="rate_limit_error")
+        if isinstance(e, ValueError):  # the prompt fits the context, so this is some other bad value
+            raise APIError(400, str(e))
+        raise APIError(503, f"The server cannot take requests now: {e}", code="unavailable",  # shutting down
                        type="server_error")
     return generation
 
@@ -554,9 +520,10 @@ def sse(payload):
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a client that went away cancels its
+class EventStream(StreamingResponse):
+    """A server-sent event stream that always closes its generator, so a client that went away cancels its
     generation at once rather than whenever the abandoned generator is garbage collected."""
+    media_type = "text/event-stream"
 
     async def __call__(self, scope, receive, send):
         try:
@@ -594,19 +561,22 @@ async def logo():
     return Response(read_ui_file("logo.svg"), media_type="image/svg+xml")
 
 
-async def health(request: Request):
+def serving_workers(request):
+    """The workers (none while the server loads or stops) and how many of them have a free slot."""
     pool = request.app.state.pool
     workers = pool.workers if pool is not None else []
+    return workers, sum(worker.has_free_slot() for worker in workers)
+
+
+async def health(request: Request):
+    workers, available = serving_workers(request)
     loads = [worker.scheduler.stats() for worker in workers]
-    return {"status": "ok", "ready": bool(workers), "num_gpus": len(workers),
-            "available_workers": sum(worker.has_free_slot() for worker in workers),
+    return {"status": "ok", "ready": bool(workers), "num_gpus": len(workers), "available_workers": available,
             "active": sum(s["active"] for s in loads), "queued": sum(s["queued"] for s in loads)}
 
 
 async def stats(request: Request):
-    pool = request.app.state.pool
-    workers = pool.workers if pool is not None else []
-    available = sum(worker.has_free_slot() for worker in workers)
+    workers, available = serving_workers(request)
     return {"total_workers": len(workers), "available_workers": available,
             "busy_workers": len(workers) - available,
             "workers": [{"gpu_id": w.gpu_id, "device": str(w.device), **w.scheduler.stats()}
@@ -621,17 +591,11 @@ async def chat_completions(body: ChatRequest, request: Request):
     if config.log_conversations:
         conversation = "".join(f"\n[{m.role.upper()}]: {m.content}" for m in body.messages)
         logger.info("=" * 20 + conversation + "\n" + "-" * 20)
-    max_tokens = body.max_tokens if body.max_tokens is not None else config.max_tokens
     # long conversations lose their oldest turns
-    budget = prompt_budget(worker.context_len, max_tokens)
+    budget = prompt_budget(worker.context_len, body.max_tokens or config.max_tokens)
     prompt, _ = fit_chat_prompt(worker.tokenizer, [(m.role, m.content) for m in body.messages], budget)
-    temperature = body.temperature if body.temperature is not None else config.temperature
-    top_k = body.top_k if body.top_k is not None else config.top_k
-    params = SamplingParams(max_tokens=min(max_tokens, worker.context_len - len(prompt)),
-                            temperature=temperature, top_k=top_k or None, seed=random.randint(0, 2**31 - 1))
-    generation = start_generation(worker, prompt, [params])
-    stream = reference_stream(generation, len(body.messages), config.log_conversations)
-    return ClosingStreamingResponse(stream, media_type="text/event-stream")
+    generation = start_generation(request, worker, prompt, body, body.max_tokens)
+    return EventStream(reference_stream(generation, len(body.messages), config.log_conversations))
 
 
 async def reference_stream(generation, num_messages, log_conversation):
@@ -662,91 +626,56 @@ async def list_models(request: Request):
 
 
 async def retrieve_model(model_id: str, request: Request):
+    return model_card(serving_pool(request, model_id))
+
+
+def serving_pool(request, model_id):
+    """The pool, once model_id (None: any) is the model served (404 otherwise)."""
     pool = get_pool(request)
-    if model_id != pool.model_id:
-        raise APIError(404, f"The model '{model_id}' does not exist", "model", code="model_not_found")
-    return model_card(pool)
-
-
-def openai_params(body, config, max_tokens):
-    """SamplingParams for each of the n choices: omitted values take the server's defaults."""
-    temperature = body.temperature if body.temperature is not None else config.temperature
-    top_k = body.top_k if body.top_k is not None else config.top_k
-    top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
-    seed = body.seed if body.seed is not None else random.randint(0, 2**31 - 1)
-    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           seed=(seed + i) % 2**63) for i in range(body.n or 1)]
-
-
-def serving_pool(request, body):
-    """The pool, once the request's model is the one served (404 otherwise)."""
-    pool = get_pool(request)
-    if body.model is not None and body.model != pool.model_id:
-        raise APIError(404, f"The model '{body.model}' does not exist (this server has '{pool.model_id}')",
+    if model_id is not None and model_id != pool.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist (this server has '{pool.model_id}')",
                        "model", code="model_not_found")
     return pool
 
 
-def start_openai_generation(request, body, worker, prompt, stops, prompt_param, max_tokens, id_prefix):
-    """The generation for an OpenAI request whose prompt is rendered: max_tokens capped to the room left."""
-    room = worker.context_len - len(prompt)
-    if room < 1:
-        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
-                            f"{prompt_param} take {len(prompt)} tokens", prompt_param,
-                       code="context_length_exceeded")
-    config = request.app.state.config
-    params = openai_params(body, config, min(max_tokens or config.max_tokens, room))
-    return start_generation(worker, prompt, params, stops, id_prefix)
-
-
-async def collect_or_fail(generation, request, num_messages):
-    await collect(generation, request)
-    log_generation(generation, num_messages)
-    if any(choice.finish_reason == "error" for choice in generation.choices):
-        raise APIError(500, "Generation failed on the server", type="server_error")
-
-
-def include_usage(body):
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
 async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
-    pool = serving_pool(request, body)
-    turns = openai_turns(body.messages)
-    stops = openai_stops(body)
+    pool = serving_pool(request, body.model)
+    turns, system = openai_turns(body.messages)
     worker = pool.least_loaded()
-    prompt = render_chat_prompt(worker.tokenizer, turns)
-    generation = start_openai_generation(request, body, worker, prompt, stops, "messages",
-                                         body.max_completion_tokens or body.max_tokens, "chatcmpl")
-    if body.stream:
-        stream = openai_stream(generation, pool.model_id, include_usage(body), len(body.messages))
-        return ClosingStreamingResponse(stream, media_type="text/event-stream")
-    await collect_or_fail(generation, request, len(body.messages))
-    return {"id": generation.id, "object": "chat.completion", "created": generation.created,
-            "model": pool.model_id,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": choice.text.text},
-                         "logprobs": None, "finish_reason": choice.finish_reason}
-                        for i, choice in enumerate(generation.choices)],
-            "usage": generation.usage()}
+    prompt = render_chat_prompt(worker.tokenizer, turns, system)
+    return await openai_reply(request, body, pool, worker, prompt)
 
 
 async def openai_completions(body: OpenAICompletionRequest, request: Request):
     """The prompt continued: the text as a base model reads it (BOS first), or token ids as sent."""
-    pool = serving_pool(request, body)
+    pool = serving_pool(request, body.model)
     worker = pool.least_loaded()
     prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
-    stops = openai_stops(body)
-    generation = start_openai_generation(request, body, worker, prompt, stops, "prompt", body.max_tokens,
-                                         "cmpl")
+    return await openai_reply(request, body, pool, worker, prompt)
+
+
+async def openai_reply(request, body, pool, worker, prompt):
+    """Both OpenAI endpoints once the prompt is rendered: a chat completion (the body has messages) or a text
+    completion, streamed as SSE chunks or answered whole."""
+    chat = isinstance(body, OpenAIChatRequest)
+    max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens
+    generation = start_generation(request, worker, prompt, body, max_tokens, openai_stops(body),
+                                  *(("messages", "chatcmpl") if chat else ("prompt", "cmpl")))
+    num_messages = len(body.messages) if chat else 1
     if body.stream:
-        stream = openai_stream(generation, pool.model_id, include_usage(body), 1, text_completion=True)
-        return ClosingStreamingResponse(stream, media_type="text/event-stream")
-    await collect_or_fail(generation, request, 1)
-    return {"id": generation.id, "object": "text_completion", "created": generation.created,
-            "model": pool.model_id,
-            "choices": [{"index": i, "text": choice.text.text, "logprobs": None,
-                         "finish_reason": choice.finish_reason}
-                        for i, choice in enumerate(generation.choices)],
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(openai_stream(generation, pool.model_id, usage, num_messages, chat))
+    await collect(generation, request)
+    log_generation(generation, num_messages)
+    if any(choice.finish_reason == "error" for choice in generation.choices):
+        raise APIError(500, "Generation failed on the server", type="server_error")
+    choices = []
+    for index, choice in enumerate(generation.choices):
+        text = choice.text.text
+        reply = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        choices.append({"index": index, **reply, "logprobs": None, "finish_reason": choice.finish_reason})
+    return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
+            "created": generation.created, "model": pool.model_id, "choices": choices,
             "usage": generation.usage()}
 
 
@@ -765,26 +694,25 @@ async def collect(generation, request):
         watcher.cancel()
 
 
-async def openai_stream(generation, model_id, include_usage, num_messages, text_completion=False):
+async def openai_stream(generation, model_id, include_usage, num_messages, chat):
     """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
-    the usage chunk when asked for, then [DONE]. text_completion: text_completion events, with no role
-    chunk and {"text": delta} in place of {"delta": {"content": delta}}."""
+    the usage chunk when asked for, then [DONE]. A text completion (chat False) has text_completion events,
+    with no role chunk and {"text": delta} in place of {"delta": {"content": delta}}."""
     def chunk(choices, usage=None):
-        kind = "text_completion" if text_completion else "chat.completion.chunk"
-        payload = {"id": generation.id, "object": kind, "created": generation.created,
-                   "model": model_id, "choices": choices}
+        payload = {"id": generation.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                   "created": generation.created, "model": model_id, "choices": choices}
         return sse({**payload, "usage": usage} if include_usage else payload)
 
     def choice(index, text, finish_reason):
-        if text_completion:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+        if chat:
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
 
     try:
-        for index in range(len(generation.choices)):
-            if not text_completion:
-                role = {"role": "assistant", "content": ""}
-                yield chunk([{"index": index, "delta": role, "finish_reason": None}])
+        for index in range(len(generation.choices) if chat else 0):
+            role = {"role": "assistant", "content": ""}
+            yield chunk([{"index": index, "delta": role, "finish_reason": None}])
         async for index, delta in generation.deltas():
             finish_reason = generation.choices[index].finish_reason
             if finish_reason == "error":
@@ -804,6 +732,13 @@ async def openai_stream(generation, model_id, include_usage, num_messages, text_
 
 # -----------------------------------------------------------------------------
 # The application
+
+ROUTES = [("GET", "/logo.svg", logo), ("GET", "/health", health), ("GET", "/stats", stats),
+          ("POST", "/chat/completions", chat_completions), ("GET", "/v1/models", list_models),
+          ("GET", "/v1/models/{model_id:path}", retrieve_model),
+          ("POST", "/v1/chat/completions", openai_chat_completions),
+          ("POST", "/v1/completions", openai_completions)]
+
 
 @asynccontextmanager
 async def lifespan(app):
@@ -826,26 +761,20 @@ def create_app(config):
     """The FastAPI app for a ServerConfig; models load when it starts (lifespan), not here."""
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.state.config, app.state.pool, app.state.startup_error = config, None, None
-    # no cookies or auth are used, so no credentials (browsers refuse credentials with origin *)
     app.add_middleware(BoundedBody, max_bytes=config.max_body_bytes, timeout=config.body_timeout)
     api_key = required_api_key(config)
     if api_key is not None:  # outside BoundedBody: a request without the key is refused before its body
         app.add_middleware(RequireApiKey, key=api_key)
-    # added last, so outermost: the errors above carry CORS headers too
+    # added last, so outermost: the errors above carry CORS headers too. No cookies are used, so no
+    # credentials (browsers refuse credentials with origin *); the API key is a header, not a credential
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
     app.add_api_route("/", root, methods=["GET"], response_class=HTMLResponse)
-    app.add_api_route("/logo.svg", logo, methods=["GET"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/stats", stats, methods=["GET"])
-    app.add_api_route("/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", openai_chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", openai_completions, methods=["POST"])
+    for method, path, endpoint in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method])
     return app
 
 
@@ -870,5 +799,3 @@ def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
         time.sleep(0.05)
     return server, thread, sock.getsockname()[1]
 
-
-_default_app = None

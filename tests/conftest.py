@@ -11,9 +11,12 @@ Fixtures:
 - sample_tokenizer (session): a 512-token tokenizer trained on the first 200 documents of the committed
   pretraining sample, for tests that train on that sample (install_sample_base_dir).
 Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
-install_sample_base_dir, install_tiny_chat_base_dir.
+install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process).
+- tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
+  SEQUENCE_LEN context, and its (model, tokenizer).
 """
 
+import contextlib
 import io
 import os
 
@@ -126,3 +129,33 @@ class TerminalIO(io.StringIO):
 
     def isatty(self):
         return True
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_base_dir(request, tmp_path_factory, tiny_tokenizer):
+    """install_tiny_chat_base_dir for a whole test module, its context the module's SEQUENCE_LEN."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield install_tiny_chat_base_dir(mp, tmp_path_factory.mktemp("base"), tiny_tokenizer,
+                                         request.module.SEQUENCE_LEN)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tiny_chat_base_dir):
+    """(model, tokenizer) of that checkpoint, loaded by the tests themselves."""
+    from nanochat.checkpoint_manager import load_model
+    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def chat_server(**settings):
+    """The chat server app (ServerConfig(device_type="cpu", **settings)) served in this process on loopback;
+    yields (app, url, port) and stops it on exit."""
+    from nanochat.server import ServerConfig, create_app, serve_in_thread
+    app = create_app(ServerConfig(device_type="cpu", **settings))
+    server, thread, port = serve_in_thread(app)
+    try:
+        yield app, f"http://127.0.0.1:{port}", port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,16 +1,15 @@
 """
-scripts/chat_cli.py: one-shot mode end to end on a tiny checkpoint, the conversation loop with scripted
-input and a scripted model behind the real Engine, prompt layout, context trimming, streaming decode.
+scripts/chat_cli.py as a user runs it, on a tiny checkpoint: one-shot mode, a conversation typed on stdin
+(commands, history, a full context, EOF), errors and flags. The conversation's prompts and the streamed
+text are unit-tested in test_chat_text.py.
 """
 
-from types import SimpleNamespace
+import io
 
 import pytest
-import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
-from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 from scripts import chat_cli
 
 from conftest import write_tiny_checkpoint
@@ -44,48 +43,6 @@ def chat_prompt(tokenizer, *turns):
         else:
             tokens += turn + [special("<|assistant_end|>")]
     return tokens
-
-
-class ScriptedModel:
-    """Replies to any prompt with `reply` then <|assistant_end|> (or repeats reply forever when endless);
-    records every prompt it is given. Advances the KV cache as the attention layers would."""
-
-    def __init__(self, tokenizer, reply, endless=False, sequence_len=4096):
-        self.config = SimpleNamespace(n_layer=1, n_head=1, n_kv_head=1, n_embd=8, sequence_len=sequence_len)
-        self.vocab_size = tokenizer.get_vocab_size()
-        self.reply, self.endless = reply, endless
-        self.end = tokenizer.encode_special("<|assistant_end|>")
-        self.prompts = []
-
-    def get_device(self):
-        return torch.device("cpu")
-
-    def forward(self, ids, kv_cache=None):
-        B, T = ids.shape
-        if T > 1:
-            self.prompts.append(ids[0].tolist())
-        step = kv_cache.get_pos() + T - len(self.prompts[-1])
-        kv_cache.advance(T)
-        if self.endless:
-            token = self.reply[step % len(self.reply)]
-        else:
-            token = (self.reply + [self.end])[min(step, len(self.reply))]
-        logits = torch.zeros(B, T, self.vocab_size)
-        logits[:, -1, token] = 100.0
-        return logits
-
-
-def scripted_input(lines):
-    """An input() replacement that returns the lines, then raises EOFError (Ctrl-D)."""
-    remaining = iter(lines)
-
-    def read(prompt):
-        print(prompt, end="")
-        try:
-            return next(remaining)
-        except StopIteration:
-            raise EOFError from None
-    return read
 
 
 # -----------------------------------------------------------------------------
@@ -130,104 +87,54 @@ def test_defaults():
 
 
 # -----------------------------------------------------------------------------
-# The conversation loop
+# The conversation, typed on stdin
 
-def test_loop_commands_history_and_eof(tokenizer, capsys):
-    ok = tokenizer.encode("ok")
-    model = ScriptedModel(tokenizer, ok)
-    args = chat_cli.parse_args(["-t", "0"])
-    chat_cli.chat_loop(Engine(model, tokenizer), tokenizer, args,
-                       scripted_input(["", "Hi", "CLEAR", "   ", "Hello", "how are you"]))
-    assert model.prompts == [
-        chat_prompt(tokenizer, "Hi"),
-        chat_prompt(tokenizer, "Hello"),  # after clear: a fresh conversation
-        chat_prompt(tokenizer, "Hello", ok, "how are you"),
-    ]
-    out = capsys.readouterr().out
-    assert out.startswith("\nNanoChat Interactive Mode\n" + "-" * 50 + "\n")
-    assert out.count("\nAssistant: ok\n") == 3
-    assert "Conversation cleared." in out
-    assert out.endswith("\nGoodbye!\n")  # EOF
+BANNER = ("\nNanoChat Interactive Mode\n" + "-" * 50 + "\nType 'quit' or 'exit' to end the conversation\n"
+          "Type 'clear' to start a new conversation\n" + "-" * 50 + "\n")
+
+
+def chat(monkeypatch, capsys, typed, *flags):
+    """main() with `typed` as the keyboard, then EOF (Ctrl-D); returns what it printed."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    capsys.readouterr()  # drop what came before
+    chat_cli.main(["--device-type", "cpu", *flags])
+    return capsys.readouterr().out
+
+
+def greedy_reply(prompt, max_tokens):
+    """The reply tokens of an independent greedy Engine run over the checkpoint."""
+    model, tok, _ = load_model("sft", "cpu", phase="eval")
+    results, _ = Engine(model, tok).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    return results[0][len(prompt):]
+
+
+def test_a_conversation_with_commands_history_and_eof(tokenizer, offline_base_dir, monkeypatch, capsys):
+    save_tiny_sft_checkpoint(offline_base_dir, tokenizer)
+    out = chat(monkeypatch, capsys, "\nHi\nCLEAR\n   \nHello\nhow are you\n", "-t", "0", "--max-tokens", "8")
+    hi = greedy_reply(chat_prompt(tokenizer, "Hi"), 8)
+    hello = greedy_reply(chat_prompt(tokenizer, "Hello"), 8)  # after clear: a fresh conversation
+    how = greedy_reply(chat_prompt(tokenizer, "Hello", hello, "how are you"), 8)
+    assert hi and hello and how
+    answer = "\nUser: \nAssistant: {}\n".format
+    assert out == (BANNER + "\nUser: " + answer(tokenizer.decode(hi)) + "\nUser: Conversation cleared.\n"
+                   + "\nUser: " + answer(tokenizer.decode(hello)) + answer(tokenizer.decode(how))
+                   + "\nUser: \nGoodbye!\n")
 
 
 @pytest.mark.parametrize("command", ["quit", "EXIT"])
-def test_quit_and_exit_end_the_loop(tokenizer, command, capsys):
-    model = ScriptedModel(tokenizer, tokenizer.encode("ok"))
-    chat_cli.chat_loop(Engine(model, tokenizer), tokenizer, chat_cli.parse_args([]),
-                       scripted_input([command, "never read"]))
-    assert model.prompts == []
-    assert capsys.readouterr().out.endswith("User: Goodbye!\n")
+def test_quit_and_exit_end_the_conversation(tokenizer, offline_base_dir, monkeypatch, capsys, command):
+    save_tiny_sft_checkpoint(offline_base_dir, tokenizer)
+    out = chat(monkeypatch, capsys, f"{command}\nnever read\n")
+    assert out == BANNER + "\nUser: Goodbye!\n"
 
 
-def test_reply_cut_by_max_tokens_is_closed_with_assistant_end(tokenizer):
-    z = tokenizer.encode("z")
-    model = ScriptedModel(tokenizer, z, endless=True)
-    args = chat_cli.parse_args(["--max-tokens", "3", "-t", "0"])
-    chat_cli.chat_loop(Engine(model, tokenizer), tokenizer, args, scripted_input(["a", "b"]))
-    assert model.prompts[1] == chat_prompt(tokenizer, "a", z * 3, "b")
-
-
-def test_old_exchanges_are_dropped_when_the_context_is_full(tokenizer, capsys):
-    ok = tokenizer.encode("ok")
-    # room for two turns and a 4-token reply, not for three
-    two_turns = [chat_prompt(tokenizer, "one", ok, "two"), chat_prompt(tokenizer, "two", ok, "three")]
-    context_len = max(map(len, two_turns)) + 4
-    assert len(chat_prompt(tokenizer, "one", ok, "two", ok, "three")) + 4 > context_len
-    model = ScriptedModel(tokenizer, ok, sequence_len=context_len)
-    args = chat_cli.parse_args(["--max-tokens", "4", "-t", "0"])
-    chat_cli.chat_loop(Engine(model, tokenizer), tokenizer, args, scripted_input(["one", "two", "three"]))
-    assert model.prompts == [chat_prompt(tokenizer, "one"), chat_prompt(tokenizer, "one", ok, "two"),
-                             chat_prompt(tokenizer, "two", ok, "three")]
-    assert "(context full: forgot the oldest 1 exchange(s))" in capsys.readouterr().out
-
-
-def test_prompt_layout_matches_render_for_completion_with_a_system_prompt(tokenizer):
-    end = tokenizer.encode_special("<|assistant_end|>")
-    conversation = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hello there"},
-        {"role": "assistant", "content": "Hi!"},
-        {"role": "user", "content": "How are you?"},
-        {"role": "assistant", "content": ""},
-    ]}
-    expected = tokenizer.render_for_completion(conversation)
-    exchanges = [("Hello there", tokenizer.encode("Hi!") + [end])]
-    turns = chat_cli.conversation_turns(exchanges, "How are you?")
-    assert render_chat_prompt(tokenizer, turns, system="Be brief.") == expected
-
-
-def test_streaming_prints_multibyte_characters_whole(tokenizer, capsys):
-    reply = tokenizer.encode("café 😀!")
-    assert len(reply) > len("café 😀!")  # the emoji is split over several byte tokens
-    model = ScriptedModel(tokenizer, reply)
-    args = chat_cli.parse_args(["-t", "0"])
-    tokens = chat_cli.stream_reply(Engine(model, tokenizer), tokenizer, [tokenizer.get_bos_token_id()] * 2, args)
-    assert capsys.readouterr().out == "café 😀!\n"
-    assert tokens == reply + [tokenizer.encode_special("<|assistant_end|>")]
-
-
-def test_a_message_longer_than_the_context_keeps_its_end_and_half_the_context_for_the_reply(tokenizer, capsys):
-    # the server's policy: the prompt gets at least half the context, the message loses its beginning
-    ok = tokenizer.encode("ok")
-    context_len = 48
-    message = " ".join(["The quick brown fox jumps over the lazy dog."] * 4)
-    assert len(chat_prompt(tokenizer, message)) > context_len
-    model = ScriptedModel(tokenizer, ok, sequence_len=context_len)
-    args = chat_cli.parse_args(["--max-tokens", "40", "-t", "0"])
-    chat_cli.chat_loop(Engine(model, tokenizer), tokenizer, args, scripted_input([message]))
-    [prompt] = model.prompts
-    full = chat_prompt(tokenizer, message)
-    assert len(prompt) == context_len // 2 and prompt[0] == tokenizer.get_bos_token_id()
-    assert prompt[1:] == full[len(full) - len(prompt) + 1:]  # the end of the message, then the reply opens
-    assert "\nAssistant: ok\n" in capsys.readouterr().out
-
-
-def test_a_system_prompt_stays_with_the_first_exchange_kept(tokenizer):
-    ok = tokenizer.encode("ok")
-    end = tokenizer.encode_special("<|assistant_end|>")
-    exchanges = [("one", ok + [end]), ("two", ok + [end])]
-    turns = chat_cli.conversation_turns(exchanges, "three")
-    full, dropped = fit_chat_prompt(tokenizer, turns, system="Be brief.")
-    assert dropped == 0 and full == chat_prompt(tokenizer, "Be brief.\n\none", ok, "two", ok, "three")
-    kept = chat_prompt(tokenizer, "Be brief.\n\ntwo", ok, "three")
-    assert fit_chat_prompt(tokenizer, turns, len(kept), system="Be brief.") == (kept, 2)
+def test_a_full_context_forgets_the_oldest_exchange_and_says_so(tokenizer, offline_base_dir, monkeypatch,
+                                                                 capsys):
+    save_tiny_sft_checkpoint(offline_base_dir, tokenizer)  # 128 tokens of context
+    message = "The quick brown fox jumps over the lazy dog. Hello there! How are you?"
+    turn = len(tokenizer.encode(message)) + 2  # with <|user_start|>, <|user_end|>
+    # --max-tokens 4 leaves a prompt 124 tokens: two exchanges fit, three do not
+    assert 2 + 2 * turn + 6 <= 124 < 2 + 3 * turn + 4
+    out = chat(monkeypatch, capsys, f"{message}\n" * 3, "-t", "0", "--max-tokens", "4")
+    assert out.count("(context full: forgot the oldest 1 exchange(s))") == 1
+    assert out.count("\nAssistant: ") == 3 and out.endswith("\nGoodbye!\n")

@@ -18,13 +18,11 @@ import pytest
 import torch
 
 from nanochat.batching import BatchScheduler, SamplingParams
-from nanochat.checkpoint_manager import load_model
 from nanochat.api_schemas import OpenAIMessage, openai_turns
-from nanochat.server import (ReplyText, ServerConfig, Worker, WorkerPool, create_app, serve_in_thread,
-                             worker_devices)
+from nanochat.server import ServerConfig, Worker, WorkerPool, create_app, worker_devices
 from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 
-from conftest import install_tiny_chat_base_dir
+from conftest import chat_server
 
 SEQUENCE_LEN = 2048  # long enough that a reply capped only by the context runs for seconds on a CPU
 MODEL_ID = "nanochat-sft-d2"
@@ -35,29 +33,9 @@ USER = [{"role": "user", "content": "Hi"}]
 # Fixtures: a tiny sft checkpoint, servers over it, a greedy reference decode
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_tokenizer):
-    with pytest.MonkeyPatch.context() as mp:
-        yield install_tiny_chat_base_dir(mp, tmp_path_factory.mktemp("base"), tiny_tokenizer, SEQUENCE_LEN)
-
-
-@pytest.fixture(scope="module")
-def reference(base_dir):
-    """The checkpoint as loaded by the tests themselves: (model, tokenizer)."""
-    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
-    return model, tokenizer
-
-
-def start_server(**settings):
-    server, thread, port = serve_in_thread(create_app(ServerConfig(device_type="cpu", **settings)))
-    return server, thread, f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def url(base_dir):
-    server, thread, url = start_server(max_batch_size=8)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+def url(tiny_chat_base_dir):
+    with chat_server(max_batch_size=8) as (_, url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +94,17 @@ def wait_until_idle(url, timeout=10):
 # -----------------------------------------------------------------------------
 # Prompts and text (no server)
 
-def test_render_prompt_matches_the_tokenizers_rendering(reference):
-    _, tokenizer = reference
+def test_render_prompt_matches_the_tokenizers_rendering(tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello! How are you?"}, {"role": "user", "content": "Fine."}]
-    turns = openai_turns([OpenAIMessage(**m) for m in messages])
-    assert render_chat_prompt(tokenizer, turns) == completion_prompt(tokenizer, messages)
+    turns, system = openai_turns([OpenAIMessage(**m) for m in messages])
+    assert system == "Be brief."
+    assert render_chat_prompt(tokenizer, turns, system) == completion_prompt(tokenizer, messages)
 
 
-def test_assistant_tool_markers_become_special_tokens_but_turn_markers_do_not(reference):
-    _, tokenizer = reference
+def test_assistant_tool_markers_become_special_tokens_but_turn_markers_do_not(tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     text = "Let me compute. <|python_start|>1+2<|python_end|><|output_start|>3<|output_end|> It is 3."
     parts = [{"type": "text", "text": "Let me compute. "}, {"type": "python", "text": "1+2"},
              {"type": "python_output", "text": "3"}, {"type": "text", "text": " It is 3."}]
@@ -137,8 +116,8 @@ def test_assistant_tool_markers_become_special_tokens_but_turn_markers_do_not(re
     assert forged.count(tokenizer.encode_special("<|user_start|>")) == 1
 
 
-def test_fit_prompt_drops_the_oldest_turns_first(reference):
-    _, tokenizer = reference
+def test_fit_prompt_drops_the_oldest_turns_first(tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     turns = [("user", "Hello there! " * 5), ("assistant", "I am fine. " * 5), ("user", "What can I do?")]
     full = render_chat_prompt(tokenizer, turns)
     assert fit_chat_prompt(tokenizer, turns, len(full)) == (full, 0)
@@ -146,37 +125,6 @@ def test_fit_prompt_drops_the_oldest_turns_first(reference):
     assert fit_chat_prompt(tokenizer, turns, len(full) - 1) == (last_two, 1)
     tiny, _ = fit_chat_prompt(tokenizer, turns, 5)  # not even the last turn fits: its end is kept
     assert len(tiny) == 5 and tiny[0] == tokenizer.get_bos_token_id() and tiny[-2:] == full[-2:]
-
-
-def test_reply_text_releases_whole_characters_and_cuts_stop_strings(reference):
-    _, tokenizer = reference
-    text = "Un café 😀 naïve, s'il vous plaît. 你好"
-    ids = tokenizer.encode(text)
-    splits = [i for i in ids if not _decodes_alone(tokenizer, i)]
-    assert splits, "the test needs characters split over several tokens"
-
-    decoder = ReplyText(tokenizer)
-    deltas = [decoder.add(i) for i in ids] + [decoder.finish()]
-    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
-
-    decoder = ReplyText(tokenizer, stops=["😀 na", "zzz"])
-    released = "".join(decoder.add(i) for i in ids) + decoder.finish()
-    assert decoder.stopped and released == decoder.text == "Un café "
-
-    decoder = ReplyText(tokenizer, stops=["plaît!"])  # held back while it could still match
-    released = "".join(decoder.add(i) for i in tokenizer.encode("s'il vous plaît"))
-    assert released == "s'il vous " and decoder.finish() == "plaît" and not decoder.stopped
-
-    decoder = ReplyText(tokenizer)
-    assert decoder.add(tokenizer.encode("😀")[0]) == "" and decoder.finish() == "\ufffd"
-
-
-def _decodes_alone(tokenizer, token_id):
-    try:
-        tokenizer.decode_single_token_bytes(token_id).decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_a_server_without_a_model_answers_503():
@@ -205,8 +153,8 @@ def test_num_gpus_above_one_needs_cuda():
         worker_devices("cpu", 2)
 
 
-def test_requests_go_to_the_least_loaded_scheduler(reference):
-    model, tokenizer = reference
+def test_requests_go_to_the_least_loaded_scheduler(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
     schedulers = [BatchScheduler(model, tokenizer, max_batch_size=2, max_queue=4) for _ in range(2)]
     workers = [Worker(i, torch.device("cpu"), s, tokenizer, SEQUENCE_LEN) for i, s in enumerate(schedulers)]
     pool = WorkerPool(workers, MODEL_ID)
@@ -231,11 +179,11 @@ def test_models_endpoint(client, url):
         client.models.retrieve("gpt-4")
 
 
-def test_openai_non_streaming_equals_greedy_decode(client, reference):
-    _, tokenizer = reference
+def test_openai_non_streaming_equals_greedy_decode(client, tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
     prompt = completion_prompt(tokenizer, messages)
-    expected = greedy_reply(reference, prompt, 12)
+    expected = greedy_reply(tiny_chat_model, prompt, 12)
     response = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=12)
     assert response.object == "chat.completion" and response.model == MODEL_ID
     [choice] = response.choices
@@ -247,11 +195,11 @@ def test_openai_non_streaming_equals_greedy_decode(client, reference):
     assert usage.total_tokens == len(prompt) + len(expected)
 
 
-def test_openai_streaming_chunks(client, url, reference):
-    _, tokenizer = reference
+def test_openai_streaming_chunks(client, url, tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     messages = [{"role": "user", "content": "How are you today?"}]
     prompt = completion_prompt(tokenizer, messages)
-    expected = greedy_reply(reference, prompt, 16)
+    expected = greedy_reply(tiny_chat_model, prompt, 16)
     chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, max_tokens=16,
                                                  stream=True, stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
@@ -419,11 +367,11 @@ def test_openai_accepts_limits_and_ignores_unknown_parameters(url):
 # -----------------------------------------------------------------------------
 # /v1/completions: a prompt continued, as base models are used
 
-def test_completions_equal_greedy_decode_for_text_and_token_prompts(client, reference):
-    _, tokenizer = reference
+def test_completions_equal_greedy_decode_for_text_and_token_prompts(client, tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     text = "The quick brown fox"
     prompt = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
-    expected = greedy_reply(reference, prompt, 12)
+    expected = greedy_reply(tiny_chat_model, prompt, 12)
     for sent in (text, prompt):  # text gets BOS in front; token ids are taken as they are
         response = client.completions.create(model=MODEL_ID, prompt=sent, temperature=0, max_tokens=12)
         assert response.object == "text_completion" and response.id.startswith("cmpl-")
@@ -434,8 +382,8 @@ def test_completions_equal_greedy_decode_for_text_and_token_prompts(client, refe
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), len(expected))
 
 
-def test_completions_stream_and_stop_strings(client, url, reference):
-    _, tokenizer = reference
+def test_completions_stream_and_stop_strings(client, url, tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     kwargs = dict(model=MODEL_ID, prompt="The answer is", temperature=0, max_tokens=24)
     full = client.completions.create(**kwargs).choices[0].text
     assert len(full) >= 10, f"the test needs a longer greedy reply, got {full!r}"
@@ -489,12 +437,12 @@ def test_completions_for_another_model_is_404(client):
 # -----------------------------------------------------------------------------
 # The reference API
 
-def test_reference_stream_format(url, reference):
-    _, tokenizer = reference
+def test_reference_stream_format(url, tiny_chat_model):
+    _, tokenizer = tiny_chat_model
     messages = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi!"},
                 {"role": "user", "content": "What can I do?"}]
     prompt = completion_prompt(tokenizer, messages)
-    expected = greedy_reply(reference, prompt, 20)
+    expected = greedy_reply(tiny_chat_model, prompt, 20)
     response = httpx.post(url + "/chat/completions", json={"messages": messages, "temperature": 0.0,
                                                            "top_k": 50, "max_tokens": 20})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
@@ -577,15 +525,10 @@ def test_health_and_stats(url):
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])
-def test_batch_invariant_flag_reaches_the_scheduler(base_dir, batch_invariant):
-    app = create_app(ServerConfig(device_type="cpu", max_batch_size=2, batch_invariant=batch_invariant))
-    server, thread, _ = serve_in_thread(app)
-    try:
+def test_batch_invariant_flag_reaches_the_scheduler(tiny_chat_base_dir, batch_invariant):
+    with chat_server(max_batch_size=2, batch_invariant=batch_invariant) as (app, _, _):
         [worker] = app.state.pool.workers
         assert worker.scheduler.fixed_width == batch_invariant
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_ui_files(url, tmp_path, monkeypatch):
@@ -606,11 +549,10 @@ def test_ui_files(url, tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # A full queue
 
-def test_a_full_queue_answers_429(base_dir):
-    server, thread, url = start_server(max_batch_size=1, max_queue=1)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+def test_a_full_queue_answers_429(tiny_chat_base_dir):
     body = {"messages": USER, "max_tokens": 4096, "stream": True, "temperature": 0}  # runs for seconds
-    try:
+    with chat_server(max_batch_size=1, max_queue=1) as (_, url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         with httpx.stream("POST", url + "/v1/chat/completions", json=body) as running:
             running_lines = running.iter_lines()
             wait_for_content(running_lines)  # decoding: it holds the only slot
@@ -625,9 +567,6 @@ def test_a_full_queue_answers_429(base_dir):
                 assert response.status_code == 429 and "queue is full" in response.json()["detail"]
         wait_until_idle(url)
         assert client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=2).choices
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_headless_browser_gets_a_streamed_answer_from_the_real_server(url):
@@ -654,11 +593,9 @@ PROTECTED = [("GET", "/v1/models", None), ("GET", "/stats", None),
 
 
 @pytest.fixture(scope="module")
-def keyed_url(base_dir):
-    server, thread, url = start_server(max_batch_size=2, api_key=API_KEY)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+def keyed_url(tiny_chat_base_dir):
+    with chat_server(max_batch_size=2, api_key=API_KEY) as (_, url, _):
+        yield url
 
 
 def bearer(key):
@@ -711,15 +648,11 @@ def test_the_openai_client_works_with_the_key_and_fails_without_it(keyed_url):
     assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
 
 
-def test_the_key_can_come_from_the_environment(base_dir, monkeypatch):
+def test_the_key_can_come_from_the_environment(tiny_chat_base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
-    server, thread, url = start_server(max_batch_size=1)
-    try:
+    with chat_server(max_batch_size=1) as (_, url, _):
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers=bearer("from-env")).status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("argv, env, warns", [

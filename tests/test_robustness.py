@@ -19,11 +19,10 @@ import httpx
 import pytest
 
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
-from nanochat.checkpoint_manager import load_model
 from nanochat.api_schemas import MAX_CHOICES, MAX_MESSAGE_LENGTH, MAX_STOP_LENGTH
-from nanochat.server import ServerConfig, create_app, serve_in_thread
+from nanochat.server import ServerConfig
 
-from conftest import install_tiny_chat_base_dir
+from conftest import chat_server
 
 SEQUENCE_LEN = 64  # short replies: the fuzz and load tests send many requests
 USER = [{"role": "user", "content": "Hi"}]
@@ -31,30 +30,10 @@ TIMEOUT = 30  # seconds; a hung scheduler or server fails the test instead of bl
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny sft checkpoint and its tokenizer under a temporary NANOCHAT_BASE_DIR."""
-    with pytest.MonkeyPatch.context() as mp:
-        yield install_tiny_chat_base_dir(mp, tmp_path_factory.mktemp("base"), tiny_tokenizer, SEQUENCE_LEN)
-
-
-@pytest.fixture(scope="module")
-def reference(base_dir):
-    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
-    return model, tokenizer
-
-
-def start_server(**settings):
-    server, thread, port = serve_in_thread(create_app(ServerConfig(device_type="cpu", **settings)))
-    return server, thread, port
-
-
-@pytest.fixture(scope="module")
-def server(base_dir):
+def server(tiny_chat_base_dir):
     """(url, port) of a server with the default flags, except a short time to send a body."""
-    server, thread, port = start_server(body_timeout=1)
-    yield f"http://127.0.0.1:{port}", port
-    server.should_exit = True
-    thread.join(timeout=30)
+    with chat_server(body_timeout=1) as (_, url, port):
+        yield url, port
 
 
 # -----------------------------------------------------------------------------
@@ -97,8 +76,8 @@ def normal_jobs(tokenizer):
             for text, (temperature, top_k, top_p, seed) in zip(texts, settings)]
 
 
-def test_tiny_temperatures_and_top_p_are_greedy_and_leave_other_rows_alone(reference):
-    model, tokenizer = reference
+def test_tiny_temperatures_and_top_p_are_greedy_and_leave_other_rows_alone(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
     normal = normal_jobs(tokenizer)
     alone = [run_batch(model, tokenizer, [job])[0] for job in normal]
     prompt = prompt_of(tokenizer, "Thank you")
@@ -128,8 +107,8 @@ class NaNRow:
         return logits
 
 
-def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_bit(reference):
-    model, tokenizer = reference
+def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
     jobs = normal_jobs(tokenizer)
     alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
     batch = run_batch(NaNRow(model, row=1), tokenizer, jobs)
@@ -138,8 +117,8 @@ def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_
     assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
 
 
-def test_max_queue_zero_takes_free_slots_only(reference):
-    model, tokenizer = reference
+def test_max_queue_zero_takes_free_slots_only(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
     # not started: the submitted requests keep their slots
     scheduler = BatchScheduler(model, tokenizer, max_batch_size=2, max_queue=0)
     prompt = prompt_of(tokenizer, "Hi")
@@ -150,18 +129,14 @@ def test_max_queue_zero_takes_free_slots_only(reference):
     scheduler.shutdown()
 
 
-def test_server_with_max_queue_zero_serves_a_request_into_a_free_slot(base_dir):
-    server, thread, port = start_server(max_batch_size=1, max_queue=0)
-    try:
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=TIMEOUT,
+def test_server_with_max_queue_zero_serves_a_request_into_a_free_slot(tiny_chat_base_dir):
+    with chat_server(max_batch_size=1, max_queue=0) as (_, url, _):
+        response = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
                               json={"messages": USER, "max_tokens": 3})
         assert response.status_code == 200, response.text
-        response = httpx.post(f"http://127.0.0.1:{port}/chat/completions", timeout=TIMEOUT,
+        response = httpx.post(url + "/chat/completions", timeout=TIMEOUT,
                               json={"messages": USER, "max_tokens": 3})
         assert response.status_code == 200 and response.text.endswith('data: {"done": true}\n\n')
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_tiny_temperature_and_top_p_over_http_are_answered(server):
@@ -223,16 +198,12 @@ def test_a_body_over_the_default_limit_is_413_with_a_json_body(server):
         assert response.status_code == 413 and "--max-body-bytes" in response.text
 
 
-def test_max_body_bytes_flag(base_dir):
-    server, thread, port = start_server(max_body_bytes=100)
-    try:
+def test_max_body_bytes_flag(tiny_chat_base_dir):
+    with chat_server(max_body_bytes=100) as (_, url, _):
         body = {"messages": USER, "max_tokens": 2}
-        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 200
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 200
         body["messages"] = [{"role": "user", "content": "x" * 100}]
-        assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 413
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 413
 
 
 def test_a_half_sent_body_is_answered_408_and_closed(server):
