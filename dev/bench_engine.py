@@ -103,11 +103,11 @@ def self_check(model, tokenizer, device_type):
     from nanochat.engine import Engine
     prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
     max_tokens = 64  # as in the reference self-check
-    reference, seconds = timed(lambda: printed(model.generate(prompt, max_tokens, temperature=0.0), tokenizer),
-                               device_type)
+    gpt_stream = model.generate(prompt, max_tokens, temperature=0.0)
+    reference, seconds = timed(lambda: printed(gpt_stream, tokenizer), device_type)
     print(f"Reference time: {seconds:.2f}s")
-    stream = Engine(model, tokenizer).generate(prompt, max_tokens=max_tokens, temperature=0.0)
-    engine_ids, seconds = timed(lambda: printed((column[0] for column, _ in stream), tokenizer), device_type)
+    engine_stream = Engine(model, tokenizer).generate(prompt, max_tokens=max_tokens, temperature=0.0)
+    engine_ids, seconds = timed(lambda: printed((col[0] for col, _ in engine_stream), tokenizer), device_type)
     print(f"Engine time: {seconds:.2f}s")
     mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine_ids)) if a != b), None)
     if mismatch is not None:
