@@ -5,9 +5,12 @@ Decode throughput of the Engine: prefill a prompt once, then sample `--new-token
     python -m dev.bench_engine                       # the latest sft checkpoint (falls back to base)
     python -m dev.bench_engine --source base --batch 1,8 --prompt-len 64 --new-tokens 256
     python -m dev.bench_engine --depth 12            # a randomly initialised model of that depth instead
+    python -m dev.bench_engine --check               # the Engine's greedy tokens == GPT.generate's (base)
 
 Generation runs at temperature 1 with a fixed seed. The Engine is given a tokenizer view whose terminal
 ids (<|assistant_end|>, BOS) can never be sampled, so every run decodes exactly --new-tokens steps.
+--check is the reference's `python -m nanochat.engine` self-check: 64 greedy tokens of "The chemical formula
+of water is" through GPT.generate, then through the Engine, streamed, timed and compared.
 """
 
 import argparse
@@ -25,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (the best is reported)")
     p.add_argument("--device-type", type=str, default="")
+    p.add_argument("--check", action="store_true", help="compare greedy Engine and GPT.generate instead")
     return p.parse_args(argv)
 
 
@@ -69,13 +73,49 @@ def load(args, device):
     raise SystemExit(f"bench_engine: no checkpoint found ({last_error}); train one or pass --depth")
 
 
-def time_decode(engine, prompt, rows, new_tokens, device_type):
+def timed(consume, device_type):
+    """(consume()'s result, seconds), CUDA's queued kernels finished before and after."""
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     sync()
     t0 = time.time()
-    steps = sum(1 for _ in engine.generate(prompt, num_samples=rows, max_tokens=new_tokens, temperature=1.0, seed=0))
+    result = consume()
     sync()
-    return steps, time.time() - t0
+    return result, time.time() - t0
+
+
+def time_decode(engine, prompt, rows, new_tokens, device_type):
+    stream = engine.generate(prompt, num_samples=rows, max_tokens=new_tokens, temperature=1.0, seed=0)
+    return timed(lambda: sum(1 for _ in stream), device_type)
+
+
+def printed(token_ids, tokenizer):
+    """The ids of the stream, each printed as it comes."""
+    ids = []
+    for token in token_ids:
+        ids.append(token)
+        print(tokenizer.decode([token]), end="", flush=True)
+    print()
+    return ids
+
+
+def self_check(model, tokenizer, device_type):
+    """Greedy decoding through the Engine must match GPT.generate token for token."""
+    from nanochat.engine import Engine
+    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
+    max_tokens = 64  # as in the reference self-check
+    gpt_stream = model.generate(prompt, max_tokens, temperature=0.0)
+    reference, seconds = timed(lambda: printed(gpt_stream, tokenizer), device_type)
+    print(f"Reference time: {seconds:.2f}s")
+    engine_stream = Engine(model, tokenizer).generate(prompt, max_tokens=max_tokens, temperature=0.0)
+    engine_ids, seconds = timed(lambda: printed((col[0] for col, _ in engine_stream), tokenizer), device_type)
+    print(f"Engine time: {seconds:.2f}s")
+    mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine_ids)) if a != b), None)
+    if mismatch is not None:
+        print(f"Mismatch at {mismatch}: {reference[mismatch]} != {engine_ids[mismatch]}")
+    # the Engine stops early at <|assistant_end|> or BOS, GPT.generate does not
+    match = reference[:len(engine_ids)] == engine_ids
+    print(f"Match: {match}")
+    return match
 
 
 def main(argv=None):
@@ -84,7 +124,11 @@ def main(argv=None):
     from nanochat.engine import Engine, NeverStopping
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
+    if args.check:
+        args.source = args.source or "base"  # the reference checks the base model
     model, tokenizer, what = load(args, device)
+    if args.check:
+        return self_check(model, tokenizer, device_type)
     cfg = model.config
     print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
           f"vocab={cfg.vocab_size} prompt={args.prompt_len} new_tokens={args.new_tokens} "

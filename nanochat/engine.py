@@ -12,7 +12,6 @@ import copy
 import signal
 import string
 import threading
-import time
 import warnings
 from collections import deque
 from contextlib import contextmanager
@@ -362,20 +361,6 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 0 or None, got {max_tokens}")
         return max_tokens
 
-    def _prefill(self, tokens, num_samples, capacity, device):
-        """Run the prompt once at batch 1, then copy its cache into a num_samples-row decode cache.
-        Returns the last position's logits expanded to (num_samples, V), and the decode cache."""
-        logits, prompt_cache = prefill_prompt(self.model, tokens, device)
-        decode_cache = KVCache.for_model(self.model.config, num_samples, capacity, device)
-        decode_cache.prefill(prompt_cache)
-        return logits.expand(num_samples, -1), decode_cache
-
-    def _tool_output(self, expr_tokens, special):
-        return tool_output(self.tokenizer, expr_tokens, special)
-
-    def _emit(self, row, sampled, special):
-        return emit_token(row, sampled, special, self.tokenizer)
-
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Stream one (token_column, token_masks) pair per step: lists of length num_samples with each
@@ -386,18 +371,21 @@ class Engine:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         device = self.model.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)
         special = ToolTokens.from_tokenizer(self.tokenizer)
         num_steps = self._num_steps(len(tokens), max_tokens)
         if num_steps == 0:
             return
-        logits, cache = self._prefill(tokens, num_samples, len(tokens) + num_steps, device)
+        # the prompt runs once at batch 1; its cache is copied into every row of the decode cache
+        logits, prompt_cache = prefill_prompt(self.model, tokens, device)
+        logits = logits.expand(num_samples, -1)
+        cache = KVCache.for_model(self.model.config, num_samples, len(tokens) + num_steps, device)
+        cache.prefill(prompt_cache)
         rows = [RowState(tokens.copy()) for _ in range(num_samples)]
         for step in range(num_steps):
             # every row draws its own token, also at step 0 where all rows share the prefill logits
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, masks = zip(*(self._emit(row, s, special) for row, s in zip(rows, sampled)))
+            column, masks = zip(*(emit_token(r, s, special, self.tokenizer) for r, s in zip(rows, sampled)))
             yield list(column), list(masks)
             if step == num_steps - 1 or all(row.completed for row in rows):
                 return  # stop before feeding the column: its logits would never be used
@@ -425,47 +413,3 @@ class Engine:
             if all(completed):
                 break
         return (results, masks, completed) if keep_terminal else (results, masks)
-
-
-# -----------------------------------------------------------------------------
-# Self-check: python -m nanochat.engine
-
-
-def _timed_stream(token_ids, tokenizer, device_type):
-    """Consume an iterator of token ids, printing them as they come. Returns (ids, seconds)."""
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.time()
-    ids = []
-    for token in token_ids:
-        ids.append(token)
-        print(tokenizer.decode([token]), end="", flush=True)
-    print()
-    sync()
-    return ids, time.time() - t0
-
-
-def main():
-    """Greedy decoding of the base model through the Engine must match GPT.generate token for token."""
-    from nanochat.checkpoint_manager import load_model  # only the self-check needs a checkpoint
-
-    device_type = common.autodetect_device_type()
-    _, _, _, _, device = common.compute_init(device_type)
-    model, tokenizer, _ = load_model("base", device, phase="eval")
-    prompt = tokenizer.encode("The chemical formula of water is", prepend=tokenizer.get_bos_token_id())
-    max_tokens = 64  # as in the reference self-check
-    stream = model.generate(prompt, max_tokens, temperature=0.0)
-    reference, ref_time = _timed_stream(stream, tokenizer, device_type)
-    print(f"Reference time: {ref_time:.2f}s")
-    stream = Engine(model, tokenizer).generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-    engine_ids, engine_time = _timed_stream((column[0] for column, _ in stream), tokenizer, device_type)
-    print(f"Engine time: {engine_time:.2f}s")
-    mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine_ids)) if a != b), None)
-    if mismatch is not None:
-        print(f"Mismatch at {mismatch}: {reference[mismatch]} != {engine_ids[mismatch]}")
-    # the Engine stops early at <|assistant_end|> or BOS, GPT.generate does not
-    print(f"Match: {reference[:len(engine_ids)] == engine_ids}")
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,8 @@ class NanochatConfig(PretrainedConfig):
         self.sequence_len, self.vocab_size, self.n_layer = sequence_len, vocab_size, n_layer
         self.n_head, self.n_kv_head, self.n_embd = n_head, n_kv_head, n_embd
         self.window_pattern, self.mup_base_width = window_pattern, mup_base_width
-        super().__init__(**kwargs)
+        # lm_head and wte are separate tables; left at True, transformers 4.x ties them on loading
+        super().__init__(**{"tie_word_embeddings": False, **kwargs})
 
 
 def norm(x):
@@ -132,12 +133,6 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
                                            for i in range(L) if has_ve(i, L)})
         self.windows = window_sizes(config)
         self.post_init()
-
-    def _init_weights(self, module):
-        pass  # every weight comes from the checkpoint
-
-    def get_input_embeddings(self):
-        return self.transformer.wte
 
     def _smear(self, x):
         """Each position mixes in the previous position's embedding, gated by its own."""

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from nanochat import common
-from nanochat.engine import (Engine, KVCache, RowState, _timed_stream, eval_with_timeout, prefill_prompt,
-                             use_calculator)
+from nanochat.engine import Engine, KVCache, RowState, eval_with_timeout, prefill_prompt, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -558,11 +557,14 @@ def test_max_tokens_none_stops_at_context_on_real_model():
     assert [len(r) for r in results] == [32, 32]
 
 
-def test_self_check_stream_skips_cuda_sync_on_cpu(monkeypatch, capsys):
+def test_self_check_matches_gpt_generate_and_skips_cuda_sync_on_cpu(monkeypatch, capsys):
+    """dev/bench_engine --check, the reference's `python -m nanochat.engine`, on a tiny model."""
+    from dev.bench_engine import _Tokens, self_check
+
     def no_cuda():
         raise RuntimeError("torch.cuda.synchronize called on CPU")
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_cuda)
-    ids, seconds = _timed_stream(iter(ascii_ids("hi")), ByteTokenizer(), "cpu")
-    assert ids == ascii_ids("hi") and seconds >= 0
-    assert "hi" in capsys.readouterr().out
+    assert self_check(tiny_gpt(), _Tokens(VOCAB), "cpu")
+    out = capsys.readouterr().out
+    assert "Reference time: " in out and "Engine time: " in out and out.rstrip().endswith("Match: True")
