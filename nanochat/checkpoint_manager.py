@@ -136,10 +136,9 @@ def _remove_if_exists(path):
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """
-    Rank 0 writes the model and meta files; every rank with optimizer_data writes its shard. Every
-    file is complete under a temp name before any is renamed into place, the meta file last (module
-    docstring). All ranks must call this when any passes optimizer_data while a process group is up
-    (they meet at barriers); rank-0-only callers pass optimizer_data=None.
+    Rank 0 writes the model and meta files, every rank with optimizer_data its shard (in the order the
+    module docstring gives). All ranks must call this when any passes optimizer_data while a process group
+    is up (they meet at barriers); rank-0-only callers pass optimizer_data=None.
     """
     meta_data = dict(meta_data)
     if "model_config" in meta_data:

@@ -210,13 +210,7 @@ class RustBPETokenizer(_Tokenizer):
         The input is never mutated. Malformed conversations raise ValueError.
         """
         messages, first = _merge_system_message(conversation["messages"])
-        ids, mask = [], []
-
-        def add(tokens, supervised):
-            ids.extend(tokens)
-            mask.extend([supervised] * len(tokens))
-
-        add([self.get_bos_token_id()], 0)
+        pieces = [([self.get_bos_token_id()], 0)]  # (tokens, mask)
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             role, content = message["role"], message["content"]
@@ -227,22 +221,21 @@ class RustBPETokenizer(_Tokenizer):
                 if not isinstance(content, str):
                     raise ValueError(f"User message {i + first} content must be a str, "
                                      f"got {type(content).__name__}")
-                add(render_turn(self, "user", content), 0)
+                pieces.append((render_turn(self, "user", content), 0))
             else:
-                add([self.encode_special("<|assistant_start|>")], 0)
-                for tokens, supervised in self._render_assistant_content(content):
-                    add(tokens, supervised)
-                add([self.encode_special("<|assistant_end|>")], 1)
+                pieces.extend(self._render_assistant_message(content))
+        ids = [token for tokens, _ in pieces for token in tokens]
+        mask = [supervised for tokens, supervised in pieces for _ in tokens]
         return ids[:max_tokens], mask[:max_tokens]
 
-    def _render_assistant_content(self, content):
-        """Yield (tokens, mask) pieces for an assistant message's content (a str or a list of parts)."""
+    def _render_assistant_message(self, content):
+        """(tokens, mask) pieces: <|assistant_start|>, content (str or list of parts), <|assistant_end|>."""
         if isinstance(content, str):
-            yield self.encode(content), 1
-            return
-        if not isinstance(content, list):
+            content = [{"type": "text", "text": content}]
+        elif not isinstance(content, list):
             raise ValueError(f"Unknown content type: {type(content).__name__} "
                              f"(expected str or list of parts)")
+        yield [self.encode_special("<|assistant_start|>")], 0
         for part in content:
             if part["type"] not in self._PARTS:
                 raise ValueError(f"Unknown part type: {part['type']!r} (expected one of {list(self._PARTS)})")
@@ -253,6 +246,7 @@ class RustBPETokenizer(_Tokenizer):
             if start is not None:
                 tokens = [self.encode_special(start)] + tokens + [self.encode_special(end)]
             yield tokens, supervised
+        yield [self.encode_special("<|assistant_end|>")], 1
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling (RL/eval): the conversation without its final assistant message (default
