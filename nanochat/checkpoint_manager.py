@@ -15,6 +15,7 @@ writers. model_config holds the muP / L3 keys only when that feature is on, so a
 exactly the reference's (its GPTConfig(**kwargs) accepts it). The meta keeps json's allow_nan: an infinite
 min_val_bpb is written as `Infinity`, as the reference writes and reads it (strict JSON parsers reject it).
 """
+
 import json
 import logging
 import os
@@ -366,10 +367,8 @@ def build_model(checkpoint_dir, step, device, phase):
 # Finding tags and steps
 
 def find_largest_model(checkpoints_dir):
-    """
-    The model tag to load by default: the deepest d<N>-prefixed tag (d24_jan29 counts as 24; equal
-    depths go to the most recently modified), else the most recently modified subdirectory.
-    """
+    """The model tag to load by default: the deepest d<N>-prefixed tag (d24_jan29 counts as 24; equal depths
+    go to the most recently modified), else the most recently modified subdirectory."""
     tags = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
     tags = [t for t in tags if os.path.isdir(os.path.join(checkpoints_dir, t))]
     if not tags:

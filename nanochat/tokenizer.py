@@ -109,9 +109,8 @@ class RustBPETokenizer(_Tokenizer):
         import rustbpe
         vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
         if vocab_size_no_special < 256:
-            raise ValueError(f"vocab_size must leave room for 256 byte tokens plus {len(SPECIAL_TOKENS)} "
-                             f"specials, got vocab_size={vocab_size} ({vocab_size_no_special} without "
-                             f"specials)")
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for 256 byte tokens plus "
+                             f"{len(SPECIAL_TOKENS)} specials ({vocab_size_no_special} without specials)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(text_iterator), vocab_size_no_special, pattern=SPLIT_PATTERN)
         # rustbpe ranks: 0..255 are the single bytes (rank = byte value), then the merges in merge order.

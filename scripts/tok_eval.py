@@ -20,6 +20,7 @@ from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 GREEN, RED, RESET = "\033[92m", "\033[91m", "\033[0m"
 BASELINES = [("GPT-2", "gpt2"), ("GPT-4", "cl100k_base")]
+MARKDOWN_RULE_WIDTHS = (11, 7, 14, 14, 13, 12, 17)  # dashes per column of the report table's separator row
 
 
 def eval_texts():
@@ -70,7 +71,7 @@ def compare(label, theirs, ours):
     print("-" * 95)
     columns = ["Text Type", "Bytes", f"{label} Tokens", f"{label} Ratio", "Ours Tokens", "Ours Ratio",
                "Relative Diff %"]
-    rule = "|" + "|".join("-" * width for width in (11, 7, 14, 14, 13, 12, 17)) + "|"
+    rule = "|" + "|".join("-" * width for width in MARKDOWN_RULE_WIDTHS) + "|"
     markdown = [f"### Comparison with {label}", "", f"| {' | '.join(columns)} |", rule]
     for name, (n_bytes, their_tokens, their_ratio) in theirs.items():
         _, our_tokens, our_ratio = ours[name]
