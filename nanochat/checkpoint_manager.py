@@ -1,31 +1,19 @@
 """
-Checkpoints: save and load model weights, per-rank optimizer shards and JSON metadata; rebuild a
-GPT from them; find the newest model tag and step.
+Checkpoints: save and load model weights, per-rank optimizer shards and JSON metadata; rebuild a GPT from
+them; find the newest model tag and step. The layout is the reference's, so checkpoints move between the
+two code bases either way:
 
-On-disk layout (the reference's, so checkpoints move between the two code bases either way):
-
-    <base_dir>/base_checkpoints/<model_tag>/      pretraining   (source "base")
-    <base_dir>/chatsft_checkpoints/<model_tag>/   SFT           (source "sft")
-    <base_dir>/chatrl_checkpoints/<model_tag>/    RL            (source "rl")
+    <base_dir>/{base,chatsft,chatrl}_checkpoints/<model_tag>/     (source "base", "sft", "rl")
         model_{step:06d}.pt             torch.save of the uncompiled model's state_dict (rank 0)
         optim_{step:06d}_rank{r}.pt     torch.save of rank r's optimizer state_dict (sharded)
         meta_{step:06d}.json            metadata, json indent=2, UTF-8 (rank 0)
 
-Every file is first written in full to a temp name (<name>.tmp.<pid>) in the same directory; only
-when all of a step's files are complete are they renamed into place, the meta file last (after a
-barrier when a process group is up), so a meta file marks a complete checkpoint and find_last_step
-ignores steps without one. Re-saving an existing step removes its old meta file only after the
-replacement files are complete, so a kill while they are written keeps the old checkpoint whole.
-Temp files left by writers that were killed (their pid is no longer alive) are removed by the next
-save into the same directory; a live writer's temp file is never touched.
-
-model_config holds the reference's GPTConfig keys, plus the muP / L3 keys only when that feature is
-on: a plain model's meta is exactly what the reference writes, so its GPTConfig(**kwargs) accepts
-it, and reading a meta without those keys gives their defaults (feature off).
-
-The meta JSON keeps json's default allow_nan: an infinite min_val_bpb is written as the
-non-standard token `Infinity`, exactly as the reference writes it and reads it back (json.load
-accepts it). Strict JSON parsers in other languages reject it; Python's json module does not.
+Every file is written in full to <name>.tmp.<pid> first and renamed into place only when all of the step's
+files are complete, the meta file last: a meta file marks a complete checkpoint, and a step being re-saved
+loses its old meta only once the replacements are complete. The next save removes the temp files of killed
+writers. model_config holds the muP / L3 keys only when that feature is on, so a plain model's meta is
+exactly the reference's (its GPTConfig(**kwargs) accepts it). The meta keeps json's allow_nan: an infinite
+min_val_bpb is written as `Infinity`, as the reference writes and reads it (strict JSON parsers reject it).
 """
 
 import json
@@ -46,16 +34,14 @@ logger = logging.getLogger(__name__)
 # checkpoint source -> directory under the base dir
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
-_MODEL_FILE_RE = re.compile(r"model_(\d+)\.pt")
+# model_{step:06d}.pt: six digits, or more without a leading zero (not model_best.pt, not model_0000077.pt)
+_MODEL_FILE_RE = re.compile(r"model_(\d{6}|[1-9]\d{6,})\.pt")
 _DEPTH_TAG_RE = re.compile(r"d(\d+)")  # a tag that starts with d<depth>: d20, d24_jan29
 
 
 class CheckpointValueError(ValueError, AssertionError):
-    """
-    Bad input found while building a model (invalid phase, tokenizer/model vocab mismatch). The
-    reference checked these with `assert`; being an AssertionError too keeps callers written
-    against it working, while the ValueError is what new code should catch.
-    """
+    """Bad input to build_model (phase, vocab mismatch). The reference asserted these, so its callers may
+    catch AssertionError; new code should catch ValueError."""
 
 
 def log0(message):
@@ -102,56 +88,33 @@ def portable_model_config(model_config):
     return config
 
 
-_TEMP_FILE_RE = re.compile(r"(?P<name>.+)\.tmp\.(?P<pid>\d+)")
-
-
-def _temp_path(path):
-    return f"{path}.tmp.{os.getpid()}"
-
-
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's live process
+        pass  # someone else's live process
     return True
 
 
-def _written_by_rank(name, rank):
-    """Whether rank writes checkpoint file `name` (rank 0: model and meta; rank r: its optimizer shard)."""
-    if m := re.fullmatch(r"optim_\d+_rank(\d+)\.pt", name):
-        return int(m.group(1)) == rank
-    return rank == 0 and re.fullmatch(r"(model_\d+\.pt|meta_\d+\.json)", name) is not None
-
-
-def remove_stale_temp_files(checkpoint_dir, rank=0):
+def _remove_stale_temp_files(checkpoint_dir, rank):
     """
-    Remove the temp files of this rank's checkpoint files whose writer is dead: a save killed
-    mid-write leaves <name>.tmp.<pid> behind. A temp file whose pid is alive belongs to a save in
-    progress and is kept. Each rank looks only at the files it writes itself, so on several nodes
-    no rank judges a pid of another machine. Returns the removed paths.
+    Remove the <name>.tmp.<pid> files that saves killed mid-write left behind; a temp file whose pid is alive
+    belongs to a save in progress and is kept. Each rank looks only at the files it writes itself (rank 0:
+    model and meta), so on several nodes no rank judges a pid of another machine.
     """
-    removed = []
-    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
-    for name in names:
-        m = _TEMP_FILE_RE.fullmatch(name)
-        if m is None or not _written_by_rank(m.group("name"), rank) or _pid_alive(int(m.group("pid"))):
-            continue
+    own = rf"optim_\d+_rank{rank}\.pt" + (r"|model_\d+\.pt|meta_\d+\.json" if rank == 0 else "")
+    for name in os.listdir(checkpoint_dir):
+        m = re.fullmatch(rf"(?:{own})\.tmp\.(\d+)", name)
         path = os.path.join(checkpoint_dir, name)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            continue  # another process removed it first
-        removed.append(path)
-        log0(f"Removed {path}, left by a killed save (process {m.group('pid')} is gone)")
-    return removed
+        if m and not _pid_alive(int(m.group(1))) and _remove_if_exists(path):
+            log0(f"Removed {path}, left by a killed save (process {m.group(1)} is gone)")
 
 
 def _write_temp(path, write):
     """write(f) into path's temp file, flushed to disk; returns the temp path (deleted on failure)."""
-    tmp = _temp_path(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -164,18 +127,19 @@ def _write_temp(path, write):
 
 
 def _remove_if_exists(path):
+    """Whether path was there to remove (another process may have removed it first)."""
     try:
         os.remove(path)
     except FileNotFoundError:
-        pass
+        return False
+    return True
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """
-    Rank 0 writes the model and meta files; every rank with optimizer_data writes its shard. Every
-    file is complete under a temp name before any is renamed into place, the meta file last (module
-    docstring). All ranks must call this when any passes optimizer_data while a process group is up
-    (they meet at barriers); rank-0-only callers pass optimizer_data=None.
+    Rank 0 writes the model and meta files, every rank with optimizer_data its shard (in the order the
+    module docstring gives). All ranks must call this when any passes optimizer_data while a process group
+    is up (they meet at barriers); rank-0-only callers pass optimizer_data=None.
     """
     meta_data = dict(meta_data)
     if "model_config" in meta_data:
@@ -188,7 +152,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     try:
         if rank == 0 or optimizer_data is not None:
             os.makedirs(checkpoint_dir, exist_ok=True)
-            remove_stale_temp_files(checkpoint_dir, rank)
+            _remove_stale_temp_files(checkpoint_dir, rank)
         if rank == 0:
             staged[model_path] = _write_temp(model_path, lambda f: torch.save(model_data, f))
             staged[meta_path] = _write_temp(meta_path, lambda f: f.write(meta_text.encode("utf-8")))
@@ -316,26 +280,21 @@ def _is_gate(key):
 
 def _patch_missing_keys(model_data, model_config, model=None):
     """
-    Adds, in place, the parameters an older checkpoint lacks, each with the value that turns its
-    feature off exactly (see _noop_value): resid_lambdas and x0_lambdas always, as the reference;
-    for a full state dict (one holding transformer.wte.weight, whose dtype the value embeddings
-    take) also the smear/backout lambdas, value embeddings and gates. `model`, a GPT of
-    model_config (meta device is fine), gives the expected keys and shapes; built here if None.
-    Keys with no no-op value stay missing, and the strict load names them.
+    Adds, in place, the parameters an older checkpoint lacks, each with the value that turns its feature
+    off exactly (_noop_value): resid_lambdas and x0_lambdas (as the reference), the smear/backout lambdas,
+    value embeddings and their gates. `model`, a GPT of model_config (meta device is fine), gives the
+    expected keys and shapes; built here if None. Keys with no no-op value stay missing for the strict load.
     """
+    if model is None:
+        with torch.device("meta"):
+            model = GPT(model_config)
+    expected = model.state_dict()
     device = next(iter(model_data.values())).device if model_data else torch.device("cpu")
-    missing = [k for k in ("resid_lambdas", "x0_lambdas") if k not in model_data]
-    shapes = {k: (model_config.n_layer,) for k in missing}
-    wte = model_data.get("transformer.wte.weight")
-    if wte is not None:
-        if model is None:
-            with torch.device("meta"):
-                model = GPT(model_config)
-        expected = model.state_dict()
-        missing = [k for k in expected if k not in model_data]
-        shapes = {k: expected[k].shape for k in missing}
+    wte = model_data.get("transformer.wte.weight")  # the value embeddings take its dtype
+    embedding_dtype = torch.float32 if wte is None else wte.dtype
+    missing = [k for k in expected if k not in model_data]
     for key in sorted(missing, key=_is_gate):  # gates last: their rule reads what they gate
-        value = _noop_value(key, shapes[key], model_data, wte.dtype if wte is not None else torch.float32)
+        value = _noop_value(key, expected[key].shape, model_data, embedding_dtype)
         if value is not None:
             model_data[key] = value.to(device)
             log0(f"Patching missing {key} in checkpoint with {value.flatten()[0].item():g}s of shape "
@@ -376,11 +335,10 @@ def build_model(checkpoint_dir, step, device, phase):
     device = torch.device(device)
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
     model_file = _model_path(checkpoint_dir, step)
-    if device.type in ("cpu", "mps"):
-        # bf16 weights from a GPU run: compute in fp32 here
-        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    # torch.compile'd modules prefix every key with _orig_mod.
-    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    # bf16 weights from a GPU run compute in fp32 on CPU/MPS; torch.compile'd modules prefix keys _orig_mod.
+    to_fp32 = device.type in ("cpu", "mps")
+    model_data = {k.removeprefix("_orig_mod."): v.float() if to_fp32 and v.dtype == torch.bfloat16 else v
+                  for k, v in model_data.items()}
 
     config = _model_config_from_meta(meta_data, _meta_path(checkpoint_dir, step))
     tokenizer = get_tokenizer()  # checked before the (possibly large) model is built
@@ -396,7 +354,8 @@ def build_model(checkpoint_dir, step, device, phase):
     try:
         model.load_state_dict(model_data, strict=True, assign=True)
     except RuntimeError as e:
-        raise RuntimeError(f"Checkpoint {model_file} does not fit the model described by its metadata: {e}") from e
+        raise RuntimeError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
+                           f"{e}") from e
     model.train(phase == "train")
     # every loader of a checkpoint (SFT, RL, eval, chat) picks FA3 or SDPA here: on this rank's device, at the
     # model's head dim, after compute_init (it may all-reduce), and before any compile
@@ -408,10 +367,8 @@ def build_model(checkpoint_dir, step, device, phase):
 # Finding tags and steps
 
 def find_largest_model(checkpoints_dir):
-    """
-    The model tag to load by default: the deepest d<N>-prefixed tag (d24_jan29 counts as 24; equal
-    depths go to the most recently modified), else the most recently modified subdirectory.
-    """
+    """The model tag to load by default: the deepest d<N>-prefixed tag (d24_jan29 counts as 24; equal depths
+    go to the most recently modified), else the most recently modified subdirectory."""
     tags = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
     tags = [t for t in tags if os.path.isdir(os.path.join(checkpoints_dir, t))]
     if not tags:
@@ -427,17 +384,15 @@ def find_last_step(checkpoint_dir):
     """The largest step (numeric) with both model_{step:06d}.pt and meta_{step:06d}.json present."""
     names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
     complete = []
-    for name in names:
-        m = _MODEL_FILE_RE.fullmatch(name)
-        step = int(m.group(1)) if m else None
-        if step is None or name != f"model_{step:06d}.pt":
-            continue  # a foreign file such as model_best.pt, or non-canonical zero padding
+    for m in filter(None, map(_MODEL_FILE_RE.fullmatch, names)):
+        step = int(m.group(1))
         if os.path.exists(_meta_path(checkpoint_dir, step)):
             complete.append(step)
         else:
             log0(f"Ignoring incomplete checkpoint step {step} in {checkpoint_dir} (no meta file)")
     if not complete:
-        raise FileNotFoundError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found in {checkpoint_dir}")
+        raise FileNotFoundError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found "
+                                f"in {checkpoint_dir}")
     return max(complete)
 
 

@@ -1,20 +1,15 @@
 """
-BPE tokenizer in the style of GPT-4, and the chat format built on top of it.
-
-Two implementations share one interface:
-- RustBPETokenizer (the default): trained with `rustbpe`, run with `tiktoken`. Saved as a pickle of the
+BPE tokenizer in the style of GPT-4, and the chat format built on top of it. Two implementations share
+one interface:
+- RustBPETokenizer (the default): trained with `rustbpe`, run with `tiktoken`, saved as a pickled
   `tiktoken.Encoding` (<dir>/tokenizer.pkl). The special tokens take the LAST len(SPECIAL_TOKENS) ids.
-- HuggingFaceTokenizer: a wrapper around a `tokenizers.Tokenizer` (<dir>/tokenizer.json). It is reached
-  explicitly, e.g. through `HuggingFaceTokenizer.from_pretrained` for `base_eval --hf-path`; nothing in the
-  default pipeline uses it. When trained here, its special tokens take the FIRST ids. It has no chat rendering.
+- HuggingFaceTokenizer: a `tokenizers.Tokenizer` (<dir>/tokenizer.json), reached only explicitly (e.g.
+  `base_eval --hf-path`). When trained here its special tokens take the FIRST ids. No chat rendering.
 
-Conversations ({"messages": [{"role": ..., "content": ...}, ...]}) are turned into (ids, loss mask) pairs by
-RustBPETokenizer.render_conversation; see that method for the layout. Prompts for sampling a reply share
-that layout: fit_chat_prompt fits a conversation to a token budget (the CLI and the server), and
-StreamDecoder turns the reply's token ids into text as it streams.
-
-Importing this module does no work: the base dir is touched only by get_tokenizer()/get_token_bytes(),
-and the optional packages (`rustbpe`, `tokenizers`) are imported only where they are used.
+Conversations become (ids, loss mask) pairs in RustBPETokenizer.render_conversation. Prompts for sampling
+a reply share that layout: fit_chat_prompt fits a conversation to a token budget (CLI and server), and
+StreamDecoder turns the reply's ids into text as it streams. Importing this module does no work: the base
+dir is read only by get_tokenizer()/get_token_bytes(), `rustbpe` and `tokenizers` only where they are used.
 """
 
 import codecs
@@ -56,48 +51,49 @@ SPECIAL_TOKENS = [
 # 0.972 with {1,3}. Needs possessive quantifiers and Unicode classes (tiktoken, `regex`, Onig).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-_TRAIN_HINT = "train one first with `python -m scripts.tok_train`"
 _PICKLE_FIX = ("Fix: copy it again from where it came, or retrain it with `python -m scripts.tok_train` "
                "(checkpoints trained with another tokenizer need theirs)")
-_TOKEN_BYTES_FIX = ("Fix: rewrite it from the tokenizer with `python -c \"import torch; from nanochat.tokenizer "
-                    "import get_tokenizer, compute_token_bytes as c; torch.save(c(get_tokenizer()), '{path}')\"`")
+_TOKEN_BYTES_FIX = ("Fix: rewrite it from the tokenizer with `python -c \"import torch; "
+                    "from nanochat.tokenizer import get_tokenizer, compute_token_bytes as c; "
+                    "torch.save(c(get_tokenizer()), '{path}')\"`")
 
 
-def _load_encoding(path):
-    """The tiktoken.Encoding pickled at path; a damaged file is a ValueError naming it and the fix."""
-    with open(path, "rb") as f:
-        try:
-            enc = pickle.load(f)
-        except Exception as e:  # UnpicklingError, EOFError, ImportError, ...: whatever the damage produces
-            raise ValueError(f"Tokenizer file {path} is truncated or corrupt ({one_line_error(e)}). "
-                             f"{_PICKLE_FIX}.") from e
-    if not isinstance(enc, tiktoken.Encoding):
-        raise ValueError(f"Tokenizer file {path} holds a {type(enc).__name__}, not a tiktoken.Encoding. "
-                         f"{_PICKLE_FIX}.")
-    return enc
+class _Tokenizer:
+    """encode() as both tokenizers have it; each gives _encode_one(text) and _encode_batch(texts, threads)."""
 
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """
+        A str gives list[int], a list of str gives list[list[int]]. prepend/append: a token id or a
+        special-token name, put around each row.
+        """
+        head = [] if prepend is None else [self._special_or_id(prepend)]
+        tail = [] if append is None else [self._special_or_id(append)]
+        if isinstance(text, str):
+            rows = [self._encode_one(text)]
+        elif isinstance(text, list):
+            bad = [type(t).__name__ for t in text if not isinstance(t, str)]
+            if bad:
+                raise ValueError(f"Invalid input type: list items must be str, got {bad[0]}")
+            rows = self._encode_batch(text, num_threads)
+        else:
+            raise ValueError(f"Invalid input type: {type(text).__name__} (expected str or list[str])")
+        rows = [head + list(row) + tail for row in rows]
+        return rows[0] if isinstance(text, str) else rows
 
-def _encode_rows(text, prepend_id, append_id, encode_one, encode_batch):
-    """Shared encode logic: a str gives list[int], a list of str gives list[list[int]]; optional ids wrap each row."""
-    if isinstance(text, str):
-        rows = [encode_one(text)]
-    elif isinstance(text, list):
-        bad = [type(t).__name__ for t in text if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"Invalid input type: list items must be str, got {bad[0]}")
-        rows = encode_batch(text)
-    else:
-        raise ValueError(f"Invalid input type: {type(text).__name__} (expected str or list[str])")
-    head = [] if prepend_id is None else [prepend_id]
-    tail = [] if append_id is None else [append_id]
-    rows = [head + list(row) + tail for row in rows]
-    return rows[0] if isinstance(text, str) else rows
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
+    def _special_or_id(self, token):
+        token_id = token if isinstance(token, int) else self.encode_special(token)
+        if token_id is None:  # HuggingFaceTokenizer's answer for a name it lacks (RustBPE raises KeyError)
+            raise ValueError(f"Unknown special token: {token!r}")
+        return token_id
 
 
 # -----------------------------------------------------------------------------
 # The default tokenizer: rustbpe for training, tiktoken for inference
 
-class RustBPETokenizer:
+class RustBPETokenizer(_Tokenizer):
     """A tiktoken.Encoding (`.enc`) whose special tokens are SPECIAL_TOKENS, plus the chat format."""
 
     def __init__(self, enc, bos_token):
@@ -113,8 +109,8 @@ class RustBPETokenizer:
         import rustbpe
         vocab_size_no_special = vocab_size - len(SPECIAL_TOKENS)
         if vocab_size_no_special < 256:
-            raise ValueError(f"vocab_size must leave room for 256 byte tokens plus {len(SPECIAL_TOKENS)} specials, "
-                             f"got vocab_size={vocab_size} ({vocab_size_no_special} without specials)")
+            raise ValueError(f"vocab_size={vocab_size} leaves no room for 256 byte tokens plus "
+                             f"{len(SPECIAL_TOKENS)} specials ({vocab_size_no_special} without specials)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(text_iterator), vocab_size_no_special, pattern=SPLIT_PATTERN)
         # rustbpe ranks: 0..255 are the single bytes (rank = byte value), then the merges in merge order.
@@ -131,8 +127,18 @@ class RustBPETokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        """Load <tokenizer_dir>/tokenizer.pkl (a pickled tiktoken.Encoding; only load files you trust)."""
-        return cls(_load_encoding(os.path.join(tokenizer_dir, "tokenizer.pkl")), "<|bos|>")
+        """Load <tokenizer_dir>/tokenizer.pkl, a pickled tiktoken.Encoding (only load files you trust)."""
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        with open(path, "rb") as f:
+            try:
+                enc = pickle.load(f)
+            except Exception as e:  # UnpicklingError, EOFError, ImportError...: whatever the damage produces
+                raise ValueError(f"Tokenizer file {path} is truncated or corrupt ({one_line_error(e)}). "
+                                 f"{_PICKLE_FIX}.") from e
+        if not isinstance(enc, tiktoken.Encoding):
+            raise ValueError(f"Tokenizer file {path} holds a {type(enc).__name__}, not a tiktoken.Encoding. "
+                             f"{_PICKLE_FIX}.")
+        return cls(enc, "<|bos|>")
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -161,22 +167,13 @@ class RustBPETokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def _special_or_id(self, token):
-        return token if token is None or isinstance(token, int) else self.encode_special(token)
+    def _encode_one(self, text):
+        # ordinary BPE ids: special-token names inside text are NOT recognised, which keeps users from
+        # injecting <|assistant_end|> and friends
+        return self.enc.encode_ordinary(text)
 
-    def encode(self, text, prepend=None, append=None, num_threads=8):
-        """
-        Ordinary BPE ids: special-token strings inside text are NOT recognised (this is what keeps users
-        from injecting <|assistant_end|> and friends). prepend/append: a token id or a special-token string.
-        """
-        return _encode_rows(
-            text, self._special_or_id(prepend), self._special_or_id(append),
-            self.enc.encode_ordinary,
-            lambda texts: self.enc.encode_ordinary_batch(texts, num_threads=num_threads),
-        )
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
+    def _encode_batch(self, texts, num_threads):
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids):
         return self.enc.decode(ids)  # specials come out as their literal strings; bad UTF-8 as U+FFFD
@@ -212,13 +209,7 @@ class RustBPETokenizer:
         The input is never mutated. Malformed conversations raise ValueError.
         """
         messages, first = _merge_system_message(conversation["messages"])
-        ids, mask = [], []
-
-        def add(tokens, supervised):
-            ids.extend(tokens)
-            mask.extend([supervised] * len(tokens))
-
-        add([self.get_bos_token_id()], 0)
+        pieces = [([self.get_bos_token_id()], 0)]  # (tokens, mask)
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             role, content = message["role"], message["content"]
@@ -227,23 +218,23 @@ class RustBPETokenizer:
                                  f"roles must alternate user, assistant, ... starting with user")
             if role == "user":
                 if not isinstance(content, str):
-                    raise ValueError(f"User message {i + first} content must be a str, got {type(content).__name__}")
-                add([self.encode_special("<|user_start|>")] + self.encode(content)
-                    + [self.encode_special("<|user_end|>")], 0)
+                    raise ValueError(f"User message {i + first} content must be a str, "
+                                     f"got {type(content).__name__}")
+                pieces.append((render_turn(self, "user", content), 0))
             else:
-                add([self.encode_special("<|assistant_start|>")], 0)
-                for tokens, supervised in self._render_assistant_content(content):
-                    add(tokens, supervised)
-                add([self.encode_special("<|assistant_end|>")], 1)
+                pieces.extend(self._render_assistant_message(content))
+        ids = [token for tokens, _ in pieces for token in tokens]
+        mask = [supervised for tokens, supervised in pieces for _ in tokens]
         return ids[:max_tokens], mask[:max_tokens]
 
-    def _render_assistant_content(self, content):
-        """Yield (tokens, mask) pieces for an assistant message's content (a str or a list of parts)."""
+    def _render_assistant_message(self, content):
+        """(tokens, mask) pieces: <|assistant_start|>, content (str or list of parts), <|assistant_end|>."""
         if isinstance(content, str):
-            yield self.encode(content), 1
-            return
-        if not isinstance(content, list):
-            raise ValueError(f"Unknown content type: {type(content).__name__} (expected str or list of parts)")
+            content = [{"type": "text", "text": content}]
+        elif not isinstance(content, list):
+            raise ValueError(f"Unknown content type: {type(content).__name__} "
+                             f"(expected str or list of parts)")
+        yield [self.encode_special("<|assistant_start|>")], 0
         for part in content:
             if part["type"] not in self._PARTS:
                 raise ValueError(f"Unknown part type: {part['type']!r} (expected one of {list(self._PARTS)})")
@@ -254,12 +245,11 @@ class RustBPETokenizer:
             if start is not None:
                 tokens = [self.encode_special(start)] + tokens + [self.encode_special(end)]
             yield tokens, supervised
+        yield [self.encode_special("<|assistant_end|>")], 1
 
     def render_for_completion(self, conversation):
-        """
-        Prompt ids for sampling (RL/eval): drop the final assistant message, render the rest
-        (default truncation), and end with <|assistant_start|> so the model answers next.
-        """
+        """Prompt ids for sampling (RL/eval): the conversation without its final assistant message (default
+        truncation), then <|assistant_start|> so the model answers next."""
         messages = conversation["messages"]
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("Last message must be from the Assistant")
@@ -267,7 +257,7 @@ class RustBPETokenizer:
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize_tokenization(self, ids, mask, with_token_id=False):
-        """Each token in green (mask 1) or red (mask 0), optionally followed by its gray (id), joined by '|'."""
+        """Each token in green (mask 1) or red (mask 0), optionally then its gray (id), joined by '|'."""
         if len(ids) != len(mask):
             raise ValueError(f"ids and mask differ in length: {len(ids)} vs {len(mask)}")
         GREEN, RED, GRAY, RESET = "\033[92m", "\033[91m", "\033[90m", "\033[0m"
@@ -281,11 +271,9 @@ class RustBPETokenizer:
 
 
 def _merge_system_message(messages):
-    """
-    Returns (messages, offset): a new list with a leading system message folded into the user message
-    after it (offset 1, so error messages can name indices of the original list), or the input (offset 0).
-    """
-    if len(messages) == 0:
+    """(messages, offset): a new list with a leading system message folded into the user message after it
+    (offset 1, so error messages can name indices of the original list), or the input (offset 0)."""
+    if not messages:
         raise ValueError("Conversation has no messages")
     if messages[0]["role"] != "system":
         return messages, 0
@@ -306,11 +294,9 @@ TOOL_MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|out
 
 
 def encode_assistant_text(tokenizer, text):
-    """
-    Assistant history as the model wrote it: the tool-call markers its replies show literally become special
-    tokens again, so an earlier calculator call reads as it did when generated. Only these four: turn markers
-    stay plain text, so a client cannot forge turns.
-    """
+    """Assistant history as the model wrote it: the tool-call markers its replies show literally become
+    special tokens again, so an earlier calculator call reads as it did when generated. Only these four:
+    turn markers stay plain text, so a client cannot forge turns."""
     ids = []
     for piece in re.split("(" + "|".join(map(re.escape, TOOL_MARKERS)) + ")", text):  # re caches the pattern
         if piece in TOOL_MARKERS:
@@ -348,8 +334,7 @@ def fit_chat_prompt(tokenizer, turns, budget=math.inf, system=""):
         raise ValueError("A chat prompt needs at least one turn")
     pieces = [render_turn(tokenizer, role, content) for role, content in turns]
     with_system = {}  # index of a user turn -> its tokens with the system prompt merged in
-
-    def kept_pieces(dropped):
+    for dropped in range(len(pieces)):
         kept = pieces[dropped:]
         first_user = next((i for i in range(dropped, len(turns)) if turns[i][0] == "user"), None)
         if system and first_user is not None:
@@ -357,10 +342,6 @@ def fit_chat_prompt(tokenizer, turns, budget=math.inf, system=""):
                 text = system + "\n\n" + turns[first_user][1]
                 with_system[first_user] = render_turn(tokenizer, "user", text)
             kept[first_user - dropped] = with_system[first_user]
-        return kept
-
-    for dropped in range(len(pieces)):
-        kept = kept_pieces(dropped)
         if 2 + sum(map(len, kept)) <= budget:  # 2: BOS and the closing <|assistant_start|>
             break
     else:
@@ -375,11 +356,8 @@ def render_chat_prompt(tokenizer, turns, system=""):
 
 
 class StreamDecoder:
-    """
-    Token ids in, text out as it becomes whole: bytes are decoded incrementally, so a character split over
-    several tokens comes out once, whole (and decoding stays linear in the reply length). Special tokens come
-    out as their literal names.
-    """
+    """Token ids in, text out as it becomes whole: a character split over several tokens comes out once,
+    whole, and decoding stays linear in the reply length. Special tokens come out as their literal names."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -396,7 +374,7 @@ class StreamDecoder:
 # -----------------------------------------------------------------------------
 # Alternative: a HuggingFace `tokenizers` BPE (not used by the default pipeline)
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(_Tokenizer):
     """Wrapper around a tokenizers.Tokenizer (`.tokenizer`). No chat rendering."""
 
     def __init__(self, tokenizer):
@@ -426,8 +404,9 @@ class HuggingFaceTokenizer:
         ])
         tokenizer.decoder = decoders.ByteLevel()
         tokenizer.post_processor = None
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
         trainer = BpeTrainer(vocab_size=vocab_size, show_progress=True, min_frequency=0,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIAL_TOKENS)
+                             initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS)
         tokenizer.train_from_iterator(text_iterator, trainer)
         return cls(tokenizer)
 
@@ -450,27 +429,12 @@ class HuggingFaceTokenizer:
                 return token_id
         raise ValueError("Failed to find BOS token in tokenizer (neither <|bos|> nor <|endoftext|>)")
 
-    def _special_or_id(self, token):
-        if token is None or isinstance(token, int):
-            return token
-        token_id = self.encode_special(token)
-        if token_id is None:
-            raise ValueError(f"Unknown special token: {token!r}")
-        return token_id
+    def _encode_one(self, text):
+        # `tokenizers` still matches added special tokens inside text: "<|bos|>" encodes to the BOS id
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode(self, text, prepend=None, append=None, num_threads=None):
-        """
-        Same call shape as RustBPETokenizer.encode; num_threads is accepted and ignored. Unlike the default
-        tokenizer, `tokenizers` still matches added special tokens inside text ("<|bos|>" encodes to the BOS id).
-        """
-        return _encode_rows(
-            text, self._special_or_id(prepend), self._special_or_id(append),
-            lambda t: self.tokenizer.encode(t, add_special_tokens=False).ids,
-            lambda ts: [e.ids for e in self.tokenizer.encode_batch(ts, add_special_tokens=False)],
-        )
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
+    def _encode_batch(self, texts, num_threads):  # num_threads: part of the shared call shape, unused
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -493,22 +457,21 @@ def compute_token_bytes(tokenizer):
     Invariant: sum(token_bytes[encode(text)]) == len(text.encode("utf-8")).
     """
     special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
-    counts = []
-    for token_id in range(tokenizer.get_vocab_size()):
-        if token_id in special_ids:
-            counts.append(0)
-            continue
+
+    def n_bytes(token_id):
         try:
-            counts.append(len(tokenizer.decode_single_token_bytes(token_id)))
+            return 0 if token_id in special_ids else len(tokenizer.decode_single_token_bytes(token_id))
         except KeyError:  # an unused id inside the vocab range (pretrained encodings have gaps)
-            counts.append(0)
-    return torch.tensor(counts, dtype=torch.int32)
+            return 0
+
+    return torch.tensor([n_bytes(i) for i in range(tokenizer.get_vocab_size())], dtype=torch.int32)
 
 
 def _tokenizer_path(filename, what):
     path = os.path.join(get_base_dir(), "tokenizer", filename)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found at {path}; {_TRAIN_HINT}")
+        raise FileNotFoundError(f"{what} not found at {path}; train one first with "
+                                f"`python -m scripts.tok_train`")
     return path
 
 

@@ -16,20 +16,22 @@ from nanochat.dataset import text_iterator
 from nanochat.report import get_report
 from nanochat.tokenizer import SANITY_TEXT, RustBPETokenizer, compute_token_bytes
 
+
 def build_parser():
     parser = argparse.ArgumentParser(description="Train a BPE tokenizer")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many characters")
-    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, including the special tokens")
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000,
+                        help="stop after this many characters")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="crop each document to this many chars")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, including the specials")
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_chars", "doc_cap", "vocab_size"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    for name, value in vars(args).items():
+        if value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
@@ -41,12 +43,12 @@ def token_bytes_stats(token_bytes):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"max_chars: {args.max_chars:,}")
-    print(f"doc_cap: {args.doc_cap:,}")
-    print(f"vocab_size: {args.vocab_size:,}")
+    for name, value in vars(args).items():
+        print(f"{name}: {value:,}")
 
     t0 = time.time()
-    tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap), args.vocab_size)
+    texts = text_iterator(args.max_chars, args.doc_cap)
+    tokenizer = RustBPETokenizer.train_from_iterator(texts, args.vocab_size)
     train_time = time.time() - t0
     print(f"Training time: {train_time:.2f}s")
 

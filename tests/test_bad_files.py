@@ -31,16 +31,6 @@ REPO_ROOT = os.path.dirname(REPO_DATA_DIR)
 VOCAB = TINY_VOCAB
 
 
-@pytest.fixture
-def tokenizer(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def base_dir(tiny_base_dir):
-    return tiny_base_dir
-
-
 def last_line(excinfo):
     """The last line of the traceback Python prints for this exception (chained causes come first)."""
     return "".join(traceback.format_exception(excinfo.value)).rstrip().splitlines()[-1]
@@ -73,18 +63,18 @@ def install_shards(base):
     return train_shard
 
 
-def test_garbage_shard(base_dir):
-    shard = install_shards(base_dir)
+def test_garbage_shard(tiny_base_dir):
+    shard = install_shards(tiny_base_dir)
     shard.write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
     with pytest.raises(dataset.CorruptShardError) as info:
         next(dataset.parquets_iter_batched("train"))
     assert_clear(last_line(info), shard, "python -m nanochat.dataset")
 
 
-def test_truncated_shard_in_the_training_loader(base_dir, tokenizer):
-    shard = install_shards(base_dir)
+def test_truncated_shard_in_the_training_loader(tiny_base_dir, tiny_tokenizer):
+    shard = install_shards(tiny_base_dir)
     truncate(shard)
-    loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 1, 32, "train", device="cpu")
+    loader = tokenizing_distributed_data_loader_bos_bestfit(tiny_tokenizer, 1, 32, "train", device="cpu")
     with pytest.raises(dataset.CorruptShardError) as info:
         next(loader)
     assert_clear(last_line(info), shard, "python -m nanochat.dataset")
@@ -93,32 +83,32 @@ def test_truncated_shard_in_the_training_loader(base_dir, tokenizer):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-def test_truncated_model_file(base_dir):
-    ckpt = save_tiny_checkpoint(base_dir)
+def test_truncated_model_file(tiny_base_dir):
+    ckpt = save_tiny_checkpoint(tiny_base_dir)
     truncate(ckpt / "model_000005.pt")
     with pytest.raises(RuntimeError) as info:
         cm.load_model("base", "cpu", "eval")
     assert_clear(last_line(info), ckpt / "model_000005.pt", f"Fix: delete {ckpt / 'meta_000005.json'}")
 
 
-def test_truncated_optimizer_shard(base_dir):
-    ckpt = save_tiny_checkpoint(base_dir)
+def test_truncated_optimizer_shard(tiny_base_dir):
+    ckpt = save_tiny_checkpoint(tiny_base_dir)
     truncate(ckpt / "optim_000005_rank0.pt")
     with pytest.raises(RuntimeError) as info:
         cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True)
     assert_clear(last_line(info), ckpt / "optim_000005_rank0.pt", "Fix: delete")
 
 
-def test_truncated_meta_file(base_dir):
-    ckpt = save_tiny_checkpoint(base_dir)
+def test_truncated_meta_file(tiny_base_dir):
+    ckpt = save_tiny_checkpoint(tiny_base_dir)
     truncate(ckpt / "meta_000005.json")
     with pytest.raises(ValueError) as info:
         cm.load_model("base", "cpu", "eval")
     assert_clear(last_line(info), ckpt / "meta_000005.json", "so that the previous complete step is used")
 
 
-def test_meta_file_without_model_config(base_dir):
-    ckpt = save_tiny_checkpoint(base_dir)
+def test_meta_file_without_model_config(tiny_base_dir):
+    ckpt = save_tiny_checkpoint(tiny_base_dir)
     (ckpt / "meta_000005.json").write_text(json.dumps(["not", "an", "object"]))
     with pytest.raises(ValueError) as info:
         cm.load_model("base", "cpu", "eval")
@@ -133,8 +123,8 @@ def test_meta_file_without_model_config(base_dir):
 # Tokenizer files
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_bad_tokenizer_pkl(base_dir, damage):
-    path = base_dir / "tokenizer" / "tokenizer.pkl"
+def test_bad_tokenizer_pkl(tiny_base_dir, damage):
+    path = tiny_base_dir / "tokenizer" / "tokenizer.pkl"
     if damage == "truncated":
         truncate(path)
     else:
@@ -144,16 +134,16 @@ def test_bad_tokenizer_pkl(base_dir, damage):
     assert_clear(last_line(info), path, "python -m scripts.tok_train")
 
 
-def test_tokenizer_pkl_holding_something_else(base_dir):
-    path = base_dir / "tokenizer" / "tokenizer.pkl"
+def test_tokenizer_pkl_holding_something_else(tiny_base_dir):
+    path = tiny_base_dir / "tokenizer" / "tokenizer.pkl"
     torch.save({"not": "a tokenizer"}, path)  # a valid pickle of the wrong thing
     with pytest.raises(ValueError) as info:
         get_tokenizer()
     assert_clear(last_line(info), path, "python -m scripts.tok_train")
 
 
-def test_bad_token_bytes(base_dir, tokenizer):
-    path = base_dir / "tokenizer" / "token_bytes.pt"
+def test_bad_token_bytes(tiny_base_dir, tiny_tokenizer):
+    path = tiny_base_dir / "tokenizer" / "token_bytes.pt"
     path.write_bytes(b"PK\x03\x04 not a torch file")
     with pytest.raises(ValueError) as info:
         get_token_bytes()
@@ -171,9 +161,9 @@ def test_bad_token_bytes(base_dir, tokenizer):
 # -----------------------------------------------------------------------------
 # Eval bundle and task data
 
-def test_corrupt_eval_bundle_zip(base_dir, tmp_path, monkeypatch):
-    os.makedirs(base_dir, exist_ok=True)
-    downloaded = base_dir / "eval_bundle.zip"
+def test_corrupt_eval_bundle_zip(tiny_base_dir, tmp_path, monkeypatch):
+    os.makedirs(tiny_base_dir, exist_ok=True)
+    downloaded = tiny_base_dir / "eval_bundle.zip"
     downloaded.write_bytes(b"PK\x03\x04" + os.urandom(100))
     committed_dir = tmp_path / "repo_data"
     committed_dir.mkdir()
@@ -214,9 +204,9 @@ def test_bad_line_in_custom_conversations(tmp_path):
 # -----------------------------------------------------------------------------
 # A server that cannot start says why on its last line
 
-def test_chat_web_startup_failure_ends_with_its_cause(base_dir):
-    save_tiny_checkpoint(base_dir, source="sft")
-    pkl = base_dir / "tokenizer" / "tokenizer.pkl"
+def test_chat_web_startup_failure_ends_with_its_cause(tiny_base_dir):
+    save_tiny_checkpoint(tiny_base_dir, source="sft")
+    pkl = tiny_base_dir / "tokenizer" / "tokenizer.pkl"
     truncate(pkl)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu",

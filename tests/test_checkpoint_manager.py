@@ -38,17 +38,6 @@ class ReferenceGPTConfig:
     window_pattern: str = "SSSL"
 
 
-@pytest.fixture
-def tokenizer(tiny_tokenizer):
-    return tiny_tokenizer
-
-
-@pytest.fixture
-def base_dir(tiny_base_dir):
-    """A fresh NANOCHAT_BASE_DIR holding the tokenizer; rank-0, non-DDP, offline."""
-    return tiny_base_dir
-
-
 def tiny_config(**overrides):
     kwargs = dict(sequence_len=32, vocab_size=TOKENIZER_VOCAB, n_layer=2, n_head=2, n_kv_head=2,
                   n_embd=64, window_pattern="L")
@@ -217,9 +206,9 @@ def test_missing_files_give_clear_errors(tmp_path):
 # -----------------------------------------------------------------------------
 # Rebuilding models
 
-def test_build_model_reproduces_the_saved_model(base_dir):
+def test_build_model_reproduces_the_saved_model(tiny_base_dir):
     model = tiny_model()
-    ckpt = str(base_dir / "base_checkpoints" / "d2")
+    ckpt = str(tiny_base_dir / "base_checkpoints" / "d2")
     cm.save_checkpoint(ckpt, 10, model.state_dict(), None, meta_for(model, 10))
     built, tok, meta = cm.build_model(ckpt, 10, torch.device("cpu"), phase="eval")
     assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
@@ -229,10 +218,10 @@ def test_build_model_reproduces_the_saved_model(base_dir):
         cm.build_model(ckpt, 10, "cpu", phase="test")
 
 
-def test_build_model_decides_the_attention_backend_on_its_device_at_its_head_dim(base_dir, monkeypatch):
+def test_build_model_decides_the_attention_backend_on_its_device_at_its_head_dim(tiny_base_dir, monkeypatch):
     from nanochat import flash_attention as fa
     model = tiny_model()
-    ckpt = str(base_dir / "base_checkpoints" / "d2")
+    ckpt = str(tiny_base_dir / "base_checkpoints" / "d2")
     cm.save_checkpoint(ckpt, 10, model.state_dict(), None, meta_for(model, 10))
     seen = []
     real_status = fa._local_fa3_status
@@ -245,11 +234,11 @@ def test_build_model_decides_the_attention_backend_on_its_device_at_its_head_dim
     assert fa._backend is not None and fa._backend.train == "sdpa"
 
 
-def test_build_model_converts_bf16_to_fp32_on_cpu(base_dir):
+def test_build_model_converts_bf16_to_fp32_on_cpu(tiny_base_dir):
     model = tiny_model()
     bf16_state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    write_like_reference(str(base_dir / "ck"), 1, bf16_state, meta_for(model, 1))
-    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    write_like_reference(str(tiny_base_dir / "ck"), 1, bf16_state, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
     assert all(p.dtype == torch.float32 for p in built.parameters())
     with torch.no_grad():  # the expected model: the original with every weight rounded to bf16
         for p in model.parameters():
@@ -257,23 +246,23 @@ def test_build_model_converts_bf16_to_fp32_on_cpu(base_dir):
     assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
 
 
-def test_build_model_strips_orig_mod_prefix(base_dir):
+def test_build_model_strips_orig_mod_prefix(tiny_base_dir):
     model = tiny_model()
     compiled_state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
-    write_like_reference(str(base_dir / "ck"), 2, compiled_state, meta_for(model, 2))
-    built, _, _ = cm.build_model(str(base_dir / "ck"), 2, "cpu", "eval")
+    write_like_reference(str(tiny_base_dir / "ck"), 2, compiled_state, meta_for(model, 2))
+    built, _, _ = cm.build_model(str(tiny_base_dir / "ck"), 2, "cpu", "eval")
     assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
 
 
-def test_old_checkpoint_patches_window_pattern_and_lambdas(base_dir, caplog):
+def test_old_checkpoint_patches_window_pattern_and_lambdas(tiny_base_dir, caplog):
     model = tiny_model()
     state = model.state_dict()
     del state["resid_lambdas"], state["x0_lambdas"]
     meta = meta_for(model, 1)
     del meta["model_config"]["window_pattern"]
-    write_like_reference(str(base_dir / "ck"), 1, state, meta)
+    write_like_reference(str(tiny_base_dir / "ck"), 1, state, meta)
     caplog.set_level(logging.INFO, logger="nanochat.checkpoint_manager")
-    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    built, _, _ = cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
     assert built.config.window_pattern == "L"
     assert torch.equal(built.resid_lambdas, torch.ones(2)) and torch.equal(built.x0_lambdas, torch.zeros(2))
     with torch.no_grad():  # what the patch means: no per-layer scaling, no x0 skip
@@ -295,14 +284,14 @@ def test_patch_helpers_on_bare_inputs():
     assert torch.equal(kept["resid_lambdas"], torch.full((3,), 0.5))
 
 
-def test_missing_feature_parameters_are_patched_as_exact_noops(base_dir):
+def test_missing_feature_parameters_are_patched_as_exact_noops(tiny_base_dir):
     model = tiny_model()  # 2 layers: layer 1 has a value embedding and its gate
     state = model.state_dict()
     for key in ("smear_lambda", "smear_gate.weight", "backout_lambda",
                 "value_embeds.1.weight", "transformer.h.1.attn.ve_gate.weight"):
         del state[key]
-    write_like_reference(str(base_dir / "ck"), 1, state, meta_for(model, 1))
-    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    write_like_reference(str(tiny_base_dir / "ck"), 1, state, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
     with torch.no_grad():  # the same model with those three features switched off by hand
         model.smear_lambda.zero_()
         model.backout_lambda.zero_()
@@ -312,13 +301,13 @@ def test_missing_feature_parameters_are_patched_as_exact_noops(base_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs CUDA; CPU twins: the bf16 and the no-op patch tests above")
-def test_build_model_on_cuda_keeps_bf16_and_patches_on_the_device(base_dir):
+def test_build_model_on_cuda_keeps_bf16_and_patches_on_the_device(tiny_base_dir):
     model = tiny_model()
     state = {k: v.cuda() for k, v in model.state_dict().items()}
     state["transformer.wte.weight"] = state["transformer.wte.weight"].bfloat16()  # as a GPU run stores it
     del state["backout_lambda"], state["value_embeds.1.weight"], state["transformer.h.1.attn.ve_gate.weight"]
-    write_like_reference(str(base_dir / "ck"), 1, state, meta_for(model, 1))
-    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, torch.device("cuda"), "eval")
+    write_like_reference(str(tiny_base_dir / "ck"), 1, state, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(tiny_base_dir / "ck"), 1, torch.device("cuda"), "eval")
     assert all(t.device.type == "cuda" for t in built.state_dict().values())
     assert built.transformer.wte.weight.dtype == built.value_embeds["1"].weight.dtype == torch.bfloat16
     with torch.no_grad():
@@ -329,7 +318,7 @@ def test_build_model_on_cuda_keeps_bf16_and_patches_on_the_device(base_dir):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_unpatchable_or_unexpected_keys_are_listed(base_dir):
+def test_unpatchable_or_unexpected_keys_are_listed(tiny_base_dir):
     model = tiny_model()
     cases = [("transformer.h.1.attn.ve_gate.weight", None),  # its value embedding is nonzero: no no-op
              ("lm_head.weight", None),
@@ -340,27 +329,27 @@ def test_unpatchable_or_unexpected_keys_are_listed(base_dir):
             del state[drop]
         if extra:
             state[extra] = torch.zeros(1)
-        write_like_reference(str(base_dir / "ck"), i, state, meta_for(model, i))
+        write_like_reference(str(tiny_base_dir / "ck"), i, state, meta_for(model, i))
         with pytest.raises(ValueError, match=rf"model_{i:06d}\.pt") as info:
-            cm.build_model(str(base_dir / "ck"), i, "cpu", "eval")
+            cm.build_model(str(tiny_base_dir / "ck"), i, "cpu", "eval")
         assert (drop or extra) in str(info.value)
 
 
-def test_vocab_mismatch_error(base_dir):
+def test_vocab_mismatch_error(tiny_base_dir):
     model = tiny_model(tiny_config(vocab_size=320))
-    cm.save_checkpoint(str(base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
+    cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
     with pytest.raises(ValueError, match="Tokenizer vocab size 300 does not match model config vocab size 320") as info:
-        cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+        cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
     assert isinstance(info.value, AssertionError)  # callers of the reference caught its assert
 
 
-def test_l3_model_round_trips_with_its_bounds(base_dir):
+def test_l3_model_round_trips_with_its_bounds(tiny_base_dir):
     config = tiny_config(l3_after_layers="0", l3_n_emb=2 * TOKENIZER_VOCAB, l3_d_up=32, l3_k_max=3)
     model = tiny_model(config)
     alloc = [1 if t % 2 else 3 for t in range(TOKENIZER_VOCAB)]  # non-uniform: not the default
     model.l3_layers["0"].set_bounds(allocation_to_bounds(alloc))
-    cm.save_checkpoint(str(base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
-    built, _, _ = cm.build_model(str(base_dir / "ck"), 1, "cpu", "eval")
+    cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
+    built, _, _ = cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
     assert built.l3_layers["0"].allocation() == alloc
     assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
 
@@ -405,8 +394,8 @@ def test_find_largest_model_prefers_depth_then_mtime(tmp_path):
         cm.find_largest_model(str(tmp_path / "empty"))
 
 
-def test_load_model_guesses_tag_and_step_under_base_dir(base_dir):
-    root = base_dir / "base_checkpoints"
+def test_load_model_guesses_tag_and_step_under_base_dir(tiny_base_dir):
+    root = tiny_base_dir / "base_checkpoints"
     small, late, early = tiny_model(tiny_config(n_layer=1)), tiny_model(seed=2), tiny_model(seed=3)
     cm.save_checkpoint(str(root / "d1"), 50, small.state_dict(), None, meta_for(small, 50))
     cm.save_checkpoint(str(root / "d2"), 9, early.state_dict(), {"s": 9}, meta_for(early, 9))
@@ -429,9 +418,9 @@ def test_load_model_guesses_tag_and_step_under_base_dir(base_dir):
 # -----------------------------------------------------------------------------
 # Checkpoints move both ways between this code base and the reference
 
-def test_plain_model_meta_has_exactly_the_reference_keys(base_dir):
+def test_plain_model_meta_has_exactly_the_reference_keys(tiny_base_dir):
     model = tiny_model()
-    ckpt = base_dir / "base_checkpoints" / "d2"
+    ckpt = tiny_base_dir / "base_checkpoints" / "d2"
     cm.save_checkpoint(str(ckpt), 3, model.state_dict(), None, meta_for(model, 3))
     model_config = json.loads((ckpt / "meta_000003.json").read_text())["model_config"]
     assert list(model_config) == REFERENCE_CONFIG_KEYS
@@ -448,9 +437,9 @@ def test_plain_model_meta_has_exactly_the_reference_keys(base_dir):
     dict(l3_after_layers="1", l3_n_emb=2 * TOKENIZER_VOCAB, l3_d_up=48, l3_k_max=4, l3_tie_kv=False),
     dict(mup_base_width=32, l3_after_layers="0", l3_n_emb=TOKENIZER_VOCAB),
 ])
-def test_mup_and_l3_models_write_their_keys_and_round_trip(base_dir, features):
+def test_mup_and_l3_models_write_their_keys_and_round_trip(tiny_base_dir, features):
     model = tiny_model(tiny_config(**features))
-    ckpt = base_dir / "base_checkpoints" / "d2"
+    ckpt = tiny_base_dir / "base_checkpoints" / "d2"
     cm.save_checkpoint(str(ckpt), 1, model.state_dict(), None, meta_for(model, 1))
     model_config = json.loads((ckpt / "meta_000001.json").read_text())["model_config"]
     assert list(model_config)[:len(REFERENCE_CONFIG_KEYS)] == REFERENCE_CONFIG_KEYS
@@ -463,12 +452,13 @@ def test_mup_and_l3_models_write_their_keys_and_round_trip(base_dir, features):
     assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
 
 
-def test_reference_written_checkpoint_loads_with_equal_logits(base_dir):
+def test_reference_written_checkpoint_loads_with_equal_logits(tiny_base_dir):
     model = tiny_model()
     reference_meta = {"step": 7, "val_bpb": 1.25, "model_config": {k: getattr(model.config, k)
                                                                    for k in REFERENCE_CONFIG_KEYS},
                       "user_config": {"depth": 2}}
-    write_like_reference(str(base_dir / "base_checkpoints" / "d2"), 7, model.state_dict(), reference_meta)
+    ckpt = str(tiny_base_dir / "base_checkpoints" / "d2")
+    write_like_reference(ckpt, 7, model.state_dict(), reference_meta)
     built, _, meta = cm.load_model("base", "cpu", "eval")
     assert meta == reference_meta and built.config == model.config
     assert built.config.mup_base_width == 0 and len(built.l3_layers) == 0
