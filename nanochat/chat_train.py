@@ -1,10 +1,10 @@
 """
 The chat stages' own training pieces; scripts/chat_sft.py and scripts/chat_rl.py are their loops.
 
-- Both: the starting model (the parent stage's checkpoint, or this stage's to resume from), the
-  optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started), the resume meta.
-- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the
-  checkpoint's loop state, the val bpb and ChatCORE evaluations.
+- Both: the starting model (the parent stage's checkpoint, or this stage's to resume from) and the
+  resume meta, the optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started).
+- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the val
+  bpb and ChatCORE evaluations.
 - RL: rollouts (seeded by step, question and sampling call, so a resumed run samples the same), the
   group-mean advantages, the token-normalised policy-gradient objective, and pass@k.
 Importing this module does no work (the tasks load when a run asks for them).
@@ -137,12 +137,6 @@ def inherit_hyperparameters(args, base_meta):
     return resolved
 
 
-def ensure_identity_file():
-    """<base_dir>/identity_conversations.jsonl, downloaded once (one rank downloads, the others wait)."""
-    from tasks.customjson import IDENTITY_CONVERSATIONS_URL
-    return download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME)
-
-
 def train_mixture(mmlu_epochs, gsm8k_epochs):
     """
     The SFT training mixture. Online it is the reference's: SmolTalk train, the identity conversations
@@ -153,7 +147,8 @@ def train_mixture(mmlu_epochs, gsm8k_epochs):
     down 100x with the rest; mmlu_epochs has no effect offline.
     """
     from tasks.common import TaskMixture
-    from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, CustomJSON
+    from tasks.customjson import (COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, IDENTITY_CONVERSATIONS_URL,
+                                  CustomJSON)
     from tasks.gsm8k import GSM8K
     from tasks.spellingbee import SimpleSpelling, SpellingBee
     if offline_mode():
@@ -168,7 +163,8 @@ def train_mixture(mmlu_epochs, gsm8k_epochs):
         return mixture
     from tasks.mmlu import MMLU
     from tasks.smoltalk import SmolTalk
-    identity = CustomJSON(ensure_identity_file())
+    # one rank downloads, the others wait
+    identity = CustomJSON(download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME))
     mmlu = MMLU(subset="all", split="auxiliary_train")
     gsm8k = GSM8K(subset="main", split="train")
     tasks = [SmolTalk(split="train"), identity, identity, *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,

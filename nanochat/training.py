@@ -185,17 +185,18 @@ class StepTimer:
         return time.time() - self.t0
 
 
-def gc_after_step(step, first_step_of_run):
+def gc_after_step(done, resume_from_step):
     """
-    After the first step of a run: collect, freeze what survived and disable the collector (the reference
-    measured ~500 ms pauses from the cyclic GC scanning long-lived objects). Collect every 5000 steps.
+    After the first step of a run (the step from 0 or from resume_from_step, which brought it to `done`
+    steps): collect, freeze what survived and disable the collector (the reference measured ~500 ms
+    pauses from the cyclic GC scanning long-lived objects). Collect every 5000 steps.
     Code added to the loop that creates reference cycles leaks until the next periodic collection.
     """
-    if first_step_of_run:
+    if done - 1 in (0, resume_from_step):
         gc.collect()
         gc.freeze()
         gc.disable()
-    elif step % 5000 == 0:
+    elif done % 5000 == 0:
         gc.collect()
 
 

@@ -167,8 +167,9 @@ def setup(args, user_config):
     st = SimpleNamespace(args=args, model=model, orig_model=orig_model, optimizer=optimizer, scaler=scaler,
                          tokenizer=tokenizer, token_bytes=token_bytes, device=device, device_type=device_type,
                          world_size=world_size, master=rank == 0, wandb_run=wandb_run, ckpt=ckpt,
-                         batches=batches, accum=accum, scale=scale, num_iterations=num_iterations, counts=counts,
-                         flops_per_token=flops_per_token, timer=training.StepTimer(device_type),
+                         batches=batches, accum=accum, scale=scale, num_iterations=num_iterations,
+                         flops_per_token=flops_per_token, counts=counts,
+                         timer=training.StepTimer(device_type),
                          logger=training.StepLogger(scale.total_batch_size, flops_per_token, peak_flops,
                                                     world_size, wandb_run, 100, mfu_label="bf16_mfu"))
     return st, run, meta.get("step", 0)
@@ -266,9 +267,8 @@ def main(argv=None):
             loss, dt, signalled = training.finish_step(optimizer, st.model, st.scaler, train_loss, st.timer,
                                                        stop_flag, st.device, step, st.ckpt.checkpoint_dir)
             log_step(step, loss, lrm, dt, run, st)
-            first_step_of_run = step == 0 or step == args.resume_from_step
             step += 1
-            training.gc_after_step(step, first_step_of_run)
+            training.gc_after_step(step, args.resume_from_step)
             if signalled:
                 batches.close()
                 training.exit_after_signal(st.ckpt.save, step, stop_flag.signum)

@@ -238,9 +238,8 @@ def main(argv=None):
             if run.last_step:
                 break
             signalled = train_step(step, run, st, stop_flag)
-            first_step_of_run = step == 0 or step == args.resume_from_step
             step += 1
-            training.gc_after_step(step, first_step_of_run)
+            training.gc_after_step(step, args.resume_from_step)
             if signalled:
                 training.exit_after_signal(ckpt.save, step, stop_flag.signum)
 
