@@ -6,14 +6,11 @@ Supervised fine-tuning (SFT): turn a base checkpoint into a chat model.
     python -m scripts.chat_sft --max-seq-len=512 --device-batch-size=32 --total-batch-size=16384 \\
         --eval-every=200 --eval-tokens=524288 --num-iterations=1500                  # CPU/MPS demo
 
-Conversations are rendered with the chat special tokens and packed into rows of max_seq_len + 1
-tokens, best fit first, each conversation whole and starting with its own BOS; the rest of a row that
-nothing fits is padding. Only the assistant's tokens are trained (render_conversation's mask). A
-conversation longer than a row is truncated at render time (render_conversation's max_tokens) to
-min(row, 2048) tokens and trained on: at --max-seq-len >= 2047 that is the reference's 2048-token render
-truncation exactly, and at shorter rows every conversation still fits a row. A micro-batch without a
-single supervised token (all padding, or prompts cut before their answers) contributes no gradient and
-is left out of the step's mean; a step where no rank had one does not update the weights.
+Conversations are packed into rows of max_seq_len + 1 tokens, best fit first, each whole with its own
+BOS (dataloader.ConversationPacker); one longer than a row is truncated at render time to min(row, 2048)
+tokens, at --max-seq-len >= 2047 the reference's 2048-token render truncation exactly. Only the
+assistant's tokens are trained; a micro-batch without any adds no gradient and is left out of the
+step's mean (training.masked_micro_step); a step where no rank had one does not update the weights.
 The optimizer warm start takes only the base checkpoint's buffers (chat_train.warm_start_optimizer).
 Data: the reference's mixture online, one of committed data offline (chat_train.train_mixture).
 
