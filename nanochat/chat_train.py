@@ -1,25 +1,24 @@
 """
 The chat stages' own training pieces; scripts/chat_sft.py and scripts/chat_rl.py are their loops.
 
-- Both: the starting model (the parent stage's checkpoint, or this stage's to resume from), the
-  optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started), the resume meta.
-- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the
-  checkpoint's loop state, the val bpb and ChatCORE evaluations.
+- Both: the starting model (the parent stage's checkpoint, or this stage's to resume from) and the
+  resume meta, the optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started).
+- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the val
+  bpb and ChatCORE evaluations.
 - RL: rollouts (seeded by step, question and sampling call, so a resumed run samples the same), the
   group-mean advantages, the token-normalised policy-gradient objective, and pass@k.
 Importing this module does no work (the tasks load when a run asks for them).
 """
 
 import math
-from dataclasses import asdict
-from types import SimpleNamespace
+import os
 
 import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import (load_checkpoint_meta, load_model, load_optimizer_state,
-                                         optimizer_shard_count)
+from nanochat.checkpoint_manager import (get_checkpoints_dir, load_checkpoint_meta, load_model,
+                                         load_optimizer_state, optimizer_shard_count)
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
 from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
@@ -27,27 +26,21 @@ from nanochat.loss_eval import evaluate_bpb
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
 
-def load_start(parent, own, args, device, phase):
-    """(model, tokenizer, (parent tag, step, meta), output tag): the parent stage's checkpoint (base for
-    SFT, sft for RL) as --model-tag/--model-step say, or with --resume-from-step s this stage's own
-    checkpoint s. Output tag: --model-tag, or d<depth> of the parent."""
+def load_start(parent, own, args, device, phase, user_config, free_keys):
+    """(model, tokenizer, (parent tag, step, meta), output tag, resume meta): the parent stage's checkpoint
+    (base for SFT, sft for RL) as --model-tag/--model-step say, or with --resume-from-step s this stage's
+    own checkpoint s, whose meta comes back (with a warning about flags other than free_keys that changed;
+    {} for a fresh run). Output tag: --model-tag, or d<depth> of the parent."""
     parent_tag, parent_step, parent_meta = load_checkpoint_meta(parent, args.model_tag, args.model_step)
     output_tag = args.model_tag or f"d{parent_meta['model_config']['n_layer']}"
-    if args.resume_from_step >= 0:
-        model, tokenizer, _ = load_model(own, device, phase=phase, model_tag=output_tag,
-                                         step=args.resume_from_step)
-    else:
-        model, tokenizer, _ = load_model(parent, device, phase=phase, model_tag=parent_tag, step=parent_step)
-    return model, tokenizer, (parent_tag, parent_step, parent_meta), output_tag
-
-
-def resume_meta(own, output_tag, args, user_config, free_keys):
-    """The meta of the checkpoint this run resumes from ({} for a fresh run), warning about changed flags."""
+    parent_info = (parent_tag, parent_step, parent_meta)
     if args.resume_from_step < 0:
-        return {}
-    _, _, meta = load_checkpoint_meta(own, output_tag, args.resume_from_step)
+        model, tokenizer, _ = load_model(parent, device, phase=phase, model_tag=parent_tag, step=parent_step)
+        return model, tokenizer, parent_info, output_tag, {}
+    model, tokenizer, meta = load_model(own, device, phase=phase, model_tag=output_tag,
+                                        step=args.resume_from_step)
     training.warn_on_changed_config(meta.get("user_config", {}), user_config, free_keys)
-    return meta
+    return model, tokenizer, parent_info, output_tag, meta
 
 
 def warm_start_optimizer(optimizer, state):
@@ -68,8 +61,8 @@ def warm_start_from(optimizer, source, model_tag, step, device, rank):
     ranks (each rank holds a shard of the state); otherwise say so and leave the optimizer fresh."""
     shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
     if shards not in (0, world_size):
-        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run has "
-               f"{world_size}; starting the optimizer fresh")
+        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run "
+               f"has {world_size}; starting the optimizer fresh")
         return
     state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
     if state is None:
@@ -79,13 +72,26 @@ def warm_start_from(optimizer, source, model_tag, step, device, rank):
     print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
 
 
+def resume_optimizer_state(source, model_tag, step, device, rank):
+    """This rank's shard of the optimizer of the checkpoint resumed. A shard holds its rank's part of the
+    state, so only the world size that saved the checkpoint can load it: any other is refused here,
+    before the optimizer would fail on a shard of the wrong shape."""
+    shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
+    if shards != world_size:
+        files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
+        raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
+                         f"and this run has {world_size}; resume with the world size that saved it "
+                         f"(torchrun --nproc_per_node={shards})")
+    return load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+
+
 def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume=None, warm_from=None):
     """The stage's optimizer. lrs: {embedding_lr, unembedding_lr, matrix_lr}. resume = (source, tag, step):
     LRs, initial LRs and buffers all come from that checkpoint. Otherwise every LR starts at init_lr_frac
     of its value, the buffers warm-started from warm_from = (source, tag, step) when given."""
     optimizer = model.setup_optimizer(weight_decay=weight_decay, **lrs)
     if resume is not None:
-        training.load_resume_optimizer(optimizer, resume[0], device, rank, resume[1], resume[2])
+        optimizer.load_state_dict(resume_optimizer_state(*resume, device, rank))
         return optimizer
     if warm_from is not None:
         warm_start_from(optimizer, *warm_from, device, rank)
@@ -131,12 +137,6 @@ def inherit_hyperparameters(args, base_meta):
     return resolved
 
 
-def ensure_identity_file():
-    """<base_dir>/identity_conversations.jsonl, downloaded once (one rank downloads, the others wait)."""
-    from tasks.customjson import IDENTITY_CONVERSATIONS_URL
-    return download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME)
-
-
 def train_mixture(mmlu_epochs, gsm8k_epochs):
     """
     The SFT training mixture. Online it is the reference's: SmolTalk train, the identity conversations
@@ -147,7 +147,8 @@ def train_mixture(mmlu_epochs, gsm8k_epochs):
     down 100x with the rest; mmlu_epochs has no effect offline.
     """
     from tasks.common import TaskMixture
-    from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, CustomJSON
+    from tasks.customjson import (COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, IDENTITY_CONVERSATIONS_URL,
+                                  CustomJSON)
     from tasks.gsm8k import GSM8K
     from tasks.spellingbee import SimpleSpelling, SpellingBee
     if offline_mode():
@@ -162,7 +163,8 @@ def train_mixture(mmlu_epochs, gsm8k_epochs):
         return mixture
     from tasks.mmlu import MMLU
     from tasks.smoltalk import SmolTalk
-    identity = CustomJSON(ensure_identity_file())
+    # one rank downloads, the others wait
+    identity = CustomJSON(download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME))
     mmlu = MMLU(subset="all", split="auxiliary_train")
     gsm8k = GSM8K(subset="main", split="train")
     tasks = [SmolTalk(split="train"), identity, identity, *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,
@@ -186,49 +188,13 @@ def val_mixture():
 
 
 def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
-    """This rank's packer over the training mixture, at the saved position when resuming."""
+    """This rank's packer over the training mixture, at the saved position when resuming (with the world
+    size that saved it: resume_optimizer_state refuses any other first)."""
     packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
                                 world_size, device=device)
     if loader_states is not None:
-        if len(loader_states) != world_size:
-            raise ValueError(f"--resume-from-step: the checkpoint was saved by {len(loader_states)} ranks, "
-                             f"this run has {world_size}; resume with the same world size")
         packer.load_state_dict(loader_states[rank])
     return packer
-
-
-def sft_run_state(meta, device):
-    """The SFT loop's counters, from the loop_state of the checkpoint resumed (fresh values otherwise)."""
-    loop = meta.get("loop_state", {})
-    return SimpleNamespace(val_bpb=meta.get("val_bpb"), min_val_bpb=loop.get("min_val_bpb", float("inf")),
-                           progress=loop.get("progress", 0.0), last_step=loop.get("last_step", False),
-                           epoch=loop.get("epoch", 1), train_loss=torch.zeros((), device=device),
-                           curve=loop.get("curve", {}),
-                           tracker=training.LossTracker(loop.get("smooth_train_loss", 0.0),
-                                                        loop.get("total_training_time", 0.0)))
-
-
-def register_sft_checkpoint(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run):
-    """
-    The meta keys of an SFT checkpoint; the loop state (run's counters, every rank's packer state) is what
-    an exact resume needs. model_config is the trained model's own config: the reference wrote
-    sequence_len = --max-seq-len there, and since the sliding-window sizes derive from sequence_len, a
-    model fine-tuned at another length came back with different attention windows than it was trained
-    with. The SFT row length is the top-level max_seq_len key (with device_batch_size and
-    total_batch_size, as base_train writes).
-    """
-    ckpt.register("val_bpb", lambda: run.val_bpb)
-    ckpt.register("model_config", asdict(orig_model.config))
-    ckpt.register("user_config", user_config)
-    for key in ("max_seq_len", "device_batch_size", "total_batch_size"):
-        ckpt.register(key, hp[key])
-    ckpt.register("hyperparameters", hp)
-    ckpt.register("loop_state", lambda: {
-        "progress": run.progress, "last_step": run.last_step, "epoch": run.epoch,
-        "min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(), "curve": run.curve,
-        "loader_states": training.gather_from_ranks(batches.trained_state)})
-    ckpt.register("grad_scaler", scaler)
-    ckpt.register("wandb_run_id", training.wandb_run_id(wandb_run))
 
 
 def sft_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, world_size, device):
@@ -236,14 +202,11 @@ def sft_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, wo
     steps = training.eval_steps_for(eval_tokens, hp["device_batch_size"], hp["max_seq_len"], world_size)
     batches = sft_data_generator_bos_bestfit(val_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"],
                                              rank=rank, world_size=world_size, device=device)
-    model.eval()
-    try:
+    with training.eval_mode(model):
         return evaluate_bpb(model, batches, steps, token_bytes)
-    finally:
-        model.train()
 
 
-def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, step, wandb_run):
+def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, wandb_run, step, last_step=False):
     """ChatCORE during SFT: the six tasks, the ChatCORE line, and a wandb entry with each task's accuracy."""
     accuracies = run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample)
     chatcore, chatcore_cat = chatcore_metrics(accuracies)

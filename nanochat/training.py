@@ -1,12 +1,9 @@
 """
-Training-loop pieces shared by base_train, chat_sft and chat_rl: batch geometry, LR/momentum/weight-decay
+Training-loop pieces shared by base_train, chat_sft and chat_rl. Above the run kit: batch geometry, the
 schedules, the optimizer step (with the fp16 GradScaler path), the loss EMA and timing, the GC policy,
-the stop flag raised by SIGTERM/SIGINT, the non-finite loss check, the eval/save cadence, deterministic
-mode, the wandb run that a resume continues, and the per-rank state gathered into a checkpoint.
-The run kit at the end is what every stage's loop is made of: the Checkpointer (one checkpoint of
-registered state), the micro-steps of one optimizer step, the save cadence, the step's log line and the
-end of the run; above it, the chat stages' checkpoint metadata and resume checks; after it, the loop's
-counters and their checkpoint meta, the step boundary (val bpb, save, late evals) and the step report.
+stopping (signals, non-finite losses), deterministic mode and wandb. The run kit at the end is what every
+stage's loop is made of: one start, one checkpoint of registered state restored as a whole, one
+micro-step loop, one eval/save cadence, one step log line and one end of run.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
@@ -22,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_optimizer_state, save_checkpoint
+from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import get_device_peak_flops, is_ddp_initialized, print0
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
@@ -33,21 +30,21 @@ WARMUP_STEPS_UNTIMED = 10
 # -----------------------------------------------------------------------------
 # Batch geometry
 
-def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size, announce=False):
-    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them.
-    announce: also print the batch geometry (the training scripts' three lines)."""
+def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
+    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them."""
     world_tokens = device_batch_size * seq_len * world_size
     if total_batch_size <= 0 or total_batch_size % world_tokens != 0:
         raise ValueError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
                          f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
                          f"{world_size} = {world_tokens}")
-    if announce:
-        rank_tokens = device_batch_size * seq_len
-        print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {rank_tokens:,}")
-        print0(f"Tokens / micro-batch: {world_tokens:,}")
-        print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: "
-               f"{total_batch_size // world_tokens}")
     return total_batch_size // world_tokens
+
+
+def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):
+    tokens = device_batch_size * seq_len
+    print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
+    print0(f"Tokens / micro-batch: {tokens * world_size:,}")
+    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
 
 
 def eval_steps_for(eval_tokens, device_batch_size, seq_len, world_size):
@@ -188,17 +185,18 @@ class StepTimer:
         return time.time() - self.t0
 
 
-def gc_after_step(step, first_step_of_run):
+def gc_after_step(done, resume_from_step):
     """
-    After the first step of a run: collect, freeze what survived and disable the collector (the reference
-    measured ~500 ms pauses from the cyclic GC scanning long-lived objects). Collect every 5000 steps.
+    After the first step of a run (the step from 0 or from resume_from_step, which brought it to `done`
+    steps): collect, freeze what survived and disable the collector (the reference measured ~500 ms
+    pauses from the cyclic GC scanning long-lived objects). Collect every 5000 steps.
     Code added to the loop that creates reference cycles leaks until the next periodic collection.
     """
-    if first_step_of_run:
+    if done - 1 in (0, resume_from_step):
         gc.collect()
         gc.freeze()
         gc.disable()
-    elif step % 5000 == 0:
+    elif done % 5000 == 0:
         gc.collect()
 
 
@@ -315,8 +313,8 @@ def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, 
     signalled, non_finite = should_stop(stop_flag, loss_value, device)
     if non_finite:
         raise NonFiniteLossError(
-            f"Non-finite training loss ({loss_value}) at step {step}; not saving. The last good checkpoint in "
-            f"{checkpoint_dir} is untouched: resume from it with a lower LR or a fix")
+            f"Non-finite training loss ({loss_value}) at step {step}; not saving. The last good checkpoint "
+            f"in {checkpoint_dir} is untouched: resume from it with a lower LR or a fix")
     return loss_value, dt, signalled
 
 
@@ -411,34 +409,25 @@ def init_wandb(project, run, config, master, resume_id=None):
     return wandb.init(project=project, name=run, config=config)
 
 
-def wandb_run_id(wandb_run):
-    """The id to keep in the checkpoint meta (None for a DummyWandb)."""
-    return getattr(wandb_run, "id", None)
-
-
 # -----------------------------------------------------------------------------
-# Per-rank state in a checkpoint
+# The run kit: what every training stage starts with, saves, logs and ends with
 
-def gather_from_ranks(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
-    if not is_ddp_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Chat stages (SFT, RL): checkpoint metadata, the compute banner, resume checks
-
-def print_compute_info(device_type):
-    """The compute dtype and, on CUDA, the GPU and its peak FLOPS; returns the peak (MFU denominator)."""
+def start_run(device_type):
+    """
+    (device_type, rank, world_size, device, peak FLOPS) of this process: compute initialised on the
+    device asked for ('' = autodetect), deterministic mode as that device wants, the compute dtype and,
+    on CUDA, the GPU and its peak FLOPS (the MFU denominator) printed.
+    """
+    from nanochat.common import autodetect_device_type, compute_init
+    device_type = device_type or autodetect_device_type()
+    _, rank, _, world_size, device = compute_init(device_type)
+    configure_determinism(device_type)
     from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON
     peak_flops = get_device_peak_flops(device_type)
     if device_type == "cuda":
         print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
-    return peak_flops  # the attention backend is printed when the checkpoint loads (build_model)
+    return device_type, rank, world_size, device, peak_flops  # the attention backend: when the model is built
 
 
 def warn_on_changed_config(saved_user_config, user_config, free_keys):
@@ -449,16 +438,14 @@ def warn_on_changed_config(saved_user_config, user_config, free_keys):
                f"the result will not match an uninterrupted run")
 
 
-def load_resume_optimizer(optimizer, source, device, rank, model_tag, step):
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        raise FileNotFoundError(f"--resume-from-step={step}: no optimizer shard for rank {rank} in the {source} "
-                                f"checkpoint {model_tag} (resume with the world size that saved it)")
-    optimizer.load_state_dict(state)
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
+    if not is_ddp_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
-
-# -----------------------------------------------------------------------------
-# The run kit: what every training stage saves, its cadence, its log line and its end
 
 class Checkpointer:
     """
@@ -497,62 +484,6 @@ def _current_state(source):
     return source() if callable(source) else source
 
 
-def save_due(step, last_step, save_every, resume_from_step):
-    """Save at the last step and every save_every steps, but not step 0 nor the step just resumed from."""
-    return last_step or (step > 0 and step != resume_from_step and every(step, save_every, False))
-
-
-def train_micro_steps(model, batches, accum, scaler=None):
-    """
-    The micro-steps of one optimizer step: forward and backward of batches.current (x, y, has_targets, ...)
-    then batches.advance(), `accum` times. Returns (the last loss that had targets, or None; how many
-    micro-batches had targets; the advance() results in order).
-    """
-    train_loss, n_with_targets, advanced = None, 0, []
-    for _ in range(accum):
-        x, y, has_targets = batches.current[:3]
-        loss = masked_micro_step(model, x, y, has_targets, accum, scaler)
-        if loss is not None:
-            train_loss, n_with_targets = loss, n_with_targets + 1
-        advanced.append(batches.advance())
-    return train_loss, n_with_targets, advanced
-
-
-def step_log_line(step, progress, smooth, lrm, dt, tok_per_sec, mfu_label, mfu, position, tracker, eta=""):
-    """The one line every training step prints (progress is already formatted: "00012/00020 (60.00%)")."""
-    return (f"step {step:05d}{progress} | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
-            f"tok/sec: {tok_per_sec:,} | {mfu_label}: {mfu:.2f} | {position} | "
-            f"total time: {tracker.total_training_time / 60:.2f}m{eta}")
-
-
-def step_wandb_metrics(step, flops, tracker, smooth, lrm, dt, tok_per_sec, mfu, epoch):
-    return {"step": step, "total_training_flops": flops, "total_training_time": tracker.total_training_time,
-            "train/loss": smooth, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-            "train/mfu": mfu, "train/epoch": epoch}
-
-
-def peak_memory_mib(device_type):
-    return torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
-
-
-def print_run_end(device_type, tracker):
-    """The end-of-run lines every stage prints; returns the peak memory (MiB) for the report."""
-    peak_mem = peak_memory_mib(device_type)
-    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
-    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
-    return peak_mem
-
-
-def close_run(wandb_run):
-    from nanochat.common import compute_cleanup
-    wandb_run.finish()
-    compute_cleanup()
-
-
-# -----------------------------------------------------------------------------
-# The run kit's loop: the counters a checkpoint keeps and the step boundary (base_train uses them;
-# chat_sft and chat_rl have twins of them to switch over)
-
 def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb_run, loop_extra=None,
                       **saved):
     """
@@ -575,9 +506,14 @@ def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb
                                          **{key: getattr(run, key) for key in saved},
                                          **{key: read() for key, read in extra.items()}})
     ckpt.register("grad_scaler", scaler)
-    ckpt.register("wandb_run_id", wandb_run_id(wandb_run))
+    ckpt.register("wandb_run_id", getattr(wandb_run, "id", None))  # None for a DummyWandb
     ckpt.restore(meta)
     return run
+
+
+def save_due(step, last_step, save_every, resume_from_step):
+    """Save at the last step and every save_every steps, but not step 0 nor the step just resumed from."""
+    return last_step or (step > 0 and step != resume_from_step and every(step, save_every, False))
 
 
 def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_at_last_step=False):
@@ -595,11 +531,59 @@ def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_
             evaluate(step, last_step)
 
 
-def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):
-    tokens = device_batch_size * seq_len
-    print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
-    print0(f"Tokens / micro-batch: {tokens * world_size:,}")
-    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
+def train_micro_steps(model, batches, accum, scaler=None):
+    """
+    The micro-steps of one optimizer step: forward and backward of batches.current (x, y, has_targets, ...)
+    then batches.advance(), `accum` times. Returns (the last loss that had targets, or None; how many
+    micro-batches had targets; the advance() results in order).
+    """
+    train_loss, n_with_targets, advanced = None, 0, []
+    for _ in range(accum):
+        x, y, has_targets = batches.current[:3]
+        loss = masked_micro_step(model, x, y, has_targets, accum, scaler)
+        if loss is not None:
+            train_loss, n_with_targets = loss, n_with_targets + 1
+        advanced.append(batches.advance())
+    return train_loss, n_with_targets, advanced
+
+
+class StepLogger:
+    """The line every training step prints and, every wandb_every steps, the step's wandb metrics."""
+
+    def __init__(self, tokens_per_step, flops_per_token, peak_flops, world_size, wandb_run, wandb_every,
+                 mfu_label="mfu"):
+        self.tokens, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.world_size, self.wandb_run, self.wandb_every = world_size, wandb_run, wandb_every
+        self.mfu_label = mfu_label
+
+    def log(self, step, progress, smooth, lrm, dt, tracker, position, epoch, eta=""):
+        """Step `step`'s line (progress already formatted: "/00020 (60.00%)"); returns its MFU (%)."""
+        tok_per_sec = int(self.tokens / dt)
+        mfu = mfu_percent(self.flops_per_token, self.tokens, dt, self.peak_flops, self.world_size)
+        print0(f"step {step:05d}{progress} | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+               f"tok/sec: {tok_per_sec:,} | {self.mfu_label}: {mfu:.2f} | {position} | "
+               f"total time: {tracker.total_training_time / 60:.2f}m{eta}")
+        if step % self.wandb_every == 0:
+            flops = self.flops_per_token * self.tokens * step
+            self.wandb_run.log({"step": step, "total_training_flops": flops,
+                                "total_training_time": tracker.total_training_time, "train/loss": smooth,
+                                "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                                "train/mfu": mfu, "train/epoch": epoch})
+        return mfu
+
+
+def print_run_end(device_type, tracker):
+    """The end-of-run lines every stage prints; returns the peak memory (MiB) for the report."""
+    peak_mem = torch.cuda.max_memory_allocated() / 1024 / 1024 if device_type == "cuda" else 0
+    print0(f"Peak memory usage: {peak_mem:.2f}MiB")
+    print0(f"Total training time: {tracker.total_training_time / 60:.2f}m")
+    return peak_mem
+
+
+def close_run(wandb_run):
+    from nanochat.common import compute_cleanup
+    wandb_run.finish()
+    compute_cleanup()
 
 
 @contextlib.contextmanager

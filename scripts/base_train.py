@@ -14,9 +14,8 @@ same batches as the uninterrupted one. SIGTERM/SIGINT save a checkpoint after th
 With several ranks every rank's loader state is saved and restored (resume with the same world size;
 another one resumes the data approximately). A --run logged to wandb is continued by the resume.
 
-Determinism: on CPU the same command gives bitwise-identical weights (torch's deterministic algorithms
-are on; keep OMP_NUM_THREADS the same). On CUDA that is opt-in, NANOCHAT_DETERMINISTIC=1 (slower; FA3's
-backward stays non-deterministic, add NANOCHAT_ATTN=sdpa); NANOCHAT_DETERMINISTIC=0 turns it off on CPU.
+Determinism: on CPU the same command gives bitwise-identical weights; on CUDA NANOCHAT_DETERMINISTIC=1
+opts in (training.configure_determinism says what it costs and what it needs).
 """
 
 import os
@@ -26,8 +25,7 @@ import argparse
 from types import SimpleNamespace
 
 from nanochat import autofit, training
-from nanochat.common import (autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0,
-                             print_banner)
+from nanochat.common import get_base_dir, maybe_compile, print0, print_banner
 from nanochat.core_eval import format_core_metric, greedy_samples
 from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -120,10 +118,7 @@ def parse_args(argv=None):
 def setup(args, user_config):
     """(st, run, step): the run's fixed parts, its counters (saved with every checkpoint), the first step."""
     print_banner()
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    training.configure_determinism(device_type)
-    peak_flops = training.print_compute_info(device_type)
+    device_type, rank, world_size, device, peak_flops = training.start_run(args.device_type)
     tokenizer, token_bytes = get_tokenizer(), get_token_bytes(device=device)
     print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
 
@@ -173,8 +168,10 @@ def setup(args, user_config):
                          tokenizer=tokenizer, token_bytes=token_bytes, device=device, device_type=device_type,
                          world_size=world_size, master=rank == 0, wandb_run=wandb_run, ckpt=ckpt,
                          batches=batches, accum=accum, scale=scale, num_iterations=num_iterations,
-                         flops_per_token=flops_per_token, counts=counts, peak_flops=peak_flops,
-                         timer=training.StepTimer(device_type))
+                         flops_per_token=flops_per_token, counts=counts,
+                         timer=training.StepTimer(device_type),
+                         logger=training.StepLogger(scale.total_batch_size, flops_per_token, peak_flops,
+                                                    world_size, wandb_run, 100, mfu_label="bf16_mfu"))
     return st, run, meta.get("step", 0)
 
 
@@ -214,19 +211,12 @@ def evaluate_and_save(step, last_step, run, st):
 
 def log_step(step, loss, lrm, dt, run, st):
     """The step's line, its point on the loss curve and, every 100 steps, its wandb metrics."""
-    n, tokens, loader = st.num_iterations, st.scale.total_batch_size, st.batches.next_state
+    n, loader = st.num_iterations, st.batches.next_state
     smooth = run.tracker.update(step, loss, dt)
-    tok_per_sec = int(tokens / dt)
-    run.mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
     position = f"epoch: {loader['epoch']} pq: {loader['pq_idx']} rg: {loader['rg_idx']}"
-    eta = run.tracker.eta_suffix(step, n)
-    print0(training.step_log_line(step, f"/{n:05d} ({100 * step / n:.2f}%)", smooth, lrm, dt, tok_per_sec,
-                                  "bf16_mfu", run.mfu, position, run.tracker, eta))
+    run.mfu = st.logger.log(step, f"/{n:05d} ({100 * step / n:.2f}%)", smooth, lrm, dt, run.tracker, position,
+                            position[len("epoch: "):], run.tracker.eta_suffix(step, n))
     run.curve["steps"].append(step), run.curve["train"].append(loss), run.curve["val"].append(None)
-    if step % 100 == 0:
-        flops = st.flops_per_token * tokens * step
-        st.wandb_run.log(training.step_wandb_metrics(step, flops, run.tracker, smooth, lrm, dt, tok_per_sec,
-                                                     run.mfu, position[len("epoch: "):]))
 
 
 def report_run(user_config, run, st, peak_mem):
@@ -277,9 +267,8 @@ def main(argv=None):
             loss, dt, signalled = training.finish_step(optimizer, st.model, st.scaler, train_loss, st.timer,
                                                        stop_flag, st.device, step, st.ckpt.checkpoint_dir)
             log_step(step, loss, lrm, dt, run, st)
-            first_step_of_run = step == 0 or step == args.resume_from_step
             step += 1
-            training.gc_after_step(step, first_step_of_run)
+            training.gc_after_step(step, args.resume_from_step)
             if signalled:
                 batches.close()
                 training.exit_after_signal(st.ckpt.save, step, stop_flag.signum)

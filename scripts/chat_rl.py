@@ -23,10 +23,11 @@ Differences from the reference, all deliberate:
 import argparse
 import itertools
 import os
-from dataclasses import asdict
+
+import torch
 
 from nanochat import autofit, chat_train, training
-from nanochat.common import autodetect_device_type, compute_init, get_base_dir, print0
+from nanochat.common import get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report, record_point
 
@@ -84,8 +85,8 @@ def parse_args(argv=None):
 
 def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps, args, rank, world_size,
                device):
-    """Rollouts and backward passes for this rank's questions, then the update. Returns
-    (mean reward, mean sequence length, sum of the pass losses (non-finite if any was), lrm)."""
+    """Rollouts and backward passes for this rank's questions, and the step's LR (finish_step updates).
+    Returns (mean reward, mean sequence length, sum of the pass losses (non-finite if any was), lrm)."""
     examples_per_rank = args.examples_per_step // world_size
     mean_rewards, lengths, loss_sum = [], [], 0.0
     for e in range(examples_per_rank):
@@ -112,9 +113,7 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
     mean_reward, mean_length = (total / world_size for total in totals)
     lrm = 1.0 - step / num_steps
     training.apply_schedule(optimizer, lrm)
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return mean_reward, mean_length, loss_sum, lrm
+    return mean_reward, mean_length, torch.tensor(loss_sum), lrm
 
 
 # -----------------------------------------------------------------------------
@@ -122,14 +121,12 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    device_type, rank, world_size, device, _ = training.start_run(args.device_type)
     if args.examples_per_step % world_size != 0:
         raise ValueError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the world "
                          f"size ({world_size})")
-    training.configure_determinism(device_type)
-    training.print_compute_info(device_type)
-    model, tokenizer, _, output_tag = chat_train.load_start("sft", "rl", args, device, phase="eval")
+    model, tokenizer, _, output_tag, meta = chat_train.load_start("sft", "rl", args, device, "eval",
+                                                                  user_config, RESUME_FREE_KEYS)
     engine = Engine(model, tokenizer)  # the same (uncompiled) model: rollouts always see the current weights
     from tasks.gsm8k import GSM8K
     train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
@@ -145,58 +142,47 @@ def main(argv=None):
     resume = ("rl", output_tag, args.resume_from_step) if args.resume_from_step >= 0 else None
     optimizer = chat_train.setup_optimizer(model, lrs, args.weight_decay, args.init_lr_frac, device, rank,
                                            resume)
-    checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag)
-    meta = chat_train.resume_meta("rl", output_tag, args, user_config, RESUME_FREE_KEYS)
     # rows are at most the model's context long (prompt + sample); more rows than samples are never needed
     args.device_batch_size = autofit.device_batch_size(
         args.device_batch_size, model, model.config.sequence_len, 8, max_rows=args.num_samples,
         saved=meta.get("device_batch_size"))
     wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0,
                                     meta.get("wandb_run_id"))
+    ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag), model,
+                                 optimizer, rank)
+    # the curve (reward per step, pass@1 at evaluations) is the report's plot
+    run = training.restore_run_state(ckpt, meta, model.config, user_config, {
+        "num_steps": num_steps, "device_batch_size": args.device_batch_size}, None, wandb_run, curve={})
 
-    ckpt = training.Checkpointer(checkpoint_dir, model, optimizer, rank)
-    for key, value in [("model_config", asdict(model.config)), ("user_config", user_config),
-                       ("num_steps", num_steps), ("device_batch_size", args.device_batch_size),
-                       ("wandb_run_id", training.wandb_run_id(wandb_run))]:
-        ckpt.register(key, value)
-    curve = meta.get("curve", {})  # reward per step, pass@1 at evaluations: the report's plot
-    ckpt.register("curve", lambda: curve)
+    def evaluate_pass_at_k(step):
+        passk = chat_train.evaluate_pass_at_k(val_task, tokenizer, engine, args.eval_examples,
+                                              args.device_batch_size, device, EVAL_MAX_NEW_TOKENS, EVAL_TOP_K)
+        print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
+        record_point(run.curve, step, {"pass@1": passk.get(1)})
+        wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
 
-    def save(step):
-        ckpt.save(step)
-        print0(f"✅ Saved model checkpoint to {checkpoint_dir}")
-
+    timer = training.StepTimer(device_type)
     with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", args.device_batch_size):
         for step in itertools.count(meta.get("step", 0)):
             last_step = step == num_steps
-            if training.every(step, args.eval_every, last_step, include_step_zero=True):
-                passk = chat_train.evaluate_pass_at_k(val_task, tokenizer, engine, args.eval_examples,
-                                                      args.device_batch_size, device, EVAL_MAX_NEW_TOKENS,
-                                                      EVAL_TOP_K)
-                print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {v:.4f}" for k, v in passk.items()))
-                record_point(curve, step, {"pass@1": passk.get(1)})
-                wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in passk.items()}})
-            if training.save_due(step, last_step, args.save_every, args.resume_from_step):
-                save(step)
+            training.evaluate_and_save(step, last_step, ckpt, args, evaluate_pass_at_k)
             if last_step:
                 break
-            reward, length, loss_value, lrm = train_step(model, engine, tokenizer, train_task, optimizer,
-                                                         step, num_steps, args, rank, world_size, device)
+            timer.start()
+            reward, length, loss_sum, lrm = train_step(model, engine, tokenizer, train_task, optimizer, step,
+                                                       num_steps, args, rank, world_size, device)
+            _, _, signalled = training.finish_step(optimizer, model, None, loss_sum, timer, stop_flag, device,
+                                                   step, ckpt.checkpoint_dir)
             print0(f"Step {step}/{num_steps} | Average reward: {reward} | "
                    f"Average sequence length: {length:.2f}")
-            record_point(curve, step, {"mean reward": reward})
+            record_point(run.curve, step, {"mean reward": reward})
             wandb_run.log({"step": step, "reward": reward, "sequence_length": length, "lrm": lrm})
-            signalled, non_finite = training.should_stop(stop_flag, loss_value, device)
-            if non_finite:
-                raise training.NonFiniteLossError(f"Non-finite RL loss ({loss_value}) at step {step}; not "
-                                                  f"saving. The last good checkpoint in {checkpoint_dir} is "
-                                                  f"untouched")
             if signalled:
-                training.exit_after_signal(save, step + 1, stop_flag.signum)
+                training.exit_after_signal(ckpt.save, step + 1, stop_flag.signum)
 
     report = get_report()
     axes = {"mean reward": "mean reward (train)", "pass@1": "pass@1 (GSM8K test)"}
-    report.log("Chat RL", [user_config, report.curve_image("chat-rl-curves", curve, axes, title="RL")])
+    report.log("Chat RL", [user_config, report.curve_image("chat-rl-curves", run.curve, axes, title="RL")])
     training.close_run(wandb_run)
 
 

@@ -6,14 +6,11 @@ Supervised fine-tuning (SFT): turn a base checkpoint into a chat model.
     python -m scripts.chat_sft --max-seq-len=512 --device-batch-size=32 --total-batch-size=16384 \\
         --eval-every=200 --eval-tokens=524288 --num-iterations=1500                  # CPU/MPS demo
 
-Conversations are rendered with the chat special tokens and packed into rows of max_seq_len + 1
-tokens, best fit first, each conversation whole and starting with its own BOS; the rest of a row that
-nothing fits is padding. Only the assistant's tokens are trained (render_conversation's mask). A
-conversation longer than a row is truncated at render time (render_conversation's max_tokens) to
-min(row, 2048) tokens and trained on: at --max-seq-len >= 2047 that is the reference's 2048-token render
-truncation exactly, and at shorter rows every conversation still fits a row. A micro-batch without a
-single supervised token (all padding, or prompts cut before their answers) contributes no gradient and
-is left out of the step's mean; a step where no rank had one does not update the weights.
+Conversations are packed into rows of max_seq_len + 1 tokens, best fit first, each whole with its own
+BOS (dataloader.ConversationPacker); one longer than a row is truncated at render time to min(row, 2048)
+tokens, at --max-seq-len >= 2047 the reference's 2048-token render truncation exactly. Only the
+assistant's tokens are trained; a micro-batch without any adds no gradient and is left out of the
+step's mean (training.masked_micro_step); a step where no rank had one does not update the weights.
 The optimizer warm start takes only the base checkpoint's buffers (chat_train.warm_start_optimizer).
 Data: the reference's mixture online, one of committed data offline (chat_train.train_mixture).
 
@@ -31,17 +28,20 @@ save a checkpoint after the current step and exit with 128 + the signal number; 
 the run without saving.
 
 Checkpoints go to <base_dir>/chatsft_checkpoints/<--model-tag or d<depth>>/, step = optimizer steps
-done; chat_train.register_sft_checkpoint lists what they hold.
+done; main's checkpoint section lists what they hold.
 """
 
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
 
 import argparse
+import functools
 from types import SimpleNamespace
 
+import torch
+
 from nanochat import autofit, chat_train, training
-from nanochat.common import autodetect_device_type, compute_init, get_base_dir, maybe_compile, print0
+from nanochat.common import get_base_dir, maybe_compile, print0
 from nanochat.dataloader import PrefetchedBatches
 from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes
@@ -114,25 +114,26 @@ def parse_args(argv=None):
 
 def evaluate_and_save(step, run, st):
     """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
-    args, last_step = st.args, run.last_step
-    if training.every(step, args.eval_every, last_step, include_step_zero=True) or last_step:
+    args = st.args
+
+    def evaluate_val(step):
         run.val_bpb = chat_train.sft_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens,
                                              st.token_bytes, st.rank, st.world_size, st.device)
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
         record_point(run.curve, step, {"val bpb": run.val_bpb})
         st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
-    # the final checkpoint comes before the final ChatCORE: an eval failure must not lose the run
-    if training.save_due(step, last_step, args.save_every, args.resume_from_step):
-        st.ckpt.save(step)
-    if training.every(step, args.chatcore_every, last_step):
-        chat_train.log_chatcore(st.orig_model, st.tokenizer, st.hp["device_batch_size"],
-                                args.chatcore_max_cat, args.chatcore_max_sample, step, st.wandb_run)
+
+    log_chatcore = functools.partial(chat_train.log_chatcore, st.orig_model, st.tokenizer,
+                                     st.hp["device_batch_size"], args.chatcore_max_cat,
+                                     args.chatcore_max_sample, st.wandb_run)
+    training.evaluate_and_save(step, run.last_step, st.ckpt, args, evaluate_val,
+                               [(args.chatcore_every, log_chatcore)], val_at_last_step=True)
 
 
 def train_step(step, run, st, stop_flag):
     """One optimizer step over `accum` micro-batches, logged; returns whether a signal asked to stop."""
-    args, tokens = st.args, st.hp["total_batch_size"]
+    args = st.args
     st.timer.start()
     train_loss, n_with_targets, advanced = training.train_micro_steps(st.model, st.batches, st.accum,
                                                                       st.scaler)
@@ -154,16 +155,20 @@ def train_step(step, run, st, stop_flag):
     # the loss EMA averages the losses of micro-batches that had targets only
     smooth = run.tracker.update(step, train_loss_f, dt) if update else run.tracker.debiased(step)
     record_point(run.curve, step, {"train loss": train_loss_f})
-    done_steps = step + 1
-    tok_per_sec = int(tokens / dt)
-    mfu = training.mfu_percent(st.flops_per_token, tokens, dt, st.peak_flops, st.world_size)
-    print0(training.step_log_line(done_steps, f" ({100 * run.progress:.2f}%)", smooth, lrm, dt, tok_per_sec,
-                                  "mfu", mfu, f"epoch: {run.epoch}", run.tracker))
-    if done_steps % 10 == 0:
-        flops = st.flops_per_token * tokens * done_steps
-        st.wandb_run.log(training.step_wandb_metrics(done_steps, flops, run.tracker, smooth, lrm, dt, tok_per_sec,
-                                                     mfu, run.epoch))
+    st.logger.log(step + 1, f" ({100 * run.progress:.2f}%)", smooth, lrm, dt, run.tracker,
+                  f"epoch: {run.epoch}", run.epoch)
     return signalled
+
+
+def report_run(user_config, run, steps, world_size, packer):
+    print0(f"Minimum validation bpb: {run.min_val_bpb:.4f}")
+    if packer.truncated:
+        print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
+    report = get_report()
+    curves = report.curve_image("chat-sft-curves", run.curve, {"train loss": "train loss (nats/token)",
+                                                              "val bpb": "val bpb (bits/byte)"}, title="SFT")
+    report.log("SFT", [user_config, {"Number of iterations": steps, "DDP world size": world_size},
+                       {"Minimum validation bpb": run.min_val_bpb}, curves])
 
 
 # -----------------------------------------------------------------------------
@@ -171,27 +176,23 @@ def train_step(step, run, st, stop_flag):
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()  # before inheritance: the flags as given
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    training.configure_determinism(device_type)
-    peak_flops = training.print_compute_info(device_type)
-    resuming = args.resume_from_step >= 0
+    device_type, rank, world_size, device, peak_flops = training.start_run(args.device_type)
 
     # --- model, hyperparameters, optimizer
-    model, tokenizer, (base_tag, base_step, base_meta), output_tag = chat_train.load_start(
-        "base", "sft", args, device, phase="train")
+    model, tokenizer, (base_tag, base_step, base_meta), output_tag, meta = chat_train.load_start(
+        "base", "sft", args, device, "train", user_config, RESUME_FREE_KEYS)
     hp = chat_train.inherit_hyperparameters(args, base_meta)
     orig_model = model  # uncompiled: checkpoints and ChatCORE (variable shapes)
     model = maybe_compile(model)
-    meta = chat_train.resume_meta("sft", output_tag, args, user_config, RESUME_FREE_KEYS)
     hp["device_batch_size"] = autofit.device_batch_size(
         hp["device_batch_size"], model, hp["max_seq_len"], base_meta.get("device_batch_size", 32),
         hp["total_batch_size"], saved=meta.get("device_batch_size"))
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
-                                      world_size, announce=True)
-    token_bytes = get_token_bytes(device=device)
+                                      world_size)
+    training.print_batch_geometry(hp["device_batch_size"], hp["max_seq_len"], hp["total_batch_size"],
+                                  world_size, accum)
     lrs = {k: hp[k] for k in ("unembedding_lr", "embedding_lr", "matrix_lr")}
-    resume = ("sft", output_tag, args.resume_from_step) if resuming else None
+    resume = ("sft", output_tag, args.resume_from_step) if args.resume_from_step >= 0 else None
     warm_from = ("base", base_tag, base_step) if args.load_optimizer else None
     optimizer = chat_train.setup_optimizer(orig_model, lrs, 0.0, args.init_lr_frac, device, rank, resume,
                                            warm_from)
@@ -202,25 +203,30 @@ def main(argv=None):
 
     # --- data
     train_ds = chat_train.train_mixture(args.mmlu_epochs, args.gsm8k_epochs)
-    val_ds = chat_train.val_mixture()
-    loop = meta.get("loop_state", {})
     packer = chat_train.train_packer(train_ds, tokenizer, hp, rank, world_size, device,
-                                     loop.get("loader_states"))
+                                     meta.get("loop_state", {}).get("loader_states"))
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 
-    # --- run state: counters (saved with every checkpoint) and the run's fixed parts
-    run = chat_train.sft_run_state(meta, device)
+    # --- the checkpoint and the loop's counters. model_config is the trained model's own config (its
+    # sliding windows derive from its sequence_len); the SFT row length is the top-level max_seq_len.
     ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag), orig_model,
                                  optimizer, rank)
-    chat_train.register_sft_checkpoint(ckpt, run, orig_model, user_config, hp, batches, scaler, wandb_run)
-    ckpt.restore(meta)
+    stage_keys = {**{k: hp[k] for k in ("max_seq_len", "device_batch_size", "total_batch_size")},
+                  "hyperparameters": hp}
+    loader_states = {"loader_states": lambda: training.gather_from_ranks(batches.trained_state)}
+    run = training.restore_run_state(ckpt, meta, orig_model.config, user_config, stage_keys, scaler,
+                                     wandb_run, loader_states, progress=0.0, last_step=False, epoch=1,
+                                     curve={})
+    run.train_loss = torch.zeros((), device=device)
+    flops_per_token = orig_model.estimate_flops()
     st = SimpleNamespace(args=args, hp=hp, model=model, orig_model=orig_model, optimizer=optimizer,
-                         scaler=scaler, tokenizer=tokenizer, token_bytes=token_bytes, val_ds=val_ds,
-                         device=device, rank=rank, world_size=world_size, wandb_run=wandb_run, ckpt=ckpt,
-                         batches=batches, accum=accum,
-                         flops_per_token=orig_model.estimate_flops(), peak_flops=peak_flops,
-                         timer=training.StepTimer(device_type))
+                         scaler=scaler, tokenizer=tokenizer, token_bytes=get_token_bytes(device=device),
+                         val_ds=chat_train.val_mixture(), device=device, rank=rank, world_size=world_size,
+                         wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
+                         timer=training.StepTimer(device_type),
+                         logger=training.StepLogger(hp["total_batch_size"], flops_per_token, peak_flops,
+                                                    world_size, wandb_run, wandb_every=10))
 
     step = meta.get("step", 0)
     with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", hp["device_batch_size"]):
@@ -229,22 +235,13 @@ def main(argv=None):
             if run.last_step:
                 break
             signalled = train_step(step, run, st, stop_flag)
-            first_step_of_run = step == 0 or step == args.resume_from_step
             step += 1
-            training.gc_after_step(step, first_step_of_run)
+            training.gc_after_step(step, args.resume_from_step)
             if signalled:
                 training.exit_after_signal(ckpt.save, step, stop_flag.signum)
 
-    # --- end of run
     training.print_run_end(device_type, run.tracker)
-    print0(f"Minimum validation bpb: {run.min_val_bpb:.4f}")
-    if packer.truncated:
-        print0(f"Truncated {packer.truncated:,} training conversations to {packer.max_tokens} tokens")
-    report = get_report()
-    curves = report.curve_image("chat-sft-curves", run.curve, {"train loss": "train loss (nats/token)",
-                                                              "val bpb": "val bpb (bits/byte)"}, title="SFT")
-    report.log("SFT", [user_config, {"Number of iterations": step, "DDP world size": world_size},
-                       {"Minimum validation bpb": run.min_val_bpb}, curves])
+    report_run(user_config, run, step, world_size, packer)
     training.close_run(wandb_run)
 
 

@@ -193,7 +193,7 @@ def test_rl_steps_save_checkpoints_and_resume_exactly(base_dir, capsys, monkeypa
     # the curve holds what the run printed: pass@1 at the evaluations (steps 0, 2), the reward of each step
     rewards = [float(r) for r in re.findall(r"^Step \d+/\d+ \| Average reward: (\S+) \|", out, re.M)]
     passes = [float(p) for p in re.findall(r"^Step \d+ \| Pass@1: ([\d.]+)", out, re.M)]
-    curve = meta["curve"]
+    curve = meta["loop_state"]["curve"]
     assert curve["steps"] == [0, 0, 1, 2] and curve["mean reward"] == [None] + rewards + [None]
     assert [round(v, 4) if v is not None else v for v in curve["pass@1"]] == [passes[0], None, None, passes[1]]
 

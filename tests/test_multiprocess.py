@@ -122,12 +122,12 @@ def sft_base_dir(tmp_path_factory):
     return root
 
 
-def start_sft(base_dir, extra):
+def start_sft(base_dir, extra, nproc=2):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", NANOCHAT_OFFLINE="1",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "scripts.chat_sft", "--device-type=cpu", "--model-tag=d2", "--num-iterations=4", "--eval-every=2",
            "--eval-tokens=512", "--chatcore-every=-1", "--save-every=2"] + extra
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -151,3 +151,10 @@ def test_two_process_sft_resumes_exactly(sft_base_dir):
     assert not different, different
     losses = lambda text: re.findall(r"^step 0000([34]) .*? loss: ([\d.]+)", text, re.M)
     assert losses(resumed) == losses(out) and len(losses(out)) == 2
+
+    # one rank cannot load two ranks' optimizer shards: refused, naming the files and the fix
+    one = start_sft(sft_base_dir, ["--resume-from-step=2"], nproc=1)
+    refused, _ = one.communicate(timeout=180)
+    assert one.returncode != 0
+    assert (f"{ckpt}/optim_000002_rank*.pt holds the optimizer shards of 2 rank(s) and this run has 1; resume "
+            f"with the world size that saved it (torchrun --nproc_per_node=2)") in refused, refused[-3000:]

@@ -1,5 +1,6 @@
 import os
 import signal
+import types
 
 import pytest
 import torch
@@ -298,10 +299,20 @@ def test_train_micro_steps_accumulates_the_mean_and_advances_after_each_forward(
     assert torch.allclose(model.weight.grad, expected)
 
 
-def test_step_log_line_matches_the_stage_formats():
+def test_step_logger_prints_the_stage_line_and_logs_wandb_every_n_steps(capsys):
     tracker = training.LossTracker(total_training_time=120.0)
-    base = training.step_log_line(12, "/00020 (60.00%)", 3.5, 0.5, 0.25, 1000, "bf16_mfu", 1.5,
-                                  "epoch: 1 pq: 0 rg: 2", tracker, " | eta: 1.0m")
-    assert base == ("step 00012/00020 (60.00%) | loss: 3.500000 | lrm: 0.50 | dt: 250.00ms | tok/sec: 1,000 | "
-                    "bf16_mfu: 1.50 | epoch: 1 pq: 0 rg: 2 | total time: 2.00m | eta: 1.0m")
+    logged = []
+    wandb_run = types.SimpleNamespace(log=logged.append)
+    # 250 tokens per step at 1e9 FLOPs per token in 0.25 s on one device of 1e12 peak FLOPS: 100% MFU
+    logger = training.StepLogger(250, 1e9, 1e12, 1, wandb_run, 4, mfu_label="bf16_mfu")
+    for step in (11, 12):
+        mfu = logger.log(step, "/00020 (60.00%)", 3.5, 0.5, 0.25, tracker, "epoch: 1 pq: 0 rg: 2",
+                         "1 pq: 0 rg: 2", " | eta: 1.0m")
+    assert mfu == pytest.approx(100.0)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "step 00012/00020 (60.00%) | loss: 3.500000 | lrm: 0.50 | dt: 250.00ms | tok/sec: 1,000 | "
+        "bf16_mfu: 100.00 | epoch: 1 pq: 0 rg: 2 | total time: 2.00m | eta: 1.0m")
+    assert logged == [{"step": 12, "total_training_flops": 1e9 * 250 * 12, "total_training_time": 120.0,
+                       "train/loss": 3.5, "train/lrm": 0.5, "train/dt": 0.25, "train/tok_per_sec": 1000,
+                       "train/mfu": pytest.approx(100.0), "train/epoch": "1 pq: 0 rg: 2"}]
     assert training.LossTracker(0.5, 3.0).state_dict() == {"smooth_train_loss": 0.5, "total_training_time": 3.0}
