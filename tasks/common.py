@@ -31,7 +31,7 @@ SHUFFLE_SEED = 42
 class Task:
     """
     A lazily indexed list of conversations. Subclasses implement num_examples() and
-    get_example(physical_index), and evaluation tasks also eval_type and evaluate().
+    get_example(physical_index); evaluation tasks also set eval_type (a class attribute) and evaluate().
     The view (start, stop, step) selects the physical indices range(start, stop, step).
     """
 
@@ -163,7 +163,8 @@ def check_messages(messages, where, allow_system):
     message (when allowed) followed by at least 2 messages alternating user, assistant, ... with str content.
     """
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
+        raise ValueError(f"{where}: expected a non-empty JSON array of messages, "
+                         f"got {type(messages).__name__}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"{where}: message {i} must be an object, got {type(message).__name__}")
@@ -178,6 +179,55 @@ def check_messages(messages, where, allow_system):
         if not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: message {i} content must be a str, "
                              f"got {type(message.get('content')).__name__}")
+
+
+def check_one_of(what, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+
+
+def single_turn(user, assistant, **extra):
+    """The conversation of one user message and the assistant's answer, plus task-specific keys."""
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages, **extra}
+
+
+class HubTask(Task):
+    """
+    One split of a Hugging Face dataset, one conversation per row (load_rows says where the rows come
+    from). Subclasses name the dataset, its subsets and splits, and turn a row into a conversation.
+    """
+
+    name = hf_path = None
+    committed_dir = None  # the copy under data/tasks/: <committed_dir>/[<subset>/]<split>.jsonl.gz
+    subsets, splits = (None,), ()
+    missing_hints = {}  # split -> what to do instead when it is unavailable
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        check_one_of(f"{self.name} subset", subset, self.subsets)
+        check_one_of(f"{self.name} split", split, self.splits)
+        self.subset, self.split = subset, split
+        local_file = (None if self.committed_dir is None
+                      else "/".join(filter(None, (self.committed_dir, subset, f"{split}.jsonl.gz"))))
+        self.ds = load_rows(self.name, self.hf_path, subset, split, local_file,
+                            missing_hint=self.missing_hints.get(split, ""))
+
+    def num_examples(self):
+        return len(self.ds)
+
+
+class MultipleChoiceTask(HubTask):
+    """Examples are single_turn(render_mc(...), gold letter, letters=...): answers are one of the letters."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, assistant_response):
+        """True if the predicted letter is the gold one. The categorical eval only ever passes a letter."""
+        letters = conversation["letters"]
+        if assistant_response not in letters:
+            raise ValueError(f"{self.name} answer {assistant_response!r} is not one of {letters}")
+        return assistant_response == conversation["messages"][-1]["content"]
 
 
 # -----------------------------------------------------------------------------

@@ -46,8 +46,6 @@ def read_conversations(filepath):
                 messages = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e}). Fix: correct or delete that line") from e
-            if not isinstance(messages, list):
-                raise ValueError(f"{where}: expected a JSON array of messages, got {type(messages).__name__}")
             check_messages(messages, where, allow_system=False)
             conversations.append(messages)
     return conversations
