@@ -247,15 +247,15 @@ def display_path(path):
     return path if relative.startswith("..") else relative
 
 
-def read_committed_rows(path):
-    """The objects of a committed (gzipped) JSON-lines file; damage is a ValueError naming file and fix."""
-    fix = f"Fix: restore the committed copy with `git checkout -- {display_path(path)}`"
+def read_json_lines(path, fix):
+    """(line number, object) for each non-blank line of a (gzipped) JSON-lines file; damage is a ValueError
+    naming the file, the line and `fix`."""
     rows, line_number = [], 0
     try:
         with open_text(path) as f:
             for line_number, line in enumerate(f, 1):
                 if line.strip():
-                    rows.append(json.loads(line))
+                    rows.append((line_number, json.loads(line)))
     except json.JSONDecodeError as e:
         raise ValueError(f"{display_path(path)}:{line_number}: not valid JSON ({one_line_error(e)}). "
                          f"{fix}") from e
@@ -306,7 +306,8 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
         where = ("it has no committed offline copy" if path is None
                  else f"there is no committed offline copy at {display_path(path)}")
         raise RuntimeError(f"{label} ({hf_path}) is unavailable: {reason}, and {where}. {missing_hint}".strip())
-    rows = read_committed_rows(path)
+    rows = [row for _, row in read_json_lines(path, f"Fix: restore the committed copy with "
+                                                    f"`git checkout -- {display_path(path)}`")]
     # what datasets' Dataset.shuffle(seed) does: a numpy Generator permutation of the row indices
     permutation = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))
     rows = CommittedRows(rows[i] for i in permutation)
