@@ -20,9 +20,7 @@ CALCULATOR_RE = re.compile(r"(<<[^>]+>>)")  # capturing, so re.split keeps the a
 def extract_answer(completion):
     """The number after the first '#### ' (four hashes, one space), commas removed; None without one."""
     match = ANSWER_RE.search(completion)
-    if match is None:
-        return None
-    return match.group(1).strip().replace(",", "")
+    return None if match is None else match.group(1).replace(",", "")  # the group holds no whitespace
 
 
 def answer_to_parts(answer):
