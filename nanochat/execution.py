@@ -5,14 +5,14 @@ Two layers:
 - OS isolation (Linux, when bubblewrap works here): each call runs in fresh namespaces with no network,
   its own PID space (every process the code starts dies with it), a read-only view of only the
   interpreter's installation and the system libraries (not the repository, home directories or the
-  rest of /etc), one writable temp dir, no capabilities, as user "nobody". Where
-  that is unavailable (macOS, no bwrap, no user namespaces) a warning says so once, and only the
-  second layer remains. bwrap adds a few tens of milliseconds to each call.
-- In-process guards, always: a fresh interpreter in its own session (the parent kills its process
-  group at the wall-clock timeout) with an empty environment, memory limits (RLIMIT_AS/DATA/STACK; skipped on macOS, which does
-  not enforce RLIMIT_AS), no core dumps, a size cap on every file the code writes (stdout and stderr
-  included), stdin unavailable, destructive functions disabled (reliability_guard). These stop
-  accidents, not adversaries: ctypes or the posix module get around them.
+  rest of /etc), one writable temp dir, no capabilities, as user "nobody". Where that is unavailable
+  (macOS, no bwrap, no user namespaces) a warning says so once, and only the second layer remains.
+  bwrap adds a few tens of milliseconds to each call.
+- In-process guards, always: a fresh interpreter with an empty environment, in its own session (the
+  parent kills its process group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK;
+  skipped on macOS, which does not enforce RLIMIT_AS), no core dumps, a size cap on every file the code
+  writes (stdout and stderr included), stdin unavailable, destructive functions disabled
+  (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -282,9 +282,10 @@ def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
 
 def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
     """Start the child in workdir, under bwrap when given (workdir is then its one writable place). Returns
-    the process and a pidfd of its PID namespace's init (None without bwrap, or where there is none to be had).
-    Its own session, so that its whole process group can be killed; an empty environment, so that no secret
-    of the parent reaches the code (under bwrap, also what the namespace's init shows in /proc/1/environ)."""
+    the process and a pidfd of its PID namespace's init (None without bwrap, or where there is none to be
+    had). Its own session, so that its whole process group can be killed; an empty environment, so that no
+    secret of the parent reaches the code (under bwrap, also what the namespace's init shows in
+    /proc/1/environ)."""
     popen_arguments = dict(cwd=workdir, env={}, start_new_session=True, **streams)
     if bwrap_arguments is None:
         return subprocess.Popen(child_command, **popen_arguments), None
@@ -311,7 +312,7 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
         result_path = os.path.join(workdir, RESULT_FILENAME)
         harness_path = os.path.abspath(__file__) if bwrap_arguments is None else SANDBOX_HARNESS_PATH
         limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
-        # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 text
+        # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
         command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path]
         process, init_pidfd = _start_child(command, bwrap_arguments, workdir, deadline,
                                            dict(stdin=stdin, stdout=stdout, stderr=stderr))

@@ -1,8 +1,8 @@
 """
 The Task interface: a dataset seen as a list of conversations, with range-like views, mixtures and
-sequences of tasks, the multiple-choice prompt format, and the one place that decides where a
-dataset's rows come from (the Hugging Face hub, or the copy committed under data/tasks/ when offline or,
-loudly, when the hub cannot be reached).
+sequences of tasks; the bases of the hub datasets' tasks and of the multiple-choice ones (with their
+prompt format); and the one place that decides where a dataset's rows come from (the Hugging Face hub,
+or the copy committed under data/tasks/ when offline or, loudly, when the hub cannot be reached).
 
 A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]} plus
 optional task-specific keys ("letters", "subject", "entry_point", "test").
@@ -165,14 +165,13 @@ def check_messages(messages, where, allow_system):
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty JSON array of messages, "
                          f"got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"{where}: message {i} must be an object, got {type(message).__name__}")
-    first = 1 if allow_system and messages[0].get("role") == "system" else 0
+    first = 1 if allow_system and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
     if len(messages) - first < 2:
         raise ValueError(f"{where}: a conversation needs at least 2 messages after any system message, "
                          f"got {len(messages) - first}")
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: message {i} must be an object, got {type(message).__name__}")
         expected = "system" if i < first else ("user" if (i - first) % 2 == 0 else "assistant")
         if message.get("role") != expected:
             raise ValueError(f"{where}: message {i} has role {message.get('role')!r}, expected {expected!r}")

@@ -519,7 +519,7 @@ def test_customjson_truncated_gzip_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "conversations.jsonl.gz"
     line = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     path.write_bytes(gzip.compress(((line + "\n") * 50).encode())[:-20])
-    with pytest.raises(ValueError, match=f"{path} is truncated or corrupt after line .*Fix: correct or delete"):
+    with pytest.raises(ValueError, match=f"{path} is truncated or corrupt after line .*Fix: correct"):
         CustomJSON(str(path))
 
 
