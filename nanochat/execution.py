@@ -368,7 +368,7 @@ def reliability_guard(maximum_memory_bytes=None):
         sys.modules[name] = None  # import raises ModuleNotFoundError
 
 
-class _NoInput(io.TextIOBase):  # not readable()
+class _NoInput(io.TextIOBase):  # whose readable() is False
     """stdin of the sandboxed code: reading raises, so the code can never wait for input."""
 
     def read(self, *args, **kwargs):
