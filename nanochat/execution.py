@@ -5,14 +5,14 @@ Two layers:
 - OS isolation (Linux, when bubblewrap works here): each call runs in fresh namespaces with no network,
   its own PID space (every process the code starts dies with it), a read-only view of only the
   interpreter's installation and the system libraries (not the repository, home directories or the
-  rest of /etc), one writable temp dir, an empty environment, no capabilities, as user "nobody". Where
-  that is unavailable (macOS, no bwrap, no user namespaces) a warning says so once, and only the
-  second layer remains. bwrap adds a few tens of milliseconds to each call.
-- In-process guards, always: a fresh interpreter in its own session (the parent kills its process
-  group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK; skipped on macOS, which does
-  not enforce RLIMIT_AS), no core dumps, a size cap on every file the code writes (stdout and stderr
-  included), stdin unavailable, destructive functions disabled (reliability_guard). These stop
-  accidents, not adversaries: ctypes or the posix module get around them.
+  rest of /etc), one writable temp dir, no capabilities, as user "nobody". Where that is unavailable
+  (macOS, no bwrap, no user namespaces) a warning says so once, and only the second layer remains.
+  bwrap adds a few tens of milliseconds to each call.
+- In-process guards, always: a fresh interpreter with an empty environment, in its own session (the
+  parent kills its process group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK;
+  skipped on macOS, which does not enforce RLIMIT_AS), no core dumps, a size cap on every file the code
+  writes (stdout and stderr included), stdin unavailable, destructive functions disabled
+  (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -48,7 +48,6 @@ from typing import NamedTuple, Optional
 OUTPUT_LIMIT_BYTES = 16 * 1024 * 1024  # per stream and per written file: an endless print loop stays harmless
 MEMORY_ERROR_EXIT_CODE = 3  # how the child reports a MemoryError (Python itself exits 1 on an exception)
 CODE_FILENAME = "<llm>"  # the name tracebacks give the executed code
-CHILD_PATH = "/usr/bin:/bin"  # without isolation, the child's whole environment is PATH and OMP_NUM_THREADS
 RESULT_FILENAME = ".nanochat_result"  # in the temp dir: the harness writes the nonce there after the code ran
 SANDBOX_HARNESS_PATH = "/nanochat_sandbox/execution.py"  # where this file appears inside the isolation
 SANDBOX_USER_ID = 65534  # "nobody": the code runs as an unprivileged user inside its user namespace
@@ -75,19 +74,10 @@ class ExecutionResult:
     timeout: bool = False
     memory_exceeded: bool = False
 
-    def __repr__(self):
-        parts = [f"ExecutionResult(success={self.success}"]
-        if self.timeout:
-            parts.append(", timeout=True")
-        if self.memory_exceeded:
-            parts.append(", memory_exceeded=True")
-        if self.error:
-            parts.append(f", error={self.error!r}")
-        if self.stdout:
-            parts.append(f", stdout={self.stdout!r}")
-        if self.stderr:
-            parts.append(f", stderr={self.stderr!r}")
-        return "".join(parts) + ")"
+    def __repr__(self):  # only the fields that are set: most results are short
+        shown = ("timeout", "memory_exceeded", "error", "stdout", "stderr")
+        return "".join([f"ExecutionResult(success={self.success}",
+                        *(f", {name}={getattr(self, name)!r}" for name in shown if getattr(self, name)), ")"])
 
 
 # -----------------------------------------------------------------------------
@@ -174,12 +164,6 @@ def isolation_problem() -> str:
 
 # -----------------------------------------------------------------------------
 # Parent side: running the child
-
-
-def _child_command(maximum_memory_bytes, result_path, harness_path):
-    # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: text I/O in UTF-8
-    limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
-    return [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path]
 
 
 def _exited_within(process, timeout):
@@ -296,16 +280,20 @@ def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
     return ExecutionResult(False, stdout, stderr, error=_last_line(stderr) or f"Execution failed ({reason})")
 
 
-def _start_isolated(bwrap_arguments, child_command, workdir, deadline, **streams):
-    """Start the child under bwrap, in workdir (its one writable place). Returns the process and a pidfd
-    of its PID namespace's init (None where there is none to be had)."""
+def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
+    """Start the child in workdir, under bwrap when given (workdir is then its one writable place). Returns
+    the process and a pidfd of its PID namespace's init (None without bwrap, or where there is none to be
+    had). Its own session, so that its whole process group can be killed; an empty environment, so that no
+    secret of the parent reaches the code (under bwrap, also what the namespace's init shows in
+    /proc/1/environ)."""
+    popen_arguments = dict(cwd=workdir, env={}, start_new_session=True, **streams)
+    if bwrap_arguments is None:
+        return subprocess.Popen(child_command, **popen_arguments), None
     info_read, info_write = os.pipe()
     command = [*bwrap_arguments, "--info-fd", str(info_write), "--bind", workdir, workdir, "--chdir", workdir,
                "--remount-ro", "/", *child_command]
     try:
-        # env: bwrap's own environment is what the namespace's init shows in /proc/1/environ
-        process = subprocess.Popen(command, cwd=workdir, env={}, start_new_session=True, pass_fds=(info_write,),
-                                   **streams)
+        process = subprocess.Popen(command, pass_fds=(info_write,), **popen_arguments)
     except BaseException:
         os.close(info_read)
         raise
@@ -322,15 +310,12 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
         stdin.write(nonce + b"\n" + code.encode("utf-8", errors="replace"))
         stdin.seek(0)
         result_path = os.path.join(workdir, RESULT_FILENAME)
-        streams = dict(stdin=stdin, stdout=stdout, stderr=stderr)
-        if bwrap_arguments is None:
-            command = _child_command(maximum_memory_bytes, result_path, os.path.abspath(__file__))
-            env = {"PATH": CHILD_PATH, "OMP_NUM_THREADS": "1"}  # built from scratch: no secrets of the parent
-            process = subprocess.Popen(command, cwd=workdir, env=env, start_new_session=True, **streams)
-            init_pidfd = None
-        else:
-            command = _child_command(maximum_memory_bytes, result_path, SANDBOX_HARNESS_PATH)
-            process, init_pidfd = _start_isolated(bwrap_arguments, command, workdir, deadline, **streams)
+        harness_path = os.path.abspath(__file__) if bwrap_arguments is None else SANDBOX_HARNESS_PATH
+        limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
+        # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
+        command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path]
+        process, init_pidfd = _start_child(command, bwrap_arguments, workdir, deadline,
+                                           dict(stdin=stdin, stdout=stdout, stderr=stderr))
         timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
         out, err = _read_capped(stdout), _read_capped(stderr)
         ran_to_end = _ran_to_end(result_path, nonce)
@@ -383,7 +368,7 @@ def reliability_guard(maximum_memory_bytes=None):
         sys.modules[name] = None  # import raises ModuleNotFoundError
 
 
-class _NoInput(io.StringIO):
+class _NoInput(io.TextIOBase):  # whose readable() is False
     """stdin of the sandboxed code: reading raises, so the code can never wait for input."""
 
     def read(self, *args, **kwargs):
@@ -391,39 +376,21 @@ class _NoInput(io.StringIO):
 
     readline = readlines = read
 
-    def readable(self):
-        return False
-
-
-def _print_user_traceback(e):
-    traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out _exec_code's frame
-
 
 def _exec_code(code):
-    """Run the code in fresh globals (main guards run). Returns 0 if it ran to its end, else the exit status
-    that tells the parent why not."""
+    """Run the code in fresh globals (main guards run), then flush what it printed: failing to (e.g. at the
+    output size cap) fails the run. Returns 0 if it ran to its end, else the exit status that tells the
+    parent why not."""
     try:
         exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})
+        sys.__stdout__.flush()
+        sys.__stderr__.flush()
     except SystemExit as e:  # even sys.exit(0): the code after it (the checks) did not run
         print(f"SystemExit: {e.code}", file=sys.stderr)
         return 1
-    except MemoryError as e:
-        _print_user_traceback(e)
-        return MEMORY_ERROR_EXIT_CODE
     except BaseException as e:
-        _print_user_traceback(e)
-        return 1
-    return 0
-
-
-def _flush_output():
-    """Flush what the code printed; failing to (e.g. at the output size cap) fails the run. Returns the status."""
-    try:
-        sys.__stdout__.flush()
-        sys.__stderr__.flush()
-    except BaseException as e:
-        traceback.print_exception(type(e), e, None, file=sys.__stderr__)
-        return 1
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out this frame
+        return MEMORY_ERROR_EXIT_CODE if isinstance(e, MemoryError) else 1
     return 0
 
 
@@ -437,7 +404,7 @@ def _run_child(memory_limit_arg, result_path):
     result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # taken before the code runs
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
-    status = _exec_code(code) or _flush_output()
+    status = _exec_code(code)
     if status == 0:
         write(result_fd, nonce)
         exit_now(0)  # the result is in: the code's atexit handlers and leftover threads cannot change it

@@ -1,8 +1,8 @@
 """
 The Task interface: a dataset seen as a list of conversations, with range-like views, mixtures and
-sequences of tasks, the multiple-choice prompt format, and the one place that decides where a
-dataset's rows come from (the Hugging Face hub, or the copy committed under data/tasks/ when offline or,
-loudly, when the hub cannot be reached).
+sequences of tasks; the bases of the hub datasets' tasks and of the multiple-choice ones (with their
+prompt format); and the one place that decides where a dataset's rows come from (the Hugging Face hub,
+or the copy committed under data/tasks/ when offline or, loudly, when the hub cannot be reached).
 
 A conversation is {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]} plus
 optional task-specific keys ("letters", "subject", "entry_point", "test").
@@ -31,7 +31,7 @@ SHUFFLE_SEED = 42
 class Task:
     """
     A lazily indexed list of conversations. Subclasses implement num_examples() and
-    get_example(physical_index), and evaluation tasks also eval_type and evaluate().
+    get_example(physical_index); evaluation tasks also set eval_type (a class attribute) and evaluate().
     The view (start, stop, step) selects the physical indices range(start, stop, step).
     """
 
@@ -163,21 +163,70 @@ def check_messages(messages, where, allow_system):
     message (when allowed) followed by at least 2 messages alternating user, assistant, ... with str content.
     """
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"{where}: message {i} must be an object, got {type(message).__name__}")
-    first = 1 if allow_system and messages[0].get("role") == "system" else 0
+        raise ValueError(f"{where}: expected a non-empty JSON array of messages, "
+                         f"got {type(messages).__name__}")
+    first = 1 if allow_system and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
     if len(messages) - first < 2:
         raise ValueError(f"{where}: a conversation needs at least 2 messages after any system message, "
                          f"got {len(messages) - first}")
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: message {i} must be an object, got {type(message).__name__}")
         expected = "system" if i < first else ("user" if (i - first) % 2 == 0 else "assistant")
         if message.get("role") != expected:
             raise ValueError(f"{where}: message {i} has role {message.get('role')!r}, expected {expected!r}")
         if not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: message {i} content must be a str, "
                              f"got {type(message.get('content')).__name__}")
+
+
+def check_one_of(what, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+
+
+def single_turn(user, assistant, **extra):
+    """The conversation of one user message and the assistant's answer, plus task-specific keys."""
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages, **extra}
+
+
+class HubTask(Task):
+    """
+    One split of a Hugging Face dataset, one conversation per row (load_rows says where the rows come
+    from). Subclasses name the dataset, its subsets and splits, and turn a row into a conversation.
+    """
+
+    name = hf_path = None
+    committed_dir = None  # the copy under data/tasks/: <committed_dir>/[<subset>/]<split>.jsonl.gz
+    subsets, splits = (None,), ()
+    missing_hints = {}  # split -> what to do instead when it is unavailable
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        check_one_of(f"{self.name} subset", subset, self.subsets)
+        check_one_of(f"{self.name} split", split, self.splits)
+        self.subset, self.split = subset, split
+        local_file = (None if self.committed_dir is None
+                      else "/".join(filter(None, (self.committed_dir, subset, f"{split}.jsonl.gz"))))
+        self.ds = load_rows(self.name, self.hf_path, subset, split, local_file,
+                            missing_hint=self.missing_hints.get(split, ""))
+
+    def num_examples(self):
+        return len(self.ds)
+
+
+class MultipleChoiceTask(HubTask):
+    """Examples are single_turn(render_mc(...), gold letter, letters=...): answers are one of the letters."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, assistant_response):
+        """True if the predicted letter is the gold one. The categorical eval only ever passes a letter."""
+        letters = conversation["letters"]
+        if assistant_response not in letters:
+            raise ValueError(f"{self.name} answer {assistant_response!r} is not one of {letters}")
+        return assistant_response == conversation["messages"][-1]["content"]
 
 
 # -----------------------------------------------------------------------------
@@ -197,15 +246,15 @@ def display_path(path):
     return path if relative.startswith("..") else relative
 
 
-def read_committed_rows(path):
-    """The objects of a committed (gzipped) JSON-lines file; damage is a ValueError naming file and fix."""
-    fix = f"Fix: restore the committed copy with `git checkout -- {display_path(path)}`"
+def read_json_lines(path, fix):
+    """(line number, object) for each non-blank line of a (gzipped) JSON-lines file; damage is a ValueError
+    naming the file, the line and `fix`."""
     rows, line_number = [], 0
     try:
         with open_text(path) as f:
             for line_number, line in enumerate(f, 1):
                 if line.strip():
-                    rows.append(json.loads(line))
+                    rows.append((line_number, json.loads(line)))
     except json.JSONDecodeError as e:
         raise ValueError(f"{display_path(path)}:{line_number}: not valid JSON ({one_line_error(e)}). "
                          f"{fix}") from e
@@ -256,7 +305,8 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
         where = ("it has no committed offline copy" if path is None
                  else f"there is no committed offline copy at {display_path(path)}")
         raise RuntimeError(f"{label} ({hf_path}) is unavailable: {reason}, and {where}. {missing_hint}".strip())
-    rows = read_committed_rows(path)
+    rows = [row for _, row in read_json_lines(path, f"Fix: restore the committed copy with "
+                                                    f"`git checkout -- {display_path(path)}`")]
     # what datasets' Dataset.shuffle(seed) does: a numpy Generator permutation of the row indices
     permutation = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))
     rows = CommittedRows(rows[i] for i in permutation)

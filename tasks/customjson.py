@@ -9,11 +9,10 @@ downloaded by the run scripts). Committed copies of the identity conversations a
 instruction sample, for offline runs, are COMMITTED_IDENTITY_PATH and COMMITTED_DOLLY_PATH.
 """
 
-import json
 import os
 
 from nanochat.common import print0
-from tasks.common import TASK_DATA_DIR, Task, check_messages, display_path, open_text
+from tasks.common import TASK_DATA_DIR, Task, check_messages, display_path, read_json_lines
 
 IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 COMMITTED_IDENTITY_PATH = os.path.join(TASK_DATA_DIR, "chat", "identity_conversations.jsonl.gz")
@@ -35,22 +34,10 @@ def missing_file_message(filepath):
 
 def read_conversations(filepath):
     """Every conversation (a list of messages) in the file, validated; errors name the file and line."""
-    conversations = []
-    with open_text(filepath) as f:
-        for line_number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            where = f"{filepath}:{line_number}"
-            try:
-                messages = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e}). Fix: correct or delete that line") from e
-            if not isinstance(messages, list):
-                raise ValueError(f"{where}: expected a JSON array of messages, got {type(messages).__name__}")
-            check_messages(messages, where, allow_system=False)
-            conversations.append(messages)
-    return conversations
+    lines = read_json_lines(filepath, "Fix: correct or delete that line")
+    for line_number, messages in lines:
+        check_messages(messages, f"{filepath}:{line_number}", allow_system=False)
+    return [messages for _, messages in lines]
 
 
 class CustomJSON(Task):

@@ -11,7 +11,7 @@ result in. Scoring compares the strings after "#### " exactly (also used by Spel
 
 import re
 
-from tasks.common import Task, load_rows
+from tasks.common import HubTask, single_turn
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 CALCULATOR_RE = re.compile(r"(<<[^>]+>>)")  # capturing, so re.split keeps the annotations
@@ -20,9 +20,7 @@ CALCULATOR_RE = re.compile(r"(<<[^>]+>>)")  # capturing, so re.split keeps the a
 def extract_answer(completion):
     """The number after the first '#### ' (four hashes, one space), commas removed; None without one."""
     match = ANSWER_RE.search(completion)
-    if match is None:
-        return None
-    return match.group(1).strip().replace(",", "")
+    return None if match is None else match.group(1).replace(",", "")  # the group holds no whitespace
 
 
 def answer_to_parts(answer):
@@ -57,31 +55,15 @@ def score_final_answer(conversation, assistant_response):
     return int(reference is not None and predicted is not None and predicted == reference)
 
 
-class GSM8K(Task):
+class GSM8K(HubTask):
 
-    def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
-        if subset not in ("main", "socratic"):
-            raise ValueError(f"GSM8K subset must be 'main' or 'socratic', got {subset!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
-        self.subset, self.split = subset, split
-        self.ds = load_rows("GSM8K", "openai/gsm8k", subset, split, f"gsm8k/{subset}/{split}.jsonl.gz")
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
+    name, hf_path, committed_dir = "GSM8K", "openai/gsm8k", "gsm8k"
+    subsets, splits = ("main", "socratic"), ("train", "test")
+    eval_type = "generative"
 
     def get_example(self, index):
         row = self.ds[index]
-        messages = [
-            {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": answer_to_parts(row["answer"])},
-        ]
-        return {"messages": messages}
+        return single_turn(row["question"], answer_to_parts(row["answer"]))
 
     def evaluate(self, conversation, assistant_response):
         return score_final_answer(conversation, assistant_response)

@@ -9,7 +9,7 @@ comparable with it; only the first fenced code block of a reply is graded.
 
 import re
 
-from tasks.common import Task, load_rows
+from tasks.common import HubTask, single_turn
 
 # first ``` block, the opening fence optionally tagged "python"; the body is captured lazily
 FENCED_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -33,26 +33,19 @@ def extract_program(completion):
     return (match.group(1) if match else completion).strip()
 
 
-class HumanEval(Task):
+class HumanEval(HubTask):
+
+    name, hf_path, committed_dir = "HumanEval", "openai/openai_humaneval", "humaneval"
+    splits = ("test",)
+    eval_type = "generative"
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.ds = load_rows("HumanEval", "openai/openai_humaneval", None, "test", "humaneval/test.jsonl.gz")
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__(None, "test", **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]
-        messages = [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
-        ]
-        return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
+        return single_turn(row["prompt"], row["prompt"] + "\n" + row["canonical_solution"],
+                           entry_point=row["entry_point"], test=row["test"])
 
     def evaluate(self, conversation, completion):
         """True if the completion's code passes the problem's tests (check(<entry_point>)) in the sandbox.

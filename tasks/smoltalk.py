@@ -6,7 +6,7 @@ There is no committed offline copy (~460K conversations); offline, SmolTalk rais
 chat data (tasks.customjson.COMMITTED_IDENTITY_PATH, COMMITTED_DOLLY_PATH) is the substitute.
 """
 
-from tasks.common import Task, check_messages, display_path, load_rows
+from tasks.common import HubTask, check_messages, display_path
 from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH
 
 OFFLINE_HINT = ("Offline, train on the committed chat conversations instead: CustomJSON(COMMITTED_IDENTITY_PATH) "
@@ -14,18 +14,14 @@ OFFLINE_HINT = ("Offline, train on the committed chat conversations instead: Cus
                 f"({display_path(COMMITTED_IDENTITY_PATH)}, {display_path(COMMITTED_DOLLY_PATH)}).")
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
+
+    name, hf_path = "SmolTalk", "HuggingFaceTB/smol-smoltalk"
+    splits = ("train", "test")
+    missing_hints = dict.fromkeys(splits, OFFLINE_HINT)
 
     def __init__(self, split, **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"SmolTalk split must be 'train' or 'test', got {split!r}")
-        self.split = split
-        self.ds = load_rows("SmolTalk", "HuggingFaceTB/smol-smoltalk", None, split, None, missing_hint=OFFLINE_HINT)
-        self.length = len(self.ds)
-
-    def num_examples(self):
-        return self.length
+        super().__init__(None, split, **kwargs)
 
     def get_example(self, index):
         messages = self.ds[index]["messages"]

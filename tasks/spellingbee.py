@@ -16,7 +16,7 @@ import string
 
 from nanochat.common import download_file_with_lock, print0
 from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
-from tasks.common import TASK_DATA_DIR, Task, display_path, open_text
+from tasks.common import TASK_DATA_DIR, Task, check_one_of, display_path, open_text, single_turn
 from tasks.gsm8k import score_final_answer
 
 LETTERS = string.ascii_lowercase
@@ -107,10 +107,6 @@ def load_words():
     return words
 
 
-def example_rng(split, index):
-    return random.Random(index if split == "train" else TEST_RANDOM_SEED_OFFSET + index)
-
-
 def spell(word):
     """'cat' -> 'cat:c,a,t'"""
     return f"{word}:{','.join(word)}"
@@ -133,28 +129,28 @@ def manual_count_text(word, letter):
     return text + f"\nThis gives us {running}."
 
 
-def check_split(split):
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+class WordTask(Task):
+    """`size` examples over the word list, each a pure function of (split, index)."""
 
-
-class SpellingBee(Task):
+    eval_type = "generative"
 
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        check_split(split)
+        check_one_of(f"{type(self).__name__} split", split, ("train", "test"))
         self.size, self.split = size, split
         self.words = load_words()
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size
 
+    def example_rng(self, index):
+        return random.Random(index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index)
+
+
+class SpellingBee(WordTask):
+
     def get_example(self, index):
-        rng = example_rng(self.split, index)
+        rng = self.example_rng(index)
         # the order of the rng draws below defines the dataset: do not reorder them
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)  # 10%: maybe absent
@@ -175,36 +171,22 @@ class SpellingBee(Task):
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
         ]
-        return {"messages": [{"role": "user", "content": user_msg}, {"role": "assistant", "content": parts}]}
+        return single_turn(user_msg, parts)
 
     def evaluate(self, conversation, assistant_response):
         """1 if the response's '#### N' is the right count, else 0 (GSM8K's scoring)."""
         return score_final_answer(conversation, assistant_response)
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
 
     def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        check_split(split)
-        self.size, self.split = size, split
-        self.words = load_words()
+        super().__init__(size, split, **kwargs)
         random.Random(42).shuffle(self.words)  # a different word order from SpellingBee's (reference seed)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        word = example_rng(self.split, index).choice(self.words)
-        messages = [
-            {"role": "user", "content": f"Spell the word: {word}"},
-            {"role": "assistant", "content": spell(word)},
-        ]
-        return {"messages": messages}
+        word = self.example_rng(index).choice(self.words)
+        return single_turn(f"Spell the word: {word}", spell(word))
 
     def evaluate(self, conversation, assistant_response):
         """1 if the response is exactly the gold spelling (surrounding whitespace ignored), else 0."""
@@ -217,17 +199,10 @@ def print_preview(example):
     print(example["messages"][0]["content"])
     print("-" * 100)
     content = example["messages"][1]["content"]
-    if isinstance(content, str):
-        print(content)
-        return
-    for part in content:
-        if part["type"] == "python":
-            print(f"<<{part['text']}=", end="")
-        elif part["type"] == "python_output":
-            print(f"{part['text']}>>", end="")
-        else:
-            print(part["text"], end="")
-    print()
+    if isinstance(content, list):
+        shown = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
+        content = "".join(shown[part["type"]].format(part["text"]) for part in content)
+    print(content)
 
 
 def main():
@@ -236,9 +211,8 @@ def main():
     parser.add_argument("--split", choices=["train", "test"], default="train")
     parser.add_argument("--num-examples", type=int, default=10)
     args = parser.parse_args()
-    task_class = SpellingBee if args.task == "spellingbee" else SimpleSpelling
-    task = task_class(size=args.num_examples, split=args.split)
-    for example in task:
+    task_class = {"spellingbee": SpellingBee, "simplespelling": SimpleSpelling}[args.task]
+    for example in task_class(size=args.num_examples, split=args.split):
         print_preview(example)
 
 

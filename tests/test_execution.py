@@ -6,6 +6,7 @@ alone, the fallback where no isolation is available; both must grade the same wa
 The attacks that only OS isolation contains are in tests/test_sandbox.py.
 """
 
+import ast
 import glob
 import gzip
 import json
@@ -174,6 +175,8 @@ def test_environment_is_scrubbed(monkeypatch):
     assert result.success
     assert result.stdout.splitlines()[0] == "None None"
     assert "hunter2" not in result.stdout and "HF_TOKEN" not in result.stdout
+    # an empty start in both modes: what is there, Python (LC_CTYPE), bwrap (PWD) and the guard set
+    assert set(ast.literal_eval(result.stdout.splitlines()[1])) <= {"LC_CTYPE", "PWD", "OMP_NUM_THREADS"}
 
 
 @linux_only

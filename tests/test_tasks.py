@@ -515,6 +515,14 @@ def test_customjson_validation_errors_name_the_line(tmp_path, line, problem):
         CustomJSON(str(path))
 
 
+def test_customjson_truncated_gzip_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "conversations.jsonl.gz"
+    line = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    path.write_bytes(gzip.compress(((line + "\n") * 50).encode())[:-20])
+    with pytest.raises(ValueError, match=f"{path} is truncated or corrupt after line .*Fix: correct"):
+        CustomJSON(str(path))
+
+
 def test_customjson_missing_file_is_an_error_with_a_hint(tmp_path):
     missing = str(tmp_path / "identity_conversations.jsonl")
     with pytest.raises(FileNotFoundError) as error:
