@@ -11,13 +11,12 @@ Importing this module does no work (the tasks load when a run asks for them).
 """
 
 import math
-import os
 
 import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import (get_checkpoints_dir, load_checkpoint_meta, load_model,
+from nanochat.checkpoint_manager import (load_checkpoint_meta, load_model,
                                          load_optimizer_state, optimizer_shard_count)
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
 from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
@@ -73,16 +72,14 @@ def warm_start_from(optimizer, source, model_tag, step, device, rank):
 
 
 def resume_optimizer_state(source, model_tag, step, device, rank):
-    """This rank's shard of the optimizer of the checkpoint resumed. A shard holds its rank's part of the
-    state, so only the world size that saved the checkpoint can load it: any other is refused here,
-    before the optimizer would fail on a shard of the wrong shape."""
-    shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
-    if shards != world_size:
-        files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
-        raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
-                         f"and this run has {world_size}; resume with the world size that saved it "
-                         f"(torchrun --nproc_per_node={shards})")
-    return load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+    """This rank's shard of the optimizer of the checkpoint resumed (training.check_world_size refuses a
+    world size other than the one that saved it)."""
+    training.check_world_size(source, model_tag, step)
+    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
+    if state is None:
+        raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {model_tag} has no "
+                                f"optimizer state for rank {rank}; resume from a step that has it")
+    return state
 
 
 def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume=None, warm_from=None):

@@ -10,6 +10,7 @@ learning rates and weight decay from the d12 reference point. `args` is base_tra
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -225,6 +226,7 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
     optimizer_data = meta = None
     if args.resume_from_step >= 0:
         print0(f"Resuming optimization from step {args.resume_from_step}")
+        training.check_world_size("base", os.path.basename(checkpoint_dir), args.resume_from_step)
         model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
                                                            load_optimizer=True, rank=rank)
         model.load_state_dict(model_data, strict=True, assign=True)

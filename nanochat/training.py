@@ -19,8 +19,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import get_device_peak_flops, is_ddp_initialized, print0
+from nanochat.checkpoint_manager import get_checkpoints_dir, optimizer_shard_count, save_checkpoint
+from nanochat.common import get_device_peak_flops, get_dist_info, is_ddp_initialized, print0
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -428,6 +428,17 @@ def start_run(device_type):
         print0(f"GPU: {torch.cuda.get_device_name(0)} | Peak FLOPS (BF16): {peak_flops:.2e}")
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     return device_type, rank, world_size, device, peak_flops  # the attention backend: when the model is built
+
+
+def check_world_size(source, model_tag, step):
+    """Refuse to resume a checkpoint saved by another number of ranks: each rank saved its own shard of
+    the optimizer state, which fits only the same world size (another would fail inside the optimizer)."""
+    shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
+    if shards not in (0, world_size):
+        files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
+        raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
+                         f"and this run has {world_size}; resume with the world size that saved it "
+                         f"(torchrun --nproc_per_node={shards})")
 
 
 def warn_on_changed_config(saved_user_config, user_config, free_keys):

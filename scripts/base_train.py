@@ -11,8 +11,8 @@ The depth dial (--depth sets width, steps, batch size, LRs and weight decay) is 
 Resuming (--resume-from-step s) is exact: the checkpoint holds the weights, the optimizer, the loss EMA
 and the dataloader position *before* the batch that was prefetched, so the resumed run trains on the
 same batches as the uninterrupted one. SIGTERM/SIGINT save a checkpoint after the current step and exit.
-With several ranks every rank's loader state is saved and restored (resume with the same world size;
-another one resumes the data approximately). A --run logged to wandb is continued by the resume.
+With several ranks every rank's loader state and optimizer shard is saved and restored (resume with the
+same world size: another is refused). A --run logged to wandb is continued by the resume.
 
 Determinism: on CPU the same command gives bitwise-identical weights; on CUDA NANOCHAT_DETERMINISTIC=1
 opts in (training.configure_determinism says what it costs and what it needs).
@@ -25,7 +25,8 @@ import argparse
 from types import SimpleNamespace
 
 from nanochat import autofit, training
-from nanochat.common import get_base_dir, maybe_compile, print0, print_banner
+from nanochat.checkpoint_manager import get_checkpoints_dir
+from nanochat.common import maybe_compile, print0, print_banner
 from nanochat.core_eval import format_core_metric, greedy_samples
 from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -123,7 +124,7 @@ def setup(args, user_config):
     print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
 
     # --- model, scaling rules, optimizer
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+    checkpoint_dir = os.path.join(get_checkpoints_dir("base"), args.model_tag or f"d{args.depth}")
     model, config, optimizer_data, meta = build_model(args, tokenizer, device, rank, checkpoint_dir)
     meta = meta or {}
     wandb_run = training.init_wandb("nanochat", args.run, user_config, rank == 0, meta.get("wandb_run_id"))

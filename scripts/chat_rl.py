@@ -27,7 +27,8 @@ import os
 import torch
 
 from nanochat import autofit, chat_train, training
-from nanochat.common import get_base_dir, print0
+from nanochat.checkpoint_manager import get_checkpoints_dir
+from nanochat.common import print0
 from nanochat.engine import Engine
 from nanochat.report import get_report, record_point
 
@@ -148,7 +149,7 @@ def main(argv=None):
         saved=meta.get("device_batch_size"))
     wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0,
                                     meta.get("wandb_run_id"))
-    ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatrl_checkpoints", output_tag), model,
+    ckpt = training.Checkpointer(os.path.join(get_checkpoints_dir("rl"), output_tag), model,
                                  optimizer, rank)
     # the curve (reward per step, pass@1 at evaluations) is the report's plot
     run = training.restore_run_state(ckpt, meta, model.config, user_config, {

@@ -41,7 +41,8 @@ from types import SimpleNamespace
 import torch
 
 from nanochat import autofit, chat_train, training
-from nanochat.common import get_base_dir, maybe_compile, print0
+from nanochat.checkpoint_manager import get_checkpoints_dir
+from nanochat.common import maybe_compile, print0
 from nanochat.dataloader import PrefetchedBatches
 from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes
@@ -210,7 +211,7 @@ def main(argv=None):
 
     # --- the checkpoint and the loop's counters. model_config is the trained model's own config (its
     # sliding windows derive from its sequence_len); the SFT row length is the top-level max_seq_len.
-    ckpt = training.Checkpointer(os.path.join(get_base_dir(), "chatsft_checkpoints", output_tag), orig_model,
+    ckpt = training.Checkpointer(os.path.join(get_checkpoints_dir("sft"), output_tag), orig_model,
                                  optimizer, rank)
     stage_keys = {**{k: hp[k] for k in ("max_seq_len", "device_batch_size", "total_batch_size")},
                   "hyperparameters": hp}

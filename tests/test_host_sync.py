@@ -7,7 +7,6 @@ scripts.base_train.main (a tiny d2 run on the committed sample), so a GPU run do
 import collections
 import traceback
 
-import torch
 from torch.overrides import TorchFunctionMode
 
 from nanochat import training

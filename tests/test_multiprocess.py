@@ -85,6 +85,10 @@ def test_two_process_training_checkpoint_resume_and_one_process_agreement(base_d
     resuming = start(base_dir, 2, ["--model-tag=mp2", "--resume-from-step=3"])
     single = start(base_dir, 1, ["--model-tag=mp1"])
     resumed, one = finish(resuming), finish(single)
+    # (iv) one process cannot resume the two ranks' optimizer shards: refused, naming the files and the fix
+    refused, _ = start(base_dir, 1, ["--model-tag=mp2", "--resume-from-step=3"]).communicate(timeout=180)
+    assert "optim_000003_rank*.pt holds the optimizer shards of 2 rank(s)" in refused, refused[-3000:]
+    assert "torchrun --nproc_per_node=2" in refused.strip().splitlines()[-1]
     assert "approximate resume" not in resumed
     again = torch.load(os.path.join(ckpt, f"model_{STEPS:06d}.pt"))
     different = [k for k in straight if not torch.equal(straight[k], again[k])]
