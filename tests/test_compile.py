@@ -20,6 +20,9 @@ BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 
 
 def compiled(fn, backend):
+    # a fresh dynamo cache: the kernels are compiled for many shapes, dtypes and backends across the file,
+    # more variants of one function than dynamo's recompile limit (8) allows
+    torch._dynamo.reset()
     return torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)  # a graph break raises
 
 
