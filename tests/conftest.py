@@ -159,3 +159,26 @@ def chat_server(**settings):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def chat_texts(limit=300):
+    """A few hundred KB of the committed chat data: GSM8K questions/answers and identity messages."""
+    import gzip
+    import json
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tasks")
+    texts = []
+    with gzip.open(os.path.join(data, "gsm8k", "main", "train.jsonl.gz"), "rt") as f:
+        for line, _ in zip(f, range(limit)):
+            row = json.loads(line)
+            texts.append(row["question"] + " " + row["answer"])
+    with gzip.open(os.path.join(data, "chat", "identity_conversations.jsonl.gz"), "rt") as f:
+        for line, _ in zip(f, range(limit // 3)):
+            texts += [m["content"] for m in json.loads(line)]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A 512-token tokenizer trained on chat_texts(), for tests of the chat stages (SFT, RL)."""
+    from nanochat.tokenizer import RustBPETokenizer
+    return RustBPETokenizer.train_from_iterator(iter(chat_texts()), 512)

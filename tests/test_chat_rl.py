@@ -5,7 +5,6 @@ padding/targets with a terminated and a cut sample, pass@k), rollouts that keep 
 <|assistant_end|> (Engine.generate_batch(keep_terminal=True), scripted model), the example schedule,
 and real RL steps of a depth-2 model with an exact resume from the middle checkpoint.
 """
-import gzip
 import json
 import os
 import re
@@ -15,37 +14,25 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+from nanochat.tokenizer import compute_token_bytes
 from nanochat import chat_train
 from scripts import chat_rl
 
-from conftest import point_base_dir_at
+from conftest import point_base_dir_at, write_tiny_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """NANOCHAT_BASE_DIR with a tokenizer (vocab 512, trained on GSM8K text) and a depth-2 SFT checkpoint."""
+def base_dir(tmp_path_factory, chat_tokenizer):
+    """NANOCHAT_BASE_DIR with the chat tokenizer (vocab 512, GSM8K and identity text) and a depth-2, width-128
+    SFT checkpoint at step 3."""
     root = tmp_path_factory.mktemp("nanochat_rl")
     mp = pytest.MonkeyPatch()
     point_base_dir_at(mp, root, NANOCHAT_COMPILE="0")
-    with gzip.open(os.path.join(REPO, "data", "tasks", "gsm8k", "main", "train.jsonl.gz"), "rt") as f:
-        texts = [row["question"] + " " + row["answer"] for row in map(json.loads, list(f)[:400])]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), 512)
-    tok.save(os.path.join(root, "tokenizer"))
-    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128,
-                              window_pattern="L"))
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
-    meta = {"step": 3, "val_bpb": 3.0, "model_config": vars(model.config).copy(), "user_config": {}}
-    save_checkpoint(os.path.join(root, "chatsft_checkpoints", "d2"), 3, model.state_dict(), None, meta)
+    chat_tokenizer.save(os.path.join(root, "tokenizer"))
+    torch.save(compute_token_bytes(chat_tokenizer), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    write_tiny_checkpoint(root, "sft", step=3, vocab_size=512, sequence_len=128, n_embd=128)
     yield root
     mp.undo()
 

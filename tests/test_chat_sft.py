@@ -6,7 +6,6 @@ optimizer warm start), and real SFT runs of a depth-2 model: checkpoint, meta an
 resume from the middle checkpoint that reproduces the uninterrupted run bit for bit.
 """
 import gc
-import gzip
 import json
 import os
 import re
@@ -19,26 +18,12 @@ import torch
 from nanochat import chat_core, chat_train, dataloader
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+from nanochat.tokenizer import compute_token_bytes
 from scripts import chat_sft
 
 from conftest import point_base_dir_at
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 128
-
-
-def training_texts(limit=300):
-    """A few hundred KB of the committed chat data: GSM8K questions/answers and identity messages."""
-    texts = []
-    with gzip.open(os.path.join(REPO, "data", "tasks", "gsm8k", "main", "train.jsonl.gz"), "rt") as f:
-        for line, _ in zip(f, range(limit)):
-            row = json.loads(line)
-            texts.append(row["question"] + " " + row["answer"])
-    with gzip.open(os.path.join(REPO, "data", "tasks", "chat", "identity_conversations.jsonl.gz"), "rt") as f:
-        for line, _ in zip(f, range(limit // 3)):
-            texts += [m["content"] for m in json.loads(line)]
-    return texts
 
 
 def tiny_model(vocab_size):
@@ -61,13 +46,9 @@ def base_optimizer_state(model):
     return optimizer.state_dict()
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """NANOCHAT_BASE_DIR with a tokenizer (vocab 512) and a depth-2 base checkpoint base_checkpoints/d2."""
-    root = tmp_path_factory.mktemp("nanochat_sft")
-    mp = pytest.MonkeyPatch()
-    point_base_dir_at(mp, root, NANOCHAT_COMPILE="0")
-    tok = RustBPETokenizer.train_from_iterator(iter(training_texts()), 512)
+def write_sft_base_dir(root, tok):
+    """`root` holding `tok` (with its token_bytes.pt) and a depth-2 base checkpoint base_checkpoints/d2 at
+    step 10, its optimizer shard non-zero and its meta carrying the pretraining settings SFT inherits."""
     tok.save(os.path.join(root, "tokenizer"))
     torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
     model = tiny_model(tok.get_vocab_size())
@@ -76,6 +57,16 @@ def base_dir(tmp_path_factory):
             "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.02, "matrix_lr": 0.05},
             "device_batch_size": 2, "max_seq_len": SEQ_LEN, "total_batch_size": 2 * 2 * SEQ_LEN}
     save_checkpoint(os.path.join(root, "base_checkpoints", "d2"), 10, model.state_dict(), optim_state, meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, chat_tokenizer):
+    """NANOCHAT_BASE_DIR with the chat tokenizer (vocab 512) and that base checkpoint."""
+    root = tmp_path_factory.mktemp("nanochat_sft")
+    mp = pytest.MonkeyPatch()
+    point_base_dir_at(mp, root, NANOCHAT_COMPILE="0")
+    write_sft_base_dir(root, chat_tokenizer)
     yield root
     mp.undo()
 

@@ -108,22 +108,10 @@ def test_two_process_training_checkpoint_resume_and_one_process_agreement(base_d
 # chat_sft: each rank packs its own conversations, so its packer state is saved and restored per rank
 
 @pytest.fixture(scope="module")
-def sft_base_dir(tmp_path_factory):
-    """A base dir with a vocab-512 tokenizer and a depth-2 base checkpoint (test_chat_sft's), offline."""
-    from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
-    from test_chat_sft import SEQ_LEN, base_optimizer_state, tiny_model, training_texts
-    root = tmp_path_factory.mktemp("nanochat_mp_sft")
-    tok = RustBPETokenizer.train_from_iterator(iter(training_texts()), 512)
-    tok.save(os.path.join(root, "tokenizer"))
-    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
-    model = tiny_model(tok.get_vocab_size())
-    meta = {"step": 10, "val_bpb": 3.0, "model_config": vars(model.config).copy(),
-            "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.02, "matrix_lr": 0.05},
-            "device_batch_size": 2, "max_seq_len": SEQ_LEN, "total_batch_size": 2 * 2 * SEQ_LEN}
-    save_checkpoint(os.path.join(root, "base_checkpoints", "d2"), 10, model.state_dict(),
-                    base_optimizer_state(model), meta)
-    return root
+def sft_base_dir(tmp_path_factory, chat_tokenizer):
+    """test_chat_sft's base dir (chat tokenizer, depth-2 base checkpoint), for processes started offline."""
+    from test_chat_sft import write_sft_base_dir
+    return write_sft_base_dir(tmp_path_factory.mktemp("nanochat_mp_sft"), chat_tokenizer)
 
 
 def start_sft(base_dir, extra, nproc=2):
