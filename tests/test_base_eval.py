@@ -160,14 +160,14 @@ def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path
     assert "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}" in message
 
 
-def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, capsys):
+def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, tiny_tokenizer, capsys):
     from nanochat import dataset
     from nanochat.gpt import GPT, GPTConfig
     dataset.install_sample()
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(["a small corpus for a tiny tokenizer. " * 20] * 10), 300)
+    tokenizer = tiny_tokenizer
     with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
-                              window_pattern="L"))
+        model = GPT(GPTConfig(sequence_len=32, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+                              n_kv_head=2, n_embd=64, window_pattern="L"))
     model.to_empty(device="cpu")
     model.init_weights()
     model.eval()

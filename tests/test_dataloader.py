@@ -8,6 +8,8 @@ import torch
 
 from nanochat import dataloader as dl
 
+from conftest import point_base_dir_at
+
 BOS = 1000
 
 
@@ -266,15 +268,11 @@ def test_without_state_wrapper(corpus):
     assert x.shape == (2, 16) and torch.all(x[:, 0] == BOS)
 
 
-def test_real_tokenizer_on_the_offline_sample(tmp_path, monkeypatch):
-    from nanochat.dataset import install_sample, parquets_iter_batched
-    from nanochat.tokenizer import RustBPETokenizer
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+def test_real_tokenizer_on_the_offline_sample(tmp_path, monkeypatch, sample_tokenizer):
+    from nanochat.dataset import install_sample
+    point_base_dir_at(monkeypatch, tmp_path)
     install_sample()
-    docs = (d[:2000] for batch in parquets_iter_batched("train") for d in batch)
-    tok = RustBPETokenizer.train_from_iterator(docs, 512)
+    tok = sample_tokenizer
     make = lambda state=None: dl.tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tok, 4, 128, "train", tokenizer_threads=2, device="cpu", resume_state_dict=state, buffer_size=200)
     straight = take(make(), 6)

@@ -371,11 +371,9 @@ def test_generate_rejects_non_int_tokens():
         next(Engine(MockModel(), ByteTokenizer()).generate("hello"))
 
 
-def test_engine_with_real_tokenizer_tool_call():
+def test_engine_with_real_tokenizer_tool_call(tiny_tokenizer):
     # the real tokenizer: specials looked up by name, encode(str) of the calculator result
-    from nanochat.tokenizer import RustBPETokenizer
-    text = "The answer is 2+3=5. Then 12/60 is 0.2 and the count of r in strawberry is 3.\n" * 40
-    tok = RustBPETokenizer.train_from_iterator(iter([text]), 300)
+    tok = tiny_tokenizer
     script = ([tok.encode_special("<|python_start|>")] + tok.encode("2+3") + [tok.encode_special("<|python_end|>")]
               + tok.encode(" ok") * 4 + [tok.encode_special("<|assistant_end|>")])
     model = ScriptedModel([script], vocab_size=tok.get_vocab_size())
