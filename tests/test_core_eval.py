@@ -14,7 +14,6 @@ import torch
 
 from nanochat import core_eval as ce
 from nanochat.common import REPO_DATA_DIR
-from nanochat.tokenizer import RustBPETokenizer
 
 from conftest import TerminalIO
 
@@ -155,17 +154,6 @@ def committed_bundle(tmp_path_factory):
     return bundle_dir
 
 
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """A small BPE trained on English text from the committed bundle."""
-    texts = []
-    with zipfile.ZipFile(COMMITTED_ZIP) as zf:
-        for name in ("world_knowledge/arc_easy.jsonl", "language_understanding/lambada_openai.jsonl",
-                     "reading_comprehension/squad.jsonl", "world_knowledge/jeopardy_all.jsonl"):
-            texts += zf.read(f"eval_bundle/eval_data/{name}").decode("utf-8").splitlines()[:60]
-    return RustBPETokenizer.train_from_iterator(iter(texts), 512)
-
-
 # -----------------------------------------------------------------------------
 # Prompt rendering
 
@@ -225,7 +213,7 @@ def test_render_real_mc_with_a_shot():
     assert len(prompts) == 4 and prompts[3].endswith("\nAnswer: The producers in all ecosystems are plants.")
 
 
-def test_lm_prefix_property_holds_for_every_bundled_lm_task(committed_bundle, bpe_tokenizer):
+def test_lm_prefix_property_holds_for_every_bundled_lm_task(committed_bundle, sample_tokenizer):
     delimiters = set()
     for task in ce.load_core_tasks(committed_bundle):
         if task["task_type"] != "language_modeling" or not os.path.isfile(ce.task_data_path(committed_bundle, task)):
@@ -235,9 +223,10 @@ def test_lm_prefix_property_holds_for_every_bundled_lm_task(committed_bundle, bp
         for idx, item in enumerate(data):
             shots = [data[i] for i in ce.sample_fewshot_indices(idx, len(data), task["num_fewshot"])]
             prompts = ce.render_prompts_lm(item, task["continuation_delimiter"], shots)
-            without, with_ = (bpe_tokenizer(p, prepend=bpe_tokenizer.get_bos_token_id()) for p in prompts)
+            bos = sample_tokenizer.get_bos_token_id()
+            without, with_ = (sample_tokenizer(p, prepend=bos) for p in prompts)
             assert len(without) < len(with_) and with_[:len(without)] == without, (task["label"], idx)
-            rows, starts, ends = ce.batch_sequences_lm(bpe_tokenizer, prompts)
+            rows, starts, ends = ce.batch_sequences_lm(sample_tokenizer, prompts)
             assert rows == [with_] and starts == [len(without)] and ends == [len(with_)]
     assert delimiters == {" ", "\nAnswer: "}
 
@@ -377,8 +366,8 @@ def test_mc_choice_that_is_a_prefix_of_another_never_wins():
     assert ce.evaluate_example(0, model, tok, [dict(item, gold=0)], "cpu", meta("multiple_choice")) is False
 
 
-def test_non_prefix_lm_item_counts_as_wrong_with_a_warning(bpe_tokenizer, caplog):
-    tok = bpe_tokenizer
+def test_non_prefix_lm_item_counts_as_wrong_with_a_warning(sample_tokenizer, caplog):
+    tok = sample_tokenizer
     # " the" is one token of this tokenizer, " th" + "e" is not: the prompt without is not a token prefix
     bos = tok.get_bos_token_id()
     without, with_ = tok("x th", prepend=bos), tok("x the", prepend=bos)
@@ -426,8 +415,8 @@ def _tiny_gpt(vocab_size, sequence_len):
     return model.eval()
 
 
-def test_base_model_samples_greedy_and_unconditioned(bpe_tokenizer):
-    tok = bpe_tokenizer
+def test_base_model_samples_greedy_and_unconditioned(sample_tokenizer):
+    tok = sample_tokenizer
     model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
     greedy = ce.greedy_samples(model, tok, prompts=["The capital of France is"], max_tokens=4)
     assert len(greedy) == 1 and greedy[0].startswith("<|bos|>The capital of France is")
@@ -437,9 +426,9 @@ def test_base_model_samples_greedy_and_unconditioned(bpe_tokenizer):
     assert ce.unconditioned_samples(model, tok) == unconditioned  # the Engine's seeded draw
 
 
-def test_real_gpt_is_fed_the_spec_token_ids_past_its_training_context(bpe_tokenizer):
+def test_real_gpt_is_fed_the_spec_token_ids_past_its_training_context(sample_tokenizer):
     """The ids of a 2-shot MC example longer than sequence_len: the spec's prompts, BOS first, BOS-padded."""
-    tok = bpe_tokenizer
+    tok = sample_tokenizer
     model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
     fed = []
     model.register_forward_pre_hook(lambda m, args: fed.append(args[0].tolist()))
