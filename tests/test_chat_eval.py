@@ -16,7 +16,6 @@ from nanochat import chat_core
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import extract
-from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_eval
 from tasks.common import Task, render_mc
 from tasks.gsm8k import GSM8K
@@ -25,17 +24,11 @@ from tasks.spellingbee import SpellingBee
 
 from conftest import TerminalIO, write_tiny_checkpoint
 
-TRAIN_TEXT = [
-    "The quick brown fox jumps over the lazy dog. What is the answer? The answer is 42.\n",
-    "Multiple Choice question: Which planet is largest? Respond only with the letter of the correct answer.\n",
-    "Let me think step by step. 12 + 30 = 42, so the final answer is #### 42\n",
-    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
-] * 20
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(TRAIN_TEXT), 400)
+@pytest.fixture
+def tokenizer(chat_tokenizer):
+    """The session's chat tokenizer (GSM8K and identity text): letters are single tokens, "éè" is not."""
+    return chat_tokenizer
 
 
 @pytest.fixture(autouse=True)
