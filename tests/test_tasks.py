@@ -10,7 +10,6 @@ import pytest
 
 from nanochat.common import REPO_DATA_DIR
 from nanochat.engine import use_calculator
-from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 from tasks.arc import ARC
 from tasks.common import Task, TaskMixture, TaskSequence, load_rows, render_mc
 from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH, CustomJSON
@@ -32,13 +31,10 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
 
 
-@pytest.fixture(scope="module")
-def tok():
-    texts = ["How many r are in the word strawberry? Spell the word: cat:c,a,t",
-             "Multiple Choice question: What is 1+1?\n- 1=A\n- 2=B\nRespond only with the letter.",
-             "Natalia sold clips to 48 of her friends in April. 48/2 = 24 #### 72",
-             "def add(a, b):\n    return a + b\n", "Hello! I'm nanochat, a small language model."] * 20
-    return RustBPETokenizer.train_from_iterator(iter(texts), 256 + len(SPECIAL_TOKENS) + 64)
+@pytest.fixture
+def tok(chat_tokenizer):
+    """The session's chat tokenizer (GSM8K and identity text)."""
+    return chat_tokenizer
 
 
 def read_committed(relpath):
