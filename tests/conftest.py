@@ -10,6 +10,8 @@ Fixtures:
 - tiny_base_dir: a fresh, offline, rank-0 NANOCHAT_BASE_DIR holding only that tokenizer.
 - sample_tokenizer (session): a 512-token tokenizer trained on the first 200 documents of the committed
   pretraining sample, for tests that train on that sample (install_sample_base_dir).
+- chat_tokenizer (session): a 512-token tokenizer trained on chat_texts() (committed GSM8K and identity
+  text), for the chat-stage tests (SFT, RL, ChatCORE, tasks).
 Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
 install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process).
 - tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
