@@ -315,20 +315,10 @@ class RecordingWandb:
         pass
 
 
-def test_base_train_labels_a_core_over_the_21_committed_tasks(tmp_path, monkeypatch, capsys):
-    from nanochat.dataset import install_sample, parquets_iter_batched
-    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
-    base_dir = tmp_path / "base"  # its own: the module's base_dir keeps its 512-token tokenizer
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
-    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
-    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    install_sample()
-    texts = [t for batch in parquets_iter_batched("train") for t in batch][:100]
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), 300)
-    tok.save(os.path.join(base_dir, "tokenizer"))
-    torch.save(compute_token_bytes(tok), os.path.join(base_dir, "tokenizer", "token_bytes.pt"))
+def test_base_train_labels_a_core_over_the_21_committed_tasks(tmp_path, monkeypatch, capsys,
+                                                                  sample_tokenizer):
+    # its own base dir: the module's base_dir keeps the other runs' checkpoints and reports
+    base_dir = install_sample_base_dir(monkeypatch, tmp_path / "base", sample_tokenizer)
     wandb = RecordingWandb()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     try:
