@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanochat import core_eval, hf_export, loss_eval
-from nanochat.tokenizer import HuggingFaceTokenizer, RustBPETokenizer, compute_token_bytes
+from nanochat.tokenizer import HuggingFaceTokenizer, compute_token_bytes
 from nanochat.core_eval import base_eval_report_items as report_items
 from scripts import base_eval
 
