@@ -13,7 +13,8 @@ Fixtures:
 - chat_tokenizer (session): a 512-token tokenizer trained on chat_texts() (committed GSM8K and identity
   text), for the chat-stage tests (SFT, RL, ChatCORE, tasks).
 Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
-install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process).
+install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process), chat_prompt
+(a hand-built chat prompt, for checking rendered prompts token by token).
 - tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
   SEQUENCE_LEN context, and its (model, tokenizer).
 """
@@ -96,6 +97,20 @@ def install_tiny_chat_base_dir(monkeypatch, base, tokenizer, sequence_len):
     write_tiny_checkpoint(base, "sft", vocab_size=tokenizer.get_vocab_size(), sequence_len=sequence_len,
                           perturb=0.1)
     return base
+
+
+def chat_prompt(tokenizer, *turns):
+    """Hand-built prompt: BOS, then user/assistant turns (assistant turns given as token lists), ending in
+    <|assistant_start|> after the last user message."""
+    special = tokenizer.encode_special
+    tokens = [tokenizer.get_bos_token_id()]
+    for i, turn in enumerate(turns):
+        if i % 2 == 0:
+            tokens += [special("<|user_start|>"), *tokenizer.encode(turn), special("<|user_end|>"),
+                       special("<|assistant_start|>")]
+        else:
+            tokens += turn + [special("<|assistant_end|>")]
+    return tokens
 
 
 @pytest.fixture(scope="session")

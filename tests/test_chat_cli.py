@@ -12,7 +12,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from scripts import chat_cli
 
-from conftest import write_tiny_checkpoint
+from conftest import chat_prompt, write_tiny_checkpoint
 
 @pytest.fixture
 def tokenizer(tiny_tokenizer):
@@ -29,20 +29,6 @@ def offline_base_dir(tmp_path, monkeypatch):
 def save_tiny_sft_checkpoint(base_dir, tokenizer):
     tokenizer.save(str(base_dir / "tokenizer"))
     write_tiny_checkpoint(base_dir, "sft", vocab_size=tokenizer.get_vocab_size())
-
-
-def chat_prompt(tokenizer, *turns):
-    """Hand-built prompt: BOS, then user/assistant turns (assistant turns given as token lists), ending in
-    <|assistant_start|> after the last user message."""
-    special = tokenizer.encode_special
-    tokens = [tokenizer.get_bos_token_id()]
-    for i, turn in enumerate(turns):
-        if i % 2 == 0:
-            tokens += [special("<|user_start|>"), *tokenizer.encode(turn), special("<|user_end|>"),
-                       special("<|assistant_start|>")]
-        else:
-            tokens += turn + [special("<|assistant_end|>")]
-    return tokens
 
 
 # -----------------------------------------------------------------------------

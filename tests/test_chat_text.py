@@ -11,24 +11,12 @@ import torch
 from nanochat.chat_text import Conversation, ReplyText, stream_reply
 from nanochat.engine import Engine
 
+from conftest import chat_prompt
+
 
 @pytest.fixture
 def tokenizer(tiny_tokenizer):
     return tiny_tokenizer
-
-
-def chat_prompt(tokenizer, *turns):
-    """Hand-built prompt: BOS, then user/assistant turns (assistant turns given as token lists), ending in
-    <|assistant_start|> after the last user message."""
-    special = tokenizer.encode_special
-    tokens = [tokenizer.get_bos_token_id()]
-    for i, turn in enumerate(turns):
-        if i % 2 == 0:
-            tokens += [special("<|user_start|>"), *tokenizer.encode(turn), special("<|user_end|>"),
-                       special("<|assistant_start|>")]
-        else:
-            tokens += turn + [special("<|assistant_end|>")]
-    return tokens
 
 
 class ScriptedModel:
