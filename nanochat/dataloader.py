@@ -23,7 +23,6 @@ import bisect
 import functools
 import queue
 import threading
-import weakref
 from collections import deque
 
 import numpy as np
@@ -97,8 +96,8 @@ class _Prefetcher:
     refs, position, next_cursor), one per text batch; errors re-raise in the consumer.
     close() stops the thread and joins it. The thread must not outlive the interpreter: a thread still
     inside pyarrow or the tokenizer's native code when the runtime is torn down aborts the process
-    ("terminate called without an active exception"), so every prefetcher not closed by its owner is
-    closed by an atexit hook, which runs before that teardown.
+    ("terminate called without an active exception"), so each prefetcher registers its close() as an atexit
+    hook (atexit runs before that teardown) until its owner closes it.
     """
 
     def __init__(self, stream, encode):
@@ -106,7 +105,7 @@ class _Prefetcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(stream, encode), daemon=True,
                                         name="dataloader-tokenizer")
-        _LIVE_PREFETCHERS.add(self)
+        atexit.register(self.close)
         self._thread.start()
 
     def _run(self, stream, encode):
@@ -137,16 +136,7 @@ class _Prefetcher:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        _LIVE_PREFETCHERS.discard(self)
-
-
-_LIVE_PREFETCHERS = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_prefetchers():
-    for prefetcher in list(_LIVE_PREFETCHERS):
-        prefetcher.close()
+        atexit.unregister(self.close)
 
 
 # -----------------------------------------------------------------------------

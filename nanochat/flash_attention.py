@@ -13,7 +13,8 @@ initialised), and prints one line per rank naming the backend.
 
 Module globals, read at call time (tests assign them):
 - HAS_FA3 / HAS_FA3_KVCACHE: FA3's training / KV-cache entry point passed its probe on every rank.
-- _override_impl: None | 'fa3' | 'sdpa'; initialised from the env var NANOCHAT_ATTN.
+- _override_impl: None | 'fa3' | 'sdpa', or _FROM_ENV until the decision reads the env var NANOCHAT_ATTN
+  (so a value set after import, e.g. by a launcher, still counts).
 - USE_FA3 / USE_FA3_KVCACHE = _resolve_use_fa3(entry); reassign them after changing _override_impl.
 """
 
@@ -62,6 +63,8 @@ class AttentionBackend:
         return f"attention backend {train} for training, {kvcache} for the KV cache"
 
 
+_FROM_ENV = "env"  # _override_impl before the decision reads NANOCHAT_ATTN
+_override_impl = _FROM_ENV
 _backend = None  # the AttentionBackend once decided
 _fa3 = None  # the loaded FA3 kernel module (its functions at top level)
 HAS_FA3 = False
@@ -80,9 +83,11 @@ def decide_backend(device, head_dim):
     """Pick FA3 or SDPA for each entry point, the same on every rank; returns the AttentionBackend.
     Call after compute_init, on every rank at the same point (it may all-reduce), with the rank's own
     device and the model's head dim. Later calls return the first decision."""
-    global _backend, _fa3, HAS_FA3, HAS_FA3_KVCACHE, USE_FA3, USE_FA3_KVCACHE
+    global _backend, _fa3, _override_impl, HAS_FA3, HAS_FA3_KVCACHE, USE_FA3, USE_FA3_KVCACHE
     if _backend is not None:
         return _backend
+    if _override_impl == _FROM_ENV:
+        _override_impl = _env_override()
     device = torch.device(device)
     if _override_impl == "sdpa":
         fa3, reasons = None, dict.fromkeys(_ENTRIES, "NANOCHAT_ATTN=sdpa")
@@ -352,7 +357,3 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
 
 
 flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
-
-# Read from the environment at import (cheap, no device work); tests and callers may reassign it, then
-# USE_FA3 / USE_FA3_KVCACHE. An explicit NANOCHAT_ATTN=sdpa skips the kernel download altogether.
-_override_impl = _env_override()

@@ -1,5 +1,10 @@
+import gc
 import json
+import os
 import random
+import subprocess
+import sys
+import weakref
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +16,7 @@ from nanochat import dataloader as dl
 from conftest import point_base_dir_at
 
 BOS = 1000
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CharTokenizer:
@@ -281,3 +287,31 @@ def test_real_tokenizer_on_the_offline_sample(tmp_path, monkeypatch, sample_toke
         assert torch.all(x[:, 0] == bos) and int(x.max()) < 512
     resumed = take(make(straight[2][2]), 3)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(straight[3:], resumed))
+
+
+def test_a_tokenizer_thread_left_open_is_joined_before_interpreter_teardown():
+    # a thread still inside native code when the runtime is torn down aborts the process; the prefetcher
+    # closes itself from an atexit hook. An earlier-registered hook runs later (LIFO), so it sees the result.
+    code = (
+        "import atexit, itertools, threading\n"
+        "def report():\n"
+        "    alive = [t for t in threading.enumerate() if t.name == 'dataloader-tokenizer']\n"
+        "    print('alive at teardown:', len(alive))\n"
+        "atexit.register(report)\n"
+        "from nanochat.dataloader import _Prefetcher\n"
+        "stream = (([str(i)], None, i, i) for i in itertools.count())\n"
+        "prefetcher = _Prefetcher(stream, lambda texts: texts)\n"
+        "prefetcher.get()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "alive at teardown: 0"
+
+
+def test_a_closed_prefetcher_is_not_kept_alive_by_its_exit_hook():
+    # loaders are made per eval and per epoch: once closed, nothing (the atexit hook included) may hold on
+    prefetcher = dl._Prefetcher(iter([]), lambda texts: texts)
+    prefetcher.close()
+    ref = weakref.ref(prefetcher)
+    del prefetcher
+    gc.collect()
+    assert ref() is None

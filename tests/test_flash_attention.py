@@ -380,7 +380,7 @@ def test_import_touches_neither_cuda_nor_kernels(import_report):
     # a probe at import would put a CUDA context on GPU 0 for every rank, before compute_init
     assert import_report["calls_at_import"] == []
     assert import_report["hub_imported"] is False
-    assert import_report["auto"] == [None, False, False]
+    assert import_report["auto"] == [fa._FROM_ENV, False, False]  # NANOCHAT_ATTN is read by the decision
 
 
 def test_env_override_sdpa(import_report):

@@ -1,5 +1,6 @@
 """Importing any nanochat module does no work: no CUDA query, no network, no files in the base
-directory, and no decision frozen at import (NANOCHAT_DTYPE set afterwards still takes effect).
+directory, no exit hooks, and no decision frozen at import (NANOCHAT_DTYPE and NANOCHAT_ATTN set afterwards
+still take effect).
 Each check runs in a fresh interpreter, since this test process has imported everything already."""
 
 import ast
@@ -14,8 +15,8 @@ import nanochat
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs in a child interpreter: records every CUDA query and network attempt made while importing
-# all modules, then decides the dtype from the environment set after the imports.
+# Runs in a child interpreter: records every CUDA query, network attempt and nanochat exit hook made while
+# importing all modules, then decides the dtype and attention from the environment set after the imports.
 CHILD = r"""
 import importlib, json, os, socket, sys
 import torch
@@ -33,17 +34,28 @@ for name, result in [("is_available", False), ("device_count", 0), ("init", None
 for name in ("create_connection", "getaddrinfo"):
     setattr(socket, name, record("socket." + name, OSError("network used at import")))
 socket.socket.connect = record("socket.connect", OSError("network used at import"))
+import atexit
+register = atexit.register
+def register_from_nanochat(fn, *args, **kwargs):
+    if getattr(fn, "__module__", "").startswith("nanochat"):
+        seen.append("atexit.register(" + fn.__module__ + "." + fn.__qualname__ + ")")
+    return register(fn, *args, **kwargs)
+atexit.register = register_from_nanochat
 for module in sys.argv[1:]:
     importlib.import_module(module)
+atexit.register = register
 os.environ["NANOCHAT_DTYPE"] = "bfloat16"
+os.environ["NANOCHAT_ATTN"] = "sdpa"
 import torch.nn as nn
 from nanochat import common
 from nanochat.gpt import GPT, GPTConfig
 cfg = GPTConfig(sequence_len=16, vocab_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
 model = GPT(cfg)
 model.init_weights()
+from nanochat.flash_attention import decide_backend
+attention = decide_backend(torch.device("cpu"), 16).train_reason
 print(json.dumps({"seen": seen, "dtype": str(common.COMPUTE_DTYPE), "rotary": str(model.cos.dtype),
-                  "wte": str(model.transformer.wte.weight.dtype)}))
+                  "wte": str(model.transformer.wte.weight.dtype), "attention": attention}))
 """
 def nanochat_modules():
     return sorted(f"nanochat.{m.name}" for m in pkgutil.iter_modules(nanochat.__path__))
@@ -63,11 +75,11 @@ def test_importing_every_module_does_no_work_and_freezes_no_dtype(tmp_path):
     modules = nanochat_modules()
     assert {"nanochat.gpt", "nanochat.l3", "nanochat.common", "nanochat.engine"} <= set(modules)
     result, base = import_in_fresh_interpreter(modules, tmp_path)
-    assert result["seen"] == [], f"imports made CUDA or network calls: {result['seen']}"
+    assert result["seen"] == [], f"imports did work (CUDA, network or exit hooks): {result['seen']}"
     assert not base.exists(), f"imports wrote into NANOCHAT_BASE_DIR: {sorted(base.rglob('*'))}"
-    # NANOCHAT_DTYPE was set only after nanochat.gpt and every other module were imported
+    # NANOCHAT_DTYPE and NANOCHAT_ATTN were set only after nanochat.gpt and every other module were imported
     assert result == {"seen": [], "dtype": "torch.bfloat16", "rotary": "torch.bfloat16",
-                      "wte": "torch.bfloat16"}
+                      "wte": "torch.bfloat16", "attention": "NANOCHAT_ATTN=sdpa"}
 
 
 def nanochat_imports(module):
