@@ -281,7 +281,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     Resuming from a yielded state_dict yields exactly the batches that followed it.
     """
     _, rank, _, world = get_dist_info()
-    reader = ShardReader(list_split_files(split))
+    reader = ShardReader(list_split_files(split, warn_on_legacy=(rank == 0 and split == "train")))
     encode = functools.partial(_encode, tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads)
     cursor = _resume_cursor(resume_state_dict, rank, world)
 

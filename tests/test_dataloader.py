@@ -315,3 +315,12 @@ def test_a_closed_prefetcher_is_not_kept_alive_by_its_exit_hook():
     del prefetcher
     gc.collect()
     assert ref() is None
+
+
+def test_training_from_the_legacy_dataset_prints_the_upgrade_banner_once(corpus, tmp_path, capsys):
+    (tmp_path / "base_data_climbmix").rename(tmp_path / "base_data")  # a pre-ClimbMix base dir
+    for split, banners in (("train", 1), ("val", 0)):
+        gen = loader(split=split)
+        next(gen)
+        gen.close()
+        assert capsys.readouterr().out.count("WARNING: DATASET UPGRADE REQUIRED") == banners, split
