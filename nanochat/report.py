@@ -526,11 +526,7 @@ def main(argv=None):
                         help="generate: write report.md (default); "
                              "reset: clear sections and write the header")
     args = parser.parse_args(argv)
-    report = get_report()
-    if args.command == "generate":
-        report.generate()
-    else:
-        report.reset()
+    getattr(get_report(), args.command)()
 
 
 if __name__ == "__main__":
