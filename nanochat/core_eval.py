@@ -530,9 +530,8 @@ def format_core_metric(core):
 
 def core_metric_log_key(core):
     """The metrics-log (wandb) key: 'core_metric', or e.g. 'core_metric_21of22_tasks' when incomplete."""
-    if not core_task_note(core):
-        return "core_metric"
-    return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks"
+    incomplete = core_task_note(core)
+    return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks" if incomplete else "core_metric"
 
 
 # -----------------------------------------------------------------------------
@@ -574,14 +573,12 @@ def unconditioned_samples(model, tokenizer):
 
 def format_core_csv(core):
     """Header, one line per task, then the CORE line; fields joined by ', ' and padded to 35, 10, 10."""
-    def line(task, accuracy, centered):
-        return f"{task:<35}, {accuracy:<10}, {centered:<10}\n"
-    lines = [line("Task", "Accuracy", "Centered")]
-    for label, accuracy in core["results"].items():
-        lines.append(line(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}"))
+    rows = [("Task", "Accuracy", "Centered")]
+    rows += [(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}")
+             for label, accuracy in core["results"].items()]
     note = core_task_note(core)  # a CORE over fewer than the 22 tasks says so in its row name
-    lines.append(line(f"CORE {note}" if note else "CORE", "", f"{core['core_metric']:.6f}"))
-    return "".join(lines)
+    rows.append((f"CORE {note}" if note else "CORE", "", f"{core['core_metric']:.6f}"))
+    return "".join(f"{task:<35}, {accuracy:<10}, {centered:<10}\n" for task, accuracy, centered in rows)
 
 
 def write_core_csv(slug, core):
