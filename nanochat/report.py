@@ -398,11 +398,9 @@ class Report:
         """
         Plot one or more curves over a shared x axis into <slug>.png and (over)write <slug>.md so that it
         embeds the image and lists each curve's last and minimum value. ylabel is one axis label for all
-        curves, or {curve name: axis label with its unit}: curves of one label share a panel, each label
-        gets its own. From base_train:
-            report.log_curve("Base model loss", steps, {"train loss": train, "val bpb": val},
-                             {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
-        Use None or nan for steps where a curve has no value. Returns the PNG path.
+        curves, or {curve name: axis label with its unit}, e.g. {"val bpb": "val bpb (bits/byte)"}: curves
+        of one label share a panel, each label gets its own. Use None or nan for steps where a curve has no
+        value. Returns the PNG path.
         """
         slug = slugify(section)
         image = self.curve_image(slug, {"steps": steps, **series}, ylabel, xlabel, title or section)
