@@ -142,12 +142,8 @@ def estimate_cost(gpu_info, runtime_hours=None):
     if not gpu_info.get("available"):
         return None
     first_name = gpu_info["names"][0] if gpu_info.get("names") else ""
-    gpu_type, rate = "unknown", DEFAULT_GPU_HOURLY_RATE
-    for name, per_gpu in GPU_HOURLY_RATES.items():
-        if name in first_name:
-            gpu_type, rate = name, per_gpu
-            break
-    hourly_rate = rate * gpu_info["count"]
+    gpu_type = next((name for name in GPU_HOURLY_RATES if name in first_name), "unknown")
+    hourly_rate = GPU_HOURLY_RATES.get(gpu_type, DEFAULT_GPU_HOURLY_RATE) * gpu_info["count"]
     return {
         "hourly_rate": hourly_rate,
         "gpu_type": gpu_type,
