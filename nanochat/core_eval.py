@@ -583,9 +583,8 @@ def format_core_csv(core):
 
 def write_core_csv(slug, core):
     """<base_dir>/base_eval/<slug>.csv, written atomically; returns its path."""
-    out_dir = os.path.join(get_base_dir(), "base_eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{slug}.csv")
+    path = os.path.join(get_base_dir(), "base_eval", f"{slug}.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_open(path) as f:
         f.write(format_core_csv(core))
     return path
