@@ -133,36 +133,7 @@ def validate_eval_bundle(bundle_dir):
 
 
 # -----------------------------------------------------------------------------
-# The eval bundle: building, placing, obtaining
-
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store: no build time leaks into the bytes
-
-
-def write_eval_bundle_zip(bundle_dir, zip_path):
-    """
-    Zip bundle_dir under a top-level eval_bundle/ folder (the layout of the downloaded bundle), byte for byte
-    reproducible: sorted entries, fixed timestamps and permissions, deflate level 9.
-    """
-    entries = []
-    for root, _, files in os.walk(bundle_dir):
-        rel = os.path.relpath(root, bundle_dir).replace(os.sep, "/")
-        folder = "eval_bundle/" if rel == "." else f"eval_bundle/{rel}/"
-        entries.append((folder, None))
-        entries.extend((folder + name, os.path.join(root, name)) for name in files)
-    with atomic_open(zip_path, "wb") as f, zipfile.ZipFile(f, "w") as zf:
-        for arcname, path in sorted(entries):
-            info = zipfile.ZipInfo(arcname, date_time=_ZIP_DATE)
-            info.create_system = 3  # unix, so the permission bits below mean the same everywhere
-            if path is None:
-                info.external_attr = (0o40755 << 16) | 0x10  # directory
-                zf.writestr(info, b"")
-                continue
-            info.external_attr = 0o644 << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with open(path, "rb") as src:
-                zf.writestr(info, src.read(), compresslevel=9)
-    return zip_path
-
+# The eval bundle: placing and obtaining
 
 def place_eval_bundle(zip_path):
     """
@@ -188,16 +159,6 @@ def place_eval_bundle(zip_path):
     return bundle_dir
 
 
-def _inspect_bundle(bundle_dir):
-    """(usable, missing task labels, reason it is not usable)."""
-    if not os.path.isdir(bundle_dir):
-        return False, [], f"no bundle at {bundle_dir}"
-    try:
-        return True, validate_eval_bundle(bundle_dir), ""
-    except EvalBundleError as e:
-        return False, [], f"{bundle_dir} is broken ({e})"
-
-
 _completion_tried = set()  # incomplete bundles already sent to the download once in this process
 
 
@@ -207,9 +168,15 @@ def _ensure_eval_bundle_here():
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     zip_path = os.path.join(base_dir, "eval_bundle.zip")
     with FileLock(os.path.join(base_dir, "eval_bundle.lock")):  # concurrent processes place it once
-        usable, missing, why = _inspect_bundle(bundle_dir)
-        retried = bundle_dir in _completion_tried
-        if usable and (not missing or offline_mode() or os.path.exists(zip_path) or retried):
+        missing, why = None, f"no bundle at {bundle_dir}"  # missing stays None unless the bundle is usable
+        if os.path.isdir(bundle_dir):
+            try:
+                missing = validate_eval_bundle(bundle_dir)
+            except EvalBundleError as e:
+                why = f"{bundle_dir} is broken ({e})"
+        usable = missing is not None
+        if usable and (not missing or offline_mode() or os.path.exists(zip_path)
+                       or bundle_dir in _completion_tried):
             return bundle_dir
         if usable:
             _completion_tried.add(bundle_dir)
@@ -258,8 +225,7 @@ def ensure_eval_bundle():
     if not os.path.isdir(bundle_dir):
         # a rank on another node, whose base dir is not rank 0's: it obtains its own copy, which must hold
         # the same tasks, or the ranks would evaluate different CORE task sets
-        bundle_dir = _ensure_eval_bundle_here()
-        local_missing = validate_eval_bundle(bundle_dir)
+        bundle_dir, local_missing = obtain()
         if local_missing != missing:
             raise EvalBundleError(f"{bundle_dir} lacks {local_missing or 'no task'}, but rank 0's bundle "
                                   f"lacks {missing or 'no task'}: place the same bundle on every node")
@@ -564,9 +530,8 @@ def format_core_metric(core):
 
 def core_metric_log_key(core):
     """The metrics-log (wandb) key: 'core_metric', or e.g. 'core_metric_21of22_tasks' when incomplete."""
-    if not core_task_note(core):
-        return "core_metric"
-    return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks"
+    incomplete = core_task_note(core)
+    return f"core_metric_{len(core['results'])}of{CORE_NUM_TASKS}_tasks" if incomplete else "core_metric"
 
 
 # -----------------------------------------------------------------------------
@@ -608,21 +573,18 @@ def unconditioned_samples(model, tokenizer):
 
 def format_core_csv(core):
     """Header, one line per task, then the CORE line; fields joined by ', ' and padded to 35, 10, 10."""
-    def line(task, accuracy, centered):
-        return f"{task:<35}, {accuracy:<10}, {centered:<10}\n"
-    lines = [line("Task", "Accuracy", "Centered")]
-    for label, accuracy in core["results"].items():
-        lines.append(line(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}"))
+    rows = [("Task", "Accuracy", "Centered")]
+    rows += [(label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}")
+             for label, accuracy in core["results"].items()]
     note = core_task_note(core)  # a CORE over fewer than the 22 tasks says so in its row name
-    lines.append(line(f"CORE {note}" if note else "CORE", "", f"{core['core_metric']:.6f}"))
-    return "".join(lines)
+    rows.append((f"CORE {note}" if note else "CORE", "", f"{core['core_metric']:.6f}"))
+    return "".join(f"{task:<35}, {accuracy:<10}, {centered:<10}\n" for task, accuracy, centered in rows)
 
 
 def write_core_csv(slug, core):
     """<base_dir>/base_eval/<slug>.csv, written atomically; returns its path."""
-    out_dir = os.path.join(get_base_dir(), "base_eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{slug}.csv")
+    path = os.path.join(get_base_dir(), "base_eval", f"{slug}.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_open(path) as f:
         f.write(format_core_csv(core))
     return path

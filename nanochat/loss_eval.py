@@ -9,9 +9,9 @@ over the positions whose target is a real token: ignored targets (-1) and specia
 import math
 
 import torch
-import torch.distributed as dist
 
 from nanochat.common import print0, progress
+from nanochat.training import agree_sum
 
 
 @torch.no_grad()
@@ -32,13 +32,10 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         nbytes = nbytes.masked_fill(ignored, 0)
         total_nats += (loss.to(acc_dtype) * (nbytes > 0)).sum()
         total_bytes += nbytes.sum()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_bytes = total_bytes.item()
+    total_nats, total_bytes = agree_sum([total_nats, total_bytes], device)
     if total_bytes == 0:
         return float("inf")
-    return total_nats.item() / (math.log(2) * total_bytes)
+    return total_nats / (math.log(2) * total_bytes)
 
 
 # -----------------------------------------------------------------------------

@@ -142,12 +142,8 @@ def estimate_cost(gpu_info, runtime_hours=None):
     if not gpu_info.get("available"):
         return None
     first_name = gpu_info["names"][0] if gpu_info.get("names") else ""
-    gpu_type, rate = "unknown", DEFAULT_GPU_HOURLY_RATE
-    for name, per_gpu in GPU_HOURLY_RATES.items():
-        if name in first_name:
-            gpu_type, rate = name, per_gpu
-            break
-    hourly_rate = rate * gpu_info["count"]
+    gpu_type = next((name for name in GPU_HOURLY_RATES if name in first_name), "unknown")
+    hourly_rate = GPU_HOURLY_RATES.get(gpu_type, DEFAULT_GPU_HOURLY_RATE) * gpu_info["count"]
     return {
         "hourly_rate": hourly_rate,
         "gpu_type": gpu_type,
@@ -398,11 +394,9 @@ class Report:
         """
         Plot one or more curves over a shared x axis into <slug>.png and (over)write <slug>.md so that it
         embeds the image and lists each curve's last and minimum value. ylabel is one axis label for all
-        curves, or {curve name: axis label with its unit}: curves of one label share a panel, each label
-        gets its own. From base_train:
-            report.log_curve("Base model loss", steps, {"train loss": train, "val bpb": val},
-                             {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
-        Use None or nan for steps where a curve has no value. Returns the PNG path.
+        curves, or {curve name: axis label with its unit}, e.g. {"val bpb": "val bpb (bits/byte)"}: curves
+        of one label share a panel, each label gets its own. Use None or nan for steps where a curve has no
+        value. Returns the PNG path.
         """
         slug = slugify(section)
         image = self.curve_image(slug, {"steps": steps, **series}, ylabel, xlabel, title or section)
@@ -526,11 +520,7 @@ def main(argv=None):
                         help="generate: write report.md (default); "
                              "reset: clear sections and write the header")
     args = parser.parse_args(argv)
-    report = get_report()
-    if args.command == "generate":
-        report.generate()
-    else:
-        report.reset()
+    getattr(get_report(), args.command)()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanochat import core_eval as ce
+from dev.eval_bundle_zip import write_eval_bundle_zip
 from nanochat.common import REPO_DATA_DIR
 
 from conftest import TerminalIO
@@ -133,14 +134,14 @@ def base_dir(tmp_path, monkeypatch):
 def mini_zip(tmp_path):
     src = write_mini_bundle(tmp_path / "src" / "eval_bundle", MINI_TASKS, MINI_ROWS, MINI_BASELINES,
                             skip={"b/missing.jsonl"})
-    return ce.write_eval_bundle_zip(str(src), str(tmp_path / "mini.zip"))
+    return write_eval_bundle_zip(str(src), str(tmp_path / "mini.zip"))
 
 
 @pytest.fixture
 def full_mini_zip(tmp_path):
     rows = dict(MINI_ROWS, **{"b/missing.jsonl": LM_ROWS})
     src = write_mini_bundle(tmp_path / "full" / "eval_bundle", MINI_TASKS, rows, MINI_BASELINES)
-    return ce.write_eval_bundle_zip(str(src), str(tmp_path / "full.zip"))
+    return write_eval_bundle_zip(str(src), str(tmp_path / "full.zip"))
 
 
 @pytest.fixture(scope="module")
@@ -568,9 +569,9 @@ def test_committed_zip_is_deterministic_and_matches_the_recorded_checksums():
 
 def test_write_eval_bundle_zip_is_reproducible(tmp_path):
     src = write_mini_bundle(tmp_path / "eval_bundle", MINI_TASKS, MINI_ROWS, MINI_BASELINES)
-    a = ce.write_eval_bundle_zip(str(src), str(tmp_path / "a.zip"))
+    a = write_eval_bundle_zip(str(src), str(tmp_path / "a.zip"))
     os.utime(src / "core.yaml", (0, 0))
-    b = ce.write_eval_bundle_zip(str(src), str(tmp_path / "b.zip"))
+    b = write_eval_bundle_zip(str(src), str(tmp_path / "b.zip"))
     assert open(a, "rb").read() == open(b, "rb").read()
 
 
