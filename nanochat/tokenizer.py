@@ -80,8 +80,7 @@ class _Tokenizer:
         rows = [head + list(row) + tail for row in rows]
         return rows[0] if isinstance(text, str) else rows
 
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
+    __call__ = encode
 
     def _special_or_id(self, token):
         token_id = token if isinstance(token, int) else self.encode_special(token)
@@ -396,14 +395,12 @@ class HuggingFaceTokenizer(_Tokenizer):
         from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
         from tokenizers.models import BPE
         from tokenizers.trainers import BpeTrainer
-        tokenizer = Tokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))
-        tokenizer.normalizer = None
+        tokenizer = Tokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))  # no normalizer, no post-processor
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         tokenizer.decoder = decoders.ByteLevel()
-        tokenizer.post_processor = None
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         trainer = BpeTrainer(vocab_size=vocab_size, show_progress=True, min_frequency=0,
                              initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS)
