@@ -390,7 +390,7 @@ class HuggingFaceTokenizer(_Tokenizer):
         from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
         from tokenizers.models import BPE
         from tokenizers.trainers import BpeTrainer
-        tokenizer = Tokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))  # no normalizer, no post-processor
+        tokenizer = Tokenizer(BPE(byte_fallback=True, unk_token=None, fuse_unk=False))  # no normalizer
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
