@@ -355,9 +355,8 @@ def reliability_guard(maximum_memory_bytes=None):
     process for any other use: call it only in the sandbox child, right before running the code."""
     _set_resource_limits(maximum_memory_bytes)
     faulthandler.disable()
-    builtins.exit = None
-    builtins.quit = None
-    builtins.help = None
+    for name in ("exit", "quit", "help"):
+        setattr(builtins, name, None)
     os.environ["OMP_NUM_THREADS"] = "1"
     for name in DISABLED_OS_FUNCTIONS:
         setattr(os, name, None)

@@ -129,9 +129,7 @@ def model_card(meta, source, params):
     if source == "base" and meta.get("total_batch_size"):
         rows.append(("Training tokens", f"{meta['total_batch_size'] * meta['step']:,}"))
     scores = (("val_bpb", "Validation bpb"), ("core_metric", "CORE"), ("chatcore_metric", "ChatCORE"))
-    for key, label in scores:
-        if meta.get(key) is not None:
-            rows.append((label, f"{meta[key]:.4f}"))
+    rows += [(label, f"{meta[key]:.4f}") for key, label in scores if meta.get(key) is not None]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return MODEL_CARD.format(depth=cfg["n_layer"], source=source, table=table)
 

@@ -234,9 +234,7 @@ class MultipleChoiceTask(HubTask):
 
 def open_text(path):
     """Open a UTF-8 text file for reading, gunzipping transparently when the name ends in .gz."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
 
 
 def display_path(path):

@@ -20,16 +20,10 @@ COMMITTED_DOLLY_PATH = os.path.join(TASK_DATA_DIR, "chat", "dolly_hhrlhf_train_s
 
 
 def missing_file_message(filepath):
-    rule = "-" * 80
-    return "\n".join([
-        rule,
-        f"CustomJSON: conversations file not found: {filepath}",
-        "For the nanochat identity conversations, download them with",
-        f"    curl -L -o {filepath} {IDENTITY_CONVERSATIONS_URL}",
-        "(see karpathy/nanochat#139), or, offline, use the committed copy",
-        f"    {display_path(COMMITTED_IDENTITY_PATH)}",
-        rule,
-    ])
+    return (f"CustomJSON: conversations file not found: {filepath}. For the nanochat identity conversations, "
+            f"download them with `curl -L -o {filepath} {IDENTITY_CONVERSATIONS_URL}` (see "
+            f"karpathy/nanochat#139), or, offline, use the committed copy "
+            f"{display_path(COMMITTED_IDENTITY_PATH)}")
 
 
 def read_conversations(filepath):
