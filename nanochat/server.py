@@ -50,6 +50,7 @@ JSON-safe).
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -123,7 +124,6 @@ class ServerConfig:
             raise ValueError(f"--num-gpus {self.num_gpus} needs CUDA, got --device-type {self.device_type}")
 
 
-
 # -----------------------------------------------------------------------------
 # Workers: one scheduler per device
 
@@ -139,10 +139,6 @@ class Worker:
     def num_requests(self):
         stats = self.scheduler.stats()
         return stats["active"] + stats["queued"]
-
-    def has_free_slot(self):
-        stats = self.scheduler.stats()
-        return stats["active"] + stats["queued"] < stats["max_batch_size"]
 
 
 def worker_devices(device_type, num_gpus):
@@ -194,7 +190,6 @@ class WorkerPool:
     def shutdown(self):
         for worker in self.workers:
             worker.scheduler.shutdown()
-
 
 
 # -----------------------------------------------------------------------------
@@ -330,26 +325,24 @@ class BoundedBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send, 413, declared)
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
         try:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise OverflowError(declared)  # refused before any of it is read
             body = await asyncio.wait_for(self._read(receive), self.timeout)
         except TimeoutError:
-            return await self._reject(scope, receive, send, 408)
-        except OverflowError:
-            return await self._reject(scope, receive, send, 413, f"more than {self.max_bytes}")
+            message = f"The request body was not received within {self.timeout:g} seconds (--body-timeout)"
+            return await self._reject(scope, receive, send, 408, message, "request_timeout")
+        except OverflowError as size:
+            message = (f"The request body ({size} bytes) is larger than this server's limit of "
+                       f"{self.max_bytes} bytes (--max-body-bytes)")
+            return await self._reject(scope, receive, send, 413, message, "request_too_large")
         if body is None:
             return  # the client went away: nobody to answer
-        replayed = False
+        unread = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():  # the body once, then the real channel (disconnect detection)
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return unread.pop() if unread else await receive()
 
         await self.app(scope, replay, send)
 
@@ -363,19 +356,14 @@ class BoundedBody:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                raise OverflowError
+                raise OverflowError(f"more than {self.max_bytes}")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _reject(self, scope, receive, send, status, size=None):
-        if status == 413:
-            message = (f"The request body ({size} bytes) is larger than this server's limit of "
-                       f"{self.max_bytes} bytes (--max-body-bytes)")
-        else:
-            message = f"The request body was not received within {self.timeout:g} seconds (--body-timeout)"
-        response = error_response(scope["path"], status, message, headers={"Connection": "close"},
-                                  code="request_too_large" if status == 413 else "request_timeout")
+    @staticmethod
+    async def _reject(scope, receive, send, status, message, code):
+        response = error_response(scope["path"], status, message, headers={"Connection": "close"}, code=code)
         await response(scope, receive, send)
 
 
@@ -466,13 +454,14 @@ def sampling_params(body, config, max_tokens):
                            seed=(seed + i) % 2**63) for i in range(getattr(body, "n", None) or 1)]
 
 
-def start_generation(request, worker, prompt, body, max_tokens=None, stops=(), prompt_param="messages",
-                     id_prefix="chatcmpl"):
+def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
     """
     Submit the rendered prompt to the worker's scheduler, one request per choice (sampling_params), with
     max_tokens (None: the server's default) capped to the room left in the context. APIError when the prompt
     leaves no room or the scheduler cannot take the requests.
     """
+    text_completion = isinstance(body, OpenAICompletionRequest)
+    prompt_param, id_prefix = ("prompt", "cmpl") if text_completion else ("messages", "chatcmpl")
     room = worker.context_len - len(prompt)
     if room < 1:
         raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
@@ -484,18 +473,16 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=(), p
     choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
     generation = Generation(worker, len(prompt), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
 
-    def forward_to_loop(index):
-        def on_event(event):  # runs on the scheduler thread
-            try:
-                loop.call_soon_threadsafe(generation.events.put_nowait, (index, event))
-            except RuntimeError:  # the event loop is closed: the server is going down
-                pass
-        return on_event
+    def forward_to_loop(index, event):  # runs on the scheduler thread
+        try:
+            loop.call_soon_threadsafe(generation.events.put_nowait, (index, event))
+        except RuntimeError:  # the event loop is closed: the server is going down
+            pass
 
     try:
         for index, params in enumerate(params_list):
-            generation.requests.append(worker.scheduler.submit(prompt, params,
-                                                               on_event=forward_to_loop(index)))
+            on_event = functools.partial(forward_to_loop, index)
+            generation.requests.append(worker.scheduler.submit(prompt, params, on_event=on_event))
     except (ValueError, RuntimeError) as e:
         generation.cancel()
         if isinstance(e, QueueFull):
@@ -565,7 +552,7 @@ def serving_workers(request):
     """The workers (none while the server loads or stops) and how many of them have a free slot."""
     pool = request.app.state.pool
     workers = pool.workers if pool is not None else []
-    return workers, sum(worker.has_free_slot() for worker in workers)
+    return workers, sum(worker.num_requests() < worker.scheduler.max_batch_size for worker in workers)
 
 
 async def health(request: Request):
@@ -639,28 +626,26 @@ def serving_pool(request, model_id):
 
 
 async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
-    pool = serving_pool(request, body.model)
-    turns, system = openai_turns(body.messages)
-    worker = pool.least_loaded()
-    prompt = render_chat_prompt(worker.tokenizer, turns, system)
-    return await openai_reply(request, body, pool, worker, prompt)
+    return await openai_reply(request, body)
 
 
 async def openai_completions(body: OpenAICompletionRequest, request: Request):
-    """The prompt continued: the text as a base model reads it (BOS first), or token ids as sent."""
+    return await openai_reply(request, body)
+
+
+async def openai_reply(request, body):
+    """Both OpenAI endpoints: a chat completion (the body has messages) or a text completion (the prompt
+    continued: text as a base model reads it, BOS first, or token ids as sent), streamed as SSE chunks or
+    answered whole."""
     pool = serving_pool(request, body.model)
     worker = pool.least_loaded()
-    prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
-    return await openai_reply(request, body, pool, worker, prompt)
-
-
-async def openai_reply(request, body, pool, worker, prompt):
-    """Both OpenAI endpoints once the prompt is rendered: a chat completion (the body has messages) or a text
-    completion, streamed as SSE chunks or answered whole."""
     chat = isinstance(body, OpenAIChatRequest)
+    if chat:
+        prompt = render_chat_prompt(worker.tokenizer, *openai_turns(body.messages))
+    else:
+        prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
     max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens
-    generation = start_generation(request, worker, prompt, body, max_tokens, openai_stops(body),
-                                  *(("messages", "chatcmpl") if chat else ("prompt", "cmpl")))
+    generation = start_generation(request, worker, prompt, body, max_tokens, openai_stops(body))
     num_messages = len(body.messages) if chat else 1
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
