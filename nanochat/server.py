@@ -18,19 +18,9 @@ With --api-key KEY (or NANOCHAT_API_KEY), /v1/*, /chat/completions and /stats ne
 (401 otherwise, code invalid_api_key on /v1); the page, its logo and /health stay open. The page cannot send
 the key, so it cannot chat with such a server: a key is for a server exposed as an API.
 
-Any OpenAI client works against /v1:
-
-    from openai import OpenAI
-    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")  # or the server's --api-key
-    reply = client.chat.completions.create(model="nanochat-sft-d20",
-                                           messages=[{"role": "user", "content": "Hi"}])
-    text = client.completions.create(model="nanochat-base-d20", prompt="The capital of France is")
-
-Every device runs a continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is
-validated and rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode
-steps and decoded in one batched forward with all other active requests. Tokens come back through an asyncio
-queue and are streamed as they arrive. A client that goes away has its request cancelled, which frees its
-slot. When a scheduler's queue is full the answer is 429; while the server is loading or stopping it is 503.
+A request is validated and rendered to tokens here, submitted to the least-loaded device's scheduler
+(nanochat/batching.py) and its tokens streamed back through an asyncio queue as they arrive. A client that
+goes away has its request cancelled, which frees its slot.
 
 /v1 choices: omitted sampling parameters take the server's defaults (-t, -k, -m), not OpenAI's; `top_k`
 is accepted as an extension; `stop` strings end a choice at their first occurrence and are cut from its
@@ -41,12 +31,9 @@ they are); the reply ends at max_tokens, a stop string, BOS or <|assistant_end|>
 Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
 
-Bounded requests, on both APIs: a body is read whole before any handler runs, at most --max-body-bytes
-(413 beyond) and within --body-timeout seconds (408 otherwise, and the connection is closed), so a huge or
-half-sent body holds neither memory nor a connection; stop strings, messages and choices have size limits
-(nanochat/api_schemas.py). --max-queue counts requests waiting beyond the free slots: 0 takes a request only
-into a free slot. Every error, the ones for malformed input included, is a JSON body (input echoed in it made
-JSON-safe).
+Bounded requests, on both APIs: BoundedBody below (413, 408), the size limits of nanochat/api_schemas.py,
+and --max-queue requests waiting per device beyond its free slots (429 beyond). Every error, the ones for
+malformed input included, is a JSON body (input echoed in it made JSON-safe).
 """
 
 import asyncio
@@ -272,8 +259,7 @@ ALL_INTERFACES = ("0.0.0.0", "::")
 
 
 def required_api_key(config):
-    """The key clients must send: --api-key, else $NANOCHAT_API_KEY; None (no key needed) when neither is
-    set."""
+    """The key clients must send; None: no key needed."""
     return config.api_key or os.environ.get(API_KEY_ENV) or None
 
 
@@ -495,11 +481,15 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
     return generation
 
 
-def get_pool(request):
+def get_pool(request, model_id=None):
+    """The pool (503 while the server loads or stops), once model_id (None: any) is the one served (404)."""
     pool = request.app.state.pool
     if pool is None:
         raise APIError(503, "The server is not ready (loading or shutting down)", code="unavailable",
                        type="server_error")
+    if model_id is not None and model_id != pool.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist (this server has '{pool.model_id}')",
+                       "model", code="model_not_found")
     return pool
 
 
@@ -613,16 +603,7 @@ async def list_models(request: Request):
 
 
 async def retrieve_model(model_id: str, request: Request):
-    return model_card(serving_pool(request, model_id))
-
-
-def serving_pool(request, model_id):
-    """The pool, once model_id (None: any) is the model served (404 otherwise)."""
-    pool = get_pool(request)
-    if model_id is not None and model_id != pool.model_id:
-        raise APIError(404, f"The model '{model_id}' does not exist (this server has '{pool.model_id}')",
-                       "model", code="model_not_found")
-    return pool
+    return model_card(get_pool(request, model_id))
 
 
 async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
@@ -637,7 +618,7 @@ async def openai_reply(request, body):
     """Both OpenAI endpoints: a chat completion (the body has messages) or a text completion (the prompt
     continued: text as a base model reads it, BOS first, or token ids as sent), streamed as SSE chunks or
     answered whole."""
-    pool = serving_pool(request, body.model)
+    pool = get_pool(request, body.model)
     worker = pool.least_loaded()
     chat = isinstance(body, OpenAIChatRequest)
     if chat:
