@@ -6,7 +6,7 @@ APIError carries the status and OpenAI's param and code). Limits are the referen
 on both APIs, plus OpenAI's for n and stop.
 """
 
-from pydantic import BaseModel, ConfigDict, StrictInt
+from pydantic import BaseModel, StrictInt
 
 # Abuse prevention: the reference's limits, on both APIs
 MAX_MESSAGES_PER_REQUEST = 500
@@ -95,25 +95,22 @@ def validate_chat_request(request):
 # The OpenAI API: request schema and validation
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
 
 
 class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
     include_usage: bool | None = None
 
 
 class OpenAISampling(BaseModel):
-    """What both OpenAI endpoints take besides their prompt."""
-    model_config = ConfigDict(extra="ignore")  # unknown parameters (user, logprobs, ...) are ignored
+    """What both OpenAI endpoints take besides their prompt. Unknown fields (user, logprobs, ...) are
+    ignored, as in every model here (pydantic's default)."""
     model: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.engine import KVCache, RowState, ToolTokens, emit_token, prefill_prompt
+from nanochat.engine import KVCache, RowState, ToolUse, prefill_prompt
 from nanochat.sampling import is_greedy, sample_next_token
 
 logger = logging.getLogger(__name__)
@@ -97,11 +97,9 @@ class GenerationRequest:
         self._cancelled = threading.Event()
         self._wake = wake  # nudges an idle scheduler so a cancelled queued request ends promptly
         # decode-thread state
-        self._row = None  # RowState: tokens so far and the tool state machine
+        self._row = None  # RowState: prompt + delivered tokens (the last is the next input), the tool state
         self._rng = None
         self._stop_ids = frozenset()
-        self._num_generated = 0
-        self._next_input = None  # the last delivered token, fed at the next forward
 
     def cancel(self):
         """Thread-safe. The request ends with a "cancelled" event at the scheduler's next step boundary."""
@@ -127,8 +125,7 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.fixed_width = fixed_width
         self.device = torch.device(device) if device is not None else model.get_device()
-        self.special = ToolTokens.from_tokenizer(tokenizer)
-        self._terminal = frozenset((self.special.assistant_end, self.special.bos))
+        self.tools = ToolUse(tokenizer)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._queue = deque()  # waiting requests, guarded by _lock
@@ -260,7 +257,7 @@ class BatchScheduler:
                 request._rng.seed()
             else:
                 request._rng.manual_seed(params.seed)
-            request._stop_ids = self._terminal | frozenset(params.stop_token_ids)
+            request._stop_ids = frozenset((*self.tools.terminal, *params.stop_token_ids))
             # prefilled at batch 1 as the Engine does (the same numbers), then copied into the slot's row
             logits, prompt_cache = prefill_prompt(self.model, request.prompt_tokens, self.device)
             self._cache.prefill(prompt_cache, row=slot)
@@ -277,7 +274,8 @@ class BatchScheduler:
         width = self.max_batch_size if self.fixed_width else busy[-1] + 1
         inputs, positions = [0] * width, [0] * width  # free rows: a dummy token at position 0
         for slot in busy:
-            inputs[slot], positions[slot] = self._slots[slot]._next_input, self._cache.positions[slot]
+            inputs[slot] = self._slots[slot]._row.current_tokens[-1]  # the last token delivered
+            positions[slot] = self._cache.positions[slot]
         view = self._cache.rows(width)
         view.set_positions(positions)
         ids = torch.tensor(inputs, dtype=torch.long, device=self.device).unsqueeze(1)  # (width, 1)
@@ -321,14 +319,13 @@ class BatchScheduler:
     def _accept(self, slot, sampled):
         """Pass a sampled token through the tool state machine and deliver the result."""
         request = self._slots[slot]
-        token, mask = emit_token(request._row, sampled, self.special, self.tokenizer)
-        request._num_generated += 1
+        token, mask = self.tools.emit(request._row, sampled)
+        num_generated = len(request._row.current_tokens) - len(request.prompt_tokens)
         if token in request._stop_ids:
             self._finish(slot, TokenEvent(None, 0, "stop"))
-        elif request._num_generated >= request.params.max_tokens:
+        elif num_generated >= request.params.max_tokens:
             self._finish(slot, TokenEvent(token, mask, "length"))
         else:
-            request._next_input = token
             self._deliver(request, TokenEvent(token, mask, None))
 
     def _deliver(self, request, event):

@@ -15,7 +15,6 @@ import threading
 import warnings
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
@@ -282,57 +281,50 @@ class RowState:
         self.completed = False  # emitted <|assistant_end|> or BOS
 
 
-@dataclass(frozen=True)
-class ToolTokens:
-    """The special ids the engine reacts to (exactly these: the unit-test tokenizer knows no others)."""
-    python_start: int
-    python_end: int
-    output_start: int
-    output_end: int
-    assistant_end: int
-    bos: int
+class ToolUse:
+    """The per-row token state machine: completion and calculator calls. Shared by the Engine and the
+    continuous-batching scheduler (nanochat.batching), so tool use behaves the same in both. It asks the
+    tokenizer for exactly these special ids (the unit-test tokenizer knows no others)."""
 
-    @classmethod
-    def from_tokenizer(cls, tokenizer):
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         special = tokenizer.encode_special
-        return cls(special("<|python_start|>"), special("<|python_end|>"), special("<|output_start|>"),
-                   special("<|output_end|>"), special("<|assistant_end|>"), tokenizer.get_bos_token_id())
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.terminal = (special("<|assistant_end|>"), tokenizer.get_bos_token_id())
 
+    def output(self, expr_tokens):
+        """Tokens answering a finished call (<|output_start|> result <|output_end|>), or [] if it failed."""
+        result = use_calculator(self.tokenizer.decode(expr_tokens))
+        if result is None:
+            return []
+        try:
+            text = str(result)
+        except ValueError:  # an int beyond Python's str() digit limit: treat like a failed call
+            return []
+        return [self.output_start, *self.tokenizer.encode(text), self.output_end]
 
-def tool_output(tokenizer, expr_tokens, special):
-    """Tokens answering a finished tool call (<|output_start|> result <|output_end|>), or [] if it failed."""
-    result = use_calculator(tokenizer.decode(expr_tokens))
-    if result is None:
-        return []
-    try:
-        text = str(result)
-    except ValueError:  # an int beyond Python's str() digit limit: treat like a failed call
-        return []
-    return [special.output_start, *tokenizer.encode(text), special.output_end]
-
-
-def emit_token(row, sampled, special, tokenizer):
-    """Row's next (token, mask): a pending forced token (mask 0) wins over the sampled one (mask 1).
-    Then update the row's completion and tool state with that token. Shared by the Engine and the
-    continuous-batching scheduler (nanochat.batching), so tool use behaves the same in both."""
-    if row.forced_tokens:
-        token, mask = row.forced_tokens.popleft(), 0
-    else:
-        token, mask = sampled, 1
-    row.current_tokens.append(token)
-    if token in (special.assistant_end, special.bos):
-        row.completed = True
-    if token == special.python_start:  # a second start inside a block restarts the expression
-        row.in_python_block = True
-        row.python_expr_tokens = []
-    elif token == special.python_end and row.in_python_block:
-        row.in_python_block = False
-        if row.python_expr_tokens:
-            row.forced_tokens.extend(tool_output(tokenizer, row.python_expr_tokens, special))
-        row.python_expr_tokens = []
-    elif row.in_python_block:
-        row.python_expr_tokens.append(token)
-    return token, mask
+    def emit(self, row, sampled):
+        """Row's next (token, mask): a pending forced token (mask 0) wins over the sampled one (mask 1).
+        Then update the row's completion and tool state with that token."""
+        if row.forced_tokens:
+            token, mask = row.forced_tokens.popleft(), 0
+        else:
+            token, mask = sampled, 1
+        row.current_tokens.append(token)
+        if token in self.terminal:
+            row.completed = True
+        if token == self.python_start:  # a second start inside a block restarts the expression
+            row.in_python_block = True
+            row.python_expr_tokens = []
+        elif token == self.python_end and row.in_python_block:
+            row.in_python_block = False
+            if row.python_expr_tokens:
+                row.forced_tokens.extend(self.output(row.python_expr_tokens))
+            row.python_expr_tokens = []
+        elif row.in_python_block:
+            row.python_expr_tokens.append(token)
+        return token, mask
 
 
 # -----------------------------------------------------------------------------
@@ -372,7 +364,7 @@ class Engine:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         device = self.model.get_device()
         rng = torch.Generator(device=device).manual_seed(seed)
-        special = ToolTokens.from_tokenizer(self.tokenizer)
+        tools = ToolUse(self.tokenizer)
         num_steps = self._num_steps(len(tokens), max_tokens)
         if num_steps == 0:
             return
@@ -385,7 +377,7 @@ class Engine:
         for step in range(num_steps):
             # every row draws its own token, also at step 0 where all rows share the prefill logits
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            column, masks = zip(*(emit_token(r, s, special, self.tokenizer) for r, s in zip(rows, sampled)))
+            column, masks = zip(*(tools.emit(row, s) for row, s in zip(rows, sampled)))
             yield list(column), list(masks)
             if step == num_steps - 1 or all(row.completed for row in rows):
                 return  # stop before feeding the column: its logits would never be used

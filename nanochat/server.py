@@ -18,19 +18,9 @@ With --api-key KEY (or NANOCHAT_API_KEY), /v1/*, /chat/completions and /stats ne
 (401 otherwise, code invalid_api_key on /v1); the page, its logo and /health stay open. The page cannot send
 the key, so it cannot chat with such a server: a key is for a server exposed as an API.
 
-Any OpenAI client works against /v1:
-
-    from openai import OpenAI
-    client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")  # or the server's --api-key
-    reply = client.chat.completions.create(model="nanochat-sft-d20",
-                                           messages=[{"role": "user", "content": "Hi"}])
-    text = client.completions.create(model="nanochat-base-d20", prompt="The capital of France is")
-
-Every device runs a continuous-batching scheduler (nanochat/batching.py) in its own thread: a request is
-validated and rendered to tokens here, submitted to the least-loaded scheduler, admitted between two decode
-steps and decoded in one batched forward with all other active requests. Tokens come back through an asyncio
-queue and are streamed as they arrive. A client that goes away has its request cancelled, which frees its
-slot. When a scheduler's queue is full the answer is 429; while the server is loading or stopping it is 503.
+A request is validated and rendered to tokens here, submitted to the least-loaded device's scheduler
+(nanochat/batching.py) and its tokens streamed back through an asyncio queue as they arrive. A client that
+goes away has its request cancelled, which frees its slot.
 
 /v1 choices: omitted sampling parameters take the server's defaults (-t, -k, -m), not OpenAI's; `top_k`
 is accepted as an extension; `stop` strings end a choice at their first occurrence and are cut from its
@@ -41,15 +31,13 @@ they are); the reply ends at max_tokens, a stop string, BOS or <|assistant_end|>
 Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
 
-Bounded requests, on both APIs: a body is read whole before any handler runs, at most --max-body-bytes
-(413 beyond) and within --body-timeout seconds (408 otherwise, and the connection is closed), so a huge or
-half-sent body holds neither memory nor a connection; stop strings, messages and choices have size limits
-(nanochat/api_schemas.py). --max-queue counts requests waiting beyond the free slots: 0 takes a request only
-into a free slot. Every error, the ones for malformed input included, is a JSON body (input echoed in it made
-JSON-safe).
+Bounded requests, on both APIs: BoundedBody below (413, 408), the size limits of nanochat/api_schemas.py,
+and --max-queue requests waiting per device beyond its free slots (429 beyond). Every error, the ones for
+malformed input included, is a JSON body (input echoed in it made JSON-safe).
 """
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -123,7 +111,6 @@ class ServerConfig:
             raise ValueError(f"--num-gpus {self.num_gpus} needs CUDA, got --device-type {self.device_type}")
 
 
-
 # -----------------------------------------------------------------------------
 # Workers: one scheduler per device
 
@@ -139,10 +126,6 @@ class Worker:
     def num_requests(self):
         stats = self.scheduler.stats()
         return stats["active"] + stats["queued"]
-
-    def has_free_slot(self):
-        stats = self.scheduler.stats()
-        return stats["active"] + stats["queued"] < stats["max_batch_size"]
 
 
 def worker_devices(device_type, num_gpus):
@@ -194,7 +177,6 @@ class WorkerPool:
     def shutdown(self):
         for worker in self.workers:
             worker.scheduler.shutdown()
-
 
 
 # -----------------------------------------------------------------------------
@@ -277,8 +259,7 @@ ALL_INTERFACES = ("0.0.0.0", "::")
 
 
 def required_api_key(config):
-    """The key clients must send: --api-key, else $NANOCHAT_API_KEY; None (no key needed) when neither is
-    set."""
+    """The key clients must send; None: no key needed."""
     return config.api_key or os.environ.get(API_KEY_ENV) or None
 
 
@@ -330,26 +311,24 @@ class BoundedBody:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send, 413, declared)
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
         try:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise OverflowError(declared)  # refused before any of it is read
             body = await asyncio.wait_for(self._read(receive), self.timeout)
         except TimeoutError:
-            return await self._reject(scope, receive, send, 408)
-        except OverflowError:
-            return await self._reject(scope, receive, send, 413, f"more than {self.max_bytes}")
+            message = f"The request body was not received within {self.timeout:g} seconds (--body-timeout)"
+            return await self._reject(scope, receive, send, 408, message, "request_timeout")
+        except OverflowError as size:
+            message = (f"The request body ({size} bytes) is larger than this server's limit of "
+                       f"{self.max_bytes} bytes (--max-body-bytes)")
+            return await self._reject(scope, receive, send, 413, message, "request_too_large")
         if body is None:
             return  # the client went away: nobody to answer
-        replayed = False
+        unread = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():  # the body once, then the real channel (disconnect detection)
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return unread.pop() if unread else await receive()
 
         await self.app(scope, replay, send)
 
@@ -363,19 +342,14 @@ class BoundedBody:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                raise OverflowError
+                raise OverflowError(f"more than {self.max_bytes}")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _reject(self, scope, receive, send, status, size=None):
-        if status == 413:
-            message = (f"The request body ({size} bytes) is larger than this server's limit of "
-                       f"{self.max_bytes} bytes (--max-body-bytes)")
-        else:
-            message = f"The request body was not received within {self.timeout:g} seconds (--body-timeout)"
-        response = error_response(scope["path"], status, message, headers={"Connection": "close"},
-                                  code="request_too_large" if status == 413 else "request_timeout")
+    @staticmethod
+    async def _reject(scope, receive, send, status, message, code):
+        response = error_response(scope["path"], status, message, headers={"Connection": "close"}, code=code)
         await response(scope, receive, send)
 
 
@@ -466,13 +440,14 @@ def sampling_params(body, config, max_tokens):
                            seed=(seed + i) % 2**63) for i in range(getattr(body, "n", None) or 1)]
 
 
-def start_generation(request, worker, prompt, body, max_tokens=None, stops=(), prompt_param="messages",
-                     id_prefix="chatcmpl"):
+def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
     """
     Submit the rendered prompt to the worker's scheduler, one request per choice (sampling_params), with
     max_tokens (None: the server's default) capped to the room left in the context. APIError when the prompt
     leaves no room or the scheduler cannot take the requests.
     """
+    text_completion = isinstance(body, OpenAICompletionRequest)
+    prompt_param, id_prefix = ("prompt", "cmpl") if text_completion else ("messages", "chatcmpl")
     room = worker.context_len - len(prompt)
     if room < 1:
         raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
@@ -484,18 +459,16 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=(), p
     choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
     generation = Generation(worker, len(prompt), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
 
-    def forward_to_loop(index):
-        def on_event(event):  # runs on the scheduler thread
-            try:
-                loop.call_soon_threadsafe(generation.events.put_nowait, (index, event))
-            except RuntimeError:  # the event loop is closed: the server is going down
-                pass
-        return on_event
+    def forward_to_loop(index, event):  # runs on the scheduler thread
+        try:
+            loop.call_soon_threadsafe(generation.events.put_nowait, (index, event))
+        except RuntimeError:  # the event loop is closed: the server is going down
+            pass
 
     try:
         for index, params in enumerate(params_list):
-            generation.requests.append(worker.scheduler.submit(prompt, params,
-                                                               on_event=forward_to_loop(index)))
+            on_event = functools.partial(forward_to_loop, index)
+            generation.requests.append(worker.scheduler.submit(prompt, params, on_event=on_event))
     except (ValueError, RuntimeError) as e:
         generation.cancel()
         if isinstance(e, QueueFull):
@@ -508,11 +481,15 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=(), p
     return generation
 
 
-def get_pool(request):
+def get_pool(request, model_id=None):
+    """The pool (503 while the server loads or stops), once model_id (None: any) is the one served (404)."""
     pool = request.app.state.pool
     if pool is None:
         raise APIError(503, "The server is not ready (loading or shutting down)", code="unavailable",
                        type="server_error")
+    if model_id is not None and model_id != pool.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist (this server has '{pool.model_id}')",
+                       "model", code="model_not_found")
     return pool
 
 
@@ -565,7 +542,7 @@ def serving_workers(request):
     """The workers (none while the server loads or stops) and how many of them have a free slot."""
     pool = request.app.state.pool
     workers = pool.workers if pool is not None else []
-    return workers, sum(worker.has_free_slot() for worker in workers)
+    return workers, sum(worker.num_requests() < worker.scheduler.max_batch_size for worker in workers)
 
 
 async def health(request: Request):
@@ -626,41 +603,30 @@ async def list_models(request: Request):
 
 
 async def retrieve_model(model_id: str, request: Request):
-    return model_card(serving_pool(request, model_id))
-
-
-def serving_pool(request, model_id):
-    """The pool, once model_id (None: any) is the model served (404 otherwise)."""
-    pool = get_pool(request)
-    if model_id is not None and model_id != pool.model_id:
-        raise APIError(404, f"The model '{model_id}' does not exist (this server has '{pool.model_id}')",
-                       "model", code="model_not_found")
-    return pool
+    return model_card(get_pool(request, model_id))
 
 
 async def openai_chat_completions(body: OpenAIChatRequest, request: Request):
-    pool = serving_pool(request, body.model)
-    turns, system = openai_turns(body.messages)
-    worker = pool.least_loaded()
-    prompt = render_chat_prompt(worker.tokenizer, turns, system)
-    return await openai_reply(request, body, pool, worker, prompt)
+    return await openai_reply(request, body)
 
 
 async def openai_completions(body: OpenAICompletionRequest, request: Request):
-    """The prompt continued: the text as a base model reads it (BOS first), or token ids as sent."""
-    pool = serving_pool(request, body.model)
+    return await openai_reply(request, body)
+
+
+async def openai_reply(request, body):
+    """Both OpenAI endpoints: a chat completion (the body has messages) or a text completion (the prompt
+    continued: text as a base model reads it, BOS first, or token ids as sent), streamed as SSE chunks or
+    answered whole."""
+    pool = get_pool(request, body.model)
     worker = pool.least_loaded()
-    prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
-    return await openai_reply(request, body, pool, worker, prompt)
-
-
-async def openai_reply(request, body, pool, worker, prompt):
-    """Both OpenAI endpoints once the prompt is rendered: a chat completion (the body has messages) or a text
-    completion, streamed as SSE chunks or answered whole."""
     chat = isinstance(body, OpenAIChatRequest)
+    if chat:
+        prompt = render_chat_prompt(worker.tokenizer, *openai_turns(body.messages))
+    else:
+        prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
     max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens
-    generation = start_generation(request, worker, prompt, body, max_tokens, openai_stops(body),
-                                  *(("messages", "chatcmpl") if chat else ("prompt", "cmpl")))
+    generation = start_generation(request, worker, prompt, body, max_tokens, openai_stops(body))
     num_messages = len(body.messages) if chat else 1
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -199,3 +199,28 @@ def chat_tokenizer():
     """A 512-token tokenizer trained on chat_texts(), for tests of the chat stages (SFT, RL)."""
     from nanochat.tokenizer import RustBPETokenizer
     return RustBPETokenizer.train_from_iterator(iter(chat_texts()), 512)
+
+
+# -----------------------------------------------------------------------------
+# The byte tokenizer of test_engine and test_batching: only what the Engine and the scheduler may rely on
+
+PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = 256, 257, 258, 259, 260, 261
+
+
+class ByteTokenizer:
+    """Ids 0-255 are bytes; the five tool specials and BOS follow. Any other special is a KeyError."""
+    SPECIALS = {"<|python_start|>": PYTHON_START, "<|python_end|>": PYTHON_END, "<|output_start|>": OUTPUT_START,
+                "<|output_end|>": OUTPUT_END, "<|assistant_end|>": ASSISTANT_END, "<|bos|>": BOS}
+
+    def encode_special(self, name):
+        return self.SPECIALS[name]
+
+    def get_bos_token_id(self):
+        return BOS
+
+    def encode(self, s, prepend=None):
+        ids = list(s.encode("utf-8"))
+        return ids if prepend is None else [prepend] + ids
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

@@ -15,29 +15,11 @@ from nanochat.batching import BatchScheduler, QueueFull, SamplingParams, TokenEv
 from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig
 
-PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = 256, 257, 258, 259, 260, 261
+from conftest import ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, ByteTokenizer
+
 VOCAB = 262
 SEQ_LEN = 96
 EVENT_TIMEOUT = 30  # seconds; a hung scheduler fails the test instead of blocking forever
-
-
-class ByteTokenizer:
-    """Ids 0-255 are bytes, then the tool specials and BOS: all the scheduler and the Engine ask for."""
-    SPECIALS = {"<|python_start|>": PYTHON_START, "<|python_end|>": PYTHON_END, "<|output_start|>": OUTPUT_START,
-                "<|output_end|>": OUTPUT_END, "<|assistant_end|>": ASSISTANT_END, "<|bos|>": BOS}
-
-    def encode_special(self, name):
-        return self.SPECIALS[name]
-
-    def get_bos_token_id(self):
-        return BOS
-
-    def encode(self, s, prepend=None):
-        ids = list(s.encode("utf-8"))
-        return ids if prepend is None else [prepend] + ids
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(autouse=True)

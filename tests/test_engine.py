@@ -17,10 +17,11 @@ from nanochat import common
 from nanochat.engine import Engine, KVCache, RowState, eval_with_timeout, prefill_prompt, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
+from conftest import ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, ByteTokenizer
+
 # -----------------------------------------------------------------------------
 # The reference's mocks: only what the Engine is allowed to rely on
 
-PYTHON_START, PYTHON_END, OUTPUT_START, OUTPUT_END, ASSISTANT_END, BOS = 256, 257, 258, 259, 260, 261
 PROMPT = [261, 72, 101, 108, 108, 111]  # BOS + "Hello"
 
 
@@ -48,25 +49,6 @@ class MockModel:
         if kv_cache is not None:
             kv_cache.advance(T)
         return torch.zeros(B, T, self.vocab_size)
-
-
-class ByteTokenizer:
-    """Ids 0-255 are bytes; the five tool specials and BOS follow. Any other special is a KeyError."""
-    SPECIALS = {"<|python_start|>": PYTHON_START, "<|python_end|>": PYTHON_END, "<|output_start|>": OUTPUT_START,
-                "<|output_end|>": OUTPUT_END, "<|assistant_end|>": ASSISTANT_END, "<|bos|>": BOS}
-
-    def encode_special(self, name):
-        return self.SPECIALS[name]
-
-    def get_bos_token_id(self):
-        return BOS
-
-    def encode(self, s, prepend=None):
-        ids = list(s.encode("utf-8"))
-        return ids if prepend is None else [prepend] + ids
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 # -----------------------------------------------------------------------------
