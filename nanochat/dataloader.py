@@ -20,7 +20,6 @@ SFT (chat_sft) packs rendered conversations instead: ConversationPacker, at the 
 
 import atexit
 import bisect
-import functools
 import queue
 import threading
 from collections import deque
@@ -72,23 +71,8 @@ def _approximate_cursor(state, rank, world):
     return [epoch, pq_idx, (rg_idx // world + 1) * world + rank, 0]
 
 
-def _document_batches(split, resume_state_dict, tokenizer_batch_size):
-    """The reference's document stream: (texts, (pq_idx, rg_idx, epoch)) forever, for this rank."""
-    _, rank, _, world = get_dist_info()
-    reader = ShardReader(list_split_files(split))
-    cursor = _approximate_cursor(resume_state_dict or {}, rank, world)
-    for texts, _, position, _ in _text_batches(reader, rank, world, cursor, tokenizer_batch_size):
-        yield texts, position
-
-
 # -----------------------------------------------------------------------------
 # Background tokenisation
-
-def _encode(tokenizer, bos, threads, texts):
-    """The texts as BOS-prefixed int64 arrays (the first arguments are bound once per loader)."""
-    encoded = tokenizer.encode(texts, prepend=bos, num_threads=threads)
-    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
-
 
 class _Prefetcher:
     """
@@ -282,7 +266,11 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     """
     _, rank, _, world = get_dist_info()
     reader = ShardReader(list_split_files(split, warn_on_legacy=(rank == 0 and split == "train")))
-    encode = functools.partial(_encode, tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads)
+    bos = tokenizer.get_bos_token_id()
+
+    def encode(texts):  # BOS-prefixed int64 arrays
+        encoded = tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
     cursor = _resume_cursor(resume_state_dict, rank, world)
 
     prefetcher = _Prefetcher(_text_batches(reader, rank, world, cursor, tokenizer_batch_size), encode)
@@ -389,9 +377,8 @@ class ConversationPacker:
     takes the largest buffered conversation that still fits, again and again, and is padded with BOS
     (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
     (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
-    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
-    (batch_size, seq_len), with
-    targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
+    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape (batch_size, seq_len),
+    with targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
     continue with exactly the same batches.
     """
 
