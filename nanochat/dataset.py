@@ -132,18 +132,6 @@ def read_row_group(path, rg_idx):
     return ShardReader([path]).texts(0, rg_idx)
 
 
-def _print_legacy_banner(legacy_dir):
-    print0("=" * 80)
-    print0("WARNING: DATASET UPGRADE REQUIRED")
-    print0("=" * 80)
-    print0(f"Falling back to the legacy FinewebEdu-100B shards in {legacy_dir}.")
-    print0("On March 4, 2026 nanochat switched its pretraining data from FinewebEdu-100B to ClimbMix-400B.")
-    print0("To upgrade, download the new shards and retrain the tokenizer:")
-    print0("    python -m nanochat.dataset -n 170")
-    print0("    python -m scripts.tok_train")
-    print0("=" * 80)
-
-
 def _resolve_data_dir(data_dir, warn_on_legacy):
     if data_dir is not None:
         if not os.path.isdir(data_dir):  # never substitute the legacy dir for an explicit one
@@ -156,7 +144,12 @@ def _resolve_data_dir(data_dir, warn_on_legacy):
     if not os.path.isdir(legacy_dir):
         raise FileNotFoundError(f"No pretraining data: {data_dir} does not exist. {NO_DATA_HINT}")
     if warn_on_legacy:
-        _print_legacy_banner(legacy_dir)
+        rule = "=" * 80
+        print0(f"{rule}\nWARNING: DATASET UPGRADE REQUIRED\n{rule}\n"
+               f"Falling back to the legacy FinewebEdu-100B shards in {legacy_dir}.\n"
+               f"On March 4, 2026 nanochat switched its pretraining data from FinewebEdu-100B to "
+               f"ClimbMix-400B.\nTo upgrade, download the new shards and retrain the tokenizer:\n"
+               f"    python -m nanochat.dataset -n 170\n    python -m scripts.tok_train\n{rule}")
     return legacy_dir
 
 
