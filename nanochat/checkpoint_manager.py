@@ -198,9 +198,9 @@ def _step_fix(path):
             f"(or pass another step), or copy the file again from where it came")
 
 
-def _load_torch_file(path, device, what):
+def _load_torch_file(path, device, what, missing_hint=""):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {what} file not found: {path}")
+        raise FileNotFoundError(f"Checkpoint {what} file not found: {path}{missing_hint}")
     try:
         return torch.load(path, map_location=device)
     except torch.OutOfMemoryError:
@@ -233,11 +233,9 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     model_data = _load_torch_file(_model_path(checkpoint_dir, step), device, "model")
     optimizer_data = None
     if load_optimizer:
-        optim_path = _optim_path(checkpoint_dir, step, rank)
-        if not os.path.exists(optim_path):
-            raise FileNotFoundError(f"Optimizer shard for rank {rank} not found: {optim_path} "
-                                    f"(shards are per rank: resume with the world size that saved them)")
-        optimizer_data = _load_torch_file(optim_path, device, f"optimizer (rank {rank})")
+        optimizer_data = _load_torch_file(_optim_path(checkpoint_dir, step, rank), device,
+                                          f"optimizer (rank {rank})", " (shards are per rank: resume with "
+                                          "the world size that saved them)")
     return model_data, optimizer_data, meta_data
 
 
@@ -274,10 +272,6 @@ def _noop_value(key, shape, model_data, embedding_dtype=torch.float32):
     return None
 
 
-def _is_gate(key):
-    return key == "smear_gate.weight" or key.endswith(".ve_gate.weight")
-
-
 def _patch_missing_keys(model_data, model_config, model=None):
     """
     Adds, in place, the parameters an older checkpoint lacks, each with the value that turns its feature
@@ -292,8 +286,9 @@ def _patch_missing_keys(model_data, model_config, model=None):
     device = next(iter(model_data.values())).device if model_data else torch.device("cpu")
     wte = model_data.get("transformer.wte.weight")  # the value embeddings take its dtype
     embedding_dtype = torch.float32 if wte is None else wte.dtype
-    missing = [k for k in expected if k not in model_data]
-    for key in sorted(missing, key=_is_gate):  # gates last: their rule reads what they gate
+    missing = sorted((k for k in expected if k not in model_data),
+                     key=lambda k: k.endswith("gate.weight"))  # gates last: their rule reads what they gate
+    for key in missing:
         value = _noop_value(key, expected[key].shape, model_data, embedding_dtype)
         if value is not None:
             model_data[key] = value.to(device)
