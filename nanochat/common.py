@@ -10,7 +10,6 @@ setup_default_logging() call, and the base directory is created only by get_base
 
 import contextlib
 import hashlib
-import http.client
 import logging
 import math
 import os
@@ -157,8 +156,9 @@ def one_line_error(error):
 # The one downloader: download() for plain URLs (the eval bundle, the word list, shards from a mirror),
 # hub_download() for ClimbMix shards from the Hugging Face hub. Both retry only network errors.
 
-# Third-party exception classes (requests, urllib3, httpx, huggingface_hub) that mean "the server could not be
-# reached", matched by class name so that checking an error imports none of those packages
+# Exception classes (the builtin ConnectionError; requests', urllib3's, httpx's, huggingface_hub's,
+# http.client's IncompleteRead) that mean "the server could not be reached", matched by class name so
+# that checking an error imports none of those packages
 NETWORK_ERROR_NAMES = frozenset({
     "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "NewConnectionError", "MaxRetryError",
     "ProtocolError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "IncompleteRead",
@@ -174,8 +174,7 @@ def _is_network_exception(exc):
     status = getattr(getattr(exc, "response", None), "status_code", None)  # requests', httpx's, the hub's
     if isinstance(status, int):
         return status in TRANSIENT_HTTP_STATUSES
-    if isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror, socket.herror,
-                        http.client.IncompleteRead, http.client.RemoteDisconnected)):
+    if isinstance(exc, (urllib.error.URLError, TimeoutError, socket.gaierror, socket.herror)):
         return True
     return any(cls.__name__ in NETWORK_ERROR_NAMES for cls in type(exc).__mro__)
 
@@ -414,14 +413,11 @@ def autodetect_device_type():
 def compute_init(device_type="cuda"):
     """Seed, set matmul precision, and join the process group when launched by torchrun.
     Returns (is_ddp, rank, local_rank, world_size, device)."""
-    assert device_type in ("cuda", "mps", "cpu"), f"Invalid device type: {device_type}"
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
+    assert device_type in available, f"Invalid device type: {device_type}"
+    assert available[device_type](), (f"Your PyTorch installation is not configured for "
+                                      f"{device_type.upper()} but device_type is '{device_type}'")
     cuda = device_type == "cuda"
-    if cuda:
-        assert torch.cuda.is_available(), \
-            "Your PyTorch installation is not configured for CUDA but device_type is 'cuda'"
-    if device_type == "mps":
-        assert torch.backends.mps.is_available(), \
-            "Your PyTorch installation is not configured for MPS but device_type is 'mps'"
 
     # The model's initial weights come from the global RNG seeded here.
     torch.manual_seed(42)
@@ -523,9 +519,7 @@ def get_device_peak_flops(device_type):
     """Peak FLOP/s of the current device for MFU: the GPU table on CUDA, a nominal value on CPU."""
     if device_type == "cuda":
         return get_peak_flops(torch.cuda.get_device_name(0))
-    if device_type == "cpu":
-        return get_cpu_peak_flops()
-    return float("inf")
+    return get_cpu_peak_flops() if device_type == "cpu" else float("inf")
 
 
 def _best_seconds(fn, repeats):
