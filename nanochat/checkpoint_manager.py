@@ -45,13 +45,11 @@ class CheckpointValueError(ValueError, AssertionError):
 
 
 def log0(message):
-    """logger.info on rank 0 only."""
     if _env_rank() == 0:
         logger.info(message)
 
 
 def get_checkpoints_dir(source):
-    """<base_dir>/<dir of source>, for source in base, sft, rl."""
     if source not in CHECKPOINT_DIRS:
         raise ValueError(f"Unknown checkpoint source {source!r}; expected one of {sorted(CHECKPOINT_DIRS)}")
     return os.path.join(get_base_dir(), CHECKPOINT_DIRS[source])
@@ -147,7 +145,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     meta_text = json.dumps(meta_data, indent=2)  # serialise first: a bad meta fails before any write
     meta_path, model_path = _meta_path(checkpoint_dir, step), _model_path(checkpoint_dir, step)
     optim_path = _optim_path(checkpoint_dir, step, rank)
-    sync = optimizer_data is not None and is_ddp_initialized()
+    barrier = dist.barrier if optimizer_data is not None and is_ddp_initialized() else lambda: None
     staged = {}  # final path -> its complete temp file
     try:
         if rank == 0 or optimizer_data is not None:
@@ -158,17 +156,17 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             staged[meta_path] = _write_temp(meta_path, lambda f: f.write(meta_text.encode("utf-8")))
         if optimizer_data is not None:
             staged[optim_path] = _write_temp(optim_path, lambda f: torch.save(optimizer_data, f))
-        _barrier(sync)  # every rank's replacement is complete on disk
+        barrier()  # every rank's replacement is complete on disk
         if rank == 0:
             # a step being re-saved stops being complete only now, and until its new meta lands
             _remove_if_exists(meta_path)
             _commit(staged, model_path)
             log0(f"Saved model parameters to: {model_path}")
-        _barrier(sync)  # no shard replaces an old one while the old meta still marks the step complete
+        barrier()  # no shard replaces an old one while the old meta still marks the step complete
         if optimizer_data is not None:
             _commit(staged, optim_path)
             logger.info(f"Saved optimizer state to: {optim_path}")
-        _barrier(sync)
+        barrier()
         if rank == 0:
             _commit(staged, meta_path)
             log0(f"Saved metadata to: {meta_path}")
@@ -180,11 +178,6 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
 def _commit(staged, path):
     os.replace(staged[path], path)
     del staged[path]  # only once renamed: a failed rename still cleans up its temp file
-
-
-def _barrier(enabled):
-    if enabled:
-        dist.barrier()
 
 
 # -----------------------------------------------------------------------------
