@@ -43,7 +43,8 @@ def _detect_compute_dtype():
         if (major, minor) >= (8, 0):
             return torch.bfloat16, f"auto-detected: CUDA SM {major}{minor} (bf16 supported)"
         # fp16 is never auto-selected: it needs a GradScaler
-        return torch.float32, f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported, using fp32)"
+        return torch.float32, (f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported, "
+                               f"using fp32)")
     return torch.float32, "auto-detected: no CUDA (CPU/MPS)"
 
 
@@ -482,7 +483,7 @@ def get_peak_flops(device_name):
     row = _peak_row(device_name)
     if row is not None:
         return row[1]
-    if "data center gpu max 1550" in device_name.lower():  # Intel Ponte Vecchio: 512 flops/clock/unit, 1.3 GHz
+    if "data center gpu max 1550" in device_name.lower():  # Intel Ponte Vecchio: 512 FLOP/clock/unit, 1.3GHz
         return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
     logger.warning(f"Peak flops undefined for: {device_name}, MFU will show as 0%")
     return float("inf")
@@ -496,23 +497,20 @@ def get_peak_bandwidth(device_name):
     return float("inf") if row is None else row[2]
 
 
-def get_cpu_peak_flops(num_threads=None, flops_per_cycle=32, ghz=None):
+def get_cpu_peak_flops(num_threads=None, ghz=None):
     """
     A nominal fp32 peak for this CPU, so that MFU on a laptop prints a comparable number instead
     of 0%. 32 fp32 FLOP/cycle/core = two 256-bit FMA units (AVX2, 8 lanes x 2 ops x 2 ports);
     the clock comes from /proc/cpuinfo when present (else 3 GHz). A rough yardstick, not a spec sheet.
     """
-    threads = num_threads or torch.get_num_threads()
     if ghz is None:
-        ghz = 3.0
         try:
             with open("/proc/cpuinfo") as f:
                 mhz = [float(line.split(":")[1]) for line in f if line.lower().startswith("cpu mhz")]
-            if mhz:
-                ghz = max(mhz) / 1000
         except OSError:
-            pass
-    return threads * flops_per_cycle * ghz * 1e9
+            mhz = []
+        ghz = max(mhz) / 1000 if mhz else 3.0
+    return (num_threads or torch.get_num_threads()) * 32 * ghz * 1e9
 
 
 def get_device_peak_flops(device_type):

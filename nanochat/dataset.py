@@ -128,7 +128,6 @@ def num_row_groups(path):
 
 
 def read_row_group(path, rg_idx):
-    """The `text` column of row group `rg_idx` of the shard at `path`, as a list of str."""
     return ShardReader([path]).texts(0, rg_idx)
 
 
@@ -178,7 +177,7 @@ def list_split_files(split, data_dir=None, warn_on_legacy=False):
     val = [f for f in files if os.path.basename(f) == VAL_FILENAME]
     if not val and files:
         logger.warning(f"{VAL_FILENAME} not found in {data_dir}: using the last file, "
-                       f"{os.path.basename(files[-1])}, as the validation split (it is not used for training)")
+                       f"{os.path.basename(files[-1])}, as the validation split (not used for training)")
         val = files[-1:]
     chosen = [f for f in files if f not in val] if split == "train" else val
     if not chosen:
@@ -284,8 +283,8 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
         with open(src, "rb") as source, atomic_open(dst, "wb") as copy:
             shutil.copyfileobj(source, copy)
         meta = inspect_shard(dst)
-        print0(f"Installed sample {os.path.basename(dst)}: {meta.num_rows} docs, {meta.num_row_groups} row groups, "
-               f"{os.path.getsize(dst):,} bytes -> {dst}")
+        print0(f"Installed sample {os.path.basename(dst)}: {meta.num_rows} docs, {meta.num_row_groups} row "
+               f"groups, {os.path.getsize(dst):,} bytes -> {dst}")
         installed.append(dst)
     return installed
 
@@ -299,7 +298,7 @@ def parse_args(argv=None):
                         help=f"number of train shards (-1 = all {MAX_SHARD}); the val shard is always added")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--sample", action="store_true",
-                        help="install the small offline sample from data/pretrain_sample/ instead of downloading")
+                        help="install the offline sample (data/pretrain_sample/) instead of downloading")
     parser.add_argument("--base-url", default=None, help="a plain HTTP mirror of the shards (default: the "
                         "Hugging Face hub, with HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE honoured)")
     args = parser.parse_args(argv)
