@@ -45,13 +45,11 @@ class CheckpointValueError(ValueError, AssertionError):
 
 
 def log0(message):
-    """logger.info on rank 0 only."""
     if _env_rank() == 0:
         logger.info(message)
 
 
 def get_checkpoints_dir(source):
-    """<base_dir>/<dir of source>, for source in base, sft, rl."""
     if source not in CHECKPOINT_DIRS:
         raise ValueError(f"Unknown checkpoint source {source!r}; expected one of {sorted(CHECKPOINT_DIRS)}")
     return os.path.join(get_base_dir(), CHECKPOINT_DIRS[source])
@@ -147,7 +145,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     meta_text = json.dumps(meta_data, indent=2)  # serialise first: a bad meta fails before any write
     meta_path, model_path = _meta_path(checkpoint_dir, step), _model_path(checkpoint_dir, step)
     optim_path = _optim_path(checkpoint_dir, step, rank)
-    sync = optimizer_data is not None and is_ddp_initialized()
+    barrier = dist.barrier if optimizer_data is not None and is_ddp_initialized() else lambda: None
     staged = {}  # final path -> its complete temp file
     try:
         if rank == 0 or optimizer_data is not None:
@@ -158,17 +156,17 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             staged[meta_path] = _write_temp(meta_path, lambda f: f.write(meta_text.encode("utf-8")))
         if optimizer_data is not None:
             staged[optim_path] = _write_temp(optim_path, lambda f: torch.save(optimizer_data, f))
-        _barrier(sync)  # every rank's replacement is complete on disk
+        barrier()  # every rank's replacement is complete on disk
         if rank == 0:
             # a step being re-saved stops being complete only now, and until its new meta lands
             _remove_if_exists(meta_path)
             _commit(staged, model_path)
             log0(f"Saved model parameters to: {model_path}")
-        _barrier(sync)  # no shard replaces an old one while the old meta still marks the step complete
+        barrier()  # no shard replaces an old one while the old meta still marks the step complete
         if optimizer_data is not None:
             _commit(staged, optim_path)
             logger.info(f"Saved optimizer state to: {optim_path}")
-        _barrier(sync)
+        barrier()
         if rank == 0:
             _commit(staged, meta_path)
             log0(f"Saved metadata to: {meta_path}")
@@ -182,11 +180,6 @@ def _commit(staged, path):
     del staged[path]  # only once renamed: a failed rename still cleans up its temp file
 
 
-def _barrier(enabled):
-    if enabled:
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------
 # Loading
 
@@ -198,9 +191,9 @@ def _step_fix(path):
             f"(or pass another step), or copy the file again from where it came")
 
 
-def _load_torch_file(path, device, what):
+def _load_torch_file(path, device, what, missing_hint=""):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {what} file not found: {path}")
+        raise FileNotFoundError(f"Checkpoint {what} file not found: {path}{missing_hint}")
     try:
         return torch.load(path, map_location=device)
     except torch.OutOfMemoryError:
@@ -233,11 +226,9 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     model_data = _load_torch_file(_model_path(checkpoint_dir, step), device, "model")
     optimizer_data = None
     if load_optimizer:
-        optim_path = _optim_path(checkpoint_dir, step, rank)
-        if not os.path.exists(optim_path):
-            raise FileNotFoundError(f"Optimizer shard for rank {rank} not found: {optim_path} "
-                                    f"(shards are per rank: resume with the world size that saved them)")
-        optimizer_data = _load_torch_file(optim_path, device, f"optimizer (rank {rank})")
+        optimizer_data = _load_torch_file(_optim_path(checkpoint_dir, step, rank), device,
+                                          f"optimizer (rank {rank})", " (shards are per rank: resume with "
+                                          "the world size that saved them)")
     return model_data, optimizer_data, meta_data
 
 
@@ -274,10 +265,6 @@ def _noop_value(key, shape, model_data, embedding_dtype=torch.float32):
     return None
 
 
-def _is_gate(key):
-    return key == "smear_gate.weight" or key.endswith(".ve_gate.weight")
-
-
 def _patch_missing_keys(model_data, model_config, model=None):
     """
     Adds, in place, the parameters an older checkpoint lacks, each with the value that turns its feature
@@ -292,8 +279,9 @@ def _patch_missing_keys(model_data, model_config, model=None):
     device = next(iter(model_data.values())).device if model_data else torch.device("cpu")
     wte = model_data.get("transformer.wte.weight")  # the value embeddings take its dtype
     embedding_dtype = torch.float32 if wte is None else wte.dtype
-    missing = [k for k in expected if k not in model_data]
-    for key in sorted(missing, key=_is_gate):  # gates last: their rule reads what they gate
+    missing = sorted((k for k in expected if k not in model_data),
+                     key=lambda k: k.endswith("gate.weight"))  # gates last: their rule reads what they gate
+    for key in missing:
         value = _noop_value(key, expected[key].shape, model_data, embedding_dtype)
         if value is not None:
             model_data[key] = value.to(device)

@@ -10,7 +10,6 @@ setup_default_logging() call, and the base directory is created only by get_base
 
 import contextlib
 import hashlib
-import http.client
 import logging
 import math
 import os
@@ -44,7 +43,8 @@ def _detect_compute_dtype():
         if (major, minor) >= (8, 0):
             return torch.bfloat16, f"auto-detected: CUDA SM {major}{minor} (bf16 supported)"
         # fp16 is never auto-selected: it needs a GradScaler
-        return torch.float32, f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported, using fp32)"
+        return torch.float32, (f"auto-detected: CUDA SM {major}{minor} (pre-Ampere, bf16 not supported, "
+                               f"using fp32)")
     return torch.float32, "auto-detected: no CUDA (CPU/MPS)"
 
 
@@ -157,8 +157,9 @@ def one_line_error(error):
 # The one downloader: download() for plain URLs (the eval bundle, the word list, shards from a mirror),
 # hub_download() for ClimbMix shards from the Hugging Face hub. Both retry only network errors.
 
-# Third-party exception classes (requests, urllib3, httpx, huggingface_hub) that mean "the server could not be
-# reached", matched by class name so that checking an error imports none of those packages
+# Exception classes (the builtin ConnectionError; requests', urllib3's, httpx's, huggingface_hub's,
+# http.client's IncompleteRead) that mean "the server could not be reached", matched by class name so
+# that checking an error imports none of those packages
 NETWORK_ERROR_NAMES = frozenset({
     "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "NewConnectionError", "MaxRetryError",
     "ProtocolError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "IncompleteRead",
@@ -174,8 +175,7 @@ def _is_network_exception(exc):
     status = getattr(getattr(exc, "response", None), "status_code", None)  # requests', httpx's, the hub's
     if isinstance(status, int):
         return status in TRANSIENT_HTTP_STATUSES
-    if isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror, socket.herror,
-                        http.client.IncompleteRead, http.client.RemoteDisconnected)):
+    if isinstance(exc, (urllib.error.URLError, TimeoutError, socket.gaierror, socket.herror)):
         return True
     return any(cls.__name__ in NETWORK_ERROR_NAMES for cls in type(exc).__mro__)
 
@@ -414,14 +414,11 @@ def autodetect_device_type():
 def compute_init(device_type="cuda"):
     """Seed, set matmul precision, and join the process group when launched by torchrun.
     Returns (is_ddp, rank, local_rank, world_size, device)."""
-    assert device_type in ("cuda", "mps", "cpu"), f"Invalid device type: {device_type}"
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
+    assert device_type in available, f"Invalid device type: {device_type}"
+    assert available[device_type](), (f"Your PyTorch installation is not configured for "
+                                      f"{device_type.upper()} but device_type is '{device_type}'")
     cuda = device_type == "cuda"
-    if cuda:
-        assert torch.cuda.is_available(), \
-            "Your PyTorch installation is not configured for CUDA but device_type is 'cuda'"
-    if device_type == "mps":
-        assert torch.backends.mps.is_available(), \
-            "Your PyTorch installation is not configured for MPS but device_type is 'mps'"
 
     # The model's initial weights come from the global RNG seeded here.
     torch.manual_seed(42)
@@ -486,7 +483,7 @@ def get_peak_flops(device_name):
     row = _peak_row(device_name)
     if row is not None:
         return row[1]
-    if "data center gpu max 1550" in device_name.lower():  # Intel Ponte Vecchio: 512 flops/clock/unit, 1.3 GHz
+    if "data center gpu max 1550" in device_name.lower():  # Intel Ponte Vecchio: 512 FLOP/clock/unit, 1.3GHz
         return 512 * torch.xpu.get_device_properties().max_compute_units * 1300e6
     logger.warning(f"Peak flops undefined for: {device_name}, MFU will show as 0%")
     return float("inf")
@@ -500,32 +497,27 @@ def get_peak_bandwidth(device_name):
     return float("inf") if row is None else row[2]
 
 
-def get_cpu_peak_flops(num_threads=None, flops_per_cycle=32, ghz=None):
+def get_cpu_peak_flops(num_threads=None, ghz=None):
     """
     A nominal fp32 peak for this CPU, so that MFU on a laptop prints a comparable number instead
     of 0%. 32 fp32 FLOP/cycle/core = two 256-bit FMA units (AVX2, 8 lanes x 2 ops x 2 ports);
     the clock comes from /proc/cpuinfo when present (else 3 GHz). A rough yardstick, not a spec sheet.
     """
-    threads = num_threads or torch.get_num_threads()
     if ghz is None:
-        ghz = 3.0
         try:
             with open("/proc/cpuinfo") as f:
                 mhz = [float(line.split(":")[1]) for line in f if line.lower().startswith("cpu mhz")]
-            if mhz:
-                ghz = max(mhz) / 1000
         except OSError:
-            pass
-    return threads * flops_per_cycle * ghz * 1e9
+            mhz = []
+        ghz = max(mhz) / 1000 if mhz else 3.0
+    return (num_threads or torch.get_num_threads()) * 32 * ghz * 1e9
 
 
 def get_device_peak_flops(device_type):
     """Peak FLOP/s of the current device for MFU: the GPU table on CUDA, a nominal value on CPU."""
     if device_type == "cuda":
         return get_peak_flops(torch.cuda.get_device_name(0))
-    if device_type == "cpu":
-        return get_cpu_peak_flops()
-    return float("inf")
+    return get_cpu_peak_flops() if device_type == "cpu" else float("inf")
 
 
 def _best_seconds(fn, repeats):

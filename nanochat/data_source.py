@@ -18,6 +18,7 @@ from nanochat.common import (DownloadError, is_ddp_initialized, is_network_error
 
 logger = logging.getLogger(__name__)
 
+
 def announce_fallback(message):
     """Say, impossible to miss, that a run uses the committed copy instead of the data it asked for."""
     banner = "!" * 100

@@ -20,7 +20,6 @@ SFT (chat_sft) packs rendered conversations instead: ConversationPacker, at the 
 
 import atexit
 import bisect
-import functools
 import queue
 import threading
 from collections import deque
@@ -54,7 +53,7 @@ def _text_batches(reader, rank, world, cursor, batch_size):
                 start = offset if (pq_idx, rg_idx) == (pq_start, rg_start) else 0
                 for a in range(start, len(texts), batch_size):
                     b = min(a + batch_size, len(texts))
-                    next_cursor = [epoch, pq_idx, rg_idx, b] if b < len(texts) else [epoch, pq_idx, rg_idx + world, 0]
+                    next_cursor = [epoch, pq_idx] + ([rg_idx, b] if b < len(texts) else [rg_idx + world, 0])
                     refs = [(pq_idx, rg_idx, row) for row in range(a, b)]
                     produced = True
                     yield texts[a:b], refs, (pq_idx, rg_idx, epoch), next_cursor
@@ -72,23 +71,8 @@ def _approximate_cursor(state, rank, world):
     return [epoch, pq_idx, (rg_idx // world + 1) * world + rank, 0]
 
 
-def _document_batches(split, resume_state_dict, tokenizer_batch_size):
-    """The reference's document stream: (texts, (pq_idx, rg_idx, epoch)) forever, for this rank."""
-    _, rank, _, world = get_dist_info()
-    reader = ShardReader(list_split_files(split))
-    cursor = _approximate_cursor(resume_state_dict or {}, rank, world)
-    for texts, _, position, _ in _text_batches(reader, rank, world, cursor, tokenizer_batch_size):
-        yield texts, position
-
-
 # -----------------------------------------------------------------------------
 # Background tokenisation
-
-def _encode(tokenizer, bos, threads, texts):
-    """The texts as BOS-prefixed int64 arrays (the first arguments are bound once per loader)."""
-    encoded = tokenizer.encode(texts, prepend=bos, num_threads=threads)
-    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
-
 
 class _Prefetcher:
     """
@@ -282,7 +266,11 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     """
     _, rank, _, world = get_dist_info()
     reader = ShardReader(list_split_files(split, warn_on_legacy=(rank == 0 and split == "train")))
-    encode = functools.partial(_encode, tokenizer, tokenizer.get_bos_token_id(), tokenizer_threads)
+    bos = tokenizer.get_bos_token_id()
+
+    def encode(texts):  # BOS-prefixed int64 arrays
+        encoded = tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
     cursor = _resume_cursor(resume_state_dict, rank, world)
 
     prefetcher = _Prefetcher(_text_batches(reader, rank, world, cursor, tokenizer_batch_size), encode)
@@ -324,7 +312,8 @@ class _Staging:
     def __init__(self, B, T, device):
         self.use_cuda = device.type == "cuda"
         n_host = 2 if self.use_cuda else 1
-        self.host = [torch.empty((B, T + 1), dtype=torch.long, pin_memory=self.use_cuda) for _ in range(n_host)]
+        self.host = [torch.empty((B, T + 1), dtype=torch.long, pin_memory=self.use_cuda)
+                     for _ in range(n_host)]
         self.copied = [None] * n_host
         self.k = 0
         self.device_rows = torch.empty((B, T + 1), dtype=torch.long, device=device)
@@ -347,7 +336,7 @@ class _Staging:
 
 
 def _upload(device_dst, host_src, non_blocking):
-    """The batch's one host-to-device copy; host_src must be contiguous (pinned on CUDA) to be asynchronous."""
+    """The batch's one host-to-device copy; host_src must be contiguous (pinned on CUDA) to be async."""
     device_dst.copy_(host_src, non_blocking=non_blocking)
 
 
@@ -367,7 +356,7 @@ class PrefetchedPretrainBatches:
         self.current = (x, y, True)
 
     def advance(self):
-        """Mark the current batch trained and fetch the next (after its forward: device buffers are reused)."""
+        """Mark the current batch trained, fetch the next (after its forward: device buffers are reused)."""
         self.trained_state = self.next_state
         self._fetch()
 
@@ -389,9 +378,8 @@ class ConversationPacker:
     takes the largest buffered conversation that still fits, again and again, and is padded with BOS
     (mask 0) when none does. A conversation is rendered truncated to min(row, RENDER_MAX_TOKENS) tokens
     (counted in `truncated`), so every one fits a row; it may then lose its <|assistant_end|>, or all of
-    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape
-    (batch_size, seq_len), with
-    targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
+    its supervised tokens. next_batch() returns (inputs int32, targets int64) of shape (batch_size, seq_len),
+    with targets -1 wherever the target token's mask is 0. state_dict() captures everything needed to
     continue with exactly the same batches.
     """
 
@@ -479,21 +467,21 @@ def rows_to_batch(rows, masks, device="cpu"):
     targets = ids[:, 1:].clone()
     targets[~supervised[:, 1:]] = -1
     if device.type == "cuda":  # fresh pinned tensors each batch, so async copies never alias
-        return inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (inputs, targets))
     return inputs.to(device), targets.to(device)
 
 
 def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100,
                                    rank=0, world_size=1, device="cpu", label="val"):
-    """Endless (inputs, targets) batches of a fresh ConversationPacker (the val loader, restarted per eval)."""
-    packer = ConversationPacker(dataset, tokenizer, device_batch_size, max_seq_len, rank, world_size, buffer_size,
-                                device, label)
+    """Endless (inputs, targets) batches of a fresh ConversationPacker (the val loader, made per eval)."""
+    packer = ConversationPacker(dataset, tokenizer, device_batch_size, max_seq_len, rank, world_size,
+                                buffer_size, device, label)
     while True:
         yield packer.next_batch()
 
 
 def sft_progress(consumed, dataset_size, batches, horizon_batches):
-    """(progress clamped to [0, 1], done) after `batches` trained batches; horizon_batches <= 0 means one pass."""
+    """(progress clamped to [0, 1], done) after `batches` trained batches; horizon_batches <= 0: one pass."""
     if horizon_batches > 0:
         return min(1.0, batches / horizon_batches), batches >= horizon_batches
     return min(1.0, consumed / dataset_size), consumed >= dataset_size
@@ -515,11 +503,12 @@ class PrefetchedBatches:
         rows, masks = self.packer.next_rows()
         x, y = rows_to_batch(rows, masks, device=self.packer.device)
         has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
-        progress, done = sft_progress(self.packer.consumed, self.dataset_size, self.packer.it, self.horizon_batches)
+        packer = self.packer
+        progress, done = sft_progress(packer.consumed, self.dataset_size, packer.it, self.horizon_batches)
         return x, y, has_targets, (progress, done, self.packer.epoch, self.packer.state_dict())
 
     def advance(self):
-        """Mark the current batch trained and pack the next; returns the trained batch's (progress, done, epoch)."""
+        """Mark the current batch trained, pack the next; return the trained one's (progress, done, epoch)."""
         progress, done, epoch, state = self.current[3]
         self.trained_state = state
         self.current = self._produce()

@@ -128,20 +128,7 @@ def num_row_groups(path):
 
 
 def read_row_group(path, rg_idx):
-    """The `text` column of row group `rg_idx` of the shard at `path`, as a list of str."""
     return ShardReader([path]).texts(0, rg_idx)
-
-
-def _print_legacy_banner(legacy_dir):
-    print0("=" * 80)
-    print0("WARNING: DATASET UPGRADE REQUIRED")
-    print0("=" * 80)
-    print0(f"Falling back to the legacy FinewebEdu-100B shards in {legacy_dir}.")
-    print0("On March 4, 2026 nanochat switched its pretraining data from FinewebEdu-100B to ClimbMix-400B.")
-    print0("To upgrade, download the new shards and retrain the tokenizer:")
-    print0("    python -m nanochat.dataset -n 170")
-    print0("    python -m scripts.tok_train")
-    print0("=" * 80)
 
 
 def _resolve_data_dir(data_dir, warn_on_legacy):
@@ -156,7 +143,12 @@ def _resolve_data_dir(data_dir, warn_on_legacy):
     if not os.path.isdir(legacy_dir):
         raise FileNotFoundError(f"No pretraining data: {data_dir} does not exist. {NO_DATA_HINT}")
     if warn_on_legacy:
-        _print_legacy_banner(legacy_dir)
+        rule = "=" * 80
+        print0(f"{rule}\nWARNING: DATASET UPGRADE REQUIRED\n{rule}\n"
+               f"Falling back to the legacy FinewebEdu-100B shards in {legacy_dir}.\n"
+               f"On March 4, 2026 nanochat switched its pretraining data from FinewebEdu-100B to "
+               f"ClimbMix-400B.\nTo upgrade, download the new shards and retrain the tokenizer:\n"
+               f"    python -m nanochat.dataset -n 170\n    python -m scripts.tok_train\n{rule}")
     return legacy_dir
 
 
@@ -185,7 +177,7 @@ def list_split_files(split, data_dir=None, warn_on_legacy=False):
     val = [f for f in files if os.path.basename(f) == VAL_FILENAME]
     if not val and files:
         logger.warning(f"{VAL_FILENAME} not found in {data_dir}: using the last file, "
-                       f"{os.path.basename(files[-1])}, as the validation split (it is not used for training)")
+                       f"{os.path.basename(files[-1])}, as the validation split (not used for training)")
         val = files[-1:]
     chosen = [f for f in files if f not in val] if split == "train" else val
     if not chosen:
@@ -291,8 +283,8 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
         with open(src, "rb") as source, atomic_open(dst, "wb") as copy:
             shutil.copyfileobj(source, copy)
         meta = inspect_shard(dst)
-        print0(f"Installed sample {os.path.basename(dst)}: {meta.num_rows} docs, {meta.num_row_groups} row groups, "
-               f"{os.path.getsize(dst):,} bytes -> {dst}")
+        print0(f"Installed sample {os.path.basename(dst)}: {meta.num_rows} docs, {meta.num_row_groups} row "
+               f"groups, {os.path.getsize(dst):,} bytes -> {dst}")
         installed.append(dst)
     return installed
 
@@ -306,7 +298,7 @@ def parse_args(argv=None):
                         help=f"number of train shards (-1 = all {MAX_SHARD}); the val shard is always added")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--sample", action="store_true",
-                        help="install the small offline sample from data/pretrain_sample/ instead of downloading")
+                        help="install the offline sample (data/pretrain_sample/) instead of downloading")
     parser.add_argument("--base-url", default=None, help="a plain HTTP mirror of the shards (default: the "
                         "Hugging Face hub, with HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE honoured)")
     args = parser.parse_args(argv)
