@@ -16,14 +16,16 @@ import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import (load_checkpoint_meta, load_model,
-                                         load_optimizer_state, optimizer_shard_count)
+from nanochat.checkpoint_manager import load_checkpoint_meta, load_model, load_optimizer_state
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
 from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
+
+LR_KEYS = ("unembedding_lr", "embedding_lr", "matrix_lr")
+
 
 def load_start(parent, own, args, device, phase, user_config, free_keys):
     """(model, tokenizer, (parent tag, step, meta), output tag, resume meta): the parent stage's checkpoint
@@ -55,43 +57,30 @@ def warm_start_optimizer(optimizer, state):
         group.update(saved)
 
 
-def warm_start_from(optimizer, source, model_tag, step, device, rank):
-    """Seed the optimizer's buffers from a checkpoint's, when it has them in as many shards as this run has
-    ranks (each rank holds a shard of the state); otherwise say so and leave the optimizer fresh."""
-    shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
-    if shards not in (0, world_size):
-        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run "
-               f"has {world_size}; starting the optimizer fresh")
-        return
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
-        return
-    warm_start_optimizer(optimizer, state)
-    print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-
-
-def resume_optimizer_state(source, model_tag, step, device, rank):
-    """This rank's shard of the optimizer of the checkpoint resumed (training.check_world_size refuses a
-    world size other than the one that saved it)."""
-    training.check_world_size(source, model_tag, step)
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {model_tag} has no "
-                                f"optimizer state for rank {rank}; resume from a step that has it")
-    return state
-
-
-def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume=None, warm_from=None):
-    """The stage's optimizer. lrs: {embedding_lr, unembedding_lr, matrix_lr}. resume = (source, tag, step):
-    LRs, initial LRs and buffers all come from that checkpoint. Otherwise every LR starts at init_lr_frac
-    of its value, the buffers warm-started from warm_from = (source, tag, step) when given."""
-    optimizer = model.setup_optimizer(weight_decay=weight_decay, **lrs)
-    if resume is not None:
-        optimizer.load_state_dict(resume_optimizer_state(*resume, device, rank))
+def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume, warm_from=None):
+    """The stage's optimizer at the LRs of `lrs` (a mapping with embedding_lr, unembedding_lr, matrix_lr).
+    resume = (source, tag, step), step -1 for a fresh run: LRs, initial LRs and buffers all come from that
+    checkpoint (this rank's shard of it). Otherwise every LR starts at init_lr_frac of its value, the
+    buffers warm-started from warm_from = (source, tag, step) when it has them in as many shards as this
+    run has ranks."""
+    optimizer = model.setup_optimizer(weight_decay=weight_decay, **{k: lrs[k] for k in LR_KEYS})
+    source, tag, step = resume
+    if step >= 0:
+        training.check_world_size(source, tag, step)
+        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
+        if state is None:
+            raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {tag} has no "
+                                    f"optimizer state for rank {rank}; resume from a step that has it")
+        optimizer.load_state_dict(state)
         return optimizer
-    if warm_from is not None:
-        warm_start_from(optimizer, *warm_from, device, rank)
+    if warm_from is not None and training.check_world_size(*warm_from, resuming=False):
+        source, tag, step = warm_from
+        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
+        if state is None:
+            print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
+        else:
+            warm_start_optimizer(optimizer, state)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
     for group in optimizer.param_groups:
         group["lr"] *= init_lr_frac
         group["initial_lr"] = group["lr"]
@@ -186,7 +175,7 @@ def val_mixture():
 
 def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
     """This rank's packer over the training mixture, at the saved position when resuming (with the world
-    size that saved it: resume_optimizer_state refuses any other first)."""
+    size that saved it: setup_optimizer refuses any other first)."""
     packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
                                 world_size, device=device)
     if loader_states is not None:

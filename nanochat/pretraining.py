@@ -114,13 +114,11 @@ def print_parameter_counts(model):
     return counts, flops_per_token
 
 
-def print_horizon(args, scale, flops_per_token, num_iterations, accum, world_size):
+def print_horizon(scale, flops_per_token, num_iterations):
     total_tokens = scale.total_batch_size * num_iterations
     print0(f"Total number of training tokens: {total_tokens:,}")
     print0(f"Tokens : Scaling params ratio: {total_tokens / scale.num_scaling:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
-    training.print_batch_geometry(args.device_batch_size, args.max_seq_len, scale.total_batch_size,
-                                  world_size, accum)
 
 
 def check_resume_config(meta, config, user_config, num_iterations):

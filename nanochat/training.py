@@ -31,20 +31,18 @@ WARMUP_STEPS_UNTIMED = 10
 # Batch geometry
 
 def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
-    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them."""
-    world_tokens = device_batch_size * seq_len * world_size
-    if total_batch_size <= 0 or total_batch_size % world_tokens != 0:
+    """Micro-steps per optimizer step, printed with the batch geometry, or ValueError when the total batch
+    is not a whole number of them."""
+    tokens = device_batch_size * seq_len
+    if total_batch_size <= 0 or total_batch_size % (tokens * world_size) != 0:
         raise ValueError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
                          f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
-                         f"{world_size} = {world_tokens}")
-    return total_batch_size // world_tokens
-
-
-def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):
-    tokens = device_batch_size * seq_len
+                         f"{world_size} = {tokens * world_size}")
+    accum = total_batch_size // (tokens * world_size)
     print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
     print0(f"Tokens / micro-batch: {tokens * world_size:,}")
     print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
+    return accum
 
 
 def eval_steps_for(eval_tokens, device_batch_size, seq_len, world_size):
@@ -430,15 +428,21 @@ def start_run(device_type):
     return device_type, rank, world_size, device, peak_flops  # the attention backend: when the model is built
 
 
-def check_world_size(source, model_tag, step):
-    """Refuse to resume a checkpoint saved by another number of ranks: each rank saved its own shard of
-    the optimizer state, which fits only the same world size (another would fail inside the optimizer)."""
+def check_world_size(source, model_tag, step, resuming=True):
+    """Whether a checkpoint's optimizer shards fit this run: each rank saved its own shard, which fits only
+    the same world size. A resume refuses another (it would fail inside the optimizer); a warm start
+    (resuming=False) says so and returns False, to go on with a fresh optimizer."""
     shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
-    if shards not in (0, world_size):
-        files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
-        raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
-                         f"and this run has {world_size}; resume with the world size that saved it "
-                         f"(torchrun --nproc_per_node={shards})")
+    if shards in (0, world_size):
+        return True
+    if not resuming:
+        print0(f"WARNING: the {source} checkpoint's optimizer state was saved by {shards} rank(s) and this "
+               f"run has {world_size}; starting the optimizer fresh")
+        return False
+    files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
+    raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
+                     f"and this run has {world_size}; resume with the world size that saved it "
+                     f"(torchrun --nproc_per_node={shards})")
 
 
 def warn_on_changed_config(saved_user_config, user_config, free_keys):

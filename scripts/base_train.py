@@ -148,9 +148,9 @@ def setup(args, user_config):
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
         resume_state_dict=loader_state), loader_state)
     num_iterations = num_iterations_for(args, flops_per_token, scale.total_batch_size, scale.target_tokens)
+    print_horizon(scale, flops_per_token, num_iterations)
     accum = training.grad_accum_steps(scale.total_batch_size, args.device_batch_size, args.max_seq_len,
                                       world_size)
-    print_horizon(args, scale, flops_per_token, num_iterations, accum, world_size)
     if meta:
         check_resume_config(meta, config, user_config, num_iterations)
 

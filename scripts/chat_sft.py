@@ -190,13 +190,9 @@ def main(argv=None):
         hp["total_batch_size"], saved=meta.get("device_batch_size"))
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
                                       world_size)
-    training.print_batch_geometry(hp["device_batch_size"], hp["max_seq_len"], hp["total_batch_size"],
-                                  world_size, accum)
-    lrs = {k: hp[k] for k in ("unembedding_lr", "embedding_lr", "matrix_lr")}
-    resume = ("sft", output_tag, args.resume_from_step) if args.resume_from_step >= 0 else None
     warm_from = ("base", base_tag, base_step) if args.load_optimizer else None
-    optimizer = chat_train.setup_optimizer(orig_model, lrs, 0.0, args.init_lr_frac, device, rank, resume,
-                                           warm_from)
+    optimizer = chat_train.setup_optimizer(orig_model, hp, 0.0, args.init_lr_frac, device, rank,
+                                           ("sft", output_tag, args.resume_from_step), warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
