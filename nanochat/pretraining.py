@@ -212,7 +212,7 @@ def compute_l3_bounds(model, tokenizer, args, device, rank):
 
 
 def build_model(args, tokenizer, device, rank, checkpoint_dir):
-    """(model, config, optimizer state, meta): freshly initialised, or the checkpoint's when resuming."""
+    """(model, config, optimizer state, meta): freshly initialised (None, {}), or the checkpoint's."""
     from nanochat.flash_attention import decide_backend
     config = model_config(args, args.depth, tokenizer.get_vocab_size())
     model = build_model_meta(config)
@@ -221,7 +221,7 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
     model.init_weights()
     # after compute_init, on this rank's device, at the model's head dim; before compile (it may all-reduce)
     print_attention_notice(decide_backend(device, config.n_embd // config.n_head), args.window_pattern)
-    optimizer_data = meta = None
+    optimizer_data, meta = None, {}
     if args.resume_from_step >= 0:
         print0(f"Resuming optimization from step {args.resume_from_step}")
         training.check_world_size("base", os.path.basename(checkpoint_dir), args.resume_from_step)

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import get_checkpoints_dir, optimizer_shard_count, save_checkpoint
-from nanochat.common import get_device_peak_flops, get_dist_info, is_ddp_initialized, print0
+from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
+                             get_device_peak_flops, get_dist_info, is_ddp_initialized, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -269,7 +270,6 @@ def should_stop(stop_flag, loss_value, device):
 def exit_after_signal(save, step, signum):
     """Checkpoint `step` with save(step), say how to resume, and exit with the shell's code for death by
     that signal (128 + signum), so job schedulers see an interrupted run rather than a finished one."""
-    from nanochat.common import compute_cleanup
     save(step)
     print0(f"Stopped by signal after step {step}; resume with --resume-from-step={step}")
     compute_cleanup()
@@ -397,7 +397,6 @@ def init_wandb(project, run, config, master, resume_id=None):
     The wandb run of this process (a DummyWandb off rank 0 or with run == 'dummy'). With resume_id (the
     id kept in the checkpoint meta) the same run continues, its charts extended rather than restarted.
     """
-    from nanochat.common import DummyWandb
     if run == "dummy" or not master:
         return DummyWandb()
     import wandb
@@ -416,7 +415,6 @@ def start_run(device_type):
     device asked for ('' = autodetect), deterministic mode as that device wants, the compute dtype and,
     on CUDA, the GPU and its peak FLOPS (the MFU denominator) printed.
     """
-    from nanochat.common import autodetect_device_type, compute_init
     device_type = device_type or autodetect_device_type()
     _, rank, _, world_size, device = compute_init(device_type)
     configure_determinism(device_type)
@@ -596,7 +594,6 @@ def print_run_end(device_type, tracker):
 
 
 def close_run(wandb_run):
-    from nanochat.common import compute_cleanup
     wandb_run.finish()
     compute_cleanup()
 
