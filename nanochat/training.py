@@ -524,20 +524,17 @@ def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb
     return run
 
 
-def save_due(step, last_step, save_every, resume_from_step):
-    """Save at the last step and every save_every steps, but not step 0 nor the step just resumed from."""
-    return last_step or (step > 0 and step != resume_from_step and every(step, save_every, False))
-
-
 def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_at_last_step=False):
     """
     What is due at the boundary before step `step`, in order: val_eval(step) every args.eval_every steps
-    (step 0 and the last included; val_at_last_step: the last even when off), the save, then fn(step,
-    last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose the run.
+    (step 0 and the last included; val_at_last_step: the last even when off), the save (every
+    args.save_every steps and at the last, never the step just resumed from: it is on disk), then
+    fn(step, last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose
+    the run.
     """
     if every(step, args.eval_every, last_step, include_step_zero=True) or (val_at_last_step and last_step):
         val_eval(step)
-    if save_due(step, last_step, args.save_every, args.resume_from_step):
+    if last_step or (step != args.resume_from_step and every(step, args.save_every, False)):
         ckpt.save(step)
     for period, evaluate in late_evals:
         if every(step, period, last_step):
