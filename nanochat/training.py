@@ -392,14 +392,16 @@ def configure_determinism(device_type):
 # -----------------------------------------------------------------------------
 # wandb: a resumed run continues the run that wrote the checkpoint
 
-def init_wandb(project, run, config, master, resume_id=None):
+def init_wandb(project, run, config, meta):
     """
-    The wandb run of this process (a DummyWandb off rank 0 or with run == 'dummy'). With resume_id (the
-    id kept in the checkpoint meta) the same run continues, its charts extended rather than restarted.
+    The wandb run of this process (a DummyWandb off rank 0 or with run == 'dummy'). A resume (meta: the
+    checkpoint's, {} for a fresh run) continues the run whose id the meta keeps, its charts extended
+    rather than restarted.
     """
-    if run == "dummy" or not master:
+    if run == "dummy" or get_dist_info()[1] != 0:
         return DummyWandb()
     import wandb
+    resume_id = meta.get("wandb_run_id")
     if resume_id:
         print0(f"Continuing wandb run {resume_id}")
         return wandb.init(project=project, name=run, config=config, id=resume_id, resume="allow")

@@ -126,7 +126,7 @@ def setup(args, user_config):
     # --- model, scaling rules, optimizer
     checkpoint_dir = os.path.join(get_checkpoints_dir("base"), args.model_tag or f"d{args.depth}")
     model, config, optimizer_data, meta = build_model(args, tokenizer, device, rank, checkpoint_dir)
-    wandb_run = training.init_wandb("nanochat", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
+    wandb_run = training.init_wandb("nanochat", args.run, user_config, meta)
     if args.fp8:
         model = convert_fp8(model, args.fp8_recipe, device_type)
     orig_model = model  # uncompiled: saving, CORE and sampling (their shapes vary)

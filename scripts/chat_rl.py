@@ -145,8 +145,7 @@ def main(argv=None):
     args.device_batch_size = autofit.device_batch_size(
         args.device_batch_size, model, model.config.sequence_len, 8, max_rows=args.num_samples,
         saved=meta.get("device_batch_size"))
-    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0,
-                                    meta.get("wandb_run_id"))
+    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, meta)
     ckpt = training.Checkpointer(os.path.join(get_checkpoints_dir("rl"), output_tag), model,
                                  optimizer, rank)
     # the curve (reward per step, pass@1 at evaluations) is the report's plot

@@ -195,8 +195,7 @@ def main(argv=None):
                                            ("sft", output_tag, args.resume_from_step), warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
-                                    meta.get("wandb_run_id"))
+    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, meta)
 
     # --- data
     train_ds = chat_train.train_mixture(args.mmlu_epochs, args.gsm8k_epochs)
