@@ -2,7 +2,7 @@
 The chat stages' own training pieces; scripts/chat_sft.py and scripts/chat_rl.py are their loops.
 
 - Both: the starting model (the parent stage's checkpoint, or this stage's to resume from) and the
-  resume meta, the optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started).
+  resume meta (the optimizer: training.setup_optimizer).
 - SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the val
   bpb and ChatCORE evaluations.
 - RL: rollouts (seeded by step, question and sampling call, so a resumed run samples the same), the
@@ -16,16 +16,13 @@ import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import load_checkpoint_meta, load_model, load_optimizer_state
+from nanochat.checkpoint_manager import load_checkpoint_meta, load_model
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
 from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
-
-LR_KEYS = ("unembedding_lr", "embedding_lr", "matrix_lr")
-
 
 def load_start(parent, own, args, device, phase, user_config, free_keys):
     """(model, tokenizer, (parent tag, step, meta), output tag, resume meta): the parent stage's checkpoint
@@ -42,49 +39,6 @@ def load_start(parent, own, args, device, phase, user_config, free_keys):
                                         step=args.resume_from_step)
     training.warn_on_changed_config(meta.get("user_config", {}), user_config, free_keys)
     return model, tokenizer, parent_info, output_tag, meta
-
-
-def warm_start_optimizer(optimizer, state):
-    """
-    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
-    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
-    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
-    lost. Here all of this run's group settings are put back.
-    """
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, saved in zip(optimizer.param_groups, settings):
-        group.update(saved)
-
-
-def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume, warm_from=None):
-    """The stage's optimizer at the LRs of `lrs` (a mapping with embedding_lr, unembedding_lr, matrix_lr).
-    resume = (source, tag, step), step -1 for a fresh run: LRs, initial LRs and buffers all come from that
-    checkpoint (this rank's shard of it). Otherwise every LR starts at init_lr_frac of its value, the
-    buffers warm-started from warm_from = (source, tag, step) when it has them in as many shards as this
-    run has ranks."""
-    optimizer = model.setup_optimizer(weight_decay=weight_decay, **{k: lrs[k] for k in LR_KEYS})
-    source, tag, step = resume
-    if step >= 0:
-        training.check_world_size(source, tag, step)
-        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
-        if state is None:
-            raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {tag} has no "
-                                    f"optimizer state for rank {rank}; resume from a step that has it")
-        optimizer.load_state_dict(state)
-        return optimizer
-    if warm_from is not None and training.check_world_size(*warm_from, resuming=False):
-        source, tag, step = warm_from
-        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
-        if state is None:
-            print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
-        else:
-            warm_start_optimizer(optimizer, state)
-            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-    for group in optimizer.param_groups:
-        group["lr"] *= init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
 
 
 # -----------------------------------------------------------------------------

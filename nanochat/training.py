@@ -19,13 +19,15 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import get_checkpoints_dir, optimizer_shard_count, save_checkpoint
+from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, optimizer_shard_count,
+                                         save_checkpoint)
 from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
                              get_device_peak_flops, get_dist_info, is_ddp_initialized, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
 WARMUP_STEPS_UNTIMED = 10
+LR_KEYS = ("unembedding_lr", "embedding_lr", "matrix_lr", "scalar_lr")  # of GPT.setup_optimizer
 
 
 # -----------------------------------------------------------------------------
@@ -443,6 +445,51 @@ def check_world_size(source, model_tag, step, resuming=True):
     raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
                      f"and this run has {world_size}; resume with the world size that saved it "
                      f"(torchrun --nproc_per_node={shards})")
+
+
+def warm_start_optimizer(optimizer, state):
+    """
+    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
+    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
+    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
+    lost. Here all of this run's group settings are put back.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, saved in zip(optimizer.param_groups, settings):
+        group.update(saved)
+
+
+def setup_optimizer(model, lrs, weight_decay, device, rank, resume, init_lr_frac=1.0, warm_from=None):
+    """
+    A stage's optimizer at the LRs of `lrs` (a mapping; the LR_KEYS it lacks keep the model's defaults).
+    resume = (source, tag, step), step -1 for a fresh run: LRs, initial LRs and buffers all come from
+    that checkpoint (this rank's shard of it). Otherwise every LR starts at init_lr_frac of its value, the
+    buffers warm-started from warm_from = (source, tag, step) when it has them in as many shards as this
+    run has ranks.
+    """
+    optimizer = model.setup_optimizer(weight_decay=weight_decay, **{k: lrs[k] for k in LR_KEYS if k in lrs})
+    source, tag, step = resume
+    if step >= 0:
+        check_world_size(source, tag, step)
+        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
+        if state is None:
+            raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {tag} has no "
+                                    f"optimizer state for rank {rank}; resume from a step that has it")
+        optimizer.load_state_dict(state)
+        return optimizer
+    if warm_from is not None and check_world_size(*warm_from, resuming=False):
+        source, tag, step = warm_from
+        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
+        if state is None:
+            print0(f"WARNING: no optimizer state in the {source} checkpoint; starting the optimizer fresh")
+        else:
+            warm_start_optimizer(optimizer, state)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+    for group in optimizer.param_groups:
+        group["lr"] *= init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
 
 
 def warn_on_changed_config(saved_user_config, user_config, free_keys):

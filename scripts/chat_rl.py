@@ -139,8 +139,8 @@ def main(argv=None):
                          f"{args.examples_per_step}, --num-epochs {args.num_epochs}")
     print0(f"Calculated number of steps: {num_steps}")
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
-    optimizer = chat_train.setup_optimizer(model, vars(args), args.weight_decay, args.init_lr_frac, device,
-                                           rank, ("rl", output_tag, args.resume_from_step))
+    optimizer = training.setup_optimizer(model, vars(args), args.weight_decay, device, rank,
+                                         ("rl", output_tag, args.resume_from_step), args.init_lr_frac)
     # rows are at most the model's context long (prompt + sample); more rows than samples are never needed
     args.device_batch_size = autofit.device_batch_size(
         args.device_batch_size, model, model.config.sequence_len, 8, max_rows=args.num_samples,

@@ -11,7 +11,7 @@ BOS (dataloader.ConversationPacker); one longer than a row is truncated at rende
 tokens, at --max-seq-len >= 2047 the reference's 2048-token render truncation exactly. Only the
 assistant's tokens are trained; a micro-batch without any adds no gradient and is left out of the
 step's mean (training.masked_micro_step); a step where no rank had one does not update the weights.
-The optimizer warm start takes only the base checkpoint's buffers (chat_train.warm_start_optimizer).
+The optimizer warm start takes only the base checkpoint's buffers (training.warm_start_optimizer).
 Data: the reference's mixture online, one of committed data offline (chat_train.train_mixture).
 
 Horizon. --num-iterations N means N optimizer steps (what the reference's help text says; its loop
@@ -191,8 +191,8 @@ def main(argv=None):
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
                                       world_size)
     warm_from = ("base", base_tag, base_step) if args.load_optimizer else None
-    optimizer = chat_train.setup_optimizer(orig_model, hp, 0.0, args.init_lr_frac, device, rank,
-                                           ("sft", output_tag, args.resume_from_step), warm_from)
+    optimizer = training.setup_optimizer(orig_model, hp, 0.0, device, rank, ("sft", output_tag,
+                                         args.resume_from_step), args.init_lr_frac, warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, meta)
