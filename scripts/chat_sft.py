@@ -191,8 +191,9 @@ def main(argv=None):
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
                                       world_size)
     warm_from = ("base", base_tag, base_step) if args.load_optimizer else None
-    optimizer = training.setup_optimizer(orig_model, hp, 0.0, device, rank, ("sft", output_tag,
-                                         args.resume_from_step), args.init_lr_frac, warm_from)
+    optimizer = training.setup_optimizer(orig_model, hp, 0.0, device, rank,
+                                         ("sft", output_tag, args.resume_from_step), args.init_lr_frac,
+                                         warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, meta)
