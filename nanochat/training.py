@@ -2,8 +2,9 @@
 Training-loop pieces shared by base_train, chat_sft and chat_rl. Above the run kit: batch geometry, the
 schedules, the optimizer step (with the fp16 GradScaler path), the loss EMA and timing, the GC policy,
 stopping (signals, non-finite losses), deterministic mode and wandb. The run kit at the end is what every
-stage's loop is made of: one start, one checkpoint of registered state restored as a whole, one
-micro-step loop, one eval/save cadence, one step log line and one end of run.
+stage's loop is made of: one start, one optimizer set-up (fresh, resumed or warm-started), one checkpoint
+of registered state restored as a whole, one micro-step loop, one eval/save cadence, one step log line
+and one end of run.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
