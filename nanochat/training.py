@@ -261,12 +261,7 @@ def should_stop(stop_flag, loss_value, device):
     (signalled, non_finite) agreed by every rank: one all-reduce (MAX) of two flags, so a signal or a NaN
     seen by any rank stops all of them at the same step instead of leaving the others in a collective.
     """
-    signalled, non_finite = stop_flag.signum is not None, not math.isfinite(loss_value)
-    if not is_ddp_initialized():
-        return signalled, non_finite  # nothing to agree on: no device round trip
-    flags = torch.tensor([signalled, non_finite], dtype=torch.float32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    signalled, non_finite = flags.tolist()  # one host read for both
+    signalled, non_finite = agree_max([stop_flag.signum is not None, not math.isfinite(loss_value)], device)
     return bool(signalled), bool(non_finite)
 
 
