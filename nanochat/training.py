@@ -274,7 +274,8 @@ def exit_after_signal(save, step, signum):
     raise SystemExit(128 + signum)
 
 
-def _all_reduce_floats(values, device, op):
+def agree(values, device, op):
+    """Element-wise reduction (a dist.ReduceOp) over ranks of a few floats; every rank gets the same list."""
     if not is_ddp_initialized():
         return [float(v) for v in values]  # one process: no device tensor, no host read
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
@@ -285,12 +286,12 @@ def _all_reduce_floats(values, device, op):
 
 def agree_max(values, device):
     """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
-    return _all_reduce_floats(values, device, dist.ReduceOp.MAX)
+    return agree(values, device, dist.ReduceOp.MAX)
 
 
 def agree_sum(values, device):
     """Element-wise sum over ranks of a few floats (every rank gets the same list back)."""
-    return _all_reduce_floats(values, device, dist.ReduceOp.SUM)
+    return agree(values, device, dist.ReduceOp.SUM)
 
 
 def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, step, checkpoint_dir,
