@@ -137,7 +137,8 @@ def device_batch_size(value, model, seq_len, start, total_tokens=None, max_rows=
         return start  # less than a row per rank: the run's batch geometry check says so
     # the optimizer state, created by the first real step: at most two buffers the size of each
     # parameter (AdamW's moments), sharded over the ranks
-    reserve = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) // world_size if backward else 0
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reserve = 2 * param_bytes // world_size if backward else 0
     notes = []
 
     def fits(rows_tried):

@@ -60,8 +60,8 @@ def build_parser():
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
     p.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda|cpu|mps (empty = autodetect)")
-    p.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag to load (and output dir name)")
-    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step to load (default: last)")
+    p.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag to load (and output dir)")
+    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the last)")
     p.add_argument("--load-optimizer", type=int, default=1,
                    help="warm-start the optimizer's momentum buffers from the base checkpoint (0/1)")
     p.add_argument("--num-iterations", type=int, default=-1,
@@ -69,23 +69,23 @@ def build_parser():
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: inherit)")
     p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=None,
                    help="rows per micro-batch per rank, or auto: the most that fit (default: inherit)")
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherit)")
-    p.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherit)")
-    p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherit)")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: inherit)")
+    p.add_argument("--embedding-lr", type=float, default=None, help="embeddings' AdamW LR (default: inherit)")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="lm_head's AdamW LR (default: inherit)")
     p.add_argument("--matrix-lr", type=float, default=None, help="Muon LR (default: inherit)")
     p.add_argument("--init-lr-frac", type=float, default=0.8, help="initial LR as a fraction of the base LR")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in the linear LR warmup")
-    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of progress in the linear LR warmdown")
-    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in LR warmup")
+    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of progress in LR warmdown")
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end")
     p.add_argument("--eval-every", type=int, default=200, help="val bpb every N steps (-1 = only at the end)")
     p.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens per val bpb evaluation")
     p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps (-1 = never)")
-    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="max problems per categorical task (-1 = all)")
+    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="max per categorical task (-1 = all)")
     p.add_argument("--chatcore-max-sample", type=int, default=24, help="max problems per generative task")
     p.add_argument("--mmlu-epochs", type=int, default=3, help="copies of MMLU auxiliary_train in the mixture")
     p.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved SFT step (-1 = off)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this SFT step (-1 = off)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = at the end)")
     return p
 
 
