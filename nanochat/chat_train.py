@@ -3,8 +3,8 @@ The chat stages' own training pieces; scripts/chat_sft.py and scripts/chat_rl.py
 
 - Both: the starting model (the parent stage's checkpoint, or this stage's to resume from) and the
   resume meta (the optimizer: training.setup_optimizer).
-- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the val
-  bpb and ChatCORE evaluations.
+- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, and ChatCORE during
+  training.
 - RL: rollouts (seeded by step, question and sampling call, so a resumed run samples the same), the
   group-mean advantages, the token-normalised policy-gradient objective, and pass@k.
 Importing this module does no work (the tasks load when a run asks for them).
@@ -18,8 +18,6 @@ from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
 from nanochat.checkpoint_manager import load_checkpoint_meta, load_model
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
-from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
-from nanochat.loss_eval import evaluate_bpb
 
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
@@ -42,7 +40,7 @@ def load_start(parent, own, args, device, phase, user_config, free_keys):
 
 
 # -----------------------------------------------------------------------------
-# SFT: inherited hyperparameters, data mixtures, the packer
+# SFT: inherited hyperparameters, data mixtures, ChatCORE
 
 # (name, fallback, where the base checkpoint's meta keeps it): --flag None inherits the pretrained value
 SFT_INHERITED = [
@@ -125,25 +123,6 @@ def val_mixture():
         from tasks.smoltalk import SmolTalk
         tasks.insert(0, SmolTalk(split="test"))
     return TaskMixture(tasks)
-
-
-def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
-    """This rank's packer over the training mixture, at the saved position when resuming (with the world
-    size that saved it: setup_optimizer refuses any other first)."""
-    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
-                                world_size, device=device)
-    if loader_states is not None:
-        packer.load_state_dict(loader_states[rank])
-    return packer
-
-
-def sft_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, world_size, device):
-    """Bits per byte over about eval_tokens tokens of a fresh packer over the validation mixture."""
-    steps = training.eval_steps_for(eval_tokens, hp["device_batch_size"], hp["max_seq_len"], world_size)
-    batches = sft_data_generator_bos_bestfit(val_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"],
-                                             rank=rank, world_size=world_size, device=device)
-    with training.eval_mode(model):
-        return evaluate_bpb(model, batches, steps, token_bytes)
 
 
 def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, wandb_run, step, last_step=False):

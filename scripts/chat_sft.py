@@ -43,7 +43,8 @@ import torch
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
 from nanochat.common import maybe_compile, print0
-from nanochat.dataloader import PrefetchedBatches
+from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes
 
@@ -118,8 +119,13 @@ def evaluate_and_save(step, run, st):
     args = st.args
 
     def evaluate_val(step):
-        run.val_bpb = chat_train.sft_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens,
-                                             st.token_bytes, st.rank, st.world_size, st.device)
+        rows, row_len = st.hp["device_batch_size"], st.hp["max_seq_len"]
+        steps = training.eval_steps_for(args.eval_tokens, rows, row_len, st.world_size)
+        # a fresh packer over the validation mixture: every evaluation sees the same rows
+        batches = sft_data_generator_bos_bestfit(st.val_ds, st.tokenizer, rows, row_len, rank=st.rank,
+                                                 world_size=st.world_size, device=st.device)
+        with training.eval_mode(st.model):
+            run.val_bpb = evaluate_bpb(st.model, batches, steps, st.token_bytes)
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
         record_point(run.curve, step, {"val bpb": run.val_bpb})
@@ -200,8 +206,11 @@ def main(argv=None):
 
     # --- data
     train_ds = chat_train.train_mixture(args.mmlu_epochs, args.gsm8k_epochs)
-    packer = chat_train.train_packer(train_ds, tokenizer, hp, rank, world_size, device,
-                                     meta.get("loop_state", {}).get("loader_states"))
+    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
+                                world_size, device=device)
+    loader_states = meta.get("loop_state", {}).get("loader_states")
+    if loader_states is not None:  # of the world size that saved them: setup_optimizer refused any other
+        packer.load_state_dict(loader_states[rank])
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 
