@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import is_ddp_initialized, print0
+from nanochat.training import agree
 
 AUTO = "auto"
 TOKEN_LIMIT_ENV = "NANOCHAT_AUTOFIT_TOKEN_LIMIT"
@@ -136,7 +137,8 @@ def device_batch_size(value, model, seq_len, start, total_tokens=None, max_rows=
         return start  # less than a row per rank: the run's batch geometry check says so
     # the optimizer state, created by the first real step: at most two buffers the size of each
     # parameter (AdamW's moments), sharded over the ranks
-    reserve = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) // world_size if backward else 0
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reserve = 2 * param_bytes // world_size if backward else 0
     notes = []
 
     def fits(rows_tried):
@@ -145,10 +147,7 @@ def device_batch_size(value, model, seq_len, start, total_tokens=None, max_rows=
         return ok
 
     found = search(fits, candidates, start) or 0
-    agreed = torch.tensor([found], device=device)
-    if is_ddp_initialized():
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # a batch that fits on every rank
-    batch = int(agreed.item())
+    batch = int(agree([found], device, dist.ReduceOp.MIN)[0])  # a batch that fits on every rank
     why = "; ".join(notes)
     if batch == 0:
         raise OutOfMemory(f"auto batch size: not even one row of {seq_len} tokens fits on every rank "

@@ -2,9 +2,9 @@
 The chat stages' own training pieces; scripts/chat_sft.py and scripts/chat_rl.py are their loops.
 
 - Both: the starting model (the parent stage's checkpoint, or this stage's to resume from) and the
-  resume meta, the optimizer (resumed whole, or fresh at init_lr_frac, optionally warm-started).
-- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, the packer, the val
-  bpb and ChatCORE evaluations.
+  resume meta (the optimizer: training.setup_optimizer).
+- SFT: the hyperparameters inherited from the base checkpoint, the data mixtures, and ChatCORE during
+  training.
 - RL: rollouts (seeded by step, question and sampling call, so a resumed run samples the same), the
   group-mean advantages, the token-normalised policy-gradient objective, and pass@k.
 Importing this module does no work (the tasks load when a run asks for them).
@@ -16,11 +16,8 @@ import torch
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
-from nanochat.checkpoint_manager import (load_checkpoint_meta, load_model,
-                                         load_optimizer_state, optimizer_shard_count)
+from nanochat.checkpoint_manager import load_checkpoint_meta, load_model
 from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
-from nanochat.dataloader import ConversationPacker, sft_data_generator_bos_bestfit
-from nanochat.loss_eval import evaluate_bpb
 
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
@@ -42,64 +39,8 @@ def load_start(parent, own, args, device, phase, user_config, free_keys):
     return model, tokenizer, parent_info, output_tag, meta
 
 
-def warm_start_optimizer(optimizer, state):
-    """
-    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
-    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
-    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
-    lost. Here all of this run's group settings are put back.
-    """
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, saved in zip(optimizer.param_groups, settings):
-        group.update(saved)
-
-
-def warm_start_from(optimizer, source, model_tag, step, device, rank):
-    """Seed the optimizer's buffers from a checkpoint's, when it has them in as many shards as this run has
-    ranks (each rank holds a shard of the state); otherwise say so and leave the optimizer fresh."""
-    shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
-    if shards not in (0, world_size):
-        print0(f"WARNING: the base checkpoint's optimizer state was saved by {shards} rank(s) and this run "
-               f"has {world_size}; starting the optimizer fresh")
-        return
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        print0("WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh")
-        return
-    warm_start_optimizer(optimizer, state)
-    print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
-
-
-def resume_optimizer_state(source, model_tag, step, device, rank):
-    """This rank's shard of the optimizer of the checkpoint resumed (training.check_world_size refuses a
-    world size other than the one that saved it)."""
-    training.check_world_size(source, model_tag, step)
-    state = load_optimizer_state(source, device, rank, model_tag=model_tag, step=step)
-    if state is None:
-        raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {model_tag} has no "
-                                f"optimizer state for rank {rank}; resume from a step that has it")
-    return state
-
-
-def setup_optimizer(model, lrs, weight_decay, init_lr_frac, device, rank, resume=None, warm_from=None):
-    """The stage's optimizer. lrs: {embedding_lr, unembedding_lr, matrix_lr}. resume = (source, tag, step):
-    LRs, initial LRs and buffers all come from that checkpoint. Otherwise every LR starts at init_lr_frac
-    of its value, the buffers warm-started from warm_from = (source, tag, step) when given."""
-    optimizer = model.setup_optimizer(weight_decay=weight_decay, **lrs)
-    if resume is not None:
-        optimizer.load_state_dict(resume_optimizer_state(*resume, device, rank))
-        return optimizer
-    if warm_from is not None:
-        warm_start_from(optimizer, *warm_from, device, rank)
-    for group in optimizer.param_groups:
-        group["lr"] *= init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
-
-
 # -----------------------------------------------------------------------------
-# SFT: inherited hyperparameters, data mixtures, the packer
+# SFT: inherited hyperparameters, data mixtures, ChatCORE
 
 # (name, fallback, where the base checkpoint's meta keeps it): --flag None inherits the pretrained value
 SFT_INHERITED = [
@@ -182,25 +123,6 @@ def val_mixture():
         from tasks.smoltalk import SmolTalk
         tasks.insert(0, SmolTalk(split="test"))
     return TaskMixture(tasks)
-
-
-def train_packer(train_ds, tokenizer, hp, rank, world_size, device, loader_states=None):
-    """This rank's packer over the training mixture, at the saved position when resuming (with the world
-    size that saved it: resume_optimizer_state refuses any other first)."""
-    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
-                                world_size, device=device)
-    if loader_states is not None:
-        packer.load_state_dict(loader_states[rank])
-    return packer
-
-
-def sft_val_bpb(model, val_ds, tokenizer, hp, eval_tokens, token_bytes, rank, world_size, device):
-    """Bits per byte over about eval_tokens tokens of a fresh packer over the validation mixture."""
-    steps = training.eval_steps_for(eval_tokens, hp["device_batch_size"], hp["max_seq_len"], world_size)
-    batches = sft_data_generator_bos_bestfit(val_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"],
-                                             rank=rank, world_size=world_size, device=device)
-    with training.eval_mode(model):
-        return evaluate_bpb(model, batches, steps, token_bytes)
 
 
 def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, wandb_run, step, last_step=False):

@@ -10,7 +10,6 @@ learning rates and weight decay from the d12 reference point. `args` is base_tra
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -114,13 +113,11 @@ def print_parameter_counts(model):
     return counts, flops_per_token
 
 
-def print_horizon(args, scale, flops_per_token, num_iterations, accum, world_size):
+def print_horizon(scale, flops_per_token, num_iterations):
     total_tokens = scale.total_batch_size * num_iterations
     print0(f"Total number of training tokens: {total_tokens:,}")
     print0(f"Tokens : Scaling params ratio: {total_tokens / scale.num_scaling:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
-    training.print_batch_geometry(args.device_batch_size, args.max_seq_len, scale.total_batch_size,
-                                  world_size, accum)
 
 
 def check_resume_config(meta, config, user_config, num_iterations):
@@ -214,7 +211,7 @@ def compute_l3_bounds(model, tokenizer, args, device, rank):
 
 
 def build_model(args, tokenizer, device, rank, checkpoint_dir):
-    """(model, config, optimizer state, meta): freshly initialised, or the checkpoint's when resuming."""
+    """(model, config, meta): freshly initialised (meta {}), or the checkpoint's when resuming."""
     from nanochat.flash_attention import decide_backend
     config = model_config(args, args.depth, tokenizer.get_vocab_size())
     model = build_model_meta(config)
@@ -223,28 +220,15 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
     model.init_weights()
     # after compute_init, on this rank's device, at the model's head dim; before compile (it may all-reduce)
     print_attention_notice(decide_backend(device, config.n_embd // config.n_head), args.window_pattern)
-    optimizer_data = meta = None
+    meta = {}
     if args.resume_from_step >= 0:
         print0(f"Resuming optimization from step {args.resume_from_step}")
-        training.check_world_size("base", os.path.basename(checkpoint_dir), args.resume_from_step)
-        model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
-                                                           load_optimizer=True, rank=rank)
+        model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device)
         model.load_state_dict(model_data, strict=True, assign=True)
         del model_data
     elif len(model.l3_layers) > 0:
         compute_l3_bounds(model, tokenizer, args, device, rank)
-    return model, config, optimizer_data, meta
-
-
-def setup_optimizer(model, args, scale, optimizer_data):
-    lr_scale = scale.batch_lr_scale
-    optimizer = model.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
-        scalar_lr=args.scalar_lr * lr_scale, matrix_lr=args.matrix_lr * lr_scale,
-        weight_decay=scale.weight_decay)
-    if optimizer_data is not None:
-        optimizer.load_state_dict(optimizer_data)
-    return optimizer
+    return model, config, meta
 
 
 # -----------------------------------------------------------------------------

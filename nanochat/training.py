@@ -2,8 +2,9 @@
 Training-loop pieces shared by base_train, chat_sft and chat_rl. Above the run kit: batch geometry, the
 schedules, the optimizer step (with the fp16 GradScaler path), the loss EMA and timing, the GC policy,
 stopping (signals, non-finite losses), deterministic mode and wandb. The run kit at the end is what every
-stage's loop is made of: one start, one checkpoint of registered state restored as a whole, one
-micro-step loop, one eval/save cadence, one step log line and one end of run.
+stage's loop is made of: one start, one optimizer set-up (fresh, resumed or warm-started), one checkpoint
+of registered state restored as a whole, one micro-step loop, one eval/save cadence, one step log line
+and one end of run.
 Each function is pure or acts only on what it is given, so the schedules can be unit-tested.
 """
 
@@ -19,32 +20,33 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import get_checkpoints_dir, optimizer_shard_count, save_checkpoint
-from nanochat.common import get_device_peak_flops, get_dist_info, is_ddp_initialized, print0
+from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, optimizer_shard_count,
+                                         save_checkpoint)
+from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
+                             get_device_peak_flops, get_dist_info, is_ddp_initialized, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
 WARMUP_STEPS_UNTIMED = 10
+LR_KEYS = ("unembedding_lr", "embedding_lr", "matrix_lr", "scalar_lr")  # of GPT.setup_optimizer
 
 
 # -----------------------------------------------------------------------------
 # Batch geometry
 
 def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
-    """Micro-steps per optimizer step, or ValueError when the total batch is not a whole number of them."""
-    world_tokens = device_batch_size * seq_len * world_size
-    if total_batch_size <= 0 or total_batch_size % world_tokens != 0:
+    """Micro-steps per optimizer step, printed with the batch geometry, or ValueError when the total batch
+    is not a whole number of them."""
+    tokens = device_batch_size * seq_len
+    if total_batch_size <= 0 or total_batch_size % (tokens * world_size) != 0:
         raise ValueError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
                          f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
-                         f"{world_size} = {world_tokens}")
-    return total_batch_size // world_tokens
-
-
-def print_batch_geometry(device_batch_size, seq_len, total_batch_size, world_size, accum):
-    tokens = device_batch_size * seq_len
+                         f"{world_size} = {tokens * world_size}")
+    accum = total_batch_size // (tokens * world_size)
     print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
     print0(f"Tokens / micro-batch: {tokens * world_size:,}")
     print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")
+    return accum
 
 
 def eval_steps_for(eval_tokens, device_batch_size, seq_len, world_size):
@@ -259,26 +261,21 @@ def should_stop(stop_flag, loss_value, device):
     (signalled, non_finite) agreed by every rank: one all-reduce (MAX) of two flags, so a signal or a NaN
     seen by any rank stops all of them at the same step instead of leaving the others in a collective.
     """
-    signalled, non_finite = stop_flag.signum is not None, not math.isfinite(loss_value)
-    if not is_ddp_initialized():
-        return signalled, non_finite  # nothing to agree on: no device round trip
-    flags = torch.tensor([signalled, non_finite], dtype=torch.float32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    signalled, non_finite = flags.tolist()  # one host read for both
+    signalled, non_finite = agree_max([stop_flag.signum is not None, not math.isfinite(loss_value)], device)
     return bool(signalled), bool(non_finite)
 
 
 def exit_after_signal(save, step, signum):
     """Checkpoint `step` with save(step), say how to resume, and exit with the shell's code for death by
     that signal (128 + signum), so job schedulers see an interrupted run rather than a finished one."""
-    from nanochat.common import compute_cleanup
     save(step)
     print0(f"Stopped by signal after step {step}; resume with --resume-from-step={step}")
     compute_cleanup()
     raise SystemExit(128 + signum)
 
 
-def _all_reduce_floats(values, device, op):
+def agree(values, device, op):
+    """Element-wise reduction (a dist.ReduceOp) over ranks of a few floats; every rank gets the same list."""
     if not is_ddp_initialized():
         return [float(v) for v in values]  # one process: no device tensor, no host read
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
@@ -289,12 +286,12 @@ def _all_reduce_floats(values, device, op):
 
 def agree_max(values, device):
     """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
-    return _all_reduce_floats(values, device, dist.ReduceOp.MAX)
+    return agree(values, device, dist.ReduceOp.MAX)
 
 
 def agree_sum(values, device):
     """Element-wise sum over ranks of a few floats (every rank gets the same list back)."""
-    return _all_reduce_floats(values, device, dist.ReduceOp.SUM)
+    return agree(values, device, dist.ReduceOp.SUM)
 
 
 def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, step, checkpoint_dir,
@@ -394,15 +391,16 @@ def configure_determinism(device_type):
 # -----------------------------------------------------------------------------
 # wandb: a resumed run continues the run that wrote the checkpoint
 
-def init_wandb(project, run, config, master, resume_id=None):
+def init_wandb(project, run, config, meta):
     """
-    The wandb run of this process (a DummyWandb off rank 0 or with run == 'dummy'). With resume_id (the
-    id kept in the checkpoint meta) the same run continues, its charts extended rather than restarted.
+    The wandb run of this process (a DummyWandb off rank 0 or with run == 'dummy'). A resume (meta: the
+    checkpoint's, {} for a fresh run) continues the run whose id the meta keeps, its charts extended
+    rather than restarted.
     """
-    from nanochat.common import DummyWandb
-    if run == "dummy" or not master:
+    if run == "dummy" or get_dist_info()[1] != 0:
         return DummyWandb()
     import wandb
+    resume_id = meta.get("wandb_run_id")
     if resume_id:
         print0(f"Continuing wandb run {resume_id}")
         return wandb.init(project=project, name=run, config=config, id=resume_id, resume="allow")
@@ -418,7 +416,6 @@ def start_run(device_type):
     device asked for ('' = autodetect), deterministic mode as that device wants, the compute dtype and,
     on CUDA, the GPU and its peak FLOPS (the MFU denominator) printed.
     """
-    from nanochat.common import autodetect_device_type, compute_init
     device_type = device_type or autodetect_device_type()
     _, rank, _, world_size, device = compute_init(device_type)
     configure_determinism(device_type)
@@ -430,15 +427,66 @@ def start_run(device_type):
     return device_type, rank, world_size, device, peak_flops  # the attention backend: when the model is built
 
 
-def check_world_size(source, model_tag, step):
-    """Refuse to resume a checkpoint saved by another number of ranks: each rank saved its own shard of
-    the optimizer state, which fits only the same world size (another would fail inside the optimizer)."""
+def check_world_size(source, model_tag, step, resuming=True):
+    """Whether a checkpoint's optimizer shards fit this run: each rank saved its own shard, which fits only
+    the same world size. A resume refuses another (it would fail inside the optimizer); a warm start
+    (resuming=False) says so and returns False, to go on with a fresh optimizer."""
     shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
-    if shards not in (0, world_size):
-        files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
-        raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
-                         f"and this run has {world_size}; resume with the world size that saved it "
-                         f"(torchrun --nproc_per_node={shards})")
+    if shards in (0, world_size):
+        return True
+    if not resuming:
+        print0(f"WARNING: the {source} checkpoint's optimizer state was saved by {shards} rank(s) and this "
+               f"run has {world_size}; starting the optimizer fresh")
+        return False
+    files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
+    raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
+                     f"and this run has {world_size}; resume with the world size that saved it "
+                     f"(torchrun --nproc_per_node={shards})")
+
+
+def warm_start_optimizer(optimizer, state):
+    """
+    Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.
+    load_state_dict also overwrites every group hyperparameter (LR, weight decay, betas, momentum) with
+    the pretraining values; the reference restored just the LR, so its explicit weight_decay=0.0 was
+    lost. Here all of this run's group settings are put back.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, saved in zip(optimizer.param_groups, settings):
+        group.update(saved)
+
+
+def setup_optimizer(model, lrs, weight_decay, device, rank, resume, init_lr_frac=1.0, warm_from=None):
+    """
+    A stage's optimizer at the LRs of `lrs` (a mapping; the LR_KEYS it lacks keep the model's defaults).
+    resume = (source, tag, step), step -1 for a fresh run: LRs, initial LRs and buffers all come from
+    that checkpoint (this rank's shard of it). Otherwise every LR starts at init_lr_frac of its value, the
+    buffers warm-started from warm_from = (source, tag, step) when it has them in as many shards as this
+    run has ranks.
+    """
+    optimizer = model.setup_optimizer(weight_decay=weight_decay, **{k: lrs[k] for k in LR_KEYS if k in lrs})
+    source, tag, step = resume
+    if step >= 0:
+        check_world_size(source, tag, step)
+        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
+        if state is None:
+            raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {tag} has no "
+                                    f"optimizer state for rank {rank}; resume from a step that has it")
+        optimizer.load_state_dict(state)
+        return optimizer
+    if warm_from is not None and check_world_size(*warm_from, resuming=False):
+        source, tag, step = warm_from
+        state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
+        if state is None:
+            print0(f"WARNING: no optimizer state in the {source} checkpoint; starting the optimizer fresh")
+        else:
+            warm_start_optimizer(optimizer, state)
+            print0("Loaded optimizer state from pretrained checkpoint (momentum buffers only, LRs reset)")
+    for group in optimizer.param_groups:
+        group["lr"] *= init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
 
 
 def warn_on_changed_config(saved_user_config, user_config, free_keys):
@@ -522,20 +570,17 @@ def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb
     return run
 
 
-def save_due(step, last_step, save_every, resume_from_step):
-    """Save at the last step and every save_every steps, but not step 0 nor the step just resumed from."""
-    return last_step or (step > 0 and step != resume_from_step and every(step, save_every, False))
-
-
 def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_at_last_step=False):
     """
     What is due at the boundary before step `step`, in order: val_eval(step) every args.eval_every steps
-    (step 0 and the last included; val_at_last_step: the last even when off), the save, then fn(step,
-    last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose the run.
+    (step 0 and the last included; val_at_last_step: the last even when off), the save (every
+    args.save_every steps and at the last, never the step just resumed from: it is on disk), then
+    fn(step, last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose
+    the run.
     """
     if every(step, args.eval_every, last_step, include_step_zero=True) or (val_at_last_step and last_step):
         val_eval(step)
-    if save_due(step, last_step, args.save_every, args.resume_from_step):
+    if last_step or (step != args.resume_from_step and every(step, args.save_every, False)):
         ckpt.save(step)
     for period, evaluate in late_evals:
         if every(step, period, last_step):
@@ -592,7 +637,6 @@ def print_run_end(device_type, tracker):
 
 
 def close_run(wandb_run):
-    from nanochat.common import compute_cleanup
     wandb_run.finish()
     compute_cleanup()
 

@@ -33,8 +33,7 @@ from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
 from nanochat.fp8 import fp8_tokens_error
 from nanochat.loss_eval import split_bpb
 from nanochat.pretraining import (apply_scaling_rules, build_model, check_resume_config, convert_fp8,
-                                  core_and_log, num_iterations_for, print_horizon, print_parameter_counts,
-                                  setup_optimizer)
+                                  core_and_log, num_iterations_for, print_horizon, print_parameter_counts)
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -124,18 +123,19 @@ def setup(args, user_config):
     print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
 
     # --- model, scaling rules, optimizer
-    checkpoint_dir = os.path.join(get_checkpoints_dir("base"), args.model_tag or f"d{args.depth}")
-    model, config, optimizer_data, meta = build_model(args, tokenizer, device, rank, checkpoint_dir)
-    meta = meta or {}
-    wandb_run = training.init_wandb("nanochat", args.run, user_config, rank == 0, meta.get("wandb_run_id"))
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_checkpoints_dir("base"), model_tag)
+    model, config, meta = build_model(args, tokenizer, device, rank, checkpoint_dir)
+    wandb_run = training.init_wandb("nanochat", args.run, user_config, meta)
     if args.fp8:
         model = convert_fp8(model, args.fp8_recipe, device_type)
     orig_model = model  # uncompiled: saving, CORE and sampling (their shapes vary)
     model = maybe_compile(model)
     counts, flops_per_token = print_parameter_counts(orig_model)
     scale = apply_scaling_rules(args, orig_model, tokenizer.get_vocab_size())
-    optimizer = setup_optimizer(orig_model, args, scale, optimizer_data)
-    del optimizer_data
+    lrs = {k: getattr(args, k) * scale.batch_lr_scale for k in training.LR_KEYS}
+    optimizer = training.setup_optimizer(orig_model, lrs, scale.weight_decay, device, rank,
+                                         ("base", model_tag, args.resume_from_step))
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
     args.device_batch_size = autofit.device_batch_size(args.device_batch_size, model, args.max_seq_len, 32,
@@ -148,9 +148,9 @@ def setup(args, user_config):
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
         resume_state_dict=loader_state), loader_state)
     num_iterations = num_iterations_for(args, flops_per_token, scale.total_batch_size, scale.target_tokens)
+    print_horizon(scale, flops_per_token, num_iterations)
     accum = training.grad_accum_steps(scale.total_batch_size, args.device_batch_size, args.max_seq_len,
                                       world_size)
-    print_horizon(args, scale, flops_per_token, num_iterations, accum, world_size)
     if meta:
         check_resume_config(meta, config, user_config, num_iterations)
 

@@ -45,13 +45,13 @@ def build_parser():
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
     p.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda|cpu|mps (empty = autodetect)")
-    p.add_argument("--model-tag", type=str, default=None, help="SFT checkpoint tag to load (and output dir name)")
+    p.add_argument("--model-tag", type=str, default=None, help="SFT checkpoint tag to load (and output dir)")
     p.add_argument("--model-step", type=int, default=None, help="SFT checkpoint step to load (default: last)")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
     p.add_argument("--num-steps", type=int, default=-1, help="number of steps (-1 = from --num-epochs)")
     p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=8,
                    help="max rows per forward pass / sampling call, or auto: the most that fit")
-    p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks")
+    p.add_argument("--examples-per-step", type=int, default=16, help="questions per step, all ranks")
     p.add_argument("--num-samples", type=int, default=16, help="samples per question (the group size)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
@@ -60,11 +60,11 @@ def build_parser():
     p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (Muon groups only)")
-    p.add_argument("--init-lr-frac", type=float, default=0.05, help="initial LR as a fraction of the LRs above")
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="initial LR, a fraction of the LRs above")
     p.add_argument("--eval-every", type=int, default=60, help="pass@k eval every N steps (-1 = never)")
     p.add_argument("--eval-examples", type=int, default=400, help="GSM8K test questions for pass@k")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (the last step always)")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved RL step (-1 = off)")
+    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and the last)")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this RL step (-1 = off)")
     return p
 
 
@@ -139,16 +139,13 @@ def main(argv=None):
                          f"{args.examples_per_step}, --num-epochs {args.num_epochs}")
     print0(f"Calculated number of steps: {num_steps}")
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
-    lrs = {k: getattr(args, k) for k in ("unembedding_lr", "embedding_lr", "matrix_lr")}
-    resume = ("rl", output_tag, args.resume_from_step) if args.resume_from_step >= 0 else None
-    optimizer = chat_train.setup_optimizer(model, lrs, args.weight_decay, args.init_lr_frac, device, rank,
-                                           resume)
+    optimizer = training.setup_optimizer(model, vars(args), args.weight_decay, device, rank,
+                                         ("rl", output_tag, args.resume_from_step), args.init_lr_frac)
     # rows are at most the model's context long (prompt + sample); more rows than samples are never needed
     args.device_batch_size = autofit.device_batch_size(
         args.device_batch_size, model, model.config.sequence_len, 8, max_rows=args.num_samples,
         saved=meta.get("device_batch_size"))
-    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, rank == 0,
-                                    meta.get("wandb_run_id"))
+    wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, meta)
     ckpt = training.Checkpointer(os.path.join(get_checkpoints_dir("rl"), output_tag), model,
                                  optimizer, rank)
     # the curve (reward per step, pass@1 at evaluations) is the report's plot

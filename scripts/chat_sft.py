@@ -11,7 +11,7 @@ BOS (dataloader.ConversationPacker); one longer than a row is truncated at rende
 tokens, at --max-seq-len >= 2047 the reference's 2048-token render truncation exactly. Only the
 assistant's tokens are trained; a micro-batch without any adds no gradient and is left out of the
 step's mean (training.masked_micro_step); a step where no rank had one does not update the weights.
-The optimizer warm start takes only the base checkpoint's buffers (chat_train.warm_start_optimizer).
+The optimizer warm start takes only the base checkpoint's buffers (training.warm_start_optimizer).
 Data: the reference's mixture online, one of committed data offline (chat_train.train_mixture).
 
 Horizon. --num-iterations N means N optimizer steps (what the reference's help text says; its loop
@@ -43,7 +43,8 @@ import torch
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
 from nanochat.common import maybe_compile, print0
-from nanochat.dataloader import PrefetchedBatches
+from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes
 
@@ -60,8 +61,8 @@ def build_parser():
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
     p.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda|cpu|mps (empty = autodetect)")
-    p.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag to load (and output dir name)")
-    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step to load (default: last)")
+    p.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag to load (and output dir)")
+    p.add_argument("--model-step", type=int, default=None, help="base checkpoint step (default: the last)")
     p.add_argument("--load-optimizer", type=int, default=1,
                    help="warm-start the optimizer's momentum buffers from the base checkpoint (0/1)")
     p.add_argument("--num-iterations", type=int, default=-1,
@@ -69,23 +70,23 @@ def build_parser():
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: inherit)")
     p.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=None,
                    help="rows per micro-batch per rank, or auto: the most that fit (default: inherit)")
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: inherit)")
-    p.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embeddings (default: inherit)")
-    p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: inherit)")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: inherit)")
+    p.add_argument("--embedding-lr", type=float, default=None, help="embeddings' AdamW LR (default: inherit)")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="lm_head's AdamW LR (default: inherit)")
     p.add_argument("--matrix-lr", type=float, default=None, help="Muon LR (default: inherit)")
     p.add_argument("--init-lr-frac", type=float, default=0.8, help="initial LR as a fraction of the base LR")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in the linear LR warmup")
-    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of progress in the linear LR warmdown")
-    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of progress in LR warmup")
+    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of progress in LR warmdown")
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end")
     p.add_argument("--eval-every", type=int, default=200, help="val bpb every N steps (-1 = only at the end)")
     p.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens per val bpb evaluation")
     p.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps (-1 = never)")
-    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="max problems per categorical task (-1 = all)")
+    p.add_argument("--chatcore-max-cat", type=int, default=-1, help="max per categorical task (-1 = all)")
     p.add_argument("--chatcore-max-sample", type=int, default=24, help="max problems per generative task")
     p.add_argument("--mmlu-epochs", type=int, default=3, help="copies of MMLU auxiliary_train in the mixture")
     p.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this saved SFT step (-1 = off)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="resume from this SFT step (-1 = off)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = at the end)")
     return p
 
 
@@ -118,8 +119,13 @@ def evaluate_and_save(step, run, st):
     args = st.args
 
     def evaluate_val(step):
-        run.val_bpb = chat_train.sft_val_bpb(st.model, st.val_ds, st.tokenizer, st.hp, args.eval_tokens,
-                                             st.token_bytes, st.rank, st.world_size, st.device)
+        rows, row_len = st.hp["device_batch_size"], st.hp["max_seq_len"]
+        steps = training.eval_steps_for(args.eval_tokens, rows, row_len, st.world_size)
+        # a fresh packer over the validation mixture: every evaluation sees the same rows
+        batches = sft_data_generator_bos_bestfit(st.val_ds, st.tokenizer, rows, row_len, rank=st.rank,
+                                                 world_size=st.world_size, device=st.device)
+        with training.eval_mode(st.model):
+            run.val_bpb = evaluate_bpb(st.model, batches, steps, st.token_bytes)
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
         record_point(run.curve, step, {"val bpb": run.val_bpb})
@@ -190,22 +196,21 @@ def main(argv=None):
         hp["total_batch_size"], saved=meta.get("device_batch_size"))
     accum = training.grad_accum_steps(hp["total_batch_size"], hp["device_batch_size"], hp["max_seq_len"],
                                       world_size)
-    training.print_batch_geometry(hp["device_batch_size"], hp["max_seq_len"], hp["total_batch_size"],
-                                  world_size, accum)
-    lrs = {k: hp[k] for k in ("unembedding_lr", "embedding_lr", "matrix_lr")}
-    resume = ("sft", output_tag, args.resume_from_step) if args.resume_from_step >= 0 else None
     warm_from = ("base", base_tag, base_step) if args.load_optimizer else None
-    optimizer = chat_train.setup_optimizer(orig_model, lrs, 0.0, args.init_lr_frac, device, rank, resume,
-                                           warm_from)
+    optimizer = training.setup_optimizer(orig_model, hp, 0.0, device, rank,
+                                         ("sft", output_tag, args.resume_from_step), args.init_lr_frac,
+                                         warm_from)
     from nanochat.common import COMPUTE_DTYPE
     scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
-    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, rank == 0,
-                                    meta.get("wandb_run_id"))
+    wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, meta)
 
     # --- data
     train_ds = chat_train.train_mixture(args.mmlu_epochs, args.gsm8k_epochs)
-    packer = chat_train.train_packer(train_ds, tokenizer, hp, rank, world_size, device,
-                                     meta.get("loop_state", {}).get("loader_states"))
+    packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
+                                world_size, device=device)
+    loader_states = meta.get("loop_state", {}).get("loader_states")
+    if loader_states is not None:  # of the world size that saved them: setup_optimizer refused any other
+        packer.load_state_dict(loader_states[rank])
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 

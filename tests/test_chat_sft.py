@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from nanochat import chat_core, chat_train, dataloader
+from nanochat import chat_core, chat_train, dataloader, training
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import compute_token_bytes
@@ -233,7 +233,7 @@ def test_warm_start_keeps_this_runs_group_settings_and_loads_buffers(base_dir):
     pretrained = base_optimizer_state(model)
     optimizer = model.setup_optimizer(unembedding_lr=0.001, embedding_lr=0.002, matrix_lr=0.003, weight_decay=0.0)
     before = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    chat_train.warm_start_optimizer(optimizer, pretrained)
+    training.warm_start_optimizer(optimizer, pretrained)
     after = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     assert after == before
     assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["kind"] == "muon")

@@ -262,12 +262,20 @@ def test_checkpointer_writes_reference_files_and_restores_registered_state(tmp_p
     assert fresh.value == 7
 
 
-def test_save_due_cadence():
-    due = [s for s in range(0, 13) if training.save_due(s, s == 12, save_every=5, resume_from_step=-1)]
-    assert due == [5, 10, 12]
-    resumed = [s for s in range(5, 13) if training.save_due(s, s == 12, save_every=5, resume_from_step=5)]
-    assert resumed == [10, 12]  # the step just resumed from is already on disk
-    assert [s for s in range(13) if training.save_due(s, s == 12, -1, -1)] == [12]
+def saved_steps(steps, last, save_every, resume_from_step):
+    """The steps evaluate_and_save checkpoints over `steps` (val and late evals off)."""
+    saved = []
+    args = types.SimpleNamespace(eval_every=-1, save_every=save_every, resume_from_step=resume_from_step)
+    for s in steps:
+        training.evaluate_and_save(s, s == last, types.SimpleNamespace(save=saved.append), args, None)
+    return saved
+
+
+def test_save_cadence():
+    assert saved_steps(range(0, 13), 12, save_every=5, resume_from_step=-1) == [5, 10, 12]
+    # the step just resumed from is already on disk
+    assert saved_steps(range(5, 13), 12, save_every=5, resume_from_step=5) == [10, 12]
+    assert saved_steps(range(13), 12, -1, -1) == [12]
 
 
 class _Batches:
