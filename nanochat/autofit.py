@@ -19,8 +19,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, print0
-from nanochat.training import agree
+from nanochat.common import agree, print0, rank_and_world
 
 AUTO = "auto"
 TOKEN_LIMIT_ENV = "NANOCHAT_AUTOFIT_TOKEN_LIMIT"
@@ -130,7 +129,7 @@ def device_batch_size(value, model, seq_len, start, total_tokens=None, max_rows=
         print0(f"Device batch size {start} (auto): the CPU does not report running out of memory, "
                f"so the configured batch stays")
         return start
-    world_size = dist.get_world_size() if is_ddp_initialized() else 1
+    world_size = rank_and_world()[1]
     rows = total_tokens // (seq_len * world_size) if total_tokens else max_rows
     candidates = [2 ** k for k in range(rows.bit_length()) if not total_tokens or rows % 2 ** k == 0]
     if not candidates:

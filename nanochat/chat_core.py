@@ -19,11 +19,9 @@ Importing this module does no work (a task loads its data when a run asks for it
 import math
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, print0, progress
+from nanochat.common import agree_sum, print0, progress, rank_and_world
 from nanochat.core_eval import centered_accuracy, stack_sequences
-from nanochat.training import agree_sum
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -61,13 +59,6 @@ def chatcore(results):
 # -----------------------------------------------------------------------------
 # Distributed bookkeeping
 
-def _rank_and_world():
-    """(rank, world_size) of the initialised process group, else (0, 1): striding and summing must agree."""
-    if is_ddp_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _num_problems(task, max_problems):
     return len(task) if max_problems is None else min(len(task), max_problems)
 
@@ -87,7 +78,7 @@ def _report_final(passed, total, device):
 def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
                         max_problems=None):
     """pass@num_samples over the task's first max_problems problems (all if None), one problem at a time."""
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     if temperature == 0.0 and num_samples > 1:
         # greedy samples are all identical: generating one gives the same pass@k for a k-th of the compute
         print0(f"temperature 0: the {num_samples} samples per problem would be identical, generating 1")
@@ -142,7 +133,7 @@ def predict_letters(model, tokenizer, conversations):
 
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     """Accuracy over the task's first max_problems problems (all if None), batch_size prompts per pass."""
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     num_problems = _num_problems(task, max_problems)
     num_batches = math.ceil(num_problems / batch_size)
     passed, total = 0, 0

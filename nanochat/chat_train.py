@@ -17,7 +17,7 @@ import torch
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore
 from nanochat.checkpoint_manager import load_checkpoint_meta, load_model
-from nanochat.common import download_file_with_lock, get_dist_info, offline_mode, print0
+from nanochat.common import agree_sum, download_file_with_lock, get_dist_info, offline_mode, print0
 
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
@@ -226,5 +226,5 @@ def evaluate_pass_at_k(task, tokenizer, engine, max_examples, num_samples, devic
                                            temperature=temperature, top_k=top_k)
         completions = [tokenizer.decode(r[len(prompt):]) for r in results]
         records.append({"outcomes": [{"is_correct": task.evaluate(conversation, c)} for c in completions]})
-    *counts, num_records = training.agree_sum(pass_at_k_counts(records, num_samples) + [len(records)], device)
+    *counts, num_records = agree_sum(pass_at_k_counts(records, num_samples) + [len(records)], device)
     return {k: count / max(1, num_records) for k, count in enumerate(counts, 1)}

@@ -445,6 +445,45 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+# -----------------------------------------------------------------------------
+# Agreement across ranks (no-ops without a process group)
+
+def rank_and_world():
+    """(rank, world_size) of the initialised process group, else (0, 1)."""
+    if is_ddp_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def agree(values, device, op):
+    """Element-wise reduction (a dist.ReduceOp) over ranks of a few floats; every rank gets the same list."""
+    if not is_ddp_initialized():
+        return [float(v) for v in values]  # one process: no device tensor, no host read
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+    t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def agree_max(values, device):
+    """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
+    return agree(values, device, dist.ReduceOp.MAX)
+
+
+def agree_sum(values, device):
+    """Element-wise sum over ranks of a few floats (every rank gets the same list back)."""
+    return agree(values, device, dist.ReduceOp.SUM)
+
+
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
+    if not is_ddp_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class DummyWandb:
     """Null object standing in for a wandb run (--run dummy, or non-master ranks)."""
     def log(self, *args, **kwargs):

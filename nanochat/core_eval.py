@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import (REPO_DATA_DIR, atomic_open, download, get_base_dir, is_ddp_initialized,
-                             offline_mode, print0, progress, progress_shown)
+from nanochat.common import (REPO_DATA_DIR, atomic_open, download, get_base_dir, offline_mode, print0,
+                             progress, progress_shown, rank_and_world)
 from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 
 logger = logging.getLogger(__name__)
@@ -419,7 +419,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, desc=None):
     results are summed."""
     if not data:
         raise ValueError(f"No examples to evaluate for {task_meta.get('dataset_uri', 'this task')}")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
+    rank, world = rank_and_world()
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in progress(range(rank, len(data), world), desc=desc, unit="example"):
         correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))

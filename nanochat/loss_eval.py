@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from nanochat.common import print0, progress
-from nanochat.training import agree_sum
+from nanochat.common import agree_sum, print0, progress
 
 
 @torch.no_grad()

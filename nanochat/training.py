@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, optimizer_shard_count,
                                          save_checkpoint)
-from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
-                             get_device_peak_flops, get_dist_info, is_ddp_initialized, print0)
+from nanochat.common import (DummyWandb, agree_max, agree_sum, autodetect_device_type, compute_cleanup,
+                             compute_init, get_device_peak_flops, get_dist_info, is_ddp_initialized, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -274,26 +274,6 @@ def exit_after_signal(save, step, signum):
     raise SystemExit(128 + signum)
 
 
-def agree(values, device, op):
-    """Element-wise reduction (a dist.ReduceOp) over ranks of a few floats; every rank gets the same list."""
-    if not is_ddp_initialized():
-        return [float(v) for v in values]  # one process: no device tensor, no host read
-    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
-    t = torch.tensor([float(v) for v in values], dtype=dtype, device=device)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def agree_max(values, device):
-    """Element-wise max over ranks of a few floats (every rank gets the same list back)."""
-    return agree(values, device, dist.ReduceOp.MAX)
-
-
-def agree_sum(values, device):
-    """Element-wise sum over ranks of a few floats (every rank gets the same list back)."""
-    return agree(values, device, dist.ReduceOp.SUM)
-
-
 def finish_step(optimizer, model, scaler, train_loss, timer, stop_flag, device, step, checkpoint_dir,
                 update=True):
     """
@@ -495,15 +475,6 @@ def warn_on_changed_config(saved_user_config, user_config, free_keys):
     if changed:
         print0(f"Warning: resuming with different settings than the saved run (saved, now): {changed}; "
                f"the result will not match an uninterrupted run")
-
-
-def gather_from_ranks(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a one-element list without a process group)."""
-    if not is_ddp_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 class Checkpointer:

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from nanochat import autofit, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import maybe_compile, print0, print_banner
+from nanochat.common import gather_from_ranks, maybe_compile, print0, print_banner
 from nanochat.core_eval import format_core_metric, greedy_samples
 from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -161,7 +161,7 @@ def setup(args, user_config):
     geometry = {"device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                 "total_batch_size": scale.total_batch_size, "num_iterations": num_iterations,
                 "dataloader_state_dict": lambda: batches.trained_state,
-                "dataloader_state_dicts": lambda: training.gather_from_ranks(batches.trained_state)}
+                "dataloader_state_dicts": lambda: gather_from_ranks(batches.trained_state)}
     run = training.restore_run_state(ckpt, meta, config, user_config, geometry, scaler, wandb_run,
                                      curve={"steps": [], "train": [], "val": []})
     run.core_results, run.mfu = None, 0.0

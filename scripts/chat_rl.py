@@ -28,7 +28,7 @@ import torch
 
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import print0
+from nanochat.common import agree_sum, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report, record_point
 
@@ -110,7 +110,7 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
         mean_rewards.append(rewards.mean().item())
         lengths += [len(s) for s in sequences]
     # SUM then divide: gloo has no AVG
-    totals = training.agree_sum([sum(mean_rewards) / len(mean_rewards), sum(lengths) / len(lengths)], device)
+    totals = agree_sum([sum(mean_rewards) / len(mean_rewards), sum(lengths) / len(lengths)], device)
     mean_reward, mean_length = (total / world_size for total in totals)
     lrm = 1.0 - step / num_steps
     training.apply_schedule(optimizer, lrm)

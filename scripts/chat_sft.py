@@ -42,7 +42,7 @@ import torch
 
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import maybe_compile, print0
+from nanochat.common import agree_max, gather_from_ranks, maybe_compile, print0
 from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report, record_point
@@ -149,7 +149,7 @@ def train_step(step, run, st, stop_flag):
     for batch_progress, done, run.epoch in advanced:
         run.progress, batch_done = max(run.progress, batch_progress), batch_done or done
     # every rank must step with one LR
-    run.progress, done_flag = training.agree_max([run.progress, batch_done], st.device)
+    run.progress, done_flag = agree_max([run.progress, batch_done], st.device)
     run.last_step = bool(done_flag)
     update = training.renormalise_accumulated_grads(st.model, n_with_targets, st.accum, st.device) > 0
     if not update:
@@ -220,7 +220,7 @@ def main(argv=None):
                                  optimizer, rank)
     stage_keys = {**{k: hp[k] for k in ("max_seq_len", "device_batch_size", "total_batch_size")},
                   "hyperparameters": hp}
-    loader_states = {"loader_states": lambda: training.gather_from_ranks(batches.trained_state)}
+    loader_states = {"loader_states": lambda: gather_from_ranks(batches.trained_state)}
     run = training.restore_run_state(ckpt, meta, orig_model.config, user_config, stage_keys, scaler,
                                      wandb_run, loader_states, progress=0.0, last_step=False, epoch=1,
                                      curve={})

@@ -322,7 +322,7 @@ def test_pass_at_k_passes_if_any_sample_passes(tokenizer):
 
 
 def test_ranks_stride_over_problems_and_batches(tokenizer, monkeypatch):
-    monkeypatch.setattr(chat_core, "_rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(chat_core, "rank_and_world", lambda: (1, 2))
     task = GSM8K(subset="main", split="test")
     prompts = [tuple(tokenizer.render_for_completion(task[i])) for i in range(5)]
     model = AnswerModel(tokenizer, {p: tokenizer.encode("#### 0") for p in prompts})

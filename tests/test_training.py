@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from nanochat import training
+from nanochat import common, training
 
 
 def test_base_lr_schedule_reference_values():
@@ -123,7 +123,7 @@ def test_exit_after_signal_saves_then_exits_with_the_signal_code(capsys):
 
 
 def test_agree_max_without_process_group():
-    assert training.agree_max([0.5, 0, 1], "cpu") == [0.5, 0.0, 1.0]
+    assert common.agree_max([0.5, 0, 1], "cpu") == [0.5, 0.0, 1.0]
 
 
 # -----------------------------------------------------------------------------
