@@ -75,6 +75,16 @@ def _report_final(passed, total, device):
 # -----------------------------------------------------------------------------
 # Generative evaluation
 
+def sampled_completions(task, tokenizer, engine, indices, num_samples, max_new_tokens, temperature, top_k):
+    """(conversation, [completion text] * num_samples) for each problem index, sampled from its prompt."""
+    for i in indices:
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k)
+        yield conversation, [tokenizer.decode(tokens[len(prompt):]) for tokens in results]
+
+
 def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
                         max_problems=None):
     """pass@num_samples over the task's first max_problems problems (all if None), one problem at a time."""
@@ -85,12 +95,8 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
         num_samples = 1
     passed, total = 0, 0
     bar = progress(range(rank, _num_problems(task, max_problems), world_size), unit="problem")
-    for i in bar:
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k)
-        completions = (tokenizer.decode(tokens[len(prompt):]) for tokens in results)
+    for conversation, completions in sampled_completions(task, tokenizer, engine, bar, num_samples,
+                                                         max_new_tokens, temperature, top_k):
         passed += int(any(task.evaluate(conversation, completion) for completion in completions))
         total += 1
         if bar.disable:  # \r + clear-line: without a bar, this line rewritten in place shows the progress

@@ -15,7 +15,7 @@ import math
 import torch
 
 from nanochat import training
-from nanochat.chat_core import chatcore_metrics, run_chatcore
+from nanochat.chat_core import chatcore_metrics, run_chatcore, sampled_completions
 from nanochat.checkpoint_manager import load_checkpoint_meta, load_model
 from nanochat.common import agree_sum, download_file_with_lock, get_dist_info, offline_mode, print0
 
@@ -218,13 +218,10 @@ def evaluate_pass_at_k(task, tokenizer, engine, max_examples, num_samples, devic
     """{k: pass@k for k = 1..num_samples} over the first max_examples test questions, split over the ranks."""
     _, rank, _, world_size = get_dist_info()
     engine.model.eval()
-    records = []
-    for idx in range(rank, min(max_examples, len(task)), world_size):
-        conversation = task[idx]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        records.append({"outcomes": [{"is_correct": task.evaluate(conversation, c)} for c in completions]})
+    indices = range(rank, min(max_examples, len(task)), world_size)
+    samples = sampled_completions(task, tokenizer, engine, indices, num_samples, max_new_tokens, temperature,
+                                  top_k)
+    records = [{"outcomes": [{"is_correct": task.evaluate(conversation, c)} for c in completions]}
+               for conversation, completions in samples]
     *counts, num_records = agree_sum(pass_at_k_counts(records, num_samples) + [len(records)], device)
     return {k: count / max(1, num_records) for k, count in enumerate(counts, 1)}
