@@ -58,9 +58,10 @@ PROBE_TIMEOUT = 30.0  # seconds for the one trivial run that decides whether iso
 NAMESPACE_EXIT_TIMEOUT = 5.0  # seconds to wait for the kernel to end the processes the code left behind
 
 # the reference's reliability guard, function for function
-DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
-                         "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown",
-                         "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir")
+DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
+                         "fork", "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink",
+                         "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown",
+                         "getcwd", "chdir")
 DISABLED_SHUTIL_FUNCTIONS = ("rmtree", "move", "chown")
 BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
 
@@ -115,7 +116,8 @@ def _bwrap_arguments(bwrap):
     user = str(SANDBOX_USER_ID)
     arguments = [bwrap, "--unshare-all", "--unshare-user", "--uid", user, "--gid", user, "--cap-drop", "ALL",
                  "--die-with-parent", "--new-session", "--clearenv", "--proc", "/proc", "--dev", "/dev"]
-    help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=PROBE_TIMEOUT).stdout
+    help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True,
+                               timeout=PROBE_TIMEOUT).stdout
     if "--disable-userns" in help_text:  # bwrap >= 0.8: no nested user namespace in which to regain powers
         arguments.append("--disable-userns")
     for path in _readonly_paths():
@@ -266,7 +268,8 @@ def _signal_of(returncode, isolated):
 
 def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
     if timed_out:
-        return ExecutionResult(False, stdout, stderr, error="Execution timed out (process killed)", timeout=True)
+        return ExecutionResult(False, stdout, stderr, error="Execution timed out (process killed)",
+                               timeout=True)
     if ran_to_end and returncode == 0:
         return ExecutionResult(True, stdout, stderr)
     if returncode == MEMORY_ERROR_EXIT_CODE:
@@ -306,7 +309,8 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
     nonce = secrets.token_hex(16).encode()  # per call, never in the code's text or environment
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+            tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stdout, \
+            tempfile.TemporaryFile() as stderr:
         stdin.write(nonce + b"\n" + code.encode("utf-8", errors="replace"))
         stdin.seek(0)
         result_path = os.path.join(workdir, RESULT_FILENAME)
@@ -342,7 +346,8 @@ def _set_resource_limits(maximum_memory_bytes):
 
     limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, OUTPUT_LIMIT_BYTES)]
     if maximum_memory_bytes is not None and sys.platform != "darwin":
-        limits += [(r, maximum_memory_bytes) for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK)]
+        memory_limits = (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK)
+        limits += [(r, maximum_memory_bytes) for r in memory_limits]
     for which, value in limits:
         _, hard = resource.getrlimit(which)
         if hard != resource.RLIM_INFINITY:
@@ -399,8 +404,10 @@ def _run_child(memory_limit_arg, result_path):
     nonce = sys.stdin.buffer.readline().rstrip(b"\n")
     code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     sys.stdin = _NoInput()
-    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)  # source in tracebacks
-    result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # taken before the code runs
+    # the source, for tracebacks
+    linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)
+    # taken before the code runs
+    result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
     status = _exec_code(code)

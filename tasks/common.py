@@ -118,7 +118,8 @@ class TaskMixture(Task):
 
     def get_example(self, index):
         if not 0 <= index < len(self.index_map):
-            raise IndexError(f"Index {index} out of range for mixture with {len(self.index_map)} conversations")
+            raise IndexError(f"Index {index} out of range for mixture with {len(self.index_map)} "
+                             f"conversations")
         task_idx, local_idx = self.index_map[index]
         return self.tasks[task_idx][local_idx]
 
@@ -136,7 +137,8 @@ class TaskSequence(Task):
 
     def get_example(self, index):
         if not 0 <= index < self.num_examples():
-            raise IndexError(f"Index {index} out of range for sequence with {self.num_examples()} conversations")
+            raise IndexError(f"Index {index} out of range for sequence with {self.num_examples()} "
+                             f"conversations")
         for task, length in zip(self.tasks, self.lengths):
             if index < length:
                 return task[index]
@@ -302,7 +304,8 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
     if path is None or not os.path.exists(path):
         where = ("it has no committed offline copy" if path is None
                  else f"there is no committed offline copy at {display_path(path)}")
-        raise RuntimeError(f"{label} ({hf_path}) is unavailable: {reason}, and {where}. {missing_hint}".strip())
+        message = f"{label} ({hf_path}) is unavailable: {reason}, and {where}. {missing_hint}"
+        raise RuntimeError(message.strip())
     rows = [row for _, row in read_json_lines(path, f"Fix: restore the committed copy with "
                                                     f"`git checkout -- {display_path(path)}`")]
     # what datasets' Dataset.shuffle(seed) does: a numpy Generator permutation of the row indices

@@ -9,8 +9,9 @@ chat data (tasks.customjson.COMMITTED_IDENTITY_PATH, COMMITTED_DOLLY_PATH) is th
 from tasks.common import HubTask, check_messages, display_path
 from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH
 
-OFFLINE_HINT = ("Offline, train on the committed chat conversations instead: CustomJSON(COMMITTED_IDENTITY_PATH) "
-                "and CustomJSON(COMMITTED_DOLLY_PATH) from tasks.customjson "
+OFFLINE_HINT = ("Offline, train on the committed chat conversations instead: "
+                "CustomJSON(COMMITTED_IDENTITY_PATH) and CustomJSON(COMMITTED_DOLLY_PATH) from "
+                "tasks.customjson "
                 f"({display_path(COMMITTED_IDENTITY_PATH)}, {display_path(COMMITTED_DOLLY_PATH)}).")
 
 

@@ -114,7 +114,8 @@ def spell(word):
 
 def manual_count_text(word, letter):
     """The by-hand solution: spell the word, then walk its letters keeping a running count."""
-    text = (f"We are asked to find the number '{letter}' in the word '{word}'. Let me try a manual approach first.\n\n"
+    text = (f"We are asked to find the number '{letter}' in the word '{word}'. "
+            f"Let me try a manual approach first.\n\n"
             f"First spell the word out:\n{spell(word)}\n\n"
             f"Then count the occurrences of '{letter}':\n")
     running = 0
