@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.common import agree, is_ddp_initialized
+
 FA3_REPO = "kernels-community/flash-attn3"  # a kernel repository with major versions, trusted publisher
 FA3_VERSION = 1  # kernels >= 0.15 refuses to load without a version (or revision)
 FA3_SOURCE = f"{FA3_REPO} v{FA3_VERSION}"
@@ -159,12 +161,9 @@ def _load_flash_attention_3():
 
 def _agree_across_ranks(usable, device):
     """{entry: bool} -> the same dict with each flag ANDed over all ranks (all-reduce MIN)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return usable
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    flags = torch.tensor([int(usable[e]) for e in _ENTRIES], dtype=torch.int32, device=on)
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    return {e: bool(f) for e, f in zip(_ENTRIES, flags.tolist())}
+    on = device if is_ddp_initialized() and dist.get_backend() == "nccl" else "cpu"  # gloo reduces on the host
+    flags = agree([usable[e] for e in _ENTRIES], on, dist.ReduceOp.MIN)
+    return {e: bool(f) for e, f in zip(_ENTRIES, flags)}
 
 
 def _first(out):

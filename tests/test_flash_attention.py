@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import nanochat.flash_attention as fa
 
@@ -395,3 +397,20 @@ def test_env_override_rejects_unknown_values(import_report):
 def test_env_override_fa3_without_fa3_fails_loudly(import_report):
     assert import_report["fa3"].startswith("AssertionError")
     assert "Cannot override to FA3" in import_report["fa3"]
+
+
+def _agree_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        agreed = fa._agree_across_ranks({"train": True, "kvcache": rank == 0}, torch.device("cpu"))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(agreed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_entry_point_one_rank_cannot_run_is_off_on_every_rank(tmp_path):
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_agree_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"train": True, "kvcache": False}
