@@ -208,9 +208,9 @@ def main(argv=None):
     train_ds = chat_train.train_mixture(args.mmlu_epochs, args.gsm8k_epochs)
     packer = ConversationPacker(train_ds, tokenizer, hp["device_batch_size"], hp["max_seq_len"], rank,
                                 world_size, device=device)
-    loader_states = meta.get("loop_state", {}).get("loader_states")
-    if loader_states is not None:  # of the world size that saved them: setup_optimizer refused any other
-        packer.load_state_dict(loader_states[rank])
+    saved_loader_states = meta.get("loop_state", {}).get("loader_states")
+    if saved_loader_states is not None:  # of the world size that saved them: setup_optimizer refused others
+        packer.load_state_dict(saved_loader_states[rank])
     horizon_batches = args.num_iterations * accum if args.num_iterations > 0 else -1
     batches = PrefetchedBatches(packer, len(train_ds), horizon_batches)
 
@@ -220,9 +220,9 @@ def main(argv=None):
                                  optimizer, rank)
     stage_keys = {**{k: hp[k] for k in ("max_seq_len", "device_batch_size", "total_batch_size")},
                   "hyperparameters": hp}
-    loader_states = {"loader_states": lambda: gather_from_ranks(batches.trained_state)}
+    every_ranks_loader = {"loader_states": lambda: gather_from_ranks(batches.trained_state)}
     run = training.restore_run_state(ckpt, meta, orig_model.config, user_config, stage_keys, scaler,
-                                     wandb_run, loader_states, progress=0.0, last_step=False, epoch=1,
+                                     wandb_run, every_ranks_loader, progress=0.0, last_step=False, epoch=1,
                                      curve={})
     run.train_loss = torch.zeros((), device=device)
     flops_per_token = orig_model.estimate_flops()
