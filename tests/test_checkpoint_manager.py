@@ -335,6 +335,26 @@ def test_unpatchable_or_unexpected_keys_are_listed(tiny_base_dir):
         assert (drop or extra) in str(info.value)
 
 
+def test_meta_whose_model_config_gptconfig_cannot_take_names_the_meta_and_the_fix(tiny_base_dir):
+    model = tiny_model()
+    meta = meta_for(model, 2)
+    meta["model_config"]["n_experts"] = 4  # a field of some other GPTConfig
+    cm.save_checkpoint(str(tiny_base_dir / "ck"), 2, model.state_dict(), None, meta)
+    with pytest.raises(ValueError, match=r"meta_000002\.json has a model_config this GPTConfig cannot take "
+                                         r"\(.*n_experts.*\)\. Fix: delete"):
+        cm.build_model(str(tiny_base_dir / "ck"), 2, "cpu", "eval")
+
+
+def test_weights_of_another_shape_than_their_meta_name_the_model_file(tiny_base_dir):
+    model = tiny_model()
+    state = model.state_dict()
+    state["lm_head.weight"] = state["lm_head.weight"][:, :32]  # the keys fit, the width does not
+    cm.save_checkpoint(str(tiny_base_dir / "ck"), 3, state, None, meta_for(model, 3))
+    with pytest.raises(RuntimeError, match=r"(?s)model_000003\.pt does not fit the model described by its "
+                                           r"metadata: .*lm_head\.weight"):
+        cm.build_model(str(tiny_base_dir / "ck"), 3, "cpu", "eval")
+
+
 def test_vocab_mismatch_error(tiny_base_dir):
     model = tiny_model(tiny_config(vocab_size=320))
     cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
@@ -498,6 +518,24 @@ def test_stale_temp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_temp_file_of_another_users_process_is_kept(tmp_path, monkeypatch):
+    # os.kill(pid, 0) on a process this user may not signal raises PermissionError: that writer is alive
+    other = _dead_pid()
+    real_kill = os.kill
+
+    def kill(pid, sig):
+        if pid == other:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+    monkeypatch.setattr(cm.os, "kill", kill)
+    ckpt = tmp_path / "d2"
+    ckpt.mkdir()
+    (ckpt / f"model_000007.pt.tmp.{other}").write_bytes(b"partial")
+    model = tiny_model()
+    cm.save_checkpoint(str(ckpt), 8, model.state_dict(), None, meta_for(model, 8))
+    assert f"model_000007.pt.tmp.{other}" in os.listdir(ckpt)
 
 
 KILLED_RESAVE = """
