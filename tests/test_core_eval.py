@@ -458,6 +458,13 @@ def test_evaluate_task_under_a_process_group(tmp_path):
     assert acc == pytest.approx(4 / 6)
 
 
+def test_evaluate_task_without_examples_names_the_task():
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="No examples to evaluate for a/empty.jsonl"):
+        ce.evaluate_task(ConstantModel(tok.vocab_size), tok, [], "cpu",
+                         meta("multiple_choice", uri="a/empty.jsonl"))
+
+
 # -----------------------------------------------------------------------------
 # Task data and the CORE loop
 
@@ -508,6 +515,22 @@ def test_evaluate_core_on_a_mini_bundle(base_dir, mini_zip, monkeypatch, capsys)
     shuffled_mc = list(MC_ROWS)
     random.Random(1337).shuffle(shuffled_mc)
     assert truncated["results"]["mc_task"] == sum(it["gold"] == 0 for it in shuffled_mc[:2]) / 2
+
+
+def test_a_task_file_line_that_is_not_json_names_the_file_and_line(tmp_path):
+    bundle = write_mini_bundle(tmp_path / "eval_bundle", [("t", "d/t.jsonl", 0, "language_modeling")],
+                               {"d/t.jsonl": LM_ROWS[:2]}, {"t": 0})
+    with open(bundle / "eval_data" / "d" / "t.jsonl", "a") as f:
+        f.write('{"context": "cut off\n')
+    with pytest.raises(ce.EvalBundleError, match=r"d/t\.jsonl:3 is not valid JSON"):
+        ce.load_task_data(str(bundle), "d/t.jsonl")
+
+
+def test_core_without_any_task_file_raises_instead_of_a_metric_of_nothing(base_dir):
+    write_mini_bundle(base_dir / "eval_bundle", MINI_TASKS, MINI_ROWS, MINI_BASELINES, skip=set(MINI_ROWS))
+    tok = CharTokenizer()
+    with pytest.raises(ce.EvalBundleError, match=rf"None of the 4 CORE task files exist under {base_dir}"):
+        ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu")
 
 
 def test_core_draws_a_bar_per_task_on_a_terminal_and_prints_the_same_lines(base_dir, mini_zip, monkeypatch,
@@ -597,6 +620,17 @@ def test_validate_reports_missing_files_and_rejects_broken_metadata(tmp_path):
         ce.validate_eval_bundle(str(bundle))
     os.remove(bundle / "eval_meta_data.csv")
     with pytest.raises(ce.EvalBundleError, match="eval_meta_data.csv"):
+        ce.validate_eval_bundle(str(bundle))
+
+
+def test_unsupported_task_type_and_a_baseline_that_is_no_number_name_the_file_and_task(tmp_path):
+    tasks = [("mc_task", "a/mc.jsonl", 0, "multiple_choice"), ("gen_task", "a/gen.jsonl", 0, "generation")]
+    bundle = write_mini_bundle(tmp_path / "eval_bundle", tasks, {}, {"mc_task": 25, "gen_task": 0})
+    with pytest.raises(ce.EvalBundleError, match=r"core\.yaml: task gen_task has unsupported icl_task_type "
+                                                 r"'generation'"):
+        ce.validate_eval_bundle(str(bundle))
+    write_mini_bundle(bundle, tasks[:1], {}, {"mc_task": "n/a", "unused": 10})
+    with pytest.raises(ce.EvalBundleError, match=r"eval_meta_data\.csv has no Random baseline for: mc_task"):
         ce.validate_eval_bundle(str(bundle))
 
 
@@ -693,6 +727,34 @@ def test_network_failure_uses_the_committed_zip_loudly(base_dir, mini_zip, monke
     assert "lacks missing_task" in printed and "network error" in printed
 
 
+def test_incomplete_bundle_is_kept_loudly_when_the_network_is_out_of_reach(base_dir, mini_zip, monkeypatch,
+                                                                           capsys):
+    import socket
+    import urllib.error
+    ce.place_eval_bundle(mini_zip)
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    unreachable = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    monkeypatch.setattr("urllib.request.urlopen", _urlopen_raising(unreachable))
+    monkeypatch.setattr("nanochat.common.time.sleep", lambda s: None)
+    assert ce.validate_eval_bundle(ce.ensure_eval_bundle()) == ["missing_task"]
+    printed = capsys.readouterr().out
+    kept = f"WARNING: Eval bundle: keeping the incomplete {base_dir / 'eval_bundle'}: CORE will cover fewer"
+    assert kept in printed
+    assert "lacks missing_task; not downloaded: unreachable" in printed
+
+
+def test_a_node_without_rank_0s_base_dir_obtains_its_own_bundle_with_the_same_tasks(base_dir, mini_zip,
+                                                                                   monkeypatch):
+    ce.place_eval_bundle(mini_zip)
+    elsewhere = str(base_dir / "on_another_node" / "eval_bundle")
+    monkeypatch.setattr(ce, "decide_on_rank0", lambda obtain: (elsewhere, ["missing_task"]))
+    assert ce.ensure_eval_bundle() == str(base_dir / "eval_bundle")
+    monkeypatch.setattr(ce, "decide_on_rank0", lambda obtain: (elsewhere, []))
+    with pytest.raises(ce.EvalBundleError, match=r"lacks \['missing_task'\], but rank 0's bundle lacks no "
+                                                 r"task: place the same bundle on every node"):
+        ce.ensure_eval_bundle()
+
+
 @pytest.mark.parametrize("error", ["http_404", "disk_full"])
 def test_non_network_download_failure_raises_instead_of_using_the_committed_zip(base_dir, mini_zip, monkeypatch,
                                                                                   error):
@@ -765,6 +827,9 @@ def _bundle_rank_worker(rank, init_file, base, out_dir):
     try:
         bundle_dir = ce.ensure_eval_bundle()
         result = {"dir": bundle_dir, "missing": ce.validate_eval_bundle(bundle_dir)}
+        tok = CharTokenizer()  # each rank scores every other example; the sum is the whole task's
+        result["mc_accuracy"] = ce.evaluate_task(ConstantModel(tok.vocab_size), tok, MC_ROWS, "cpu",
+                                                 meta("multiple_choice"))
     except Exception as e:
         result = {"error": f"{type(e).__name__}: {e}"}
     dist.destroy_process_group()
@@ -777,4 +842,6 @@ def test_rank_zero_obtains_the_bundle_for_every_rank(tmp_path):
     base = str(tmp_path / "base")
     mp.spawn(_bundle_rank_worker, args=(str(tmp_path / "pg"), base, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    accuracies = [result.pop("mc_accuracy") for result in results]
     assert results == [{"dir": os.path.join(base, "eval_bundle"), "missing": ["coqa"]}] * 2
+    assert accuracies == [pytest.approx(4 / 6)] * 2  # the single-process accuracy of the same task
