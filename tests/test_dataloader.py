@@ -245,6 +245,18 @@ def test_approximate_resume_from_reference_state(corpus):
     assert torch.all(x[:, 0] == BOS)
 
 
+def test_a_checkpoint_without_a_loader_state_or_with_the_references_passes_it_through(capsys):
+    assert dl.state_for_rank({"step": 5}, 0, 1) is None  # the loader starts from the beginning
+    reference = {"pq_idx": 3, "rg_idx": 8, "epoch": 2}
+    assert dl.state_for_rank({"dataloader_state_dict": reference}, 0, 1) == reference
+    assert capsys.readouterr().out == ""  # the reference's resume is approximate by design: nothing to warn
+
+
+def test_a_conversation_packer_of_an_empty_dataset_names_its_loader():
+    with pytest.raises(ValueError, match="val conversations: the dataset is empty"):
+        dl.ConversationPacker([], None, batch_size=2, seq_len=32, label="val")
+
+
 def test_yielded_tensors_are_reused(corpus):
     gen = loader()
     x1, _, _ = next(gen)

@@ -309,6 +309,22 @@ def test_corrupt_shard_gives_an_error_naming_the_file(data_dir):
         dataset.inspect_shard(wrong)
 
 
+def test_a_damaged_row_group_behind_a_good_footer_names_the_file_and_the_fix(data_dir):
+    path = write_shard(str(data_dir / "shard_00000.parquet"), labelled_docs(0, 2, 4), 4)
+    meta = dataset.inspect_shard(path)
+    column = meta.row_group(0).column(0)
+    data = bytearray(read_bytes(path))
+    start = column.data_page_offset
+    data[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
+    with open(path, "wb") as f:
+        f.write(data)
+    reader = dataset.ShardReader([path])
+    with pytest.raises(dataset.CorruptShardError, match=r"Cannot read row group 0 of .*shard_00000\.parquet "
+                                                        r".*Fix: run `python -m nanochat\.dataset"):
+        reader.texts(0, 0)
+    assert reader.texts(0, 1) == labelled_docs(0, 2, 4)[4:]  # the other row group still reads
+
+
 # -----------------------------------------------------------------------------
 # the committed offline sample
 
@@ -364,6 +380,20 @@ def test_sample_refuses_to_touch_a_dir_with_real_shards(data_dir, capsys, real_n
     assert "Refusing" in capsys.readouterr().out
     assert read_bytes(real) == before
     assert os.listdir(data_dir) == [real_name]  # nothing copied, not even the val shard
+
+
+def test_sample_install_refuses_a_missing_or_untagged_sample_and_an_unreadable_shard(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No sample shards in .*ship with the git checkout"):
+        dataset.install_sample(str(data_dir), sample_dir=str(tmp_path / "no_sample"))
+    untagged = tmp_path / "untagged"
+    untagged.mkdir()
+    write_shard(str(untagged / "shard_00000.parquet"), labelled_docs(0, 1, 4), 4)
+    with pytest.raises(RuntimeError, match="shard_00000.parquet is not tagged as a sample shard"):
+        dataset.install_sample(str(data_dir), sample_dir=str(untagged))
+    (data_dir / "shard_00003.parquet").write_bytes(b"unknown content")  # left for the user to inspect
+    with pytest.raises(RuntimeError, match=r"Refusing to install the sample .*\(shard_00003\.parquet"):
+        dataset.install_sample(str(data_dir))
+    assert os.listdir(data_dir) == ["shard_00003.parquet"]
 
 
 def test_cli_sample_as_a_module(tmp_path):
