@@ -350,6 +350,29 @@ def test_run_chat_eval_rejects_bad_names_and_limits(tokenizer):
         chat_core.run_chat_eval("NotATask", None, tokenizer, None)
     with pytest.raises(ValueError, match="max_problems"):
         chat_core.run_chat_eval("GSM8K", None, tokenizer, None, max_problems=0)
+    with pytest.raises(ValueError, match="batch_size and num_samples must be >= 1, got 1 and 0"):
+        chat_core.run_chat_eval("GSM8K", None, tokenizer, None, num_samples=0)
+
+
+class RankedMC(TinyMC):
+    @property
+    def eval_type(self):
+        return "ranking"
+
+
+def test_a_task_of_an_unsupported_eval_type_is_an_error(tokenizer, monkeypatch):
+    monkeypatch.setitem(chat_core.TASKS, "RankedMC", RankedMC)
+    with pytest.raises(ValueError, match="Unsupported task evaluation type: ranking"):
+        chat_core.run_chat_eval("RankedMC", None, tokenizer, None)
+
+
+class EmptyMC(TinyMC):
+    QUESTIONS = []
+
+
+def test_an_empty_task_is_an_error_not_a_division_by_zero(tokenizer):
+    with pytest.raises(ValueError, match=r"no problems were evaluated \(empty task"):
+        chat_core.run_categorical_eval(EmptyMC(), tokenizer, LetterModel(tokenizer, {}), batch_size=2)
 
 
 # -----------------------------------------------------------------------------
@@ -362,6 +385,8 @@ def test_chatcore_by_hand():
     categorical = {name: results[name] for name in chat_core.CATEGORICAL_TASKS}
     assert chat_core.chatcore(categorical) == pytest.approx((1 / 3 + 0 + 1) / 3)
     assert chat_core.chatcore({"MMLU": 0.25, "GSM8K": 0.0}) == 0.0  # chance level is 0
+    with pytest.raises(ValueError, match="chatcore needs at least one task result"):
+        chat_core.chatcore({})
 
 
 def test_run_chatcore_takes_each_task_limit_and_restores_train_mode(monkeypatch, capsys):
