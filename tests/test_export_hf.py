@@ -2,6 +2,7 @@
 tokenizer, chat format, Engine and base_eval numbers."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -156,6 +157,32 @@ def test_export_refuses_l3_layers_and_a_non_empty_output(exported, tmp_path):
         with pytest.raises(SystemExit, match="already exists and is not an empty directory"):
             export_hf.main(["-i", "base", "-o", str(tmp_path / "taken")])
     assert os.listdir(tmp_path) == ["taken"]  # no staging directory left behind
+
+
+def test_export_without_safetensors_says_how_to_install_it_and_leaves_nothing(exported, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # what `import` sees when it is not installed
+    point_base_dir_at(monkeypatch, exported[0])
+    with pytest.raises(SystemExit, match="export_hf: the export needs the `safetensors` package: uv sync "
+                                         "--extra hf"):
+        export_hf.main(["-i", "base", "-o", str(tmp_path / "hf")])
+    assert os.listdir(tmp_path) == []  # the staging directory went with the failure
+
+
+def test_a_tokenizer_that_is_no_plain_bpe_is_refused():
+    import tiktoken
+    from types import SimpleNamespace
+    from nanochat.tokenizer import SPECIAL_TOKENS
+    # "abc" has rank 256 but neither "ab" nor "bc" is a token: no merge of lower rank makes it
+    assert "not reachable by BPE merges" in str(pytest.raises(ValueError, hf_export._last_merge, b"abc",
+                                                              {b"a": 0, b"b": 1, b"c": 2, b"abc": 3}).value)
+    ranks = {**{bytes([b]): b for b in range(256)}, b"ab": 257}
+    # <|bos|> sits between the byte tokens and the merge, as in no tokenizer that tok_train writes
+    specials = {name: 256 if i == 0 else 257 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding("gap", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials)
+    tokenizer = SimpleNamespace(enc=enc, encode_special=enc.encode_single_token)
+    with pytest.raises(ValueError, match="special tokens must take the ids right after the BPE tokens"):
+        hf_export.hf_tokenizer(tokenizer)
 
 
 def test_export_draws_a_progress_bar_on_a_terminal(exported, tmp_path, monkeypatch):
