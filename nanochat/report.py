@@ -300,8 +300,8 @@ def _absolute_image_links(markdown, report_dir):
     """Point image links that are relative to the report dir at their absolute paths, so the copy of
     report.md in another directory still shows the plots."""
     def fix(m):
-        target = os.path.join(report_dir, m.group(2))
-        if os.path.isabs(m.group(2)) or not os.path.isfile(target):
+        target = os.path.join(report_dir, m.group(2))  # an absolute link: join gives it back unchanged
+        if not os.path.isfile(target):
             return m.group(0)
         return m.group(1) + os.path.abspath(target) + m.group(3)
     return _IMAGE_LINK.sub(fix, markdown)

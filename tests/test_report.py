@@ -398,6 +398,20 @@ def test_run_command():
     assert R.run_command("echo partial; exit 1") == "partial"
 
 
+def test_a_probe_that_hangs_or_cannot_start_is_unknown_not_fatal(monkeypatch):
+    def run(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])  # e.g. nvidia-smi stuck on a dead GPU
+    monkeypatch.setattr(R.subprocess, "run", run)
+    assert R.run_command("nvidia-smi") is None
+
+
+def test_the_copy_in_the_cwd_points_only_existing_relative_images_at_their_absolute_paths(tmp_path):
+    (tmp_path / "loss.png").write_bytes(b"png")
+    markdown = "![loss](loss.png) ![gone](missing.png) ![web](https://example.com/a.png)"
+    assert R._absolute_image_links(markdown, str(tmp_path)) == (
+        f"![loss]({tmp_path / 'loss.png'}) ![gone](missing.png) ![web](https://example.com/a.png)")
+
+
 def test_header_outside_git_checkout(env):
     header = R.generate_header()
     lines = header.split("\n")
