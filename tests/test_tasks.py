@@ -58,6 +58,19 @@ class ToyTask(Task):
 # -----------------------------------------------------------------------------
 # Task views, mixtures, sequences
 
+def test_a_task_without_its_methods_says_so():
+    class TrainingOnly(Task):
+        pass
+    task = TrainingOnly()
+    for call in (lambda: len(task), lambda: task.get_example(0)):
+        with pytest.raises(NotImplementedError):
+            call()
+    with pytest.raises(NotImplementedError, match="TrainingOnly is a training-only task: it has no eval_"):
+        task.eval_type
+    with pytest.raises(NotImplementedError, match="TrainingOnly is a training-only task: it has no evalu"):
+        task.evaluate({"messages": []}, "answer")
+
+
 def test_task_slicing():
     full = ToyTask(10)
     assert len(full) == 10 and full[0]["i"] == 0 and full[9]["i"] == 9
@@ -329,6 +342,16 @@ def test_arc_examples_and_evaluate():
     assert numeric and all("=1\n" in ex["messages"][0]["content"] for ex in numeric)
 
 
+def test_hub_rows_of_arc_and_mmlu_that_break_their_format_name_the_row(monkeypatch):
+    fake_hub(monkeypatch, [dict(ARC_ROW, answerKey="E")])
+    with pytest.raises(ValueError, match=r"ARC ARC-Easy/test row x: answer 'E' is not one of the labels"):
+        ARC("ARC-Easy", "test")[0]
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")  # as before the first fake_hub, which unset it
+    fake_hub(monkeypatch, [{"question": "q", "subject": "", "choices": ["a", "b", "c"], "answer": 0}])
+    with pytest.raises(ValueError, match="MMLU auxiliary_train row 0: expected 4 choices, got 3"):
+        MMLU("all", "auxiliary_train")[0]
+
+
 def test_mmlu_examples_and_evaluate():
     task = MMLU("all", "test")
     assert len(task) == 14042 and len(MMLU.groups) == 57 and list(MMLU.groups) == sorted(MMLU.groups)
@@ -403,6 +426,17 @@ def test_gsm8k_evaluate_and_reward():
     assert task.reward(conversation, f"#### {gold}") == 1.0 and isinstance(task.reward(conversation, ""), float)
 
 
+def test_gsm8k_scoring_refuses_token_ids_and_a_gold_answer_that_is_no_part_list():
+    conversation = {"messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "#### 10"}]}]}
+    task = GSM8K("main", "test")
+    with pytest.raises(TypeError, match="assistant_response must be a str, got list"):
+        task.evaluate(conversation, [35, 10])  # the completion's token ids instead of its decoded text
+    conversation["messages"][-1]["content"] = "#### 10"
+    with pytest.raises(ValueError, match="the last message must be the assistant's, with a list of parts"):
+        task.evaluate(conversation, "#### 10")
+
+
 def test_gsm8k_scoring_compares_the_extracted_strings_exactly():
     conversation = {"messages": [{"role": "user", "content": "q"},
                                  {"role": "assistant", "content": [{"type": "text", "text": "so #### 10"}]}]}
@@ -459,6 +493,17 @@ def test_spellingbee_tool_call_format(tok):
         assert task.evaluate(conversation, f"#### {count + 1}") == 0
         ids, mask = tok.render_conversation(conversation, max_tokens=100_000)
         assert mask[ids.index(output_start)] == 0
+
+
+def test_spellingbee_preview_renders_the_tool_parts_inline(monkeypatch, capsys):
+    from tasks import spellingbee
+    monkeypatch.setattr(sys, "argv", ["spellingbee", "--num-examples", "2", "--split", "test"])
+    spellingbee.main()
+    out = capsys.readouterr().out
+    shown = [SpellingBee(size=2, split="test")[i]["messages"][1]["content"] for i in range(2)]
+    for parts in shown:
+        assert f"<<{parts[2]['text']}={parts[3]['text']}>>" in out and parts[4]["text"] in out
+    assert out.count("=" * 100) == 2
 
 
 def test_simplespelling_format_and_determinism():
