@@ -52,3 +52,14 @@ def test_step_cost_counts_weights_once_and_kv_per_row(checkpoint):
 def test_prompt_past_the_context_is_refused(checkpoint):
     with pytest.raises(SystemExit, match="exceeds the model's context of 128"):
         infer_bench.main(["--device-type=cpu", "--prompt-tokens=120", "--decode-tokens=16", "-t", "1"])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--prompt-tokens=16,0", "--prompt-tokens must be a comma list of integers >= 1"),
+    ("--batch-sizes=", "--batch-sizes must be a comma list of integers >= 1"),
+    ("--decode-tokens=1", "--decode-tokens must be >= 2 and -t/--trials >= 1"),
+])
+def test_sizes_out_of_range_are_usage_errors(flag, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        infer_bench.parse_args([flag])
+    assert info.value.code == 2 and message in capsys.readouterr().err

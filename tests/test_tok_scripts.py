@@ -99,3 +99,11 @@ def test_tok_eval_with_no_baseline_still_reports(base_env, monkeypatch, capsys):
     tok_eval.main()
     section = (base_env / "report" / "tokenizer-evaluation.md").read_text()
     assert "No baseline encodings could be loaded" in section and "climbmix-val" in section
+
+
+def test_tok_eval_without_pretraining_data_compares_the_committed_samples_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "no_data"))
+    names = [name for name, _ in tok_eval.eval_texts()]
+    out = capsys.readouterr().out
+    assert "Skipping the train sample: " in out and "Skipping the val sample: " in out
+    assert names and not any(name.startswith("climbmix") for name in names)
