@@ -137,6 +137,15 @@ def test_compute_init_cpu_single_process(monkeypatch):
         common.compute_init("tpu")
 
 
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"),
+                                                  (False, False, "cpu")])
+def test_an_empty_device_type_flag_takes_the_best_device_there_is(cuda, mps, expected, monkeypatch, capsys):
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(common.torch.backends.mps, "is_available", lambda: mps)
+    assert common.autodetect_device_type() == expected
+    assert f"Autodetected device type: {expected}" in capsys.readouterr().out
+
+
 def test_atomic_open_replaces_or_keeps(tmp_path):
     path = tmp_path / "f.txt"
     path.write_text("old")

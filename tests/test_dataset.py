@@ -428,6 +428,19 @@ def test_download_skips_an_existing_real_shard(data_dir, server, tmp_path, capsy
     assert "Replacing" not in capsys.readouterr().out
 
 
+def test_the_hub_is_not_asked_for_a_real_shard_already_there(data_dir, monkeypatch, capsys):
+    import huggingface_hub
+    real = write_shard(str(data_dir / "shard_00000.parquet"), ["kept"], 1)
+    before = read_bytes(real)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked for a shard that is already there")
+    for name in ("hf_hub_download", "get_hf_file_metadata"):
+        monkeypatch.setattr(huggingface_hub, name, no_hub)
+    assert dataset.download_single_file(0) is True
+    assert read_bytes(real) == before and "Failed" not in capsys.readouterr().out
+
+
 def test_download_replaces_a_sample_file(base, server, tmp_path, capsys):
     dataset.install_sample()
     target = os.path.join(dataset.get_data_dir(), "shard_00000.parquet")
