@@ -102,14 +102,17 @@ def test_generate_greedy_matches_the_engine(exported):
         assert got == want and len(want) > len(prompt)
 
 
-def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch):
+def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch, capsys):
     from nanochat.loss_eval import evaluate_bpb
     base = exported[0]
     point_base_dir_at(monkeypatch, base)
-    argv = ["--eval", "core", "--max-per-task", "1", "--device-type", "cpu"]
-    ours = base_eval.main(argv)
-    theirs = base_eval.main(argv + ["--hf-path", str(base / "hf")])
+    argv = ["--max-per-task", "1", "--device-type", "cpu"]
+    ours = base_eval.main(argv + ["--eval", "core"])
+    capsys.readouterr()
+    theirs = base_eval.main(argv + ["--eval", "core,sample", "--hf-path", str(base / "hf")])
     assert theirs["results"] == ours["results"] and theirs["core_metric"] == ours["core_metric"]
+    printed = capsys.readouterr().out
+    assert "Skipping sampling for HuggingFace models" in printed and "Model Samples" not in printed
     # bpb: the same table and context as our checkpoint, and the same number on a batch of our tokens
     # (base_eval's data loader is left out: it tokenises a thousand documents per split)
     from nanochat.tokenizer import get_token_bytes
