@@ -299,7 +299,7 @@ def _check_state_keys(model_data, expected_keys, model_file):
         problems.append(f"unexpected keys {unexpected}")
     if problems:
         raise ValueError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
-                         + "; ".join(problems))
+                         f"{'; '.join(problems)}. {_step_fix(model_file)}.")
 
 
 def _model_config_from_meta(meta_data, meta_file):
@@ -341,9 +341,10 @@ def build_model(checkpoint_dir, step, device, phase):
     model.init_weights()  # materialises the non-persistent rotary buffers
     try:
         model.load_state_dict(model_data, strict=True, assign=True)
-    except RuntimeError as e:
+    except RuntimeError as e:  # torch lists one "size mismatch for <key>: ..." line per tensor
+        mismatches = "; ".join(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
         raise RuntimeError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
-                           f"{e}") from e
+                           f"{mismatches or one_line_error(e)}. {_step_fix(model_file)}.") from e
     model.train(phase == "train")
     # every loader of a checkpoint (SFT, RL, eval, chat) picks FA3 or SDPA here: on this rank's device, at the
     # model's head dim, after compute_init (it may all-reduce), and before any compile
