@@ -388,12 +388,10 @@ MALFORMED = [
      "Unknown content type: dict"),
     ("non-str part text", [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": 5}]}],
      "must be a str"),
+    ("system list content", [{"role": "system", "content": [{"type": "text", "text": "s"}]},
+                             {"role": "user", "content": "a"}],
+     "System message and the user message after it must have str content"),
 ]
-
-
-MALFORMED.append(("system list content", [{"role": "system", "content": [{"type": "text", "text": "s"}]},
-                                           {"role": "user", "content": "a"}],
-                   "System message and the user message after it must have str content"))
 
 
 @pytest.mark.parametrize("messages,match", [(m, e) for _, m, e in MALFORMED], ids=[n for n, _, _ in MALFORMED])
