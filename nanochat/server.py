@@ -183,8 +183,9 @@ class WorkerPool:
 # Errors
 
 def json_safe(value):
-    """value with what JSON cannot carry made printable: NaN and infinities (echoed input such as
-    max_tokens=NaN) become strings, lone surrogates ("\\ud800") their escaped text, other objects str()."""
+    """value (made of JSON types: the error bodies below, jsonable_encoder's output) with what JSON cannot
+    carry made printable: NaN and infinities (echoed input such as max_tokens=NaN) become strings, lone
+    surrogates ("\\ud800") their escaped text."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
@@ -193,9 +194,7 @@ def json_safe(value):
         return {json_safe(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return json_safe(str(value))
+    return value  # None, bool, int, finite float
 
 
 class SafeJSONResponse(JSONResponse):
@@ -368,9 +367,7 @@ class Choice:
     finish_reason: str | None = None
 
     def apply(self, event):
-        """Take one scheduler event; returns the text it releases."""
-        if self.finish_reason is not None:
-            return ""  # e.g. the "cancelled" that follows a stop string
+        """Take one scheduler event of a choice still running; returns the text it releases."""
         delta = ""
         if event.token_id is not None:
             self.tokens += 1
@@ -414,7 +411,7 @@ class Generation:
         try:
             while running:
                 index, event = await self.events.get()
-                if index not in running:
+                if index not in running:  # e.g. the "cancelled" that follows a stop string
                     continue
                 choice = self.choices[index]
                 delta = choice.apply(event)
@@ -469,15 +466,13 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
         for index, params in enumerate(params_list):
             on_event = functools.partial(forward_to_loop, index)
             generation.requests.append(worker.scheduler.submit(prompt, params, on_event=on_event))
-    except (ValueError, RuntimeError) as e:
+    except QueueFull:
+        # submit's other errors cannot happen: its ValueErrors are excluded by the validation before (the
+        # schemas, ServerConfig, the room check, load_model's vocab check), its "shut down" by lifespan,
+        # which takes the pool away before shutting it down (no await separates get_pool from here)
         generation.cancel()
-        if isinstance(e, QueueFull):
-            raise APIError(429, "The server is busy: its request queue is full. Retry shortly.",
-                           code="queue_full", type="rate_limit_error")
-        if isinstance(e, ValueError):  # the prompt fits the context, so this is some other bad value
-            raise APIError(400, str(e))
-        raise APIError(503, f"The server cannot take requests now: {e}", code="unavailable",  # shutting down
-                       type="server_error")
+        raise APIError(429, "The server is busy: its request queue is full. Retry shortly.",
+                       code="queue_full", type="rate_limit_error")
     return generation
 
 

@@ -502,12 +502,46 @@ def test_submit_validation(model, scheduler_factory):
         scheduler.submit(prompt, SamplingParams(max_tokens=SEQ_LEN - len(prompt) + 1))
     scheduler.submit(prompt, SamplingParams(max_tokens=SEQ_LEN - len(prompt)))  # exactly fills the context
     bad = [dict(max_tokens=0), dict(max_tokens=5, temperature=-1.0), dict(max_tokens=5, top_k=-2),
-           dict(max_tokens=5, top_p=0.0), dict(max_tokens=5, top_p=1.5)]
+           dict(max_tokens=5, top_p=0.0), dict(max_tokens=5, top_p=1.5), dict(max_tokens=5, seed=1.5)]
     for kwargs in bad:
-        with pytest.raises(ValueError):
+        field = list(kwargs)[-1]
+        with pytest.raises(ValueError, match=f"^{field} "):  # the message names the bad field
             scheduler.submit(prompt, SamplingParams(**kwargs))
     with pytest.raises(ValueError, match="prompt_tokens"):
         scheduler.submit([BOS, VOCAB], SamplingParams(max_tokens=5))
+
+
+def test_constructor_and_start_refuse_what_cannot_work(model):
+    for sizes in (dict(max_batch_size=0), dict(max_queue=-1)):
+        with pytest.raises(ValueError, match="max_batch_size >= 1 and max_queue >= 0"):
+            BatchScheduler(model, ByteTokenizer(), **sizes)
+    scheduler = BatchScheduler(model, ByteTokenizer())
+    scheduler.start()
+    scheduler.start()  # a second start is a no-op: still one decode thread
+    assert sum(t.name == "nanochat-batching" for t in threading.enumerate()) == 1
+    scheduler.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        scheduler.start()
+
+
+def test_shutdown_called_from_on_event_ends_every_request_without_an_error(model, scheduler_factory, caplog):
+    scheduler = scheduler_factory(model, start=False)
+    received = []
+
+    def stop_the_server(event):
+        received.append(event)
+        if len(received) == 1:
+            scheduler.shutdown()  # on the decode thread: must not wait for itself
+
+    first = scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=20, temperature=0.0),
+                             on_event=stop_the_server)
+    second = scheduler.submit(prompts(2)[1], SamplingParams(max_tokens=20, temperature=0.0))
+    scheduler.start()
+    assert collect(second)[2] == "cancelled"
+    # the step under way finishes (one more token at most), then every request is cancelled
+    assert [e.finish_reason for e in received] in ([None, "cancelled"], [None, None, "cancelled"])
+    assert first.finish_reason == "cancelled"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
 class NoStopModel:

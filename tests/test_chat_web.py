@@ -4,13 +4,18 @@ scheduler: the official openai client (streaming and not) and the reference's SS
 against a greedy decode of the same model; every validation message of the reference endpoint and the
 OpenAI error bodies; 8 concurrent greedy requests equal the same requests sent alone; a client that goes
 away frees its slot; a full queue answers 429. Prompt rendering and the text decoder are checked against
-the tokenizer's own rendering and decoding.
+the tokenizer's own rendering and decoding. Failures stay contained (over an app whose worker serves a given
+model): a failed generation is reported on each API, a bug is a JSON 500, a half-sent body reaches no route.
 """
 
+import asyncio
+import contextlib
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -18,11 +23,12 @@ import pytest
 import torch
 
 from nanochat.batching import BatchScheduler, SamplingParams
-from nanochat.api_schemas import OpenAIMessage, openai_turns
-from nanochat.server import ServerConfig, Worker, WorkerPool, create_app, worker_devices
+from nanochat.api_schemas import OpenAIChatRequest, OpenAIMessage, openai_turns
+from nanochat.server import (BoundedBody, ServerConfig, Worker, WorkerPool, create_app, serve_in_thread,
+                             start_generation, worker_devices)
 from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 
-from conftest import chat_server
+from conftest import chat_server, point_base_dir_at
 
 SEQUENCE_LEN = 2048  # long enough that a reply capped only by the context runs for seconds on a CPU
 MODEL_ID = "nanochat-sft-d2"
@@ -141,9 +147,36 @@ def test_a_server_without_a_model_answers_503():
 
 def test_uvicorn_entry_point_is_the_app_with_the_default_flags():
     from uvicorn.importer import import_from_string  # how `uvicorn scripts.chat_web:app` finds it
+    from scripts import chat_web
     app = import_from_string("scripts.chat_web:app")
     assert import_from_string("scripts.chat_web:app") is app  # built once, on first access
     assert app.state.config == ServerConfig() and app.state.pool is None
+    assert not hasattr(chat_web, "application")  # only `app` is built on access
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-t", "2.5"], "--temperature must be in [0.0, 2.0], got 2.5"),
+    (["-k", "-1"], "--top-k must be in [0, 200], got -1"),
+    (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["--max-queue", "-1"], "--max-queue >= 0"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be >= 1 and --body-timeout > 0, got 0, 30.0"),
+    (["--body-timeout", "0"], "--body-timeout > 0, got 1048576, 0.0"),
+])
+def test_chat_web_flags_out_of_range_are_usage_errors_naming_the_flag(capsys, argv, message):
+    from scripts import chat_web
+    with pytest.raises(SystemExit) as info:
+        chat_web.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # uvicorn's exit(3)
+def test_serve_in_thread_says_when_the_server_did_not_start(tmp_path, monkeypatch):
+    point_base_dir_at(monkeypatch, tmp_path)  # no checkpoint to load
+    app = create_app(ServerConfig(device_type="cpu"))
+    with pytest.raises(RuntimeError, match="did not start"):
+        serve_in_thread(app, timeout=60)
+    assert isinstance(app.state.startup_error, FileNotFoundError)
 
 
 def test_num_gpus_above_one_needs_cuda():
@@ -167,6 +200,130 @@ def test_requests_go_to_the_least_loaded_scheduler(tiny_chat_model):
     assert [w.num_requests() for w in workers] == [2, 2]
     for scheduler in schedulers:
         scheduler.shutdown()
+
+
+# -----------------------------------------------------------------------------
+# Failures stay contained (the app over a given model, no uvicorn)
+
+class NaNModel:
+    """The real GPT with NaN logits: every request's generation fails."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        return self.model.forward(ids, kv_cache=kv_cache).fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def app_over(model, tokenizer, **settings):
+    """A TestClient of the app (ServerConfig(**settings)) whose one worker serves `model`."""
+    from fastapi.testclient import TestClient
+    scheduler = BatchScheduler(model, tokenizer)
+    scheduler.start()
+    app = create_app(ServerConfig(**settings))
+    worker = Worker(0, torch.device("cpu"), scheduler, tokenizer, SEQUENCE_LEN)
+    app.state.pool = WorkerPool([worker], MODEL_ID)
+    try:
+        yield TestClient(app, raise_server_exceptions=False)
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_failed_generation_is_reported_on_every_api(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    with app_over(NaNModel(model), tokenizer) as client:
+        response = client.post("/chat/completions", json={"messages": USER})
+        events = [json.loads(p) for p in sse_payloads(response.text)]
+        assert events == [{"error": "Generation failed on the server"}, {"done": True}]
+        response = client.post("/v1/chat/completions", json={"messages": USER})
+        assert response.status_code == 500
+        assert response.json()["error"]["message"] == "Generation failed on the server"
+        assert response.json()["error"]["type"] == "server_error"
+        response = client.post("/v1/chat/completions", json={"messages": USER, "stream": True})
+        events = [json.loads(p) for p in sse_payloads(response.text)]
+        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert events[1:] == [{"error": {"message": "Generation failed on the server", "type": "server_error",
+                                         "param": None, "code": None}}]
+
+
+def test_log_conversations_flag_logs_each_conversation_in_full(tiny_chat_model, caplog):
+    model, tokenizer = tiny_chat_model
+    for log_conversations in (False, True):
+        caplog.clear()
+        with app_over(model, tokenizer, log_conversations=log_conversations) as client, \
+                caplog.at_level(logging.INFO, logger="nanochat.server"):
+            body = {"messages": [{"role": "user", "content": "Hello there!"}], "temperature": 0.0,
+                    "max_tokens": 8}
+            events = [json.loads(p) for p in sse_payloads(client.post("/chat/completions", json=body).text)]
+        reply = "".join(e["token"] for e in events[:-1])
+        logged = caplog.text
+        assert ("[USER]: Hello there!" in logged) == log_conversations
+        assert (f"[ASSISTANT] (GPU 0): {reply}" in logged) == log_conversations
+        assert "1 messages" in logged  # the summary line, either way
+
+
+def test_a_bug_in_an_endpoint_is_a_500_with_a_json_body():
+    from fastapi.testclient import TestClient
+
+    def broken():
+        raise KeyError("a bug")
+
+    app = create_app(ServerConfig())
+    for path in ("/broken", "/v1/broken"):
+        app.add_api_route(path, broken)
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/broken").json() == {"detail": "Internal server error"}
+    response = client.get("/v1/broken")
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+
+
+def test_a_client_that_disconnects_while_sending_its_body_gets_nothing_and_reaches_no_route():
+    reached, sent = [], []
+
+    async def route(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    async def scenario():
+        messages = [{"type": "http.request", "body": b'{"messages": ', "more_body": True},
+                    {"type": "http.disconnect"}]
+
+        async def receive():
+            return messages.pop(0)
+
+        scope = {"type": "http", "path": "/v1/chat/completions", "headers": [(b"content-length", b"100")]}
+        await BoundedBody(route, max_bytes=1000, timeout=5)(scope, receive, send)
+
+    asyncio.run(scenario())
+    assert reached == [] and sent == []
+
+
+def test_events_that_arrive_after_the_event_loop_closed_are_dropped_without_an_error(tiny_chat_model, caplog):
+    # a forced exit (a second Ctrl-C) closes the loop without the lifespan shutdown, decode threads running
+    model, tokenizer = tiny_chat_model
+    scheduler = BatchScheduler(model, tokenizer)  # started once the loop is gone
+    worker = Worker(0, torch.device("cpu"), scheduler, tokenizer, SEQUENCE_LEN)
+    http_request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(config=ServerConfig())))
+    body = OpenAIChatRequest(messages=[OpenAIMessage(role="user", content="Hi")], temperature=0.0)
+    prompt = completion_prompt(tokenizer, USER)
+
+    async def submit():
+        return start_generation(http_request, worker, prompt, body, max_tokens=4)
+
+    generation = asyncio.run(submit())
+    scheduler.start()
+    deadline = time.monotonic() + 30
+    while generation.requests[0].finish_reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scheduler.shutdown()
+    assert generation.requests[0].finish_reason in ("length", "stop")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 # -----------------------------------------------------------------------------
@@ -243,6 +400,24 @@ def test_stop_strings(client):
     chunks = [c for c in stream if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_choice_ended_by_a_stop_string_gets_one_finish_while_the_others_run_on(url):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "temperature": 1.0, "max_tokens": 40, "n": 2,
+            "seed": 7}
+    choices = httpx.post(url + "/v1/chat/completions", json=body).json()["choices"]
+    texts = [c["message"]["content"] for c in choices]
+    stop = texts[0][3:6]
+    assert stop not in texts[1] and len(texts[1]) > 20, f"the test needs other replies, got {texts!r}"
+    # choice 0 ends at once; its scheduler request ends a step later ("cancelled"), while choice 1 runs on
+    response = httpx.post(url + "/v1/chat/completions", json={**body, "stop": stop, "stream": True})
+    chunks = [json.loads(p) for p in sse_payloads(response.text)[:-1]]
+    finishes = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in chunks
+                if c["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == [(0, "stop"), (1, "length")]
+    content = ["".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                       if c["choices"][0]["index"] == i) for i in (0, 1)]
+    assert content == [texts[0][:texts[0].index(stop)], texts[1]]
 
 
 def test_concurrent_greedy_requests_equal_the_same_requests_alone(client, url):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from nanochat import common
-from nanochat.engine import Engine, KVCache, RowState, eval_with_timeout, prefill_prompt, use_calculator
+from nanochat.engine import (Engine, KVCache, NeverStopping, RowState, eval_with_timeout, prefill_prompt,
+                             use_calculator)
 from nanochat.gpt import GPT, GPTConfig
 
 from conftest import ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, ByteTokenizer
@@ -281,10 +282,13 @@ def test_calculator_output_two_plus_three():
     assert masks[:8] == [1, 1, 1, 1, 1, 0, 0, 0]
 
 
-@pytest.mark.parametrize("expr", ["2**8", "10 % 3", "5/0", "import os"])
+TOO_LONG_TO_PRINT = "9" * 2200 + "*" + "9" * 2200  # 4400 digits: beyond Python's str() limit of 4300
+
+
+@pytest.mark.parametrize("expr", ["2**8", "10 % 3", "5/0", "import os", TOO_LONG_TO_PRINT])
 def test_failed_calculator_call_injects_nothing(expr):
     script = [PYTHON_START] + ascii_ids(expr) + [PYTHON_END] + ascii_ids("q") + [ASSISTANT_END]
-    steps, _ = run_script([script])
+    steps, _ = run_script([script], max_tokens=len(script) + 5)
     assert [c[0] for c, _ in steps] == script
     assert all(m == [1] for _, m in steps)
 
@@ -346,6 +350,26 @@ def test_max_tokens_none_with_full_context_raises():
     engine = Engine(MockModel(), ByteTokenizer())
     with pytest.raises(ValueError, match="context"):
         next(engine.generate([1] * MockConfig.sequence_len, max_tokens=None))
+
+
+def test_generate_rejects_bad_counts_and_max_tokens_zero_runs_no_forward():
+    engine = Engine(MockModel(), ByteTokenizer())
+    with pytest.raises(ValueError, match="max_tokens must be >= 0 or None, got -1"):
+        next(engine.generate(PROMPT, max_tokens=-1))
+    with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
+        next(engine.generate(PROMPT, num_samples=0, max_tokens=5))
+    model = ScriptedModel([ascii_ids("z")])
+    assert list(Engine(model, ByteTokenizer()).generate(PROMPT, max_tokens=0)) == []
+    assert model.calls == 0
+
+
+def test_never_stopping_decodes_exactly_max_tokens_through_tool_calls():
+    script = [*ascii_ids("a"), ASSISTANT_END, BOS, PYTHON_START, *ascii_ids("1+2"), PYTHON_END,
+              *ascii_ids("b")]
+    engine = Engine(ScriptedModel([script]), NeverStopping(ByteTokenizer()))
+    column = [c[0] for c, _ in engine.generate(PROMPT, max_tokens=16, temperature=0.0)]
+    assert len(column) == 16 and column[:3] == script[:3]  # the terminal tokens end nothing
+    assert column[8:11] == [OUTPUT_START] + ascii_ids("3") + [OUTPUT_END]  # the tool still answers
 
 
 def test_generate_rejects_non_int_tokens():
@@ -432,6 +456,9 @@ def test_eval_off_main_thread_refuses_unbounded_expressions():
     assert in_worker_thread(eval_with_timeout, "'a' * 10") is None  # str arithmetic can explode: refused
     assert time.time() - t0 < 2
     assert in_worker_thread(eval_with_timeout, "'Straw'.lower().count('s')") == 1
+    # a count on an unbounded receiver, a str method with a size argument ('x'.center(10**10)): refused
+    assert in_worker_thread(eval_with_timeout, SLOW_EXPR + ".count('a')") is None
+    assert in_worker_thread(eval_with_timeout, "'x'.center(3).count(' ')") is None
     assert eval_with_timeout("'a' * 10") == "a" * 10  # the main thread keeps the reference's eval semantics
 
 

@@ -1,8 +1,10 @@
 """
 Robustness of serving against a tiny random GPT, on the real continuous-batching scheduler and the real
 server app (nanochat/server.py) served in-process by uvicorn on loopback:
-1. one request's numerical trouble stays that request's: tiny temperatures and top_p decode greedily, and a
-   row whose logits turn NaN ends alone with "error" while the rows beside it get exactly their tokens alone;
+1. one request's trouble stays that request's: tiny temperatures and top_p decode greedily; a row whose
+   logits turn NaN or whose sampling raises, a prefill that raises, end that request alone with "error", and
+   a consumer (on_event) that raises has its request cancelled, while the rows beside get exactly their
+   tokens alone;
 2. malformed input (lone surrogates, NaN, -Infinity) is a 4xx with a JSON body on both APIs, never a 500;
 3. bounded requests: body size (413), time to send a body (408, connection closed), field sizes, and
    --max-queue 0 serving free slots;
@@ -13,6 +15,7 @@ The fuzz and load figures are printed (pytest -s shows them).
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import httpx
@@ -44,16 +47,21 @@ def prompt_of(tokenizer, text):
                                                          {"role": "assistant", "content": ""}]})
 
 
-def run_batch(model, tokenizer, jobs, max_batch_size=8):
+def run_batch(model, tokenizer, jobs, max_batch_size=8, consumers=None):
     """Submit every (prompt, params) before the scheduler starts (so request i takes slot i and keeps it:
     fixed width, which also makes "bit for bit, whatever the neighbours" hold), then collect each request's
-    (tokens, finish_reason)."""
+    (tokens, finish_reason); None for a request i whose events go to the callback consumers[i]."""
     scheduler = BatchScheduler(model, tokenizer, max_batch_size=max_batch_size, fixed_width=True)
+    consumers = consumers or {}
     try:
-        requests = [scheduler.submit(prompt, params) for prompt, params in jobs]
+        requests = [scheduler.submit(prompt, params, on_event=consumers.get(i))
+                    for i, (prompt, params) in enumerate(jobs)]
         scheduler.start()
         results = []
         for request in requests:
+            if request.events is None:
+                results.append(None)
+                continue
             tokens = []
             while True:
                 event = request.events.get(timeout=TIMEOUT)
@@ -103,8 +111,33 @@ class NaNRow:
     def forward(self, ids, kv_cache=None):
         logits = self.model.forward(ids, kv_cache=kv_cache)
         if ids.size(0) > 1:
-            logits[self.row] = float("nan")
+            self.tamper(logits[self.row])
         return logits
+
+    def tamper(self, row_logits):
+        row_logits.fill_(float("nan"))
+
+
+class HugeRow(NaNRow):
+    """One row's logits finite but huge, as a model without a logit softcap may give: divided by a small
+    temperature they overflow to inf, and sampling raises (the row still passes the is-it-finite check)."""
+
+    def tamper(self, row_logits):
+        row_logits.mul_(1e37)
+
+
+class FailingPrefill(NaNRow):
+    """The real GPT, except that the prefill of one prompt raises: a stand-in for any error in one
+    request's own forward (e.g. running out of memory on a long prompt)."""
+
+    def __init__(self, model, prompt):
+        super().__init__(model, row=None)
+        self.prompt = prompt
+
+    def forward(self, ids, kv_cache=None):
+        if ids.size(0) == 1 and ids[0].tolist() == self.prompt:
+            raise RuntimeError("simulated failure in this prompt's prefill")
+        return self.model.forward(ids, kv_cache=kv_cache)
 
 
 def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
@@ -114,6 +147,47 @@ def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_
     batch = run_batch(NaNRow(model, row=1), tokenizer, jobs)
     tokens, reason = batch[1]
     assert reason == "error" and len(tokens) <= 1  # the prefill (batch 1) token, then the failed step
+    assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
+
+
+def test_a_row_whose_sampling_raises_ends_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    jobs = normal_jobs(tokenizer)
+    jobs[1] = (jobs[1][0], SamplingParams(max_tokens=20, temperature=0.01, seed=2))  # not greedy
+    alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
+    batch = run_batch(HugeRow(model, row=1), tokenizer, jobs)
+    tokens, reason = batch[1]
+    assert reason == "error" and len(tokens) <= 1  # the prefill (batch 1) token, then the failed step
+    assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
+
+
+def test_a_prefill_that_raises_ends_its_request_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    jobs = normal_jobs(tokenizer)
+    alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
+    batch = run_batch(FailingPrefill(model, prompt=jobs[2][0]), tokenizer, jobs)
+    assert batch[2] == ([], "error")
+    assert batch[:2] + batch[3:] == alone[:2] + alone[3:]
+
+
+def test_a_consumer_that_raises_is_cancelled_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    jobs = normal_jobs(tokenizer)
+    alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
+    assert len(alone[1][0]) > 3  # it would go on after the consumer breaks
+    received, ended = [], threading.Event()
+
+    def consumer_that_breaks(event):  # e.g. writing to a client that went away
+        received.append(event)
+        if event.finish_reason is not None:
+            ended.set()
+        if len(received) == 3:
+            raise ConnectionError("the client went away")
+
+    batch = run_batch(model, tokenizer, jobs, consumers={1: consumer_that_breaks})
+    assert ended.wait(TIMEOUT)
+    assert [e.token_id for e in received[:3]] == alone[1][0][:3]
+    assert [e.finish_reason for e in received] == [None, None, None, "cancelled"]
     assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
 
 

@@ -1,4 +1,5 @@
 import copy
+import logging
 import os
 import pickle
 import random
@@ -12,7 +13,7 @@ import torch
 
 from nanochat.tokenizer import (
     SPECIAL_TOKENS, SPLIT_PATTERN, HuggingFaceTokenizer, RustBPETokenizer,
-    compute_token_bytes, get_token_bytes, get_tokenizer,
+    compute_token_bytes, fit_chat_prompt, get_token_bytes, get_tokenizer,
 )
 
 # 4 short strings x 8: ASCII, digits, accented/CJK/emoji, Python code.
@@ -90,6 +91,14 @@ def test_train_rejects_vocab_without_room_for_bytes():
 
 # -----------------------------------------------------------------------------
 # Split pattern
+
+def test_train_warns_when_the_corpus_runs_out_of_merges(caplog):
+    with caplog.at_level(logging.WARNING, logger="nanochat.tokenizer"):
+        small = RustBPETokenizer.train_from_iterator(iter(["abab cdcd"] * 4), VOCAB_SIZE)
+    assert small.get_vocab_size() < VOCAB_SIZE
+    merges = small.get_vocab_size() - len(SPECIAL_TOKENS)
+    assert f"corpus ran out of merges: got {merges} BPE tokens, asked for {VOCAB_SIZE - 9}" in caplog.text
+
 
 def test_split_pattern_example():
     text = "Hello world's 12345 you're  \n\n  x!!!\n ?? ab"
@@ -224,6 +233,16 @@ def test_loads_a_pickle_written_elsewhere(tok, tmp_path):
     loaded = RustBPETokenizer.from_directory(str(tmp_path))
     assert loaded.encode(CORPUS[:4]) == tok.encode(CORPUS[:4])
     assert loaded.get_bos_token_id() == VOCAB_SIZE - 9
+
+
+def test_a_pickle_of_something_else_is_a_clear_error(tmp_path):
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump({"not": "a tokenizer"}, f)
+    with pytest.raises(ValueError) as info:
+        RustBPETokenizer.from_directory(str(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path / "tokenizer.pkl") in message and "holds a dict, not a tiktoken.Encoding" in message
+    assert "python -m scripts.tok_train" in message
 
 
 def test_from_pretrained_uses_endoftext_as_bos(tok, monkeypatch):
@@ -369,6 +388,9 @@ MALFORMED = [
      "Unknown content type: dict"),
     ("non-str part text", [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": 5}]}],
      "must be a str"),
+    ("system list content", [{"role": "system", "content": [{"type": "text", "text": "s"}]},
+                             {"role": "user", "content": "a"}],
+     "System message and the user message after it must have str content"),
 ]
 
 
@@ -386,6 +408,11 @@ def test_malformed_conversations_raise_value_error(tok, messages, match):
 def test_render_for_completion_requires_final_assistant_message(tok, messages):
     with pytest.raises(ValueError, match="Last message must be from the Assistant"):
         tok.render_for_completion({"messages": messages})
+
+
+def test_fit_chat_prompt_needs_a_turn(tok):
+    with pytest.raises(ValueError, match="at least one turn"):
+        fit_chat_prompt(tok, [], 100)
 
 
 def test_visualize_tokenization(tok):
@@ -426,6 +453,29 @@ def test_token_bytes_sum_equals_utf8_length(tok):
 
 # -----------------------------------------------------------------------------
 # Loaders under NANOCHAT_BASE_DIR
+
+def test_token_bytes_count_zero_for_unused_ids():
+    # a pretrained encoding may leave ids unused between its merges and its specials
+    byte_ranks = {bytes([b]): b for b in range(256)}
+    enc = tiktoken.Encoding(name="gappy", pat_str=SPLIT_PATTERN, mergeable_ranks=byte_ranks,
+                            special_tokens={"<|endoftext|>": 300})
+    gappy = RustBPETokenizer(enc, "<|endoftext|>")
+    token_bytes = compute_token_bytes(gappy)
+    assert token_bytes.shape == (301,) and token_bytes[:256].tolist() == [1] * 256
+    assert token_bytes[256:].tolist() == [0] * 45
+
+
+@pytest.mark.parametrize("table", [torch.ones(4), torch.ones(2, 3, dtype=torch.int32)], ids=["float", "2-D"])
+def test_a_token_bytes_file_of_the_wrong_shape_or_type_is_a_clear_error(tok, tmp_path, monkeypatch, table):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    path = tmp_path / "tokenizer" / "token_bytes.pt"
+    os.makedirs(path.parent)
+    torch.save(table, path)
+    with pytest.raises(ValueError) as info:
+        get_token_bytes()
+    message = str(info.value)
+    assert f"{path} does not hold a 1-D integer tensor" in message and "compute_token_bytes" in message
+
 
 def test_get_tokenizer_and_token_bytes(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -468,6 +518,13 @@ def test_hf_tokenizer_specials_come_first(hf_tok):
     assert hf_tok.get_special_tokens() == SPECIAL_TOKENS
     assert hf_tok.get_bos_token_id() == 0
     assert hf_tok.encode_special("<|nope|>") is None
+
+
+def test_hf_tokenizer_without_a_bos_token_says_so():
+    from tokenizers import Tokenizer, models
+    plain = HuggingFaceTokenizer(Tokenizer(models.WordLevel(vocab={"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    with pytest.raises(ValueError, match=r"neither <\|bos\|> nor <\|endoftext\|>"):
+        plain.get_bos_token_id()
 
 
 def test_hf_tokenizer_encode_decode(hf_tok, tmp_path):
