@@ -466,11 +466,10 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
         for index, params in enumerate(params_list):
             on_event = functools.partial(forward_to_loop, index)
             generation.requests.append(worker.scheduler.submit(prompt, params, on_event=on_event))
-    except QueueFull:
-        # submit's other errors cannot happen: its ValueErrors are excluded by the validation before (the
-        # schemas, ServerConfig, the room check, load_model's vocab check), its "shut down" by lifespan,
-        # which takes the pool away before shutting it down (no await separates get_pool from here)
-        generation.cancel()
+    except Exception as e:
+        generation.cancel()  # the choices already submitted must not run on with nobody reading them
+        if not isinstance(e, QueueFull):
+            raise  # a bug: the request schemas and the room check exclude submit's ValueErrors (a JSON 500)
         raise APIError(429, "The server is busy: its request queue is full. Retry shortly.",
                        code="queue_full", type="rate_limit_error")
     return generation

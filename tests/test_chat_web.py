@@ -22,7 +22,7 @@ import openai
 import pytest
 import torch
 
-from nanochat.batching import BatchScheduler, SamplingParams
+from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.api_schemas import OpenAIChatRequest, OpenAIMessage, openai_turns
 from nanochat.server import (BoundedBody, ServerConfig, Worker, WorkerPool, create_app, serve_in_thread,
                              start_generation, worker_devices)
@@ -264,6 +264,24 @@ def test_log_conversations_flag_logs_each_conversation_in_full(tiny_chat_model, 
         assert ("[USER]: Hello there!" in logged) == log_conversations
         assert (f"[ASSISTANT] (GPU 0): {reply}" in logged) == log_conversations
         assert "1 messages" in logged  # the summary line, either way
+
+
+@pytest.mark.parametrize("error, status", [(QueueFull("full"), 429), (ValueError("a bug"), 500)])
+def test_a_failed_submit_cancels_the_choices_already_submitted(tiny_chat_model, monkeypatch, error, status):
+    model, tokenizer = tiny_chat_model
+    with app_over(model, tokenizer) as client:
+        scheduler = client.app.state.pool.workers[0].scheduler
+        submitted, submit = [], scheduler.submit
+
+        def submit_once(*args, **kwargs):  # the second choice's submit fails
+            if submitted:
+                raise error
+            submitted.append(submit(*args, **kwargs))
+            return submitted[-1]
+        monkeypatch.setattr(scheduler, "submit", submit_once)
+        response = client.post("/v1/chat/completions", json={"messages": USER, "n": 2, "max_tokens": 50})
+        assert response.status_code == status and "error" in response.json()
+        assert len(submitted) == 1 and submitted[0]._cancelled.is_set()
 
 
 def test_a_bug_in_an_endpoint_is_a_500_with_a_json_body():
