@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from nanochat import pretraining
 from scripts import base_train
@@ -356,3 +357,66 @@ def test_resume_refuses_a_feature_the_checkpoint_was_trained_without():
         pretraining.check_resume_config(muP_meta, plain, {}, 4)
     older = dict(meta, model_config={k: v for k, v in meta["model_config"].items() if k != "window_pattern"})
     pretraining.check_resume_config(older, plain, {}, 4)  # keys an older meta lacks are not compared
+
+
+# -----------------------------------------------------------------------------
+# L3: the bounds come from the first training tokens, are the same on every rank, and a resume keeps them
+
+L3_FLAGS = ["--l3-after-layers=1", "--l3-lzw-tokens=2000"]  # --l3-n-emb 0: 4 * vocab = 2048 rows
+L3_BOUNDS = "l3_layers.1.bounds"
+
+
+def lzw_bounds_of_first_tokens(tokenizer, limit):
+    """The bounds the LZW allocation gives the first `limit` training tokens, each document read with BOS."""
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.l3 import allocation_to_bounds, compute_lzw_allocation
+    seqs, left = [], limit
+    for texts in parquets_iter_batched("train"):
+        for text in texts:
+            if left > 0:
+                seqs.append(tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())[:left])
+                left -= len(seqs[-1])
+    assert sum(map(len, seqs)) == limit  # the sample holds more than `limit` tokens
+    return allocation_to_bounds(compute_lzw_allocation(seqs, tokenizer.get_vocab_size(), 4 * 512, 32))
+
+
+def test_l3_run_takes_its_bounds_from_the_data_and_resumes_exactly(base_dir, capsys):
+    from nanochat.tokenizer import get_tokenizer
+    flags = TRAIN_FLAGS + L3_FLAGS + ["--num-iterations=4", "--eval-every=-1", "--save-every=2",
+                                      "--model-tag=t_l3"]
+    out = run_main(flags, capsys)
+    assert "L3 allocation: n_emb=2,048, max per token 32" in out and "2,000 tokens scanned" in out
+    ckpt = os.path.join(base_dir, "base_checkpoints", "t_l3")
+    straight = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
+    assert torch.equal(straight[L3_BOUNDS], expected)
+    assert torch.equal(torch.load(os.path.join(ckpt, "model_000002.pt"))[L3_BOUNDS], expected)
+    # the resume takes the bounds from the checkpoint (no second LZW pass) and ends bit for bit the same
+    resumed = run_main(flags + ["--resume-from-step=2"], capsys)
+    assert "L3 allocation" not in resumed
+    again = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    different = [k for k in straight if not torch.equal(straight[k], again[k])]
+    assert not different, different
+
+
+def _l3_rank_worker(rank, init_file, out_dir):
+    from nanochat.tokenizer import get_tokenizer
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        args = base_train.parse_args(TRAIN_FLAGS + L3_FLAGS)
+        model, _, _ = pretraining.build_model(args, get_tokenizer(), torch.device("cpu"), rank, out_dir)
+        torch.save(model.state_dict()[L3_BOUNDS], os.path.join(out_dir, f"bounds{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
+    # only rank 0 reads the data (the ranks read different shards): the others receive its bounds
+    import torch.multiprocessing as mp
+    from nanochat.tokenizer import get_tokenizer
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_l3_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"bounds{rank}.pt"), expected), f"rank {rank}"
