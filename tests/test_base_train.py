@@ -420,3 +420,23 @@ def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
     expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"bounds{rank}.pt"), expected), f"rank {rank}"
+
+
+# -----------------------------------------------------------------------------
+# CORE that cannot run: at the last step the finished run survives it; before, it stops the run
+
+def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypatch, capsys, sample_tokenizer):
+    import shutil
+    from nanochat.core_eval import EvalBundleError, ensure_eval_bundle
+    base_dir = install_sample_base_dir(monkeypatch, tmp_path / "base", sample_tokenizer)
+    shutil.rmtree(os.path.join(ensure_eval_bundle(), "eval_data"))  # a bundle without any task file
+    flags = TRAIN_FLAGS + ["--eval-every=-1", "--core-metric-max-per-task=1"]  # a later flag wins
+    out = run_main(flags + ["--num-iterations=1", "--core-metric-every=999999", "--model-tag=t_core_last"],
+                   capsys)
+    assert re.search(r"^Step 00001 \| CORE evaluation failed \(None of the \d+ CORE task files exist under .*"
+                     r"\); the checkpoint is saved$", out, re.M), out[-2000:]
+    assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "t_core_last", "model_000001.pt"))
+    report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
+    assert "- CORE metric estimate: None\n" in report
+    with pytest.raises(EvalBundleError, match="None of the"):  # mid-run: the failure is not hidden
+        run_main(flags + ["--num-iterations=2", "--core-metric-every=1", "--model-tag=t_core_mid"], capsys)
