@@ -440,3 +440,19 @@ def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypa
     assert "- CORE metric estimate: None\n" in report
     with pytest.raises(EvalBundleError, match="None of the"):  # mid-run: the failure is not hidden
         run_main(flags + ["--num-iterations=2", "--core-metric-every=1", "--model-tag=t_core_mid"], capsys)
+
+
+def test_resume_warns_when_the_flags_change_the_trajectory(capsys):
+    from dataclasses import asdict
+    from nanochat.gpt import GPTConfig
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    saved = {"depth": 2, "matrix_lr": 0.02, "run": "a", "eval_every": 250}
+    meta = {"model_config": asdict(config), "user_config": saved, "num_iterations": 4}
+    # a new run name and eval cadence leave the trajectory as it was: no warning
+    pretraining.check_resume_config(meta, config, dict(saved, run="b", eval_every=10), 4)
+    assert "Warning" not in capsys.readouterr().out
+    pretraining.check_resume_config(meta, config, dict(saved, matrix_lr=0.04), 6)
+    out = capsys.readouterr().out
+    assert ("Warning: resuming with different settings than the saved run (saved, now): "
+            "{'matrix_lr': (0.02, 0.04)}; the result will not match an uninterrupted run") in out
+    assert "Warning: the horizon changed from 4 to 6 steps on resume" in out

@@ -100,6 +100,34 @@ def test_stop_flag_catches_sigterm_and_restores_handler():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_second_signal_stops_at_once():
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # the user sent it again: no waiting for the step to end
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == before  # a third one is handled as before the run
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_stop_flag_outside_the_main_thread_leaves_signals_alone():
+    # a training loop started from a worker thread (a notebook, a test) runs without signal handling
+    import threading
+    before, outcome = signal.getsignal(signal.SIGTERM), []
+
+    def run():
+        try:
+            with training.StopFlag() as flag:
+                outcome.append(flag.signum)
+        except ValueError as e:
+            outcome.append(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert outcome == [None] and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_should_stop_sees_non_finite_loss():
     with training.StopFlag() as flag:
         assert training.should_stop(flag, 2.0, "cpu") == (False, False)
@@ -324,3 +352,19 @@ def test_step_logger_prints_the_stage_line_and_logs_wandb_every_n_steps(capsys):
                        "train/loss": 3.5, "train/lrm": 0.5, "train/dt": 0.25, "train/tok_per_sec": 1000,
                        "train/mfu": pytest.approx(100.0), "train/epoch": "1 pq: 0 rg: 2"}]
     assert training.LossTracker(0.5, 3.0).state_dict() == {"smooth_train_loss": 0.5, "total_training_time": 3.0}
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint without optimizer state: a resume refuses it, a warm start goes on with a fresh optimizer
+
+def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tiny_base_dir, capsys):
+    from conftest import write_tiny_checkpoint
+    _, model = write_tiny_checkpoint(tiny_base_dir, "base", step=5)  # model and meta only
+    with pytest.raises(FileNotFoundError, match=r"--resume-from-step=5: the base checkpoint d2 has no "
+                                                r"optimizer state for rank 0; resume from a step that has it"):
+        training.setup_optimizer(model, {}, 0.0, "cpu", 0, ("base", "d2", 5))
+    optimizer = training.setup_optimizer(model, {"matrix_lr": 0.01}, 0.0, "cpu", 0, ("sft", "d2", -1),
+                                         init_lr_frac=0.5, warm_from=("base", "d2", 5))
+    out = capsys.readouterr().out
+    assert "WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh" in out
+    assert not optimizer.state and optimizer.param_groups[-1]["lr"] == 0.005
