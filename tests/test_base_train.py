@@ -456,3 +456,33 @@ def test_resume_warns_when_the_flags_change_the_trajectory(capsys):
     assert ("Warning: resuming with different settings than the saved run (saved, now): "
             "{'matrix_lr': (0.02, 0.04)}; the result will not match an uninterrupted run") in out
     assert "Warning: the horizon changed from 4 to 6 steps on resume" in out
+
+
+def test_fp8_on_cpu_is_ignored_and_samples_are_printed(base_dir, capsys):
+    from nanochat.core_eval import SAMPLE_PROMPTS
+    out = run_main(TRAIN_FLAGS + ["--num-iterations=2", "--eval-every=-1", "--sample-every=2", "--fp8",
+                                  "--model-tag=t_fp8_samples"], capsys)
+    assert "Warning: FP8 training requires CUDA, ignoring --fp8 flag" in out
+    # the greedy samples, at the last step only (not at step 0): each prompt once, with a completion
+    for prompt in SAMPLE_PROMPTS:
+        assert len(re.findall(rf"^<\|bos\|>{re.escape(prompt)}.+$", out, re.M)) == 1, prompt
+    assert out.index("step 00001/") < out.index(f"<|bos|>{SAMPLE_PROMPTS[0]}")
+
+
+@pytest.mark.parametrize("depth,model_dim,n_scaling,batch,iters,wd", [DEPTH_TABLE[0], DEPTH_TABLE[5]])
+def test_default_total_batch_size_is_the_auto_one(depth, model_dim, n_scaling, batch, iters, wd, capsys):
+    args = base_train.parse_args([f"--depth={depth}"])  # --total-batch-size -1: auto
+    model = pretraining.build_model_meta(pretraining.model_config(args, depth, 32768))
+    scale = pretraining.apply_scaling_rules(args, model, 32768)
+    assert (scale.total_batch_size, scale.num_scaling) == (batch, n_scaling)
+    assert scale.weight_decay == pytest.approx(wd, abs=5e-5)
+    assert f"Auto-computed optimal batch size: {batch:,} tokens" in capsys.readouterr().out
+
+
+def test_sdpa_with_sliding_windows_warns_about_speed(capsys):
+    sdpa = types.SimpleNamespace(train="sdpa")
+    pretraining.print_attention_notice(sdpa, "L")
+    assert "sliding-window" not in capsys.readouterr().out
+    pretraining.print_attention_notice(sdpa, "SSSL")
+    assert ("WARNING: SDPA has no efficient sliding-window support (--window-pattern SSSL): GPU utilisation "
+            "will be poor. Use --window-pattern L") in capsys.readouterr().out
