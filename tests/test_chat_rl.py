@@ -138,6 +138,16 @@ def test_generate_batch_keeps_the_terminator_of_finished_samples_on_request(toke
     assert default == ([prompt + [200, 201]], [[0, 0, 0, 1, 1]])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num-samples=0"], "--num-samples must be positive, got 0"),
+    (["--num-steps=0"], "--num-steps must be positive, or -1 for --num-epochs passes, got 0"),
+    (["--temperature=-0.5"], "--temperature must be >= 0, got -0.5")])
+def test_bad_flags_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        chat_rl.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # Real runs
 
@@ -226,3 +236,10 @@ def test_rl_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
     chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--run=rlrun", "--resume-from-step=1"])
     assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")
     capsys.readouterr()
+
+
+def test_an_epoch_shorter_than_one_step_is_refused(base_dir):
+    # --num-steps -1: the steps come from the epochs, and no step fits in one
+    with pytest.raises(ValueError, match=r"No steps to run: \d+ training questions, --examples-per-step 100000, "
+                                         r"--num-epochs 1"):
+        chat_rl.main(RUN_FLAGS + ["--num-steps=-1", "--examples-per-step=100000"])
