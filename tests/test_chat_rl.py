@@ -8,6 +8,8 @@ and real RL steps of a depth-2 model with an exact resume from the middle checkp
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -243,3 +245,36 @@ def test_an_epoch_shorter_than_one_step_is_refused(base_dir):
     with pytest.raises(ValueError, match=r"No steps to run: \d+ training questions, --examples-per-step 100000, "
                                          r"--num-epochs 1"):
         chat_rl.main(RUN_FLAGS + ["--num-steps=-1", "--examples-per-step=100000"])
+
+
+def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_run(base_dir, capsys,
+                                                                                   monkeypatch):
+    from tasks.gsm8k import GSM8K
+    ckpt = os.path.join(base_dir, "chatrl_checkpoints", "d2")
+    flags = RUN_FLAGS + ["--num-steps=3", "--eval-every=-1", "--save-every=-1"]
+    monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+    try:
+        chat_rl.main(flags)
+        straight = torch.load(os.path.join(ckpt, "model_000003.pt"))
+        shutil.rmtree(ckpt)
+        signals = []
+
+        def reward_then_sigterm(self, conversation, response):  # SIGTERM arrives during the first step
+            if not signals:
+                signals.append(signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return length_parity_reward(self, conversation, response)
+        monkeypatch.setattr(GSM8K, "reward", reward_then_sigterm)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            chat_rl.main(flags)
+        assert e.value.code == 128 + signal.SIGTERM
+        out = capsys.readouterr().out
+        assert "resume with --resume-from-step=1" in out and len(step_lines(out)) == 2  # step 0 finished
+        assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+        monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+        chat_rl.main(flags + ["--resume-from-step=1"])
+        again = torch.load(os.path.join(ckpt, "model_000003.pt"))
+        assert all(torch.equal(straight[k], again[k]) for k in straight)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the other runs of this module expect their files only
