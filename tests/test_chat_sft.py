@@ -9,6 +9,8 @@ import gc
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 import types
 
@@ -359,3 +361,34 @@ def test_sft_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
         assert json.load(f)["wandb_run_id"] == "run1"
     run_main(flags + ["--resume-from-step=1"], capsys)
     assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")
+
+
+def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_run(base_dir, capsys,
+                                                                                   monkeypatch):
+    ckpt = os.path.join(base_dir, "chatsft_checkpoints", "d2")
+    flags = RUN_FLAGS + ["--eval-every=-1", "--save-every=-1"]
+    try:
+        run_main(flags, capsys)
+        straight = torch.load(os.path.join(ckpt, "model_000004.pt"))
+        shutil.rmtree(ckpt)
+        apply_schedule, signals = training.apply_schedule, []
+
+        def schedule_then_sigterm(*args, **kwargs):  # SIGTERM arrives during the first step
+            apply_schedule(*args, **kwargs)
+            if not signals:
+                signals.append(signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(training, "apply_schedule", schedule_then_sigterm)
+        with pytest.raises(SystemExit) as e:
+            run_main(flags, capsys)
+        assert e.value.code == 128 + signal.SIGTERM
+        out = capsys.readouterr().out
+        assert "resume with --resume-from-step=1" in out and sorted(step_losses(out)) == [1]
+        assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+        monkeypatch.setattr(training, "apply_schedule", apply_schedule)
+        resumed = run_main(flags + ["--resume-from-step=1"], capsys)
+        assert sorted(step_losses(resumed)) == [2, 3, 4]
+        again = torch.load(os.path.join(ckpt, "model_000004.pt"))
+        assert all(torch.equal(straight[k], again[k]) for k in straight)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the other runs of this module expect their files only
