@@ -392,3 +392,22 @@ def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_ru
         assert all(torch.equal(straight[k], again[k]) for k in straight)
     finally:
         shutil.rmtree(ckpt, ignore_errors=True)  # the other runs of this module expect their files only
+
+
+def test_chatcore_every_prints_and_logs_the_six_tasks(base_dir, capsys, monkeypatch):
+    logged = []
+    run = types.SimpleNamespace(id="r", log=logged.append, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=1", "--eval-every=-1", "--eval-tokens=256",
+             "--chatcore-every=1", "--chatcore-max-cat=1", "--chatcore-max-sample=1", "--run=chatcore"]
+    try:
+        out = run_main(flags, capsys)
+    finally:
+        shutil.rmtree(os.path.join(base_dir, "chatsft_checkpoints", "d2"), ignore_errors=True)
+    printed = re.findall(r"^Step 00001 \| ChatCORE: (-?[\d.]+) \| ChatCORE_cat: (-?[\d.]+)$", out, re.M)
+    assert len(printed) == 1, out[-3000:]
+    entry = [e for e in logged if "chatcore_metric" in e]
+    assert len(entry) == 1 and entry[0]["step"] == 1
+    assert (f"{entry[0]['chatcore_metric']:.4f}", f"{entry[0]['chatcore_cat']:.4f}") == printed[0]
+    assert sorted(k for k in entry[0] if k.startswith("chatcore/")) == sorted(
+        f"chatcore/{task}" for task in chat_core.TASKS)
