@@ -368,3 +368,27 @@ def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tin
     out = capsys.readouterr().out
     assert "WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh" in out
     assert not optimizer.state and optimizer.param_groups[-1]["lr"] == 0.005
+
+
+def test_the_collector_off_during_training_still_runs_every_5000_steps():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+    enabled = gc.isenabled()
+    gc.disable()  # as after the first step
+    try:
+        ref = cycle()
+        training.gc_after_step(4999, -1)
+        assert ref() is not None  # an ordinary step leaves the cycle
+        training.gc_after_step(5000, -1)
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
