@@ -392,3 +392,43 @@ def test_the_collector_off_during_training_still_runs_every_5000_steps():
     finally:
         if enabled:
             gc.enable()
+
+
+# -----------------------------------------------------------------------------
+# fp16 (NANOCHAT_DTYPE=float16, also on CPU): a step with inf/nan gradients is skipped, on every rank
+
+def scaled_step(grad):
+    """(parameter after training.optimizer_step with a CPU GradScaler and this (scaled) gradient, scale)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer, scaler = torch.optim.SGD([p], lr=0.5), torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # scaling the loss creates the scale
+    p.grad = grad
+    training.optimizer_step(optimizer, scaler)
+    return p.detach(), scaler.get_scale()
+
+
+def test_a_step_with_inf_gradients_is_skipped_and_the_scale_backs_off():
+    p, scale = scaled_step(torch.tensor([4.0, 8.0]))
+    assert p.tolist() == [0.5, 0.0] and scale == 4.0  # unscaled grad [1, 2], lr 0.5
+    p, scale = scaled_step(torch.tensor([4.0, float("inf")]))
+    assert p.tolist() == [1.0, 1.0] and scale == 2.0
+
+
+def _scaled_step_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        grad = torch.tensor([4.0, float("inf") if rank == 1 else 8.0])  # only rank 1 overflowed
+        torch.save(scaled_step(grad), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_skips_the_step_one_rank_overflowed(tmp_path):
+    import torch.multiprocessing as mp
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_scaled_step_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    for rank in range(2):
+        p, scale = torch.load(tmp_path / f"rank{rank}.pt")
+        assert p.tolist() == [1.0, 1.0] and scale == 2.0, rank
