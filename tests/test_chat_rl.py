@@ -278,3 +278,31 @@ def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_ru
         assert all(torch.equal(straight[k], again[k]) for k in straight)
     finally:
         shutil.rmtree(ckpt, ignore_errors=True)  # the other runs of this module expect their files only
+
+
+def _examples_per_step_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        chat_rl.main(["--device-type=cpu", "--examples-per-step=3"])
+    except ValueError as e:
+        with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+            f.write(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    for rank in range(2):  # both ranks stop before loading anything, with the same message
+        assert (tmp_path / f"rank{rank}").read_text() == (
+            "--examples-per-step (3) must be a multiple of the world size (2)"), rank
