@@ -425,7 +425,8 @@ def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
 # -----------------------------------------------------------------------------
 # CORE that cannot run: at the last step the finished run survives it; before, it stops the run
 
-def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypatch, capsys, sample_tokenizer):
+def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypatch, capsys,
+                                                               sample_tokenizer):
     import shutil
     from nanochat.core_eval import EvalBundleError, ensure_eval_bundle
     base_dir = install_sample_base_dir(monkeypatch, tmp_path / "base", sample_tokenizer)

@@ -242,8 +242,8 @@ def test_rl_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
 
 def test_an_epoch_shorter_than_one_step_is_refused(base_dir):
     # --num-steps -1: the steps come from the epochs, and no step fits in one
-    with pytest.raises(ValueError, match=r"No steps to run: \d+ training questions, --examples-per-step 100000, "
-                                         r"--num-epochs 1"):
+    with pytest.raises(ValueError, match=r"No steps to run: \d+ training questions, "
+                                         r"--examples-per-step 100000, --num-epochs 1"):
         chat_rl.main(RUN_FLAGS + ["--num-steps=-1", "--examples-per-step=100000"])
 
 

@@ -398,8 +398,9 @@ def test_chatcore_every_prints_and_logs_the_six_tasks(base_dir, capsys, monkeypa
     logged = []
     run = types.SimpleNamespace(id="r", log=logged.append, finish=lambda: None)
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
-    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=1", "--eval-every=-1", "--eval-tokens=256",
-             "--chatcore-every=1", "--chatcore-max-cat=1", "--chatcore-max-sample=1", "--run=chatcore"]
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=1", "--eval-every=-1",
+             "--eval-tokens=256", "--chatcore-every=1", "--chatcore-max-cat=1", "--chatcore-max-sample=1",
+             "--run=chatcore"]
     try:
         out = run_main(flags, capsys)
     finally:
