@@ -389,8 +389,6 @@ class L3Layer(nn.Module):
     @staticmethod
     def _after_load(module, incompatible_keys):
         # re-derive (or check against the fixed) k_max from the loaded bounds
-        if module.bounds.is_meta:
-            return
         b = module.bounds.detach().cpu()
         if module.vocab_size == 0 and b.numel() < 2:
             return  # placeholder, nothing loaded yet

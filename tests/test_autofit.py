@@ -106,6 +106,17 @@ def test_running_out_of_memory_in_the_block_names_the_flag():
             raise ValueError("unrelated")
 
 
+def test_an_error_other_than_out_of_memory_stops_the_search(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setenv(autofit.TOKEN_LIMIT_ENV, str(1000 * SEQ))
+
+    def broken_forward(module, inputs, output):  # a bug in the model, not a full device
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    model.register_forward_hook(broken_forward)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        autofit.device_batch_size("auto", model, SEQ, 8, total_tokens=SEQ * 8)
+
+
 # -----------------------------------------------------------------------------
 # Two ranks (gloo): each searches under its own limit, both take the smaller answer
 
@@ -186,6 +197,15 @@ def test_running_out_of_memory_while_training_names_the_flag(base_dir, monkeypat
         train(TRAIN_FLAGS + ["--device-batch-size=2", "--model-tag=oom"], capsys)
     assert str(e.value).endswith("lower --device-batch-size (now 2) or use --device-batch-size auto")
     assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_a_total_batch_below_one_row_gets_the_geometry_error(base_dir, monkeypatch, capsys):
+    # no row fits in a step's 32 tokens: there is nothing to search, and the batch check says why
+    monkeypatch.setenv(autofit.TOKEN_LIMIT_ENV, str(1000 * 64))
+    with pytest.raises(ValueError, match=r"total_batch_size \(32\) must be a positive multiple of "
+                                         r"device_batch_size \* seq_len \* world_size = 32 \* 64 \* 1"):
+        train(TRAIN_FLAGS + ["--device-batch-size=auto", "--total-batch-size=32", "--model-tag=tiny_total"],
+              capsys)
 
 
 # -----------------------------------------------------------------------------

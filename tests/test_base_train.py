@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from nanochat import pretraining
 from scripts import base_train
@@ -356,3 +357,133 @@ def test_resume_refuses_a_feature_the_checkpoint_was_trained_without():
         pretraining.check_resume_config(muP_meta, plain, {}, 4)
     older = dict(meta, model_config={k: v for k, v in meta["model_config"].items() if k != "window_pattern"})
     pretraining.check_resume_config(older, plain, {}, 4)  # keys an older meta lacks are not compared
+
+
+# -----------------------------------------------------------------------------
+# L3: the bounds come from the first training tokens, are the same on every rank, and a resume keeps them
+
+L3_FLAGS = ["--l3-after-layers=1", "--l3-lzw-tokens=2000"]  # --l3-n-emb 0: 4 * vocab = 2048 rows
+L3_BOUNDS = "l3_layers.1.bounds"
+
+
+def lzw_bounds_of_first_tokens(tokenizer, limit):
+    """The bounds the LZW allocation gives the first `limit` training tokens, each document read with BOS."""
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.l3 import allocation_to_bounds, compute_lzw_allocation
+    seqs, left = [], limit
+    for texts in parquets_iter_batched("train"):
+        for text in texts:
+            if left > 0:
+                seqs.append(tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())[:left])
+                left -= len(seqs[-1])
+    assert sum(map(len, seqs)) == limit  # the sample holds more than `limit` tokens
+    return allocation_to_bounds(compute_lzw_allocation(seqs, tokenizer.get_vocab_size(), 4 * 512, 32))
+
+
+def test_l3_run_takes_its_bounds_from_the_data_and_resumes_exactly(base_dir, capsys):
+    from nanochat.tokenizer import get_tokenizer
+    flags = TRAIN_FLAGS + L3_FLAGS + ["--num-iterations=4", "--eval-every=-1", "--save-every=2",
+                                      "--model-tag=t_l3"]
+    out = run_main(flags, capsys)
+    assert "L3 allocation: n_emb=2,048, max per token 32" in out and "2,000 tokens scanned" in out
+    ckpt = os.path.join(base_dir, "base_checkpoints", "t_l3")
+    straight = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
+    assert torch.equal(straight[L3_BOUNDS], expected)
+    assert torch.equal(torch.load(os.path.join(ckpt, "model_000002.pt"))[L3_BOUNDS], expected)
+    # the resume takes the bounds from the checkpoint (no second LZW pass) and ends bit for bit the same
+    resumed = run_main(flags + ["--resume-from-step=2"], capsys)
+    assert "L3 allocation" not in resumed
+    again = torch.load(os.path.join(ckpt, "model_000004.pt"))
+    different = [k for k in straight if not torch.equal(straight[k], again[k])]
+    assert not different, different
+
+
+def _l3_rank_worker(rank, init_file, out_dir):
+    from nanochat.tokenizer import get_tokenizer
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        args = base_train.parse_args(TRAIN_FLAGS + L3_FLAGS)
+        model, _, _ = pretraining.build_model(args, get_tokenizer(), torch.device("cpu"), rank, out_dir)
+        torch.save(model.state_dict()[L3_BOUNDS], os.path.join(out_dir, f"bounds{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
+    # only rank 0 reads the data (the ranks read different shards): the others receive its bounds
+    import torch.multiprocessing as mp
+    from nanochat.tokenizer import get_tokenizer
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_l3_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"bounds{rank}.pt"), expected), f"rank {rank}"
+
+
+# -----------------------------------------------------------------------------
+# CORE that cannot run: at the last step the finished run survives it; before, it stops the run
+
+def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypatch, capsys,
+                                                               sample_tokenizer):
+    import shutil
+    from nanochat.core_eval import EvalBundleError, ensure_eval_bundle
+    base_dir = install_sample_base_dir(monkeypatch, tmp_path / "base", sample_tokenizer)
+    shutil.rmtree(os.path.join(ensure_eval_bundle(), "eval_data"))  # a bundle without any task file
+    flags = TRAIN_FLAGS + ["--eval-every=-1", "--core-metric-max-per-task=1"]  # a later flag wins
+    out = run_main(flags + ["--num-iterations=1", "--core-metric-every=999999", "--model-tag=t_core_last"],
+                   capsys)
+    assert re.search(r"^Step 00001 \| CORE evaluation failed \(None of the \d+ CORE task files exist under .*"
+                     r"\); the checkpoint is saved$", out, re.M), out[-2000:]
+    assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "t_core_last", "model_000001.pt"))
+    report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
+    assert "- CORE metric estimate: None\n" in report
+    with pytest.raises(EvalBundleError, match="None of the"):  # mid-run: the failure is not hidden
+        run_main(flags + ["--num-iterations=2", "--core-metric-every=1", "--model-tag=t_core_mid"], capsys)
+
+
+def test_resume_warns_when_the_flags_change_the_trajectory(capsys):
+    from dataclasses import asdict
+    from nanochat.gpt import GPTConfig
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    saved = {"depth": 2, "matrix_lr": 0.02, "run": "a", "eval_every": 250}
+    meta = {"model_config": asdict(config), "user_config": saved, "num_iterations": 4}
+    # a new run name and eval cadence leave the trajectory as it was: no warning
+    pretraining.check_resume_config(meta, config, dict(saved, run="b", eval_every=10), 4)
+    assert "Warning" not in capsys.readouterr().out
+    pretraining.check_resume_config(meta, config, dict(saved, matrix_lr=0.04), 6)
+    out = capsys.readouterr().out
+    assert ("Warning: resuming with different settings than the saved run (saved, now): "
+            "{'matrix_lr': (0.02, 0.04)}; the result will not match an uninterrupted run") in out
+    assert "Warning: the horizon changed from 4 to 6 steps on resume" in out
+
+
+def test_fp8_on_cpu_is_ignored_and_samples_are_printed(base_dir, capsys):
+    from nanochat.core_eval import SAMPLE_PROMPTS
+    out = run_main(TRAIN_FLAGS + ["--num-iterations=2", "--eval-every=-1", "--sample-every=2", "--fp8",
+                                  "--model-tag=t_fp8_samples"], capsys)
+    assert "Warning: FP8 training requires CUDA, ignoring --fp8 flag" in out
+    # the greedy samples, at the last step only (not at step 0): each prompt once, with a completion
+    for prompt in SAMPLE_PROMPTS:
+        assert len(re.findall(rf"^<\|bos\|>{re.escape(prompt)}.+$", out, re.M)) == 1, prompt
+    assert out.index("step 00001/") < out.index(f"<|bos|>{SAMPLE_PROMPTS[0]}")
+
+
+@pytest.mark.parametrize("depth,model_dim,n_scaling,batch,iters,wd", [DEPTH_TABLE[0], DEPTH_TABLE[5]])
+def test_default_total_batch_size_is_the_auto_one(depth, model_dim, n_scaling, batch, iters, wd, capsys):
+    args = base_train.parse_args([f"--depth={depth}"])  # --total-batch-size -1: auto
+    model = pretraining.build_model_meta(pretraining.model_config(args, depth, 32768))
+    scale = pretraining.apply_scaling_rules(args, model, 32768)
+    assert (scale.total_batch_size, scale.num_scaling) == (batch, n_scaling)
+    assert scale.weight_decay == pytest.approx(wd, abs=5e-5)
+    assert f"Auto-computed optimal batch size: {batch:,} tokens" in capsys.readouterr().out
+
+
+def test_sdpa_with_sliding_windows_warns_about_speed(capsys):
+    sdpa = types.SimpleNamespace(train="sdpa")
+    pretraining.print_attention_notice(sdpa, "L")
+    assert "sliding-window" not in capsys.readouterr().out
+    pretraining.print_attention_notice(sdpa, "SSSL")
+    assert ("WARNING: SDPA has no efficient sliding-window support (--window-pattern SSSL): GPU utilisation "
+            "will be poor. Use --window-pattern L") in capsys.readouterr().out

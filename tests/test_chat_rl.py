@@ -8,6 +8,8 @@ and real RL steps of a depth-2 model with an exact resume from the middle checkp
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -138,6 +140,16 @@ def test_generate_batch_keeps_the_terminator_of_finished_samples_on_request(toke
     assert default == ([prompt + [200, 201]], [[0, 0, 0, 1, 1]])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num-samples=0"], "--num-samples must be positive, got 0"),
+    (["--num-steps=0"], "--num-steps must be positive, or -1 for --num-epochs passes, got 0"),
+    (["--temperature=-0.5"], "--temperature must be >= 0, got -0.5")])
+def test_bad_flags_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        chat_rl.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # Real runs
 
@@ -226,3 +238,71 @@ def test_rl_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
     chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--run=rlrun", "--resume-from-step=1"])
     assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")
     capsys.readouterr()
+
+
+def test_an_epoch_shorter_than_one_step_is_refused(base_dir):
+    # --num-steps -1: the steps come from the epochs, and no step fits in one
+    with pytest.raises(ValueError, match=r"No steps to run: \d+ training questions, "
+                                         r"--examples-per-step 100000, --num-epochs 1"):
+        chat_rl.main(RUN_FLAGS + ["--num-steps=-1", "--examples-per-step=100000"])
+
+
+def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_run(base_dir, capsys,
+                                                                                   monkeypatch):
+    from tasks.gsm8k import GSM8K
+    ckpt = os.path.join(base_dir, "chatrl_checkpoints", "d2")
+    flags = RUN_FLAGS + ["--num-steps=3", "--eval-every=-1", "--save-every=-1"]
+    monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+    try:
+        chat_rl.main(flags)
+        straight = torch.load(os.path.join(ckpt, "model_000003.pt"))
+        shutil.rmtree(ckpt)
+        signals = []
+
+        def reward_then_sigterm(self, conversation, response):  # SIGTERM arrives during the first step
+            if not signals:
+                signals.append(signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return length_parity_reward(self, conversation, response)
+        monkeypatch.setattr(GSM8K, "reward", reward_then_sigterm)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            chat_rl.main(flags)
+        assert e.value.code == 128 + signal.SIGTERM
+        out = capsys.readouterr().out
+        assert "resume with --resume-from-step=1" in out and len(step_lines(out)) == 2  # step 0 finished
+        assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+        monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+        chat_rl.main(flags + ["--resume-from-step=1"])
+        again = torch.load(os.path.join(ckpt, "model_000003.pt"))
+        assert all(torch.equal(straight[k], again[k]) for k in straight)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the other runs of this module expect their files only
+
+
+def _examples_per_step_worker(rank, port, out_dir):
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        chat_rl.main(["--device-type=cpu", "--examples-per-step=3"])
+    except ValueError as e:
+        with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
+            f.write(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    for rank in range(2):  # both ranks stop before loading anything, with the same message
+        assert (tmp_path / f"rank{rank}").read_text() == (
+            "--examples-per-step (3) must be a multiple of the world size (2)"), rank

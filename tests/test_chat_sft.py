@@ -9,6 +9,8 @@ import gc
 import json
 import os
 import re
+import shutil
+import signal
 import sys
 import types
 
@@ -245,7 +247,8 @@ def test_warm_start_keeps_this_runs_group_settings_and_loads_buffers(base_dir):
 
 
 @pytest.mark.parametrize("argv", [["--num-iterations=0"], ["--warmdown-ratio=1.5"], ["--max-seq-len=0"],
-                                  ["--warmup-ratio=0.6", "--warmdown-ratio=0.6"]])
+                                  ["--warmup-ratio=0.6", "--warmdown-ratio=0.6"], ["--init-lr-frac=0"],
+                                  ["--mmlu-epochs=-1"], ["--gsm8k-epochs=-2"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         chat_sft.parse_args(argv)
@@ -358,3 +361,54 @@ def test_sft_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
         assert json.load(f)["wandb_run_id"] == "run1"
     run_main(flags + ["--resume-from-step=1"], capsys)
     assert calls[1]["id"] == "run1" and calls[1]["resume"] in ("allow", "must")
+
+
+def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_run(base_dir, capsys,
+                                                                                   monkeypatch):
+    ckpt = os.path.join(base_dir, "chatsft_checkpoints", "d2")
+    flags = RUN_FLAGS + ["--eval-every=-1", "--save-every=-1"]
+    try:
+        run_main(flags, capsys)
+        straight = torch.load(os.path.join(ckpt, "model_000004.pt"))
+        shutil.rmtree(ckpt)
+        apply_schedule, signals = training.apply_schedule, []
+
+        def schedule_then_sigterm(*args, **kwargs):  # SIGTERM arrives during the first step
+            apply_schedule(*args, **kwargs)
+            if not signals:
+                signals.append(signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(training, "apply_schedule", schedule_then_sigterm)
+        with pytest.raises(SystemExit) as e:
+            run_main(flags, capsys)
+        assert e.value.code == 128 + signal.SIGTERM
+        out = capsys.readouterr().out
+        assert "resume with --resume-from-step=1" in out and sorted(step_losses(out)) == [1]
+        assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+        monkeypatch.setattr(training, "apply_schedule", apply_schedule)
+        resumed = run_main(flags + ["--resume-from-step=1"], capsys)
+        assert sorted(step_losses(resumed)) == [2, 3, 4]
+        again = torch.load(os.path.join(ckpt, "model_000004.pt"))
+        assert all(torch.equal(straight[k], again[k]) for k in straight)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the other runs of this module expect their files only
+
+
+def test_chatcore_every_prints_and_logs_the_six_tasks(base_dir, capsys, monkeypatch):
+    logged = []
+    run = types.SimpleNamespace(id="r", log=logged.append, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=1", "--eval-every=-1",
+             "--eval-tokens=256", "--chatcore-every=1", "--chatcore-max-cat=1", "--chatcore-max-sample=1",
+             "--run=chatcore"]
+    try:
+        out = run_main(flags, capsys)
+    finally:
+        shutil.rmtree(os.path.join(base_dir, "chatsft_checkpoints", "d2"), ignore_errors=True)
+    printed = re.findall(r"^Step 00001 \| ChatCORE: (-?[\d.]+) \| ChatCORE_cat: (-?[\d.]+)$", out, re.M)
+    assert len(printed) == 1, out[-3000:]
+    entry = [e for e in logged if "chatcore_metric" in e]
+    assert len(entry) == 1 and entry[0]["step"] == 1
+    assert (f"{entry[0]['chatcore_metric']:.4f}", f"{entry[0]['chatcore_cat']:.4f}") == printed[0]
+    assert sorted(k for k in entry[0] if k.startswith("chatcore/")) == sorted(
+        f"chatcore/{task}" for task in chat_core.TASKS)

@@ -6,6 +6,7 @@ a per-token Python loop for the layer).
 """
 
 import random
+import re
 
 import pytest
 import torch
@@ -435,6 +436,44 @@ def test_layer_state_dict_round_trip_rederives_k_max():
     small = L3Layer(n_embd=8, n_emb=20, d_up=16, vocab_size=4, k_max=4)
     with pytest.raises(ValueError):
         small.load_state_dict(src.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((0, 12, 16), {}, "n_embd, n_emb and d_up must be >= 1, got 0, 12, 16"),
+    ((8, 12, 0), {}, "n_embd, n_emb and d_up must be >= 1, got 8, 12, 0"),
+    ((8, 12, 16), {"vocab_size": -1}, "vocab_size must be >= 0, got -1"),
+    ((8, 12, 16), {"k_max": 0}, "k_max must be >= 1, got 0")])
+def test_layer_sizes_are_checked_by_name(args, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        L3Layer(*args, **kwargs)
+
+
+def test_lzw_errors_name_the_argument():
+    with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+        compute_lzw_allocation([[0]], vocab_size=0, n_emb=4, k_max=1)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        compute_lzw_allocation([[0, 1.5]], vocab_size=8, n_emb=16, k_max=4)
+
+
+def test_bounds_of_no_token_or_of_two_dimensions_are_refused():
+    with pytest.raises(ValueError, match=r"bounds needs at least 2 entries \(one token\)"):
+        L3Layer(n_embd=8, n_emb=12, d_up=16).set_bounds([0])
+    # a checkpoint whose bounds are not 1-D (set_bounds refuses them before, loading reaches the check)
+    src = L3Layer(n_embd=8, n_emb=12, d_up=16)
+    state = dict(src.state_dict(), bounds=torch.tensor([[0, 1], [2, 3]]))
+    with pytest.raises(ValueError, match=r"bounds must be 1-D, got shape \(2, 2\)"):
+        L3Layer(n_embd=8, n_emb=12, d_up=16).load_state_dict(state, strict=True)
+
+
+def test_a_layer_without_bounds_round_trips_and_describes_itself():
+    placeholder = L3Layer(n_embd=8, n_emb=12, d_up=16)  # no vocab_size: bounds come later
+    copy = L3Layer(n_embd=8, n_emb=12, d_up=16)
+    copy.load_state_dict(placeholder.state_dict(), strict=True)
+    assert copy.bounds.tolist() == [0]
+    # print(model) shows each layer's sizes, and whether k_max was fixed or read off the bounds
+    assert "n_embd=8, n_emb=12, d_up=16, tie_kv=True, vocab_size=0, k_max=1 (derived)\n" in repr(copy)
+    fixed = L3Layer(n_embd=8, n_emb=12, d_up=16, tie_kv=False, vocab_size=3, k_max=4)
+    assert "n_embd=8, n_emb=12, d_up=16, tie_kv=False, vocab_size=3, k_max=4\n" in repr(fixed)
 
 
 # -----------------------------------------------------------------------------

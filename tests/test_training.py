@@ -100,6 +100,34 @@ def test_stop_flag_catches_sigterm_and_restores_handler():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_second_signal_stops_at_once():
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # the user sent it again: no waiting for the step to end
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == before  # a third one is handled as before the run
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_stop_flag_outside_the_main_thread_leaves_signals_alone():
+    # a training loop started from a worker thread (a notebook, a test) runs without signal handling
+    import threading
+    before, outcome = signal.getsignal(signal.SIGTERM), []
+
+    def run():
+        try:
+            with training.StopFlag() as flag:
+                outcome.append(flag.signum)
+        except ValueError as e:
+            outcome.append(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert outcome == [None] and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_should_stop_sees_non_finite_loss():
     with training.StopFlag() as flag:
         assert training.should_stop(flag, 2.0, "cpu") == (False, False)
@@ -324,3 +352,83 @@ def test_step_logger_prints_the_stage_line_and_logs_wandb_every_n_steps(capsys):
                        "train/loss": 3.5, "train/lrm": 0.5, "train/dt": 0.25, "train/tok_per_sec": 1000,
                        "train/mfu": pytest.approx(100.0), "train/epoch": "1 pq: 0 rg: 2"}]
     assert training.LossTracker(0.5, 3.0).state_dict() == {"smooth_train_loss": 0.5, "total_training_time": 3.0}
+
+
+# -----------------------------------------------------------------------------
+# A checkpoint without optimizer state: a resume refuses it, a warm start goes on with a fresh optimizer
+
+def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tiny_base_dir, capsys):
+    from conftest import write_tiny_checkpoint
+    _, model = write_tiny_checkpoint(tiny_base_dir, "base", step=5)  # model and meta only
+    message = "--resume-from-step=5: the base checkpoint d2 has no optimizer state for rank 0; resume from"
+    with pytest.raises(FileNotFoundError, match=message + " a step that has it"):
+        training.setup_optimizer(model, {}, 0.0, "cpu", 0, ("base", "d2", 5))
+    optimizer = training.setup_optimizer(model, {"matrix_lr": 0.01}, 0.0, "cpu", 0, ("sft", "d2", -1),
+                                         init_lr_frac=0.5, warm_from=("base", "d2", 5))
+    out = capsys.readouterr().out
+    assert "WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh" in out
+    assert not optimizer.state and optimizer.param_groups[-1]["lr"] == 0.005
+
+
+def test_the_collector_off_during_training_still_runs_every_5000_steps():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+    enabled = gc.isenabled()
+    gc.disable()  # as after the first step
+    try:
+        ref = cycle()
+        training.gc_after_step(4999, -1)
+        assert ref() is not None  # an ordinary step leaves the cycle
+        training.gc_after_step(5000, -1)
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# -----------------------------------------------------------------------------
+# fp16 (NANOCHAT_DTYPE=float16, also on CPU): a step with inf/nan gradients is skipped, on every rank
+
+def scaled_step(grad):
+    """(parameter after training.optimizer_step with a CPU GradScaler and this (scaled) gradient, scale)."""
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer, scaler = torch.optim.SGD([p], lr=0.5), torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # scaling the loss creates the scale
+    p.grad = grad
+    training.optimizer_step(optimizer, scaler)
+    return p.detach(), scaler.get_scale()
+
+
+def test_a_step_with_inf_gradients_is_skipped_and_the_scale_backs_off():
+    p, scale = scaled_step(torch.tensor([4.0, 8.0]))
+    assert p.tolist() == [0.5, 0.0] and scale == 4.0  # unscaled grad [1, 2], lr 0.5
+    p, scale = scaled_step(torch.tensor([4.0, float("inf")]))
+    assert p.tolist() == [1.0, 1.0] and scale == 2.0
+
+
+def _scaled_step_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        grad = torch.tensor([4.0, float("inf") if rank == 1 else 8.0])  # only rank 1 overflowed
+        torch.save(scaled_step(grad), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_skips_the_step_one_rank_overflowed(tmp_path):
+    import torch.multiprocessing as mp
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_scaled_step_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
+                       start_method=method)
+    for rank in range(2):
+        p, scale = torch.load(tmp_path / f"rank{rank}.pt")
+        assert p.tolist() == [1.0, 1.0] and scale == 2.0, rank
