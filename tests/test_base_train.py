@@ -414,9 +414,10 @@ def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
     # only rank 0 reads the data (the ranks read different shards): the others receive its bounds
     import torch.multiprocessing as mp
     from nanochat.tokenizer import get_tokenizer
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: a fork inherits locks that the earlier tests' threads (loaders, torch's pools)
+    # may hold, and the child can hang on one (seen in the full suite)
     mp.start_processes(_l3_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+                       start_method="spawn")
     expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"bounds{rank}.pt"), expected), f"rank {rank}"

@@ -300,9 +300,10 @@ def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # spawn, not fork: a fork inherits locks that the earlier tests' threads (loaders, torch's pools)
+    # may hold, and the child can hang on one (seen in the full suite)
     mp.start_processes(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+                       start_method="spawn")
     for rank in range(2):  # both ranks stop before loading anything, with the same message
         assert (tmp_path / f"rank{rank}").read_text() == (
             "--examples-per-step (3) must be a multiple of the world size (2)"), rank
