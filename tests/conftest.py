@@ -224,3 +224,20 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class AlteredLogits:
+    """The real GPT whose logits pass through alter(logits, ids), which a subclass overrides: a stand-in for
+    a model that misbehaves (or is observed) in one known way."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, ids, kv_cache=None):
+        return self.alter(self.model.forward(ids, kv_cache=kv_cache), ids)
+
+    def alter(self, logits, ids):
+        return logits

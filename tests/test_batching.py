@@ -15,7 +15,8 @@ from nanochat.batching import BatchScheduler, QueueFull, SamplingParams, TokenEv
 from nanochat.engine import Engine, KVCache
 from nanochat.gpt import GPT, GPTConfig
 
-from conftest import ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, ByteTokenizer
+from conftest import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, AlteredLogits,
+                      ByteTokenizer)
 
 VOCAB = 262
 SEQ_LEN = 96
@@ -282,18 +283,14 @@ def test_seed_none_gives_varied_outputs_and_same_seed_repeats(model, scheduler_f
     assert seeded[0] == seeded[1]
 
 
-class WidthRecorder:
+class WidthRecorder(AlteredLogits):
     """The real GPT, recording each decode step's batch width and the logits it returned."""
 
     def __init__(self, model):
-        self.model, self.config = model, model.config
+        super().__init__(model)
         self.widths, self.logits = [], []
 
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+    def alter(self, logits, ids):
         if ids.size(1) == 1:
             self.widths.append(ids.size(0))
             self.logits.append(logits.clone())
@@ -544,17 +541,10 @@ def test_shutdown_called_from_on_event_ends_every_request_without_an_error(model
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
-class NoStopModel:
+class NoStopModel(AlteredLogits):
     """The real GPT with the special ids banned, so only max_tokens can end a request."""
 
-    def __init__(self, model):
-        self.model, self.config = model, model.config
-
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+    def alter(self, logits, ids):
         logits[..., 256:] = float("-inf")
         return logits
 

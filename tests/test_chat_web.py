@@ -28,7 +28,7 @@ from nanochat.server import (BoundedBody, ServerConfig, Worker, WorkerPool, crea
                              start_generation, worker_devices)
 from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 
-from conftest import chat_server, point_base_dir_at
+from conftest import AlteredLogits, chat_server, point_base_dir_at
 
 SEQUENCE_LEN = 2048  # long enough that a reply capped only by the context runs for seconds on a CPU
 MODEL_ID = "nanochat-sft-d2"
@@ -205,17 +205,11 @@ def test_requests_go_to_the_least_loaded_scheduler(tiny_chat_model):
 # -----------------------------------------------------------------------------
 # Failures stay contained (the app over a given model, no uvicorn)
 
-class NaNModel:
+class NaNModel(AlteredLogits):
     """The real GPT with NaN logits: every request's generation fails."""
 
-    def __init__(self, model):
-        self.model, self.config = model, model.config
-
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        return self.model.forward(ids, kv_cache=kv_cache).fill_(float("nan"))
+    def alter(self, logits, ids):
+        return logits.fill_(float("nan"))
 
 
 @contextlib.contextmanager

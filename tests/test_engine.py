@@ -18,7 +18,8 @@ from nanochat.engine import (Engine, KVCache, NeverStopping, RowState, eval_with
                              use_calculator)
 from nanochat.gpt import GPT, GPTConfig
 
-from conftest import ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, ByteTokenizer
+from conftest import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, AlteredLogits,
+                      ByteTokenizer)
 
 # -----------------------------------------------------------------------------
 # The reference's mocks: only what the Engine is allowed to rely on
@@ -546,17 +547,10 @@ def test_chunked_prefill_equals_single_prefill():
 
 
 def test_max_tokens_none_stops_at_context_on_real_model():
-    class NoStopModel:
+    class NoStopModel(AlteredLogits):
         """The real GPT with the terminal ids banned, so only the context length can end the run."""
 
-        def __init__(self, model):
-            self.model, self.config = model, model.config
-
-        def get_device(self):
-            return self.model.get_device()
-
-        def forward(self, ids, kv_cache=None):
-            logits = self.model.forward(ids, kv_cache=kv_cache)
+        def alter(self, logits, ids):
             return torch.nn.functional.pad(logits, (0, 262 - VOCAB), value=float("-inf"))  # specials never win
 
     model = NoStopModel(tiny_gpt(sequence_len=32))

@@ -25,7 +25,7 @@ from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.api_schemas import MAX_CHOICES, MAX_MESSAGE_LENGTH, MAX_STOP_LENGTH
 from nanochat.server import ServerConfig
 
-from conftest import chat_server
+from conftest import AlteredLogits, chat_server
 
 SEQUENCE_LEN = 64  # short replies: the fuzz and load tests send many requests
 USER = [{"role": "user", "content": "Hi"}]
@@ -98,18 +98,15 @@ def test_tiny_temperatures_and_top_p_are_greedy_and_leave_other_rows_alone(tiny_
     assert greedy[1] != "error"
 
 
-class NaNRow:
+class NaNRow(AlteredLogits):
     """The real GPT, except that one batch row's logits turn NaN in batched forwards (the decode step):
     a stand-in for any numerical accident in one request's row."""
 
     def __init__(self, model, row):
-        self.model, self.config, self.row = model, model.config, row
+        super().__init__(model)
+        self.row = row
 
-    def get_device(self):
-        return self.model.get_device()
-
-    def forward(self, ids, kv_cache=None):
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+    def alter(self, logits, ids):
         if ids.size(0) > 1:
             self.tamper(logits[self.row])
         return logits
@@ -126,12 +123,12 @@ class HugeRow(NaNRow):
         row_logits.mul_(1e37)
 
 
-class FailingPrefill(NaNRow):
+class FailingPrefill(AlteredLogits):
     """The real GPT, except that the prefill of one prompt raises: a stand-in for any error in one
     request's own forward (e.g. running out of memory on a long prompt)."""
 
     def __init__(self, model, prompt):
-        super().__init__(model, row=None)
+        super().__init__(model)
         self.prompt = prompt
 
     def forward(self, ids, kv_cache=None):
@@ -140,22 +137,14 @@ class FailingPrefill(NaNRow):
         return self.model.forward(ids, kv_cache=kv_cache)
 
 
-def test_a_row_whose_logits_turn_nan_ends_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
+@pytest.mark.parametrize("altered_row", [NaNRow, HugeRow])
+def test_a_row_whose_logits_or_sampling_fail_ends_alone_and_the_others_continue_bit_for_bit(tiny_chat_model,
+                                                                                           altered_row):
     model, tokenizer = tiny_chat_model
     jobs = normal_jobs(tokenizer)
+    jobs[1] = (jobs[1][0], SamplingParams(max_tokens=20, temperature=0.01, seed=2))  # sampled, not greedy
     alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
-    batch = run_batch(NaNRow(model, row=1), tokenizer, jobs)
-    tokens, reason = batch[1]
-    assert reason == "error" and len(tokens) <= 1  # the prefill (batch 1) token, then the failed step
-    assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
-
-
-def test_a_row_whose_sampling_raises_ends_alone_and_the_others_continue_bit_for_bit(tiny_chat_model):
-    model, tokenizer = tiny_chat_model
-    jobs = normal_jobs(tokenizer)
-    jobs[1] = (jobs[1][0], SamplingParams(max_tokens=20, temperature=0.01, seed=2))  # not greedy
-    alone = [run_batch(model, tokenizer, [job])[0] for job in jobs]
-    batch = run_batch(HugeRow(model, row=1), tokenizer, jobs)
+    batch = run_batch(altered_row(model, row=1), tokenizer, jobs)
     tokens, reason = batch[1]
     assert reason == "error" and len(tokens) <= 1  # the prefill (batch 1) token, then the failed step
     assert batch[:1] + batch[2:] == alone[:1] + alone[2:]
