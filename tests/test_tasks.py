@@ -181,7 +181,7 @@ def fake_hub(monkeypatch, rows):
             raise ConnectionError("no network")
         return FakeDataset(rows)
 
-    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    monkeypatch.delenv("NANOCHAT_OFFLINE", raising=False)  # a test may stand in for the hub twice
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     return calls
 
@@ -346,7 +346,6 @@ def test_hub_rows_of_arc_and_mmlu_that_break_their_format_name_the_row(monkeypat
     fake_hub(monkeypatch, [dict(ARC_ROW, answerKey="E")])
     with pytest.raises(ValueError, match=r"ARC ARC-Easy/test row x: answer 'E' is not one of the labels"):
         ARC("ARC-Easy", "test")[0]
-    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")  # as before the first fake_hub, which unset it
     fake_hub(monkeypatch, [{"question": "q", "subject": "", "choices": ["a", "b", "c"], "answer": 0}])
     with pytest.raises(ValueError, match="MMLU auxiliary_train row 0: expected 4 choices, got 3"):
         MMLU("all", "auxiliary_train")[0]
