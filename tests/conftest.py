@@ -14,7 +14,8 @@ Fixtures:
   text), for the chat-stage tests (SFT, RL, ChatCORE, tasks).
 Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
 install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process), chat_prompt
-(a hand-built chat prompt, for checking rendered prompts token by token).
+(a hand-built chat prompt, for checking rendered prompts token by token), AlteredLogits (the real GPT
+with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in the middle of a step).
 - tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
   SEQUENCE_LEN context, and its (model, tokenizer).
 """
@@ -22,6 +23,7 @@ install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat serve
 import contextlib
 import io
 import os
+import signal
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
@@ -241,3 +243,16 @@ class AlteredLogits:
 
     def alter(self, logits, ids):
         return logits
+
+
+def sigterm_on_first_call(monkeypatch, owner, name):
+    """Make owner.<name> send this process SIGTERM on its first call, then do what it did: a signal that
+    arrives in the middle of a training step. Later calls (the resumed run's) only do what it did."""
+    original, sent = getattr(owner, name), []
+
+    def first_call_signals(*args, **kwargs):
+        if not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, first_call_signals)

@@ -21,7 +21,7 @@ from nanochat.tokenizer import compute_token_bytes
 from nanochat import chat_train
 from scripts import chat_rl
 
-from conftest import point_base_dir_at, write_tiny_checkpoint
+from conftest import point_base_dir_at, sigterm_on_first_call, write_tiny_checkpoint
 
 
 
@@ -257,14 +257,7 @@ def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_ru
         chat_rl.main(flags)
         straight = torch.load(os.path.join(ckpt, "model_000003.pt"))
         shutil.rmtree(ckpt)
-        signals = []
-
-        def reward_then_sigterm(self, conversation, response):  # SIGTERM arrives during the first step
-            if not signals:
-                signals.append(signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
-            return length_parity_reward(self, conversation, response)
-        monkeypatch.setattr(GSM8K, "reward", reward_then_sigterm)
+        sigterm_on_first_call(monkeypatch, GSM8K, "reward")  # during the first step's rollouts
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             chat_rl.main(flags)
@@ -272,7 +265,6 @@ def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_ru
         out = capsys.readouterr().out
         assert "resume with --resume-from-step=1" in out and len(step_lines(out)) == 2  # step 0 finished
         assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
-        monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
         chat_rl.main(flags + ["--resume-from-step=1"])
         again = torch.load(os.path.join(ckpt, "model_000003.pt"))
         assert all(torch.equal(straight[k], again[k]) for k in straight)
@@ -300,10 +292,8 @@ def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # spawn, not fork: a fork inherits locks that the earlier tests' threads (loaders, torch's pools)
-    # may hold, and the child can hang on one (seen in the full suite)
-    mp.start_processes(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    # spawned, not forked: a forked child can hang on a lock an earlier test's thread held
+    mp.spawn(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2)
     for rank in range(2):  # both ranks stop before loading anything, with the same message
         assert (tmp_path / f"rank{rank}").read_text() == (
             "--examples-per-step (3) must be a multiple of the world size (2)"), rank

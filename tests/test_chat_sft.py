@@ -23,7 +23,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import compute_token_bytes
 from scripts import chat_sft
 
-from conftest import point_base_dir_at
+from conftest import point_base_dir_at, sigterm_on_first_call
 
 SEQ_LEN = 128
 
@@ -371,21 +371,13 @@ def test_sigterm_saves_after_the_step_and_the_resume_matches_an_uninterrupted_ru
         run_main(flags, capsys)
         straight = torch.load(os.path.join(ckpt, "model_000004.pt"))
         shutil.rmtree(ckpt)
-        apply_schedule, signals = training.apply_schedule, []
-
-        def schedule_then_sigterm(*args, **kwargs):  # SIGTERM arrives during the first step
-            apply_schedule(*args, **kwargs)
-            if not signals:
-                signals.append(signal.SIGTERM)
-                os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(training, "apply_schedule", schedule_then_sigterm)
+        sigterm_on_first_call(monkeypatch, training, "apply_schedule")  # during the first step
         with pytest.raises(SystemExit) as e:
             run_main(flags, capsys)
         assert e.value.code == 128 + signal.SIGTERM
         out = capsys.readouterr().out
         assert "resume with --resume-from-step=1" in out and sorted(step_losses(out)) == [1]
         assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
-        monkeypatch.setattr(training, "apply_schedule", apply_schedule)
         resumed = run_main(flags + ["--resume-from-step=1"], capsys)
         assert sorted(step_losses(resumed)) == [2, 3, 4]
         again = torch.load(os.path.join(ckpt, "model_000004.pt"))
