@@ -414,10 +414,8 @@ def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
     # only rank 0 reads the data (the ranks read different shards): the others receive its bounds
     import torch.multiprocessing as mp
     from nanochat.tokenizer import get_tokenizer
-    # spawn, not fork: a fork inherits locks that the earlier tests' threads (loaders, torch's pools)
-    # may hold, and the child can hang on one (seen in the full suite)
-    mp.start_processes(_l3_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    # spawned, not forked: a forked child can hang on a lock an earlier test's thread held
+    mp.spawn(_l3_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
     expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"bounds{rank}.pt"), expected), f"rank {rank}"

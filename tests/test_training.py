@@ -426,10 +426,8 @@ def _scaled_step_worker(rank, init_file, out_dir):
 
 def test_every_rank_skips_the_step_one_rank_overflowed(tmp_path):
     import torch.multiprocessing as mp
-    # spawn, not fork: a fork inherits locks that the earlier tests' threads (loaders, torch's pools)
-    # may hold, and the child can hang on one (seen in the full suite)
-    mp.start_processes(_scaled_step_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    # spawned, not forked: a forked child can hang on a lock an earlier test's thread held
+    mp.spawn(_scaled_step_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
     for rank in range(2):
         p, scale = torch.load(tmp_path / f"rank{rank}.pt")
         assert p.tolist() == [1.0, 1.0] and scale == 2.0, rank
