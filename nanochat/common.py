@@ -536,29 +536,6 @@ def get_peak_bandwidth(device_name):
     return float("inf") if row is None else row[2]
 
 
-def get_cpu_peak_flops(num_threads=None, ghz=None):
-    """
-    A nominal fp32 peak for this CPU, so that MFU on a laptop prints a comparable number instead
-    of 0%. 32 fp32 FLOP/cycle/core = two 256-bit FMA units (AVX2, 8 lanes x 2 ops x 2 ports);
-    the clock comes from /proc/cpuinfo when present (else 3 GHz). A rough yardstick, not a spec sheet.
-    """
-    if ghz is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                mhz = [float(line.split(":")[1]) for line in f if line.lower().startswith("cpu mhz")]
-        except OSError:
-            mhz = []
-        ghz = max(mhz) / 1000 if mhz else 3.0
-    return (num_threads or torch.get_num_threads()) * 32 * ghz * 1e9
-
-
-def get_device_peak_flops(device_type):
-    """Peak FLOP/s of the current device for MFU: the GPU table on CUDA, a nominal value on CPU."""
-    if device_type == "cuda":
-        return get_peak_flops(torch.cuda.get_device_name(0))
-    return get_cpu_peak_flops() if device_type == "cpu" else float("inf")
-
-
 def _best_seconds(fn, repeats):
     fn()  # warm-up: allocation, thread pool start
     times = []
@@ -574,14 +551,23 @@ def measure_cpu_peaks(matmul_dim=1024, copy_mib=64, repeats=5):
     (FLOP/s, bytes/s) this CPU reaches, measured in well under a second: the best of `repeats` fp32
     matmuls of matmul_dim^2 and the best of `repeats` copies of copy_mib MiB (read + write, larger than
     any cache). An estimate, not a datasheet number: MFU/MBU against it say "of what this machine can
-    do at all", so they read higher than against a vendor peak.
+    do at all", so they read higher than against a vendor peak. The operands are constants: drawing them
+    from the global RNG would change the weights of a model initialised after the measurement.
     """
-    a, b = torch.randn(matmul_dim, matmul_dim), torch.randn(matmul_dim, matmul_dim)
+    a, b = torch.full((matmul_dim, matmul_dim), 0.5), torch.full((matmul_dim, matmul_dim), 0.5)
     flops = 2 * matmul_dim**3 / _best_seconds(lambda: a @ b, repeats)
     src = torch.empty(copy_mib * 2**20 // 4)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), repeats)
     return flops, bandwidth
+
+
+def get_device_peak_flops(device_type):
+    """Peak FLOP/s of the current device for MFU: the datasheet table on CUDA, a measured estimate on CPU
+    (measure_cpu_peaks), inf elsewhere (MFU then prints as 0)."""
+    if device_type == "cuda":
+        return get_peak_flops(torch.cuda.get_device_name(0))
+    return measure_cpu_peaks()[0] if device_type == "cpu" else float("inf")
 
 
 def get_device_peaks(device_type):
