@@ -358,15 +358,19 @@ def bar_figure(values, xlabel, title):
 
 
 def record_point(curve, step, values):
-    """Append a step and its {series name: value} to curve ({"steps": [...], name: [...]}). A series
-    without a value at the step gets None there, so every series stays aligned with the steps."""
+    """
+    Set {series name: value} at `step` of curve ({"steps": [...], name: [...]}): at its last point when that
+    is `step`, else at a new point. Every series keeps one value per step (None where it has none), and a
+    resumed run, which evaluates its first step again, leaves the curve as the uninterrupted run's.
+    """
     steps = curve.setdefault("steps", [])
-    for name in values:
-        curve.setdefault(name, [None] * len(steps))
-    steps.append(step)
-    for name, series in curve.items():
-        if name != "steps":
-            series.append(values.get(name))
+    if not steps or steps[-1] != step:
+        steps.append(step)
+        for name, series in curve.items():
+            if name != "steps":
+                series.append(None)
+    for name, value in values.items():
+        curve.setdefault(name, [None] * len(steps))[-1] = value
     return curve
 
 
@@ -390,19 +394,19 @@ class Report:
         _write_text_atomic(path, text)
         return path
 
-    def log_curve(self, section, steps, series, ylabel="loss", xlabel="step", title=None):
+    def log_curve(self, section, curve, ylabel="loss", xlabel="step", title=None):
         """
-        Plot one or more curves over a shared x axis into <slug>.png and (over)write <slug>.md so that it
-        embeds the image and lists each curve's last and minimum value. ylabel is one axis label for all
-        curves, or {curve name: axis label with its unit}, e.g. {"val bpb": "val bpb (bits/byte)"}: curves
-        of one label share a panel, each label gets its own. Use None or nan for steps where a curve has no
-        value. Returns the PNG path.
+        Plot curve ({"steps": [...], name: [...]}, see record_point) into <slug>.png and (over)write <slug>.md
+        so that it embeds the image and lists each series' last and minimum value. ylabel is one axis label
+        for all series, or {series name: axis label with its unit}, e.g. {"val bpb": "val bpb (bits/byte)"}:
+        series of one label share a panel, each label gets its own. None or nan marks a step where a series
+        has no value. Returns the PNG path.
         """
         slug = slugify(section)
-        image = self.curve_image(slug, {"steps": steps, **series}, ylabel, xlabel, title or section)
+        image = self.curve_image(slug, curve, ylabel, xlabel, title or section)
         stats = {}
-        for name, values in series.items():
-            finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+        for name, values in curve.items():
+            finite = [float(v) for v in values if v is not None and math.isfinite(v)] if name != "steps" else []
             key = name if isinstance(ylabel, dict) else f"{name} {ylabel}"
             if finite:
                 stats[f"{key} (last)"] = finite[-1]
@@ -411,8 +415,8 @@ class Report:
         return self._path(f"{slug}.png")
 
     def curve_image(self, name, curve, ylabel="loss", xlabel="step", title=None):
-        """Write <name>.png of curve ({"steps": [...], name: [...]}, see record_point; ylabel as in log_curve)
-        and return the markdown that embeds it, for a section's items ("" for a curve without steps)."""
+        """Write <name>.png of curve (as in log_curve) and return the markdown that embeds it, for a section's
+        items ("" for a curve without steps)."""
         steps = list(curve.get("steps", []))
         series = {key: values for key, values in curve.items() if key != "steps"}
         if not steps:

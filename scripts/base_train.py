@@ -34,7 +34,7 @@ from nanochat.fp8 import fp8_tokens_error
 from nanochat.loss_eval import split_bpb
 from nanochat.pretraining import (apply_scaling_rules, build_model, check_resume_config, convert_fp8,
                                   core_and_log, num_iterations_for, print_horizon, print_parameter_counts)
-from nanochat.report import get_report
+from nanochat.report import get_report, record_point
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 
@@ -162,8 +162,10 @@ def setup(args, user_config):
                 "total_batch_size": scale.total_batch_size, "num_iterations": num_iterations,
                 "dataloader_state_dict": lambda: batches.trained_state,
                 "dataloader_state_dicts": lambda: gather_from_ranks(batches.trained_state)}
-    run = training.restore_run_state(ckpt, meta, config, user_config, geometry, scaler, wandb_run,
-                                     curve={"steps": [], "train": [], "val": []})
+    run = training.restore_run_state(ckpt, meta, config, user_config, geometry, scaler, wandb_run, curve={})
+    if "train" in run.curve:  # a checkpoint saved before its series had the names the report shows
+        run.curve = {"steps": run.curve["steps"], "train loss": run.curve["train"],
+                     "val bpb": run.curve["val"]}
     run.core_results, run.mfu = None, 0.0
     st = SimpleNamespace(args=args, model=model, orig_model=orig_model, optimizer=optimizer, scaler=scaler,
                          tokenizer=tokenizer, token_bytes=token_bytes, device=device, device_type=device_type,
@@ -193,7 +195,7 @@ def evaluate_and_save(step, last_step, run, st):
         print0(f"Step {step:05d} | Validation bpb: {value:.6f}")
         st.wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                           "total_training_time": run.tracker.total_training_time, "val/bpb": value})
-        run.curve["steps"].append(step), run.curve["train"].append(None), run.curve["val"].append(value)
+        record_point(run.curve, step, {"val bpb": value})
 
     def evaluate_core(step, last_step):
         result = core_and_log(st.orig_model, st.tokenizer, st.device, args.core_metric_max_per_task, step,
@@ -217,7 +219,7 @@ def log_step(step, loss, lrm, dt, run, st):
     position = f"epoch: {loader['epoch']} pq: {loader['pq_idx']} rg: {loader['rg_idx']}"
     run.mfu = st.logger.log(step, f"/{n:05d} ({100 * step / n:.2f}%)", smooth, lrm, dt, run.tracker, position,
                             position[len("epoch: "):], run.tracker.eta_suffix(step, n))
-    run.curve["steps"].append(step), run.curve["train"].append(loss), run.curve["val"].append(None)
+    record_point(run.curve, step, {"train loss": loss})
 
 
 def report_run(user_config, run, st, peak_mem):
@@ -238,10 +240,8 @@ def report_run(user_config, run, st, peak_mem):
          "Total training time": f"{run.tracker.total_training_time / 60:.2f}m",
          "Peak memory usage": f"{peak_mem:.2f}MiB"},
     ])
-    curve = run.curve
-    if curve["steps"]:
-        series = {"train loss": curve["train"], "val bpb": curve["val"]}
-        report.log_curve("Base model loss", curve["steps"], series,
+    if run.curve:
+        report.log_curve("Base model loss", run.curve,
                          {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
 
 

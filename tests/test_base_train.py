@@ -227,6 +227,29 @@ def test_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
     assert resumed["id"] == "run1" and resumed["resume"] in ("allow", "must") and resumed["name"] == "myrun"
 
 
+def test_resume_of_a_checkpoint_with_the_older_curve_keys_keeps_its_curve(base_dir, capsys):
+    # checkpoints saved before the curve used the report's series names kept {"train": ..., "val": ...}
+    flags = TRAIN_FLAGS + ["--num-iterations=4", "--eval-every=2", "--model-tag=t_curve", "--save-every=2"]
+    run_main(flags, capsys)
+    meta_path = os.path.join(base_dir, "base_checkpoints", "t_curve", "meta_000002.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    curve = meta["loop_state"]["curve"]
+    assert curve["steps"] == [0, 1, 2]
+    meta["loop_state"]["curve"] = {"steps": curve["steps"], "train": curve.pop("train loss"),
+                                   "val": curve.pop("val bpb")}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    run_main(flags + ["--resume-from-step=2"], capsys)
+    loss_md = open(os.path.join(base_dir, "report", "base-model-loss.md")).read()
+    stats = dict(re.findall(r"^- (.+?): ([\d.]+)$", loss_md, re.M))
+    assert set(stats) == {f"{name} ({stat})" for name in ("train loss", "val bpb") for stat in ("last", "min")}
+    with open(os.path.join(base_dir, "base_checkpoints", "t_curve", "meta_000004.json")) as f:
+        resumed = json.load(f)["loop_state"]["curve"]
+    assert resumed["steps"] == [0, 1, 2, 3, 4] and set(resumed) == {"steps", "train loss", "val bpb"}
+    assert resumed["val bpb"][:3] == meta["loop_state"]["curve"]["val"]
+
+
 # -----------------------------------------------------------------------------
 # Determinism: the same command twice gives the same weights, bit for bit
 

@@ -248,7 +248,7 @@ def test_log_curve_writes_png_and_embeds_it(rep, env):
     steps = list(range(0, 200, 10))
     train = [4.0 * 0.9 ** (i / 10) for i in steps]
     val = [t + 0.1 if i % 50 == 0 else None for i, t in zip(steps, train)]  # sparse curve
-    png = rep.log_curve("Base model loss", steps, {"train": train, "val": val})
+    png = rep.log_curve("Base model loss", {"steps": steps, "train": train, "val": val})
     assert png == str(env.report_dir / "base-model-loss.png")
     data = open(png, "rb").read()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
@@ -278,7 +278,7 @@ def test_log_curve_writes_png_and_embeds_it(rep, env):
 
 def test_log_curve_rejects_mismatched_lengths(rep, env):
     with pytest.raises(ValueError, match="val"):
-        rep.log_curve("Base model loss", [0, 1, 2], {"train": [3.0, 2.0, 1.0], "val": [1.0]})
+        rep.log_curve("Base model loss", {"steps": [0, 1, 2], "train": [3.0, 2.0, 1.0], "val": [1.0]})
     assert not (env.report_dir / "base-model-loss.png").exists()
 
 
@@ -300,8 +300,8 @@ def test_curve_figure_puts_each_unit_on_its_own_panel():
 
 
 def test_log_curve_with_units_writes_a_panel_per_unit_and_names_the_stats_by_curve(rep, env):
-    png = rep.log_curve("Base model loss", [0, 1, 2], {"train loss": [3.0, 2.0, 2.5], "val bpb": [1.5, None, 1.2]},
-                        UNITS)
+    curve = {"steps": [0, 1, 2], "train loss": [3.0, 2.0, 2.5], "val bpb": [1.5, None, 1.2]}
+    png = rep.log_curve("Base model loss", curve, UNITS)
     data = open(png, "rb").read()
     assert data[:8] == PNG_SIGNATURE and struct.unpack(">II", data[16:24]) == (800, 550)  # two panels high
     md = (env.report_dir / "base-model-loss.md").read_text()
@@ -315,7 +315,10 @@ def test_record_point_keeps_every_series_aligned_with_the_steps():
     R.record_point(curve, 0, {"val bpb": 1.5})
     R.record_point(curve, 0, {"train loss": 3.0})
     assert R.record_point(curve, 1, {"train loss": 2.0}) is curve
-    assert curve == {"steps": [0, 0, 1], "val bpb": [1.5, None, None], "train loss": [None, 3.0, 2.0]}
+    assert curve == {"steps": [0, 1], "val bpb": [1.5, None], "train loss": [3.0, 2.0]}
+    R.record_point(curve, 2, {"val bpb": 1.25})
+    R.record_point(curve, 2, {"val bpb": 1.25})  # a resumed run evaluates its first step again
+    assert curve == {"steps": [0, 1, 2], "val bpb": [1.5, None, 1.25], "train loss": [3.0, 2.0, None]}
 
 
 def test_curve_image_embeds_its_png_and_draws_nothing_without_steps(rep, env):
@@ -363,7 +366,7 @@ def test_dummy_report_is_noop(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     d = R.DummyReport()
     assert d.log("X", [{"a": 1}]) is None
-    assert d.log_curve("Y", [0], {"a": [1.0]}) is None
+    assert d.log_curve("Y", {"steps": [0], "a": [1.0]}) is None
     assert d.curve_image("y", {"steps": [0], "a": [1.0]}) == "" and d.bar_chart_image("y", {"a": 1}, "x", "t") == ""
     assert d.reset() is None and d.generate() is None
     assert os.listdir(tmp_path) == []
