@@ -755,6 +755,8 @@ def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()  # the port is free again for a retry
             raise RuntimeError("The server did not start (see the log above for the reason)")
         time.sleep(0.05)
     return server, thread, sock.getsockname()[1]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -174,9 +175,14 @@ def test_chat_web_flags_out_of_range_are_usage_errors_naming_the_flag(capsys, ar
 def test_serve_in_thread_says_when_the_server_did_not_start(tmp_path, monkeypatch):
     point_base_dir_at(monkeypatch, tmp_path)  # no checkpoint to load
     app = create_app(ServerConfig(device_type="cpu"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     with pytest.raises(RuntimeError, match="did not start"):
-        serve_in_thread(app, timeout=60)
+        serve_in_thread(app, port=port, timeout=60)
     assert isinstance(app.state.startup_error, FileNotFoundError)
+    with socket.socket() as retry:  # the failed server's socket is closed: its port can be bound again
+        retry.bind(("127.0.0.1", port))
 
 
 def test_num_gpus_above_one_needs_cuda():
