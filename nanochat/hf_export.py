@@ -95,7 +95,11 @@ def hf_tokenizer(tokenizer):
     from tokenizers.models import BPE
     enc, chars = tokenizer.enc, _byte_chars()
     special_ids = {tokenizer.encode_special(name): name for name in SPECIAL_TOKENS}
-    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in special_ids}
+    try:
+        ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in special_ids}
+    except KeyError as e:  # tiktoken's, for an id no token has
+        raise ValueError(f"token id {e.args[0]} has no token: the export needs ids 0..{enc.n_vocab - 1} "
+                         f"without gaps; retrain the tokenizer with scripts.tok_train (no gaps)") from None
     text = lambda token: "".join(chars[b] for b in token)
     merges = [tuple(map(text, _last_merge(t, ranks))) for t in sorted(ranks, key=ranks.get) if len(t) > 1]
     hf = Tokenizer(BPE(vocab={text(t): i for t, i in ranks.items()}, merges=merges, ignore_merges=True))

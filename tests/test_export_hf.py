@@ -186,6 +186,12 @@ def test_a_tokenizer_that_is_no_plain_bpe_is_refused():
     tokenizer = SimpleNamespace(enc=enc, encode_special=enc.encode_single_token)
     with pytest.raises(ValueError, match="special tokens must take the ids right after the BPE tokens"):
         hf_export.hf_tokenizer(tokenizer)
+    # no token has id 256: the merge "ab" took 257
+    specials = {name: 258 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding("gap", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials)
+    tokenizer = SimpleNamespace(enc=enc, encode_special=enc.encode_single_token)
+    with pytest.raises(ValueError, match=r"token id 256 has no token: .* retrain the tokenizer"):
+        hf_export.hf_tokenizer(tokenizer)
 
 
 def test_export_draws_a_progress_bar_on_a_terminal(exported, tmp_path, monkeypatch):
