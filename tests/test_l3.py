@@ -571,6 +571,17 @@ def test_num_scaling_params_l3_keys(tie_kv):
     assert counts["total"] - plain["total"] == counts["l3_embeds"] + counts["l3_matrices"]
 
 
+def test_estimate_flops_adds_the_l3_projections_and_lookups():
+    # model spec 2.7: w_up and w_mix are matmul parameters (6 FLOPs each per token), the tables are lookups,
+    # and each L3 layer adds 12 * (l3_n_emb / vocab_size) * n_embd for scoring and aggregating its block
+    from nanochat.gpt import GPT
+    with torch.device("meta"):
+        plain = GPT(l3_config(l3_after_layers="", l3_n_emb=0))
+        l3 = GPT(l3_config(l3_after_layers="0,2", l3_n_emb=160, l3_tie_kv=False))
+    projections = 32 * 64 + 64 * (32 + 64)  # w_up + w_mix of one layer
+    assert l3.estimate_flops() - plain.estimate_flops() == 2 * (6 * projections + 12 * (160 / 64) * 64)
+
+
 def test_gpt_l3_config_parsing_and_errors():
     from nanochat.gpt import GPT
     with torch.device("meta"):
