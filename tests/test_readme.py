@@ -10,8 +10,9 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in ci_lines[-1] and not any("pytest" in l for l in ci_lines[:-1])
 
 
-def test_readme_tree_lists_every_module():
+def test_readme_tree_lists_every_module_script_and_dev_tool():
     readme = (ROOT / "README.md").read_text()
-    modules = [p.name for p in (ROOT / "nanochat").glob("*.py") if p.name != "__init__.py"]
-    missing = [m for m in modules if f"  {m}" not in readme]
-    assert not missing, f"README layout is missing {missing}"
+    layout = readme[readme.index("## Layout"):readme.index("\n## ", readme.index("## Layout"))]
+    files = [p for folder in ("nanochat", "scripts", "dev") for p in sorted((ROOT / folder).glob("*.py"))]
+    missing = [f"{p.parent.name}/{p.name}" for p in files if p.name != "__init__.py" and p.name not in layout]
+    assert not missing, f"README's layout section is missing {missing}"
