@@ -13,6 +13,8 @@ Two layers:
   skipped on macOS, which does not enforce RLIMIT_AS), no core dumps, a size cap on every file the code
   writes (stdout and stderr included), stdin unavailable, destructive functions disabled
   (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
+  On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes every
+  call that starts a process fail (threads still start), so a fork bomb stays one process.
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -26,6 +28,7 @@ the nonce and the code on its stdin, so the guard below is ordinary Python rathe
 """
 
 import builtins
+import errno
 import faulthandler
 import io
 import json
@@ -36,6 +39,7 @@ import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,6 +68,11 @@ DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rm
                          "getcwd", "chdir")
 DISABLED_SHUTIL_FUNCTIONS = ("rmtree", "move", "chown")
 BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+# the code may start no process (a fork bomb would take the machine's PIDs and memory before the timeout):
+# a seccomp filter, where the machine is one of these. Tests turn it off to check the layers below it.
+FORBID_NEW_PROCESSES = True
+# machine: (AUDIT_ARCH_* of its native calls, clone, clone3, the calls that always start a process)
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, 56, 435, (57, 58)), "aarch64": (0xC00000B7, 220, 435, ())}
 
 
 @dataclass
@@ -317,7 +326,8 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
         harness_path = os.path.abspath(__file__) if bwrap_arguments is None else SANDBOX_HARNESS_PATH
         limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
         # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
-        command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path]
+        command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path,
+                   "forbid" if FORBID_NEW_PROCESSES else "allow"]
         process, init_pidfd = _start_child(command, bwrap_arguments, workdir, deadline,
                                            dict(stdin=stdin, stdout=stdout, stderr=stderr))
         timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
@@ -353,6 +363,44 @@ def _set_resource_limits(maximum_memory_bytes):
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)  # an unprivileged process cannot raise its hard limit
         resource.setrlimit(which, (value, value))
+
+
+def _new_process_filter(arch, clone, clone3, forks):
+    """The seccomp program (classic BPF, 8 bytes a row) that fails fork, vfork and clone without
+    CLONE_THREAD with EPERM, and clone3, whose flags it cannot read, with ENOSYS (glibc then uses clone).
+    Calls of another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes none."""
+    allow, deny, nosys = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    rows = [("ld", 4), ("jeq", arch, None, "nosys"), ("ld", 0)]  # seccomp_data: nr at 0, arch at 4
+    if arch == SECCOMP_ARCHES["x86_64"][0]:
+        rows.append(("jge", 0x40000000, "nosys", None))  # the x32 ABI's numbers
+    rows += [("jeq", clone3, "nosys", None), *[("jeq", nr, "deny", None) for nr in forks],
+             ("jeq", clone, None, "allow"), ("ld", 16), ("jset", 0x00010000, "allow", "deny"),  # CLONE_THREAD
+             ("ret", allow), ("ret", deny), ("ret", nosys)]
+    label = {"allow": len(rows) - 3, "deny": len(rows) - 2, "nosys": len(rows) - 1}
+    codes = {"ld": 0x20, "jeq": 0x15, "jge": 0x35, "jset": 0x45, "ret": 0x06}  # BPF_LD|BPF_W|BPF_ABS, ...
+    program = b""
+    for i, (op, k, *targets) in enumerate(rows):
+        jt, jf = [label[t] - i - 1 if t else 0 for t in targets] if targets else (0, 0)
+        program += struct.pack("=HBBI", codes[op], jt, jf, k)
+    return program
+
+
+def _forbid_new_processes():
+    """Install _new_process_filter in this process for good: it holds for all that the process runs
+    (Linux x86_64/aarch64; elsewhere nothing happens, and the other layers remain)."""
+    import ctypes
+    import platform
+    spec = SECCOMP_ARCHES.get(platform.machine())
+    if not sys.platform.startswith("linux") or spec is None:
+        return
+    rows = _new_process_filter(*spec)
+    program = ctypes.create_string_buffer(rows, len(rows))
+    fprog = struct.pack("@HP", len(rows) // 8, ctypes.addressof(program))  # struct sock_fprog
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong]
+    # PR_SET_NO_NEW_PRIVS (38), then PR_SET_SECCOMP (22) in SECCOMP_MODE_FILTER (2)
+    if prctl(38, 1, None, 0, 0) != 0 or prctl(22, 2, fprog, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "the sandbox could not forbid new processes (seccomp)")
 
 
 def reliability_guard(maximum_memory_bytes=None):
@@ -398,7 +446,7 @@ def _exec_code(code):
     return 0
 
 
-def _run_child(memory_limit_arg, result_path):
+def _run_child(memory_limit_arg, result_path, processes_arg):
     """Run the code from stdin (after the nonce line) under the guard; if it ran to its end, write the nonce
     to result_path and exit at once. Returns the exit status otherwise."""
     nonce = sys.stdin.buffer.readline().rstrip(b"\n")
@@ -409,6 +457,8 @@ def _run_child(memory_limit_arg, result_path):
     # taken before the code runs
     result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
+    if processes_arg == "forbid":
+        _forbid_new_processes()
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
     status = _exec_code(code)
     if status == 0:
@@ -418,4 +468,4 @@ def _run_child(memory_limit_arg, result_path):
 
 
 if __name__ == "__main__":
-    sys.exit(_run_child(sys.argv[1], sys.argv[2]))
+    sys.exit(_run_child(*sys.argv[1:4]))

@@ -7,10 +7,12 @@ The attacks that only OS isolation contains are in tests/test_sandbox.py.
 """
 
 import ast
+import errno
 import glob
 import gzip
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -85,9 +87,60 @@ def test_infinite_loop_times_out():
     assert result.error == "Execution timed out (process killed)"
 
 
+can_forbid_processes = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.machine() not in execution.SECCOMP_ARCHES,
+    reason="the process ban is a seccomp filter for Linux on x86_64 and aarch64")
+
+
+@can_forbid_processes
+@pytest.mark.parametrize("start", [
+    "posix.fork()", "posix.posix_spawn('/bin/true', ['true'], {})",
+    "for _ in range(6):\n    posix.fork()",  # a fork bomb, bounded in case the ban ever failed
+], ids=["fork", "posix_spawn", "fork bomb"])
+def test_the_code_cannot_start_a_process(start):
+    result = execute_code(f"import posix\n{start}\n", timeout=2.0)
+    assert not result.success and not result.timeout
+    assert result.error.startswith("PermissionError: [Errno 1] Operation not permitted")
+
+
+@can_forbid_processes
+def test_raw_process_calls_fail_and_threads_still_start():
+    # what ctypes can call directly: fork, vfork and clone for a process fail; clone3, whose flags the filter
+    # cannot read, and x32 calls (on kernels that have them) do not exist; a thread (clone with CLONE_THREAD)
+    # starts
+    code = ("import ctypes, errno, threading\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "calls = {'x86_64': [(57,), (58,), (56, 17, 0, 0, 0, 0), (435, 0, 0), (57 | 0x40000000,)],\n"
+            "         'aarch64': [(220, 17, 0, 0, 0, 0), (435, 0, 0)]}[MACHINE]\n"
+            "for call in calls:\n"
+            "    print(libc.syscall(*call), errno.errorcode[ctypes.get_errno()])\n"
+            "threading.Thread(target=print, args=('thread',)).start()\n")
+    result = execute_code(f"MACHINE = {platform.machine()!r}\n{code}")
+    assert result.success, result
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "thread"
+    want = {"x86_64": ["EPERM"] * 3 + ["ENOSYS"] * 2, "aarch64": ["EPERM", "ENOSYS"]}[platform.machine()]
+    assert lines[:-1] == [f"-1 {name}" for name in want]
+
+
+@can_forbid_processes
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="i386 calls through int 0x80 exist on x86_64 only")
+def test_a_fork_through_the_i386_abi_fails():
+    # machine code that makes the i386 fork call (int 0x80), which a filter of x86_64 numbers alone would miss
+    code = ("import ctypes, mmap\n"
+            "page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "page.write(bytes.fromhex('b802000000cd80c3'))  # mov eax, 2 (fork); int 0x80; ret\n"
+            "address = ctypes.addressof(ctypes.c_char.from_buffer(page))\n"
+            "print(ctypes.CFUNCTYPE(ctypes.c_int)(address)())\n")
+    result = execute_code(code)
+    assert result.success and result.stdout == f"{-errno.ENOSYS}\n", result  # one process, no such call
+
+
 @linux_only
-def test_timeout_kills_processes_started_by_the_code():
-    # posix.fork: the guard disables os.fork only; the forked child's command line names the temp dir
+def test_timeout_kills_processes_started_by_the_code(monkeypatch):
+    # the layer below the process ban (which covers Linux on x86_64 and aarch64 only): with the ban off,
+    # posix.fork (the guard disables os.fork only) starts a child whose command line names the temp dir
+    monkeypatch.setattr(execution, "FORBID_NEW_PROCESSES", False)
     code = ("import posix, time\n"
             "print(posix.getcwd(), flush=True)\n"
             "if posix.fork() == 0:\n    time.sleep(30)\n"
