@@ -5,8 +5,9 @@ Two layers:
 - OS isolation (Linux, when bubblewrap works here): each call runs in fresh namespaces with no network,
   its own PID space (every process the code starts dies with it), a read-only view of only the
   interpreter's installation and the system libraries (not the repository, home directories or the
-  rest of /etc), one writable temp dir, no capabilities, as user "nobody". Where that is unavailable
-  (macOS, no bwrap, no user namespaces) a warning says so once, and only the second layer remains.
+  rest of /etc), one writable temp dir (a 64 MiB tmpfs with bwrap >= 0.8; /dev read-only), no
+  capabilities, as user "nobody". Where that is unavailable (macOS, no bwrap, no user namespaces) a
+  warning says so once, and only the second layer remains.
   bwrap adds a few tens of milliseconds to each call.
 - In-process guards, always: a fresh interpreter with an empty environment, in its own session (the
   parent kills its process group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK;
@@ -60,6 +61,10 @@ SYSTEM_LIBRARY_PATHS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64"
                         "/etc/ld.so.cache")
 PROBE_TIMEOUT = 30.0  # seconds for the one trivial run that decides whether isolation works here
 NAMESPACE_EXIT_TIMEOUT = 5.0  # seconds to wait for the kernel to end the processes the code left behind
+# under bwrap >= 0.8 the code's temp dir is a tmpfs of this size: files written in a loop until the timeout
+# would otherwise put gigabytes on the host's disk
+WORKDIR_LIMIT_BYTES = 64 * 1024 * 1024
+WORKDIR = "@WORKDIR@"  # in the bwrap command line: where the per-call temp dir goes
 
 # the reference's reliability guard, function for function
 DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
@@ -135,7 +140,14 @@ def _bwrap_arguments(bwrap):
         else:
             arguments += ["--ro-bind", path, path]
     arguments += ["--ro-bind", os.path.abspath(__file__), SANDBOX_HARNESS_PATH]
-    return tuple(arguments)
+    if "--size" in help_text:  # bwrap >= 0.8: a tmpfs of bounded size, with the host's result file in it
+        result_path = f"{WORKDIR}/{RESULT_FILENAME}"
+        arguments += ["--size", str(WORKDIR_LIMIT_BYTES), "--tmpfs", WORKDIR,
+                      "--bind", result_path, result_path]
+    else:
+        arguments += ["--bind", WORKDIR, WORKDIR]
+    # /dev is a tmpfs too (only its device nodes stay writable), which would hold files in memory unbounded
+    return tuple(arguments + ["--chdir", WORKDIR, "--remount-ro", "/", "--remount-ro", "/dev"])
 
 
 def _probe_isolation():
@@ -293,7 +305,8 @@ def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
 
 
 def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
-    """Start the child in workdir, under bwrap when given (workdir is then its one writable place). Returns
+    """Start the child in workdir, under bwrap when given (workdir, or a bounded tmpfs in its place, is then
+    its one writable place; the result file is the host's in either case). Returns
     the process and a pidfd of its PID namespace's init (None without bwrap, or where there is none to be
     had). Its own session, so that its whole process group can be killed; an empty environment, so that no
     secret of the parent reaches the code (under bwrap, also what the namespace's init shows in
@@ -302,8 +315,8 @@ def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
     if bwrap_arguments is None:
         return subprocess.Popen(child_command, **popen_arguments), None
     info_read, info_write = os.pipe()
-    command = [*bwrap_arguments, "--info-fd", str(info_write), "--bind", workdir, workdir, "--chdir", workdir,
-               "--remount-ro", "/", *child_command]
+    command = [*(a.replace(WORKDIR, workdir) for a in bwrap_arguments), "--info-fd", str(info_write),
+               *child_command]
     try:
         process = subprocess.Popen(command, pass_fds=(info_write,), **popen_arguments)
     except BaseException:
@@ -323,6 +336,7 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
         stdin.write(nonce + b"\n" + code.encode("utf-8", errors="replace"))
         stdin.seek(0)
         result_path = os.path.join(workdir, RESULT_FILENAME)
+        open(result_path, "wb").close()  # here, so that bwrap can bind it into a tmpfs workdir
         harness_path = os.path.abspath(__file__) if bwrap_arguments is None else SANDBOX_HARNESS_PATH
         limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
         # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
@@ -454,8 +468,8 @@ def _run_child(memory_limit_arg, result_path, processes_arg):
     sys.stdin = _NoInput()
     # the source, for tracebacks
     linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)
-    # taken before the code runs
-    result_fd = os.open(result_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # taken before the code runs (the parent made the file)
+    result_fd = os.open(result_path, os.O_WRONLY | os.O_NOFOLLOW)
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
     if processes_arg == "forbid":
         _forbid_new_processes()

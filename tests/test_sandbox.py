@@ -101,6 +101,32 @@ def test_cannot_connect_to_a_local_server():
     assert not result.success
 
 
+def test_cannot_fill_the_disk_or_the_memory_with_files():
+    # files written in a loop until the timeout: the temp dir is a tmpfs of bounded size (bwrap >= 0.8), and
+    # /dev, a tmpfs as well, is read-only. 16 files of 8 MiB: a missing bound shows without writing gigabytes
+    code = ("import posix\nwritten, why = 0, 'no error'\n"
+            "try:\n"
+            "    for n in range(16):\n"
+            "        with open(f'file{n}', 'wb') as f:\n"
+            "            f.write(bytes(8 << 20))\n"
+            "        written += 8 << 20\n"
+            "except OSError as e:\n"
+            "    why = e.strerror\n"
+            "print(written, why)\n"
+            "for path in ('/dev/shm/file', '/dev/file'):\n"
+            "    try:\n        open(path, 'wb').close()\n        print(path, 'written')\n"
+            "    except OSError as e:\n        print(path, e.strerror)\n"
+            "open('/dev/null', 'w').write('the device nodes stay writable')\n")
+    result = execute_code(code)
+    assert result.success, result
+    lines = result.stdout.splitlines()
+    assert lines[1:] == ["/dev/shm/file Read-only file system", "/dev/file Read-only file system"]
+    if "--size" not in execution._get_isolation().bwrap_arguments:
+        pytest.skip("this bwrap (< 0.8) has no --size: the temp dir is the host's, unbounded")
+    written, why = lines[0].split(" ", 1)
+    assert int(written) <= execution.WORKDIR_LIMIT_BYTES and why == "No space left on device"
+
+
 def test_cannot_read_the_parents_secrets():
     secret = "nanochat-secret-" + secrets.token_hex(8)
     # the attacker knows the variable's name (think HF_TOKEN); only matching entries are printed
