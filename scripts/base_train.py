@@ -162,7 +162,9 @@ def setup(args, user_config):
                 "total_batch_size": scale.total_batch_size, "num_iterations": num_iterations,
                 "dataloader_state_dict": lambda: batches.trained_state,
                 "dataloader_state_dicts": lambda: gather_from_ranks(batches.trained_state)}
-    run = training.restore_run_state(ckpt, meta, config, user_config, geometry, scaler, wandb_run, curve={})
+    curve = {"steps": [], "train loss": [], "val bpb": []}  # the report plots the series in this order
+    run = training.restore_run_state(ckpt, meta, config, user_config, geometry, scaler, wandb_run,
+                                     curve=curve)
     if "train" in run.curve:  # a checkpoint saved before its series had the names the report shows
         run.curve = {"steps": run.curve["steps"], "train loss": run.curve["train"],
                      "val bpb": run.curve["val"]}
@@ -240,7 +242,7 @@ def report_run(user_config, run, st, peak_mem):
          "Total training time": f"{run.tracker.total_training_time / 60:.2f}m",
          "Peak memory usage": f"{peak_mem:.2f}MiB"},
     ])
-    if run.curve:
+    if run.curve["steps"]:
         report.log_curve("Base model loss", run.curve,
                          {"train loss": "train loss (nats/token)", "val bpb": "val bpb (bits/byte)"})
 

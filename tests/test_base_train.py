@@ -129,6 +129,7 @@ def test_train_writes_checkpoint_meta_and_report(base_dir, capsys):
     loss_md = open(os.path.join(report_dir, "base-model-loss.md")).read()
     # train loss (nats/token) and val bpb (bits/byte) are named apart and plotted on panels of their own
     assert "- train loss (last): " in loss_md and "- val bpb (min): " in loss_md and "bpb loss" not in loss_md
+    assert loss_md.index("- train loss (last)") < loss_md.index("- val bpb (last)")  # the panels' order
     # the checkpoint loads back into a model with the same weights
     from nanochat.checkpoint_manager import load_model
     model, tokenizer, meta2 = load_model("base", torch.device("cpu"), phase="eval", model_tag="t_basic")
