@@ -15,7 +15,9 @@ Two layers:
   writes (stdout and stderr included), stdin unavailable, destructive functions disabled
   (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
   On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes every
-  call that starts a process fail (threads still start), so a fork bomb stays one process.
+  call that starts a process fail (threads still start), so a fork bomb stays one process, and the calls
+  that make memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); at most 256
+  open files bound what pipes and sockets buffer.
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -73,11 +75,16 @@ DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rm
                          "getcwd", "chdir")
 DISABLED_SHUTIL_FUNCTIONS = ("rmtree", "move", "chown")
 BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
-# the code may start no process (a fork bomb would take the machine's PIDs and memory before the timeout):
-# a seccomp filter, where the machine is one of these. Tests turn it off to check the layers below it.
-FORBID_NEW_PROCESSES = True
-# machine: (AUDIT_ARCH_* of its native calls, clone, clone3, the calls that always start a process)
-SECCOMP_ARCHES = {"x86_64": (0xC000003E, 56, 435, (57, 58)), "aarch64": (0xC00000B7, 220, 435, ())}
+# a seccomp filter, where the machine is one of SECCOMP_ARCHES: the code may start no process (a fork bomb
+# would take the machine's PIDs and memory before the timeout) and create no memory outside RLIMIT_AS
+# (memfds, SysV shared memory and message queues fill RAM without bound). Tests turn it off to check the
+# layers below it.
+CALL_FILTER = True
+# machine: (AUDIT_ARCH_* of its native calls, clone, clone3, the calls denied outright: fork, vfork,
+# memfd_create, shmget, msgget as that machine numbers them)
+SECCOMP_ARCHES = {"x86_64": (0xC000003E, 56, 435, (57, 58, 319, 29, 68)),
+                  "aarch64": (0xC00000B7, 220, 435, (279, 194, 186))}
+OPEN_FILES_LIMIT = 256  # RLIMIT_NOFILE: also bounds what pipes and sockets can buffer
 
 
 @dataclass
@@ -341,7 +348,7 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
         limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
         # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
         command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path,
-                   "forbid" if FORBID_NEW_PROCESSES else "allow"]
+                   "filter" if CALL_FILTER else "no-filter"]
         process, init_pidfd = _start_child(command, bwrap_arguments, workdir, deadline,
                                            dict(stdin=stdin, stdout=stdout, stderr=stderr))
         timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
@@ -368,7 +375,8 @@ def execute_code(code: str, timeout: float = 5.0,
 def _set_resource_limits(maximum_memory_bytes):
     import resource  # POSIX only; imported here so the parent side never needs it
 
-    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, OUTPUT_LIMIT_BYTES)]
+    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, OUTPUT_LIMIT_BYTES),
+              (resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT)]
     if maximum_memory_bytes is not None and sys.platform != "darwin":
         memory_limits = (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK)
         limits += [(r, maximum_memory_bytes) for r in memory_limits]
@@ -379,15 +387,15 @@ def _set_resource_limits(maximum_memory_bytes):
         resource.setrlimit(which, (value, value))
 
 
-def _new_process_filter(arch, clone, clone3, forks):
-    """The seccomp program (classic BPF, 8 bytes a row) that fails fork, vfork and clone without
+def _call_filter(arch, clone, clone3, denied):
+    """The seccomp program (classic BPF, 8 bytes a row) that fails the denied calls and clone without
     CLONE_THREAD with EPERM, and clone3, whose flags it cannot read, with ENOSYS (glibc then uses clone).
     Calls of another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes none."""
     allow, deny, nosys = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
     rows = [("ld", 4), ("jeq", arch, None, "nosys"), ("ld", 0)]  # seccomp_data: nr at 0, arch at 4
     if arch == SECCOMP_ARCHES["x86_64"][0]:
         rows.append(("jge", 0x40000000, "nosys", None))  # the x32 ABI's numbers
-    rows += [("jeq", clone3, "nosys", None), *[("jeq", nr, "deny", None) for nr in forks],
+    rows += [("jeq", clone3, "nosys", None), *[("jeq", nr, "deny", None) for nr in denied],
              ("jeq", clone, None, "allow"), ("ld", 16), ("jset", 0x00010000, "allow", "deny"),  # CLONE_THREAD
              ("ret", allow), ("ret", deny), ("ret", nosys)]
     label = {"allow": len(rows) - 3, "deny": len(rows) - 2, "nosys": len(rows) - 1}
@@ -399,22 +407,22 @@ def _new_process_filter(arch, clone, clone3, forks):
     return program
 
 
-def _forbid_new_processes():
-    """Install _new_process_filter in this process for good: it holds for all that the process runs
-    (Linux x86_64/aarch64; elsewhere nothing happens, and the other layers remain)."""
+def _install_call_filter():
+    """Install _call_filter in this process for good: it holds for all that the process runs (Linux
+    x86_64/aarch64; elsewhere nothing happens, and the other layers remain)."""
     import ctypes
     import platform
     spec = SECCOMP_ARCHES.get(platform.machine())
     if not sys.platform.startswith("linux") or spec is None:
         return
-    rows = _new_process_filter(*spec)
+    rows = _call_filter(*spec)
     program = ctypes.create_string_buffer(rows, len(rows))
     fprog = struct.pack("@HP", len(rows) // 8, ctypes.addressof(program))  # struct sock_fprog
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong]
     # PR_SET_NO_NEW_PRIVS (38), then PR_SET_SECCOMP (22) in SECCOMP_MODE_FILTER (2)
     if prctl(38, 1, None, 0, 0) != 0 or prctl(22, 2, fprog, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "the sandbox could not forbid new processes (seccomp)")
+        raise OSError(ctypes.get_errno(), "the sandbox could not install its seccomp filter")
 
 
 def reliability_guard(maximum_memory_bytes=None):
@@ -460,7 +468,7 @@ def _exec_code(code):
     return 0
 
 
-def _run_child(memory_limit_arg, result_path, processes_arg):
+def _run_child(memory_limit_arg, result_path, filter_arg):
     """Run the code from stdin (after the nonce line) under the guard; if it ran to its end, write the nonce
     to result_path and exit at once. Returns the exit status otherwise."""
     nonce = sys.stdin.buffer.readline().rstrip(b"\n")
@@ -471,8 +479,8 @@ def _run_child(memory_limit_arg, result_path, processes_arg):
     # taken before the code runs (the parent made the file)
     result_fd = os.open(result_path, os.O_WRONLY | os.O_NOFOLLOW)
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
-    if processes_arg == "forbid":
-        _forbid_new_processes()
+    if filter_arg == "filter":
+        _install_call_filter()
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
     status = _exec_code(code)
     if status == 0:

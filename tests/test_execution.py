@@ -87,12 +87,12 @@ def test_infinite_loop_times_out():
     assert result.error == "Execution timed out (process killed)"
 
 
-can_forbid_processes = pytest.mark.skipif(
+has_call_filter = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.machine() not in execution.SECCOMP_ARCHES,
-    reason="the process ban is a seccomp filter for Linux on x86_64 and aarch64")
+    reason="the call filter is a seccomp program for Linux on x86_64 and aarch64")
 
 
-@can_forbid_processes
+@has_call_filter
 @pytest.mark.parametrize("start", [
     "posix.fork()", "posix.posix_spawn('/bin/true', ['true'], {})",
     "for _ in range(6):\n    posix.fork()",  # a fork bomb, bounded in case the ban ever failed
@@ -103,15 +103,19 @@ def test_the_code_cannot_start_a_process(start):
     assert result.error.startswith("PermissionError: [Errno 1] Operation not permitted")
 
 
-@can_forbid_processes
-def test_raw_process_calls_fail_and_threads_still_start():
-    # what ctypes can call directly: fork, vfork and clone for a process fail; clone3, whose flags the filter
-    # cannot read, and x32 calls (on kernels that have them) do not exist; a thread (clone with CLONE_THREAD)
-    # starts
+@has_call_filter
+def test_raw_calls_for_processes_and_memory_fail_and_threads_still_start():
+    # what ctypes can call directly: fork, vfork and clone for a process fail, and so do memfd_create,
+    # shmget (1 GiB, IPC_CREAT) and msgget (IPC_CREAT), which make memory outside RLIMIT_AS; clone3, whose
+    # flags the filter cannot read, and x32 calls (on kernels that have them) do not exist; a thread (clone
+    # with CLONE_THREAD) starts
     code = ("import ctypes, errno, threading\n"
             "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "calls = {'x86_64': [(57,), (58,), (56, 17, 0, 0, 0, 0), (435, 0, 0), (57 | 0x40000000,)],\n"
-            "         'aarch64': [(220, 17, 0, 0, 0, 0), (435, 0, 0)]}[MACHINE]\n"
+            "memory = {'x86_64': [(319, b'x', 0), (29, 0, 1 << 30, 0o1600), (68, 0, 0o1600)],\n"
+            "          'aarch64': [(279, b'x', 0), (194, 0, 1 << 30, 0o1600), (186, 0, 0o1600)]}[MACHINE]\n"
+            "calls = {'x86_64': [(57,), (58,), (56, 17, 0, 0, 0, 0), *memory, (435, 0, 0),\n"
+            "                    (57 | 0x40000000,)],\n"
+            "         'aarch64': [(220, 17, 0, 0, 0, 0), *memory, (435, 0, 0)]}[MACHINE]\n"
             "for call in calls:\n"
             "    print(libc.syscall(*call), errno.errorcode[ctypes.get_errno()])\n"
             "threading.Thread(target=print, args=('thread',)).start()\n")
@@ -119,11 +123,30 @@ def test_raw_process_calls_fail_and_threads_still_start():
     assert result.success, result
     lines = result.stdout.splitlines()
     assert lines[-1] == "thread"
-    want = {"x86_64": ["EPERM"] * 3 + ["ENOSYS"] * 2, "aarch64": ["EPERM", "ENOSYS"]}[platform.machine()]
-    assert lines[:-1] == [f"-1 {name}" for name in want]
+    x86_64, aarch64 = ["EPERM"] * 6 + ["ENOSYS"] * 2, ["EPERM"] * 4 + ["ENOSYS"]
+    assert lines[:-1] == [f"-1 {name}" for name in {"x86_64": x86_64, "aarch64": aarch64}[platform.machine()]]
 
 
-@can_forbid_processes
+@has_call_filter
+def test_the_code_cannot_make_memory_that_its_limit_does_not_count():
+    result = execute_code("import os\nos.memfd_create('ram')\n")
+    assert not result.success
+    assert result.error.startswith("PermissionError: [Errno 1] Operation not permitted")
+
+
+@linux_only
+def test_the_code_can_open_only_a_bounded_number_of_files():
+    # every open pipe or socket can buffer memory outside RLIMIT_AS: their number is bounded
+    code = ("import os\nends = []\n"
+            "try:\n    while True:\n        ends += os.pipe()\n"
+            "except OSError as e:\n    print(len(ends), e.strerror)\n")
+    result = execute_code(code)
+    assert result.success, result
+    count, why = result.stdout.strip().split(" ", 1)
+    assert int(count) <= execution.OPEN_FILES_LIMIT and why == "Too many open files"
+
+
+@has_call_filter
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="i386 calls through int 0x80 exist on x86_64 only")
 def test_a_fork_through_the_i386_abi_fails():
     # machine code that makes the i386 fork call (int 0x80), which a filter of x86_64 numbers alone would miss
@@ -138,9 +161,9 @@ def test_a_fork_through_the_i386_abi_fails():
 
 @linux_only
 def test_timeout_kills_processes_started_by_the_code(monkeypatch):
-    # the layer below the process ban (which covers Linux on x86_64 and aarch64 only): with the ban off,
+    # the layer below the call filter (which covers Linux on x86_64 and aarch64 only): with the filter off,
     # posix.fork (the guard disables os.fork only) starts a child whose command line names the temp dir
-    monkeypatch.setattr(execution, "FORBID_NEW_PROCESSES", False)
+    monkeypatch.setattr(execution, "CALL_FILTER", False)
     code = ("import posix, time\n"
             "print(posix.getcwd(), flush=True)\n"
             "if posix.fork() == 0:\n    time.sleep(30)\n"

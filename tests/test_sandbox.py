@@ -1,9 +1,9 @@
 """
 The attack list against the sandbox: each attack must be contained by the OS isolation. The attacks get
 around the in-process guard on purpose (posix.* instead of the disabled os.* functions, open(), sockets),
-and the process ban is off, so they show what the isolation itself stops; without isolation they succeed,
-which is why every test here skips, saying why, where bwrap cannot run. The process ban has its own tests
-in test_execution.py.
+and the call filter is off, so they show what the isolation itself stops; without isolation they succeed,
+which is why every test here skips, saying why, where bwrap cannot run. The call filter (no processes, no
+memory outside RLIMIT_AS) has its own tests in test_execution.py.
 """
 
 import os
@@ -33,8 +33,8 @@ def require_isolation(monkeypatch):
     problem = execution.isolation_problem()
     if problem:
         pytest.skip(f"no OS isolation here, so nothing to contain the attacks: {problem}")
-    # the process ban (seccomp) would stop the process attacks first: here the isolation alone must hold
-    monkeypatch.setattr(execution, "FORBID_NEW_PROCESSES", False)
+    # the call filter (seccomp) would stop the process attacks first: here the isolation alone must hold
+    monkeypatch.setattr(execution, "CALL_FILTER", False)
 
 
 def run_in_evaluator(code, secret=""):
