@@ -56,7 +56,7 @@ def fa3_rows(cuda):
 
 def train_row(name, depth, cuda, fp8=False):
     """tok/s, MFU and peak memory of training steps (forward, backward, optimizer) on random tokens."""
-    from nanochat.common import get_device_peaks
+    from nanochat.common import get_device_peaks, percent_of_peak
     from nanochat.gpt import GPT, config_for_depth
     device = torch.device("cuda" if cuda else "cpu")
     T, B, vocab, warmup, steps = (2048, 16, 32768, 3, 10) if cuda else (64, 2, 512, 1, 3)
@@ -84,7 +84,7 @@ def train_row(name, depth, cuda, fp8=False):
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize() if cuda else None
     tok_per_sec = B * T * steps / (time.perf_counter() - t0)
-    mfu = 100 * model.estimate_flops() * tok_per_sec / get_device_peaks(device.type)[0]
+    mfu = percent_of_peak(model.estimate_flops() * tok_per_sec, get_device_peaks(device.type)[0])
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "n/a on CPU"
     how = ("compiled " + ("fp8" if fp8 else "bf16")) if cuda else "eager fp32 (cpu smoke)"
     return (name, f"d{depth} B{B} T{T}, {how}", f"{tok_per_sec:,.0f} tok/s, MFU {mfu:.1f}%, peak {peak}")

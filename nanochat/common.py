@@ -582,5 +582,7 @@ def get_device_peaks(device_type):
     return float("inf"), float("inf"), f"unknown ({device_type})"
 
 
-def format_mfu(flops_per_sec, peak_flops):
-    return 0.0 if not math.isfinite(peak_flops) else 100 * flops_per_sec / peak_flops
+def percent_of_peak(per_second, peak):
+    """Utilisation in percent: an achieved rate (FLOP/s for MFU, bytes/s for MBU) over the device's peak
+    (get_device_peaks); 0 when the peak is unknown (inf)."""
+    return 100 * per_second / peak if math.isfinite(peak) and peak > 0 else 0.0

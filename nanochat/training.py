@@ -23,7 +23,8 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, optimizer_shard_count,
                                          save_checkpoint)
 from nanochat.common import (DummyWandb, agree_max, agree_sum, autodetect_device_type, compute_cleanup,
-                             compute_init, get_device_peak_flops, get_dist_info, is_ddp_initialized, print0)
+                             compute_init, get_device_peak_flops, get_dist_info, is_ddp_initialized,
+                             percent_of_peak, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -162,13 +163,6 @@ class LossTracker:
         if timed_steps <= 0:
             return ""
         return f" | eta: {(num_steps - step) * self.total_training_time / timed_steps / 60:.1f}m"
-
-
-def mfu_percent(flops_per_token, tokens, dt, peak_flops, world_size):
-    """Model FLOPs utilisation in percent (0 when the peak is unknown)."""
-    if dt <= 0 or not math.isfinite(peak_flops) or peak_flops <= 0:
-        return 0.0
-    return 100 * flops_per_token * tokens / dt / (peak_flops * world_size)
 
 
 class StepTimer:
@@ -586,7 +580,7 @@ class StepLogger:
     def log(self, step, progress, smooth, lrm, dt, tracker, position, epoch, eta=""):
         """Step `step`'s line (progress already formatted: "/00020 (60.00%)"); returns its MFU (%)."""
         tok_per_sec = int(self.tokens / dt)
-        mfu = mfu_percent(self.flops_per_token, self.tokens, dt, self.peak_flops, self.world_size)
+        mfu = percent_of_peak(self.flops_per_token * self.tokens / dt / self.world_size, self.peak_flops)
         print0(f"step {step:05d}{progress} | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
                f"tok/sec: {tok_per_sec:,} | {self.mfu_label}: {mfu:.2f} | {position} | "
                f"total time: {tracker.total_training_time / 60:.2f}m{eta}")

@@ -92,8 +92,8 @@ def measure_point(engine, model, prompt, batch, args, peaks):
     flops, nbytes = decode_step_cost(model, batch, len(prompt) + args.decode_tokens // 2)
     return {"prompt_tokens": len(prompt), "batch_size": batch, "decode_steps": runs[0][2],
             "ttft_sec": ttft, "tpot_sec": tpot, "tok_per_sec": batch / tpot,
-            "mbu_percent": common.format_mfu(nbytes / tpot, peaks[1]),
-            "mfu_percent": common.format_mfu(flops / tpot, peaks[0]),
+            "mbu_percent": common.percent_of_peak(nbytes / tpot, peaks[1]),
+            "mfu_percent": common.percent_of_peak(flops / tpot, peaks[0]),
             "bytes_per_step": nbytes, "flops_per_step": flops,
             "peak_memory_mb": peak_memory_mb(args.device_type)}
 

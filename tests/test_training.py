@@ -84,10 +84,9 @@ def test_cadence():
     assert not training.every(21, -1, True)  # off means off, even at the end
 
 
-def test_mfu_percent():
-    assert training.mfu_percent(1e6, 1000, 1.0, 1e10, 1) == pytest.approx(10.0)
-    assert training.mfu_percent(1e6, 1000, 1.0, 1e10, 2) == pytest.approx(5.0)
-    assert training.mfu_percent(1e6, 1000, 1.0, float("inf"), 1) == 0.0
+def test_percent_of_peak():
+    assert common.percent_of_peak(1e9, 1e10) == pytest.approx(10.0)
+    assert common.percent_of_peak(1e9, float("inf")) == 0.0  # an unknown device's peak
 
 
 def test_stop_flag_catches_sigterm_and_restores_handler():
