@@ -406,7 +406,9 @@ class Report:
         image = self.curve_image(slug, curve, ylabel, xlabel, title or section)
         stats = {}
         for name, values in curve.items():
-            finite = [float(v) for v in values if v is not None and math.isfinite(v)] if name != "steps" else []
+            if name == "steps":
+                continue
+            finite = [float(v) for v in values if v is not None and math.isfinite(v)]
             key = name if isinstance(ylabel, dict) else f"{name} {ylabel}"
             if finite:
                 stats[f"{key} (last)"] = finite[-1]
