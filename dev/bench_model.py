@@ -6,7 +6,7 @@ Training-step throughput and MFU of a GPT config on the current device.
 
 One step = forward + backward + optimizer step on random tokens. MFU uses the model's
 estimate_flops() (6 * matmul params + attention, per token) against the device's peak:
-the datasheet bf16 number on CUDA, a measured fp32 estimate on CPU (nanochat.common.measure_cpu_peaks).
+the datasheet bf16 number on CUDA, a measured fp32 estimate on CPU (nanochat.common.measure_cpu_flops).
 """
 
 import argparse

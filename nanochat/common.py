@@ -546,28 +546,31 @@ def _best_seconds(fn, repeats):
     return min(times)
 
 
-def measure_cpu_peaks(matmul_dim=1024, copy_mib=64, repeats=5):
+def measure_cpu_flops(matmul_dim=1024, repeats=5):
     """
-    (FLOP/s, bytes/s) this CPU reaches, measured in well under a second: the best of `repeats` fp32
-    matmuls of matmul_dim^2 and the best of `repeats` copies of copy_mib MiB (read + write, larger than
-    any cache). An estimate, not a datasheet number: MFU/MBU against it say "of what this machine can
-    do at all", so they read higher than against a vendor peak. The operands are constants: drawing them
-    from the global RNG would change the weights of a model initialised after the measurement.
+    The fp32 FLOP/s this CPU reaches, measured in well under a second: the best of `repeats` matmuls of
+    matmul_dim^2. An estimate, not a datasheet number: MFU against it says "of what this machine can do at
+    all", so it reads higher than against a vendor peak. The operands are constants: drawing them from the
+    global RNG would change the weights of a model initialised after the measurement.
     """
     a, b = torch.full((matmul_dim, matmul_dim), 0.5), torch.full((matmul_dim, matmul_dim), 0.5)
-    flops = 2 * matmul_dim**3 / _best_seconds(lambda: a @ b, repeats)
+    return 2 * matmul_dim**3 / _best_seconds(lambda: a @ b, repeats)
+
+
+def measure_cpu_bandwidth(copy_mib=64, repeats=5):
+    """The memory bytes/s this CPU reaches: the best of `repeats` copies of copy_mib MiB (read + write,
+    larger than any cache). An estimate, as measure_cpu_flops is."""
     src = torch.empty(copy_mib * 2**20 // 4)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), repeats)
-    return flops, bandwidth
+    return 2 * src.nbytes / _best_seconds(lambda: dst.copy_(src), repeats)
 
 
 def get_device_peak_flops(device_type):
     """Peak FLOP/s of the current device for MFU: the datasheet table on CUDA, a measured estimate on CPU
-    (measure_cpu_peaks), inf elsewhere (MFU then prints as 0)."""
+    (measure_cpu_flops), inf elsewhere (MFU then prints as 0)."""
     if device_type == "cuda":
         return get_peak_flops(torch.cuda.get_device_name(0))
-    return measure_cpu_peaks()[0] if device_type == "cpu" else float("inf")
+    return measure_cpu_flops() if device_type == "cpu" else float("inf")
 
 
 def get_device_peaks(device_type):
@@ -577,8 +580,8 @@ def get_device_peaks(device_type):
         name = torch.cuda.get_device_name(0)
         return get_peak_flops(name), get_peak_bandwidth(name), f"datasheet ({name})"
     if device_type == "cpu":
-        flops, bandwidth = measure_cpu_peaks()
-        return flops, bandwidth, f"estimated (measured on {torch.get_num_threads()} CPU threads)"
+        label = f"estimated (measured on {torch.get_num_threads()} CPU threads)"
+        return measure_cpu_flops(), measure_cpu_bandwidth(), label
     return float("inf"), float("inf"), f"unknown ({device_type})"
 
 
