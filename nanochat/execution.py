@@ -14,10 +14,13 @@ Two layers:
   skipped on macOS, which does not enforce RLIMIT_AS), no core dumps, a size cap on every file the code
   writes (stdout and stderr included), stdin unavailable, destructive functions disabled
   (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
-  On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes every
-  call that starts a process fail (threads still start), so a fork bomb stays one process, and the calls
-  that make memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); at most 256
-  open files bound what pipes and sockets buffer.
+  On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes these
+  calls fail (DENIED_CALLS): starting a process (threads still start), so a fork bomb stays one process;
+  making memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); signalling,
+  tracing or reading another process; opening a socket (socketpair stays); and the kernel interfaces a
+  sandbox has no use for (io_uring, bpf, keyrings, mounts and namespaces, modules, ...). At most 256 open
+  files bound what pipes buffer. Without OS isolation the code can still read and write what the user
+  running it can.
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -75,15 +78,35 @@ DISABLED_OS_FUNCTIONS = ("kill", "system", "putenv", "remove", "removedirs", "rm
                          "getcwd", "chdir")
 DISABLED_SHUTIL_FUNCTIONS = ("rmtree", "move", "chown")
 BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
-# a seccomp filter, where the machine is one of SECCOMP_ARCHES: the code may start no process (a fork bomb
-# would take the machine's PIDs and memory before the timeout) and create no memory outside RLIMIT_AS
-# (memfds, SysV shared memory and message queues fill RAM without bound). Tests turn it off to check the
-# layers below it.
+# a seccomp filter, where the machine is one of SECCOMP_ARCHES, denies DENIED_CALLS (EPERM). Tests turn it off
+# to check the layers below it.
 CALL_FILTER = True
-# machine: (AUDIT_ARCH_* of its native calls, clone, clone3, the calls denied outright: fork, vfork,
-# memfd_create, shmget, msgget as that machine numbers them)
-SECCOMP_ARCHES = {"x86_64": (0xC000003E, 56, 435, (57, 58, 319, 29, 68)),
-                  "aarch64": (0xC00000B7, 220, 435, (279, 194, 186))}
+SECCOMP_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # machine: AUDIT_ARCH_* of its native calls
+# name: (x86_64 number, aarch64 number), from the kernel's asm/unistd_64.h and asm-generic/unistd.h.
+# The filter reads the arguments of these: clone starts a thread (CLONE_THREAD) or a process (denied);
+# clone3's flags are behind a pointer, so it gets ENOSYS and glibc falls back to clone; kill and tgkill
+# may signal the code's own process only.
+INSPECTED_CALLS = {"clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), "tgkill": (234, 131)}
+DENIED_CALLS = {
+    # processes: a fork bomb would take the machine's PIDs and memory before the timeout
+    "fork": (57, None), "vfork": (58, None),
+    # memory outside RLIMIT_AS: memfds, SysV shared memory and message queues fill RAM without bound
+    "memfd_create": (319, 279), "shmget": (29, 194), "msgget": (68, 186),
+    # the host's other processes and its network, which the code shares where no namespaces isolate it
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "pidfd_getfd": (438, 438), "pidfd_send_signal": (424, 424), "tkill": (200, 130),
+    "rt_sigqueueinfo": (129, 138), "rt_tgsigqueueinfo": (297, 240),
+    "socket": (41, 198),  # socketpair stays: asyncio's event loop wakes itself through one
+    # kernel interfaces that no test of a function needs and where privilege escalations are found
+    # (container runtimes' default seccomp profiles block them too)
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "bpf": (321, 280), "userfaultfd": (323, 282), "perf_event_open": (298, 241),
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
+    "pivot_root": (155, 41), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106), "reboot": (169, 142),
+}
 OPEN_FILES_LIMIT = 256  # RLIMIT_NOFILE: also bounds what pipes and sockets can buffer
 
 
@@ -182,8 +205,9 @@ def _get_isolation():
             _isolation = _probe_isolation()
             if _isolation.problem:
                 print(f"WARNING: nanochat.execution runs model-written code WITHOUT OS isolation: "
-                      f"{_isolation.problem}. Only in-process guards remain, which do not stop deliberate "
-                      f"escapes (file access, network, processes).", file=sys.stderr, flush=True)
+                      f"{_isolation.problem}. Only in-process guards and the call filter remain: they do "
+                      f"not stop deliberate file access (nor, off Linux x86_64/aarch64, network access "
+                      f"and processes).", file=sys.stderr, flush=True)
         return _isolation
 
 
@@ -387,24 +411,35 @@ def _set_resource_limits(maximum_memory_bytes):
         resource.setrlimit(which, (value, value))
 
 
-def _call_filter(arch, clone, clone3, denied):
-    """The seccomp program (classic BPF, 8 bytes a row) that fails the denied calls and clone without
-    CLONE_THREAD with EPERM, and clone3, whose flags it cannot read, with ENOSYS (glibc then uses clone).
-    Calls of another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes none."""
-    allow, deny, nosys = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
-    rows = [("ld", 4), ("jeq", arch, None, "nosys"), ("ld", 0)]  # seccomp_data: nr at 0, arch at 4
-    if arch == SECCOMP_ARCHES["x86_64"][0]:
+def _call_filter(machine, pid):
+    """The seccomp program (classic BPF, 8 bytes a row) for process pid: DENIED_CALLS, clone without
+    CLONE_THREAD, and kill and tgkill of another process fail with EPERM; clone3 fails with ENOSYS. Calls of
+    another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes none."""
+    column = list(SECCOMP_ARCHES).index(machine)
+    number = {name: numbers[column] for name, numbers in {**INSPECTED_CALLS, **DENIED_CALLS}.items()}
+    rows = [("ld", 4), ("jeq", SECCOMP_ARCHES[machine], None, "nosys"), ("ld", 0)]  # arch at 4, nr at 0
+    if machine == "x86_64":
         rows.append(("jge", 0x40000000, "nosys", None))  # the x32 ABI's numbers
-    rows += [("jeq", clone3, "nosys", None), *[("jeq", nr, "deny", None) for nr in denied],
-             ("jeq", clone, None, "allow"), ("ld", 16), ("jset", 0x00010000, "allow", "deny"),  # CLONE_THREAD
-             ("ret", allow), ("ret", deny), ("ret", nosys)]
-    label = {"allow": len(rows) - 3, "deny": len(rows) - 2, "nosys": len(rows) - 1}
+    rows += [("jeq", number["clone3"], "nosys", None), ("jeq", number["kill"], "to self", None),
+             ("jeq", number["tgkill"], "to self", None),
+             *[("jeq", number[name], "deny", None) for name in DENIED_CALLS if number[name] is not None],
+             ("jeq", number["clone"], None, "allow"),
+             ("ld", 16), ("jset", 0x00010000, "allow", "deny"),  # the flags of clone: CLONE_THREAD?
+             ("to self",), ("ld", 16), ("jeq", pid, "allow", "deny"),  # the first argument's low 32 bits
+             ("allow",), ("ret", 0x7FFF0000), ("deny",), ("ret", 0x00050000 | errno.EPERM),
+             ("nosys",), ("ret", 0x00050000 | errno.ENOSYS)]
+    label, program = {}, []
+    for row in rows:  # a 1-tuple names the row after it
+        if len(row) == 1:
+            label[row[0]] = len(program)
+        else:
+            program.append(row)
     codes = {"ld": 0x20, "jeq": 0x15, "jge": 0x35, "jset": 0x45, "ret": 0x06}  # BPF_LD|BPF_W|BPF_ABS, ...
-    program = b""
-    for i, (op, k, *targets) in enumerate(rows):
+    code = b""
+    for i, (op, k, *targets) in enumerate(program):
         jt, jf = [label[t] - i - 1 if t else 0 for t in targets] if targets else (0, 0)
-        program += struct.pack("=HBBI", codes[op], jt, jf, k)
-    return program
+        code += struct.pack("=HBBI", codes[op], jt, jf, k)
+    return code
 
 
 def _install_call_filter():
@@ -412,10 +447,9 @@ def _install_call_filter():
     x86_64/aarch64; elsewhere nothing happens, and the other layers remain)."""
     import ctypes
     import platform
-    spec = SECCOMP_ARCHES.get(platform.machine())
-    if not sys.platform.startswith("linux") or spec is None:
+    if not sys.platform.startswith("linux") or platform.machine() not in SECCOMP_ARCHES:
         return
-    rows = _call_filter(*spec)
+    rows = _call_filter(platform.machine(), os.getpid())
     program = ctypes.create_string_buffer(rows, len(rows))
     fprog = struct.pack("@HP", len(rows) // 8, ctypes.addressof(program))  # struct sock_fprog
     prctl = ctypes.CDLL(None, use_errno=True).prctl

@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,65 @@ def test_the_code_cannot_make_memory_that_its_limit_does_not_count():
     result = execute_code("import os\nos.memfd_create('ram')\n")
     assert not result.success
     assert result.error.startswith("PermissionError: [Errno 1] Operation not permitted")
+
+
+KERNEL_HEADERS = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+                  "aarch64": "/usr/include/asm-generic/unistd.h"}
+
+
+@pytest.mark.parametrize("machine", list(execution.SECCOMP_ARCHES))
+def test_the_call_numbers_are_the_kernels(machine):
+    if not os.path.exists(KERNEL_HEADERS[machine]):
+        pytest.skip(f"the kernel's headers are not installed: {KERNEL_HEADERS[machine]} (linux-libc-dev)")
+    with open(KERNEL_HEADERS[machine]) as f:
+        numbers = {name: int(number) for name, number in re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b",
+                                                                     f.read())}
+    column = list(execution.SECCOMP_ARCHES).index(machine)
+    for name, row in {**execution.INSPECTED_CALLS, **execution.DENIED_CALLS}.items():  # fork: None on aarch64
+        assert row[column] == numbers.get(name), (machine, name)
+
+
+@has_call_filter
+def test_the_code_can_signal_only_itself():
+    code = ("import posix, signal, threading\n"
+            "posix.kill(posix.getpid(), 0)\n"  # itself: allowed, and so is a thread of its own
+            "signal.pthread_kill(threading.get_ident(), 0)\n"
+            "for name, pid in [('parent', posix.getppid()), ('all', -1), ('its group', 0)]:\n"
+            "    try:\n        posix.kill(pid, 0)\n"
+            "    except PermissionError:\n        print(name, 'denied')\n")
+    result = execute_code(code)
+    assert result.success, result
+    assert result.stdout == "parent denied\nall denied\nits group denied\n"  # -1: all it may signal
+
+
+@has_call_filter
+def test_the_code_cannot_open_a_socket_and_asyncio_still_runs():
+    result = execute_code("import socket\nsocket.socket(socket.AF_UNIX)\n")
+    assert result.error.startswith("PermissionError: [Errno 1] Operation not permitted"), result
+    code = "import asyncio\nasyncio.run(asyncio.sleep(0))\nprint('ran')\n"  # its event loop uses a socketpair
+    assert execute_code(code).stdout == "ran\n"
+
+
+@has_call_filter
+def test_kernel_interfaces_and_other_processes_are_out_of_reach():
+    # every denied call that does not start a process, made raw with arguments (-1) that the kernel would
+    # refuse anyway, so nothing happens if the filter ever let one through: msgget and shmget get flags 0,
+    # since -1 holds IPC_CREAT
+    names = ["memfd_create", "shmget", "msgget", "ptrace", "process_vm_readv", "process_vm_writev",
+             "pidfd_getfd", "pidfd_send_signal", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "socket",
+             "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "userfaultfd", "perf_event_open",
+             "keyctl", "add_key", "request_key", "unshare", "setns", "mount", "umount2", "pivot_root",
+             "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "kexec_load", "kexec_file_load",
+             "init_module", "finit_module", "delete_module", "reboot"]
+    column = list(execution.SECCOMP_ARCHES).index(platform.machine())
+    numbers = [execution.DENIED_CALLS[name][column] for name in names]
+    arguments = [(-1, 0, 0) if name in ("msgget", "shmget") else (-1,) * 5 for name in names]
+    code = (f"import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"for number, arguments in zip({numbers}, {arguments}):\n"
+            f"    print(libc.syscall(number, *arguments), errno.errorcode[ctypes.get_errno()])\n")
+    result = execute_code(code)
+    assert result.success, result
+    assert dict(zip(names, result.stdout.splitlines())) == {name: "-1 EPERM" for name in names}
 
 
 @linux_only
