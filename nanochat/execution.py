@@ -20,7 +20,8 @@ Two layers:
   tracing or reading another process; opening a socket (socketpair stays); and the kernel interfaces a
   sandbox has no use for (io_uring, bpf, keyrings, mounts and namespaces, modules, ...). At most 256 open
   files bound what pipes buffer. Without OS isolation the code can still read and write what the user
-  running it can.
+  running it can: a root parent (a container, typically) therefore runs it as user "nobody" where that
+  user can run the interpreter (the warning says which user it is).
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -132,6 +133,7 @@ class ExecutionResult:
 class _Isolation(NamedTuple):
     bwrap_arguments: Optional[tuple]  # the bwrap command line up to the per-call temp dir; None: unavailable
     problem: str  # why isolation is unavailable ("" when it is available)
+    run_as: Optional[int] = None  # without bwrap, as root: the user the code runs as (None: root itself)
 
 
 _isolation: Optional[_Isolation] = None  # decided by the first call (not at import), then kept
@@ -189,7 +191,7 @@ def _probe_isolation():
         return _Isolation(None, "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)")
     try:
         arguments = _bwrap_arguments(bwrap)
-        result = _execute("print('isolated')", PROBE_TIMEOUT, None, arguments)
+        result = _execute("print('isolated')", PROBE_TIMEOUT, None, _Isolation(arguments, ""))
     except (OSError, subprocess.SubprocessError) as e:
         return _Isolation(None, f"{bwrap} does not run: {e}")
     if not (result.success and result.stdout == "isolated\n"):
@@ -198,16 +200,35 @@ def _probe_isolation():
     return _Isolation(arguments, "")
 
 
+def _unprivileged_user():
+    """(SANDBOX_USER_ID, "") where this process is root on Linux and a trivial run as that user works, so that
+    code run without bwrap cannot read or write what only root can; else (None, why not)."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return None, "" if sys.platform.startswith("linux") else "not Linux"
+    try:
+        result = _execute("print('unprivileged')", PROBE_TIMEOUT, None, _Isolation(None, "", SANDBOX_USER_ID))
+        if result.success and result.stdout == "unprivileged\n":
+            return SANDBOX_USER_ID, ""
+        reason = _last_line(result.stderr) or result.error or f"unexpected output {result.stdout!r}"
+    except (OSError, subprocess.SubprocessError) as e:
+        reason = str(e)
+    return None, f"the interpreter {_base_interpreter()} does not run as user {SANDBOX_USER_ID}: {reason}"
+
+
 def _get_isolation():
     global _isolation
     with _isolation_lock:
         if _isolation is None:
             _isolation = _probe_isolation()
             if _isolation.problem:
+                run_as, why_not = _unprivileged_user()
+                _isolation = _isolation._replace(run_as=run_as)
+                user = (f"as user {run_as}" if run_as is not None else
+                        f"as root ({why_not})" if os.geteuid() == 0 else "as the current user")
                 print(f"WARNING: nanochat.execution runs model-written code WITHOUT OS isolation: "
-                      f"{_isolation.problem}. Only in-process guards and the call filter remain: they do "
-                      f"not stop deliberate file access (nor, off Linux x86_64/aarch64, network access "
-                      f"and processes).", file=sys.stderr, flush=True)
+                      f"{_isolation.problem}. Only in-process guards and the call filter remain: the code "
+                      f"runs {user} and can read and write what that user can (and, off Linux "
+                      f"x86_64/aarch64, use the network and start processes).", file=sys.stderr, flush=True)
         return _isolation
 
 
@@ -335,7 +356,7 @@ def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
     return ExecutionResult(False, stdout, stderr, error=_last_line(stderr) or f"Execution failed ({reason})")
 
 
-def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
+def _start_child(child_command, isolation, workdir, deadline, streams):
     """Start the child in workdir, under bwrap when given (workdir, or a bounded tmpfs in its place, is then
     its one writable place; the result file is the host's in either case). Returns
     the process and a pidfd of its PID namespace's init (None without bwrap, or where there is none to be
@@ -343,11 +364,13 @@ def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
     secret of the parent reaches the code (under bwrap, also what the namespace's init shows in
     /proc/1/environ)."""
     popen_arguments = dict(cwd=workdir, env={}, start_new_session=True, **streams)
-    if bwrap_arguments is None:
+    if isolation.run_as is not None:
+        popen_arguments.update(user=isolation.run_as, group=isolation.run_as, extra_groups=[])
+    if isolation.bwrap_arguments is None:
         return subprocess.Popen(child_command, **popen_arguments), None
     info_read, info_write = os.pipe()
-    command = [*(a.replace(WORKDIR, workdir) for a in bwrap_arguments), "--info-fd", str(info_write),
-               *child_command]
+    bwrap_arguments = [a.replace(WORKDIR, workdir) for a in isolation.bwrap_arguments]
+    command = [*bwrap_arguments, "--info-fd", str(info_write), *child_command]
     try:
         process = subprocess.Popen(command, pass_fds=(info_write,), **popen_arguments)
     except BaseException:
@@ -358,7 +381,7 @@ def _start_child(child_command, bwrap_arguments, workdir, deadline, streams):
     return process, _namespace_init(info_read, deadline)
 
 
-def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
+def _execute(code, timeout, maximum_memory_bytes, isolation):
     nonce = secrets.token_hex(16).encode()  # per call, never in the code's text or environment
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir, \
@@ -368,17 +391,22 @@ def _execute(code, timeout, maximum_memory_bytes, bwrap_arguments):
         stdin.seek(0)
         result_path = os.path.join(workdir, RESULT_FILENAME)
         open(result_path, "wb").close()  # here, so that bwrap can bind it into a tmpfs workdir
-        harness_path = os.path.abspath(__file__) if bwrap_arguments is None else SANDBOX_HARNESS_PATH
+        harness_path = SANDBOX_HARNESS_PATH if isolation.bwrap_arguments else os.path.abspath(__file__)
+        if isolation.run_as is not None:  # the user's own temp dir, and a copy of this file it can read
+            harness_path = shutil.copy(harness_path, workdir)
+            for path in (workdir, result_path):
+                os.chown(path, isolation.run_as, isolation.run_as)
         limit = "none" if maximum_memory_bytes is None else str(int(maximum_memory_bytes))
         # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
         command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path,
                    "filter" if CALL_FILTER else "no-filter"]
-        process, init_pidfd = _start_child(command, bwrap_arguments, workdir, deadline,
+        process, init_pidfd = _start_child(command, isolation, workdir, deadline,
                                            dict(stdin=stdin, stdout=stdout, stderr=stderr))
         timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
         out, err = _read_capped(stdout), _read_capped(stderr)
         ran_to_end = _ran_to_end(result_path, nonce)
-    return _make_result(process.returncode, out, err, timed_out, ran_to_end, bwrap_arguments is not None)
+    return _make_result(process.returncode, out, err, timed_out, ran_to_end,
+                        isolation.bwrap_arguments is not None)
 
 
 def execute_code(code: str, timeout: float = 5.0,
@@ -389,7 +417,7 @@ def execute_code(code: str, timeout: float = 5.0,
     then None, else the last line of the traceback or the reason."""
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
-    return _execute(code, timeout, maximum_memory_bytes, _get_isolation().bwrap_arguments)
+    return _execute(code, timeout, maximum_memory_bytes, _get_isolation())
 
 
 # -----------------------------------------------------------------------------

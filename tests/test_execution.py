@@ -437,6 +437,60 @@ def test_without_isolation_it_warns_once_and_keeps_the_guards(monkeypatch, capsy
     assert warnings.count("WARNING") == 1
 
 
+def interpreter_nobody_can_run():
+    """An interpreter of this Python version that user nobody can run (Debian's /usr/bin/python3.X, say), or
+    None: a virtual environment's base interpreter often lives in root's home, which nobody cannot enter."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [execution._base_interpreter(), f"/usr/bin/{version}", f"/usr/local/bin/{version}"]
+    probe = [sys.executable, "-c", "import os, sys; os.setgid(65534); os.setuid(65534); "
+             "os.execv(sys.argv[1], [sys.argv[1], '-c', ''])"]
+    for path in candidates:
+        if os.path.exists(path) and subprocess.run([*probe, path], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
+needs_root = pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                                reason="the code changes user only under a root evaluator (Linux)")
+
+
+@needs_root
+def test_as_root_without_isolation_the_code_runs_as_nobody(monkeypatch, capsys):
+    interpreter = interpreter_nobody_can_run()
+    if interpreter is None:
+        pytest.skip("no interpreter of this Python version that user nobody can run")
+    monkeypatch.setattr(execution, "_base_interpreter", lambda: interpreter)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no bwrap to find
+    monkeypatch.setattr(execution, "_isolation", None)  # probe again
+    with tempfile.TemporaryDirectory() as folder:  # open to all: only the file's own mode protects it
+        os.chmod(folder, 0o755)
+        secret = os.path.join(folder, "secret")
+        with open(secret, "w") as f:
+            f.write("root only")
+        os.chmod(secret, 0o600)
+        result = execute_code(f"import posix\nprint(posix.getuid(), posix.getgid(), posix.getgroups())\n"
+                              f"print(open({secret!r}).read())")
+        assert result.stdout == f"{execution.SANDBOX_USER_ID} {execution.SANDBOX_USER_ID} []\n"
+        assert result.error.startswith("PermissionError: [Errno 13] Permission denied")
+        result = execute_code(f"open({os.path.join(folder, 'written')!r}, 'w')")
+        assert not result.success and os.listdir(folder) == ["secret"]
+    assert execute_code("open('mine', 'w').write('x')\nprint(open('mine').read())").stdout == "x\n"
+    assert f"runs as user {execution.SANDBOX_USER_ID}" in capsys.readouterr().err
+
+
+@needs_root
+def test_as_root_with_an_interpreter_nobody_cannot_run_the_code_runs_as_root(monkeypatch, tmp_path, capsys):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    (hidden / "python").symlink_to(execution._base_interpreter())
+    monkeypatch.setattr(execution, "_base_interpreter", lambda: str(hidden / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(execution, "_isolation", None)
+    assert execute_code("import posix\nprint(posix.getuid())").stdout == "0\n"
+    warning = capsys.readouterr().err
+    assert f"runs as root (the interpreter {hidden / 'python'} does not run as user 65534" in warning
+
+
 @linux_only
 def test_a_bwrap_that_cannot_isolate_is_not_used(monkeypatch, tmp_path, capsys):
     fake = tmp_path / "bwrap"  # found, but fails like a bwrap without user namespaces
