@@ -81,8 +81,7 @@ def portable_model_config(model_config):
     if not config.get("mup_base_width"):
         config.pop("mup_base_width", None)
     if not str(config.get("l3_after_layers", "")).strip():
-        for key in [k for k in config if k.startswith("l3_")]:
-            del config[key]
+        config = {k: v for k, v in config.items() if not k.startswith("l3_")}
     return config
 
 

@@ -132,7 +132,7 @@ def atomic_open(path, mode="w"):
     """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -175,10 +175,9 @@ def _ensure_eval_bundle_here():
             except EvalBundleError as e:
                 why = f"{bundle_dir} is broken ({e})"
         usable = missing is not None
-        if usable and (not missing or offline_mode() or os.path.exists(zip_path)
-                       or bundle_dir in _completion_tried):
-            return bundle_dir
         if usable:
+            if not missing or offline_mode() or os.path.exists(zip_path) or bundle_dir in _completion_tried:
+                return bundle_dir
             _completion_tried.add(bundle_dir)
             why = f"{bundle_dir} lacks {', '.join(missing)}"
         # placed from the zip (downloaded unless one that places is there, even offline); offline or
@@ -500,8 +499,8 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
     core_metric = sum(centered_results.values()) / len(centered_results)
     core = {"results": results, "centered_results": centered_results, "core_metric": core_metric,
             "missing_tasks": missing}
-    if core_task_note(core):
-        print0(f"CORE metric {core_task_note(core)}: not directly comparable with a full CORE; the complete "
+    if note := core_task_note(core):
+        print0(f"CORE metric {note}: not directly comparable with a full CORE; the complete "
                f"bundle is {EVAL_BUNDLE_URL}")
     return core
 

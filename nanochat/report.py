@@ -55,12 +55,12 @@ EXPECTED_FILES = [
 FILE_ALIASES = {"chat-sft.md": ["sft.md"]}
 
 # Which metrics the summary table takes from which section file, and under which column.
-SUMMARY_SOURCES = [
-    ("base-model-evaluation.md", "base", ["CORE"]),
-    ("chat-evaluation-sft.md", "sft",
-     ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]),
-    ("chat-evaluation-rl.md", "rl", ["GSM8K"]),
-]
+SUMMARY_SOURCES = {
+    "base-model-evaluation.md": ("base", ["CORE"]),
+    "chat-evaluation-sft.md": ("sft", ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval",
+                                       "ChatCORE"]),
+    "chat-evaluation-rl.md": ("rl", ["GSM8K"]),
+}
 
 # Lambda-style on-demand price per GPU-hour (USD), matched as a substring of the first GPU's name.
 GPU_HOURLY_RATES = {"H100": 3.00, "A100": 1.79, "V100": 0.55}
@@ -89,9 +89,7 @@ def run_command(cmd):
     except Exception:
         return None
     out = result.stdout.strip()
-    if out:
-        return out
-    return "" if result.returncode == 0 else None
+    return out if out or result.returncode == 0 else None
 
 
 def get_git_info():
@@ -227,8 +225,7 @@ def slugify(text):
 
 def extract(section, keys):
     """For each line containing a key, the text between the line's first and second ':' (later lines win)."""
-    if isinstance(keys, str):
-        keys = [keys]
+    keys = [keys] if isinstance(keys, str) else keys
     out = {}
     for line in section.split("\n"):
         for key in keys:
@@ -240,12 +237,9 @@ def extract(section, keys):
 def extract_timestamp(content, prefix):
     """The datetime on the first line that starts with prefix and whose value (after the first ':') parses."""
     for line in content.split("\n"):
-        if not line.startswith(prefix) or ":" not in line:
-            continue
-        try:
-            return datetime.datetime.strptime(line.split(":", 1)[1].strip(), TIMESTAMP_FORMAT)
-        except ValueError:
-            continue
+        if line.startswith(prefix) and ":" in line:
+            with contextlib.suppress(ValueError):
+                return datetime.datetime.strptime(line.split(":", 1)[1].strip(), TIMESTAMP_FORMAT)
     return None
 
 
@@ -390,8 +384,7 @@ class Report:
     def log(self, section, data):
         """(Over)write <slug>.md: '## section', a timestamp line, a blank line, then the formatted items."""
         path = self._path(f"{slugify(section)}.md")
-        text = f"## {section}\ntimestamp: {_now()}\n\n{_format_items(data)}\n"
-        _write_text_atomic(path, text)
+        _write_text_atomic(path, f"## {section}\ntimestamp: {_now()}\n\n{_format_items(data)}\n")
         return path
 
     def log_curve(self, section, curve, ylabel="loss", xlabel="step", title=None):
@@ -465,8 +458,7 @@ class Report:
     def _read_sections(self):
         """Concatenated section text, the last non-RL section timestamp, and the summary metrics."""
         body, end_time = "", None
-        metrics = {stage: {} for _, stage, _ in SUMMARY_SOURCES}
-        sources = {name: (stage, keys) for name, stage, keys in SUMMARY_SOURCES}
+        metrics = {stage: {} for stage, _ in SUMMARY_SOURCES.values()}
         for expected in EXPECTED_FILES:
             candidates = [expected, *FILE_ALIASES.get(expected, [])]
             present = [name for name in candidates if os.path.exists(self._path(name))]
@@ -479,8 +471,8 @@ class Report:
                 body += content + "\n"
                 if "rl" not in name:  # the wall clock covers the pipeline up to SFT eval; RL is excluded
                     end_time = extract_timestamp(content, "timestamp:") or end_time
-                if name in sources:
-                    stage, keys = sources[name]
+                if name in SUMMARY_SOURCES:
+                    stage, keys = SUMMARY_SOURCES[name]
                     metrics[stage].update(extract(content, keys))
         return body, end_time, metrics
 

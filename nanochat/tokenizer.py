@@ -115,8 +115,7 @@ class RustBPETokenizer(_Tokenizer):
             logger.warning(f"corpus ran out of merges: got {len(mergeable_ranks)} BPE tokens, "
                            f"asked for {vocab_size_no_special}")
         # Specials go after the merges, so with the default 32768 vocab <|bos|> is 32759.
-        offset = len(mergeable_ranks)
-        special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special_tokens = {name: i for i, name in enumerate(SPECIAL_TOKENS, start=len(mergeable_ranks))}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(),
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         return cls(enc, "<|bos|>")
