@@ -279,12 +279,10 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         # a reader of its own: the prefetcher's thread is already using the other one
         packer.load_state_dict(resume_state_dict, ShardReader(reader.files), encode)
 
-    device = torch.device(device)
-    staging = _Staging(B, T, device)
+    staging = _Staging(B, T, torch.device(device))
     try:
         while True:
-            rows = staging.next_rows()
-            for row in rows:
+            for row in staging.next_rows():
                 packer.fill_row(row)
             inputs, targets = staging.transfer()
             yield inputs, targets, packer.state_dict(rank, world)
@@ -418,9 +416,8 @@ class ConversationPacker:
         while len(self.buffer) < self.buffer_size:
             index = self.cursor
             self.cursor += self.world_size
-            if self.cursor >= n:
-                self.cursor %= n
-                self.epoch += 1
+            self.epoch += self.cursor // n  # several epochs in one step when there are more ranks than rows
+            self.cursor %= n
             ids, mask, truncated = self._render(index)
             self.buffer.append((index, ids, mask))
             if truncated:
@@ -500,12 +497,12 @@ class PrefetchedBatches:
         self.current = self._produce()
 
     def _produce(self):
-        rows, masks = self.packer.next_rows()
-        x, y = rows_to_batch(rows, masks, device=self.packer.device)
-        has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
         packer = self.packer
+        rows, masks = packer.next_rows()
+        x, y = rows_to_batch(rows, masks, device=packer.device)
+        has_targets = any(any(mask[1:]) for mask in masks)  # read on the host: no device sync per micro-step
         progress, done = sft_progress(packer.consumed, self.dataset_size, packer.it, self.horizon_batches)
-        return x, y, has_targets, (progress, done, self.packer.epoch, self.packer.state_dict())
+        return x, y, has_targets, (progress, done, packer.epoch, packer.state_dict())
 
     def advance(self):
         """Mark the current batch trained, pack the next; return the trained one's (progress, done, epoch)."""

@@ -174,6 +174,15 @@ def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
     assert all(i % 2 == 0 for i in fetched[0]) and all(i % 2 == 1 for i in fetched[1])
 
 
+def test_epochs_count_every_pass_over_the_data_even_with_more_ranks_than_rows(tokenizer):
+    dataset = [conversation(k) for k in range(1, 4)]
+    for world_size in (2, 8):  # 8 ranks over 3 rows: each fetch steps 8 rows ahead, over 2 or 3 epochs
+        packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=200,
+                                               world_size=world_size, buffer_size=4, label="t7")
+        packer._refill()
+        assert packer.epoch == 1 + 4 * world_size // 3 and packer.cursor == 4 * world_size % 3
+
+
 def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(tokenizer):
     # the reference renders with render_conversation's max_tokens and trains on what is left
     dataset = [conversation(300 + k) for k in range(3)]
