@@ -31,7 +31,8 @@ they are); the reply ends at max_tokens, a stop string, BOS or <|assistant_end|>
 Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
 
-Bounded requests, on both APIs: BoundedBody below (413, 408), the size limits of nanochat/api_schemas.py,
+Bounded requests, on both APIs: http_protocol's time limit on headers and BoundedBody's on bodies (408) and
+their size (413), the size limits of nanochat/api_schemas.py,
 and --max-queue requests waiting per device beyond its free slots (429 beyond). Every error, the ones for
 malformed input included, is a JSON body (input echoed in it made JSON-safe).
 """
@@ -92,7 +93,7 @@ class ServerConfig:
     batch_invariant: bool = False  # decode every slot: a reply's bits do not depend on its neighbours
     max_queue: int = 64  # requests waiting per device beyond its free slots, before 429
     max_body_bytes: int = 1 << 20  # 1 MiB: the largest valid conversation (32000 characters) fits many times
-    body_timeout: float = 30.0  # seconds to receive a whole request body
+    body_timeout: float = 30.0  # seconds to receive a request's headers, and again its whole body
     log_conversations: bool = False  # every conversation in full, as the reference did
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on the API; None: NANOCHAT_API_KEY
 
@@ -350,6 +351,56 @@ class BoundedBody:
     async def _reject(scope, receive, send, status, message, code):
         response = error_response(scope["path"], status, message, headers={"Connection": "close"}, code=code)
         await response(scope, receive, send)
+
+
+def http_protocol(config):
+    """
+    uvicorn's h11 protocol with a time limit on request headers: a request's headers must arrive within
+    config.body_timeout seconds of the connection opening or of the request's first byte, else 408 and the
+    connection is closed. uvicorn itself waits for ever, so a client that never finishes its headers holds a
+    connection, a file descriptor, and enough such clients lock everyone out.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    timeout = config.body_timeout
+    body = json.dumps({"detail": f"The request headers were not received within {timeout:g} seconds "
+                                 f"(--body-timeout)"}).encode()
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class HeaderTimeLimit(H11Protocol):
+        timer = None  # set while headers are awaited
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.watch_headers()
+
+        def data_received(self, data):
+            super().data_received(data)
+            self.watch_headers()
+
+        def connection_lost(self, exc):
+            self.watch_headers(closing=True)
+            super().connection_lost(exc)
+
+        def awaiting_headers(self):
+            return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+
+        def watch_headers(self, closing=False):
+            if self.awaiting_headers() and not closing:
+                if self.timer is None:
+                    self.timer = self.loop.call_later(timeout, self.headers_timed_out)
+            elif self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+        def headers_timed_out(self):
+            self.timer = None
+            if self.awaiting_headers():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeaderTimeLimit
 
 
 async def on_http_error(request, exc):  # unknown paths and methods, a missing UI file
@@ -748,7 +799,7 @@ def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     app.state.config.port = sock.getsockname()[1]  # for the start-up message
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=http_protocol(app.state.config)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

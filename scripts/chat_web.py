@@ -5,7 +5,7 @@ Serve a chat model over HTTP: the chat UI, the reference's streaming API and an 
     python -m scripts.chat_web -i rl -p 8080 --max-batch-size 16
     python -m scripts.chat_web -n 8                     # one scheduler per GPU, cuda:0..7
     python -m scripts.chat_web --api-key KEY            # /v1 and the stream need `Authorization: Bearer KEY`
-    uvicorn scripts.chat_web:app                        # the default flags
+    uvicorn scripts.chat_web:app                        # the default flags, no time limit on headers
 
 The endpoints, their limits and errors are described in nanochat/server.py, which holds the app.
 """
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from nanochat.common import autodetect_device_type, compute_init, setup_default_logging
-from nanochat.server import ServerConfig, create_app, exposure_warning, required_api_key
+from nanochat.server import ServerConfig, create_app, exposure_warning, http_protocol, required_api_key
 
 
 def build_parser():
@@ -52,7 +52,8 @@ def build_parser():
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
                         help="largest request body in bytes (413 beyond)")
     parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
-                        help="seconds to receive a request body (408 and the connection closed beyond)")
+                        help="seconds to receive a request's headers, and again its body "
+                             "(408 and the connection closed beyond)")
     parser.add_argument("--log-conversations", action="store_true",
                         help="log every conversation in full, as the reference did "
                              "(default: one summary line)")
@@ -99,7 +100,7 @@ def main(argv=None):
     if warning is not None:
         print(warning)
     try:
-        uvicorn.run(app, host=args.host, port=args.port)
+        uvicorn.run(app, host=args.host, port=args.port, http=http_protocol(args))
     finally:
         error = app.state.startup_error
         if error is not None:  # the cause, as the last line, instead of "Application startup failed"

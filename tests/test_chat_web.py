@@ -864,7 +864,7 @@ def test_chat_web_warns_when_it_listens_everywhere_without_a_key(monkeypatch, ca
         monkeypatch.setenv("NANOCHAT_API_KEY", env)
     # the server itself is not started: only what main() prints before it would listen is checked
     bound = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: bound.append(host))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, http: bound.append(host))
     chat_web.main(argv + ["--device-type", "cpu"])
     assert bound == [argv[1]]
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]

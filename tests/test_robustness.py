@@ -6,7 +6,7 @@ server app (nanochat/server.py) served in-process by uvicorn on loopback:
    a consumer (on_event) that raises has its request cancelled, while the rows beside get exactly their
    tokens alone;
 2. malformed input (lone surrogates, NaN, -Infinity) is a 4xx with a JSON body on both APIs, never a 500;
-3. bounded requests: body size (413), time to send a body (408, connection closed), field sizes, and
+3. bounded requests: body size (413), time to send headers or a body (408, connection closed), field sizes, and
    --max-queue 0 serving free slots;
 plus a schemathesis fuzz run asserting no 5xx, and 64 concurrent streaming clients asserting no lost stream.
 The fuzz and load figures are printed (pytest -s shows them).
@@ -279,6 +279,42 @@ def test_a_half_sent_body_is_answered_408_and_closed(server):
             received += chunk
         assert time.monotonic() - started < 5
     assert received.startswith(b"HTTP/1.1 408") and b"--body-timeout" in received
+
+
+def read_until_closed(sock):
+    """(everything the server sent until it closed the connection, seconds that took)."""
+    started, received = time.monotonic(), b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic() - started
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"],
+                         ids=["nothing", "half the headers"])
+def test_a_connection_without_whole_headers_is_answered_408_and_closed(server, sent):
+    _, port = server  # --body-timeout 1
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(sent)
+        received, seconds = read_until_closed(sock)
+    assert received.startswith(b"HTTP/1.1 408") and seconds < 5
+    assert "--body-timeout" in json.loads(received.split(b"\r\n\r\n", 1)[1])["detail"]
+
+
+def test_headers_are_timed_per_request_and_slow_whole_ones_are_served(server):
+    _, port = server
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for piece in (request[:10], request[10:20], request[20:]):  # 0.6 s in all: within the limit
+            time.sleep(0.2)
+            sock.sendall(piece)
+        response = b""
+        while not response.endswith(b"}"):  # the whole JSON response
+            response += sock.recv(65536)
+        assert response.startswith(b"HTTP/1.1 200")
+        time.sleep(0.6)  # 1.2 s since the connection opened: the limit counts from the next request's start
+        sock.sendall(request[:20])  # which never finishes its headers
+        received, seconds = read_until_closed(sock)
+    assert received.startswith(b"HTTP/1.1 408") and 0.5 < seconds < 5
 
 
 def test_field_sizes_are_limited(server):
