@@ -32,9 +32,9 @@ Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
 
 Bounded requests, on both APIs: http_protocol's time limit on headers and BoundedBody's on bodies (408) and
-their size (413), the size limits of nanochat/api_schemas.py,
-and --max-queue requests waiting per device beyond its free slots (429 beyond). Every error, the ones for
-malformed input included, is a JSON body (input echoed in it made JSON-safe).
+their size (413), the size limits of nanochat/api_schemas.py, and --max-queue requests waiting per device
+beyond its free slots (429 beyond). Every error, the ones for malformed input (HTTP included) too, is a JSON
+body (input echoed in it made JSON-safe); errors before a request's path is known are {"detail": ...}.
 """
 
 import asyncio
@@ -353,20 +353,25 @@ class BoundedBody:
         await response(scope, receive, send)
 
 
+def closing_reply(status, detail):
+    """The raw bytes of a JSON error reply, for a connection closed before a request was read whole."""
+    body = json.dumps({"detail": detail}).encode()
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n"
+            b"\r\n%s" % (status.encode(), len(body), body))
+
+
 def http_protocol(config):
     """
     uvicorn's h11 protocol with a time limit on request headers: a request's headers must arrive within
     config.body_timeout seconds of the connection opening or of the request's first byte, else 408 and the
     connection is closed. uvicorn itself waits for ever, so a client that never finishes its headers holds a
-    connection, a file descriptor, and enough such clients lock everyone out.
+    connection, a file descriptor, and enough such clients lock everyone out. Malformed HTTP gets its 400
+    as JSON too (uvicorn's is plain text).
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
-    timeout = config.body_timeout
-    body = json.dumps({"detail": f"The request headers were not received within {timeout:g} seconds "
-                                 f"(--body-timeout)"}).encode()
-    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    timed_out = closing_reply("408 Request Timeout", f"The request headers were not received within "
+                                                     f"{config.body_timeout:g} seconds (--body-timeout)")
 
     class HeaderTimeLimit(H11Protocol):
         timer = None  # set while headers are awaited
@@ -389,7 +394,7 @@ def http_protocol(config):
         def watch_headers(self, closing=False):
             if self.awaiting_headers() and not closing:
                 if self.timer is None:
-                    self.timer = self.loop.call_later(timeout, self.headers_timed_out)
+                    self.timer = self.loop.call_later(config.body_timeout, self.headers_timed_out)
             elif self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
@@ -397,8 +402,12 @@ def http_protocol(config):
         def headers_timed_out(self):
             self.timer = None
             if self.awaiting_headers():
-                self.transport.write(reply)
+                self.transport.write(timed_out)
                 self.transport.close()
+
+        def send_400_response(self, msg):  # uvicorn's answer to what h11 cannot parse
+            self.transport.write(closing_reply("400 Bad Request", msg))
+            self.transport.close()
 
     return HeaderTimeLimit
 

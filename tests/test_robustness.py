@@ -300,6 +300,18 @@ def test_a_connection_without_whole_headers_is_answered_408_and_closed(server, s
     assert "--body-timeout" in json.loads(received.split(b"\r\n\r\n", 1)[1])["detail"]
 
 
+@pytest.mark.parametrize("sent", [b"NOT HTTP\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 100_000],
+                         ids=["garbage", "endless header"])
+def test_malformed_http_is_answered_400_with_a_json_body_and_closed(server, sent):
+    _, port = server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(sent)
+        received, _ = read_until_closed(sock)
+    head, body = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert json.loads(body)["detail"]
+
+
 def test_headers_are_timed_per_request_and_slow_whole_ones_are_served(server):
     _, port = server
     request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
