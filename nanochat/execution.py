@@ -439,12 +439,18 @@ def _set_resource_limits(maximum_memory_bytes):
         resource.setrlimit(which, (value, value))
 
 
+def call_numbers(machine):
+    """{call name: its number on machine (None where it has no such call)}, of INSPECTED_CALLS and
+    DENIED_CALLS; machine is one of SECCOMP_ARCHES."""
+    column = list(SECCOMP_ARCHES).index(machine)
+    return {name: numbers[column] for name, numbers in {**INSPECTED_CALLS, **DENIED_CALLS}.items()}
+
+
 def _call_filter(machine, pid):
     """The seccomp program (classic BPF, 8 bytes a row) for process pid: DENIED_CALLS, clone without
     CLONE_THREAD, and kill and tgkill of another process fail with EPERM; clone3 fails with ENOSYS. Calls of
     another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes none."""
-    column = list(SECCOMP_ARCHES).index(machine)
-    number = {name: numbers[column] for name, numbers in {**INSPECTED_CALLS, **DENIED_CALLS}.items()}
+    number = call_numbers(machine)
     rows = [("ld", 4), ("jeq", SECCOMP_ARCHES[machine], None, "nosys"), ("ld", 0)]  # arch at 4, nr at 0
     if machine == "x86_64":
         rows.append(("jge", 0x40000000, "nosys", None))  # the x32 ABI's numbers
