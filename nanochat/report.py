@@ -247,7 +247,7 @@ def _format_value(v):
     if isinstance(v, float):
         return f"{v:.4f}"
     if isinstance(v, int) and not isinstance(v, bool) and v >= 10000:
-        return f"{v:,.0f}"
+        return f"{v:,}"
     return str(v)
 
 

@@ -61,7 +61,7 @@ def test_constructor_creates_dir_and_slugify(env):
 def test_log_formats_items(rep, env):
     before = datetime.datetime.now().replace(microsecond=0)
     path = rep.log("My Section", [
-        {"lr": 0.123456, "neg": -2.5, "big": 1234567, "edge": 10000, "small": 9999,
+        {"lr": 0.123456, "neg": -2.5, "big": 1234567, "huge": 2**60 + 1, "edge": 10000, "small": 9999,
          "flag": True, "off": False, "none": None, "name": "d12"},
         "a verbatim string without newline",
         None, {}, "", 0,
@@ -80,6 +80,7 @@ def test_log_formats_items(rep, env):
         "- lr: 0.1235\n"
         "- neg: -2.5000\n"
         "- big: 1,234,567\n"
+        "- huge: 1,152,921,504,606,846,977\n"  # exact: no detour through a float
         "- edge: 10,000\n"
         "- small: 9999\n"
         "- flag: True\n"
