@@ -430,6 +430,7 @@ def _l3_rank_worker(rank, init_file, out_dir):
         args = base_train.parse_args(TRAIN_FLAGS + L3_FLAGS)
         model, _, _ = pretraining.build_model(args, get_tokenizer(), torch.device("cpu"), rank, out_dir)
         torch.save(model.state_dict()[L3_BOUNDS], os.path.join(out_dir, f"bounds{rank}.pt"))
+        dist.barrier()  # once, a rank tearing gloo down while the other was still receiving aborted it
     finally:
         dist.destroy_process_group()
 
