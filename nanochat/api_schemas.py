@@ -138,10 +138,14 @@ def message_text(message, i):
         return message.content
     if message.content is None:
         raise APIError(400, f"messages[{i}].content is required", f"messages[{i}].content")
-    for part in message.content:
-        if part.type != "text" or part.text is None:
+    for j, part in enumerate(message.content):
+        if part.type != "text":
             raise APIError(400, f"messages[{i}].content: only text parts are supported, "
                                 f"got type {part.type!r}", f"messages[{i}].content")
+        if part.text is None:
+            param = f"messages[{i}].content[{j}].text"
+            raise APIError(400, f"{param} is required: a text part is {{\"type\": \"text\", \"text\": ...}}",
+                           param)
     return "".join(part.text for part in message.content)
 
 

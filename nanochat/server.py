@@ -507,11 +507,16 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
     prompt_param, id_prefix = ("prompt", "cmpl") if text_completion else ("messages", "chatcmpl")
     room = worker.context_len - len(prompt)
     if room < 1:
+        takes = "take" if prompt_param == "messages" else "takes"
         raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
-                            f"{prompt_param} take {len(prompt)} tokens", prompt_param,
+                            f"{prompt_param} {takes} {len(prompt)} tokens", prompt_param,
                        code="context_length_exceeded")
     config = request.app.state.config
     params_list = sampling_params(body, config, min(max_tokens or config.max_tokens, room))
+    capacity = worker.scheduler.max_batch_size + worker.scheduler.max_queue
+    if len(params_list) > capacity:  # a 429 would have the client retry what can never be served
+        raise APIError(400, f"Invalid value for 'n': {len(params_list)} choices are more than this server "
+                            f"can hold at once ({capacity}: --max-batch-size + --max-queue)", "n")
     loop = asyncio.get_running_loop()
     choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
     generation = Generation(worker, len(prompt), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
