@@ -448,22 +448,27 @@ def test_concurrent_greedy_requests_equal_the_same_requests_alone(client, url):
         return response.choices[0].message.content, response.usage.completion_tokens
 
     alone = [ask(p) for p in prompts]
-    peak, done = [0], threading.Event()
+    assert len(set(alone)) > 1
+    peak = [0]
 
-    def watch():
+    def watch(done):
         while not done.is_set():
             peak[0] = max(peak[0], get_stats(url)["active"])
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            together = list(pool.map(ask, prompts))
-    finally:
-        done.set()
-        watcher.join()
-    assert together == alone
-    assert len(set(alone)) > 1
+    # on a busy machine one round may be served one request at a time: a few rounds, each checked
+    for _ in range(3):
+        done = threading.Event()
+        watcher = threading.Thread(target=watch, args=(done,))
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                together = list(pool.map(ask, prompts))
+        finally:
+            done.set()
+            watcher.join()
+        assert together == alone
+        if peak[0] > 1:
+            break
     assert peak[0] > 1, "the concurrent requests were never decoded in one batch"
 
 
@@ -843,7 +848,7 @@ def test_the_openai_client_works_with_the_key_and_fails_without_it(keyed_url):
 
 def test_the_key_can_come_from_the_environment(tiny_chat_base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
-    with chat_server(max_batch_size=1) as (_, url, _):
+    with chat_server(max_batch_size=8) as (_, url, _):
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers=bearer("from-env")).status_code == 200
 
