@@ -848,7 +848,7 @@ def test_the_openai_client_works_with_the_key_and_fails_without_it(keyed_url):
 
 def test_the_key_can_come_from_the_environment(tiny_chat_base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
-    with chat_server(max_batch_size=8) as (_, url, _):
+    with chat_server(max_batch_size=1) as (_, url, _):
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers=bearer("from-env")).status_code == 200
 

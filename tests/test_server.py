@@ -1,6 +1,6 @@
 """
-The OpenAI-compatible server seen from the outside, through the official openai client and raw HTTP: the
-defects an audit of nanochat/server.py found, each checked the way a client meets it.
+nanochat/server.py as a client meets it on a small server (context 128, one slot and one waiting request):
+capacity and input errors through the official openai client and raw HTTP.
 """
 
 import httpx
