@@ -542,6 +542,10 @@ def _run_child(memory_limit_arg, result_path, filter_arg):
     nonce = sys.stdin.buffer.readline().rstrip(b"\n")
     code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     sys.stdin = _NoInput()
+    # fd 0 is still the file the nonce came in: code that read it again could write the nonce itself
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.close(null_fd)
     # the source, for tracebacks
     linecache.cache[CODE_FILENAME] = (len(code), None, code.splitlines(True), CODE_FILENAME)
     # taken before the code runs (the parent made the file)

@@ -357,6 +357,9 @@ EARLY_EXITS = {
     "thread os._exit(0)": "import os, threading\nthreading.Thread(target=os._exit, args=(0,)).start()\n"
                           "import time\ntime.sleep(1)",
     "forged result file": f"import os\nopen({execution.RESULT_FILENAME!r}, 'w').write('0' * 32)\nos._exit(0)",
+    "nonce read back from stdin": "import os\nnonce = os.pread(0, 64, 0).split(b'\\n')[0]\n"
+                                  f"os.write(os.open({execution.RESULT_FILENAME!r}, os.O_WRONLY), nonce)\n"
+                                  "os._exit(0)",
 }
 
 
