@@ -16,12 +16,13 @@ Two layers:
   (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
   On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes these
   calls fail (DENIED_CALLS): starting a process (threads still start), so a fork bomb stays one process;
-  making memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); signalling,
-  tracing or reading another process; opening a socket (socketpair stays); and the kernel interfaces a
-  sandbox has no use for (io_uring, bpf, keyrings, mounts and namespaces, modules, ...). At most 256 open
-  files bound what pipes buffer. Without OS isolation the code can still read and write what the user
-  running it can: a root parent (a container, typically) therefore runs it as user "nobody" where that
-  user can run the interpreter (the warning says which user it is).
+  making memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); changing
+  resource limits (its own or another process's); signalling, tracing or reading another process; opening
+  a socket (socketpair stays); and the kernel interfaces a sandbox has no use for (io_uring, bpf,
+  keyrings, mounts and namespaces, modules, ...). At most 256 open files bound what pipes buffer. Without
+  OS isolation the code can still read and write what the user running it can: a root parent (a
+  container, typically) therefore runs it as user "nobody" where that user can run the interpreter (the
+  warning says which user it is).
 
 success means the code ran to its end: after exec returns, the harness writes a per-call random nonce
 to a result file, and the parent checks it. An exit (sys.exit(0), os._exit(0), an atexit handler), an
@@ -86,13 +87,17 @@ SECCOMP_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # machine: AUDIT
 # name: (x86_64 number, aarch64 number), from the kernel's asm/unistd_64.h and asm-generic/unistd.h.
 # The filter reads the arguments of these: clone starts a thread (CLONE_THREAD) or a process (denied);
 # clone3's flags are behind a pointer, so it gets ENOSYS and glibc falls back to clone; kill and tgkill
-# may signal the code's own process only.
-INSPECTED_CALLS = {"clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), "tgkill": (234, 131)}
+# may signal the code's own process only; prlimit64 may read limits (getrlimit) but not set them.
+INSPECTED_CALLS = {"clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), "tgkill": (234, 131),
+                   "prlimit64": (302, 261)}
 DENIED_CALLS = {
     # processes: a fork bomb would take the machine's PIDs and memory before the timeout
     "fork": (57, None), "vfork": (58, None),
     # memory outside RLIMIT_AS: memfds, SysV shared memory and message queues fill RAM without bound
     "memfd_create": (319, 279), "shmget": (29, 194), "msgget": (68, 186),
+    # resource limits, the code's own or another process's: a root evaluator's code could raise its memory
+    # limit (CAP_SYS_RESOURCE) or lower the evaluator's (its open files: every later call would fail)
+    "setrlimit": (160, 164),
     # the host's other processes and its network, which the code shares where no namespaces isolate it
     "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
     "pidfd_getfd": (438, 438), "pidfd_send_signal": (424, 424), "tkill": (200, 130),
@@ -448,18 +453,21 @@ def call_numbers(machine):
 
 def _call_filter(machine, pid):
     """The seccomp program (classic BPF, 8 bytes a row) for process pid: DENIED_CALLS, clone without
-    CLONE_THREAD, and kill and tgkill of another process fail with EPERM; clone3 fails with ENOSYS. Calls of
-    another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes none."""
+    CLONE_THREAD, kill and tgkill of another process and prlimit64 with new limits fail with EPERM; clone3
+    fails with ENOSYS. Calls of another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes
+    none."""
     number = call_numbers(machine)
     rows = [("ld", 4), ("jeq", SECCOMP_ARCHES[machine], None, "nosys"), ("ld", 0)]  # arch at 4, nr at 0
     if machine == "x86_64":
         rows.append(("jge", 0x40000000, "nosys", None))  # the x32 ABI's numbers
     rows += [("jeq", number["clone3"], "nosys", None), ("jeq", number["kill"], "to self", None),
-             ("jeq", number["tgkill"], "to self", None),
+             ("jeq", number["tgkill"], "to self", None), ("jeq", number["prlimit64"], "read only", None),
              *[("jeq", number[name], "deny", None) for name in DENIED_CALLS if number[name] is not None],
              ("jeq", number["clone"], None, "allow"),
              ("ld", 16), ("jset", 0x00010000, "allow", "deny"),  # the flags of clone: CLONE_THREAD?
              ("to self",), ("ld", 16), ("jeq", pid, "allow", "deny"),  # the first argument's low 32 bits
+             # the third argument, the new limits, is a NULL pointer (both halves 0)
+             ("read only",), ("ld", 32), ("jeq", 0, None, "deny"), ("ld", 36), ("jeq", 0, "allow", "deny"),
              ("allow",), ("ret", 0x7FFF0000), ("deny",), ("ret", 0x00050000 | errno.EPERM),
              ("nosys",), ("ret", 0x00050000 | errno.ENOSYS)]
     label, program = {}, []
@@ -476,21 +484,25 @@ def _call_filter(machine, pid):
     return code
 
 
-def _install_call_filter():
-    """Install _call_filter in this process for good: it holds for all that the process runs (Linux
-    x86_64/aarch64; elsewhere nothing happens, and the other layers remain)."""
+def _call_filter_installer():
+    """A function that installs _call_filter in this process for good: it holds for all that the process
+    runs (Linux x86_64/aarch64; elsewhere it does nothing, and the other layers remain). ctypes is loaded
+    here, so that the filter can go in after the memory limit, which loading it could exceed."""
     import ctypes
     import platform
     if not sys.platform.startswith("linux") or platform.machine() not in SECCOMP_ARCHES:
-        return
+        return lambda: None
     rows = _call_filter(platform.machine(), os.getpid())
     program = ctypes.create_string_buffer(rows, len(rows))
     fprog = struct.pack("@HP", len(rows) // 8, ctypes.addressof(program))  # struct sock_fprog
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong]
-    # PR_SET_NO_NEW_PRIVS (38), then PR_SET_SECCOMP (22) in SECCOMP_MODE_FILTER (2)
-    if prctl(38, 1, None, 0, 0) != 0 or prctl(22, 2, fprog, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "the sandbox could not install its seccomp filter")
+
+    def install(program=program):  # fprog points into program: it must live until the kernel copied it
+        # PR_SET_NO_NEW_PRIVS (38), then PR_SET_SECCOMP (22) in SECCOMP_MODE_FILTER (2)
+        if prctl(38, 1, None, 0, 0) != 0 or prctl(22, 2, fprog, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "the sandbox could not install its seccomp filter")
+    return install
 
 
 def reliability_guard(maximum_memory_bytes=None):
@@ -551,9 +563,10 @@ def _run_child(memory_limit_arg, result_path, filter_arg):
     # taken before the code runs (the parent made the file)
     result_fd = os.open(result_path, os.O_WRONLY | os.O_NOFOLLOW)
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
-    if filter_arg == "filter":
-        _install_call_filter()
+    install_call_filter = _call_filter_installer() if filter_arg == "filter" else lambda: None
+    # the limits before the filter, which then keeps them from being changed
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
+    install_call_filter()
     status = _exec_code(code)
     if status == 0:
         write(result_fd, nonce)

@@ -176,12 +176,12 @@ def test_kernel_interfaces_and_other_processes_are_out_of_reach():
     # every denied call that does not start a process, made raw with arguments (-1) that the kernel would
     # refuse anyway, so nothing happens if the filter ever let one through: msgget and shmget get flags 0,
     # since -1 holds IPC_CREAT
-    names = ["memfd_create", "shmget", "msgget", "ptrace", "process_vm_readv", "process_vm_writev",
-             "pidfd_getfd", "pidfd_send_signal", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "socket",
-             "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "userfaultfd", "perf_event_open",
-             "keyctl", "add_key", "request_key", "unshare", "setns", "mount", "umount2", "pivot_root",
-             "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "kexec_load", "kexec_file_load",
-             "init_module", "finit_module", "delete_module", "reboot"]
+    names = ["memfd_create", "shmget", "msgget", "setrlimit", "ptrace", "process_vm_readv",
+             "process_vm_writev", "pidfd_getfd", "pidfd_send_signal", "tkill", "rt_sigqueueinfo",
+             "rt_tgsigqueueinfo", "socket", "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf",
+             "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key", "unshare", "setns",
+             "mount", "umount2", "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount",
+             "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot"]
     numbers = [execution.call_numbers(platform.machine())[name] for name in names]
     arguments = [(-1, 0, 0) if name in ("msgget", "shmget") else (-1,) * 5 for name in names]
     code = (f"import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\n"
@@ -190,6 +190,27 @@ def test_kernel_interfaces_and_other_processes_are_out_of_reach():
     result = execute_code(code)
     assert result.success, result
     assert dict(zip(names, result.stdout.splitlines())) == {name: "-1 EPERM" for name in names}
+
+
+@has_call_filter
+def test_the_code_cannot_change_resource_limits():
+    # as root without isolation, prlimit on the evaluator could lower its limits (open files: every later
+    # call fails), and with CAP_SYS_RESOURCE the code could raise its own memory limit. Each call sets a
+    # limit to the value it has, so nothing changes even if one got through; reading limits still works
+    code = ("import ctypes, os, sys\nsys.modules.pop('resource')\nimport resource\n"
+            "print(resource.getrlimit(resource.RLIMIT_CORE))\n"
+            "for pid in (os.getppid(), 0):\n"
+            "    try:\n"
+            "        unchanged = resource.prlimit(pid, resource.RLIMIT_CORE)\n"
+            "        resource.prlimit(pid, resource.RLIMIT_CORE, unchanged)\n"
+            "        print('changed')\n"
+            "    except PermissionError:\n        print('denied')\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\nlimits = (ctypes.c_ulong * 2)(0, 0)\n"
+            f"print(libc.syscall({execution.call_numbers(platform.machine())['setrlimit']}, "
+            "resource.RLIMIT_CORE, limits), ctypes.get_errno())\n")
+    result = execute_code(code)
+    assert result.success, result
+    assert result.stdout == f"(0, 0)\ndenied\ndenied\n-1 {errno.EPERM}\n"
 
 
 @linux_only
