@@ -114,6 +114,11 @@ DENIED_CALLS = {
     "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106), "reboot": (169, 142),
 }
 OPEN_FILES_LIMIT = 256  # RLIMIT_NOFILE: also bounds what pipes and sockets can buffer
+# signals that end a process unless it handles them: the kernel never delivers these to its PID
+# namespace's init (the code under bwrap) from inside, so there the harness handles them by exiting
+# 128 + N, which reads as that signal. Faults (SIGSEGV, ...) are forced and end it anyway.
+TERMINATING_SIGNALS = ("SIGHUP", "SIGQUIT", "SIGABRT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM",
+                       "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGXCPU")
 
 
 @dataclass
@@ -165,8 +170,11 @@ def _readonly_paths():
 
 def _bwrap_arguments(bwrap):
     user = str(SANDBOX_USER_ID)
+    # --as-pid-1: the code is its PID namespace's init, with no bwrap process beside it that it could write
+    # into through /proc/1/mem (one without the call filter and the memory limit)
     arguments = [bwrap, "--unshare-all", "--unshare-user", "--uid", user, "--gid", user, "--cap-drop", "ALL",
-                 "--die-with-parent", "--new-session", "--clearenv", "--proc", "/proc", "--dev", "/dev"]
+                 "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv", "--proc", "/proc",
+                 "--dev", "/dev"]
     help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True,
                                timeout=PROBE_TIMEOUT).stdout
     if "--disable-userns" in help_text:  # bwrap >= 0.8: no nested user namespace in which to regain powers
@@ -563,6 +571,10 @@ def _run_child(memory_limit_arg, result_path, filter_arg):
     # taken before the code runs (the parent made the file)
     result_fd = os.open(result_path, os.O_WRONLY | os.O_NOFOLLOW)
     write, exit_now = os.write, os._exit  # held before the code runs: it may unset or replace them
+    if os.getpid() == 1:
+        for name in TERMINATING_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), lambda number, frame: exit_now(128 + number))
     install_call_filter = _call_filter_installer() if filter_arg == "filter" else lambda: None
     # the limits before the filter, which then keeps them from being changed
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))

@@ -214,6 +214,33 @@ def test_the_code_cannot_change_resource_limits():
 
 
 @linux_only
+def test_under_isolation_no_other_process_is_within_reach(sandbox_mode):
+    # bwrap's own init process in the code's PID namespace had no call filter and no memory limit: code
+    # that wrote into it through /proc/1/mem could start processes and take memory without bound
+    if sandbox_mode != "isolated":
+        pytest.skip("without isolation the code sees the host's processes: only the user it runs as "
+                    "(nobody, where it can) keeps it out of them")
+    code = ("import posix\nopened = []\n"
+            "for pid in [p for p in posix.listdir('/proc') if p.isdigit() and int(p) != posix.getpid()]:\n"
+            "    try:\n        posix.close(posix.open(f'/proc/{pid}/mem', posix.O_RDWR))\n"
+            "        opened.append(pid)\n"
+            "    except OSError:\n        pass\n"
+            "print(opened)\n")
+    result = execute_code(code)
+    assert result.success and result.stdout == "[]\n", result
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGUSR1", "SIGALRM"])
+def test_a_signal_the_code_sends_itself_ends_it(name):
+    # both modes alike: under isolation the code is its PID namespace's init, which the kernel spares
+    # the signals it sends itself
+    result = execute_code(f"import posix, signal\nposix.kill(posix.getpid(), signal.{name})\n"
+                          "import time\ntime.sleep(0.5)\nprint('alive')\n")
+    assert not result.success and result.error == f"Process killed by {name}", result
+    assert "alive" not in result.stdout
+
+
+@linux_only
 def test_the_code_can_open_only_a_bounded_number_of_files():
     # every open pipe or socket can buffer memory outside RLIMIT_AS: their number is bounded
     code = ("import os\nends = []\n"
