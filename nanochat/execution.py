@@ -539,10 +539,11 @@ class _NoInput(io.TextIOBase):  # whose readable() is False
     readline = readlines = read
 
 
-def _exec_code(code):
+def _exec_code(code, ran_to_end):
     """Run the code in fresh globals (main guards run), then flush what it printed: failing to (e.g. at the
-    output size cap) fails the run. Returns 0 if it ran to its end, else the exit status that tells the
-    parent why not."""
+    output size cap) fails the run. Returns ran_to_end (an object only the caller holds) if it ran to its
+    end, else the exit status that tells the parent why not. This module is the child's __main__, whose
+    globals the code can rebind: no name looked up after the code ran can turn a failure into a pass."""
     try:
         exec(compile(code, CODE_FILENAME, "exec"), {"__name__": "__main__"})
         sys.__stdout__.flush()
@@ -553,7 +554,7 @@ def _exec_code(code):
     except BaseException as e:
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # tb_next: leave out this frame
         return MEMORY_ERROR_EXIT_CODE if isinstance(e, MemoryError) else 1
-    return 0
+    return ran_to_end
 
 
 def _run_child(memory_limit_arg, result_path, filter_arg):
@@ -579,8 +580,9 @@ def _run_child(memory_limit_arg, result_path, filter_arg):
     # the limits before the filter, which then keeps them from being changed
     reliability_guard(None if memory_limit_arg == "none" else int(memory_limit_arg))
     install_call_filter()
-    status = _exec_code(code)
-    if status == 0:
+    ran_to_end = object()
+    status = _exec_code(code, ran_to_end)
+    if status is ran_to_end:
         write(result_fd, nonce)
         exit_now(0)  # the result is in: the code's atexit handlers and leftover threads cannot change it
     return status

@@ -417,6 +417,14 @@ def test_leaving_before_the_end_is_a_failure(exit_code):
     assert not result.success and result.error and not result.timeout, result
 
 
+def test_rebinding_the_harness_globals_cannot_turn_a_failure_into_a_pass():
+    # the harness is the child's __main__ module, which the code can import and change
+    code = ("import __main__\n__main__.MemoryError = BaseException\n__main__.MEMORY_ERROR_EXIT_CODE = 0\n"
+            "assert False, 'the checks failed'\n")
+    result = execute_code(code)
+    assert not result.success and result.error == "AssertionError: the checks failed", result
+
+
 def test_success_needs_the_last_statement_to_finish():
     assert execute_code("import atexit, os\natexit.register(lambda: os._exit(1))\nprint('done')").success
     assert not execute_code("assert True\nraise KeyboardInterrupt").success
