@@ -3,11 +3,11 @@ Run untrusted, model-written Python (HumanEval completions) in a separate proces
 
 Two layers:
 - OS isolation (Linux, when bubblewrap works here): each call runs in fresh namespaces with no network,
-  its own PID space (every process the code starts dies with it), a read-only view of only the
-  interpreter's installation and the system libraries (not the repository, home directories or the
-  rest of /etc), one writable temp dir (a 64 MiB tmpfs with bwrap >= 0.8; /dev read-only), no
-  capabilities, as user "nobody". Where that is unavailable (macOS, no bwrap, no user namespaces) a
-  warning says so once, and only the second layer remains.
+  its own PID space (the code is its init, alone there; every process it starts dies with it), a
+  read-only view of only the interpreter's installation and the system libraries (not the repository,
+  home directories or the rest of /etc), one writable temp dir (a 64 MiB tmpfs with bwrap >= 0.8; /dev
+  read-only), no capabilities, as user "nobody". Where that is unavailable (macOS, no bwrap, no user
+  namespaces) a warning says so once, and only the second layer remains.
   bwrap adds a few tens of milliseconds to each call.
 - In-process guards, always: a fresh interpreter with an empty environment, in its own session (the
   parent kills its process group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK;
