@@ -16,6 +16,7 @@ exactly the reference's (its GPTConfig(**kwargs) accepts it). The meta keeps jso
 min_val_bpb is written as `Infinity`, as the reference writes and reads it (strict JSON parsers reject it).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -288,7 +289,7 @@ def _patch_missing_keys(model_data, model_config, model=None):
                  f"{tuple(value.shape)}, which turns its feature off")
 
 
-def _check_state_keys(model_data, expected_keys, model_file):
+def _check_state_keys(model_data, expected_keys, model_file, note=""):
     missing = sorted(set(expected_keys) - set(model_data))
     unexpected = sorted(set(model_data) - set(expected_keys))
     problems = []
@@ -297,22 +298,37 @@ def _check_state_keys(model_data, expected_keys, model_file):
     if unexpected:
         problems.append(f"unexpected keys {unexpected}")
     if problems:
-        raise ValueError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
-                         f"{'; '.join(problems)}. {_step_fix(model_file)}.")
+        raise ValueError(f"Checkpoint {model_file} does not fit the model described by its metadata"
+                         f"{note}: {'; '.join(problems)}. {_step_fix(model_file)}.")
+
+
+# every reference meta has these (GPTConfig asdict); only window_pattern is missing from older ones
+_REQUIRED_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
 
 def _model_config_from_meta(meta_data, meta_file):
+    """The GPTConfig of a meta and the model_config keys it ignored (unknown to this GPTConfig)."""
     fix = _step_fix(meta_file)
     if not isinstance(meta_data.get("model_config"), dict):
         raise ValueError(f"Checkpoint metadata {meta_file} has no 'model_config' object. {fix}.")
     kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(kwargs)
+    defaults = dataclasses.asdict(GPTConfig())
+    # a newer writer may add keys; the weights still have to fit the model built without them
+    ignored = sorted(k for k in kwargs if k not in defaults)
+    if ignored and _env_rank() == 0:
+        logger.warning(f"Ignoring model_config keys {ignored} of {meta_file}: unknown to this GPTConfig")
+    kwargs = {k: v for k, v in kwargs.items() if k in defaults}
+    missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in kwargs]
+    if missing:
+        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config without {missing}. {fix}.")
+    for key, value in kwargs.items():
+        expected = type(defaults[key])  # exact type: json's true is no layer count, 4.0 no width
+        if type(value) is not expected:
+            raise ValueError(f"Checkpoint metadata {meta_file} has model_config.{key} = {json.dumps(value)}, "
+                             f"not {expected.__name__}. {fix}.")
     log0(f"Building model with config: {kwargs}")
-    try:
-        return GPTConfig(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config this GPTConfig cannot take "
-                         f"({one_line_error(e)}). {fix}.") from e
+    return GPTConfig(**kwargs), ignored
 
 
 def build_model(checkpoint_dir, step, device, phase):
@@ -327,15 +343,20 @@ def build_model(checkpoint_dir, step, device, phase):
     model_data = {k.removeprefix("_orig_mod."): v.float() if to_fp32 and v.dtype == torch.bfloat16 else v
                   for k, v in model_data.items()}
 
-    config = _model_config_from_meta(meta_data, _meta_path(checkpoint_dir, step))
+    meta_file = _meta_path(checkpoint_dir, step)
+    config, ignored = _model_config_from_meta(meta_data, meta_file)
     tokenizer = get_tokenizer()  # checked before the (possibly large) model is built
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise CheckpointValueError(f"Tokenizer vocab size {tokenizer.get_vocab_size()} does not match "
-                                   f"model config vocab size {config.vocab_size}")
+        raise CheckpointValueError(
+            f"Tokenizer vocab size {tokenizer.get_vocab_size()} does not match model config vocab size "
+            f"{config.vocab_size} (tokenizer: {os.path.join(get_base_dir(), 'tokenizer')}, checkpoint: "
+            f"{meta_file}). Fix: put the tokenizer this checkpoint was trained with in that tokenizer "
+            f"directory, or load a checkpoint trained with this tokenizer (another model tag or step)")
     with torch.device("meta"):
         model = GPT(config)
     _patch_missing_keys(model_data, config, model)
-    _check_state_keys(model_data, model.state_dict().keys(), model_file)
+    ignored_note = f" (ignored model_config keys {ignored} of {meta_file})" if ignored else ""
+    _check_state_keys(model_data, model.state_dict().keys(), model_file, ignored_note)
     model.to_empty(device=device)
     model.init_weights()  # materialises the non-persistent rotary buffers
     try:
@@ -354,13 +375,19 @@ def build_model(checkpoint_dir, step, device, phase):
 # -----------------------------------------------------------------------------
 # Finding tags and steps
 
+def _list_tags(checkpoints_dir):
+    """The model tags (subdirectories) of a checkpoints dir, sorted; none when it does not exist."""
+    names = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
+    return [name for name in names if os.path.isdir(os.path.join(checkpoints_dir, name))]
+
+
 def find_largest_model(checkpoints_dir):
     """The model tag to load by default: the deepest d<N>-prefixed tag (d24_jan29 counts as 24; equal depths
     go to the most recently modified), else the most recently modified subdirectory."""
-    tags = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
-    tags = [t for t in tags if os.path.isdir(os.path.join(checkpoints_dir, t))]
+    tags = _list_tags(checkpoints_dir)
     if not tags:
-        raise FileNotFoundError(f"No checkpoints found in {checkpoints_dir}")
+        raise FileNotFoundError(f"No checkpoints found in {checkpoints_dir}. Fix: train one first, or point "
+                                f"NANOCHAT_BASE_DIR at the directory that holds them")
     mtime = lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag))
     depth_tags = [(int(m.group(1)), mtime(t), t) for t in tags if (m := _DEPTH_TAG_RE.match(t))]
     if depth_tags:
@@ -380,7 +407,8 @@ def find_last_step(checkpoint_dir):
             log0(f"Ignoring incomplete checkpoint step {step} in {checkpoint_dir} (no meta file)")
     if not complete:
         raise FileNotFoundError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found "
-                                f"in {checkpoint_dir}")
+                                f"in {checkpoint_dir}. Fix: copy a complete step there, or pass another "
+                                f"model tag")
     return max(complete)
 
 
@@ -390,6 +418,10 @@ def _resolve_checkpoint(checkpoints_dir, model_tag, step):
         model_tag = find_largest_model(checkpoints_dir)
         log0(f"No model tag provided, guessing model tag: {model_tag}")
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if not os.path.isdir(checkpoint_dir):
+        tags = ", ".join(_list_tags(checkpoints_dir)) or "none yet"
+        raise FileNotFoundError(f"Model tag {model_tag!r} not found: no directory {checkpoint_dir}. "
+                                f"Fix: pass one of the tags there ({tags}), or no tag for the largest")
     if step is None:
         step = find_last_step(checkpoint_dir)
     return checkpoint_dir, step

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -69,6 +70,11 @@ def sample_ids(seed=1):
 @torch.no_grad()
 def logits_of(model, ids):
     return model(ids)
+
+
+def user_sees(excinfo):
+    """The last line of the traceback Python prints for this exception (chained causes come first)."""
+    return "".join(traceback.format_exception(excinfo.value)).rstrip().splitlines()[-1]
 
 
 def meta_for(model, step, **extra):
@@ -337,14 +343,32 @@ def test_unpatchable_or_unexpected_keys_are_listed(tiny_base_dir):
         assert f"Fix: delete {tiny_base_dir / 'ck' / f'meta_{i:06d}.json'}" in str(info.value).splitlines()[-1]
 
 
-def test_meta_whose_model_config_gptconfig_cannot_take_names_the_meta_and_the_fix(tiny_base_dir):
+def test_meta_of_a_newer_writer_with_unknown_keys_loads_with_equal_logits(tiny_base_dir, caplog):
+    model = tiny_model()
+    meta = {"step": 2, "model_config": {**{k: getattr(model.config, k) for k in REFERENCE_CONFIG_KEYS},
+                                        "n_experts": 1}, "a_newer_top_level_key": {"x": 1}}
+    write_like_reference(str(tiny_base_dir / "base_checkpoints" / "d2"), 2, model.state_dict(), meta)
+    built, _, loaded = cm.load_model("base", "cpu", "eval")
+    assert loaded == meta and built.config == model.config
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+    assert "Ignoring model_config keys ['n_experts']" in caplog.text  # the user is told what was dropped
+
+
+@pytest.mark.parametrize("key, value", [("n_layer", None), ("n_layer", "2"), ("n_embd", 64.0),
+                                        ("n_head", True), ("window_pattern", 1), ("vocab_size", None)])
+def test_meta_with_a_missing_or_mistyped_model_config_field_names_it_and_the_fix(tiny_base_dir, key, value):
     model = tiny_model()
     meta = meta_for(model, 2)
-    meta["model_config"]["n_experts"] = 4  # a field of some other GPTConfig
-    cm.save_checkpoint(str(tiny_base_dir / "ck"), 2, model.state_dict(), None, meta)
-    with pytest.raises(ValueError, match=r"meta_000002\.json has a model_config this GPTConfig cannot take "
-                                         r"\(.*n_experts.*\)\. Fix: delete"):
-        cm.build_model(str(tiny_base_dir / "ck"), 2, "cpu", "eval")
+    if value is None:
+        del meta["model_config"][key]  # GPTConfig's default would build another model
+    else:
+        meta["model_config"][key] = value
+    write_like_reference(str(tiny_base_dir / "base_checkpoints" / "d2"), 2, model.state_dict(), meta)
+    with pytest.raises(ValueError) as info:
+        cm.load_model("base", "cpu", "eval")
+    line = user_sees(info)
+    meta_file = str(tiny_base_dir / "base_checkpoints" / "d2" / "meta_000002.json")
+    assert meta_file in line and key in line and f"Fix: delete {meta_file}" in line, line
 
 
 def test_weights_of_another_shape_than_their_meta_name_the_model_file(tiny_base_dir):
@@ -366,6 +390,9 @@ def test_vocab_mismatch_error(tiny_base_dir):
     with pytest.raises(ValueError, match="Tokenizer vocab size 300 does not match model config vocab size 320") as info:
         cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
     assert isinstance(info.value, AssertionError)  # callers of the reference caught its assert
+    line = user_sees(info)  # both files, and what to do about them
+    assert str(tiny_base_dir / "tokenizer") in line and str(tiny_base_dir / "ck" / "meta_000001.json") in line
+    assert "Fix: put the tokenizer this checkpoint was trained with in that tokenizer directory" in line
 
 
 def test_l3_model_round_trips_with_its_bounds(tiny_base_dir):
@@ -417,6 +444,25 @@ def test_find_largest_model_prefers_depth_then_mtime(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         cm.find_largest_model(str(tmp_path / "empty"))
+
+
+def test_a_tag_naming_nothing_or_a_tag_without_complete_steps_lists_the_way_out(tiny_base_dir):
+    model = tiny_model()
+    root = tiny_base_dir / "chatsft_checkpoints"
+    cm.save_checkpoint(str(root / "d2"), 3, model.state_dict(), None, meta_for(model, 3))
+    with pytest.raises(FileNotFoundError) as info:
+        cm.load_model("sft", "cpu", "eval", model_tag="d3")
+    assert user_sees(info).endswith(f"Model tag 'd3' not found: no directory {root / 'd3'}. Fix: pass one of "
+                                    f"the tags there (d2), or no tag for the largest")
+    touch(root / "d5" / "model_000004.pt")  # an interrupted save: the model, no meta
+    with pytest.raises(FileNotFoundError) as info:
+        cm.load_model("sft", "cpu", "eval")
+    assert user_sees(info).endswith(f"found in {root / 'd5'}. Fix: copy a complete step there, or pass "
+                                    f"another model tag")
+    with pytest.raises(FileNotFoundError) as info:
+        cm.load_model("rl", "cpu", "eval")
+    assert user_sees(info).endswith("Fix: train one first, or point NANOCHAT_BASE_DIR at the directory that "
+                                    "holds them")
 
 
 def test_load_model_guesses_tag_and_step_under_base_dir(tiny_base_dir):
