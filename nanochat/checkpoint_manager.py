@@ -321,12 +321,15 @@ def _model_config_from_meta(meta_data, meta_file):
     kwargs = {k: v for k, v in kwargs.items() if k in defaults}
     missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in kwargs]
     if missing:
-        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config without {missing}. {fix}.")
+        # the file is otherwise sound (its user and loop state resume a run): repair it, do not drop it
+        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config without {missing}. Fix: add "
+                         f"them there with the values the model was trained with, or copy the file again")
     for key, value in kwargs.items():
         expected = type(defaults[key])  # exact type: json's true is no layer count, 4.0 no width
         if type(value) is not expected:
             raise ValueError(f"Checkpoint metadata {meta_file} has model_config.{key} = {json.dumps(value)}, "
-                             f"not {expected.__name__}. {fix}.")
+                             f"not {expected.__name__}. Fix: write it there as {expected.__name__} (like "
+                             f"{json.dumps(defaults[key])}), or copy the file again")
     log0(f"Building model with config: {kwargs}")
     return GPTConfig(**kwargs), ignored
 
