@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from nanochat.common import get_dist_info, print0
-from nanochat.dataset import ShardReader, list_split_files
+from nanochat.dataset import SHARD_FIX, CorruptShardError, ShardReader, list_split_files
 
 _PREFETCH_BATCHES = 4  # tokenised text batches queued ahead of the packer
 
@@ -58,9 +58,18 @@ def _text_batches(reader, rank, world, cursor, batch_size):
                     produced = True
                     yield texts[a:b], refs, (pq_idx, rg_idx, epoch), next_cursor
         if full_pass and not produced:
-            raise RuntimeError(f"Rank {rank} of {world} owns no row group of the split "
-                               f"({len(reader.files)} files): use fewer ranks or more data")
+            _raise_no_text(reader, rank, world)
         epoch, pq_start, rg_start, offset = epoch + 1, 0, rank, 0
+
+
+def _raise_no_text(reader, rank, world):
+    """Why a full pass gave this rank no text: shards without rows, or more ranks than row groups."""
+    empty = [path for i, path in enumerate(reader.files) if reader.parquet(i).metadata.num_rows == 0]
+    if len(empty) == len(reader.files):
+        raise CorruptShardError(f"No text to read: {', '.join(empty)} "
+                                f"{'has' if len(empty) == 1 else 'have'} no rows. {SHARD_FIX}.")
+    raise RuntimeError(f"Rank {rank} of {world} owns no row group of the split ({len(reader.files)} files): "
+                       f"use fewer ranks or more data")
 
 
 def _approximate_cursor(state, rank, world):

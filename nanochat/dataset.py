@@ -217,9 +217,13 @@ def text_iterator(max_chars, doc_cap):
 # Downloading
 
 def check_real_shard(path):
-    """Raise unless path is a readable shard, and not one of the offline sample's: what a download must be."""
-    if is_sample_file(path):
+    """Raise unless path is a readable shard with rows, and not one of the offline sample's: what a download
+    must be (and what an existing file must be to be kept)."""
+    metadata = inspect_shard(path)
+    if SAMPLE_TAG in (metadata.metadata or {}):
         raise ValueError(f"{path} is a shard of the offline sample, not the real one")
+    if metadata.num_rows == 0:
+        raise ValueError(f"{path} has no rows")
 
 
 def download_single_file(index, data_dir=None, base_url=None):

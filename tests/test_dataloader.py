@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+import traceback
 import weakref
 
 import pyarrow as pa
@@ -272,6 +273,18 @@ def test_rank_without_row_groups_raises(corpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(RuntimeError, match="owns no row group"):
         next(loader(split="val"))
+
+
+def test_a_split_of_shards_without_rows_names_them_and_the_fix(corpus, tmp_path):
+    data_dir = tmp_path / "base_data_climbmix"
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        write_shard(data_dir / name, pa.array([], type=pa.string()), row_group_size=8)  # readable, no rows
+    with pytest.raises(RuntimeError) as info:
+        next(loader())
+    last_line = "".join(traceback.format_exception(info.value)).rstrip().splitlines()[-1]
+    empty = f"{data_dir / 'shard_00000.parquet'}, {data_dir / 'shard_00001.parquet'}"
+    assert f"No text to read: {empty} have no rows. Fix: run `python -m nanochat.dataset" in last_line, last_line
+    assert next(loader(split="val"))[0].shape == (2, 24)  # the val split's rows still load
 
 
 def test_corrupt_shard_error_names_the_file(corpus, tmp_path):

@@ -541,6 +541,13 @@ def test_an_unreadable_existing_target_is_replaced(data_dir, server, sleeps, tmp
     assert read_bytes(data_dir / "shard_00000.parquet") == payload
 
 
+def test_an_existing_shard_without_rows_is_replaced(data_dir, server, sleeps, tmp_path):
+    write_shard(str(data_dir / "shard_00000.parquet"), [], 1)  # readable, but nothing to train on
+    server.files["shard_00000.parquet"] = payload = shard_bytes(tmp_path)
+    assert dataset.download_single_file(0, base_url=server.url)
+    assert read_bytes(data_dir / "shard_00000.parquet") == payload
+
+
 def test_the_downloader_checks_the_sha256_and_names_the_file_and_the_fix(base, server, sleeps, tmp_path):
     server.files["bundle.zip"] = payload = b"the eval bundle bytes" * 100
     target = str(tmp_path / "cache" / "bundle.zip")
