@@ -187,6 +187,9 @@ def _step_fix(path):
     """How to get past a damaged checkpoint file: load another step, or re-create this one."""
     checkpoint_dir, name = os.path.split(path)
     step = int(re.search(r"_(\d+)", name).group(1))
+    if name.startswith("optim_"):  # the step's model is sound: hiding the step would lose it
+        return (f"Fix: delete {path} (the model of step {step} is sound: fine-tuning from it then starts its "
+                f"optimizer fresh, a resume needs another step), or copy the file again from where it came")
     return (f"Fix: delete {_meta_path(checkpoint_dir, step)} so that the previous complete step is used "
             f"(or pass another step), or copy the file again from where it came")
 
@@ -206,8 +209,10 @@ def _load_torch_file(path, device, what, missing_hint=""):
 def _load_meta(checkpoint_dir, step):
     path = _meta_path(checkpoint_dir, step)
     if not os.path.exists(path):
+        steps = ", ".join(map(str, _complete_steps(checkpoint_dir))) or "none"
         raise FileNotFoundError(f"Checkpoint metadata not found: {path} (the meta file is written last, "
-                                f"so step {step} is missing or incomplete)")
+                                f"so step {step} is missing or incomplete). Fix: pass one of the complete "
+                                f"steps there ({steps}), or no step for the last")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -398,16 +403,22 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=mtime)
 
 
-def find_last_step(checkpoint_dir):
-    """The largest step (numeric) with both model_{step:06d}.pt and meta_{step:06d}.json present."""
+def _complete_steps(checkpoint_dir, log_incomplete=False):
+    """The steps (sorted) with both model_{step:06d}.pt and meta_{step:06d}.json present."""
     names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
     complete = []
     for m in filter(None, map(_MODEL_FILE_RE.fullmatch, names)):
         step = int(m.group(1))
         if os.path.exists(_meta_path(checkpoint_dir, step)):
             complete.append(step)
-        else:
+        elif log_incomplete:
             log0(f"Ignoring incomplete checkpoint step {step} in {checkpoint_dir} (no meta file)")
+    return sorted(complete)
+
+
+def find_last_step(checkpoint_dir):
+    """The largest step (numeric) with both model_{step:06d}.pt and meta_{step:06d}.json present."""
+    complete = _complete_steps(checkpoint_dir, log_incomplete=True)
     if not complete:
         raise FileNotFoundError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found "
                                 f"in {checkpoint_dir}. Fix: copy a complete step there, or pass another "

@@ -210,6 +210,33 @@ def test_missing_files_give_clear_errors(tmp_path):
         cm.load_checkpoint(str(ckpt), 9, "cpu")
 
 
+def test_the_fix_for_a_corrupt_optimizer_shard_keeps_its_sound_model(tiny_base_dir):
+    model = tiny_model()
+    ckpt = tiny_base_dir / "base_checkpoints" / "d2"
+    cm.save_checkpoint(str(ckpt), 3, model.state_dict(), {"step": 3}, meta_for(model, 3))
+    shard = ckpt / "optim_000003_rank0.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(RuntimeError) as info:
+        cm.load_checkpoint(str(ckpt), 3, "cpu", load_optimizer=True)
+    line = user_sees(info)
+    assert f"Fix: delete {shard} (the model of step 3 is sound" in line and "meta_000003" not in line, line
+    os.remove(shard)  # following the fix: the step still loads, now without optimizer state
+    assert cm.load_optimizer_state("base", "cpu", 0) is None
+    built, _, _ = cm.load_model("base", "cpu", "eval")
+    assert torch.equal(logits_of(built, sample_ids()), logits_of(model, sample_ids()))
+
+
+def test_a_step_that_is_not_there_lists_the_complete_ones(tmp_path):
+    ckpt = tmp_path / "d2"
+    for step in (4, 12):
+        cm.save_checkpoint(str(ckpt), step, {"w": torch.ones(2)}, None, {"step": step})
+    touch(ckpt / "model_000020.pt")  # no meta: not a step to offer
+    with pytest.raises(FileNotFoundError) as info:
+        cm.load_checkpoint(str(ckpt), 20, "cpu")
+    assert user_sees(info).endswith("Fix: pass one of the complete steps there (4, 12), or no step for the "
+                                    "last")
+
+
 # -----------------------------------------------------------------------------
 # Rebuilding models
 
