@@ -206,13 +206,17 @@ def _load_torch_file(path, device, what, missing_hint=""):
                            f"{_step_fix(path)}.") from e
 
 
+def _other_steps_fix(checkpoint_dir):
+    steps = ", ".join(map(str, _complete_steps(checkpoint_dir))) or "none"
+    return f"Fix: pass one of the complete steps there ({steps}), or no step for the last"
+
+
 def _load_meta(checkpoint_dir, step):
     path = _meta_path(checkpoint_dir, step)
     if not os.path.exists(path):
-        steps = ", ".join(map(str, _complete_steps(checkpoint_dir))) or "none"
         raise FileNotFoundError(f"Checkpoint metadata not found: {path} (the meta file is written last, "
-                                f"so step {step} is missing or incomplete). Fix: pass one of the complete "
-                                f"steps there ({steps}), or no step for the last")
+                                f"so step {step} is missing or incomplete). "
+                                f"{_other_steps_fix(checkpoint_dir)}")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -228,7 +232,8 @@ def _load_meta(checkpoint_dir, step):
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """(model_data, optimizer_data or None, meta_data) of one step, tensors mapped to `device`."""
     meta_data = _load_meta(checkpoint_dir, step)  # first: it is the cheap completeness check
-    model_data = _load_torch_file(_model_path(checkpoint_dir, step), device, "model")
+    model_data = _load_torch_file(_model_path(checkpoint_dir, step), device, "model",
+                                  f" (step {step} has its meta only). {_other_steps_fix(checkpoint_dir)}")
     optimizer_data = None
     if load_optimizer:
         optimizer_data = _load_torch_file(_optim_path(checkpoint_dir, step, rank), device,

@@ -231,10 +231,12 @@ def test_a_step_that_is_not_there_lists_the_complete_ones(tmp_path):
     for step in (4, 12):
         cm.save_checkpoint(str(ckpt), step, {"w": torch.ones(2)}, None, {"step": step})
     touch(ckpt / "model_000020.pt")  # no meta: not a step to offer
-    with pytest.raises(FileNotFoundError) as info:
-        cm.load_checkpoint(str(ckpt), 20, "cpu")
-    assert user_sees(info).endswith("Fix: pass one of the complete steps there (4, 12), or no step for the "
-                                    "last")
+    (ckpt / "meta_000030.json").write_text(json.dumps({"step": 30}))  # no model: neither
+    for step in (20, 30):
+        with pytest.raises(FileNotFoundError) as info:
+            cm.load_checkpoint(str(ckpt), step, "cpu")
+        fix = "Fix: pass one of the complete steps there (4, 12), or no step for the last"
+        assert user_sees(info).endswith(fix)
 
 
 # -----------------------------------------------------------------------------
