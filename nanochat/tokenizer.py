@@ -484,4 +484,11 @@ def get_token_bytes(device="cpu"):
     if not is_table or token_bytes.is_floating_point():
         raise ValueError(f"Token bytes file {path} does not hold a 1-D integer tensor. "
                          f"{_TOKEN_BYTES_FIX.format(path=path)}")
+    # a table of another tokenizer indexes out of range, or, when longer, gives a wrong bpb silently
+    if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
+        vocab_size = get_tokenizer().get_vocab_size()
+        if len(token_bytes) != vocab_size:
+            raise ValueError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
+                             f"beside it {vocab_size} tokens: it belongs to another tokenizer. "
+                             f"{_TOKEN_BYTES_FIX.format(path=path)}")
     return token_bytes

@@ -5,6 +5,7 @@ import pickle
 import random
 import subprocess
 import sys
+import traceback
 
 import pytest
 import regex
@@ -475,6 +476,20 @@ def test_a_token_bytes_file_of_the_wrong_shape_or_type_is_a_clear_error(tok, tmp
         get_token_bytes()
     message = str(info.value)
     assert f"{path} does not hold a 1-D integer tensor" in message and "compute_token_bytes" in message
+
+
+@pytest.mark.parametrize("extra", [-1, 1], ids=["shorter", "longer"])
+def test_a_token_bytes_file_of_another_tokenizer_is_a_clear_error(tok, tmp_path, monkeypatch, extra):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer"))
+    table = compute_token_bytes(tok)
+    path = tmp_path / "tokenizer" / "token_bytes.pt"
+    torch.save(table[:extra] if extra < 0 else torch.cat([table, table[:extra]]), path)
+    with pytest.raises(ValueError) as info:
+        get_token_bytes()
+    last_line = "".join(traceback.format_exception(info.value)).rstrip().splitlines()[-1]
+    assert (f"{path} has {len(table) + extra} entries and the tokenizer beside it {len(table)} tokens: it "
+            f"belongs to another tokenizer. Fix: rewrite it from the tokenizer") in last_line, last_line
 
 
 def test_get_tokenizer_and_token_bytes(tok, tmp_path, monkeypatch):
