@@ -20,6 +20,7 @@ SFT (chat_sft) packs rendered conversations instead: ConversationPacker, at the 
 
 import atexit
 import bisect
+import os
 import queue
 import threading
 from collections import deque
@@ -217,11 +218,30 @@ class _Packer:
         """Continue from an exact state: the buffered documents it names are re-read (in file order: the
         reader keeps one file open) and re-tokenised."""
         refs = [tuple(ref) for ref in state["buffer"]]
+        _check_state_fits_the_shards(refs, state["cursor"], reader)
         groups = {(p, g): reader.texts(p, g) for p, g in sorted({(p, g) for p, g, _ in refs})}
+        if any(row >= len(groups[(p, g)]) for p, g, row in refs):
+            _raise_shards_changed(reader)
         for tokens, ref in zip(encode([groups[(p, g)][row] for p, g, row in refs]), refs):
             self.docs.add(tokens, ref)
         self.position, self.cursor = (state["pq_idx"], state["rg_idx"], state["epoch"]), list(state["cursor"])
         self.tokens_used, self.tokens_cropped = state.get("tokens_used", 0), state.get("tokens_cropped", 0)
+
+
+def _check_state_fits_the_shards(refs, cursor, reader):
+    """An exact state names files and row groups by index: it resumes only over the shards it was saved
+    with (more shards after them are fine)."""
+    num_files = len(reader.files)
+    fits = lambda p, g: 0 <= p < num_files and 0 <= g < reader.num_row_groups(p)
+    if not (0 <= cursor[1] < num_files and all(fits(p, g) for p, g, _ in refs)):
+        _raise_shards_changed(reader)
+
+
+def _raise_shards_changed(reader):
+    data_dir = os.path.dirname(reader.files[0])
+    raise ValueError(f"The checkpoint's dataloader state names documents that the {len(reader.files)} "
+                     f"shard(s) of this split in {data_dir} do not have: the shards changed since it was "
+                     f"saved. Fix: put back the shards it was trained on, or start a new run on these")
 
 
 def _resume_cursor(state, rank, world):

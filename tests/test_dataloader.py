@@ -179,6 +179,25 @@ def test_exact_resume_reproduces_the_following_batches(corpus):
             assert s == rs
 
 
+@pytest.mark.parametrize("change", ["file removed", "fewer row groups", "shorter row groups"])
+def test_an_exact_state_over_shards_that_changed_names_the_data_dir_and_the_fix(corpus, tmp_path, change):
+    states = [state for _, _, state in take(loader(batch_size=8), 12)]
+    # one that buffers a document of the second file's second row group, past row 6
+    state = next(s for s in states if any(ref[:2] == [1, 1] and ref[2] >= 6 for ref in s["buffer"]))
+    shard = tmp_path / "base_data_climbmix" / "shard_00001.parquet"  # 16 documents, 2 row groups of 8
+    if change == "file removed":
+        os.remove(shard)
+    elif change == "fewer row groups":
+        write_shard(shard, corpus["shard_00001.parquet"][:8], row_group_size=8)
+    else:
+        write_shard(shard, corpus["shard_00001.parquet"][:12], row_group_size=6)
+    with pytest.raises(ValueError) as info:
+        take(loader(batch_size=8, state=state), 1)
+    last_line = "".join(traceback.format_exception(info.value)).rstrip().splitlines()[-1]
+    assert f"shard(s) of this split in {shard.parent} do not have" in last_line, last_line
+    assert last_line.endswith("Fix: put back the shards it was trained on, or start a new run on these")
+
+
 def test_resume_chain_of_many_restarts(corpus):
     straight = take(loader(B=1, T=10), 12)
     state, got = None, []
