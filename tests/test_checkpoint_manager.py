@@ -403,6 +403,21 @@ def test_meta_with_a_missing_or_mistyped_model_config_field_names_it_and_the_fix
                      line) and "delete" not in line, line
 
 
+@pytest.mark.parametrize("key, value", [("n_head", 0), ("n_head", 3), ("n_layer", -1),
+                                        ("window_pattern", "XYZ")])
+def test_meta_with_a_model_config_no_gpt_can_be_built_of_names_it_and_the_fix(tiny_base_dir, key, value):
+    model = tiny_model()
+    meta = meta_for(model, 2)
+    meta["model_config"][key] = value
+    write_like_reference(str(tiny_base_dir / "base_checkpoints" / "d2"), 2, model.state_dict(), meta)
+    with pytest.raises(ValueError) as info:
+        cm.load_model("base", "cpu", "eval")
+    line = user_sees(info)
+    meta_file = tiny_base_dir / "base_checkpoints" / "d2" / "meta_000002.json"
+    assert f"{meta_file} has a model_config no GPT can be built of" in line, line
+    assert line.endswith("Fix: write there the values the model was trained with, or copy the file again")
+
+
 def test_weights_of_another_shape_than_their_meta_name_the_model_file(tiny_base_dir):
     model = tiny_model()
     state = model.state_dict()
