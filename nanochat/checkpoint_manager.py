@@ -14,6 +14,8 @@ loses its old meta only once the replacements are complete. The next save remove
 writers. model_config holds the muP / L3 keys only when that feature is on, so a plain model's meta is
 exactly the reference's (its GPTConfig(**kwargs) accepts it). The meta keeps json's allow_nan: an infinite
 min_val_bpb is written as `Infinity`, as the reference writes and reads it (strict JSON parsers reject it).
+Loading ignores, with a warning, the model_config keys this GPTConfig does not know: a newer writer's meta
+loads as long as its weights fit the model built without them.
 """
 
 import dataclasses
