@@ -4,8 +4,9 @@ rank-0 printing and progress bars, peak FLOPs and bandwidth for MFU/MBU, and the
 (locked, resumed, verified).
 
 Importing this module does no work. The compute dtype is decided on first access of
-COMPUTE_DTYPE (a PEP 562 module __getattr__), logging is configured only by an explicit
-setup_default_logging() call, and the base directory is created only by get_base_dir().
+COMPUTE_DTYPE (a PEP 562 module __getattr__), logging is configured only by setup_default_logging()
+(which every script calls, most through compute_init), and the base directory is created only by
+get_base_dir().
 """
 
 import contextlib
@@ -412,8 +413,9 @@ def autodetect_device_type():
 
 
 def compute_init(device_type="cuda"):
-    """Seed, set matmul precision, and join the process group when launched by torchrun.
-    Returns (is_ddp, rank, local_rank, world_size, device)."""
+    """Show the library's INFO logs (setup_default_logging), seed, set matmul precision, and join the process
+    group when launched by torchrun. Returns (is_ddp, rank, local_rank, world_size, device)."""
+    setup_default_logging()
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
     assert device_type in available, f"Invalid device type: {device_type}"
     assert available[device_type](), (f"Your PyTorch installation is not configured for "

@@ -13,7 +13,7 @@ The endpoints, their limits and errors are described in nanochat/server.py, whic
 import argparse
 import sys
 
-from nanochat.common import autodetect_device_type, compute_init, setup_default_logging
+from nanochat.common import autodetect_device_type, compute_init
 from nanochat.server import ServerConfig, create_app, exposure_warning, http_protocol, required_api_key
 
 
@@ -90,7 +90,6 @@ def __getattr__(name):
 def main(argv=None):
     import uvicorn
     args = parse_args(argv)
-    setup_default_logging()
     args.device_type = args.device_type or autodetect_device_type()
     compute_init(args.device_type)
     app = create_app(args)

@@ -11,6 +11,7 @@ AutoTokenizer.from_pretrained(DIR); `python -m scripts.base_eval --hf-path DIR` 
 import argparse
 
 from nanochat.checkpoint_manager import load_model
+from nanochat.common import setup_default_logging
 from nanochat.hf_export import export
 
 
@@ -28,6 +29,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    setup_default_logging()
     # on the CPU: the export is fp32, whatever the checkpoint was trained in
     model, tokenizer, meta = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag,
                                         step=args.step)

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from nanochat.common import REPO_DATA_DIR
+from nanochat.common import REPO_DATA_DIR, setup_default_logging
 from nanochat.dataset import list_split_files, read_row_group
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
@@ -87,6 +87,7 @@ def compare(label, theirs, ours):
 
 
 def main():
+    setup_default_logging()
     texts = eval_texts()
     ours_tok = get_tokenizer()
     baselines = load_baselines()

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from nanochat.common import atomic_open, get_base_dir
+from nanochat.common import atomic_open, get_base_dir, setup_default_logging
 from nanochat.dataset import text_iterator
 from nanochat.report import get_report
 from nanochat.tokenizer import SANITY_TEXT, RustBPETokenizer, compute_token_bytes
@@ -43,6 +43,7 @@ def token_bytes_stats(token_bytes):
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_default_logging()
     for name, value in vars(args).items():
         print(f"{name}: {value:,}")
 

@@ -5,6 +5,9 @@ text are unit-tested in test_chat_text.py.
 """
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +16,8 @@ from nanochat.engine import Engine
 from scripts import chat_cli
 
 from conftest import chat_prompt, write_tiny_checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def tokenizer(tiny_tokenizer):
@@ -46,6 +51,16 @@ def test_one_shot_prints_only_the_engine_answer(tokenizer, offline_base_dir, cap
     expected = tok.decode(results[0][len(prompt):])
     assert len(expected) > 0
     assert out == expected + "\n"
+
+
+def test_the_library_logs_reach_the_user(tokenizer, offline_base_dir):
+    # which checkpoint was picked, and how, is logged by the library: a script must show its INFO logs
+    save_tiny_sft_checkpoint(offline_base_dir, tokenizer)
+    run = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", "--device-type", "cpu",
+                          "--max-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "No model tag provided, guessing model tag" in run.stderr
+    assert "No model tag" not in run.stdout  # the reply alone is on stdout
 
 
 def test_missing_checkpoint_is_one_error_line_and_exit_1(capsys):
