@@ -90,7 +90,9 @@ def _bounded_call_kind(call):
 def is_bounded_expression(formula):
     """True if formula parses to an expression whose evaluation cannot hang (see _bounded_kind)."""
     try:
-        return _bounded_kind(ast.parse(formula, mode="eval").body) is not None
+        # eval ignores leading spaces and tabs, ast.parse calls them an indent: a model's " 48/2" must
+        # get the same answer here (the server's worker threads) as on the main thread (the CLI)
+        return _bounded_kind(ast.parse(formula.lstrip(" \t"), mode="eval").body) is not None
     except Exception:  # SyntaxError, ValueError (null bytes), RecursionError (absurdly deep trees)
         return False
 

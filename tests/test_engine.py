@@ -424,6 +424,13 @@ def test_calculator_table(expr, want, where):
         assert str(got) == str(want)  # 0.2*50 renders "10.0", as the reference
 
 
+@pytest.mark.parametrize("expr,want", [(" 48/2", 24.0), ("  3 + 4  ", 7), (" 'strawberry'.count('r')", 3)])
+def test_calculator_leading_spaces_same_answer_in_worker_thread(expr, want):
+    # a model often writes a call as space-prefixed tokens; the server evaluates it off the main thread
+    assert use_calculator(expr) == want
+    assert in_worker_thread(use_calculator, expr) == want
+
+
 def test_calculator_strips_commas_and_blocks_case_insensitively():
     assert use_calculator("1,234+1") == 1235
     assert use_calculator("'a,b,c'.count('b')") == 1
