@@ -12,6 +12,7 @@ Loading messages go to stderr, so with -p stdout holds only the answer.
 
 import argparse
 import contextlib
+import os
 import sys
 
 from nanochat.chat_text import Conversation, stream_reply
@@ -94,6 +95,21 @@ def load_engine(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        chat(args)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads or during a one-shot answer
+        with contextlib.suppress(OSError):
+            print(flush=True)  # end the partial answer's line
+        print("chat_cli: interrupted", file=sys.stderr)
+        raise SystemExit(130)  # the shell's code for death by SIGINT
+    except BrokenPipeError:  # stdout closed early (`chat_cli -p ... | head -1`): nobody is reading
+        # later flushes (at exit) would fail again: send what is left to devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1)
+
+
+def chat(args):
+    """Load the model, then answer -p once or hold the conversation."""
     engine = load_engine(args)
     context_len = engine.model.config.sequence_len
     conversation = Conversation(engine.tokenizer, context_len, args.max_tokens, args.system)

@@ -6,6 +6,7 @@ text are unit-tested in test_chat_text.py.
 
 import io
 import os
+import signal
 import subprocess
 import sys
 
@@ -139,3 +140,47 @@ def test_a_full_context_forgets_the_oldest_exchange_and_says_so(tokenizer, offli
     out = chat(monkeypatch, capsys, f"{message}\n" * 3, "-t", "0", "--max-tokens", "4")
     assert out.count("(context full: forgot the oldest 1 exchange(s))") == 1
     assert out.count("\nAssistant: ") == 3 and out.endswith("\nGoodbye!\n")
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and a closed stdout end the program cleanly, without a traceback
+
+def press_ctrl_c_at_first_text(monkeypatch):
+    """The user presses Ctrl-C (a real SIGINT to this process) as soon as the reply starts to stream."""
+    real_stream_reply = chat_cli.stream_reply
+
+    def stream_reply(engine, prompt, on_text, **sampling):
+        def on_text_then_sigint(text):
+            on_text(text)
+            signal.raise_signal(signal.SIGINT)
+        return real_stream_reply(engine, prompt, on_text_then_sigint, **sampling)
+    monkeypatch.setattr(chat_cli, "stream_reply", stream_reply)
+
+
+def test_ctrl_c_during_a_one_shot_answer_exits_130_without_traceback(tokenizer, offline_base_dir,
+                                                                      monkeypatch, capsys):
+    save_tiny_sft_checkpoint(offline_base_dir, tokenizer)
+    press_ctrl_c_at_first_text(monkeypatch)
+    capsys.readouterr()
+    try:
+        chat_cli.main(["-p", "Hello there", "--device-type", "cpu", "--max-tokens", "50"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped chat_cli.main: the user sees a traceback")
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail("chat_cli.main returned normally after Ctrl-C")
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n")  # the partial answer's line is ended
+    assert captured.err.strip().splitlines()[-1] == "chat_cli: interrupted"
+
+
+def test_stdout_closed_early_exits_without_traceback(tokenizer, offline_base_dir):
+    # `chat_cli -p ... | head -c 1`: the reader is gone before the answer is written
+    save_tiny_sft_checkpoint(offline_base_dir, tokenizer)
+    run = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", "--device-type", "cpu",
+                            "--max-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    run.stdout.close()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()[-2000:]
