@@ -184,3 +184,20 @@ def test_stdout_closed_early_exits_without_traceback(tokenizer, offline_base_dir
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()[-2000:]
+
+
+def test_max_tokens_past_the_rotary_table_is_one_error_line(tokenizer, offline_base_dir, capsys):
+    # a 32-token context: rotary positions end at 320, a prompt may take 32 - 16 = 16 of them
+    tokenizer.save(str(offline_base_dir / "tokenizer"))
+    write_tiny_checkpoint(offline_base_dir, "sft", vocab_size=tokenizer.get_vocab_size(), sequence_len=32)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        chat_cli.main(["-p", "hi", "--device-type", "cpu", "-t", "0", "--max-tokens", "305"])
+    assert e.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "chat_cli: error: --max-tokens 305 does not fit: with the prompt a reply can reach 321 positions, "
+        "and this model has 320; use --max-tokens 304 or less")
+    assert captured.out == ""
+    chat_cli.main(["-p", "hi", "--device-type", "cpu", "-t", "0", "--max-tokens", "304"])  # the most that fits
+    assert capsys.readouterr().out.endswith("\n")
