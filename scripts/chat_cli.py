@@ -51,6 +51,8 @@ def parse_args(argv=None):
                              ("--max-tokens", args.max_tokens, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        parser.error(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     return args
 
 

@@ -75,7 +75,8 @@ def test_missing_checkpoint_is_one_error_line_and_exit_1(capsys):
 
 
 @pytest.mark.parametrize("argv", [["-t", "-1"], ["-k", "-2"], ["--max-tokens", "0"], ["-i", "nope"],
-                                  ["--device-type", "tpu"], ["-s", "x"]])
+                                  ["--device-type", "tpu"], ["-s", "x"], ["--seed", str(2**64)],
+                                  ["--seed", str(-2**63 - 1)]])
 def test_bad_flags_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         chat_cli.parse_args(argv)
