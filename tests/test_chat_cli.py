@@ -179,8 +179,8 @@ def test_ctrl_c_during_a_one_shot_answer_exits_130_without_traceback(tokenizer, 
 def test_stdout_closed_early_exits_without_traceback(tokenizer, offline_base_dir):
     # `chat_cli -p ... | head -c 1`: the reader is gone before the answer is written
     save_tiny_sft_checkpoint(offline_base_dir, tokenizer)
-    run = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", "--device-type", "cpu",
-                            "--max-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    argv = [sys.executable, "-m", "scripts.chat_cli", "-p", "hi", "--device-type", "cpu", "--max-tokens", "4"]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
     run.stdout.close()
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1
@@ -200,5 +200,6 @@ def test_max_tokens_past_the_rotary_table_is_one_error_line(tokenizer, offline_b
         "chat_cli: error: --max-tokens 305 does not fit: with the prompt a reply can reach 321 positions, "
         "and this model has 320; use --max-tokens 304 or less")
     assert captured.out == ""
-    chat_cli.main(["-p", "hi", "--device-type", "cpu", "-t", "0", "--max-tokens", "304"])  # the most that fits
+    # the most that fits
+    chat_cli.main(["-p", "hi", "--device-type", "cpu", "-t", "0", "--max-tokens", "304"])
     assert capsys.readouterr().out.endswith("\n")
