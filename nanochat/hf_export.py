@@ -123,19 +123,20 @@ def export_token_bytes(hf_tokenizer, device="cpu"):
     return torch.tensor(counts, dtype=torch.int32, device=device)
 
 
-def model_card(meta, source, params):
-    cfg = meta["model_config"]
+def model_card(meta, cfg, source, params):
+    """The README.md of an export; cfg is the model's GPTConfig, not meta's model_config, which older
+    checkpoints write without window_pattern (the loader fills it in)."""
     rows = [("Source", f"nanochat {source} checkpoint, step {meta['step']}"), ("Parameters", f"{params:,}"),
-            ("Layers / width / heads (kv heads)", f"{cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} "
-                                                  f"({cfg['n_kv_head']})"),
-            ("Context / window pattern", f"{cfg['sequence_len']} / {cfg['window_pattern']}"),
-            ("Vocabulary", f"{cfg['vocab_size']:,}")]
+            ("Layers / width / heads (kv heads)", f"{cfg.n_layer} / {cfg.n_embd} / {cfg.n_head} "
+                                                  f"({cfg.n_kv_head})"),
+            ("Context / window pattern", f"{cfg.sequence_len} / {cfg.window_pattern}"),
+            ("Vocabulary", f"{cfg.vocab_size:,}")]
     if source == "base" and meta.get("total_batch_size"):
         rows.append(("Training tokens", f"{meta['total_batch_size'] * meta['step']:,}"))
     scores = (("val_bpb", "Validation bpb"), ("core_metric", "CORE"), ("chatcore_metric", "ChatCORE"))
     rows += [(label, f"{meta[key]:.4f}") for key, label in scores if meta.get(key) is not None]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return MODEL_CARD.format(depth=cfg["n_layer"], source=source, table=table)
+    return MODEL_CARD.format(depth=cfg.n_layer, source=source, table=table)
 
 
 def _write_json(path, obj):
@@ -173,7 +174,7 @@ def _write_files(out, model, tokenizer, meta, source):
         "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
     bar.update()
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(meta, source, sum(v.numel() for v in weights.values())))
+        f.write(model_card(meta, cfg, source, sum(v.numel() for v in weights.values())))
     bar.update()
     bar.close()
 

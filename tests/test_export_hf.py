@@ -204,3 +204,15 @@ def test_export_draws_a_progress_bar_on_a_terminal(exported, tmp_path, monkeypat
     # tqdm redraws at most every 0.1 s and erases the finished bar: its first frame is what is sure to show
     assert "export:   0%|" in terminal.getvalue() and "0/4 [" in terminal.getvalue(), terminal.getvalue()
     assert sorted(os.listdir(tmp_path / "again")) == sorted(os.listdir(exported[0] / "hf"))
+
+
+def test_a_checkpoint_whose_meta_has_no_window_pattern_exports(tiny_base_dir):
+    # older checkpoints' meta files lack window_pattern; the loader reads them as "L" (full context)
+    ckpt, _ = write_tiny_checkpoint(tiny_base_dir, "base", step=2)
+    meta_path = os.path.join(ckpt, "meta_000002.json")
+    meta = json.load(open(meta_path))
+    del meta["model_config"]["window_pattern"]
+    json.dump(meta, open(meta_path, "w"))
+    export_hf.main(["-i", "base", "-o", str(tiny_base_dir / "hf")])
+    assert json.load(open(tiny_base_dir / "hf" / "config.json"))["window_pattern"] == "L"
+    assert "| Context / window pattern | 128 / L |" in (tiny_base_dir / "hf" / "README.md").read_text()
