@@ -37,6 +37,9 @@ def main(argv=None):
         path = export(model, tokenizer, meta, args.source, args.output)
     except (ValueError, FileExistsError, ImportError) as e:
         raise SystemExit(f"export_hf: {e}")
+    except OSError as e:  # no permission, a read-only or full disk: export() removed what it had written
+        raise SystemExit(f"export_hf: could not write {args.output} ({e}); nothing was left there. Fix: "
+                         f"choose an --output in a directory you can write to, with room for the weights")
     print(f"Exported to {path}")
 
 

@@ -216,3 +216,21 @@ def test_a_checkpoint_whose_meta_has_no_window_pattern_exports(tiny_base_dir):
     export_hf.main(["-i", "base", "-o", str(tiny_base_dir / "hf")])
     assert json.load(open(tiny_base_dir / "hf" / "config.json"))["window_pattern"] == "L"
     assert "| Context / window pattern | 128 / L |" in (tiny_base_dir / "hf" / "README.md").read_text()
+
+
+def test_an_output_that_cannot_be_written_is_a_clear_error_that_leaves_nothing(exported, tmp_path,
+                                                                              monkeypatch):
+    import errno
+    import safetensors.torch
+    point_base_dir_at(monkeypatch, exported[0])
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match=r"could not write .*a_file/sub/hf \(.*Not a directory.*\).* Fix: "
+                                         r"choose an --output in a directory you can write to"):
+        export_hf.main(["-i", "base", "-o", str(tmp_path / "a_file" / "sub" / "hf")])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(SystemExit, match=r"could not write .*full.* \(.*No space left on device\)"):
+        export_hf.main(["-i", "base", "-o", str(tmp_path / "full")])
+    assert os.listdir(tmp_path) == ["a_file"]  # no staging directory left behind
