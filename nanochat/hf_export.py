@@ -163,6 +163,8 @@ def _write_files(out, model, tokenizer, meta, source):
         "auto_map": {"AutoConfig": "modeling_nanochat.NanochatConfig",
                      "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         **{key: getattr(cfg, key) for key in CONFIG_KEYS}, "bos_token_id": bos, "eos_token_id": eos})
+    # safetensors creates its file 0600 whatever the umask: give it the mode of the files open() makes
+    shutil.copymode(os.path.join(out, "config.json"), os.path.join(out, "model.safetensors"))
     # generation stops where the Engine stops: at the end of the reply or at a new document
     _write_json(os.path.join(out, "generation_config.json"), {
         "bos_token_id": bos, "eos_token_id": [eos, bos], "pad_token_id": bos, "do_sample": False})

@@ -234,3 +234,10 @@ def test_an_output_that_cannot_be_written_is_a_clear_error_that_leaves_nothing(e
     with pytest.raises(SystemExit, match=r"could not write .*full.* \(.*No space left on device\)"):
         export_hf.main(["-i", "base", "-o", str(tmp_path / "full")])
     assert os.listdir(tmp_path) == ["a_file"]  # no staging directory left behind
+
+
+def test_the_weights_are_as_readable_as_the_other_files(exported):
+    # whoever may read config.json may load the model: the weights get the same permissions
+    hf = exported[0] / "hf"
+    modes = {name: oct(os.stat(hf / name).st_mode & 0o777) for name in os.listdir(hf)}
+    assert modes["model.safetensors"] == modes["config.json"] == modes["tokenizer.json"], modes
