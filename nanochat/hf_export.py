@@ -21,9 +21,23 @@ from nanochat.tokenizer import SPECIAL_TOKENS
 
 # Renders the ids of RustBPETokenizer.render_for_completion (messages without the final assistant reply,
 # add_generation_prompt=True): a leading system message joins the first user message after "\n\n"
+# and refuses, as it does, the conversations the model was never trained on
 CHAT_TEMPLATE = (
+    "{%- set offset = 1 if messages and messages[0].role == 'system' else 0 -%}"
+    "{%- if messages|length <= offset or messages[offset].role != 'user' -%}"
+    "{{- raise_exception('the conversation must start with a user message, after an optional system "
+    "message') -}}{%- endif -%}"
     "{%- set ns = namespace(system='') -%}{{- bos_token -}}"
     "{%- for m in messages -%}"
+    "{%- set expected = 'system' if loop.index0 < offset "
+    "else ['user', 'assistant'][(loop.index0 - offset) % 2] -%}"
+    "{%- if m.role != expected -%}{{- raise_exception('message ' ~ loop.index0 ~ ' is from ' ~ m.role ~ "
+    "' but should be from ' ~ expected ~ ': roles must alternate user, assistant, ... starting with user'"
+    ") -}}"
+    "{%- endif -%}"
+    "{%- if m.role != 'assistant' and m.content is not string -%}"
+    "{{- raise_exception('the content of message ' ~ loop.index0 ~ ' (' ~ m.role ~ ') must be a string') -}}"
+    "{%- endif -%}"
     "{%- if m.role == 'system' -%}{%- set ns.system = m.content + '\n\n' -%}"
     "{%- elif m.role == 'user' -%}{{- '<|user_start|>' + ns.system + m.content + '<|user_end|>' -}}"
     "{%- set ns.system = '' -%}"

@@ -241,3 +241,22 @@ def test_the_weights_are_as_readable_as_the_other_files(exported):
     hf = exported[0] / "hf"
     modes = {name: oct(os.stat(hf / name).st_mode & 0o777) for name in os.listdir(hf)}
     assert modes["model.safetensors"] == modes["config.json"] == modes["tokenizer.json"], modes
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "user", "content": "c"}],
+     "message 1 is from tool but should be from assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+     "message 1 is from user but should be from assistant"),
+    ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+     "must start with a user message"),
+    ([{"role": "system", "content": "s"}], "must start with a user message"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "content of message 0 .* must be a string"),
+])
+def test_chat_template_refuses_conversations_our_renderer_refuses(exported, messages, error):
+    _, _, tokenizer, _, hf_tok = exported
+    with pytest.raises(ValueError):  # ours: roles alternate user, assistant, ... after an optional system
+        tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": "x"}]})
+    from jinja2.exceptions import TemplateError  # what the template's raise_exception raises
+    with pytest.raises(TemplateError, match=error):
+        hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
