@@ -259,11 +259,13 @@ def load_hf_model(hf_path, device):
     # a local directory, such as a scripts.export_hf export, runs the modeling code it ships with
     local = os.path.isdir(hf_path)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_path, trust_remote_code=local).to(device).eval()
-    max_seq_len = 1024 if "gpt2" in hf_path else None  # GPT-2's position table has 1024 rows
+    ours = hf_model.config.model_type == EXPORT_MODEL_TYPE
+    # GPT-2's position table has 1024 rows; our export, whatever its name, crops nothing, as our checkpoint
+    max_seq_len = 1024 if "gpt2" in hf_path and not ours else None
     load_tokenizer = HuggingFaceTokenizer.from_directory if local else HuggingFaceTokenizer.from_pretrained
     tokenizer = load_tokenizer(hf_path)
     slug = hf_path.replace("/", "-")
-    if hf_model.config.model_type == EXPORT_MODEL_TYPE:  # our own model: our bpb table and context
+    if ours:  # our bpb table and context
         sequence_len, token_bytes = hf_model.config.sequence_len, export_token_bytes(tokenizer, device)
     else:
         sequence_len, token_bytes = max_seq_len or 1024, get_hf_token_bytes(tokenizer, device)

@@ -251,7 +251,8 @@ def test_the_weights_are_as_readable_as_the_other_files(exported):
     ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
      "must start with a user message"),
     ([{"role": "system", "content": "s"}], "must start with a user message"),
-    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "content of message 0 .* must be a string"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+     "content of message 0 .* must be a string"),
 ])
 def test_chat_template_refuses_conversations_our_renderer_refuses(exported, messages, error):
     _, _, tokenizer, _, hf_tok = exported
@@ -260,3 +261,14 @@ def test_chat_template_refuses_conversations_our_renderer_refuses(exported, mess
     from jinja2.exceptions import TemplateError  # what the template's raise_exception raises
     with pytest.raises(TemplateError, match=error):
         hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def test_base_eval_does_not_crop_an_export_whose_path_says_gpt2(exported, tmp_path, monkeypatch):
+    # "gpt2" in --hf-path crops CORE prompts to GPT-2's 1024 positions; our checkpoint is never cropped
+    from nanochat.core_eval import crop_to_context
+    point_base_dir_at(monkeypatch, exported[0])
+    export_hf.main(["-i", "base", "-o", str(tmp_path / "nanochat-gpt2")])
+    wrapped = hf_export.load_hf_model(str(tmp_path / "nanochat-gpt2"), "cpu")[0]
+    tokens, starts, ends = [list(range(1100))], [1090], [1100]
+    cropped = crop_to_context(tokens, starts, ends, getattr(wrapped, "max_seq_len", None))  # as core_eval
+    assert cropped == (tokens, starts, ends)
