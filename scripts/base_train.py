@@ -98,6 +98,12 @@ def parse_args(argv=None):
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    # -1 is the documented "off"; any other value <= 0 would silently fall through to the next horizon rule
+    # (--num-iterations=0 became a run of thousands of steps from the data ratio)
+    for name in ("num_iterations", "target_flops", "total_batch_size"):
+        value = getattr(args, name)
+        if value <= 0 and value != -1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, or -1 for off/auto, got {value}")
     if args.target_param_data_ratio == 0:
         parser.error("--target-param-data-ratio must be positive, or -1 to turn it off")
     if not 0 <= args.warmdown_ratio <= 1:

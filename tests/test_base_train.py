@@ -64,12 +64,15 @@ def test_horizon_precedence_and_errors():
 
 
 @pytest.mark.parametrize("argv", [["--depth=0"], ["--window-pattern=SXL"], ["--target-param-data-ratio=0"],
-                                  ["--warmdown-ratio=1.5"], ["--fp8", "--fp8-recipe=rowwise"]])
+                                  ["--warmdown-ratio=1.5"], ["--fp8", "--fp8-recipe=rowwise"],
+                                  ["--num-iterations=0"], ["--num-iterations=-5"], ["--target-flops=0"],
+                                  ["--total-batch-size=0"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         base_train.parse_args(argv)
     assert e.value.code == 2
-    assert "error" in capsys.readouterr().err
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error" in last_line and argv[-1].split("=")[0] in last_line  # names the flag
 
 
 def test_model_dim_rounds_up_to_whole_heads():
