@@ -121,7 +121,19 @@ def print_horizon(scale, flops_per_token, num_iterations):
 
 
 def check_resume_config(meta, config, user_config, num_iterations):
-    """The checkpoint must be of this architecture; other differences change the trajectory: warn."""
+    """The checkpoint must be of this architecture and before the horizon; other differences change the
+    trajectory: warn."""
+    check_resume_architecture(meta, config)
+    training.warn_on_changed_config(meta["user_config"], user_config, RESUME_FREE_KEYS)
+    if meta.get("num_iterations", num_iterations) != num_iterations:
+        print0(f"Warning: the horizon changed from {meta['num_iterations']} to {num_iterations} steps "
+               f"on resume")
+    training.check_resume_horizon(meta["step"], num_iterations,
+                                  "--num-iterations (or --target-flops / --target-param-data-ratio)")
+
+
+def check_resume_architecture(meta, config):
+    """Before the weights are loaded: a mismatch would otherwise end in load_state_dict's list of shapes."""
     # a meta omits the keys of features that are off (portable_model_config), so those compare as off;
     # any other key is compared when the meta has it (older checkpoints lack some)
     saved, ours = portable_model_config(meta["model_config"]), portable_model_config(asdict(config))
@@ -130,11 +142,7 @@ def check_resume_config(meta, config, user_config, num_iterations):
     diff = {k: (saved.get(k), ours.get(k)) for k in sorted(keys) if saved.get(k) != ours.get(k)}
     if diff:
         raise ValueError(f"--resume-from-step: the checkpoint's model config differs from these flags: "
-                         f"{diff}")
-    training.warn_on_changed_config(meta["user_config"], user_config, RESUME_FREE_KEYS)
-    if meta.get("num_iterations", num_iterations) != num_iterations:
-        print0(f"Warning: the horizon changed from {meta['num_iterations']} to {num_iterations} steps "
-               f"on resume")
+                         f"{diff} (saved, now); pass the flags it was trained with")
 
 
 # -----------------------------------------------------------------------------
@@ -224,6 +232,7 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
     if args.resume_from_step >= 0:
         print0(f"Resuming optimization from step {args.resume_from_step}")
         model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device)
+        check_resume_architecture(meta, config)
         model.load_state_dict(model_data, strict=True, assign=True)
         del model_data
     elif len(model.l3_layers) > 0:

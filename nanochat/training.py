@@ -418,6 +418,14 @@ def check_world_size(source, model_tag, step, resuming=True):
                      f"(torchrun --nproc_per_node={shards})")
 
 
+def check_resume_horizon(step, num_steps, horizon_flags):
+    """A resumed step past the horizon would never meet the last step (the loop ends at step == horizon):
+    the run would go on forever with a negative LR multiplier. Refuse it, naming the flags that set it."""
+    if step > num_steps:
+        raise ValueError(f"--resume-from-step={step} is past this run's horizon of {num_steps} steps; pass "
+                         f"{horizon_flags} for at least {step} steps")
+
+
 def warm_start_optimizer(optimizer, state):
     """
     Load only the per-parameter state (momentum and second-moment buffers) of a pretraining optimizer.

@@ -138,6 +138,8 @@ def main(argv=None):
         raise ValueError(f"No steps to run: {len(train_task)} training questions, --examples-per-step "
                          f"{args.examples_per_step}, --num-epochs {args.num_epochs}")
     print0(f"Calculated number of steps: {num_steps}")
+    if meta:
+        training.check_resume_horizon(meta["step"], num_steps, "--num-steps (or --num-epochs)")
     print0(f"Total sequences per step: {args.examples_per_step * args.num_samples}")
     optimizer = training.setup_optimizer(model, vars(args), args.weight_decay, device, rank,
                                          ("rl", output_tag, args.resume_from_step), args.init_lr_frac)

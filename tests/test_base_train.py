@@ -371,7 +371,8 @@ def test_resume_refuses_a_feature_the_checkpoint_was_trained_without():
     from nanochat.checkpoint_manager import portable_model_config
     from nanochat.gpt import GPTConfig
     plain = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
-    meta = {"model_config": portable_model_config(asdict(plain)), "user_config": {}, "num_iterations": 4}
+    meta = {"model_config": portable_model_config(asdict(plain)), "user_config": {}, "num_iterations": 4,
+            "step": 2}
     assert "mup_base_width" not in meta["model_config"]  # a plain meta has the reference's keys only
     pretraining.check_resume_config(meta, plain, {}, 4)  # the same model resumes
     for changed in [replace(plain, mup_base_width=64), replace(plain, l3_after_layers="1", l3_n_emb=16),
@@ -475,7 +476,7 @@ def test_resume_warns_when_the_flags_change_the_trajectory(capsys):
     from nanochat.gpt import GPTConfig
     config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     saved = {"depth": 2, "matrix_lr": 0.02, "run": "a", "eval_every": 250}
-    meta = {"model_config": asdict(config), "user_config": saved, "num_iterations": 4}
+    meta = {"model_config": asdict(config), "user_config": saved, "num_iterations": 4, "step": 2}
     # a new run name and eval cadence leave the trajectory as it was: no warning
     pretraining.check_resume_config(meta, config, dict(saved, run="b", eval_every=10), 4)
     assert "Warning" not in capsys.readouterr().out
@@ -514,3 +515,16 @@ def test_sdpa_with_sliding_windows_warns_about_speed(capsys):
     pretraining.print_attention_notice(sdpa, "SSSL")
     assert ("WARNING: SDPA has no efficient sliding-window support (--window-pattern SSSL): GPU utilisation "
             "will be poor. Use --window-pattern L") in capsys.readouterr().out
+
+
+def test_a_resume_with_another_architecture_or_past_the_horizon_is_refused(base_dir, capsys):
+    run_main(TRAIN_FLAGS + ["--num-iterations=2", "--eval-every=-1", "--model-tag=t_refuse"], capsys)
+    resume = TRAIN_FLAGS + ["--eval-every=-1", "--model-tag=t_refuse", "--resume-from-step=2"]
+    # before the weights load: the mismatch is named, not load_state_dict's list of shapes
+    with pytest.raises(ValueError, match=r"model config differs from these flags: \{.*'n_layer': \(2, 3\)"):
+        run_main(resume + ["--num-iterations=2", "--depth=3"], capsys)
+    # the loop ends at step == horizon: from step 2 with a horizon of 1 it would never end
+    with pytest.raises(ValueError, match=r"--resume-from-step=2 is past this run's horizon of 1 steps"):
+        run_main(resume + ["--num-iterations=1"], capsys)
+    run_main(resume + ["--num-iterations=3"], capsys)  # a longer horizon resumes
+    assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "t_refuse", "meta_000003.json"))

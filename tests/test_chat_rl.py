@@ -297,3 +297,14 @@ def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path)
     for rank in range(2):  # both ranks stop before loading anything, with the same message
         assert (tmp_path / f"rank{rank}").read_text() == (
             "--examples-per-step (3) must be a multiple of the world size (2)"), rank
+
+
+def test_a_resume_past_the_horizon_is_refused_instead_of_running_forever(base_dir, capsys, monkeypatch):
+    from tasks.gsm8k import GSM8K
+    monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
+    chat_rl.main(RUN_FLAGS + ["--eval-every=-1"])  # saves step 2, the last
+    # the loop ends at step == horizon: from step 2 with a horizon of 1 it would never end
+    with pytest.raises(ValueError, match=r"--resume-from-step=2 is past this run's horizon of 1 steps; "
+                                         r"pass --num-steps \(or --num-epochs\) for at least 2 steps"):
+        chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--num-steps=1", "--resume-from-step=2"])
+    capsys.readouterr()
