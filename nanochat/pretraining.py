@@ -120,10 +120,9 @@ def print_horizon(scale, flops_per_token, num_iterations):
     print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
 
 
-def check_resume_config(meta, config, user_config, num_iterations):
-    """The checkpoint must be of this architecture and before the horizon; other differences change the
-    trajectory: warn."""
-    check_resume_architecture(meta, config)
+def check_resume_config(meta, user_config, num_iterations):
+    """The checkpoint must be before the horizon; other differences change the trajectory: warn. (Its
+    architecture was checked by build_model, before the weights were loaded.)"""
     training.warn_on_changed_config(meta["user_config"], user_config, RESUME_FREE_KEYS)
     if meta.get("num_iterations", num_iterations) != num_iterations:
         print0(f"Warning: the horizon changed from {meta['num_iterations']} to {num_iterations} steps "

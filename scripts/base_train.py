@@ -158,7 +158,7 @@ def setup(args, user_config):
     accum = training.grad_accum_steps(scale.total_batch_size, args.device_batch_size, args.max_seq_len,
                                       world_size)
     if meta:
-        check_resume_config(meta, config, user_config, num_iterations)
+        check_resume_config(meta, user_config, num_iterations)
 
     # --- the checkpoint: weights, optimizer, meta (the reference's keys, plus what an exact resume needs)
     ckpt = training.Checkpointer(checkpoint_dir, orig_model, optimizer, rank)

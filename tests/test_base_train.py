@@ -374,17 +374,17 @@ def test_resume_refuses_a_feature_the_checkpoint_was_trained_without():
     meta = {"model_config": portable_model_config(asdict(plain)), "user_config": {}, "num_iterations": 4,
             "step": 2}
     assert "mup_base_width" not in meta["model_config"]  # a plain meta has the reference's keys only
-    pretraining.check_resume_config(meta, plain, {}, 4)  # the same model resumes
+    pretraining.check_resume_architecture(meta, plain)  # the same model resumes
     for changed in [replace(plain, mup_base_width=64), replace(plain, l3_after_layers="1", l3_n_emb=16),
                     replace(plain, n_embd=256)]:
         with pytest.raises(ValueError, match="model config differs"):
-            pretraining.check_resume_config(meta, changed, {}, 4)
+            pretraining.check_resume_architecture(meta, changed)
     mup = replace(plain, mup_base_width=64)
     muP_meta = dict(meta, model_config=portable_model_config(asdict(mup)))
     with pytest.raises(ValueError, match="mup_base_width"):
-        pretraining.check_resume_config(muP_meta, plain, {}, 4)
+        pretraining.check_resume_architecture(muP_meta, plain)
     older = dict(meta, model_config={k: v for k, v in meta["model_config"].items() if k != "window_pattern"})
-    pretraining.check_resume_config(older, plain, {}, 4)  # keys an older meta lacks are not compared
+    pretraining.check_resume_architecture(older, plain)  # keys an older meta lacks are not compared
 
 
 # -----------------------------------------------------------------------------
@@ -478,9 +478,9 @@ def test_resume_warns_when_the_flags_change_the_trajectory(capsys):
     saved = {"depth": 2, "matrix_lr": 0.02, "run": "a", "eval_every": 250}
     meta = {"model_config": asdict(config), "user_config": saved, "num_iterations": 4, "step": 2}
     # a new run name and eval cadence leave the trajectory as it was: no warning
-    pretraining.check_resume_config(meta, config, dict(saved, run="b", eval_every=10), 4)
+    pretraining.check_resume_config(meta, dict(saved, run="b", eval_every=10), 4)
     assert "Warning" not in capsys.readouterr().out
-    pretraining.check_resume_config(meta, config, dict(saved, matrix_lr=0.04), 6)
+    pretraining.check_resume_config(meta, dict(saved, matrix_lr=0.04), 6)
     out = capsys.readouterr().out
     assert ("Warning: resuming with different settings than the saved run (saved, now): "
             "{'matrix_lr': (0.02, 0.04)}; the result will not match an uninterrupted run") in out
