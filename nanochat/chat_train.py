@@ -17,7 +17,8 @@ import torch
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore, sampled_completions
 from nanochat.checkpoint_manager import load_checkpoint_meta, load_model
-from nanochat.common import agree_sum, download_file_with_lock, get_dist_info, offline_mode, print0
+from nanochat.common import (DownloadError, agree_sum, download_file_with_lock, get_dist_info, offline_mode,
+                             print0)
 
 # -----------------------------------------------------------------------------
 # Both stages: where a run starts
@@ -101,8 +102,12 @@ def train_mixture(mmlu_epochs, gsm8k_epochs):
         return mixture
     from tasks.mmlu import MMLU
     from tasks.smoltalk import SmolTalk
-    # one rank downloads, the others wait
-    identity = CustomJSON(download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME))
+    try:  # one rank downloads, the others wait
+        identity_path = download_file_with_lock(IDENTITY_CONVERSATIONS_URL, IDENTITY_FILENAME)
+    except DownloadError as e:  # the first download of an online run: say how to run without the network
+        raise DownloadError(f"{e} Or set NANOCHAT_OFFLINE=1 to train on the smaller committed mixture "
+                            f"(its results are not comparable with the reference's).") from e
+    identity = CustomJSON(identity_path)
     mmlu = MMLU(subset="all", split="auxiliary_train")
     gsm8k = GSM8K(subset="main", split="train")
     tasks = [SmolTalk(split="train"), identity, identity, *[mmlu] * mmlu_epochs, *[gsm8k] * gsm8k_epochs,

@@ -27,7 +27,8 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import _env_rank, get_base_dir, is_ddp_initialized, one_line_error
+from nanochat.common import (BadFileError, MissingFileError, SetupError, _env_rank, get_base_dir,
+                             is_ddp_initialized, one_line_error)
 from nanochat.flash_attention import decide_backend
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
@@ -36,13 +37,17 @@ logger = logging.getLogger(__name__)
 
 # checkpoint source -> directory under the base dir
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+# checkpoints directory -> the command that writes it
+TRAINERS = {"base_checkpoints": "python -m scripts.base_train",
+            "chatsft_checkpoints": "python -m scripts.chat_sft",
+            "chatrl_checkpoints": "python -m scripts.chat_rl"}
 
 # model_{step:06d}.pt: six digits, or more without a leading zero (not model_best.pt, not model_0000077.pt)
 _MODEL_FILE_RE = re.compile(r"model_(\d{6}|[1-9]\d{6,})\.pt")
 _DEPTH_TAG_RE = re.compile(r"d(\d+)")  # a tag that starts with d<depth>: d20, d24_jan29
 
 
-class CheckpointValueError(ValueError, AssertionError):
+class CheckpointValueError(BadFileError, AssertionError):
     """Bad input to build_model (phase, vocab mismatch). The reference asserted these, so its callers may
     catch AssertionError; new code should catch ValueError."""
 
@@ -198,14 +203,14 @@ def _step_fix(path):
 
 def _load_torch_file(path, device, what, missing_hint=""):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {what} file not found: {path}{missing_hint}")
+        raise MissingFileError(f"Checkpoint {what} file not found: {path}{missing_hint}")
     try:
         return torch.load(path, map_location=device)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
-        raise RuntimeError(f"Checkpoint {what} file {path} is truncated or corrupt ({one_line_error(e)}). "
-                           f"{_step_fix(path)}.") from e
+        raise SetupError(f"Checkpoint {what} file {path} is truncated or corrupt ({one_line_error(e)}). "
+                         f"{_step_fix(path)}.") from e
 
 
 def _other_steps_fix(checkpoint_dir):
@@ -216,18 +221,18 @@ def _other_steps_fix(checkpoint_dir):
 def _load_meta(checkpoint_dir, step):
     path = _meta_path(checkpoint_dir, step)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint metadata not found: {path} (the meta file is written last, "
-                                f"so step {step} is missing or incomplete). "
-                                f"{_other_steps_fix(checkpoint_dir)}")
+        raise MissingFileError(f"Checkpoint metadata not found: {path} (the meta file is written last, "
+                               f"so step {step} is missing or incomplete). "
+                               f"{_other_steps_fix(checkpoint_dir)}")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Checkpoint metadata {path} is not valid JSON, truncated or corrupt "
-                         f"({one_line_error(e)}). {_step_fix(path)}.") from e
+        raise BadFileError(f"Checkpoint metadata {path} is not valid JSON, truncated or corrupt "
+                           f"({one_line_error(e)}). {_step_fix(path)}.") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"Checkpoint metadata {path} holds a JSON {type(meta).__name__}, not an object. "
-                         f"{_step_fix(path)}.")
+        raise BadFileError(f"Checkpoint metadata {path} holds a JSON {type(meta).__name__}, not an object. "
+                           f"{_step_fix(path)}.")
     return meta
 
 
@@ -310,8 +315,8 @@ def _check_state_keys(model_data, expected_keys, model_file, note=""):
     if unexpected:
         problems.append(f"unexpected keys {unexpected}")
     if problems:
-        raise ValueError(f"Checkpoint {model_file} does not fit the model described by its metadata"
-                         f"{note}: {'; '.join(problems)}. {_step_fix(model_file)}.")
+        raise BadFileError(f"Checkpoint {model_file} does not fit the model described by its metadata"
+                           f"{note}: {'; '.join(problems)}. {_step_fix(model_file)}.")
 
 
 # every reference meta has these (GPTConfig asdict); only window_pattern is missing from older ones
@@ -322,7 +327,7 @@ def _model_config_from_meta(meta_data, meta_file):
     """The GPTConfig of a meta and the model_config keys it ignored (unknown to this GPTConfig)."""
     fix = _step_fix(meta_file)
     if not isinstance(meta_data.get("model_config"), dict):
-        raise ValueError(f"Checkpoint metadata {meta_file} has no 'model_config' object. {fix}.")
+        raise BadFileError(f"Checkpoint metadata {meta_file} has no 'model_config' object. {fix}.")
     kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(kwargs)
     defaults = dataclasses.asdict(GPTConfig())
@@ -334,14 +339,15 @@ def _model_config_from_meta(meta_data, meta_file):
     missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in kwargs]
     if missing:
         # the file is otherwise sound (its user and loop state resume a run): repair it, do not drop it
-        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config without {missing}. Fix: add "
-                         f"them there with the values the model was trained with, or copy the file again")
+        raise BadFileError(f"Checkpoint metadata {meta_file} has a model_config without {missing}. Fix: add "
+                           f"them there with the values the model was trained with, or copy the file again")
     for key, value in kwargs.items():
         expected = type(defaults[key])  # exact type: json's true is no layer count, 4.0 no width
         if type(value) is not expected:
-            raise ValueError(f"Checkpoint metadata {meta_file} has model_config.{key} = {json.dumps(value)}, "
-                             f"not {expected.__name__}. Fix: write it there as {expected.__name__} (like "
-                             f"{json.dumps(defaults[key])}), or copy the file again")
+            raise BadFileError(f"Checkpoint metadata {meta_file} has model_config.{key} = "
+                               f"{json.dumps(value)}, not {expected.__name__}. Fix: write it there as "
+                               f"{expected.__name__} (like {json.dumps(defaults[key])}), or copy the file "
+                               f"again")
     log0(f"Building model with config: {kwargs}")
     return GPTConfig(**kwargs), ignored
 
@@ -371,9 +377,9 @@ def build_model(checkpoint_dir, step, device, phase):
         with torch.device("meta"):
             model = GPT(config)
     except (AssertionError, ValueError, ArithmeticError, RuntimeError) as e:  # values no GPT is built of
-        raise ValueError(f"Checkpoint metadata {meta_file} has a model_config no GPT can be built of "
-                         f"({one_line_error(e)}). Fix: write there the values the model was trained with, "
-                         f"or copy the file again") from e
+        raise BadFileError(f"Checkpoint metadata {meta_file} has a model_config no GPT can be built of "
+                           f"({one_line_error(e)}). Fix: write there the values the model was trained with, "
+                           f"or copy the file again") from e
     _patch_missing_keys(model_data, config, model)
     ignored_note = f" (ignored model_config keys {ignored} of {meta_file})" if ignored else ""
     _check_state_keys(model_data, model.state_dict().keys(), model_file, ignored_note)
@@ -383,8 +389,8 @@ def build_model(checkpoint_dir, step, device, phase):
         model.load_state_dict(model_data, strict=True, assign=True)
     except RuntimeError as e:  # torch lists one "size mismatch for <key>: ..." line per tensor
         mismatches = "; ".join(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
-        raise RuntimeError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
-                           f"{mismatches or one_line_error(e)}. {_step_fix(model_file)}.") from e
+        raise SetupError(f"Checkpoint {model_file} does not fit the model described by its metadata: "
+                         f"{mismatches or one_line_error(e)}. {_step_fix(model_file)}.") from e
     model.train(phase == "train")
     # every loader of a checkpoint (SFT, RL, eval, chat) picks FA3 or SDPA here: on this rank's device, at the
     # model's head dim, after compute_init (it may all-reduce), and before any compile
@@ -406,8 +412,9 @@ def find_largest_model(checkpoints_dir):
     go to the most recently modified), else the most recently modified subdirectory."""
     tags = _list_tags(checkpoints_dir)
     if not tags:
-        raise FileNotFoundError(f"No checkpoints found in {checkpoints_dir}. Fix: train one first, or point "
-                                f"NANOCHAT_BASE_DIR at the directory that holds them")
+        trainer = TRAINERS.get(os.path.basename(os.path.normpath(checkpoints_dir)), "a training script")
+        raise MissingFileError(f"No checkpoints found in {checkpoints_dir}. Fix: train one first "
+                               f"(`{trainer}`), or point NANOCHAT_BASE_DIR at the directory that holds them")
     mtime = lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag))
     depth_tags = [(int(m.group(1)), mtime(t), t) for t in tags if (m := _DEPTH_TAG_RE.match(t))]
     if depth_tags:
@@ -432,9 +439,9 @@ def find_last_step(checkpoint_dir):
     """The largest step (numeric) with both model_{step:06d}.pt and meta_{step:06d}.json present."""
     complete = _complete_steps(checkpoint_dir, log_incomplete=True)
     if not complete:
-        raise FileNotFoundError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found "
-                                f"in {checkpoint_dir}. Fix: copy a complete step there, or pass another "
-                                f"model tag")
+        raise MissingFileError(f"No complete checkpoints (model_<step>.pt with its meta_<step>.json) found "
+                               f"in {checkpoint_dir}. Fix: copy a complete step there, or pass another "
+                               f"model tag")
     return max(complete)
 
 
@@ -446,8 +453,8 @@ def _resolve_checkpoint(checkpoints_dir, model_tag, step):
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         tags = ", ".join(_list_tags(checkpoints_dir)) or "none yet"
-        raise FileNotFoundError(f"Model tag {model_tag!r} not found: no directory {checkpoint_dir}. "
-                                f"Fix: pass one of the tags there ({tags}), or no tag for the largest")
+        raise MissingFileError(f"Model tag {model_tag!r} not found: no directory {checkpoint_dir}. "
+                               f"Fix: pass one of the tags there ({tags}), or no tag for the largest")
     if step is None:
         step = find_last_step(checkpoint_dir)
     return checkpoint_dir, step

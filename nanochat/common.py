@@ -144,6 +144,33 @@ def atomic_open(path, mode="w"):
         raise
 
 
+class SetupError(RuntimeError):
+    """
+    Something the user has to fix before a run can start or go on: a missing or damaged file, a download
+    that failed for good, a setting that cannot work. Its message names the file or setting and the fix,
+    so a script ends with that one line (exit_on_setup_error) rather than a traceback.
+    """
+
+
+class MissingFileError(SetupError, FileNotFoundError):
+    """A file a stage needs (a checkpoint, the tokenizer) does not exist."""
+
+
+class BadFileError(SetupError, ValueError):
+    """A file a stage needs exists but holds something it cannot use."""
+
+
+@contextlib.contextmanager
+def exit_on_setup_error(prog):
+    """Inside (or on a decorated main()), a SetupError ends the program with `<prog>: error: <message>` on
+    stderr and exit status 1; every other exception keeps its traceback, since it is a bug to report."""
+    try:
+        yield
+    except SetupError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def one_line_error(error):
     """
     `Type: first sentence` of an exception, on one line, for messages about a damaged file: torch and
@@ -196,7 +223,7 @@ DOWNLOAD_ATTEMPTS = 5
 CHUNK_SIZE = 1 << 20  # bytes per streamed read
 
 
-class DownloadError(RuntimeError):
+class DownloadError(SetupError):
     """A download that failed for good; the message names the URL or file and the fix."""
 
 

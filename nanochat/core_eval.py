@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import (REPO_DATA_DIR, atomic_open, download, get_base_dir, offline_mode, print0,
-                             progress, progress_shown, rank_and_world)
+from nanochat.common import (REPO_DATA_DIR, SetupError, atomic_open, download, get_base_dir, offline_mode,
+                             print0, progress, progress_shown, rank_and_world)
 from nanochat.data_source import announce_committed_copy, decide_on_rank0, fetch_unless_unreachable
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ CORE_NUM_TASKS = 22  # the tasks of the full bundle; a CORE over fewer is labell
 BUNDLE_LAYOUT = "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}"
 
 
-class EvalBundleError(RuntimeError):
+class EvalBundleError(SetupError):
     """The eval bundle is missing, malformed, or could not be obtained."""
 
 

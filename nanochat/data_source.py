@@ -13,8 +13,8 @@ import logging
 
 import torch.distributed as dist
 
-from nanochat.common import (DownloadError, is_ddp_initialized, is_network_error, offline_mode,
-                             one_line_error, print0)
+from nanochat.common import (DownloadError, SetupError, is_ddp_initialized, is_network_error,
+                             offline_mode, one_line_error, print0)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def announce_committed_copy(message):
         announce_fallback(message)
 
 
-def fetch_unless_unreachable(what, fetch, error=RuntimeError, fetch_offline=False):
+def fetch_unless_unreachable(what, fetch, error=SetupError, fetch_offline=False):
     """
     (fetch(), None), or (None, why) so that the committed copy may stand in: "offline" when NANOCHAT_OFFLINE
     is set (fetch is then not called, unless fetch_offline), "unreachable: <the error>" when fetch failed with
@@ -54,7 +54,7 @@ def fetch_unless_unreachable(what, fetch, error=RuntimeError, fetch_offline=Fals
                     f"copy.") from e
 
 
-class RankZeroFailed(RuntimeError):
+class RankZeroFailed(SetupError):
     """Raised on the other ranks when rank 0's decision raised: every rank stops, none waits forever."""
 
 

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from nanochat.common import (REPO_DATA_DIR, DownloadError, atomic_open, base_dir_path, download,
-                             hub_download, one_line_error, print0, progress)
+from nanochat.common import (REPO_DATA_DIR, DownloadError, SetupError, atomic_open, base_dir_path,
+                             download, hub_download, one_line_error, print0, progress)
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def __getattr__(name):
 # -----------------------------------------------------------------------------
 # Reading shards
 
-class CorruptShardError(RuntimeError):
+class CorruptShardError(SetupError):
     """A parquet file that cannot be read, or that has no string `text` column. The message names the file."""
 
 

@@ -15,8 +15,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import print0, progress
-from nanochat.loss_eval import SetupError
+from nanochat.common import SetupError, print0, progress
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 # Renders the ids of RustBPETokenizer.render_for_completion (messages without the final assistant reply,

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from nanochat.common import agree_sum, print0, progress
+from nanochat.common import SetupError, agree_sum, print0, progress
 
 
 @torch.no_grad()
@@ -39,10 +39,6 @@ def evaluate_bpb(model, batches, steps, token_bytes):
 
 # -----------------------------------------------------------------------------
 # bpb over a split of the pretraining data (base_train's validation, base_eval's train and val)
-
-class SetupError(RuntimeError):
-    """Something the requested evaluation needs is not available (e.g. the transformers package)."""
-
 
 def split_bpb(model, tokenizer, token_bytes, split, device_batch_size, seq_len, steps, device):
     """bpb of `model` over `steps` batches of the pretraining `split` (each rank its own shards)."""

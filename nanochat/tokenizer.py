@@ -22,7 +22,7 @@ import re
 import tiktoken
 import torch
 
-from nanochat.common import atomic_open, get_base_dir, one_line_error
+from nanochat.common import BadFileError, MissingFileError, atomic_open, get_base_dir, one_line_error
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,11 @@ class RustBPETokenizer(_Tokenizer):
             try:
                 enc = pickle.load(f)
             except Exception as e:  # UnpicklingError, EOFError, ImportError...: whatever the damage produces
-                raise ValueError(f"Tokenizer file {path} is truncated or corrupt ({one_line_error(e)}). "
-                                 f"{_PICKLE_FIX}.") from e
+                raise BadFileError(f"Tokenizer file {path} is truncated or corrupt ({one_line_error(e)}). "
+                                   f"{_PICKLE_FIX}.") from e
         if not isinstance(enc, tiktoken.Encoding):
-            raise ValueError(f"Tokenizer file {path} holds a {type(enc).__name__}, not a tiktoken.Encoding. "
-                             f"{_PICKLE_FIX}.")
+            raise BadFileError(f"Tokenizer file {path} holds a {type(enc).__name__}, not a "
+                               f"tiktoken.Encoding. {_PICKLE_FIX}.")
         return cls(enc, "<|bos|>")
 
     @classmethod
@@ -461,8 +461,8 @@ def compute_token_bytes(tokenizer):
 def _tokenizer_path(filename, what):
     path = os.path.join(get_base_dir(), "tokenizer", filename)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found at {path}; train one first with "
-                                f"`python -m scripts.tok_train`")
+        raise MissingFileError(f"{what} not found at {path}; train one first with "
+                               f"`python -m scripts.tok_train`")
     return path
 
 
@@ -478,17 +478,17 @@ def get_token_bytes(device="cpu"):
     try:
         token_bytes = torch.load(path, map_location=device)
     except Exception as e:
-        raise ValueError(f"Token bytes file {path} is truncated or corrupt ({one_line_error(e)}). "
-                         f"{_TOKEN_BYTES_FIX.format(path=path)}") from e
+        raise BadFileError(f"Token bytes file {path} is truncated or corrupt ({one_line_error(e)}). "
+                           f"{_TOKEN_BYTES_FIX.format(path=path)}") from e
     is_table = isinstance(token_bytes, torch.Tensor) and token_bytes.ndim == 1
     if not is_table or token_bytes.is_floating_point():
-        raise ValueError(f"Token bytes file {path} does not hold a 1-D integer tensor. "
-                         f"{_TOKEN_BYTES_FIX.format(path=path)}")
+        raise BadFileError(f"Token bytes file {path} does not hold a 1-D integer tensor. "
+                           f"{_TOKEN_BYTES_FIX.format(path=path)}")
     # a table of another tokenizer indexes out of range, or, when longer, gives a wrong bpb silently
     if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
         vocab_size = get_tokenizer().get_vocab_size()
         if len(token_bytes) != vocab_size:
-            raise ValueError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
-                             f"beside it {vocab_size} tokens: it belongs to another tokenizer. "
-                             f"{_TOKEN_BYTES_FIX.format(path=path)}")
+            raise BadFileError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
+                               f"beside it {vocab_size} tokens: it belongs to another tokenizer. "
+                               f"{_TOKEN_BYTES_FIX.format(path=path)}")
     return token_bytes

@@ -12,12 +12,11 @@ CORE results go to <base_dir>/base_eval/<model slug>.csv and to the report secti
 import argparse
 
 from nanochat import autofit
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, print0
-from nanochat.core_eval import (EvalBundleError, base_eval_report_items, ensure_eval_bundle, evaluate_core,
-                                format_core_metric, greedy_samples, unconditioned_samples, write_core_csv)
-from nanochat.data_source import RankZeroFailed
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, exit_on_setup_error, print0
+from nanochat.core_eval import (base_eval_report_items, ensure_eval_bundle, evaluate_core, format_core_metric,
+                                greedy_samples, unconditioned_samples, write_core_csv)
 from nanochat.hf_export import load_hf_model
-from nanochat.loss_eval import SetupError, run_bpb
+from nanochat.loss_eval import run_bpb
 from nanochat.report import get_report
 
 EVAL_MODES = ("core", "bpb", "sample")
@@ -106,20 +105,18 @@ def evaluate(args, rank, world_size, device):
     return core
 
 
+@exit_on_setup_error("base_eval")
 def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
+    _, rank, _, world_size, device = compute_init(device_type)
     try:
-        _, rank, _, world_size, device = compute_init(device_type)
-        try:
-            if "core" in args.modes:
-                # before the model loads and the other modes run; rank 0 obtains it for every rank
-                ensure_eval_bundle()
-            return evaluate(args, rank, world_size, device)
-        finally:
-            compute_cleanup()
-    except (EvalBundleError, SetupError, RankZeroFailed) as e:
-        raise SystemExit(f"base_eval: {e}")
+        if "core" in args.modes:
+            # before the model loads and the other modes run; rank 0 obtains it for every rank
+            ensure_eval_bundle()
+        return evaluate(args, rank, world_size, device)
+    finally:
+        compute_cleanup()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 from nanochat import autofit, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import gather_from_ranks, maybe_compile, print0, print_banner
+from nanochat.common import exit_on_setup_error, gather_from_ranks, maybe_compile, print0, print_banner
 from nanochat.core_eval import format_core_metric, greedy_samples
 from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -255,6 +255,7 @@ def report_run(user_config, run, st, peak_mem):
 
 # -----------------------------------------------------------------------------
 
+@exit_on_setup_error("base_train")
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()

@@ -17,7 +17,7 @@ import sys
 
 from nanochat.chat_text import Conversation, stream_reply
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, exit_on_setup_error
 from nanochat.engine import Engine
 from nanochat.tokenizer import prompt_budget
 
@@ -83,19 +83,16 @@ def chat_loop(conversation, print_reply):
 
 
 def load_engine(args):
-    """An Engine over the requested checkpoint; a missing or broken one exits with one error line."""
+    """An Engine over the requested checkpoint."""
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation
         device_type = args.device_type or autodetect_device_type()
         _, _, _, _, device = compute_init(device_type)
-        try:
-            model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
-                                             step=args.step)
-        except (FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer, or a bad one
-            print(f"chat_cli: error: {e}", file=sys.stderr)
-            raise SystemExit(1)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                         step=args.step)
     return Engine(model, tokenizer)
 
 
+@exit_on_setup_error("chat_cli")
 def main(argv=None):
     args = parse_args(argv)
     try:

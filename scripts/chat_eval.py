@@ -10,12 +10,11 @@ when all six tasks ran). How each task is scored, and ChatCORE itself, is told i
 """
 
 import argparse
-import sys
 
 from nanochat import autofit
 from nanochat.chat_core import TASKS, chatcore, run_chat_evals
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, exit_on_setup_error, print0
 from nanochat.report import get_report
 
 
@@ -80,17 +79,14 @@ def log_results(args, results):
     get_report().log(section=f"Chat evaluation {args.source}", data=[cli_args, results, chatcore_item])
 
 
+@exit_on_setup_error("chat_eval")
 def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     try:
-        try:
-            model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
-                                             step=args.step)
-        except (FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer, or a bad one
-            print(f"chat_eval: error: {e}", file=sys.stderr)
-            raise SystemExit(1)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                         step=args.step)
         # prompts are at most the model's context long
         args.batch_size = autofit.device_batch_size(args.batch_size, model, model.config.sequence_len, 8,
                                                     backward=False)

@@ -28,7 +28,7 @@ import torch
 
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import agree_sum, print0
+from nanochat.common import agree_sum, exit_on_setup_error, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report, record_point
 
@@ -119,6 +119,7 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
 
 # -----------------------------------------------------------------------------
 
+@exit_on_setup_error("chat_rl")
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()

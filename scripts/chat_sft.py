@@ -42,7 +42,7 @@ import torch
 
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import agree_max, gather_from_ranks, maybe_compile, print0
+from nanochat.common import agree_max, exit_on_setup_error, gather_from_ranks, maybe_compile, print0
 from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report, record_point
@@ -180,6 +180,7 @@ def report_run(user_config, run, steps, world_size, packer):
 
 # -----------------------------------------------------------------------------
 
+@exit_on_setup_error("chat_sft")
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()  # before inheritance: the flags as given

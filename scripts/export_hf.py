@@ -11,7 +11,7 @@ AutoTokenizer.from_pretrained(DIR); `python -m scripts.base_eval --hf-path DIR` 
 import argparse
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import setup_default_logging
+from nanochat.common import exit_on_setup_error, setup_default_logging
 from nanochat.hf_export import export
 
 
@@ -27,6 +27,7 @@ def build_parser():
     return parser
 
 
+@exit_on_setup_error("export_hf")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_default_logging()

@@ -108,6 +108,7 @@ def print_table(header, sweep):
               f"{r['mfu_percent']:>7.2f} {r['peak_memory_mb']:>9.1f}")
 
 
+@common.exit_on_setup_error("infer_bench")
 def main(argv=None):
     args = parse_args(argv)
     args.device_type = args.device_type or common.autodetect_device_type()

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from nanochat.common import REPO_DATA_DIR, setup_default_logging
+from nanochat.common import REPO_DATA_DIR, exit_on_setup_error, setup_default_logging
 from nanochat.dataset import list_split_files, read_row_group
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
@@ -86,6 +86,7 @@ def compare(label, theirs, ours):
     return "\n".join(markdown) + "\n\n"
 
 
+@exit_on_setup_error("tok_eval")
 def main():
     setup_default_logging()
     texts = eval_texts()

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from nanochat.common import atomic_open, get_base_dir, setup_default_logging
+from nanochat.common import atomic_open, exit_on_setup_error, get_base_dir, setup_default_logging
 from nanochat.dataset import text_iterator
 from nanochat.report import get_report
 from nanochat.tokenizer import SANITY_TEXT, RustBPETokenizer, compute_token_bytes
@@ -41,6 +41,7 @@ def token_bytes_stats(token_bytes):
             "token_bytes_mean": nonzero.mean().item(), "token_bytes_std": nonzero.std().item()}
 
 
+@exit_on_setup_error("tok_train")
 def main(argv=None):
     args = parse_args(argv)
     setup_default_logging()

@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-from nanochat.common import REPO_DATA_DIR, offline_mode, one_line_error, print0
+from nanochat.common import REPO_DATA_DIR, BadFileError, SetupError, offline_mode, one_line_error, print0
 from nanochat.data_source import (announce_committed_copy, announce_fallback, decide_on_rank0,
                                   fetch_unless_unreachable)
 
@@ -248,7 +248,7 @@ def display_path(path):
 
 def read_json_lines(path, fix):
     """(line number, object) for each non-blank line of a (gzipped) JSON-lines file; damage is a ValueError
-    naming the file, the line and `fix`."""
+    (BadFileError) naming the file, the line and `fix`."""
     rows, line_number = [], 0
     try:
         with open_text(path) as f:
@@ -256,10 +256,10 @@ def read_json_lines(path, fix):
                 if line.strip():
                     rows.append((line_number, json.loads(line)))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{display_path(path)}:{line_number}: not valid JSON ({one_line_error(e)}). "
+        raise BadFileError(f"{display_path(path)}:{line_number}: not valid JSON ({one_line_error(e)}). "
                          f"{fix}") from e
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # a truncated or garbled gzip stream
-        raise ValueError(f"{display_path(path)} is truncated or corrupt after line {line_number} "
+        raise BadFileError(f"{display_path(path)} is truncated or corrupt after line {line_number} "
                          f"({one_line_error(e)}). {fix}") from e
     return rows
 
@@ -296,7 +296,7 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
         try:
             rows = loaded[0] if loaded else _hub_rows(hf_path, hf_subset, split)
         except Exception as e:  # rank 0 loaded it: this rank must not silently switch to the committed copy
-            raise RuntimeError(f"{label}: rank 0 loaded {hf_path} from the hub, but this rank could not "
+            raise SetupError(f"{label}: rank 0 loaded {hf_path} from the hub, but this rank could not "
                                f"({one_line_error(e)})") from e
         print0(f"{label}: {len(rows):,} rows from the Hugging Face hub ({hf_path})")
         return rows
@@ -305,7 +305,7 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
         where = ("it has no committed offline copy" if path is None
                  else f"there is no committed offline copy at {display_path(path)}")
         message = f"{label} ({hf_path}) is unavailable: {reason}, and {where}. {missing_hint}"
-        raise RuntimeError(message.strip())
+        raise SetupError(message.strip())
     rows = [row for _, row in read_json_lines(path, f"Fix: restore the committed copy with "
                                                     f"`git checkout -- {display_path(path)}`")]
     # what datasets' Dataset.shuffle(seed) does: a numpy Generator permutation of the row indices

@@ -11,7 +11,7 @@ instruction sample, for offline runs, are COMMITTED_IDENTITY_PATH and COMMITTED_
 
 import os
 
-from nanochat.common import print0
+from nanochat.common import MissingFileError, print0
 from tasks.common import TASK_DATA_DIR, Task, check_messages, display_path, read_json_lines
 
 IDENTITY_CONVERSATIONS_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
@@ -43,7 +43,7 @@ class CustomJSON(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         if not os.path.exists(filepath):
-            raise FileNotFoundError(missing_file_message(filepath))
+            raise MissingFileError(missing_file_message(filepath))
         self.filepath = filepath
         self.conversations = read_conversations(filepath)
         print0(f"CustomJSON: {len(self.conversations):,} conversations from {display_path(filepath)}")

@@ -214,5 +214,5 @@ def test_chat_web_startup_failure_ends_with_its_cause(tiny_base_dir):
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     last = result.stderr.rstrip().splitlines()[-1]
-    assert last.startswith("Server startup failed: ValueError: Tokenizer file"), result.stderr[-3000:]
+    assert last.startswith("Server startup failed: BadFileError: Tokenizer file"), result.stderr[-3000:]
     assert_clear(last, pkl, "python -m scripts.tok_train")

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from nanochat import core_eval, hf_export, loss_eval
+from nanochat import common, core_eval, hf_export, loss_eval
 from nanochat.tokenizer import HuggingFaceTokenizer, compute_token_bytes
 from nanochat.core_eval import base_eval_report_items as report_items
 from scripts import base_eval
@@ -90,7 +90,7 @@ def test_bpb_steps(capsys):
     assert capsys.readouterr().out == ""
     assert loss_eval.bpb_steps(1000, 128) == (896, 7)
     assert "Adjusted split_tokens to 896 (must be divisible by 128)" in capsys.readouterr().out
-    with pytest.raises(loss_eval.SetupError, match="less than one batch"):
+    with pytest.raises(common.SetupError, match="less than one batch"):
         loss_eval.bpb_steps(100, 128)
 
 
@@ -137,16 +137,18 @@ def test_hf_token_bytes_are_decoded_lengths_with_specials_counted():
     assert len(ids) == 3 and token_bytes[ids].tolist() == [3, 3, 3]
 
 
-def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch):
+def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
-    with pytest.raises(loss_eval.SetupError, match="needs the `transformers` package"):
+    with pytest.raises(common.SetupError, match="needs the `transformers` package"):
         hf_export.load_hf_model("openai-community/gpt2", "cpu")
     with pytest.raises(SystemExit) as info:
         base_eval.main(["--hf-path", "openai-community/gpt2", "--eval", "bpb", "--device-type", "cpu"])
-    assert "base_eval: --hf-path needs the `transformers` package" in str(info.value.code)
+    assert info.value.code == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("base_eval: error: --hf-path needs the `transformers` package")
 
 
-def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path, monkeypatch):
+def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setattr(core_eval, "REPO_DATA_DIR", str(empty))
@@ -154,8 +156,8 @@ def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path
     monkeypatch.setattr(checkpoint_manager, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     with pytest.raises(SystemExit) as info:
         base_eval.main(["--eval", "core", "--device-type", "cpu"])
-    message = str(info.value.code)
-    assert message.startswith("base_eval: Cannot obtain the CORE eval bundle")
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 1 and message.startswith("base_eval: error: Cannot obtain the CORE eval bundle")
     assert core_eval.EVAL_BUNDLE_URL in message
     assert "eval_bundle/{core.yaml, eval_meta_data.csv, eval_data/...}" in message
 

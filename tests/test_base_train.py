@@ -456,7 +456,7 @@ def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
 def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypatch, capsys,
                                                                sample_tokenizer):
     import shutil
-    from nanochat.core_eval import EvalBundleError, ensure_eval_bundle
+    from nanochat.core_eval import ensure_eval_bundle
     base_dir = install_sample_base_dir(monkeypatch, tmp_path / "base", sample_tokenizer)
     shutil.rmtree(os.path.join(ensure_eval_bundle(), "eval_data"))  # a bundle without any task file
     flags = TRAIN_FLAGS + ["--eval-every=-1", "--core-metric-max-per-task=1"]  # a later flag wins
@@ -467,8 +467,10 @@ def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypa
     assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "t_core_last", "model_000001.pt"))
     report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
     assert "- CORE metric estimate: None\n" in report
-    with pytest.raises(EvalBundleError, match="None of the"):  # mid-run: the failure is not hidden
+    with pytest.raises(SystemExit) as info:  # mid-run: the failure is not hidden
         run_main(flags + ["--num-iterations=2", "--core-metric-every=1", "--model-tag=t_core_mid"], capsys)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 1 and last_line.startswith("base_train: error: None of the"), last_line
 
 
 def test_resume_warns_when_the_flags_change_the_trajectory(capsys):

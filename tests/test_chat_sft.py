@@ -11,13 +11,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import types
 
 import pytest
 import torch
 
-from nanochat import chat_core, chat_train, dataloader, training
+from nanochat import chat_core, chat_train, common, dataloader, training
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import compute_token_bytes
@@ -415,3 +416,19 @@ def test_chatcore_every_prints_and_logs_the_six_tasks(base_dir, capsys, monkeypa
     assert (f"{entry[0]['chatcore_metric']:.4f}", f"{entry[0]['chatcore_cat']:.4f}") == printed[0]
     assert sorted(k for k in entry[0] if k.startswith("chatcore/")) == sorted(
         f"chatcore/{task}" for task in chat_core.TASKS)
+
+
+def test_an_online_run_without_the_network_says_how_to_train_offline(tmp_path, monkeypatch):
+    point_base_dir_at(monkeypatch, tmp_path / "base")
+    monkeypatch.delenv("NANOCHAT_OFFLINE")
+    with socket.socket() as s:  # a loopback port nobody listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from tasks import customjson
+    monkeypatch.setattr(customjson, "IDENTITY_CONVERSATIONS_URL", f"http://127.0.0.1:{port}/identity.jsonl")
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: None)  # the retries' back-off
+    with pytest.raises(common.DownloadError) as info:
+        chat_train.train_mixture(mmlu_epochs=3, gsm8k_epochs=4)
+    message = str(info.value)
+    assert "network error after 5 attempts" in message and "identity.jsonl" in message
+    assert "Or set NANOCHAT_OFFLINE=1 to train on the smaller committed mixture" in message

@@ -508,8 +508,8 @@ def test_a_tag_naming_nothing_or_a_tag_without_complete_steps_lists_the_way_out(
                                     f"another model tag")
     with pytest.raises(FileNotFoundError) as info:
         cm.load_model("rl", "cpu", "eval")
-    assert user_sees(info).endswith("Fix: train one first, or point NANOCHAT_BASE_DIR at the directory that "
-                                    "holds them")
+    assert user_sees(info).endswith("Fix: train one first (`python -m scripts.chat_rl`), or point "
+                                    "NANOCHAT_BASE_DIR at the directory that holds them")
 
 
 def test_load_model_guesses_tag_and_step_under_base_dir(tiny_base_dir):

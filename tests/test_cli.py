@@ -6,6 +6,7 @@ A deliberate change to a flag updates PINNED here in the same commit."""
 
 import argparse
 import importlib
+import shutil
 
 import pytest
 
@@ -176,3 +177,27 @@ def test_batch_size_flags_take_auto_or_a_positive_integer(script, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(required + [flag, "0"])
     assert "must be a positive integer or 'auto'" in capsys.readouterr().err
+
+
+# a stage run before the one it builds on: (argv, the command its last line must tell the user to run)
+BEFORE_ITS_PREREQUISITE = {
+    "base_train": (["--depth", "2", "--num-iterations", "1"], "python -m scripts.tok_train"),
+    "base_eval": (["--eval", "bpb"], "python -m scripts.base_train"),
+    "infer_bench": ([], "python -m scripts.base_train"),
+    "chat_sft": (["--num-iterations", "1"], "python -m scripts.base_train"),
+    "chat_rl": (["--num-steps", "1"], "python -m scripts.chat_sft"),
+    "chat_eval": (["-i", "sft", "-a", "GSM8K"], "python -m scripts.chat_sft"),
+    "chat_cli": (["-p", "hi"], "python -m scripts.chat_sft"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(BEFORE_ITS_PREREQUISITE))
+def test_a_stage_run_too_early_ends_with_one_line_naming_the_stage_before_it(script, tiny_base_dir, capsys):
+    argv, command = BEFORE_ITS_PREREQUISITE[script]
+    if script == "base_train":
+        shutil.rmtree(tiny_base_dir / "tokenizer")
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(f"scripts.{script}").main(argv + ["--device-type", "cpu"])
+    assert info.value.code == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"{script}: error: ") and f"`{command}`" in last_line, last_line

@@ -232,7 +232,7 @@ def test_hub_non_network_failure_propagates_instead_of_using_the_committed_copy(
 
 def test_unreachable_hub_uses_the_committed_copy_loudly(monkeypatch, capsys):
     fake_hub(monkeypatch, None)  # raises ConnectionError
-    task = GSM8K("main", "train")
+    GSM8K("main", "train")
     out = capsys.readouterr().out
     assert "WARNING: GSM8K main/train: 2,000 rows from the committed offline subset" in out
     assert "not comparable with runs on openai/gsm8k" in out
