@@ -4,9 +4,13 @@ validate_chat_request with the reference's messages, HTTP 400) and OpenAI's (Ope
 openai_turns and openai_stops; OpenAICompletionRequest, by completion_prompt_tokens and openai_stops;
 APIError carries the status and OpenAI's param and code). Limits are the reference's abuse-prevention ones,
 on both APIs, plus OpenAI's for n and stop.
+
+The checks are code, so that each failure gets its own message (the reference's, on its endpoint); the
+schema states the same limits (`limits`, `one_of`), so the OpenAPI document at /openapi.json says what a
+request must be for the server to take it.
 """
 
-from pydantic import BaseModel, StrictInt
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt
 
 # Abuse prevention: the reference's limits, on both APIs
 MAX_MESSAGES_PER_REQUEST = 500
@@ -18,6 +22,20 @@ SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (
 MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
 MAX_STOP_LENGTH = 256  # characters per stop string: each is searched for in the reply at every token
+
+
+def limits(default=..., **json_schema):
+    """A field whose JSON schema carries these keywords (minimum, maxLength, ...); the code checks them."""
+    return Field(default, json_schema_extra=json_schema)
+
+
+def sampling_range(name, default=None):
+    low, high = SAMPLING_LIMITS[name]
+    return limits(default, minimum=low, maximum=high)
+
+
+def one_of(*values):
+    return limits(enum=list(values))
 
 
 class APIError(Exception):
@@ -32,15 +50,15 @@ class APIError(Exception):
 # The reference API: request schema and validation
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: str = one_of("user", "assistant")
+    content: str = limits(minLength=1, maxLength=MAX_MESSAGE_LENGTH)
 
 
 class ChatRequest(BaseModel):
-    messages: list[ChatMessage]
-    temperature: float | None = None
-    max_tokens: int | None = None
-    top_k: int | None = None
+    messages: list[ChatMessage] = limits(minItems=1, maxItems=MAX_MESSAGES_PER_REQUEST)
+    temperature: float | None = sampling_range("temperature")
+    max_tokens: int | None = sampling_range("max_tokens")
+    top_k: int | None = sampling_range("top_k")
 
 
 def is_encodable(text):
@@ -94,42 +112,58 @@ def validate_chat_request(request):
 # -----------------------------------------------------------------------------
 # The OpenAI API: request schema and validation
 
-class ContentPart(BaseModel):
-    type: str
+def required(*names):
+    """A model's json_schema_extra: the named fields are required and not null in its schema. They are
+    optional in the model so that their absence gets the code's message rather than pydantic's."""
+    def edit(schema):
+        schema["required"] = [*schema.get("required", []), *names]
+        for name in names:
+            field = schema["properties"][name]
+            field["anyOf"] = [branch for branch in field["anyOf"] if branch.get("type") != "null"]
+            field.pop("default", None)
+    return edit
+
+
+class ContentPart(BaseModel, json_schema_extra=required("text")):
+    type: str = one_of("text")
     text: str | None = None
 
 
-class OpenAIMessage(BaseModel):
-    role: str
-    content: str | list[ContentPart] | None = None
+class OpenAIMessage(BaseModel, json_schema_extra=required("content")):
+    role: str = one_of("system", "developer", "user", "assistant")
+    content: str | list[ContentPart] | None = limits(None, maxLength=MAX_MESSAGE_LENGTH)
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class OpenAISampling(BaseModel):
     """What both OpenAI endpoints take besides their prompt. Unknown fields (user, logprobs, ...) are
-    ignored, as in every model here (pydantic's default)."""
+    ignored, as in every model here (pydantic's default). Types are strict, as OpenAI's: "max_tokens": false
+    or "stream": "yes" is an error, not 0 or True."""
     model: str | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension: OpenAI has no top-k
-    max_tokens: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
-    seed: int | None = None
+    temperature: StrictFloat | None = sampling_range("temperature")
+    top_p: StrictFloat | None = limits(None, exclusiveMinimum=0, maximum=1)
+    top_k: StrictInt | None = sampling_range("top_k")  # an extension: OpenAI has no top-k
+    max_tokens: StrictInt | None = sampling_range("max_tokens")
+    stop: str | list[str] | None = limits(None, minLength=1, maxLength=MAX_STOP_LENGTH,
+                                          maxItems=MAX_STOP_SEQUENCES, items={"minLength": 1})
+    n: StrictInt | None = limits(None, minimum=1, maximum=MAX_CHOICES)
+    seed: StrictInt | None = None
 
 
 class OpenAIChatRequest(OpenAISampling):
-    messages: list[OpenAIMessage]
-    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    messages: list[OpenAIMessage] = limits(minItems=1, maxItems=MAX_MESSAGES_PER_REQUEST)
+    max_completion_tokens: StrictInt | None = sampling_range("max_tokens")  # OpenAI's newer name; wins
 
 
 class OpenAICompletionRequest(OpenAISampling):
-    prompt: str | list[StrictInt]  # text (BOS goes in front) or token ids, as sent; strict: true is no id
+    # text (BOS goes in front) or token ids, as sent; strict: true is no id
+    prompt: str | list[StrictInt] = limits(minLength=1, maxLength=MAX_TOTAL_CONVERSATION_LENGTH, minItems=1,
+                                           items={"minimum": 0})
 
 
 def message_text(message, i):
@@ -151,9 +185,11 @@ def message_text(message, i):
 
 def openai_turns(messages):
     """
-    (turns, system) from OpenAI messages: [(role, text)] alternating user, assistant, ..., user, and the
-    leading system (or developer) messages joined, for fit_chat_prompt to merge into the first user message
-    as training data does. Limits as on the reference endpoint, in characters.
+    (turns, system) from OpenAI messages: the user and assistant messages as [(role, text)] in their order
+    (any order, as OpenAI takes them; each becomes its own turn, as on the reference endpoint), and the
+    system (or developer) messages joined, for fit_chat_prompt to merge into the first user message as
+    training data does; without a user message the system text is the first turn. Limits as on the reference
+    endpoint, in characters.
     """
     if not messages:
         raise APIError(400, "messages must contain at least one message", "messages")
@@ -168,20 +204,15 @@ def openai_turns(messages):
         text = message_text(message, i)
         check_text(text, MAX_MESSAGE_LENGTH, f"messages[{i}].content", f"messages[{i}]")
         total_length += len(text)
-        expected = "user" if len(turns) % 2 == 0 else "assistant"
-        if role == "system" and not turns:
+        if role == "system":
             system.append(text)
-        elif role != expected:
-            raise APIError(400, f"messages[{i}] is from {message.role!r} but should be from {expected!r}: "
-                                f"after optional system messages, roles must alternate user, assistant, ...",
-                           f"messages[{i}].role")
         else:
             turns.append((role, text))
     if total_length > MAX_TOTAL_CONVERSATION_LENGTH:
         raise APIError(400, f"The conversation is too long: at most {MAX_TOTAL_CONVERSATION_LENGTH} "
                             f"characters", "messages")
-    if not turns or turns[-1][0] != "user":
-        raise APIError(400, "The last message must be from the user", "messages")
+    if system and not any(role == "user" for role, _ in turns):
+        return [("user", "\n\n".join(system)), *turns], ""
     return turns, "\n\n".join(system)
 
 

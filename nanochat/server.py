@@ -758,11 +758,36 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
 # -----------------------------------------------------------------------------
 # The application
 
-ROUTES = [("GET", "/logo.svg", logo), ("GET", "/health", health), ("GET", "/stats", stats),
-          ("POST", "/chat/completions", chat_completions), ("GET", "/v1/models", list_models),
-          ("GET", "/v1/models/{model_id:path}", retrieve_model),
-          ("POST", "/v1/chat/completions", openai_chat_completions),
-          ("POST", "/v1/completions", openai_completions)]
+# Every status a route answers besides 200, for the OpenAPI document (/openapi.json): clients and fuzzers
+# generated from it check each response's status and content type against it
+ERRORS = {400: "The request is invalid; the body says which field and why",
+          401: "The server has an --api-key and the request did not send it",
+          404: "No such model, or a file of the page is missing", 408: "The body took over --body-timeout",
+          413: "The body is over --max-body-bytes", 422: "The body does not fit the schema",
+          429: "The request queue is full; retry after Retry-After seconds",
+          500: "The generation failed", 503: "The server is loading or stopping; retry after Retry-After"}
+
+
+def responses(*statuses, body=None):
+    """OpenAPI responses: each status in `statuses` with a JSON error body, and 200 as `body` (a media
+    type; JSON by default)."""
+    documented = {status: {"description": ERRORS[status], "content": {"application/json": {}}}
+                  for status in statuses}
+    if body is not None:
+        documented[200] = {"description": "Successful Response", "content": {body: {}}}
+    return documented
+
+
+OPENAI_GENERATION = responses(400, 401, 404, 408, 413, 429, 500, 503, body="text/event-stream")  # or JSON
+ROUTES = [("GET", "/", root, responses(404)),
+          ("GET", "/logo.svg", logo, responses(404, body="image/svg+xml")),
+          ("GET", "/health", health, {}), ("GET", "/stats", stats, responses(401)),
+          ("POST", "/chat/completions", chat_completions,
+           responses(400, 401, 408, 413, 422, 429, 503, body="text/event-stream")),
+          ("GET", "/v1/models", list_models, responses(401, 503)),
+          ("GET", "/v1/models/{model_id:path}", retrieve_model, responses(401, 404, 503)),
+          ("POST", "/v1/chat/completions", openai_chat_completions, OPENAI_GENERATION),
+          ("POST", "/v1/completions", openai_completions, OPENAI_GENERATION)]
 
 
 @asynccontextmanager
@@ -797,9 +822,9 @@ def create_app(config):
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
-    app.add_api_route("/", root, methods=["GET"], response_class=HTMLResponse)
-    for method, path, endpoint in ROUTES:
-        app.add_api_route(path, endpoint, methods=[method])
+    for method, path, endpoint, documented in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method], responses=documented,
+                          response_class=HTMLResponse if path == "/" else JSONResponse)
     return app
 
 

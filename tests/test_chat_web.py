@@ -354,6 +354,29 @@ def test_models_endpoint(client, url):
         client.models.retrieve("gpt-4")
 
 
+@pytest.mark.parametrize("messages, turns, system", [
+    ([{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}],
+     [("user", "Hi"), ("user", "Again")], ""),
+    ([{"role": "assistant", "content": "Hello"}], [("assistant", "Hello")], ""),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+     [("user", "Hi"), ("assistant", "Hello")], ""),
+    ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}],
+     [("user", "Hi")], "Be brief."),
+    ([{"role": "developer", "content": "Be brief."}], [("user", "Be brief.")], ""),
+])
+def test_openai_messages_in_any_order_are_served_as_their_turns(url, tiny_chat_model, messages, turns, system):
+    # OpenAI takes messages in any order: each user or assistant message is a turn of the prompt, and the
+    # system messages join the first user turn (or are one, when there is none)
+    _, tokenizer = tiny_chat_model
+    prompt = render_chat_prompt(tokenizer, turns, system)
+    expected = greedy_reply(tiny_chat_model, prompt, 6)
+    response = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 6,
+                                                              "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert response.json()["choices"][0]["message"]["content"] == tokenizer.decode(expected)
+
+
 def test_openai_non_streaming_equals_greedy_decode(client, tiny_chat_model):
     _, tokenizer = tiny_chat_model
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
@@ -510,9 +533,6 @@ def test_openai_client_errors(client):
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hi"}]}, "messages[1].role"),
-    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "messages[0].role"),
-    ({"messages": USER + [{"role": "assistant", "content": "Hello"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * 8001}]}, "messages[0].content"),
     ({"messages": [{"role": ("user", "assistant")[i % 2], "content": "x" * 7000} for i in range(5)]}, "messages"),
     ({"messages": USER * 501}, "messages"),
@@ -531,6 +551,10 @@ def test_openai_client_errors(client):
     ({"messages": USER, "stop": ""}, "stop"),
     ({"messages": USER, "stop": ["a", 5]}, "stop"),
     ({"messages": USER, "stream": "sometimes"}, "stream"),
+    ({"messages": USER, "stream": "true"}, "stream"),  # types are strict, as OpenAI's
+    ({"messages": USER, "max_tokens": False}, "max_tokens"),
+    ({"messages": USER, "seed": "7"}, "seed"),
+    ({"messages": USER, "temperature": True}, "temperature"),
 ])
 def test_openai_invalid_requests_get_400_with_an_error_body(url, body, param):
     response = httpx.post(url + "/v1/chat/completions", json=body)
