@@ -160,6 +160,10 @@ class BadFileError(SetupError, ValueError):
     """A file a stage needs exists but holds something it cannot use."""
 
 
+class BadSettingError(SetupError, ValueError):
+    """Flags that cannot work together, or with the checkpoint or data they meet."""
+
+
 @contextlib.contextmanager
 def exit_on_setup_error(prog):
     """Inside (or on a decorated main()), a SetupError ends the program with `<prog>: error: <message>` on

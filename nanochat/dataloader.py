@@ -28,7 +28,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from nanochat.common import get_dist_info, print0
+from nanochat.common import BadFileError, SetupError, get_dist_info, print0
 from nanochat.dataset import SHARD_FIX, CorruptShardError, ShardReader, list_split_files
 
 _PREFETCH_BATCHES = 4  # tokenised text batches queued ahead of the packer
@@ -69,8 +69,8 @@ def _raise_no_text(reader, rank, world):
     if len(empty) == len(reader.files):
         raise CorruptShardError(f"No text to read: {', '.join(empty)} "
                                 f"{'has' if len(empty) == 1 else 'have'} no rows. {SHARD_FIX}.")
-    raise RuntimeError(f"Rank {rank} of {world} owns no row group of the split ({len(reader.files)} files): "
-                       f"use fewer ranks or more data")
+    raise SetupError(f"Rank {rank} of {world} owns no row group of the split ({len(reader.files)} files): "
+                     f"use fewer ranks or more data")
 
 
 def _approximate_cursor(state, rank, world):
@@ -239,9 +239,9 @@ def _check_state_fits_the_shards(refs, cursor, reader):
 
 def _raise_shards_changed(reader):
     data_dir = os.path.dirname(reader.files[0])
-    raise ValueError(f"The checkpoint's dataloader state names documents that the {len(reader.files)} "
-                     f"shard(s) of this split in {data_dir} do not have: the shards changed since it was "
-                     f"saved. Fix: put back the shards it was trained on, or start a new run on these")
+    raise BadFileError(f"The checkpoint's dataloader state names documents that the {len(reader.files)} "
+                       f"shard(s) of this split in {data_dir} do not have: the shards changed since it was "
+                       f"saved. Fix: put back the shards it was trained on, or start a new run on these")
 
 
 def _resume_cursor(state, rank, world):

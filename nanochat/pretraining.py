@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import load_checkpoint, portable_model_config
-from nanochat.common import print0
+from nanochat.common import BadSettingError, one_line_error, print0
 from nanochat.gpt import GPT, GPTConfig, config_for_depth
 
 B_REF = 2 ** 19  # total batch size of the d12 reference point, tokens
@@ -75,7 +75,8 @@ def num_iterations_for(args, flops_per_token, total_batch_size, target_tokens):
         n = target_tokens // total_batch_size
         print0(f"Calculated number of iterations from target data:param ratio: {n:,}")
         return n
-    raise ValueError("No training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+    raise BadSettingError("No training horizon: set --num-iterations, --target-flops or "
+                          "--target-param-data-ratio")
 
 
 def apply_scaling_rules(args, model, vocab_size):
@@ -140,8 +141,8 @@ def check_resume_architecture(meta, config):
     keys = {k for k in ours if k in saved or k in optional} | {k for k in saved if k in optional}
     diff = {k: (saved.get(k), ours.get(k)) for k in sorted(keys) if saved.get(k) != ours.get(k)}
     if diff:
-        raise ValueError(f"--resume-from-step: the checkpoint's model config differs from these flags: "
-                         f"{diff} (saved, now); pass the flags it was trained with")
+        raise BadSettingError(f"--resume-from-step: the checkpoint's model config differs from these flags: "
+                              f"{diff} (saved, now); pass the flags it was trained with")
 
 
 # -----------------------------------------------------------------------------
@@ -221,7 +222,10 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
     """(model, config, meta): freshly initialised (meta {}), or the checkpoint's when resuming."""
     from nanochat.flash_attention import decide_backend
     config = model_config(args, args.depth, tokenizer.get_vocab_size())
-    model = build_model_meta(config)
+    try:
+        model = build_model_meta(config)
+    except (ValueError, AssertionError) as e:  # flags that describe no model (an L3 layer past the depth)
+        raise BadSettingError(f"The model flags describe no model: {one_line_error(e)}") from e
     print0("Model config:\n" + json.dumps(asdict(config), indent=2))
     model.to_empty(device=device)
     model.init_weights()

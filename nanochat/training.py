@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, optimizer_shard_count,
                                          save_checkpoint)
-from nanochat.common import (DummyWandb, agree_max, agree_sum, autodetect_device_type, compute_cleanup,
-                             compute_init, get_device_peak_flops, get_dist_info, is_ddp_initialized,
-                             percent_of_peak, print0)
+from nanochat.common import (BadSettingError, DummyWandb, MissingFileError, agree_max, agree_sum,
+                             autodetect_device_type, compute_cleanup, compute_init, get_device_peak_flops,
+                             get_dist_info, is_ddp_initialized, percent_of_peak, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -40,9 +40,9 @@ def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
     is not a whole number of them."""
     tokens = device_batch_size * seq_len
     if total_batch_size <= 0 or total_batch_size % (tokens * world_size) != 0:
-        raise ValueError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
-                         f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
-                         f"{world_size} = {tokens * world_size}")
+        raise BadSettingError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
+                              f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
+                              f"{world_size} = {tokens * world_size}")
     accum = total_batch_size // (tokens * world_size)
     print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
     print0(f"Tokens / micro-batch: {tokens * world_size:,}")
@@ -413,17 +413,17 @@ def check_world_size(source, model_tag, step, resuming=True):
                f"run has {world_size}; starting the optimizer fresh")
         return False
     files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
-    raise ValueError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} rank(s) "
-                     f"and this run has {world_size}; resume with the world size that saved it "
-                     f"(torchrun --nproc_per_node={shards})")
+    raise BadSettingError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} "
+                          f"rank(s) and this run has {world_size}; resume with the world size that saved it "
+                          f"(torchrun --nproc_per_node={shards})")
 
 
 def check_resume_horizon(step, num_steps, horizon_flags):
     """A resumed step past the horizon would never meet the last step (the loop ends at step == horizon):
     the run would go on forever with a negative LR multiplier. Refuse it, naming the flags that set it."""
     if step > num_steps:
-        raise ValueError(f"--resume-from-step={step} is past this run's horizon of {num_steps} steps; pass "
-                         f"{horizon_flags} for at least {step} steps")
+        raise BadSettingError(f"--resume-from-step={step} is past this run's horizon of {num_steps} steps; "
+                              f"pass {horizon_flags} for at least {step} steps")
 
 
 def warm_start_optimizer(optimizer, state):
@@ -453,8 +453,8 @@ def setup_optimizer(model, lrs, weight_decay, device, rank, resume, init_lr_frac
         check_world_size(source, tag, step)
         state = load_optimizer_state(source, device, rank, model_tag=tag, step=step)
         if state is None:
-            raise FileNotFoundError(f"--resume-from-step={step}: the {source} checkpoint {tag} has no "
-                                    f"optimizer state for rank {rank}; resume from a step that has it")
+            raise MissingFileError(f"--resume-from-step={step}: the {source} checkpoint {tag} has no "
+                                   f"optimizer state for rank {rank}; resume from a step that has it")
         optimizer.load_state_dict(state)
         return optimizer
     if warm_from is not None and check_world_size(*warm_from, resuming=False):

@@ -104,6 +104,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value <= 0 and value != -1:
             parser.error(f"--{name.replace('_', '-')} must be positive, or -1 for off/auto, got {value}")
+    if args.head_dim % 2:  # rotary embeddings turn pairs of dimensions
+        parser.error(f"--head-dim must be even, got {args.head_dim}")
     if args.target_param_data_ratio == 0:
         parser.error("--target-param-data-ratio must be positive, or -1 to turn it off")
     if not 0 <= args.warmdown_ratio <= 1:

@@ -15,7 +15,8 @@ Fixtures:
 Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
 install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process), chat_prompt
 (a hand-built chat prompt, for checking rendered prompts token by token), AlteredLogits (the real GPT
-with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in the middle of a step).
+with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in the middle of a step),
+exits_with_error (a script's main() ends with exit status 1 and one error line).
 - tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
   SEQUENCE_LEN context, and its (model, tokenizer).
 """
@@ -23,6 +24,7 @@ with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in t
 import contextlib
 import io
 import os
+import re
 import signal
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
@@ -256,3 +258,13 @@ def sigterm_on_first_call(monkeypatch, owner, name):
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
     monkeypatch.setattr(owner, name, first_call_signals)
+
+
+@contextlib.contextmanager
+def exits_with_error(capsys, pattern):
+    """The script's main() called inside ends as a SetupError ends it: exit status 1, and a last stderr line
+    `<script>: error: ...` that matches the regex `pattern`."""
+    with pytest.raises(SystemExit) as info:
+        yield
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 1 and re.search(pattern, last_line), last_line

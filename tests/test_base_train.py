@@ -19,7 +19,7 @@ import torch.distributed as dist
 from nanochat import pretraining
 from scripts import base_train
 
-from conftest import install_sample_base_dir
+from conftest import exits_with_error, install_sample_base_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def test_horizon_precedence_and_errors():
 @pytest.mark.parametrize("argv", [["--depth=0"], ["--window-pattern=SXL"], ["--target-param-data-ratio=0"],
                                   ["--warmdown-ratio=1.5"], ["--fp8", "--fp8-recipe=rowwise"],
                                   ["--num-iterations=0"], ["--num-iterations=-5"], ["--target-flops=0"],
-                                  ["--total-batch-size=0"]])
+                                  ["--total-batch-size=0"], ["--head-dim=7"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         base_train.parse_args(argv)
@@ -467,10 +467,8 @@ def test_core_failing_at_the_last_step_keeps_the_finished_run(tmp_path, monkeypa
     assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "t_core_last", "model_000001.pt"))
     report = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
     assert "- CORE metric estimate: None\n" in report
-    with pytest.raises(SystemExit) as info:  # mid-run: the failure is not hidden
+    with exits_with_error(capsys, "^base_train: error: None of the"):  # mid-run: the failure is not hidden
         run_main(flags + ["--num-iterations=2", "--core-metric-every=1", "--model-tag=t_core_mid"], capsys)
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert info.value.code == 1 and last_line.startswith("base_train: error: None of the"), last_line
 
 
 def test_resume_warns_when_the_flags_change_the_trajectory(capsys):
@@ -523,10 +521,20 @@ def test_a_resume_with_another_architecture_or_past_the_horizon_is_refused(base_
     run_main(TRAIN_FLAGS + ["--num-iterations=2", "--eval-every=-1", "--model-tag=t_refuse"], capsys)
     resume = TRAIN_FLAGS + ["--eval-every=-1", "--model-tag=t_refuse", "--resume-from-step=2"]
     # before the weights load: the mismatch is named, not load_state_dict's list of shapes
-    with pytest.raises(ValueError, match=r"model config differs from these flags: \{.*'n_layer': \(2, 3\)"):
+    with exits_with_error(capsys, r"model config differs from these flags: \{.*'n_layer': \(2, 3\)"):
         run_main(resume + ["--num-iterations=2", "--depth=3"], capsys)
     # the loop ends at step == horizon: from step 2 with a horizon of 1 it would never end
-    with pytest.raises(ValueError, match=r"--resume-from-step=2 is past this run's horizon of 1 steps"):
+    with exits_with_error(capsys, r"--resume-from-step=2 is past this run's horizon of 1 steps"):
         run_main(resume + ["--num-iterations=1"], capsys)
     run_main(resume + ["--num-iterations=3"], capsys)  # a longer horizon resumes
     assert os.path.exists(os.path.join(base_dir, "base_checkpoints", "t_refuse", "meta_000003.json"))
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--l3-after-layers=5", "--l3-n-emb=1024"], r"The model flags describe no model: ValueError: "
+                                                 r"l3_after_layers index 5 out of range \[0, 1\]"),
+    (["--total-batch-size=100"], r"total_batch_size \(100\) must be a positive multiple of"),
+])
+def test_flags_that_cannot_work_together_end_with_one_line(flags, says, base_dir, capsys):
+    with exits_with_error(capsys, "^base_train: error: " + says):
+        run_main(TRAIN_FLAGS + ["--num-iterations=1"] + flags, capsys)

@@ -21,7 +21,7 @@ from nanochat.tokenizer import compute_token_bytes
 from nanochat import chat_train
 from scripts import chat_rl
 
-from conftest import point_base_dir_at, sigterm_on_first_call, write_tiny_checkpoint
+from conftest import exits_with_error, point_base_dir_at, sigterm_on_first_call, write_tiny_checkpoint
 
 
 
@@ -304,7 +304,7 @@ def test_a_resume_past_the_horizon_is_refused_instead_of_running_forever(base_di
     monkeypatch.setattr(GSM8K, "reward", length_parity_reward)
     chat_rl.main(RUN_FLAGS + ["--eval-every=-1"])  # saves step 2, the last
     # the loop ends at step == horizon: from step 2 with a horizon of 1 it would never end
-    with pytest.raises(ValueError, match=r"--resume-from-step=2 is past this run's horizon of 1 steps; "
-                                         r"pass --num-steps \(or --num-epochs\) for at least 2 steps"):
+    with exits_with_error(capsys, r"--resume-from-step=2 is past this run's horizon of 1 steps; "
+                                  r"pass --num-steps \(or --num-epochs\) for at least 2 steps"):
         chat_rl.main(RUN_FLAGS + ["--eval-every=-1", "--num-steps=1", "--resume-from-step=2"])
     capsys.readouterr()
