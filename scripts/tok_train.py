@@ -14,7 +14,10 @@ import torch
 from nanochat.common import atomic_open, exit_on_setup_error, get_base_dir, setup_default_logging
 from nanochat.dataset import text_iterator
 from nanochat.report import get_report
-from nanochat.tokenizer import SANITY_TEXT, RustBPETokenizer, compute_token_bytes
+from nanochat.tokenizer import SANITY_TEXT, SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes
+
+# 256 byte tokens and the specials at least; ids must fit rustbpe's u32 (and the int32 training inputs)
+MIN_VOCAB_SIZE, MAX_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS), 2**31
 
 
 def build_parser():
@@ -32,6 +35,9 @@ def parse_args(argv=None):
     for name, value in vars(args).items():
         if value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
+        parser.error(f"--vocab-size must be between {MIN_VOCAB_SIZE} (the 256 byte tokens and "
+                     f"{len(SPECIAL_TOKENS)} special tokens) and {MAX_VOCAB_SIZE:,}, got {args.vocab_size:,}")
     return args
 
 

@@ -73,6 +73,16 @@ def test_tok_train_rejects_bad_flags():
         tok_train.parse_args(["--vocab-size=0"])
 
 
+@pytest.mark.parametrize("vocab_size", [264, 2**31 + 1, 10**23])
+def test_tok_train_refuses_a_vocab_size_outside_its_limits_naming_the_flag(vocab_size, capsys):
+    # 264 has no room for 256 bytes + 9 specials; 10**23 overflowed inside rustbpe: both were tracebacks
+    with pytest.raises(SystemExit) as exit_info:
+        tok_train.parse_args([f"--vocab-size={vocab_size}"])
+    assert exit_info.value.code == 2
+    assert "--vocab-size must be between 265" in capsys.readouterr().err
+    assert tok_train.parse_args(["--vocab-size=265"]).vocab_size == 265  # the smallest that trains
+
+
 def test_tok_eval_offline_and_with_one_baseline(base_env, monkeypatch, capsys):
     ours = get_tokenizer()
 
