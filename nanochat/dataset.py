@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from nanochat.common import (REPO_DATA_DIR, DownloadError, SetupError, atomic_open, base_dir_path,
-                             download, hub_download, one_line_error, print0, progress)
+from nanochat.common import (REPO_DATA_DIR, DownloadError, MissingFileError, SetupError, atomic_open,
+                             base_dir_path, download, hub_download, one_line_error, print0, progress)
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +134,14 @@ def read_row_group(path, rg_idx):
 def _resolve_data_dir(data_dir, warn_on_legacy):
     if data_dir is not None:
         if not os.path.isdir(data_dir):  # never substitute the legacy dir for an explicit one
-            raise FileNotFoundError(f"Data directory {data_dir} does not exist. {NO_DATA_HINT}")
+            raise MissingFileError(f"Data directory {data_dir} does not exist. {NO_DATA_HINT}")
         return data_dir
     data_dir = get_data_dir()
     if os.path.isdir(data_dir):
         return data_dir
     legacy_dir = os.path.join(base_dir_path(), LEGACY_DIRNAME)
     if not os.path.isdir(legacy_dir):
-        raise FileNotFoundError(f"No pretraining data: {data_dir} does not exist. {NO_DATA_HINT}")
+        raise MissingFileError(f"No pretraining data: {data_dir} does not exist. {NO_DATA_HINT}")
     if warn_on_legacy:
         rule = "=" * 80
         print0(f"{rule}\nWARNING: DATASET UPGRADE REQUIRED\n{rule}\n"
@@ -182,7 +182,7 @@ def list_split_files(split, data_dir=None, warn_on_legacy=False):
     chosen = [f for f in files if f not in val] if split == "train" else val
     if not chosen:
         found = ", ".join(os.path.basename(f) for f in files) or "no parquet files"
-        raise FileNotFoundError(f"No {split} shard in {data_dir} (found: {found}). {NO_DATA_HINT}")
+        raise MissingFileError(f"No {split} shard in {data_dir} (found: {found}). {NO_DATA_HINT}")
     return chosen
 
 

@@ -83,6 +83,20 @@ def test_tok_train_refuses_a_vocab_size_outside_its_limits_naming_the_flag(vocab
     assert tok_train.parse_args(["--vocab-size=265"]).vocab_size == 265  # the smallest that trains
 
 
+def test_tok_train_without_pretraining_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # the first thing a new user may try
+    with pytest.raises(SystemExit) as exit_info:
+        tok_train.main(["--max-chars=1000", "--vocab-size=300"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tok_train: error: No pretraining data: ") and "nanochat.dataset --sample" in err
+    (tmp_path / "base_data_climbmix").mkdir()
+    with pytest.raises(SystemExit):
+        tok_train.main(["--max-chars=1000", "--vocab-size=300"])
+    assert "tok_train: error: No train shard in " in capsys.readouterr().err
+    assert not (tmp_path / "tokenizer").exists()
+
+
 def test_tok_eval_offline_and_with_one_baseline(base_env, monkeypatch, capsys):
     ours = get_tokenizer()
 
