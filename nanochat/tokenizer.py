@@ -484,11 +484,17 @@ def get_token_bytes(device="cpu"):
     if not is_table or token_bytes.is_floating_point():
         raise BadFileError(f"Token bytes file {path} does not hold a 1-D integer tensor. "
                            f"{_TOKEN_BYTES_FIX.format(path=path)}")
-    # a table of another tokenizer indexes out of range, or, when longer, gives a wrong bpb silently
+    # a table of another tokenizer indexes out of range or, as often with the same vocab size (32768 by
+    # default), gives a wrong bpb silently: it must be this tokenizer's (~30 ms to recount at 32K)
     if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
-        vocab_size = get_tokenizer().get_vocab_size()
-        if len(token_bytes) != vocab_size:
+        expected = compute_token_bytes(get_tokenizer())
+        if len(token_bytes) != len(expected):
             raise BadFileError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
-                               f"beside it {vocab_size} tokens: it belongs to another tokenizer. "
+                               f"beside it {len(expected)} tokens: it belongs to another tokenizer. "
+                               f"{_TOKEN_BYTES_FIX.format(path=path)}")
+        differing = int((token_bytes.cpu().long() != expected.long()).sum())
+        if differing:
+            raise BadFileError(f"Token bytes file {path} differs from the tokenizer beside it in {differing} "
+                               f"of {len(expected)} entries: it belongs to another tokenizer. "
                                f"{_TOKEN_BYTES_FIX.format(path=path)}")
     return token_bytes

@@ -492,6 +492,20 @@ def test_a_token_bytes_file_of_another_tokenizer_is_a_clear_error(tok, tmp_path,
             f"belongs to another tokenizer. Fix: rewrite it from the tokenizer") in last_line, last_line
 
 
+def test_a_token_bytes_file_of_a_same_size_tokenizer_is_a_clear_error(tok, tmp_path, monkeypatch):
+    # tok_train on other text with the same --vocab-size (32768 by default): only the merges differ
+    other = RustBPETokenizer.train_from_iterator(reversed(CORPUS[:4] * 3 + ["xyzzy plugh " * 9]), VOCAB_SIZE)
+    assert other.get_vocab_size() == tok.get_vocab_size()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer"))
+    path = tmp_path / "tokenizer" / "token_bytes.pt"
+    torch.save(compute_token_bytes(other), path)
+    with pytest.raises(ValueError) as info:
+        get_token_bytes()  # it loaded, and bpb counted the wrong bytes per token
+    assert f"{path} differs from the tokenizer beside it in " in str(info.value)
+    assert "it belongs to another tokenizer. Fix: rewrite it from the tokenizer" in str(info.value)
+
+
 def test_get_tokenizer_and_token_bytes(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"python -m scripts\.tok_train"):
