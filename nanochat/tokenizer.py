@@ -133,6 +133,10 @@ class RustBPETokenizer(_Tokenizer):
         if not isinstance(enc, tiktoken.Encoding):
             raise BadFileError(f"Tokenizer file {path} holds a {type(enc).__name__}, not a "
                                f"tiktoken.Encoding. {_PICKLE_FIX}.")
+        missing = [name for name in SPECIAL_TOKENS if name not in enc.special_tokens_set]
+        if missing:  # another project's encoding (GPT-2's...): the <|bos|> lookup would be a KeyError
+            raise BadFileError(f"Tokenizer file {path} is a tiktoken encoding without nanochat's special "
+                               f"tokens ({', '.join(missing)}). {_PICKLE_FIX}.")
         return cls(enc, "<|bos|>")
 
     @classmethod

@@ -246,6 +246,22 @@ def test_a_pickle_of_something_else_is_a_clear_error(tmp_path):
     assert "python -m scripts.tok_train" in message
 
 
+def test_an_encoding_without_our_special_tokens_is_a_clear_error(tok, tmp_path):
+    # e.g. a GPT-2-style encoding: it loaded, then the <|bos|> lookup was a KeyError traceback
+    state = tok.enc.__getstate__()
+    specials = {"<|endoftext|>": len(state["mergeable_ranks"])}
+    other = tiktoken.Encoding(name="other", pat_str=state["pat_str"],
+                              mergeable_ranks=state["mergeable_ranks"], special_tokens=specials)
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump(other, f)
+    with pytest.raises(ValueError) as info:
+        RustBPETokenizer.from_directory(str(tmp_path))
+    message = str(info.value)
+    path = tmp_path / "tokenizer.pkl"
+    assert f"{path} is a tiktoken encoding without nanochat's special tokens (<|bos|>, " in message
+    assert "python -m scripts.tok_train" in message
+
+
 def test_from_pretrained_uses_endoftext_as_bos(tok, monkeypatch):
     # Registers a local encoding with tiktoken so no download is needed.
     import tiktoken.registry
