@@ -491,14 +491,22 @@ def get_token_bytes(device="cpu"):
     # a table of another tokenizer indexes out of range or, as often with the same vocab size (32768 by
     # default), gives a wrong bpb silently: it must be this tokenizer's (~30 ms to recount at 32K)
     if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
-        expected = compute_token_bytes(get_tokenizer())
-        if len(token_bytes) != len(expected):
+        tokenizer = get_tokenizer()
+        if len(token_bytes) != tokenizer.get_vocab_size():
             raise BadFileError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
-                               f"beside it {len(expected)} tokens: it belongs to another tokenizer. "
-                               f"{_TOKEN_BYTES_FIX.format(path=path)}")
-        differing = int((token_bytes.cpu().long() != expected.long()).sum())
-        if differing:
-            raise BadFileError(f"Token bytes file {path} differs from the tokenizer beside it in {differing} "
-                               f"of {len(expected)} entries: it belongs to another tokenizer. "
+                               f"beside it {tokenizer.get_vocab_size()} tokens: it belongs to another "
+                               f"tokenizer. {_TOKEN_BYTES_FIX.format(path=path)}")
+        foreign = _entries_of_another_tokenizer(token_bytes, tokenizer)
+        if foreign:
+            raise BadFileError(f"Token bytes file {path} differs from the tokenizer beside it in {foreign} "
+                               f"of {len(token_bytes)} entries: it belongs to another tokenizer. "
                                f"{_TOKEN_BYTES_FIX.format(path=path)}")
     return token_bytes
+
+
+def _entries_of_another_tokenizer(table, tokenizer):
+    """How many entries of a token_bytes table fit neither way of counting this tokenizer's tokens: the raw
+    bytes (compute_token_bytes) or the UTF-8 length of the token's decoded text, the table the reference's
+    tok_train writes (a partial UTF-8 sequence decodes to U+FFFD: 3 bytes)."""
+    differing = (table.cpu().long() != compute_token_bytes(tokenizer).long()).nonzero().flatten().tolist()
+    return sum(int(table[i]) != len(tokenizer.decode([i]).encode("utf-8")) for i in differing)

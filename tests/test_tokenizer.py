@@ -522,6 +522,19 @@ def test_a_token_bytes_file_of_a_same_size_tokenizer_is_a_clear_error(tok, tmp_p
     assert "it belongs to another tokenizer. Fix: rewrite it from the tokenizer" in str(info.value)
 
 
+def test_a_token_bytes_file_written_by_the_reference_still_loads(tok, tmp_path, monkeypatch):
+    # the reference's tok_train counts the UTF-8 length of each token's decoded text (specials 0): a
+    # tokenizer directory it wrote moves over unchanged
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    tok.save(str(tmp_path / "tokenizer"))
+    specials = {tok.encode_special(name) for name in tok.get_special_tokens()}
+    table = torch.tensor([0 if i in specials else len(tok.decode([i]).encode("utf-8"))
+                          for i in range(tok.get_vocab_size())], dtype=torch.int32)
+    assert not torch.equal(table, compute_token_bytes(tok))  # partial UTF-8 tokens count 3 there
+    torch.save(table, tmp_path / "tokenizer" / "token_bytes.pt")
+    assert torch.equal(get_token_bytes(), table)
+
+
 def test_get_tokenizer_and_token_bytes(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"python -m scripts\.tok_train"):
