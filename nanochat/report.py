@@ -79,6 +79,18 @@ def _write_text_atomic(path, text):
         f.write(text)
 
 
+def _read_text(path):
+    """The file's text, or None (said) when it is not UTF-8 text: a damaged file costs its part of the
+    report, not the whole report at the end of a run."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        print(f"Warning: {path} is not UTF-8 text ({e.reason} at byte {e.start}), skipping it. "
+              f"Fix: run again the stage that writes it")
+        return None
+
+
 # -----------------------------------------------------------------------------
 # Environment probes for the header
 
@@ -449,9 +461,9 @@ class Report:
         path = self._path("header.md")
         if not os.path.exists(path):
             print(f"Warning: {path} does not exist. Did you forget to run `nanochat reset`?")
+        header = _read_text(path) if os.path.exists(path) else None
+        if header is None:
             return "", None, "[bloat data missing]"
-        with open(path, encoding="utf-8") as f:
-            header = f.read()
         m = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
         return header, extract_timestamp(header, "Run started:"), m.group(1) if m else "[bloat data missing]"
 
@@ -466,8 +478,9 @@ class Report:
                 print(f"Warning: {self._path(expected)} does not exist, skipping")
                 continue
             for name in present:
-                with open(self._path(name), encoding="utf-8") as f:
-                    content = f.read()
+                content = _read_text(self._path(name))
+                if content is None:
+                    continue
                 body += content + "\n"
                 if "rl" not in name:  # the wall clock covers the pipeline up to SFT eval; RL is excluded
                     end_time = extract_timestamp(content, "timestamp:") or end_time

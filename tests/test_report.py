@@ -162,6 +162,21 @@ def test_generate_with_some_sections_missing(rep, env, capsys):
     assert "| CORE            | 0.2500   | -        | -        |" in text
 
 
+def test_a_damaged_section_or_header_is_skipped_with_a_warning_and_the_report_still_written(rep, env, capsys):
+    rep.reset()
+    rep.log("Tokenizer training", [{"vocab_size": 32768}])
+    rep.log("Base model evaluation", [{"CORE": 0.25}])
+    garbage = b"\x89\xb3\xff\x00binary garbage"
+    (env.report_dir / "tokenizer-training.md").write_bytes(garbage)
+    (env.report_dir / "header.md").write_bytes(garbage)
+    text = open(rep.generate(), encoding="utf-8").read()
+    out = capsys.readouterr().out
+    for name in ("tokenizer-training.md", "header.md"):
+        assert f"Warning: {env.report_dir / name} is not UTF-8 text" in out
+    assert "vocab_size" not in text and "| CORE            | 0.2500   | -        | -        |" in text
+    assert text.startswith("## Base model evaluation") and "[bloat data missing]" in text
+
+
 def test_summary_table_order_and_values(rep):
     rep.log("Base model evaluation", [{"model": "d12", "CORE": 0.2219}])
     rep.log("Chat evaluation sft", [
