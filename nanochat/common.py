@@ -349,6 +349,8 @@ def hub_download(repo_id, filename, local_dir, validate=None):
     path = os.path.join(local_dir, filename)
     if _passes_checks(path, None, validate):
         return path
+    if offline_mode():  # huggingface_hub itself knows only HF_HUB_OFFLINE
+        raise ConnectionError(f"NANOCHAT_OFFLINE is set: {path} is missing or unusable, not downloaded")
 
     def fetch():
         etag = None
