@@ -7,6 +7,7 @@ import os
 
 import importlib.util
 import json
+import shlex
 import shutil
 import stat
 import subprocess
@@ -84,6 +85,39 @@ def test_scripts_use_our_flags_and_honour_base_dir(name):
     assert "export OMP_NUM_THREADS=1" in text
     assert "download.pytorch.org" not in text  # torch comes from PyPI
     assert "Number of parameters" not in text and "scaling:" not in text  # long gone from the log (weak spot 12)
+
+
+def quick_start_calls(tmp_path, **env):
+    """runcpu.sh run with stand-ins for uv and python (which records its arguments): {module: argv}."""
+    repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    shutil.copytree(REPO / "runs", repo / "runs")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "activate").write_text("")
+    bin_dir.mkdir()
+    for name, body in {"uv": "exit 0", "python": f'printf "%q " "$@" >> "{tmp_path}/calls"; echo >> '
+                                                 f'"{tmp_path}/calls"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", NANOCHAT_BASE_DIR=str(tmp_path / "base"),
+               OMP_NUM_THREADS="1", **env)
+    result = subprocess.run(["bash", "runs/runcpu.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = [shlex.split(line) for line in (tmp_path / "calls").read_text().splitlines()]
+    return {argv[1]: argv[2:] for argv in calls if argv[:1] == ["-m"]}
+
+
+def test_the_quick_start_evaluates_and_finetunes_the_steps_it_just_trained(tmp_path):
+    # each stage reads its flags with its own parser; a base dir holding a longer earlier run (larger
+    # steps) must not be what base_eval, chat_sft, chat_eval and chat_cli load
+    calls = quick_start_calls(tmp_path, BASE_STEPS="7", SFT_STEPS="3")
+    args = {}
+    for name, argv in calls.items():
+        if name.startswith("scripts."):
+            m = importlib.import_module(name)
+            args[name] = m.parse_args(argv) if hasattr(m, "parse_args") else m.build_parser().parse_args(argv)
+    assert args["scripts.base_train"].num_iterations == 7 == args["scripts.base_eval"].step
+    assert args["scripts.chat_sft"].model_step == 7 and args["scripts.chat_sft"].num_iterations == 3
+    assert args["scripts.chat_eval"].step == 3 == args["scripts.chat_cli"].step
 
 
 # -----------------------------------------------------------------------------
