@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import install_sample_base_dir, write_tiny_checkpoint
+from conftest import exits_with_error, install_sample_base_dir, write_tiny_checkpoint
 from nanochat import autofit
 from nanochat.gpt import GPT, GPTConfig
 
@@ -202,8 +202,8 @@ def test_running_out_of_memory_while_training_names_the_flag(base_dir, monkeypat
 def test_a_total_batch_below_one_row_gets_the_geometry_error(base_dir, monkeypatch, capsys):
     # no row fits in a step's 32 tokens: there is nothing to search, and the batch check says why
     monkeypatch.setenv(autofit.TOKEN_LIMIT_ENV, str(1000 * 64))
-    with pytest.raises(ValueError, match=r"total_batch_size \(32\) must be a positive multiple of "
-                                         r"device_batch_size \* seq_len \* world_size = 32 \* 64 \* 1"):
+    with exits_with_error(capsys, r"^base_train: error: total_batch_size \(32\) must be a positive multiple "
+                                  r"of device_batch_size \* seq_len \* world_size = 32 \* 64 \* 1"):
         train(TRAIN_FLAGS + ["--device-batch-size=auto", "--total-batch-size=32", "--model-tag=tiny_total"],
               capsys)
 
