@@ -476,8 +476,9 @@ def get_tokenizer():
     return RustBPETokenizer.from_directory(os.path.dirname(path))
 
 
-def get_token_bytes(device="cpu"):
-    """The (vocab_size,) int32 table written by tok_train (see compute_token_bytes), on `device`."""
+def get_token_bytes(device="cpu", tokenizer=None):
+    """The (vocab_size,) int32 table written by tok_train (see compute_token_bytes), on `device`, checked
+    against `tokenizer` (the caller's, loaded from this base dir; None: the tokenizer.pkl beside it)."""
     path = _tokenizer_path("token_bytes.pt", "Token bytes")
     try:
         token_bytes = torch.load(path, map_location=device)
@@ -490,8 +491,9 @@ def get_token_bytes(device="cpu"):
                            f"{_TOKEN_BYTES_FIX.format(path=path)}")
     # a table of another tokenizer indexes out of range or, as often with the same vocab size (32768 by
     # default), gives a wrong bpb silently: it must be this tokenizer's (~30 ms to recount at 32K)
-    if os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
+    if tokenizer is None and os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
         tokenizer = get_tokenizer()
+    if tokenizer is not None:
         if len(token_bytes) != tokenizer.get_vocab_size():
             raise BadFileError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
                                f"beside it {tokenizer.get_vocab_size()} tokens: it belongs to another "

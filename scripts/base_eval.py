@@ -59,7 +59,7 @@ def load_nanochat_model(device, model_tag, step):
     from nanochat.tokenizer import get_token_bytes
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=step)
     step = meta["step"]
-    return (model, tokenizer, get_token_bytes(device), meta["model_config"]["sequence_len"],
+    return (model, tokenizer, get_token_bytes(device, tokenizer), meta["model_config"]["sequence_len"],
             f"base_model (step {step})", f"base_model_{step:06d}")
 
 

@@ -127,7 +127,8 @@ def setup(args, user_config):
     """(st, run, step): the run's fixed parts, its counters (saved with every checkpoint), the first step."""
     print_banner()
     device_type, rank, world_size, device, peak_flops = training.start_run(args.device_type)
-    tokenizer, token_bytes = get_tokenizer(), get_token_bytes(device=device)
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device, tokenizer)
     print0(f"Vocab size: {tokenizer.get_vocab_size():,}")
 
     # --- model, scaling rules, optimizer

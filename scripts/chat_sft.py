@@ -228,7 +228,7 @@ def main(argv=None):
     run.train_loss = torch.zeros((), device=device)
     flops_per_token = orig_model.estimate_flops()
     st = SimpleNamespace(args=args, hp=hp, model=model, orig_model=orig_model, optimizer=optimizer,
-                         scaler=scaler, tokenizer=tokenizer, token_bytes=get_token_bytes(device=device),
+                         scaler=scaler, tokenizer=tokenizer, token_bytes=get_token_bytes(device, tokenizer),
                          val_ds=chat_train.val_mixture(), device=device, rank=rank, world_size=world_size,
                          wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
                          timer=training.StepTimer(device_type),

@@ -520,6 +520,7 @@ def test_a_token_bytes_file_of_a_same_size_tokenizer_is_a_clear_error(tok, tmp_p
         get_token_bytes()  # it loaded, and bpb counted the wrong bytes per token
     assert f"{path} differs from the tokenizer beside it in " in str(info.value)
     assert "it belongs to another tokenizer. Fix: rewrite it from the tokenizer" in str(info.value)
+    assert torch.equal(get_token_bytes(tokenizer=other), compute_token_bytes(other))  # against the given one
 
 
 def test_a_token_bytes_file_written_by_the_reference_still_loads(tok, tmp_path, monkeypatch):
