@@ -17,7 +17,8 @@ import sys
 
 from nanochat.chat_text import Conversation, stream_reply
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, exit_on_setup_error
+from nanochat.common import (BadSettingError, autodetect_device_type, compute_cleanup, compute_init,
+                             exit_on_setup_error)
 from nanochat.engine import Engine
 from nanochat.tokenizer import prompt_budget
 
@@ -109,16 +110,15 @@ def main(argv=None):
 
 
 def check_reply_fits(model, max_tokens):
-    """Exit with one error line if a prompt and a max_tokens reply can outgrow the model's rotary table:
-    the model would fail on an assertion only when a reply really runs that long."""
+    """BadSettingError if a prompt and a max_tokens reply can outgrow the model's rotary table: the model
+    would fail on an assertion only when a reply really runs that long."""
     context_len, positions = model.config.sequence_len, model.rotary_seq_len
     longest_prompt = prompt_budget(context_len, max_tokens)
     if longest_prompt + max_tokens > positions:
         most = positions - prompt_budget(context_len, positions)
-        print(f"chat_cli: error: --max-tokens {max_tokens} does not fit: with the prompt a reply can reach "
-              f"{longest_prompt + max_tokens} positions, and this model has {positions}; "
-              f"use --max-tokens {most} or less", file=sys.stderr)
-        raise SystemExit(1)
+        raise BadSettingError(f"--max-tokens {max_tokens} does not fit: with the prompt a reply can reach "
+                              f"{longest_prompt + max_tokens} positions, and this model has {positions}; "
+                              f"use --max-tokens {most} or less")
 
 
 def chat(args):
