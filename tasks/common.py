@@ -257,10 +257,10 @@ def read_json_lines(path, fix):
                     rows.append((line_number, json.loads(line)))
     except json.JSONDecodeError as e:
         raise BadFileError(f"{display_path(path)}:{line_number}: not valid JSON ({one_line_error(e)}). "
-                         f"{fix}") from e
+                           f"{fix}") from e
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # a truncated or garbled gzip stream
         raise BadFileError(f"{display_path(path)} is truncated or corrupt after line {line_number} "
-                         f"({one_line_error(e)}). {fix}") from e
+                           f"({one_line_error(e)}). {fix}") from e
     return rows
 
 
@@ -297,7 +297,7 @@ def load_rows(name, hf_path, hf_subset, split, local_file, missing_hint=""):
             rows = loaded[0] if loaded else _hub_rows(hf_path, hf_subset, split)
         except Exception as e:  # rank 0 loaded it: this rank must not silently switch to the committed copy
             raise SetupError(f"{label}: rank 0 loaded {hf_path} from the hub, but this rank could not "
-                               f"({one_line_error(e)})") from e
+                             f"({one_line_error(e)})") from e
         print0(f"{label}: {len(rows):,} rows from the Hugging Face hub ({hf_path})")
         return rows
     path = None if local_file is None else os.path.join(TASK_DATA_DIR, local_file)

@@ -13,7 +13,7 @@ from nanochat.tokenizer import HuggingFaceTokenizer, compute_token_bytes
 from nanochat.core_eval import base_eval_report_items as report_items
 from scripts import base_eval
 
-from conftest import point_base_dir_at
+from conftest import exits_with_error, point_base_dir_at
 
 
 @pytest.fixture
@@ -141,11 +141,8 @@ def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monke
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
     with pytest.raises(common.SetupError, match="needs the `transformers` package"):
         hf_export.load_hf_model("openai-community/gpt2", "cpu")
-    with pytest.raises(SystemExit) as info:
+    with exits_with_error(capsys, r"^base_eval: error: --hf-path needs the `transformers` package"):
         base_eval.main(["--hf-path", "openai-community/gpt2", "--eval", "bpb", "--device-type", "cpu"])
-    assert info.value.code == 1
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line.startswith("base_eval: error: --hf-path needs the `transformers` package")
 
 
 def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path, monkeypatch, capsys):
