@@ -1,7 +1,7 @@
 """
 The chat server's request schemas and their validation: the reference endpoint's (ChatRequest, checked by
 validate_chat_request with the reference's messages, HTTP 400) and OpenAI's (OpenAIChatRequest, checked by
-openai_turns and openai_stops; OpenAICompletionRequest, by completion_prompt_tokens and openai_stops;
+openai_turns and openai_stops; OpenAICompletionRequest, by completion_prompts and openai_stops;
 APIError carries the status and OpenAI's param and code). Limits are the reference's abuse-prevention ones,
 on both APIs, plus OpenAI's for n and stop.
 
@@ -161,9 +161,9 @@ class OpenAIChatRequest(OpenAISampling):
 
 
 class OpenAICompletionRequest(OpenAISampling):
-    # text (BOS goes in front) or token ids, as sent; strict: true is no id
-    prompt: str | list[StrictInt] = limits(minLength=1, maxLength=MAX_TOTAL_CONVERSATION_LENGTH, minItems=1,
-                                           items={"minimum": 0})
+    # text (BOS goes in front) or token ids, as sent, or a batch of either; strict: true is no id
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = limits(
+        minLength=1, maxLength=MAX_TOTAL_CONVERSATION_LENGTH, minItems=1, items={"minimum": 0})
 
 
 def message_text(message, i):
@@ -216,18 +216,20 @@ def openai_turns(messages):
     return turns, "\n\n".join(system)
 
 
-def completion_prompt_tokens(tokenizer, prompt):
-    """The token ids of a /v1/completions prompt: text gets BOS in front, as base models were trained."""
-    if isinstance(prompt, list):
-        vocab_size = tokenizer.get_vocab_size()
-        if not prompt or not all(0 <= t < vocab_size for t in prompt):
-            raise APIError(400, f"prompt: token ids must be a non-empty list of ids in [0, {vocab_size})",
-                           "prompt")
-        return prompt
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", "prompt")
-    check_text(prompt, MAX_TOTAL_CONVERSATION_LENGTH, "prompt", "prompt")
-    return tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+def completion_prompts(tokenizer, prompt):
+    """The token ids of each /v1/completions prompt: one prompt (text, or token ids) or a batch of them (a
+    list of texts, or of token-id lists). Text gets BOS in front, as base models were trained; ids are taken
+    as they are. The texts' limit is the conversations' (MAX_TOTAL_CONVERSATION_LENGTH), over the batch."""
+    batch = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    if not prompt or not all(batch):
+        raise APIError(400, "prompt must not be empty (nor any prompt of a batch)", "prompt")
+    if isinstance(batch[0], str):
+        check_text("".join(batch), MAX_TOTAL_CONVERSATION_LENGTH, "prompt", "prompt")
+        return [tokenizer.encode(text, prepend=tokenizer.get_bos_token_id()) for text in batch]
+    vocab_size = tokenizer.get_vocab_size()
+    if not all(0 <= t < vocab_size for ids in batch for t in ids):
+        raise APIError(400, f"prompt: token ids must be in [0, {vocab_size})", "prompt")
+    return batch
 
 
 def check_range(value, low, high, param, low_inclusive=True):

@@ -27,7 +27,8 @@ is accepted as an extension; `stop` strings end a choice at their first occurren
 text; each of `n` choices is its own request with seed `seed + i`; a prompt that leaves no room in the
 model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
 A /v1/completions `prompt` is text (BOS is put in front, as in pretraining) or a list of token ids (sent as
-they are); the reply ends at max_tokens, a stop string, BOS or <|assistant_end|>.
+they are), or a batch of either: prompt i's n choices are choices i * n ... i * n + n - 1, as OpenAI numbers
+them. The reply ends at max_tokens, a stop string, BOS or <|assistant_end|>.
 Errors are {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error (also for bad JSON
 and schema errors, which FastAPI would answer with 422), 404 model_not_found, 429 queue_full, 503.
 
@@ -63,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
 from nanochat.api_schemas import (SAMPLING_LIMITS, APIError, ChatRequest, OpenAIChatRequest,
-                                  OpenAICompletionRequest, completion_prompt_tokens, openai_stops,
+                                  OpenAICompletionRequest, completion_prompts, openai_stops,
                                   openai_turns, validate_chat_request)
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.chat_text import ReplyText
@@ -484,42 +485,47 @@ class Generation:
 
 
 def sampling_params(body, config, max_tokens):
-    """SamplingParams for each of the body's n choices, choice i seeded seed + i (n, seed and top_p are
-    OpenAI's; the reference's requests have one choice and a random seed). Omitted values take the server's
-    defaults."""
+    """SamplingParams for each choice, one per entry of max_tokens, choice i seeded seed + i (n, seed and
+    top_p are OpenAI's; the reference's requests have one choice and a random seed). Omitted values take the
+    server's defaults."""
     temperature = body.temperature if body.temperature is not None else config.temperature
     top_k = body.top_k if body.top_k is not None else config.top_k
     top_p = getattr(body, "top_p", None)
     top_p = top_p if top_p is not None and top_p < 1.0 else None
     seed = getattr(body, "seed", None)
     seed = seed if seed is not None else random.randint(0, 2**31 - 1)
-    return [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           seed=(seed + i) % 2**63) for i in range(getattr(body, "n", None) or 1)]
+    return [SamplingParams(max_tokens=limit, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                           seed=(seed + i) % 2**63) for i, limit in enumerate(max_tokens)]
 
 
-def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
+def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
     """
-    Submit the rendered prompt to the worker's scheduler, one request per choice (sampling_params), with
-    max_tokens (None: the server's default) capped to the room left in the context. APIError when the prompt
+    Submit the rendered prompts to the worker's scheduler, one request per choice: each prompt is continued
+    by the body's n choices (choice i * n + j continues prompt i, as OpenAI numbers them), with max_tokens
+    (None: the server's default) capped to the room its prompt leaves in the context. APIError when a prompt
     leaves no room or the scheduler cannot take the requests.
     """
     text_completion = isinstance(body, OpenAICompletionRequest)
     prompt_param, id_prefix = ("prompt", "cmpl") if text_completion else ("messages", "chatcmpl")
-    room = worker.context_len - len(prompt)
-    if room < 1:
-        takes = "take" if prompt_param == "messages" else "takes"
-        raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
-                            f"{prompt_param} {takes} {len(prompt)} tokens", prompt_param,
-                       code="context_length_exceeded")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) >= worker.context_len:
+            named = f"prompt[{i}] takes" if len(prompts) > 1 else \
+                ("messages take" if prompt_param == "messages" else "prompt takes")
+            raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but the "
+                                f"{named} {len(prompt)} tokens", prompt_param, code="context_length_exceeded")
     config = request.app.state.config
-    params_list = sampling_params(body, config, min(max_tokens or config.max_tokens, room))
+    n = getattr(body, "n", None) or 1
+    jobs = [prompt for prompt in prompts for _ in range(n)]
+    limit = max_tokens or config.max_tokens
+    params_list = sampling_params(body, config, [min(limit, worker.context_len - len(p)) for p in jobs])
     capacity = worker.scheduler.max_batch_size + worker.scheduler.max_queue
-    if len(params_list) > capacity:  # a 429 would have the client retry what can never be served
-        raise APIError(400, f"Invalid value for 'n': {len(params_list)} choices are more than this server "
-                            f"can hold at once ({capacity}: --max-batch-size + --max-queue)", "n")
+    if len(jobs) > capacity:  # a 429 would have the client retry what can never be served
+        param = "n" if len(prompts) == 1 else "prompt"
+        raise APIError(400, f"Invalid value for '{param}': {len(jobs)} choices are more than this server "
+                            f"can hold at once ({capacity}: --max-batch-size + --max-queue)", param)
     loop = asyncio.get_running_loop()
     choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
-    generation = Generation(worker, len(prompt), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
+    generation = Generation(worker, sum(map(len, prompts)), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
 
     def forward_to_loop(index, event):  # runs on the scheduler thread
         try:
@@ -528,7 +534,7 @@ def start_generation(request, worker, prompt, body, max_tokens=None, stops=()):
             pass
 
     try:
-        for index, params in enumerate(params_list):
+        for index, (prompt, params) in enumerate(zip(jobs, params_list)):
             on_event = functools.partial(forward_to_loop, index)
             generation.requests.append(worker.scheduler.submit(prompt, params, on_event=on_event))
     except Exception as e:
@@ -630,7 +636,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     # long conversations lose their oldest turns
     budget = prompt_budget(worker.context_len, body.max_tokens or config.max_tokens)
     prompt, _ = fit_chat_prompt(worker.tokenizer, [(m.role, m.content) for m in body.messages], budget)
-    generation = start_generation(request, worker, prompt, body, body.max_tokens)
+    generation = start_generation(request, worker, [prompt], body, body.max_tokens)
     return EventStream(reference_stream(generation, len(body.messages), config.log_conversations))
 
 
@@ -681,11 +687,11 @@ async def openai_reply(request, body):
     worker = pool.least_loaded()
     chat = isinstance(body, OpenAIChatRequest)
     if chat:
-        prompt = render_chat_prompt(worker.tokenizer, *openai_turns(body.messages))
+        prompts = [render_chat_prompt(worker.tokenizer, *openai_turns(body.messages))]
     else:
-        prompt = completion_prompt_tokens(worker.tokenizer, body.prompt)
+        prompts = completion_prompts(worker.tokenizer, body.prompt)
     max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens
-    generation = start_generation(request, worker, prompt, body, max_tokens, openai_stops(body))
+    generation = start_generation(request, worker, prompts, body, max_tokens, openai_stops(body))
     num_messages = len(body.messages) if chat else 1
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)

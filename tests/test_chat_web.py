@@ -332,7 +332,7 @@ def test_events_that_arrive_after_the_event_loop_closed_are_dropped_without_an_e
     prompt = completion_prompt(tokenizer, USER)
 
     async def submit():
-        return start_generation(http_request, worker, prompt, body, max_tokens=4)
+        return start_generation(http_request, worker, [prompt], body, max_tokens=4)
 
     generation = asyncio.run(submit())
     scheduler.start()
@@ -625,6 +625,38 @@ def test_completions_stream_and_stop_strings(client, url, tiny_chat_model):
     payloads = sse_payloads(body)
     assert payloads[-1] == "[DONE]"
     assert all(json.loads(p)["object"] == "text_completion" for p in payloads[:-1])
+
+
+def test_completions_of_a_batch_of_prompts_number_choices_as_openai(client, tiny_chat_model):
+    # prompt i's n choices are choices i * n ... i * n + n - 1; each is the greedy continuation of its prompt
+    _, tokenizer = tiny_chat_model
+    texts = ["The quick brown fox", "Once upon a time"]
+    prompts = [tokenizer.encode(text, prepend=tokenizer.get_bos_token_id()) for text in texts]
+    expected = [tokenizer.decode(greedy_reply(tiny_chat_model, prompt, 10)) for prompt in prompts]
+    kwargs = dict(model=MODEL_ID, temperature=0, max_tokens=10, n=2)
+    for sent in (texts, prompts):
+        response = client.completions.create(prompt=sent, **kwargs)
+        assert [(c.index, c.text) for c in response.choices] == list(enumerate(expected[i // 2] for i in range(4)))
+        assert response.usage.prompt_tokens == sum(map(len, prompts))
+        chunks = list(client.completions.create(prompt=sent, stream=True, **kwargs))
+        streamed = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(4)]
+        assert streamed == [choice.text for choice in response.choices]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": ["Hi", ""]}, "must not be empty"),
+    ({"prompt": [[1], []]}, "must not be empty"),
+    ({"prompt": [[1], [300]]}, "token ids must be in"),
+    ({"prompt": [1, "a"]}, "Invalid request"),
+    ({"prompt": ["x" * 16001, "x" * 16000]}, "too long"),  # the texts' limit holds over the batch
+    ({"prompt": [[1], [1] * 2048]}, "prompt[1] takes 2048 tokens"),
+    ({"prompt": ["Hi"] * 10, "n": 8}, "80 choices are more than this server can hold"),
+])
+def test_completions_of_an_invalid_batch_get_400_naming_the_prompt(url, body, message):
+    response = httpx.post(url + "/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and message in error["message"], error
 
 
 @pytest.mark.parametrize("body, param", [
