@@ -512,7 +512,8 @@ def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
             named = {"messages": "messages take", "prompt": "prompt takes"}[prompt_param]
             named = f"prompt[{i}] takes" if len(prompts) > 1 else named
             raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but "
-                                f"the {named} {len(prompt)} tokens", prompt_param, code="context_length_exceeded")
+                                f"the {named} {len(prompt)} tokens", prompt_param,
+                           code="context_length_exceeded")
     config = request.app.state.config
     n = getattr(body, "n", None) or 1
     jobs = [prompt for prompt in prompts for _ in range(n)]
