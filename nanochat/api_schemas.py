@@ -18,6 +18,10 @@ MAX_MESSAGE_LENGTH = 8000  # characters per message
 MAX_TOTAL_CONVERSATION_LENGTH = 32000  # characters, summed over the messages
 SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}  # top_k 0: off
 
+# OpenAI fields this server cannot honour: a request that asks for them gets a 400 saying so
+UNSUPPORTED = {"logprobs": "log-probabilities are", "top_logprobs": "log-probabilities are",
+               "echo": "echoing the prompt is", "suffix": "a suffix (insertion) is"}
+
 # OpenAI API limits
 MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
@@ -139,9 +143,10 @@ class StreamOptions(BaseModel):
 
 
 class OpenAISampling(BaseModel):
-    """What both OpenAI endpoints take besides their prompt. Unknown fields (user, logprobs, ...) are
-    ignored, as in every model here (pydantic's default). Types are strict, as OpenAI's: "max_tokens": false
-    or "stream": "yes" is an error, not 0 or True."""
+    """What both OpenAI endpoints take besides their prompt. Unknown fields (user, tools, ...) are
+    ignored, as in every model here (pydantic's default); the fields that would change the reply's shape
+    (UNSUPPORTED) are declared, so that asking for them is a 400 rather than a reply without them. Types
+    are strict, as OpenAI's: "max_tokens": false or "stream": "yes" is an error, not 0 or True."""
     model: str | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
@@ -158,12 +163,17 @@ class OpenAISampling(BaseModel):
 class OpenAIChatRequest(OpenAISampling):
     messages: list[OpenAIMessage] = limits(minItems=1, maxItems=MAX_MESSAGES_PER_REQUEST)
     max_completion_tokens: StrictInt | None = sampling_range("max_tokens")  # OpenAI's newer name; wins
+    logprobs: StrictBool | None = limits(None, enum=[None, False])  # UNSUPPORTED, as the next one
+    top_logprobs: StrictInt | None = limits(None, enum=[None])
 
 
 class OpenAICompletionRequest(OpenAISampling):
     # text (BOS goes in front) or token ids, as sent, or a batch of either; strict: true is no id
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = limits(
         minLength=1, maxLength=MAX_TOTAL_CONVERSATION_LENGTH, minItems=1, items={"minimum": 0})
+    logprobs: StrictInt | None = limits(None, enum=[None])  # UNSUPPORTED, as the two below
+    echo: StrictBool | None = limits(None, enum=[None, False])
+    suffix: str | None = limits(None, enum=[None])
 
 
 def message_text(message, i):
@@ -249,6 +259,11 @@ def openai_stops(request):
                 "max_completion_tokens")
     check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
     check_range(request.n, 1, MAX_CHOICES, "n")
+    for name, what in UNSUPPORTED.items():
+        value = getattr(request, name, None)
+        if value is not None and value is not False:  # logprobs 0 asks for the sampled tokens' ones
+            raise APIError(400, f"Invalid value for '{name}': {what} not supported by this server "
+                                f"(leave it out)", name)
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")

@@ -659,6 +659,22 @@ def test_completions_of_an_invalid_batch_get_400_naming_the_prompt(url, body, me
     assert error["param"] == "prompt" and message in error["message"], error
 
 
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "top_logprobs", 2),
+    ("/v1/completions", "logprobs", 0), ("/v1/completions", "echo", True), ("/v1/completions", "suffix", "!"),
+])
+def test_asking_for_what_the_server_cannot_give_is_a_400_not_a_reply_without_it(url, path, field, value):
+    # log-probabilities, an echoed prompt or a suffix would be missing from the reply; leaving them out
+    # (or sending null or false, as some clients do) is fine
+    body = {"messages": USER} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    response = httpx.post(url + path, json={**body, "max_tokens": 1, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "not supported" in error["message"]
+    off = False if field in ("logprobs", "echo") and value is True else None
+    assert httpx.post(url + path, json={**body, "max_tokens": 1, field: off}).status_code == 200
+
+
 @pytest.mark.parametrize("body, param", [
     ({}, "prompt"),
     ({"prompt": 5}, "prompt"),
