@@ -296,7 +296,7 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
 # -----------------------------------------------------------------------------
 # CLI
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Download pretraining dataset shards")
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help=f"number of train shards (-1 = all {MAX_SHARD}); the val shard is always added")
@@ -305,6 +305,11 @@ def parse_args(argv=None):
                         help="install the offline sample (data/pretrain_sample/) instead of downloading")
     parser.add_argument("--base-url", default=None, help="a plain HTTP mirror of the shards (default: the "
                         "Hugging Face hub, with HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE honoured)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_files < -1:
         parser.error("--num-files must be -1 (all) or >= 0")

@@ -7,12 +7,14 @@ import os
 
 import importlib.util
 import json
+import re
 import shlex
 import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,6 +87,113 @@ def test_scripts_use_our_flags_and_honour_base_dir(name):
     assert "export OMP_NUM_THREADS=1" in text
     assert "download.pytorch.org" not in text  # torch comes from PyPI
     assert "Number of parameters" not in text and "scaling:" not in text  # long gone from the log (weak spot 12)
+
+
+# every `python -m <our module>` and `torchrun ... -m <our module> -- ...` in runs/*.sh, with its argv
+COMMAND = re.compile(r"\b(python3?|torchrun)\b.*\s-m\s+(scripts|nanochat)\.")
+SHELL_OPERATORS = {"|", "||", "&&", ";", "&", "then", "do"}
+
+
+def run_commands(text):
+    """[(line number, launcher argv, module, module argv)] of the module commands in a shell script.
+    Continued lines are joined; a word starting with # ends the line (a comment, as in bash); the
+    command ends at a pipe, list operator or redirection. Shell expansions stay in the words as written."""
+    commands, pending, first = [], "", 0
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.endswith("\\"):
+            pending, first = pending + line[:-1] + " ", first or number
+            continue
+        line, number, pending, first = pending + line, first or number, "", 0
+        if line.lstrip().startswith("#") or not COMMAND.search(line):
+            continue
+        lexer = shlex.shlex(line, posix=True)
+        lexer.whitespace_split, lexer.commenters = True, ""
+        words = []
+        for word in lexer:
+            if word.startswith("#") or word in SHELL_OPERATORS or re.match(r"\d*>", word):
+                break
+            words.append(word)
+        start = next(i for i, word in enumerate(words) if word in ("python", "python3", "torchrun"))
+        m = words.index("-m", start)
+        argv = words[m + 2:]
+        if words[start] == "torchrun" and argv[:1] == ["--"]:
+            argv = argv[1:]  # torchrun drops the `--` before the script's own arguments
+        commands.append((number, words[start:m + 2], words[m + 1], argv))
+    return commands
+
+
+def example_value(action):
+    """A value the flag's type accepts, for a value the shell fills in ($DEPTH, "${WANDB_RUN}_d${d}")."""
+    if action is not None and action.default is not None and not isinstance(action.default, (bool, list)):
+        return str(action.default)
+    return action.choices[0] if action is not None and action.choices else "1"
+
+
+def parse_with(parser, argv, prog):
+    """parser.parse_args(argv) with whole flag names only (no abbreviations) and shell expansions
+    replaced by example values; a flag it lacks or a value it refuses fails the test with argparse's line."""
+    parser.prog, parser.allow_abbrev = prog, False
+    actions, concrete = parser._option_string_actions, []
+    for i, word in enumerate(argv):
+        flag, eq, _ = word.partition("=")
+        if "$" in word and eq:
+            word = f"{flag}={example_value(actions.get(flag))}"
+        elif "$" in word:
+            word = example_value(actions.get(argv[i - 1]))
+        concrete.append(word)
+    try:
+        return parser.parse_args(concrete)
+    except SystemExit:
+        pytest.fail(f"{parser.prog} refuses {shlex.join(argv)}")
+
+
+RUN_COMMANDS = [(f"{name}:{number}", launcher, module, argv)
+                for name in sorted(p.name for p in (REPO / "runs").glob("*.sh"))
+                for number, launcher, module, argv in run_commands((REPO / "runs" / name).read_text())]
+
+
+@pytest.mark.parametrize("where, launcher, module, argv", RUN_COMMANDS, ids=[c[0] for c in RUN_COMMANDS])
+def test_run_scripts_pass_only_flags_their_modules_accept(where, launcher, module, argv, monkeypatch, capsys):
+    # only runcpu.sh runs in the tests; a renamed flag would otherwise stop an 8xH100 run minutes in
+    if launcher[0] == "torchrun":
+        from torch.distributed.run import get_args_parser
+        parse_with(get_args_parser(), launcher[1:] + argv, f"{where}: torchrun")
+    m = importlib.import_module(module)
+    if module == "nanochat.report":  # its parser lives in main(): run main with the report stubbed out
+        calls = []
+        monkeypatch.setattr(m, "get_report", lambda: SimpleNamespace(reset=lambda: calls.append("reset"),
+                                                                     generate=lambda: calls.append("gen")))
+        try:
+            m.main(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: {module} refuses {shlex.join(argv)}: {capsys.readouterr().err}")
+        assert len(calls) == 1
+    else:
+        parse_with(m.build_parser(), argv, f"{where}: {module}")
+
+
+def test_every_stage_of_the_run_scripts_is_checked():
+    found = {(where.split(":")[0], module) for where, _, module, _ in RUN_COMMANDS}
+    stages = {"scripts.tok_train", "scripts.tok_eval", "scripts.base_train", "scripts.base_eval",
+              "scripts.chat_sft", "scripts.chat_eval", "nanochat.dataset", "nanochat.report"}
+    assert {module for name, module in found if name == "speedrun.sh"} == stages
+    assert {module for name, module in found if name == "runcpu.sh"} == stages | {"scripts.chat_cli"}
+    assert {("miniseries.sh", "scripts.base_train"), ("scaling_laws.sh", "scripts.base_train")} <= found
+    # continued lines are read to their end
+    speedrun = {module: argv for where, _, module, argv in RUN_COMMANDS if where.startswith("speedrun")}
+    assert speedrun["scripts.base_train"][-2:] == ["--fp8", "--run=$WANDB_RUN"]
+
+
+def test_a_misspelt_or_unknown_flag_fails_the_check():
+    script = 'echo\ntorchrun --standalone -m scripts.base_train -- \\\n  --depth="$d" --targt-flops=1 | tee x'
+    [(number, launcher, module, argv)] = run_commands(script)
+    assert number == 2 and launcher == ["torchrun", "--standalone", "-m", "scripts.base_train"]
+    assert module == "scripts.base_train" and argv == ["--depth=$d", "--targt-flops=1"]
+    parser = importlib.import_module(module).build_parser()
+    with pytest.raises(pytest.fail.Exception, match="targt-flops"):
+        parse_with(parser, argv, "base_train")
+    with pytest.raises(pytest.fail.Exception, match="--target-fl "):  # an abbreviation is not a flag's name
+        parse_with(parser, ["--target-fl", "1"], "base_train")
 
 
 def quick_start_calls(tmp_path, **env):
