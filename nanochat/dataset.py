@@ -238,7 +238,9 @@ def download_single_file(index, data_dir=None, base_url=None):
         if base_url is None:
             hub_download(HF_REPO, filename, data_dir, validate=check_real_shard)
         else:
-            download(f"{base_url}/{filename}", os.path.join(data_dir, filename), validate=check_real_shard)
+            # `--base-url http://host/shards/` must not ask for host/shards//<name>: many servers answer 404
+            url = f"{base_url.rstrip('/')}/{filename}"
+            download(url, os.path.join(data_dir, filename), validate=check_real_shard)
         return True
     except (DownloadError, OSError) as e:  # OSError: the disk
         print0(f"Failed to download {filename}: {e}")

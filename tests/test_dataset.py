@@ -74,8 +74,11 @@ class ShardHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def file(self):  # like many static servers, an empty path segment (`//`) finds nothing
+        return None if "//" in self.path else self.server.files.get(self.path.rsplit("/", 1)[-1])
+
     def do_HEAD(self):  # what huggingface_hub asks first: the commit, the ETag (sha256) and the size
-        data = self.server.files.get(self.path.rsplit("/", 1)[-1])
+        data = self.file()
         if data is None:
             self.send_error(404)
             return
@@ -95,7 +98,7 @@ class ShardHandler(BaseHTTPRequestHandler):
             srv.fail_first -= 1
             self.send_error(500)
             return
-        data = srv.files.get(self.path.rsplit("/", 1)[-1])
+        data = self.file()
         if data is None:
             self.send_error(404)
             return
@@ -646,6 +649,13 @@ def test_cli_downloads_the_id_list_and_fails_nonzero(base, server, sleeps, tmp_p
     server.log.clear()
     assert dataset.main(["-n", "2", "-w", "2", "--base-url", server.url]) == 0  # all present: skips, exit 0
     assert server.log == []
+
+
+def test_cli_base_url_may_end_in_a_slash(base, server, sleeps, tmp_path):
+    for name in ("shard_00000.parquet", "shard_06542.parquet"):
+        server.files[name] = shard_bytes(tmp_path, name=name, docs=[name])
+    assert dataset.main(["-n", "1", "-w", "1", "--base-url", server.url + "//"]) == 0
+    assert visible_files(dataset.get_data_dir()) == ["shard_00000.parquet", "shard_06542.parquet"]
 
 
 def test_cli_rejects_a_negative_count_other_than_minus_one():
