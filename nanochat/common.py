@@ -231,6 +231,17 @@ class DownloadError(SetupError):
     """A download that failed for good; the message names the URL or file and the fix."""
 
 
+class OfflineError(ConnectionError):
+    """
+    A file to download is missing or unusable and NANOCHAT_OFFLINE is set. A ConnectionError, as
+    huggingface_hub's offline error: to callers the network is out of reach (a committed copy may stand in).
+    """
+    def __init__(self, path):
+        state = "is unusable" if os.path.exists(path) else "is missing"
+        super().__init__(f"{path} {state}, and downloads are off because NANOCHAT_OFFLINE is set: unset it, "
+                         f"or put the file at {path}")
+
+
 def with_retries(what, fetch, attempts=DOWNLOAD_ATTEMPTS):
     """fetch(), retried after 2, 4, 8, 16 s when it fails with a network error; other errors fail at once."""
     for attempt in range(1, attempts + 1):
@@ -318,7 +329,7 @@ def download(url, path, sha256=None, validate=None, postprocess=None, attempts=D
     passes the checks (sha256 when known, validate(path) when given) is kept; one that fails them is
     replaced. Bytes stream into <path>.part, which a later attempt or run resumes with an HTTP Range
     request; the result must have the announced size and pass the checks, then it is renamed into place
-    and postprocess(path) runs, under the lock. Offline (NANOCHAT_OFFLINE) it raises ConnectionError.
+    and postprocess(path) runs, under the lock. Offline (NANOCHAT_OFFLINE) it raises OfflineError.
     """
     from filelock import FileLock  # only needed here
     folder, name = os.path.split(os.path.abspath(path))
@@ -327,8 +338,7 @@ def download(url, path, sha256=None, validate=None, postprocess=None, attempts=D
         if _passes_checks(path, sha256, validate):
             return path
         if offline_mode():
-            # a ConnectionError, as huggingface_hub's offline error: to callers the network is out of reach
-            raise ConnectionError(f"NANOCHAT_OFFLINE is set: {path} is missing or unusable, not downloaded")
+            raise OfflineError(path)
         part = path + ".part"
         print0(f"Downloading {url}")
         with_retries(url, lambda: _fetch_into(url, part, timeout), attempts)
@@ -350,7 +360,7 @@ def hub_download(repo_id, filename, local_dir, validate=None):
     if _passes_checks(path, None, validate):
         return path
     if offline_mode():  # huggingface_hub itself knows only HF_HUB_OFFLINE
-        raise ConnectionError(f"NANOCHAT_OFFLINE is set: {path} is missing or unusable, not downloaded")
+        raise OfflineError(path)
 
     def fetch():
         etag = None

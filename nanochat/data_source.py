@@ -13,7 +13,7 @@ import logging
 
 import torch.distributed as dist
 
-from nanochat.common import (DownloadError, SetupError, is_ddp_initialized, is_network_error,
+from nanochat.common import (DownloadError, OfflineError, SetupError, is_ddp_initialized, is_network_error,
                              offline_mode, one_line_error, print0)
 
 logger = logging.getLogger(__name__)
@@ -37,14 +37,16 @@ def announce_committed_copy(message):
 def fetch_unless_unreachable(what, fetch, error=SetupError, fetch_offline=False):
     """
     (fetch(), None), or (None, why) so that the committed copy may stand in: "offline" when NANOCHAT_OFFLINE
-    is set (fetch is then not called, unless fetch_offline), "unreachable: <the error>" when fetch failed with
-    a network error. Any other failure raises `error` naming `what`: the committed copy does not silently
-    replace a broken fetch.
+    is set (fetch is then not called, unless fetch_offline: then the OfflineError's message, naming the file
+    missing), "unreachable: <the error>" when fetch failed with a network error. Any other failure raises
+    `error` naming `what`: the committed copy does not silently replace a broken fetch.
     """
     if offline_mode() and not fetch_offline:
         return None, "offline"
     try:
         return fetch(), None
+    except OfflineError as e:
+        return None, str(e)
     except Exception as e:
         if is_network_error(e):
             return None, f"unreachable: {one_line_error(e)}"

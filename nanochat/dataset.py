@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 
 from nanochat.common import (REPO_DATA_DIR, DownloadError, MissingFileError, SetupError, atomic_open,
-                             base_dir_path, download, hub_download, one_line_error, print0, progress)
+                             base_dir_path, download, hub_download, offline_mode, one_line_error, print0,
+                             progress)
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +343,9 @@ def main(argv=None):
     failed = [index_to_filename(i) for i, good in zip(ids, ok) if not good]
     print0(f"Done! Downloaded: {len(ids) - len(failed)}/{len(ids)} shards to {data_dir}")
     if failed:
-        print0(f"Failed: {', '.join(failed)}. Run the same command again to retry (downloads resume).")
+        fix = (f"NANOCHAT_OFFLINE is set: unset it to download them, or put them in {data_dir}"
+               if offline_mode() else "Run the same command again to retry (downloads resume)")
+        print0(f"Failed: {', '.join(failed)}. {fix}.")
         return 1
     return 0
 

@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -129,6 +130,24 @@ def test_download_failure_leaves_no_target(tmp_path, monkeypatch):
         common.download_file_with_lock(missing, "nope.zip", retries=2)
     assert not (tmp_path / "base" / "nope.zip").exists()
     assert not [f for f in os.listdir(tmp_path / "base") if ".tmp" in f]
+
+
+def test_offline_a_missing_or_bad_file_says_downloads_are_off_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    src, target = tmp_path / "src.txt", tmp_path / "base" / "file.txt"
+    src.write_text("hi")
+    fixes = f"downloads are off because NANOCHAT_OFFLINE is set: unset it, or put the file at {target}"
+    with pytest.raises(common.OfflineError) as missing:
+        common.download(src.as_uri(), str(target))
+    assert str(missing.value) == f"{target} is missing, and {fixes}"
+    assert isinstance(missing.value, ConnectionError) and common.is_network_error(missing.value)
+    target.write_text("bad")
+    with pytest.raises(common.OfflineError, match=f"^{re.escape(str(target))} is unusable, and downloads"):
+        common.download(src.as_uri(), str(target), validate=lambda path: int(open(path).read()))
+    shard = re.escape(str(tmp_path / "shard.parquet"))
+    with pytest.raises(ConnectionError, match=f"^{shard} is missing, and downloads are off"):
+        common.hub_download("karpathy/climbmix-400b-shuffle", "shard.parquet", str(tmp_path))
+    assert target.read_text() == "bad"
 
 
 def test_compute_init_cpu_single_process(monkeypatch):

@@ -14,9 +14,9 @@ import torch
 
 from nanochat import core_eval as ce
 from dev.eval_bundle_zip import write_eval_bundle_zip
-from nanochat.common import REPO_DATA_DIR
+from nanochat.common import REPO_DATA_DIR, exit_on_setup_error
 
-from conftest import TerminalIO
+from conftest import TerminalIO, exits_with_error
 
 COMMITTED_ZIP = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
 
@@ -660,10 +660,23 @@ def test_offline_falls_back_to_the_committed_zip(base_dir, capsys):
     assert bundle_dir == str(base_dir / "eval_bundle")
     printed = capsys.readouterr().out
     assert f"Eval bundle: using the committed offline copy {COMMITTED_ZIP}" in printed
-    assert "NANOCHAT_OFFLINE is set" in printed
+    assert (f"(no bundle at {bundle_dir}; not downloaded: {bundle_dir}.zip is missing, and downloads are off "
+            f"because NANOCHAT_OFFLINE is set: unset it, or put the file at {bundle_dir}.zip)") in printed
     assert ce.validate_eval_bundle(bundle_dir) == ["coqa"]
     assert ce.ensure_eval_bundle() == bundle_dir  # valid now: used as is, silently
     assert "Eval bundle:" not in capsys.readouterr().out
+
+
+def test_offline_without_a_usable_committed_copy_ends_with_one_line_saying_what_to_do(base_dir, monkeypatch,
+                                                                                      capsys):
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", str(base_dir / "nothing_here"))
+    zip_path = base_dir / "eval_bundle.zip"
+    why = (f"Cannot obtain the CORE eval bundle (no bundle at {base_dir / 'eval_bundle'}; not downloaded: "
+           f"{zip_path} is missing, and downloads are off because NANOCHAT_OFFLINE is set: unset it, or put "
+           f"the file at {zip_path}; the committed copy is unusable: ")
+    with exits_with_error(capsys, f"^base_eval: error: {re.escape(why)}.*Download {ce.EVAL_BUNDLE_URL} and"):
+        with exit_on_setup_error("base_eval"):
+            ce.ensure_eval_bundle()
 
 
 def test_half_extracted_dir_is_not_taken_as_valid(base_dir, mini_zip, monkeypatch, capsys):

@@ -614,8 +614,11 @@ def test_nanochat_offline_keeps_the_hub_off_the_network_and_keeps_a_good_shard(b
     server.files["shard_06542.parquet"] = shard_bytes(tmp_path)
     proc = run_dataset_cli(server, base, "-n", "0", NANOCHAT_OFFLINE="1")
     assert proc.returncode == 1 and server.log == [] and "Attempt 1/" not in proc.stdout
-    assert "Failed to download shard_06542.parquet: NANOCHAT_OFFLINE is set" in proc.stdout
     data_dir = base / "base_data_climbmix"
+    assert (f"Failed to download shard_06542.parquet: {data_dir / 'shard_06542.parquet'} is missing, and "
+            f"downloads are off because NANOCHAT_OFFLINE is set") in proc.stdout
+    assert proc.stdout.splitlines()[-1] == (f"Failed: shard_06542.parquet. NANOCHAT_OFFLINE is set: unset it "
+                                            f"to download them, or put them in {data_dir}.")
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "shard_06542.parquet").write_bytes(server.files["shard_06542.parquet"])
     monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
