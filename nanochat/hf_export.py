@@ -15,7 +15,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import SetupError, print0, progress
+from nanochat.common import BadFileError, BadSettingError, SetupError, print0, progress
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 # Renders the ids of RustBPETokenizer.render_for_completion (messages without the final assistant reply,
@@ -75,10 +75,11 @@ CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "
 
 
 def check_exportable(config):
-    """A ValueError naming the training flag of a feature modeling_nanochat.py does not implement."""
+    """A BadFileError naming the training flag of a feature modeling_nanochat.py does not implement."""
     if config.l3_after_layers.strip():
-        raise ValueError(f"this checkpoint has L3 layers (--l3-after-layers={config.l3_after_layers}), which "
-                         f"the Hugging Face export does not implement; export a model trained without them")
+        raise BadFileError(f"this checkpoint has L3 layers (--l3-after-layers={config.l3_after_layers}), "
+                           f"which the Hugging Face export does not implement; export a model trained "
+                           f"without them")
 
 
 def _byte_chars():
@@ -96,7 +97,7 @@ def _last_merge(token, ranks):
     while len(parts) > 2:
         rank, i = min((ranks.get(parts[i] + parts[i + 1], len(ranks)), i) for i in range(len(parts) - 1))
         if rank >= ranks[token]:
-            raise ValueError(f"token {token!r} is not reachable by BPE merges of lower rank")
+            raise BadFileError(f"token {token!r} is not reachable by BPE merges of lower rank")
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts
 
@@ -111,8 +112,8 @@ def hf_tokenizer(tokenizer):
     try:
         ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i not in special_ids}
     except KeyError as e:  # tiktoken's, for an id no token has
-        raise ValueError(f"token id {e.args[0]} has no token: the export needs ids 0..{enc.n_vocab - 1} "
-                         f"without gaps; retrain the tokenizer with scripts.tok_train (no gaps)") from None
+        raise BadFileError(f"token id {e.args[0]} has no token: the export needs ids 0..{enc.n_vocab - 1} "
+                           f"without gaps; retrain the tokenizer with scripts.tok_train (no gaps)") from None
     text = lambda token: "".join(chars[b] for b in token)
     merges = [tuple(map(text, _last_merge(t, ranks))) for t in sorted(ranks, key=ranks.get) if len(t) > 1]
     hf = Tokenizer(BPE(vocab={text(t): i for t, i in ranks.items()}, merges=merges, ignore_merges=True))
@@ -123,7 +124,7 @@ def hf_tokenizer(tokenizer):
     hf.add_special_tokens([AddedToken(special_ids[i], special=True, normalized=False)
                            for i in sorted(special_ids)])
     if any(hf.token_to_id(name) != i for i, name in special_ids.items()):
-        raise ValueError("special tokens must take the ids right after the BPE tokens to export them")
+        raise BadFileError("special tokens must take the ids right after the BPE tokens to export them")
     return hf
 
 
@@ -161,7 +162,7 @@ def _write_files(out, model, tokenizer, meta, source):
     try:
         from safetensors.torch import save_file
     except ImportError as e:
-        raise ImportError("the export needs the `safetensors` package: uv sync --extra hf") from e
+        raise SetupError("the export needs the `safetensors` package: uv sync --extra hf") from e
     cfg, special = model.config, tokenizer.encode_special
     bos, eos = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
     bar = progress(total=4, desc="export", unit="part")  # weights, modeling+config, tokenizer, model card
@@ -199,7 +200,7 @@ def export(model, tokenizer, meta, source, output_dir):
     check_exportable(model.config)
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir} already exists and is not an empty directory; remove it or "
+        raise BadSettingError(f"{output_dir} already exists and is not an empty directory; remove it or "
                               f"choose another --output")
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)

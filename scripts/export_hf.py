@@ -11,7 +11,7 @@ AutoTokenizer.from_pretrained(DIR); `python -m scripts.base_eval --hf-path DIR` 
 import argparse
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import exit_on_setup_error, setup_default_logging
+from nanochat.common import BadSettingError, exit_on_setup_error, setup_default_logging
 from nanochat.hf_export import export
 
 
@@ -34,13 +34,11 @@ def main(argv=None):
     # on the CPU: the export is fp32, whatever the checkpoint was trained in
     model, tokenizer, meta = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag,
                                         step=args.step)
-    try:
+    try:  # export() raises a SetupError for a checkpoint it cannot export or a taken --output
         path = export(model, tokenizer, meta, args.source, args.output)
-    except (ValueError, FileExistsError, ImportError) as e:
-        raise SystemExit(f"export_hf: {e}")
     except OSError as e:  # no permission, a read-only or full disk: export() removed what it had written
-        raise SystemExit(f"export_hf: could not write {args.output} ({e}); nothing was left there. Fix: "
-                         f"choose an --output in a directory you can write to, with room for the weights")
+        raise BadSettingError(f"could not write {args.output} ({e}); nothing was left there. Fix: choose an "
+                              f"--output in a directory you can write to, with room for the weights") from e
     print(f"Exported to {path}")
 
 

@@ -117,9 +117,9 @@ def main(argv=None):
                                         step=args.step)
     longest = max(args.prompt_tokens) + args.decode_tokens
     if longest > model.config.sequence_len:
-        raise SystemExit(f"infer_bench: --prompt-tokens {max(args.prompt_tokens)} + --decode-tokens "
-                         f"{args.decode_tokens} exceeds the model's context of {model.config.sequence_len}; "
-                         f"lower one of them")
+        raise common.BadSettingError(f"--prompt-tokens {max(args.prompt_tokens)} + --decode-tokens "
+                                     f"{args.decode_tokens} exceeds the model's context of "
+                                     f"{model.config.sequence_len}; lower one of them")
     peaks = common.get_device_peaks(args.device_type)
     engine = Engine(model, NeverStopping(tokenizer))
     rng = torch.Generator().manual_seed(0)

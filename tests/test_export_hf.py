@@ -9,11 +9,12 @@ import torch
 
 from nanochat import checkpoint_manager as cm
 from nanochat import hf_export
+from nanochat.common import BadFileError
 from nanochat.engine import Engine
 from nanochat.tokenizer import compute_token_bytes
 from scripts import base_eval, export_hf
 
-from conftest import point_base_dir_at, write_tiny_checkpoint
+from conftest import exits_with_error, point_base_dir_at, write_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="needs the dev group (transformers)")
 
@@ -148,26 +149,27 @@ def test_export_files_generation_config_and_model_card(exported):
         assert row in card
 
 
-def test_export_refuses_l3_layers_and_a_non_empty_output(exported, tmp_path):
+def test_export_refuses_l3_layers_and_a_non_empty_output(exported, tmp_path, capsys):
     from nanochat.hf_export import check_exportable
     from nanochat.gpt import GPTConfig
-    with pytest.raises(ValueError, match="--l3-after-layers=1"):
+    with pytest.raises(BadFileError, match="--l3-after-layers=1"):
         check_exportable(GPTConfig(n_layer=2, l3_after_layers="1", l3_n_emb=40000))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.MonkeyPatch.context() as mp:
         point_base_dir_at(mp, exported[0])
-        with pytest.raises(SystemExit, match="already exists and is not an empty directory"):
+        with exits_with_error(capsys, r"^export_hf: error: .*taken already exists and is not an empty "
+                                      r"directory; remove it or choose another --output$"):
             export_hf.main(["-i", "base", "-o", str(tmp_path / "taken")])
     assert os.listdir(tmp_path) == ["taken"]  # no staging directory left behind
 
 
 def test_export_without_safetensors_says_how_to_install_it_and_leaves_nothing(exported, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # what `import` sees when it is not installed
     point_base_dir_at(monkeypatch, exported[0])
-    with pytest.raises(SystemExit, match="export_hf: the export needs the `safetensors` package: uv sync "
-                                         "--extra hf"):
+    with exits_with_error(capsys, "^export_hf: error: the export needs the `safetensors` package: uv sync "
+                                  "--extra hf$"):
         export_hf.main(["-i", "base", "-o", str(tmp_path / "hf")])
     assert os.listdir(tmp_path) == []  # the staging directory went with the failure
 
@@ -177,20 +179,20 @@ def test_a_tokenizer_that_is_no_plain_bpe_is_refused():
     from types import SimpleNamespace
     from nanochat.tokenizer import SPECIAL_TOKENS
     # "abc" has rank 256 but neither "ab" nor "bc" is a token: no merge of lower rank makes it
-    assert "not reachable by BPE merges" in str(pytest.raises(ValueError, hf_export._last_merge, b"abc",
-                                                              {b"a": 0, b"b": 1, b"c": 2, b"abc": 3}).value)
+    assert "not reachable by BPE merges" in str(pytest.raises(BadFileError, hf_export._last_merge, b"abc",
+                                                                {b"a": 0, b"b": 1, b"c": 2, b"abc": 3}).value)
     ranks = {**{bytes([b]): b for b in range(256)}, b"ab": 257}
     # <|bos|> sits between the byte tokens and the merge, as in no tokenizer that tok_train writes
     specials = {name: 256 if i == 0 else 257 + i for i, name in enumerate(SPECIAL_TOKENS)}
     enc = tiktoken.Encoding("gap", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials)
     tokenizer = SimpleNamespace(enc=enc, encode_special=enc.encode_single_token)
-    with pytest.raises(ValueError, match="special tokens must take the ids right after the BPE tokens"):
+    with pytest.raises(BadFileError, match="special tokens must take the ids right after the BPE tokens"):
         hf_export.hf_tokenizer(tokenizer)
     # no token has id 256: the merge "ab" took 257
     specials = {name: 258 + i for i, name in enumerate(SPECIAL_TOKENS)}
     enc = tiktoken.Encoding("gap", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens=specials)
     tokenizer = SimpleNamespace(enc=enc, encode_special=enc.encode_single_token)
-    with pytest.raises(ValueError, match=r"token id 256 has no token: .* retrain the tokenizer"):
+    with pytest.raises(BadFileError, match=r"token id 256 has no token: .* retrain the tokenizer"):
         hf_export.hf_tokenizer(tokenizer)
 
 
@@ -219,19 +221,20 @@ def test_a_checkpoint_whose_meta_has_no_window_pattern_exports(tiny_base_dir):
 
 
 def test_an_output_that_cannot_be_written_is_a_clear_error_that_leaves_nothing(exported, tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     import errno
     import safetensors.torch
     point_base_dir_at(monkeypatch, exported[0])
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(SystemExit, match=r"could not write .*a_file/sub/hf \(.*Not a directory.*\).* Fix: "
-                                         r"choose an --output in a directory you can write to"):
+    with exits_with_error(capsys, r"^export_hf: error: could not write .*a_file/sub/hf \(.*Not a directory"
+                                  r".*\).* Fix: choose an --output in a directory you can write to"):
         export_hf.main(["-i", "base", "-o", str(tmp_path / "a_file" / "sub" / "hf")])
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(SystemExit, match=r"could not write .*full.* \(.*No space left on device\)"):
+    with exits_with_error(capsys, r"^export_hf: error: could not write .*full.* \(.*No space left on "
+                                  r"device\)"):
         export_hf.main(["-i", "base", "-o", str(tmp_path / "full")])
     assert os.listdir(tmp_path) == ["a_file"]  # no staging directory left behind
 

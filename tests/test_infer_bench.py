@@ -6,7 +6,7 @@ import pytest
 from nanochat.engine import decode_step_cost
 from scripts import infer_bench
 
-from conftest import write_tiny_checkpoint
+from conftest import exits_with_error, write_tiny_checkpoint
 
 
 @pytest.fixture
@@ -49,8 +49,9 @@ def test_step_cost_counts_weights_once_and_kv_per_row(checkpoint):
     assert flops2 == 2 * flops1
 
 
-def test_prompt_past_the_context_is_refused(checkpoint):
-    with pytest.raises(SystemExit, match="exceeds the model's context of 128"):
+def test_prompt_past_the_context_is_refused(checkpoint, capsys):
+    with exits_with_error(capsys, r"^infer_bench: error: --prompt-tokens 120 \+ --decode-tokens 16 exceeds "
+                                  r"the model's context of 128; lower one of them$"):
         infer_bench.main(["--device-type=cpu", "--prompt-tokens=120", "--decode-tokens=16", "-t", "1"])
 
 
