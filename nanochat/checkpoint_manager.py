@@ -35,12 +35,11 @@ from nanochat.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# checkpoint source -> directory under the base dir
-CHECKPOINT_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-# checkpoints directory -> the command that writes it
-TRAINERS = {"base_checkpoints": "python -m scripts.base_train",
-            "chatsft_checkpoints": "python -m scripts.chat_sft",
-            "chatrl_checkpoints": "python -m scripts.chat_rl"}
+# checkpoint source -> (its directory under the base dir, the command that writes it)
+CHECKPOINT_SOURCES = {"base": ("base_checkpoints", "python -m scripts.base_train"),
+                      "sft": ("chatsft_checkpoints", "python -m scripts.chat_sft"),
+                      "rl": ("chatrl_checkpoints", "python -m scripts.chat_rl")}
+CHECKPOINT_DIRS = {source: directory for source, (directory, _) in CHECKPOINT_SOURCES.items()}
 
 # model_{step:06d}.pt: six digits, or more without a leading zero (not model_best.pt, not model_0000077.pt)
 _MODEL_FILE_RE = re.compile(r"model_(\d{6}|[1-9]\d{6,})\.pt")
@@ -412,7 +411,8 @@ def find_largest_model(checkpoints_dir):
     go to the most recently modified), else the most recently modified subdirectory."""
     tags = _list_tags(checkpoints_dir)
     if not tags:
-        trainer = TRAINERS.get(os.path.basename(os.path.normpath(checkpoints_dir)), "a training script")
+        trainer = dict(CHECKPOINT_SOURCES.values()).get(os.path.basename(os.path.normpath(checkpoints_dir)),
+                                                        "a training script")
         raise MissingFileError(f"No checkpoints found in {checkpoints_dir}. Fix: train one first "
                                f"(`{trainer}`), or point NANOCHAT_BASE_DIR at the directory that holds them")
     mtime = lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag))
