@@ -3,7 +3,7 @@ Markdown report cards: every pipeline stage logs one section file into <base_dir
 `python -m nanochat.report generate` stitches them, in pipeline order, into report.md with a summary
 table and the total wall-clock time.
 
-    python -m nanochat.report reset      # start of a run: clear old sections, write header.md
+    python -m nanochat.report reset      # start of a run: clear old sections and their plots, write header.md
     python -m nanochat.report generate   # end of a run: write report.md (also copied to ./report.md)
 
 Files in the report dir:
@@ -447,21 +447,30 @@ class Report:
         return f"![{alt}]({name}.png)\n\n"
 
     def reset(self):
-        """Delete the expected section files (and their aliases) and report.md; write a fresh header.md."""
-        aliases = [alias for names in FILE_ALIASES.values() for alias in names]
-        for name in EXPECTED_FILES + aliases + ["report.md"]:
+        """Delete the expected section files (and their aliases), the plots they embed, and report.md; write
+        a fresh header.md. A plot goes only if a section links it: other files in the dir stay."""
+        sections = EXPECTED_FILES + [alias for names in FILE_ALIASES.values() for alias in names]
+        for name in sections + self._embedded_plots(sections) + ["report.md"]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._path(name))
         header_path = self._path("header.md")
         _write_text_atomic(header_path, generate_header() + f"Run started: {_now()}\n\n---\n\n")
         print(f"Reset report and wrote header to {header_path}")
 
+    def _embedded_plots(self, sections):
+        """The PNG names (in the report dir: plain relative links) that these section files embed."""
+        paths = [self._path(name) for name in sections if os.path.isfile(self._path(name))]
+        links = [m.group(2) for text in map(_read_text, paths) if text for m in _IMAGE_LINK.finditer(text)]
+        return [link for link in links if link.endswith(".png") and os.path.basename(link) == link]
+
     def _read_header(self):
         """(header text, start time, bloat block); placeholders when header.md is missing."""
         path = self._path("header.md")
-        if not os.path.exists(path):
+        header = None
+        if os.path.exists(path):
+            header = _read_text(path)
+        else:
             print(f"Warning: {path} does not exist. Did you forget to run `nanochat reset`?")
-        header = _read_text(path) if os.path.exists(path) else None
         if header is None:
             return "", None, "[bloat data missing]"
         m = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)

@@ -242,6 +242,21 @@ def test_reset_removes_only_expected_files(rep, env, capsys):
     assert started is not None and abs((datetime.datetime.now() - started).total_seconds()) < 120
 
 
+def test_reset_removes_the_plots_its_sections_embed_and_no_other_file(rep, env):
+    curve = {"steps": [0, 1], "train": [2.0, 1.0]}
+    rep.log_curve("Base model loss", curve)
+    rep.log("Chat RL", [rep.curve_image("chat-rl-curves", curve)])
+    rep.log("Base model evaluation", [rep.bar_chart_image("base-model-core-tasks", {"a": 0.1}, "x", "CORE")])
+    outside = env.base / "outside.png"  # linked by a section, but not in the report dir
+    rep.log("SFT", [f"![a](../outside.png)\n\n![b]({outside})\n\n"])
+    (env.report_dir / "custom-section.md").write_text("![mine](mine.png)\n")  # not a report section
+    for name in ("mine.png", "notes.png", "../outside.png"):
+        (env.report_dir / name).write_bytes(PNG_SIGNATURE)
+    rep.reset()
+    assert sorted(os.listdir(env.report_dir)) == ["custom-section.md", "header.md", "mine.png", "notes.png"]
+    assert outside.exists()
+
+
 def test_sft_section_reaches_report(rep):
     rep.log("Base model evaluation", [{"CORE": 0.2}])
     rep.log("SFT", [{"Number of iterations": 700, "Minimum validation bpb": 0.42}])
