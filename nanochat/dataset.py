@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from nanochat.common import (REPO_DATA_DIR, DownloadError, MissingFileError, SetupError, atomic_open,
-                             base_dir_path, download, hub_download, offline_mode, one_line_error, print0,
-                             progress)
+from nanochat.common import (REPO_DATA_DIR, BadFileError, BadSettingError, DownloadError, MissingFileError,
+                             SetupError, atomic_open, base_dir_path, download, exit_on_setup_error,
+                             hub_download, offline_mode, one_line_error, print0, progress)
 
 logger = logging.getLogger(__name__)
 
@@ -260,17 +260,17 @@ def shard_ids(num_files):
 def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
     """
     Copy the committed sample shards into data_dir (default DATA_DIR); returns the installed paths.
-    Refuses (RuntimeError, nothing copied) if data_dir holds any parquet file that is not a sample
+    Refuses (BadSettingError, nothing copied) if data_dir holds any parquet file that is not a sample
     shard, so the sample is never mixed with, or written over, real data. Each copy goes through a
     temp file and a rename.
     """
     data_dir = data_dir or get_data_dir()
     sources = list_parquet_files(sample_dir) if os.path.isdir(sample_dir) else []
     if not sources:
-        raise FileNotFoundError(f"No sample shards in {sample_dir} (they ship with the git checkout).")
+        raise MissingFileError(f"No sample shards in {sample_dir} (they ship with the git checkout).")
     for src in sources:
         if not is_sample_file(src):
-            raise RuntimeError(f"{src} is not tagged as a sample shard; refusing to install it")
+            raise BadFileError(f"{src} is not tagged as a sample shard; refusing to install it")
 
     def is_real(path):
         try:
@@ -280,9 +280,9 @@ def install_sample(data_dir=None, sample_dir=SAMPLE_DIR):
     existing = list_parquet_files(data_dir) if os.path.isdir(data_dir) else []
     real = [path for path in existing if is_real(path)]
     if real:
-        raise RuntimeError(f"Refusing to install the sample into {data_dir}: it already holds {len(real)} "
-                           f"non-sample shard(s) ({os.path.basename(real[0])}, ...). Use another "
-                           f"NANOCHAT_BASE_DIR, or delete those files first.")
+        raise BadSettingError(f"Refusing to install the sample into {data_dir}: it already holds {len(real)} "
+                              f"non-sample shard(s) ({os.path.basename(real[0])}, ...). Use another "
+                              f"NANOCHAT_BASE_DIR, or delete those files first.")
     os.makedirs(data_dir, exist_ok=True)
     installed = []
     for src in sources:
@@ -319,16 +319,13 @@ def parse_args(argv=None):
     return args
 
 
+@exit_on_setup_error("dataset")
 def main(argv=None):
     """Entry point of `python -m nanochat.dataset`; returns the exit status (1 if any shard failed)."""
     args = parse_args(argv)
     data_dir = get_data_dir()
     if args.sample:
-        try:
-            install_sample(data_dir)
-        except (RuntimeError, FileNotFoundError) as e:
-            print0(f"Error: {e}")
-            return 1
+        install_sample(data_dir)
         print0(f"Done! Installed the offline sample into {data_dir}")
         return 0
     ids = shard_ids(args.num_files)

@@ -18,6 +18,8 @@ import pytest
 
 from nanochat import common, dataset
 
+from conftest import exits_with_error
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -379,8 +381,10 @@ def test_sample_installs_and_iterates(base, capsys):
 def test_sample_refuses_to_touch_a_dir_with_real_shards(data_dir, capsys, real_name):
     real = write_shard(str(data_dir / real_name), labelled_docs(0, 1, 4), 4)
     before = read_bytes(real)
-    assert dataset.main(["--sample"]) == 1
-    assert "Refusing" in capsys.readouterr().out
+    with exits_with_error(capsys, rf"^dataset: error: Refusing to install the sample into .*: it already "
+                                  rf"holds 1 non-sample shard\(s\) \({real_name}, \.\.\.\)\. Use another "
+                                  rf"NANOCHAT_BASE_DIR, or delete those files first\.$"):
+        dataset.main(["--sample"])
     assert read_bytes(real) == before
     assert os.listdir(data_dir) == [real_name]  # nothing copied, not even the val shard
 
@@ -408,6 +412,11 @@ def test_cli_sample_as_a_module(tmp_path):
     installed = tmp_path / "b" / "base_data_climbmix"
     assert sorted(os.listdir(installed)) == ["shard_00000.parquet", "shard_06542.parquet"]
     assert all(read_bytes(installed / os.path.basename(f)) == read_bytes(f) for f in sample_files())
+    write_shard(str(installed / "shard_00007.parquet"), labelled_docs(0, 1, 4), 4)  # real data: refused
+    proc = subprocess.run([sys.executable, "-m", "nanochat.dataset", "--sample"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith(
+        "dataset: error: Refusing to install the sample into "), proc.stderr
 
 
 # -----------------------------------------------------------------------------
