@@ -30,7 +30,7 @@ import torch.distributed as dist
 from nanochat.common import (BadFileError, MissingFileError, SetupError, _env_rank, get_base_dir,
                              is_ddp_initialized, one_line_error)
 from nanochat.flash_attention import decide_backend
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, meta_model
 from nanochat.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -372,13 +372,9 @@ def build_model(checkpoint_dir, step, device, phase):
             f"{config.vocab_size} (tokenizer: {os.path.join(get_base_dir(), 'tokenizer')}, checkpoint: "
             f"{meta_file}). Fix: put the tokenizer this checkpoint was trained with in that tokenizer "
             f"directory, or load a checkpoint trained with this tokenizer (another model tag or step)")
-    try:
-        with torch.device("meta"):
-            model = GPT(config)
-    except (AssertionError, ValueError, ArithmeticError, RuntimeError) as e:  # values no GPT is built of
-        raise BadFileError(f"Checkpoint metadata {meta_file} has a model_config no GPT can be built of "
-                           f"({one_line_error(e)}). Fix: write there the values the model was trained with, "
-                           f"or copy the file again") from e
+    model = meta_model(config, lambda why: BadFileError(
+        f"Checkpoint metadata {meta_file} has a model_config no GPT can be built of ({why}). Fix: write "
+        f"there the values the model was trained with, or copy the file again"))
     _patch_missing_keys(model_data, config, model)
     ignored_note = f" (ignored model_config keys {ignored} of {meta_file})" if ignored else ""
     _check_state_keys(model_data, model.state_dict().keys(), model_file, ignored_note)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import common  # common.COMPUTE_DTYPE is read at use time: deciding it may query CUDA
-from nanochat.common import Linear, is_ddp_initialized, print0
+from nanochat.common import Linear, is_ddp_initialized, one_line_error, print0
 from nanochat.flash_attention import flash_attn
 from nanochat.l3 import L3Layer
 from nanochat.optim import DistMuonAdamW, MuonAdamW
@@ -54,6 +54,21 @@ def config_for_depth(depth, aspect_ratio=64, head_dim=128, sequence_len=2048, vo
     n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_head, n_embd=n_embd, **kwargs)
+
+
+def meta_model(config, bad_config):
+    """
+    GPT(config) on the meta device (shapes, no storage). A config no GPT is built of raises, in place of
+    GPT's own error, bad_config(that error on one line): GPT raises AssertionError (heads that do not divide
+    the width, a window pattern not of S and L), ValueError (L3 settings), ZeroDivisionError (zero heads)
+    and RuntimeError (a negative size) for those.
+    """
+    try:
+        with torch.device("meta"):
+            return GPT(config)
+    except (AssertionError, ValueError, ArithmeticError, RuntimeError) as e:
+        raise bad_config(one_line_error(e)) from e
+
 
 SMEAR_CHANNELS = 24  # embedding channels read by the smear gate
 VE_GATE_CHANNELS = 12  # channels read by each value-embedding gate

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import load_checkpoint, portable_model_config
-from nanochat.common import BadSettingError, one_line_error, print0
-from nanochat.gpt import GPT, GPTConfig, config_for_depth
+from nanochat.common import BadSettingError, print0
+from nanochat.gpt import GPTConfig, config_for_depth, meta_model
 
 B_REF = 2 ** 19  # total batch size of the d12 reference point, tokens
 BATCH_SIZE_EXPONENT = 0.383  # Power Lines (arXiv 2505.13738): optimal batch B ∝ D^0.383
@@ -43,8 +43,9 @@ def model_config(args, depth, vocab_size, with_l3=True):
 
 
 def build_model_meta(config):
-    with torch.device("meta"):
-        return GPT(config)
+    """GPT(config) on the meta device; flags that describe no model (an L3 layer past the depth) are a
+    BadSettingError."""
+    return meta_model(config, lambda why: BadSettingError(f"The model flags describe no model: {why}"))
 
 
 def scaling_params(model):
@@ -222,10 +223,7 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
     """(model, config, meta): freshly initialised (meta {}), or the checkpoint's when resuming."""
     from nanochat.flash_attention import decide_backend
     config = model_config(args, args.depth, tokenizer.get_vocab_size())
-    try:
-        model = build_model_meta(config)
-    except (ValueError, AssertionError) as e:  # flags that describe no model (an L3 layer past the depth)
-        raise BadSettingError(f"The model flags describe no model: {one_line_error(e)}") from e
+    model = build_model_meta(config)
     print0("Model config:\n" + json.dumps(asdict(config), indent=2))
     model.to_empty(device=device)
     model.init_weights()

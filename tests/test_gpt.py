@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat.engine import KVCache
-from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, has_ve
+from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, has_ve, meta_model
 
 
 def tiny_config(**kw):
@@ -111,12 +111,27 @@ def test_init_statistics():
 
 def test_meta_and_cpu_construction_give_identical_init():
     cfg = tiny_config()
-    meta_model = build(cfg, seed=123)
+    built_on_meta = build(cfg, seed=123)
     cpu_model = GPT(cfg)  # consumes RNG in default initialisers; init_weights must not depend on it
     torch.manual_seed(123)
     cpu_model.init_weights()
-    for (name, a), (_, b) in zip(meta_model.state_dict().items(), cpu_model.state_dict().items()):
+    for (name, a), (_, b) in zip(built_on_meta.state_dict().items(), cpu_model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(n_head=3, n_kv_head=3), "AssertionError"),  # heads that do not divide the width
+    (dict(n_kv_head=3), "AssertionError"),  # kv heads that do not divide the heads
+    (dict(window_pattern="X"), "AssertionError: Invalid window_pattern: X"),
+    (dict(n_head=0), "ZeroDivisionError"),
+    (dict(n_layer=-1), "RuntimeError: Trying to create tensor with negative dimension"),
+    (dict(l3_after_layers="5", l3_n_emb=128), r"ValueError: l3_after_layers index 5 out of range \[0, 3\]"),
+])
+def test_a_config_no_gpt_is_built_of_raises_the_callers_error(kw, says):
+    with pytest.raises(LookupError, match=f"^no model: {says}") as info:
+        meta_model(tiny_config(**kw), lambda why: LookupError(f"no model: {why}"))
+    assert "\n" not in str(info.value)
+    assert meta_model(tiny_config(), None).transformer.wte.weight.is_meta
 
 
 def test_at_init_blocks_are_identity():
