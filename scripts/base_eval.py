@@ -12,6 +12,7 @@ CORE results go to <base_dir>/base_eval/<model slug>.csv and to the report secti
 import argparse
 
 from nanochat import autofit
+from nanochat.checkpoint_manager import load_checkpoint_meta
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, exit_on_setup_error, print0
 from nanochat.core_eval import (base_eval_report_items, ensure_eval_bundle, evaluate_core, format_core_metric,
                                 greedy_samples, unconditioned_samples, write_core_csv)
@@ -112,6 +113,8 @@ def main(argv=None):
     _, rank, _, world_size, device = compute_init(device_type)
     try:
         if "core" in args.modes:
+            if not args.hf_path:  # a missing checkpoint is quicker to find than the bundle to obtain
+                load_checkpoint_meta("base", args.model_tag, args.step)
             # before the model loads and the other modes run; rank 0 obtains it for every rank
             ensure_eval_bundle()
         return evaluate(args, rank, world_size, device)

@@ -145,7 +145,16 @@ def test_hf_path_without_transformers_exits_with_a_clear_message(base_dir, monke
         base_eval.main(["--hf-path", "openai-community/gpt2", "--eval", "bpb", "--device-type", "cpu"])
 
 
+def test_a_missing_checkpoint_is_named_before_the_eval_bundle_is_obtained(base_dir, capsys):
+    with exits_with_error(capsys, r"^base_eval: error: No checkpoints found in .*base_checkpoints\. Fix: "
+                                  r"train one first \(`python -m scripts\.base_train`\)"):
+        base_eval.main(["--eval", "core", "--device-type", "cpu"])
+    assert not os.path.exists(base_dir / "eval_bundle") and not os.path.exists(base_dir / "eval_bundle.zip")
+
+
 def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path, monkeypatch, capsys):
+    from conftest import write_tiny_checkpoint
+    write_tiny_checkpoint(base_dir, "base", step=1)  # found, then the bundle is missing
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setattr(core_eval, "REPO_DATA_DIR", str(empty))
