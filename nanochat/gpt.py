@@ -164,6 +164,12 @@ class GPT(nn.Module):
         """Builds shapes only; init_weights() writes every value. Works under torch.device('meta')."""
         super().__init__()
         self.config = config
+        # configs that would build and fail only at init_weights() or the first forward
+        head_dim = config.n_embd // max(config.n_head, 1)
+        assert min(config.n_layer, config.vocab_size, config.sequence_len) >= 1, \
+            "n_layer, vocab_size and sequence_len must be at least 1"
+        assert config.n_embd >= SMEAR_CHANNELS, f"n_embd must be at least {SMEAR_CHANNELS} (the smear gate)"
+        assert head_dim % 2 == 0, f"the head dim n_embd / n_head must be even (rotary pairs), got {head_dim}"
         self.window_sizes = self._compute_window_sizes(config)
         # padded vocab: faster matmuls, and divisible by any power-of-two world size up to 64
         V, n, L = config.vocab_size, config.n_embd, config.n_layer

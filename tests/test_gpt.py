@@ -124,7 +124,13 @@ def test_meta_and_cpu_construction_give_identical_init():
     (dict(n_kv_head=3), "AssertionError"),  # kv heads that do not divide the heads
     (dict(window_pattern="X"), "AssertionError: Invalid window_pattern: X"),
     (dict(n_head=0), "ZeroDivisionError"),
-    (dict(n_layer=-1), "RuntimeError: Trying to create tensor with negative dimension"),
+    (dict(n_kv_head=-2), "RuntimeError: Trying to create tensor with negative dimension"),
+    # these would build, and fail only at init_weights() or the first forward
+    (dict(n_layer=0), "AssertionError: n_layer, vocab_size and sequence_len must be at least 1"),
+    (dict(vocab_size=0), "AssertionError: n_layer, vocab_size and sequence_len"),
+    (dict(sequence_len=0), "AssertionError: n_layer, vocab_size and sequence_len"),
+    (dict(n_embd=16), "AssertionError: n_embd must be at least 24"),
+    (dict(n_embd=36), "AssertionError: the head dim n_embd / n_head must be even .rotary pairs., got 9"),
     (dict(l3_after_layers="5", l3_n_emb=128), r"ValueError: l3_after_layers index 5 out of range \[0, 3\]"),
 ])
 def test_a_config_no_gpt_is_built_of_raises_the_callers_error(kw, says):
