@@ -9,7 +9,9 @@ import logging
 import os
 import subprocess
 import sys
+import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -122,7 +124,12 @@ class ShardHandler(BaseHTTPRequestHandler):
         if srv.truncate_first > 0:
             srv.truncate_first -= 1
             body = body[: len(body) // 2]
-        self.wfile.write(body)
+        if srv.trickle:  # 2 MiB at once, then 64 KiB every half second: a transfer that takes a minute
+            for i in range(0, len(body), 1 << 16):
+                self.wfile.write(body[i:i + (1 << 16)])
+                time.sleep(0.5 if i >= 2 << 20 else 0)
+        else:
+            self.wfile.write(body)
 
 
 @pytest.fixture
@@ -130,7 +137,7 @@ def server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     srv = ThreadingHTTPServer(("127.0.0.1", 0), ShardHandler)
     srv.files, srv.log, srv.etags, srv.auth = {}, [], {}, []
-    srv.fail_first, srv.truncate_first, srv.support_range = 0, 0, True
+    srv.fail_first, srv.truncate_first, srv.support_range, srv.trickle = 0, 0, True, False
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/resolve/main"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
@@ -668,6 +675,27 @@ def test_cli_base_url_may_end_in_a_slash(base, server, sleeps, tmp_path):
         server.files[name] = shard_bytes(tmp_path, name=name, docs=[name])
     assert dataset.main(["-n", "1", "-w", "1", "--base-url", server.url + "//"]) == 0
     assert visible_files(dataset.get_data_dir()) == ["shard_00000.parquet", "shard_06542.parquet"]
+
+
+def test_ctrl_c_ends_the_cli_at_once_and_the_shard_in_progress_resumes(base, server, tmp_path):
+    server.files[dataset.VAL_FILENAME] = os.urandom(10_000_000)
+    server.trickle = True
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "NANOCHAT_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "0", "--base-url", server.url],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = base / "base_data_climbmix" / (dataset.VAL_FILENAME + ".part")
+    try:
+        deadline = time.monotonic() + 120
+        while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert part.exists(), proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)  # not the minutes the transfer would take
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert out.strip().endswith("Interrupted: run the same command again to go on (shards in progress resume).")
+    assert part.stat().st_size > 0  # kept for the next run's Range request
 
 
 def test_cli_rejects_a_negative_count_other_than_minus_one():
