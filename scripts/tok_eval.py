@@ -27,7 +27,8 @@ def eval_texts():
     """(name, text) pairs: the committed samples, then each split's sample unless it has no data."""
     with open(os.path.join(REPO_DATA_DIR, "tok_eval_samples.json"), encoding="utf-8") as f:
         texts = list(json.load(f).items())
-    for name, split in (("climbmix-train", "train"), ("climbmix-val", "val")):
+    # the reference's names (9822cc7), though the data is ClimbMix now (upstream later: climbmix-*)
+    for name, split in (("fwe-train", "train"), ("fwe-val", "val")):
         try:
             files = list_split_files(split)
         except (FileNotFoundError, RuntimeError) as e:

@@ -97,6 +97,12 @@ def test_tok_train_without_pretraining_data_says_how_to_get_it(tmp_path, monkeyp
     assert not (tmp_path / "tokenizer").exists()
 
 
+def test_tok_eval_texts_have_the_reference_names_in_order(base_env):
+    # the report's row names are the reference's (9822cc7): its split samples are fwe-train / fwe-val
+    names = [name for name, _ in tok_eval.eval_texts()]
+    assert names == ["news", "korean", "code", "math", "science", "fwe-train", "fwe-val"]
+
+
 def test_tok_eval_offline_and_with_one_baseline(base_env, monkeypatch, capsys):
     ours = get_tokenizer()
 
@@ -110,7 +116,7 @@ def test_tok_eval_offline_and_with_one_baseline(base_env, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "cannot load the GPT-2 encoding" in out
     assert "Comparison with GPT-4" in out and "Comparison with GPT-2" not in out
-    assert "climbmix-train" in out and "climbmix-val" in out
+    assert "fwe-train" in out and "fwe-val" in out
     section = (base_env / "report" / "tokenizer-evaluation.md").read_text()
     assert "### Comparison with GPT-4" in section and "| news |" in section
     assert "+0.0%" in section  # the stand-in is our own tokenizer: no difference
@@ -122,7 +128,7 @@ def test_tok_eval_with_no_baseline_still_reports(base_env, monkeypatch, capsys):
     monkeypatch.setattr(RustBPETokenizer, "from_pretrained", staticmethod(offline))
     tok_eval.main()
     section = (base_env / "report" / "tokenizer-evaluation.md").read_text()
-    assert "No baseline encodings could be loaded" in section and "climbmix-val" in section
+    assert "No baseline encodings could be loaded" in section and "fwe-val" in section
 
 
 def test_tok_eval_without_pretraining_data_compares_the_committed_samples_only(tmp_path, monkeypatch, capsys):
@@ -130,4 +136,4 @@ def test_tok_eval_without_pretraining_data_compares_the_committed_samples_only(t
     names = [name for name, _ in tok_eval.eval_texts()]
     out = capsys.readouterr().out
     assert "Skipping the train sample: " in out and "Skipping the val sample: " in out
-    assert names and not any(name.startswith("climbmix") for name in names)
+    assert names and not any(name.startswith("fwe") for name in names)
