@@ -94,10 +94,12 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "warmup_steps", "l3_k_max"]
+    positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "l3_k_max"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup_steps < 0:  # 0: no warmup, as in the reference
+        parser.error(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     # -1 is the documented "off"; any other value <= 0 would silently fall through to the next horizon rule
     # (--num-iterations=0 became a run of thousands of steps from the data ratio)
     for name in ("num_iterations", "target_flops", "total_batch_size"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanochat import pretraining
+from nanochat import pretraining, training
 from scripts import base_train
 
 from conftest import exits_with_error, install_sample_base_dir
@@ -67,13 +67,19 @@ def test_horizon_precedence_and_errors():
 @pytest.mark.parametrize("argv", [["--depth=0"], ["--window-pattern=SXL"], ["--target-param-data-ratio=0"],
                                   ["--warmdown-ratio=1.5"], ["--fp8", "--fp8-recipe=rowwise"],
                                   ["--num-iterations=0"], ["--num-iterations=-5"], ["--target-flops=0"],
-                                  ["--total-batch-size=0"], ["--head-dim=7"]])
+                                  ["--total-batch-size=0"], ["--head-dim=7"], ["--warmup-steps=-1"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         base_train.parse_args(argv)
     assert e.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error" in last_line and argv[-1].split("=")[0] in last_line  # names the flag
+
+
+def test_no_warmup_is_a_valid_setting():
+    # the reference accepts --warmup-steps=0: the LR multiplier is 1 from the first step
+    args = base_train.parse_args(["--warmup-steps=0"])
+    assert training.base_lr_multiplier(0, 100, args.warmup_steps, 0.5, 0.05) == 1.0
 
 
 def test_model_dim_rounds_up_to_whole_heads():
