@@ -238,12 +238,13 @@ class ModelWrapper:
 
 def get_hf_token_bytes(tokenizer, device="cpu"):
     """
-    (vocab_size,) int64: the UTF-8 length of each token decoded on its own. Special tokens count as the
-    length of their text ("<|endoftext|>" = 13) and a token holding part of a UTF-8 character as its
-    replacement character (3): this is the table the published HF baseline bpb numbers were computed with.
+    (vocab_size,) int64: the UTF-8 length of each token decoded on its own by the `tokenizers` library with
+    its default skip_special_tokens=True, as the reference computes it: special tokens ("<|endoftext|>")
+    decode to "" and count 0, so they drop out of bpb; a token holding part of a UTF-8 character counts as
+    its replacement character (3).
     """
     vocab_size = tokenizer.get_vocab_size()
-    counts = [len(tokenizer.decode([token_id]).encode("utf-8")) for token_id in range(vocab_size)]
+    counts = [len(tokenizer.tokenizer.decode([token_id]).encode("utf-8")) for token_id in range(vocab_size)]
     return torch.tensor(counts, dtype=torch.int64, device=device)
 
 
