@@ -70,12 +70,15 @@ def base_lr_multiplier(it, n, warmup_steps, warmdown_ratio, final_lr_frac):
 
 
 def base_muon_momentum(it, n, warmdown_ratio):
-    """0.85 -> 0.97 over the first 400 steps, 0.97, then 0.97 -> 0.90 over the warmdown (the first wins)."""
+    """0.85 -> 0.97 over the first 400 steps, 0.97, then 0.97 -> 0.90 over the warmdown (the first wins).
+    Written as the reference blends the endpoints, so the values agree to the last bit."""
     warmdown = round(warmdown_ratio * n)
     if it < 400:
-        return 0.85 + (0.97 - 0.85) * it / 400
+        frac = it / 400
+        return (1 - frac) * 0.85 + frac * 0.97
     if it >= n - warmdown:
-        return 0.97 + (0.90 - 0.97) * (it - (n - warmdown)) / warmdown
+        progress = (it - (n - warmdown)) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
     return 0.97
 
 
