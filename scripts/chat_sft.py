@@ -159,8 +159,9 @@ def train_step(step, run, st, stop_flag):
     train_loss_f, dt, signalled = training.finish_step(st.optimizer, st.model, st.scaler, run.train_loss,
                                                        st.timer, stop_flag, st.device, step,
                                                        st.ckpt.checkpoint_dir, update=update)
-    # the loss EMA averages the losses of micro-batches that had targets only
-    smooth = run.tracker.update(step, train_loss_f, dt) if update else run.tracker.debiased(step)
+    # the loss EMA averages the losses of micro-batches that had targets only. The reference logs after its
+    # step counter moved on: its debiasing (1 - 0.9^(step + 2)) and its 10 untimed steps count from there
+    smooth = run.tracker.update(step + 1, train_loss_f, dt) if update else run.tracker.debiased(step + 1)
     record_point(run.curve, step, {"train loss": train_loss_f})
     st.logger.log(step + 1, f" ({100 * run.progress:.2f}%)", smooth, lrm, dt, run.tracker,
                   f"epoch: {run.epoch}", run.epoch)
