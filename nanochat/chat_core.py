@@ -176,15 +176,16 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=1, num_samples
 # -----------------------------------------------------------------------------
 # Several tasks: the CLI's selection, and ChatCORE during training (chat_sft)
 
-def run_chat_evals(model, tokenizer, max_problems, **options):
+def run_chat_evals(model, tokenizer, max_problems, line="{task} accuracy: {percent:.2f}%", **options):
     """{task: accuracy} for each task of max_problems ({task name: problems to take, None = all}), each
-    printed as it completes; options (batch_size, sampling) go to run_chat_eval."""
+    printed as it completes (`line`: chat_eval's format, chat_sft has its own); options (batch_size,
+    sampling) go to run_chat_eval."""
     from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     accuracies = {}
     for task, limit in max_problems.items():
         accuracies[task] = run_chat_eval(task, model, tokenizer, engine, max_problems=limit, **options)
-        print0(f"{task} accuracy: {100 * accuracies[task]:.2f}%")
+        print0(line.format(task=task, percent=100 * accuracies[task]))
     return accuracies
 
 
@@ -200,6 +201,7 @@ def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
     limits = {task: None if limit < 0 else limit for task, limit in limits.items()}
     orig_model.eval()
     try:
-        return run_chat_evals(orig_model, tokenizer, limits, batch_size=batch_size)
+        return run_chat_evals(orig_model, tokenizer, limits, line="  {task}: {percent:.2f}%",
+                              batch_size=batch_size)
     finally:
         orig_model.train()

@@ -414,6 +414,8 @@ def test_chatcore_every_prints_and_logs_the_six_tasks(base_dir, capsys, monkeypa
         out = run_main(flags, capsys)
     finally:
         shutil.rmtree(os.path.join(base_dir, "chatsft_checkpoints", "d2"), ignore_errors=True)
+    # each task on its own line, as the reference's SFT prints it
+    assert re.findall(r"^  (\S+): \d+\.\d\d%$", out, re.M) == list(chat_core.TASKS)
     printed = re.findall(r"^Step 00001 \| ChatCORE: (-?[\d.]+) \| ChatCORE_cat: (-?[\d.]+)$", out, re.M)
     assert len(printed) == 1, out[-3000:]
     entry = [e for e in logged if "chatcore_metric" in e]
