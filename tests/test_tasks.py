@@ -471,6 +471,29 @@ def test_spellingbee_is_a_pure_function_of_split_and_index():
     assert all("{letter}" in t and "{word}" in t for t in USER_MSG_TEMPLATES)
 
 
+@pytest.mark.parametrize("split, offset", [("train", 0), ("test", TEST_RANDOM_SEED_OFFSET)])
+def test_spelling_examples_follow_the_reference_draw_order(split, offset):
+    # one random.Random(seed) per example, drawn in this order: word, letter (90% from the word), template,
+    # lower-case (30%), letter quote, word quote, "?" (50%); SimpleSpelling draws a word from its list
+    # shuffled once with random.Random(42)
+    bee, simple = SpellingBee(size=60, split=split), SimpleSpelling(size=60, split=split)
+    shuffled = list(bee.words)
+    random.Random(42).shuffle(shuffled)
+    for i in range(60):
+        rng = random.Random(offset + i)
+        word = rng.choice(bee.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        template = rng.choice(USER_MSG_TEMPLATES)
+        template = template.lower() if rng.random() < 0.3 else template
+        letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        user = template.format(letter=letter_quote + letter + letter_quote, word=word_quote + word + word_quote)
+        user += "?" if rng.random() < 0.5 else ""
+        user_msg, assistant = bee[i]["messages"]
+        assert user_msg["content"] == user and assistant["content"][2]["text"] == f"'{word}'.count('{letter}')"
+        simple_word = random.Random(offset + i).choice(shuffled)
+        assert simple[i]["messages"][0]["content"] == f"Spell the word: {simple_word}"
+
+
 def test_spellingbee_tool_call_format(tok):
     task = SpellingBee(size=40)
     output_start = tok.encode_special("<|output_start|>")
