@@ -439,3 +439,33 @@ def test_an_online_run_without_the_network_says_how_to_train_offline(tmp_path, m
     message = str(info.value)
     assert "network error after 5 attempts" in message and "identity.jsonl" in message
     assert "Or set NANOCHAT_OFFLINE=1 to train on the smaller committed mixture" in message
+
+
+class RecordedTask:
+    """Stands in for a dataset task: remembers how it was constructed, holds two examples."""
+
+    def __init__(self, name, *args, **kwargs):
+        self.made = (name, args, kwargs)
+
+    def __len__(self):
+        return 2
+
+
+def test_online_mixtures_are_the_references_tasks_in_order(monkeypatch):
+    # the mixture's shuffle runs over the (task, index) list in task order: the order is part of the data
+    from tasks import customjson, gsm8k, mmlu, smoltalk, spellingbee
+    monkeypatch.delenv("NANOCHAT_OFFLINE", raising=False)
+    for module, name in ((smoltalk, "SmolTalk"), (customjson, "CustomJSON"), (mmlu, "MMLU"), (gsm8k, "GSM8K"),
+                         (spellingbee, "SimpleSpelling"), (spellingbee, "SpellingBee")):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: RecordedTask(name, *a, **k))
+    monkeypatch.setattr(chat_train, "download_file_with_lock", lambda url, filename: f"/base/{filename}")
+    made = [task.made for task in chat_train.train_mixture(mmlu_epochs=3, gsm8k_epochs=4).tasks]
+    identity = ("CustomJSON", ("/base/identity_conversations.jsonl",), {})
+    assert made == [("SmolTalk", (), {"split": "train"}), identity, identity,
+                    *[("MMLU", (), {"subset": "all", "split": "auxiliary_train"})] * 3,
+                    *[("GSM8K", (), {"subset": "main", "split": "train"})] * 4,
+                    ("SimpleSpelling", (), {"size": 200000, "split": "train"}),
+                    ("SpellingBee", (), {"size": 80000, "split": "train"})]
+    assert [task.made for task in chat_train.val_mixture().tasks] == [
+        ("SmolTalk", (), {"split": "test"}), ("MMLU", (), {"subset": "all", "split": "test", "stop": 5200}),
+        ("GSM8K", (), {"subset": "main", "split": "test", "stop": 420})]
