@@ -140,6 +140,27 @@ def test_generate_batch_keeps_the_terminator_of_finished_samples_on_request(toke
     assert default == ([prompt + [200, 201]], [[0, 0, 0, 1, 1]])
 
 
+def test_rollout_sampling_calls_are_seeded_by_step_question_and_call(tokenizer):
+    # the reference's seed, hash((step, example_idx, sampling_step)) & 0x7FFFFFFF: stable across runs since
+    # ints hash to themselves; one generate_batch call per device batch of samples
+    calls = []
+
+    class RecordingEngine:  # stands in for the Engine: records the sampling calls and returns the prompt
+        model = SimpleNamespace(eval=lambda: None)
+
+        def generate_batch(self, prompt, num_samples, **kwargs):
+            calls.append((num_samples, kwargs))
+            return [list(prompt)] * num_samples, [[0] * len(prompt)] * num_samples, [False] * num_samples
+
+    from tasks.gsm8k import GSM8K
+    args = SimpleNamespace(num_samples=16, device_batch_size=8, max_new_tokens=64, temperature=0.7, top_k=5)
+    task = GSM8K("main", "train")
+    sequences, *_ = chat_train.rollout_example(RecordingEngine(), tokenizer, task, 5, 3, args, "cpu")
+    sampling = dict(keep_terminal=True, max_tokens=64, temperature=0.7, top_k=5)
+    assert calls == [(8, {**sampling, "seed": hash((3, 5, call)) & 0x7FFFFFFF}) for call in range(2)]
+    assert len(sequences) == 16
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--num-samples=0"], "--num-samples must be positive, got 0"),
     (["--num-steps=0"], "--num-steps must be positive, or -1 for --num-epochs passes, got 0"),
