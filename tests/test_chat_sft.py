@@ -128,6 +128,50 @@ def test_packer_rows_hold_whole_conversations_with_their_masks(tokenizer):
     assert padded_rows > 0
 
 
+def reference_bestfit_rows(rendered, num_rows, capacity, rank, world_size, buffer_size):
+    """The reference's packing, written from its description: refill the buffer (rank, rank + W, ..., wrapping)
+    before each pick, take the longest buffered conversation that fits (the first of equals), else pad."""
+    buffer, cursor, rows = [], rank, []
+    for _ in range(num_rows):
+        row, mask = [], []
+        while len(row) < capacity:
+            while len(buffer) < buffer_size:
+                buffer.append(rendered[cursor])
+                cursor = (cursor + world_size) % len(rendered)
+            room = capacity - len(row)
+            best = None
+            for i, (ids, _) in enumerate(buffer):
+                if len(ids) <= room and (best is None or len(ids) > len(buffer[best][0])):
+                    best = i
+            if best is None:
+                row, mask = row + [PAD] * room, mask + [0] * room
+                break
+            ids, conv_mask = buffer.pop(best)
+            row, mask = row + ids, mask + conv_mask
+        rows.append((row, mask))
+    return rows
+
+
+PAD = "pad"
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
+def test_packer_picks_rows_like_the_reference_best_fit(tokenizer, rank, world_size):
+    # lengths that tie and that leave gaps only some conversations fit, over more than one pass of the data
+    dataset = [conversation(k % 7 + 1, assistant_parts=k % 4 == 0) for k in range(23)]
+    for k, c in enumerate(dataset):  # distinct conversations of equal length: the tie rule shows
+        c["messages"][0]["content"] = f"question {'abcdefghijklmnopqrstuvwxyz'[k]}"
+    rendered = [tokenizer.render_conversation(c) for c in dataset]
+    lengths = [len(ids) for ids, _ in rendered]
+    assert len(set(lengths)) < len(set(map(tuple, (ids for ids, _ in rendered)))) == len(dataset)
+    packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=40, rank=rank,
+                                           world_size=world_size, buffer_size=5, label="t8")
+    got = [pair for _ in range(6) for pair in zip(*packer.next_rows())]
+    expected = reference_bestfit_rows(rendered, 18, 41, rank, world_size, 5)
+    bos = tokenizer.get_bos_token_id()
+    assert got == [([bos if t == PAD else t for t in row], mask) for row, mask in expected]
+
+
 def test_batch_targets_are_ignored_exactly_where_the_mask_is_zero(tokenizer):
     dataset = [conversation(k, assistant_parts=True) for k in range(1, 20)]
     packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=3, seq_len=48, buffer_size=5, label="t2")
