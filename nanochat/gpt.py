@@ -265,8 +265,8 @@ class GPT(nn.Module):
     def _l3_matrices(self):
         return [p for layer in self.l3_layers.values() for p in (layer.w_up.weight, layer.w_mix.weight)]
 
-    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=100000):
-        device = self.transformer.wte.weight.device
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=100000, device=None):
+        device = self.transformer.wte.weight.device if device is None else device
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)

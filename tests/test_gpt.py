@@ -179,6 +179,16 @@ def test_rotary_is_relative_and_identity_at_zero():
     torch.testing.assert_close(rot(q, 5)[..., :D // 2], x1 * cos[:, 5:6] + x2 * sin[:, 5:6])
 
 
+def test_rotary_precompute_takes_the_reference_device_argument():
+    # the reference signature is (seq_len, head_dim, base=100000, device=None): None means wte's device
+    with torch.device("meta"):
+        model = GPT(tiny_config())
+    cos, sin = model._precompute_rotary_embeddings(16, 8, device="cpu")
+    assert cos.device.type == sin.device.type == "cpu" and cos.shape == (1, 16, 1, 4)
+    assert cos[0, 3, 0, 1].item() == pytest.approx(math.cos(3 * 100000 ** (-2 / 8)))
+    assert model._precompute_rotary_embeddings(16, 8)[0].is_meta
+
+
 def test_has_ve_pattern():
     assert [i for i in range(12) if has_ve(i, 12)] == [1, 3, 5, 7, 9, 11]
     assert [i for i in range(5) if has_ve(i, 5)] == [0, 2, 4]
