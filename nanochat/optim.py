@@ -11,7 +11,7 @@ optimizer and its state layout. DistMuonAdamW only switches on the rank/world si
 
 Group schema (see the model spec, section 3.1): every group has `params` and `kind`;
 'adamw' groups carry lr, betas, eps, weight_decay; 'muon' groups carry lr, momentum, ns_steps,
-beta2 and weight_decay, and their params (at least one: GPT makes one group per shape) share one
+beta2 and weight_decay, and their params (possibly none: the group is then skipped) share one
 shape (..., r, c).
 
 Importing this module does no work: the kernels are compiled lazily, on the first call that
@@ -279,6 +279,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _reduce_muon(self, group):
         params = group["params"]
+        if not params:  # an empty group has nothing to do (the same on every rank: no collective)
+            return None
         assert all(p.grad is not None for p in params), "Muon needs a gradient for every parameter"
         K, W, g0 = len(params), self._world, params[0].grad
         chunk = -(-K // W)
@@ -289,6 +291,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return stacked, grad_chunk, self._mean(dist.reduce_scatter_tensor, grad_chunk, stacked)
 
     def _update_muon(self, group, reduced):
+        if reduced is None:
+            return []
         stacked, grad_chunk, pending = reduced
         pending.wait()
         params = group["params"]

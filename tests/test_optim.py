@@ -368,6 +368,17 @@ def test_unknown_kind_raises():
         opt.step()
 
 
+
+def test_empty_muon_group_is_skipped():
+    # the reference's _step_muon returns on an empty group; the other groups still step
+    p = leaf(8, 4, seed=0)
+    set_grads([p], seed=1)
+    before = p.detach().clone()
+    opt = MuonAdamW([muon_group([]), muon_group([p])])
+    opt.step()
+    assert not torch.equal(p, before)
+    assert "momentum_buffer" in opt.state[p]
+
 # -----------------------------------------------------------------------------
 # DistMuonAdamW on 2 gloo processes vs MuonAdamW on one
 
