@@ -386,14 +386,15 @@ class GPT(nn.Module):
             x_prev = kv_cache.prev_embedding
             kv_cache.prev_embedding = x[:, -1:, :]
         lam = self.smear_lambda.to(x.dtype)
-        gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
+        # gated only where it is used, on the reference's slices: a matmul's last bits depend on its shape
+        gate = lambda xs: lam * torch.sigmoid(self.smear_gate(xs[..., :SMEAR_CHANNELS]))  # (B, t, 1)
         if x.size(1) > 1:
-            mixed = x[:, 1:] + gate[:, 1:] * x[:, :-1]
+            mixed = x[:, 1:] + gate(x[:, 1:]) * x[:, :-1]
             # continuing a cached sequence: position 0 mixes with the cached embedding, so a chunked
             # prefill equals a single one (without it, each chunk boundary would change the output)
-            first = x[:, :1] if x_prev is None else x[:, :1] + gate[:, :1] * x_prev
+            first = x[:, :1] if x_prev is None else x[:, :1] + gate(x[:, :1]) * x_prev
             return torch.cat([first, mixed], dim=1)
-        return x if x_prev is None else x + gate * x_prev
+        return x if x_prev is None else x + gate(x) * x_prev
 
     def _rotary_for(self, T, kv_cache):
         """(cos, sin) for the T new positions: sliced (1, T, 1, D/2) when every cache row is at the same

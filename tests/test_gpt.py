@@ -152,6 +152,17 @@ def test_at_init_blocks_are_identity():
     torch.testing.assert_close(model(idx), a)
 
 
+def test_smear_is_the_reference_formula_bit_for_bit():
+    # the gate is computed on the reference's slice x[:, 1:] only: in fp32 on CPU a matmul's last bits depend
+    # on its shape, so gating all positions and dropping the first shifts every later logit by an ulp
+    model = build(tiny_config(), perturb=True)
+    x = torch.randn(2, 32, 64)
+    with torch.no_grad():
+        gate = model.smear_lambda.to(x.dtype) * torch.sigmoid(model.smear_gate(x[:, 1:, :24]))
+        want = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        assert torch.equal(model._smear(x, None), want)
+
+
 # -----------------------------------------------------------------------------
 # Windows and rotary
 
