@@ -36,7 +36,8 @@ def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_
     bias1 = 1 - beta1_t ** step_t
     bias2 = 1 - beta2_t ** step_t
     denom = (exp_avg_sq / bias2).sqrt() + eps_t
-    p.sub_((lr_t / bias1) * exp_avg / denom)
+    # the reference's form: one rounding of p + alpha * x (its compiled graph, and so its bits, are ours)
+    p.add_(exp_avg / denom, alpha=-(lr_t / bias1))
 
 
 # Polar Express (Amsel et al., arXiv 2505.16932): per-iteration odd quintic coefficients,
