@@ -136,8 +136,9 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _smear(self, x):
         """Each position mixes in the previous position's embedding, gated by its own."""
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
-        return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        # the gate on x[:, 1:] only, as nanochat computes it: a matmul's last bits depend on its shape
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+        return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
