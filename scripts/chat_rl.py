@@ -28,7 +28,7 @@ import torch
 
 from nanochat import autofit, chat_train, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import agree_sum, exit_on_setup_error, print0
+from nanochat.common import BadSettingError, agree_sum, exit_on_setup_error, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report, record_point
 
@@ -125,8 +125,8 @@ def main(argv=None):
     user_config = vars(args).copy()
     device_type, rank, world_size, device, _ = training.start_run(args.device_type)
     if args.examples_per_step % world_size != 0:
-        raise ValueError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the world "
-                         f"size ({world_size})")
+        raise BadSettingError(f"--examples-per-step ({args.examples_per_step}) must be a multiple of the "
+                              f"world size ({world_size})")
     model, tokenizer, _, output_tag, meta = chat_train.load_start("sft", "rl", args, device, "eval",
                                                                   user_config, RESUME_FREE_KEYS)
     engine = Engine(model, tokenizer)  # the same (uncompiled) model: rollouts always see the current weights
@@ -136,8 +136,8 @@ def main(argv=None):
     if num_steps <= 0:
         num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps <= 0:
-        raise ValueError(f"No steps to run: {len(train_task)} training questions, --examples-per-step "
-                         f"{args.examples_per_step}, --num-epochs {args.num_epochs}")
+        raise BadSettingError(f"No steps to run: {len(train_task)} training questions, --examples-per-step "
+                              f"{args.examples_per_step}, --num-epochs {args.num_epochs}")
     print0(f"Calculated number of steps: {num_steps}")
     if meta:
         training.check_resume_horizon(meta["step"], num_steps, "--num-steps (or --num-epochs)")

@@ -5,6 +5,8 @@ padding/targets with a terminated and a cut sample, pass@k), rollouts that keep 
 <|assistant_end|> (Engine.generate_batch(keep_terminal=True), scripted model), the example schedule,
 and real RL steps of a depth-2 model with an exact resume from the middle checkpoint.
 """
+import contextlib
+import io
 import json
 import os
 import re
@@ -261,10 +263,10 @@ def test_rl_resume_continues_the_same_wandb_run(base_dir, capsys, monkeypatch):
     capsys.readouterr()
 
 
-def test_an_epoch_shorter_than_one_step_is_refused(base_dir):
+def test_an_epoch_shorter_than_one_step_is_refused(base_dir, capsys):
     # --num-steps -1: the steps come from the epochs, and no step fits in one
-    with pytest.raises(ValueError, match=r"No steps to run: \d+ training questions, "
-                                         r"--examples-per-step 100000, --num-epochs 1"):
+    with exits_with_error(capsys, r"^chat_rl: error: No steps to run: \d+ training questions, "
+                                  r"--examples-per-step 100000, --num-epochs 1$"):
         chat_rl.main(RUN_FLAGS + ["--num-steps=-1", "--examples-per-step=100000"])
 
 
@@ -297,11 +299,13 @@ def _examples_per_step_worker(rank, port, out_dir):
     import torch.distributed as dist
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    stderr = io.StringIO()
     try:
-        chat_rl.main(["--device-type=cpu", "--examples-per-step=3"])
-    except ValueError as e:
+        with contextlib.redirect_stderr(stderr):
+            chat_rl.main(["--device-type=cpu", "--examples-per-step=3"])
+    except SystemExit as e:
         with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
-            f.write(str(e))
+            f.write(f"{e.code}: {stderr.getvalue().strip().splitlines()[-1]}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -317,7 +321,7 @@ def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path)
     mp.spawn(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2)
     for rank in range(2):  # both ranks stop before loading anything, with the same message
         assert (tmp_path / f"rank{rank}").read_text() == (
-            "--examples-per-step (3) must be a multiple of the world size (2)"), rank
+            "1: chat_rl: error: --examples-per-step (3) must be a multiple of the world size (2)"), rank
 
 
 def test_a_resume_past_the_horizon_is_refused_instead_of_running_forever(base_dir, capsys, monkeypatch):
