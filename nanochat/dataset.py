@@ -334,16 +334,16 @@ def main(argv=None):
     print0()
     # Threads, not processes: the work is network and disk I/O, and a worker process would have to
     # re-import torch (via nanochat.common) under the spawn/forkserver start methods.
-    pool = ThreadPoolExecutor(max_workers=max(1, args.num_workers))
-    try:
+    with ThreadPoolExecutor(max_workers=max(1, args.num_workers)) as pool:
         results = pool.map(lambda i: download_single_file(i, data_dir, args.base_url), ids)
-        ok = list(progress(results, total=len(ids), unit="shard", desc="shards"))
-    except KeyboardInterrupt:
-        # the threads cannot be stopped mid-transfer and the interpreter would wait for them (minutes):
-        # end now, each shard in progress resumes from its .part file next time (its lock dies with us)
-        print0("\nInterrupted: run the same command again to go on (shards in progress resume).", flush=True)
-        os._exit(130)
-    pool.shutdown()
+        try:
+            ok = list(progress(results, total=len(ids), unit="shard", desc="shards"))
+        except KeyboardInterrupt:
+            # the threads cannot be stopped mid-transfer and the pool's exit would wait for them (minutes):
+            # end now, each shard in progress resumes from its .part file next time (its lock dies with us)
+            print0("\nInterrupted: run the same command again to go on (shards in progress resume).",
+                   flush=True)
+            os._exit(130)
     failed = [index_to_filename(i) for i, good in zip(ids, ok) if not good]
     print0(f"Done! Downloaded: {len(ids) - len(failed)}/{len(ids)} shards to {data_dir}")
     if failed:

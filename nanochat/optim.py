@@ -193,16 +193,18 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["kind"] not in ("adamw", "muon"):
                 raise ValueError(f"Unknown optimizer kind: {group['kind']}")
+        # an empty group has nothing to do (the same on every rank: it joins no collective)
+        groups = [group for group in self.param_groups if group["params"]]
         if self._world == 1:
             # Nothing to overlap: finish each group before the next, so only one group's
             # stacked buffers are alive at a time.
-            for group in self.param_groups:
+            for group in groups:
                 for pending in self._update(group, self._reduce(group)):
                     pending.wait()
             return
-        reduced = [self._reduce(group) for group in self.param_groups]
+        reduced = [self._reduce(group) for group in groups]
         gathers = []
-        for group, r in zip(self.param_groups, reduced):
+        for group, r in zip(groups, reduced):
             gathers += self._update(group, r)
         for pending in gathers:
             pending.wait()
@@ -280,8 +282,6 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _reduce_muon(self, group):
         params = group["params"]
-        if not params:  # an empty group has nothing to do (the same on every rank: no collective)
-            return None
         assert all(p.grad is not None for p in params), "Muon needs a gradient for every parameter"
         K, W, g0 = len(params), self._world, params[0].grad
         chunk = -(-K // W)
@@ -292,8 +292,6 @@ class MuonAdamW(torch.optim.Optimizer):
         return stacked, grad_chunk, self._mean(dist.reduce_scatter_tensor, grad_chunk, stacked)
 
     def _update_muon(self, group, reduced):
-        if reduced is None:
-            return []
         stacked, grad_chunk, pending = reduced
         pending.wait()
         params = group["params"]
