@@ -13,6 +13,10 @@ initialised), and prints one line per rank naming the backend.
 
 Module globals, read at call time (tests assign them):
 - HAS_FA3 / HAS_FA3_KVCACHE: FA3's training / KV-cache entry point passed its probe on every rank.
+  These and USE_FA3* exist once the decision is made. Reading one earlier (for example
+  `from nanochat.flash_attention import HAS_FA3`) makes the decision then, on the process's current device
+  at head dim 128, so it answers truly rather than with a placeholder False. Under torch.distributed every
+  rank must read it at the same point (the decision may all-reduce).
 - _override_impl: None | 'fa3' | 'sdpa', or _FROM_ENV until the decision reads the env var NANOCHAT_ATTN
   (so a value set after import, e.g. by a launcher, still counts).
 - USE_FA3 / USE_FA3_KVCACHE = _resolve_use_fa3(entry); reassign them after changing _override_impl.
@@ -69,10 +73,17 @@ _FROM_ENV = "env"  # _override_impl before the decision reads NANOCHAT_ATTN
 _override_impl = _FROM_ENV
 _backend = None  # the AttentionBackend once decided
 _fa3 = None  # the loaded FA3 kernel module (its functions at top level)
-HAS_FA3 = False
-HAS_FA3_KVCACHE = False
-USE_FA3 = False
-USE_FA3_KVCACHE = False
+_DECIDED_NAMES = ("HAS_FA3", "HAS_FA3_KVCACHE", "USE_FA3", "USE_FA3_KVCACHE")  # set by decide_backend
+_DEFAULT_HEAD_DIM = 128  # base_train's --head-dim default: the probe's shape when no model asked first
+
+
+def __getattr__(name):
+    """A decided global read before the decision (PEP 562): decide on the current device, then answer."""
+    if name not in _DECIDED_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cuda = torch.cuda.is_available()
+    decide_backend(torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu", _DEFAULT_HEAD_DIM)
+    return globals()[name]
 
 
 def _rank():
@@ -215,7 +226,8 @@ def _env_override():
 def _resolve_use_fa3(entry="train"):
     """Whether an entry point ('train' or 'kvcache') should call FA3, given _override_impl, HAS_FA3*
     and the compute dtype."""
-    usable = HAS_FA3 if entry == "train" else HAS_FA3_KVCACHE
+    name = "HAS_FA3" if entry == "train" else "HAS_FA3_KVCACHE"
+    usable = globals()[name] if name in globals() else __getattr__(name)
     if _override_impl == "fa3":
         assert usable, f"Cannot override to FA3: not available on this hardware ({_ENTRY_FUNCS[entry]})"
         return True

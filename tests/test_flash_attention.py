@@ -315,6 +315,44 @@ def test_probe_of_one_entry_point_does_not_call_the_other():
     assert "kv cache kernel missing" in fa._probe_fa3(kernel, torch.device("cpu"), 64, "kvcache")
 
 
+@pytest.fixture
+def undecided(monkeypatch):
+    """The module as imported: no decision yet, so no decided globals (monkeypatch puts them back)."""
+    for name in fa._DECIDED_NAMES:
+        monkeypatch.delitem(vars(fa), name, raising=False)
+    monkeypatch.setattr(fa, "_backend", None)
+    monkeypatch.setattr(fa, "_fa3", None)
+    monkeypatch.setattr(fa, "_override_impl", None)
+
+
+def test_importing_has_fa3_makes_the_decision(undecided, monkeypatch, capsys):
+    # the reference's tests import HAS_FA3 by name and skip the FA3-vs-SDPA checks when it is False, so on a
+    # Hopper machine it must be the decision's answer: here a kernel that passes its probes on this device
+    kernel, probed = naive_kernel(), []
+
+    def local_status(device, head_dim):
+        probed.append((device.type, head_dim))
+        return kernel, {"train": None, "kvcache": None}
+    monkeypatch.setattr(fa, "_local_fa3_status", local_status)
+    from nanochat.flash_attention import HAS_FA3, HAS_FA3_KVCACHE
+    assert (HAS_FA3, HAS_FA3_KVCACHE) == (True, True)
+    assert probed == [("cpu", fa._DEFAULT_HEAD_DIM)] and fa._fa3 is kernel
+    assert "rank 0: attention backend" in capsys.readouterr().out
+    fa.USE_FA3  # decided already: no second probe
+    assert len(probed) == 1
+
+
+def test_resolving_before_the_decision_makes_it(undecided):
+    assert fa._resolve_use_fa3("kvcache") is False  # no CUDA here
+    assert fa._backend.kvcache_reason == "no CUDA device (cpu)" and fa.HAS_FA3 is False
+
+
+def test_unknown_module_attributes_still_raise(undecided):
+    with pytest.raises(AttributeError, match="HAS_FA4"):
+        fa.HAS_FA4
+    assert fa._backend is None
+
+
 # -----------------------------------------------------------------------------
 # Import-time behaviour, in a fresh interpreter without CUDA
 
@@ -342,8 +380,8 @@ saved = {name: getattr(torch.cuda, name) for name in patched}
 for name, result in patched.items():
     setattr(torch.cuda, name, recorder(f"torch.cuda.{name}", result))
 import nanochat.flash_attention as fa
-report = {"calls_at_import": calls, "hub_imported": "huggingface_hub" in sys.modules,
-          "auto": [fa._override_impl, fa.HAS_FA3, fa.USE_FA3]}
+report = {"calls_at_import": list(calls), "hub_imported": "huggingface_hub" in sys.modules,
+          "auto": [fa._override_impl, sorted(set(fa._DECIDED_NAMES) & set(vars(fa)))]}
 for name, fn in saved.items():
     setattr(torch.cuda, name, fn)
 del sys.modules["kernels"]
@@ -382,7 +420,8 @@ def test_import_touches_neither_cuda_nor_kernels(import_report):
     # a probe at import would put a CUDA context on GPU 0 for every rank, before compute_init
     assert import_report["calls_at_import"] == []
     assert import_report["hub_imported"] is False
-    assert import_report["auto"] == [fa._FROM_ENV, False, False]  # NANOCHAT_ATTN is read by the decision
+    # NANOCHAT_ATTN is read by the decision, and HAS_FA3/USE_FA3 exist only once it is made
+    assert import_report["auto"] == [fa._FROM_ENV, []]
 
 
 def test_env_override_sdpa(import_report):
