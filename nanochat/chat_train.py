@@ -130,12 +130,15 @@ def val_mixture():
     return TaskMixture(tasks)
 
 
-def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, wandb_run, step, last_step=False):
-    """ChatCORE during SFT: the six tasks, the ChatCORE line, and a wandb entry with each task's accuracy."""
+def log_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample, wandb_run, flops_at, step,
+                 last_step=False):
+    """ChatCORE during SFT: the six tasks, the ChatCORE line, and a wandb entry with each task's accuracy
+    (flops_at(step): the training FLOPs so far)."""
     accuracies = run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample)
     chatcore, chatcore_cat = chatcore_metrics(accuracies)
     print0(f"Step {step:05d} | ChatCORE: {chatcore:.4f} | ChatCORE_cat: {chatcore_cat:.4f}")
-    wandb_run.log({"step": step, "chatcore_metric": chatcore, "chatcore_cat": chatcore_cat,
+    wandb_run.log({"step": step, "total_training_flops": flops_at(step), "chatcore_metric": chatcore,
+                   "chatcore_cat": chatcore_cat,
                    **{f"chatcore/{task}": acc for task, acc in accuracies.items()}})
 
 

@@ -588,15 +588,20 @@ class StepLogger:
         self.world_size, self.wandb_run, self.wandb_every = world_size, wandb_run, wandb_every
         self.mfu_label = mfu_label
 
-    def log(self, step, progress, smooth, lrm, dt, tracker, position, epoch, eta=""):
-        """Step `step`'s line (progress already formatted: "/00020 (60.00%)"); returns its MFU (%)."""
+    def flops_at(self, steps_done):
+        """total_training_flops in wandb: the FLOPs of `steps_done` optimizer steps."""
+        return self.flops_per_token * self.tokens * steps_done
+
+    def log(self, step, progress, smooth, lrm, dt, tracker, position, epoch, eta="", steps_done=None):
+        """Step `step`'s line (progress already formatted: "/00020 (60.00%)"); returns its MFU (%).
+        wandb's FLOPs count `steps_done` steps (default `step`): SFT numbers its line after the step."""
         tok_per_sec = int(self.tokens / dt)
         mfu = percent_of_peak(self.flops_per_token * self.tokens / dt / self.world_size, self.peak_flops)
         print0(f"step {step:05d}{progress} | loss: {smooth:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
                f"tok/sec: {tok_per_sec:,} | {self.mfu_label}: {mfu:.2f} | {position} | "
                f"total time: {tracker.total_training_time / 60:.2f}m{eta}")
         if step % self.wandb_every == 0:
-            flops = self.flops_per_token * self.tokens * step
+            flops = self.flops_at(step if steps_done is None else steps_done)
             self.wandb_run.log({"step": step, "total_training_flops": flops,
                                 "total_training_time": tracker.total_training_time, "train/loss": smooth,
                                 "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,

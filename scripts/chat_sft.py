@@ -129,11 +129,12 @@ def evaluate_and_save(step, run, st):
         run.min_val_bpb = min(run.min_val_bpb, run.val_bpb)
         print0(f"Step {step:05d} | Validation bpb: {run.val_bpb:.4f}")
         record_point(run.curve, step, {"val bpb": run.val_bpb})
-        st.wandb_run.log({"step": step, "val/bpb": run.val_bpb})
+        st.wandb_run.log({"step": step, "total_training_flops": st.logger.flops_at(step),
+                          "total_training_time": run.tracker.total_training_time, "val/bpb": run.val_bpb})
 
     log_chatcore = functools.partial(chat_train.log_chatcore, st.orig_model, st.tokenizer,
                                      st.hp["device_batch_size"], args.chatcore_max_cat,
-                                     args.chatcore_max_sample, st.wandb_run)
+                                     args.chatcore_max_sample, st.wandb_run, st.logger.flops_at)
     training.evaluate_and_save(step, run.last_step, st.ckpt, args, evaluate_val,
                                [(args.chatcore_every, log_chatcore)], val_at_last_step=True)
 
@@ -164,7 +165,7 @@ def train_step(step, run, st, stop_flag):
     smooth = run.tracker.update(step + 1, train_loss_f, dt) if update else run.tracker.debiased(step + 1)
     record_point(run.curve, step, {"train loss": train_loss_f})
     st.logger.log(step + 1, f" ({100 * run.progress:.2f}%)", smooth, lrm, dt, run.tracker,
-                  f"epoch: {run.epoch}", run.epoch)
+                  f"epoch: {run.epoch}", run.epoch, steps_done=step)
     return signalled
 
 

@@ -467,6 +467,30 @@ def test_chatcore_every_prints_and_logs_the_six_tasks(base_dir, capsys, monkeypa
     assert (f"{entry[0]['chatcore_metric']:.4f}", f"{entry[0]['chatcore_cat']:.4f}") == printed[0]
     assert sorted(k for k in entry[0] if k.startswith("chatcore/")) == sorted(
         f"chatcore/{task}" for task in chat_core.TASKS)
+    assert entry[0]["total_training_flops"] > 0  # one step done
+
+
+def test_wandb_entries_carry_the_reference_keys_and_flops(base_dir, capsys, monkeypatch):
+    # total_training_flops counts the optimizer steps done before the entry: the val entry before step s
+    # counts s, the train entry printed as step s (after it) counts s - 1, as the reference computes it
+    logged = []
+    run = types.SimpleNamespace(id="r", log=logged.append, finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    flags = ["--device-type=cpu", "--model-tag=d2", "--num-iterations=11", "--eval-every=5",
+             "--eval-tokens=256", "--chatcore-every=-1", "--save-every=-1", "--run=keys"]
+    try:
+        run_main(flags, capsys)
+    finally:
+        shutil.rmtree(os.path.join(base_dir, "chatsft_checkpoints", "d2"), ignore_errors=True)
+    val = {e["step"]: e for e in logged if "val/bpb" in e}
+    train = {e["step"]: e for e in logged if "train/loss" in e}
+    assert sorted(val) == [0, 5, 10, 11] and sorted(train) == [10]  # the last step's val entry too
+    keys = {"step", "total_training_flops", "total_training_time", "val/bpb"}
+    assert all(set(e) == keys for e in val.values())
+    per_step = val[5]["total_training_flops"] / 5
+    assert per_step > 0
+    assert [val[s]["total_training_flops"] for s in (0, 10, 11)] == [0, 10 * per_step, 11 * per_step]
+    assert train[10]["total_training_flops"] == 9 * per_step
 
 
 def test_an_online_run_without_the_network_says_how_to_train_offline(tmp_path, monkeypatch):
