@@ -9,8 +9,9 @@ Decode throughput of the Engine: prefill a prompt once, then sample `--new-token
 
 Generation runs at temperature 1 with a fixed seed. The Engine is given a tokenizer view whose terminal
 ids (<|assistant_end|>, BOS) can never be sampled, so every run decodes exactly --new-tokens steps.
---check is the reference's `python -m nanochat.engine` self-check: 64 greedy tokens of "The chemical formula
-of water is" through GPT.generate, then through the Engine, streamed, timed and compared.
+--check runs nanochat.engine.self_check, which `python -m nanochat.engine` runs on the base model: 64 greedy
+tokens of "The chemical formula of water is" through GPT.generate, then through the Engine, streamed, timed
+and compared.
 """
 
 import argparse
@@ -88,47 +89,17 @@ def time_decode(engine, prompt, rows, new_tokens, device_type):
     return timed(lambda: sum(1 for _ in stream), device_type)
 
 
-def printed(token_ids, tokenizer):
-    """The ids of the stream, each printed as it comes."""
-    ids = []
-    for token in token_ids:
-        ids.append(token)
-        print(tokenizer.decode([token]), end="", flush=True)
-    print()
-    return ids
-
-
-def self_check(model, tokenizer, device_type):
-    """Greedy decoding through the Engine must match GPT.generate token for token."""
-    from nanochat.engine import Engine
-    prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode("The chemical formula of water is")
-    max_tokens = 64  # as in the reference self-check
-    gpt_stream = model.generate(prompt, max_tokens, temperature=0.0)
-    reference, seconds = timed(lambda: printed(gpt_stream, tokenizer), device_type)
-    print(f"Reference time: {seconds:.2f}s")
-    engine_stream = Engine(model, tokenizer).generate(prompt, max_tokens=max_tokens, temperature=0.0)
-    engine_ids, seconds = timed(lambda: printed((col[0] for col, _ in engine_stream), tokenizer), device_type)
-    print(f"Engine time: {seconds:.2f}s")
-    mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine_ids)) if a != b), None)
-    if mismatch is not None:
-        print(f"Mismatch at {mismatch}: {reference[mismatch]} != {engine_ids[mismatch]}")
-    # the Engine stops early at <|assistant_end|> or BOS, GPT.generate does not
-    match = reference[:len(engine_ids)] == engine_ids
-    print(f"Match: {match}")
-    return match
-
-
 def main(argv=None):
     args = parse_args(argv)
     from nanochat.common import COMPUTE_DTYPE, autodetect_device_type
-    from nanochat.engine import Engine, NeverStopping
+    from nanochat.engine import Engine, NeverStopping, self_check
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
     if args.check:
         args.source = args.source or "base"  # the reference checks the base model
     model, tokenizer, what = load(args, device)
     if args.check:
-        return self_check(model, tokenizer, device_type)
+        return self_check(model, tokenizer)
     cfg = model.config
     print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
           f"vocab={cfg.vocab_size} prompt={args.prompt_len} new_tokens={args.new_tokens} "

@@ -407,3 +407,42 @@ class Engine:
             if all(completed):
                 break
         return (results, masks, completed) if keep_terminal else (results, masks)
+
+
+# -----------------------------------------------------------------------------
+# Self-check (`python -m nanochat.engine`): the KV-cache path against the naive full forward
+
+def self_check(model, tokenizer, prompt="The chemical formula of water is", max_tokens=64):
+    """Stream and time greedy decoding of `prompt` by GPT.generate and by the Engine, and compare them:
+    a KV-cache bug shows as a first mismatch. Compared over the Engine's tokens (it stops at a terminal
+    token, GPT.generate does not). Returns whether they match. Also run by `dev.bench_engine --check`."""
+    import time
+    tokens = [tokenizer.get_bos_token_id()] + tokenizer.encode(prompt)
+    engine_tokens = (column[0] for column, _ in Engine(model, tokenizer).generate(
+        tokens, num_samples=1, max_tokens=max_tokens, temperature=0.0))
+    sync = torch.cuda.synchronize if model.get_device().type == "cuda" else (lambda: None)
+    outputs = {}
+    for name, stream in (("Reference", model.generate(tokens, max_tokens, temperature=0.0)),
+                         ("Engine", engine_tokens)):
+        sync()
+        t0 = time.time()
+        outputs[name] = []
+        for token in stream:
+            outputs[name].append(token)
+            print(tokenizer.decode([token]), end="", flush=True)
+        sync()
+        print(f"\n{name} time: {time.time() - t0:.2f}s")
+    reference, engine = outputs["Reference"], outputs["Engine"]
+    mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine)) if a != b), None)
+    if mismatch is not None:
+        print(f"Mismatch at token {mismatch}: reference {reference[mismatch]}, engine {engine[mismatch]}")
+    match = mismatch is None
+    print(f"Match: {match}")
+    return match
+
+
+if __name__ == "__main__":
+    from nanochat.checkpoint_manager import load_model
+    device = common.compute_init(common.autodetect_device_type())[-1]
+    model, tokenizer, _ = load_model("base", device, phase="eval")
+    raise SystemExit(0 if self_check(model, tokenizer) else 1)

@@ -1,11 +1,15 @@
 """
 Engine, KV cache and calculator (the sampler has tests/test_sampling.py). The first eight tests are the
 reference's shipped engine tests (mock model and byte tokenizer that provide only the Engine's duck-typed
-requirements); the rest check the tool state machine with scripted models, the calculator table, and the
-Engine against GPT.generate on a tiny real model.
+requirements); the rest check the tool state machine with scripted models, the calculator table, the
+Engine against GPT.generate on a tiny real model, and the `python -m nanochat.engine` self-check.
 """
 
+import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -13,13 +17,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import nanochat.engine as engine_module
 from nanochat import common
 from nanochat.engine import (Engine, KVCache, NeverStopping, RowState, eval_with_timeout, prefill_prompt,
                              use_calculator)
 from nanochat.gpt import GPT, GPTConfig
 
 from conftest import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, AlteredLogits,
-                      ByteTokenizer)
+                      ByteTokenizer, write_tiny_checkpoint)
 
 # -----------------------------------------------------------------------------
 # The reference's mocks: only what the Engine is allowed to rely on
@@ -566,13 +571,37 @@ def test_max_tokens_none_stops_at_context_on_real_model():
 
 
 def test_self_check_matches_gpt_generate_and_skips_cuda_sync_on_cpu(monkeypatch, capsys):
-    """dev/bench_engine --check, the reference's `python -m nanochat.engine`, on a tiny model."""
-    from dev.bench_engine import _Tokens, self_check
+    """The self-check on a tiny model with a stand-in tokenizer (dev/bench_engine --check's --depth case)."""
+    from dev.bench_engine import _Tokens
 
     def no_cuda():
         raise RuntimeError("torch.cuda.synchronize called on CPU")
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_cuda)
-    assert self_check(tiny_gpt(), _Tokens(VOCAB), "cpu")
+    assert engine_module.self_check(tiny_gpt(), _Tokens(VOCAB))
     out = capsys.readouterr().out
     assert "Reference time: " in out and "Engine time: " in out and out.rstrip().endswith("Match: True")
+
+
+# -----------------------------------------------------------------------------
+# python -m nanochat.engine: the self-check users run on a trained base model
+
+def test_self_check_runs_on_a_base_checkpoint_and_matches(tiny_base_dir, tiny_tokenizer):
+    write_tiny_checkpoint(tiny_base_dir, "base", vocab_size=tiny_tokenizer.get_vocab_size(), perturb=0.1)
+    proc = subprocess.run([sys.executable, "-m", "nanochat.engine"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^Reference time: \d+\.\d\ds$", proc.stdout, re.M)
+    assert re.search(r"^Engine time: \d+\.\d\ds$", proc.stdout, re.M)
+    assert proc.stdout.rstrip().endswith("Match: True")
+
+
+def test_self_check_reports_a_broken_cache(tiny_base_dir, tiny_tokenizer, monkeypatch, capsys):
+    # a decode cache that loses the prompt: the Engine continues from nothing, so its tokens diverge
+    _, model = write_tiny_checkpoint(tiny_base_dir, "base", vocab_size=tiny_tokenizer.get_vocab_size(),
+                                     perturb=0.1)
+    monkeypatch.setattr(engine_module.KVCache, "prefill", lambda self, other, row=None: None)
+    assert engine_module.self_check(model.eval(), tiny_tokenizer, max_tokens=16) is False
+    out = capsys.readouterr().out
+    assert re.search(r"^Mismatch at token \d+: reference \d+, engine \d+$", out, re.M)
+    assert out.rstrip().endswith("Match: False")
