@@ -404,8 +404,6 @@ class Engine:
                 if keep_terminal or not completed[i]:
                     results[i].append(token)
                     masks[i].append(mask)
-            if all(completed):
-                break
         return (results, masks, completed) if keep_terminal else (results, masks)
 
 
