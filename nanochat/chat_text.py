@@ -22,19 +22,16 @@ class ReplyText:
         self.stopped = False
 
     def add(self, token_id):
-        if self.stopped:
-            return ""
-        self.held += self.decoder.add(token_id)
-        return self._release(final=False)
+        return self._release(self.decoder.add(token_id), final=False)
 
     def finish(self):
         """The rest, at the end of the reply (an incomplete character becomes U+FFFD)."""
-        if self.stopped:
-            return ""
-        self.held += self.decoder.finish()
-        return self._release(final=True)
+        return self._release(self.decoder.finish(), final=True)
 
-    def _release(self, final):
+    def _release(self, decoded, final):
+        if self.stopped:  # nothing after the stop string is shown
+            return ""
+        self.held += decoded
         found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
         if found:
             self.stopped = True
