@@ -141,12 +141,11 @@ def worker_devices(device_type, num_gpus):
     return [torch.device("cuda", i) for i in range(num_gpus)]
 
 
+@dataclass
 class WorkerPool:
     """The workers of the server: one batching scheduler per device, requests routed to the least loaded."""
-
-    def __init__(self, workers, model_id):
-        self.workers = workers
-        self.model_id = model_id
+    workers: list
+    model_id: str  # "nanochat-<source>-<tag>", the name /v1 clients use
 
     @classmethod
     def load(cls, config):
