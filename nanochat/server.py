@@ -488,12 +488,11 @@ def sampling_params(body, config, max_tokens):
     top_p are OpenAI's; the reference's requests have one choice and a random seed). Omitted values take the
     server's defaults."""
     temperature = body.temperature if body.temperature is not None else config.temperature
-    top_k = body.top_k if body.top_k is not None else config.top_k
+    top_k = body.top_k if body.top_k is not None else config.top_k  # the sampler takes 0 (top_p 1) as off
     top_p = getattr(body, "top_p", None)
-    top_p = top_p if top_p is not None and top_p < 1.0 else None
     seed = getattr(body, "seed", None)
     seed = seed if seed is not None else random.randint(0, 2**31 - 1)
-    return [SamplingParams(max_tokens=limit, temperature=temperature, top_k=top_k or None, top_p=top_p,
+    return [SamplingParams(max_tokens=limit, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=(seed + i) % 2**63) for i, limit in enumerate(max_tokens)]
 
 
