@@ -507,7 +507,7 @@ def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
     prompt_param, id_prefix = ("prompt", "cmpl") if text_completion else ("messages", "chatcmpl")
     for i, prompt in enumerate(prompts):
         if len(prompt) >= worker.context_len:
-            named = {"messages": "messages take", "prompt": "prompt takes"}[prompt_param]
+            named = "prompt takes" if text_completion else "messages take"
             named = f"prompt[{i}] takes" if len(prompts) > 1 else named
             raise APIError(400, f"This model's maximum context length is {worker.context_len} tokens, but "
                                 f"the {named} {len(prompt)} tokens", prompt_param,
