@@ -120,15 +120,10 @@ def use_calculator(expr):
     """Evaluate a tool call: arithmetic (no **), or str.count on literals. Returns int | float | None."""
     expr = expr.replace(",", "")  # "1,000" -> "1000" (also inside string literals, as the reference)
     if all(c in MATH_CHARS for c in expr):
-        if "**" in expr:  # power can build numbers with billions of digits
-            return None
-        return eval_with_timeout(expr)
-    if not all(c in STRING_CHARS for c in expr):
+        return None if "**" in expr else eval_with_timeout(expr)  # ** can build billions of digits
+    if not all(c in STRING_CHARS for c in expr) or ".count(" not in expr:
         return None
-    lowered = expr.lower()
-    if any(bad in lowered for bad in BLOCKED_SUBSTRINGS):
-        return None
-    if ".count(" not in expr:
+    if any(bad in expr.lower() for bad in BLOCKED_SUBSTRINGS):
         return None
     return eval_with_timeout(expr)
 
