@@ -115,7 +115,7 @@ class GenerationRequest:
 class BatchScheduler:
     """Continuous batching of GenerationRequests over one model (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, device=None, fixed_width=False):
+    def __init__(self, model, tokenizer, max_batch_size=8, max_queue=64, fixed_width=False):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"need max_batch_size >= 1 and max_queue >= 0, "
                              f"got {max_batch_size}, {max_queue}")
@@ -124,7 +124,7 @@ class BatchScheduler:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.fixed_width = fixed_width
-        self.device = torch.device(device) if device is not None else model.get_device()
+        self.device = model.get_device()
         self.tools = ToolUse(tokenizer)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)

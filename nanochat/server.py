@@ -161,8 +161,7 @@ class WorkerPool:
                 model, tokenizer, _ = load_model(config.source, device, phase="eval", model_tag=tag,
                                                  step=config.step)
                 scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
-                                           max_queue=config.max_queue, device=device,
-                                           fixed_width=config.batch_invariant)
+                                           max_queue=config.max_queue, fixed_width=config.batch_invariant)
                 scheduler.start()
                 workers.append(Worker(gpu_id, device, scheduler, tokenizer, model.config.sequence_len))
         except BaseException:
