@@ -233,9 +233,10 @@ class BatchScheduler:
         """Move queued requests into free slots (cancelled ones end here). Returns [(slot, request)]."""
         admitted = []
         with self._lock:
+            # one read of each flag: a request cancelled meanwhile stays queued until the next step
             cancelled = [request for request in self._queue if request.cancelled]
-            if cancelled:
-                self._queue = deque(request for request in self._queue if not request.cancelled)
+            for request in cancelled:
+                self._queue.remove(request)
             free = [slot for slot, request in enumerate(self._slots) if request is None]
             while free and self._queue:
                 request = self._queue.popleft()

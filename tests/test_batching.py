@@ -447,6 +447,23 @@ def test_cancel_while_queued(model, scheduler_factory):
     assert collect(request) == ([], [], "cancelled")
 
 
+def test_a_request_cancelled_while_the_queue_is_filtered_still_ends(model, scheduler_factory):
+    class CancelledAfterOneLook(threading.Event):  # the client's cancel lands between two reads of the flag
+        looks = 0
+
+        def is_set(self):
+            self.looks += 1
+            return self.looks > 1
+
+    scheduler = scheduler_factory(model, start=False)
+    first, second = (scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=5)) for _ in range(2))
+    first.cancel()
+    second._cancelled = CancelledAfterOneLook()
+    scheduler.start()
+    assert collect(first) == ([], [], "cancelled")
+    assert collect(second)[2] == "cancelled"
+
+
 def test_queue_full_and_shutdown_cancels_pending(model, scheduler_factory):
     # capacity is the slots plus max_queue: one slot and a waiting room of two take three requests
     scheduler = scheduler_factory(model, max_batch_size=1, max_queue=2, start=False)
