@@ -87,7 +87,7 @@ def check_params(params, prompt_len, sequence_len):
 class GenerationRequest:
     """One submitted prompt. Events go to the on_event callback given to submit(), else into self.events."""
 
-    def __init__(self, prompt_tokens, params, on_event=None, wake=None):
+    def __init__(self, prompt_tokens, params, on_event, wake):
         self.id = uuid.uuid4().hex
         self.prompt_tokens = prompt_tokens
         self.params = params
@@ -104,8 +104,7 @@ class GenerationRequest:
     def cancel(self):
         """Thread-safe. The request ends with a "cancelled" event at the scheduler's next step boundary."""
         self._cancelled.set()
-        if self._wake is not None:
-            self._wake()
+        self._wake()
 
     @property
     def cancelled(self):
@@ -174,7 +173,7 @@ class BatchScheduler:
         if not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt_tokens):
             raise ValueError(f"prompt_tokens must be ints in [0, {vocab_size})")
         check_params(params, len(prompt_tokens), self.model.config.sequence_len)
-        request = GenerationRequest(prompt_tokens, params, on_event, wake=self._wake)
+        request = GenerationRequest(prompt_tokens, params, on_event, self._wake)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the scheduler was shut down")
