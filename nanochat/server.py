@@ -253,6 +253,10 @@ async def on_unexpected_error(request, exc):
     return error_response(request.url.path, 500, "Internal server error", type="server_error")
 
 
+async def on_http_error(request, exc):  # unknown paths and methods, a missing UI file
+    return error_response(request.url.path, exc.status_code, exc.detail, headers=exc.headers)
+
+
 API_KEY_ENV = "NANOCHAT_API_KEY"
 ALL_INTERFACES = ("0.0.0.0", "::")
 
@@ -409,10 +413,6 @@ def http_protocol(config):
             self.transport.close()
 
     return HeaderTimeLimit
-
-
-async def on_http_error(request, exc):  # unknown paths and methods, a missing UI file
-    return error_response(request.url.path, exc.status_code, exc.detail, headers=exc.headers)
 
 
 # -----------------------------------------------------------------------------
@@ -813,7 +813,9 @@ async def lifespan(app):
 
 def create_app(config):
     """The FastAPI app for a ServerConfig; models load when it starts (lifespan), not here."""
-    app = FastAPI(title="nanochat", lifespan=lifespan)
+    app = FastAPI(title="nanochat", lifespan=lifespan, exception_handlers={
+        APIError: on_api_error, RequestValidationError: on_validation_error,
+        StarletteHTTPException: on_http_error, Exception: on_unexpected_error})
     app.state.config, app.state.pool, app.state.startup_error = config, None, None
     app.add_middleware(BoundedBody, max_bytes=config.max_body_bytes, timeout=config.body_timeout)
     api_key = required_api_key(config)
@@ -822,10 +824,6 @@ def create_app(config):
     # added last, so outermost: the errors above carry CORS headers too. No cookies are used, so no
     # credentials (browsers refuse credentials with origin *); the API key is a header, not a credential
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
-    app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected_error)
     for method, path, endpoint, documented in ROUTES:
         app.add_api_route(path, endpoint, methods=[method], responses=documented,
                           response_class=HTMLResponse if path == "/" else JSONResponse)
