@@ -257,21 +257,9 @@ async def on_http_error(request, exc):  # unknown paths and methods, a missing U
     return error_response(request.url.path, exc.status_code, exc.detail, headers=exc.headers)
 
 
-API_KEY_ENV = "NANOCHAT_API_KEY"
-ALL_INTERFACES = ("0.0.0.0", "::")
-
-
 def required_api_key(config):
     """The key clients must send; None: no key needed."""
-    return config.api_key or os.environ.get(API_KEY_ENV) or None
-
-
-def exposure_warning(host, api_key):
-    """The start-up warning for a server that anyone on the network can use; None when there is none."""
-    if host in ALL_INTERFACES and not api_key:
-        return (f"WARNING: listening on all interfaces ({host}) without an API key: anyone who can reach "
-                f"this machine can use the model (set --api-key or {API_KEY_ENV}, or --host 127.0.0.1)")
-    return None
+    return config.api_key or os.environ.get("NANOCHAT_API_KEY") or None
 
 
 def is_protected_path(path):

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from nanochat.common import autodetect_device_type, compute_init
-from nanochat.server import ServerConfig, create_app, exposure_warning, http_protocol, required_api_key
+from nanochat.server import ServerConfig, create_app, http_protocol, required_api_key
 
 
 def build_parser():
@@ -95,9 +95,9 @@ def main(argv=None):
     app = create_app(args)
     print("Starting NanoChat Web Server")
     print(f"Temperature: {args.temperature}, Top-k: {args.top_k}, Max tokens: {args.max_tokens}")
-    warning = exposure_warning(args.host, required_api_key(args))
-    if warning is not None:
-        print(warning)
+    if args.host in ("0.0.0.0", "::") and not required_api_key(args):
+        print(f"WARNING: listening on all interfaces ({args.host}) without an API key: anyone who can reach "
+              f"this machine can use the model (set --api-key or NANOCHAT_API_KEY, or --host 127.0.0.1)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, http=http_protocol(args))
     finally:
