@@ -355,8 +355,7 @@ class Engine:
         """Stream one (token_column, token_masks) pair per step: lists of length num_samples with each
         row's next token and 1 if it was sampled, 0 if the tool forced it. Rows that finished keep getting
         (meaningless) tokens until every row has finished or max_tokens steps were yielded."""
-        is_id_list = isinstance(tokens, list) and len(tokens) > 0 and isinstance(tokens[0], int)
-        assert is_id_list, "expecting list of ints"
+        assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int), "expecting list of ints"
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         device = self.model.get_device()
