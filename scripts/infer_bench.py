@@ -82,14 +82,14 @@ def peak_memory_mb(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure_point(engine, model, prompt, batch, args, peaks):
+def measure_point(engine, prompt, batch, args, peaks):
     """One row of the sweep: the medians of args.trials timed runs after one warm-up run."""
     if args.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     time_run(engine, prompt, batch, args.decode_tokens)
     runs = [time_run(engine, prompt, batch, args.decode_tokens) for _ in range(args.trials)]
     ttft, tpot = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    flops, nbytes = decode_step_cost(model, batch, len(prompt) + args.decode_tokens // 2)
+    flops, nbytes = decode_step_cost(engine.model, batch, len(prompt) + args.decode_tokens // 2)
     return {"prompt_tokens": len(prompt), "batch_size": batch, "decode_steps": runs[0][2],
             "ttft_sec": ttft, "tpot_sec": tpot, "tok_per_sec": batch / tpot,
             "mbu_percent": common.percent_of_peak(nbytes / tpot, peaks[1]),
@@ -127,7 +127,7 @@ def main(argv=None):
     for prompt_len in args.prompt_tokens:  # random byte tokens: ids every tokenizer has
         body = torch.randint(0, 256, (prompt_len - 1,), generator=rng).tolist()
         prompt = [tokenizer.get_bos_token_id()] + body
-        sweep += [measure_point(engine, model, prompt, batch, args, peaks) for batch in args.batch_sizes]
+        sweep += [measure_point(engine, prompt, batch, args, peaks) for batch in args.batch_sizes]
     device_name = torch.cuda.get_device_name(0) if args.device_type == "cuda" else args.device_type
     dtype = str(common.COMPUTE_DTYPE).removeprefix("torch.")
     print_table(f"{device_name} | {dtype} | {args.source} step {meta.get('step')} | "
