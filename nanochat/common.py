@@ -18,6 +18,7 @@ import re
 import socket
 import sys
 import time
+import timeit
 import urllib.error
 import urllib.request
 
@@ -583,12 +584,7 @@ def get_peak_bandwidth(device_name):
 
 def _best_seconds(fn, repeats):
     fn()  # warm-up: allocation, thread pool start
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=repeats))
 
 
 def measure_cpu_flops(matmul_dim=1024, repeats=5):
