@@ -193,12 +193,10 @@ def _hardware_lines(sys_info, gpu_info):
             f"- GPUs: {gpu_info['count']}x {names}",
             f"- GPU Memory: {sum(gpu_info['memory_gb']):.1f} GB total",
             f"- CUDA Version: {gpu_info['cuda_version']}",
+            f"- Hourly Rate: ${estimate_cost(gpu_info)['hourly_rate']:.2f}/hour",
         ]
     else:
         out.append("- GPUs: None available")
-    cost = estimate_cost(gpu_info)
-    if cost and cost["hourly_rate"] > 0:
-        out.append(f"- Hourly Rate: ${cost['hourly_rate']:.2f}/hour")
     return out
 
 
