@@ -480,15 +480,15 @@ def get_token_bytes(device="cpu", tokenizer=None):
     """The (vocab_size,) int32 table written by tok_train (see compute_token_bytes), on `device`, checked
     against `tokenizer` (the caller's, loaded from this base dir; None: the tokenizer.pkl beside it)."""
     path = _tokenizer_path("token_bytes.pt", "Token bytes")
+    fix = _TOKEN_BYTES_FIX.format(path=path)
     try:
         token_bytes = torch.load(path, map_location=device)
     except Exception as e:
         raise BadFileError(f"Token bytes file {path} is truncated or corrupt ({one_line_error(e)}). "
-                           f"{_TOKEN_BYTES_FIX.format(path=path)}") from e
+                           f"{fix}") from e
     is_table = isinstance(token_bytes, torch.Tensor) and token_bytes.ndim == 1
     if not is_table or token_bytes.is_floating_point():
-        raise BadFileError(f"Token bytes file {path} does not hold a 1-D integer tensor. "
-                           f"{_TOKEN_BYTES_FIX.format(path=path)}")
+        raise BadFileError(f"Token bytes file {path} does not hold a 1-D integer tensor. {fix}")
     # a table of another tokenizer indexes out of range or, as often with the same vocab size (32768 by
     # default), gives a wrong bpb silently: it must be this tokenizer's (~30 ms to recount at 32K)
     if tokenizer is None and os.path.exists(os.path.join(os.path.dirname(path), "tokenizer.pkl")):
@@ -497,12 +497,11 @@ def get_token_bytes(device="cpu", tokenizer=None):
         if len(token_bytes) != tokenizer.get_vocab_size():
             raise BadFileError(f"Token bytes file {path} has {len(token_bytes)} entries and the tokenizer "
                                f"beside it {tokenizer.get_vocab_size()} tokens: it belongs to another "
-                               f"tokenizer. {_TOKEN_BYTES_FIX.format(path=path)}")
+                               f"tokenizer. {fix}")
         foreign = _entries_of_another_tokenizer(token_bytes, tokenizer)
         if foreign:
             raise BadFileError(f"Token bytes file {path} differs from the tokenizer beside it in {foreign} "
-                               f"of {len(token_bytes)} entries: it belongs to another tokenizer. "
-                               f"{_TOKEN_BYTES_FIX.format(path=path)}")
+                               f"of {len(token_bytes)} entries: it belongs to another tokenizer. {fix}")
     return token_bytes
 
 
