@@ -19,21 +19,6 @@ COMMITTED_IDENTITY_PATH = os.path.join(TASK_DATA_DIR, "chat", "identity_conversa
 COMMITTED_DOLLY_PATH = os.path.join(TASK_DATA_DIR, "chat", "dolly_hhrlhf_train_small.jsonl.gz")
 
 
-def missing_file_message(filepath):
-    return (f"CustomJSON: conversations file not found: {filepath}. For the nanochat identity conversations, "
-            f"download them with `curl -L -o {filepath} {IDENTITY_CONVERSATIONS_URL}` (see "
-            f"karpathy/nanochat#139), or, offline, use the committed copy "
-            f"{display_path(COMMITTED_IDENTITY_PATH)}")
-
-
-def read_conversations(filepath):
-    """Every conversation (a list of messages) in the file, validated; errors name the file and line."""
-    lines = read_json_lines(filepath, "Fix: correct or delete that line")
-    for line_number, messages in lines:
-        check_messages(messages, f"{filepath}:{line_number}", allow_system=False)
-    return [messages for _, messages in lines]
-
-
 class CustomJSON(Task):
     """
     A missing file is an error: going on with zero conversations would let SFT silently run without its
@@ -43,9 +28,16 @@ class CustomJSON(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         if not os.path.exists(filepath):
-            raise MissingFileError(missing_file_message(filepath))
+            raise MissingFileError(
+                f"CustomJSON: conversations file not found: {filepath}. For the nanochat identity "
+                f"conversations, download them with `curl -L -o {filepath} {IDENTITY_CONVERSATIONS_URL}` "
+                f"(see karpathy/nanochat#139), or, offline, use the committed copy "
+                f"{display_path(COMMITTED_IDENTITY_PATH)}")
         self.filepath = filepath
-        self.conversations = read_conversations(filepath)
+        lines = read_json_lines(filepath, "Fix: correct or delete that line")  # errors name the file and line
+        for line_number, messages in lines:
+            check_messages(messages, f"{filepath}:{line_number}", allow_system=False)
+        self.conversations = [messages for _, messages in lines]
         print0(f"CustomJSON: {len(self.conversations):,} conversations from {display_path(filepath)}")
 
     def num_examples(self):
