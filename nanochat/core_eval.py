@@ -278,11 +278,8 @@ def find_common_length(token_sequences, direction="left"):
 
 def stack_sequences(tokens, pad_token_id):
     """(N, max_len) int64 tensor of the rows, right-padded with pad_token_id."""
-    max_len = max(len(row) for row in tokens)
-    input_ids = torch.full((len(tokens), max_len), pad_token_id, dtype=torch.long)
-    for i, row in enumerate(tokens):
-        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return input_ids
+    rows = [torch.tensor(row, dtype=torch.long) for row in tokens]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_token_id)
 
 
 def batch_sequences_mc(tokenizer, prompts):
