@@ -10,7 +10,6 @@ optional task-specific keys ("letters", "subject", "entry_point", "test").
 
 import gzip
 import json
-import math
 import operator
 import os
 import random
@@ -70,7 +69,7 @@ class Task:
         stop = n if self.stop is None else self.stop
         if stop > n:
             stop = self._clamp_stop(n)
-        return max(0, math.ceil((stop - self.start) / self.step))
+        return len(range(self.start, stop, self.step))
 
     def _clamp_stop(self, n):
         """
