@@ -34,7 +34,7 @@ def eval_texts():
         except (FileNotFoundError, RuntimeError) as e:
             print(f"Skipping the {split} sample: {e}")
             continue
-        text = "\n".join(read_row_group(files[0], 0)) if files else ""
+        text = "\n".join(read_row_group(files[0], 0))  # list_split_files raises rather than return []
         if text:
             texts.append((name, text))
     return texts
