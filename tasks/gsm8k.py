@@ -52,7 +52,7 @@ def score_final_answer(conversation, assistant_response):
         raise ValueError("the last message must be the assistant's, with a list of parts as content")
     reference = extract_answer(gold["content"][-1]["text"])
     predicted = extract_answer(assistant_response)
-    return int(reference is not None and predicted is not None and predicted == reference)
+    return int(reference is not None and predicted == reference)
 
 
 class GSM8K(HubTask):
