@@ -258,7 +258,7 @@ def _patch_missing_config_keys(model_config_kwargs):
         log0("Patching missing window_pattern in model config: 'L' (full context)")
 
 
-def _noop_value(key, shape, model_data, embedding_dtype=torch.float32):
+def _noop_value(key, shape, model_data, embedding_dtype):
     """
     The value of a parameter an older checkpoint lacks that makes its feature an exact no-op in
     GPT.forward, or None when no such value exists. A gate is only free to choose when the thing
