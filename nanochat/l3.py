@@ -301,7 +301,6 @@ class L3Layer(nn.Module):
         self.w_mix = Linear(self.d_up + self.n_embd, self.n_embd, bias=False)
         n_bounds = self.vocab_size + 1 if self.vocab_size > 0 else 1
         self.register_buffer("bounds", torch.zeros(n_bounds, dtype=torch.long), persistent=True)
-        self.register_load_state_dict_post_hook(L3Layer._after_load)
         self.reset_parameters()
 
     def tables(self):
@@ -379,20 +378,15 @@ class L3Layer(nn.Module):
         return (b[1:] - b[:-1]).tolist()
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        key = prefix + "bounds"
-        loaded = state_dict.get(key)
+        loaded = state_dict.get(prefix + "bounds")
         if self.vocab_size == 0 and isinstance(loaded, torch.Tensor) and loaded.shape != self.bounds.shape:
             # the placeholder of a layer built without vocab_size takes the checkpoint's shape
             self.bounds = torch.zeros(loaded.shape, dtype=torch.long, device=self.bounds.device)
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    @staticmethod
-    def _after_load(module, incompatible_keys):
-        # re-derive (or check against the fixed) k_max from the loaded bounds
-        b = module.bounds.detach().cpu()
-        if module.vocab_size == 0 and b.numel() < 2:
-            return  # placeholder, nothing loaded yet
-        module._check_bounds(b)
+        # re-derive (or check against the fixed) k_max from the loaded bounds, unless still a placeholder
+        b = self.bounds.detach().cpu()
+        if self.vocab_size > 0 or b.numel() >= 2:
+            self._check_bounds(b)
 
     # -- forward --------------------------------------------------------------
 
