@@ -103,11 +103,7 @@ def search(fits, candidates, start):
         while i + 1 < len(candidates) and fits(candidates[i + 1]):
             i += 1
         return candidates[i]
-    while i > 0:
-        i -= 1
-        if fits(candidates[i]):
-            return candidates[i]
-    return None
+    return next((b for b in reversed(candidates[:i]) if fits(b)), None)
 
 
 def device_batch_size(value, model, seq_len, start, total_tokens=None, max_rows=MAX_ROWS, backward=True,
