@@ -71,7 +71,14 @@ def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
     returned with a warning. Raises ValueError for n_emb < vocab_size, k_max < 1, or ids outside
     [0, vocab_size). token_sequences is consumed once (a generator is fine).
     """
-    V, n_emb, k_max = _check_allocation_sizes(vocab_size, n_emb, k_max)
+    V, n_emb, k_max = int(vocab_size), int(n_emb), int(k_max)
+    if V < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    if n_emb < V:
+        raise ValueError(f"n_emb ({n_emb}) must be >= vocab_size ({V}): every token needs at least one "
+                         f"embedding")
     trie = _PhraseTrie(V)
     for seq in token_sequences:
         trie.scan(_checked_ids(seq, V))
@@ -84,19 +91,6 @@ def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
         print0(f"Warning: L3 n_emb={n_emb} exceeds vocab_size * k_max = {V} * {k_max} = {V * k_max}; "
                f"using the saturated allocation ({total} embeddings, {k_max} per token)")
     return alloc
-
-
-def _check_allocation_sizes(vocab_size, n_emb, k_max):
-    """(V, n_emb, k_max) as ints, or ValueError when no valid allocation can exist."""
-    V, n_emb, k_max = int(vocab_size), int(n_emb), int(k_max)
-    if V < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    if k_max < 1:
-        raise ValueError(f"k_max must be >= 1, got {k_max}")
-    if n_emb < V:
-        raise ValueError(f"n_emb ({n_emb}) must be >= vocab_size ({V}): every token needs at least one "
-                         f"embedding")
-    return V, n_emb, k_max
 
 
 def _checked_ids(seq, V):
