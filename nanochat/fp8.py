@@ -98,6 +98,15 @@ def _allow_in_graph():
     torch._dynamo.allow_in_graph(_Float8Matmul)
 
 
+def _sharing_parameters(cls, mod):
+    """A cls(in_features, out_features) layer whose weight and bias are mod's Parameters (no copy)."""
+    with torch.device("meta"):  # the shell's own parameters are replaced below: don't allocate them
+        new = cls(mod.in_features, mod.out_features, bias=False)
+    new.weight, new.bias = mod.weight, mod.bias
+    new.train(mod.training)
+    return new
+
+
 class Float8Linear(nn.Linear):
     """nn.Linear whose matmul runs in FP8 (tensorwise scaling); the weight stays an fp32 master copy."""
 
@@ -119,19 +128,7 @@ class Float8Linear(nn.Linear):
             out = out + self.bias.to(out.dtype)
         return out
 
-    @classmethod
-    def from_float(cls, mod):
-        """A Float8Linear sharing mod's weight and bias Parameters (no copy)."""
-        return _sharing_parameters(cls, mod)
-
-
-def _sharing_parameters(cls, mod):
-    """A cls(in_features, out_features) layer whose weight and bias are mod's Parameters (no copy)."""
-    with torch.device("meta"):  # the shell's own parameters are replaced below: don't allocate them
-        new = cls(mod.in_features, mod.out_features, bias=False)
-    new.weight, new.bias = mod.weight, mod.bias
-    new.train(mod.training)
-    return new
+    from_float = classmethod(_sharing_parameters)  # a Float8Linear sharing mod's weight and bias (no copy)
 
 
 @dataclass
