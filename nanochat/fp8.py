@@ -152,14 +152,10 @@ def convert_to_float8_training(module, *, config=None, module_filter_fn=None):
             return False
         return module_filter_fn is None or module_filter_fn(mod, fqn)
 
-    def convert_children(parent, prefix):
-        for name, child in list(parent.named_children()):
-            fqn = f"{prefix}.{name}" if prefix else name
-            convert_children(child, fqn)  # post-order: descendants first
-            if eligible(child, fqn):
-                setattr(parent, name, Float8Linear.from_float(child))
-
-    convert_children(module, "")
+    for fqn, child in list(module.named_modules(remove_duplicate=False)):
+        if fqn and eligible(child, fqn):
+            parent_name, _, name = fqn.rpartition(".")
+            setattr(module.get_submodule(parent_name), name, Float8Linear.from_float(child))
     return Float8Linear.from_float(module) if eligible(module, "") else module
 
 
