@@ -518,14 +518,12 @@ def reliability_guard(maximum_memory_bytes=None):
     process for any other use: call it only in the sandbox child, right before running the code."""
     _set_resource_limits(maximum_memory_bytes)
     faulthandler.disable()
-    for name in ("exit", "quit", "help"):
-        setattr(builtins, name, None)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    for name in DISABLED_OS_FUNCTIONS:
-        setattr(os, name, None)
-    for name in DISABLED_SHUTIL_FUNCTIONS:
-        setattr(shutil, name, None)
-    subprocess.Popen = None
+    os.environ["OMP_NUM_THREADS"] = "1"  # before os.putenv, which setting it calls, is disabled
+    disabled = {builtins: ("exit", "quit", "help"), os: DISABLED_OS_FUNCTIONS,
+                shutil: DISABLED_SHUTIL_FUNCTIONS, subprocess: ("Popen",)}
+    for module, names in disabled.items():
+        for name in names:
+            setattr(module, name, None)
     for name in BLOCKED_MODULES:
         sys.modules[name] = None  # import raises ModuleNotFoundError
 
