@@ -172,7 +172,8 @@ def _load_flash_attention_3():
 
 def _agree_across_ranks(usable, device):
     """{entry: bool} -> the same dict with each flag ANDed over all ranks (all-reduce MIN)."""
-    on = device if is_ddp_initialized() and dist.get_backend() == "nccl" else "cpu"  # gloo reduces on the host
+    # gloo reduces on the host
+    on = device if is_ddp_initialized() and dist.get_backend() == "nccl" else "cpu"
     flags = agree([usable[e] for e in _ENTRIES], on, dist.ReduceOp.MIN)
     return {e: bool(f) for e, f in zip(_ENTRIES, flags)}
 

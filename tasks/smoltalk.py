@@ -9,9 +9,10 @@ chat data (tasks.customjson.COMMITTED_IDENTITY_PATH, COMMITTED_DOLLY_PATH) is th
 from tasks.common import HubTask, check_messages, display_path
 from tasks.customjson import COMMITTED_DOLLY_PATH, COMMITTED_IDENTITY_PATH
 
-OFFLINE_HINT = ("Offline (NANOCHAT_OFFLINE=1 makes chat_sft do so), train on the committed chat conversations "
-                "instead: CustomJSON(COMMITTED_IDENTITY_PATH) and CustomJSON(COMMITTED_DOLLY_PATH) from "
-                f"tasks.customjson ({display_path(COMMITTED_IDENTITY_PATH)}, "
+OFFLINE_HINT = ("Offline (NANOCHAT_OFFLINE=1 makes chat_sft do so), train on the committed chat "
+                "conversations instead: CustomJSON(COMMITTED_IDENTITY_PATH) and "
+                "CustomJSON(COMMITTED_DOLLY_PATH) from tasks.customjson "
+                f"({display_path(COMMITTED_IDENTITY_PATH)}, "
                 f"{display_path(COMMITTED_DOLLY_PATH)}).")
 
 
