@@ -190,31 +190,26 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        phases = {"adamw": (self._reduce_adamw, self._update_adamw),
+                  "muon": (self._reduce_muon, self._update_muon)}
         for group in self.param_groups:
-            if group["kind"] not in ("adamw", "muon"):
+            if group["kind"] not in phases:
                 raise ValueError(f"Unknown optimizer kind: {group['kind']}")
         # an empty group has nothing to do (the same on every rank: it joins no collective)
-        groups = [group for group in self.param_groups if group["params"]]
+        groups = [(group, *phases[group["kind"]]) for group in self.param_groups if group["params"]]
         if self._world == 1:
             # Nothing to overlap: finish each group before the next, so only one group's
             # stacked buffers are alive at a time.
-            for group in groups:
-                for pending in self._update(group, self._reduce(group)):
+            for group, reduce, update in groups:
+                for pending in update(group, reduce(group)):
                     pending.wait()
             return
-        reduced = [self._reduce(group) for group in groups]
+        reduced = [reduce(group) for group, reduce, _ in groups]
         gathers = []
-        for group, r in zip(groups, reduced):
-            gathers += self._update(group, r)
+        for (group, _, update), r in zip(groups, reduced):
+            gathers += update(group, r)
         for pending in gathers:
             pending.wait()
-
-    def _reduce(self, group):
-        return self._reduce_adamw(group) if group["kind"] == "adamw" else self._reduce_muon(group)
-
-    def _update(self, group, reduced):
-        update = self._update_adamw if group["kind"] == "adamw" else self._update_muon
-        return update(group, reduced)
 
     # ---- collectives (identity on one process)
 
