@@ -493,7 +493,6 @@ class Checkpointer:
 
     def register(self, key, source):
         self.sources[key] = source
-        return source
 
     def meta(self, step):
         return {"step": step, **{key: _current_state(source) for key, source in self.sources.items()}}
