@@ -62,15 +62,13 @@ def inherit_hyperparameters(args, base_meta):
     for name, fallback, where in SFT_INHERITED:
         source = base_meta if where == "meta" else base_meta.get("user_config") or {}
         pretrained = source.get(name)
-        flag = getattr(args, name)
-        if flag is None:
+        value = getattr(args, name)  # None: the flag was not given
+        if value is None:
             value = pretrained if pretrained is not None else fallback
             print0(f"Inherited {name}={value} from pretrained checkpoint")
-        elif pretrained is not None and flag != pretrained:
-            value = flag
-            print0(f"NOTE: --{name.replace('_', '-')}={flag} overrides pretrained value of {pretrained}")
+        elif pretrained is not None and value != pretrained:
+            print0(f"NOTE: --{name.replace('_', '-')}={value} overrides pretrained value of {pretrained}")
         else:
-            value = flag
             print0(f"Using {name}={value}")
         resolved[name] = value
     return resolved
