@@ -146,11 +146,10 @@ def train_step(step, run, st, stop_flag):
     train_loss, n_with_targets, advanced = training.train_micro_steps(st.model, st.batches, st.accum,
                                                                       st.scaler)
     run.train_loss = run.train_loss if train_loss is None else train_loss  # logging only
-    batch_done = False
-    for batch_progress, done, run.epoch in advanced:
-        run.progress, batch_done = max(run.progress, batch_progress), batch_done or done
+    progresses, dones, epochs = zip(*advanced)
+    run.epoch = epochs[-1]
     # every rank must step with one LR
-    run.progress, done_flag = agree_max([run.progress, batch_done], st.device)
+    run.progress, done_flag = agree_max([max(run.progress, *progresses), any(dones)], st.device)
     run.last_step = bool(done_flag)
     update = training.renormalise_accumulated_grads(st.model, n_with_targets, st.accum, st.device) > 0
     if not update:
