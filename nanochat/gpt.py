@@ -47,7 +47,6 @@ class GPTConfig:
     l3_tie_kv: bool = True
 
 
-
 def config_for_depth(depth, aspect_ratio=64, head_dim=128, sequence_len=2048, vocab_size=32768, **kwargs):
     """The depth dial: width = depth * aspect_ratio rounded up to a whole number of heads, no GQA."""
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
@@ -247,8 +246,7 @@ class GPT(nn.Module):
                 torch.nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for key in sorted(self.l3_layers, key=int):  # after all reference draws: non-L3 RNG use unchanged
             self.l3_layers[key].reset_parameters()
-        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, n // cfg.n_head)
-        self.cos, self.sin = cos, sin
+        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, n // cfg.n_head)
         if common.COMPUTE_DTYPE != torch.float16:
             # embedding tables in the compute dtype halve their memory; under fp16 they stay fp32
             # because GradScaler.unscale_ refuses fp16 gradients
