@@ -531,10 +531,9 @@ def restore_run_state(ckpt, meta, config, user_config, stage_keys, scaler, wandb
     fixed = {"model_config": asdict(config), "user_config": user_config, **stage_keys}
     for key, source in {"val_bpb": lambda: run.val_bpb, **fixed}.items():
         ckpt.register(key, source)
-    extra = loop_extra or {}
     ckpt.register("loop_state", lambda: {"min_val_bpb": run.min_val_bpb, **run.tracker.state_dict(),
                                          **{key: getattr(run, key) for key in saved},
-                                         **{key: read() for key, read in extra.items()}})
+                                         **{key: read() for key, read in (loop_extra or {}).items()}})
     ckpt.register("grad_scaler", scaler)
     ckpt.register("wandb_run_id", getattr(wandb_run, "id", None))  # None for a DummyWandb
     ckpt.restore(meta)

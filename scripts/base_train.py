@@ -94,8 +94,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    positive = ["depth", "aspect_ratio", "head_dim", "max_seq_len", "l3_k_max"]
-    for name in positive:
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "l3_k_max"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.warmup_steps < 0:  # 0: no warmup, as in the reference

@@ -99,9 +99,8 @@ def train_step(model, engine, tokenizer, train_task, optimizer, step, num_steps,
         for p, start in enumerate(starts):
             rows = slice(start, start + args.device_batch_size)
             logp = -model(inputs[rows], targets[rows], loss_reduction="none").view_as(targets[rows])
-            objective = chat_train.policy_objective(logp, targets[rows], advantages[rows], len(starts),
-                                                    examples_per_rank)
-            loss = -objective
+            loss = -chat_train.policy_objective(logp, targets[rows], advantages[rows], len(starts),
+                                                examples_per_rank)
             loss.backward()
             loss_value = loss.item()
             loss_sum += loss_value
