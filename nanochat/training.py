@@ -348,7 +348,6 @@ def configure_determinism(device_type):
     hence the default. On CUDA it also costs speed and FA3's backward stays non-deterministic, so it is
     opt-in (NANOCHAT_DETERMINISTIC=1, with NANOCHAT_ATTN=sdpa for the attention). Results still depend on
     the number of intra-op threads (OMP_NUM_THREADS): keep it fixed between runs that must agree.
-    Returns whether deterministic mode is on.
     """
     enabled = deterministic_wanted(device_type)
     if enabled and device_type == "cuda":
@@ -358,7 +357,6 @@ def configure_determinism(device_type):
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     if enabled:
         print0(f"Deterministic mode on ({device_type}; NANOCHAT_DETERMINISTIC=0 turns it off)")
-    return enabled
 
 
 # -----------------------------------------------------------------------------
