@@ -235,7 +235,6 @@ def build_model(args, tokenizer, device, rank, checkpoint_dir):
         model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device)
         check_resume_architecture(meta, config)
         model.load_state_dict(model_data, strict=True, assign=True)
-        del model_data
     elif len(model.l3_layers) > 0:
         compute_l3_bounds(model, tokenizer, args, device, rank)
     return model, config, meta
