@@ -19,7 +19,9 @@ Module globals, read at call time (tests assign them):
   rank must read it at the same point (the decision may all-reduce).
 - _override_impl: None | 'fa3' | 'sdpa', or _FROM_ENV until the decision reads the env var NANOCHAT_ATTN
   (so a value set after import, e.g. by a launcher, still counts).
-- USE_FA3 / USE_FA3_KVCACHE = _resolve_use_fa3(entry); reassign them after changing _override_impl.
+- USE_FA3 / USE_FA3_KVCACHE = _resolve_use_fa3(entry); reassign them after changing _override_impl. Both
+  entry points read USE_FA3 at call time (the reference's tests switch both to SDPA with it alone): the
+  KV-cache one runs FA3 when USE_FA3 and USE_FA3_KVCACHE are both on.
 """
 
 import contextlib
@@ -112,12 +114,13 @@ def decide_backend(device, head_dim):
             reasons[entry] = "another rank cannot run it"
     _fa3 = fa3
     HAS_FA3, HAS_FA3_KVCACHE = agreed["train"], agreed["kvcache"]
-    USE_FA3, USE_FA3_KVCACHE = _resolve_use_fa3("train"), _resolve_use_fa3("kvcache")
+    USE_FA3 = _resolve_use_fa3("train")
+    USE_FA3_KVCACHE = USE_FA3 and _resolve_use_fa3("kvcache")  # what flash_attn_with_kvcache runs
     dtype_reason = "COMPUTE_DTYPE is not bfloat16, which the FA3 kernels need"
-    _backend = AttentionBackend(
-        train="fa3" if USE_FA3 else "sdpa", kvcache="fa3" if USE_FA3_KVCACHE else "sdpa",
-        train_reason="" if USE_FA3 else reasons["train"] or dtype_reason,
-        kvcache_reason="" if USE_FA3_KVCACHE else reasons["kvcache"] or dtype_reason)
+    train_reason = "" if USE_FA3 else reasons["train"] or dtype_reason
+    kvcache_reason = "" if USE_FA3_KVCACHE else reasons["kvcache"] or train_reason
+    _backend = AttentionBackend(train="fa3" if USE_FA3 else "sdpa", kvcache="fa3" if USE_FA3_KVCACHE else "sdpa",
+                                train_reason=train_reason, kvcache_reason=kvcache_reason)
     print(f"rank {_rank()}: {_backend.describe()}", flush=True)
     return _backend
 
@@ -360,7 +363,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     mask, so its numbers do not depend on the other rows' positions."""
     if _backend is None:
         decide_backend(q.device, q.size(-1))
-    if USE_FA3_KVCACHE:
+    if USE_FA3 and USE_FA3_KVCACHE:
         out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=window_size)
         return _first(out)

@@ -395,6 +395,24 @@ def test_kvcache_failure_keeps_fa3_for_training(monkeypatch, hopper, capsys):
     assert [entry for entry, _, _ in kernel.calls] == ["train"]
 
 
+def test_use_fa3_alone_switches_both_entry_points(monkeypatch, hopper):
+    # the reference's tests compare FA3 with SDPA by assigning USE_FA3 only (its set_impl): the KV-cache
+    # entry point must follow it, or its SDPA regression tests would run FA3 against FA3
+    kernel = StandInFA3()
+    FakeKernelsPackage(kernel).install(monkeypatch)
+    assert fa_module.decide_backend(torch.device("cpu"), 128).kvcache == "fa3"
+    q = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    k_cache = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
+    for impl, expected in (("sdpa", []), ("fa3", ["train", "kvcache"])):
+        fa_module._override_impl = impl
+        fa_module.USE_FA3 = fa_module._resolve_use_fa3()
+        kernel.calls.clear()
+        flash_attn.flash_attn_func(q, q, q, causal=True, window_size=(-1, 0))
+        flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k=q, v=q,
+                                           cache_seqlens=torch.zeros(1, dtype=torch.int32), causal=True)
+        assert [entry for entry, _, _ in kernel.calls] == expected, impl
+
+
 def test_a_kernel_returning_a_tuple_yields_the_attention_output(monkeypatch, hopper):
     FakeKernelsPackage(StandInFA3(with_lse=True)).install(monkeypatch)
     assert fa_module.decide_backend(torch.device("cpu"), 64).train == "fa3"
