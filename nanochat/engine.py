@@ -433,8 +433,13 @@ def self_check(model, tokenizer, prompt="The chemical formula of water is", max_
     return match
 
 
-if __name__ == "__main__":
+@common.exit_on_setup_error("engine")
+def main():
     from nanochat.checkpoint_manager import load_model
     device = common.compute_init(common.autodetect_device_type())[-1]
     model, tokenizer, _ = load_model("base", device, phase="eval")
-    raise SystemExit(0 if self_check(model, tokenizer) else 1)
+    return 0 if self_check(model, tokenizer) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

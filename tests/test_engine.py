@@ -596,6 +596,13 @@ def test_self_check_runs_on_a_base_checkpoint_and_matches(tiny_base_dir, tiny_to
     assert proc.stdout.rstrip().endswith("Match: True")
 
 
+def test_self_check_without_a_base_checkpoint_ends_in_one_line(tiny_base_dir):
+    proc = subprocess.run([sys.executable, "-m", "nanochat.engine"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("engine: error: No checkpoints found in ")
+
+
 def test_self_check_reports_a_broken_cache(tiny_base_dir, tiny_tokenizer, monkeypatch, capsys):
     # a decode cache that loses the prompt: the Engine continues from nothing, so its tokens diverge
     _, model = write_tiny_checkpoint(tiny_base_dir, "base", vocab_size=tiny_tokenizer.get_vocab_size(),
