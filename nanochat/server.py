@@ -705,10 +705,12 @@ async def collect(generation, request):
 
     watcher = asyncio.create_task(cancel_on_disconnect())
     try:
-        async for _ in generation.deltas():
-            pass
+        async for index, _ in generation.deltas():
+            if generation.choices[index].finish_reason == "error":
+                break  # the reply is a 500 now: the other choices stop instead of decoding to their end
     finally:
         watcher.cancel()
+        generation.cancel()
 
 
 async def openai_stream(generation, model_id, include_usage, num_messages, chat):

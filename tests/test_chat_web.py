@@ -250,6 +250,44 @@ def test_a_failed_generation_is_reported_on_every_api(tiny_chat_model):
                                          "param": None, "code": None}}]
 
 
+class FirstBatchedRowFails(AlteredLogits):
+    """The real GPT whose row 1 turns NaN in the first batched decode step; the next batched step waits (up
+    to 10 s) for every request to be cancelled, so that rows left running cannot finish first by speed."""
+
+    def __init__(self, model, requests):
+        super().__init__(model)
+        self.requests, self.steps = requests, 0
+
+    def alter(self, logits, ids):
+        if ids.size(0) > 1:
+            self.steps += 1
+            if self.steps == 1:
+                logits[1].fill_(float("nan"))
+            deadline = time.monotonic() + 10
+            while self.steps == 2 and not all(r.cancelled for r in self.requests) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return logits
+
+
+def test_a_non_streaming_reply_with_a_failed_choice_stops_its_other_choices(tiny_chat_model, monkeypatch):
+    # the reply is a 500 from the moment one choice fails: its other choices must not decode on to the end
+    model, tokenizer = tiny_chat_model
+    submitted = []
+    with app_over(FirstBatchedRowFails(model, submitted), tokenizer) as client:
+        scheduler = client.app.state.pool.workers[0].scheduler
+        submit = scheduler.submit
+        monkeypatch.setattr(scheduler, "submit", lambda *args, **kw: submitted.append(submit(*args, **kw)) or
+                            submitted[-1])
+        body = {"messages": USER, "n": 3, "max_tokens": 1500, "temperature": 0.0}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 500
+        deadline = time.monotonic() + 10  # the cancelled choices end at the scheduler's next step
+        while any(r.finish_reason is None for r in submitted) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(map(str, (r.finish_reason for r in submitted))) == ["cancelled", "cancelled", "error"]
+
+
 def test_log_conversations_flag_logs_each_conversation_in_full(tiny_chat_model, caplog):
     model, tokenizer = tiny_chat_model
     for log_conversations in (False, True):
