@@ -15,7 +15,8 @@ Two layers:
   writes (stdout and stderr included), stdin unavailable, destructive functions disabled
   (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
   On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes these
-  calls fail (DENIED_CALLS): starting a process (threads still start), so a fork bomb stays one process;
+  calls fail (DENIED_CALLS): starting a process (threads still start, and the parent kills the code if
+  more than THREADS_LIMIT run at once, as each takes a PID of the host's), so a fork bomb stays one process;
   making memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); changing
   resource limits (its own or another process's); signalling, tracing or reading another process; opening
   a socket (socketpair stays); and the kernel interfaces a sandbox has no use for (io_uring, bpf,
@@ -71,6 +72,7 @@ NAMESPACE_EXIT_TIMEOUT = 5.0  # seconds to wait for the kernel to end the proces
 # under bwrap >= 0.8 the code's temp dir is a tmpfs of this size: files written in a loop until the timeout
 # would otherwise put gigabytes on the host's disk
 WORKDIR_LIMIT_BYTES = 64 * 1024 * 1024
+TIMEOUT_ERROR = "Execution timed out (process killed)"
 WORKDIR = "@WORKDIR@"  # in the bwrap command line: where the per-call temp dir goes
 
 # the reference's reliability guard, function for function
@@ -114,6 +116,12 @@ DENIED_CALLS = {
     "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106), "reboot": (169, 142),
 }
 OPEN_FILES_LIMIT = 256  # RLIMIT_NOFILE: also bounds what pipes and sockets can buffer
+# threads the code may run at once, each a PID of the host's: raw clone calls start them without memory that
+# RLIMIT_AS counts, and RLIMIT_NPROC does not bind a root evaluator, so the parent counts them and kills
+THREADS_LIMIT = 512
+# seconds between counts while waiting for the child: a burst of raw clones can pass the limit by a few
+# hundred before the kill
+THREADS_CHECK_INTERVAL = 0.05
 # signals that end a process unless it handles them: the kernel never delivers these to its PID
 # namespace's init (the code under bwrap) from inside, so there the harness handles them by exiting
 # 128 + N, which reads as that signal. Faults (SIGSEGV, ...) are forced and end it anyway.
@@ -254,27 +262,42 @@ def isolation_problem() -> str:
 # Parent side: running the child
 
 
-def _exited_within(process, timeout):
-    """Whether the child exits within timeout seconds (it is left unreaped). Waits on a pidfd where there is
+def _thread_count(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+    except (OSError, StopIteration, ValueError):  # ended, or not Linux
+        return 0
+
+
+def _exited_within(process, timeout, code_pid):
+    """None if the child exits within timeout seconds (it is left unreaped), else why it must be killed:
+    the timeout, or more than THREADS_LIMIT threads in process code_pid. Waits on a pidfd where there is
     one (Linux >= 5.3): Popen.wait with a timeout polls, which adds up to 50 ms to every call."""
     try:
         pidfd = os.pidfd_open(process.pid)
     except (AttributeError, OSError):
         try:
             process.wait(timeout=timeout)
-            return True
+            return None
         except subprocess.TimeoutExpired:
-            return False
-    try:
-        readable, _, _ = select.select([pidfd], [], [], timeout)  # readable once the child has exited
-        return bool(readable)
+            return TIMEOUT_ERROR
+    deadline = time.monotonic() + timeout
+    try:  # readable once the child has exited
+        while not select.select([pidfd], [], [], min(THREADS_CHECK_INTERVAL, timeout))[0]:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return TIMEOUT_ERROR
+            if _thread_count(code_pid) > THREADS_LIMIT:
+                return f"Process killed: more than {THREADS_LIMIT} threads"
+        return None
     finally:
         os.close(pidfd)
 
 
 def _namespace_init(info_fd, deadline):
-    """A pidfd of the init of bwrap's PID namespace, from the JSON bwrap writes to --info-fd as soon as it
-    has cloned it (then bwrap closes the fd). None where pidfds are unavailable or it ended already."""
+    """A pidfd and the pid of the init of bwrap's PID namespace, from the JSON bwrap writes to --info-fd as
+    soon as it has cloned it (then bwrap closes the fd). None for either where it cannot be had."""
     info = b""
     try:
         while select.select([info_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
@@ -282,9 +305,10 @@ def _namespace_init(info_fd, deadline):
             if not chunk:
                 break
             info += chunk
-        return os.pidfd_open(json.loads(info)["child-pid"])
+        pid = json.loads(info)["child-pid"]
+        return os.pidfd_open(pid), pid
     except (AttributeError, OSError, ValueError, KeyError):  # no pidfds, gone, or bwrap failed to start
-        return None
+        return None, None
     finally:
         os.close(info_fd)
 
@@ -303,14 +327,14 @@ def _end_namespace(init_pidfd, kill):
         os.close(init_pidfd)
 
 
-def _wait_or_kill(process, timeout, init_pidfd=None):
+def _wait_or_kill(process, timeout, init_pidfd=None, code_pid=None):
     """Wait up to timeout seconds for the child and, under bwrap, until its PID namespace is empty.
-    Returns True if it had to be killed."""
+    Returns why it had to be killed (see _exited_within), or None."""
     try:
-        if _exited_within(process, timeout):
+        why = _exited_within(process, timeout, code_pid or process.pid)
+        if why is None:
             process.wait()  # reaps at once
-            return False
-        return True
+        return why
     finally:
         if init_pidfd is not None:
             _end_namespace(init_pidfd, kill=process.returncode is None)
@@ -352,10 +376,9 @@ def _signal_of(returncode, isolated):
         return None
 
 
-def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
-    if timed_out:
-        return ExecutionResult(False, stdout, stderr, error="Execution timed out (process killed)",
-                               timeout=True)
+def _make_result(returncode, stdout, stderr, killed_why, ran_to_end, isolated):
+    if killed_why:
+        return ExecutionResult(False, stdout, stderr, error=killed_why, timeout=killed_why == TIMEOUT_ERROR)
     if ran_to_end and returncode == 0:
         return ExecutionResult(True, stdout, stderr)
     if returncode == MEMORY_ERROR_EXIT_CODE:
@@ -371,16 +394,15 @@ def _make_result(returncode, stdout, stderr, timed_out, ran_to_end, isolated):
 
 def _start_child(child_command, isolation, workdir, deadline, streams):
     """Start the child in workdir, under bwrap when given (workdir, or a bounded tmpfs in its place, is then
-    its one writable place; the result file is the host's in either case). Returns
-    the process and a pidfd of its PID namespace's init (None without bwrap, or where there is none to be
-    had). Its own session, so that its whole process group can be killed; an empty environment, so that no
-    secret of the parent reaches the code (under bwrap, also what the namespace's init shows in
-    /proc/1/environ)."""
+    its one writable place; the result file is the host's in either case). Returns the process and (a pidfd,
+    the pid) of its PID namespace's init ((None, None) without bwrap, or where there is none to be had).
+    Its own session, so that its whole process group can be killed; an empty environment, so that no secret
+    of the parent reaches the code (under bwrap, also what the namespace's init shows in /proc/1/environ)."""
     popen_arguments = dict(cwd=workdir, env={}, start_new_session=True, **streams)
     if isolation.run_as is not None:
         popen_arguments.update(user=isolation.run_as, group=isolation.run_as, extra_groups=[])
     if isolation.bwrap_arguments is None:
-        return subprocess.Popen(child_command, **popen_arguments), None
+        return subprocess.Popen(child_command, **popen_arguments), (None, None)
     info_read, info_write = os.pipe()
     bwrap_arguments = [a.replace(WORKDIR, workdir) for a in isolation.bwrap_arguments]
     command = [*bwrap_arguments, "--info-fd", str(info_write), *child_command]
@@ -413,12 +435,12 @@ def _execute(code, timeout, maximum_memory_bytes, isolation):
         # -I: ignore PYTHON* variables and user site, keep this file's folder off sys.path; -X utf8: UTF-8 I/O
         command = [_base_interpreter(), "-I", "-X", "utf8", harness_path, limit, result_path,
                    "filter" if CALL_FILTER else "no-filter"]
-        process, init_pidfd = _start_child(command, isolation, workdir, deadline,
-                                           dict(stdin=stdin, stdout=stdout, stderr=stderr))
-        timed_out = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), init_pidfd)
+        process, init = _start_child(command, isolation, workdir, deadline,
+                                     dict(stdin=stdin, stdout=stdout, stderr=stderr))
+        killed_why = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), *init)
         out, err = _read_capped(stdout), _read_capped(stderr)
         ran_to_end = _ran_to_end(result_path, nonce)
-    return _make_result(process.returncode, out, err, timed_out, ran_to_end,
+    return _make_result(process.returncode, out, err, killed_why, ran_to_end,
                         isolation.bwrap_arguments is not None)
 
 

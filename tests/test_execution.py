@@ -265,6 +265,24 @@ def test_a_fork_through_the_i386_abi_fails():
     assert result.success and result.stdout == f"{-errno.ENOSYS}\n", result  # one process, no such call
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the machine code is x86_64's")
+def test_the_code_cannot_take_the_hosts_pids_with_threads():
+    # threads start, and each takes a PID of the host's (32768 by default): started by raw clone calls
+    # without a stack of their own, they cost no memory that RLIMIT_AS counts. Machine code: rdi times,
+    # clone(CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD, no stack); the threads pause
+    bomb = ("4989f94d85c97422bf000f010031f631d24531d24531c0b8380000000f054885c0740b780549ffc9ebd9"
+            "4c89c8c3b8220000000f05ebf7")
+    code = ("import ctypes, mmap, time\n"
+            "page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            f"page.write(bytes.fromhex({bomb!r}))\n"
+            "address = ctypes.addressof(ctypes.c_char.from_buffer(page))\n"
+            "print(ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(address)(2000), flush=True)\n"
+            "time.sleep(2)\n")
+    result = execute_code(code, timeout=10.0)
+    assert not result.success and not result.timeout, result
+    assert result.error == f"Process killed: more than {execution.THREADS_LIMIT} threads", result
+
+
 @linux_only
 def test_timeout_kills_processes_started_by_the_code(monkeypatch):
     # the layer below the call filter (which covers Linux on x86_64 and aarch64 only): with the filter off,
