@@ -17,7 +17,7 @@ Two layers:
   On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes these
   calls fail (DENIED_CALLS): starting a process (threads still start, and the parent kills the code if
   more than THREADS_LIMIT run at once, as each takes a PID of the host's), so a fork bomb stays one process;
-  making memory outside RLIMIT_AS (memfd_create, SysV shared memory and message queues); changing
+  making memory outside RLIMIT_AS (memfds, SysV shared memory, semaphores and message queues); changing
   resource limits (its own or another process's); signalling, tracing or reading another process; opening
   a socket (socketpair stays); and the kernel interfaces a sandbox has no use for (io_uring, bpf,
   keyrings, mounts and namespaces, modules, ...). At most 256 open files bound what pipes buffer. Without
@@ -95,8 +95,9 @@ INSPECTED_CALLS = {"clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), 
 DENIED_CALLS = {
     # processes: a fork bomb would take the machine's PIDs and memory before the timeout
     "fork": (57, None), "vfork": (58, None),
-    # memory outside RLIMIT_AS: memfds, SysV shared memory and message queues fill RAM without bound
-    "memfd_create": (319, 279), "shmget": (29, 194), "msgget": (68, 186),
+    # memory outside RLIMIT_AS: memfds, SysV shared memory, semaphores and message queues fill RAM unbounded
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "semget": (64, 190),
+    "msgget": (68, 186),
     # resource limits, the code's own or another process's: a root evaluator's code could raise its memory
     # limit (CAP_SYS_RESOURCE) or lower the evaluator's (its open files: every later call would fail)
     "setrlimit": (160, 164),
