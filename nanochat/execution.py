@@ -11,7 +11,8 @@ Two layers:
   bwrap adds a few tens of milliseconds to each call.
 - In-process guards, always: a fresh interpreter with an empty environment, in its own session (the
   parent kills its process group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK;
-  skipped on macOS, which does not enforce RLIMIT_AS), no core dumps, a size cap on every file the code
+  skipped on macOS, which does not enforce RLIMIT_AS), no core dumps, few queued signals and posix timers
+  and no POSIX message queue (which count for the parent user too), a size cap on every file the code
   writes (stdout and stderr included), stdin unavailable, destructive functions disabled
   (reliability_guard). These stop accidents, not adversaries: ctypes or the posix module get around them.
   On Linux (x86_64, aarch64) a seccomp filter, which nothing in the process can lift, also makes these
@@ -106,6 +107,8 @@ DENIED_CALLS = {
     "pidfd_getfd": (438, 438), "pidfd_send_signal": (424, 424), "tkill": (200, 130),
     "rt_sigqueueinfo": (129, 138), "rt_tgsigqueueinfo": (297, 240),
     "socket": (41, 198),  # socketpair stays: asyncio's event loop wakes itself through one
+    # counted per user, the code's parent user's too: 128 of them leave that user's host processes none
+    "inotify_init": (253, None), "inotify_init1": (294, 26), "fanotify_init": (300, 262),
     # kernel interfaces that no test of a function needs and where privilege escalations are found
     # (container runtimes' default seccomp profiles block them too)
     "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
@@ -117,6 +120,9 @@ DENIED_CALLS = {
     "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106), "reboot": (169, 142),
 }
 OPEN_FILES_LIMIT = 256  # RLIMIT_NOFILE: also bounds what pipes and sockets can buffer
+# RLIMIT_SIGPENDING (posix timers and queued signals; RLIMIT_MSGQUEUE, POSIX message queues, is 0): these
+# count for the code's parent user too, whose processes on the host could otherwise get none for the call
+PENDING_SIGNALS_LIMIT = 64
 # threads the code may run at once, each a PID of the host's: raw clone calls start them without memory that
 # RLIMIT_AS counts, and RLIMIT_NPROC does not bind a root evaluator, so the parent counts them and kills
 THREADS_LIMIT = 512
@@ -465,6 +471,8 @@ def _set_resource_limits(maximum_memory_bytes):
 
     limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, OUTPUT_LIMIT_BYTES),
               (resource.RLIMIT_NOFILE, OPEN_FILES_LIMIT)]
+    if sys.platform.startswith("linux"):
+        limits += [(resource.RLIMIT_SIGPENDING, PENDING_SIGNALS_LIMIT), (resource.RLIMIT_MSGQUEUE, 0)]
     if maximum_memory_bytes is not None and sys.platform != "darwin":
         memory_limits = (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK)
         limits += [(r, maximum_memory_bytes) for r in memory_limits]

@@ -209,6 +209,23 @@ def test_kernel_interfaces_and_other_processes_are_out_of_reach():
 
 
 @has_call_filter
+def test_the_code_cannot_use_up_what_its_user_may_hold_on_the_host():
+    # posix timers and queued signals, POSIX message queues, inotify and fanotify instances: counted per user,
+    # and what a sandbox holds counts for its parent user (root, say) too: at the limit, that user's processes
+    # on the host could make none of them until the call ends. Well below the host's limits, and undone
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "timer = ctypes.c_long()\n"
+            "timers = sum(libc.timer_create(1, None, ctypes.byref(timer)) == 0 for _ in range(2000))\n"
+            "queue = libc.mq_open(b'/nanochat_test', 0o102, 0o600, None)\n"  # O_CREAT | O_RDWR
+            "if queue >= 0:\n    libc.mq_unlink(b'/nanochat_test')\n"
+            "print(timers, queue, libc.inotify_init1(0), libc.fanotify_init(0x200, 0))\n")  # FAN_REPORT_FID
+    result = execute_code(code)
+    assert result.success, result
+    timers, queue, inotify, fanotify = map(int, result.stdout.split())
+    assert timers <= execution.PENDING_SIGNALS_LIMIT and queue == inotify == fanotify == -1, result
+
+
+@has_call_filter
 def test_the_code_cannot_change_resource_limits():
     # as root without isolation, prlimit on the evaluator could lower its limits (open files: every later
     # call fails), and with CAP_SYS_RESOURCE the code could raise its own memory limit. Each call sets a
