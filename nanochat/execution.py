@@ -20,7 +20,7 @@ Two layers:
   more than THREADS_LIMIT run at once, as each takes a PID of the host's), so a fork bomb stays one process;
   making memory outside RLIMIT_AS (memfds, SysV shared memory, semaphores and message queues); changing
   resource limits (its own or another process's); signalling, tracing or reading another process; opening
-  a socket (socketpair stays); and the kernel interfaces a sandbox has no use for (io_uring, bpf,
+  a socket (a stream socketpair stays); and the kernel interfaces a sandbox has no use for (io_uring, bpf,
   keyrings, mounts and namespaces, modules, ...). At most 256 open files bound what pipes buffer. Without
   OS isolation the code can still read and write what the user running it can: a root parent (a
   container, typically) therefore runs it as user "nobody" where that user can run the interpreter (the
@@ -90,9 +90,10 @@ SECCOMP_ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # machine: AUDIT
 # name: (x86_64 number, aarch64 number), from the kernel's asm/unistd_64.h and asm-generic/unistd.h.
 # The filter reads the arguments of these: clone starts a thread (CLONE_THREAD) or a process (denied);
 # clone3's flags are behind a pointer, so it gets ENOSYS and glibc falls back to clone; kill and tgkill
-# may signal the code's own process only; prlimit64 may read limits (getrlimit) but not set them.
+# may signal the code's own process only; prlimit64 may read limits (getrlimit) but not set them; socketpair
+# makes stream sockets only (a datagram one can send to any unix socket by its address).
 INSPECTED_CALLS = {"clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), "tgkill": (234, 131),
-                   "prlimit64": (302, 261)}
+                   "prlimit64": (302, 261), "socketpair": (53, 199)}
 DENIED_CALLS = {
     # processes: a fork bomb would take the machine's PIDs and memory before the timeout
     "fork": (57, None), "vfork": (58, None),
@@ -107,6 +108,7 @@ DENIED_CALLS = {
     "pidfd_getfd": (438, 438), "pidfd_send_signal": (424, 424), "tkill": (200, 130),
     "rt_sigqueueinfo": (129, 138), "rt_tgsigqueueinfo": (297, 240),
     "socket": (41, 198),  # socketpair stays: asyncio's event loop wakes itself through one
+    "bind": (49, 200),  # a socketpair's socket could take an abstract name from the host's services
     # counted per user, the code's parent user's too: 128 of them leave that user's host processes none
     "inotify_init": (253, None), "inotify_init1": (294, 26), "fanotify_init": (300, 262),
     # kernel interfaces that no test of a function needs and where privilege escalations are found
@@ -492,21 +494,23 @@ def call_numbers(machine):
 
 def _call_filter(machine, pid):
     """The seccomp program (classic BPF, 8 bytes a row) for process pid: DENIED_CALLS, clone without
-    CLONE_THREAD, kill and tgkill of another process and prlimit64 with new limits fail with EPERM; clone3
-    fails with ENOSYS. Calls of another ABI (i386 via int 0x80, x32) get ENOSYS: the interpreter makes
-    none."""
+    CLONE_THREAD, kill and tgkill of another process, prlimit64 with new limits and socketpair of another
+    type than SOCK_STREAM fail with EPERM; clone3 fails with ENOSYS. Calls of another ABI (i386 via int
+    0x80, x32) get ENOSYS: the interpreter makes none."""
     number = call_numbers(machine)
     rows = [("ld", 4), ("jeq", SECCOMP_ARCHES[machine], None, "nosys"), ("ld", 0)]  # arch at 4, nr at 0
     if machine == "x86_64":
         rows.append(("jge", 0x40000000, "nosys", None))  # the x32 ABI's numbers
     rows += [("jeq", number["clone3"], "nosys", None), ("jeq", number["kill"], "to self", None),
              ("jeq", number["tgkill"], "to self", None), ("jeq", number["prlimit64"], "read only", None),
+             ("jeq", number["socketpair"], "stream", None),
              *[("jeq", number[name], "deny", None) for name in DENIED_CALLS if number[name] is not None],
              ("jeq", number["clone"], None, "allow"),
              ("ld", 16), ("jset", 0x00010000, "allow", "deny"),  # the flags of clone: CLONE_THREAD?
              ("to self",), ("ld", 16), ("jeq", pid, "allow", "deny"),  # the first argument's low 32 bits
              # the third argument, the new limits, is a NULL pointer (both halves 0)
              ("read only",), ("ld", 32), ("jeq", 0, None, "deny"), ("ld", 36), ("jeq", 0, "allow", "deny"),
+             ("stream",), ("ld", 24), ("jset", 0xE, "deny", "allow"),  # the type (SOCK_STREAM: 1) and flags
              ("allow",), ("ret", 0x7FFF0000), ("deny",), ("ret", 0x00050000 | errno.EPERM),
              ("nosys",), ("ret", 0x00050000 | errno.ENOSYS)]
     label, program = {}, []

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -185,6 +186,26 @@ def test_the_code_cannot_open_a_socket_and_asyncio_still_runs():
     assert result.error.startswith("PermissionError: [Errno 1] Operation not permitted"), result
     code = "import asyncio\nasyncio.run(asyncio.sleep(0))\nprint('ran')\n"  # its event loop uses a socketpair
     assert execute_code(code).stdout == "ran\n"
+
+
+@has_call_filter
+def test_the_codes_socketpairs_reach_no_socket_of_the_hosts():
+    # a datagram socketpair can send to any unix socket by its address (the host's, without isolation:
+    # syslog's, a service's abstract one), and binding one takes an abstract name from the host's services
+    name = f"\0nanochat_test_{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(name)
+        server.settimeout(0.5)
+        code = ("import socket\n"
+                "for kind in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):\n"
+                "    try:\n        print(socket.socketpair(type=kind)[0].sendto(b'pwned', NAME))\n"
+                "    except OSError as e:\n        print(e.strerror)\n"
+                "try:\n    print(socket.socketpair()[0].bind(NAME + 'x'))\n"
+                "except OSError as e:\n    print(e.strerror)\n")
+        result = execute_code(f"NAME = {name!r}\n{code}")
+        with pytest.raises(socket.timeout):  # a datagram sent by the code would be waiting here
+            server.recv(16)
+    assert result.stdout == "Operation not permitted\n" * 3, result
 
 
 @has_call_filter
