@@ -5,9 +5,9 @@ Two layers:
 - OS isolation (Linux, when bubblewrap works here): each call runs in fresh namespaces with no network,
   its own PID space (the code is its init, alone there; every process it starts dies with it), a
   read-only view of only the interpreter's installation and the system libraries (not the repository,
-  home directories or the rest of /etc), one writable temp dir (a 64 MiB tmpfs with bwrap >= 0.8; /dev
-  read-only), no capabilities, as user "nobody". Where that is unavailable (macOS, no bwrap, no user
-  namespaces) a warning says so once, and only the second layer remains.
+  home directories or the rest of /etc), one writable temp dir (a 64 MiB tmpfs of at most 10000 files with
+  bwrap >= 0.8; /dev read-only), no capabilities, as user "nobody". Where that is unavailable (macOS, no
+  bwrap, no user namespaces) a warning says so once, and only the second layer remains.
   bwrap adds a few tens of milliseconds to each call.
 - In-process guards, always: a fresh interpreter with an empty environment, in its own session (the
   parent kills its process group at the wall-clock timeout), memory limits (RLIMIT_AS/DATA/STACK;
@@ -73,6 +73,9 @@ NAMESPACE_EXIT_TIMEOUT = 5.0  # seconds to wait for the kernel to end the proces
 # under bwrap >= 0.8 the code's temp dir is a tmpfs of this size: files written in a loop until the timeout
 # would otherwise put gigabytes on the host's disk
 WORKDIR_LIMIT_BYTES = 64 * 1024 * 1024
+# ... and at most this many files (links, directories) there, each ~1 KiB of memory that its size does not
+# count: the parent counts them with the threads (THREADS_CHECK_INTERVAL) and kills
+WORKDIR_FILES_LIMIT = 10000
 TIMEOUT_ERROR = "Execution timed out (process killed)"
 WORKDIR = "@WORKDIR@"  # in the bwrap command line: where the per-call temp dir goes
 
@@ -279,9 +282,22 @@ def _thread_count(pid):
         return 0
 
 
-def _exited_within(process, timeout, code_pid):
+def _over_limits(code_pid, tmpfs):
+    """Why the code (process code_pid, its temp dir the tmpfs at that path, if any) must be killed now."""
+    if _thread_count(code_pid) > THREADS_LIMIT:
+        return f"Process killed: more than {THREADS_LIMIT} threads"
+    try:  # the tmpfs in the code's mount namespace
+        files = os.statvfs(f"/proc/{code_pid}/root{tmpfs}") if tmpfs else None
+    except OSError:  # ended
+        files = None
+    if files and files.f_files - files.f_ffree > WORKDIR_FILES_LIMIT:
+        return f"Process killed: more than {WORKDIR_FILES_LIMIT} files"
+    return None
+
+
+def _exited_within(process, timeout, code_pid, tmpfs=None):
     """None if the child exits within timeout seconds (it is left unreaped), else why it must be killed:
-    the timeout, or more than THREADS_LIMIT threads in process code_pid. Waits on a pidfd where there is
+    the timeout, or _over_limits. Waits on a pidfd where there is
     one (Linux >= 5.3): Popen.wait with a timeout polls, which adds up to 50 ms to every call."""
     try:
         pidfd = os.pidfd_open(process.pid)
@@ -297,8 +313,9 @@ def _exited_within(process, timeout, code_pid):
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 return TIMEOUT_ERROR
-            if _thread_count(code_pid) > THREADS_LIMIT:
-                return f"Process killed: more than {THREADS_LIMIT} threads"
+            why = _over_limits(code_pid, tmpfs)
+            if why:
+                return why
         return None
     finally:
         os.close(pidfd)
@@ -336,11 +353,11 @@ def _end_namespace(init_pidfd, kill):
         os.close(init_pidfd)
 
 
-def _wait_or_kill(process, timeout, init_pidfd=None, code_pid=None):
+def _wait_or_kill(process, timeout, init_pidfd=None, code_pid=None, tmpfs=None):
     """Wait up to timeout seconds for the child and, under bwrap, until its PID namespace is empty.
     Returns why it had to be killed (see _exited_within), or None."""
-    try:
-        why = _exited_within(process, timeout, code_pid or process.pid)
+    try:  # without the init's pid, process is bwrap, whose root is the host's
+        why = _exited_within(process, timeout, code_pid or process.pid, tmpfs if code_pid else None)
         if why is None:
             process.wait()  # reaps at once
         return why
@@ -446,7 +463,8 @@ def _execute(code, timeout, maximum_memory_bytes, isolation):
                    "filter" if CALL_FILTER else "no-filter"]
         process, init = _start_child(command, isolation, workdir, deadline,
                                      dict(stdin=stdin, stdout=stdout, stderr=stderr))
-        killed_why = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), *init)
+        tmpfs = workdir if "--size" in (isolation.bwrap_arguments or ()) else None
+        killed_why = _wait_or_kill(process, max(0.0, deadline - time.monotonic()), *init, tmpfs)
         out, err = _read_capped(stdout), _read_capped(stderr)
         ran_to_end = _ran_to_end(result_path, nonce)
     return _make_result(process.returncode, out, err, killed_why, ran_to_end,

@@ -127,6 +127,20 @@ def test_cannot_fill_the_disk_or_the_memory_with_files():
     assert int(written) <= execution.WORKDIR_LIMIT_BYTES and why == "No space left on device"
 
 
+def test_cannot_fill_the_memory_with_empty_files():
+    # the tmpfs's size counts what files hold, not the files: each empty one (or hard link) takes ~1 KiB of
+    # the host's memory. 20000 of them: a missing bound shows without taking gigabytes
+    if "--size" not in execution._get_isolation().bwrap_arguments:
+        pytest.skip("this bwrap (< 0.8) has no --size: the temp dir is the host's")
+    code = ("import posix, time\n"
+            "for n in range(20000):\n"
+            "    posix.close(posix.open(f'file{n}', posix.O_CREAT | posix.O_WRONLY))\n"
+            "time.sleep(1)\n")
+    result = execute_code(code, timeout=10.0)
+    assert not result.success and not result.timeout, result
+    assert result.error == f"Process killed: more than {execution.WORKDIR_FILES_LIMIT} files", result
+
+
 def test_cannot_read_the_parents_secrets():
     secret = "nanochat-secret-" + secrets.token_hex(8)
     # the attacker knows the variable's name (think HF_TOKEN); only matching entries are printed
