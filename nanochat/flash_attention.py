@@ -119,7 +119,8 @@ def decide_backend(device, head_dim):
     dtype_reason = "COMPUTE_DTYPE is not bfloat16, which the FA3 kernels need"
     train_reason = "" if USE_FA3 else reasons["train"] or dtype_reason
     kvcache_reason = "" if USE_FA3_KVCACHE else reasons["kvcache"] or train_reason
-    _backend = AttentionBackend(train="fa3" if USE_FA3 else "sdpa", kvcache="fa3" if USE_FA3_KVCACHE else "sdpa",
+    _backend = AttentionBackend(train="fa3" if USE_FA3 else "sdpa",
+                                kvcache="fa3" if USE_FA3_KVCACHE else "sdpa",
                                 train_reason=train_reason, kvcache_reason=kvcache_reason)
     print(f"rank {_rank()}: {_backend.describe()}", flush=True)
     return _backend
