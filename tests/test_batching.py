@@ -478,6 +478,20 @@ def test_queue_full_and_shutdown_cancels_pending(model, scheduler_factory):
         scheduler.submit(prompts(1)[0], params)
 
 
+def test_a_cancelled_request_holds_no_place_in_the_queue(model, scheduler_factory):
+    # a client that went away and retries at once must not get a 429 for its own dead request
+    scheduler = scheduler_factory(model, max_batch_size=1, max_queue=0, start=False)
+    params = SamplingParams(max_tokens=5)
+    gone = scheduler.submit(prompts(1)[0], params)
+    with pytest.raises(QueueFull):
+        scheduler.submit(prompts(1)[0], params)
+    gone.cancel()
+    retry = scheduler.submit(prompts(1)[0], params)
+    scheduler.start()
+    assert collect(gone) == ([], [], "cancelled")
+    assert collect(retry)[2] == "length"
+
+
 def test_shutdown_cancels_active_requests_and_stops_the_thread(model, scheduler_factory):
     scheduler = scheduler_factory(model)
     first_token, release = threading.Event(), threading.Event()
