@@ -195,7 +195,7 @@ def setup(args, user_config):
 
 def evaluate_and_save(step, last_step, run, st):
     """Everything due at the boundary before step `step` (st: the run's fixed parts, run: its counters)."""
-    args, flops_so_far = st.args, st.flops_per_token * st.scale.total_batch_size * step
+    args, flops_so_far = st.args, st.logger.flops_at(step)
 
     def evaluate_val(step):
         steps = training.eval_steps_for(args.eval_tokens, args.device_batch_size, args.max_seq_len,
