@@ -51,7 +51,7 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -453,7 +453,8 @@ class Generation:
 
     async def deltas(self):
         """(choice index, text delta) as events arrive, until every choice has ended; cancels what still
-        runs if the consumer stops early (a client that went away)."""
+        runs if the consumer stops early (a client that went away): consume it in contextlib.aclosing, so
+        that happens when the consumer stops, not when the garbage collector finalises the generator."""
         running = set(range(len(self.choices)))
         try:
             while running:
@@ -630,9 +631,10 @@ async def reference_stream(generation, num_messages, log_conversation):
     """data: {"token": <text>, "gpu": <id>} per piece of text, then data: {"done": true}."""
     gpu_id = generation.worker.gpu_id
     try:
-        async for _, delta in generation.deltas():
-            if delta:
-                yield sse({"token": delta, "gpu": gpu_id})
+        async with aclosing(generation.deltas()) as deltas:
+            async for _, delta in deltas:
+                if delta:
+                    yield sse({"token": delta, "gpu": gpu_id})
         if generation.choices[0].finish_reason == "error":
             yield sse({"error": "Generation failed on the server"})  # the client learns why the stream ended
         yield sse({"done": True})
@@ -705,12 +707,12 @@ async def collect(generation, request):
 
     watcher = asyncio.create_task(cancel_on_disconnect())
     try:
-        async for index, _ in generation.deltas():
-            if generation.choices[index].finish_reason == "error":
-                break  # the reply is a 500 now: the other choices stop instead of decoding to their end
+        async with aclosing(generation.deltas()) as deltas:
+            async for index, _ in deltas:
+                if generation.choices[index].finish_reason == "error":
+                    break  # the reply is a 500 now: closing deltas stops the other choices
     finally:
         watcher.cancel()
-        generation.cancel()
 
 
 async def openai_stream(generation, model_id, include_usage, num_messages, chat):
@@ -732,16 +734,17 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
         for index in range(len(generation.choices) if chat else 0):
             role = {"role": "assistant", "content": ""}
             yield chunk([{"index": index, "delta": role, "finish_reason": None}])
-        async for index, delta in generation.deltas():
-            finish_reason = generation.choices[index].finish_reason
-            if finish_reason == "error":
-                yield sse({"error": {"message": "Generation failed on the server", "type": "server_error",
-                                     "param": None, "code": None}})
-                return
-            if delta:
-                yield chunk([choice(index, delta, None)])
-            if finish_reason is not None:
-                yield chunk([choice(index, None, finish_reason)])
+        async with aclosing(generation.deltas()) as deltas:
+            async for index, delta in deltas:
+                finish_reason = generation.choices[index].finish_reason
+                if finish_reason == "error":
+                    yield sse({"error": {"message": "Generation failed on the server", "type": "server_error",
+                                         "param": None, "code": None}})
+                    return
+                if delta:
+                    yield chunk([choice(index, delta, None)])
+                if finish_reason is not None:
+                    yield chunk([choice(index, None, finish_reason)])
         if include_usage:
             yield chunk([], usage=generation.usage())
         yield "data: [DONE]\n\n"
