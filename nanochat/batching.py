@@ -179,7 +179,7 @@ class BatchScheduler:
                 raise RuntimeError("the scheduler was shut down")
             # the waiting room is what is queued beyond the free slots: max_queue 0 takes free slots only. A
             # cancelled request leaves at the next step: it holds no place (a client that retries gets one)
-            queued = sum(not request.cancelled for request in self._queue)
+            queued = sum(not waiting.cancelled for waiting in self._queue)
             if self._num_active + queued >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"all {self.max_batch_size} slots are taken and {queued} requests "
                                 f"are queued (max_queue={self.max_queue})")
