@@ -304,10 +304,14 @@ def masked_micro_step(model, x, y, has_targets, accum, scaler=None):
     graph adds exactly zero to every gradient (so every rank still has a gradient for every parameter,
     which the distributed optimizer needs); returns None.
     """
-    loss = model(x, y) if has_targets else model(x, y, loss_reduction="sum")
-    scaled = loss / accum if has_targets else loss
-    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    return loss.detach() if has_targets else None
+    if has_targets:
+        loss = model(x, y)
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return loss.detach()
+    loss = model(x, y, loss_reduction="sum")
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return None
 
 
 def renormalise_accumulated_grads(model, n_with_targets, n_micro, device):
