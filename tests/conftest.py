@@ -117,6 +117,20 @@ def chat_prompt(tokenizer, *turns):
     return tokens
 
 
+@pytest.fixture
+def undecided(monkeypatch):
+    """nanochat.flash_attention in a process that has not decided its attention backend yet (automatic
+    choice): no backend, no kernel, none of the decided globals (HAS_FA3, USE_FA3, ...); monkeypatch puts
+    everything back."""
+    import nanochat.flash_attention as fa
+    for name in fa._DECIDED_NAMES:
+        monkeypatch.delitem(vars(fa), name, raising=False)
+    monkeypatch.setattr(fa, "_backend", None)
+    monkeypatch.setattr(fa, "_fa3", None)
+    monkeypatch.setattr(fa, "_override_impl", None)
+    monkeypatch.delenv("RANK", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from nanochat.tokenizer import RustBPETokenizer

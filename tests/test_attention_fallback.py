@@ -294,14 +294,6 @@ class StandInFA3:
 
 
 @pytest.fixture
-def undecided(monkeypatch):
-    """A process that has not decided its attention backend yet (automatic choice)."""
-    monkeypatch.setattr(fa_module, "_backend", None)
-    monkeypatch.setattr(fa_module, "_override_impl", None)
-    monkeypatch.delenv("RANK", raising=False)
-
-
-@pytest.fixture
 def hopper(monkeypatch, undecided):
     """Forced path: the device counts as a Hopper GPU and the model computes in bf16."""
     import nanochat.common as common

@@ -315,16 +315,6 @@ def test_probe_of_one_entry_point_does_not_call_the_other():
     assert "kv cache kernel missing" in fa._probe_fa3(kernel, torch.device("cpu"), 64, "kvcache")
 
 
-@pytest.fixture
-def undecided(monkeypatch):
-    """The module as imported: no decision yet, so no decided globals (monkeypatch puts them back)."""
-    for name in fa._DECIDED_NAMES:
-        monkeypatch.delitem(vars(fa), name, raising=False)
-    monkeypatch.setattr(fa, "_backend", None)
-    monkeypatch.setattr(fa, "_fa3", None)
-    monkeypatch.setattr(fa, "_override_impl", None)
-
-
 def test_importing_has_fa3_makes_the_decision(undecided, monkeypatch, capsys):
     # the reference's tests import HAS_FA3 by name and skip the FA3-vs-SDPA checks when it is False, so on a
     # Hopper machine it must be the decision's answer: here a kernel that passes its probes on this device
