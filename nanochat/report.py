@@ -464,10 +464,11 @@ class Report:
     def _read_header(self):
         """(header text, start time, bloat block); placeholders when header.md is missing."""
         path = self._path("header.md")
-        exists = os.path.exists(path)
-        if not exists:
+        if os.path.exists(path):
+            header = _read_text(path)
+        else:
             print(f"Warning: {path} does not exist. Did you forget to run `nanochat reset`?")
-        header = _read_text(path) if exists else None
+            header = None
         if header is None:
             return "", None, "[bloat data missing]"
         m = re.search(r"### Bloat\n(.*?)\n\n", header, re.DOTALL)
