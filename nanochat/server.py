@@ -800,7 +800,13 @@ async def lifespan(app):
     try:
         yield
     finally:
-        pool, app.state.pool = app.state.pool, None
+        stop_serving(app)
+
+
+def stop_serving(app):
+    """New requests get 503; the ones in flight end now with "cancelled" (a stream gets its last event)."""
+    pool, app.state.pool = app.state.pool, None
+    if pool is not None:
         pool.shutdown()
 
 
@@ -823,17 +829,30 @@ def create_app(config):
     return app
 
 
+def uvicorn_server(app, **settings):
+    """A uvicorn.Server for app (uvicorn.Config settings) that stops serving when its shutdown starts (a
+    signal, should_exit): uvicorn waits for open connections to close before the lifespan shutdown, so a
+    long reply would otherwise keep the server up until its last token."""
+    import uvicorn
+
+    class StopServingFirst(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            stop_serving(app)  # joins the decode threads, whose events never wait on this loop
+            await super().shutdown(sockets)
+
+    return StopServingFirst(uvicorn.Config(app, http=http_protocol(app.state.config), **settings))
+
+
 def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):
     """
     Run app with uvicorn in a daemon thread (tests, benchmarks); returns (server, thread, port) once it is
     ready. port 0 picks a free one. Stop it with `server.should_exit = True; thread.join()`.
     """
-    import uvicorn
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     app.state.config.port = sock.getsockname()[1]  # for the start-up message
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=http_protocol(app.state.config)))
+    server = uvicorn_server(app, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -5,7 +5,7 @@ Serve a chat model over HTTP: the chat UI, the reference's streaming API and an 
     python -m scripts.chat_web -i rl -p 8080 --max-batch-size 16
     python -m scripts.chat_web -n 8                     # one scheduler per GPU, cuda:0..7
     python -m scripts.chat_web --api-key KEY            # /v1 and the stream need `Authorization: Bearer KEY`
-    uvicorn scripts.chat_web:app                        # the default flags, no time limit on headers
+    uvicorn scripts.chat_web:app                        # default flags; no header timeout, Ctrl-C waits
 
 The endpoints, their limits and errors are described in nanochat/server.py, which holds the app.
 """
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from nanochat.common import autodetect_device_type, compute_init
-from nanochat.server import ServerConfig, create_app, http_protocol, required_api_key
+from nanochat.server import ServerConfig, create_app, required_api_key, uvicorn_server
 
 
 def build_parser():
@@ -88,7 +88,6 @@ def __getattr__(name):
 
 
 def main(argv=None):
-    import uvicorn
     args = parse_args(argv)
     args.device_type = args.device_type or autodetect_device_type()
     compute_init(args.device_type)
@@ -99,7 +98,9 @@ def main(argv=None):
         print(f"WARNING: listening on all interfaces ({args.host}) without an API key: anyone who can reach "
               f"this machine can use the model (set --api-key or NANOCHAT_API_KEY, or --host 127.0.0.1)")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, http=http_protocol(args))
+        uvicorn_server(app, host=args.host, port=args.port).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+        pass
     finally:
         error = app.state.startup_error
         if error is not None:  # the cause, as the last line, instead of "Application startup failed"

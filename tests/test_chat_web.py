@@ -12,7 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +39,7 @@ from conftest import AlteredLogits, chat_server, point_base_dir_at
 SEQUENCE_LEN = 2048  # long enough that a reply capped only by the context runs for seconds on a CPU
 MODEL_ID = "nanochat-sft-d2"
 USER = [{"role": "user", "content": "Hi"}]
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -----------------------------------------------------------------------------
@@ -979,7 +985,7 @@ def test_chat_web_warns_when_it_listens_everywhere_without_a_key(monkeypatch, ca
         monkeypatch.setenv("NANOCHAT_API_KEY", env)
     # the server itself is not started: only what main() prints before it would listen is checked
     bound = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, http: bound.append(host))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server: bound.append(server.config.host))
     chat_web.main(argv + ["--device-type", "cpu"])
     assert bound == [argv[1]]
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING")]
@@ -987,3 +993,54 @@ def test_chat_web_warns_when_it_listens_everywhere_without_a_key(monkeypatch, ca
         assert len(warnings) == 1 and "without an API key" in warnings[0] and "--api-key" in warnings[0]
     else:
         assert warnings == []
+
+
+# -----------------------------------------------------------------------------
+# Shutdown
+
+def start_chat_web():
+    """python -m scripts.chat_web on this module's checkpoint (the environment's NANOCHAT_BASE_DIR), on a free
+    port; returns (process, url) once it listens."""
+    command = [sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "--host", "127.0.0.1",
+               "--port", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # uvicorn names the port it got on stderr
+        found = re.search(r"Uvicorn running on (http://\S+)", line)
+        if found:
+            threading.Thread(target=process.stderr.read, daemon=True).start()  # a full pipe would block it
+            return process, found.group(1)
+    raise AssertionError(f"chat_web did not start (exit status {process.wait()})")
+
+
+def test_ctrl_c_ends_the_replies_in_flight_at_once_and_the_server_exits(tiny_chat_base_dir):
+    # uvicorn waits for open connections to close before the lifespan shutdown ends the requests: without
+    # ending them first, replies of ~2000 tokens (greedy "Hello") kept the process up until their last token
+    process, url = start_chat_web()
+    try:
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4096, "temperature": 0}
+        streamed = {**body, "stream": True}
+        with ThreadPoolExecutor(1) as pool, \
+                httpx.stream("POST", url + "/v1/chat/completions", json=streamed) as openai_sse, \
+                httpx.stream("POST", url + "/chat/completions", json=body) as reference_sse:
+            openai_lines, reference_lines = openai_sse.iter_lines(), reference_sse.iter_lines()
+            wait_for_content(openai_lines)
+            assert next(line for line in reference_lines if line).startswith('data: {"token"')
+            whole = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=30)
+            deadline = time.monotonic() + 10
+            while get_stats(url)["active"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGINT)  # SIGTERM takes the same path in uvicorn
+            signalled = time.monotonic()
+            openai_rest = [line for line in openai_lines if line]
+            reference_rest = [line for line in reference_lines if line]
+            reply = whole.result()
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - signalled < 5  # unbounded before: the replies ran to their end
+    finally:
+        process.kill()
+    assert openai_rest[-1] == "data: [DONE]"
+    finish = {"index": 0, "delta": {}, "finish_reason": "cancelled"}
+    assert json.loads(openai_rest[-2][len("data: "):])["choices"] == [finish]
+    assert reference_rest[-1] == 'data: {"done": true}'
+    assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "cancelled"
