@@ -203,6 +203,8 @@ class BatchScheduler:
     # Decode thread
 
     def _run(self):
+        if self.device.type == "cuda":  # a new thread's current device is cuda:0, whatever this scheduler's
+            torch.cuda.set_device(self.device)
         with torch.inference_mode():
             while self._wait_for_work():
                 try:

@@ -3,6 +3,8 @@ Continuous batching: the per-row-position KV-cache path (SDPA fallback and GPT f
 BatchScheduler (batch invariance, Engine equivalence, tool forcing, cancel, queue limits, top_p, stats).
 """
 
+import copy
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -490,6 +492,19 @@ def test_a_cancelled_request_holds_no_place_in_the_queue(model, scheduler_factor
     scheduler.start()
     assert collect(gone) == ([], [], "cancelled")
     assert collect(retry)[2] == "length"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices: a scheduler on cuda:1")
+def test_the_decode_thread_runs_on_its_own_cuda_device(model, scheduler_factory):
+    # what uses the current device (device="cuda", synchronize, new streams) must land on the worker's GPU
+    scheduler = scheduler_factory(copy.deepcopy(model).to("cuda:1"))
+    events = queue.SimpleQueue()
+    scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=3),
+                     on_event=lambda event: events.put((torch.cuda.current_device(), event.finish_reason)))
+    seen = [events.get(timeout=EVENT_TIMEOUT)]
+    while seen[-1][1] is None:  # until the final event
+        seen.append(events.get(timeout=EVENT_TIMEOUT))
+    assert {device for device, _ in seen} == {1}
 
 
 def test_shutdown_cancels_active_requests_and_stops_the_thread(model, scheduler_factory):
