@@ -178,9 +178,11 @@ class BatchScheduler:
             if self._stopping:
                 raise RuntimeError("the scheduler was shut down")
             # the waiting room is what is queued beyond the free slots: max_queue 0 takes free slots only. A
-            # cancelled request leaves at the next step: it holds no place (a client that retries gets one)
+            # cancelled request, queued or decoding, leaves at the next step: it holds no place (a client that
+            # retries gets one)
             queued = sum(not waiting.cancelled for waiting in self._queue)
-            if self._num_active + queued >= self.max_batch_size + self.max_queue:
+            active = sum(not running.cancelled for running in self._slots if running is not None)
+            if active + queued >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"all {self.max_batch_size} slots are taken and {queued} requests "
                                 f"are queued (max_queue={self.max_queue})")
             self._queue.append(request)

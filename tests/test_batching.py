@@ -494,6 +494,28 @@ def test_a_cancelled_request_holds_no_place_in_the_queue(model, scheduler_factor
     assert collect(retry)[2] == "length"
 
 
+def test_a_cancelled_request_that_is_decoding_holds_no_place_either(model, scheduler_factory):
+    # its slot is freed at the next step; a retry submitted before that must not get a 429 for it
+    scheduler = scheduler_factory(model, max_batch_size=1, max_queue=0)
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    decoding, release = threading.Event(), threading.Event()
+
+    def hold(event):  # keeps the decode thread inside its step, so the cancel cannot be acted on yet
+        decoding.set()
+        release.wait(EVENT_TIMEOUT)
+
+    gone = scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=60, temperature=0.0), on_event=hold)
+    try:
+        assert decoding.wait(EVENT_TIMEOUT)
+        with pytest.raises(QueueFull):
+            scheduler.submit(prompts(1)[0], params)
+        gone.cancel()
+        retry = scheduler.submit(prompts(1)[0], params)
+    finally:
+        release.set()
+    assert collect(retry)[2] == "length" and gone.finish_reason == "cancelled"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices: a scheduler on cuda:1")
 def test_the_decode_thread_runs_on_its_own_cuda_device(model, scheduler_factory):
     # what uses the current device (device="cuda", synchronize, new streams) must land on the worker's GPU
