@@ -34,11 +34,16 @@ def base_dir(tmp_path_factory, chat_tokenizer):
     root = tmp_path_factory.mktemp("nanochat_rl")
     mp = pytest.MonkeyPatch()
     point_base_dir_at(mp, root, NANOCHAT_COMPILE="0")
-    chat_tokenizer.save(os.path.join(root, "tokenizer"))
-    torch.save(compute_token_bytes(chat_tokenizer), os.path.join(root, "tokenizer", "token_bytes.pt"))
-    write_tiny_checkpoint(root, "sft", step=3, vocab_size=512, sequence_len=128, n_embd=128)
-    yield root
+    yield write_rl_base_dir(root, chat_tokenizer)
     mp.undo()
+
+
+def write_rl_base_dir(root, tok):
+    """`root` holding `tok` (with its token_bytes.pt) and a depth-2, width-128 SFT checkpoint d2 at step 3."""
+    tok.save(os.path.join(root, "tokenizer"))
+    torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
+    write_tiny_checkpoint(root, "sft", step=3, vocab_size=512, sequence_len=128, n_embd=128)
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """
-base_train (and chat_sft, below) with two processes for real: `torchrun --nproc_per_node=2` on CPU (gloo) on the committed sample.
+base_train (and chat_sft and chat_rl, below) with two processes for real: `torchrun --nproc_per_node=2` on
+CPU (gloo) on the committed sample.
 The checkpoint loads, a 2-rank resume ends bit for bit where the uninterrupted 2-rank run ends (each rank
 restores its own dataloader state), and one process with the same total batch reaches about the same val
 bpb (the ranks read different row groups, so only close, not equal; both are measured on one val set,
@@ -150,3 +151,63 @@ def test_two_process_sft_resumes_exactly(sft_base_dir):
     assert one.returncode != 0
     assert (f"{ckpt}/optim_000002_rank*.pt holds the optimizer shards of 2 rank(s) and this run has 1; resume "
             f"with the world size that saved it (torchrun --nproc_per_node=2)") in refused, refused[-3000:]
+
+
+# -----------------------------------------------------------------------------
+# chat_rl: each rank rolls out its own questions, seeded by (step, question, sampling call)
+
+# GSM8K's reward never fires on a random model (zero advantages, weights that never move): the driver
+# gives test_chat_rl's length-parity reward, then runs the real script under torchrun
+RL_DRIVER = """from tasks.gsm8k import GSM8K
+GSM8K.reward = lambda self, conversation, response: float(len(response) % 2 == 0)
+from scripts import chat_rl
+chat_rl.main()
+"""
+
+
+@pytest.fixture(scope="module")
+def rl_base_dir(tmp_path_factory, chat_tokenizer):
+    from test_chat_rl import write_rl_base_dir
+    root = write_rl_base_dir(tmp_path_factory.mktemp("nanochat_mp_rl"), chat_tokenizer)
+    (root / "rl_driver.py").write_text(RL_DRIVER)
+    return root
+
+
+def start_rl(base_dir, extra, nproc=2):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", NANOCHAT_OFFLINE="1",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    from test_chat_rl import RUN_FLAGS
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(base_dir / "rl_driver.py"), *RUN_FLAGS, "--examples-per-step=2", "--num-steps=3",
+           "--eval-every=-1"] + extra
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_two_process_rl_resumes_exactly(rl_base_dir):
+    from test_chat_rl import step_lines
+    ckpt = os.path.join(rl_base_dir, "chatrl_checkpoints", "d2")
+    out = finish(start_rl(rl_base_dir, []))
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim_000001")) == [
+        "optim_000001_rank0.pt", "optim_000001_rank1.pt"]
+    straight = torch.load(os.path.join(ckpt, "model_000003.pt"))
+    sft = torch.load(os.path.join(rl_base_dir, "chatsft_checkpoints", "d2", "model_000003.pt"))
+    assert any(not torch.equal(sft[k], straight[k]) for k in sft)  # the updates moved the weights
+
+    resuming = start_rl(rl_base_dir, ["--resume-from-step=1"])
+    # one rank cannot take over two ranks' questions and optimizer shards: refused, naming the fix
+    one = start_rl(rl_base_dir, ["--resume-from-step=1"], nproc=1)
+    resumed, (refused, _) = finish(resuming), one.communicate(timeout=180)
+    again = torch.load(os.path.join(ckpt, "model_000003.pt"))
+    different = [k for k in straight if not torch.equal(straight[k], again[k])]
+    assert not different, different
+    rewards = lambda text: re.findall(r"^Step [12]/3 \| Average reward: .*$", text, re.M)
+    assert step_lines(resumed) == [line for line in step_lines(out) if line[0] != "0"]
+    assert rewards(resumed) == rewards(out) and len(rewards(out)) == 2
+    assert one.returncode != 0
+    assert (f"chat_rl: error: --resume-from-step=1: {ckpt}/optim_000001_rank*.pt holds the optimizer shards "
+            f"of 2 rank(s) and this run has 1; resume with the world size that saved it (torchrun "
+            f"--nproc_per_node=2)") in refused, refused[-3000:]
+
