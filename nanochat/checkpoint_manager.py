@@ -166,6 +166,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         if rank == 0:
             # a step being re-saved stops being complete only now, and until its new meta lands
             _remove_if_exists(meta_path)
+            if optimizer_data is not None:
+                _remove_larger_world_shards(checkpoint_dir, step)
             _commit(staged, model_path)
             log0(f"Saved model parameters to: {model_path}")
         barrier()  # no shard replaces an old one while the old meta still marks the step complete
@@ -179,6 +181,17 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     finally:
         for tmp in staged.values():  # only after a failure: the temps not yet renamed
             _remove_if_exists(tmp)
+
+
+def _remove_larger_world_shards(checkpoint_dir, step):
+    """Remove the step's optimizer shards of ranks beyond this world's, left by an earlier save of the step
+    with more ranks: counted with this save's, they would refuse a resume with this world size (or feed a
+    resume with the larger one another run's state)."""
+    world_size = dist.get_world_size() if is_ddp_initialized() else 1
+    for name in os.listdir(checkpoint_dir):
+        m = re.fullmatch(rf"optim_{step:06d}_rank(\d+)\.pt", name)
+        if m and int(m.group(1)) >= world_size:
+            _remove_if_exists(os.path.join(checkpoint_dir, name))
 
 
 def _commit(staged, path):

@@ -211,3 +211,14 @@ def test_two_process_rl_resumes_exactly(rl_base_dir):
             f"of 2 rank(s) and this run has 1; resume with the world size that saved it (torchrun "
             f"--nproc_per_node=2)") in refused, refused[-3000:]
 
+
+def test_a_step_saved_again_by_fewer_ranks_keeps_only_their_shards(tmp_path):
+    # a tag trained on 2 ranks, then again on 1: rank 1's old shard would make the step look saved by 2 ranks
+    # (a 1-rank resume refused, a 2-rank one fed two runs' states)
+    from nanochat.checkpoint_manager import save_checkpoint
+    weights, shard = {"w": torch.ones(2)}, {"state": {}, "param_groups": []}
+    for rank in (0, 1):  # what the 2 ranks write (no process group: each rank's files only)
+        save_checkpoint(str(tmp_path), 1, weights, shard, {"step": 1}, rank=rank)
+    assert len(os.listdir(tmp_path)) == 4
+    save_checkpoint(str(tmp_path), 1, weights, shard, {"step": 1})  # one process saves step 1 again
+    assert sorted(os.listdir(tmp_path)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
