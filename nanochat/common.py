@@ -541,8 +541,9 @@ class DummyWandb:
 
 # -----------------------------------------------------------------------------
 # Peak dense BF16 FLOP/s (MFU) and peak memory bandwidth in bytes/s (MBU). First row whose substrings
-# all occur in the lower-cased device name wins, so the more specific rows come first. Values are
-# vendor datasheet numbers (bandwidth: the HBM/GDDR figure of the usual memory size of that part).
+# all occur in the lower-cased device name wins, so the more specific rows come first. A substring must not
+# be followed by a digit: "l4" is not the L40's row, nor "a40" the RTX A4000's. Values are vendor datasheet
+# numbers (bandwidth: the HBM/GDDR figure of the usual memory size of that part).
 
 _PEAK_TABLE = [  # (substrings, FLOP/s, bytes/s)
     (("gb200",), 2.5e15, 8e12), (("grace blackwell",), 2.5e15, 8e12), (("b200",), 2.25e15, 8e12),
@@ -561,7 +562,8 @@ _PEAK_TABLE = [  # (substrings, FLOP/s, bytes/s)
 
 def _peak_row(device_name):
     name = device_name.lower()
-    return next((row for row in _PEAK_TABLE if all(s in name for s in row[0])), None)
+    occurs = lambda s: re.search(re.escape(s) + r"(?!\d)", name)  # "l4" does not occur in "l40"
+    return next((row for row in _PEAK_TABLE if all(map(occurs, row[0]))), None)
 
 
 def get_peak_flops(device_name):

@@ -58,6 +58,22 @@ def test_peak_flops_unknown_is_inf():
     assert common.get_peak_flops("Some Future Accelerator") == float("inf")
 
 
+@pytest.mark.parametrize("name", ["NVIDIA L40", "NVIDIA RTX A4000", "NVIDIA RTX A3000 Laptop GPU"])
+def test_a_row_does_not_match_inside_a_longer_model_number(name):
+    # "l4" is in "L40", "a40" in "A4000", "a30" in "A3000": those rows' peaks (and bandwidths) belong to
+    # other cards, so these unlisted ones are unknown (MFU/MBU 0%) rather than a wrong figure
+    assert common.get_peak_flops(name) == float("inf")
+    assert common.get_peak_bandwidth(name) == float("inf")
+
+
+@pytest.mark.parametrize("name,flops", [
+    ("NVIDIA GH200 480GB", 989e12), ("AMD Instinct MI300X", 1.3074e15), ("AMD Instinct MI325X", 1.3074e15),
+    ("NVIDIA GeForce RTX 3090 Ti", 71e12),
+])
+def test_a_row_still_matches_a_name_that_extends_it_without_a_digit(name, flops):
+    assert common.get_peak_flops(name) == flops
+
+
 def test_cpu_peak_flops_is_measured_without_drawing_from_the_global_rng():
     # the training stages measure the peak before building the model, whose weights come from the global RNG
     torch.manual_seed(0)
