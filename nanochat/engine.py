@@ -203,22 +203,23 @@ class KVCache:
                    dtype=common.COMPUTE_DTYPE if dtype is None else dtype)
 
     def prefill(self, other, row=None):
-        """Copy a batch-1 cache's contents into this one: into every row of this empty cache (row=None),
-        or into row `row` only, the other rows keeping theirs (continuous batching)."""
+        """Copy another cache's contents into this one: into every row of this empty cache (row=None; a
+        batch-1 source broadcasts, one of as many rows copies row by row), or into row `row` only from a
+        batch-1 source, the other rows keeping theirs (continuous batching)."""
         assert (self.n_layers, self.n_heads, self.head_dim) == (other.n_layers, other.n_heads, other.head_dim)
         assert self.max_seq_len >= other.max_seq_len
         assert row is not None or self.get_pos() == 0, "Cannot prefill a non-empty KV cache"
         pos = other.get_pos()
         rows = slice(None) if row is None else slice(row, row + 1)
-        self.k_cache[:, rows, :pos] = other.k_cache[:, :1, :pos]  # broadcast over the rows
-        self.v_cache[:, rows, :pos] = other.v_cache[:, :1, :pos]
+        self.k_cache[:, rows, :pos] = other.k_cache[:, :, :pos]  # a batch-1 source broadcasts over the rows
+        self.v_cache[:, rows, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens[rows] = pos
         self.positions[rows] = [pos] * len(self.positions[rows])
         source = other.prev_embedding
         if source is not None:  # a duck-typed model may not smear
             if self.prev_embedding is None:
                 self.prev_embedding = source.new_zeros((self.batch_size, *source.shape[1:]))
-            self.prev_embedding[rows] = source[:1]
+            self.prev_embedding[rows] = source
 
 
 def decode_step_cost(model, batch, context):

@@ -155,6 +155,20 @@ def test_prefill_copies_every_layer_and_row_and_clones_prev_embedding():
     assert torch.equal(dst.prev_embedding[2], src.prev_embedding[0])
 
 
+def test_prefill_from_a_cache_of_as_many_rows_copies_row_by_row():
+    # only a batch-1 source broadcasts; a source with the destination's rows gives each row its own
+    src = small_cache(batch_size=2)
+    src.k_cache.normal_()
+    src.v_cache.normal_()
+    src.advance(5)
+    src.prev_embedding = torch.randn(2, 1, 8)
+    dst = small_cache(batch_size=2, seq_len=20)
+    dst.prefill(src)
+    assert torch.equal(dst.k_cache[:, :, :5], src.k_cache[:, :, :5])
+    assert torch.equal(dst.v_cache[:, :, :5], src.v_cache[:, :, :5])
+    assert torch.equal(dst.prev_embedding, src.prev_embedding)
+
+
 @pytest.mark.parametrize("dst_kwargs", [dict(num_layers=3), dict(num_heads=4), dict(head_dim=8), dict(seq_len=8)])
 def test_prefill_rejects_incompatible_destination(dst_kwargs):
     src = small_cache()
