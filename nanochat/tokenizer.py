@@ -325,7 +325,8 @@ def fit_chat_prompt(tokenizer, turns, budget=math.inf, system=""):
     user, in at most `budget` tokens, and how many of the oldest turns were left out to fit. The layout of
     render_for_completion: BOS, each turn (render_turn), <|assistant_start|>; a system prompt is merged into
     the first user turn kept, as system + "\\n\\n" + text, as render_conversation merges a system message.
-    The oldest turns are dropped first; if the last turn alone is too long, its beginning is cut.
+    The oldest turns are dropped first; if the last turn alone is too long, the beginning of its text is cut
+    (its <|user_start|> stays, so the model still sees the layout it was trained on).
     """
     if not turns:
         raise ValueError("A chat prompt needs at least one turn")
@@ -342,7 +343,8 @@ def fit_chat_prompt(tokenizer, turns, budget=math.inf, system=""):
         if 2 + sum(map(len, kept)) <= budget:  # 2: BOS and the closing <|assistant_start|>
             break
     else:
-        kept = [kept[-1][-max(budget - 2, 1):]]
+        last = kept[-1]
+        kept = [[last[0], *last[-max(budget - 3, 1):]]]  # 3: BOS, the turn's start and <|assistant_start|>
     body = [token for piece in kept for token in piece]
     return [tokenizer.get_bos_token_id(), *body, tokenizer.encode_special("<|assistant_start|>")], dropped
 

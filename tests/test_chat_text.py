@@ -131,7 +131,8 @@ def test_a_message_longer_than_the_context_keeps_its_end_and_half_the_context_fo
     [prompt] = model.prompts
     full = chat_prompt(tokenizer, message)
     assert len(prompt) == context_len // 2 and prompt[0] == tokenizer.get_bos_token_id()
-    assert prompt[1:] == full[len(full) - len(prompt) + 1:]  # the end of the message, then the reply opens
+    assert prompt[1] == tokenizer.encode_special("<|user_start|>")  # the turn still opens as in training
+    assert prompt[2:] == full[len(full) - len(prompt) + 2:]  # the end of the message, then the reply opens
     assert texts == ["ok"]
 
 
