@@ -157,7 +157,7 @@ class WorkerPool:
         workers = []
         try:
             for gpu_id, device in enumerate(devices):
-                print(f"Loading model on {device}...")
+                print(f"Loading model on {f'GPU {gpu_id}' if device.type == 'cuda' else device}...")
                 model, tokenizer, _ = load_model(config.source, device, phase="eval", model_tag=tag,
                                                  step=config.step)
                 scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,

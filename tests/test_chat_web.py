@@ -198,6 +198,21 @@ def test_num_gpus_above_one_needs_cuda():
         worker_devices("cpu", 2)
 
 
+@pytest.mark.parametrize("devices, lines", [
+    (["cpu"], ["Loading model on cpu..."]),
+    (["cuda:0", "cuda:1"], ["Loading model on GPU 0...", "Loading model on GPU 1..."])])
+def test_pool_start_up_prints_the_references_lines(tiny_chat_base_dir, monkeypatch, capsys, devices, lines):
+    # the CUDA devices are only named: every replica loads on the CPU
+    from nanochat.checkpoint_manager import load_model
+    monkeypatch.setattr("nanochat.server.worker_devices", lambda *_: [torch.device(d) for d in devices])
+    monkeypatch.setattr("nanochat.server.load_model", lambda source, _, **kw: load_model(source, "cpu", **kw))
+    WorkerPool.load(ServerConfig(device_type="cpu")).shutdown()
+    n = len(devices)
+    expected = [f"Initializing worker pool with {n} GPUs...", *lines, f"All {n} workers initialized!"]
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if re.match(r"Initializing|Loading model|All \d", line)] == expected
+
+
 def test_requests_go_to_the_least_loaded_scheduler(tiny_chat_model):
     model, tokenizer = tiny_chat_model
     schedulers = [BatchScheduler(model, tokenizer, max_batch_size=2, max_queue=4) for _ in range(2)]
