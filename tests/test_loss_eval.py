@@ -59,6 +59,27 @@ def test_no_counted_bytes_gives_inf():
     assert evaluate_bpb(UniformModel(3), [(torch.zeros_like(y), y)], 1, token_bytes) == float("inf")
 
 
+class ScriptedLossModel:
+    """Per-token losses given batch by batch (float32, as a real model's)."""
+
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def __call__(self, x, y, loss_reduction="mean"):
+        return torch.tensor(next(self.losses), dtype=torch.float32)
+
+
+def test_the_loss_sum_is_float64_so_late_losses_still_count():
+    # a float32 sum stops growing by 1 nat at 2^24 nats (tens of millions of eval tokens reach that)
+    token_bytes = torch.tensor([1])
+    y = torch.tensor([[0]])
+    bpb = evaluate_bpb(ScriptedLossModel([[2.0 ** 24], [1.0]]), [(y, y)] * 2, 2, token_bytes)
+    assert math.isclose(bpb, (2 ** 24 + 1) / (math.log(2) * 2), rel_tol=1e-12)
+
+
 def test_real_model_matches_manual_sum():
     torch.manual_seed(0)
     V = 64
