@@ -148,6 +148,15 @@ def test_train_writes_checkpoint_meta_and_report(base_dir, capsys):
     assert meta2["step"] == 4
 
 
+def test_a_horizon_of_zero_steps_evaluates_saves_and_reports(base_dir, capsys):
+    # a FLOPs budget below one step: the reference reaches the report with its MFU never set (NameError)
+    out = run_main(TRAIN_FLAGS + ["--target-flops=1", "--model-tag=t_zero"], capsys)
+    assert "Calculated number of iterations from target FLOPs: 0" in out and "Validation bpb: " in out
+    assert os.listdir(os.path.join(base_dir, "base_checkpoints", "t_zero")) != []
+    section = open(os.path.join(base_dir, "report", "base-model-training.md")).read()
+    assert "- MFU %: 0.00%" in section
+
+
 def test_resume_after_sigterm_matches_uninterrupted_run(base_dir, capsys):
     n = 8
     straight = run_main(TRAIN_FLAGS + [f"--num-iterations={n}", "--eval-every=-1", "--model-tag=t_straight"], capsys)
