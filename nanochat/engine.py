@@ -26,7 +26,8 @@ from nanochat.sampling import sample_next_token
 
 MATH_CHARS = set("0123456789*+-/.() ")
 STRING_CHARS = set(string.ascii_letters + string.digits + "'\"()._ ")
-# substring blacklist of the reference (it has false positives: "directory" contains "dir")
+# substring blacklist of the reference (it has false positives: "directory" contains "dir"), kept because
+# chat.md §1.1 makes its outcomes a contract ('directory'.count('d') is None)
 BLOCKED_SUBSTRINGS = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input",
                       "globals", "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
 # zero-argument str methods whose output is at most a small multiple of their input's length

@@ -30,7 +30,10 @@ import torch.distributed as dist
 
 def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
     """One AdamW update in place on p and its moments; step_t is the step count after incrementing."""
-    p.mul_(1 - lr_t * wd_t)  # decoupled weight decay, before the update (Loshchilov & Hutter)
+    # decoupled weight decay, before the update (Loshchilov & Hutter). On bf16 tables (the embeddings on GPU)
+    # a factor within bf16's half-ulp of 1 (lr * wd < 2^-9, the defaults) rounds back to p: no decay, as in
+    # the reference; fp32 master copies would change every GPU run's weights
+    p.mul_(1 - lr_t * wd_t)
     exp_avg.lerp_(grad, 1 - beta1_t)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
     bias1 = 1 - beta1_t ** step_t
@@ -108,7 +111,7 @@ def muon_step_fused(stacked_grads, stacked_params, momentum_buffer, second_momen
     X = U.bfloat16() if compute_dtype == torch.bfloat16 else U
     O = _normuon(_polar_express(X, ns_steps), second_momentum_buffer, beta2_t, red_dim)
     # Cautious weight decay: decay only where the update moves the weight toward zero (or is 0)
-    lr, wd = lr_t.to(O.dtype), wd_t.to(O.dtype)
+    lr, wd = lr_t.to(O.dtype), wd_t.to(O.dtype)  # bf16 on GPU, as in the reference (its bits are ours)
     mask = (O * stacked_params) >= 0
     stacked_params.sub_(lr * O + lr * wd * stacked_params * mask)
 
@@ -233,7 +236,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # ---- AdamW: small params are all-reduced and updated everywhere; large ones are
     # reduce-scattered by rows, each rank updates its row slice (ZeRO-2-style state) and
-    # the slices are gathered back in place.
+    # the slices are gathered back in place. After step() a small param's .grad is the average and a large
+    # one's the local gradient, as in the reference: nothing reads .grad after step() (no clipping).
 
     def _reduce_adamw(self, group):
         todo = []  # (param, param slice, grad slice, pending reduction)

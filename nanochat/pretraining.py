@@ -81,7 +81,9 @@ def num_iterations_for(args, flops_per_token, total_batch_size, target_tokens):
 
 
 def apply_scaling_rules(args, model, vocab_size):
-    """The depth dial's consequences: scaling params, target tokens, batch size, LR scale, weight decay."""
+    """The depth dial's consequences: scaling params, target tokens, batch size, LR scale, weight decay.
+    The auto batch size and the weight decay follow the ratio's horizon even when --num-iterations or
+    --target-flops sets another one, as in the reference: scaling_laws.sh's batch sizes stay its."""
     num_scaling = scaling_params(model)
     reference = build_model_meta(model_config(args, 12, vocab_size, with_l3=False))
     target_tokens = int(args.target_param_data_ratio * num_scaling)

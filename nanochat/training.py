@@ -563,7 +563,8 @@ def train_micro_steps(model, batches, accum, scaler=None):
     """
     The micro-steps of one optimizer step: forward and backward of batches.current (x, y, has_targets, ...)
     then batches.advance(), `accum` times. Returns (the last loss that had targets, or None; how many
-    micro-batches had targets; the advance() results in order).
+    micro-batches had targets; the advance() results in order). The logged loss is the last micro-step's,
+    not the mean over them, as the reference logs it (the printed and plotted numbers stay its).
     """
     train_loss, n_with_targets, advanced = None, 0, []
     for _ in range(accum):

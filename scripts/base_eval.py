@@ -35,6 +35,7 @@ def build_parser():
     parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
     parser.add_argument("--device-batch-size", type=autofit.batch_size_arg, default=32,
                         help="rows per bpb batch, or auto: the most that fit in memory")
+    # the reference's 40 batches, where base_train's --eval-tokens is 80: their val bpb differ slightly
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     return parser
