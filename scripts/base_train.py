@@ -26,7 +26,8 @@ from types import SimpleNamespace
 
 from nanochat import autofit, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
-from nanochat.common import exit_on_setup_error, gather_from_ranks, maybe_compile, print0, print_banner
+from nanochat.common import (exit_on_setup_error, gather_from_ranks, get_dist_info, maybe_compile, print0,
+                             print_banner)
 from nanochat.core_eval import format_core_metric, greedy_samples
 from nanochat.dataloader import (PrefetchedPretrainBatches, state_for_rank,
                                  tokenizing_distributed_data_loader_with_state_bos_bestfit)
@@ -94,9 +95,16 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "l3_k_max"):
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "l3_k_max", "l3_lzw_tokens"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("mup_base_width", "l3_n_emb", "l3_d_up"):  # 0: muP off, the default L3 sizes
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    world_size = get_dist_info()[3]  # the distributed optimizer gives each rank an equal slice of table rows
+    if args.l3_after_layers and args.l3_n_emb % world_size:
+        parser.error(f"--l3-n-emb must be a multiple of the number of ranks ({world_size}), "
+                     f"got {args.l3_n_emb}")
     if args.warmup_steps < 0:  # 0: no warmup, as in the reference
         parser.error(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     # -1 is the documented "off"; any other value <= 0 would silently fall through to the next horizon rule

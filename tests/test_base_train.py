@@ -67,13 +67,25 @@ def test_horizon_precedence_and_errors():
 @pytest.mark.parametrize("argv", [["--depth=0"], ["--window-pattern=SXL"], ["--target-param-data-ratio=0"],
                                   ["--warmdown-ratio=1.5"], ["--fp8", "--fp8-recipe=rowwise"],
                                   ["--num-iterations=0"], ["--num-iterations=-5"], ["--target-flops=0"],
-                                  ["--total-batch-size=0"], ["--head-dim=7"], ["--warmup-steps=-1"]])
+                                  ["--total-batch-size=0"], ["--head-dim=7"], ["--warmup-steps=-1"],
+                                  ["--mup-base-width=-64"], ["--l3-n-emb=-64"], ["--l3-lzw-tokens=0"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         base_train.parse_args(argv)
     assert e.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error" in last_line and argv[-1].split("=")[0] in last_line  # names the flag
+
+
+def test_l3_tables_that_do_not_split_over_the_ranks_are_refused(monkeypatch, capsys):
+    # torchrun's environment for rank 0 of 2: each rank updates an equal slice of the table rows
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    assert base_train.parse_args(["--l3-after-layers=0", "--l3-n-emb=64"]).l3_n_emb == 64
+    with pytest.raises(SystemExit):
+        base_train.parse_args(["--l3-after-layers=0", "--l3-n-emb=65"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--l3-n-emb must be a multiple of the number of ranks (2), got 65")
 
 
 def test_no_warmup_is_a_valid_setting():
