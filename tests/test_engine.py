@@ -137,12 +137,18 @@ def small_cache(batch_size=1, seq_len=16, num_layers=2, num_heads=2, head_dim=4)
                    num_layers=num_layers, device="cpu", dtype=torch.float32)
 
 
+def filled_cache(batch_size=1):
+    """A cache at position 5 with random keys, values and smear embeddings in every row."""
+    cache = small_cache(batch_size=batch_size)
+    cache.k_cache.normal_()
+    cache.v_cache.normal_()
+    cache.advance(5)
+    cache.prev_embedding = torch.randn(batch_size, 1, 8)
+    return cache
+
+
 def test_prefill_copies_every_layer_and_row_and_clones_prev_embedding():
-    src = small_cache()
-    src.k_cache.normal_()
-    src.v_cache.normal_()
-    src.advance(5)
-    src.prev_embedding = torch.randn(1, 1, 8)
+    src = filled_cache()
     dst = small_cache(batch_size=3, seq_len=20)
     dst.prefill(src)
     for row in range(3):
@@ -157,11 +163,7 @@ def test_prefill_copies_every_layer_and_row_and_clones_prev_embedding():
 
 def test_prefill_from_a_cache_of_as_many_rows_copies_row_by_row():
     # only a batch-1 source broadcasts; a source with the destination's rows gives each row its own
-    src = small_cache(batch_size=2)
-    src.k_cache.normal_()
-    src.v_cache.normal_()
-    src.advance(5)
-    src.prev_embedding = torch.randn(2, 1, 8)
+    src = filled_cache(batch_size=2)
     dst = small_cache(batch_size=2, seq_len=20)
     dst.prefill(src)
     assert torch.equal(dst.k_cache[:, :, :5], src.k_cache[:, :, :5])
