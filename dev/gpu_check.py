@@ -158,7 +158,8 @@ def run_row(rows, failures, fn, *args, name=""):
     except Exception as e:  # noqa: BLE001 - every failure is reported in the table
         traceback.print_exc()
         failures.append(name)
-        rows.append((name, "", f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}"))
+        last_line = (str(e).strip().splitlines() or [""])[-1]
+        rows.append((name, "", f"FAILED: {type(e).__name__}" + (f": {last_line}" if last_line else "")))
 
 
 def main(argv=None):

@@ -22,3 +22,15 @@ def test_cpu_smoke_prints_every_row(tmp_path):
             assert result == "n/a (no CUDA)"
         else:
             assert "d2" in config and "tok/s" in result and "FAILED" not in result, line
+
+
+def test_a_failed_row_shows_the_errors_last_line():
+    from dev.gpu_check import run_row
+
+    def fails(message):
+        raise RuntimeError(message)
+    rows, failures = [], []
+    run_row(rows, failures, fails, "CUDA error\nout of memory", name="decode")
+    run_row(rows, failures, fails, "", name="server")
+    assert rows == [("decode", "", "FAILED: RuntimeError: out of memory"), ("server", "", "FAILED: RuntimeError")]
+    assert failures == ["decode", "server"]
