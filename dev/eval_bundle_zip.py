@@ -9,7 +9,7 @@ import argparse
 import os
 import zipfile
 
-from nanochat.common import atomic_open
+from nanochat.common import MissingFileError, atomic_open, exit_on_setup_error
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store: no build time leaks into the bytes
 
@@ -19,6 +19,9 @@ def write_eval_bundle_zip(bundle_dir, zip_path):
     Zip bundle_dir under a top-level eval_bundle/ folder (the layout of the downloaded bundle): sorted
     entries, fixed timestamps and permissions, deflate level 9.
     """
+    if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):  # a wrong path would write an empty zip
+        raise MissingFileError(f"no core.yaml in {bundle_dir}. Fix: pass the bundle directory itself, the one "
+                               "that holds core.yaml, eval_meta_data.csv and eval_data/")
     entries = []
     for root, _, files in os.walk(bundle_dir):
         rel = os.path.relpath(root, bundle_dir).replace(os.sep, "/")
@@ -40,9 +43,14 @@ def write_eval_bundle_zip(bundle_dir, zip_path):
     return zip_path
 
 
-if __name__ == "__main__":
+@exit_on_setup_error("eval_bundle_zip")
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Zip an eval bundle directory reproducibly")
     parser.add_argument("bundle_dir", help="the directory that holds core.yaml directly")
     parser.add_argument("zip_path", help="where to write the zip (e.g. data/eval_bundle.zip)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(write_eval_bundle_zip(args.bundle_dir, args.zip_path))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanochat import core_eval as ce
+from dev import eval_bundle_zip
 from dev.eval_bundle_zip import write_eval_bundle_zip
 from nanochat.common import REPO_DATA_DIR, exit_on_setup_error
 
@@ -596,6 +597,16 @@ def test_write_eval_bundle_zip_is_reproducible(tmp_path):
     os.utime(src / "core.yaml", (0, 0))
     b = write_eval_bundle_zip(str(src), str(tmp_path / "b.zip"))
     assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_eval_bundle_zip_refuses_a_directory_without_core_yaml(tmp_path, capsys):
+    write_mini_bundle(tmp_path / "eval_bundle", MINI_TASKS, MINI_ROWS, MINI_BASELINES)
+    target = tmp_path / "eval_bundle.zip"
+    target.write_bytes(b"the committed zip")
+    for wrong in (tmp_path / "typo", tmp_path):  # a missing directory, the bundle's parent
+        with exits_with_error(capsys, rf"^eval_bundle_zip: error: no core.yaml in {re.escape(str(wrong))}\. Fix"):
+            eval_bundle_zip.main([str(wrong), str(target)])
+    assert target.read_bytes() == b"the committed zip"
 
 
 # -----------------------------------------------------------------------------
