@@ -66,14 +66,20 @@ def newest_loads(checkpoint_dir):
     return step
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # two runs' checkpoints of every step: about 5 MB a step, gigabytes at the defaults
+    with tempfile.TemporaryDirectory(prefix="nanochat_kill_") as base_dir:
+        return survive(args, base_dir)
+
+
+def survive(args, base_dir):
+    """Returns main's exit status: 0 when every kill was survived and the resumed run ends as the straight one."""
     rng = random.Random(args.seed)
-    base_dir = tempfile.mkdtemp(prefix="nanochat_kill_")
     env = prepare(base_dir)
     os.environ["NANOCHAT_BASE_DIR"] = base_dir
     train(env, "straight", args.steps)
