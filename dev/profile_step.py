@@ -1,13 +1,17 @@
 """
 torch.profiler breakdown of one base_train training step on the current device: model forward+backward,
-optimizer, data (fetching the next batch), the loss read (the step's one host sync) and what is left.
+optimizer, data (fetching the next batch) and host reads of tensor values (aten::_local_scalar_dense:
+.item(), .tolist()), then the profiler's top 15 operations. The loss is meant to be the step's one host
+read (tests/test_host_sync.py); on CPU the count also holds the eager AdamW's reads of its 0-d CPU
+hyperparameters (alpha=), one per parameter update, which wait for nothing.
 
     python -m dev.profile_step                # issue 16's CPU config: d4, ctx 512, 8192/step, vocab 4096
     python -m dev.profile_step --depth=2 --max-seq-len=128 --device-batch-size=4 --total-batch-size=512
 
-It runs the real scripts.base_train (as `python -m` would) (extra arguments are its flags) on the committed pretraining
-sample with a tokenizer trained on it, in a temporary NANOCHAT_BASE_DIR, labels the package functions a
-step calls (record_function) and profiles the third step (the first two warm up allocator and caches).
+It runs the real scripts.base_train (as `python -m` would; extra arguments are its flags) on the committed
+pretraining sample with a tokenizer trained on it, in a temporary NANOCHAT_BASE_DIR, labels the package
+functions a step calls (record_function) and profiles the third step (the first two warm up allocator and
+caches).
 """
 
 import runpy
@@ -62,7 +66,7 @@ def main(argv=None):
     events = {e.key: e for e in prof.key_averages()}
     step_ms = events["step"].cpu_time_total / 1e3
     print(f"\none training step (profiled step 2), {step_ms:.1f} ms wall on the host:")
-    parts = [label for _, _, label in PARTS] + ["aten::_local_scalar_dense"]  # .item()/.tolist(): host syncs
+    parts = [label for _, _, label in PARTS] + ["aten::_local_scalar_dense"]  # .item()/.tolist(): host reads
     for label in parts:
         ms, calls = (events[label].cpu_time_total / 1e3, events[label].count) if label in events else (0.0, 0)
         print(f"  {label:<28} {ms:9.1f} ms  {100 * ms / step_ms:5.1f}%  ({calls} calls)")
