@@ -23,7 +23,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Continuous batching throughput")
     p.add_argument("--source", type=str, default="", help="base|sft|rl checkpoint (empty = sft, else base)")
     p.add_argument("--depth", type=int, default=0, help="benchmark a random model of this depth instead")
-    p.add_argument("--concurrency", type=str, default="1,4,16", help="comma-separated numbers of concurrent requests")
+    p.add_argument("--concurrency", type=str, default="1,4,16",
+                   help="comma-separated numbers of concurrent requests")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=64, help="prompts get lengths spread over [len/2, len]")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -84,13 +85,16 @@ def main(argv=None):
     device = torch.device(device_type)
     from dev.bench_engine import load  # the same checkpoint-or-random-model loader
     base_model, tokenizer, what = load(args, device)
-    model = _NoStopModel(base_model, [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()])
+    model = _NoStopModel(base_model,
+                         [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()])
     cfg = model.config
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
-          f"max_batch_size={args.max_batch_size} prompt<={args.prompt_len} new_tokens={args.new_tokens} "
+    print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} "
+          f"n_embd={cfg.n_embd} max_batch_size={args.max_batch_size} prompt<={args.prompt_len} "
+          f"new_tokens={args.new_tokens} "
           f"threads={torch.get_num_threads()}")
-    params = [SamplingParams(max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i) for i in range(256)]
+    params = [SamplingParams(max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i)
+              for i in range(256)]
 
     def run_scheduler(scheduler, prompts, concurrent):
         if concurrent:
@@ -98,7 +102,8 @@ def main(argv=None):
         return sum(wait_all([scheduler.submit(p, sp)]) for p, sp in zip(prompts, params))
 
     def run_engine(engine, prompts):
-        return sum(sum(1 for _ in engine.generate(p, max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i))
+        return sum(sum(1 for _ in engine.generate(p, max_tokens=args.new_tokens, temperature=1.0, top_k=50,
+                                                  seed=i))
                    for i, p in enumerate(prompts))
 
     scheduler = BatchScheduler(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=256)
@@ -115,7 +120,8 @@ def main(argv=None):
                     ("Engine, one at a time", lambda: run_engine(engine, prompts))]
             for name, fn in rows:
                 tokens, seconds = timed(fn, sync)
-                print(f"{n:3d} requests, {name:25s}: {tokens / seconds:9.1f} tok/s ({tokens} tokens, {seconds:.2f} s)")
+                print(f"{n:3d} requests, {name:25s}: {tokens / seconds:9.1f} tok/s "
+                      f"({tokens} tokens, {seconds:.2f} s)")
     finally:
         scheduler.shutdown()
     # a lone request on a wide server: the width follows the load, unless fixed_width computes every slot

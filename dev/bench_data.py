@@ -57,7 +57,8 @@ def bench_loader(tok, B, T, batches, threads):
     dt = time.perf_counter() - t0
     used, cropped = state["tokens_used"], state["tokens_cropped"]
     print(f"loader B={B} T={T}: {batches * B * T / dt:,.0f} tok/s, {1000 * dt / batches:.1f} ms/batch, "
-          f"tokens kept {100 * used / (used + cropped):.1f}% (cropped {100 * cropped / (used + cropped):.1f}%)")
+          f"tokens kept {100 * used / (used + cropped):.1f}% "
+          f"(cropped {100 * cropped / (used + cropped):.1f}%)")
 
 
 def main():

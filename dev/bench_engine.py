@@ -23,7 +23,8 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Engine decode throughput")
     p.add_argument("--source", type=str, default="", help="base|sft|rl checkpoint (empty = sft, else base)")
-    p.add_argument("--depth", type=int, default=0, help="benchmark a random model of this depth instead (vocab 32768)")
+    p.add_argument("--depth", type=int, default=0,
+                   help="benchmark a random model of this depth instead (vocab 32768)")
     p.add_argument("--batch", type=str, default="1,8", help="comma-separated numbers of rows")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -101,12 +102,13 @@ def main(argv=None):
     if args.check:
         return self_check(model, tokenizer)
     cfg = model.config
-    print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
-          f"vocab={cfg.vocab_size} prompt={args.prompt_len} new_tokens={args.new_tokens} "
+    print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} "
+          f"n_embd={cfg.n_embd} vocab={cfg.vocab_size} prompt={args.prompt_len} new_tokens={args.new_tokens} "
           f"threads={torch.get_num_threads()}")
     engine = Engine(model, NeverStopping(tokenizer))
     g = torch.Generator().manual_seed(0)
-    prompt = [tokenizer.get_bos_token_id()] + torch.randint(0, 256, (args.prompt_len - 1,), generator=g).tolist()
+    prompt = ([tokenizer.get_bos_token_id()]
+              + torch.randint(0, 256, (args.prompt_len - 1,), generator=g).tolist())
     for rows in [int(b) for b in args.batch.split(",")]:
         time_decode(engine, prompt, rows, 8, device_type)  # warm-up: allocator, kernels
         steps, best = min((time_decode(engine, prompt, rows, args.new_tokens, device_type)

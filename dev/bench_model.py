@@ -80,7 +80,8 @@ def main():
     tok_per_sec = B * T / dt
     peak = get_device_peak_flops(device_type)
     mfu = common.percent_of_peak(flops_per_token * tok_per_sec, peak)
-    device_name = torch.cuda.get_device_name(0) if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(0) if device_type == "cuda"
+                   else f"{device_type} ({torch.get_num_threads()} threads)")
     print(f"device: {device_name} | dtype: {common.COMPUTE_DTYPE} | compile: {args.compile}")
     print(f"config: depth={config.n_layer} n_embd={config.n_embd} n_head={config.n_head} seq_len={T} "
           f"batch={B} vocab={config.vocab_size} window={args.window_pattern} params={n_params:,}")

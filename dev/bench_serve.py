@@ -34,12 +34,15 @@ PROMPTS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Throughput and latency of the chat server under concurrent clients")
+    p = argparse.ArgumentParser(
+        description="Throughput and latency of the chat server under concurrent clients")
     p.add_argument("--url", type=str, default="", help="a running server (empty = start one in-process)")
-    p.add_argument("--source", type=str, default="sft", help="in-process server: checkpoint family sft|rl|base")
+    p.add_argument("--source", type=str, default="sft",
+                   help="in-process server: checkpoint family sft|rl|base")
     p.add_argument("--model-tag", type=str, default=None, help="in-process server: checkpoint tag")
     p.add_argument("--step", type=int, default=None, help="in-process server: checkpoint step")
-    p.add_argument("--device-type", type=str, default="", help="in-process server: cuda|cpu|mps (empty = autodetect)")
+    p.add_argument("--device-type", type=str, default="",
+                   help="in-process server: cuda|cpu|mps (empty = autodetect)")
     p.add_argument("--max-batch-size", type=int, default=16, help="in-process server: sequences per batch")
     p.add_argument("--batch-invariant", action="store_true",
                    help="in-process server: decode every slot at full width (chat_web --batch-invariant)")

@@ -35,11 +35,12 @@ CHROMIUM_NAMES = ("chromium-headless-shell", "chromium", "chromium-browser", "go
 POLL_INTERVAL_S = 0.1
 PAGE_LOAD_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 30.0  # one DevTools round trip; only a wedged browser takes this long
-# Chromium reads DevTools commands on its fd 3 and writes replies on fd 4. This launcher moves the two pipe ends
-# there and execs the browser (a preexec_fn could do the same, but is unsafe in a process that runs threads,
-# such as a test that also serves the page).
+# Chromium reads DevTools commands on its fd 3 and writes replies on fd 4. This launcher moves the two pipe
+# ends there and execs the browser (a preexec_fn could do the same, but is unsafe in a process that runs
+# threads, such as a test that also serves the page).
 FD_LAUNCHER = ("import os, sys; src_in, src_out = int(sys.argv[1]), int(sys.argv[2]); os.dup2(src_in, 3); "
-               "os.dup2(src_out, 4); os.close(src_in); os.close(src_out); os.execv(sys.argv[3], sys.argv[3:])")
+               "os.dup2(src_out, 4); os.close(src_in); os.close(src_out); "
+               "os.execv(sys.argv[3], sys.argv[3:])")
 ENTER_KEY = {"key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13}
 
 # What the check needs to know about the page, read in one round trip.
@@ -94,10 +95,12 @@ class DevToolsPipe:
                    "--no-first-run", "--no-default-browser-check", "--disable-gpu", "--disable-extensions",
                    "--disable-dev-shm-usage", "--window-size=1100,800"]
         if os.geteuid() == 0:
-            command.append("--no-sandbox")  # Chromium refuses to start as root with its sandbox on (containers, CI)
+            # Chromium refuses to start as root with its sandbox on (containers, CI)
+            command.append("--no-sandbox")
         launcher = [sys.executable, "-I", "-S", "-c", FD_LAUNCHER, str(child_in), str(child_out)]
         self.process = subprocess.Popen(launcher + command + ["about:blank"], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=stderr, pass_fds=(child_in, child_out))
+                                        stdout=subprocess.DEVNULL, stderr=stderr,
+                                        pass_fds=(child_in, child_out))
         os.close(child_in)
         os.close(child_out)
         self._buffer = b""
@@ -173,7 +176,8 @@ class Page:
     def evaluate(self, expression):
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
         if "exceptionDetails" in result:
-            raise CheckFailed(f"evaluating {expression[:60]!r} threw: {describe_exception(result['exceptionDetails'])}")
+            raise CheckFailed(f"evaluating {expression[:60]!r} threw: "
+                              f"{describe_exception(result['exceptionDetails'])}")
         return result["result"].get("value")
 
     def state(self):
@@ -183,7 +187,8 @@ class Page:
     def raise_page_exceptions(self):
         for event in self.browser.events:
             if event.get("method") == "Runtime.exceptionThrown" and event.get("sessionId") == self.session_id:
-                raise CheckFailed(f"the page threw: {describe_exception(event['params']['exceptionDetails'])}")
+                raise CheckFailed("the page threw: "
+                                  f"{describe_exception(event['params']['exceptionDetails'])}")
 
     def wait_for(self, condition, timeout, what, allow_error=False):
         """Poll the page state until condition(state) holds; fail with `what` and the last state otherwise."""
@@ -253,13 +258,14 @@ def drive_page(page, url, message, temperature, timeout):
     return {"answer": state["assistant"], "first_text_s": first_text_s, "done_s": time.monotonic() - start}
 
 
-def run_check(url, message="Hello! Who are you?", temperature=0.5, timeout=120.0, chromium=None, screenshot=None):
+def run_check(url, message="Hello! Who are you?", temperature=0.5, timeout=120.0, chromium=None,
+              screenshot=None):
     """Run the whole check in a fresh headless browser; returns drive_page's result or raises CheckFailed."""
     binary = find_chromium(chromium)
     if binary is None:
         wanted = chromium or " / ".join(CHROMIUM_NAMES)
-        raise CheckFailed(f"chromium not found ({wanted}); install the Debian package chromium-headless-shell "
-                          "(or chromium), or pass --chromium PATH")
+        raise CheckFailed(f"chromium not found ({wanted}); install the Debian package "
+                          "chromium-headless-shell (or chromium), or pass --chromium PATH")
     url = url.rstrip("/")
     check_server(url)
     with tempfile.TemporaryDirectory(prefix="nanochat-browser-check-") as tmp:
@@ -284,12 +290,14 @@ def run_check(url, message="Hello! Who are you?", temperature=0.5, timeout=120.0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Check the chat page in headless Chromium against a running server")
+    p = argparse.ArgumentParser(
+        description="Check the chat page in headless Chromium against a running server")
     p.add_argument("--url", type=str, default="http://127.0.0.1:8000", help="base URL of the running server")
     p.add_argument("--message", type=str, default="Hello! Who are you?", help="the message to send")
     p.add_argument("--temperature", type=float, default=0.5, help="set with /temperature before sending")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the whole answer")
-    p.add_argument("--chromium", type=str, default=None, help="Chromium binary (default: first found on PATH)")
+    p.add_argument("--chromium", type=str, default=None,
+                   help="Chromium binary (default: first found on PATH)")
     p.add_argument("--screenshot", type=str, default=None, help="write a PNG of the page at the end here")
     return p.parse_args(argv)
 
@@ -297,12 +305,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        result = run_check(args.url, args.message, args.temperature, args.timeout, args.chromium, args.screenshot)
+        result = run_check(args.url, args.message, args.temperature, args.timeout, args.chromium,
+                           args.screenshot)
     except CheckFailed as e:
         print(f"FAIL: {e}", file=sys.stderr)
         return 1
     print(f"OK: streamed answer of {len(result['answer'])} characters, first text after "
-          f"{result['first_text_s']:.1f} s, finished after {result['done_s']:.1f} s: {result['answer'][:200]!r}")
+          f"{result['first_text_s']:.1f} s, finished after {result['done_s']:.1f} s: "
+          f"{result['answer'][:200]!r}")
     return 0
 
 

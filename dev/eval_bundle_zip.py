@@ -20,8 +20,8 @@ def write_eval_bundle_zip(bundle_dir, zip_path):
     entries, fixed timestamps and permissions, deflate level 9.
     """
     if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):  # a wrong path would write an empty zip
-        raise MissingFileError(f"no core.yaml in {bundle_dir}. Fix: pass the bundle directory itself, the one "
-                               "that holds core.yaml, eval_meta_data.csv and eval_data/")
+        raise MissingFileError(f"no core.yaml in {bundle_dir}. Fix: pass the bundle directory itself, the "
+                               "one that holds core.yaml, eval_meta_data.csv and eval_data/")
     entries = []
     for root, _, files in os.walk(bundle_dir):
         rel = os.path.relpath(root, bundle_dir).replace(os.sep, "/")

@@ -37,10 +37,12 @@ def prepare(base_dir):
 
 def train(env, tag, steps, resume_step=None, kill_after=None):
     """Run base_train; with kill_after, SIGKILL it that many seconds after its first step line."""
-    cmd = [sys.executable, "-m", "scripts.base_train", *FLAGS, f"--num-iterations={steps}", f"--model-tag={tag}"]
+    cmd = [sys.executable, "-m", "scripts.base_train", *FLAGS, f"--num-iterations={steps}",
+           f"--model-tag={tag}"]
     if resume_step is not None:
         cmd.append(f"--resume-from-step={resume_step}")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     if kill_after is None:
         out = proc.communicate()[0]
         assert proc.returncode == 0, out
@@ -78,7 +80,7 @@ def main(argv=None):
 
 
 def survive(args, base_dir):
-    """Returns main's exit status: 0 when every kill was survived and the resumed run ends as the straight one."""
+    """main's exit status: 0 when every kill was survived and the resumed run ends as the straight one."""
     rng = random.Random(args.seed)
     env = prepare(base_dir)
     os.environ["NANOCHAT_BASE_DIR"] = base_dir

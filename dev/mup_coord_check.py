@@ -24,14 +24,19 @@ import time
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="muP vs SP dynamic coordinate check")
-    parser.add_argument("--widths", type=str, default="128,256,512", help="comma-separated n_embd values (multiples of 64)")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps before the measured forward (0 = at init)")
+    parser.add_argument("--widths", type=str, default="128,256,512",
+                        help="comma-separated n_embd values (multiples of 64)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="optimizer steps before the measured forward (0 = at init)")
     parser.add_argument("--base-width", type=int, default=128, help="muP base width")
-    parser.add_argument("--out", type=str, default="dev-ignore/mup_coord_check.png", help="plot path (empty = no plot)")
+    parser.add_argument("--out", type=str, default="dev-ignore/mup_coord_check.png",
+                        help="plot path (empty = no plot)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--dtype", type=str, default="float32", help="NANOCHAT_DTYPE unless already set in the environment")
+    parser.add_argument("--dtype", type=str, default="float32",
+                        help="NANOCHAT_DTYPE unless already set in the environment")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="model init seed (the batch uses a fixed generator)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model init seed (the batch uses a fixed generator)")
     parser.add_argument("--matrix-lr", type=float, default=0.02)
     parser.add_argument("--embedding-lr", type=float, default=0.3)
     parser.add_argument("--unembedding-lr", type=float, default=0.008)
@@ -75,7 +80,8 @@ def measure(model, x, y, args, use_mup):
         modules[f"ffn.{i}"] = block.mlp.c_proj
     modules["logits"] = model.lm_head
     stats = {}
-    handles = [m.register_forward_hook(lambda mod, inp, out, k=k: stats.__setitem__(k, out.float().abs().mean().item()))
+    handles = [m.register_forward_hook(
+                   lambda mod, inp, out, k=k: stats.__setitem__(k, out.float().abs().mean().item()))
                for k, m in modules.items()]
     model.eval()
     with torch.no_grad():

@@ -604,7 +604,8 @@ def test_eval_bundle_zip_refuses_a_directory_without_core_yaml(tmp_path, capsys)
     target = tmp_path / "eval_bundle.zip"
     target.write_bytes(b"the committed zip")
     for wrong in (tmp_path / "typo", tmp_path):  # a missing directory, the bundle's parent
-        with exits_with_error(capsys, rf"^eval_bundle_zip: error: no core.yaml in {re.escape(str(wrong))}\. Fix"):
+        pattern = rf"^eval_bundle_zip: error: no core.yaml in {re.escape(str(wrong))}\. Fix"
+        with exits_with_error(capsys, pattern):
             eval_bundle_zip.main([str(wrong), str(target)])
     assert target.read_bytes() == b"the committed zip"
 

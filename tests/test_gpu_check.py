@@ -32,5 +32,6 @@ def test_a_failed_row_shows_the_errors_last_line():
     rows, failures = [], []
     run_row(rows, failures, fails, "CUDA error\nout of memory", name="decode")
     run_row(rows, failures, fails, "", name="server")
-    assert rows == [("decode", "", "FAILED: RuntimeError: out of memory"), ("server", "", "FAILED: RuntimeError")]
+    assert rows == [("decode", "", "FAILED: RuntimeError: out of memory"),
+                    ("server", "", "FAILED: RuntimeError")]
     assert failures == ["decode", "server"]

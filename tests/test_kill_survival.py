@@ -12,5 +12,6 @@ def test_one_kill_survives_and_leaves_no_scratch_directory(tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", "")  # main() points it at its scratch directory; restored after
     assert kill_survival.main(["--kills=1", "--steps=2"]) == 0
-    assert "kills survived: 1/1; final weights equal to the uninterrupted run: True" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kills survived: 1/1; final weights equal to the uninterrupted run: True" in out
     assert list(tmp_path.iterdir()) == []
