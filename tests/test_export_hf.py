@@ -103,6 +103,22 @@ def test_generate_greedy_matches_the_engine(exported):
         assert got == want and len(want) > len(prompt)
 
 
+def test_the_readme_snippet_loads_an_export_and_generates(exported):
+    # the README's code, run as a user would copy it: with the locked transformers 5, apply_chat_template
+    # returns a dict unless told otherwise, so a snippet passing it to generate() as ids fails
+    base, _, tokenizer, _, _ = exported
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("## Export to Hugging Face"):]
+    snippet = section[section.index("```python\n") + len("```python\n"):]
+    snippet = snippet[:snippet.index("```")].replace("out/nanochat-d20", str(base / "hf"))
+    scope = {}
+    exec(snippet, scope)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Hi!"},
+                                                           {"role": "assistant", "content": ""}]})
+    out = scope["out"][0].tolist()
+    assert out[:len(prompt)] == prompt and len(out) > len(prompt)
+
+
 def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch, capsys):
     from nanochat.loss_eval import evaluate_bpb
     base = exported[0]
