@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline quick start: the whole pipeline, tiny, on a CPU (2 cores are enough), in about 20 minutes:
+# The offline quick start: the whole pipeline, tiny, on a CPU (2 cores are enough), in about 10 minutes:
 # tokenizer, pretraining, base eval, SFT, chat eval, one chat reply, and the report.
 # Needs python3 and pip (for uv) and the package registries; everything else is committed in the repo:
 # the pretraining sample (data/pretrain_sample), the CORE eval bundle (data/eval_bundle.zip) and the
