@@ -453,8 +453,9 @@ class ConversationPacker:
                 self.truncated += 1
                 if self.label not in _TRUNCATION_NOTICES:
                     _TRUNCATION_NOTICES.add(self.label)
+                    used = "trained on" if self.label == "train" else "evaluated"  # val batches train nothing
                     print0(f"Note: truncating {self.label} conversations longer than {self.max_tokens} "
-                           f"tokens (e.g. #{index}) to fit a row; they are trained on as truncated")
+                           f"tokens (e.g. #{index}) to fit a row; they are {used} as truncated")
 
     def _next_row(self):
         ids, mask = [], []

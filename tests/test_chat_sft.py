@@ -243,6 +243,16 @@ def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(toke
     assert (targets >= 0).sum() == sum(sum(m[1:]) for m in masks)
 
 
+@pytest.mark.parametrize("label, used", [("train", "trained on"), ("val", "evaluated")])
+def test_the_truncation_note_says_what_the_split_is_used_for(tokenizer, monkeypatch, capsys, label, used):
+    monkeypatch.setattr(dataloader, "_TRUNCATION_NOTICES", set())  # the note is printed once per process
+    packer = dataloader.ConversationPacker([conversation(300)], tokenizer, batch_size=1, seq_len=63,
+                                           buffer_size=1, label=label)
+    packer.next_rows()
+    assert f"Note: truncating {label} conversations longer than 64 tokens (e.g. #0) to fit a row; " \
+           f"they are {used} as truncated" in capsys.readouterr().out
+
+
 def test_long_rows_truncate_like_the_references_2048_token_render(tokenizer):
     dataset = [conversation(3000)]
     packer = dataloader.ConversationPacker(dataset, tokenizer, batch_size=1, seq_len=3000, buffer_size=1,
