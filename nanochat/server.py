@@ -69,7 +69,7 @@ from nanochat.api_schemas import (SAMPLING_LIMITS, APIError, ChatRequest, OpenAI
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.chat_text import ReplyText
 from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
-from nanochat.common import autodetect_device_type
+from nanochat.common import BadSettingError, autodetect_device_type
 from nanochat.tokenizer import fit_chat_prompt, prompt_budget, render_chat_prompt
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,12 @@ class Worker:
 def worker_devices(device_type, num_gpus):
     if device_type != "cuda":
         if num_gpus > 1:
-            raise RuntimeError(f"--num-gpus {num_gpus} needs CUDA, but the device type is {device_type}")
+            raise BadSettingError(f"--num-gpus {num_gpus} needs CUDA, but the device type is {device_type}; "
+                                  f"serve on one device with -n 1")
         return [torch.device(device_type)]
     if num_gpus > torch.cuda.device_count():
-        raise RuntimeError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA devices "
-                           f"are visible")
+        raise BadSettingError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA devices "
+                              f"are visible; pass -n {torch.cuda.device_count()} or fewer")
     return [torch.device("cuda", i) for i in range(num_gpus)]
 
 

@@ -13,8 +13,8 @@ The endpoints, their limits and errors are described in nanochat/server.py, whic
 import argparse
 import sys
 
-from nanochat.common import autodetect_device_type, compute_init
-from nanochat.server import ServerConfig, create_app, required_api_key, uvicorn_server
+from nanochat.common import autodetect_device_type, compute_init, exit_on_setup_error
+from nanochat.server import ServerConfig, create_app, required_api_key, uvicorn_server, worker_devices
 
 
 def build_parser():
@@ -87,9 +87,11 @@ def __getattr__(name):
     return _default_app
 
 
+@exit_on_setup_error("chat_web")
 def main(argv=None):
     args = parse_args(argv)
     args.device_type = args.device_type or autodetect_device_type()
+    worker_devices(args.device_type, args.num_gpus)  # -n beyond this machine's GPUs: said before any loading
     compute_init(args.device_type)
     app = create_app(args)
     print("Starting NanoChat Web Server")

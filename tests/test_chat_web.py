@@ -29,12 +29,13 @@ import pytest
 import torch
 
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
+from nanochat.common import BadSettingError
 from nanochat.api_schemas import OpenAIChatRequest, OpenAIMessage, openai_turns
 from nanochat.server import (BoundedBody, ServerConfig, Worker, WorkerPool, create_app, serve_in_thread,
                              start_generation, worker_devices)
 from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
 
-from conftest import AlteredLogits, chat_server, point_base_dir_at
+from conftest import AlteredLogits, chat_server, exits_with_error, point_base_dir_at
 
 SEQUENCE_LEN = 2048  # long enough that a reply capped only by the context runs for seconds on a CPU
 MODEL_ID = "nanochat-sft-d2"
@@ -194,8 +195,15 @@ def test_serve_in_thread_says_when_the_server_did_not_start(tmp_path, monkeypatc
 def test_num_gpus_above_one_needs_cuda():
     with pytest.raises(ValueError, match="--num-gpus 2 needs CUDA"):
         ServerConfig(num_gpus=2, device_type="cpu")
-    with pytest.raises(RuntimeError, match="needs CUDA"):
+    with pytest.raises(BadSettingError, match="needs CUDA"):
         worker_devices("cpu", 2)
+
+
+def test_more_gpus_than_the_machine_has_is_one_error_line_before_any_loading(capsys):
+    # the device is autodetected after the flags are read: checked then, not as a failed start-up
+    from scripts import chat_web
+    with exits_with_error(capsys, r"^chat_web: error: --num-gpus 999 (needs CUDA|but only \d+ CUDA devices)"):
+        chat_web.main(["-n", "999"])
 
 
 @pytest.mark.parametrize("devices, lines", [
