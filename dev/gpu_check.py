@@ -177,9 +177,13 @@ def main(argv=None):
     else:
         rows.append(("fp8 train step", "", NA))
     with tempfile.TemporaryDirectory() as base:
-        what = write_checkpoint(base, cuda)
-        run_row(rows, failures, decode_rows, cuda, what, name="decode")
-        run_row(rows, failures, serve_rows, cuda, what, name="server")
+        written = []  # what the checkpoint is, or its FAILED row: the decode and server rows need it
+        run_row(written, failures, write_checkpoint, base, cuda, name="checkpoint")
+        if failures[-1:] == ["checkpoint"]:
+            rows.extend(written)
+        else:
+            run_row(rows, failures, decode_rows, cuda, written[0], name="decode")
+            run_row(rows, failures, serve_rows, cuda, written[0], name="server")
     widths = [max(len(r[i]) for r in rows + [("check", "config", "result")]) for i in range(3)]
     device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"
     print(f"\ngpu_check on {device}, torch {torch.__version__}")

@@ -35,3 +35,19 @@ def test_a_failed_row_shows_the_errors_last_line():
     assert rows == [("decode", "", "FAILED: RuntimeError: out of memory"),
                     ("server", "", "FAILED: RuntimeError")]
     assert failures == ["decode", "server"]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_row_and_the_table_still_prints(monkeypatch, capsys):
+    # the decode and server rows need the checkpoint: without it they are not run, and the table still ends
+    # the output (the earlier rows' numbers are kept)
+    from dev import gpu_check
+
+    def no_space(base, cuda):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(gpu_check, "write_checkpoint", no_space)
+    monkeypatch.setattr(gpu_check, "fa3_rows", lambda cuda: [])  # quick rows before it
+    monkeypatch.setattr(gpu_check, "train_row", lambda name, *rest: (name, "", "ok"))
+    assert gpu_check.main(["--cpu-smoke"]) == 1
+    table = capsys.readouterr().out.split("gpu_check on cpu (smoke)")[1].splitlines()[2:]
+    assert table[-1].split(" | ")[0].strip() == "checkpoint"
+    assert "FAILED: OSError: No space left on device" in table[-1]
