@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (BadFileError, MissingFileError, SetupError, _env_rank, get_base_dir,
-                             is_ddp_initialized, one_line_error)
+                             is_ddp_initialized, one_line_error, rank_and_world)
 from nanochat.flash_attention import decide_backend
 from nanochat.gpt import GPT, GPTConfig, meta_model
 from nanochat.tokenizer import get_tokenizer
@@ -183,15 +183,20 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
             _remove_if_exists(tmp)
 
 
+def _shard_ranks(checkpoint_dir, step):
+    """The ranks whose optimizer shard of the step is in checkpoint_dir."""
+    shard = re.compile(rf"optim_{step:06d}_rank(\d+)\.pt")
+    return [int(m.group(1)) for m in map(shard.fullmatch, os.listdir(checkpoint_dir)) if m]
+
+
 def _remove_larger_world_shards(checkpoint_dir, step):
     """Remove the step's optimizer shards of ranks beyond this world's, left by an earlier save of the step
     with more ranks: counted with this save's, they would refuse a resume with this world size (or feed a
     resume with the larger one another run's state)."""
-    world_size = dist.get_world_size() if is_ddp_initialized() else 1
-    for name in os.listdir(checkpoint_dir):
-        m = re.fullmatch(rf"optim_{step:06d}_rank(\d+)\.pt", name)
-        if m and int(m.group(1)) >= world_size:
-            _remove_if_exists(os.path.join(checkpoint_dir, name))
+    world_size = rank_and_world()[1]
+    for rank in _shard_ranks(checkpoint_dir, step):
+        if rank >= world_size:
+            _remove_if_exists(_optim_path(checkpoint_dir, step, rank))
 
 
 def _commit(staged, path):
@@ -490,8 +495,7 @@ def load_model(source, *args, **kwargs):
 def optimizer_shard_count(source, model_tag=None, step=None):
     """How many ranks' optimizer shards a checkpoint holds: the world size that saved it (0: none saved)."""
     checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)
-    shard = re.compile(rf"optim_{step:06d}_rank\d+\.pt")
-    return sum(1 for name in os.listdir(checkpoint_dir) if shard.fullmatch(name))
+    return len(_shard_ranks(checkpoint_dir, step))
 
 
 def load_optimizer_state(source, device, rank, model_tag=None, step=None):
