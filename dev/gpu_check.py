@@ -151,15 +151,18 @@ def serve_rows(cuda, what):
 
 
 def run_row(rows, failures, fn, *args, name=""):
-    """Run one check; a failure becomes its row (with the error's last line) instead of ending the run."""
+    """Run one check; a failure becomes its row (with the error's last line) instead of ending the run.
+    Returns whether the check succeeded."""
     try:
         result = fn(*args)
         rows.extend(result if isinstance(result, list) else [result])
+        return True
     except Exception as e:  # noqa: BLE001 - every failure is reported in the table
         traceback.print_exc()
         failures.append(name)
         last_line = (str(e).strip().splitlines() or [""])[-1]
         rows.append((name, "", f"FAILED: {type(e).__name__}" + (f": {last_line}" if last_line else "")))
+        return False
 
 
 def main(argv=None):
@@ -178,12 +181,11 @@ def main(argv=None):
         rows.append(("fp8 train step", "", NA))
     with tempfile.TemporaryDirectory() as base:
         written = []  # what the checkpoint is, or its FAILED row: the decode and server rows need it
-        run_row(written, failures, write_checkpoint, base, cuda, name="checkpoint")
-        if failures[-1:] == ["checkpoint"]:
-            rows.extend(written)
-        else:
+        if run_row(written, failures, write_checkpoint, base, cuda, name="checkpoint"):
             run_row(rows, failures, decode_rows, cuda, written[0], name="decode")
             run_row(rows, failures, serve_rows, cuda, written[0], name="server")
+        else:
+            rows.extend(written)
     widths = [max(len(r[i]) for r in rows + [("check", "config", "result")]) for i in range(3)]
     device = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"
     print(f"\ngpu_check on {device}, torch {torch.__version__}")
