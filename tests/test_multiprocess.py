@@ -31,16 +31,22 @@ def base_dir(tmp_path_factory, sample_tokenizer):
         yield install_sample_base_dir(mp, tmp_path_factory.mktemp("nanochat_mp"), sample_tokenizer)
 
 
-def start(base_dir, nproc, extra):
-    """Launch one base_train run (under torchrun when nproc > 1)."""
+def launch(base_dir, nproc, program, torchrun=True, **env):
+    """Start `python [torchrun with nproc processes] program...` on base_dir, outside any torchrun environment
+    of the test's own; stdout and stderr as one text stream."""
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **env)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "scripts.base_train"] + FLAGS + extra
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [sys.executable, *(launcher if torchrun else []), *program]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
+
+
+def start(base_dir, nproc, extra):
+    """Launch one base_train run (under torchrun when nproc > 1)."""
+    return launch(base_dir, nproc, ["-m", "scripts.base_train", *FLAGS, *extra], torchrun=nproc > 1)
 
 
 def finish(proc):
@@ -116,15 +122,9 @@ def sft_base_dir(tmp_path_factory, chat_tokenizer):
 
 
 def start_sft(base_dir, extra, nproc=2):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", NANOCHAT_OFFLINE="1",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "scripts.chat_sft", "--device-type=cpu", "--model-tag=d2", "--num-iterations=4", "--eval-every=2",
-           "--eval-tokens=512", "--chatcore-every=-1", "--save-every=2"] + extra
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    program = ["-m", "scripts.chat_sft", "--device-type=cpu", "--model-tag=d2", "--num-iterations=4",
+               "--eval-every=2", "--eval-tokens=512", "--chatcore-every=-1", "--save-every=2", *extra]
+    return launch(base_dir, nproc, program, NANOCHAT_OFFLINE="1")
 
 
 def test_two_process_sft_resumes_exactly(sft_base_dir):
@@ -174,16 +174,10 @@ def rl_base_dir(tmp_path_factory, chat_tokenizer):
 
 
 def start_rl(base_dir, extra, nproc=2):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_COMPILE="0", NANOCHAT_OFFLINE="1",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=REPO)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     from test_chat_rl import RUN_FLAGS
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(base_dir / "rl_driver.py"), *RUN_FLAGS, "--examples-per-step=2", "--num-steps=3",
-           "--eval-every=-1"] + extra
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    program = [str(base_dir / "rl_driver.py"), *RUN_FLAGS, "--examples-per-step=2", "--num-steps=3",
+               "--eval-every=-1", *extra]
+    return launch(base_dir, nproc, program, NANOCHAT_OFFLINE="1", PYTHONPATH=REPO)
 
 
 def test_two_process_rl_resumes_exactly(rl_base_dir):
