@@ -112,3 +112,30 @@ def test_the_package_has_no_import_cycles():
     for module in modules:
         cycle = cycle_from(module, [])
         assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def declared_distributions():
+    """Normalized names of the project's dependencies and optional extras in pyproject.toml."""
+    import re
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    # a package that comes only under another one (pydantic under fastapi) can go away with its next release
+    from importlib.metadata import packages_distributions
+    providers = packages_distributions()
+    imported = set()
+    for path in [*REPO.glob("nanochat/*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("tasks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"nanochat", "scripts", "tasks"}
+    declared = declared_distributions()
+    undeclared = {name: providers.get(name) for name in sorted(third_party)
+                  if not {d.lower().replace("_", "-") for d in providers.get(name, [])} & declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
