@@ -830,10 +830,16 @@ def create_app(config):
     return app
 
 
+# Seconds uvicorn's shutdown waits for open connections before it cancels their tasks. Unbounded by default:
+# a client that stops reading a stream (its socket buffers full) or sends its body slowly would hold the
+# process up. The replies in flight end at the start of the shutdown, so well-behaved clients are done by then
+SHUTDOWN_GRACE = 3
+
+
 def uvicorn_server(app, **settings):
     """A uvicorn.Server for app (uvicorn.Config settings) that stops serving when its shutdown starts (a
-    signal, should_exit): uvicorn waits for open connections to close before the lifespan shutdown, so a
-    long reply would otherwise keep the server up until its last token."""
+    signal, should_exit): uvicorn waits for open connections to close (at most SHUTDOWN_GRACE) before the
+    lifespan shutdown, so a long reply would otherwise keep the server up until its last token."""
     import uvicorn
 
     class StopServingFirst(uvicorn.Server):
@@ -841,7 +847,8 @@ def uvicorn_server(app, **settings):
             stop_serving(app)  # joins the decode threads, whose events never wait on this loop
             await super().shutdown(sockets)
 
-    return StopServingFirst(uvicorn.Config(app, http=http_protocol(app.state.config), **settings))
+    return StopServingFirst(uvicorn.Config(app, http=http_protocol(app.state.config),
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE, **settings))
 
 
 def serve_in_thread(app, host="127.0.0.1", port=0, timeout=120):

@@ -1067,3 +1067,30 @@ def test_ctrl_c_ends_the_replies_in_flight_at_once_and_the_server_exits(tiny_cha
     assert json.loads(openai_rest[-2][len("data: "):])["choices"] == [finish]
     assert reference_rest[-1] == 'data: {"done": true}'
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "cancelled"
+
+
+def test_a_client_that_never_finishes_its_body_does_not_hold_the_shutdown(tiny_chat_base_dir):
+    # uvicorn waits for every connection to close: this one would wait for its body (--body-timeout, 30s),
+    # and one that stops reading a long stream, for ever. The other replies still get their ending
+    process, url = start_chat_web()
+    host, port = url.removeprefix("http://").split(":")
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4096, "temperature": 0,
+            "stream": True}
+    sent = json.dumps(body)
+    half_sent = socket.create_connection((host, int(port)))
+    try:
+        half_sent.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: "
+                          f"{len(sent)}\r\n\r\n{sent[:10]}".encode())
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body) as streamed:
+            lines = streamed.iter_lines()
+            wait_for_content(lines)  # the server has read the half-sent body's first bytes by now
+            process.send_signal(signal.SIGINT)
+            signalled = time.monotonic()
+            rest = [line for line in lines if line]
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - signalled < 10
+    finally:
+        process.kill()
+        half_sent.close()
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "cancelled"
