@@ -39,7 +39,9 @@ _DTYPE_MAP = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": t
 def _detect_compute_dtype():
     env = os.environ.get("NANOCHAT_DTYPE")
     if env is not None:
-        return _DTYPE_MAP[env], f"set via NANOCHAT_DTYPE={env}"  # unknown value: KeyError, as the reference
+        if env not in _DTYPE_MAP:
+            raise BadEnvironmentError.unknown("NANOCHAT_DTYPE", env, _DTYPE_MAP)
+        return _DTYPE_MAP[env], f"set via NANOCHAT_DTYPE={env}"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         if (major, minor) >= (8, 0):
@@ -163,6 +165,18 @@ class BadFileError(SetupError, ValueError):
 
 class BadSettingError(SetupError, ValueError):
     """Flags that cannot work together, or with the checkpoint or data they meet."""
+
+
+class BadEnvironmentError(BadSettingError, KeyError):
+    """An environment variable set to a value nanochat does not know. Also a KeyError and a ValueError: what
+    the reference raises for an unknown NANOCHAT_DTYPE and NANOCHAT_ATTN, which code may catch."""
+
+    __str__ = BaseException.__str__  # KeyError's would put the message in quotes
+
+    @classmethod
+    def unknown(cls, name, value, allowed):
+        return cls(f"{name}={value!r} is not one of {', '.join(allowed)}: set one of those, or unset {name} "
+                   f"to have it chosen automatically")
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.common import agree, is_ddp_initialized
+from nanochat.common import BadEnvironmentError, agree, is_ddp_initialized
 
 FA3_REPO = "kernels-community/flash-attn3"  # a kernel repository with major versions, trusted publisher
 FA3_VERSION = 1  # kernels >= 0.15 refuses to load without a version (or revision)
@@ -224,7 +224,7 @@ def _env_override():
     if not value:
         return None
     if value not in _IMPLS:
-        raise ValueError(f"NANOCHAT_ATTN must be one of {_IMPLS} or unset, got {value!r}")
+        raise BadEnvironmentError.unknown("NANOCHAT_ATTN", value, _IMPLS)
     return value
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanochat import pretraining, training
+import nanochat.flash_attention as fa
+from nanochat import common, pretraining, training
 from scripts import base_train
 
 from conftest import exits_with_error, install_sample_base_dir
@@ -574,3 +575,19 @@ def test_a_resume_with_another_architecture_or_past_the_horizon_is_refused(base_
 def test_flags_that_cannot_work_together_end_with_one_line(flags, says, base_dir, capsys):
     with exits_with_error(capsys, "^base_train: error: " + says):
         run_main(TRAIN_FLAGS + ["--num-iterations=1"] + flags, capsys)
+
+
+@pytest.mark.parametrize("variable, value, allowed, reference_type", [
+    ("NANOCHAT_DTYPE", "fp16x", "bfloat16, float16, float32", KeyError),  # the dtype is decided at the start
+    ("NANOCHAT_ATTN", "fa4", "fa3, sdpa", ValueError),  # the attention backend once the model is built
+])
+def test_an_unknown_dtype_or_attention_backend_ends_with_one_line(variable, value, allowed, reference_type,
+                                                                  base_dir, undecided, monkeypatch, capsys):
+    monkeypatch.setattr(common, "_compute_dtype_cache", None)  # both are decided once per process: undo that
+    monkeypatch.setattr(fa, "_override_impl", fa._FROM_ENV)
+    monkeypatch.setenv(variable, value)
+    says = rf"{variable}='{value}' is not one of {allowed}: set one of those, or unset {variable}"
+    with exits_with_error(capsys, "^base_train: error: " + says):
+        run_main(TRAIN_FLAGS + ["--num-iterations=1"], capsys)
+    with pytest.raises(reference_type):  # still the type the reference raises, for code that catches it
+        (common._detect_compute_dtype if variable == "NANOCHAT_DTYPE" else fa._env_override)()
