@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import nanochat.engine as engine_module
 from nanochat import common
@@ -73,6 +74,16 @@ def test_kv_cache_basic():
     assert cache.get_pos() == 0
     k, v = cache.get_layer_cache(0)
     assert k.shape == v.shape == (2, 64, 3, 5)
+
+
+def test_kv_cache_reset_forgets_the_smear_feature_of_the_previous_sequence():
+    cache = KVCache(batch_size=2, num_heads=1, seq_len=8, head_dim=4, num_layers=1, device="cpu",
+                    dtype=torch.float32)
+    cache.advance(3)
+    cache.prev_embedding = torch.ones(2, 1, 4)
+    cache.reset()
+    assert cache.positions == [0, 0] and cache.cache_seqlens.tolist() == [0, 0]
+    assert cache.prev_embedding is None
 
 
 def test_kv_cache_prefill():
@@ -331,7 +342,8 @@ def test_second_python_start_restarts_the_expression():
 
 
 def test_bos_terminates_and_generate_batch_excludes_terminal_tokens():
-    model = ScriptedModel([ascii_ids("ab") + [BOS], ascii_ids("abcd") + [ASSISTANT_END]])
+    # row 0's script goes on after its BOS: what a finished row receives is not part of its result
+    model = ScriptedModel([ascii_ids("ab") + [BOS] + ascii_ids("zz"), ascii_ids("abcd") + [ASSISTANT_END]])
     results, masks = Engine(model, ByteTokenizer()).generate_batch(PROMPT, num_samples=2, temperature=0.0)
     assert results == [PROMPT + ascii_ids("ab"), PROMPT + ascii_ids("abcd")]
     assert masks == [[0] * len(PROMPT) + [1, 1], [0] * len(PROMPT) + [1, 1, 1, 1]]
@@ -483,6 +495,7 @@ def test_eval_off_main_thread_refuses_unbounded_expressions():
     t0 = time.time()
     assert in_worker_thread(eval_with_timeout, SLOW_EXPR) is None
     assert in_worker_thread(eval_with_timeout, "'a' * 10") is None  # str arithmetic can explode: refused
+    assert in_worker_thread(eval_with_timeout, "2 ** 3") is None  # ** too: 9**9**9 would never finish
     assert time.time() - t0 < 2
     assert in_worker_thread(eval_with_timeout, "'Straw'.lower().count('s')") == 1
     # a count on an unbounded receiver, a str method with a size argument ('x'.center(10**10)): refused
@@ -541,6 +554,31 @@ def test_prefill_prompt_gives_the_full_forward_logits_and_a_filled_cache():
         full = model(torch.tensor([prompt]))[:, -1, :]
     assert (cache.batch_size, cache.max_seq_len, cache.get_pos()) == (1, len(prompt), len(prompt))
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_cost_counts_two_flops_per_weight_and_attention_up_to_each_window():
+    # sequence_len 1024: an S layer attends over 256 positions, the L layer over 1024
+    cfg = GPTConfig(sequence_len=1024, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                    window_pattern="SL")
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    per_position = 4 * cfg.n_embd  # QK^T and AV: 2 FLOPs each per head dimension and cached position
+    flops = lambda context: engine_module.decode_step_cost(model, 1, context)[0]
+    assert flops(101) - flops(100) == 2 * per_position  # both layers see every cached position
+    assert flops(301) - flops(300) == per_position  # past 256 the S layer's window no longer grows
+    assert engine_module.decode_step_cost(model, 3, 100)[0] == 3 * flops(100)
+    # the matmuls of a real decode step, counted by torch (the tiny value-embedding gate left aside)
+    _, prompt_cache = prefill_prompt(model, list(range(40)), torch.device("cpu"))
+    cache = KVCache.for_model(cfg, 1, 64, "cpu")
+    cache.prefill(prompt_cache)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward(torch.tensor([[1]]), kv_cache=cache)
+    assert flops(40) - 2 * 40 * per_position == pytest.approx(counter.get_total_flops(), rel=1e-3)
+    # the bytes: each cached position of every layer is read once as a key and once as a value
+    kv_bytes = lambda context: engine_module.decode_step_cost(model, 1, context)[1]
+    head_dim = cfg.n_embd // cfg.n_head
+    assert kv_bytes(101) - kv_bytes(100) == 2 * 2 * cfg.n_kv_head * head_dim * common.COMPUTE_DTYPE.itemsize
 
 
 def test_engine_top_k_one_equals_greedy():
