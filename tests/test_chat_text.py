@@ -120,6 +120,17 @@ def test_streaming_hands_over_multibyte_characters_whole(tokenizer):
     assert tokens == reply + [tokenizer.encode_special("<|assistant_end|>")]
 
 
+def test_a_reply_ends_at_bos_too_and_an_unfinished_last_character_is_shown_as_such(tokenizer):
+    ok, end = tokenizer.encode("ok"), tokenizer.encode_special("<|assistant_end|>")
+    model = ScriptedModel(tokenizer, ok + [tokenizer.get_bos_token_id()] + tokenizer.encode("zz"))
+    _, texts, _ = converse(model, tokenizer, ["hi"], max_tokens=16)
+    assert texts == ["ok"]  # a new document is not part of the reply
+    first_byte = tokenizer.encode("😀")[:1]
+    model = ScriptedModel(tokenizer, first_byte)
+    conversation, texts, _ = converse(model, tokenizer, ["hi"], max_tokens=16)
+    assert texts == ["\ufffd"] and conversation.exchanges == [("hi", first_byte + [end])]
+
+
 def test_a_message_longer_than_the_context_keeps_its_end_and_half_the_context_for_the_reply(tokenizer):
     # the server's policy: the prompt gets at least half the context, the message loses its beginning
     ok = tokenizer.encode("ok")
@@ -169,6 +180,10 @@ def test_reply_text_releases_whole_characters_and_cuts_stop_strings(tokenizer):
     decoder = ReplyText(tokenizer, stops=["plaît!"])  # held back while it could still match
     released = "".join(decoder.add(i) for i in tokenizer.encode("s'il vous plaît"))
     assert released == "s'il vous " and decoder.finish() == "plaît" and not decoder.stopped
+
+    decoder = ReplyText(tokenizer, stops=["bc", "abc"])  # both found at once: the text ends at the first
+    released = "".join(decoder.add(i) for i in tokenizer.encode("xx abc d")) + decoder.finish()
+    assert decoder.stopped and released == "xx "
 
     decoder = ReplyText(tokenizer)
     assert decoder.add(tokenizer.encode("😀")[0]) == "" and decoder.finish() == "\ufffd"
