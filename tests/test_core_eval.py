@@ -488,6 +488,8 @@ def test_task_data_is_shuffled_with_1337_then_truncated_and_cached(tmp_path, mon
     assert ce.load_task_data(str(bundle), "d/t.jsonl", 7) == expected[:7]
     assert ce.load_task_data(str(bundle), "d/t.jsonl", -1) == expected
     assert ce.load_task_data(str(bundle), "d/t.jsonl", 100) == expected
+    ce.load_task_data(str(bundle), "d/t.jsonl", -1).clear()  # what a caller does to its copy stays its own
+    assert ce.load_task_data(str(bundle), "d/t.jsonl", -1) == expected
     assert len(reads) == 1
 
 
