@@ -69,6 +69,9 @@ def test_apply_schedule_touches_the_right_groups():
     adamw, muon = opt.param_groups
     assert adamw["lr"] == pytest.approx(0.05) and "weight_decay" in adamw and adamw["weight_decay"] == 0
     assert muon["lr"] == pytest.approx(0.1) and muon["momentum"] == 0.9 and muon["weight_decay"] == 0.01
+    training.apply_schedule(opt, 0.5)  # the next step, same multiplier: the same LR, not half of it again
+    assert adamw["lr"] == pytest.approx(0.05) and muon["lr"] == pytest.approx(0.1)
+    assert muon["momentum"] == 0.9 and muon["weight_decay"] == 0.01  # not given: left as they were
 
 
 def test_grad_accum_steps():
@@ -76,6 +79,8 @@ def test_grad_accum_steps():
     assert training.grad_accum_steps(1048576, 16, 2048, 8) == 4
     with pytest.raises(ValueError, match="multiple"):
         training.grad_accum_steps(1000, 2, 64, 1)
+    with pytest.raises(ValueError, match="= 512"):  # one micro-batch per rank is already 512 tokens
+        training.grad_accum_steps(256, 2, 64, 4)
     assert training.eval_steps_for(100, 2, 64, 1) == 1
     assert training.eval_steps_for(80 * 524288, 32, 2048, 8) == 80
 
@@ -90,6 +95,10 @@ def test_loss_tracker_debias_and_timing():
     assert t.total_training_time == pytest.approx(4.0)  # steps 11 and 12
     assert t.eta_suffix(10, 100) == ""
     assert t.eta_suffix(12, 100) == f" | eta: {88 * 4.0 / 2 / 60:.1f}m"
+    fresh = training.LossTracker()
+    assert fresh.debiased(0) == 0.0
+    smooth = [fresh.update(step, loss, 1.0) for step, loss in enumerate([3.0, 5.0])]
+    assert fresh.debiased(2) == smooth[-1]  # a step without an update logs the last update's value
 
 
 def test_cadence():
@@ -255,6 +264,7 @@ def test_a_step_with_no_supervised_token_leaves_the_weights_unchanged():
                                           "dir", update=False)
     assert loss == 2.5
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())  # the next step does not add onto these grads
 
 
 # -----------------------------------------------------------------------------
@@ -303,6 +313,8 @@ def test_checkpointer_writes_reference_files_and_restores_registered_state(tmp_p
     restorer.register("grad_scaler", None)
     restorer.restore(meta)
     assert fresh.value == 7
+    restorer.restore({"loader": None})  # saved without it (a bf16 run's grad_scaler): left as it is
+    assert fresh.value == 7
 
 
 def saved_steps(steps, last, save_every, resume_from_step):
@@ -346,6 +358,7 @@ def test_train_micro_steps_accumulates_the_mean_and_advances_after_each_forward(
     loss, n_with_targets, advanced = training.train_micro_steps(forward, batches, accum=3)
     assert n_with_targets == 2 and advanced == [1, 2, 3]
     assert torch.equal(loss, forward(x[2], y[2]).detach())  # the last micro-batch that had targets
+    assert not loss.requires_grad  # kept for logging: it must not keep the step's graph alive
     expected = torch.autograd.grad((forward(x[0], y[0]) + forward(x[2], y[2])) / 3, model.weight)[0]
     assert torch.allclose(model.weight.grad, expected)
 
@@ -367,6 +380,10 @@ def test_step_logger_prints_the_stage_line_and_logs_wandb_every_n_steps(capsys):
                        "train/loss": 3.5, "train/lrm": 0.5, "train/dt": 0.25, "train/tok_per_sec": 1000,
                        "train/mfu": pytest.approx(100.0), "train/epoch": "1 pq: 0 rg: 2"}]
     assert training.LossTracker(0.5, 3.0).state_dict() == {"smooth_train_loss": 0.5, "total_training_time": 3.0}
+    # SFT numbers its line after the step: wandb's FLOPs count the steps done; MFU is per device
+    logger = training.StepLogger(250, 1e9, 1e12, 2, wandb_run, 4)
+    assert logger.log(12, "", 3.5, 0.5, 0.25, tracker, "", 1, steps_done=11) == pytest.approx(50.0)
+    assert logged[-1]["total_training_flops"] == 1e9 * 250 * 11
 
 
 # -----------------------------------------------------------------------------
@@ -383,6 +400,7 @@ def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tin
     out = capsys.readouterr().out
     assert "WARNING: no optimizer state in the base checkpoint; starting the optimizer fresh" in out
     assert not optimizer.state and optimizer.param_groups[-1]["lr"] == 0.005
+    assert optimizer.param_groups[-1]["initial_lr"] == 0.005  # what the schedule scales from every step
 
 
 def test_the_collector_off_during_training_still_runs_every_5000_steps():
@@ -404,7 +422,11 @@ def test_the_collector_off_during_training_still_runs_every_5000_steps():
         assert ref() is not None  # an ordinary step leaves the cycle
         training.gc_after_step(5000, -1)
         assert ref() is None
+        gc.enable()
+        training.gc_after_step(8, 7)  # the first step of a run resumed from step 7
+        assert not gc.isenabled()
     finally:
+        gc.unfreeze()
         if enabled:
             gc.enable()
 
