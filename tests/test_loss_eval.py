@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import bpb_steps, evaluate_bpb, run_bpb, split_bpb
+from nanochat.tokenizer import compute_token_bytes
 
-from conftest import TerminalIO
+from conftest import TerminalIO, point_base_dir_at
 
 
 class UniformModel:
@@ -21,6 +22,7 @@ class UniformModel:
         return torch.device("cpu")
 
     def __call__(self, x, y, loss_reduction="mean"):
+        self.grad_enabled = torch.is_grad_enabled()
         logits = torch.zeros(*x.shape, self.vocab_size)
         return F.cross_entropy(logits.view(-1, self.vocab_size), y.view(-1), ignore_index=-1,
                                reduction=loss_reduction)
@@ -33,8 +35,10 @@ def test_uniform_model_bpb_by_hand():
     x = torch.zeros_like(y)
     # counted targets: 0, 1, 4, 2, 5 -> bytes 1 + 2 + 4 + 3 + 2 = 12; five losses of ln 8 each
     expected = 5 * math.log(V) / (math.log(2) * 12)
-    bpb = evaluate_bpb(UniformModel(V), [(x, y)], 1, token_bytes)
+    model = UniformModel(V)
+    bpb = evaluate_bpb(model, [(x, y)], 1, token_bytes)
     assert math.isclose(bpb, expected, rel_tol=1e-6)  # the losses themselves are float32
+    assert not model.grad_enabled  # a graph would hold every batch's activations to the end of the eval
 
 
 def test_consumes_exactly_steps_batches():
@@ -80,14 +84,19 @@ def test_the_loss_sum_is_float64_so_late_losses_still_count():
     assert math.isclose(bpb, (2 ** 24 + 1) / (math.log(2) * 2), rel_tol=1e-12)
 
 
+def tiny_gpt(vocab_size, sequence_len):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2,
+                              n_kv_head=2, n_embd=64, window_pattern="L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
 def test_real_model_matches_manual_sum():
     torch.manual_seed(0)
     V = 64
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=16, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=64,
-                              window_pattern="L"))
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_gpt(V, 16)
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # lm_head starts near zero: make the losses differ
     token_bytes = torch.randint(0, 4, (V,))
     batches = [(torch.randint(0, V, (2, 16)), torch.randint(-1, V, (2, 16))) for _ in range(3)]
@@ -116,3 +125,18 @@ def test_a_terminal_gets_a_progress_bar_with_rate_and_eta_and_the_same_bpb(monke
     with contextlib.redirect_stderr(TerminalIO()) as terminal:
         assert evaluate_bpb(UniformModel(V), batches, 3, token_bytes) == bpb
     assert terminal.getvalue() == ""
+
+
+def test_a_split_of_exactly_one_batch_is_one_step():
+    assert bpb_steps(128, 128) == (128, 1)
+
+
+def test_the_split_is_shared_by_the_ranks(tmp_path, monkeypatch, tiny_tokenizer, capsys):
+    # split_tokens counts every rank's tokens: with 2 ranks of 2 x 32 tokens, 150 tokens are one step each
+    from nanochat import dataset
+    point_base_dir_at(monkeypatch, tmp_path)
+    dataset.install_sample()
+    model, token_bytes = tiny_gpt(tiny_tokenizer.get_vocab_size(), 32), compute_token_bytes(tiny_tokenizer)
+    bpb = run_bpb(model, tiny_tokenizer, token_bytes, "cpu", 2, 32, split_tokens=150, world_size=2)
+    assert "Adjusted split_tokens to 128 (must be divisible by 128)" in capsys.readouterr().out
+    assert bpb["val"] == split_bpb(model, tiny_tokenizer, token_bytes, "val", 2, 32, 1, "cpu")
