@@ -206,6 +206,19 @@ def test_packer_state_dict_resumes_the_same_batches(tokenizer):
     assert resumed.state_dict() == straight.state_dict()
 
 
+def test_prefetched_batches_keep_the_state_that_resumes_at_the_batch_in_hand(tokenizer):
+    dataset = [conversation(k) for k in range(1, 12)]
+    make = lambda: dataloader.ConversationPacker(dataset, tokenizer, batch_size=2, seq_len=40, buffer_size=4,
+                                                 label="t9")
+    batches = dataloader.PrefetchedBatches(make(), len(dataset), horizon_batches=-1)
+    for _ in range(2):  # before the first step (a checkpoint may come before any), then after one
+        resumed = make()
+        resumed.load_state_dict(batches.trained_state)
+        x, y = resumed.next_batch()
+        assert torch.equal(x, batches.current[0]) and torch.equal(y, batches.current[1])
+        batches.advance()
+
+
 def test_ranks_fetch_disjoint_strides_and_count_consumed(tokenizer):
     dataset = [conversation(k) for k in range(1, 21)]
     fetched = {}
@@ -241,6 +254,10 @@ def test_conversations_longer_than_a_row_are_truncated_to_it_and_trained_on(toke
     assert packer.consumed == 3 and packer.truncated == 3 + len(packer.buffer)  # every fetch was cut
     _, targets = dataloader.rows_to_batch(rows, masks)
     assert (targets >= 0).sum() == sum(sum(m[1:]) for m in masks)
+    exact = conversation(5)  # rendered exactly one row long: it fits whole, nothing is cut
+    ids = tokenizer.render_conversation(exact)[0]
+    packer = dataloader.ConversationPacker([exact], tokenizer, batch_size=1, seq_len=len(ids) - 1, label="t5")
+    assert packer.next_rows()[0][0] == ids and packer.truncated == 0
 
 
 @pytest.mark.parametrize("label, used", [("train", "trained on"), ("val", "evaluated")])

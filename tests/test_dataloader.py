@@ -231,13 +231,14 @@ def test_two_ranks_read_disjoint_row_groups(corpus, monkeypatch):
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         reader = dl.ShardReader(dl.list_split_files("train"))
-        groups = set()
+        groups = {1: set(), 2: set()}
         for texts, refs, (pq_idx, rg_idx, epoch), _ in dl._text_batches(reader, rank, 2, [1, 0, rank, 0], 4):
-            if epoch > 1:
+            if epoch > 2:
                 break
-            groups.add((pq_idx, rg_idx))
+            groups[epoch].add((pq_idx, rg_idx))
             assert all(ref[:2] == (pq_idx, rg_idx) for ref in refs)
-        seen[rank] = groups
+        assert groups[1] == groups[2]  # every epoch reads the rank's own lane again
+        seen[rank] = groups[1]
     assert seen[0].isdisjoint(seen[1])
     assert seen[0] | seen[1] == {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}
     assert seen[0] == {(0, 0), (0, 2), (1, 0)}
