@@ -130,6 +130,16 @@ def test_rank_nonzero_writes_only_its_shard(tmp_path):
     assert os.listdir(tmp_path / "c") == ["optim_000007_rank3.pt"]
 
 
+def test_resaving_a_step_with_fewer_ranks_removes_the_larger_worlds_shards(tiny_base_dir):
+    ckpt, model = str(tiny_base_dir / "base_checkpoints" / "d2"), tiny_model()
+    for rank in (1, 2):  # shards of a 3-rank save of step 5 (their count is the world size a resume needs)
+        cm.save_checkpoint(ckpt, 5, None, {"rank": rank}, {}, rank=rank)
+    assert cm.optimizer_shard_count("base", "d2", 5) == 2
+    cm.save_checkpoint(ckpt, 5, model.state_dict(), {"rank": 0}, meta_for(model, 5))  # this 1-rank world
+    assert sorted(os.listdir(ckpt)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
+    assert cm.optimizer_shard_count("base", "d2", 5) == 1
+
+
 def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     ckpt = str(tmp_path / "d2")
     model = tiny_model()
@@ -179,6 +189,12 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     model_data, optim_data, _ = cm.load_checkpoint(ckpt, 1, "cpu", load_optimizer=True)
     assert torch.equal(model_data["lm_head.weight"], model.lm_head.weight) and optim_data == {"step": 1}
     assert not [f for f in os.listdir(ckpt) if ".tmp" in f]
+    # a failure once the new weights are in place: the old meta must not pass them off as the old step
+    monkeypatch.setattr(os, "replace", crash_on_meta)
+    with pytest.raises(OSError, match="killed"):
+        cm.save_checkpoint(ckpt, 1, tiny_model(seed=5).state_dict(), {"step": 1}, meta_for(model, 1))
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(ckpt, "meta_000001.json"))
 
 
 def test_corrupt_files_give_errors_naming_the_file(tmp_path):
@@ -610,8 +626,11 @@ def test_stale_temp_files_of_dead_writers_are_removed_live_ones_kept(tmp_path):
         cm.save_checkpoint(str(ckpt), 6, model.state_dict(), {"step": 6}, meta_for(model, 6))
         assert sorted(os.listdir(ckpt)) == sorted(kept + ["meta_000006.json", "model_000006.pt",
                                                           "optim_000006_rank0.pt"])
+        # rank 0's temp file: its pid may be another machine's, which only rank 0 can judge
+        (ckpt / f"model_000007.pt.tmp.{dead}").write_bytes(b"partial")
         cm.save_checkpoint(str(ckpt), 6, None, {"step": 6}, {"step": 6}, rank=1)
         assert f"optim_000004_rank1.pt.tmp.{dead}" not in os.listdir(ckpt)
+        assert f"model_000007.pt.tmp.{dead}" in os.listdir(ckpt)
         assert f"model_000005.pt.tmp.{live.pid}" in os.listdir(ckpt)
     finally:
         live.kill()
