@@ -498,6 +498,8 @@ def test_find_largest_model_prefers_depth_then_mtime(tmp_path):
     os.utime(root / "d24", (1e9, 1e9))
     os.utime(root / "d24_jan29", (2e9, 2e9))
     assert cm.find_largest_model(str(root)) == "d24_jan29"  # equal depth: the newer one
+    os.utime(root / "d24", (3e9, 3e9))
+    assert cm.find_largest_model(str(root)) == "d24"  # the newer one, whatever the names' order
 
     other = tmp_path / "chatsft_checkpoints"
     for tag, mtime in (("alpha", 3e9), ("beta", 1e9), ("gamma", 2e9)):
