@@ -99,10 +99,14 @@ def test_ragged_sdpa_kvcache_matches_per_row_calls():
     q = torch.randn(B, T_new, H, D, generator=gen)
     k, v = torch.randn(2, B, T_new, Hkv, D, generator=gen)
     positions = [5, 0, 17]
-    for window in ((-1, 0), (6, 0)):
+    # causal=True ignores a right window; without it a query also sees the row's later new keys, never the
+    # stale slots past the row's end
+    cases = ((True, (-1, 0)), (True, (6, 0)), (True, (-1, 2)), (False, (-1, -1)), (False, (6, 1)))
+    for causal, window in cases:
         kc, vc = k_cache.clone(), v_cache.clone()
         seqlens = torch.tensor(positions, dtype=torch.int32)
-        y = fa_module.flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=seqlens, causal=True, window_size=window)
+        y = fa_module.flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=seqlens, causal=causal,
+                                              window_size=window)
         assert seqlens.tolist() == positions  # not advanced by the kernel
         for b, pos in enumerate(positions):
             assert torch.equal(kc[b, pos:pos + T_new], k[b]) and torch.equal(vc[b, pos:pos + T_new], v[b])
@@ -113,9 +117,11 @@ def test_ragged_sdpa_kvcache_matches_per_row_calls():
             scores = torch.einsum("thd,khd->htk", q[b], keys) / D ** 0.5
             query_pos = torch.arange(pos, pos + T_new)[:, None]
             key_pos = torch.arange(pos + T_new)[None, :]
-            visible = key_pos <= query_pos
+            visible = (key_pos <= query_pos) | (not causal)  # (T_new, Tk)
             if window[0] >= 0:
                 visible &= query_pos - key_pos <= window[0]
+            if not causal and window[1] >= 0:
+                visible &= key_pos - query_pos <= window[1]
             scores = scores.masked_fill(~visible, float("-inf"))
             want = torch.einsum("htk,khd->thd", scores.softmax(dim=-1), values)
             torch.testing.assert_close(y[b], want, atol=1e-5, rtol=1e-5)
@@ -632,3 +638,50 @@ def test_stats_count_requests_and_tokens(model, scheduler_factory):
     stats = scheduler.stats()
     assert stats["completed"] == 6 and stats["active"] == 0 and stats["queued"] == 0
     assert stats["tokens_generated"] == sum(len(tokens) for tokens, _, _ in results)
+
+
+class PoisonedLogits(AlteredLogits):
+    """The real GPT whose every logit row holds one non-finite value (at token 65)."""
+
+    def __init__(self, model, value):
+        super().__init__(model)
+        self.value = value
+
+    def alter(self, logits, ids):
+        logits[..., 65] = self.value
+        return logits
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_end_a_greedy_request_with_an_error(model, scheduler_factory, value):
+    # +inf is not a "very likely" token: argmax would pick it, so samplability must be checked first
+    scheduler = scheduler_factory(PoisonedLogits(model, value))
+    request = scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=5, temperature=0.0))
+    assert collect(request) == ([], [], "error")
+
+
+def test_a_stop_token_on_the_last_allowed_step_is_a_stop_and_is_not_counted(scheduler_factory):
+    # max_tokens reached and a stop token at once: the stop wins, so the token is not delivered
+    scheduler = scheduler_factory(ScriptedModel(list(b"ab") + [ASSISTANT_END], len(PROMPT)))
+    request = scheduler.submit(PROMPT, SamplingParams(max_tokens=3, temperature=0.0))
+    assert collect(request) == (list(b"ab"), [1, 1], "stop")
+    assert scheduler.stats()["tokens_generated"] == 2  # the final event carries no token
+
+
+def test_a_consumer_that_raises_is_treated_as_gone_and_its_request_is_cancelled(scheduler_factory, caplog):
+    scheduler = scheduler_factory(ScriptedModel(list(b"abcdefgh"), len(PROMPT)))
+    received = queue.SimpleQueue()
+
+    def fails_once(event):
+        received.put(event)
+        if event.token_id == 97:
+            raise ConnectionError("client went away")
+
+    request = scheduler.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0.0), on_event=fails_once)
+    events = [received.get(timeout=EVENT_TIMEOUT)]
+    while events[-1].finish_reason is None:
+        events.append(received.get(timeout=EVENT_TIMEOUT))
+    # it ends at the next step boundary: the step under way may deliver one more token
+    assert events[0] == TokenEvent(97, 1, None) and events[-1] == TokenEvent(None, 0, "cancelled")
+    assert len(events) <= 3
+    assert request.finish_reason == "cancelled" and "client went away" in caplog.text
