@@ -274,14 +274,17 @@ class FakeKernelsPackage:
 class StandInFA3:
     """An FA3-shaped kernel module computing with SDPA, recording (entry, q shape, device type) per call."""
 
-    def __init__(self, kvcache_error=None, with_lse=False):
+    def __init__(self, kvcache_error=None, with_lse=False, train_error=None):
         self.kvcache_error, self.with_lse, self.calls = kvcache_error, with_lse, []
+        self.train_error = train_error
 
     def _out(self, y):
         return (y, None) if self.with_lse else y
 
     def flash_attn_func(self, q, k, v, causal=False, window_size=(-1, -1)):
         self.calls.append(("train", tuple(q.shape), q.device.type))
+        if self.train_error is not None:
+            raise self.train_error
         return self._out(fa_module._sdpa_func(q, k, v, causal, window_size))
 
     def flash_attn_with_kvcache(self, q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
@@ -385,6 +388,31 @@ def test_kvcache_failure_keeps_fa3_for_training(monkeypatch, hopper, capsys):
     flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k=q, v=q,
                                        cache_seqlens=torch.zeros(1, dtype=torch.int32), causal=True)
     assert [entry for entry, _, _ in kernel.calls] == ["train"]
+
+
+def test_fa3_that_works_is_not_used_for_a_compute_dtype_other_than_bfloat16(monkeypatch, undecided):
+    import nanochat.common as common
+    monkeypatch.setattr(fa_module, "_hopper_check", lambda device: None)
+    monkeypatch.setattr(common, "_compute_dtype_cache", (torch.float32, "forced by the test"))
+    FakeKernelsPackage(StandInFA3()).install(monkeypatch)
+    backend = fa_module.decide_backend(torch.device("cpu"), 64)
+    assert (backend.train, backend.kvcache) == ("sdpa", "sdpa") and not fa_module.USE_FA3
+    assert backend.train_reason == "COMPUTE_DTYPE is not bfloat16, which the FA3 kernels need"
+
+
+def test_training_failure_puts_the_kv_cache_on_sdpa_too(monkeypatch, hopper, capsys):
+    # the KV-cache entry point runs FA3 only while USE_FA3 is on: the startup line must not claim it does
+    kernel = StandInFA3(train_error=RuntimeError("func: head dim 128 not compiled"))
+    FakeKernelsPackage(kernel).install(monkeypatch)
+    backend = fa_module.decide_backend(torch.device("cpu"), 128)
+    assert (backend.train, backend.kvcache) == ("sdpa", "sdpa") and not fa_module.USE_FA3_KVCACHE
+    assert "attention backend sdpa (" in capsys.readouterr().out
+    q = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)
+    k_cache = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
+    kernel.calls.clear()
+    flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k=q, v=q,
+                                       cache_seqlens=torch.zeros(1, dtype=torch.int32), causal=True)
+    assert kernel.calls == []
 
 
 def test_use_fa3_alone_switches_both_entry_points(monkeypatch, hopper):
