@@ -315,6 +315,9 @@ def test_group_learning_rates():
     lrs = [g["lr"] for g in opt.param_groups[:6]]
     assert lrs == pytest.approx([0.004 * scale, 0.2 * scale, 0.1 * scale, 0.005, 0.5, 0.2])
     assert [g["weight_decay"] for g in opt.param_groups[:6]] == [0.01, 0.001, 0.01, 0.05, 0.0, 0.0]
+    assert [g["betas"] for g in opt.param_groups[:6]] == [
+        (0.8, 0.96), (0.8, 0.995), (0.8, 0.995), (0.8, 0.95), (0.96, 0.95), (0.8, 0.95)]
+    assert all(g["eps"] == 1e-10 for g in opt.param_groups[:6])
     muon = opt.param_groups[6:]
     assert [tuple(g["params"][0].shape) for g in muon] == sorted(tuple(g["params"][0].shape) for g in muon)
     assert all(g["lr"] == 0.02 and g["weight_decay"] == 0.1 for g in muon)
