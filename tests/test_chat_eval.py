@@ -185,6 +185,9 @@ def test_categorical_batches_and_max_problems(tokenizer):
     model = LetterModel(tokenizer, at_answer=gold)
     assert chat_core.run_categorical_eval(task, tokenizer, model, batch_size=2, max_problems=5) == 1.0
     assert [batch.shape[0] for batch in model.batches] == [2, 2, 1]
+    model.batches.clear()  # a limit above the task's size takes the whole task
+    assert chat_core.run_categorical_eval(task, tokenizer, model, batch_size=4, max_problems=100) == 1.0
+    assert [batch.shape[0] for batch in model.batches] == [4, 3]
 
 
 def test_chat_eval_draws_progress_bars_on_a_terminal(tokenizer, monkeypatch, capsys):
@@ -225,7 +228,10 @@ def test_padding_does_not_change_predictions_on_a_real_model(tokenizer):
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # the init is near zero: make the letters differ
     model.eval()
     conversations = [TinyMC()[i] for i in range(len(TinyMC.QUESTIONS))]
+    tracked = []  # chat_sft evaluates with autograd on: the eval's forward must not build a graph
+    model.register_forward_hook(lambda module, args, logits: tracked.append(logits.requires_grad))
     batched = chat_core.predict_letters(model, tokenizer, conversations)
+    assert tracked == [False]
     for conversation, predicted in zip(conversations, batched):  # one unpadded prompt at a time
         prompt = tokenizer.render_for_completion(conversation)
         with torch.no_grad():

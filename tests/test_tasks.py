@@ -92,6 +92,7 @@ def test_task_bounds_negative_indices_and_iteration():
     assert [ex["i"] for ex in view] == [2, 3, 4, 5, 6, 7]  # iteration stops at the end of the view
     with pytest.raises(ValueError, match=r"ToyTask\(start=0, stop=100, step=1\).*only 3: lower `stop`"):
         len(ToyTask(3, stop=100))  # an undersized split is an error, not a silent clamp
+    assert len(ToyTask(10, start=5, stop=5)) == 0 and list(ToyTask(10, start=5, stop=5)) == []  # empty: fine
     for kwargs in ({"start": -1}, {"start": 5, "stop": 4}, {"step": 0}):
         with pytest.raises(ValueError):
             ToyTask(10, **kwargs)
@@ -349,6 +350,9 @@ def test_hub_rows_of_arc_and_mmlu_that_break_their_format_name_the_row(monkeypat
     fake_hub(monkeypatch, [{"question": "q", "subject": "", "choices": ["a", "b", "c"], "answer": 0}])
     with pytest.raises(ValueError, match="MMLU auxiliary_train row 0: expected 4 choices, got 3"):
         MMLU("all", "auxiliary_train")[0]
+    fake_hub(monkeypatch, [{"question": "q", "subject": "", "choices": ["a", "b", "c", "d"], "answer": k}
+                           for k in range(4)])
+    assert [ex["messages"][1]["content"] for ex in MMLU("all", "auxiliary_train")] == ["A", "B", "C", "D"]
 
 
 def test_mmlu_examples_and_evaluate():
@@ -442,6 +446,8 @@ def test_gsm8k_scoring_compares_the_extracted_strings_exactly():
     task = GSM8K("main", "test")
     responses = ("10", "10.0", "010", "1,0", "10.")
     assert [task.evaluate(conversation, f"#### {r}") for r in responses] == [1, 0, 0, 1, 0]
+    conversation["messages"][-1]["content"][-1]["text"] = "no final answer"  # a damaged gold: nothing passes
+    assert task.evaluate(conversation, "no final answer either") == 0
 
 
 @pytest.mark.parametrize("make_task", [lambda: GSM8K("main", "train"), lambda: SpellingBee(size=5)])
@@ -509,6 +515,8 @@ def test_spellingbee_tool_call_format(tok):
         assert result == count or (result is None and any(s in word for s in CALCULATOR_BLACKLIST))
         assert f"{word}:{','.join(word)}" in parts[0]["text"] and parts[0]["text"].endswith(f"This gives us {count}.")
         assert parts[0]["text"].count("hit!") == count
+        walk = parts[0]["text"].split(f"occurrences of '{letter}':\n")[1].splitlines()[:len(word)]
+        assert [line.split(" ")[0] for line in walk] == [f"{i}:{c}" for i, c in enumerate(word, 1)]
         assert parts[4]["text"].endswith(f"My final answer is:\n\n#### {count}")
         assert word in conversation["messages"][0]["content"]
         assert task.evaluate(conversation, parts[4]["text"]) == 1
@@ -625,3 +633,7 @@ def test_humaneval_evaluate_runs_the_tests_in_the_sandbox():
     assert task.evaluate(conversation, f"```python\n{solution}\n```") is True
     wrong = row["prompt"] + "    return None\n"
     assert task.evaluate(conversation, wrong) is False
+    # a reply that leaves out the stub's imports still runs with them
+    typed = next(ex for ex in task if ex["messages"][0]["content"].startswith("from typing import List\n"))
+    without_import = typed["messages"][1]["content"].replace("from typing import List\n", "", 1)
+    assert "List[" in without_import and task.evaluate(typed, without_import) is True
