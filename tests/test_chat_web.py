@@ -30,7 +30,8 @@ import torch
 
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.common import BadSettingError
-from nanochat.api_schemas import OpenAIChatRequest, OpenAIMessage, openai_turns
+from nanochat.api_schemas import (MAX_MESSAGE_LENGTH, MAX_STOP_LENGTH, APIError, OpenAIChatRequest,
+                                  OpenAIMessage, openai_stops, openai_turns)
 from nanochat.server import (BoundedBody, ServerConfig, Worker, WorkerPool, create_app, serve_in_thread,
                              start_generation, worker_devices)
 from nanochat.tokenizer import fit_chat_prompt, render_chat_prompt
@@ -115,6 +116,20 @@ def test_render_prompt_matches_the_tokenizers_rendering(tiny_chat_model):
     turns, system = openai_turns([OpenAIMessage(**m) for m in messages])
     assert system == "Be brief."
     assert render_chat_prompt(tokenizer, turns, system) == completion_prompt(tokenizer, messages)
+
+
+def test_openai_system_messages_join_as_training_data_does_and_limits_are_inclusive():
+    messages = [OpenAIMessage(role=role, content=text)
+                for role, text in (("system", "Be brief."), ("developer", "Joke."), ("user", "Hi"))]
+    assert openai_turns(messages) == ([("user", "Hi")], "Be brief.\n\nJoke.")
+    # at the limits: 4 messages of MAX_MESSAGE_LENGTH make the 32000-character total; a MAX_STOP_LENGTH stop
+    at_limit = [OpenAIMessage(role=("user", "assistant")[i % 2], content="x" * MAX_MESSAGE_LENGTH)
+                for i in range(4)]
+    assert [len(text) for _, text in openai_turns(at_limit)[0]] == [MAX_MESSAGE_LENGTH] * 4
+    with pytest.raises(APIError, match="conversation is too long"):
+        openai_turns(at_limit + [OpenAIMessage(role="user", content="x")])
+    request = OpenAIChatRequest(messages=[{"role": "user", "content": "Hi"}], stop=["y" * MAX_STOP_LENGTH])
+    assert openai_stops(request) == ["y" * MAX_STOP_LENGTH]
 
 
 def test_assistant_tool_markers_become_special_tokens_but_turn_markers_do_not(tiny_chat_model):
