@@ -327,6 +327,19 @@ def test_pass_at_k_passes_if_any_sample_passes(tokenizer):
     assert accuracy == 1.0
 
 
+def test_generative_eval_samples_with_the_given_top_k(tokenizer):
+    # the scripted token leads every other token by only 3 logits: at temperature 1 it is sampled with
+    # top_k=1, and almost never without a top-k
+    task = GSM8K(subset="main", split="test")
+    prompts = [tuple(tokenizer.render_for_completion(task[i])) for i in range(2)]
+    right = {p: tokenizer.encode(f"#### {final_answer(task[i])}") for i, p in enumerate(prompts)}
+    model = AnswerModel(tokenizer, right)
+    scripted = model.forward
+    model.forward = lambda ids, kv_cache=None: scripted(ids, kv_cache).clamp(max=3.0)
+    assert chat_core.run_generative_eval(task, tokenizer, model, Engine(model, tokenizer), 1, 16, 1.0, 1,
+                                         max_problems=2) == 1.0
+
+
 def test_ranks_stride_over_problems_and_batches(tokenizer, monkeypatch):
     monkeypatch.setattr(chat_core, "rank_and_world", lambda: (1, 2))
     task = GSM8K(subset="main", split="test")

@@ -477,7 +477,7 @@ def test_spellingbee_is_a_pure_function_of_split_and_index():
     assert all("{letter}" in t and "{word}" in t for t in USER_MSG_TEMPLATES)
 
 
-@pytest.mark.parametrize("split, offset", [("train", 0), ("test", TEST_RANDOM_SEED_OFFSET)])
+@pytest.mark.parametrize("split, offset", [("train", 0), ("test", 10_000_000)])  # the reference's offset
 def test_spelling_examples_follow_the_reference_draw_order(split, offset):
     # one random.Random(seed) per example, drawn in this order: word, letter (90% from the word), template,
     # lower-case (30%), letter quote, word quote, "?" (50%); SimpleSpelling draws a word from its list
@@ -583,6 +583,13 @@ def test_customjson_validation_errors_name_the_line(tmp_path, line, problem):
     good = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     path.write_text(good + "\n" + line + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{problem}"):
+        CustomJSON(str(path))
+
+
+def test_customjson_checks_its_first_line_too(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('[{"role": "user", "content": "Hi"}]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.jsonl:1: .*at least 2"):
         CustomJSON(str(path))
 
 
