@@ -108,6 +108,9 @@ def parse_args(argv=None):
         parser.error(f"--init-lr-frac must be positive, got {args.init_lr_frac}")
     if args.mmlu_epochs < 0 or args.gsm8k_epochs < 0:
         parser.error("--mmlu-epochs and --gsm8k-epochs must be >= 0")
+    for name in ("chatcore_max_cat", "chatcore_max_sample"):  # 0 would end the first ChatCORE, mid-run
+        if getattr(args, name) == 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, or -1 for all problems")
     return args
 
 

@@ -329,7 +329,8 @@ def test_warm_start_keeps_this_runs_group_settings_and_loads_buffers(base_dir):
 
 @pytest.mark.parametrize("argv", [["--num-iterations=0"], ["--warmdown-ratio=1.5"], ["--max-seq-len=0"],
                                   ["--warmup-ratio=0.6", "--warmdown-ratio=0.6"], ["--init-lr-frac=0"],
-                                  ["--mmlu-epochs=-1"], ["--gsm8k-epochs=-2"]])
+                                  ["--mmlu-epochs=-1"], ["--gsm8k-epochs=-2"], ["--chatcore-max-cat=0"],
+                                  ["--chatcore-max-sample=0"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         chat_sft.parse_args(argv)
