@@ -7,8 +7,11 @@ import ast
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import nanochat
@@ -82,18 +85,22 @@ def test_importing_every_module_does_no_work_and_freezes_no_dtype(tmp_path):
                       "wte": "torch.bfloat16", "attention": "NANOCHAT_ATTN=sdpa"}
 
 
-def nanochat_imports(module):
-    """The nanochat modules a module imports anywhere in its body (lazy imports included)."""
-    tree = ast.parse((REPO / (module.replace(".", "/") + ".py")).read_text())
+def absolute_imports(path):
+    """Every module an absolute import of the file names, lazy imports included: `import a.b` gives a.b,
+    `from a import b` gives a and a.b (b may be a module or a name in a)."""
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("nanochat.")}
-        elif isinstance(node, ast.ImportFrom) and node.module == "nanochat":
-            found |= {f"nanochat.{a.name}" for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nanochat."):
-            found.add(node.module)
-    return found - {module}
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def nanochat_imports(module):
+    """The nanochat modules (and names in them) a module imports anywhere in its body."""
+    found = absolute_imports(REPO / (module.replace(".", "/") + ".py"))
+    return {name for name in found if name.startswith("nanochat.")} - {module}
 
 
 def test_the_package_has_no_import_cycles():
@@ -114,28 +121,24 @@ def test_the_package_has_no_import_cycles():
         assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def distribution_name(name):
+    return name.lower().replace("_", "-")  # PyPI treats "PyYAML" and "pyyaml", "a_b" and "a-b" alike
+
+
 def declared_distributions():
-    """Normalized names of the project's dependencies and optional extras in pyproject.toml."""
-    import re
-    import tomllib
+    """The names of the project's dependencies and optional extras in pyproject.toml."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
-    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+    return {distribution_name(re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]) for r in requirements}
 
 
 def test_every_third_party_import_is_a_declared_dependency():
     # a package that comes only under another one (pydantic under fastapi) can go away with its next release
-    from importlib.metadata import packages_distributions
     providers = packages_distributions()
-    imported = set()
-    for path in [*REPO.glob("nanochat/*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("tasks/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                imported.add(node.module.split(".")[0])
+    paths = [*REPO.glob("nanochat/*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("tasks/*.py")]
+    imported = {name.split(".")[0] for path in paths for name in absolute_imports(path)}
     third_party = imported - set(sys.stdlib_module_names) - {"nanochat", "scripts", "tasks"}
     declared = declared_distributions()
     undeclared = {name: providers.get(name) for name in sorted(third_party)
-                  if not {d.lower().replace("_", "-") for d in providers.get(name, [])} & declared}
+                  if not {distribution_name(d) for d in providers.get(name, [])} & declared}
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
