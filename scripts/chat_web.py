@@ -13,7 +13,7 @@ The endpoints, their limits and errors are described in nanochat/server.py, whic
 import argparse
 import sys
 
-from nanochat.common import autodetect_device_type, compute_init, exit_on_setup_error
+from nanochat.common import SetupError, autodetect_device_type, compute_init, exit_on_setup_error
 from nanochat.server import ServerConfig, create_app, required_api_key, uvicorn_server, worker_devices
 
 
@@ -104,8 +104,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
         pass
     finally:
+        # the cause, as the last line, instead of uvicorn's "Application startup failed"
         error = app.state.startup_error
-        if error is not None:  # the cause, as the last line, instead of "Application startup failed"
+        if isinstance(error, SetupError):  # a file or setting the user fixes: `chat_web: error: ...`
+            raise error
+        if error is not None:  # a bug: uvicorn has logged its traceback
             sys.exit(f"Server startup failed: {type(error).__name__}: {' '.join(str(error).split())}")
 
 
