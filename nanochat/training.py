@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, optimizer_shard_count,
-                                         save_checkpoint)
-from nanochat.common import (BadSettingError, DummyWandb, MissingFileError, agree_max, agree_sum,
-                             autodetect_device_type, compute_cleanup, compute_init, get_device_peak_flops,
+from nanochat.checkpoint_manager import (get_checkpoints_dir, load_checkpoint_meta, load_optimizer_state,
+                                         optimizer_shard_count, save_checkpoint)
+from nanochat.common import (BadFileError, BadSettingError, DummyWandb, MissingFileError, agree_max,
+                             agree_sum, autodetect_device_type, compute_cleanup, compute_init, get_device_peak_flops,
                              get_dist_info, is_ddp_initialized, percent_of_peak, print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
@@ -407,16 +407,32 @@ def check_world_size(source, model_tag, step, resuming=True):
     the same world size. A resume refuses another (it would fail inside the optimizer); a warm start
     (resuming=False) says so and returns False, to go on with a fresh optimizer."""
     shards, world_size = optimizer_shard_count(source, model_tag, step), get_dist_info()[3]
-    if shards in (0, world_size):
+    lost = lost_optimizer_shards(source, model_tag, step) if shards else []  # none: saved without one
+    if shards in (0, world_size) and not lost:
         return True
     if not resuming:
         print0(f"WARNING: the {source} checkpoint's optimizer state was saved by {shards} rank(s) and this "
-               f"run has {world_size}; starting the optimizer fresh")
+               f"run has {world_size}{' (a shard is lost)' if lost else ''}; starting the optimizer fresh")
         return False
+    if lost:
+        raise BadFileError(f"--resume-from-step={step}: {', '.join(lost)} is missing (the step's meta holds "
+                           f"the loader state of every rank that saved a shard); restore it, or resume "
+                           f"from another step")
     files = os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank*.pt")
     raise BadSettingError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} "
                           f"rank(s) and this run has {world_size}; resume with the world size that saved it "
                           f"(torchrun --nproc_per_node={shards})")
+
+
+def lost_optimizer_shards(source, model_tag, step):
+    """The optimizer shards a checkpoint should hold and does not. base_train and chat_sft keep one loader
+    state per rank in the meta, which counts the ranks that saved it: without this check a lost shard would
+    read as a smaller world, and the advice would be to resume on fewer ranks with one rank's buffers."""
+    meta = load_checkpoint_meta(source, model_tag, step)[2]
+    per_rank = meta.get("dataloader_state_dicts") or (meta.get("loop_state") or {}).get("loader_states") or []
+    paths = [os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank{rank}.pt")
+             for rank in range(len(per_rank))]
+    return [path for path in paths if not os.path.exists(path)]
 
 
 def check_resume_horizon(step, num_steps, horizon_flags):

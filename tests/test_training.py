@@ -403,6 +403,29 @@ def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tin
     assert optimizer.param_groups[-1]["initial_lr"] == 0.005  # what the schedule scales from every step
 
 
+@pytest.mark.parametrize("per_rank_states", [{"dataloader_state_dicts": [{}, {}]},  # base_train's meta
+                                             {"loop_state": {"loader_states": [{}, {}]}}])  # chat_sft's
+def test_a_lost_optimizer_shard_is_not_read_as_a_smaller_world(tiny_base_dir, capsys, per_rank_states):
+    import json
+    from conftest import write_tiny_checkpoint
+    ckpt, model = write_tiny_checkpoint(tiny_base_dir, "base", step=5, optimizer_state={"state": {}})
+    with open(os.path.join(ckpt, "meta_000005.json")) as f:  # two ranks saved it; rank 1's shard is lost
+        meta = json.load(f) | per_rank_states
+    with open(os.path.join(ckpt, "meta_000005.json"), "w") as f:
+        json.dump(meta, f)
+    lost = os.path.join(ckpt, "optim_000005_rank1.pt")
+    with pytest.raises(common.BadFileError, match=f"{lost} is missing .*; restore it, or resume from another"):
+        training.setup_optimizer(model, {}, 0.0, "cpu", 0, ("base", "d2", 5))  # on one rank
+    optimizer = training.setup_optimizer(model, {}, 0.0, "cpu", 0, ("sft", "d2", -1),
+                                         warm_from=("base", "d2", 5))
+    assert "saved by 1 rank(s) and this run has 1 (a shard is lost); starting the optimizer fresh" in \
+        capsys.readouterr().out
+    assert not optimizer.state
+    torch.save({"state": {}}, lost)  # both shards there: the usual refusal of another world size
+    with pytest.raises(common.BadSettingError, match=r"shards of 2 rank.*\(torchrun --nproc_per_node=2\)"):
+        training.setup_optimizer(model, {}, 0.0, "cpu", 0, ("base", "d2", 5))
+
+
 def test_the_collector_off_during_training_still_runs_every_5000_steps():
     import gc
     import weakref
