@@ -426,6 +426,65 @@ def test_a_lost_optimizer_shard_is_not_read_as_a_smaller_world(tiny_base_dir, ca
         training.setup_optimizer(model, {}, 0.0, "cpu", 0, ("base", "d2", 5))
 
 
+def test_a_resume_may_start_at_the_horizon_but_not_past_it():
+    # the loop ends at step == horizon: resuming the last checkpoint just runs the final evaluations again
+    for step in (0, 7, 10):
+        training.check_resume_horizon(step, 10, "--num-steps")
+    # past it, the loop would never meet its last step
+    with pytest.raises(common.BadSettingError, match="^--resume-from-step=11 is past this run's horizon of "
+                                                     "10 steps; pass --num-steps for at least 11 steps$"):
+        training.check_resume_horizon(11, 10, "--num-steps")
+
+
+def checkpoint_with_a_trained_optimizer(base):
+    """(model, optimizer state) of base checkpoint d2 step 5, whose optimizer shard is a run's stopped
+    mid-way: one step taken (non-zero buffers), then every LR and the Muon momentum and weight decay moved
+    by the schedule away from where a fresh optimizer starts."""
+    from conftest import write_tiny_checkpoint
+    _, model = write_tiny_checkpoint(base, "base", step=5)
+    optimizer = model.setup_optimizer(weight_decay=0.2)
+    x = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, x).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    training.apply_schedule(optimizer, 0.25, muon_momentum=0.9, muon_weight_decay=0.05)
+    write_tiny_checkpoint(base, "base", step=5, optimizer_state=optimizer.state_dict())
+    return model, optimizer.state_dict()
+
+
+def group_settings(optimizer_state):
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer_state["param_groups"]]
+
+
+def assert_same_buffers(state, saved):
+    assert saved["state"] and state["state"].keys() == saved["state"].keys()
+    for key, buffers in saved["state"].items():
+        assert state["state"][key].keys() == buffers.keys()
+        for name, value in buffers.items():
+            assert torch.equal(torch.as_tensor(state["state"][key][name]), torch.as_tensor(value)), name
+
+
+def test_a_resumed_optimizer_has_the_saved_buffers_and_the_schedules_settings(tiny_base_dir):
+    model, saved = checkpoint_with_a_trained_optimizer(tiny_base_dir)
+    # the flags would start a fresh optimizer elsewhere: a resume continues the saved one
+    resumed = training.setup_optimizer(model, {"matrix_lr": 0.5}, 0.0, "cpu", 0, ("base", "d2", 5))
+    assert group_settings(resumed.state_dict()) == group_settings(saved)
+    assert_same_buffers(resumed.state_dict(), saved)
+
+
+def test_a_warm_start_loads_the_buffers_but_keeps_this_runs_settings(tiny_base_dir):
+    model, saved = checkpoint_with_a_trained_optimizer(tiny_base_dir)  # pretraining's, mid-schedule
+    warm = training.setup_optimizer(model, {"matrix_lr": 0.01}, 0.0, "cpu", 0, ("sft", "d2", -1),
+                                    init_lr_frac=0.5, warm_from=("base", "d2", 5))
+    # this run's settings (weight_decay=0.0 for the Muon groups) at init_lr_frac of its LRs
+    expected = group_settings(model.setup_optimizer(matrix_lr=0.01, weight_decay=0.0).state_dict())
+    for group in expected:
+        group["lr"] = group["initial_lr"] = group["lr"] * 0.5
+    assert group_settings(warm.state_dict()) == expected
+    assert {g["weight_decay"] for g in warm.param_groups if g["kind"] == "muon"} == {0.0}
+    assert_same_buffers(warm.state_dict(), saved)
+
+
 def test_the_collector_off_during_training_still_runs_every_5000_steps():
     import gc
     import weakref
