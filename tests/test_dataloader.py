@@ -179,6 +179,18 @@ def test_exact_resume_reproduces_the_following_batches(corpus):
             assert s == rs
 
 
+def test_pretraining_batches_keep_the_state_that_resumes_at_the_batch_in_hand(corpus):
+    # base_train checkpoints trained_state: a run resumed from it must train next on the batch in hand,
+    # neither repeating batches already trained nor skipping the prefetched one
+    batches = dl.PrefetchedPretrainBatches(loader())
+    for _ in range(3):  # before the first step (a fresh loader), then after each step
+        resumed = dl.PrefetchedPretrainBatches(loader(state=batches.trained_state), batches.trained_state)
+        assert all(torch.equal(a, b) for a, b in zip(resumed.current[:2], batches.current[:2]))
+        resumed.close()
+        batches.advance()
+    batches.close()
+
+
 @pytest.mark.parametrize("change", ["file removed", "fewer row groups", "shorter row groups"])
 def test_an_exact_state_over_shards_that_changed_names_the_data_dir_and_the_fix(corpus, tmp_path, change):
     states = [state for _, _, state in take(loader(batch_size=8), 12)]
