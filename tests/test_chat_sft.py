@@ -1,9 +1,9 @@
 """
 scripts/chat_sft.py and its pieces in nanochat/chat_train.py, on CPU, offline: the conversation packer
 (whole conversations, BOS-aligned rows, targets exactly on the assistant's tokens, padding, truncation
-to the row, exact resume from its state), the small pure pieces (progress, inheritance, ChatCORE,
-optimizer warm start), and real SFT runs of a depth-2 model: checkpoint, meta and report, then a
-resume from the middle checkpoint that reproduces the uninterrupted run bit for bit.
+to the row, exact resume from its state), the small pure pieces (progress, inheritance, ChatCORE; the
+optimizer's warm start is tested in test_training.py), and real SFT runs of a depth-2 model: checkpoint,
+meta and report, then a resume from the middle checkpoint that reproduces the uninterrupted run bit for bit.
 """
 import gc
 import json
@@ -309,22 +309,6 @@ def test_chatcore_metrics_by_hand():
     # centered: 0.5, 0, 0.2 (categorical), 0.1, 0, 0.5
     assert chatcore_cat == pytest.approx(0.7 / 3)
     assert chatcore == pytest.approx(1.3 / 6)
-
-
-def test_warm_start_keeps_this_runs_group_settings_and_loads_buffers(base_dir):
-    model = tiny_model(512)
-    pretrained = base_optimizer_state(model)
-    optimizer = model.setup_optimizer(unembedding_lr=0.001, embedding_lr=0.002, matrix_lr=0.003, weight_decay=0.0)
-    before = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    training.warm_start_optimizer(optimizer, pretrained)
-    after = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    assert after == before
-    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["kind"] == "muon")
-    saved = pretrained["state"]
-    assert saved and len(optimizer.state_dict()["state"]) == len(saved)
-    for key, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(saved[key][name]))
 
 
 @pytest.mark.parametrize("argv", [["--num-iterations=0"], ["--warmdown-ratio=1.5"], ["--max-seq-len=0"],
