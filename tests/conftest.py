@@ -16,7 +16,9 @@ Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_
 install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process), chat_prompt
 (a hand-built chat prompt, for checking rendered prompts token by token), AlteredLogits (the real GPT
 with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in the middle of a step),
-exits_with_error (a script's main() ends with exit status 1 and one error line).
+exits_with_error (a script's main() ends with exit status 1 and one error line), and the marker
+raised_on_the_loader_thread (a test of an error raised on the dataloader's tokenizer thread fails in
+seconds if the thread loses it).
 - tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
   SEQUENCE_LEN context, and its (model, tokenizer).
 """
@@ -33,6 +35,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
+
+# The tokenizer thread of dataloader._Prefetcher hands its errors to the consumer; a thread that lost one
+# would leave the consumer waiting on the queue forever, and the test stalled until the 600 s default. A
+# SIGALRM (method="signal") interrupts that wait and fails only the test in 20 s (the tests take under 3 s).
+raised_on_the_loader_thread = pytest.mark.timeout(20, method="signal")
 
 TINY_VOCAB = 300  # 256 bytes + 9 specials + 35 merges
 TINY_TEXT = [

@@ -25,7 +25,7 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from tasks import common as task_common
 from tasks.customjson import CustomJSON
 
-from conftest import TINY_VOCAB, write_tiny_checkpoint
+from conftest import TINY_VOCAB, raised_on_the_loader_thread, write_tiny_checkpoint
 
 REPO_ROOT = os.path.dirname(REPO_DATA_DIR)
 VOCAB = TINY_VOCAB
@@ -71,6 +71,7 @@ def test_garbage_shard(tiny_base_dir):
     assert_clear(last_line(info), shard, "python -m nanochat.dataset")
 
 
+@raised_on_the_loader_thread
 def test_truncated_shard_in_the_training_loader(tiny_base_dir, tiny_tokenizer):
     shard = install_shards(tiny_base_dir)
     truncate(shard)

@@ -14,7 +14,7 @@ import torch
 
 from nanochat import dataloader as dl
 
-from conftest import point_base_dir_at
+from conftest import point_base_dir_at, raised_on_the_loader_thread
 
 BOS = 1000
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,6 +299,7 @@ def test_yielded_tensors_are_reused(corpus):
     assert not torch.equal(kept, x2)
 
 
+@raised_on_the_loader_thread
 def test_rank_without_row_groups_raises(corpus, monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -307,6 +308,7 @@ def test_rank_without_row_groups_raises(corpus, monkeypatch):
         next(loader(split="val"))
 
 
+@raised_on_the_loader_thread
 def test_a_split_of_shards_without_rows_names_them_and_the_fix(corpus, tmp_path):
     data_dir = tmp_path / "base_data_climbmix"
     for name in ("shard_00000.parquet", "shard_00001.parquet"):
@@ -319,6 +321,7 @@ def test_a_split_of_shards_without_rows_names_them_and_the_fix(corpus, tmp_path)
     assert next(loader(split="val"))[0].shape == (2, 24)  # the val split's rows still load
 
 
+@raised_on_the_loader_thread
 def test_corrupt_shard_error_names_the_file(corpus, tmp_path):
     path = tmp_path / "base_data_climbmix" / "shard_00001.parquet"
     path.write_bytes(path.read_bytes()[:100])
