@@ -1,9 +1,9 @@
 """
 The chat server's request schemas and their validation: the reference endpoint's (ChatRequest, checked by
 validate_chat_request with the reference's messages, HTTP 400) and OpenAI's (OpenAIChatRequest, checked by
-openai_turns and openai_stops; OpenAICompletionRequest, by completion_prompts and openai_stops;
-APIError carries the status and OpenAI's param and code). Limits are the reference's abuse-prevention ones,
-on both APIs, plus OpenAI's for n and stop.
+openai_turns and openai_stops; OpenAICompletionRequest, by completion_prompts and openai_stops; both by
+requested_logprobs; APIError carries the status and OpenAI's param and code). Limits are the reference's
+abuse-prevention ones, on both APIs, plus OpenAI's for n, stop and log-probabilities.
 
 The checks are code, so that each failure gets its own message (the reference's, on its endpoint); the
 schema states the same limits (`limits`, `one_of`), so the OpenAPI document at /openapi.json says what a
@@ -19,13 +19,14 @@ MAX_TOTAL_CONVERSATION_LENGTH = 32000  # characters, summed over the messages
 SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}  # top_k 0: off
 
 # OpenAI fields this server cannot honour: a request that asks for them gets a 400 saying so
-UNSUPPORTED = {"logprobs": "log-probabilities are", "top_logprobs": "log-probabilities are",
-               "echo": "echoing the prompt is", "suffix": "a suffix (insertion) is"}
+UNSUPPORTED = {"suffix": "a suffix (insertion) is"}
 
 # OpenAI API limits
 MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
 MAX_STOP_LENGTH = 256  # characters per stop string: each is searched for in the reply at every token
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # the completions' logprobs (the likeliest tokens given with each)
 
 
 def limits(default=..., **json_schema):
@@ -144,8 +145,8 @@ class StreamOptions(BaseModel):
 
 class OpenAISampling(BaseModel):
     """What both OpenAI endpoints take besides their prompt. Unknown fields (user, tools, ...) are
-    ignored, as in every model here (pydantic's default); the fields that would change the reply's shape
-    (UNSUPPORTED) are declared, so that asking for them is a 400 rather than a reply without them. Types
+    ignored, as in every model here (pydantic's default); a field that would change the reply's shape
+    (UNSUPPORTED: suffix) is declared, so that asking for it is a 400 rather than a reply without it. Types
     are strict, as OpenAI's: "max_tokens": false or "stream": "yes" is an error, not 0 or True."""
     model: str | None = None
     stream: StrictBool | None = None
@@ -163,17 +164,17 @@ class OpenAISampling(BaseModel):
 class OpenAIChatRequest(OpenAISampling):
     messages: list[OpenAIMessage] = limits(minItems=1, maxItems=MAX_MESSAGES_PER_REQUEST)
     max_completion_tokens: StrictInt | None = sampling_range("max_tokens")  # OpenAI's newer name; wins
-    logprobs: StrictBool | None = limits(None, enum=[None, False])  # UNSUPPORTED, as the next one
-    top_logprobs: StrictInt | None = limits(None, enum=[None])
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = limits(None, minimum=0, maximum=MAX_TOP_LOGPROBS)  # needs logprobs
 
 
 class OpenAICompletionRequest(OpenAISampling):
     # text (BOS goes in front) or token ids, as sent, or a batch of either; strict: true is no id
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = limits(
         minLength=1, maxLength=MAX_TOTAL_CONVERSATION_LENGTH, minItems=1, items={"minimum": 0})
-    logprobs: StrictInt | None = limits(None, enum=[None])  # UNSUPPORTED, as the two below
-    echo: StrictBool | None = limits(None, enum=[None, False])
-    suffix: str | None = limits(None, enum=[None])
+    logprobs: StrictInt | None = limits(None, minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
+    echo: StrictBool | None = None  # the prompt first in the reply (its log-probabilities too, if asked)
+    suffix: str | None = limits(None, enum=[None])  # UNSUPPORTED
 
 
 def message_text(message, i):
@@ -251,6 +252,20 @@ def check_range(value, low, high, param, low_inclusive=True):
         raise APIError(400, f"Invalid value for '{param}': {value} is not in {interval}", param)
 
 
+def requested_logprobs(request):
+    """How many likeliest tokens each token's log-probability comes with (None: no log-probabilities): chat's
+    logprobs (true) and top_logprobs, or the completions' logprobs; APIError beyond OpenAI's limits."""
+    if isinstance(request, OpenAIChatRequest):
+        check_range(request.top_logprobs, 0, MAX_TOP_LOGPROBS, "top_logprobs")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "Invalid value for 'top_logprobs': it needs 'logprobs': true", "top_logprobs")
+        return (request.top_logprobs or 0) if request.logprobs else None
+    if isinstance(request, OpenAICompletionRequest):
+        check_range(request.logprobs, 0, MAX_COMPLETION_LOGPROBS, "logprobs")
+        return request.logprobs
+    return None  # the reference endpoint has none
+
+
 def openai_stops(request):
     """The request's parameters checked (APIError for the first bad one); returns its stop strings."""
     for name, (low, high) in SAMPLING_LIMITS.items():
@@ -261,7 +276,7 @@ def openai_stops(request):
     check_range(request.n, 1, MAX_CHOICES, "n")
     for name, what in UNSUPPORTED.items():
         value = getattr(request, name, None)
-        if value is not None and value is not False:  # logprobs 0 asks for the sampled tokens' ones
+        if value is not None:
             raise APIError(400, f"Invalid value for '{name}': {what} not supported by this server "
                                 f"(leave it out)", name)
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])

@@ -10,7 +10,8 @@ thread repeats one step:
    position, ragged rows attending in one masked call);
 4. per slot: sample with the request's own params and torch.Generator, run the tool state machine
    (shared with the Engine), deliver a TokenEvent, free the slot when the request ends.
-One device sync per step: the sampled ids (with each row's is-it-samplable flag).
+One device sync per step: the sampled ids (with each row's is-it-samplable flag); a request that asks for
+log-probabilities adds its own.
 
 The batch width follows the load, so a lone request costs what it costs on a 1-slot server. The price: on
 CPU a matmul row's bits depend on the matrix shape, so a request's numbers depend on the batch around it.
@@ -23,6 +24,11 @@ Event protocol, per request: zero or more TokenEvent(token_id, mask, None), then
   the final event is TokenEvent(None, 0, "stop").
 - "cancelled" (cancel() or shutdown()) and "error" (the model raised, or this request's logits were not
   finite or could not be sampled): TokenEvent(None, 0, reason).
+With params.logprobs = k, every event with a token carries its log-probability and the k likeliest tokens'
+(token_logprobs); with params.echo_logprobs, request.prompt_logprobs holds the prompt's before its first
+event.
+Log-probabilities are the model's (log-softmax of its logits in fp32, floored at -9999 as OpenAI reports
+impossible tokens), before temperature, top-k and top-p: what the model believes, whatever the sampling.
 
 A request's numerical trouble stays that request's: temperatures below sampling.TEMPERATURE_EPSILON decode
 greedily, top_p always keeps the top token, and a row whose logits are not finite (or whose sampling raises)
@@ -56,6 +62,8 @@ class SamplingParams:
     top_p: float | None = None  # None or 1.0: off (nucleus sampling)
     seed: int | None = None  # None: a random seed
     stop_token_ids: tuple = ()  # extra ids that end the request, besides <|assistant_end|> and BOS
+    logprobs: int | None = None  # k >= 0: each token's log-probability and the k likeliest ones' (None: off)
+    echo_logprobs: bool = False  # also the prompt's (with logprobs set), into request.prompt_logprobs
 
 
 @dataclass
@@ -63,6 +71,17 @@ class TokenEvent:
     token_id: int | None  # None only on a final event that carries no token
     mask: int  # 1 sampled, 0 forced by the tool (and 0 on a final event without a token)
     finish_reason: str | None  # None while streaming, else "stop" | "length" | "cancelled" | "error"
+    logprobs: tuple | None = None  # (log p of token_id, ((id, log p) of the k likeliest)) when asked for
+
+
+def token_logprobs(logits, tokens, k):
+    """For each row of logits (N, V) and its token (N,): (log p of the token, ((id, log p) of the k likeliest
+    tokens, likeliest first)), as Python numbers."""
+    logprobs = logits.float().log_softmax(dim=-1).clamp(min=-9999.0)
+    chosen = logprobs.gather(1, tokens[:, None].long())[:, 0].tolist()
+    top = logprobs.topk(k, dim=-1)
+    return [(c, tuple(zip(ids, values))) for c, ids, values in zip(chosen, top.indices.tolist(),
+                                                                     top.values.tolist())]
 
 
 def check_params(params, prompt_len, sequence_len):
@@ -82,6 +101,10 @@ def check_params(params, prompt_len, sequence_len):
         raise ValueError(f"top_p must be None or in (0, 1], got {params.top_p!r}")
     if params.seed is not None and not isinstance(params.seed, int):
         raise ValueError(f"seed must be None or an int, got {params.seed!r}")
+    if params.logprobs is not None and (not isinstance(params.logprobs, int) or params.logprobs < 0):
+        raise ValueError(f"logprobs must be None or an int >= 0, got {params.logprobs!r}")
+    if params.echo_logprobs and params.logprobs is None:
+        raise ValueError("echo_logprobs needs logprobs (how many likeliest tokens to give with each)")
 
 
 class GenerationRequest:
@@ -97,6 +120,7 @@ class GenerationRequest:
         self._cancelled = threading.Event()
         self._wake = wake  # nudges an idle scheduler so a cancelled queued request ends promptly
         # decode-thread state
+        self.prompt_logprobs = None  # with params.echo_logprobs: None, then token_logprobs of tokens 1..
         self._row = None  # RowState: prompt + delivered tokens (the last is the next input), the tool state
         self._rng = None
         self._stop_ids = frozenset()
@@ -265,7 +289,12 @@ class BatchScheduler:
                 request._rng.manual_seed(params.seed)
             request._stop_ids = frozenset((*self.tools.terminal, *params.stop_token_ids))
             # prefilled at batch 1 as the Engine does (the same numbers), then copied into the slot's row
-            logits, prompt_cache = prefill_prompt(self.model, request.prompt_tokens, self.device)
+            logits, prompt_cache = prefill_prompt(self.model, request.prompt_tokens, self.device,
+                                                  all_positions=params.echo_logprobs)
+            if params.echo_logprobs:  # position t's logits give token t + 1's log-probability
+                following = torch.tensor(request.prompt_tokens[1:], device=self.device)
+                request.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], following, params.logprobs)
+                logits = logits[:, -1, :]
             self._cache.prefill(prompt_cache, row=slot)
         except Exception:
             logger.exception("prefill of request %s failed", request.id)
@@ -320,19 +349,24 @@ class BatchScheduler:
                 logger.error("request %s ends with an error: %s", self._slots[slot].id, failed[slot])
                 self._finish(slot, TokenEvent(None, 0, "error"))
             else:
-                self._accept(slot, host[row])
+                self._accept(slot, host[row], logits[row])
 
-    def _accept(self, slot, sampled):
-        """Pass a sampled token through the tool state machine and deliver the result."""
+    def _accept(self, slot, sampled, logits):
+        """Pass a sampled token through the tool state machine and deliver the result (with its
+        log-probabilities under `logits` when the request asks for them: a forced tool token's too)."""
         request = self._slots[slot]
         token, mask = self.tools.emit(request._row, sampled)
         num_generated = len(request._row.current_tokens) - len(request.prompt_tokens)
         if token in request._stop_ids:
             self._finish(slot, TokenEvent(None, 0, "stop"))
-        elif num_generated >= request.params.max_tokens:
-            self._finish(slot, TokenEvent(token, mask, "length"))
+            return
+        k, logprobs = request.params.logprobs, None
+        if k is not None:
+            logprobs = token_logprobs(logits[None], torch.tensor([token], device=logits.device), k)[0]
+        if num_generated >= request.params.max_tokens:
+            self._finish(slot, TokenEvent(token, mask, "length", logprobs))
         else:
-            self._deliver(request, TokenEvent(token, mask, None))
+            self._deliver(request, TokenEvent(token, mask, None, logprobs))
 
     def _deliver(self, request, event):
         """Hand an event to the consumer. A consumer that raises is treated as gone: the request is

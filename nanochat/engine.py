@@ -255,14 +255,15 @@ class NeverStopping:
         return getattr(self.tokenizer, name)
 
 
-def prefill_prompt(model, tokens, device):
+def prefill_prompt(model, tokens, device, all_positions=False):
     """Run a prompt once at batch 1 in a cache of its own length. Returns the last position's logits (1, V)
-    and that cache, to be copied into a decode cache with KVCache.prefill. The Engine and the scheduler
-    both prefill through here, so a prompt gives them bit-identical numbers."""
+    (all_positions: every position's, (1, T, V)) and that cache, to be copied into a decode cache with
+    KVCache.prefill. The Engine and the scheduler both prefill through here, so a prompt gives them
+    bit-identical numbers."""
     cache = KVCache.for_model(model.config, 1, len(tokens), device)
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    logits = model.forward(ids, kv_cache=cache)[:, -1, :]
-    return logits, cache
+    logits = model.forward(ids, kv_cache=cache)
+    return (logits if all_positions else logits[:, -1, :]), cache
 
 
 # -----------------------------------------------------------------------------

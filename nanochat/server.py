@@ -26,6 +26,9 @@ goes away has its request cancelled, which frees its slot.
 is accepted as an extension; `stop` strings end a choice at their first occurrence and are cut from its
 text; each of `n` choices is its own request with seed `seed + i`; a prompt that leaves no room in the
 model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
+Log-probabilities (chat's `logprobs`/`top_logprobs`, the completions' `logprobs` and `echo`) are the model's,
+before temperature, top-k and top-p (nanochat/batching.py); they cover every token generated, the one that
+completes a stop string included, and a stream sends each token's with the first chunk that shows its text.
 A /v1/completions `prompt` is text (BOS is put in front, as in pretraining) or a list of token ids (sent as
 they are), or a batch of either: prompt i's n choices are choices i * n ... i * n + n - 1, as OpenAI numbers
 them. The reply ends at max_tokens, a stop string, BOS or <|assistant_end|>.
@@ -41,6 +44,7 @@ body (input echoed in it made JSON-safe); errors before a request's path is know
 import asyncio
 import functools
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -65,7 +69,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanochat
 from nanochat.api_schemas import (SAMPLING_LIMITS, APIError, ChatRequest, OpenAIChatRequest,
                                   OpenAICompletionRequest, completion_prompts, openai_stops,
-                                  openai_turns, validate_chat_request)
+                                  openai_turns, requested_logprobs, validate_chat_request)
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.chat_text import ReplyText
 from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
@@ -409,23 +413,67 @@ def http_protocol(config):
 
 @dataclass
 class Choice:
-    """One reply being generated: its text, its token count and why it ended."""
+    """One reply being generated: its text (after the echoed prompt, when asked for), its token count, the
+    log-probabilities (when asked for) and why it ended."""
     text: ReplyText
     tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list | None = None  # (token id, log p, ((id, log p), ...) the likeliest) per token so far
+    echo: int | None = None  # the prompt comes first, less its first `echo` tokens (the BOS put before text)
+    echoed: str = ""  # the prompt's text, once shown
+    reported: int = 0  # how many of logprobs a stream has sent
 
-    def apply(self, event):
-        """Take one scheduler event of a choice still running; returns the text it releases."""
-        delta = ""
+    def apply(self, event, request):
+        """Take one scheduler event of the choice's request, still running; returns the text it releases."""
+        delta = self.show_prompt(request) if self.echo is not None else ""
         if event.token_id is not None:
             self.tokens += 1
-            delta = self.text.add(event.token_id)
+            delta += self.text.add(event.token_id)
+            if event.logprobs is not None:
+                self.logprobs.append((event.token_id, *event.logprobs))
         if self.text.stopped:
             self.finish_reason = "stop"
         elif event.finish_reason is not None:
             delta += self.text.finish()
             self.finish_reason = event.finish_reason
         return delta
+
+    def show_prompt(self, request):
+        """The echoed prompt's text (its log-probabilities into logprobs), once, at the request's first event:
+        the scheduler has set its prompt_logprobs by then. The first token has none (nothing precedes it)."""
+        prompt = request.prompt_tokens[self.echo:]
+        if self.logprobs is not None and request.prompt_logprobs is not None:
+            self.logprobs += [(token, *(entry or (None, None)))
+                              for token, entry in zip(prompt, request.prompt_logprobs[self.echo:])]
+        self.echo, self.echoed = None, self.text.decoder.tokenizer.decode(prompt)
+        return self.echoed
+
+    def unreported_logprobs(self):
+        new, self.reported = self.logprobs[self.reported:], len(self.logprobs)
+        return new
+
+
+def token_text(tokenizer, token_id):
+    """A token's text; one that is not whole UTF-8 reads U+FFFD (chat's logprobs also give its bytes)."""
+    return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def format_logprobs(tokenizer, entries, chat, offset=0):
+    """OpenAI's `logprobs` of a choice (or of a chunk's tokens): chat's content list (each token's text,
+    log-probability, UTF-8 bytes and likeliest tokens), or the completions' parallel lists, whose text_offset
+    counts characters from `offset` (the chunk's start in the text)."""
+    def entry(token_id, logprob):
+        raw = tokenizer.decode_single_token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    if chat:
+        return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*pair) for pair in top]}
+                            for token, logprob, top in entries], "refusal": None}
+    tokens = [token_text(tokenizer, token) for token, _, _ in entries]
+    return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
+            "top_logprobs": [None if top is None else {token_text(tokenizer, i): lp for i, lp in top}
+                             for _, _, top in entries],
+            "text_offset": list(itertools.accumulate(map(len, tokens), initial=offset))[:-1]}
 
 
 @dataclass
@@ -463,7 +511,7 @@ class Generation:
                 if index not in running:  # e.g. the "cancelled" that follows a stop string
                     continue
                 choice = self.choices[index]
-                delta = choice.apply(event)
+                delta = choice.apply(event, self.requests[index])
                 if choice.finish_reason is not None:
                     running.discard(index)
                     self.requests[index].cancel()  # frees the slot now when a stop string ended the reply
@@ -481,8 +529,11 @@ def sampling_params(body, config, max_tokens):
     top_p = getattr(body, "top_p", None)
     seed = getattr(body, "seed", None)
     seed = seed if seed is not None else random.randint(0, 2**31 - 1)
+    logprobs = requested_logprobs(body)
+    echo_logprobs = bool(getattr(body, "echo", None)) and logprobs is not None
     return [SamplingParams(max_tokens=limit, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=(seed + i) % 2**63) for i, limit in enumerate(max_tokens)]
+                           seed=(seed + i) % 2**63, logprobs=logprobs, echo_logprobs=echo_logprobs)
+            for i, limit in enumerate(max_tokens)]
 
 
 def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
@@ -512,7 +563,11 @@ def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
         raise APIError(400, f"Invalid value for '{param}': {len(jobs)} choices are more than this server "
                             f"can hold at once ({capacity}: --max-batch-size + --max-queue)", param)
     loop = asyncio.get_running_loop()
-    choices = [Choice(ReplyText(worker.tokenizer, stops)) for _ in params_list]
+    echo = None
+    if getattr(body, "echo", None):  # the prompt as sent: without the BOS put before a text prompt
+        echo = int(isinstance(body.prompt[0] if isinstance(body.prompt, list) else body.prompt, str))
+    choices = [Choice(ReplyText(worker.tokenizer, stops), logprobs=None if p.logprobs is None else [],
+                      echo=echo) for p in params_list]
     generation = Generation(worker, sum(map(len, prompts)), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
 
     def forward_to_loop(index, event):  # runs on the scheduler thread
@@ -691,9 +746,11 @@ async def openai_reply(request, body):
         raise APIError(500, "Generation failed on the server", type="server_error")
     choices = []
     for index, choice in enumerate(generation.choices):
-        text = choice.text.text
+        text = choice.echoed + choice.text.text
         reply = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        choices.append({"index": index, **reply, "logprobs": None, "finish_reason": choice.finish_reason})
+        entries = choice.logprobs
+        logprobs = None if entries is None else format_logprobs(worker.tokenizer, entries, chat)
+        choices.append({"index": index, **reply, "logprobs": logprobs, "finish_reason": choice.finish_reason})
     return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
             "created": generation.created, "model": pool.model_id, "choices": choices,
             "usage": generation.usage()}
@@ -726,10 +783,14 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
         return sse({**payload, "usage": usage} if include_usage else payload)
 
     def choice(index, text, finish_reason):
+        state, logprobs = generation.choices[index], None
+        if state.logprobs is not None and (text or state.reported < len(state.logprobs)):
+            start = len(state.echoed) + len(state.text.text) - len(text or "")  # of this chunk's text
+            logprobs = format_logprobs(generation.worker.tokenizer, state.unreported_logprobs(), chat, start)
         if chat:
             delta = {"content": text} if text else {}
-            return {"index": index, "delta": delta, "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
 
     try:
         for index in range(len(generation.choices) if chat else 0):

@@ -4,6 +4,7 @@ BatchScheduler (batch invariance, Engine equivalence, tool forcing, cancel, queu
 """
 
 import copy
+import math
 import queue
 import threading
 import time
@@ -291,6 +292,58 @@ def test_seed_none_gives_varied_outputs_and_same_seed_repeats(model, scheduler_f
     assert seeded[0] == seeded[1]
 
 
+def token_events(request):
+    """The events of a request that carry a token, and its finish reason."""
+    events = []
+    while True:
+        event = request.events.get(timeout=EVENT_TIMEOUT)
+        if event.token_id is not None:
+            events.append(event)
+        if event.finish_reason is not None:
+            return events, event.finish_reason
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_logprobs_are_the_models_and_the_sampled_tokens_stay_the_same(model, scheduler_factory, sampling):
+    scheduler = scheduler_factory(model, max_batch_size=4)
+    prompt = prompts(3)[2]
+    plain = collect(scheduler.submit(prompt, SamplingParams(max_tokens=12, seed=5, **sampling)))
+    request = scheduler.submit(prompt, SamplingParams(max_tokens=12, seed=5, logprobs=3, echo_logprobs=True,
+                                                      **sampling))
+    events, reason = token_events(request)
+    tokens = [event.token_id for event in events]
+    assert (tokens, reason) == (plain[0], plain[2])  # asking for log-probabilities draws no random number
+    # one forward over the whole sequence, no cache: position t's log-softmax scores token t + 1
+    sequence = prompt + tokens
+    with torch.no_grad():
+        expected = model(torch.tensor([sequence]))[0].float().log_softmax(dim=-1)
+    assert request.prompt_logprobs[0] is None  # nothing precedes the first token
+    got = request.prompt_logprobs[1:] + [event.logprobs for event in events]
+    assert len(got) == len(sequence) - 1
+    for t, (logprob, top) in enumerate(got):
+        assert logprob == pytest.approx(expected[t, sequence[t + 1]].item(), abs=1e-4)
+        values, ids = expected[t].topk(3)
+        assert [i for i, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+    if sampling is GREEDY:  # each reply token is its step's likeliest
+        assert [top[0][0] for _, top in got[len(prompt) - 1:]] == tokens
+
+
+def test_logprobs_zero_gives_no_alternatives_and_forced_tool_tokens_have_theirs(scheduler_factory):
+    model = ScriptedModel(WORKED_SCRIPT, len(PROMPT))
+    scheduler = scheduler_factory(model)
+    events, reason = token_events(scheduler.submit(PROMPT, SamplingParams(max_tokens=50, temperature=0.0,
+                                                                          logprobs=0)))
+    assert [e.token_id for e in events] == WORKED_TOKENS and reason == "stop"
+    assert all(event.logprobs[1] == () for event in events)
+    # the scripted logits put 1.0 on the script's token and 0 on the others: a sampled token has the high
+    # log-probability; a forced one (mask 0) has the model's for it, low when the script proposed another
+    low, high = -math.log(math.e + VOCAB - 1), 1.0 - math.log(math.e + VOCAB - 1)
+    for event in events:
+        assert any(event.logprobs[0] == pytest.approx(v, abs=1e-6) for v in ([high] if event.mask else [low, high]))
+    assert any(event.mask == 0 and event.logprobs[0] == pytest.approx(low, abs=1e-6) for event in events)
+
+
 class WidthRecorder(AlteredLogits):
     """The real GPT, recording each decode step's batch width and the logits it returned."""
 
@@ -573,7 +626,8 @@ def test_submit_validation(model, scheduler_factory):
         scheduler.submit(prompt, SamplingParams(max_tokens=SEQ_LEN - len(prompt) + 1))
     scheduler.submit(prompt, SamplingParams(max_tokens=SEQ_LEN - len(prompt)))  # exactly fills the context
     bad = [dict(max_tokens=0), dict(max_tokens=5, temperature=-1.0), dict(max_tokens=5, top_k=-2),
-           dict(max_tokens=5, top_p=0.0), dict(max_tokens=5, top_p=1.5), dict(max_tokens=5, seed=1.5)]
+           dict(max_tokens=5, top_p=0.0), dict(max_tokens=5, top_p=1.5), dict(max_tokens=5, seed=1.5),
+           dict(max_tokens=5, logprobs=-1), dict(max_tokens=5, echo_logprobs=True)]
     for kwargs in bad:
         field = list(kwargs)[-1]
         with pytest.raises(ValueError, match=f"^{field} "):  # the message names the bad field

@@ -741,20 +741,99 @@ def test_completions_of_an_invalid_batch_get_400_naming_the_prompt(url, body, me
     assert error["param"] == "prompt" and message in error["message"], error
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "top_logprobs", 2),
-    ("/v1/completions", "logprobs", 0), ("/v1/completions", "echo", True), ("/v1/completions", "suffix", "!"),
-])
-def test_asking_for_what_the_server_cannot_give_is_a_400_not_a_reply_without_it(url, path, field, value):
-    # log-probabilities, an echoed prompt or a suffix would be missing from the reply; leaving them out
-    # (or sending null or false, as some clients do) is fine
-    body = {"messages": USER} if path.endswith("chat/completions") else {"prompt": "Hi"}
-    response = httpx.post(url + path, json={**body, "max_tokens": 1, field: value})
+def test_a_suffix_is_a_400_not_a_reply_without_it(url):
+    # an insertion would be missing from the reply; leaving it out (or sending null, as some clients do) is fine
+    response = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "suffix": "!"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == field and "not supported" in error["message"]
-    off = False if field in ("logprobs", "echo") and value is True else None
-    assert httpx.post(url + path, json={**body, "max_tokens": 1, field: off}).status_code == 200
+    assert error["param"] == "suffix" and "not supported" in error["message"]
+    response = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "suffix": None})
+    assert response.status_code == 200
+
+
+# -----------------------------------------------------------------------------
+# Log-probabilities
+
+def model_logprobs(reference, sequence):
+    """The log-softmax of one forward over `sequence` (no cache, no batching): row t scores token t + 1."""
+    model, _ = reference
+    with torch.no_grad():
+        return model(torch.tensor([sequence]))[0].float().log_softmax(dim=-1)
+
+
+def test_chat_logprobs_are_the_models_streamed_or_not(client, tiny_chat_model):
+    _, tokenizer = tiny_chat_model
+    prompt = completion_prompt(tokenizer, USER)
+    expected = greedy_reply(tiny_chat_model, prompt, 10)
+    scores = model_logprobs(tiny_chat_model, prompt + expected)
+    kwargs = dict(model=MODEL_ID, messages=USER, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2)
+    response = client.chat.completions.create(**kwargs)
+    content = response.choices[0].logprobs.content
+    assert len(content) == len(expected)
+    for i, (entry, token) in enumerate(zip(content, expected)):
+        assert bytes(entry.bytes) == tokenizer.decode_single_token_bytes(token)
+        assert entry.token == bytes(entry.bytes).decode("utf-8", errors="replace")
+        assert entry.logprob == pytest.approx(scores[len(prompt) - 1 + i, token].item(), abs=1e-4)
+        first, second = entry.top_logprobs  # greedy: the token is its step's likeliest
+        assert (first.bytes, first.logprob) == (entry.bytes, entry.logprob) and second.logprob <= first.logprob
+    text = b"".join(bytes(entry.bytes) for entry in content).decode("utf-8", errors="replace")
+    assert text == response.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [entry.model_dump() for entry in streamed] == [entry.model_dump() for entry in content]
+    plain = client.chat.completions.create(model=MODEL_ID, messages=USER, temperature=0, max_tokens=10)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == text
+
+
+def test_completions_echo_scores_the_prompt_as_lm_eval_reads_it(client, tiny_chat_model):
+    # lm-evaluation-harness's local-completions asks for a token-id prompt with echo, logprobs=1 and
+    # max_tokens=1, and sums token_logprobs[context length:-1]
+    _, tokenizer = tiny_chat_model
+    text = "The quick brown fox jumps"
+    prompt = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
+    scores = model_logprobs(tiny_chat_model, prompt)
+    kwargs = dict(model=MODEL_ID, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    choice = client.completions.create(prompt=prompt, **kwargs).choices[0]
+    greedy = scores[-1].argmax().item()
+    assert choice.text == tokenizer.decode(prompt + [greedy])
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([token]) for token in prompt + [greedy]]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing precedes it
+    want = [scores[t - 1, token].item() for t, token in enumerate(prompt + [greedy]) if t > 0]
+    assert logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) == 1 and max(top.values()) >= lp
+               for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(prompt) + 1)]
+    # a text prompt: the BOS put in front is not echoed, so its first token is scored
+    sent_as_text = client.completions.create(prompt=text, **kwargs).choices[0]
+    assert sent_as_text.text == text + tokenizer.decode([greedy])
+    assert sent_as_text.logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[1:], abs=1e-6)
+    # streamed: the prompt comes first, and the pieces add up to the reply, offsets included
+    longer = dict(kwargs, max_tokens=6)
+    whole = client.completions.create(prompt=text, **longer).choices[0]
+    chunks = [c for c in client.completions.create(prompt=text, stream=True, **longer) if c.choices]
+    assert chunks[0].choices[0].text.startswith(text) and len(chunks) > 3
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    pieces = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for piece in pieces for t in piece.tokens] == whole.logprobs.tokens
+    assert [o for piece in pieces for o in piece.text_offset] == whole.logprobs.text_offset
+    without = client.completions.create(model=MODEL_ID, prompt=text, max_tokens=1, temperature=0, echo=True)
+    assert without.choices[0].text == sent_as_text.text and without.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+])
+def test_logprobs_beyond_openais_limits_are_a_400_naming_the_field(url, path, fields, param):
+    body = {"messages": USER} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    response = httpx.post(url + path, json={**body, "max_tokens": 1, **fields})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize("body, param", [
@@ -1078,7 +1157,7 @@ def test_ctrl_c_ends_the_replies_in_flight_at_once_and_the_server_exits(tiny_cha
     finally:
         process.kill()
     assert openai_rest[-1] == "data: [DONE]"
-    finish = {"index": 0, "delta": {}, "finish_reason": "cancelled"}
+    finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "cancelled"}
     assert json.loads(openai_rest[-2][len("data: "):])["choices"] == [finish]
     assert reference_rest[-1] == 'data: {"done": true}'
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "cancelled"
