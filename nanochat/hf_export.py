@@ -104,8 +104,11 @@ def _last_merge(token, ranks):
 
 def hf_tokenizer(tokenizer):
     """A `tokenizers.Tokenizer` that encodes as our tiktoken-run BPE: merge order = rank order, and a
-    piece that is a whole token is taken as it is (ignore_merges), as tiktoken does."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    piece that is a whole token is taken as it is (ignore_merges), as tiktoken does. With special tokens
+    (transformers' default: `tokenizer(text)`, and what lm-eval's add_bos_token=True asks for) <|bos|> goes
+    in front, as every pretraining document starts with it; chat templates write it themselves and are
+    tokenized without special tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
     enc, chars = tokenizer.enc, _byte_chars()
     special_ids = {tokenizer.encode_special(name): name for name in SPECIAL_TOKENS}
@@ -125,6 +128,9 @@ def hf_tokenizer(tokenizer):
                            for i in sorted(special_ids)])
     if any(hf.token_to_id(name) != i for i, name in special_ids.items()):
         raise BadFileError("special tokens must take the ids right after the BPE tokens to export them")
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B:1",
+        special_tokens=[("<|bos|>", tokenizer.get_bos_token_id())])
     return hf
 
 

@@ -65,6 +65,7 @@ def test_tokenizer_encodes_and_decodes_as_ours(exported):
     for text in TEXTS:
         ids = tokenizer.encode(text)
         assert hf_tok.encode(text, add_special_tokens=False) == ids
+        assert hf_tok(text)["input_ids"] == [tokenizer.get_bos_token_id()] + ids  # as in pretraining
         assert hf_tok.decode(ids) == text
     assert hf_tok.bos_token_id == tokenizer.get_bos_token_id()
     assert hf_tok.eos_token_id == tokenizer.encode_special("<|assistant_end|>")
