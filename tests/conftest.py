@@ -12,7 +12,8 @@ Fixtures:
   pretraining sample, for tests that train on that sample (install_sample_base_dir).
 - chat_tokenizer (session): a 512-token tokenizer trained on chat_texts() (committed GSM8K and identity
   text), for the chat-stage tests (SFT, RL, ChatCORE, tasks).
-Helpers, imported with `from conftest import ...`: write_tiny_checkpoint, point_base_dir_at,
+Helpers, imported with `from conftest import ...`: tiny_gpt (a tiny GPT built the production way, perturbed
+on request), write_tiny_checkpoint (one saved as a checkpoint), point_base_dir_at,
 install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat server in-process), chat_prompt
 (a hand-built chat prompt, for checking rendered prompts token by token), AlteredLogits (the real GPT
 with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in the middle of a step),
@@ -49,29 +50,42 @@ TINY_TEXT = [
 ] * 30
 
 
-def write_tiny_checkpoint(base, source="base", step=0, vocab_size=TINY_VOCAB, sequence_len=128, seed=0,
-                          optimizer_state=None, perturb=0.0, **config_overrides):
-    """A depth-2, width-64 GPT of full-context layers (unless config_overrides say otherwise, e.g. n_layer=3,
-    window_pattern="SL"), initialised from `seed`, saved as
-    <base>/<source checkpoints>/d2 at `step`; returns (checkpoint directory, model). perturb > 0 adds
-    that much Gaussian noise to every matrix: the zero-initialised projections would otherwise make
-    every block the identity and the logits nearly flat."""
-    from nanochat import checkpoint_manager as cm
+def tiny_gpt(seed=0, perturb=0.0, **config):
+    """A GPT built the production way (shapes on meta, storage on the CPU, values from init_weights() after
+    manual_seed(seed)), in train mode: by default depth 2, width 64, 2 heads, full-context layers, a 32-token
+    context and TINY_VOCAB tokens; **config overrides any GPTConfig field. perturb > 0 adds that much
+    Gaussian noise to every floating parameter: the zero-initialised projections (and scalars) would
+    otherwise make every block the identity, leave gradients exactly zero and the logits nearly flat."""
     from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(**{**dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2,
-                                 n_kv_head=2, n_embd=64, window_pattern="L"), **config_overrides})
+    defaults = dict(sequence_len=32, vocab_size=TINY_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                    window_pattern="L")
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(GPTConfig(**{**defaults, **config}))
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights()
     if perturb > 0:
         with torch.no_grad():
             for p in model.parameters():
-                if p.dim() == 2:
+                if p.is_floating_point():
                     p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def write_tiny_checkpoint(base, source="base", step=0, optimizer_state=None, seed=0, perturb=0.0,
+                          sequence_len=128, **config):
+    """tiny_gpt(seed, **config) of a 128-token context unless said otherwise, saved as
+    <base>/<source checkpoints>/d2 at `step`; returns (checkpoint directory, model). perturb > 0 adds that
+    much Gaussian noise to the matrices only: three tests in test_chat_web need the long, distinct replies
+    of these draws, which every parameter perturbed does not give."""
+    from nanochat import checkpoint_manager as cm
+    model = tiny_gpt(seed, sequence_len=sequence_len, **config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if perturb > 0 and p.dim() == 2:
+                p.add_(perturb * torch.randn_like(p))
     ckpt = os.path.join(str(base), cm.CHECKPOINT_DIRS[source], "d2")
-    meta = {"step": step, "val_bpb": None, "model_config": asdict(config), "user_config": {}}
+    meta = {"step": step, "val_bpb": None, "model_config": asdict(model.config), "user_config": {}}
     cm.save_checkpoint(ckpt, step, model.state_dict(), optimizer_state, meta)
     return ckpt, model
 

@@ -15,20 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import exits_with_error, install_sample_base_dir, write_tiny_checkpoint
+from conftest import exits_with_error, install_sample_base_dir, tiny_gpt, write_tiny_checkpoint
 from nanochat import autofit
-from nanochat.gpt import GPT, GPTConfig
 
 SEQ = 32
 
 
 def tiny_model(vocab_size=64):
-    config = GPTConfig(sequence_len=SEQ, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="L")
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    return model
+    return tiny_gpt(sequence_len=SEQ, vocab_size=vocab_size)
 
 
 def test_batch_size_arg_takes_auto_or_a_positive_integer():

@@ -13,7 +13,7 @@ from nanochat.tokenizer import HuggingFaceTokenizer, compute_token_bytes
 from nanochat.core_eval import base_eval_report_items as report_items
 from scripts import base_eval
 
-from conftest import exits_with_error, point_base_dir_at
+from conftest import exits_with_error, point_base_dir_at, tiny_gpt
 
 
 @pytest.fixture
@@ -171,15 +171,9 @@ def test_missing_bundle_exits_non_zero_before_loading_a_model(base_dir, tmp_path
 
 def test_bpb_on_the_committed_sample_with_a_tiny_model(base_dir, tiny_tokenizer, capsys):
     from nanochat import dataset
-    from nanochat.gpt import GPT, GPTConfig
     dataset.install_sample()
     tokenizer = tiny_tokenizer
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=32, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
-                              n_kv_head=2, n_embd=64, window_pattern="L"))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.eval()
+    model = tiny_gpt(vocab_size=tokenizer.get_vocab_size(), n_layer=1).eval()
     bpb = loss_eval.run_bpb(model, tokenizer, compute_token_bytes(tokenizer), torch.device("cpu"),
                             device_batch_size=2, sequence_len=32, split_tokens=150, world_size=1)
     assert set(bpb) == {"train", "val"} and all(math.isfinite(v) and v > 0 for v in bpb.values())

@@ -16,10 +16,9 @@ import torch
 import nanochat.flash_attention as fa_module
 from nanochat.batching import BatchScheduler, QueueFull, SamplingParams, TokenEvent
 from nanochat.engine import Engine, KVCache
-from nanochat.gpt import GPT, GPTConfig
 
 from conftest import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, AlteredLogits,
-                      ByteTokenizer)
+                      ByteTokenizer, tiny_gpt)
 
 VOCAB = 262
 SEQ_LEN = 96
@@ -38,15 +37,9 @@ def sdpa_attention():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        gpt = GPT(GPTConfig(sequence_len=SEQ_LEN, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                            window_pattern="L"))
-    gpt.to_empty(device="cpu")
-    gpt.init_weights()
-    with torch.no_grad():  # away from the identity init, so logits are spread out and argmax ties are unlikely
-        for p in gpt.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    # away from the identity init, so logits are spread out and argmax ties are unlikely
+    gpt = tiny_gpt(perturb=0.1, sequence_len=SEQ_LEN, vocab_size=VOCAB)
+    with torch.no_grad():
         gpt.smear_lambda.fill_(0.5)  # smear must follow each row's own history
         gpt.lm_head.weight.mul_(20.0)
     return gpt

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from nanochat import chat_core
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import extract
 from scripts import chat_eval
 from tasks.common import Task, render_mc
@@ -22,7 +21,7 @@ from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.spellingbee import SpellingBee
 
-from conftest import TerminalIO, write_tiny_checkpoint
+from conftest import TerminalIO, tiny_gpt, write_tiny_checkpoint
 
 
 @pytest.fixture
@@ -218,13 +217,7 @@ def test_multi_token_letter_is_a_clear_error(tokenizer):
 
 
 def test_padding_does_not_change_predictions_on_a_real_model(tokenizer):
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=512, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_gpt(sequence_len=512, vocab_size=tokenizer.get_vocab_size())
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)  # the init is near zero: make the letters differ
     model.eval()
     conversations = [TinyMC()[i] for i in range(len(TinyMC.QUESTIONS))]

@@ -20,23 +20,12 @@ import torch
 
 from nanochat import chat_core, chat_train, common, dataloader, training
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import compute_token_bytes
 from scripts import chat_sft
 
-from conftest import point_base_dir_at, sigterm_on_first_call
+from conftest import point_base_dir_at, sigterm_on_first_call, tiny_gpt
 
 SEQ_LEN = 128
-
-
-def tiny_model(vocab_size):
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=SEQ_LEN, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
-                              n_embd=128, window_pattern="L"))
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
-    return model
 
 
 def base_optimizer_state(model):
@@ -54,7 +43,7 @@ def write_sft_base_dir(root, tok):
     step 10, its optimizer shard non-zero and its meta carrying the pretraining settings SFT inherits."""
     tok.save(os.path.join(root, "tokenizer"))
     torch.save(compute_token_bytes(tok), os.path.join(root, "tokenizer", "token_bytes.pt"))
-    model = tiny_model(tok.get_vocab_size())
+    model = tiny_gpt(sequence_len=SEQ_LEN, vocab_size=tok.get_vocab_size(), n_embd=128)
     optim_state = base_optimizer_state(model)
     meta = {"step": 10, "val_bpb": 3.0, "model_config": vars(model.config).copy(),
             "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.02, "matrix_lr": 0.05},

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.l3 import allocation_to_bounds
 
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, tiny_gpt
 
 TOKENIZER_VOCAB = TINY_VOCAB
 # the reference's GPTConfig fields, in order (pipeline.md "What this layer needs from the model layer")
@@ -40,26 +40,10 @@ class ReferenceGPTConfig:
     window_pattern: str = "SSSL"
 
 
-def tiny_config(**overrides):
-    kwargs = dict(sequence_len=32, vocab_size=TOKENIZER_VOCAB, n_layer=2, n_head=2, n_kv_head=2,
-                  n_embd=64, window_pattern="L")
-    kwargs.update(overrides)
-    return GPTConfig(**kwargs)
-
-
-def tiny_model(config=None, seed=0):
-    """The production build path, then every parameter perturbed so that each feature (smear,
-    backout, value embeddings, zero-initialised projections) changes the logits."""
-    with torch.device("meta"):
-        model = GPT(config or tiny_config())
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+def tiny_model(seed=0, **config):
+    """conftest's tiny GPT with every parameter perturbed, so that each feature (smear, backout, value
+    embeddings, zero-initialised projections) changes the logits."""
+    return tiny_gpt(seed, perturb=0.1, **config).eval()
 
 
 def sample_ids(seed=1):
@@ -329,10 +313,10 @@ def test_patch_helpers_on_bare_inputs():
     cm._patch_missing_config_keys(kwargs)
     assert kwargs["window_pattern"] == "L"
     data = {}
-    cm._patch_missing_keys(data, tiny_config(n_layer=3))
+    cm._patch_missing_keys(data, tiny_gpt(n_layer=3).config)
     assert torch.equal(data["resid_lambdas"], torch.ones(3)) and torch.equal(data["x0_lambdas"], torch.zeros(3))
     kept = {"resid_lambdas": torch.full((3,), 0.5), "x0_lambdas": torch.full((3,), 0.25)}
-    cm._patch_missing_keys(kept, tiny_config(n_layer=3))
+    cm._patch_missing_keys(kept, tiny_gpt(n_layer=3).config)
     assert torch.equal(kept["resid_lambdas"], torch.full((3,), 0.5))
 
 
@@ -448,7 +432,7 @@ def test_weights_of_another_shape_than_their_meta_name_the_model_file(tiny_base_
 
 
 def test_vocab_mismatch_error(tiny_base_dir):
-    model = tiny_model(tiny_config(vocab_size=320))
+    model = tiny_model(vocab_size=320)
     cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
     with pytest.raises(ValueError, match="Tokenizer vocab size 300 does not match model config vocab size 320") as info:
         cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
@@ -459,8 +443,7 @@ def test_vocab_mismatch_error(tiny_base_dir):
 
 
 def test_l3_model_round_trips_with_its_bounds(tiny_base_dir):
-    config = tiny_config(l3_after_layers="0", l3_n_emb=2 * TOKENIZER_VOCAB, l3_d_up=32, l3_k_max=3)
-    model = tiny_model(config)
+    model = tiny_model(l3_after_layers="0", l3_n_emb=2 * TOKENIZER_VOCAB, l3_d_up=32, l3_k_max=3)
     alloc = [1 if t % 2 else 3 for t in range(TOKENIZER_VOCAB)]  # non-uniform: not the default
     model.l3_layers["0"].set_bounds(allocation_to_bounds(alloc))
     cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
@@ -532,7 +515,7 @@ def test_a_tag_naming_nothing_or_a_tag_without_complete_steps_lists_the_way_out(
 
 def test_load_model_guesses_tag_and_step_under_base_dir(tiny_base_dir):
     root = tiny_base_dir / "base_checkpoints"
-    small, late, early = tiny_model(tiny_config(n_layer=1)), tiny_model(seed=2), tiny_model(seed=3)
+    small, late, early = tiny_model(n_layer=1), tiny_model(seed=2), tiny_model(seed=3)
     cm.save_checkpoint(str(root / "d1"), 50, small.state_dict(), None, meta_for(small, 50))
     cm.save_checkpoint(str(root / "d2"), 9, early.state_dict(), {"s": 9}, meta_for(early, 9))
     cm.save_checkpoint(str(root / "d2"), 10, late.state_dict(), {"s": 10}, meta_for(late, 10))
@@ -574,7 +557,7 @@ def test_plain_model_meta_has_exactly_the_reference_keys(tiny_base_dir):
     dict(mup_base_width=32, l3_after_layers="0", l3_n_emb=TOKENIZER_VOCAB),
 ])
 def test_mup_and_l3_models_write_their_keys_and_round_trip(tiny_base_dir, features):
-    model = tiny_model(tiny_config(**features))
+    model = tiny_model(**features)
     ckpt = tiny_base_dir / "base_checkpoints" / "d2"
     cm.save_checkpoint(str(ckpt), 1, model.state_dict(), None, meta_for(model, 1))
     model_config = json.loads((ckpt / "meta_000001.json").read_text())["model_config"]

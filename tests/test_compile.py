@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 
+from conftest import TINY_VOCAB, tiny_gpt
 from nanochat import optim
-from nanochat.gpt import GPT, GPTConfig
 
 BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 
@@ -28,19 +28,6 @@ def compiled(fn, backend):
 
 def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def tiny_model(seed=0):
-    config = GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="SL")
-    model = GPT(config)
-    torch.manual_seed(seed)
-    model.init_weights()
-    with torch.no_grad():  # the zero-initialised projections would leave some gradients exactly zero
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def run_twice(kernel, state, fresh, args, **kwargs):
@@ -109,9 +96,10 @@ def test_optimizer_through_its_compiled_kernel_switch_matches_eager(monkeypatch)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_model_forward_backward_matches_eager(backend):
-    eager_model = tiny_model()
+    # perturbed: the zero-initialised projections would leave some gradients exactly zero
+    eager_model = tiny_gpt(perturb=0.05, window_pattern="SL")
     graph_model = copy.deepcopy(eager_model)
-    x = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, TINY_VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
     x, y = x[:, :-1], x[:, 1:]
     eager_loss, graph_loss = eager_model(x, y), compiled(graph_model, backend)(x, y)
     eager_loss.backward()

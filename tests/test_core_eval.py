@@ -17,7 +17,7 @@ from dev import eval_bundle_zip
 from dev.eval_bundle_zip import write_eval_bundle_zip
 from nanochat.common import REPO_DATA_DIR, exit_on_setup_error
 
-from conftest import TerminalIO, exits_with_error
+from conftest import TerminalIO, exits_with_error, tiny_gpt
 
 COMMITTED_ZIP = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
 
@@ -407,19 +407,9 @@ def test_only_a_declared_max_seq_len_crops_a_native_model_sees_the_whole_example
     assert model.inputs[-1].tolist() == [full_row]
 
 
-def _tiny_gpt(vocab_size, sequence_len):
-    from nanochat.gpt import GPT, GPTConfig
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2,
-                              n_kv_head=2, n_embd=64, window_pattern="L"))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model.eval()
-
-
 def test_base_model_samples_greedy_and_unconditioned(sample_tokenizer):
     tok = sample_tokenizer
-    model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), n_layer=1).eval()
     greedy = ce.greedy_samples(model, tok, prompts=["The capital of France is"], max_tokens=4)
     assert len(greedy) == 1 and greedy[0].startswith("<|bos|>The capital of France is")
     unconditioned = ce.unconditioned_samples(model, tok)
@@ -431,7 +421,7 @@ def test_base_model_samples_greedy_and_unconditioned(sample_tokenizer):
 def test_real_gpt_is_fed_the_spec_token_ids_past_its_training_context(sample_tokenizer):
     """The ids of a 2-shot MC example longer than sequence_len: the spec's prompts, BOS first, BOS-padded."""
     tok = sample_tokenizer
-    model = _tiny_gpt(tok.get_vocab_size(), sequence_len=32)
+    model = tiny_gpt(vocab_size=tok.get_vocab_size(), n_layer=1).eval()
     fed = []
     model.register_forward_pre_hook(lambda m, args: fed.append(args[0].tolist()))
     data = [{"query": f"Question {i}: why is the sky blue and the grass green?", "choices": ["light", "dark sky"],

@@ -22,10 +22,9 @@ import nanochat.engine as engine_module
 from nanochat import common
 from nanochat.engine import (Engine, KVCache, NeverStopping, RowState, eval_with_timeout, prefill_prompt,
                              use_calculator)
-from nanochat.gpt import GPT, GPTConfig
 
 from conftest import (ASSISTANT_END, BOS, OUTPUT_END, OUTPUT_START, PYTHON_END, PYTHON_START, AlteredLogits,
-                      ByteTokenizer, write_tiny_checkpoint)
+                      ByteTokenizer, tiny_gpt, write_tiny_checkpoint)
 
 # -----------------------------------------------------------------------------
 # The reference's mocks: only what the Engine is allowed to rely on
@@ -510,23 +509,15 @@ def test_eval_off_main_thread_refuses_unbounded_expressions():
 VOCAB = 256  # byte ids only: the tool specials (256+) are never sampled, so the Engine forces nothing
 
 
-def tiny_gpt(sequence_len=64):
-    torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                    window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():  # move away from the identity-block init, and make smear matter
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        model.smear_lambda.fill_(0.5)
+def byte_gpt(sequence_len=64):
+    model = tiny_gpt(perturb=0.1, sequence_len=sequence_len, vocab_size=VOCAB)  # away from identity blocks
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.5)  # make smear matter
     return model.eval()
 
 
 def test_engine_greedy_matches_gpt_generate():
-    model = tiny_gpt()
+    model = byte_gpt()
     prompt = ascii_ids("Hello wor")
     want = list(model.generate(prompt, 20, temperature=0.0))
     steps = list(Engine(model, ByteTokenizer()).generate(prompt, num_samples=3, max_tokens=20, temperature=0.0))
@@ -537,7 +528,7 @@ def test_engine_greedy_matches_gpt_generate():
 
 @pytest.mark.parametrize("top_k", [None, 5, 50])
 def test_gpt_generate_matches_engine_when_sampling(top_k):
-    model = tiny_gpt()
+    model = byte_gpt()
     prompt = ascii_ids("Hello wor")
     kwargs = dict(temperature=0.9, top_k=top_k, seed=3)
     want = list(model.generate(prompt, 20, **kwargs))
@@ -547,7 +538,7 @@ def test_gpt_generate_matches_engine_when_sampling(top_k):
 
 
 def test_prefill_prompt_gives_the_full_forward_logits_and_a_filled_cache():
-    model = tiny_gpt()
+    model = byte_gpt()
     prompt = ascii_ids("Hello")
     with torch.inference_mode():
         logits, cache = prefill_prompt(model, prompt, torch.device("cpu"))
@@ -558,11 +549,8 @@ def test_prefill_prompt_gives_the_full_forward_logits_and_a_filled_cache():
 
 def test_decode_step_cost_counts_two_flops_per_weight_and_attention_up_to_each_window():
     # sequence_len 1024: an S layer attends over 256 positions, the L layer over 1024
-    cfg = GPTConfig(sequence_len=1024, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                    window_pattern="SL")
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    model.init_weights()
+    model = tiny_gpt(sequence_len=1024, vocab_size=VOCAB, window_pattern="SL")
+    cfg = model.config
     per_position = 4 * cfg.n_embd  # QK^T and AV: 2 FLOPs each per head dimension and cached position
     flops = lambda context: engine_module.decode_step_cost(model, 1, context)[0]
     assert flops(101) - flops(100) == 2 * per_position  # both layers see every cached position
@@ -582,7 +570,7 @@ def test_decode_step_cost_counts_two_flops_per_weight_and_attention_up_to_each_w
 
 
 def test_engine_top_k_one_equals_greedy():
-    model = tiny_gpt()
+    model = byte_gpt()
     engine = Engine(model, ByteTokenizer())
     greedy = engine.generate_batch(ascii_ids("abc"), max_tokens=10, temperature=0.0)
     top1 = engine.generate_batch(ascii_ids("abc"), max_tokens=10, temperature=1.0, top_k=1, seed=7)
@@ -590,7 +578,7 @@ def test_engine_top_k_one_equals_greedy():
 
 
 def test_chunked_prefill_equals_single_prefill():
-    model = tiny_gpt()
+    model = byte_gpt()
     cfg = model.config
     ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
 
@@ -619,7 +607,7 @@ def test_max_tokens_none_stops_at_context_on_real_model():
         def alter(self, logits, ids):
             return torch.nn.functional.pad(logits, (0, 262 - VOCAB), value=float("-inf"))  # specials never win
 
-    model = NoStopModel(tiny_gpt(sequence_len=32))
+    model = NoStopModel(byte_gpt(sequence_len=32))
     results, _ = Engine(model, ByteTokenizer()).generate_batch(ascii_ids("abcde"), num_samples=2, max_tokens=None)
     assert [len(r) for r in results] == [32, 32]
 
@@ -632,7 +620,7 @@ def test_self_check_matches_gpt_generate_and_skips_cuda_sync_on_cpu(monkeypatch,
         raise RuntimeError("torch.cuda.synchronize called on CPU")
 
     monkeypatch.setattr(torch.cuda, "synchronize", no_cuda)
-    assert engine_module.self_check(tiny_gpt(), _Tokens(VOCAB))
+    assert engine_module.self_check(byte_gpt(), _Tokens(VOCAB))
     out = capsys.readouterr().out
     assert "Reference time: " in out and "Engine time: " in out and out.rstrip().endswith("Match: True")
 

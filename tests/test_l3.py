@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_gpt
 from nanochat.l3 import L3Layer, allocation_to_bounds, compute_lzw_allocation
 
 
@@ -479,20 +480,18 @@ def test_a_layer_without_bounds_round_trips_and_describes_itself():
 # -----------------------------------------------------------------------------
 # GPT integration
 
+# four layers in GPTConfig's default window pattern (SSSL), an L3 layer after block 2
+L3_GPT = dict(sequence_len=8, n_layer=4, n_embd=64, n_head=2, n_kv_head=2, vocab_size=64,
+              window_pattern="SSSL", l3_after_layers="2", l3_n_emb=128, l3_d_up=32, l3_k_max=16)
+
+
 def l3_config(**kw):
     from nanochat.gpt import GPTConfig
-    cfg = dict(sequence_len=8, n_layer=4, n_embd=64, n_head=2, n_kv_head=2, vocab_size=64,
-               l3_after_layers="2", l3_n_emb=128, l3_d_up=32, l3_k_max=16)
-    cfg.update(kw)
-    return GPTConfig(**cfg)
+    return GPTConfig(**{**L3_GPT, **kw})
 
 
-def build_gpt(config, seed=0):
-    from nanochat.gpt import GPT
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
-    return model
+def l3_gpt(seed=0, perturb=0.0, **kw):
+    return tiny_gpt(seed, perturb, **{**L3_GPT, **kw})
 
 
 def l3_params(model):
@@ -501,7 +500,7 @@ def l3_params(model):
 
 @pytest.mark.parametrize("tie_kv", [True, False])
 def test_gpt_with_l3_trains(tie_kv):
-    model = build_gpt(l3_config(l3_tie_kv=tie_kv))
+    model = l3_gpt(l3_tie_kv=tie_kv)
     assert list(model.l3_layers.keys()) == ["2"]
     layer = model.l3_layers["2"]
     assert layer.bounds.shape == (65,) and layer.k_max == 16
@@ -529,7 +528,7 @@ def test_gpt_with_l3_trains(tie_kv):
 
 @pytest.mark.parametrize("tie_kv", [True, False])
 def test_gpt_with_l3_optimizer_covers_every_parameter(tie_kv):
-    model = build_gpt(l3_config(l3_tie_kv=tie_kv))
+    model = l3_gpt(l3_tie_kv=tie_kv)
     optimizer = model.setup_optimizer()
     in_groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
@@ -543,7 +542,7 @@ def test_gpt_with_l3_optimizer_covers_every_parameter(tie_kv):
 
 
 def test_gpt_without_l3():
-    model = build_gpt(l3_config(l3_after_layers="", l3_n_emb=0))
+    model = l3_gpt(l3_after_layers="", l3_n_emb=0)
     assert len(model.l3_layers) == 0
     assert not any(n.startswith("l3_layers") for n, _ in model.named_parameters())
     assert not any(k.startswith("l3_layers") for k in model.state_dict())
@@ -559,14 +558,14 @@ def test_gpt_without_l3():
 
 @pytest.mark.parametrize("tie_kv", [True, False])
 def test_num_scaling_params_l3_keys(tie_kv):
-    model = build_gpt(l3_config(l3_tie_kv=tie_kv))
+    model = l3_gpt(l3_tie_kv=tie_kv)
     counts = model.num_scaling_params()
     assert list(counts) == ["wte", "value_embeds", "lm_head", "transformer_matrices", "l3_embeds",
                             "l3_matrices", "scalars", "total"]
     assert counts["l3_embeds"] == (1 if tie_kv else 2) * 128 * 64
     assert counts["l3_matrices"] == 32 * 64 + 64 * (32 + 64)  # w_up + w_mix
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    plain = build_gpt(l3_config(l3_after_layers="", l3_n_emb=0)).num_scaling_params()
+    plain = l3_gpt(l3_after_layers="", l3_n_emb=0).num_scaling_params()
     assert list(plain) == ["wte", "value_embeds", "lm_head", "transformer_matrices", "scalars", "total"]
     assert counts["total"] - plain["total"] == counts["l3_embeds"] + counts["l3_matrices"]
 
@@ -599,9 +598,7 @@ def test_gpt_l3_config_parsing_and_errors():
 
 
 def test_gpt_l3_state_dict_round_trip():
-    from nanochat.gpt import GPT
-    config = l3_config()
-    model = build_gpt(config)
+    model = l3_gpt()
     alloc = compute_lzw_allocation([[0, 1, 2, 3] * 4, [5, 6, 5, 6, 5, 6]], 64, 128, 16)
     model.l3_layers["2"].set_bounds(allocation_to_bounds(alloc))
     with torch.no_grad():
@@ -610,11 +607,7 @@ def test_gpt_l3_state_dict_round_trip():
     assert state["l3_layers.2.bounds"].dtype == torch.int64
     assert "l3_layers.2.kv_weight" in state and "l3_layers.2.w_up.weight" in state
 
-    with torch.device("meta"):
-        fresh = GPT(config)
-    fresh.to_empty(device="cpu")
-    torch.manual_seed(123)
-    fresh.init_weights()
+    fresh = l3_gpt(seed=123)
     assert fresh.l3_layers["2"].allocation() == [2] * 64  # uniform default before loading
     fresh.load_state_dict(state, strict=True, assign=True)
     assert torch.equal(fresh.l3_layers["2"].bounds, allocation_to_bounds(alloc))
@@ -642,12 +635,9 @@ def test_gpt_l3_meta_and_cpu_construction_init_identically():
 
 def test_gpt_l3_kv_cache_matches_full_forward():
     from nanochat.engine import KVCache
-    config = l3_config()
-    model = build_gpt(config, seed=2)
-    with torch.no_grad():  # give every zero-initialised projection and scalar a value
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.05)
-            block.mlp.c_proj.weight.normal_(0, 0.05)
+    model = l3_gpt(seed=2, perturb=0.05)  # every zero-initialised projection and scalar gets a value
+    config = model.config
+    with torch.no_grad():  # and smear and the L3 layer matter
         model.smear_lambda.fill_(0.5)
         model.l3_layers["2"].w_mix.weight.normal_(0, 0.1)
     model.l3_layers["2"].set_bounds(allocation_to_bounds(

@@ -5,11 +5,10 @@ import re
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import bpb_steps, evaluate_bpb, run_bpb, split_bpb
 from nanochat.tokenizer import compute_token_bytes
 
-from conftest import TerminalIO, point_base_dir_at
+from conftest import TerminalIO, point_base_dir_at, tiny_gpt
 
 
 class UniformModel:
@@ -84,19 +83,9 @@ def test_the_loss_sum_is_float64_so_late_losses_still_count():
     assert math.isclose(bpb, (2 ** 24 + 1) / (math.log(2) * 2), rel_tol=1e-12)
 
 
-def tiny_gpt(vocab_size, sequence_len):
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=2,
-                              n_kv_head=2, n_embd=64, window_pattern="L"))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
 def test_real_model_matches_manual_sum():
-    torch.manual_seed(0)
     V = 64
-    model = tiny_gpt(V, 16)
+    model = tiny_gpt(vocab_size=V, sequence_len=16, n_layer=1)
     torch.nn.init.normal_(model.lm_head.weight, std=0.5)  # lm_head starts near zero: make the losses differ
     token_bytes = torch.randint(0, 4, (V,))
     batches = [(torch.randint(0, V, (2, 16)), torch.randint(-1, V, (2, 16))) for _ in range(3)]
@@ -136,7 +125,8 @@ def test_the_split_is_shared_by_the_ranks(tmp_path, monkeypatch, tiny_tokenizer,
     from nanochat import dataset
     point_base_dir_at(monkeypatch, tmp_path)
     dataset.install_sample()
-    model, token_bytes = tiny_gpt(tiny_tokenizer.get_vocab_size(), 32), compute_token_bytes(tiny_tokenizer)
+    model = tiny_gpt(vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1)
+    token_bytes = compute_token_bytes(tiny_tokenizer)
     bpb = run_bpb(model, tiny_tokenizer, token_bytes, "cpu", 2, 32, split_tokens=150, world_size=2)
     assert "Adjusted split_tokens to 128 (must be divisible by 128)" in capsys.readouterr().out
     assert bpb["val"] == split_bpb(model, tiny_tokenizer, token_bytes, "val", 2, 32, 1, "cpu")

@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 
+from conftest import tiny_gpt, write_tiny_checkpoint
 from nanochat import common, training
 
 
@@ -179,20 +180,8 @@ def test_agree_max_without_process_group():
 
 
 # -----------------------------------------------------------------------------
-# Micro-batches without a supervised token (SFT)
-
-def tiny_gpt():
-    from nanochat.gpt import GPT, GPTConfig
-    with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                              window_pattern="L"))
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
-    for p in model.parameters():  # away from the zero-initialised projections: every weight gets a gradient
-        p.data.add_(0.01 * torch.randn_like(p))
-    return model
-
+# Micro-batches without a supervised token (SFT), on a tiny GPT perturbed away from its zero-initialised
+# projections so that every weight gets a gradient
 
 def micro_batch(seed, masked=False):
     g = torch.Generator().manual_seed(seed)
@@ -226,14 +215,14 @@ def reference_step(model, batches):
 
 
 def test_a_normal_step_is_bitwise_the_reference_formula():
-    model = tiny_gpt()
+    model = tiny_gpt(vocab_size=64, perturb=0.01)
     batches = [micro_batch(1), micro_batch(2), micro_batch(3)]
     ours, reference = grads_after(model, batches, masked_step), grads_after(model, batches, reference_step)
     assert all(torch.equal(ours[n], reference[n]) for n in ours)
 
 
 def test_a_fully_masked_micro_batch_adds_no_gradient_and_leaves_the_mean():
-    model = tiny_gpt()
+    model = tiny_gpt(vocab_size=64, perturb=0.01)
     a, b, empty = micro_batch(1), micro_batch(2), micro_batch(4, masked=True)
     assert torch.isnan(model(*empty))  # the plain mean is 0/0: what poisoned the reference's weights
     losses = []
@@ -250,7 +239,7 @@ def test_a_fully_masked_micro_batch_adds_no_gradient_and_leaves_the_mean():
 
 
 def test_a_step_with_no_supervised_token_leaves_the_weights_unchanged():
-    model = tiny_gpt()
+    model = tiny_gpt(vocab_size=64, perturb=0.01)
     optimizer = model.setup_optimizer()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = [micro_batch(5, masked=True), micro_batch(6, masked=True)]
@@ -390,7 +379,6 @@ def test_step_logger_prints_the_stage_line_and_logs_wandb_every_n_steps(capsys):
 # A checkpoint without optimizer state: a resume refuses it, a warm start goes on with a fresh optimizer
 
 def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tiny_base_dir, capsys):
-    from conftest import write_tiny_checkpoint
     _, model = write_tiny_checkpoint(tiny_base_dir, "base", step=5)  # model and meta only
     message = "--resume-from-step=5: the base checkpoint d2 has no optimizer state for rank 0; resume from"
     with pytest.raises(FileNotFoundError, match=message + " a step that has it"):
