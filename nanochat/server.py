@@ -536,6 +536,14 @@ def sampling_params(body, config, max_tokens):
             for i, limit in enumerate(max_tokens)]
 
 
+def echo_from(body):
+    """None (no echo), or how many of the prompt's first tokens the echo leaves out: the echo is the prompt
+    as sent, so without the BOS put before a text prompt."""
+    if not getattr(body, "echo", None):
+        return None
+    return int(isinstance(body.prompt[0] if isinstance(body.prompt, list) else body.prompt, str))
+
+
 def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
     """
     Submit the rendered prompts to the worker's scheduler, one request per choice: each prompt is continued
@@ -563,11 +571,8 @@ def start_generation(request, worker, prompts, body, max_tokens=None, stops=()):
         raise APIError(400, f"Invalid value for '{param}': {len(jobs)} choices are more than this server "
                             f"can hold at once ({capacity}: --max-batch-size + --max-queue)", param)
     loop = asyncio.get_running_loop()
-    echo = None
-    if getattr(body, "echo", None):  # the prompt as sent: without the BOS put before a text prompt
-        echo = int(isinstance(body.prompt[0] if isinstance(body.prompt, list) else body.prompt, str))
     choices = [Choice(ReplyText(worker.tokenizer, stops), logprobs=None if p.logprobs is None else [],
-                      echo=echo) for p in params_list]
+                      echo=echo_from(body)) for p in params_list]
     generation = Generation(worker, sum(map(len, prompts)), choices, id=f"{id_prefix}-{uuid.uuid4().hex}")
 
     def forward_to_loop(index, event):  # runs on the scheduler thread
