@@ -5,6 +5,7 @@ requests served one at a time (by the scheduler, and by Engine.generate as the r
     python -m dev.bench_batching                          # the latest sft checkpoint (falls back to base)
     python -m dev.bench_batching --depth 4 --new-tokens 64 --concurrency 1,4,16
     python -m dev.bench_batching --source base --max-batch-size 16
+    python -m dev.bench_batching --logprobs 5                 # what log-probabilities cost the scheduler
 
 Every request decodes exactly --new-tokens tokens: the model is wrapped so that the terminal ids
 (<|assistant_end|>, BOS) can never be sampled. Sampling: temperature 1, top_k 50, one seed per request.
@@ -30,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--device-type", type=str, default="")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the lone-request comparison")
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="the scheduler's requests also ask for log-probabilities with this many alternatives")
     return p.parse_args(argv)
 
 
@@ -91,10 +94,10 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     print(f"device={device_type} dtype={COMPUTE_DTYPE} model={what} n_layer={cfg.n_layer} "
           f"n_embd={cfg.n_embd} max_batch_size={args.max_batch_size} prompt<={args.prompt_len} "
-          f"new_tokens={args.new_tokens} "
+          f"new_tokens={args.new_tokens} logprobs={args.logprobs} "
           f"threads={torch.get_num_threads()}")
-    params = [SamplingParams(max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i)
-              for i in range(256)]
+    params = [SamplingParams(max_tokens=args.new_tokens, temperature=1.0, top_k=50, seed=i,
+                             logprobs=args.logprobs) for i in range(256)]
 
     def run_scheduler(scheduler, prompts, concurrent):
         if concurrent:
