@@ -509,7 +509,8 @@ def test_a_request_cancelled_while_the_queue_is_filtered_still_ends(model, sched
             self.looks += 1
             return self.looks > 1
 
-    scheduler = scheduler_factory(model, start=False)
+    # banned special ids: a sampled first token could otherwise be a terminal one, ending it with "stop"
+    scheduler = scheduler_factory(NoStopModel(model), start=False)
     first, second = (scheduler.submit(prompts(1)[0], SamplingParams(max_tokens=5)) for _ in range(2))
     first.cancel()
     second._cancelled = CancelledAfterOneLook()
@@ -534,8 +535,8 @@ def test_queue_full_and_shutdown_cancels_pending(model, scheduler_factory):
 
 def test_a_cancelled_request_holds_no_place_in_the_queue(model, scheduler_factory):
     # a client that went away and retries at once must not get a 429 for its own dead request
-    scheduler = scheduler_factory(model, max_batch_size=1, max_queue=0, start=False)
-    params = SamplingParams(max_tokens=5)
+    scheduler = scheduler_factory(NoStopModel(model), max_batch_size=1, max_queue=0, start=False)
+    params = SamplingParams(max_tokens=5)  # sampled, with no terminal id to sample: it runs to its length
     gone = scheduler.submit(prompts(1)[0], params)
     with pytest.raises(QueueFull):
         scheduler.submit(prompts(1)[0], params)
