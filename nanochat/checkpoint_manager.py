@@ -498,6 +498,13 @@ def optimizer_shard_count(source, model_tag=None, step=None):
     return len(_shard_ranks(checkpoint_dir, step))
 
 
+def missing_optimizer_shards(source, model_tag, step, world_size):
+    """The paths of the optimizer shards of ranks 0..world_size-1 that a checkpoint does not hold."""
+    checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)
+    paths = [_optim_path(checkpoint_dir, step, rank) for rank in range(world_size)]
+    return [path for path in paths if not os.path.exists(path)]
+
+
 def load_optimizer_state(source, device, rank, model_tag=None, step=None):
     """This rank's optimizer shard of a checkpoint, or None (with a warning) when it has none."""
     checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (get_checkpoints_dir, load_checkpoint_meta, load_optimizer_state,
-                                         optimizer_shard_count, save_checkpoint)
+                                         missing_optimizer_shards, optimizer_shard_count, save_checkpoint)
 from nanochat.common import (BadFileError, BadSettingError, DummyWandb, MissingFileError, agree_max,
-                             agree_sum, autodetect_device_type, compute_cleanup, compute_init, get_device_peak_flops,
-                             get_dist_info, is_ddp_initialized, percent_of_peak, print0)
+                             agree_sum, autodetect_device_type, compute_cleanup, compute_init,
+                             get_device_peak_flops, get_dist_info, is_ddp_initialized, percent_of_peak,
+                             print0)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -430,9 +431,7 @@ def lost_optimizer_shards(source, model_tag, step):
     read as a smaller world, and the advice would be to resume on fewer ranks with one rank's buffers."""
     meta = load_checkpoint_meta(source, model_tag, step)[2]
     per_rank = meta.get("dataloader_state_dicts") or (meta.get("loop_state") or {}).get("loader_states") or []
-    paths = [os.path.join(get_checkpoints_dir(source), model_tag, f"optim_{step:06d}_rank{rank}.pt")
-             for rank in range(len(per_rank))]
-    return [path for path in paths if not os.path.exists(path)]
+    return missing_optimizer_shards(source, model_tag, step, len(per_rank))
 
 
 def check_resume_horizon(step, num_steps, horizon_flags):
