@@ -426,12 +426,14 @@ def check_world_size(source, model_tag, step, resuming=True):
 
 
 def lost_optimizer_shards(source, model_tag, step):
-    """The optimizer shards a checkpoint should hold and does not. base_train and chat_sft keep one loader
-    state per rank in the meta, which counts the ranks that saved it: without this check a lost shard would
-    read as a smaller world, and the advice would be to resume on fewer ranks with one rank's buffers."""
+    """The optimizer shards a checkpoint should hold and does not. The meta counts the ranks that saved it:
+    base_train and chat_sft keep one loader state per rank, chat_rl its world size. Without this check a lost
+    shard would read as a smaller world, and the advice would be to resume on fewer ranks with one rank's
+    buffers."""
     meta = load_checkpoint_meta(source, model_tag, step)[2]
-    per_rank = meta.get("dataloader_state_dicts") or (meta.get("loop_state") or {}).get("loader_states") or []
-    return missing_optimizer_shards(source, model_tag, step, len(per_rank))
+    loop = meta.get("loop_state") or {}
+    per_rank = meta.get("dataloader_state_dicts") or loop.get("loader_states") or []
+    return missing_optimizer_shards(source, model_tag, step, loop.get("world_size", len(per_rank)))
 
 
 def check_resume_horizon(step, num_steps, horizon_flags):

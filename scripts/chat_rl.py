@@ -150,9 +150,11 @@ def main(argv=None):
     wandb_run = training.init_wandb("nanochat-rl", args.run, user_config, meta)
     ckpt = training.Checkpointer(os.path.join(get_checkpoints_dir("rl"), output_tag), model,
                                  optimizer, rank)
-    # the curve (reward per step, pass@1 at evaluations) is the report's plot
+    # the curve (reward per step, pass@1 at evaluations) is the report's plot; the world size counts the
+    # ranks that saved an optimizer shard, so that a lost one is named on resume
     run = training.restore_run_state(ckpt, meta, model.config, user_config, {
-        "num_steps": num_steps, "device_batch_size": args.device_batch_size}, None, wandb_run, curve={})
+        "num_steps": num_steps, "device_batch_size": args.device_batch_size}, None, wandb_run,
+        loop_extra={"world_size": lambda: world_size}, curve={})
 
     def evaluate_pass_at_k(step):
         passk = chat_train.evaluate_pass_at_k(val_task, tokenizer, engine, args.eval_examples,

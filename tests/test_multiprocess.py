@@ -92,10 +92,6 @@ def test_two_process_training_checkpoint_resume_and_one_process_agreement(base_d
     resuming = start(base_dir, 2, ["--model-tag=mp2", "--resume-from-step=3"])
     single = start(base_dir, 1, ["--model-tag=mp1"])
     resumed, one = finish(resuming), finish(single)
-    # (iv) one process cannot resume the two ranks' optimizer shards: refused, naming the files and the fix
-    refused, _ = start(base_dir, 1, ["--model-tag=mp2", "--resume-from-step=3"]).communicate(timeout=180)
-    assert "optim_000003_rank*.pt holds the optimizer shards of 2 rank(s)" in refused, refused[-3000:]
-    assert "torchrun --nproc_per_node=2" in refused.strip().splitlines()[-1]
     assert "approximate resume" not in resumed
     again = torch.load(os.path.join(ckpt, f"model_{STEPS:06d}.pt"))
     different = [k for k in straight if not torch.equal(straight[k], again[k])]
@@ -145,13 +141,6 @@ def test_two_process_sft_resumes_exactly(sft_base_dir):
     losses = lambda text: re.findall(r"^step 0000([34]) .*? loss: ([\d.]+)", text, re.M)
     assert losses(resumed) == losses(out) and len(losses(out)) == 2
 
-    # one rank cannot load two ranks' optimizer shards: refused, naming the files and the fix
-    one = start_sft(sft_base_dir, ["--resume-from-step=2"], nproc=1)
-    refused, _ = one.communicate(timeout=180)
-    assert one.returncode != 0
-    assert (f"{ckpt}/optim_000002_rank*.pt holds the optimizer shards of 2 rank(s) and this run has 1; resume "
-            f"with the world size that saved it (torchrun --nproc_per_node=2)") in refused, refused[-3000:]
-
 
 # -----------------------------------------------------------------------------
 # chat_rl: each rank rolls out its own questions, seeded by (step, question, sampling call)
@@ -186,12 +175,15 @@ def test_two_process_rl_resumes_exactly(rl_base_dir):
     out = finish(start_rl(rl_base_dir, []))
     assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim_000001")) == [
         "optim_000001_rank0.pt", "optim_000001_rank1.pt"]
+    with open(os.path.join(ckpt, "meta_000001.json")) as f:  # the ranks that saved a shard
+        assert json.load(f)["loop_state"]["world_size"] == 2
     straight = torch.load(os.path.join(ckpt, "model_000003.pt"))
     sft = torch.load(os.path.join(rl_base_dir, "chatsft_checkpoints", "d2", "model_000003.pt"))
     assert any(not torch.equal(sft[k], straight[k]) for k in sft)  # the updates moved the weights
 
     resuming = start_rl(rl_base_dir, ["--resume-from-step=1"])
-    # one rank cannot take over two ranks' questions and optimizer shards: refused, naming the fix
+    # one rank cannot take over two ranks' questions and optimizer shards: refused, naming the fix (the
+    # check every stage shares, training.check_world_size: test_training tests it in-process)
     one = start_rl(rl_base_dir, ["--resume-from-step=1"], nproc=1)
     resumed, (refused, _) = finish(resuming), one.communicate(timeout=180)
     again = torch.load(os.path.join(ckpt, "model_000003.pt"))

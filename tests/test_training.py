@@ -392,7 +392,8 @@ def test_a_checkpoint_without_optimizer_state_cannot_be_resumed_but_can_seed(tin
 
 
 @pytest.mark.parametrize("per_rank_states", [{"dataloader_state_dicts": [{}, {}]},  # base_train's meta
-                                             {"loop_state": {"loader_states": [{}, {}]}}])  # chat_sft's
+                                             {"loop_state": {"loader_states": [{}, {}]}},  # chat_sft's
+                                             {"loop_state": {"world_size": 2}}])  # chat_rl's
 def test_a_lost_optimizer_shard_is_not_read_as_a_smaller_world(tiny_base_dir, capsys, per_rank_states):
     import json
     from conftest import write_tiny_checkpoint
