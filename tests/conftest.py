@@ -19,7 +19,8 @@ install_sample_base_dir, install_tiny_chat_base_dir, chat_server (the chat serve
 with its logits altered in one known way), sigterm_on_first_call (a SIGTERM in the middle of a step),
 exits_with_error (a script's main() ends with exit status 1 and one error line), and the marker
 raised_on_the_loader_thread (a test of an error raised on the dataloader's tokenizer thread fails in
-seconds if the thread loses it).
+seconds if the thread loses it). Every test: signal_handlers_left_as_found (autouse) fails a test that
+leaves a SIGINT or SIGTERM handler of its own behind.
 - tiny_chat_base_dir, tiny_chat_model (module): a perturbed tiny SFT checkpoint of the test module's
   SEQUENCE_LEN context, and its (model, tokenizer).
 """
@@ -41,6 +42,23 @@ import torch
 # would leave the consumer waiting on the queue forever, and the test stalled until the 600 s default. A
 # SIGALRM (method="signal") interrupts that wait and fails only the test in 20 s (the tests take under 3 s).
 raised_on_the_loader_thread = pytest.mark.timeout(20, method="signal")
+
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found(request):
+    """A test that leaves its own SIGINT or SIGTERM handler behind changes what Ctrl-C and SIGTERM do in
+    every later test of the process (the chat_cli and training tests raise real signals): that test fails,
+    naming the signal, and the handler found before it is put back."""
+    watched = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in watched}
+    yield
+    leaked = [sig for sig in watched if signal.getsignal(sig) != before[sig]]
+    for sig in leaked:
+        signal.signal(sig, before[sig])
+    if leaked:
+        pytest.fail(f"{request.node.nodeid} left a handler of {[signal.Signals(s).name for s in leaked]}")
+
 
 TINY_VOCAB = 300  # 256 bytes + 9 specials + 35 merges
 TINY_TEXT = [
