@@ -74,7 +74,7 @@ from nanochat.batching import BatchScheduler, QueueFull, SamplingParams
 from nanochat.chat_text import ReplyText
 from nanochat.checkpoint_manager import find_largest_model, get_checkpoints_dir, load_model
 from nanochat.common import BadSettingError, autodetect_device_type
-from nanochat.tokenizer import fit_chat_prompt, prompt_budget, render_chat_prompt
+from nanochat.tokenizer import StreamDecoder, fit_chat_prompt, prompt_budget, render_chat_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +418,8 @@ class Choice:
     text: ReplyText
     tokens: int = 0
     finish_reason: str | None = None
-    logprobs: list | None = None  # (token id, log p, ((id, log p), ...) the likeliest) per token so far
+    # per token so far: (token id, log p, ((id, log p), ...) the likeliest, the characters before its own)
+    logprobs: list | None = None
     echo: int | None = None  # the prompt comes first, less its first `echo` tokens (the BOS put before text)
     echoed: str = ""  # the prompt's text, once shown
     reported: int = 0  # how many of logprobs a stream has sent
@@ -428,9 +429,10 @@ class Choice:
         delta = self.show_prompt(request) if self.echo is not None else ""
         if event.token_id is not None:
             self.tokens += 1
+            offset = len(self.echoed) + len(self.text.text) + len(self.text.held)  # what it decoded so far
             delta += self.text.add(event.token_id)
             if event.logprobs is not None:
-                self.logprobs.append((event.token_id, *event.logprobs))
+                self.logprobs.append((event.token_id, *event.logprobs, offset))
         if self.text.stopped:
             self.finish_reason = "stop"
         elif event.finish_reason is not None:
@@ -440,12 +442,16 @@ class Choice:
 
     def show_prompt(self, request):
         """The echoed prompt's text (its log-probabilities into logprobs), once, at the request's first event:
-        the scheduler has set its prompt_logprobs by then. The first token has none (nothing precedes it)."""
+        the scheduler has set its prompt_logprobs by then. The first token has none (nothing precedes it).
+        Decoded token by token, so that each token's offset counts the whole characters before it."""
         prompt = request.prompt_tokens[self.echo:]
+        decoder = StreamDecoder(self.text.decoder.tokenizer)
+        pieces = [decoder.add(token) for token in prompt]
         if self.logprobs is not None and request.prompt_logprobs is not None:
-            self.logprobs += [(token, *(entry or (None, None)))
-                              for token, entry in zip(prompt, request.prompt_logprobs[self.echo:])]
-        self.echo, self.echoed = None, self.text.decoder.tokenizer.decode(prompt)
+            offsets = itertools.accumulate(map(len, pieces), initial=0)
+            self.logprobs += [(token, *(entry or (None, None)), offset) for token, entry, offset
+                              in zip(prompt, request.prompt_logprobs[self.echo:], offsets)]
+        self.echo, self.echoed = None, "".join(pieces) + decoder.finish()
         return self.echoed
 
     def unreported_logprobs(self):
@@ -458,22 +464,23 @@ def token_text(tokenizer, token_id):
     return tokenizer.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-def format_logprobs(tokenizer, entries, chat, offset=0):
+def format_logprobs(tokenizer, entries, chat):
     """OpenAI's `logprobs` of a choice (or of a chunk's tokens): chat's content list (each token's text,
     log-probability, UTF-8 bytes and likeliest tokens), or the completions' parallel lists, whose text_offset
-    counts characters from `offset` (the chunk's start in the text)."""
+    is where each token starts in the choice's text: the whole characters decoded before it (a token inside a
+    character starts where that character does)."""
     def entry(token_id, logprob):
         raw = tokenizer.decode_single_token_bytes(token_id)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     if chat:
         return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*pair) for pair in top]}
-                            for token, logprob, top in entries], "refusal": None}
-    tokens = [token_text(tokenizer, token) for token, _, _ in entries]
-    return {"tokens": tokens, "token_logprobs": [logprob for _, logprob, _ in entries],
+                            for token, logprob, top, _ in entries], "refusal": None}
+    return {"tokens": [token_text(tokenizer, token) for token, _, _, _ in entries],
+            "token_logprobs": [logprob for _, logprob, _, _ in entries],
             "top_logprobs": [None if top is None else {token_text(tokenizer, i): lp for i, lp in top}
-                             for _, _, top in entries],
-            "text_offset": list(itertools.accumulate(map(len, tokens), initial=offset))[:-1]}
+                             for _, _, top, _ in entries],
+            "text_offset": [offset for _, _, _, offset in entries]}
 
 
 @dataclass
@@ -790,8 +797,7 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
     def choice(index, text, finish_reason):
         state, logprobs = generation.choices[index], None
         if state.logprobs is not None and (text or state.reported < len(state.logprobs)):
-            start = len(state.echoed) + len(state.text.text) - len(text or "")  # of this chunk's text
-            logprobs = format_logprobs(generation.worker.tokenizer, state.unreported_logprobs(), chat, start)
+            logprobs = format_logprobs(generation.worker.tokenizer, state.unreported_logprobs(), chat)
         if chat:
             delta = {"content": text} if text else {}
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

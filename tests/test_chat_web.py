@@ -821,6 +821,21 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_reads_it(client, tiny_cha
     assert without.choices[0].text == sent_as_text.text and without.choices[0].logprobs is None
 
 
+def test_completions_text_offsets_count_the_characters_before_each_token(client, tiny_chat_model):
+    # "é" and "ï" take two tokens each in the tiny vocabulary: a token that starts or ends inside a character
+    # reads U+FFFD, yet its offset counts the characters of the text before it, streamed or not
+    _, tokenizer = tiny_chat_model
+    text = "Un café naïve"
+    ids = tokenizer.encode(text)
+    kwargs = dict(model=MODEL_ID, prompt=text, max_tokens=4, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs).choices[0]
+    offsets = whole.logprobs.text_offset
+    assert offsets[:len(ids)] == [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(whole.text)
+    chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == offsets
+
+
 @pytest.mark.parametrize("path, fields, param", [
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
     ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
