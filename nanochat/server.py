@@ -473,13 +473,18 @@ def format_logprobs(tokenizer, entries, chat):
         raw = tokenizer.decode_single_token_bytes(token_id)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
+    def by_text(top):  # tokens that read the same (U+FFFD) share a key: the likeliest, first in top, keeps it
+        found = {}
+        for token_id, logprob in top:
+            found.setdefault(token_text(tokenizer, token_id), logprob)
+        return found
+
     if chat:
         return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*pair) for pair in top]}
                             for token, logprob, top, _ in entries], "refusal": None}
     return {"tokens": [token_text(tokenizer, token) for token, _, _, _ in entries],
             "token_logprobs": [logprob for _, logprob, _, _ in entries],
-            "top_logprobs": [None if top is None else {token_text(tokenizer, i): lp for i, lp in top}
-                             for _, _, top, _ in entries],
+            "top_logprobs": [None if top is None else by_text(top) for _, _, top, _ in entries],
             "text_offset": [offset for _, _, _, offset in entries]}
 
 

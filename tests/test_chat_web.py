@@ -836,6 +836,15 @@ def test_completions_text_offsets_count_the_characters_before_each_token(client,
     assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == offsets
 
 
+def test_completions_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_same(client):
+    # the tokens of partial characters all read U+FFFD: the likeliest of them keeps the key, so the greedy
+    # token's log-probability is its step's highest
+    kwargs = dict(model=MODEL_ID, prompt="Hello", max_tokens=8, temperature=0, logprobs=5)
+    logprobs = client.completions.create(**kwargs).choices[0].logprobs
+    assert any(len(top) < 5 for top in logprobs.top_logprobs), "the test needs tokens that read the same"
+    assert [max(top.values()) for top in logprobs.top_logprobs] == logprobs.token_logprobs
+
+
 @pytest.mark.parametrize("path, fields, param", [
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
     ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
