@@ -473,9 +473,11 @@ def format_logprobs(tokenizer, entries, chat):
         raw = tokenizer.decode_single_token_bytes(token_id)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
-    def by_text(top):  # tokens that read the same (U+FFFD) share a key: the likeliest, first in top, keeps it
+    def by_text(top, chosen):
+        """The likeliest tokens, then the chosen one, as OpenAI always gives it (up to logprobs + 1 tokens).
+        Tokens that read the same (U+FFFD) share a key: the likeliest, first in top, keeps it."""
         found = {}
-        for token_id, logprob in top:
+        for token_id, logprob in (*top, chosen):
             found.setdefault(token_text(tokenizer, token_id), logprob)
         return found
 
@@ -484,7 +486,8 @@ def format_logprobs(tokenizer, entries, chat):
                             for token, logprob, top, _ in entries], "refusal": None}
     return {"tokens": [token_text(tokenizer, token) for token, _, _, _ in entries],
             "token_logprobs": [logprob for _, logprob, _, _ in entries],
-            "top_logprobs": [None if top is None else by_text(top) for _, _, top, _ in entries],
+            "top_logprobs": [None if top is None else by_text(top, (token, logprob))
+                             for token, logprob, top, _ in entries],
             "text_offset": [offset for _, _, _, offset in entries]}
 
 

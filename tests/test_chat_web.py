@@ -801,7 +801,7 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_reads_it(client, tiny_cha
     assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing precedes it
     want = [scores[t - 1, token].item() for t, token in enumerate(prompt + [greedy]) if t > 0]
     assert logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
-    assert all(len(top) == 1 and max(top.values()) >= lp
+    assert all(len(top) in (1, 2) and max(top.values()) >= lp  # the likeliest, and the token if another
                for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
     assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(prompt) + 1)]
     # a text prompt: the BOS put in front is not echoed, so its first token is scored
@@ -843,6 +843,17 @@ def test_completions_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_sam
     logprobs = client.completions.create(**kwargs).choices[0].logprobs
     assert any(len(top) < 5 for top in logprobs.top_logprobs), "the test needs tokens that read the same"
     assert [max(top.values()) for top in logprobs.top_logprobs] == logprobs.token_logprobs
+
+
+def test_completions_top_logprobs_always_hold_the_chosen_token(client):
+    # OpenAI: "The API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    # elements in the response"; with echo the prompt's own tokens are the chosen ones
+    kwargs = dict(model=MODEL_ID, prompt="The quick", max_tokens=8, temperature=2.0, seed=1, echo=True)
+    logprobs = client.completions.create(**kwargs, logprobs=0).choices[0].logprobs
+    assert logprobs.top_logprobs == [{t: lp} for t, lp in zip(logprobs.tokens, logprobs.token_logprobs)]
+    logprobs = client.completions.create(**kwargs, logprobs=1).choices[0].logprobs
+    assert all(t in top and len(top) <= 2 for t, top in zip(logprobs.tokens, logprobs.top_logprobs))
+    assert any(len(top) == 2 for top in logprobs.top_logprobs), "the test needs a token not the likeliest"
 
 
 @pytest.mark.parametrize("path, fields, param", [
