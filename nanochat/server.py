@@ -27,8 +27,8 @@ is accepted as an extension; `stop` strings end a choice at their first occurren
 text; each of `n` choices is its own request with seed `seed + i`; a prompt that leaves no room in the
 model's context is a 400 (code context_length_exceeded) and `max_tokens` is capped to the room left.
 Log-probabilities (chat's `logprobs`/`top_logprobs`, the completions' `logprobs` and `echo`) are the model's,
-before temperature, top-k and top-p (nanochat/batching.py); they cover every token generated, the one that
-completes a stop string included, and a stream sends each token's with the first chunk that shows its text.
+before temperature, top-k and top-p (nanochat/batching.py); they cover the tokens of the text returned (a
+stop string's are cut with it), and a stream sends each token's with the first chunk that shows its text.
 A /v1/completions `prompt` is text (BOS is put in front, as in pretraining) or a list of token ids (sent as
 they are), or a batch of either: prompt i's n choices are choices i * n ... i * n + n - 1, as OpenAI numbers
 them. The reply ends at max_tokens, a stop string, BOS or <|assistant_end|>.
@@ -454,8 +454,18 @@ class Choice:
         self.echo, self.echoed = None, "".join(pieces) + decoder.finish()
         return self.echoed
 
+    def shown_logprobs(self):
+        """The log-probabilities of the text shown so far (a token's once its first character is), as OpenAI
+        reports those of the returned text only: at the end all of them, less those of a stop string and
+        after it (their text is cut)."""
+        if self.finish_reason is not None and not self.text.stopped:
+            return self.logprobs
+        shown = len(self.echoed) + len(self.text.text)
+        return [entry for entry in self.logprobs if entry[-1] < shown]  # offsets only grow
+
     def unreported_logprobs(self):
-        new, self.reported = self.logprobs[self.reported:], len(self.logprobs)
+        shown = self.shown_logprobs()
+        new, self.reported = shown[self.reported:], len(shown)
         return new
 
 
@@ -768,7 +778,7 @@ async def openai_reply(request, body):
     for index, choice in enumerate(generation.choices):
         text = choice.echoed + choice.text.text
         reply = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        entries = choice.logprobs
+        entries = None if choice.logprobs is None else choice.shown_logprobs()
         logprobs = None if entries is None else format_logprobs(worker.tokenizer, entries, chat)
         choices.append({"index": index, **reply, "logprobs": logprobs, "finish_reason": choice.finish_reason})
     return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
@@ -804,8 +814,9 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
 
     def choice(index, text, finish_reason):
         state, logprobs = generation.choices[index], None
-        if state.logprobs is not None and (text or state.reported < len(state.logprobs)):
-            logprobs = format_logprobs(generation.worker.tokenizer, state.unreported_logprobs(), chat)
+        new = None if state.logprobs is None else state.unreported_logprobs()
+        if new is not None and (text or new):
+            logprobs = format_logprobs(generation.worker.tokenizer, new, chat)
         if chat:
             delta = {"content": text} if text else {}
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

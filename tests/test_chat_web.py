@@ -10,6 +10,7 @@ model): a failed generation is reported on each API, a bug is a JSON 500, a half
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -834,6 +835,36 @@ def test_completions_text_offsets_count_the_characters_before_each_token(client,
     assert offsets == sorted(offsets) and offsets[-1] <= len(whole.text)
     chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]
     assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == offsets
+
+
+def test_logprobs_cover_the_text_a_stop_string_leaves(client):
+    # OpenAI reports the returned text's tokens: those of the stop string and after it are cut with their
+    # text, streamed or not (a stream must not send them ahead while it holds back a possible stop string)
+    kwargs = dict(model=MODEL_ID, prompt="The answer is", temperature=0, max_tokens=24, logprobs=1)
+    full = client.completions.create(**kwargs).choices[0]
+    offsets = full.logprobs.text_offset
+    stop = full.text[offsets[2]:offsets[2] + 3]  # from the third token on: the first two are kept
+    assert len(stop) == 3 and full.text.index(stop) == offsets[2], "the test needs a stop in the reply"
+    kept = [i for i, o in enumerate(offsets) if o < offsets[2]]
+    for stream in (False, True):
+        response = client.completions.create(**kwargs, stop=stop, stream=stream)
+        chunks = [c for c in response if c.choices] if stream else [response]
+        text = "".join(c.choices[0].text for c in chunks)
+        got = [(t, o) for c in chunks if c.choices[0].logprobs
+               for t, o in zip(c.choices[0].logprobs.tokens, c.choices[0].logprobs.text_offset)]
+        assert text == full.text[:full.text.index(stop)] and got == [(full.logprobs.tokens[i], offsets[i])
+                                                                    for i in kept]
+    chat = dict(model=MODEL_ID, messages=USER, temperature=0, max_tokens=24, logprobs=True)
+    content = client.chat.completions.create(**chat).choices[0]
+    reply, entries = content.message.content, content.logprobs.content
+    starts = list(itertools.accumulate((len(e.token) for e in entries), initial=0))
+    stop = reply[starts[2]:starts[2] + 3]
+    assert len(stop) == 3 and reply.index(stop) == starts[2], "the test needs a stop in the reply"
+    for stream in (False, True):
+        response = client.chat.completions.create(**chat, stop=stop, stream=stream)
+        chunks = [c for c in response if c.choices] if stream else [response]
+        got = [e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert got == [e.token for e in entries[:2]]
 
 
 def test_completions_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_same(client):
