@@ -274,6 +274,8 @@ def openai_stops(request):
                 "max_completion_tokens")
     check_range(request.top_p, 0.0, 1.0, "top_p", low_inclusive=False)
     check_range(request.n, 1, MAX_CHOICES, "n")
+    if request.stream_options is not None and not request.stream:  # OpenAI's 400 too
+        raise APIError(400, "Invalid value for 'stream_options': it needs 'stream': true", "stream_options")
     for name, what in UNSUPPORTED.items():
         value = getattr(request, name, None)
         if value is not None:

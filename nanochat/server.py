@@ -825,7 +825,7 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
     try:
         for index in range(len(generation.choices) if chat else 0):
             role = {"role": "assistant", "content": ""}
-            yield chunk([{"index": index, "delta": role, "finish_reason": None}])
+            yield chunk([{"index": index, "delta": role, "logprobs": None, "finish_reason": None}])
         async with aclosing(generation.deltas()) as deltas:
             async for index, delta in deltas:
                 finish_reason = generation.choices[index].finish_reason

@@ -290,7 +290,8 @@ def test_a_failed_generation_is_reported_on_every_api(tiny_chat_model):
         assert response.json()["error"]["type"] == "server_error"
         response = client.post("/v1/chat/completions", json={"messages": USER, "stream": True})
         events = [json.loads(p) for p in sse_payloads(response.text)]
-        assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert events[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]
         assert events[1:] == [{"error": {"message": "Generation failed on the server", "type": "server_error",
                                          "param": None, "code": None}}]
 
@@ -916,6 +917,7 @@ def test_logprobs_beyond_openais_limits_are_a_400_naming_the_field(url, path, fi
     ({"prompt": "Hi", "n": 9}, "n"),
     ({"prompt": "Hi", "stop": ""}, "stop"),
     ({"prompt": "Hi", "stream": "sometimes"}, "stream"),
+    ({"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),  # needs stream: true
 ])
 def test_completions_invalid_requests_get_400_naming_the_field(url, body, param):
     response = httpx.post(url + "/v1/completions", json=body)
