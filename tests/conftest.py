@@ -33,6 +33,12 @@ import signal
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
+# Started in the background by a non-interactive shell (`pytest ... &`, nohup), this process inherits SIGINT
+# ignored, and every script a test starts would too: the tests of what Ctrl-C does need what a terminal
+# gives, Python's KeyboardInterrupt (a handler, unlike SIG_IGN, is not inherited across exec)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from dataclasses import asdict
 
 import pytest

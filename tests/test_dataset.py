@@ -3,6 +3,7 @@ nanochat.dataset: shard listing, the train/val split, row-group iteration, the o
 downloader. Everything runs in a temporary NANOCHAT_BASE_DIR; downloads go to a real HTTP server on
 127.0.0.1 (a small handler below) so requests, Range resume and broken connections are exercised for real.
 """
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -125,9 +126,10 @@ class ShardHandler(BaseHTTPRequestHandler):
             srv.truncate_first -= 1
             body = body[: len(body) // 2]
         if srv.trickle:  # 2 MiB at once, then 64 KiB every half second: a transfer that takes a minute
-            for i in range(0, len(body), 1 << 16):
-                self.wfile.write(body[i:i + (1 << 16)])
-                time.sleep(0.5 if i >= 2 << 20 else 0)
+            with contextlib.suppress(ConnectionError):  # the client stopped mid-transfer (Ctrl-C)
+                for i in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[i:i + (1 << 16)])
+                    time.sleep(0.5 if i >= 2 << 20 else 0)
         else:
             self.wfile.write(body)
 
