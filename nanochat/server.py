@@ -457,14 +457,17 @@ class Choice:
     def shown_logprobs(self):
         """The log-probabilities of the text shown so far (a token's once its first character is), as OpenAI
         reports those of the returned text only: at the end all of them, less those of a stop string and
-        after it (their text is cut)."""
-        if self.finish_reason is not None and not self.text.stopped:
+        after it (their text is cut). None when none were asked for."""
+        if self.logprobs is None or (self.finish_reason is not None and not self.text.stopped):
             return self.logprobs
         shown = len(self.echoed) + len(self.text.text)
         return [entry for entry in self.logprobs if entry[-1] < shown]  # offsets only grow
 
     def unreported_logprobs(self):
+        """The shown log-probabilities a stream has not sent yet (None when none were asked for)."""
         shown = self.shown_logprobs()
+        if shown is None:
+            return None
         new, self.reported = shown[self.reported:], len(shown)
         return new
 
@@ -778,7 +781,7 @@ async def openai_reply(request, body):
     for index, choice in enumerate(generation.choices):
         text = choice.echoed + choice.text.text
         reply = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        entries = None if choice.logprobs is None else choice.shown_logprobs()
+        entries = choice.shown_logprobs()
         logprobs = None if entries is None else format_logprobs(worker.tokenizer, entries, chat)
         choices.append({"index": index, **reply, "logprobs": logprobs, "finish_reason": choice.finish_reason})
     return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
@@ -813,9 +816,8 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
         return sse({**payload, "usage": usage} if include_usage else payload)
 
     def choice(index, text, finish_reason):
-        state, logprobs = generation.choices[index], None
-        new = None if state.logprobs is None else state.unreported_logprobs()
-        if new is not None and (text or new):
+        new, logprobs = generation.choices[index].unreported_logprobs(), None
+        if new is not None and (text or new):  # a chunk with text has its (maybe empty) logprobs
             logprobs = format_logprobs(generation.worker.tokenizer, new, chat)
         if chat:
             delta = {"content": text} if text else {}
