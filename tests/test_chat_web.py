@@ -868,6 +868,28 @@ def test_logprobs_cover_the_text_a_stop_string_leaves(client):
         assert got == [e.token for e in entries[:2]]
 
 
+def test_sampled_choices_cut_by_a_stop_string_stream_the_logprobs_they_return(client):
+    # n sampled choices, cut where a special token's literal name starts: each choice streams its unstreamed
+    # entries, and every entry starts inside the text the choice returns (the cut token's is not reported)
+    kwargs = dict(model=MODEL_ID, prompt="The answer is", temperature=1.0, seed=3, n=3, max_tokens=24,
+                  logprobs=1)
+    uncut = client.completions.create(**kwargs).choices
+    assert any("<|" in c.text for c in uncut), "the test needs a special token in a reply"
+    whole = client.completions.create(**kwargs, stop="<|").choices
+    streamed = {c.index: [] for c in whole}
+    for chunk in client.completions.create(**kwargs, stop="<|", stream=True):
+        for c in chunk.choices:
+            if c.logprobs:
+                lp = c.logprobs
+                streamed[c.index] += list(zip(lp.tokens, lp.token_logprobs, lp.text_offset))
+    for c in whole:
+        lp = c.logprobs
+        assert "<|" not in c.text and all(offset < len(c.text) for offset in lp.text_offset)
+        got = streamed[c.index]
+        assert [(t, o) for t, _, o in got] == list(zip(lp.tokens, lp.text_offset))
+        assert [p for _, p, _ in got] == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
 def test_completions_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_same(client):
     # the tokens of partial characters all read U+FFFD: the likeliest of them keeps the key, so the greedy
     # token's log-probability is its step's highest
