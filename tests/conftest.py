@@ -50,7 +50,6 @@ import torch
 raised_on_the_loader_thread = pytest.mark.timeout(20, method="signal")
 
 
-
 @pytest.fixture(autouse=True)
 def signal_handlers_left_as_found(request):
     """A test that leaves its own SIGINT or SIGTERM handler behind changes what Ctrl-C and SIGTERM do in
@@ -200,7 +199,6 @@ def tiny_base_dir(tmp_path, monkeypatch, tiny_tokenizer):
     base = point_base_dir_at(monkeypatch, tmp_path / "base")
     tiny_tokenizer.save(str(base / "tokenizer"))
     return base
-
 
 
 class TerminalIO(io.StringIO):
