@@ -30,6 +30,7 @@ import io
 import os
 import re
 import signal
+import sys
 
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
@@ -63,6 +64,24 @@ def signal_handlers_left_as_found(request):
         signal.signal(sig, before[sig])
     if leaked:
         pytest.fail(f"{request.node.nodeid} left a handler of {[signal.Signals(s).name for s in leaked]}")
+
+
+def spawn_ranks(worker, *args):
+    """torch.multiprocessing.spawn(worker, args) on 2 processes (spawned, not forked: a forked child can hang
+    on a lock an earlier test's thread held), each ending with os._exit(0) once worker(rank, *args) returns.
+    A finished gloo rank sometimes aborted at interpreter shutdown (SIGABRT, "terminate called without an
+    active exception": gloo's threads free the last collective's tensors while Python is torn down; seen in
+    about one suite run in ten), which failed a test whose ranks had all done their work. A worker that
+    raises or exits still fails the spawn, with its traceback."""
+    import torch.multiprocessing as mp
+    mp.spawn(_run_rank_then_exit, args=(worker, args), nprocs=2)
+
+
+def _run_rank_then_exit(rank, worker, args):
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 TINY_VOCAB = 300  # 256 bytes + 9 specials + 35 merges

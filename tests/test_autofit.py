@@ -13,9 +13,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import exits_with_error, install_sample_base_dir, tiny_gpt, write_tiny_checkpoint
+from conftest import exits_with_error, install_sample_base_dir, spawn_ranks, tiny_gpt, write_tiny_checkpoint
 from nanochat import autofit
 
 SEQ = 32
@@ -131,7 +130,7 @@ def test_ranks_agree_on_the_smallest_batch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # 32 total rows per step, 16 per rank: rank 0 fits 8 rows, rank 1 only 2
-    mp.spawn(_rank_main, args=(port, [8 * SEQ, 2 * SEQ], str(tmp_path)), nprocs=2)
+    spawn_ranks(_rank_main, port, [8 * SEQ, 2 * SEQ], str(tmp_path))
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["2", "2"]
 
 

@@ -21,7 +21,7 @@ import nanochat.flash_attention as fa
 from nanochat import common, pretraining, training
 from scripts import base_train
 
-from conftest import exits_with_error, install_sample_base_dir
+from conftest import exits_with_error, install_sample_base_dir, spawn_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -478,10 +478,8 @@ def _l3_rank_worker(rank, init_file, out_dir):
 
 def test_every_rank_gets_the_l3_bounds_rank_0_computed(base_dir, tmp_path):
     # only rank 0 reads the data (the ranks read different shards): the others receive its bounds
-    import torch.multiprocessing as mp
     from nanochat.tokenizer import get_tokenizer
-    # spawned, not forked: a forked child can hang on a lock an earlier test's thread held
-    mp.spawn(_l3_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    spawn_ranks(_l3_rank_worker, str(tmp_path / "pg"), str(tmp_path))
     expected = lzw_bounds_of_first_tokens(get_tokenizer(), 2000)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"bounds{rank}.pt"), expected), f"rank {rank}"

@@ -23,7 +23,8 @@ from nanochat.tokenizer import compute_token_bytes
 from nanochat import chat_train
 from scripts import chat_rl
 
-from conftest import exits_with_error, point_base_dir_at, sigterm_on_first_call, write_tiny_checkpoint
+from conftest import (exits_with_error, point_base_dir_at, sigterm_on_first_call, spawn_ranks,
+                      write_tiny_checkpoint)
 
 
 
@@ -318,12 +319,10 @@ def _examples_per_step_worker(rank, port, out_dir):
 
 def test_questions_per_step_must_split_evenly_over_the_ranks(base_dir, tmp_path):
     import socket
-    import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # spawned, not forked: a forked child can hang on a lock an earlier test's thread held
-    mp.spawn(_examples_per_step_worker, args=(port, str(tmp_path)), nprocs=2)
+    spawn_ranks(_examples_per_step_worker, port, str(tmp_path))
     for rank in range(2):  # both ranks stop before loading anything, with the same message
         assert (tmp_path / f"rank{rank}").read_text() == (
             "1: chat_rl: error: --examples-per-step (3) must be a multiple of the world size (2)"), rank

@@ -17,7 +17,7 @@ from dev import eval_bundle_zip
 from dev.eval_bundle_zip import write_eval_bundle_zip
 from nanochat.common import REPO_DATA_DIR, exit_on_setup_error
 
-from conftest import TerminalIO, exits_with_error, tiny_gpt
+from conftest import TerminalIO, exits_with_error, spawn_ranks, tiny_gpt
 
 COMMITTED_ZIP = os.path.join(REPO_DATA_DIR, "eval_bundle.zip")
 
@@ -855,9 +855,8 @@ def _bundle_rank_worker(rank, init_file, base, out_dir):
 
 
 def test_rank_zero_obtains_the_bundle_for_every_rank(tmp_path):
-    import torch.multiprocessing as mp
     base = str(tmp_path / "base")
-    mp.spawn(_bundle_rank_worker, args=(str(tmp_path / "pg"), base, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_bundle_rank_worker, str(tmp_path / "pg"), base, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     accuracies = [result.pop("mc_accuracy") for result in results]
     assert results == [{"dir": os.path.join(base, "eval_bundle"), "missing": ["coqa"]}] * 2

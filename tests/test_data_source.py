@@ -6,7 +6,7 @@ import urllib.error
 
 import httpx
 import pytest
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 
 from nanochat import data_source
 
@@ -97,7 +97,7 @@ def _two_rank_worker(rank, init_file, out_dir):
 
 
 def test_two_ranks_share_rank_zeros_decision_its_failure_and_the_task_data_source(tmp_path):
-    mp.spawn(_two_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_two_rank_worker, str(tmp_path / "pg"), str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["value"] for r in results] == ["chosen by rank 0"] * 2
     assert results[0]["calls"] == [0] and results[1]["calls"] == []

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from conftest import tiny_gpt, write_tiny_checkpoint
+from conftest import spawn_ranks, tiny_gpt, write_tiny_checkpoint
 from nanochat import common, training
 
 
@@ -533,9 +533,7 @@ def _scaled_step_worker(rank, init_file, out_dir):
 
 
 def test_every_rank_skips_the_step_one_rank_overflowed(tmp_path):
-    import torch.multiprocessing as mp
-    # spawned, not forked: a forked child can hang on a lock an earlier test's thread held
-    mp.spawn(_scaled_step_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    spawn_ranks(_scaled_step_worker, str(tmp_path / "pg"), str(tmp_path))
     for rank in range(2):
         p, scale = torch.load(tmp_path / f"rank{rank}.pt")
         assert p.tolist() == [1.0, 1.0] and scale == 2.0, rank
