@@ -454,21 +454,22 @@ class Choice:
         self.echo, self.echoed = None, "".join(pieces) + decoder.finish()
         return self.echoed
 
-    def shown_logprobs(self):
-        """The log-probabilities of the text shown so far (a token's once its first character is), as OpenAI
-        reports those of the returned text only: at the end all of them, less those of a stop string and
-        after it (their text is cut). None when none were asked for."""
+    def shown_logprobs(self, start=0):
+        """The log-probabilities of the text shown so far (a token's once its first character is), from entry
+        `start` on, as OpenAI reports those of the returned text only: at the end all of them, less those of
+        a stop string and after it (their text is cut). None when none were asked for."""
         if self.logprobs is None or (self.finish_reason is not None and not self.text.stopped):
-            return self.logprobs
-        shown = len(self.echoed) + len(self.text.text)
-        return [entry for entry in self.logprobs if entry[-1] < shown]  # offsets only grow
+            return None if self.logprobs is None else self.logprobs[start:]
+        shown, end = len(self.echoed) + len(self.text.text), start
+        while end < len(self.logprobs) and self.logprobs[end][-1] < shown:  # offsets only grow
+            end += 1
+        return self.logprobs[start:end]
 
     def unreported_logprobs(self):
-        """The shown log-probabilities a stream has not sent yet (None when none were asked for)."""
-        shown = self.shown_logprobs()
-        if shown is None:
-            return None
-        new, self.reported = shown[self.reported:], len(shown)
+        """The shown log-probabilities a stream has not sent yet (None when none were asked for): a scan from
+        the last one sent, so a long stream's chunks cost what they add, not what came before."""
+        new = self.shown_logprobs(self.reported)
+        self.reported += len(new or ())
         return new
 
 
