@@ -44,7 +44,6 @@ body (input echoed in it made JSON-safe); errors before a request's path is know
 import asyncio
 import functools
 import hmac
-import itertools
 import json
 import logging
 import math
@@ -429,9 +428,9 @@ class Choice:
         delta = self.show_prompt(request) if self.echo is not None else ""
         if event.token_id is not None:
             self.tokens += 1
-            offset = len(self.echoed) + len(self.text.text) + len(self.text.held)  # what it decoded so far
             delta += self.text.add(event.token_id)
             if event.logprobs is not None:
+                offset = len(self.echoed) + self.text.decoder.token_start
                 self.logprobs.append((event.token_id, *event.logprobs, offset))
         if self.text.stopped:
             self.finish_reason = "stop"
@@ -445,10 +444,11 @@ class Choice:
         the scheduler has set its prompt_logprobs by then. The first token has none (nothing precedes it).
         Decoded token by token, so that each token's offset counts the whole characters before it."""
         prompt = request.prompt_tokens[self.echo:]
-        decoder = StreamDecoder(self.text.decoder.tokenizer)
-        pieces = [decoder.add(token) for token in prompt]
+        decoder, pieces, offsets = StreamDecoder(self.text.decoder.tokenizer), [], []
+        for token in prompt:
+            pieces.append(decoder.add(token))
+            offsets.append(decoder.token_start)
         if self.logprobs is not None and request.prompt_logprobs is not None:
-            offsets = itertools.accumulate(map(len, pieces), initial=0)
             self.logprobs += [(token, *(entry or (None, None)), offset) for token, entry, offset
                               in zip(prompt, request.prompt_logprobs[self.echo:], offsets)]
         self.echo, self.echoed = None, "".join(pieces) + decoder.finish()

@@ -361,13 +361,32 @@ class StreamDecoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.length = 0  # characters out so far
+        self.token_start = 0  # where the last token's text starts (its first character, or the one it ends)
 
     def add(self, token_id):
-        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
+        token_bytes = self.tokenizer.decode_single_token_bytes(token_id)
+        # a partial character that the token does not continue comes out first, as one U+FFFD
+        pending = self.decoder.getstate()[0]
+        self.token_start = self.length + (bool(pending) and not _continues(pending, token_bytes[:1]))
+        return self._out(self.decoder.decode(token_bytes))
 
     def finish(self):
         """The rest, at the end of the reply: an incomplete character becomes U+FFFD instead of vanishing."""
-        return self.decoder.decode(b"", final=True)
+        return self._out(self.decoder.decode(b"", final=True))
+
+    def _out(self, text):
+        self.length += len(text)
+        return text
+
+
+def _continues(partial, byte):
+    """Whether `byte` can follow the partial UTF-8 character `partial`."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(partial + byte)
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 # -----------------------------------------------------------------------------

@@ -838,6 +838,18 @@ def test_completions_text_offsets_count_the_characters_before_each_token(client,
     assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == offsets
 
 
+def test_a_token_after_a_broken_character_is_placed_after_its_replacement_character(client, tiny_chat_model):
+    # a lone lead byte that the next token does not continue reads U+FFFD: the token's offset is past it
+    _, tokenizer = tiny_chat_model
+    prompt = [tokenizer.get_bos_token_id(), 0xC3, ord("A"), ord("b")]  # byte tokens' ids are the byte values
+    kwargs = dict(model=MODEL_ID, prompt=prompt, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**kwargs).choices[0]
+    assert whole.text.startswith("<|bos|>\ufffdAb") and whole.logprobs.text_offset[:5] == [0, 7, 8, 9, 10]
+    chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
+        whole.logprobs.text_offset
+
+
 def test_logprobs_cover_the_text_a_stop_string_leaves(client):
     # OpenAI reports the returned text's tokens: those of the stop string and after it are cut with their
     # text, streamed or not (a stream must not send them ahead while it holds back a possible stop string)

@@ -14,7 +14,7 @@ import torch
 
 from nanochat.tokenizer import (
     SPECIAL_TOKENS, SPLIT_PATTERN, HuggingFaceTokenizer, RustBPETokenizer,
-    compute_token_bytes, fit_chat_prompt, get_token_bytes, get_tokenizer,
+    StreamDecoder, compute_token_bytes, fit_chat_prompt, get_token_bytes, get_tokenizer,
 )
 
 # 4 short strings x 8: ASCII, digits, accented/CJK/emoji, Python code.
@@ -153,6 +153,41 @@ def test_invalid_utf8_decodes_to_replacement_characters(tok):
     out = tok.decode(truncated)
     assert out and set(out) == {"\ufffd"}
     assert tok.decode(tok.encode("ok") + [0xFF] + tok.encode("go")) == "ok\ufffdgo"
+
+
+def stream(tok, ids):
+    """Each token's text through one StreamDecoder, where its own text starts, and the rest at the end."""
+    decoder, pieces, starts = StreamDecoder(tok), [], []
+    for token_id in ids:
+        pieces.append(decoder.add(token_id))
+        starts.append(decoder.token_start)
+    return pieces, starts, decoder.finish()
+
+
+def test_stream_decoder_hands_out_whole_characters_and_where_each_token_starts(tok):
+    rng = random.Random(0)
+    for _ in range(20):
+        text = random_unicode(rng, 30)
+        ids = tok.encode(text)
+        pieces, starts, rest = stream(tok, ids)
+        assert "".join(pieces) == text and rest == "" and not any("\ufffd" in p for p in pieces)
+        before = [b"".join(map(tok.decode_single_token_bytes, ids[:i])) for i in range(len(ids))]
+        assert starts == [len(b.decode("utf-8", "ignore")) for b in before]  # the whole characters before it
+
+
+@pytest.mark.parametrize("byte_ids, text, starts", [
+    ([0xC3, ord("A")], "\ufffdA", [0, 1]),  # "A" does not continue the partial "é": its U+FFFD comes first
+    ([0xC3, 0xA9, ord("A")], "éA", [0, 0, 1]),  # the second byte completes the character the first began
+    ([0xF0, 0x9F, 0x98, ord("A")], "\ufffdA", [0, 0, 0, 1]),
+    ([0xE0, 0x80], "\ufffd\ufffd", [0, 1]),  # E0 80 is an overlong form: 0x80 is a character of its own
+    ([0xFF, ord("A"), 0xC3], "\ufffdA\ufffd", [0, 1, 2]),  # the last partial becomes U+FFFD at the end
+])
+def test_stream_decoder_places_a_token_after_a_partial_character_it_does_not_continue(tok, byte_ids, text,
+                                                                                      starts):
+    pieces, got, rest = stream(tok, byte_ids)
+    assert "".join(pieces) + rest == text == tok.decode(byte_ids) and got == starts
+    pieces, got, _ = stream(tok, [0xC3, special(tok, "<|bos|>")])
+    assert "".join(pieces) == "\ufffd<|bos|>" and got == [0, 1]
 
 
 def test_special_strings_in_text_are_not_recognised(tok):
