@@ -362,7 +362,7 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.length = 0  # characters out so far
-        self.token_start = 0  # where the last token's text starts (its first character, or the one it continues)
+        self.token_start = 0  # index of the last token's first character, or of the one it continues
 
     def add(self, token_id):
         token_bytes = self.tokenizer.decode_single_token_bytes(token_id)
