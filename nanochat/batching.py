@@ -154,7 +154,6 @@ class BatchScheduler:
         self._queue = deque()  # waiting requests, guarded by _lock
         self._stopping = False
         self._thread = None
-        self._num_active = 0
         self._completed = 0
         self._tokens_generated = 0
         # decode-thread state: one request (or None) per slot; the cache keeps each row's position
@@ -217,7 +216,7 @@ class BatchScheduler:
         """Counts: completed = requests that received their final event, whatever the reason;
         tokens_generated = token events delivered (sampled and forced)."""
         with self._lock:
-            return {"active": self._num_active, "queued": len(self._queue),
+            return {"active": self.max_batch_size - self._slots.count(None), "queued": len(self._queue),
                     "max_batch_size": self.max_batch_size,
                     "completed": self._completed, "tokens_generated": self._tokens_generated}
 
@@ -244,7 +243,7 @@ class BatchScheduler:
     def _wait_for_work(self):
         """Block until there is something to do. False once shutdown() was called."""
         with self._lock:
-            while not self._stopping and self._num_active == 0 and not self._queue:
+            while not self._stopping and self._slots.count(None) == self.max_batch_size and not self._queue:
                 self._wakeup.wait()
             return not self._stopping
 
@@ -271,7 +270,6 @@ class BatchScheduler:
                 request = self._queue.popleft()
                 slot = free.pop(0)
                 self._slots[slot] = request
-                self._num_active += 1
                 admitted.append((slot, request))
         for request in cancelled:
             self._deliver_final(request, TokenEvent(None, 0, "cancelled"))
@@ -391,7 +389,6 @@ class BatchScheduler:
         request = self._slots[slot]
         with self._lock:
             self._slots[slot] = None
-            self._num_active -= 1
         self._deliver_final(request, event)
 
     def _end_active(self, reason):
