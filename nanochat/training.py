@@ -156,7 +156,7 @@ class LossTracker:
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
         if step > WARMUP_STEPS_UNTIMED:
             self.total_training_time += dt
-        return self.smooth_loss / (1 - 0.9 ** (step + 1))
+        return self.debiased(step + 1)
 
     def debiased(self, step):
         """The debiased smoothed loss as of the updates of steps 0 .. step - 1 (for a step not recorded)."""
