@@ -389,7 +389,7 @@ class Engine:
         masks (0 for the prompt and for tool output, 1 for sampled tokens). keep_terminal (RL trains on
         it) keeps the terminal token with its mask and returns (results, masks, finished), finished[i]
         saying whether row i ended so (False: cut by max_tokens)."""
-        terminal = (self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id())
+        terminal = ToolUse(self.tokenizer).terminal
         results = [tokens.copy() for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
