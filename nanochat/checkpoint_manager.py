@@ -498,10 +498,16 @@ def optimizer_shard_count(source, model_tag=None, step=None):
     return len(_shard_ranks(checkpoint_dir, step))
 
 
-def missing_optimizer_shards(source, model_tag, step, world_size):
-    """The paths of the optimizer shards of ranks 0..world_size-1 that a checkpoint does not hold."""
+def lost_optimizer_shards(source, model_tag, step):
+    """The paths of the optimizer shards a checkpoint should hold and does not. The meta counts the ranks that
+    saved it: base_train and chat_sft keep one loader state per rank, chat_rl its world size. Without this
+    check a lost shard would read as a smaller world, and the advice would be to resume on fewer ranks with
+    one rank's buffers."""
     checkpoint_dir, step = _resolve_checkpoint(get_checkpoints_dir(source), model_tag, step)
-    paths = [_optim_path(checkpoint_dir, step, rank) for rank in range(world_size)]
+    meta = _load_meta(checkpoint_dir, step)
+    loop = meta.get("loop_state") or {}
+    per_rank = meta.get("dataloader_state_dicts") or loop.get("loader_states") or []
+    paths = [_optim_path(checkpoint_dir, step, rank) for rank in range(loop.get("world_size", len(per_rank)))]
     return [path for path in paths if not os.path.exists(path)]
 
 

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (get_checkpoints_dir, load_checkpoint_meta, load_optimizer_state,
-                                         missing_optimizer_shards, optimizer_shard_count, save_checkpoint)
+from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_state, lost_optimizer_shards,
+                                         optimizer_shard_count, save_checkpoint)
 from nanochat.common import (BadFileError, BadSettingError, DummyWandb, MissingFileError, agree_max,
                              agree_sum, autodetect_device_type, compute_cleanup, compute_init,
                              get_device_peak_flops, get_dist_info, is_ddp_initialized, percent_of_peak,
@@ -423,17 +423,6 @@ def check_world_size(source, model_tag, step, resuming=True):
     raise BadSettingError(f"--resume-from-step={step}: {files} holds the optimizer shards of {shards} "
                           f"rank(s) and this run has {world_size}; resume with the world size that saved it "
                           f"(torchrun --nproc_per_node={shards})")
-
-
-def lost_optimizer_shards(source, model_tag, step):
-    """The optimizer shards a checkpoint should hold and does not. The meta counts the ranks that saved it:
-    base_train and chat_sft keep one loader state per rank, chat_rl its world size. Without this check a lost
-    shard would read as a smaller world, and the advice would be to resume on fewer ranks with one rank's
-    buffers."""
-    meta = load_checkpoint_meta(source, model_tag, step)[2]
-    loop = meta.get("loop_state") or {}
-    per_rank = meta.get("dataloader_state_dicts") or loop.get("loader_states") or []
-    return missing_optimizer_shards(source, model_tag, step, loop.get("world_size", len(per_rank)))
 
 
 def check_resume_horizon(step, num_steps, horizon_flags):
