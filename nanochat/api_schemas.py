@@ -66,22 +66,16 @@ class ChatRequest(BaseModel):
     top_k: int | None = sampling_range("top_k")
 
 
-def is_encodable(text):
-    """False for text the tokenizer cannot take: JSON's "\\ud800" escapes decode to lone surrogates."""
+def check_text(text, max_length, param, what):
+    """APIError for `param` when the text is longer than max_length characters or is not valid Unicode, which
+    the tokenizer cannot take: JSON's "\\ud800" escapes decode to lone surrogates."""
+    if len(text) > max_length:
+        raise APIError(400, f"{what} is too long: at most {max_length} characters", param)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_text(text, max_length, param, what):
-    """APIError for `param` when the text is longer than max_length characters or is not valid Unicode."""
-    if len(text) > max_length:
-        raise APIError(400, f"{what} is too long: at most {max_length} characters", param)
-    if not is_encodable(text):
         raise APIError(400, f"{what} is not valid Unicode text (it holds a lone surrogate): send UTF-8 text",
-                       param)
+                       param) from None
 
 
 def validate_chat_request(request):
@@ -109,9 +103,7 @@ def validate_chat_request(request):
         if value is not None and not low <= value <= high:  # written so that NaN fails too
             raise APIError(400, f"{label} must be between {low} and {high}")
     for i, message in enumerate(messages):
-        if not is_encodable(message.content):
-            raise APIError(400, f"Message {i} is not valid Unicode text (it holds a lone surrogate): "
-                                f"send UTF-8 text")
+        check_text(message.content, MAX_MESSAGE_LENGTH, None, f"Message {i}")  # its length passed above
 
 
 # -----------------------------------------------------------------------------
