@@ -18,9 +18,6 @@ MAX_MESSAGE_LENGTH = 8000  # characters per message
 MAX_TOTAL_CONVERSATION_LENGTH = 32000  # characters, summed over the messages
 SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}  # top_k 0: off
 
-# OpenAI fields this server cannot honour: a request that asks for them gets a 400 saying so
-UNSUPPORTED = {"suffix": "a suffix (insertion) is"}
-
 # OpenAI API limits
 MAX_CHOICES = 8  # n: every choice takes a batch slot, so far below OpenAI's 128
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
@@ -138,7 +135,7 @@ class StreamOptions(BaseModel):
 class OpenAISampling(BaseModel):
     """What both OpenAI endpoints take besides their prompt. Unknown fields (user, tools, ...) are
     ignored, as in every model here (pydantic's default); a field that would change the reply's shape
-    (UNSUPPORTED: suffix) is declared, so that asking for it is a 400 rather than a reply without it. Types
+    (suffix) is declared, so that asking for it is a 400 rather than a reply without it. Types
     are strict, as OpenAI's: "max_tokens": false or "stream": "yes" is an error, not 0 or True."""
     model: str | None = None
     stream: StrictBool | None = None
@@ -166,7 +163,7 @@ class OpenAICompletionRequest(OpenAISampling):
         minLength=1, maxLength=MAX_TOTAL_CONVERSATION_LENGTH, minItems=1, items={"minimum": 0})
     logprobs: StrictInt | None = limits(None, minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
     echo: StrictBool | None = None  # the prompt first in the reply (its log-probabilities too, if asked)
-    suffix: str | None = limits(None, enum=[None])  # UNSUPPORTED
+    suffix: str | None = limits(None, enum=[None])  # not supported: a 400 (openai_stops)
 
 
 def message_text(message, i):
@@ -268,11 +265,9 @@ def openai_stops(request):
     check_range(request.n, 1, MAX_CHOICES, "n")
     if request.stream_options is not None and not request.stream:  # OpenAI's 400 too
         raise APIError(400, "Invalid value for 'stream_options': it needs 'stream': true", "stream_options")
-    for name, what in UNSUPPORTED.items():
-        value = getattr(request, name, None)
-        if value is not None:
-            raise APIError(400, f"Invalid value for '{name}': {what} not supported by this server "
-                                f"(leave it out)", name)
+    if getattr(request, "suffix", None) is not None:  # on /v1/completions only
+        raise APIError(400, "Invalid value for 'suffix': a suffix (insertion) is not supported by this "
+                            "server (leave it out)", "suffix")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
         raise APIError(400, f"Invalid value for 'stop': at most {MAX_STOP_SEQUENCES} sequences", "stop")
