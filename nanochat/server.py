@@ -158,7 +158,7 @@ class WorkerPool:
         # resolve the tag once, so every device loads the same checkpoint
         tag = config.model_tag or find_largest_model(get_checkpoints_dir(config.source))
         print(f"Initializing worker pool with {len(devices)} GPUs...")
-        workers = []
+        pool = cls([], f"nanochat-{config.source}-{tag}")
         try:
             for gpu_id, device in enumerate(devices):
                 print(f"Loading model on {f'GPU {gpu_id}' if device.type == 'cuda' else device}...")
@@ -167,13 +167,12 @@ class WorkerPool:
                 scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
                                            max_queue=config.max_queue, fixed_width=config.batch_invariant)
                 scheduler.start()
-                workers.append(Worker(gpu_id, device, scheduler, tokenizer, model.config.sequence_len))
+                pool.workers.append(Worker(gpu_id, device, scheduler, tokenizer, model.config.sequence_len))
         except BaseException:
-            for worker in workers:
-                worker.scheduler.shutdown()
+            pool.shutdown()  # the schedulers already started
             raise
-        print(f"All {len(workers)} workers initialized!")
-        return cls(workers, f"nanochat-{config.source}-{tag}")
+        print(f"All {len(pool.workers)} workers initialized!")
+        return pool
 
     def least_loaded(self):
         return min(self.workers, key=Worker.num_requests)
