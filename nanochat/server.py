@@ -819,10 +819,8 @@ async def openai_stream(generation, model_id, include_usage, num_messages, chat)
         new, logprobs = generation.choices[index].unreported_logprobs(), None
         if new is not None and (text or new):  # a chunk with text has its (maybe empty) logprobs
             logprobs = format_logprobs(generation.worker.tokenizer, new, chat)
-        if chat:
-            delta = {"content": text} if text else {}
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        shown = {"delta": {"content": text} if text else {}} if chat else {"text": text or ""}
+        return {"index": index, **shown, "logprobs": logprobs, "finish_reason": finish_reason}
 
     try:
         for index in range(len(generation.choices) if chat else 0):
