@@ -31,9 +31,9 @@ def limits(default=..., **json_schema):
     return Field(default, json_schema_extra=json_schema)
 
 
-def sampling_range(name, default=None):
+def sampling_range(name):
     low, high = SAMPLING_LIMITS[name]
-    return limits(default, minimum=low, maximum=high)
+    return limits(None, minimum=low, maximum=high)
 
 
 def one_of(*values):
