@@ -25,7 +25,7 @@ from nanochat.common import Linear, is_ddp_initialized, one_line_error, print0
 from nanochat.flash_attention import flash_attn
 from nanochat.l3 import L3Layer
 from nanochat.optim import DistMuonAdamW, MuonAdamW
-from nanochat.sampling import is_greedy, sample_next_token
+from nanochat.sampling import sample_next_token
 
 
 @dataclass
@@ -446,10 +446,7 @@ class GPT(nn.Module):
         Same sampler and seeded generator as the Engine, so both draw the same tokens for the same seed."""
         assert isinstance(tokens, list)
         device = self.get_device()
-        rng = None
-        if not is_greedy(temperature):
-            rng = torch.Generator(device=device)
-            rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)  # unused when greedy, as in the Engine
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids)[:, -1, :]  # (1, V)
