@@ -54,10 +54,15 @@ def _detect_compute_dtype():
 
 class Linear(nn.Linear):
     """nn.Linear whose fp32 master weight is cast to the activation dtype: replaces autocast.
-    It lives here, beside the dtype policy, so that gpt and l3 both import it without a cycle."""
+    It and norm live here, beside the dtype policy, so that gpt and l3 both import them without a cycle."""
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
+
+
+def norm(x):
+    # weightless RMSNorm in the input dtype
+    return F.rms_norm(x, (x.size(-1),))
 
 
 _compute_dtype_cache = None

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import common  # common.COMPUTE_DTYPE is read at use time: deciding it may query CUDA
-from nanochat.common import Linear, is_ddp_initialized, one_line_error, print0
+from nanochat.common import Linear, is_ddp_initialized, norm, one_line_error, print0
 from nanochat.flash_attention import flash_attn
 from nanochat.l3 import L3Layer
 from nanochat.optim import DistMuonAdamW, MuonAdamW
@@ -73,11 +73,6 @@ SMEAR_CHANNELS = 24  # embedding channels read by the smear gate
 VE_GATE_CHANNELS = 12  # channels read by each value-embedding gate
 LOGIT_SOFTCAP = 15.0
 QK_SCALE = 1.2
-
-
-def norm(x):
-    # weightless RMSNorm in the input dtype
-    return F.rms_norm(x, (x.size(-1),))
 
 
 def has_ve(layer_idx, n_layer):

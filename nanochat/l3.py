@@ -12,26 +12,20 @@ The per-token allocation d_t comes from an LZ78-style dictionary scan of trainin
 (compute_lzw_allocation), turned into row bounds by allocation_to_bounds; the bounds are a
 persistent buffer, so the allocation travels with checkpoints.
 
-Imports: gpt builds L3 layers, so this module never imports nanochat.gpt; the casting Linear they
-share lives in nanochat.common.
+Imports: gpt builds L3 layers, so this module never imports nanochat.gpt; the casting Linear and the
+norm they share live in nanochat.common.
 """
 
 import operator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nanochat.common import Linear, print0
+from nanochat.common import Linear, norm, print0
 
 # most negative finite fp32 value: masks invalid slots before the softmax without producing the
 # NaNs that -inf gives for a token whose allocation is empty
 _MASK_VALUE = torch.finfo(torch.float32).min
-
-
-def _norm(x):
-    # identical to nanochat.gpt.norm: weightless RMSNorm in the input dtype
-    return F.rms_norm(x, (x.size(-1),))
 
 
 # -----------------------------------------------------------------------------
@@ -386,7 +380,7 @@ class L3Layer(nn.Module):
 
     def forward(self, x, token_ids):
         B, T, C = x.shape
-        xn = _norm(x)
+        xn = norm(x)
         ids = token_ids.reshape(-1)
         start = self.bounds[ids]  # (N,)
         cnt = self.bounds[ids + 1] - start
@@ -396,7 +390,7 @@ class L3Layer(nn.Module):
         chunk = max(1, self.gather_budget // (self.k_max * C))
         key_table, value_table = (self.kv_weight, None) if self.tie_kv else (self.k_weight, self.v_weight)
         agg = _L3Attend.apply(xn.reshape(-1, C), key_table, value_table, rows, valid, chunk)
-        up = _norm(self.w_up(agg.view(B, T, C)))
+        up = norm(self.w_up(agg.view(B, T, C)))
         return self.w_mix(torch.cat([up, xn], dim=-1))
 
     def extra_repr(self):
