@@ -23,6 +23,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from nanochat import common  # common.COMPUTE_DTYPE is read at call time: deciding it may query CUDA
+
 # -----------------------------------------------------------------------------
 # Kernels. Hyperparameters arrive as 0-d fp32 CPU tensors so that a changing lr/momentum/wd
 # does not trigger recompilation of the compiled versions.
@@ -87,11 +89,6 @@ def _normuon(O, second_momentum_buffer, beta2_t, red_dim):
     return O * scale.to(O.dtype)
 
 
-def _compute_dtype():
-    from nanochat.common import COMPUTE_DTYPE  # lazy: the dtype is decided on first access
-    return COMPUTE_DTYPE
-
-
 def muon_step_fused(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
                     momentum_t, lr_t, wd_t, beta2_t, ns_steps: int, red_dim: int, compute_dtype=None):
     """
@@ -102,7 +99,7 @@ def muon_step_fused(stacked_grads, stacked_params, momentum_buffer, second_momen
     optimizer passes it explicitly so that the compiled graph does not trace the lazy lookup.
     """
     if compute_dtype is None:
-        compute_dtype = _compute_dtype()
+        compute_dtype = common.COMPUTE_DTYPE
     # Nesterov momentum; the look-ahead is written into the gradient buffer
     mu = momentum_t.to(stacked_grads.dtype)
     momentum_buffer.lerp_(stacked_grads, 1 - mu)
@@ -307,7 +304,7 @@ class MuonAdamW(torch.optim.Optimizer):
             _fill(self._muon_hyper, group["momentum"], lr, group["weight_decay"], beta2)
             _run_kernel(muon_step_fused, grad_chunk[:n], updated[:n], momentum_buffer[:n],
                         second_momentum_buffer[:n], *self._muon_hyper, group["ns_steps"],
-                        -1 if r >= c else -2, compute_dtype=_compute_dtype())
+                        -1 if r >= c else -2, compute_dtype=common.COMPUTE_DTYPE)
         updated[n:].zero_()
         gathered, gather = self._gather(stacked, updated)  # reuses the grad buffer as output
         gather.then = lambda: torch._foreach_copy_(params, list(gathered[:len(params)].unbind(0)))
