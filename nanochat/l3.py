@@ -73,14 +73,12 @@ def compute_lzw_allocation(token_sequences, vocab_size, n_emb, k_max):
     if n_emb < V:
         raise ValueError(f"n_emb ({n_emb}) must be >= vocab_size ({V}): every token needs at least one "
                          f"embedding")
-    trie = _PhraseTrie(V)
-    for seq in token_sequences:
-        trie.scan(_checked_ids(seq, V))
+    counts, last, unigram = _scan_phrases(token_sequences, V)
     alloc = [1] * V
     # stable sort: phrases of equal count keep insertion order
-    ranked = sorted(range(len(trie.counts)), key=lambda k: -trie.counts[k])
-    total = _walk_ranked_phrases(alloc, V, ranked, trie.last, n_emb, k_max)
-    total = _round_robin_fill(alloc, total, trie.unigram, n_emb, k_max)
+    ranked = sorted(range(len(counts)), key=lambda k: -counts[k])
+    total = _walk_ranked_phrases(alloc, V, ranked, last, n_emb, k_max)
+    total = _round_robin_fill(alloc, total, unigram, n_emb, k_max)
     if total < n_emb:
         print0(f"Warning: L3 n_emb={n_emb} exceeds vocab_size * k_max = {V} * {k_max} = {V * k_max}; "
                f"using the saturated allocation ({total} embeddings, {k_max} per token)")
@@ -103,22 +101,19 @@ def _checked_ids(seq, V):
     return ids
 
 
-class _PhraseTrie:
-    """The LZ78 phrase dictionary as a trie. Node id == insertion order; nodes 0..V-1 are the single
-    tokens. Per node: children {next token id: node}, the phrase count and the phrase's last token."""
-
-    def __init__(self, V):
-        self.children = [dict() for _ in range(V)]
-        self.counts = [0] * V
-        self.last = list(range(V))
-        self.unigram = [0] * V  # token -> occurrences in the scanned data
-
-    def scan(self, ids):
-        """Greedy longest-match scan of one sequence, counting phrases and adding new ones."""
-        children, counts, last, unigram, N = self.children, self.counts, self.last, self.unigram, len(ids)
+def _scan_phrases(token_sequences, V):
+    """
+    The LZ78 phrase dictionary of the sequences as a trie, built by a greedy longest-match scan of each
+    one that counts phrases and adds new ones. Node id == insertion order; nodes 0..V-1 are the single
+    tokens. Returns per node the phrase count and the phrase's last token, and per token its occurrences.
+    """
+    children = [dict() for _ in range(V)]  # per node: {next token id: node}
+    counts, last, unigram = [0] * V, list(range(V)), [0] * V
+    for seq in token_sequences:
+        ids = _checked_ids(seq, V)
         for t in ids:
             unigram[t] += 1
-        i = 0
+        i, N = 0, len(ids)
         while i < N:
             node, j = ids[i], i + 1
             while j < N:  # extend the match as long as the dictionary has the longer phrase
@@ -135,6 +130,7 @@ class _PhraseTrie:
             counts.append(1)
             last.append(ids[j])
             i = j + 1
+    return counts, last, unigram
 
 
 def _walk_ranked_phrases(alloc, total, ranked, last, n_emb, k_max):
