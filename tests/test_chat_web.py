@@ -237,6 +237,28 @@ def test_pool_start_up_prints_the_references_lines(tiny_chat_base_dir, monkeypat
     assert [line for line in printed if re.match(r"Initializing|Loading model|All \d", line)] == expected
 
 
+def test_a_pool_that_fails_to_load_a_device_stops_the_schedulers_it_started(tiny_chat_base_dir, monkeypatch):
+    # the second of two devices fails to load (out of memory, Ctrl-C): the first one's scheduler thread stops
+    from nanochat.checkpoint_manager import load_model
+    loads = []
+
+    def load_then_fail(source, _, **kw):
+        loads.append(source)
+        if len(loads) == 2:
+            raise KeyboardInterrupt
+        return load_model(source, "cpu", **kw)
+
+    def schedulers_running():  # other tests' servers may be running theirs
+        return {t for t in threading.enumerate() if t.name == "nanochat-batching"}
+
+    monkeypatch.setattr("nanochat.server.worker_devices", lambda *_: [torch.device("cpu")] * 2)
+    monkeypatch.setattr("nanochat.server.load_model", load_then_fail)
+    before = schedulers_running()
+    with pytest.raises(KeyboardInterrupt):
+        WorkerPool.load(ServerConfig(device_type="cpu"))
+    assert len(loads) == 2 and schedulers_running() == before
+
+
 def test_requests_go_to_the_least_loaded_scheduler(tiny_chat_model):
     model, tokenizer = tiny_chat_model
     schedulers = [BatchScheduler(model, tokenizer, max_batch_size=2, max_queue=4) for _ in range(2)]
