@@ -172,6 +172,11 @@ class BadSettingError(SetupError, ValueError):
     """Flags that cannot work together, or with the checkpoint or data they meet."""
 
 
+class DeviceTypeError(BadSettingError, AssertionError):
+    """A device type that is unknown or that this PyTorch cannot use. Also an AssertionError: the reference
+    asserts both, and code may catch that."""
+
+
 class BadEnvironmentError(BadSettingError, KeyError):
     """An environment variable set to a value nanochat does not know. Also a KeyError and a ValueError: what
     the reference raises for an unknown NANOCHAT_DTYPE and NANOCHAT_ATTN, which code may catch."""
@@ -480,9 +485,13 @@ def compute_init(device_type="cuda"):
     group when launched by torchrun. Returns (is_ddp, rank, local_rank, world_size, device)."""
     setup_default_logging()
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
-    assert device_type in available, f"Invalid device type: {device_type}"
-    assert available[device_type](), (f"Your PyTorch installation is not configured for "
-                                      f"{device_type.upper()} but device_type is '{device_type}'")
+    if device_type not in available:
+        raise DeviceTypeError(f"Invalid device type: {device_type}. Fix: pass --device-type cuda, cpu or mps, "
+                              f"or leave it out to use the best device there is")
+    if not available[device_type]():
+        raise DeviceTypeError(f"Your PyTorch installation is not configured for {device_type.upper()} but "
+                              f"device_type is '{device_type}'. Fix: leave --device-type out to use the best "
+                              f"device there is, or install a PyTorch build for {device_type.upper()}")
     cuda = device_type == "cuda"
 
     # The model's initial weights come from the global RNG seeded here.

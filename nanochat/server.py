@@ -139,6 +139,9 @@ def worker_devices(device_type, num_gpus):
             raise BadSettingError(f"--num-gpus {num_gpus} needs CUDA, but the device type is {device_type}; "
                                   f"serve on one device with -n 1")
         return [torch.device(device_type)]
+    if torch.cuda.device_count() == 0:
+        raise BadSettingError("--device-type cuda, but no CUDA device is visible here. Fix: pass "
+                              "--device-type cpu, or leave it out to use the best device there is")
     if num_gpus > torch.cuda.device_count():
         raise BadSettingError(f"--num-gpus {num_gpus} but only {torch.cuda.device_count()} CUDA devices "
                               f"are visible; pass -n {torch.cuda.device_count()} or fewer")

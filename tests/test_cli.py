@@ -201,3 +201,14 @@ def test_a_stage_run_too_early_ends_with_one_line_naming_the_stage_before_it(scr
         shutil.rmtree(tiny_base_dir / "tokenizer")
     with exits_with_error(capsys, f"^{script}: error: .*`{re.escape(command)}`"):
         importlib.import_module(f"scripts.{script}").main(argv + ["--device-type", "cpu"])
+
+
+@pytest.mark.parametrize("script", sorted(BEFORE_ITS_PREREQUISITE) + ["chat_web"])
+def test_a_device_this_pytorch_cannot_use_ends_with_one_line_saying_what_to_pass(script, tiny_base_dir, capsys,
+                                                                                 monkeypatch):
+    # a command copied from a GPU machine onto a laptop: --device-type cuda where torch sees no CUDA device
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    argv = BEFORE_ITS_PREREQUISITE.get(script, ([],))[0]
+    with exits_with_error(capsys, f"^{script}: error: .*CUDA.*Fix: .*leave"):
+        importlib.import_module(f"scripts.{script}").main(argv + ["--device-type", "cuda"])

@@ -171,8 +171,12 @@ def test_compute_init_cpu_single_process(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     ddp, rank, local_rank, world, device = common.compute_init("cpu")
     assert (ddp, rank, local_rank, world, device.type) == (False, 0, 0, 1, "cpu")
-    with pytest.raises(AssertionError):
-        common.compute_init("tpu")
+    for device_type, message in (("tpu", "Invalid device type: tpu. Fix: pass --device-type cuda, cpu or mps"),
+                                 ("mps", "not configured for MPS .*Fix: leave --device-type out")):
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+        with pytest.raises(common.BadSettingError, match=message) as info:
+            common.compute_init(device_type)
+        assert isinstance(info.value, AssertionError)  # the reference asserts: code may catch that
 
 
 @pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"),
