@@ -486,8 +486,8 @@ def compute_init(device_type="cuda"):
     setup_default_logging()
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
     if device_type not in available:
-        raise DeviceTypeError(f"Invalid device type: {device_type}. Fix: pass --device-type cuda, cpu or mps, "
-                              f"or leave it out to use the best device there is")
+        raise DeviceTypeError(f"Invalid device type: {device_type}. Fix: pass --device-type cuda, cpu or "
+                              f"mps, or leave it out to use the best device there is")
     if not available[device_type]():
         raise DeviceTypeError(f"Your PyTorch installation is not configured for {device_type.upper()} but "
                               f"device_type is '{device_type}'. Fix: leave --device-type out to use the best "
