@@ -129,7 +129,11 @@ def offline_mode():
 def get_base_dir():
     """base_dir_path(), created if missing."""
     base_dir = base_dir_path()
-    os.makedirs(base_dir, exist_ok=True)
+    try:
+        os.makedirs(base_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, a parent that cannot be written
+        raise BadSettingError(f"nanochat's directory {base_dir} cannot be created ({one_line_error(e)}). "
+                              f"Fix: set NANOCHAT_BASE_DIR to a directory you can write") from None
     return base_dir
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import common  # common.COMPUTE_DTYPE is read at use time: deciding it may query CUDA
-from nanochat.common import Linear, is_ddp_initialized, norm, one_line_error, print0
+from nanochat.common import Linear, SetupError, is_ddp_initialized, norm, one_line_error, print0
 from nanochat.flash_attention import flash_attn
 from nanochat.l3 import L3Layer
 from nanochat.optim import DistMuonAdamW, MuonAdamW
@@ -65,6 +65,8 @@ def meta_model(config, bad_config):
     try:
         with torch.device("meta"):
             return GPT(config)
+    except SetupError:  # a setting to fix (NANOCHAT_DTYPE, say), not the config: its own message stands
+        raise
     except (AssertionError, ValueError, ArithmeticError, RuntimeError) as e:
         raise bad_config(one_line_error(e)) from e
 

@@ -431,6 +431,18 @@ def test_weights_of_another_shape_than_their_meta_name_the_model_file(tiny_base_
                      r"lm_head\.weight: .*\. Fix: delete .*meta_000003\.json", message), message
 
 
+def test_a_bad_dtype_setting_is_named_rather_than_the_checkpoint(tiny_base_dir, monkeypatch):
+    # the dtype is decided when the model is first built: an unknown NANOCHAT_DTYPE is the setting's fault
+    from nanochat import common
+    model = tiny_model()
+    cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))
+    monkeypatch.setenv("NANOCHAT_DTYPE", "fp16")
+    monkeypatch.setattr(common, "_compute_dtype_cache", None)
+    with pytest.raises(common.BadEnvironmentError, match="NANOCHAT_DTYPE='fp16' is not one of") as info:
+        cm.build_model(str(tiny_base_dir / "ck"), 1, "cpu", "eval")
+    assert "meta_000001.json" not in user_sees(info)
+
+
 def test_vocab_mismatch_error(tiny_base_dir):
     model = tiny_model(vocab_size=320)
     cm.save_checkpoint(str(tiny_base_dir / "ck"), 1, model.state_dict(), None, meta_for(model, 1))

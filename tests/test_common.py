@@ -26,6 +26,15 @@ def test_get_base_dir_honours_env_and_creates(tmp_path, monkeypatch):
     assert common.get_base_dir() == os.path.join(str(tmp_path), ".cache", "nanochat")
 
 
+def test_a_base_dir_that_cannot_be_created_is_a_setting_to_fix(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    for path in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
+        with pytest.raises(common.BadSettingError, match=f"{re.escape(str(path))} cannot be created .*Error: "
+                                                         f".*Fix: set NANOCHAT_BASE_DIR to a directory"):
+            common.get_base_dir()
+
+
 def test_get_dist_info(monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
