@@ -114,6 +114,22 @@ class ServerConfig:
                              f"got {self.max_body_bytes}, {self.body_timeout}")
         if self.num_gpus > 1 and self.device_type not in ("", "cuda"):
             raise ValueError(f"--num-gpus {self.num_gpus} needs CUDA, got --device-type {self.device_type}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+
+
+def check_listening_address(host, port):
+    """BadSettingError when host:port cannot be listened on (a port in use, an address not this machine's),
+    found before the model loads rather than after it, in uvicorn's log. Bound as uvicorn binds
+    (SO_REUSEADDR)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise BadSettingError(f"cannot listen on {host}:{port} ({e.strerror or e}). Fix: pass another --port "
+                              f"(or --host), or stop what is listening there") from None
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import argparse
 import sys
 
 from nanochat.common import SetupError, autodetect_device_type, compute_init, exit_on_setup_error
-from nanochat.server import ServerConfig, create_app, required_api_key, uvicorn_server, worker_devices
+from nanochat.server import (ServerConfig, check_listening_address, create_app, required_api_key,
+                             uvicorn_server, worker_devices)
 
 
 def build_parser():
@@ -92,6 +93,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.device_type = args.device_type or autodetect_device_type()
     worker_devices(args.device_type, args.num_gpus)  # -n beyond this machine's GPUs: said before any loading
+    check_listening_address(args.host, args.port)  # so is a port in use
     compute_init(args.device_type)
     app = create_app(args)
     print("Starting NanoChat Web Server")

@@ -185,6 +185,8 @@ def test_uvicorn_entry_point_is_the_app_with_the_default_flags():
     (["--max-queue", "-1"], "--max-queue >= 0"),
     (["--max-body-bytes", "0"], "--max-body-bytes must be >= 1 and --body-timeout > 0, got 0, 30.0"),
     (["--body-timeout", "0"], "--body-timeout > 0, got 1048576, 0.0"),
+    (["-p", "-1"], "--port must be in [0, 65535], got -1"),
+    (["-p", "65536"], "--port must be in [0, 65535], got 65536"),
 ])
 def test_chat_web_flags_out_of_range_are_usage_errors_naming_the_flag(capsys, argv, message):
     from scripts import chat_web
@@ -220,6 +222,17 @@ def test_more_gpus_than_the_machine_has_is_one_error_line_before_any_loading(cap
     from scripts import chat_web
     with exits_with_error(capsys, r"^chat_web: error: --num-gpus 999 (needs CUDA|but only \d+ CUDA devices)"):
         chat_web.main(["-n", "999"])
+
+
+def test_a_port_in_use_is_one_error_line_before_any_loading(capsys):
+    from scripts import chat_web
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with exits_with_error(capsys, rf"^chat_web: error: cannot listen on 127\.0\.0\.1:{port} \(.+\)\. Fix: "
+                                      rf"pass another --port"):
+            chat_web.main(["--host", "127.0.0.1", "-p", str(port), "--device-type", "cpu"])
 
 
 @pytest.mark.parametrize("devices, lines", [
