@@ -15,7 +15,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import BadFileError, BadSettingError, SetupError, print0, progress
+from nanochat.common import (BadFileError, BadSettingError, MissingFileError, SetupError, one_line_error,
+                             print0, progress)
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 # Renders the ids of RustBPETokenizer.render_for_completion (messages without the final assistant reply,
@@ -265,7 +266,13 @@ def load_hf_model(hf_path, device):
     print0(f"Loading HuggingFace model from: {hf_path}")
     # a local directory, such as a scripts.export_hf export, runs the modeling code it ships with
     local = os.path.isdir(hf_path)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_path, trust_remote_code=local).to(device).eval()
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_path, trust_remote_code=local).to(device).eval()
+    except (OSError, ValueError) as e:  # no model in that directory, not on the hub, the hub unreachable
+        raise MissingFileError(f"--hf-path {hf_path}: no model could be loaded from it "
+                               f"({one_line_error(e)}). Fix: pass a directory written by `python -m "
+                               f"scripts.export_hf`, or a model name on the Hugging Face hub (with the "
+                               f"network)") from None
     ours = hf_model.config.model_type == EXPORT_MODEL_TYPE
     # GPT-2's position table has 1024 rows; our export, whatever its name, crops nothing, as our checkpoint
     max_seq_len = 1024 if "gpt2" in hf_path and not ours else None

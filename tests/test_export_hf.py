@@ -148,6 +148,15 @@ def test_base_eval_gives_our_core_and_bpb_back(exported, monkeypatch, capsys):
             evaluate_bpb(model, batch, 1, token_bytes), rel=1e-5)
 
 
+def test_an_hf_path_with_no_model_ends_with_one_line_saying_what_to_pass(tmp_path, monkeypatch, capsys):
+    point_base_dir_at(monkeypatch, tmp_path / "base")
+    (tmp_path / "empty").mkdir()
+    with exits_with_error(capsys, r"^base_eval: error: --hf-path .*empty: no model could be loaded from it "
+                                  r"\(ValueError: .*\)\. Fix: pass a directory written by `python -m "
+                                  r"scripts\.export_hf`"):
+        base_eval.main(["--eval", "bpb", "--device-type", "cpu", "--hf-path", str(tmp_path / "empty")])
+
+
 def test_export_files_generation_config_and_model_card(exported):
     base, _, tokenizer, _, _ = exported
     hf = base / "hf"
