@@ -232,7 +232,7 @@ def _load_torch_file(path, device, what, missing_hint=""):
 
 def _other_steps_fix(checkpoint_dir):
     steps = ", ".join(map(str, _complete_steps(checkpoint_dir))) or "none"
-    return f"Fix: pass one of the complete steps there ({steps}), or no step for the last"
+    return f"Fix: pass one of the complete steps there ({steps})"  # for a resume too (no step: start over)
 
 
 def _load_meta(checkpoint_dir, step):
