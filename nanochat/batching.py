@@ -216,9 +216,13 @@ class BatchScheduler:
         """Counts: completed = requests that received their final event, whatever the reason;
         tokens_generated = token events delivered (sampled and forced)."""
         with self._lock:
-            return {"active": self.max_batch_size - self._slots.count(None), "queued": len(self._queue),
+            return {"active": self._num_active(), "queued": len(self._queue),
                     "max_batch_size": self.max_batch_size,
                     "completed": self._completed, "tokens_generated": self._tokens_generated}
+
+    def _num_active(self):
+        """Requests holding a slot, cancelled ones too until the decode thread ends them (under _lock)."""
+        return self.max_batch_size - self._slots.count(None)
 
     def _wake(self):
         with self._lock:
@@ -243,7 +247,7 @@ class BatchScheduler:
     def _wait_for_work(self):
         """Block until there is something to do. False once shutdown() was called."""
         with self._lock:
-            while not self._stopping and self._slots.count(None) == self.max_batch_size and not self._queue:
+            while not self._stopping and self._num_active() == 0 and not self._queue:
                 self._wakeup.wait()
             return not self._stopping
 
