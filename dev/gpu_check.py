@@ -7,9 +7,9 @@ The GPU acceptance run behind dev/gpu_check.sh: every check, then ONE table (che
 Rows: FA3 loaded and its probe result; FA3 vs SDPA max difference (training forward/backward and the
 KV-cache prefill/decode calls); a compiled bf16 training step at d12 and d20 (tok/s, MFU, peak memory);
 an fp8 training step; decode tok/s and MBU at batch 1/8/32 (scripts.infer_bench); the chat server at 16
-and 64 concurrent streaming clients (dev.bench_serve, in-process). The decode and server rows run on a
-randomly initialised checkpoint (and a tokenizer trained on the committed sample) written to a temporary
-NANOCHAT_BASE_DIR, so the check needs no download. With --cpu-smoke the training rows are a d2 model,
+and 64 concurrent streaming clients (dev.bench_serve, the server in its own process). The decode and server
+rows run on a randomly initialised checkpoint (and a tokenizer trained on the committed sample) written to a
+temporary NANOCHAT_BASE_DIR, so the check needs no download. With --cpu-smoke the training rows are a d2 model,
 eager fp32 (compiling on a 2-core CPU takes minutes; tests/test_compile.py covers compilation), and the
 rows that need CUDA print "n/a (no CUDA)". Exit status 1 if a row failed (its cell says why).
 """

@@ -41,6 +41,10 @@ def labelled(fn, label):
 
 def main(argv=None):
     flags = DEFAULT_FLAGS + list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(flags):  # the flags are base_train's: its help, before any data is prepared
+        print(__doc__)
+        sys.argv = ["scripts.base_train", "--help"]
+        runpy.run_module("scripts.base_train", run_name="__main__")
     for owner, name, label in PARTS:
         setattr(owner, name, labelled(getattr(owner, name), label))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
