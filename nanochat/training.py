@@ -40,11 +40,13 @@ def grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
     """Micro-steps per optimizer step, printed with the batch geometry, or ValueError when the total batch
     is not a whole number of them."""
     tokens = device_batch_size * seq_len
-    if total_batch_size <= 0 or total_batch_size % (tokens * world_size) != 0:
+    unit = tokens * world_size
+    if total_batch_size <= 0 or total_batch_size % unit != 0:
         raise BadSettingError(f"total_batch_size ({total_batch_size}) must be a positive multiple of "
                               f"device_batch_size * seq_len * world_size = {device_batch_size} * {seq_len} * "
-                              f"{world_size} = {tokens * world_size}")
-    accum = total_batch_size // (tokens * world_size)
+                              f"{world_size} = {unit}. Fix: pass --total-batch-size="
+                              f"{unit * max(1, round(total_batch_size / unit))} or another multiple of {unit}")
+    accum = total_batch_size // unit
     print0(f"Tokens / micro-batch / rank: {device_batch_size} x {seq_len} = {tokens:,}")
     print0(f"Tokens / micro-batch: {tokens * world_size:,}")
     print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {accum}")

@@ -568,7 +568,8 @@ def test_a_resume_with_another_architecture_or_past_the_horizon_is_refused(base_
 @pytest.mark.parametrize("flags, says", [
     (["--l3-after-layers=5", "--l3-n-emb=1024"], r"The model flags describe no model: ValueError: "
                                                  r"l3_after_layers index 5 out of range \[0, 1\]"),
-    (["--total-batch-size=100"], r"total_batch_size \(100\) must be a positive multiple of"),
+    (["--total-batch-size=300"], r"total_batch_size \(300\) must be a positive multiple of .* = 128\. "
+                                 r"Fix: pass --total-batch-size=256 or another multiple of 128$"),
 ])
 def test_flags_that_cannot_work_together_end_with_one_line(flags, says, base_dir, capsys):
     with exits_with_error(capsys, "^base_train: error: " + says):
