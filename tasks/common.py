@@ -99,49 +99,39 @@ class Task:
             yield self[i]
 
 
-class TaskMixture(Task):
-    """
-    Several tasks interleaved in one fixed shuffled order: every example of every task exactly once per
-    pass, the same order in every process. List a task twice to see it twice as often.
-    """
+class TaskSequence(Task):
+    """Tasks concatenated in list order (a curriculum): all of the first task, then the second, ..."""
+
+    kind = "sequence"  # for the out-of-range message
 
     def __init__(self, tasks, **kwargs):
         super().__init__(**kwargs)
         self.tasks = list(tasks)
         self.index_map = [(task_idx, local_idx) for task_idx, task in enumerate(self.tasks)
                           for local_idx in range(len(task))]
-        random.Random(SHUFFLE_SEED).shuffle(self.index_map)
 
     def num_examples(self):
         return len(self.index_map)
 
     def get_example(self, index):
         if not 0 <= index < len(self.index_map):
-            raise IndexError(f"Index {index} out of range for mixture with {len(self.index_map)} "
+            raise IndexError(f"Index {index} out of range for {self.kind} with {len(self.index_map)} "
                              f"conversations")
         task_idx, local_idx = self.index_map[index]
         return self.tasks[task_idx][local_idx]
 
 
-class TaskSequence(Task):
-    """Tasks concatenated in list order (a curriculum): all of the first task, then the second, ..."""
+class TaskMixture(TaskSequence):
+    """
+    Several tasks interleaved in one fixed shuffled order: every example of every task exactly once per
+    pass, the same order in every process. List a task twice to see it twice as often.
+    """
+
+    kind = "mixture"
 
     def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.lengths = [len(task) for task in self.tasks]
-
-    def num_examples(self):
-        return sum(self.lengths)
-
-    def get_example(self, index):
-        if not 0 <= index < self.num_examples():
-            raise IndexError(f"Index {index} out of range for sequence with {self.num_examples()} "
-                             f"conversations")
-        for task, length in zip(self.tasks, self.lengths):
-            if index < length:
-                return task[index]
-            index -= length
+        super().__init__(tasks, **kwargs)
+        random.Random(SHUFFLE_SEED).shuffle(self.index_map)
 
 
 def render_mc(question, letters, choices):
