@@ -83,16 +83,6 @@ def chat_loop(conversation, print_reply):
         print("\nGoodbye!")
 
 
-def load_engine(args):
-    """An Engine over the requested checkpoint."""
-    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation
-        device_type = args.device_type or autodetect_device_type()
-        _, _, _, _, device = compute_init(device_type)
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
-                                         step=args.step)
-    return Engine(model, tokenizer)
-
-
 @exit_on_setup_error("chat_cli")
 def main(argv=None):
     args = parse_args(argv)
@@ -123,10 +113,13 @@ def check_reply_fits(model, max_tokens):
 
 def chat(args):
     """Load the model, then answer -p once or hold the conversation."""
-    engine = load_engine(args)
-    check_reply_fits(engine.model, args.max_tokens)
-    context_len = engine.model.config.sequence_len
-    conversation = Conversation(engine.tokenizer, context_len, args.max_tokens, args.system)
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the conversation
+        _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                         step=args.step)
+    check_reply_fits(model, args.max_tokens)
+    engine = Engine(model, tokenizer)
+    conversation = Conversation(tokenizer, model.config.sequence_len, args.max_tokens, args.system)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     seed=args.seed)
 
