@@ -103,9 +103,7 @@ def main():
     for name, (n_bytes, tokens, ratio) in ours.items():
         print(f"{name:<16} {n_bytes:>10} {tokens:>12} {ratio:>11.2f}")
 
-    report_md = ""
-    for label, tok in baselines.items():
-        report_md += compare(label, compression(tok, texts), ours)
+    report_md = "".join(compare(label, compression(tok, texts), ours) for label, tok in baselines.items())
     if not baselines:
         report_md = "No baseline encodings could be loaded (offline); our compression:\n\n" + "".join(
             f"- {name}: {b} bytes, {t} tokens, ratio {r:.2f}\n" for name, (b, t, r) in ours.items())
