@@ -18,9 +18,6 @@ from nanochat.common import autodetect_device_type, compute_cleanup, compute_ini
 from nanochat.report import get_report
 
 
-# -----------------------------------------------------------------------------
-# CLI
-
 def build_parser():
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the ChatCORE tasks")
     parser.add_argument("-i", "--source", type=str, required=True, choices=["sft", "rl", "base"],
