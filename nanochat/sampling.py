@@ -42,10 +42,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     elif nucleus:
         values, indices = torch.sort(logits, dim=-1, descending=True)
     else:  # the full vocabulary, in id order
-        probs = F.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=rng)
+        values, indices = logits, None
     probs = F.softmax(values / temperature, dim=-1)
     if nucleus:
         probs = keep_nucleus(probs, top_p)
     choice = torch.multinomial(probs, num_samples=1, generator=rng)  # (B, 1), an index into values
-    return indices.gather(-1, choice)
+    return choice if indices is None else indices.gather(-1, choice)
