@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from nanochat import training
+from nanochat import common, training
 from nanochat.checkpoint_manager import load_checkpoint, portable_model_config
 from nanochat.common import BadSettingError, print0
 from nanochat.gpt import GPTConfig, config_for_depth, meta_model
@@ -152,14 +152,13 @@ def check_resume_architecture(meta, config):
 # The model of the flags: fresh or resumed, its attention backend, L3 bounds and FP8 layers
 
 def print_attention_notice(backend, window_pattern):
-    from nanochat.common import COMPUTE_DTYPE
     from nanochat.flash_attention import HAS_FA3
     if backend.train == "fa3":
         print0("✓ Using Flash Attention 3 (Hopper GPU detected), efficient, new and awesome.")
         return
     print0("!" * 80)
     if HAS_FA3:
-        print0(f"WARNING: Flash Attention 3 needs bfloat16, but COMPUTE_DTYPE is {COMPUTE_DTYPE}")
+        print0(f"WARNING: Flash Attention 3 needs bfloat16, but COMPUTE_DTYPE is {common.COMPUTE_DTYPE}")
     else:
         print0("WARNING: Flash Attention 3 not available, using the PyTorch SDPA fallback (less efficient)")
     if window_pattern != "L":

@@ -24,7 +24,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # befor
 import argparse
 from types import SimpleNamespace
 
-from nanochat import autofit, training
+from nanochat import autofit, common, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
 from nanochat.common import (exit_on_setup_error, gather_from_ranks, get_dist_info, maybe_compile, print0,
                              print_banner)
@@ -154,8 +154,7 @@ def setup(args, user_config):
     lrs = {k: getattr(args, k) * scale.batch_lr_scale for k in training.LR_KEYS}
     optimizer = training.setup_optimizer(orig_model, lrs, scale.weight_decay, device, rank,
                                          ("base", model_tag, args.resume_from_step))
-    from nanochat.common import COMPUTE_DTYPE
-    scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
+    scaler = training.make_grad_scaler(common.COMPUTE_DTYPE, device_type)
     args.device_batch_size = autofit.device_batch_size(args.device_batch_size, model, args.max_seq_len, 32,
                                                        scale.total_batch_size,
                                                        saved=meta.get("device_batch_size"))

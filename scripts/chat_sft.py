@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nanochat import autofit, chat_train, training
+from nanochat import autofit, chat_train, common, training
 from nanochat.checkpoint_manager import get_checkpoints_dir
 from nanochat.common import agree_max, exit_on_setup_error, gather_from_ranks, maybe_compile, print0
 from nanochat.dataloader import ConversationPacker, PrefetchedBatches, sft_data_generator_bos_bestfit
@@ -205,8 +205,7 @@ def main(argv=None):
     optimizer = training.setup_optimizer(orig_model, hp, 0.0, device, rank,
                                          ("sft", output_tag, args.resume_from_step), args.init_lr_frac,
                                          warm_from)
-    from nanochat.common import COMPUTE_DTYPE
-    scaler = training.make_grad_scaler(COMPUTE_DTYPE, device_type)
+    scaler = training.make_grad_scaler(common.COMPUTE_DTYPE, device_type)
     wandb_run = training.init_wandb("nanochat-sft", args.run, user_config, meta)
 
     # --- data
