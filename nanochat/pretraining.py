@@ -92,9 +92,8 @@ def apply_scaling_rules(args, model, vocab_size):
     if total_batch_size == -1:
         total_batch_size = auto_total_batch_size(target_tokens, reference_tokens)
         print0(f"Auto-computed optimal batch size: {total_batch_size:,} tokens")
-    batch_lr_scale = 1.0
+    batch_lr_scale = math.sqrt(total_batch_size / B_REF)
     if total_batch_size != B_REF:
-        batch_lr_scale = math.sqrt(total_batch_size / B_REF)
         print0(f"Scaling LRs by {batch_lr_scale:.4f} for batch size {total_batch_size:,} "
                f"(reference: {B_REF:,})")
     weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, target_tokens, reference_tokens)
