@@ -98,15 +98,13 @@ def parse_args(argv=None):
     for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "l3_k_max", "l3_lzw_tokens"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("mup_base_width", "l3_n_emb", "l3_d_up"):  # 0: muP off, the default L3 sizes
+    for name in ("mup_base_width", "l3_n_emb", "l3_d_up", "warmup_steps"):  # 0: no muP, default L3, no warmup
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     world_size = get_dist_info()[3]  # the distributed optimizer gives each rank an equal slice of table rows
     if args.l3_after_layers and args.l3_n_emb % world_size:
         parser.error(f"--l3-n-emb must be a multiple of the number of ranks ({world_size}), "
                      f"got {args.l3_n_emb}")
-    if args.warmup_steps < 0:  # 0: no warmup, as in the reference
-        parser.error(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     # -1 is the documented "off"; any other value <= 0 would silently fall through to the next horizon rule
     # (--num-iterations=0 became a run of thousands of steps from the data ratio)
     for name in ("num_iterations", "target_flops", "total_batch_size"):
