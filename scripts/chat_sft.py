@@ -229,14 +229,13 @@ def main(argv=None):
                                      wandb_run, every_ranks_loader, progress=0.0, last_step=False, epoch=1,
                                      curve={})
     run.train_loss = torch.zeros((), device=device)
-    flops_per_token = orig_model.estimate_flops()
     st = SimpleNamespace(args=args, hp=hp, model=model, orig_model=orig_model, optimizer=optimizer,
                          scaler=scaler, tokenizer=tokenizer, token_bytes=get_token_bytes(device, tokenizer),
                          val_ds=chat_train.val_mixture(), device=device, rank=rank, world_size=world_size,
                          wandb_run=wandb_run, ckpt=ckpt, batches=batches, accum=accum,
                          timer=training.StepTimer(device_type),
-                         logger=training.StepLogger(hp["total_batch_size"], flops_per_token, peak_flops,
-                                                    world_size, wandb_run, wandb_every=10))
+                         logger=training.StepLogger(hp["total_batch_size"], orig_model.estimate_flops(),
+                                                    peak_flops, world_size, wandb_run, wandb_every=10))
 
     step = meta.get("step", 0)
     with training.StopFlag() as stop_flag, autofit.oom_advice("--device-batch-size", hp["device_batch_size"]):
