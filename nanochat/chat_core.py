@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from nanochat import training
 from nanochat.common import agree_sum, print0, progress, rank_and_world
 from nanochat.core_eval import centered_accuracy, stack_sequences
 from tasks.arc import ARC
@@ -199,9 +200,6 @@ def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
     """{task: accuracy} over all six tasks, at most max_cat / max_sample problems each (-1 = all)."""
     limits = {task: max_cat if task in CATEGORICAL_TASKS else max_sample for task in TASKS}
     limits = {task: None if limit < 0 else limit for task, limit in limits.items()}
-    orig_model.eval()
-    try:
+    with training.eval_mode(orig_model):
         return run_chat_evals(orig_model, tokenizer, limits, line="  {task}: {percent:.2f}%",
                               batch_size=batch_size)
-    finally:
-        orig_model.train()
