@@ -193,7 +193,7 @@ def run_chat_evals(model, tokenizer, max_problems, line="{task} accuracy: {perce
 def chatcore_metrics(accuracies):
     """(ChatCORE, ChatCORE_cat) from {task: accuracy}: the centered mean over all / the categorical tasks."""
     categorical = {task: acc for task, acc in accuracies.items() if task in CATEGORICAL_TASKS}
-    return chatcore(accuracies), (chatcore(categorical) if categorical else None)
+    return chatcore(accuracies), chatcore(categorical)
 
 
 def run_chatcore(orig_model, tokenizer, batch_size, max_cat, max_sample):
