@@ -13,6 +13,7 @@ Importing this module does no work (the tasks load when a run asks for them).
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat import training
 from nanochat.chat_core import chatcore_metrics, run_chatcore, sampled_completions
@@ -154,13 +155,11 @@ def example_index(step, example_step, examples_per_rank, rank, world_size, num_e
 def rollout_tensors(sequences, masks, pad_id, device="cpu"):
     """(inputs, targets): sequences right-padded with pad_id (mask 0) to the longest; targets are the
     next tokens, -1 wherever the next token's mask is 0 (prompt, tool output, padding)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_id] * (length - len(s)) for s in sequences], dtype=torch.long, device=device)
-    mask = torch.tensor([m + [0] * (length - len(m)) for m in masks], dtype=torch.long, device=device)
-    inputs = ids[:, :-1]
+    ids = pad_sequence([torch.tensor(s) for s in sequences], batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.tensor(m) for m in masks], batch_first=True)
     targets = ids[:, 1:].clone()
     targets[mask[:, 1:] == 0] = -1
-    return inputs, targets
+    return ids[:, :-1].to(device), targets.to(device)
 
 
 def group_advantages(rewards):
