@@ -33,6 +33,15 @@ def test_sampler_without_top_k_uses_full_vocab(top_k):
     assert set(ids[:, 0].tolist()) == set(range(10))
 
 
+@pytest.mark.parametrize("top_k", [None, 0])
+def test_sampler_full_vocab_draws_are_the_references(top_k):
+    # the reference Engine: softmax(logits / temperature) over the whole vocabulary, one draw per row
+    logits = torch.randn(256, 50, generator=torch.Generator().manual_seed(0))
+    ids = sample_next_token(logits, torch.Generator().manual_seed(1), temperature=0.7, top_k=top_k)
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    assert torch.equal(ids, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1)))
+
+
 def test_sampler_clamps_top_k_to_vocab():
     gen = torch.Generator().manual_seed(0)
     ids = sample_next_token(torch.zeros(2000, 10), gen, temperature=1.0, top_k=1000)
