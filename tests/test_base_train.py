@@ -533,14 +533,17 @@ def test_fp8_on_cpu_is_ignored_and_samples_are_printed(base_dir, capsys):
     assert out.index("step 00001/") < out.index(f"<|bos|>{SAMPLE_PROMPTS[0]}")
 
 
-@pytest.mark.parametrize("depth,model_dim,n_scaling,batch,iters,wd", [DEPTH_TABLE[0], DEPTH_TABLE[5]])
+@pytest.mark.parametrize("depth,model_dim,n_scaling,batch,iters,wd", [DEPTH_TABLE[i] for i in (0, 3, 5)])
 def test_default_total_batch_size_is_the_auto_one(depth, model_dim, n_scaling, batch, iters, wd, capsys):
     args = base_train.parse_args([f"--depth={depth}"])  # --total-batch-size -1: auto
     model = pretraining.build_model_meta(pretraining.model_config(args, depth, 32768))
     scale = pretraining.apply_scaling_rules(args, model, 32768)
     assert (scale.total_batch_size, scale.num_scaling) == (batch, n_scaling)
     assert scale.weight_decay == pytest.approx(wd, abs=5e-5)
-    assert f"Auto-computed optimal batch size: {batch:,} tokens" in capsys.readouterr().out
+    assert scale.batch_lr_scale == pytest.approx((batch / 2 ** 19) ** 0.5)  # the LRs scale as sqrt(B)
+    out = capsys.readouterr().out
+    assert f"Auto-computed optimal batch size: {batch:,} tokens" in out
+    assert ("Scaling LRs by" in out) == (batch != 2 ** 19)  # not at the d12 reference batch
 
 
 def test_sdpa_with_sliding_windows_warns_about_speed(capsys):
