@@ -323,15 +323,19 @@ def test_corrupt_shard_gives_an_error_naming_the_file(data_dir):
         dataset.inspect_shard(wrong)
 
 
-def test_a_damaged_row_group_behind_a_good_footer_names_the_file_and_the_fix(data_dir):
-    path = write_shard(str(data_dir / "shard_00000.parquet"), labelled_docs(0, 2, 4), 4)
-    meta = dataset.inspect_shard(path)
-    column = meta.row_group(0).column(0)
+def damage_row_group(path, rg_idx):
+    """Overwrite a row group's data pages, leaving the footer readable."""
+    column = dataset.inspect_shard(path).row_group(rg_idx).column(0)
     data = bytearray(read_bytes(path))
     start = column.data_page_offset
     data[start:start + column.total_compressed_size] = b"\xff" * column.total_compressed_size
     with open(path, "wb") as f:
         f.write(data)
+    return path
+
+
+def test_a_damaged_row_group_behind_a_good_footer_names_the_file_and_the_fix(data_dir):
+    path = damage_row_group(write_shard(str(data_dir / "shard_00000.parquet"), labelled_docs(0, 2, 4), 4), 0)
     reader = dataset.ShardReader([path])
     with pytest.raises(dataset.CorruptShardError, match=r"Cannot read row group 0 of .*shard_00000\.parquet "
                                                         r".*Fix: run `python -m nanochat\.dataset"):
@@ -540,11 +544,14 @@ def test_five_attempts_then_failure(base, server, sleeps, capsys):
     assert visible_files(dataset.get_data_dir()) == []  # no target, no partial file
 
 
-@pytest.mark.parametrize("kind", ["garbage", "no_text_column"])
+@pytest.mark.parametrize("kind", ["garbage", "damaged_page", "no_text_column"])
 def test_corrupt_download_is_rejected_and_removed(base, server, sleeps, tmp_path, capsys, kind):
     if kind == "garbage":
         good = shard_bytes(tmp_path)
         server.files["shard_00004.parquet"] = good[:-200] + bytes(200)  # footer destroyed, length unchanged
+    elif kind == "damaged_page":  # e.g. a resume spliced onto a file that changed on the server
+        server.files["shard_00004.parquet"] = read_bytes(damage_row_group(write_shard(
+            str(tmp_path / "src.parquet"), labelled_docs(0, 3, 4), 4), 2))
     else:
         server.files["shard_00004.parquet"] = shard_bytes(tmp_path, docs=["x", "y"], column="body")
     assert dataset.download_single_file(4, base_url=server.url) is False
@@ -557,6 +564,16 @@ def test_corrupt_download_is_rejected_and_removed(base, server, sleeps, tmp_path
 
 def test_an_unreadable_existing_target_is_replaced(data_dir, server, sleeps, tmp_path):
     (data_dir / "shard_00000.parquet").write_bytes(b"not parquet")
+    server.files["shard_00000.parquet"] = payload = shard_bytes(tmp_path)
+    assert dataset.download_single_file(0, base_url=server.url)
+    assert read_bytes(data_dir / "shard_00000.parquet") == payload
+
+
+def test_an_existing_shard_with_a_damaged_row_group_is_replaced_as_the_read_error_promises(data_dir, server,
+                                                                                           sleeps, tmp_path):
+    damage_row_group(write_shard(str(data_dir / "shard_00000.parquet"), labelled_docs(0, 3, 4), 4), 1)
+    with pytest.raises(dataset.CorruptShardError, match="replaces unreadable shards"):
+        dataset.read_row_group(str(data_dir / "shard_00000.parquet"), 1)
     server.files["shard_00000.parquet"] = payload = shard_bytes(tmp_path)
     assert dataset.download_single_file(0, base_url=server.url)
     assert read_bytes(data_dir / "shard_00000.parquet") == payload
