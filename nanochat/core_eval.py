@@ -431,7 +431,13 @@ def evaluate_task(model, tokenizer, data, device, task_meta, desc=None):
 _task_data_cache = {}  # file identity -> shuffled examples; base_train evaluates CORE many times per run
 
 
-def _read_jsonl(path):
+def bundle_fix(bundle_dir):
+    """The fix for a damaged or emptied placed bundle: a missing one is placed again."""
+    return (f"Fix: delete {bundle_dir} and run again, which places the bundle afresh (from eval_bundle.zip "
+            f"beside it, a download, or the committed copy)")
+
+
+def _read_jsonl(path, bundle_dir):
     rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -439,7 +445,8 @@ def _read_jsonl(path):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise EvalBundleError(f"{path}:{line_no} is not valid JSON: {e}") from e
+                    raise EvalBundleError(f"{path}:{line_no} is not valid JSON: {e}. "
+                                          f"{bundle_fix(bundle_dir)}") from e
     return rows
 
 
@@ -452,7 +459,7 @@ def load_task_data(bundle_dir, dataset_uri, max_per_task=-1):
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size)
     if key not in _task_data_cache:
-        rows = _read_jsonl(path)
+        rows = _read_jsonl(path, bundle_dir)
         random.Random(1337).shuffle(rows)
         _task_data_cache[key] = rows
     rows = _task_data_cache[key]
@@ -492,7 +499,8 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1):
         print0((heading if bar_shown else "") + f"accuracy: {accuracy:.4f} | centered: "
                f"{centered_results[label]:.4f} | time: {time.time() - t0:.2f}s")
     if not results:
-        raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data")
+        raise EvalBundleError(f"None of the {len(tasks)} CORE task files exist under {bundle_dir}/eval_data. "
+                              f"{bundle_fix(bundle_dir)}")
     core_metric = sum(centered_results.values()) / len(centered_results)
     core = {"results": results, "centered_results": centered_results, "core_metric": core_metric,
             "missing_tasks": missing}

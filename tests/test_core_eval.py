@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import types
 import zipfile
 
@@ -474,7 +475,7 @@ def test_task_data_is_shuffled_with_1337_then_truncated_and_cached(tmp_path, mon
     random.Random(1337).shuffle(expected)
     reads = []
     real_read = ce._read_jsonl
-    monkeypatch.setattr(ce, "_read_jsonl", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(ce, "_read_jsonl", lambda path, *rest: reads.append(path) or real_read(path, *rest))
     assert ce.load_task_data(str(bundle), "d/t.jsonl", 7) == expected[:7]
     assert ce.load_task_data(str(bundle), "d/t.jsonl", -1) == expected
     assert ce.load_task_data(str(bundle), "d/t.jsonl", 100) == expected
@@ -517,6 +518,23 @@ def test_a_task_file_line_that_is_not_json_names_the_file_and_line(tmp_path):
         f.write('{"context": "cut off\n')
     with pytest.raises(ce.EvalBundleError, match=r"d/t\.jsonl:3 is not valid JSON"):
         ce.load_task_data(str(bundle), "d/t.jsonl")
+
+
+def test_a_damaged_task_file_names_a_fix_that_works(base_dir, mini_zip, monkeypatch):
+    monkeypatch.setattr(ce, "REPO_DATA_DIR", os.path.dirname(mini_zip))  # offline: the "committed" copy
+    os.rename(mini_zip, os.path.join(os.path.dirname(mini_zip), "eval_bundle.zip"))
+    tok = CharTokenizer()
+    expected = ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu")
+    bundle_dir = str(base_dir / "eval_bundle")
+    with open(os.path.join(bundle_dir, "eval_data", "b", "lm.jsonl"), "a") as f:
+        f.write('{"context": "cut off\n')
+    ce._task_data_cache.clear()
+    with pytest.raises(ce.EvalBundleError, match=rf"lm\.jsonl:\d+ is not valid JSON: .*\. Fix: delete "
+                                                  rf"{re.escape(bundle_dir)} and run again") as err:
+        ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu")
+    assert str(err.value).count("Fix:") == 1
+    shutil.rmtree(bundle_dir)  # what the message says to do
+    assert ce.evaluate_core(ConstantModel(tok.vocab_size), tok, "cpu") == expected
 
 
 def test_core_without_any_task_file_raises_instead_of_a_metric_of_nothing(base_dir):
