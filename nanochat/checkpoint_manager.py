@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -116,16 +117,29 @@ def _remove_stale_temp_files(checkpoint_dir, rank):
             log0(f"Removed {path}, left by a killed save (process {m.group(1)} is gone)")
 
 
+class CheckpointWriteError(SetupError, OSError):
+    """A checkpoint file the disk refused (full, read-only, no permission); no part of it is left behind."""
+
+
 def _write_temp(path, write):
-    """write(f) into path's temp file, flushed to disk; returns the temp path (deleted on failure)."""
+    """write(f) into path's temp file, flushed to disk; returns the temp path (deleted on failure). A write
+    the disk refuses ends in a CheckpointWriteError naming the file and the room left."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as e:
+        # torch.save reports a short write as a RuntimeError from its zip writer (inline_container.cc)
+        refused = isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e))
+        free = shutil.disk_usage(os.path.dirname(path)).free if refused else 0
         _remove_if_exists(tmp)
+        if refused:
+            raise CheckpointWriteError(
+                f"Cannot write {path} ({one_line_error(e)}; {free / 2**30:.2f} GiB free on its disk). Fix: "
+                f"make room there, or set NANOCHAT_BASE_DIR to a disk with room, and run again; the steps "
+                f"saved before are complete") from e
         raise
     return tmp
 

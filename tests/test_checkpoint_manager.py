@@ -181,6 +181,38 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     assert not os.path.exists(os.path.join(ckpt, "meta_000001.json"))
 
 
+# what a plain write raises on a full disk, and what torch.save raised on one (a 40 MB tmpfs)
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError(
+    "[enforce fail at inline_container.cc:672] . unexpected pos 20975040 vs 20974992")])
+def test_a_full_disk_ends_in_one_line_naming_the_file_and_the_fix(tmp_path, monkeypatch, failure):
+    ckpt = str(tmp_path / "d2")
+    model = tiny_model()
+    cm.save_checkpoint(ckpt, 1, model.state_dict(), {"step": 1}, meta_for(model, 1))
+
+    def fill_the_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    with pytest.raises(cm.CheckpointWriteError) as err:
+        cm.save_checkpoint(ckpt, 2, model.state_dict(), {"step": 2}, meta_for(model, 2))
+    monkeypatch.undo()
+    message = str(err.value)
+    assert isinstance(err.value, cm.SetupError) and isinstance(err.value, OSError)  # one line; an OSError
+    assert re.fullmatch(rf"Cannot write {re.escape(ckpt)}/model_000002\.pt \({type(failure).__name__}: .*; "
+                        rf"[\d.]+ GiB free on its disk\)\. Fix: make room there, or set NANOCHAT_BASE_DIR .*",
+                        message), message
+    assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+
+
+def test_a_failure_that_is_not_the_disk_keeps_its_own_error(tmp_path, monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        cm.save_checkpoint(str(tmp_path / "d2"), 1, model.state_dict(), {"step": 1}, meta_for(model, 1))
+    assert os.listdir(tmp_path / "d2") == []
+
+
 def test_corrupt_files_give_errors_naming_the_file(tmp_path):
     ckpt = tmp_path / "d2"
     model = tiny_model()
