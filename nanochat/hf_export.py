@@ -174,7 +174,12 @@ def _write_files(out, model, tokenizer, meta, source):
     bos, eos = tokenizer.get_bos_token_id(), special("<|assistant_end|>")
     bar = progress(total=4, desc="export", unit="part")  # weights, modeling+config, tokenizer, model card
     weights = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    try:
+        save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a full disk as its own SafetensorError ("I/O error: ...")
+        if "I/O error" not in str(e):
+            raise
+        raise OSError(str(e)) from e
     bar.update()
     # copied, not imported: writing an export needs no transformers
     modeling = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
