@@ -137,7 +137,7 @@ def _write_temp(path, write):
         _remove_if_exists(tmp)
         if refused:
             raise CheckpointWriteError(
-                f"Cannot write {path} ({one_line_error(e)}; {free / 2**30:.2f} GiB free on its disk). Fix: "
+                f"Cannot write {path} ({one_line_error(e)}; {free / 2**20:,.1f} MiB free on its disk). Fix: "
                 f"make room there, or set NANOCHAT_BASE_DIR to a disk with room, and run again; the steps "
                 f"saved before are complete") from e
         raise

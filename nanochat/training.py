@@ -12,6 +12,7 @@ import contextlib
 import gc
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from nanochat.checkpoint_manager import (get_checkpoints_dir, load_optimizer_sta
 from nanochat.common import (BadFileError, BadSettingError, DummyWandb, MissingFileError, agree_max,
                              agree_sum, autodetect_device_type, compute_cleanup, compute_init,
                              get_device_peak_flops, get_dist_info, is_ddp_initialized, percent_of_peak,
-                             print0)
+                             print0, rank_and_world)
 
 # Steps 0..10 are compile and allocator warm-up: they are left out of the training time (and hence of
 # the leaderboard number and the ETA), as in the reference.
@@ -499,7 +500,7 @@ class Checkpointer:
 
     def __init__(self, checkpoint_dir, model, optimizer, rank):
         self.checkpoint_dir, self.model, self.optimizer, self.rank = checkpoint_dir, model, optimizer, rank
-        self.sources = {}
+        self.sources, self.room_checked = {}, False
 
     def register(self, key, source):
         self.sources[key] = source
@@ -511,11 +512,42 @@ class Checkpointer:
         save_checkpoint(self.checkpoint_dir, step, self.model.state_dict(), self.optimizer.state_dict(),
                         self.meta(step), rank=self.rank)
 
+    def warn_if_no_room(self):
+        """
+        Once the optimizer holds its state (after the first step, or a resume), rank 0 warns if a checkpoint
+        (the weights and every rank's optimizer shard, each the size of its own, all on one disk as on one
+        node) would not fit in the free space of its disk: hours before a save would fail.
+        """
+        if self.rank != 0 or self.room_checked or not self.optimizer.state:
+            return
+        self.room_checked = True
+        world_size = rank_and_world()[1]
+        shard, weights = (sum(t.numel() * t.element_size() for t in _tensors_in(part))
+                          for part in (self.optimizer.state_dict(), self.model.state_dict()))
+        size = weights + world_size * shard
+        folder = os.path.abspath(self.checkpoint_dir)
+        while not os.path.isdir(folder):  # the first save creates it: ask its nearest existing parent
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            print(f"Warning: a checkpoint of this run (weights and {world_size} optimizer shard(s)) takes "
+                  f"{size / 2**20:,.1f} MiB, and {self.checkpoint_dir} has {free / 2**20:,.1f} MiB free: the "
+                  f"saves will fail. Make room there, or stop and set NANOCHAT_BASE_DIR to a disk with room",
+                  flush=True)
+
     def restore(self, meta):
         """Give each registered object with load_state_dict its saved state (where one was saved)."""
         for key, source in self.sources.items():
             if hasattr(source, "load_state_dict") and meta.get(key):
                 source.load_state_dict(meta[key])
+
+
+def _tensors_in(state):
+    """The tensors in a state dict's nested dicts, lists and tuples (a state dict's values)."""
+    if torch.is_tensor(state):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return [t for item in items for t in _tensors_in(item)]
 
 
 def _current_state(source):
@@ -558,6 +590,7 @@ def evaluate_and_save(step, last_step, ckpt, args, val_eval, late_evals=(), val_
     fn(step, last_step) of each (period, fn) of late_evals: after the save, so a failing eval cannot lose
     the run.
     """
+    ckpt.warn_if_no_room()
     if every(step, args.eval_every, last_step, include_step_zero=True) or (val_at_last_step and last_step):
         val_eval(step)
     if last_step or (step != args.resume_from_step and every(step, args.save_every, False)):

@@ -200,7 +200,7 @@ def test_a_full_disk_ends_in_one_line_naming_the_file_and_the_fix(tmp_path, monk
     message = str(err.value)
     assert isinstance(err.value, cm.SetupError) and isinstance(err.value, OSError)  # one line; an OSError
     assert re.fullmatch(rf"Cannot write {re.escape(ckpt)}/model_000002\.pt \({type(failure).__name__}: .*; "
-                        rf"[\d.]+ GiB free on its disk\)\. Fix: make room there, or set NANOCHAT_BASE_DIR .*",
+                        rf"[\d.,]+ MiB free on its disk\)\. Fix: make room there, or set NANOCHAT_BASE_DIR.*",
                         message), message
     assert sorted(os.listdir(ckpt)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
 

@@ -56,7 +56,7 @@ def test_restore_run_state_restores_the_grad_scaler(tmp_path):
 def boundary(eval_every, last, val_at_last_step=False):
     """The order of what evaluate_and_save does over steps 0..last, as a list of (what, step)."""
     calls = []
-    ckpt = SimpleNamespace(save=lambda step: calls.append(("save", step)))
+    ckpt = SimpleNamespace(save=lambda step: calls.append(("save", step)), warn_if_no_room=lambda: None)
     args = SimpleNamespace(eval_every=eval_every, save_every=-1, resume_from_step=-1)
     for step in range(last + 1):
         training.evaluate_and_save(step, step == last, ckpt, args, lambda s: calls.append(("val", s)),
@@ -74,7 +74,7 @@ def test_evaluate_and_save_runs_val_then_save_then_late_evals():
 
 def test_a_failing_late_eval_comes_after_the_final_save():
     saved = []
-    ckpt = SimpleNamespace(save=saved.append)
+    ckpt = SimpleNamespace(save=saved.append, warn_if_no_room=lambda: None)
     args = SimpleNamespace(eval_every=-1, save_every=-1, resume_from_step=-1)
 
     def failing(step, last_step):
@@ -83,6 +83,44 @@ def test_a_failing_late_eval_comes_after_the_final_save():
     with pytest.raises(RuntimeError, match="eval failed"):
         training.evaluate_and_save(5, True, ckpt, args, None, [(10, failing)])
     assert saved == [5]
+
+
+def test_a_checkpoint_without_room_on_its_disk_is_announced_once_after_the_first_step(tmp_path, monkeypatch,
+                                                                                      capsys):
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = SimpleNamespace(eval_every=-1, save_every=-1, resume_from_step=-1)
+    ckpt_dir = tmp_path / "base_checkpoints" / "d2"  # not there yet: its first save creates it
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    shard = 2 * weights + 8  # AdamW's two moments and its two step counters
+
+    def warning(ranks, size, free):
+        return (f"Warning: a checkpoint of this run (weights and {ranks} optimizer shard(s)) takes "
+                f"{size / 2**20:,.1f} MiB, and {ckpt_dir} has {free / 2**20:,.1f} MiB free: the saves will "
+                f"fail. Make room there, or stop and set NANOCHAT_BASE_DIR to a disk with room\n")
+
+    disks = []
+    monkeypatch.setattr(training.shutil, "disk_usage",
+                        lambda path: disks.append(path) or SimpleNamespace(free=weights + shard - 1))
+    ckpt = training.Checkpointer(str(ckpt_dir), model, optimizer, 0)
+    training.evaluate_and_save(0, False, ckpt, args, None)  # no optimizer state yet: nothing to measure
+    assert disks == [] and capsys.readouterr().out == ""
+    model(torch.ones(1, 64)).sum().backward()
+    optimizer.step()
+    for step in (1, 2):
+        training.evaluate_and_save(step, False, ckpt, args, None)
+    assert disks == [str(tmp_path)]  # once, on the nearest folder that exists
+    assert capsys.readouterr().out == warning(1, weights + shard, weights + shard - 1)
+    # rank 0 counts every rank's shard, each the size of its own; the other ranks say nothing
+    monkeypatch.setattr(training, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: SimpleNamespace(free=weights + shard))
+    new_run = lambda rank: training.Checkpointer(str(ckpt_dir), model, optimizer, rank)  # noqa: E731
+    training.evaluate_and_save(3, False, new_run(0), args, None)
+    assert capsys.readouterr().out == warning(2, weights + 2 * shard, weights + shard)
+    training.evaluate_and_save(3, False, new_run(1), args, None)
+    monkeypatch.setattr(training, "rank_and_world", lambda: (0, 1))
+    training.evaluate_and_save(3, False, new_run(0), args, None)
+    assert capsys.readouterr().out == ""  # it fits
 
 
 def test_eval_mode_switches_back_to_training_even_after_an_error():

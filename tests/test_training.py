@@ -310,8 +310,9 @@ def saved_steps(steps, last, save_every, resume_from_step):
     """The steps evaluate_and_save checkpoints over `steps` (val and late evals off)."""
     saved = []
     args = types.SimpleNamespace(eval_every=-1, save_every=save_every, resume_from_step=resume_from_step)
+    ckpt = types.SimpleNamespace(save=saved.append, warn_if_no_room=lambda: None)
     for s in steps:
-        training.evaluate_and_save(s, s == last, types.SimpleNamespace(save=saved.append), args, None)
+        training.evaluate_and_save(s, s == last, ckpt, args, None)
     return saved
 
 
