@@ -546,8 +546,11 @@ def _tensors_in(state):
     """The tensors in a state dict's nested dicts, lists and tuples (a state dict's values)."""
     if torch.is_tensor(state):
         return [state]
-    items = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
-    return [t for item in items for t in _tensors_in(item)]
+    if isinstance(state, dict):
+        state = state.values()
+    elif not isinstance(state, (list, tuple)):
+        return []  # a number or a string (hyperparameters)
+    return [t for item in state for t in _tensors_in(item)]
 
 
 def _current_state(source):
